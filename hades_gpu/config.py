@@ -1,0 +1,339 @@
+"""Typed configuration for every stage, registered with Hydra's ConfigStore.
+
+Values live in ``conf/`` (YAML); these dataclasses are the schema, so a misspelt key or a value of
+the wrong type is an error rather than a silent default. ``load_pipeline_config`` composes the same
+files the command line reads, so library use and CLI use never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR_ENV = "HADES_GPU_CONF_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration value or override is invalid; the message names the key in one line."""
+
+
+@dataclass
+class ProfileConfig:
+    """Hardware profile: how much parallelism and memory the pipeline may use."""
+
+    name: str = "balanced"
+    num_workers: int = 2  # CPU worker processes that read, chunk and tokenize
+    queue_max_bytes: int = 64 * 1024 * 1024  # byte budget of each inter-stage queue
+    queue_max_items: int = 512  # item cap of each inter-stage queue
+    high_watermark: float = 0.9  # producers block above this fraction of the budget ...
+    low_watermark: float = 0.6  # ... and resume below this one
+    backoff_initial_s: float = 0.001
+    backoff_max_s: float = 0.05
+    max_batch_tokens: int = 8192  # padded tokens per model batch (batch x bucketed length)
+    max_batch_size: int = 64  # sequences per model batch
+    length_bucket: int = 16  # sequence lengths are padded up to a multiple of this
+    lookahead_batches: int = 16  # batches' worth of chunks sorted together by length
+    ring_slots: int = 6  # reusable (pinned where CUDA exists) host buffers for batches
+    inflight_docs_per_worker: int = 8  # documents handed to a worker before it reports back
+    writer_rows_per_part: int = 20000  # rows per Parquet part file
+
+
+@dataclass
+class DocumentsConfig:
+    """What to read from the corpus and how to decode it."""
+
+    include: list[str] = field(default_factory=lambda: ["**/*"])
+    exclude: list[str] = field(
+        default_factory=lambda: [
+            "**/.git/**",
+            "**/__pycache__/**",
+            "**/.venv/**",
+            "**/node_modules/**",
+            "**/*.pyc",
+        ]
+    )
+    max_file_bytes: int = 16 * 1024 * 1024  # larger files are skipped with reason "too_large"
+    encoding: str = "utf-8"
+    # strict: undecodable files are skipped and named; replace: decoded with U+FFFD;
+    # fallback: try `fallback_encodings` in order before skipping.
+    decode_errors: str = "strict"
+    fallback_encodings: list[str] = field(default_factory=lambda: ["utf-16"])
+    follow_symlinks: bool = False
+    extra_prose_extensions: list[str] = field(default_factory=list)
+    extra_code_extensions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChunkingConfig:
+    """Token-window chunking with the embedding model's own tokenizer."""
+
+    chunk_tokens: int = 254  # content tokens per chunk; [CLS] and [SEP] are added on top
+    overlap_tokens: int = 32  # prose windows overlap by this many tokens
+    min_chunk_tokens: int = 8  # a trailing fragment shorter than this merges into its neighbour
+
+
+@dataclass
+class EmbedderConfig:
+    """Which embedder serves the model: in-process (`local`) or a Triton server (`triton`)."""
+
+    name: str = "local"
+    dim: int = 384
+    max_seq_len: int = 256
+    # local embedder
+    runtime: str = "auto"  # auto | openvino | onnxruntime | torch
+    precision: str = "default"  # default (bf16 where the CPU/GPU has it, else fp32) | fp32 | bf16 | fp16 | int8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # runtime threads; 0 = all cores
+    streams: int = 0  # concurrent inference requests; 0 = runtime's choice
+    cache_dir: str = ""  # where exported ONNX / OpenVINO files are kept; "" = ~/.cache/hades-gpu
+    # triton embedder
+    url: str = "127.0.0.1:8001"
+    model: str = "minilm_python"
+    max_inflight: int = 4  # requests in flight to the server
+    timeout_s: float = 60.0
+    retries: int = 5
+    retry_backoff_s: float = 0.5
+
+
+@dataclass
+class GpuConfig:
+    """GPU producers and the NVML memory governor (no-ops without a GPU)."""
+
+    device: str = "auto"  # auto | cpu | cuda:N
+    mem_high: float = 0.90  # fraction of device memory above which producers wait
+    mem_low: float = 0.75  # ... and below which the batch budget grows back
+    poll_interval_s: float = 0.05
+    min_batch_tokens: int = 512  # the governor never shrinks the budget below this
+    cuda_graphs: bool = True
+    side_stream_copies: bool = True
+
+
+@dataclass
+class GraphConfig:
+    """Chunk-graph edges and their weights."""
+
+    sequence: bool = True
+    sequence_weight: float = 1.0
+    same_document: bool = True
+    same_document_fanout: int = 4  # each chunk links to at most this many others of its document
+    same_document_weight: float = 0.5
+    references: bool = True
+    reference_weight: float = 0.8
+    knn: bool = True
+    knn_k: int = 10
+    knn_threshold: float = 0.5
+    knn_block_size: int = 4096
+    knn_weight_scale: float = 1.0
+    device: str = "auto"
+
+
+@dataclass
+class IsneConfig:
+    """ISNE (Kiss & Szűcs 2024): shallow parameters averaged over neighbours, skip-gram loss."""
+
+    enabled: bool = True
+    dim: int = 64
+    epochs: int = 50
+    batch_size: int = 1024  # start nodes per mini-batch
+    walk_length: int = 20
+    context_size: int = 5
+    walks_per_node: int = 4
+    num_negatives: int = 1
+    fanout: int = 16  # neighbours averaged per node in a mini-batch
+    lr: float = 0.01
+    optimizer: str = "sparse_adam"  # sparse_adam | adam
+    amp: bool = True  # mixed precision on CUDA
+    val_fraction: float = 0.05  # held-out edges for early stopping
+    patience: int = 5
+    min_delta: float = 1e-4
+    device: str = "auto"
+    seed: int = 0
+    retrain: bool = False  # re-train when documents are added instead of inferring inductively
+
+
+@dataclass
+class MonitoringConfig:
+    """Progress, metrics and the live Prometheus endpoint."""
+
+    progress: str = "auto"  # auto (on a terminal) | on | off
+    prometheus: bool = False
+    prometheus_port: int = 0  # 0 = a free port, printed at start
+    log_interval_s: float = 10.0
+
+
+@dataclass
+class PipelineConfig:
+    """The whole job: where to read, where to write, and every stage's settings."""
+
+    corpus: Optional[str] = None
+    output: Optional[str] = None
+    shard: str = "s0"  # part files and the manifest are named per shard (scale-out later)
+    seed: int = 0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    documents: DocumentsConfig = field(default_factory=DocumentsConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    isne: IsneConfig = field(default_factory=IsneConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra validates `conf/` against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=PipelineConfig)
+
+
+def conf_dir() -> Path:
+    """The `conf/` folder: `$HADES_GPU_CONF_DIR`, else the one beside the package."""
+    env = os.environ.get(CONF_DIR_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no Hydra config found: expected {path / 'config.yaml'} (set {CONF_DIR_ENV})")
+    return path
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(err).__name__
+
+
+def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Compose `conf/config.yaml` with a profile and overrides, exactly as the CLI does.
+
+    Returns a typed `PipelineConfig` (a plain dataclass). Raises `ConfigError` with one line naming
+    the key when an override or value is invalid.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    all_overrides = [f"profile={profile}", *overrides]
+    was_initialized = GlobalHydra.instance().is_initialized()
+    try:
+        if was_initialized:
+            cfg = compose(config_name="config", overrides=all_overrides)
+        else:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=all_overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad config override: {_first_line(err)}") from err
+    return to_pipeline_config(cfg)
+
+
+def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
+    """Turn a composed DictConfig into a validated `PipelineConfig` dataclass."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cfg, PipelineConfig):
+        validate(cfg)
+        return cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), _strip_hydra(cfg))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad config: {_first_line(err)}") from err
+    assert isinstance(obj, PipelineConfig)
+    validate(obj)
+    return obj
+
+
+def _strip_hydra(cfg: DictConfig) -> DictConfig:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return OmegaConf.create(container)
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected} (got {got!r})")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Check values a schema cannot: ranges, orderings and choices. One-line errors naming the key."""
+    p = cfg.profile
+    _check(p.num_workers >= 1, "profile.num_workers", ">= 1", p.num_workers)
+    _check(p.queue_max_bytes >= 1024, "profile.queue_max_bytes", ">= 1024", p.queue_max_bytes)
+    _check(p.queue_max_items >= 1, "profile.queue_max_items", ">= 1", p.queue_max_items)
+    _check(0 < p.low_watermark < p.high_watermark <= 1, "profile.low_watermark/high_watermark",
+           "0 < low < high <= 1", (p.low_watermark, p.high_watermark))
+    _check(0 < p.backoff_initial_s <= p.backoff_max_s, "profile.backoff_initial_s/backoff_max_s",
+           "0 < initial <= max", (p.backoff_initial_s, p.backoff_max_s))
+    _check(p.length_bucket >= 1, "profile.length_bucket", ">= 1", p.length_bucket)
+    _check(p.max_batch_tokens >= cfg.embedder.max_seq_len, "profile.max_batch_tokens",
+           f">= embedder.max_seq_len ({cfg.embedder.max_seq_len})", p.max_batch_tokens)
+    _check(p.max_batch_size >= 1, "profile.max_batch_size", ">= 1", p.max_batch_size)
+    _check(p.lookahead_batches >= 1, "profile.lookahead_batches", ">= 1", p.lookahead_batches)
+    _check(p.ring_slots >= 2, "profile.ring_slots", ">= 2", p.ring_slots)
+    _check(p.inflight_docs_per_worker >= 1, "profile.inflight_docs_per_worker", ">= 1",
+           p.inflight_docs_per_worker)
+    _check(p.writer_rows_per_part >= 1, "profile.writer_rows_per_part", ">= 1", p.writer_rows_per_part)
+
+    d = cfg.documents
+    _check(d.max_file_bytes >= 1, "documents.max_file_bytes", ">= 1", d.max_file_bytes)
+    _check(d.decode_errors in ("strict", "replace", "fallback"), "documents.decode_errors",
+           "one of strict|replace|fallback", d.decode_errors)
+    try:
+        "".encode(d.encoding)
+    except LookupError:
+        raise ConfigError(f"documents.encoding must be a known codec (got {d.encoding!r})") from None
+
+    c = cfg.chunking
+    _check(8 <= c.chunk_tokens <= cfg.embedder.max_seq_len - 2, "chunking.chunk_tokens",
+           f"in [8, embedder.max_seq_len - 2 = {cfg.embedder.max_seq_len - 2}]", c.chunk_tokens)
+    _check(0 <= c.overlap_tokens < c.chunk_tokens // 2, "chunking.overlap_tokens",
+           "in [0, chunk_tokens / 2)", c.overlap_tokens)
+    _check(0 <= c.min_chunk_tokens < c.chunk_tokens, "chunking.min_chunk_tokens",
+           "in [0, chunk_tokens)", c.min_chunk_tokens)
+
+    e = cfg.embedder
+    _check(e.name in ("local", "triton"), "embedder.name", "one of local|triton", e.name)
+    _check(e.runtime in ("auto", "openvino", "onnxruntime", "torch"), "embedder.runtime",
+           "one of auto|openvino|onnxruntime|torch", e.runtime)
+    _check(e.precision in ("default", "fp32", "bf16", "fp16", "int8"), "embedder.precision",
+           "one of default|fp32|bf16|fp16|int8", e.precision)
+    _check(e.max_inflight >= 1, "embedder.max_inflight", ">= 1", e.max_inflight)
+    _check(e.timeout_s > 0, "embedder.timeout_s", "> 0", e.timeout_s)
+    _check(e.retries >= 0, "embedder.retries", ">= 0", e.retries)
+
+    g = cfg.gpu
+    _check(0 < g.mem_low < g.mem_high <= 1, "gpu.mem_low/mem_high", "0 < low < high <= 1",
+           (g.mem_low, g.mem_high))
+    _check(g.poll_interval_s > 0, "gpu.poll_interval_s", "> 0", g.poll_interval_s)
+
+    gr = cfg.graph
+    _check(gr.knn_k >= 1, "graph.knn_k", ">= 1", gr.knn_k)
+    _check(-1 <= gr.knn_threshold <= 1, "graph.knn_threshold", "in [-1, 1]", gr.knn_threshold)
+    _check(gr.knn_block_size >= 1, "graph.knn_block_size", ">= 1", gr.knn_block_size)
+    _check(gr.same_document_fanout >= 0, "graph.same_document_fanout", ">= 0", gr.same_document_fanout)
+
+    i = cfg.isne
+    _check(i.dim >= 1, "isne.dim", ">= 1", i.dim)
+    _check(i.epochs >= 1, "isne.epochs", ">= 1", i.epochs)
+    _check(i.batch_size >= 1, "isne.batch_size", ">= 1", i.batch_size)
+    _check(i.walk_length >= 2, "isne.walk_length", ">= 2", i.walk_length)
+    _check(1 <= i.context_size <= i.walk_length, "isne.context_size", "in [1, walk_length]", i.context_size)
+    _check(i.walks_per_node >= 1, "isne.walks_per_node", ">= 1", i.walks_per_node)
+    _check(i.num_negatives >= 1, "isne.num_negatives", ">= 1", i.num_negatives)
+    _check(i.fanout >= 1, "isne.fanout", ">= 1", i.fanout)
+    _check(i.optimizer in ("sparse_adam", "adam"), "isne.optimizer", "one of sparse_adam|adam", i.optimizer)
+    _check(0 <= i.val_fraction < 0.5, "isne.val_fraction", "in [0, 0.5)", i.val_fraction)
+
+    m = cfg.monitoring
+    _check(m.progress in ("auto", "on", "off"), "monitoring.progress", "one of auto|on|off", m.progress)
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """Plain dict of the config, for metrics and reports."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,112 @@
+"""Typed records that cross stage boundaries, defined once.
+
+Every queue in the pipeline carries one of these. They are plain dataclasses of numpy arrays and
+builtins so they pickle cheaply between processes and report their own size to the byte-bounded
+queues (`nbytes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+PROSE = "prose"
+CODE = "code"
+
+
+def stable_id(*parts: str, length: int = 16) -> str:
+    """A short, stable, global id from strings (never from a counter), so shards never collide."""
+    h = hashlib.blake2b(digest_size=length // 2)
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    """A file found by discovery, before it is read."""
+
+    path: str  # absolute path
+    rel_path: str  # path relative to the corpus root: the document's identity
+    size: int
+    modality: str  # PROSE | CODE
+    language: str  # "python", "markdown", "text", "javascript", ...
+
+    @property
+    def doc_id(self) -> str:
+        return stable_id(self.rel_path)
+
+
+@dataclass
+class Chunk:
+    """One chunk of a document with its tokens (without special tokens)."""
+
+    doc_id: str
+    chunk_id: str
+    path: str
+    modality: str
+    ordinal: int
+    char_start: int
+    char_end: int
+    text: str
+    token_ids: np.ndarray  # int32 (n_tokens,), content tokens only; [CLS]/[SEP] are added by the batcher
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return 200 + len(self.text) * 2 + int(self.token_ids.nbytes)
+
+
+@dataclass
+class ChunkedDocument:
+    """A worker's result for one document: its chunks, or the reason it was skipped."""
+
+    ref: DocumentRef
+    content_hash: str
+    chunks: list[Chunk] = field(default_factory=list)
+    skip_reason: Optional[str] = None  # binary | empty | decode_error | unreadable | missing | too_large | ...
+    skip_detail: str = ""
+    # prose documents keep their links; code documents their imports (for the graph's reference edges)
+    references: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return 256 + sum(c.nbytes for c in self.chunks)
+
+
+@dataclass
+class TokenBatch:
+    """A padded model batch. `input_ids`/`attention_mask` may be views into a reused ring buffer."""
+
+    input_ids: np.ndarray  # int64 (B, L), L a multiple of the length bucket
+    attention_mask: np.ndarray  # int64 (B, L)
+    chunks: list[Chunk]  # the B chunks, in row order
+    slot: int = -1  # ring-buffer slot to release once the batch is embedded (-1: not from a ring)
+    real_tokens: int = 0  # sum of attention_mask
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.shape[0] * self.input_ids.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.input_ids.nbytes + self.attention_mask.nbytes) + sum(len(c.text) * 2 for c in self.chunks)
+
+
+@dataclass
+class EmbeddedBatch:
+    """A batch's chunks with their embeddings (float32, L2-normalised)."""
+
+    chunks: list[Chunk]
+    embeddings: np.ndarray  # float32 (B, dim)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.embeddings.nbytes) + sum(c.nbytes for c in self.chunks)
