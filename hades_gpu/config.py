@@ -36,8 +36,8 @@ class ProfileConfig:
     backoff_max_s: float = 0.05
     max_batch_tokens: int = 8192  # padded tokens per model batch (batch x bucketed length)
     max_batch_size: int = 64  # sequences per model batch
-    length_bucket: int = 16  # sequence lengths are padded up to a multiple of this
-    lookahead_batches: int = 16  # batches' worth of chunks sorted together by length
+    length_bucket: int = 8  # sequence lengths are padded up to a multiple of this
+    lookahead_batches: int = 32  # batches' worth of chunks sorted together by length
     ring_slots: int = 6  # reusable (pinned where CUDA exists) host buffers for batches
     inflight_docs_per_worker: int = 8  # documents handed to a worker before it reports back
     writer_rows_per_part: int = 20000  # rows per Parquet part file

@@ -1,0 +1,342 @@
+"""Find the documents of a corpus: walk folders (sorted, deterministic), filter, classify.
+
+A source is a folder or a file. Files found by walking a folder are filtered by the
+``include``/``exclude`` globs of `DocumentsConfig`, matched against the path relative to that
+folder (POSIX separators). A file named explicitly as a source is always taken (it was asked for by
+name), and its ``rel_path`` is its file name, unless ``root`` is given (see `discover`).
+
+Glob semantics: `fnmatch` (case-sensitive; ``*`` and ``?`` also match ``/``, ``[...]`` classes),
+except that ``**/`` matches zero or more whole folders, so ``**/*.py`` also matches ``setup.py`` at
+the top and ``**/.git/**`` matches ``.git/config``. A folder is not entered at all when an exclude
+pattern matches its relative path or that path followed by ``/``.
+
+Nothing here reads file contents: whether a file is text, empty or decodable is decided when it is
+read (`hades_gpu.documents.reading`). Problems found while walking become `Skip` records, which the
+run report lists; discovery itself never raises for a bad path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from hades_gpu.config import DocumentsConfig
+from hades_gpu.records import CODE, PROSE, DocumentRef
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# extension (lower case, with the dot) -> language
+PROSE_EXTENSIONS: dict[str, str] = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".mdown": "markdown",
+    ".rst": "rst",
+    ".rest": "rst",
+}
+
+CODE_EXTENSIONS: dict[str, str] = {
+    ".py": "python", ".pyi": "python", ".pyx": "cython", ".pxd": "cython",
+    ".js": "javascript", ".jsx": "javascript", ".mjs": "javascript", ".cjs": "javascript",
+    ".ts": "typescript", ".tsx": "typescript", ".mts": "typescript", ".cts": "typescript",
+    ".java": "java", ".kt": "kotlin", ".kts": "kotlin", ".scala": "scala", ".groovy": "groovy",
+    ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp",
+    ".hxx": "cpp", ".cu": "cuda", ".cuh": "cuda", ".m": "objective-c", ".mm": "objective-cpp",
+    ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".cs": "csharp", ".fs": "fsharp",
+    ".swift": "swift", ".dart": "dart", ".zig": "zig", ".nim": "nim", ".v": "verilog", ".sv": "verilog",
+    ".vhd": "vhdl", ".hs": "haskell", ".ml": "ocaml", ".mli": "ocaml", ".ex": "elixir", ".exs": "elixir",
+    ".erl": "erlang", ".clj": "clojure", ".el": "elisp", ".lisp": "lisp", ".scm": "scheme",
+    ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".fish": "shell", ".ps1": "powershell",
+    ".bat": "batch", ".cmd": "batch", ".sql": "sql", ".lua": "lua", ".r": "r", ".jl": "julia",
+    ".pl": "perl", ".pm": "perl", ".tcl": "tcl", ".f90": "fortran", ".f": "fortran", ".asm": "assembly",
+    ".s": "assembly", ".proto": "protobuf", ".thrift": "thrift", ".graphql": "graphql",
+    ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json", ".jsonl": "json",
+    ".ini": "ini", ".cfg": "ini", ".conf": "ini", ".xml": "xml", ".html": "html", ".htm": "html",
+    ".css": "css", ".scss": "css", ".less": "css", ".vue": "vue", ".svelte": "svelte",
+    ".cmake": "cmake", ".mk": "make", ".gradle": "groovy", ".tf": "terraform", ".nix": "nix",
+    ".ipynb": "json", ".pbtxt": "protobuf",
+}
+
+# whole file names (no useful extension) that are code
+CODE_FILENAMES: dict[str, str] = {
+    "Makefile": "make", "GNUmakefile": "make", "makefile": "make", "Dockerfile": "dockerfile",
+    "Containerfile": "dockerfile", "Jenkinsfile": "groovy", "CMakeLists.txt": "cmake",
+    "Rakefile": "ruby", "Gemfile": "ruby", "BUILD": "starlark", "WORKSPACE": "starlark",
+}
+
+# Extensions that are binary formats for certain: skipped here (reason "binary") without reading.
+BINARY_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .gif .bmp .ico .tif .tiff .webp .psd .pdf .zip .gz .tgz .bz2 .xz .zst .7z .rar "
+    ".tar .jar .war .whl .egg .so .dylib .dll .exe .o .a .lib .obj .class .pyc .pyo .pyd .wasm .bin "
+    ".dat .db .sqlite .sqlite3 .parquet .arrow .feather .npy .npz .pt .pth .ckpt .safetensors .onnx "
+    ".pkl .pickle .h5 .hdf5 .mp3 .mp4 .wav .flac .ogg .avi .mov .mkv .webm .ttf .otf .woff .woff2 "
+    ".eot .doc .docx .xls .xlsx .ppt .pptx .odt .ods".split()
+)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A path that will not be ingested, and why (a row of the run report's ``skipped`` list).
+
+    reason: ``missing`` | ``unreadable`` | ``too_large`` | ``binary`` | ``symlink`` | ``duplicate``
+    here; reading adds ``empty`` | ``decode_error`` (see `hades_gpu.documents.reading`).
+    """
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
+    """(modality, language) of a file name, or None for a known binary extension.
+
+    Unknown extensions are prose with language ``"text"``: whether they really are text is decided
+    when they are read (NUL bytes, magic numbers -> skipped as ``binary``).
+    """
+    if name in CODE_FILENAMES:
+        return CODE, CODE_FILENAMES[name]
+    ext = os.path.splitext(name)[1].lower()
+    extra_code = {_dotted(e) for e in cfg.extra_code_extensions}
+    extra_prose = {_dotted(e) for e in cfg.extra_prose_extensions}
+    if ext in extra_code:
+        return CODE, CODE_EXTENSIONS.get(ext, ext.lstrip(".") or "unknown")
+    if ext in extra_prose:
+        return PROSE, PROSE_EXTENSIONS.get(ext, "text")
+    if ext in CODE_EXTENSIONS:
+        return CODE, CODE_EXTENSIONS[ext]
+    if ext in PROSE_EXTENSIONS:
+        return PROSE, PROSE_EXTENSIONS[ext]
+    if ext in BINARY_EXTENSIONS:
+        return None
+    return PROSE, "text"
+
+
+def _dotted(ext: str) -> str:
+    ext = ext.strip().lower()
+    return ext if ext.startswith(".") else "." + ext
+
+
+@lru_cache(maxsize=256)
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob: fnmatch semantics, plus ``**/`` = zero or more folders (and a trailing
+    ``/**`` = anything below the folder)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append(".*")
+            i += 1
+        elif c == "?":
+            out.append(".")
+            i += 1
+        elif c == "[":
+            j = i + 1
+            if j < n and pattern[j] in "!^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal "["
+                out.append("\\[")
+                i += 1
+            else:
+                body = pattern[i + 1 : j]
+                if body[:1] in ("!", "^"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("(?s:" + "".join(out) + r")\Z")
+
+
+def matches_any(rel_path: str, patterns: Iterable[str]) -> bool:
+    return any(glob_to_regex(p).match(rel_path) for p in patterns)
+
+
+def _folder_excluded(rel_dir: str, cfg: DocumentsConfig) -> bool:
+    return matches_any(rel_dir, cfg.exclude) or matches_any(rel_dir + "/", cfg.exclude)
+
+
+def _sources_list(sources: Union[PathLike, Sequence[PathLike]]) -> list[str]:
+    if isinstance(sources, (str, os.PathLike)):
+        return [os.fspath(sources)]
+    return [os.fspath(s) for s in sources]
+
+
+class _Walker:
+    """State of one `discover` call: results, skips, and what was seen (for duplicates/loops)."""
+
+    def __init__(self, cfg: DocumentsConfig, root: Optional[str]) -> None:
+        self.cfg = cfg
+        self.root = os.path.abspath(root) if root is not None else None
+        self.refs: list[DocumentRef] = []
+        self.skips: list[Skip] = []
+        self.seen_paths: set[str] = set()
+        self.seen_rel: dict[str, str] = {}
+        self.seen_dirs: set[tuple[int, int]] = set()
+
+    def rel_for(self, abs_path: str, default: str) -> str:
+        if self.root is not None:
+            rel = os.path.relpath(abs_path, self.root)
+            if rel == ".":
+                return ""
+            if not rel.startswith(".." + os.sep) and rel != "..":
+                return rel.replace(os.sep, "/")
+        return default
+
+    def add_file(self, abs_path: str, rel_path: str, st: os.stat_result) -> None:
+        if abs_path in self.seen_paths:
+            return  # the same file named twice (a folder and a file inside it): once is enough
+        self.seen_paths.add(abs_path)
+        if rel_path in self.seen_rel:
+            self.skips.append(Skip(abs_path, "duplicate",
+                                   f"rel_path {rel_path!r} already taken by {self.seen_rel[rel_path]}"))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self.skips.append(Skip(abs_path, "unreadable", f"not a regular file ({_file_kind(st.st_mode)})"))
+            return
+        kind = classify(os.path.basename(abs_path), self.cfg)
+        if kind is None:
+            self.skips.append(Skip(abs_path, "binary", f"binary file extension {os.path.splitext(abs_path)[1]!r}"))
+            return
+        if st.st_size > self.cfg.max_file_bytes:
+            self.skips.append(Skip(abs_path, "too_large",
+                                   f"{st.st_size} bytes > documents.max_file_bytes ({self.cfg.max_file_bytes})"))
+            return
+        self.seen_rel[rel_path] = abs_path
+        self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),
+                                     modality=kind[0], language=kind[1]))
+
+    def source(self, src: str) -> None:
+        abs_path = os.path.abspath(src)
+        try:
+            st = os.stat(abs_path)  # an explicitly named source is followed even if it is a link
+        except FileNotFoundError:
+            self.skips.append(Skip(abs_path, "missing", "no such file or folder"))
+            return
+        except OSError as err:  # e.g. NotADirectoryError, PermissionError on a parent, ELOOP
+            self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.seen_dirs.add((st.st_dev, st.st_ino))
+            base = self.rel_for(abs_path, "")
+            self.walk(abs_path, "", base)
+        else:
+            self.add_file(abs_path, self.rel_for(abs_path, os.path.basename(abs_path)), st)
+
+    def walk(self, folder: str, rel_dir: str, base: str) -> None:
+        """Depth-first, entries sorted by name; `rel_dir` is relative to the source folder (for
+        globs), `base` the prefix that turns it into the document's rel_path (when `root` is given)."""
+        cfg = self.cfg
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            self.skips.append(Skip(folder, "missing", "folder vanished while walking"))
+            return
+        except OSError as err:
+            self.skips.append(Skip(folder, "unreadable",
+                                   f"cannot list folder ({type(err).__name__}: {err.strerror or err})"))
+            return
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                is_link = entry.is_symlink()
+                is_dir = entry.is_dir(follow_symlinks=cfg.follow_symlinks)
+            except OSError as err:
+                self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+                continue
+            if is_dir:
+                if _folder_excluded(rel, cfg):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except OSError as err:
+                    self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in self.seen_dirs:
+                    self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
+                    continue
+                self.seen_dirs.add(key)
+                self.walk(entry.path, rel, base)
+                continue
+            if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
+                continue
+            abs_path = entry.path
+            if is_link and not cfg.follow_symlinks:
+                self.skips.append(Skip(abs_path, "symlink", "symbolic link not followed (documents.follow_symlinks=false)"))
+                continue
+            try:
+                st = entry.stat(follow_symlinks=cfg.follow_symlinks)
+            except FileNotFoundError:
+                self.skips.append(Skip(abs_path, "missing", "broken symbolic link" if is_link else "vanished while walking"))
+                continue
+            except OSError as err:
+                self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+                continue
+            doc_rel = f"{base}/{rel}" if base else rel
+            self.add_file(abs_path, doc_rel, st)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def discover(
+    sources: Union[PathLike, Sequence[PathLike]],
+    cfg: DocumentsConfig,
+    *,
+    root: Optional[PathLike] = None,
+) -> tuple[list[DocumentRef], list[Skip]]:
+    """Documents under `sources` (folders and/or files) and the paths skipped on the way.
+
+    Args:
+        sources (str | Path | Sequence[str | Path]): folders to walk and/or files to take.
+        cfg (DocumentsConfig): include/exclude globs, size cap, symlink policy, extra extensions.
+        root (str | Path, optional): when given, every ``rel_path`` is taken relative to this folder
+            (for shards that hand over explicit file lists: ids then match a whole-folder run).
+            Paths outside it fall back to the rules below. (default: None)
+
+    Returns:
+        ``(refs, skips)``: refs in a deterministic order (sources in the order given, folders
+        walked depth-first with names sorted). ``rel_path`` is relative to the folder walked, or the
+        file name for a file source. A second file with an already used ``rel_path`` (two source
+        folders both holding ``README.md``) is skipped as ``duplicate`` (doc ids derive from it).
+    """
+    walker = _Walker(cfg, os.fspath(root) if root is not None else None)
+    for src in _sources_list(sources):
+        walker.source(src)
+    if walker.skips:
+        log.debug("discovery skipped %d path(s)", len(walker.skips))
+    return walker.refs, walker.skips
+
+
+__all__ = ["Skip", "discover", "classify", "glob_to_regex", "matches_any", "PROSE_EXTENSIONS", "CODE_EXTENSIONS"]

@@ -1,0 +1,39 @@
+"""Pick the embedder a config asks for: in-process (CPU runtimes or CUDA) or a Triton server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hades_gpu.config import PipelineConfig
+from hades_gpu.embedding.base import Embedder
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``; ``cuda:N`` as given.
+
+    Raises:
+        DeviceError (a ValueError): a malformed spec, or a CUDA device that is not visible.
+    """
+    from hades_gpu.gpu.device import select_device
+
+    return str(select_device(spec))
+
+
+def build_embedder(cfg: PipelineConfig) -> Embedder:
+    """The embedder for `cfg.embedder`: ``local`` -> `LocalEmbedder` on the CPU or `CudaEmbedder` on
+    CUDA; ``triton`` -> `TritonEmbedder`. Heavy modules are imported only for the one chosen."""
+    ecfg = cfg.embedder
+    if ecfg.name == "triton":
+        from hades_gpu.embedding.triton import TritonEmbedder
+
+        return TritonEmbedder(ecfg)
+    if ecfg.name != "local":
+        raise ValueError(f"embedder.name must be one of local|triton (got {ecfg.name!r})")
+    device = resolve_device(ecfg.device)
+    if device.startswith("cuda"):
+        from hades_gpu.embedding.cuda_embedder import CudaEmbedder
+
+        return CudaEmbedder(dataclasses.replace(ecfg, device=device))
+    from hades_gpu.embedding.local import LocalEmbedder
+
+    return LocalEmbedder(dataclasses.replace(ecfg, device="cpu"))

@@ -1,0 +1,478 @@
+"""Start, watch and stop a real Triton Inference Server on the project's model repository.
+
+Two places a `tritonserver` comes from:
+
+* a system install (`tritonserver` on `PATH`, as in NVIDIA's container): used as is, with its own
+  backends (ONNX Runtime, OpenVINO, TensorRT, Python);
+* the `nvidia-pytriton` wheel (extra `serve`): a complete server 2.51 with the Python backend only.
+  Running it outside pytriton takes a few things (measured in FACTS.md), all done here:
+
+  - a backend directory `<dir>/python/` holding `libtriton_python.so`,
+    `triton_python_backend_utils.py` and the stub built for the running Python, renamed
+    `triton_python_backend_stub`;
+  - `LD_LIBRARY_PATH` = this interpreter's LIBDIR first (else the stub loads the system libpython
+    against our stdlib), then `site-packages/nvidia_pytriton.libs` (the server's own libraries);
+  - this environment's `bin/` first on `PATH`: the stub takes its site-packages from the `python`
+    found there, so the models import `hades_gpu` and its runtimes from this same environment;
+  - numpy < 2 in that environment (with numpy 2 inputs arrive as zeros, silently): checked here.
+
+Either way the server listens on 127.0.0.1 only, on free ports unless told otherwise, loads only the
+models asked for (explicit model control), uses a shared-memory prefix unique to this server, runs
+in its own process session, logs to a file, and is stopped by its PID (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("minilm_python",)
+TRITONSERVER_ENV = "HADES_TRITONSERVER"  # explicit path to a tritonserver binary
+
+
+class TritonServerError(RuntimeError):
+    """The server could not be found, started, or kept running; the message says why in one line."""
+
+
+def default_model_repository() -> Path:
+    """The repository's `triton_models/` folder (beside the `hades_gpu` package)."""
+    return Path(__file__).resolve().parents[2] / "triton_models"
+
+
+@dataclass
+class ServerInstall:
+    """Where a `tritonserver` binary lives and what it needs to run.
+
+    Args:
+        executable (Path): the `tritonserver` binary.
+        bundled (bool): True for the pytriton wheel's copy (backend dir and libraries built here).
+        python_backend (Optional[Path]): the wheel's `backends/python` folder (bundled only).
+        stub (Optional[Path]): the wheel's Python backend stub for this interpreter (bundled only).
+        lib_dirs (list[Path]): prepended to `LD_LIBRARY_PATH`.
+    """
+
+    executable: Path
+    bundled: bool
+    python_backend: Optional[Path] = None
+    stub: Optional[Path] = None
+    lib_dirs: list[Path] = field(default_factory=list)
+
+
+def _python_libdir() -> Optional[Path]:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    return Path(libdir) if libdir and Path(libdir).is_dir() else None
+
+
+def _check_numpy() -> None:
+    try:
+        import numpy
+    except ImportError as err:
+        raise TritonServerError("the Triton Python backend needs numpy < 2 in this environment (numpy is not installed)") from err
+    major = int(numpy.__version__.split(".")[0])
+    if major >= 2:
+        raise TritonServerError(
+            f"the bundled Triton Python backend needs numpy < 2 in this environment (got numpy {numpy.__version__}); "
+            "install with -c constraints.txt or use a separate environment for the server"
+        )
+
+
+def find_server(executable: Optional[str] = None) -> ServerInstall:
+    """Locate a runnable `tritonserver`.
+
+    Order: `executable` (or `$HADES_TRITONSERVER`), a system `tritonserver` on `PATH` (NVIDIA's
+    container), then the `nvidia-pytriton` wheel's bundled binary. Raises `TritonServerError` saying
+    what was looked for when none can run here.
+    """
+    explicit = executable or os.environ.get(TRITONSERVER_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise TritonServerError(f"tritonserver must be an executable file (got {explicit!r})")
+        return _install_for(path)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return _install_for(Path(on_path))
+    return _bundled_install()
+
+
+def _install_for(path: Path) -> ServerInstall:
+    """A given binary: treat it as the wheel's copy when it sits inside the pytriton package."""
+    if path.resolve().parent.parent.name == "tritonserver" and path.resolve().parents[2].name == "pytriton":
+        return _bundled_install()
+    return ServerInstall(executable=path, bundled=False)
+
+
+def _bundled_install() -> ServerInstall:
+    import importlib.util
+
+    if not sys.platform.startswith("linux"):
+        raise TritonServerError(f"the bundled tritonserver runs on Linux only (got platform {sys.platform})")
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(
+            "no tritonserver on PATH and package 'nvidia-pytriton' is not installed: "
+            "pip install 'hades-gpu[serve]' (or run inside NVIDIA's Triton container)"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    root = pkg / "tritonserver"
+    exe = root / "bin" / "tritonserver"
+    backend = root / "backends" / "python"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    libs = pkg.parent / "nvidia_pytriton.libs"
+    for what, p in (("server binary", exe), ("Python backend", backend / "libtriton_python.so"),
+                    (f"Python backend stub for Python {version}", stub)):
+        if not p.exists():
+            raise TritonServerError(f"nvidia-pytriton install lacks its {what}: expected {p}")
+    _check_numpy()
+    lib_dirs = [d for d in (_python_libdir(), libs) if d is not None and d.is_dir()]
+    return ServerInstall(executable=exe, bundled=True, python_backend=backend, stub=stub, lib_dirs=lib_dirs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    picked = [line.strip() for line in text if line.strip() and not _harmless(line)][-lines:]
+    return " | ".join(picked)
+
+
+def _harmless(line: str) -> bool:
+    # Noise every CPU-only start prints (FACTS.md): not the reason anything failed.
+    return any(s in line for s in ("CUDA driver version is insufficient", "Failed to initialize NVML",
+                                   "DCGM", "Unable to allocate pinned system memory",
+                                   "unable to get number of CUDA devices"))
+
+
+class TritonServer:
+    """A `tritonserver` process serving `models` from `model_repository` on 127.0.0.1.
+
+    Usable as a context manager (`with TritonServer(...) as server: server.grpc_url`). `start()`
+    returns once the server and every requested model are ready, or raises `TritonServerError` with
+    the log's last lines; `stop()` sends SIGTERM to the server's PID and SIGKILL after `stop_timeout_s`.
+
+    Args:
+        model_repository (str | Path, optional): repository folder (default: the repo's `triton_models/`).
+        models (Sequence[str], optional): models to load (default: `("minilm_python",)`).
+        grpc_port, http_port, metrics_port (int, optional): 0 picks a free port (default: 0).
+        log_file (str | Path, optional): server log (default: a file in a fresh temporary folder).
+        executable (str, optional): a `tritonserver` binary (default: see `find_server`).
+        ready_timeout_s (float, optional): how long to wait for readiness (default: 180).
+        stop_timeout_s (float, optional): SIGTERM grace period before SIGKILL (default: 30).
+        log_verbose (int, optional): Triton's `--log-verbose` level (default: 0).
+        extra_args (Sequence[str], optional): more `tritonserver` flags.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path | None = None,
+        models: Sequence[str] = DEFAULT_MODELS,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        log_file: str | Path | None = None,
+        executable: Optional[str] = None,
+        ready_timeout_s: float = 180.0,
+        stop_timeout_s: float = 30.0,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository or default_model_repository()).resolve()
+        if not self.model_repository.is_dir():
+            raise TritonServerError(f"model repository must be a folder (got {self.model_repository})")
+        self.models = list(models)
+        if not self.models:
+            raise TritonServerError("models must name at least one model (got none)")
+        for m in self.models:
+            if not (self.model_repository / m / "config.pbtxt").is_file():
+                raise TritonServerError(f"model {m!r} has no config.pbtxt in {self.model_repository}")
+        self._ports_wanted = (grpc_port, http_port, metrics_port)
+        self.grpc_port = self.http_port = self.metrics_port = 0
+        self._log_file_arg = Path(log_file) if log_file else None
+        self.log_file: Optional[Path] = None
+        self.executable = executable
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)
+        self.shm_prefix = ""
+        self._proc: Optional[subprocess.Popen] = None
+        self._workdir: Optional[Path] = None
+        self._log_handle = None
+
+    # ----------------------------------------------------------------------------- addresses
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> Optional[int]:
+        """The server's exit code, or None while it runs."""
+        return self._proc.poll() if self._proc else None
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        assert self._proc is not None, "server not started"
+        return self._proc.wait(timeout)
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def command(self, install: ServerInstall, backend_dir: Optional[Path]) -> list[str]:
+        """The `tritonserver` command line (explicit model control: only `models` load)."""
+        cmd = [
+            str(install.executable),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            *[f"--load-model={m}" for m in self.models],
+            "--strict-readiness=true",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--log-verbose={self.log_verbose}",
+            "--exit-timeout-secs=20",
+        ]
+        if backend_dir is not None:
+            cmd.append(f"--backend-directory={backend_dir}")
+        return cmd + self.extra_args
+
+    def environment(self, install: ServerInstall) -> dict[str, str]:
+        """The server's environment: library path and PATH as the bundled server needs them."""
+        env = dict(os.environ)
+        env_bin = Path(sys.executable).parent  # the venv's bin/ (not resolved: keep the venv)
+        env["PATH"] = os.pathsep.join([str(env_bin), env.get("PATH", "")])
+        if install.lib_dirs:
+            old = env.get("LD_LIBRARY_PATH", "")
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, install.lib_dirs), *([old] if old else [])])
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def _backend_dir(self, install: ServerInstall) -> Optional[Path]:
+        if not install.bundled:
+            return None
+        assert self._workdir is not None and install.python_backend and install.stub
+        target = self._workdir / "backends" / "python"
+        target.mkdir(parents=True, exist_ok=True)
+        # Copies, not links: the backend finds the stub next to its own (unresolved) path. ~3 MB.
+        shutil.copy2(install.python_backend / "libtriton_python.so", target / "libtriton_python.so")
+        shutil.copy2(install.python_backend / "triton_python_backend_utils.py", target / "triton_python_backend_utils.py")
+        shutil.copy2(install.stub, target / "triton_python_backend_stub")
+        return target.parent
+
+    def start(self) -> "TritonServer":
+        if self._proc is not None:
+            raise TritonServerError(f"server already started (pid {self._proc.pid})")
+        install = find_server(self.executable)
+        self._workdir = Path(tempfile.mkdtemp(prefix="hades-triton-"))
+        self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        g, h, m = self._ports_wanted
+        self.grpc_port, self.http_port, self.metrics_port = g or free_port(), h or free_port(), m or free_port()
+        self.shm_prefix = f"hades{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        backend_dir = self._backend_dir(install)
+        cmd = self.command(install, backend_dir)
+        self._log_handle = open(self.log_file, "ab")
+        self._log_handle.write(("$ " + " ".join(cmd) + "\n").encode())
+        self._log_handle.flush()
+        log.info("starting tritonserver (%s) on %s, log %s", install.executable, self.grpc_url, self.log_file)
+        self._proc = subprocess.Popen(
+            cmd, env=self.environment(install), cwd=str(self._workdir), stdin=subprocess.DEVNULL,
+            stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("tritonserver pid %d ready: gRPC %s, models %s", self._proc.pid, self.grpc_url, ",".join(self.models))
+        return self
+
+    def _wait_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        assert self._proc is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while True:
+                rc = self._proc.poll()
+                if rc is not None:
+                    raise TritonServerError(
+                        f"tritonserver exited with code {rc} before it was ready (log {self.log_file}): {_tail(self.log_file)}")
+                try:
+                    if client.is_server_ready(client_timeout=2.0) and all(
+                        client.is_model_ready(m, client_timeout=2.0) for m in self.models
+                    ):
+                        return
+                except InferenceServerException:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise TritonServerError(
+                        f"tritonserver not ready after {self.ready_timeout_s:.0f} s (log {self.log_file}): {_tail(self.log_file)}")
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        """SIGTERM the server's PID, SIGKILL its process group after `timeout_s`; returns its exit code."""
+        proc, self._proc = self._proc, None
+        rc = None
+        if proc is not None:
+            timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver pid %d ignored SIGTERM for %.0f s: SIGKILL", proc.pid, timeout_s)
+            # The server ran in its own session (pgid == its pid): stubs it left behind go too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            self._cleanup_shm()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (tests: a server dying mid-run). Keeps the object reusable."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self.stop(timeout_s=5)
+
+    def _cleanup_shm(self) -> None:
+        # A clean SIGTERM removes these; after SIGKILL they would stay in /dev/shm.
+        if self.shm_prefix:
+            for path in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def metrics(self, timeout_s: float = 5.0) -> str:
+        """Triton's Prometheus metrics text."""
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout_s) as resp:  # noqa: S310 - loopback
+            return resp.read().decode()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:  # a forgotten server must not outlive its owner
+        if getattr(self, "_proc", None) is not None:
+            with contextlib.suppress(Exception):
+                self.stop(timeout_s=5)
+
+
+def metric_total(metrics_text: str, name: str, model: Optional[str] = None) -> float:
+    """Sum a Prometheus counter over its label sets (optionally only `model="..."`)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if model is not None and f'model="{model}"' not in line:
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def serve_cli(argv: Optional[list[str]] = None) -> int:
+    """`hades-serve`: run a Triton server on the model repository until SIGTERM or Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="hades-serve", description="Serve triton_models/ with a real Triton Inference Server on 127.0.0.1.")
+    parser.add_argument("--model-repository", default=str(default_model_repository()),
+                        help="model repository folder (default: %(default)s)")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated models to load (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=0, help="0 = a free port (default)")
+    parser.add_argument("--http-port", type=int, default=0, help="0 = a free port (default)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="0 = a free port (default)")
+    parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, printed)")
+    parser.add_argument("--tritonserver", default=None,
+                        help=f"tritonserver binary (default: ${TRITONSERVER_ENV}, PATH, then the pytriton wheel)")
+    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    stopping = {"signal": None}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _on_signal)
+    server: Optional[TritonServer] = None
+    try:
+        server = TritonServer(args.model_repository, models, args.grpc_port, args.http_port, args.metrics_port,
+                              log_file=args.log_file, executable=args.tritonserver,
+                              ready_timeout_s=args.ready_timeout, log_verbose=args.log_verbose)
+        server.start()
+        print(f"gRPC {server.grpc_url}", flush=True)
+        print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
+              f"pid {server.pid}  log {server.log_file}", flush=True)
+        rc = server.wait()
+        print(f"hades-serve: tritonserver exited on its own with code {rc} (log {server.log_file}): "
+              f"{_tail(server.log_file, 3) if server.log_file else ''}", file=sys.stderr)
+        return rc or 1
+    except KeyboardInterrupt:
+        if server is not None:
+            print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
+        return 0
+    except TritonServerError as err:
+        print(f"hades-serve: {err}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        if server is not None:
+            server.stop()
+        signal.signal(signal.SIGTERM, old_term)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(serve_cli())

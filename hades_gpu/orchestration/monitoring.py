@@ -1,0 +1,240 @@
+"""Run metrics: per-stage rates, queue depth and waits, padding efficiency, peak memory, progress.
+
+Stages update their meters from their own threads (each meter has a lock); a sampler thread records
+the peak resident memory of the main process plus its worker processes. `snapshot()` is a plain dict
+written to `metrics.json` and rendered as Prometheus text by the live endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import psutil
+
+from hades_gpu.orchestration.queue import MemoryAwareQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageMeter:
+    """Items, bytes and busy time of one stage."""
+
+    name: str
+    items: int = 0
+    bytes: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    first_at: Optional[float] = None
+    last_at: Optional[float] = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, items: int = 1, nbytes: int = 0, tokens: int = 0, busy_s: float = 0.0) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.items += items
+            self.bytes += nbytes
+            self.tokens += tokens
+            self.busy_s += busy_s
+            if self.first_at is None:
+                self.first_at = now - busy_s
+            self.last_at = now
+
+    def to_dict(self, wall_s: float) -> dict[str, Any]:
+        with self._lock:
+            wall = max(wall_s, 1e-9)
+            return {
+                "items": self.items,
+                "bytes": self.bytes,
+                "tokens": self.tokens,
+                "busy_s": round(self.busy_s, 4),
+                "items_per_s": self.items / wall,
+                "bytes_per_s": self.bytes / wall,
+                "tokens_per_s": self.tokens / wall,
+            }
+
+
+class PeakMemorySampler:
+    """Samples RSS of this process and its children; keeps the peak of their sum."""
+
+    def __init__(self, interval_s: float = 0.2, extra_pids: Callable[[], Iterable[int]] = lambda: ()) -> None:
+        self.interval_s = interval_s
+        self._extra_pids = extra_pids
+        self._proc = psutil.Process(os.getpid())
+        self.peak_rss = 0
+        self.peak_main_rss = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> int:
+        total = 0
+        try:
+            main = self._proc.memory_info().rss
+        except psutil.Error:
+            return self.peak_rss
+        total += main
+        self.peak_main_rss = max(self.peak_main_rss, main)
+        seen = {self._proc.pid}
+        try:
+            children = self._proc.children(recursive=True)
+        except psutil.Error:
+            children = []
+        pids = [c.pid for c in children] + list(self._extra_pids())
+        for pid in pids:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak_rss = max(self.peak_rss, total)
+        return total
+
+    def start(self) -> "PeakMemorySampler":
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+
+        self.sample()
+        self._thread = threading.Thread(target=loop, name="hades-rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+
+class RunMetrics:
+    """All counters of one ingest run."""
+
+    STAGES = ("read_chunk", "batch", "embed", "write")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.finished: Optional[float] = None
+        self.stages = {name: StageMeter(name) for name in self.STAGES}
+        self.queues: list[MemoryAwareQueue] = []
+        self.memory = PeakMemorySampler()
+        self.documents_total = 0
+        self.documents_done = 0
+        self.documents_resumed = 0
+        self.chunks_done = 0
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.batches = 0
+        self.skipped: list[dict[str, str]] = []
+        self.extra: dict[str, Any] = {}  # embedder description, governor counters, ...
+        self._lock = threading.Lock()
+
+    def add_padding(self, real: int, padded: int) -> None:
+        with self._lock:
+            self.real_tokens += real
+            self.padded_tokens += padded
+            self.batches += 1
+
+    def add_skip(self, path: str, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self.skipped.append({"path": path, "reason": reason, "detail": detail})
+
+    def document_done(self, n_chunks: int) -> None:
+        with self._lock:
+            self.documents_done += 1
+            self.chunks_done += n_chunks
+
+    @property
+    def wall_s(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return end - self.started
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    def finish(self) -> None:
+        self.finished = time.monotonic()
+        self.memory.stop()
+
+    def snapshot(self) -> dict[str, Any]:
+        wall = self.wall_s
+        with self._lock:
+            skipped = list(self.skipped)
+            reasons: dict[str, int] = {}
+            for s in skipped:
+                reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+            out: dict[str, Any] = {
+                "wall_s": wall,
+                "documents": {
+                    "total": self.documents_total,
+                    "done": self.documents_done,
+                    "resumed": self.documents_resumed,
+                    "skipped": len(skipped),
+                    "skipped_by_reason": reasons,
+                },
+                "chunks": self.chunks_done,
+                "chunks_per_s": self.chunks_done / wall if wall else 0.0,
+                "tokens_per_s": self.real_tokens / wall if wall else 0.0,
+                "batches": self.batches,
+                "real_tokens": self.real_tokens,
+                "padded_tokens": self.padded_tokens,
+                "padding_efficiency": self.padding_efficiency,
+            }
+        out["stages"] = {name: meter.to_dict(wall) for name, meter in self.stages.items()}
+        out["queues"] = {q.name: vars(q.stats()) for q in self.queues}
+        out["memory"] = {"peak_rss_bytes": self.memory.peak_rss, "peak_main_rss_bytes": self.memory.peak_main_rss}
+        out.update(self.extra)
+        out["skipped"] = skipped
+        return out
+
+
+class ProgressReporter:
+    """A rich progress bar on a terminal; a log line every `interval_s` otherwise."""
+
+    def __init__(self, metrics: RunMetrics, mode: str = "auto", interval_s: float = 10.0) -> None:
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.use_bar = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.enabled = mode != "off"
+        self._last_log = time.monotonic()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self) -> None:
+        if not (self.enabled and self.use_bar):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("ingest", total=self.metrics.documents_total, rate="")
+
+    def update(self) -> None:
+        m = self.metrics
+        done = m.documents_done + len(m.skipped) + m.documents_resumed
+        chunks = m.stages["embed"].items
+        rate = chunks / m.wall_s if m.wall_s > 0 else 0.0
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=m.documents_total,
+                                  rate=f"{chunks} chunks {rate:.1f}/s")
+        elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
+            self._last_log = time.monotonic()
+            log.info("progress: %d/%d documents, %d chunks (%.1f chunks/s)", done, m.documents_total, chunks, rate)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self.update()
+            self._progress.stop()
+            self._progress = None

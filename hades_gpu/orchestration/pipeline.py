@@ -1,0 +1,241 @@
+"""Stage wiring: worker processes -> batcher -> embed threads -> sink, joined by bounded queues.
+
+```
+ feeder thread ──► [doc queue] ──► batcher thread ──► [batch queue] ──► embed threads (N) ──► [write queue] ──► writer thread
+ (worker pool:                     (length-sorted,     (ring slots         (embedder.embed,                      (sink.add)
+  read+chunk+tokenize)              token budget)       bound it too)        GIL released)
+```
+
+Every stage object is handed in (compose, don't inherit), so tests replace any of them. The first
+exception in any thread aborts every queue, stops the others and is re-raised by `run()`: a failure
+never hangs the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+
+from hades_gpu.config import ProfileConfig
+from hades_gpu.gpu.host_ring import HostBufferRing
+from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, fill_batch
+from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
+from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
+from hades_gpu.orchestration.workers import WorkerPool
+from hades_gpu.records import ChunkedDocument, DocumentRef, EmbeddedBatch, TokenBatch
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def begin_document(self, doc: ChunkedDocument) -> None: ...
+
+    def add(self, batch: EmbeddedBatch) -> None: ...
+
+
+class EmbedFn(Protocol):
+    concurrency: int
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+class StreamingPipeline:
+    """Runs documents through the stages once; construct a new one per run.
+
+    Args:
+        profile (ProfileConfig): queue budgets, watermarks, batch budget, ring size.
+        pool (WorkerPool): worker processes producing `ChunkedDocument`s.
+        embedder: thread-safe `embed(ids, mask) -> float32 (B, dim)` with a `concurrency`.
+        sink (Sink): receives `begin_document` (batcher thread) then `add` (writer thread).
+        metrics (RunMetrics): counters to update.
+        triage (callable): decides per worker result whether to embed it (skips, unchanged
+            documents are recorded by the caller and return False).
+        special_ids (tuple): (CLS, SEP, PAD) token ids.
+        max_seq_len (int): model's longest sequence.
+        governor (optional): GPU memory governor (`batch_token_budget`, `wait_for_headroom`).
+        progress (ProgressReporter, optional): updated from the calling thread.
+    """
+
+    def __init__(self, profile: ProfileConfig, pool: WorkerPool, embedder: EmbedFn, sink: Sink,
+                 metrics: RunMetrics, triage: Callable[[ChunkedDocument], bool],
+                 special_ids: tuple[int, int, int], max_seq_len: int,
+                 governor: Any = None, progress: Optional[ProgressReporter] = None) -> None:
+        self.profile = profile
+        self.pool = pool
+        self.embedder = embedder
+        self.sink = sink
+        self.metrics = metrics
+        self.triage = triage
+        self.cls_id, self.sep_id, self.pad_id = special_ids
+        self.governor = governor
+        self.progress = progress
+        self.concurrency = max(1, int(getattr(embedder, "concurrency", 1)))
+        max_rows = profile.max_batch_size
+        self.ring = HostBufferRing(slots=max(profile.ring_slots, self.concurrency + 2), max_rows=max_rows,
+                                   max_len=max_seq_len)
+        budget_fn = governor.batch_token_budget if governor is not None and getattr(governor, "active", False) else None
+        self.batcher = LengthSortedBatcher(profile.max_batch_tokens, profile.max_batch_size, profile.length_bucket,
+                                           max_seq_len, profile.lookahead_batches, budget_fn=budget_fn)
+        q = dict(max_bytes=profile.queue_max_bytes, max_items=profile.queue_max_items,
+                 high_watermark=profile.high_watermark, low_watermark=profile.low_watermark,
+                 backoff_initial_s=profile.backoff_initial_s, backoff_max_s=profile.backoff_max_s)
+        self.doc_queue: MemoryAwareQueue[ChunkedDocument] = MemoryAwareQueue("documents", **q)
+        self.batch_queue: MemoryAwareQueue[TokenBatch] = MemoryAwareQueue("batches", **q)
+        self.write_queue: MemoryAwareQueue[EmbeddedBatch] = MemoryAwareQueue("embedded", **q)
+        metrics.queues = [self.doc_queue, self.batch_queue, self.write_queue]
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._error_lock = threading.Lock()
+        self._embedders_left = self.concurrency
+        self._embedders_lock = threading.Lock()
+
+    # -- failure handling -------------------------------------------------------------------------
+    def _fail(self, err: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None and not isinstance(err, PipelineAborted):
+                self._error = err
+            elif self._error is None:
+                self._error = err
+        self._stop.set()
+        for queue in (self.doc_queue, self.batch_queue, self.write_queue):
+            queue.abort(err)
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as err:  # noqa: BLE001 - any stage error must stop the pipeline
+                if not isinstance(err, PipelineAborted):
+                    log.debug("stage %s failed", threading.current_thread().name, exc_info=True)
+                self._fail(err)
+        return run
+
+    # -- stages -----------------------------------------------------------------------------------
+    def _feed(self, refs: list[DocumentRef]) -> None:
+        meter = self.metrics.stages["read_chunk"]
+
+        def forward(result: Optional[tuple[int, ChunkedDocument]]) -> None:
+            if result is None:
+                return
+            _, doc = result
+            meter.record(items=1, nbytes=doc.ref.size, tokens=sum(c.n_tokens for c in doc.chunks))
+            while not self.doc_queue.put(doc, timeout=0.5):
+                if self._stop.is_set():
+                    raise PipelineAborted("stopped")
+
+        for index, ref in enumerate(refs):
+            while not self.pool.has_room():
+                if self._stop.is_set():
+                    return
+                forward(self.pool.get_result(timeout=0.2))
+            self.pool.submit(index, ref)
+        while self.pool.inflight:
+            if self._stop.is_set():
+                return
+            forward(self.pool.get_result(timeout=0.2))
+        self.doc_queue.close()
+
+    def _batch(self) -> None:
+        meter = self.metrics.stages["batch"]
+        while True:
+            try:
+                doc = self.doc_queue.get()
+            except QueueClosed:
+                break
+            if not self.triage(doc):
+                continue
+            self.sink.begin_document(doc)
+            if not doc.chunks:
+                continue
+            t0 = time.perf_counter()
+            plans = self.batcher.add(doc.chunks)
+            meter.record(items=0, busy_s=time.perf_counter() - t0)
+            for plan in plans:
+                self._emit(plan)
+        for plan in self.batcher.flush():
+            self._emit(plan)
+        self.batch_queue.close()
+
+    def _emit(self, plan: BatchPlan) -> None:
+        slot = None
+        while slot is None:
+            if self._stop.is_set():
+                raise PipelineAborted("stopped")
+            slot = self.ring.acquire(timeout=0.2)
+        t0 = time.perf_counter()
+        batch = fill_batch(plan, self.ring, slot, self.cls_id, self.sep_id, self.pad_id)
+        self.metrics.stages["batch"].record(items=1, tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
+        self.metrics.add_padding(batch.real_tokens, batch.padded_tokens)
+        while not self.batch_queue.put(batch, timeout=0.5):
+            if self._stop.is_set():
+                raise PipelineAborted("stopped")
+
+    def _embed(self) -> None:
+        meter = self.metrics.stages["embed"]
+        try:
+            while True:
+                try:
+                    batch = self.batch_queue.get()
+                except QueueClosed:
+                    break
+                if self.governor is not None and getattr(self.governor, "active", False):
+                    self.governor.wait_for_headroom(self._stop, timeout=None)
+                t0 = time.perf_counter()
+                try:
+                    vectors = self.embedder.embed(batch.input_ids, batch.attention_mask)
+                finally:
+                    if batch.slot >= 0:
+                        self.ring.release(batch.slot)
+                meter.record(items=len(batch.chunks), tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
+                out = EmbeddedBatch(chunks=batch.chunks, embeddings=np.asarray(vectors, dtype=np.float32))
+                while not self.write_queue.put(out, timeout=0.5):
+                    if self._stop.is_set():
+                        raise PipelineAborted("stopped")
+        finally:
+            with self._embedders_lock:
+                self._embedders_left -= 1
+                last = self._embedders_left == 0
+            if last:
+                self.write_queue.close()
+
+    def _write(self) -> None:
+        meter = self.metrics.stages["write"]
+        while True:
+            try:
+                batch = self.write_queue.get()
+            except QueueClosed:
+                return
+            t0 = time.perf_counter()
+            self.sink.add(batch)
+            meter.record(items=len(batch.chunks), nbytes=batch.nbytes, busy_s=time.perf_counter() - t0)
+
+    # -- run --------------------------------------------------------------------------------------
+    def run(self, refs: list[DocumentRef]) -> None:
+        """Process `refs`; returns when every stage finished, raises the first stage error."""
+        threads = [threading.Thread(target=self._guard(lambda: self._feed(refs)), name="hades-feeder", daemon=True),
+                   threading.Thread(target=self._guard(self._batch), name="hades-batcher", daemon=True)]
+        threads += [threading.Thread(target=self._guard(self._embed), name=f"hades-embed-{i}", daemon=True)
+                    for i in range(self.concurrency)]
+        threads.append(threading.Thread(target=self._guard(self._write), name="hades-writer", daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.1)
+                if self.progress is not None:
+                    self.progress.update()
+        except KeyboardInterrupt as err:
+            self._fail(err)
+            for t in threads:
+                t.join(timeout=10)
+            raise
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, PipelineAborted) and err.__cause__ is not None:
+                err = err.__cause__
+            raise err

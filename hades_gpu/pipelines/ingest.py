@@ -1,0 +1,230 @@
+"""The main job: discover -> read/chunk/tokenize (processes) -> batch -> embed -> Parquet dataset.
+
+`TextParallelPipeline(config).process_batch(paths)` is the seed's API. It resumes by itself: a
+document whose size and mtime match the manifest is not read again, one whose content hash matches
+is not embedded again, and one that changed replaces its old rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
+from hades_gpu.documents.chunking import process_document
+from hades_gpu.documents.discovery import discover
+from hades_gpu.documents.tokenizer import special_ids
+from hades_gpu.embedding.base import Embedder
+from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
+from hades_gpu.orchestration.pipeline import StreamingPipeline
+from hades_gpu.orchestration.workers import WorkerPool
+from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, EmbeddedBatch
+from hades_gpu.store.manifest import atomic_write_bytes
+from hades_gpu.store.writer import DatasetWriter
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class IngestResult:
+    """What one `process_batch` call did."""
+
+    output_dir: Path
+    documents_total: int = 0  # discovered (skipped ones included)
+    documents_ingested: int = 0  # chunked and embedded in this run
+    documents_unchanged: int = 0  # already in the output, left alone (resume)
+    chunks_written: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # path, reason, detail
+    metrics: dict[str, Any] = field(default_factory=dict)
+    isne: Optional[dict[str, Any]] = None
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """Per-document errors: path -> "reason: detail"."""
+        return {s["path"]: f"{s['reason']}: {s['detail']}" if s["detail"] else s["reason"] for s in self.skipped}
+
+    @property
+    def documents_skipped(self) -> int:
+        return len(self.skipped)
+
+
+class _WriterSink:
+    """Adapts the dataset writer to the pipeline's sink and records file stats for resume."""
+
+    def __init__(self, writer: DatasetWriter, stats: dict[str, tuple[int, int]], metrics: RunMetrics) -> None:
+        self.writer = writer
+        self.stats = stats
+        self.metrics = metrics
+
+    def begin_document(self, doc: ChunkedDocument) -> None:
+        size, mtime_ns = self.stats.get(doc.ref.rel_path, (doc.ref.size, 0))
+        self.writer.begin_document(doc, size=size, mtime_ns=mtime_ns)
+
+    def add(self, batch: EmbeddedBatch) -> None:
+        self.writer.add(batch)
+
+
+def _worker_process(ref: DocumentRef, documents_cfg: Any, chunking_cfg: Any, force_code: bool) -> ChunkedDocument:
+    """Runs in a worker process: read, chunk and tokenize one document."""
+    if force_code and ref.modality != CODE:
+        ref = dataclasses.replace(ref, modality=CODE, language="unknown")
+    return process_document(ref, documents_cfg, chunking_cfg)
+
+
+class IngestPipeline:
+    """Ingest files or folders into a dataset folder.
+
+    Args:
+        config (PipelineConfig, optional): the job's configuration (default: the `balanced` profile).
+        embedder (Embedder, optional): a ready embedder to use instead of building one from config
+            (tests and benchmarks share one this way).
+    """
+
+    force_code = False
+
+    def __init__(self, config: Optional[PipelineConfig] = None, embedder: Optional[Embedder] = None) -> None:
+        self.config = to_pipeline_config(config) if config is not None else load_pipeline_config()
+        self._embedder = embedder
+
+    def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
+        """Ingest `paths` (files and/or folders) into `output` (default: `config.output`)."""
+        cfg = self.config
+        out = Path(output if output is not None else (cfg.output or ""))
+        if not str(out):
+            raise ValueError("an output folder is required (config.output or process_batch(..., output=...))")
+        out.mkdir(parents=True, exist_ok=True)
+        sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+        metrics = RunMetrics()
+        refs, skips = discover([str(p) for p in sources], cfg.documents)
+        for skip in skips:
+            metrics.add_skip(skip.path, skip.reason, skip.detail)
+        refs = self._dedupe(refs, metrics)
+        metrics.documents_total = len(refs) + len(skips)
+
+        writer = DatasetWriter(out, cfg.shard, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
+        manifest = writer.manifest
+        stats: dict[str, tuple[int, int]] = {}
+        todo: list[DocumentRef] = []
+        for ref in refs:
+            try:
+                st = os.stat(ref.path)
+                stats[ref.rel_path] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stats[ref.rel_path] = (ref.size, 0)
+            if manifest.is_unchanged(ref.rel_path, *stats[ref.rel_path]):
+                metrics.documents_resumed += 1
+            else:
+                todo.append(ref)
+        if metrics.documents_resumed:
+            log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, out)
+
+        def triage(doc: ChunkedDocument) -> bool:
+            if doc.skip_reason is not None:
+                metrics.add_skip(doc.ref.path, doc.skip_reason, doc.skip_detail)
+                return False
+            known = manifest.documents.get(doc.ref.rel_path)
+            if known is not None and known.content_hash == doc.content_hash:
+                metrics.documents_resumed += 1  # touched but identical: keep the committed rows
+                return False
+            metrics.document_done(0)
+            return True
+
+        metrics.memory.start()
+        progress = ProgressReporter(metrics, cfg.monitoring.progress, cfg.monitoring.log_interval_s)
+        embedder = self._embedder
+        owns_embedder = embedder is None and bool(todo)
+        try:
+            if todo:
+                if embedder is None:
+                    from hades_gpu.embedding.factory import build_embedder
+
+                    embedder = build_embedder(cfg)
+                metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
+                governor = self._governor()
+                with WorkerPool(cfg.profile.num_workers, _worker_process,
+                                (cfg.documents, cfg.chunking, self.force_code),
+                                cfg.profile.inflight_docs_per_worker) as pool:
+                    stream = StreamingPipeline(cfg.profile, pool, embedder, _WriterSink(writer, stats, metrics),
+                                               metrics, triage, special_ids(), cfg.embedder.max_seq_len,
+                                               governor=governor, progress=progress)
+                    progress.start()
+                    stream.run(todo)
+                    metrics.extra["worker_restarts"] = pool.restarts
+                if governor is not None:
+                    metrics.extra["gpu_governor"] = governor.snapshot() if hasattr(governor, "snapshot") else {}
+            writer.close()
+        finally:
+            progress.stop()
+            metrics.finish()
+            if owns_embedder and embedder is not None:
+                embedder.close()
+        metrics.chunks_done = writer.rows_written
+        result = IngestResult(output_dir=out, documents_total=metrics.documents_total,
+                              documents_ingested=writer.documents_committed,
+                              documents_unchanged=metrics.documents_resumed, chunks_written=writer.rows_written,
+                              skipped=list(metrics.skipped))
+        snapshot = metrics.snapshot()
+        snapshot["parts_written"] = writer.parts_written
+        snapshot["config"] = config_to_dict(cfg)
+        result.metrics = snapshot
+        if cfg.isne.enabled:
+            result.isne = self._run_isne(out)
+            snapshot["isne"] = result.isne
+        atomic_write_bytes(out / "metrics.json", json.dumps(snapshot, indent=2, default=str).encode())
+        log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
+                 result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
+                 result.documents_skipped)
+        return result
+
+    @staticmethod
+    def _dedupe(refs: list[DocumentRef], metrics: RunMetrics) -> list[DocumentRef]:
+        """Two sources yielding the same relative path would share a document id: keep the first."""
+        seen: dict[str, str] = {}
+        unique = []
+        for ref in refs:
+            if ref.rel_path in seen:
+                metrics.add_skip(ref.path, "duplicate_path", f"same relative path as {seen[ref.rel_path]}")
+                continue
+            seen[ref.rel_path] = ref.path
+            unique.append(ref)
+        return unique
+
+    def _governor(self) -> Any:
+        """The NVML memory governor when a GPU is in use, else None."""
+        try:
+            from hades_gpu.gpu.nvml_governor import MemoryGovernor
+        except ImportError:
+            return None
+        from hades_gpu.embedding.factory import resolve_device
+
+        device = resolve_device(self.config.embedder.device)
+        if not device.startswith("cuda") or self.config.embedder.name != "local":
+            return None
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return MemoryGovernor(self.config.gpu, index)
+
+    def _run_isne(self, out: Path) -> Optional[dict[str, Any]]:
+        try:
+            from hades_gpu.pipelines.isne_training import run_isne_stage
+        except ImportError:  # the ISNE stage is not installed in this build
+            log.warning("isne.enabled is true but the ISNE stage is unavailable; skipped")
+            return None
+        return run_isne_stage(self.config, out)
+
+
+class TextParallelPipeline(IngestPipeline):
+    """The seed's text pipeline: every file chunked by its modality (prose or code by extension)."""
+
+
+class CodeParallelPipeline(IngestPipeline):
+    """Treats every file as source code (code chunker, with its line-based fallback for unknown languages)."""
+
+    force_code = True

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install hades-gpu from this checkout.
+# torch is installed first, pinned by constraints.txt, so a CPU box keeps the CPU build and never
+# pulls a multi-GB CUDA build through a dependency's open range (FACTS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.hades-gpu-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  .venv/bin/pip install -q -c constraints.txt "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/pip install -q -c constraints.txt -e ".[serve,test]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import hades_gpu, torch, openvino, tritonclient.grpc" \
+    || { echo "bootstrap: install failed" >&2; exit 1; }
+  touch "$stamp"
+fi

@@ -1,0 +1,61 @@
+"""A real Triton server for the whole test session (the nvidia-pytriton wheel's binary on a CPU box).
+
+The tests here are skipped only where that server cannot run at all (no wheel, no stub for this
+Python, not Linux, numpy >= 2); the reason is printed in the session header and in each skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hades_gpu.embedding.triton_server import TritonServer, TritonServerError, find_server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _unavailable() -> str:
+    try:
+        find_server()
+    except TritonServerError as err:
+        return str(err)
+    return ""
+
+
+UNAVAILABLE = _unavailable()
+
+
+def pytest_report_header(config):  # noqa: ARG001 - pytest hook signature
+    return f"tritonserver: {'unavailable: ' + UNAVAILABLE if UNAVAILABLE else find_server().executable}"
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).parent == here:
+            item.add_marker(pytest.mark.triton)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    """`TritonServer` serving minilm_python on free 127.0.0.1 ports, stopped at session end."""
+    if UNAVAILABLE:
+        pytest.skip(f"tritonserver cannot run here: {UNAVAILABLE}")
+    log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    server = TritonServer(models=["minilm_python"], log_file=log_file)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_embedder():
+    """The in-process embedder with the settings the served model uses (runtime auto, default precision)."""
+    from hades_gpu.config import PipelineConfig
+    from hades_gpu.embedding.factory import build_embedder
+
+    emb = build_embedder(PipelineConfig())
+    yield emb
+    emb.close()
