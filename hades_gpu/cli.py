@@ -91,3 +91,18 @@ def serve_main(argv: Optional[list[str]] = None) -> None:
     from hades_gpu.embedding.triton_server import serve_cli
 
     sys.exit(serve_cli(argv))
+
+
+def bench_main() -> None:
+    """`hades-bench [-m] corpus=<dir> [bench=ingest|embed_only|triton|isne] [profile=...] ...`: one
+    benchmark job per combination, each writing `result.json` into its Hydra output folder."""
+    from hades_gpu.benchmarks.jobs import run_bench_app
+
+    run_bench_app("hades-bench")
+
+
+def report_main(argv: Optional[list[str]] = None) -> None:
+    """`hades-report <multirun-dir>`: the sweep's results as `report.md` and PNG plots."""
+    from hades_gpu.benchmarks.report import report_cli
+
+    sys.exit(report_cli(argv))

@@ -23,7 +23,6 @@ import re
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 from hades_gpu.config import DocumentsConfig
@@ -284,12 +283,14 @@ class _Walker:
                 continue
             abs_path = entry.path
             if is_link and not cfg.follow_symlinks:
-                self.skips.append(Skip(abs_path, "symlink", "symbolic link not followed (documents.follow_symlinks=false)"))
+                self.skips.append(Skip(abs_path, "symlink",
+                                       "symbolic link not followed (documents.follow_symlinks=false)"))
                 continue
             try:
                 st = entry.stat(follow_symlinks=cfg.follow_symlinks)
             except FileNotFoundError:
-                self.skips.append(Skip(abs_path, "missing", "broken symbolic link" if is_link else "vanished while walking"))
+                self.skips.append(Skip(abs_path, "missing",
+                                       "broken symbolic link" if is_link else "vanished while walking"))
                 continue
             except OSError as err:
                 self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))

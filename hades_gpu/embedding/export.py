@@ -38,6 +38,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -125,6 +126,8 @@ def _publish(build: Callable[[Path], None], final: Path, force: bool, meta: dict
     with _file_lock(final.parent / f".{final.name}.lock"):
         if final.is_dir() and not force:  # another process made it while we waited
             return final
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed process; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         try:
@@ -193,7 +196,9 @@ def _build_onnx(out: Path) -> None:
     mask = (ids != 0).to(torch.int64)
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
            OUTPUT_NAME: {0: "batch"}}
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # TracerWarnings about shape-dependent Python branches: the branches do not depend on B or L.
+        warnings.simplefilter("ignore")
         # The legacy (TorchScript) exporter needs only `onnx`; dynamo=True would need onnxscript.
         torch.onnx.export(module, (ids, mask), str(out / "model.onnx"), input_names=list(INPUT_NAMES),
                           output_names=[OUTPUT_NAME], dynamic_axes=dyn, opset_version=ONNX_OPSET,
@@ -252,11 +257,16 @@ def export_openvino(cache_dir: str = "", force: bool = False) -> Path:
 
 
 def export_openvino_int8(cache_dir: str = "", force: bool = False,
-                         calibration_samples: int = INT8_CALIBRATION_SAMPLES) -> Path:
+                         calibration_samples: Optional[int] = None) -> Path:
     """Path of the cached NNCF int8 IR: post-training quantization calibrated on local text.
 
     Layer 0 and the attention-score MatMuls stay float (``INT8_IGNORED_PATTERNS``). Calibration text
     comes from this machine (Python stdlib sources, /usr/share/doc); nothing is downloaded.
+    `calibration_samples` defaults to ``INT8_CALIBRATION_SAMPLES`` (read at call time).
+
+    Measured (2 cores, f32 for the float part, 150-200 chunks of 256 tokens): cosine to fp32 min
+    0.981-0.987, mean 0.995, top-10 neighbour overlap 0.93-0.94. Keeping the FFN output projections
+    float too gave min 0.988 / mean 0.996 / top-10 0.95 at a further speed cost; not the default.
 
     Raises:
         ImportError: `nncf` is not installed (extra ``hades-gpu[int8]``).
@@ -267,6 +277,7 @@ def export_openvino_int8(cache_dir: str = "", force: bool = False,
         raise ImportError("precision=int8 needs the 'nncf' package: pip install 'hades-gpu[int8]'") from err
     import openvino as ov
 
+    calibration_samples = int(calibration_samples or INT8_CALIBRATION_SAMPLES)
     fp32_xml = export_openvino(cache_dir)
     name = f"openvino-int8-{_ov_version()}-nncf{nncf.__version__}-n{calibration_samples}"
     final = model_cache_dir(cache_dir) / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 from hades_gpu.config import PipelineConfig
 from hades_gpu.embedding.base import Embedder
@@ -19,9 +20,14 @@ def resolve_device(spec: str) -> str:
     return str(select_device(spec))
 
 
-def build_embedder(cfg: PipelineConfig) -> Embedder:
+def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embedder:
     """The embedder for `cfg.embedder`: ``local`` -> `LocalEmbedder` on the CPU or `CudaEmbedder` on
-    CUDA; ``triton`` -> `TritonEmbedder`. Heavy modules are imported only for the one chosen."""
+    CUDA; ``triton`` -> `TritonEmbedder`. Heavy modules are imported only for the one chosen.
+
+    Args:
+        cfg (PipelineConfig): the whole job's config (CudaEmbedder also reads ``gpu`` and ``profile``).
+        governor (MemoryGovernor, optional): handed to CudaEmbedder on CUDA; ignored otherwise.
+    """
     ecfg = cfg.embedder
     if ecfg.name == "triton":
         from hades_gpu.embedding.triton import TritonEmbedder
@@ -33,7 +39,7 @@ def build_embedder(cfg: PipelineConfig) -> Embedder:
     if device.startswith("cuda"):
         from hades_gpu.embedding.cuda_embedder import CudaEmbedder
 
-        return CudaEmbedder(dataclasses.replace(ecfg, device=device))
+        return CudaEmbedder(dataclasses.replace(cfg, embedder=dataclasses.replace(ecfg, device=device)), governor)
     from hades_gpu.embedding.local import LocalEmbedder
 
     return LocalEmbedder(dataclasses.replace(ecfg, device="cpu"))

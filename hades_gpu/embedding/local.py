@@ -100,8 +100,15 @@ class OpenVinoRuntime:
         n = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.concurrency = max(1, n)
         self._pool: "queue.Queue" = queue.Queue()
+        # Warm every request once, one at a time: the first `infer` call initialises static state in
+        # OpenVINO's Python bindings, and two threads racing through that first call deadlocked
+        # (both threads parked in __cxa_guard_acquire under load).
+        warm_ids = np.full((1, 8), 101, dtype=np.int64)
+        warm_mask = np.ones((1, 8), dtype=np.int64)
         for _ in range(self.concurrency):
-            self._pool.put(self._compiled.create_infer_request())
+            request = self._compiled.create_infer_request()
+            request.infer({export.INPUT_NAMES[0]: warm_ids, export.INPUT_NAMES[1]: warm_mask})
+            self._pool.put(request)
         label = {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}[float_part]
         if precision == "int8":
             label = f"int8+{label}"

@@ -154,19 +154,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+def _tail(path: Optional[Path], lines: int = 3) -> str:
+    """The log's error lines (Triton's `E...` lines and its final `error:`), else its last lines; one line."""
+    if path is None:
+        return ""
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    picked = [line.strip() for line in text if line.strip() and not _harmless(line)][-lines:]
-    return " | ".join(picked)
+    errors = [line for line in text if (line[:1] == "E" and line[1:5].isdigit()) or line.startswith("error:")]
+    picked = [line for line in (errors or text) if line.strip() and not _harmless(line)][-lines:]
+    # Triton logs a traceback inside one line as literal "\n": keep the first line of each.
+    return " | ".join(line.split("\\n")[0].strip()[:400] for line in picked)
 
 
 def _harmless(line: str) -> bool:
     # Noise every CPU-only start prints (FACTS.md): not the reason anything failed.
     return any(s in line for s in ("CUDA driver version is insufficient", "Failed to initialize NVML",
-                                   "DCGM", "Unable to allocate pinned system memory",
+                                   "DCGM", "CudaDriverHelper", "Unable to allocate pinned system memory",
                                    "unable to get number of CUDA devices"))
 
 
@@ -458,7 +463,7 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
               f"pid {server.pid}  log {server.log_file}", flush=True)
         rc = server.wait()
         print(f"hades-serve: tritonserver exited on its own with code {rc} (log {server.log_file}): "
-              f"{_tail(server.log_file, 3) if server.log_file else ''}", file=sys.stderr)
+              f"{_tail(server.log_file)}", file=sys.stderr)
         return rc or 1
     except KeyboardInterrupt:
         if server is not None:

@@ -9,6 +9,7 @@ buffers, so the code path is identical on a CPU box.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -48,7 +49,9 @@ class HostBufferRing:
         for _ in range(slots):
             self._ids.append(self._alloc())
             self._masks.append(self._alloc())
-        self._free: list[int] = list(range(slots))
+        # FIFO: the least recently released slot goes out first, so the buffers take turns and a slot
+        # just handed back (its device copy long finished, but still) is the last to be rewritten.
+        self._free: deque[int] = deque(range(slots))
         self._cond = threading.Condition()
         self.acquire_count = 0
         self.wait_count = 0
@@ -74,7 +77,7 @@ class HostBufferRing:
                 if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
                     return None
             self.acquire_count += 1
-            return self._free.pop()
+            return self._free.popleft()
 
     def views(self, slot: int, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous (rows, length) views of a slot's id and mask buffers."""

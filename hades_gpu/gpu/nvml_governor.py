@@ -313,6 +313,8 @@ class MemoryGovernor:
                 "total_bytes": self.total_bytes,
             }
 
+    snapshot = metrics  # the pipeline's metrics report calls `snapshot()`
+
     def close(self) -> None:
         """Nothing to release: NVML stays initialised for the process (nvmlInit is reference counted
         and other users may share it)."""

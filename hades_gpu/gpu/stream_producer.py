@@ -197,24 +197,33 @@ class StreamProducer:
             raise
         assert self.compute_stream is not None
 
-        # 1) host -> device on the copy stream; the compute stream may still be busy with batch i-1.
-        with torch.cuda.stream(self.copy_stream):
-            ids_d = torch.empty((rows, length), dtype=torch.int64, device=self.device)
-            mask_d = torch.empty((rows, length), dtype=torch.int64, device=self.device)
-            ids_d.copy_(host_ids, non_blocking=True)  # (B, L)
-            mask_d.copy_(host_mask, non_blocking=True)  # (B, L)
-            h2d_done = torch.cuda.Event()
-            h2d_done.record(self.copy_stream)
-        # allocated on the copy stream, read on the compute stream
-        ids_d.record_stream(self.compute_stream)
-        mask_d.record_stream(self.compute_stream)
+        h2d_done: Optional[torch.cuda.Event] = None
+        try:
+            # 1) host -> device on the copy stream; the compute stream may still be busy with batch i-1.
+            with torch.cuda.stream(self.copy_stream):
+                ids_d = torch.empty((rows, length), dtype=torch.int64, device=self.device)
+                mask_d = torch.empty((rows, length), dtype=torch.int64, device=self.device)
+                ids_d.copy_(host_ids, non_blocking=True)  # (B, L)
+                mask_d.copy_(host_mask, non_blocking=True)  # (B, L)
+                h2d_done = torch.cuda.Event()
+                h2d_done.record(self.copy_stream)
+            # allocated on the copy stream, read on the compute stream
+            ids_d.record_stream(self.compute_stream)
+            mask_d.record_stream(self.compute_stream)
 
-        # 2) compute once the copy has landed (a device-side wait: the host does not block).
-        self.compute_stream.wait_event(h2d_done)
-        with torch.cuda.stream(self.compute_stream):
-            out = self.compute(ids_d, mask_d)  # (B, dim) float32, allocated on the compute stream
-            computed = torch.cuda.Event()
-            computed.record(self.compute_stream)
+            # 2) compute once the copy has landed (a device-side wait: the host does not block).
+            self.compute_stream.wait_event(h2d_done)
+            with torch.cuda.stream(self.compute_stream):
+                out = self.compute(ids_d, mask_d)  # (B, dim) float32, allocated on the compute stream
+                computed = torch.cuda.Event()
+                computed.record(self.compute_stream)
+        except BaseException:
+            # e.g. CUDA OOM in compute (the caller splits and retries): give the buffers back, but
+            # only once the DMA engine has finished reading the staging slot.
+            if h2d_done is not None:
+                h2d_done.synchronize()
+            self._finish(pending)
+            raise
 
         # 3) device -> pinned host on the d2h stream, so the compute stream goes straight on.
         out_host = self._out_pool.buffer(pending._out_slot)[:rows]  # type: ignore[union-attr]

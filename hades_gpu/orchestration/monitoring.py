@@ -228,10 +228,13 @@ class ProgressReporter:
         rate = chunks / m.wall_s if m.wall_s > 0 else 0.0
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=m.documents_total,
-                                  rate=f"{chunks} chunks {rate:.1f}/s")
+                                  rate=f"{chunks} chunks, {rate:.1f} chunks/s")
         elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
             self._last_log = time.monotonic()
-            log.info("progress: %d/%d documents, %d chunks (%.1f chunks/s)", done, m.documents_total, chunks, rate)
+            left = max(0, m.documents_total - done)
+            eta = f"{left * m.wall_s / done:.0f}s" if done else "?"
+            log.info("progress: %d/%d documents, %d chunks (%.1f chunks/s), ETA %s", done, m.documents_total,
+                     chunks, rate, eta)
 
     def stop(self) -> None:
         if self._progress is not None:

@@ -28,11 +28,21 @@ log = logging.getLogger(__name__)
 Task = tuple[int, DocumentRef, int]
 
 
-def _worker_main(task_q: Any, result_q: Any, process_fn: Callable[..., ChunkedDocument], fn_args: tuple) -> None:
-    """Worker loop: one `ChunkedDocument` per task; errors become that document's skip reason."""
+def _worker_main(task_q: Any, result_q: Any, process_fn: Callable[..., ChunkedDocument], fn_args: tuple,
+                 parent_pid: int) -> None:
+    """Worker loop: one `ChunkedDocument` per task; errors become that document's skip reason.
+
+    A worker whose parent died (SIGKILL leaves no chance to send the stop sentinel) exits on its own
+    within a second instead of lingering as an orphan.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     while True:
-        task = task_q.get()
+        try:
+            task = task_q.get(timeout=1.0)
+        except queue_mod.Empty:
+            if os.getppid() != parent_pid:
+                return
+            continue
         if task is None:
             return
         index, ref, _attempt = task
@@ -76,7 +86,7 @@ class WorkerPool:
 
     def _start_worker(self) -> _Worker:
         tasks = self._ctx.Queue()
-        proc = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._process_fn, self._fn_args),
+        proc = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._process_fn, self._fn_args, os.getpid()),
                                  daemon=True, name="hades-worker")
         proc.start()
         return _Worker(process=proc, tasks=tasks)

@@ -138,6 +138,11 @@ class IngestPipeline:
             return True
 
         metrics.memory.start()
+        endpoint = None  # live Prometheus text on 127.0.0.1 (monitoring.prometheus)
+        if cfg.monitoring.prometheus:
+            from hades_gpu.orchestration.prometheus import start_endpoint
+
+            endpoint = start_endpoint(metrics, cfg.monitoring)
         progress = ProgressReporter(metrics, cfg.monitoring.progress, cfg.monitoring.log_interval_s)
         embedder = self._embedder
         owns_embedder = embedder is None and bool(todo)
@@ -163,6 +168,8 @@ class IngestPipeline:
             writer.close()
         finally:
             progress.stop()
+            if endpoint is not None:
+                endpoint.stop()
             metrics.finish()
             if owns_embedder and embedder is not None:
                 embedder.close()

@@ -133,9 +133,11 @@ def test_row_does_not_depend_on_batch_or_padding(default_embedder, texts):
     padded = default_embedder.embed(*_batch(sub, pad_to=MAX_LEN))
     alone = np.concatenate([default_embedder.embed(*_batch([t])) for t in sub])
     reversed_ = default_embedder.embed(*_batch(sub[::-1]))[::-1]
+    # f32 kernels agree to rounding; bf16 (on CPUs that have it) may pick other blockings per shape.
+    bound = 0.99999 if default_embedder.precision == "fp32" else 0.9999
     for other in (padded, alone, reversed_):
-        assert _cos(together, other).min() >= 0.99999
-        np.testing.assert_allclose(together, other, atol=2e-3)
+        assert _cos(together, other).min() >= bound
+        np.testing.assert_allclose(together, other, atol=5e-3)
 
 
 def test_concurrent_calls_equal_sequential(default_embedder, texts):
@@ -225,3 +227,21 @@ def test_factory_builds_local_on_cpu(cache_dir, monkeypatch):
         assert isinstance(emb, LocalEmbedder) and emb.runtime_name == "onnxruntime"
     finally:
         emb.close()
+
+
+@pytest.mark.slow
+def test_int8_stays_close_to_sentence_transformers(cache_dir, texts, reference, monkeypatch):
+    pytest.importorskip("nncf", reason="int8 needs nncf (extra hades-gpu[int8])")
+    monkeypatch.setattr(export, "INT8_CALIBRATION_SAMPLES", 32)  # a quick calibration for the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = LocalEmbedder(EmbedderConfig(precision="int8", cache_dir=cache_dir))
+    try:
+        assert emb.description.startswith("openvino int8")
+        cos = _cos(_embed_in_batches(emb, texts), reference)
+    finally:
+        emb.close()
+    # A smoke test of the int8 path (calibrate, cache, compile, run). Measured on these texts: min 0.974
+    # (repetitive 'word word ...') / mean 0.993 with the default 128 calibration chunks, 0.959 / 0.991
+    # with 32. Accuracy on real chunks is scripts/measure_precision.py's job.
+    assert cos.min() >= 0.94 and cos.mean() >= 0.985, (cos.min(), cos.mean())

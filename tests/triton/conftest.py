@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hades_gpu.embedding.triton_server import TritonServer, TritonServerError, find_server
+from hades_gpu.embedding.triton_server import TritonServer, find_server
+from triton_helpers import UNAVAILABLE  # tests/support (pytest `pythonpath`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _unavailable() -> str:
-    try:
-        find_server()
-    except TritonServerError as err:
-        return str(err)
-    return ""
-
-
-UNAVAILABLE = _unavailable()
 
 
 def pytest_report_header(config):  # noqa: ARG001 - pytest hook signature

@@ -1,0 +1,1 @@
+"""Benchmarks over Hydra sweeps: `hades-bench` jobs (`jobs.py`) and `hades-report` (`report.py`)."""

@@ -1,0 +1,52 @@
+"""Schema of the `bench` config group (`conf/bench/*.yaml`) and of `hades-bench`'s primary config.
+
+`hades-bench` composes `conf/bench_config.yaml`: the main job's `config` plus `bench: <job>`. The
+main job's schema (`pipeline_schema`, a closed dataclass) has no `bench` key, so inside the bench app
+`pipeline_schema` names `BenchAppConfig`, which is `PipelineConfig` plus `bench`. A misspelt key is
+still an error everywhere, `conf/config.yaml` stays the one source of the pipeline's defaults, and
+`hades-ingest` (which registers the plain schema) is unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hades_gpu.config import PipelineConfig
+
+JOBS = ("ingest", "embed_only", "triton", "isne")
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark job on `corpus=`; its `result.json` lands in the Hydra job's output folder."""
+
+    job: str = "ingest"  # ingest | embed_only | triton | isne
+    warmup_batches: int = 1  # model batches run before the timed region (loads kernels, caches)
+    max_documents: int = 0  # use at most this many documents of the corpus (0 = all)
+    keep_dataset: bool = False  # keep the dataset the job wrote (job_dir/dataset); else delete it
+    # triton: the server to use; null = start one (hades_gpu.embedding.triton_server) for the job
+    triton_url: Optional[str] = None
+    triton_ready_timeout_s: float = 300.0
+    # pin the job to GPU (hydra.job.num mod visible GPUs) when several are visible
+    pin_gpu: bool = True
+
+
+@dataclass
+class BenchAppConfig(PipelineConfig):
+    """`hades-bench`'s root: the whole pipeline config plus the `bench` group."""
+
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def register_bench_configs() -> None:
+    """Register the bench group's schema (`bench/bench_schema`) and the bench app's root schema.
+
+    Call it after `hades_gpu.config.register_configs()`, in the bench app only: it re-points
+    `pipeline_schema` at `BenchAppConfig` (`register_configs()` points it back).
+    """
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="bench", name="bench_schema", node=BenchConfig)
+    cs.store(name="pipeline_schema", node=BenchAppConfig)

@@ -1,0 +1,447 @@
+"""`hades-bench`: one benchmark job on `corpus=`, its `result.json` in the Hydra job's output folder.
+
+The job is chosen by the `bench` group (`conf/bench/`):
+
+- ``ingest``: the whole main job (discover -> chunk -> batch -> embed -> write) into a fresh
+  `dataset/` folder. The embedder is built and warmed up before the clock starts, so model loading
+  (a constant per job) does not swamp what the profile changes. ISNE is off (it has its own job).
+- ``embed_only``: the corpus is chunked first (untimed, in this process), then batched with the
+  profile's token budget and embedded with the embedder's own concurrency (timed).
+- ``triton``: ``ingest`` with the Triton embedder; a tritonserver is started for the job on
+  127.0.0.1 unless ``bench.triton_url`` names a running one.
+- ``isne``: the corpus is ingested (untimed, ISNE off), then the ISNE stage (graph + training +
+  inference) runs on the dataset (timed).
+
+`hades-bench -m profile=high_throughput,balanced,low_memory profile.max_batch_tokens=4096,16384 corpus=DIR`
+runs the grid (one folder per job under `output=` or `multirun/<time>`); `hades-report <that folder>`
+compares the jobs. With `hydra/launcher=joblib_2` (conf/hydra/launcher/) jobs run in parallel, and
+on a host with several GPUs each job is pinned to GPU `hydra.job.num mod n`.
+
+Benchmark hygiene (nanoGPT's bench.py): warm up first, time only the region that the swept
+settings change, and synchronise the device around it (the embedders return host arrays, so every
+`embed()` call has already waited for the GPU when it returns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from hades_gpu.benchmarks.config import JOBS, BenchConfig, register_bench_configs
+from hades_gpu.config import ConfigError, PipelineConfig, conf_dir, config_to_dict, register_configs, to_pipeline_config
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+DATASET_DIR = "dataset"
+
+# ------------------------------------------------------------------------------------------------
+# GPU pinning for parallel jobs on one host
+# ------------------------------------------------------------------------------------------------
+_PINNED_TO: Optional[str] = None  # the GPU this process narrowed CUDA_VISIBLE_DEVICES to
+_ORIGINAL_VISIBLE: Optional[list[str]] = None  # the GPU list this process started with
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this process may use, as CUDA_VISIBLE_DEVICES entries; [] without a driver.
+
+    Reads `CUDA_VISIBLE_DEVICES` when set, else counts devices with NVML (which, unlike
+    `torch.cuda.device_count()`, does not initialise CUDA, so the variable can still be changed).
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, no driver, no device: no GPU to pin  # noqa: BLE001
+        return []
+
+
+def choose_gpu(job_num: int, gpus: Sequence[str]) -> Optional[tuple[int, str]]:
+    """`(index, CUDA_VISIBLE_DEVICES entry)` for job `job_num`: round-robin over `gpus`; None when
+    there are fewer than two (nothing to spread)."""
+    if len(gpus) < 2:
+        return None
+    k = job_num % len(gpus)
+    return k, gpus[k]
+
+
+def pin_job_gpu(cfg: PipelineConfig, job_num: int) -> Optional[str]:
+    """Pin this job to GPU `job_num mod n` when several are visible; returns what was done (or None).
+
+    In a process that has not imported torch yet, `CUDA_VISIBLE_DEVICES` is narrowed to that one
+    GPU (torch, cupy and a Triton server started by the job all honour it). A process that already
+    holds CUDA (joblib's loky workers are reused across jobs) cannot change its view any more: there
+    the device fields of `cfg` are set to `cuda:<k>` instead, or, if this process was narrowed by an
+    earlier job, the job stays on that GPU (logged).
+    """
+    global _PINNED_TO, _ORIGINAL_VISIBLE
+    if _ORIGINAL_VISIBLE is None:
+        _ORIGINAL_VISIBLE = visible_gpus()
+    pick = choose_gpu(job_num, _ORIGINAL_VISIBLE)
+    if pick is None:
+        return None
+    k, physical = pick
+    if _PINNED_TO is not None:
+        if _PINNED_TO != physical:
+            log.warning("job %d: this worker process is already bound to GPU %s (wanted %s); running there",
+                        job_num, _PINNED_TO, physical)
+        return f"CUDA_VISIBLE_DEVICES={_PINNED_TO}"
+    if "torch" not in sys.modules:
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical
+        _PINNED_TO = physical
+        return f"CUDA_VISIBLE_DEVICES={physical}"
+    device = f"cuda:{k}"
+    for section in (cfg.embedder, cfg.gpu, cfg.graph, cfg.isne):
+        if section.device == "auto":
+            section.device = device
+    return f"device={device}"
+
+
+def reset_loky_start_method() -> bool:
+    """Inside a joblib/loky worker, make `spawn` the default start method again; True if changed.
+
+    A process spawned from a loky worker inherits the start method "loky" in its preparation data
+    and dies at start-up ("cannot find context for 'loky'"), because it never imports loky. The
+    pipeline's worker pool spawns such processes, so every job run by `hydra/launcher=joblib*` needs
+    this before the pipeline starts.
+    """
+    import multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) in ("loky", "loky_init_main"):
+        mp.set_start_method("spawn", force=True)
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _warm_up(embedder: Any, batches: int, max_seq_len: int) -> None:
+    """Run `batches` small batches so lazy compilation, allocators and caches are settled."""
+    from hades_gpu.documents.tokenizer import special_ids
+
+    cls_id, sep_id, _ = special_ids()
+    length = min(128, max_seq_len)
+    ids = np.full((8, length), 1000, dtype=np.int64)
+    ids[:, 0], ids[:, -1] = cls_id, sep_id
+    mask = np.ones_like(ids)
+    for _ in range(batches):
+        embedder.embed(ids, mask)
+
+
+class _Sampler:
+    """Peak RSS of this process and its children over a region (the monitoring module's sampler)."""
+
+    def __enter__(self) -> Any:
+        from hades_gpu.orchestration.monitoring import PeakMemorySampler
+
+        self.sampler = PeakMemorySampler().start()
+        return self.sampler
+
+    def __exit__(self, *exc: object) -> None:
+        self.sampler.stop()
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty folder: a benchmark never resumes into an earlier run's output."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _ingest_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The comparable numbers of an ingest run, from its metrics snapshot."""
+    wall = float(metrics["wall_s"])
+    queues = metrics.get("queues", {})
+    return {
+        "documents": metrics["documents"]["done"],
+        "documents_skipped": metrics["documents"]["skipped"],
+        "chunks": metrics["chunks"],
+        "batches": metrics["batches"],
+        "real_tokens": metrics["real_tokens"],
+        "padded_tokens": metrics["padded_tokens"],
+        "wall_s": wall,
+        "chunks_per_s": metrics["chunks"] / wall if wall > 0 else 0.0,
+        "tokens_per_s": metrics["real_tokens"] / wall if wall > 0 else 0.0,
+        "padding_efficiency": metrics["padding_efficiency"],
+        "peak_rss_bytes": metrics["memory"]["peak_rss_bytes"],
+        "backpressure_waits": sum(int(q.get("put_waits", 0)) for q in queues.values()),
+        "backpressure_wait_s": sum(float(q.get("put_wait_s", 0.0)) for q in queues.values()),
+        "stages": {name: {"items_per_s": s["items_per_s"], "busy_s": s["busy_s"]}
+                   for name, s in metrics.get("stages", {}).items()},
+    }
+
+
+def _ingest(cfg: PipelineConfig, corpus: str, out: Path, bench: BenchConfig) -> dict[str, Any]:
+    """Build + warm the embedder (untimed), then ingest `corpus` into a fresh `out` (timed by the
+    pipeline's own metrics: discovery to the last committed part)."""
+    from hades_gpu.embedding.factory import build_embedder
+    from hades_gpu.pipelines.ingest import TextParallelPipeline
+
+    embedder = build_embedder(cfg)
+    try:
+        _warm_up(embedder, bench.warmup_batches, cfg.embedder.max_seq_len)
+        result = TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=_fresh_dir(out))
+    finally:
+        embedder.close()
+    fields = _ingest_fields(result.metrics)
+    fields["embedder"] = str(result.metrics.get("embedder", getattr(embedder, "description", "")))
+    return fields
+
+
+# ------------------------------------------------------------------------------------------------
+# the four jobs
+# ------------------------------------------------------------------------------------------------
+def job_ingest(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    cfg.isne.enabled = False
+    return _ingest(cfg, str(cfg.corpus), job_dir / DATASET_DIR, bench)
+
+
+def job_triton(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    cfg.isne.enabled = False
+    cfg.embedder.name = "triton"
+    if bench.triton_url:
+        cfg.embedder.url = bench.triton_url
+        fields = _ingest(cfg, str(cfg.corpus), job_dir / DATASET_DIR, bench)
+        fields["triton_url"] = bench.triton_url
+        return fields
+    from hades_gpu.embedding.triton_server import TritonServer
+
+    with TritonServer(models=[cfg.embedder.model], log_file=job_dir / "tritonserver.log",
+                      ready_timeout_s=bench.triton_ready_timeout_s) as server:
+        cfg.embedder.url = server.grpc_url
+        fields = _ingest(cfg, str(cfg.corpus), job_dir / DATASET_DIR, bench)
+    fields["triton_url"] = "started by the job"
+    return fields
+
+
+def job_embed_only(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    """Chunk (untimed), batch with the profile's budget (untimed), embed (timed)."""
+    from hades_gpu.documents.chunking import process_document
+    from hades_gpu.documents.discovery import discover
+    from hades_gpu.documents.tokenizer import special_ids
+    from hades_gpu.embedding.factory import build_embedder
+    from hades_gpu.orchestration.batcher import LengthSortedBatcher, fill_batch
+
+    refs, skips = discover([str(cfg.corpus)], cfg.documents)
+    p = cfg.profile
+    batcher = LengthSortedBatcher(p.max_batch_tokens, p.max_batch_size, p.length_bucket, cfg.embedder.max_seq_len,
+                                  p.lookahead_batches)
+    plans = []
+    documents = 0
+    for ref in refs:  # per document, like the pipeline, so the look-ahead window behaves the same
+        doc = process_document(ref, cfg.documents, cfg.chunking)
+        if doc.skip_reason is None and doc.chunks:
+            documents += 1
+            plans.extend(batcher.add(doc.chunks))
+    plans.extend(batcher.flush())
+    cls_id, sep_id, pad_id = special_ids()
+    batches = [fill_batch(plan, None, -1, cls_id, sep_id, pad_id) for plan in plans]
+    chunks = sum(len(b.chunks) for b in batches)
+    real = sum(b.real_tokens for b in batches)
+    padded = sum(int(b.input_ids.size) for b in batches)
+
+    with _Sampler() as memory:
+        embedder = build_embedder(cfg)
+        try:
+            _warm_up(embedder, bench.warmup_batches, cfg.embedder.max_seq_len)
+            workers = max(1, int(getattr(embedder, "concurrency", 1)))
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hades-bench-embed") as pool:
+                for _ in pool.map(lambda b: embedder.embed(b.input_ids, b.attention_mask), batches):
+                    pass  # each call returns host memory: the device work is done (sync point)
+            wall = time.perf_counter() - t0
+            description = str(getattr(embedder, "description", type(embedder).__name__))
+        finally:
+            embedder.close()
+    return {
+        "documents": documents,
+        "documents_skipped": len(skips) + len(refs) - documents,
+        "chunks": chunks,
+        "batches": len(batches),
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "wall_s": wall,
+        "chunks_per_s": chunks / wall if wall > 0 else 0.0,
+        "tokens_per_s": real / wall if wall > 0 else 0.0,
+        "padding_efficiency": real / padded if padded else 1.0,
+        "peak_rss_bytes": memory.peak_rss,
+        "embedder": description,
+        "embed_concurrency": workers,
+    }
+
+
+def job_isne(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    """Ingest (untimed, ISNE off), then time the ISNE stage on the dataset."""
+    from hades_gpu.pipelines.isne_training import run_isne_stage
+
+    out = job_dir / DATASET_DIR
+    ingest_cfg = dataclasses.replace(cfg, isne=dataclasses.replace(cfg.isne, enabled=False))
+    ingested = _ingest(ingest_cfg, str(cfg.corpus), out, bench)
+    cfg.isne.enabled = True
+    with _Sampler() as memory:
+        t0 = time.perf_counter()
+        summary = run_isne_stage(cfg, out)
+        wall = time.perf_counter() - t0
+    chunks = ingested["chunks"]
+    return {
+        "documents": ingested["documents"],
+        "documents_skipped": ingested["documents_skipped"],
+        "chunks": chunks,
+        "wall_s": wall,
+        "chunks_per_s": chunks / wall if wall > 0 else 0.0,  # graph nodes embedded per second
+        "tokens_per_s": 0.0,
+        "padding_efficiency": ingested["padding_efficiency"],
+        "peak_rss_bytes": max(memory.peak_rss, ingested["peak_rss_bytes"]),
+        "ingest_wall_s": ingested["wall_s"],
+        "isne": summary,
+    }
+
+
+JOB_FUNCS: dict[str, Callable[[PipelineConfig, BenchConfig, Path], dict[str, Any]]] = {
+    "ingest": job_ingest,
+    "embed_only": job_embed_only,
+    "triton": job_triton,
+    "isne": job_isne,
+}
+assert set(JOB_FUNCS) == set(JOBS)
+
+
+# ------------------------------------------------------------------------------------------------
+# running one job
+# ------------------------------------------------------------------------------------------------
+def _hydra_job_info() -> dict[str, Any]:
+    """Overrides, job number and launcher of the current Hydra job ({} outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return {}
+    num = hc.job.get("num", 0)
+    return {"overrides": list(hc.overrides.task), "job_num": int(num) if num is not None else 0,
+            "job_name": hc.job.name, "output_dir": hc.runtime.output_dir,
+            "launcher": str(hc.launcher.get("_target_", "")), "mode": str(hc.mode)}
+
+
+def split_bench_config(dcfg: DictConfig) -> tuple[PipelineConfig, BenchConfig]:
+    """The pipeline part (validated as the main job validates it) and the `bench` part."""
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    assert isinstance(container, dict)
+    bench_part = container.pop("bench", None) or {}
+    container.pop("hydra", None)
+    try:
+        bench_obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), bench_part))
+    except Exception as err:  # noqa: BLE001 - OmegaConf's errors, turned into one line
+        raise ConfigError(f"bad bench config: {str(err).splitlines()[0]}") from err
+    assert isinstance(bench_obj, BenchConfig)
+    if bench_obj.job not in JOBS:
+        raise ConfigError(f"bench.job must be one of {'|'.join(JOBS)} (got {bench_obj.job!r})")
+    return to_pipeline_config(OmegaConf.create(container)), bench_obj
+
+
+def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
+            job_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run `bench.job` on `cfg.corpus`; write and return `job_dir/result.json`.
+
+    A failing job still writes its result (``status: error`` with the message) before re-raising,
+    so `hades-report` shows it instead of silently dropping a row.
+    """
+    if not cfg.corpus:
+        raise ConfigError("corpus=<dir-or-file> is required")
+    if not Path(cfg.corpus).exists():
+        raise ConfigError(f"corpus must be an existing file or folder (got {cfg.corpus!r})")
+    info = dict(job_info if job_info is not None else _hydra_job_info())
+    job_dir.mkdir(parents=True, exist_ok=True)
+    pinned = None
+    if "joblib" in info.get("launcher", "").lower():
+        reset_loky_start_method()
+        if bench.pin_gpu:
+            pinned = pin_job_gpu(cfg, int(info.get("job_num", 0)))
+    result: dict[str, Any] = {
+        "job": bench.job,
+        "status": "ok",
+        "error": None,
+        "profile": cfg.profile.name,
+        "max_batch_tokens": cfg.profile.max_batch_tokens,
+        "max_batch_size": cfg.profile.max_batch_size,
+        "num_workers": cfg.profile.num_workers,
+        "embedder_name": cfg.embedder.name,
+        "corpus": str(Path(cfg.corpus).resolve()),
+        "overrides": info.get("overrides", []),
+        "job_num": info.get("job_num", 0),
+        "launcher": info.get("launcher", ""),
+        "gpu_pinning": pinned,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                 "gpus_visible": len(visible_gpus())},
+        "started_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    t0 = time.perf_counter()
+    try:
+        result.update(JOB_FUNCS[bench.job](cfg, bench, job_dir))
+        if not result.get("chunks"):
+            result.update(status="error", error=f"no chunk was embedded ({result.get('documents_skipped', 0)} "
+                                                f"document(s) skipped; see metrics.json): nothing was measured")
+    except BaseException as err:
+        result.update(status="error", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        result["job_wall_s"] = time.perf_counter() - t0  # setup + warm-up + timed region
+        result["config"] = config_to_dict(cfg)
+        (job_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+        if not bench.keep_dataset and (job_dir / DATASET_DIR).exists():
+            metrics = job_dir / DATASET_DIR / "metrics.json"
+            if metrics.exists():
+                shutil.copy(metrics, job_dir / "metrics.json")
+            shutil.rmtree(job_dir / DATASET_DIR, ignore_errors=True)
+    log.info("%s: %s %s/%d: %.1f chunks/s, %.0f tokens/s, padding %.3f, peak RSS %.0f MiB",
+             job_dir, bench.job, cfg.profile.name, cfg.profile.max_batch_tokens, result["chunks_per_s"],
+             result["tokens_per_s"], result["padding_efficiency"], result["peak_rss_bytes"] / 2**20)
+    return result
+
+
+def run_bench_app(prog: str = "hades-bench") -> None:
+    """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    register_bench_configs()  # after register_configs(): adds `bench` to the root schema
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    @hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")
+    def app(dcfg: DictConfig) -> None:
+        try:
+            cfg, bench = split_bench_config(dcfg)
+            result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
+        except ConfigError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{HydraConfig.get().runtime.output_dir}: {bench.job} {cfg.profile.name} "
+              f"max_batch_tokens={cfg.profile.max_batch_tokens}: {result['chunks_per_s']:.1f} chunks/s, "
+              f"{result['tokens_per_s']:.0f} tokens/s, padding {result['padding_efficiency']:.3f}, "
+              f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+
+    sys.argv[0] = prog
+    app()

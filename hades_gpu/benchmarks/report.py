@@ -1,0 +1,231 @@
+"""`hades-report <multirun-dir>`: every job's `result.json` -> `report.md` + PNG plots.
+
+The table has one row per job (sorted by job kind, profile, batch budget); the best configuration
+(highest chunks/s among the jobs that finished, per job kind) is marked. Plots (matplotlib, Agg):
+
+- `throughput.png`: chunks/s and tokens/s against `profile.max_batch_tokens`, one line per profile;
+- `peak_memory.png`: peak RSS (main process + workers) per profile and batch budget;
+- `padding.png`: padding efficiency (real / padded tokens) per profile and batch budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hades_gpu.benchmarks.jobs import RESULT_FILE
+
+PLOTS = {"throughput": "throughput.png", "memory": "peak_memory.png", "padding": "padding.png"}
+PROFILE_ORDER = ("high_throughput", "balanced", "low_memory")
+BEST_MARK = "★"
+
+
+def collect_results(root: Path) -> list[dict[str, Any]]:
+    """Every `result.json` under `root` (any depth), with `folder` = its job folder relative to `root`."""
+    rows = []
+    for path in sorted(root.rglob(RESULT_FILE)):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"hades-report: skipping unreadable {path}: {err}", file=sys.stderr)
+            continue
+        row["folder"] = str(path.parent.relative_to(root)) or "."
+        rows.append(row)
+    return rows
+
+
+def _profile_key(name: str) -> tuple[int, str]:
+    return (PROFILE_ORDER.index(name) if name in PROFILE_ORDER else len(PROFILE_ORDER), name)
+
+
+def to_frame(rows: list[dict[str, Any]]) -> Any:
+    """A pandas DataFrame, one row per job, sorted, with a `best` column (True per job kind)."""
+    import pandas as pd
+
+    cols = ["folder", "job", "status", "profile", "max_batch_tokens", "chunks", "chunks_per_s", "tokens_per_s",
+            "padding_efficiency", "peak_rss_bytes", "wall_s", "backpressure_waits", "error", "overrides"]
+    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+    if frame.empty:
+        frame["best"] = []
+        return frame
+    for c in ("chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_bytes", "wall_s"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    frame["peak_rss_mib"] = frame["peak_rss_bytes"] / 2**20
+    frame["_pkey"] = frame["profile"].map(lambda p: _profile_key(str(p)))
+    frame = frame.sort_values(["job", "_pkey", "max_batch_tokens", "folder"]).drop(columns="_pkey")
+    frame = frame.reset_index(drop=True)
+    frame["best"] = False
+    ok = frame[(frame["status"] == "ok") & frame["chunks_per_s"].notna()]
+    for _, group in ok.groupby("job"):
+        frame.loc[group["chunks_per_s"].idxmax(), "best"] = True
+    return frame
+
+
+def _fmt(value: Any, spec: str) -> str:
+    try:
+        if value is None or value != value:  # None or NaN
+            return "–"
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def markdown_table(frame: Any) -> str:
+    header = ("| | job | profile | max_batch_tokens | chunks | chunks/s | tokens/s | padding eff. | "
+              "peak RSS (MiB) | wall (s) | backpressure waits | status | folder |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in frame.itertuples(index=False):
+        status = row.status if row.status == "ok" else f"{row.status}: {str(row.error)[:80]}"
+        lines.append("| " + " | ".join([
+            BEST_MARK if row.best else "",
+            str(row.job), str(row.profile), _fmt(row.max_batch_tokens, "d"), _fmt(row.chunks, "d"),
+            _fmt(row.chunks_per_s, ".1f"), _fmt(row.tokens_per_s, ",.0f"), _fmt(row.padding_efficiency, ".3f"),
+            _fmt(row.peak_rss_mib, ",.0f"), _fmt(row.wall_s, ".2f"), _fmt(row.backpressure_waits, "d"),
+            status.replace("|", "/"), f"`{row.folder}`",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _series_label(job: str, profile: str, jobs: int) -> str:
+    return f"{profile}" if jobs == 1 else f"{job} / {profile}"
+
+
+def _plot_throughput(frame: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ok = frame[frame["status"] == "ok"]
+    jobs = ok["job"].nunique()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    series = sorted(ok.groupby(["job", "profile"]), key=lambda kv: (kv[0][0], _profile_key(kv[0][1])))
+    for (job, profile), group in series:
+        mean = group.groupby("max_batch_tokens")[["chunks_per_s", "tokens_per_s"]].mean().sort_index()
+        label = _series_label(job, profile, jobs)
+        for ax, col in zip(axes, ("chunks_per_s", "tokens_per_s")):
+            ax.plot(mean.index, mean[col], marker="o", label=label)
+    best = ok[ok["best"]]
+    for ax, col, title in zip(axes, ("chunks_per_s", "tokens_per_s"), ("chunks / s", "real tokens / s")):
+        if not best.empty:
+            ax.scatter(best["max_batch_tokens"], best[col], s=260, marker="*", color="gold", edgecolor="black",
+                       zorder=5, label="best (chunks/s)")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(ok["max_batch_tokens"].dropna().unique())
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(int(t)) for t in ticks])
+        ax.set_xlabel("profile.max_batch_tokens (padded tokens per batch)")
+        ax.set_ylabel(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"Throughput: {title}")
+    axes[0].legend(title="profile", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt: str,
+               ylim: Optional[tuple[float, float]] = None) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = frame[frame["status"] == "ok"]
+    jobs = ok["job"].nunique()
+    groups = sorted({(j, p) for j, p in zip(ok["job"], ok["profile"])}, key=lambda jp: (jp[0], _profile_key(jp[1])))
+    budgets = sorted(ok["max_batch_tokens"].dropna().unique())
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(groups) + 2), 4.2), constrained_layout=True)
+    width = 0.8 / max(1, len(budgets))
+    x = np.arange(len(groups))
+    for i, budget in enumerate(budgets):
+        values = []
+        for job, profile in groups:
+            sel = ok[(ok["job"] == job) & (ok["profile"] == profile) & (ok["max_batch_tokens"] == budget)][column]
+            values.append(sel.mean() if not sel.empty else np.nan)
+        bars = ax.bar(x + (i - (len(budgets) - 1) / 2) * width, values, width, label=f"{int(budget)} tokens")
+        ax.bar_label(bars, labels=[_fmt(v, fmt) for v in values], fontsize=8, padding=2)
+    best = ok[ok["best"]]
+    for row in best.itertuples(index=False):
+        if (row.job, row.profile) in groups and row.max_batch_tokens in budgets:
+            offset = (budgets.index(row.max_batch_tokens) - (len(budgets) - 1) / 2) * width
+            gx = groups.index((row.job, row.profile)) + offset
+            value = getattr(row, column)
+            ax.annotate(BEST_MARK + " best", (gx, value), xytext=(0, 14), textcoords="offset points", ha="center",
+                        fontsize=9, color="darkgoldenrod", fontweight="bold")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_series_label(j, p, jobs) for j, p in groups])
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.set_ylim(0, np.nanmax(ok[column].to_numpy(dtype=float)) * 1.25 if len(ok) else 1)
+    ax.set_title(title)
+    ax.set_xlabel("profile")
+    ax.legend(title="max_batch_tokens", fontsize=9, loc="lower right" if ylim is not None else "best")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(root: Path, out: Optional[Path] = None) -> Path:
+    """Collect `root`'s results; write `report.md` and the PNGs into `out` (default: `root`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = collect_results(root)
+    if not rows:
+        raise FileNotFoundError(f"no {RESULT_FILE} under {root} (expected a hades-bench multirun folder)")
+    out = out or root
+    out.mkdir(parents=True, exist_ok=True)
+    frame = to_frame(rows)
+    ok = frame[frame["status"] == "ok"]
+    plots: list[str] = []
+    if not ok.empty:
+        _plot_throughput(frame, out / PLOTS["throughput"])
+        _plot_bars(frame, "peak_rss_mib", "peak RSS (MiB, main process + workers)", "Peak memory",
+                   out / PLOTS["memory"], ",.0f")
+        _plot_bars(frame, "padding_efficiency", "real tokens / padded tokens", "Padding efficiency",
+                   out / PLOTS["padding"], ".3f", ylim=(0, 1.12))
+        plots = list(PLOTS.values())
+
+    lines = [f"# Benchmark report: `{root.name}`", ""]
+    first = rows[0]
+    host = first.get("host", {})
+    lines.append(f"{len(frame)} job(s), {len(ok)} finished; corpus `{first.get('corpus', '?')}`; host: "
+                 f"{host.get('cpus', '?')} CPU(s), {host.get('gpus_visible', 0)} GPU(s) visible; "
+                 f"embedder: {first.get('embedder', first.get('embedder_name', '?'))}.")
+    lines.append("")
+    for job, group in ok.groupby("job"):
+        best = group[group["best"]]
+        if not best.empty:
+            b = best.iloc[0]
+            lines.append(f"**Best `{job}` configuration {BEST_MARK}: `profile={b['profile']} "
+                         f"profile.max_batch_tokens={int(b['max_batch_tokens'])}`**: {b['chunks_per_s']:.1f} chunks/s, "
+                         f"{b['tokens_per_s']:,.0f} tokens/s, padding efficiency {b['padding_efficiency']:.3f}, "
+                         f"peak RSS {b['peak_rss_mib']:,.0f} MiB.")
+            lines.append("")
+    lines += ["Throughput counts chunks embedded and written (tokens: real, not padding) over the timed "
+              "region; peak RSS is the main process plus its worker processes.", "",
+              markdown_table(frame), ""]
+    for name in plots:
+        lines += [f"![{name}]({name})", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def report_cli(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hades-report",
+        description="Collect every job's result.json of a hades-bench multirun folder into report.md and PNG plots.")
+    parser.add_argument("multirun_dir", type=Path, help="the sweep's folder (output= or multirun/<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write report.md and the PNGs "
+                        "(default: the multirun folder)")
+    args = parser.parse_args(argv)
+    if not args.multirun_dir.is_dir():
+        parser.error(f"multirun_dir must be a folder (got {str(args.multirun_dir)!r})")
+    try:
+        path = write_report(args.multirun_dir, args.out)
+    except FileNotFoundError as err:
+        print(f"hades-report: error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

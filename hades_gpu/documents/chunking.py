@@ -1,0 +1,154 @@
+"""Chunk one document: structure per modality, windows in token space, stable ids.
+
+This is what a worker process runs per file (`process_document`): read, tokenize once, cut, and
+collect references. The rules (`hades_gpu.documents.packing`, `prose_chunker`, `code_chunker`):
+
+- every chunk: ``text == document_text[char_start:char_end]``, ``1 <= n_tokens <= chunk_tokens``,
+  no leading/trailing whitespace (code keeps the first line's indentation), never whitespace only;
+  ordinals ``0..n-1`` in document order; ``chunk_id = stable_id(doc_id, content_hash, str(ordinal))``;
+- together the chunks cover every non-whitespace character of the document;
+- ``token_ids`` are exactly the tokenizer's ids for the chunk's text, without special tokens;
+- prose packs paragraphs (a heading opens a new chunk), splitting a long paragraph by sentences
+  with ``overlap_tokens`` of overlap between its windows; code packs top-level statements (Python)
+  or blank-line blocks (other languages) without overlap, splitting a long one by its statements,
+  lines, then tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from hades_gpu.config import ChunkingConfig, DocumentsConfig
+from hades_gpu.documents.code_chunker import (
+    CodeStructure,
+    PythonStructure,
+    python_references,
+    python_references_fallback,
+)
+from hades_gpu.documents.packing import Packer, TokenizedText, finalize
+from hades_gpu.documents.prose_chunker import ProseStructure, prose_references, prose_units
+from hades_gpu.documents.reading import SkipDocument, read_document
+from hades_gpu.documents.tokenizer import load_tokenizer
+from hades_gpu.records import CODE, Chunk, ChunkedDocument, DocumentRef, stable_id
+
+log = logging.getLogger(__name__)
+
+
+def _is_python(ref: DocumentRef) -> bool:
+    return ref.language == "python" or ref.rel_path.endswith((".py", ".pyi"))
+
+
+def chunk_text(
+    ref: DocumentRef,
+    text: str,
+    content_hash: str,
+    chunking: ChunkingConfig,
+    tokenizer: Optional[Tokenizer] = None,
+    *,
+    reencode: bool = False,
+) -> tuple[list[Chunk], list[str]]:
+    """Chunks of `text` and the document's references (see `chunk_document`, `process_document`)."""
+    tok = tokenizer if tokenizer is not None else load_tokenizer()
+    budget = chunking.chunk_tokens
+    if budget < 1:
+        raise ValueError(f"chunking.chunk_tokens must be >= 1 (got {budget})")
+    tt = TokenizedText(text, tok, reencode=reencode)
+    references: list[str] = []
+    if ref.modality == CODE:
+        structure: CodeStructure
+        if _is_python(ref):
+            try:
+                structure = PythonStructure(text)
+                references = python_references(structure.tree, ref.rel_path)
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+                log.debug("%s: ast cannot parse it (%s); line-based chunking", ref.rel_path, err)
+                structure = CodeStructure(text)
+                references = python_references_fallback(text, ref.rel_path)
+        else:
+            structure = CodeStructure(text)
+        packer = Packer(tt, structure.children, chunking.min_chunk_tokens, overlap=0)
+        units = structure.units()
+        keep_indent = True
+    else:
+        prose = ProseStructure(text)
+        packer = Packer(tt, prose.children, chunking.min_chunk_tokens,
+                        overlap=min(chunking.overlap_tokens, max(0, budget // 2 - 1)), absorb_top=True)
+        units = prose_units(text, ref.language)
+        references = prose_references(text, ref.language)
+        keep_indent = False
+    windows = packer.pack(units, budget)
+    pieces = finalize(tt, windows, budget, chunking.min_chunk_tokens, keep_indent, packer)
+    doc_id = ref.doc_id
+    chunks = [
+        Chunk(
+            doc_id=doc_id,
+            chunk_id=stable_id(doc_id, content_hash, str(k)),
+            path=ref.path,
+            modality=ref.modality,
+            ordinal=k,
+            char_start=s,
+            char_end=e,
+            text=text[s:e],
+            token_ids=np.array(ids, dtype=np.int32),  # a copy: not a view pinning the whole document
+        )
+        for k, (s, e, ids) in enumerate(pieces)
+    ]
+    return chunks, references
+
+
+def chunk_document(
+    ref: DocumentRef,
+    text: str,
+    content_hash: str,
+    chunking: ChunkingConfig,
+    tokenizer: Optional[Tokenizer] = None,
+) -> list[Chunk]:
+    """The chunks of a decoded document (rules in the module docstring).
+
+    Args:
+        ref (DocumentRef): the document (modality and language pick the chunker).
+        text (str): its decoded text; chunk offsets index this string.
+        content_hash (str): hash of its raw bytes (part of every chunk id).
+        chunking (ChunkingConfig): ``chunk_tokens``, ``overlap_tokens``, ``min_chunk_tokens``.
+        tokenizer (tokenizers.Tokenizer, optional): default: the model's (`load_tokenizer`).
+    """
+    return chunk_text(ref, text, content_hash, chunking, tokenizer)[0]
+
+
+def process_document(
+    ref: DocumentRef,
+    documents_cfg: DocumentsConfig,
+    chunking_cfg: ChunkingConfig,
+    tokenizer: Optional[Tokenizer] = None,
+) -> ChunkedDocument:
+    """Read, chunk and tokenize one document; never raises for a bad file.
+
+    A file that cannot be used comes back as ``ChunkedDocument(skip_reason=...)`` with the reasons
+    of `hades_gpu.documents.reading`, ``empty`` (``no tokens``) when the tokenizer finds nothing in
+    it, or ``chunk_error`` if chunking itself failed (a bug: logged with its traceback).
+    """
+    try:
+        text, digest = read_document(ref, documents_cfg)
+    except SkipDocument as skip:
+        return ChunkedDocument(ref=ref, content_hash="", skip_reason=skip.reason, skip_detail=skip.detail)
+    except Exception as err:  # noqa: BLE001 - one bad file must not stop a worker
+        log.exception("reading %s failed", ref.path)
+        return ChunkedDocument(ref=ref, content_hash="", skip_reason="unreadable",
+                               skip_detail=f"{type(err).__name__}: {err}")
+    try:
+        chunks, references = chunk_text(ref, text, digest, chunking_cfg, tokenizer)
+    except Exception as err:  # noqa: BLE001
+        log.exception("chunking %s failed", ref.path)
+        return ChunkedDocument(ref=ref, content_hash=digest, skip_reason="chunk_error",
+                               skip_detail=f"{type(err).__name__}: {err}")
+    if not chunks:
+        return ChunkedDocument(ref=ref, content_hash=digest, skip_reason="empty",
+                               skip_detail="no tokens (only characters the tokenizer drops)")
+    return ChunkedDocument(ref=ref, content_hash=digest, chunks=chunks, references=references)
+
+
+__all__ = ["chunk_document", "chunk_text", "process_document"]

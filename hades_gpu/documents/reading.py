@@ -1,0 +1,236 @@
+"""Read one document's bytes and decode them, or say precisely why not.
+
+`read_document` returns the decoded text exactly as decoded (line endings untouched, so chunk
+offsets index this string) and a content hash of the raw bytes. A file that cannot become text
+raises `SkipDocument(reason, detail)`:
+
+- ``missing``: vanished since discovery;
+- ``unreadable``: permission denied, a directory/FIFO/socket/device, any other OS error;
+- ``too_large``: over ``documents.max_file_bytes`` (checked again here: files grow);
+- ``empty``: 0 bytes, or only whitespace once decoded;
+- ``binary``: a known magic number, NUL bytes in the first 8 KiB, or mostly control bytes there;
+- ``decode_error``: not valid in ``documents.encoding`` (with ``decode_errors``: ``strict`` names the
+  byte and its offset; ``replace`` never fails, undecodable bytes become U+FFFD; ``fallback`` tries
+  ``fallback_encodings`` in order, then skips).
+
+Byte-order marks decide the codec: a UTF-8 BOM is stripped (utf-8-sig), a UTF-16/UTF-32 BOM selects
+that codec (its NUL bytes are then not "binary"). Without a BOM, NUL bytes mean binary, except for
+text that is plainly UTF-16 (ASCII-range characters with NULs at every other byte) when a UTF-16
+codec is the configured encoding or one of the fallbacks in ``fallback`` mode. Conversely, a UTF-16
+or UTF-32 fallback is never tried on data without NUL bytes: such data would "decode" into
+unrelated CJK characters rather than fail.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import re
+import stat
+
+from hades_gpu.config import DocumentsConfig
+from hades_gpu.records import DocumentRef
+
+SNIFF_BYTES = 8192
+CONTENT_HASH_BYTES = 32  # blake2b digest size: 64 hex characters
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG image"),
+    (b"GIF87a", "GIF image"),
+    (b"GIF89a", "GIF image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"%PDF-", "PDF document"),
+    (b"PK\x03\x04", "ZIP archive"),
+    (b"PK\x05\x06", "ZIP archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"BZh", "bzip2 data"),
+    (b"\xfd7zXZ\x00", "xz data"),
+    (b"7z\xbc\xaf\x27\x1c", "7-zip archive"),
+    (b"\x28\xb5\x2f\xfd", "zstd data"),
+    (b"\x7fELF", "ELF binary"),
+    (b"\xca\xfe\xba\xbe", "Java class / Mach-O fat binary"),
+    (b"\xcf\xfa\xed\xfe", "Mach-O binary"),
+    (b"\x00asm", "WebAssembly"),
+    (b"SQLite format 3\x00", "SQLite database"),
+    (b"PAR1", "Parquet file"),
+    (b"ARROW1", "Arrow file"),
+    (b"\x93NUMPY", "NumPy array"),
+    (b"OggS", "Ogg media"),
+    (b"fLaC", "FLAC audio"),
+    (b"ID3", "MP3 audio"),
+    (b"RIFF", "RIFF media"),
+    (b"\x80\x04\x95", "Python pickle"),
+    (b"\x80\x05\x95", "Python pickle"),
+)
+
+_BOMS: tuple[tuple[bytes, str], ...] = (  # UTF-32 first: its LE BOM starts with UTF-16 LE's
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+# bytes that do not occur in text (TAB LF VT FF CR ESC and BS are left out: they do)
+_CONTROL = bytes(b for b in range(32) if b not in (8, 9, 10, 11, 12, 13, 27)) + b"\x7f"
+_CONTROL_FRACTION = 0.10
+_NON_SPACE = re.compile(r"\S")
+
+
+class SkipDocument(Exception):
+    """A document that cannot be ingested; `reason` is one of the module's reasons."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def content_hash(data: bytes) -> str:
+    """blake2b (32-byte digest) hex of raw bytes."""
+    return hashlib.blake2b(data, digest_size=CONTENT_HASH_BYTES).hexdigest()
+
+
+def _codec_name(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError as err:
+        raise SkipDocument("decode_error", f"unknown encoding {encoding!r}") from err
+
+
+def _is_wide(codec: str) -> bool:
+    return codec.startswith(("utf-16", "utf-32"))
+
+
+def read_bytes(path: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing anything but a regular file of at most `max_bytes`."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; harmless for regular files.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise SkipDocument("missing", f"{type(err).__name__}: {err.strerror}") from err
+    except OSError as err:  # PermissionError, ELOOP, ...
+        raise SkipDocument("unreadable", f"{type(err).__name__}: {err.strerror or err}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "fifo" if stat.S_ISFIFO(st.st_mode) else "special file"
+            raise SkipDocument("unreadable", f"not a regular file ({kind})")
+        if st.st_size > max_bytes:
+            raise SkipDocument("too_large", f"{st.st_size} bytes > documents.max_file_bytes ({max_bytes})")
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as err:  # EIO, EISDIR, ...
+        raise SkipDocument("unreadable", f"{type(err).__name__}: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise SkipDocument("too_large", f"more than {max_bytes} bytes (documents.max_file_bytes); the file grew")
+    return data
+
+
+def _bom_codec(data: bytes) -> tuple[str, int] | None:
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            return codec, len(bom)
+    return None
+
+
+def _looks_utf16(head: bytes) -> str | None:
+    """'utf-16-le'/'utf-16-be' for BOM-less UTF-16 of mostly ASCII-range text, else None."""
+    n = len(head) // 2 * 2
+    if n < 4:
+        return None
+    even, odd = head[0:n:2], head[1:n:2]
+    half = n // 2
+    if odd.count(0) >= 0.7 * half and even.count(0) <= 0.05 * half:
+        return "utf-16-le"
+    if even.count(0) >= 0.7 * half and odd.count(0) <= 0.05 * half:
+        return "utf-16-be"
+    return None
+
+
+def _sniff_binary(head: bytes) -> str | None:
+    """Why `head` (the first bytes, no UTF-16/32 BOM) is binary, or None."""
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"{what} (magic number)"
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        return f"NUL byte at offset {nul}"
+    if head:
+        n_control = len(head) - len(head.translate(None, _CONTROL))
+        if n_control > _CONTROL_FRACTION * len(head):
+            return f"{n_control} control bytes in the first {len(head)}"
+    return None
+
+
+def _decode_strict(data: bytes, codec: str, skipped: int) -> str:
+    try:
+        return data.decode(codec, "strict")
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 1]
+        raise SkipDocument(
+            "decode_error",
+            f"not valid {codec}: byte 0x{bad.hex() or '??'} at offset {err.start + skipped} ({err.reason})",
+        ) from err
+
+
+def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
+    """Decode raw bytes per `cfg` (see the module docstring); raises `SkipDocument`."""
+    if not data:
+        raise SkipDocument("empty", "0 bytes")
+    head = data[:SNIFF_BYTES]
+    mode = cfg.decode_errors
+    primary = _codec_name(cfg.encoding)
+    fallbacks = [_codec_name(e) for e in cfg.fallback_encodings] if mode == "fallback" else []
+
+    bom = _bom_codec(data)
+    has_nul = b"\x00" in head
+    skipped = 0
+    if bom is not None:
+        codecs_to_try = [bom[0]]
+        skipped = bom[1]
+        data = data[skipped:]  # the BOM is not text
+    else:
+        why = _sniff_binary(head)
+        if why is not None:
+            wide = _looks_utf16(head) if has_nul else None
+            if wide is None or not any(c.startswith("utf-16") for c in [primary, *fallbacks]):
+                raise SkipDocument("binary", why)
+            codecs_to_try = [wide]
+        else:
+            codecs_to_try = [primary, *fallbacks]
+            if not has_nul:  # see the module docstring: wide codecs "succeed" on narrow text
+                narrow = [c for c in codecs_to_try if not _is_wide(c)]
+                codecs_to_try = narrow or codecs_to_try[:1]
+
+    if mode == "replace":
+        return data.decode(codecs_to_try[0], "replace")
+    first_err: SkipDocument | None = None
+    for codec in dict.fromkeys(codecs_to_try):
+        try:
+            return _decode_strict(data, codec, skipped)
+        except SkipDocument as err:
+            first_err = first_err or err
+    assert first_err is not None
+    tried = ", ".join(dict.fromkeys(codecs_to_try))
+    detail = first_err.detail if len(codecs_to_try) == 1 else f"{first_err.detail}; also tried: {tried}"
+    raise SkipDocument("decode_error", detail)
+
+
+def read_document(ref: DocumentRef, cfg: DocumentsConfig) -> tuple[str, str]:
+    """``(text, content_hash)`` of a document, or `SkipDocument` with the reason it cannot be used.
+
+    `content_hash` is the blake2b hex of the raw bytes (BOM included); `text` is exactly what the
+    codec produced (a UTF-8 BOM removed), and chunk offsets refer to it.
+    """
+    data = read_bytes(ref.path, cfg.max_file_bytes)
+    text = decode_bytes(data, cfg)
+    if _NON_SPACE.search(text) is None:
+        raise SkipDocument("empty", f"whitespace only ({len(data)} bytes)")
+    return text, content_hash(data)
+
+
+__all__ = ["SkipDocument", "read_document", "read_bytes", "decode_bytes", "content_hash"]

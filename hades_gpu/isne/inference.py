@@ -1,0 +1,78 @@
+r"""Inductive inference: vectors for nodes from their neighbours' trained θ, without training.
+
+.. math::
+    h(v) = \frac{1}{|K(v)|} \sum_{n \in K(v)} \theta_n, \qquad K(v) = N(v) \cap \text{trained nodes}
+
+Neighbours that are themselves new (no θ) are left out of the mean. A node with no trained
+neighbour (isolated, or linked only to other new nodes) gets the zero vector, as isolated nodes do
+in training (`hades_gpu.isne.model`). For the nodes of the training graph with all their neighbours
+trained, this is exactly the model's h() with fanout = infinity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hades_gpu.isne.model import IsneCheckpoint
+from hades_gpu.isne.sampling import CSRGraph, sample_neighbors
+
+
+@torch.no_grad()
+def neighbor_mean(theta: Tensor, csr: CSRGraph, known: Optional[Tensor] = None, nodes: Optional[Tensor] = None,
+                  batch_size: int = 1 << 16) -> Tensor:
+    """Exact mean of trained neighbours' θ, in batches of nodes.
+
+    Args:
+        theta (Tensor): (M, d) trained parameters.
+        csr (CSRGraph): graph over N nodes (the current one, new nodes included).
+        known (Tensor, optional): int64 (N,), row of θ for each node, -1 for a node without θ.
+            Default: node i is row i (M == N).
+        nodes (Tensor, optional): int64 (B,) nodes to embed. Default: all N.
+        batch_size (int, optional): nodes per step. (default: 65536)
+
+    Returns:
+        float32 (B, d) (or (N, d)), on θ's device.
+    """
+    device = theta.device
+    csr = csr.to(device)
+    n = csr.num_nodes
+    if known is None:
+        if theta.shape[0] != n:
+            raise ValueError(f"theta must have one row per node without `known` (got {theta.shape[0]} rows, {n} nodes)")
+    else:
+        known = known.to(device)
+    nodes = torch.arange(n, device=device) if nodes is None else nodes.to(device)
+    out = torch.zeros(nodes.numel(), theta.shape[1], dtype=torch.float32, device=device)
+    for b0 in range(0, nodes.numel(), batch_size):
+        batch = nodes[b0:b0 + batch_size]
+        nbrs, offsets, counts = sample_neighbors(csr, batch, None)  # all neighbours
+        if known is not None:
+            rows = torch.repeat_interleave(torch.arange(batch.numel(), device=device), counts)
+            idx = known[nbrs]
+            keep = idx >= 0
+            nbrs, rows = idx[keep], rows[keep]
+            counts = torch.bincount(rows, minlength=batch.numel())
+            offsets = torch.cumsum(counts, 0) - counts
+        out[b0:b0 + batch.numel()] = F.embedding_bag(nbrs, theta.float(), offsets, mode="mean")
+    return out
+
+
+def infer_from_checkpoint(ckpt: IsneCheckpoint, node_ids: Sequence[str], edge_index: Tensor,
+                          nodes: Optional[Tensor] = None, device: torch.device | str = "cpu",
+                          batch_size: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """h() of `nodes` of the current graph (ids `node_ids`, undirected `edge_index`) from a checkpoint.
+
+    Returns:
+        (vectors, known): float32 (B, d) on the CPU; bool (N,), True where the node has a trained θ.
+    """
+    pos = {cid: i for i, cid in enumerate(ckpt.node_ids)}
+    known = torch.as_tensor(np.fromiter((pos.get(c, -1) for c in node_ids), dtype=np.int64, count=len(node_ids)))
+    csr = CSRGraph.from_edge_index(edge_index, len(node_ids))
+    theta = ckpt.theta.to(device)
+    vecs = neighbor_mean(theta, csr, known=known, nodes=nodes, batch_size=batch_size)
+    return vecs.cpu(), known >= 0

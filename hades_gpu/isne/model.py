@@ -1,0 +1,238 @@
+r"""ISNE: Inductive Shallow Node Embedding (Kiss & Szűcs, 2024).
+
+`"Unsupervised Graph Representation Learning with Inductive Shallow Node Embedding"
+<https://doi.org/10.1007/s40747-024-01545-6>`_, Complex & Intelligent Systems 10(5):7333–7348.
+
+A node has no vector of its own. Every node n owns a free parameter vector θ_n (a row of an
+N x d table) and the embedding of v is the mean over its neighbours:
+
+.. math::
+    h(v) = \frac{1}{|N(v)|} \sum_{n \in N(v)} \theta_n
+
+so a node added after training gets a vector from its neighbours' θ without any training
+(`hades_gpu.isne.inference`). Training minimises Node2Vec's skip-gram loss with negative sampling
+(`skipgram_loss`) with h() on *both* sides of each pair, as the paper does.
+
+In a mini-batch, h(v) averages at most `fanout` neighbours sampled without replacement
+(`hades_gpu.isne.sampling.sample_neighbors`); with fanout >= deg(v) it is exact.
+
+**Isolated nodes** (no neighbours): h(v) = 0, the zero vector (an empty mean). Such a node carries no
+graph information; 0 has dot product 0 with every vector, so it is never anybody's near neighbour and
+nothing pretends otherwise. Training never starts walks from them or draws them as negatives.
+
+With ``aggregate=False`` the same module is a lookup-table Node2Vec (h(v) = θ_v), the baseline of
+`scripts/eval_isne.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hades_gpu.isne.sampling import CSRGraph, sample_neighbors
+
+CHECKPOINT_FORMAT = "hades-isne/1"
+
+
+class ISNE(nn.Module):
+    r"""The parameter table θ and the neighbour-mean encoder h().
+
+    .. math::
+        h(v) = \frac{1}{|\tilde N(v)|} \sum_{n \in \tilde N(v)} \theta_n, \qquad
+        \tilde N(v) \subseteq N(v),\ |\tilde N(v)| = \min(\mathrm{deg}(v), \mathrm{fanout})
+
+    Args:
+        num_nodes (int): N, rows of θ.
+        dim (int): d, the embedding size.
+        aggregate (bool, optional): h(v) = neighbour mean (ISNE); False: h(v) = θ_v (Node2Vec).
+            (default: :obj:`True`)
+        sparse (bool, optional): sparse gradients for θ (for `torch.optim.SparseAdam`).
+            (default: :obj:`True`)
+        init_std (float, optional): θ starts as N(0, init_std²). (default: :obj:`0.1`; PyG's
+            Node2Vec uses 1.0, which saturates the sigmoid of 64-d dot products and slowed both
+            ISNE and the Node2Vec baseline in `scripts/eval_isne.py`: lookup-table Node2Vec reached
+            0.31 accuracy instead of 0.78 after the same 20 epochs)
+
+    Shapes:
+        - **θ:** (N, d)
+        - **embed:** nodes (U,) -> (U, d)
+    """
+
+    def __init__(self, num_nodes: int, dim: int, aggregate: bool = True, sparse: bool = True,
+                 init_std: float = 0.1) -> None:
+        super().__init__()
+        self.num_nodes = num_nodes
+        self.dim = dim
+        self.aggregate = aggregate
+        self.sparse = sparse
+        self.init_std = init_std
+        self.theta = nn.Embedding(num_nodes, dim, sparse=sparse)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        with torch.no_grad():
+            self.theta.weight.normal_(0.0, self.init_std, generator=generator)
+
+    def embed(self, nodes: Tensor, csr: CSRGraph, fanout: Optional[int] = None,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+        """h(nodes): (U,) int64 -> (U, d). `fanout=None` averages all neighbours (exact)."""
+        if not self.aggregate:
+            return self.theta(nodes)
+        nbrs, offsets, _ = sample_neighbors(csr, nodes, fanout, generator)  # (M,), (U,)
+        # mean per bag; an empty bag (isolated node) gives the zero vector
+        return F.embedding_bag(nbrs, self.theta.weight, offsets, mode="mean", sparse=self.sparse)
+
+    def loss(self, walks: Tensor, negatives: Tensor, csr: CSRGraph, context_size: int,
+             fanout: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             amp: bool = False) -> tuple[Tensor, Tensor]:
+        """Skip-gram loss of one mini-batch (see `skipgram_loss`).
+
+        Every node in the batch (walk or negative) gets one h(), computed once over one neighbour
+        sample: the batch is a sampled subgraph.
+
+        Args:
+            walks (Tensor): int64 (W, L) random walks, -1 after a dead end.
+            negatives (Tensor): int64 (K * W, L) random nodes (column 0 unused).
+            csr (CSRGraph): the training graph.
+            context_size (int): c, window length (anchor + c - 1 context nodes).
+            amp (bool, optional): score pairs in bfloat16 (θ and the loss stay float32).
+
+        Returns:
+            (loss, n_pos): scalar loss and the number of positive pairs (a 0-dim tensor on the
+            device; reading it is a sync point, so the trainer accumulates it there).
+        """
+        w, length = walks.shape
+        nodes = torch.cat([walks.reshape(-1), negatives.reshape(-1)])
+        uniq, inv = torch.unique(nodes.clamp_min(0), return_inverse=True)  # -1 -> 0, masked below
+        h = self.embed(uniq, csr, fanout, generator)  # (U, d)
+        # two lookups rather than slices of one: a slice's backward zero-fills the whole tensor
+        h_walk = F.embedding(inv[: w * length], h).view(w, length, -1)  # (W, L, d)
+        h_neg = F.embedding(inv[w * length:], h).view(-1, w, length, h.shape[1])  # (K, W, L, d)
+        if amp:
+            h_walk, h_neg = h_walk.to(torch.bfloat16), h_neg.to(torch.bfloat16)
+        return skipgram_loss(h_walk, walks >= 0, h_neg, context_size)
+
+    @torch.no_grad()
+    def node_embeddings(self, csr: CSRGraph, batch_size: int = 1 << 16) -> Tensor:
+        """Exact h() of every node (all neighbours, no sampling): (N, d) float32."""
+        from hades_gpu.isne.inference import neighbor_mean
+
+        if not self.aggregate:
+            return self.theta.weight.detach().clone()
+        return neighbor_mean(self.theta.weight.detach(), csr, batch_size=batch_size)
+
+
+def skipgram_loss(h_walk: Tensor, valid: Tensor, h_neg: Tensor, context_size: int) -> tuple[Tensor, Tensor]:
+    r"""Node2Vec's skip-gram loss with negative sampling over context windows of walks.
+
+    For a walk :math:`(w_0, ..., w_{L-1})` the windows start at :math:`j = 0..L-c` and pair the
+    anchor :math:`w_j` with :math:`w_{j+o}`, :math:`o = 1..c-1` (exactly the pairs of
+    `torch_geometric.nn.Node2Vec.pos_sample`). Each anchor also meets K random nodes
+    :math:`r^{(k)}_{j+o}` (word2vec-style negatives; PyG pairs two random nodes instead):
+
+    .. math::
+        \mathcal{L} = -\operatorname{mean}_{(j,o)} \log\sigma\big(h(w_j)^\top h(w_{j+o})\big)
+                      -\operatorname{mean}_{(j,o,k)} \log\sigma\big(-h(w_j)^\top h(r^{(k)}_{j+o})\big)
+
+    Pairs that touch a -1 position (past a dead end) are left out.
+
+    Args:
+        h_walk (Tensor): (W, L, d) h() of the walks' nodes.
+        valid (Tensor): bool (W, L), False past a dead end.
+        h_neg (Tensor): (K, W, L, d) h() of random nodes.
+        context_size (int): c.
+
+    Returns:
+        (loss, n_pos): scalar float32 loss; number of positive pairs scored (0-dim int64).
+    """
+    w, length, _ = h_walk.shape
+    c = context_size
+    n_win = length - c + 1
+    if n_win < 1:
+        raise ValueError(f"context_size must be <= walk length (got {c} > {length})")
+    anchor_ok = valid[:, :n_win]  # (W, Lw)
+    # All dot products within a walk in one batched matmul (W, L, L); the pairs (j, j + o),
+    # j < Lw, are a band of it, picked with one index_select (flat column j * L + j + o). More
+    # products than needed (L x L instead of Lw x (c-1)), but one GEMM without (W, Lw, d)
+    # temporaries or slices (whose backward zero-fills a full-size tensor) is several times faster
+    # than multiply-and-sum on the CPU; its backward is one index_add and two GEMMs.
+    dev = h_walk.device
+    j = torch.arange(n_win, device=dev)[:, None]
+    o = torch.arange(1, c, device=dev)[None, :]
+    band = (j * length + j + o).reshape(-1)  # (Lw * (c-1),)
+    s_pos = torch.matmul(h_walk, h_walk.transpose(-1, -2))  # (W, L, L)
+    s_pos = s_pos.reshape(w, -1).index_select(1, band).view(w, n_win, c - 1).float()  # (W, Lw, c-1)
+    s_neg = torch.matmul(h_walk.unsqueeze(0), h_neg.transpose(-1, -2))  # (K, W, L, L)
+    k = h_neg.shape[0]
+    s_neg = s_neg.reshape(k, w, -1).index_select(2, band).view(k, w, n_win, c - 1).float()  # (K, W, Lw, c-1)
+    ctx_ok = (anchor_ok[:, :, None] & valid[:, (j + o)]).float()  # (W, Lw, c-1)
+    n_pos = ctx_ok.sum()
+    pos_sum = (F.logsigmoid(s_pos) * ctx_ok).sum()
+    neg_sum = (F.logsigmoid(-s_neg) * anchor_ok[None, :, :, None].float()).sum()
+    n_anchor = anchor_ok.sum() * (c - 1) * k
+    loss = -pos_sum / n_pos.clamp_min(1) - neg_sum / n_anchor.clamp_min(1)
+    return loss, n_pos.long()
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+@dataclass
+class IsneCheckpoint:
+    """θ (N, d) float32 on the CPU, the node id of each row, and the config it was trained with."""
+
+    theta: Tensor
+    node_ids: list[str]
+    config: dict[str, Any]
+
+
+def _encode_ids(ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+    raw = [s.encode("utf-8") for s in ids]
+    lengths = np.fromiter((len(b) for b in raw), dtype=np.int64, count=len(raw))
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(b"".join(raw), dtype=np.uint8).copy()
+    return torch.from_numpy(data), torch.from_numpy(offsets)
+
+
+def _decode_ids(data: Tensor, offsets: Tensor) -> list[str]:
+    buf = data.numpy().tobytes()
+    off = offsets.tolist()
+    return [buf[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+
+
+def save_checkpoint(path: str | Path, theta: Tensor, node_ids: Sequence[str], config: dict[str, Any]) -> Path:
+    """Write θ, the node ids (UTF-8 bytes + offsets, as uint8/int64 tensors: a header-sized JSON list
+    would not scale to millions of ids) and the config (JSON in the safetensors metadata)."""
+    from safetensors.torch import save_file
+
+    if theta.dim() != 2 or theta.shape[0] != len(node_ids):
+        raise ValueError(f"theta must be (len(node_ids), d) = ({len(node_ids)}, d) (got {tuple(theta.shape)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data, offsets = _encode_ids(node_ids)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"theta": theta.detach().float().cpu().contiguous(), "node_ids_bytes": data,
+               "node_ids_offsets": offsets}, str(tmp),
+              metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(config, default=str)})
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> IsneCheckpoint:
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an ISNE checkpoint (format {meta.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        theta = f.get_tensor("theta")
+        ids = _decode_ids(f.get_tensor("node_ids_bytes"), f.get_tensor("node_ids_offsets"))
+    return IsneCheckpoint(theta=theta, node_ids=ids, config=json.loads(meta.get("config", "{}")))

@@ -1,0 +1,148 @@
+"""CSR graphs, uniform random walks and neighbour sampling in plain, vectorised torch.
+
+torch-cluster and pyg-lib have no wheels for this torch (../shared/FACTS.md), so walks and
+neighbour samples are written here. Each routine loops over *steps* (walk length, fanout), never over
+nodes: one step is a handful of gathers over all walks / nodes at once, on whatever device the CSR
+lives on (CPU or CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CSRGraph:
+    """A graph in compressed sparse row form: the neighbours of node v are
+    ``col[rowptr[v]:rowptr[v + 1]]``.
+
+    Attributes:
+        rowptr (Tensor): int64 (N + 1,).
+        col (Tensor): int64 (E,), sorted by source node.
+    """
+
+    rowptr: Tensor
+    col: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.rowptr.numel() - 1)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.col.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.col.device
+
+    def degree(self) -> Tensor:
+        """int64 (N,)."""
+        return self.rowptr[1:] - self.rowptr[:-1]
+
+    def to(self, device: torch.device | str) -> "CSRGraph":
+        return CSRGraph(self.rowptr.to(device), self.col.to(device))
+
+    @classmethod
+    def from_edge_index(cls, edge_index: Tensor, num_nodes: int, device: Optional[torch.device | str] = None) -> "CSRGraph":
+        """From a (2, E) edge index (taken as given: pass a symmetrised one for an undirected graph)."""
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape (2, E) (got {tuple(edge_index.shape)})")
+        ei = edge_index.to(device) if device is not None else edge_index
+        src, dst = ei[0].long(), ei[1].long()
+        if src.numel() and (int(src.max()) >= num_nodes or int(dst.max()) >= num_nodes or int(src.min()) < 0):
+            raise ValueError(f"edge_index holds node ids outside [0, {num_nodes})")
+        order = torch.argsort(src * max(num_nodes, 1) + dst)
+        col = dst[order].contiguous()
+        counts = torch.bincount(src, minlength=num_nodes)
+        rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=src.device)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        return cls(rowptr, col)
+
+
+def random_walks(csr: CSRGraph, start: Tensor, walk_length: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    r"""Uniform random walks: node :math:`w_{t+1}` is drawn uniformly from :math:`N(w_t)`.
+
+    A walk that reaches a node without neighbours stops there; its remaining positions are -1.
+    (In an undirected graph that only happens to walks *starting* at an isolated node.)
+
+    Args:
+        csr (CSRGraph): the graph.
+        start (Tensor): int64 (B,) start nodes, on the CSR's device.
+        walk_length (int): nodes per walk, the start included (B, walk_length).
+        generator (torch.Generator, optional): on the CSR's device, for reproducible walks.
+
+    Returns:
+        int64 (B, walk_length): ``walks[:, 0] == start``.
+    """
+    b = start.numel()
+    walks = torch.full((b, walk_length), -1, dtype=torch.long, device=start.device)
+    walks[:, 0] = start
+    if csr.num_edges == 0 or walk_length < 2:
+        return walks
+    cur = start.clone()
+    alive = torch.ones(b, dtype=torch.bool, device=start.device)
+    last_edge = csr.num_edges - 1
+    for t in range(1, walk_length):  # a loop over steps; every walk advances at once
+        node = cur.clamp_min(0)
+        lo = csr.rowptr[node]
+        deg = csr.rowptr[node + 1] - lo  # (B,)
+        alive = alive & (deg > 0)
+        u = torch.rand(b, device=start.device, dtype=torch.float64, generator=generator)
+        off = (u * deg).long()  # uniform in [0, deg)
+        nxt = csr.col[(lo + off).clamp_max(last_edge)]
+        cur = torch.where(alive, nxt, torch.full_like(nxt, -1))
+        walks[:, t] = cur
+    return walks
+
+
+def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Up to `fanout` neighbours of each node, sampled uniformly *without* replacement.
+
+    A node with degree <= `fanout` (or `fanout=None`) keeps all its neighbours, so the mean over the
+    sample is then exact. Above `fanout`, a uniform `fanout`-subset of the neighbour slots is drawn
+    with Robert Floyd's algorithm, vectorised over nodes: `fanout` steps, each a comparison against
+    the slots chosen so far (O(U * fanout^2) work, no per-node loop, no (U, max degree) matrix).
+
+    Args:
+        csr (CSRGraph): the graph.
+        nodes (Tensor): int64 (U,) nodes (any order, repeats allowed).
+        fanout (int, optional): at most this many neighbours per node; None = all.
+        generator (torch.Generator, optional): on the CSR's device.
+
+    Returns:
+        (neighbors, offsets, counts): int64 (M,) neighbour ids laid out node after node, int64 (U,)
+        start of each node's run (the `offsets` of `torch.nn.functional.embedding_bag`), int64 (U,)
+        run lengths (0 for a node without neighbours). M = sum(counts).
+    """
+    lo = csr.rowptr[nodes]
+    deg = csr.rowptr[nodes + 1] - lo  # (U,)
+    if fanout is None:
+        counts = deg
+        offsets = torch.cumsum(counts, 0) - counts
+        # slot index of every neighbour: lo[row] + (position within the row)
+        row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
+        pos = torch.arange(int(counts.sum()), device=nodes.device) - offsets[row]
+        return csr.col[lo[row] + pos], offsets, counts
+    counts = deg.clamp_max(fanout)
+    slots = torch.arange(fanout, device=nodes.device).expand(nodes.numel(), fanout).clone()  # (U, F)
+    big = (deg > fanout).nonzero().squeeze(1)
+    if big.numel():
+        d = deg[big]  # (H,)
+        chosen = torch.empty(big.numel(), fanout, dtype=torch.long, device=nodes.device)  # (H, F)
+        for s in range(fanout):  # Floyd: j = d - F + s; t ~ U[0, j]; take t unless taken, else j
+            j = d - fanout + s
+            u = torch.rand(big.numel(), device=nodes.device, dtype=torch.float64, generator=generator)
+            t = torch.minimum((u * (j + 1)).long(), j)
+            taken = (chosen[:, :s] == t[:, None]).any(dim=1) if s else torch.zeros_like(t, dtype=torch.bool)
+            chosen[:, s] = torch.where(taken, j, t)
+        slots[big] = chosen
+    mask = torch.arange(fanout, device=nodes.device)[None, :] < counts[:, None]  # (U, F): first `counts` used
+    neighbors = csr.col[(lo[:, None] + slots)[mask]] if csr.num_edges else torch.zeros(0, dtype=torch.long, device=nodes.device)
+    offsets = torch.cumsum(counts, 0) - counts
+    return neighbors, offsets, counts

@@ -1,0 +1,138 @@
+"""`hades-bench -m` over a two-by-two grid on a tiny corpus, then `hades-report`; plus the pieces
+(config group, GPU round-robin, report table) without a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hades_gpu.benchmarks import jobs, report
+from hades_gpu.benchmarks.config import BenchConfig
+from hades_gpu.config import ConfigError, load_pipeline_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_cli(entry: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """A console entry point of hades_gpu.cli in a fresh interpreter (no generated scripts needed)."""
+    code = f"import sys; from hades_gpu.cli import {entry}; sys.argv[1:] = {args!r}; {entry}()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_corpus(root: Path) -> Path:
+    root.mkdir()
+    (root / "notes.md").write_text("# Notes\n\n" + "Batches are packed to a token budget. " * 40)
+    (root / "guide.txt").write_text("Padding is what a batch wastes when its rows differ in length. " * 30)
+    (root / "tool.py").write_text("import os\n\n\ndef main(path):\n    return os.listdir(path)\n" * 8)
+    return root
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_and_report(tmp_path):
+    corpus = tiny_corpus(tmp_path / "corpus")
+    sweep = tmp_path / "sweep"
+    proc = _run_cli("bench_main", [
+        "-m", f"corpus={corpus}", f"output={sweep}",
+        "profile=balanced,low_memory", "profile.max_batch_tokens=1024,2048",
+        "isne.enabled=false", "monitoring.progress=off",
+    ], timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = sorted(sweep.glob("*/result.json"))
+    assert len(results) == 4
+    seen = set()
+    for path in results:
+        r = json.loads(path.read_text())
+        assert r["status"] == "ok", r["error"]
+        assert r["job"] == "ingest" and r["chunks"] > 0
+        assert r["chunks_per_s"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert 0 < r["padding_efficiency"] <= 1 and r["peak_rss_bytes"] > 0
+        assert f"profile={r['profile']}" in r["overrides"]
+        assert f"profile.max_batch_tokens={r['max_batch_tokens']}" in r["overrides"]
+        assert not (path.parent / jobs.DATASET_DIR).exists()  # bench.keep_dataset=false
+        seen.add((r["profile"], r["max_batch_tokens"]))
+    assert seen == {(p, b) for p in ("balanced", "low_memory") for b in (1024, 2048)}
+
+    proc = _run_cli("report_main", [str(sweep)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = (sweep / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "| ingest |" in line]
+    assert len(rows) == 4
+    assert sum(report.BEST_MARK in row for row in rows) == 1
+    assert "Best `ingest` configuration" in text
+    for name in report.PLOTS.values():
+        png = sweep / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def fake_result(folder: Path, profile: str, budget: int, chunks_per_s: float, status: str = "ok") -> None:
+    folder.mkdir(parents=True)
+    folder.joinpath("result.json").write_text(json.dumps({
+        "job": "ingest", "status": status, "error": None if status == "ok" else "RuntimeError: boom",
+        "profile": profile, "max_batch_tokens": budget, "chunks": 100, "chunks_per_s": chunks_per_s,
+        "tokens_per_s": chunks_per_s * 200, "padding_efficiency": 0.9, "peak_rss_bytes": 500 * 2**20,
+        "wall_s": 100 / chunks_per_s, "backpressure_waits": 0, "overrides": [f"profile={profile}"],
+        "corpus": "/c", "host": {"cpus": 2, "gpus_visible": 0}, "embedder": "fake"}))
+
+
+def test_report_marks_best_and_lists_failures(tmp_path):
+    fake_result(tmp_path / "0_a", "low_memory", 4096, 10.0)
+    fake_result(tmp_path / "1_b", "balanced", 4096, 30.0)
+    fake_result(tmp_path / "2_c", "balanced", 16384, 20.0)
+    fake_result(tmp_path / "3_d", "high_throughput", 16384, 99.0, status="error")
+    assert report.report_cli([str(tmp_path)]) == 0
+    lines = [line for line in (tmp_path / "report.md").read_text().splitlines() if "| ingest |" in line]
+    assert len(lines) == 4
+    best = [line for line in lines if report.BEST_MARK in line]
+    assert len(best) == 1 and "| balanced | 4096 |" in best[0]  # the failed job is never "best"
+    assert any("error: RuntimeError: boom" in line for line in lines)
+    assert (tmp_path / report.PLOTS["throughput"]).is_file()
+
+
+def test_report_on_empty_folder_fails_with_a_message(tmp_path, capsys):
+    assert report.report_cli([str(tmp_path)]) == 2
+    assert "no result.json" in capsys.readouterr().err
+
+
+def test_bench_group_composes_and_rejects_unknown_keys():
+    from hydra import compose, initialize_config_dir
+
+    from hades_gpu.benchmarks.config import register_bench_configs
+    from hades_gpu.config import conf_dir, register_configs
+
+    register_configs()
+    register_bench_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            for job in ("ingest", "embed_only", "triton", "isne"):
+                dcfg = compose(config_name="bench_config", overrides=[f"bench={job}", "profile=low_memory",
+                                                                      "profile.max_batch_tokens=4096"])
+                cfg, bench = jobs.split_bench_config(dcfg)
+                assert bench.job == job and cfg.profile.name == "low_memory"
+                assert cfg.profile.max_batch_tokens == 4096
+            default = compose(config_name="bench_config")
+            assert jobs.split_bench_config(default)[1].job == "ingest"
+            with pytest.raises(Exception, match="bench.nope"):
+                compose(config_name="bench_config", overrides=["bench.nope=1"])
+    finally:
+        register_configs()  # point pipeline_schema back at the main job's schema
+    assert load_pipeline_config().profile.name == "balanced"  # hades-ingest's config is untouched
+
+
+def test_gpu_round_robin():
+    assert jobs.choose_gpu(0, []) is None
+    assert jobs.choose_gpu(3, ["0"]) is None  # one GPU: nothing to spread
+    assert [jobs.choose_gpu(n, ["2", "5"]) for n in range(4)] == [(0, "2"), (1, "5"), (0, "2"), (1, "5")]
+
+
+def test_run_job_requires_an_existing_corpus(tmp_path):
+    cfg = load_pipeline_config("low_memory", ["isne.enabled=false", f"corpus={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="corpus must be an existing"):
+        jobs.run_job(cfg, BenchConfig(), tmp_path / "job", job_info={})

@@ -1,0 +1,184 @@
+"""Discovery on real folders: order, globs, classification and every skip reason it produces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hades_gpu.config import DocumentsConfig
+from hades_gpu.documents.discovery import Skip, classify, discover, glob_to_regex, matches_any
+from hades_gpu.records import CODE, PROSE
+
+
+def _write(root: Path, rel: str, data: str | bytes = "x = 1\n") -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        p.write_bytes(data)
+    else:
+        p.write_text(data)
+    return p
+
+
+def _rels(refs) -> list[str]:
+    return [r.rel_path for r in refs]
+
+
+def _reasons(skips: list[Skip]) -> dict[str, str]:
+    return {Path(s.path).name: s.reason for s in skips}
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    for rel in ["b.py", "a.md", "docs/guide.rst", "docs/sub/notes.txt", "docs/sub/z.js", "LICENSE",
+                "Makefile", "pkg/__init__.py", "pkg/test_mod.py", "pkg/skip/inner.py",
+                ".git/config", "pkg/__pycache__/m.cpython-311.pyc", "node_modules/x/index.js", "img.png"]:
+        _write(root, rel)
+    return root
+
+
+def test_walk_is_sorted_and_classified(tree: Path) -> None:
+    refs, skips = discover(tree, DocumentsConfig())
+    assert _rels(refs) == ["LICENSE", "Makefile", "a.md", "b.py", "docs/guide.rst", "docs/sub/notes.txt",
+                           "docs/sub/z.js", "pkg/__init__.py", "pkg/skip/inner.py", "pkg/test_mod.py"]
+    by = {r.rel_path: r for r in refs}
+    assert (by["b.py"].modality, by["b.py"].language) == (CODE, "python")
+    assert (by["a.md"].modality, by["a.md"].language) == (PROSE, "markdown")
+    assert (by["docs/guide.rst"].modality, by["docs/guide.rst"].language) == (PROSE, "rst")
+    assert (by["docs/sub/z.js"].modality, by["docs/sub/z.js"].language) == (CODE, "javascript")
+    assert (by["LICENSE"].modality, by["LICENSE"].language) == (PROSE, "text")  # decided when read
+    assert (by["Makefile"].modality, by["Makefile"].language) == (CODE, "make")
+    assert all(os.path.isabs(r.path) and Path(r.path).is_file() for r in refs)
+    assert by["b.py"].size == len("x = 1\n")
+    assert by["b.py"].doc_id == discover(tree, DocumentsConfig())[0][3].doc_id  # deterministic
+    # default excludes prune .git, __pycache__, node_modules; a .png is skipped without reading
+    assert _reasons(skips) == {"img.png": "binary"}
+
+
+def test_include_exclude_globs(tree: Path) -> None:
+    cfg = DocumentsConfig(include=["**/*.py", "*.md"], exclude=["**/skip/**", "**/test_*.py"])
+    refs, _ = discover(tree, cfg)
+    # `**/*.py` also matches a top-level file (zero folders); `*.md` crosses "/" (fnmatch)
+    assert _rels(refs) == ["a.md", "b.py", "pkg/__init__.py"]
+    refs, _ = discover(tree, DocumentsConfig(include=["docs/**"], exclude=[]))
+    assert _rels(refs) == ["docs/guide.rst", "docs/sub/notes.txt", "docs/sub/z.js"]
+    refs, _ = discover(tree, DocumentsConfig(include=["docs/sub/*.[jt][sx]*"], exclude=[]))
+    assert _rels(refs) == ["docs/sub/notes.txt", "docs/sub/z.js"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "hit"),
+    [
+        ("**/*.py", "a.py", True),
+        ("**/*.py", "x/y/a.py", True),
+        ("**/.git/**", ".git/config", True),
+        ("**/.git/**", "a/.git/objects/x", True),
+        ("**/.git/**", "a/.github/x", False),
+        ("*.md", "docs/x.md", True),
+        ("docs/*.md", "docs/x.md", True),
+        ("docs/*.md", "src/docs/x.md", False),
+        ("a?c", "abc", True),
+        ("[!a]*", "abc", False),
+        ("[!a]*", "bcd", True),
+        ("src/**/test_*.py", "src/test_a.py", True),
+        ("src/**/test_*.py", "src/x/y/test_a.py", True),
+        ("x[", "x[", True),
+    ],
+)
+def test_glob_semantics(pattern: str, path: str, hit: bool) -> None:
+    assert bool(glob_to_regex(pattern).match(path)) is hit
+    assert matches_any(path, [pattern]) is hit
+
+
+def test_size_cap(tmp_path: Path) -> None:
+    _write(tmp_path, "small.txt", "0123456789")
+    _write(tmp_path, "big.txt", "0123456789!")
+    refs, skips = discover(tmp_path, DocumentsConfig(max_file_bytes=10))
+    assert _rels(refs) == ["small.txt"]
+    assert [(Path(s.path).name, s.reason) for s in skips] == [("big.txt", "too_large")]
+    assert "11 bytes" in skips[0].detail
+
+
+def test_missing_source_and_file_sources(tmp_path: Path) -> None:
+    f = _write(tmp_path, "sub/one.py")
+    refs, skips = discover([tmp_path / "nope", str(f)], DocumentsConfig())
+    assert [(s.reason, s.path) for s in skips] == [("missing", str(tmp_path / "nope"))]
+    assert _rels(refs) == ["one.py"]  # a file source: its name
+    refs, _ = discover([f], DocumentsConfig(), root=tmp_path)
+    assert _rels(refs) == ["sub/one.py"]  # relative to an explicit root (shards of file lists)
+    refs, _ = discover(tmp_path / "sub", DocumentsConfig(), root=tmp_path)
+    assert _rels(refs) == ["sub/one.py"]
+
+
+def test_explicit_file_bypasses_globs(tmp_path: Path) -> None:
+    f = _write(tmp_path, "x.pyc.txt")
+    refs, _ = discover(f, DocumentsConfig(include=["*.py"], exclude=["**/*.txt"]))
+    assert _rels(refs) == ["x.pyc.txt"]
+
+
+def test_duplicate_rel_paths_across_sources(tmp_path: Path) -> None:
+    _write(tmp_path, "a/README.md", "# a\n")
+    _write(tmp_path, "b/README.md", "# b\n")
+    refs, skips = discover([tmp_path / "a", tmp_path / "b", tmp_path / "a"], DocumentsConfig())
+    assert _rels(refs) == ["README.md"] and refs[0].path == str(tmp_path / "a" / "README.md")
+    assert [s.reason for s in skips] == ["duplicate"]
+    assert str(tmp_path / "a" / "README.md") in skips[0].detail
+
+
+def test_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    target = _write(tmp_path, "outside/real.py")
+    _write(root, "a.py")
+    (root / "link.py").symlink_to(target)
+    (root / "linkdir").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "dangling.py").symlink_to(tmp_path / "gone.py")
+
+    refs, skips = discover(root, DocumentsConfig())
+    assert _rels(refs) == ["a.py"]
+    assert {Path(s.path).name: s.reason for s in skips} == {
+        "dangling.py": "symlink", "link.py": "symlink", "linkdir": "symlink", "loop": "symlink"}
+
+    refs, skips = discover(root, DocumentsConfig(follow_symlinks=True))
+    assert _rels(refs) == ["a.py", "link.py", "linkdir/real.py"]
+    reasons = {Path(s.path).name: (s.reason, s.detail) for s in skips}
+    assert reasons["dangling.py"][0] == "missing"
+    assert reasons["loop"] == ("unreadable", "symlink loop: folder already visited")
+
+
+def test_special_files_and_unreadable_paths(tmp_path: Path) -> None:
+    f = _write(tmp_path, "c/a.txt", "hello\n")
+    os.mkfifo(tmp_path / "c" / "pipe.txt")
+    refs, skips = discover(tmp_path / "c", DocumentsConfig())
+    assert _rels(refs) == ["a.txt"]
+    assert [(Path(s.path).name, s.reason, s.detail) for s in skips] == [
+        ("pipe.txt", "unreadable", "not a regular file (fifo)")]
+    # fails for root too: a path through a file
+    _, skips = discover(str(f) + "/child.txt", DocumentsConfig())
+    assert [s.reason for s in skips] == ["unreadable"] and "NotADirectoryError" in skips[0].detail
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can list a chmod 000 folder")
+def test_unreadable_folder(tmp_path: Path) -> None:
+    _write(tmp_path, "ok/a.txt", "a")
+    locked = tmp_path / "ok" / "locked"
+    _write(locked, "b.txt", "b")
+    locked.chmod(0)
+    try:
+        refs, skips = discover(tmp_path / "ok", DocumentsConfig())
+    finally:
+        locked.chmod(0o755)
+    assert _rels(refs) == ["a.txt"]
+    assert [(Path(s.path).name, s.reason) for s in skips] == [("locked", "unreadable")]
+
+
+def test_extra_extensions() -> None:
+    cfg = DocumentsConfig(extra_prose_extensions=[".adoc"], extra_code_extensions=["nb", ".py"])
+    assert classify("x.adoc", cfg) == (PROSE, "text")
+    assert classify("x.nb", cfg) == (CODE, "nb")
+    assert classify("x.PY", cfg) == (CODE, "python")
+    assert classify("x.weird", cfg) == (PROSE, "text")
+    assert classify("x.png", cfg) is None

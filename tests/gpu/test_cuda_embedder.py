@@ -1,0 +1,330 @@
+"""CudaEmbedder: the batched path against an unbatched transformers reference (CPU), and on CUDA the
+bf16 path, CUDA graphs and the stream producer (marked `gpu`, skipped without a device). Also device
+selection and the stream producer's CPU fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hades_gpu.config import EmbedderConfig, PipelineConfig
+from hades_gpu.documents.tokenizer import load_tokenizer, special_ids
+from hades_gpu.embedding.base import Embedder, EmbedderError
+from hades_gpu.embedding.cuda_embedder import CudaEmbedder, flops_per_token, load_hf_model, resolve_precision
+from hades_gpu.gpu.device import DeviceError, select_device
+from hades_gpu.gpu.host_ring import HostBufferRing
+from hades_gpu.gpu.stream_producer import StreamProducer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def token_rows(n: int = 12, max_len: int = 160) -> list[list[int]]:
+    """[CLS] ... [SEP] token ids of `n` pieces of a stdlib source file, of very different lengths."""
+    text = Path(textwrap.__file__).read_text(encoding="utf-8")
+    tok = load_tokenizer()
+    cls, sep, _ = special_ids()
+    rows, pos = [], 0
+    for i in range(n):
+        size = [40, 500, 250, 15, 1200, 300, 120, 700, 60, 200, 30, 400][i % 12]
+        piece = text[pos:pos + size]
+        pos += size
+        ids = tok.encode(piece, add_special_tokens=False).ids[: max_len - 2]
+        rows.append([cls, *ids, sep])
+    return rows
+
+
+def pad(rows: list[list[int]], bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(r) for r in rows)
+    length = -(-length // bucket) * bucket if bucket else length
+    ids = np.zeros((len(rows), length), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+def config(**embedder: object) -> PipelineConfig:
+    cfg = PipelineConfig()
+    cfg.embedder = dataclasses.replace(cfg.embedder, **embedder)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[list[int]]:
+    return token_rows()
+
+
+@pytest.fixture(scope="module")
+def reference(rows) -> np.ndarray:
+    """transformers' own BertModel forward, one row at a time, no padding: mean pool + normalise."""
+    hf = load_hf_model()
+    out = []
+    with torch.inference_mode():
+        for r in rows:
+            hidden = hf(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long))
+            v = hidden.last_hidden_state[0].mean(0)
+            out.append(torch.nn.functional.normalize(v, dim=0).numpy())
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def cpu_embedder():
+    e = CudaEmbedder(config(device="cpu"))
+    yield e
+    e.close()
+
+
+# -- CPU ---------------------------------------------------------------------------------------
+
+
+def test_is_an_embedder(cpu_embedder):
+    assert isinstance(cpu_embedder, Embedder)
+    assert cpu_embedder.dim == 384 and cpu_embedder.concurrency == 1
+    assert cpu_embedder.dtype == torch.float32 and "fp32" in cpu_embedder.description
+    assert cpu_embedder.governor.active is False
+
+
+def test_batched_path_matches_unbatched_reference(cpu_embedder, rows, reference):
+    ids, mask = pad(rows)
+    got = cpu_embedder.embed(ids, mask)
+    assert got.shape == (len(rows), 384) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert cosine_rows(got, reference).min() >= 0.9999
+
+
+def test_row_order_pieces_and_unbucketed_length(cpu_embedder, rows, reference):
+    perm = np.random.default_rng(3).permutation(len(rows))
+    ids, mask = pad([rows[i] for i in perm], bucket=0)  # odd length: padded to the bucket inside
+    old = cpu_embedder.base_budget
+    cpu_embedder.base_budget = 500  # forces several pieces per call
+    try:
+        got = cpu_embedder.embed(ids, mask)
+    finally:
+        cpu_embedder.base_budget = old
+    assert cosine_rows(got, reference[perm]).min() >= 0.9999
+
+
+def test_oom_in_forward_splits_and_keeps_every_row(cpu_embedder, rows, reference, monkeypatch):
+    encoder = cpu_embedder.encoder
+    real_forward = encoder.forward
+    seen = []
+
+    def forward(ids, mask):  # the only fake: a forward that runs out of memory above 3 rows
+        seen.append(ids.shape[0])
+        if ids.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real_forward(ids, mask)
+
+    monkeypatch.setattr(encoder, "forward", forward)
+    before = cpu_embedder.metrics()["oom_splits"]
+    ids, mask = pad(rows)
+    got = cpu_embedder.embed(ids, mask)
+    assert cosine_rows(got, reference).min() >= 0.9999
+    assert sum(n for n in seen if n <= 3) == len(rows)
+    assert cpu_embedder.metrics()["oom_splits"] - before == sum(1 for n in seen if n > 3)
+
+
+def test_concurrent_calls_are_safe(cpu_embedder, rows, reference):
+    halves = [rows[:6], rows[6:]]
+    out: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        out[k] = cpu_embedder.embed(*pad(halves[k]))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    got = np.concatenate([out[0], out[1]])
+    assert cosine_rows(got, reference).min() >= 0.9999
+
+
+def test_bf16_on_cpu_from_an_embedder_config(rows, reference):
+    """The factory may hand over the embedder section only; bf16 compute keeps cosine >= 0.999."""
+    e = CudaEmbedder(EmbedderConfig(device="cpu", precision="bf16"))
+    try:
+        assert e.dtype == torch.bfloat16
+        got = e.embed(*pad(rows[:4]))
+    finally:
+        e.close()
+    assert got.dtype == np.float32
+    assert cosine_rows(got, reference[:4]).min() >= 0.999
+    with pytest.raises(EmbedderError, match="closed"):
+        e.embed(*pad(rows[:1]))
+
+
+def test_bad_inputs(cpu_embedder):
+    ids, mask = pad([[101, 2000, 102]])
+    with pytest.raises(ValueError, match=r"equal \(B, L\)"):
+        cpu_embedder.embed(ids, mask[:, :2])
+    assert cpu_embedder.embed(ids[:0], mask[:0]).shape == (0, 384)
+    with pytest.raises(EmbedderError, match="int8"):
+        resolve_precision("int8", torch.device("cpu"))
+
+
+def test_flops_per_token():
+    # MiniLM-L6 at L=256: 6 x (2*384*1152 + 4*256*384 + 2*384*384 + 4*384*1536)
+    assert flops_per_token(256) == 6 * (884736 + 393216 + 294912 + 2359296)
+    assert flops_per_token(512) > flops_per_token(128)
+
+
+def test_stream_producer_cpu_fallback_is_synchronous_and_ordered():
+    def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, 4)
+        s = (ids * mask).sum(1, keepdim=True).to(torch.float32)
+        return torch.cat([s, s + 1, s * 2, mask.sum(1, keepdim=True).float()], 1)
+
+    producer = StreamProducer(torch.device("cpu"), compute, out_dim=4, max_rows=8, max_len=16)
+    assert producer.side_streams is False
+    batches = [(np.full((3, 16), i, np.int64), np.ones((3, 16), np.int64)) for i in range(7)]
+    got = list(producer.map(batches, depth=3))
+    assert [int(g[0, 0]) for g in got] == [16 * i for i in range(7)]
+    for (ids, mask), g in zip(batches, got):
+        np.testing.assert_array_equal(g, producer.run(ids, mask))
+    assert producer.metrics()["batches"] == 14
+
+
+# -- device selection ----------------------------------------------------------------------------
+
+
+def test_select_device_cpu_and_errors():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(" CPU ") == torch.device("cpu")
+    for bad in ("gpu", "cuda:", "cpu:0", "cuda:x", ""):
+        with pytest.raises(DeviceError, match="auto|cpu|cuda|cuda:N"):
+            select_device(bad)
+    with pytest.raises(DeviceError, match=r"cuda:99 requested but"):
+        select_device("cuda:99")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_select_device_without_cuda():
+    assert select_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="cuda requested but no CUDA device is visible"):
+        select_device("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_select_device_with_cuda():
+    n = torch.cuda.device_count()
+    assert select_device("auto") == torch.device("cuda", 0)
+    assert select_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match=rf"cuda:{n} requested but only {n} CUDA device\(s\) visible"):
+        select_device(f"cuda:{n}")
+
+
+# -- CUDA ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_embedder():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    e = CudaEmbedder(config(device="cuda", precision="bf16"), graph_after=2)
+    yield e
+    e.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_matches_fp32(gpu_embedder, rows, reference):
+    fp32 = CudaEmbedder(config(device="cuda", precision="fp32"))
+    try:
+        ids, mask = pad(rows)
+        want = fp32.embed(ids, mask)
+    finally:
+        fp32.close()
+    got = gpu_embedder.embed(ids, mask)
+    assert gpu_embedder.dtype == torch.bfloat16
+    assert cosine_rows(want, reference).min() >= 0.9999  # fp32 on the GPU == the CPU reference
+    assert cosine_rows(got, want).min() >= 0.999
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_path_equals_eager(gpu_embedder, rows):
+    ids, mask = pad(rows[:16] + rows[:2])  # 16 rows: no row padding, the graph runs the same shapes
+    ids, mask = ids[:16], mask[:16]
+    before = gpu_embedder.metrics()
+    eager = gpu_embedder.embed(ids, mask)  # first use of the bucket: eager
+    graphed = gpu_embedder.embed(ids, mask)  # second use: captured, then replayed
+    again = gpu_embedder.embed(ids, mask)  # replayed
+    after = gpu_embedder.metrics()
+    assert after["graphs_captured"] > before["graphs_captured"]
+    assert after["graph_replays"] - before["graph_replays"] >= 2
+    np.testing.assert_allclose(graphed, eager, atol=2e-3)
+    assert cosine_rows(graphed, eager).min() >= 0.9999
+    np.testing.assert_array_equal(graphed, again)
+    # rows not a multiple of 8: the graph pads rows, results for the real rows unchanged
+    odd = gpu_embedder.embed(ids[:13], mask[:13])
+    odd = gpu_embedder.embed(ids[:13], mask[:13])
+    assert cosine_rows(odd, eager[:13]).min() >= 0.9999
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_stream_producer_keeps_order_and_matches_sync(gpu_embedder):
+    device = gpu_embedder.device
+
+    def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, 8)
+        x = (ids * mask).to(torch.float32)
+        return torch.stack([x.sum(1), x.max(1).values, mask.sum(1).float()] + [x.mean(1)] * 5, 1)
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(40):
+        rows_, length = int(rng.integers(1, 33)), 16 * int(rng.integers(1, 9))
+        batches.append((rng.integers(0, 30000, (rows_, length)).astype(np.int64),
+                        (rng.random((rows_, length)) < 0.8).astype(np.int64)))
+    want = [compute(torch.from_numpy(i), torch.from_numpy(m)).numpy() for i, m in batches]
+
+    side = StreamProducer(device, compute, 8, max_rows=32, max_len=128, side_streams=True, slots=4)
+    sync = StreamProducer(device, compute, 8, max_rows=32, max_len=128, side_streams=False)
+    for got in (list(side.map(batches, depth=3)), list(sync.map(batches, depth=3))):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+    assert side.metrics()["staged_inputs"] == 40  # plain numpy inputs go through pinned staging
+
+    # pinned inputs from the ring are copied straight from the ring; threads overlap safely
+    ring = HostBufferRing(slots=4, max_rows=32, max_len=128)
+    results: dict[int, np.ndarray] = {}
+
+    def worker(k: int) -> None:
+        for j in range(k, len(batches), 2):
+            ids, mask = batches[j]
+            slot = ring.acquire(timeout=10)
+            hi, hm = ring.views(slot, *ids.shape)
+            hi[:], hm[:] = ids, mask
+            results[j] = side.run(hi, hm)
+            ring.release(slot)
+
+    staged = side.metrics()["staged_inputs"]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert side.metrics()["staged_inputs"] == staged
+    for j, w in enumerate(want):
+        np.testing.assert_allclose(results[j], w, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_governor_active(gpu_embedder):
+    m = gpu_embedder.metrics()["governor"]
+    assert m["active"] is True, m["reason"]

@@ -1,0 +1,228 @@
+"""Chunk graph from a small synthetic ingest output (written here following docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hades_gpu.config import GraphConfig
+from hades_gpu.graph import EDGE_TYPES, build_graph, load_graph, symmetrize
+from hades_gpu.graph.knn import knn_blocked, knn_brute_force
+from hades_gpu.graph.references import ReferenceResolver
+from hades_gpu.records import stable_id
+
+DIM = 384
+
+
+def write_output(root: Path, docs: list[dict], shard_split: int = 2, rng_seed: int = 0) -> dict[str, list[str]]:
+    """Write chunks/documents part files (split over `shard_split` parts) + manifest.
+
+    `docs`: dicts with rel_path, language, modality, n_chunks, references, and optional
+    `emb` (n_chunks, DIM) array. Returns {rel_path: [chunk ids in ordinal order]}.
+    """
+    rng = np.random.default_rng(rng_seed)
+    (root / "chunks").mkdir(parents=True)
+    (root / "documents").mkdir(parents=True)
+    ids: dict[str, list[str]] = {}
+    parts = []
+    manifest_docs = {}
+    groups = [docs[i::shard_split] for i in range(shard_split)]
+    for p, group in enumerate(groups):
+        if not group:
+            continue
+        name = f"part-s0-{p:05d}"
+        crow: dict[str, list] = {k: [] for k in ("doc_id", "chunk_id", "path", "modality", "ordinal",
+                                                 "char_start", "char_end", "n_tokens", "text", "embedding")}
+        drow: dict[str, list] = {k: [] for k in ("doc_id", "path", "rel_path", "modality", "language",
+                                                 "content_hash", "n_chunks", "references")}
+        for d in group:
+            doc_id = stable_id(d["rel_path"])
+            chash = stable_id("content", d["rel_path"])
+            emb = d.get("emb")
+            if emb is None:
+                emb = rng.normal(size=(d["n_chunks"], DIM)).astype(np.float32)
+                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            ids[d["rel_path"]] = []
+            for k in range(d["n_chunks"]):
+                cid = stable_id(doc_id, chash, str(k))
+                ids[d["rel_path"]].append(cid)
+                crow["doc_id"].append(doc_id)
+                crow["chunk_id"].append(cid)
+                crow["path"].append(f"/corpus/{d['rel_path']}")
+                crow["modality"].append(d["modality"])
+                crow["ordinal"].append(k)
+                crow["char_start"].append(k * 100)
+                crow["char_end"].append(k * 100 + 100)
+                crow["n_tokens"].append(20)
+                crow["text"].append(f"chunk {k} of {d['rel_path']}")
+                crow["embedding"].append(emb[k].tolist())
+            drow["doc_id"].append(doc_id)
+            drow["path"].append(f"/corpus/{d['rel_path']}")
+            drow["rel_path"].append(d["rel_path"])
+            drow["modality"].append(d["modality"])
+            drow["language"].append(d["language"])
+            drow["content_hash"].append(chash)
+            drow["n_chunks"].append(d["n_chunks"])
+            drow["references"].append(d.get("references", []))
+            manifest_docs[d["rel_path"]] = {"doc_id": doc_id, "content_hash": chash,
+                                            "n_chunks": d["n_chunks"], "part": name}
+        ctable = pa.table({
+            **{k: crow[k] for k in ("doc_id", "chunk_id", "path", "modality")},
+            "ordinal": pa.array(crow["ordinal"], pa.int32()),
+            "char_start": pa.array(crow["char_start"], pa.int64()),
+            "char_end": pa.array(crow["char_end"], pa.int64()),
+            "n_tokens": pa.array(crow["n_tokens"], pa.int32()),
+            "text": crow["text"],
+            "embedding": pa.array(crow["embedding"], pa.list_(pa.float32(), DIM)),
+        })
+        dtable = pa.table({
+            **{k: drow[k] for k in ("doc_id", "path", "rel_path", "modality", "language", "content_hash")},
+            "n_chunks": pa.array(drow["n_chunks"], pa.int32()),
+            "references": pa.array(drow["references"], pa.list_(pa.string())),
+        })
+        pq.write_table(ctable, root / "chunks" / f"{name}.parquet")
+        pq.write_table(dtable, root / "documents" / f"{name}.parquet")
+        parts.append(name)
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "shard": "s0", "parts": parts,
+                                                    "documents": manifest_docs}))
+    return ids
+
+
+CORPUS = [
+    {"rel_path": "pkg/__init__.py", "language": "python", "modality": "code", "n_chunks": 1, "references": []},
+    {"rel_path": "pkg/core.py", "language": "python", "modality": "code", "n_chunks": 3,
+     "references": ["pkg.util", "os", "numpy"]},
+    {"rel_path": "pkg/util.py", "language": "python", "modality": "code", "n_chunks": 2, "references": []},
+    {"rel_path": "app/main.py", "language": "python", "modality": "code", "n_chunks": 2,
+     "references": ["pkg.core", "pkg.util.helper", "pkg"]},
+    {"rel_path": "docs/guide.md", "language": "markdown", "modality": "prose", "n_chunks": 6,
+     "references": ["../README.md#intro", "install", "https://example.com/x.md", "#local", "missing.md"]},
+    {"rel_path": "docs/install.md", "language": "markdown", "modality": "prose", "n_chunks": 1, "references": []},
+    {"rel_path": "README.md", "language": "markdown", "modality": "prose", "n_chunks": 2,
+     "references": ["docs/guide.md"]},
+]
+
+
+def _edges(out: Path) -> pa.Table:
+    return pq.read_table(out / "edges.parquet")
+
+
+def _pairs(t: pa.Table, kind: str) -> set[tuple[str, str]]:
+    rows = t.filter(pa.compute.equal(t.column("type"), kind))
+    return set(zip(rows.column("src_chunk_id").to_pylist(), rows.column("dst_chunk_id").to_pylist()))
+
+
+def test_graph_from_synthetic_output_has_expected_edges(tmp_path: Path) -> None:
+    ids = write_output(tmp_path, CORPUS)
+    cfg = GraphConfig(knn_k=2, knn_threshold=-1.0, same_document_fanout=2, knn_block_size=4)
+    g = build_graph(tmp_path, cfg)
+    t = _edges(tmp_path)
+    assert t.schema.names == ["src_chunk_id", "dst_chunk_id", "type", "weight"]
+    assert set(t.column("type").to_pylist()) == set(EDGE_TYPES)
+    n = sum(d["n_chunks"] for d in CORPUS)
+    assert g.num_nodes == n
+
+    seq = _pairs(t, "sequence")
+    guide = ids["docs/guide.md"]
+    assert seq >= {(guide[k], guide[k + 1]) for k in range(5)}
+    assert len(seq) == sum(d["n_chunks"] - 1 for d in CORPUS)
+
+    same = _pairs(t, "same_document")
+    # 6-chunk doc, fanout 2: each chunk links to exactly 2 others of its document, spread out
+    for k, c in enumerate(guide):
+        outs = {d for s, d in same if s == c}
+        assert len(outs) == 2 and outs <= set(guide) - {c}
+    assert all(not (s in ids["docs/install.md"]) for s, _ in same)  # 1-chunk doc: nothing
+
+    ref = _pairs(t, "reference")
+    core, util, init, main = ids["pkg/core.py"], ids["pkg/util.py"], ids["pkg/__init__.py"], ids["app/main.py"]
+    expected = {(c, util[0]) for c in core}  # import pkg.util
+    expected |= {(c, core[0]) for c in main} | {(c, util[0]) for c in main} | {(c, init[0]) for c in main}
+    expected |= {(c, ids["README.md"][0]) for c in guide} | {(c, ids["docs/install.md"][0]) for c in guide}
+    expected |= {(c, guide[0]) for c in ids["README.md"]}
+    assert ref == expected  # os/numpy/URLs/anchors/missing files resolve to nothing
+
+    knn = t.filter(pa.compute.equal(t.column("type"), "knn"))
+    assert knn.num_rows == 2 * n  # threshold -1: exactly k per chunk
+    assert all(s != d for s, d in _pairs(t, "knn"))
+
+    data = load_graph(tmp_path)
+    assert data.num_nodes == n and data.chunk_ids == sorted(data.chunk_ids)
+    ei = data.edge_index
+    assert ei.shape[0] == 2 and data.edge_attr.shape == (ei.shape[1],) and data.edge_type.shape == (ei.shape[1],)
+    # undirected, deduplicated, no self loops
+    pairs = set(map(tuple, ei.T.tolist()))
+    assert len(pairs) == ei.shape[1]
+    assert all((d, s) in pairs for s, d in pairs)
+    assert all(s != d for s, d in pairs)
+    # sequence edge kept (weight 1.0) where same_document duplicates it (weight 0.5)
+    pos = {c: i for i, c in enumerate(data.chunk_ids)}
+    a, b = pos[guide[0]], pos[guide[1]]
+    j = [k for k, (s, d) in enumerate(ei.T.tolist()) if (s, d) == (a, b)][0]
+    assert data.edge_type[j].item() == EDGE_TYPES.index("sequence") and data.edge_attr[j].item() == 1.0
+
+
+def test_graph_disabled_types_and_uncommitted_parts(tmp_path: Path) -> None:
+    ids = write_output(tmp_path, CORPUS)
+    # an interrupted write: a part file the manifest does not name is ignored
+    stray = pq.read_table(next((tmp_path / "chunks").glob("*.parquet")))
+    stray = stray.set_column(1, "chunk_id", pa.array(["x" + c for c in stray.column("chunk_id").to_pylist()]))
+    pq.write_table(stray, tmp_path / "chunks" / "part-s0-00099.parquet")
+    cfg = GraphConfig(knn=False, references=False, same_document=False)
+    g = build_graph(tmp_path, cfg)
+    assert g.num_nodes == sum(len(v) for v in ids.values())
+    assert set(g.counts_by_type()) == set(EDGE_TYPES)
+    assert g.counts_by_type()["sequence"] == g.num_edges
+
+
+def test_reference_resolver_rules() -> None:
+    r = ReferenceResolver(["src/pkg/a.py", "src/pkg/sub/__init__.py", "vendor/json.py", "tests/test_a.py",
+                           "docs/x/index.md", "notes.rst"])
+    assert r.resolve_module("pkg.a", "src/pkg/sub/__init__.py") == [0]
+    assert r.resolve_module("pkg.sub", "tests/test_a.py") == [1]  # >= 2 components: suffix match kept
+    assert r.resolve_module("json", "src/pkg/a.py") == []  # bare name, not under an ancestor prefix
+    assert r.resolve_module("pkg.a.func", "tests/test_a.py") == [0]  # from pkg.a import func
+    assert r.resolve(".a", 1, "python") == []  # pkg/sub/a does not exist; the package itself is self
+    assert r.resolve_module("..a", "src/pkg/sub/__init__.py") == [0]
+    assert r.resolve_link("x/", "docs/guide.md") == [4]
+    assert r.resolve_link("../notes", "docs/guide.md") == [5]
+    assert r.resolve_link("mailto:me@x.org", "docs/guide.md") == []
+
+
+def test_symmetrize_keeps_heaviest_edge() -> None:
+    s, d, t, w = symmetrize(torch.tensor([0, 1, 2]), torch.tensor([1, 0, 2]), torch.tensor([3, 0, 0]),
+                            torch.tensor([0.9, 1.0, 1.0]), 3)
+    assert s.tolist() == [0, 1] and d.tolist() == [1, 0]
+    assert t.tolist() == [0, 0] and w.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_knn_blocked_equals_brute_force(block: int) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(101, 16)).astype(np.float32)
+    x[5] = 0.0  # a missing embedding: no neighbours, nobody's neighbour
+    got = knn_blocked(x, k=5, threshold=0.1, block_size=block)
+    ref = knn_brute_force(x, k=5, threshold=0.1)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
+    assert 5 not in got[0] and 5 not in got[1]
+    assert (got[0] != got[1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_cuda_equals_cpu() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5000, 64)).astype(np.float32)
+    cpu = knn_blocked(x, k=10, threshold=0.0, block_size=1024, device="cpu")
+    gpu = knn_blocked(x, k=10, threshold=0.0, block_size=1024, device="cuda")
+    np.testing.assert_array_equal(cpu[0], gpu[0])
+    np.testing.assert_array_equal(cpu[1], gpu[1])
+    np.testing.assert_allclose(cpu[2], gpu[2], atol=1e-5)

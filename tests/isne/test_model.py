@@ -1,0 +1,111 @@
+"""ISNE model, loss, inductive inference, isolated nodes and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
+from hades_gpu.isne.model import ISNE, load_checkpoint, save_checkpoint, skipgram_loss
+from hades_gpu.isne.sampling import CSRGraph
+
+
+def _sym(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    ei = torch.tensor(pairs, dtype=torch.long).T
+    return torch.cat([ei, ei.flip(0)], 1)
+
+
+def test_skipgram_loss_matches_explicit_pairs() -> None:
+    torch.manual_seed(0)
+    w, length, d, c, k = 3, 7, 5, 3, 2
+    h_walk = torch.randn(w, length, d)
+    h_neg = torch.randn(k, w, length, d)
+    valid = torch.ones(w, length, dtype=torch.bool)
+    valid[1, 4:] = False  # a walk that died after 4 nodes
+    loss, n_pos = skipgram_loss(h_walk, valid, h_neg, c)
+    pos, neg = [], []
+    for i in range(w):
+        for j in range(length - c + 1):
+            if not valid[i, j]:
+                continue
+            for o in range(1, c):
+                if valid[i, j + o]:
+                    pos.append(F.logsigmoid(h_walk[i, j] @ h_walk[i, j + o]))
+                for kk in range(k):
+                    neg.append(F.logsigmoid(-(h_walk[i, j] @ h_neg[kk, i, j + o])))
+    ref = -torch.stack(pos).mean() - torch.stack(neg).mean()
+    assert int(n_pos) == len(pos)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_isolated_node_is_the_zero_vector() -> None:
+    ei = _sym([(0, 1), (1, 2)])  # node 3 isolated
+    csr = CSRGraph.from_edge_index(ei, 4)
+    model = ISNE(4, 8)
+    h = model.embed(torch.tensor([3, 1]), csr, fanout=2)
+    assert torch.equal(h[0], torch.zeros(8))
+    torch.testing.assert_close(h[1], model.theta.weight[[0, 2]].mean(0))
+    assert torch.equal(model.node_embeddings(csr)[3], torch.zeros(8))
+    # an empty graph: every node isolated
+    empty = CSRGraph.from_edge_index(torch.zeros(2, 0, dtype=torch.long), 4)
+    assert torch.equal(model.embed(torch.arange(4), empty, fanout=3), torch.zeros(4, 8))
+
+
+def test_gradient_is_sparse_and_only_touches_sampled_neighbours() -> None:
+    ei = _sym([(0, 1), (1, 2), (2, 3), (4, 5)])
+    csr = CSRGraph.from_edge_index(ei, 6)
+    model = ISNE(6, 4)
+    walks = torch.tensor([[0, 1, 2, 3]])
+    neg = torch.tensor([[0, 1, 1, 2]])
+    loss, _ = model.loss(walks, neg, csr, context_size=2, fanout=4)
+    loss.backward()
+    grad = model.theta.weight.grad
+    assert grad.is_sparse
+    touched = set(grad.coalesce().indices()[0].tolist())
+    assert touched == {0, 1, 2, 3}  # neighbours of {0, 1, 2, 3}; nodes 4, 5 untouched
+
+
+def test_unseen_node_vector_is_mean_of_trained_neighbours(tmp_path: Path) -> None:
+    """Checkpoint over nodes a..d; the current graph adds x (linked to a, c and the new y), y and
+    the isolated z. h(x) = mean(θ_a, θ_c): y has no θ and is left out. y is linked only to the new
+    x, so it has no trained neighbour and gets 0, like the isolated z."""
+    theta = torch.randn(4, 6)
+    path = save_checkpoint(tmp_path / "model.safetensors", theta, ["a", "b", "c", "d"], {"dim": 6})
+    ckpt = load_checkpoint(path)
+    assert ckpt.node_ids == ["a", "b", "c", "d"] and ckpt.config == {"dim": 6}
+    torch.testing.assert_close(ckpt.theta, theta)
+
+    ids = ["x", "a", "b", "c", "d", "y", "z"]  # a new order: the checkpoint maps by id
+    ei = _sym([(1, 2), (2, 3), (3, 4), (0, 1), (0, 3), (0, 5)])
+    vecs, known = infer_from_checkpoint(ckpt, ids, ei)
+    assert known.tolist() == [False, True, True, True, True, False, False]
+    torch.testing.assert_close(vecs[0], (theta[0] + theta[2]) / 2)  # x: mean of θ_a, θ_c
+    torch.testing.assert_close(vecs[1], theta[1])  # a: neighbours b (trained) and x (new)
+    torch.testing.assert_close(vecs[3], (theta[1] + theta[3]) / 2)  # c: b, d (x is new)
+    assert torch.equal(vecs[5], torch.zeros(6)) and torch.equal(vecs[6], torch.zeros(6))
+
+
+def test_neighbor_mean_batches_agree() -> None:
+    ei = _sym([(i, (i * 7 + 3) % 50) for i in range(50)] + [(i, i + 1) for i in range(49)])
+    csr = CSRGraph.from_edge_index(ei, 50)
+    theta = torch.randn(50, 8)
+    torch.testing.assert_close(neighbor_mean(theta, csr, batch_size=7), neighbor_mean(theta, csr))
+
+
+def test_node2vec_mode_is_a_lookup_table() -> None:
+    csr = CSRGraph.from_edge_index(_sym([(0, 1)]), 3)
+    model = ISNE(3, 4, aggregate=False)
+    torch.testing.assert_close(model.embed(torch.tensor([2, 0]), csr), model.theta.weight[[2, 0]])
+
+
+def test_checkpoint_rejects_other_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not an ISNE checkpoint"):
+        load_checkpoint(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="len\\(node_ids\\)"):
+        save_checkpoint(tmp_path / "y.safetensors", torch.zeros(3, 2), ["a"], {})

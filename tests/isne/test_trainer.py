@@ -1,0 +1,171 @@
+"""Trainer (split, AUC, early stopping) and the ISNE stage on a synthetic ingest output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hades_gpu.config import GraphConfig, IsneConfig, PipelineConfig
+from hades_gpu.isne.evaluation import sbm_graph
+from hades_gpu.isne.trainer import link_auc, split_edges, train_isne, undirected_pairs
+from hades_gpu.pipelines.isne_training import (ISNETrainingPipeline, NotAnIngestOutputError,
+                                               read_isne_embeddings, run_isne_stage)
+from hades_gpu.records import stable_id
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny steps: on a shared 2-core box, intra-op threads spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_split_holds_out_edges_without_isolating_nodes() -> None:
+    ei, _ = sbm_graph(500, 5, 0.03, 0.003, seed=1)
+    split = split_edges(ei, 500, 0.2, seed=0)
+    und = undirected_pairs(ei, 500)
+    train_pairs = set(map(tuple, undirected_pairs(split.train, 500).T.tolist()))
+    val = set(map(tuple, split.val_pos.T.tolist()))
+    assert val and not (val & train_pairs)
+    assert len(val) + len(train_pairs) == und.shape[1]
+    assert 0.1 * und.shape[1] < len(val) <= 0.2 * und.shape[1] + 1
+    # symmetric training graph; every node that had a neighbour still has one
+    tr = set(map(tuple, split.train.T.tolist()))
+    assert all((b, a) in tr for a, b in tr)
+    deg_all = torch.bincount(ei[0], minlength=500)
+    deg_tr = torch.bincount(split.train[0], minlength=500)
+    assert ((deg_all > 0) <= (deg_tr > 0)).all()
+    assert split.val_neg.shape == split.val_pos.shape or split.val_neg.shape[1] <= split.val_pos.shape[1]
+
+
+def test_link_auc() -> None:
+    assert link_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert link_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    rng = np.random.default_rng(0)
+    p, q = torch.tensor(rng.normal(1, 1, 300)), torch.tensor(rng.normal(0, 1, 200))
+    brute = float((p[:, None] > q[None, :]).double().mean())
+    assert abs(link_auc(p, q) - brute) < 1e-9
+
+
+def test_training_learns_and_is_reproducible() -> None:
+    ei, _ = sbm_graph(600, 4, 0.04, 0.002, seed=2)
+    cfg = IsneConfig(dim=16, epochs=6, batch_size=128, walk_length=10, walks_per_node=2, device="cpu",
+                     patience=100)
+    a = train_isne(ei, 600, cfg)
+    b = train_isne(ei, 600, cfg)
+    losses = [h["loss"] for h in a.history]
+    assert a.epochs_run == 6 and losses[-1] < losses[0]
+    assert a.best_val_auc is not None and a.best_val_auc > 0.6
+    assert a.pos_pairs > 0 and a.pairs_per_s > 0
+    torch.testing.assert_close(a.model.theta.weight, b.model.theta.weight)  # same seed, same θ
+
+
+def test_early_stopping_restores_best_theta() -> None:
+    ei, _ = sbm_graph(300, 3, 0.05, 0.005, seed=3)
+    cfg = IsneConfig(dim=8, epochs=50, batch_size=64, walk_length=6, walks_per_node=1, device="cpu",
+                     patience=1, min_delta=1.0)  # no epoch can gain 1.0 AUC: stop after epoch 2
+    res = train_isne(ei, 300, cfg)
+    assert res.epochs_run == 2 and res.stopped_early and res.best_epoch == 1
+    assert res.best_val_auc == res.history[0]["val_auc"]
+
+
+# ------------------------------------------------------------------------------- pipeline stage
+def _write_output(root: Path, docs: dict[str, int], dim: int = 32, seed: int = 0, part: int = 0,
+                  manifest_parts: list[str] | None = None) -> list[str]:
+    """One chunks/documents part pair (docs: rel_path -> n_chunks) and a manifest naming the parts."""
+    rng = np.random.default_rng(seed)
+    name = f"part-s0-{part:05d}"
+    rows: dict[str, list] = {k: [] for k in ("doc_id", "chunk_id", "ordinal", "embedding")}
+    drows: dict[str, list] = {k: [] for k in ("doc_id", "rel_path", "language", "references", "n_chunks")}
+    base = np.random.default_rng(123).normal(size=dim)  # all parts alike: kNN links new chunks to old
+    for rel, n in docs.items():
+        doc_id = stable_id(rel)
+        for k in range(n):
+            rows["doc_id"].append(doc_id)
+            rows["chunk_id"].append(stable_id(doc_id, "h", str(k)))
+            rows["ordinal"].append(k)
+            rows["embedding"].append((base + rng.normal(size=dim)).astype(np.float32).tolist())
+        drows["doc_id"].append(doc_id)
+        drows["rel_path"].append(rel)
+        drows["language"].append("markdown")
+        drows["references"].append([])
+        drows["n_chunks"].append(n)
+    for sub in ("chunks", "documents"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"doc_id": rows["doc_id"], "chunk_id": rows["chunk_id"],
+                             "ordinal": pa.array(rows["ordinal"], pa.int32()),
+                             "embedding": pa.array(rows["embedding"], pa.list_(pa.float32(), dim))}),
+                   root / "chunks" / f"{name}.parquet")
+    pq.write_table(pa.table({"doc_id": drows["doc_id"], "rel_path": drows["rel_path"],
+                             "language": drows["language"],
+                             "references": pa.array(drows["references"], pa.list_(pa.string())),
+                             "n_chunks": pa.array(drows["n_chunks"], pa.int32())}),
+                   root / "documents" / f"{name}.parquet")
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "shard": "s0",
+                                                    "parts": manifest_parts or [name], "documents": {}}))
+    return rows["chunk_id"]
+
+
+def _cfg() -> PipelineConfig:
+    return PipelineConfig(graph=GraphConfig(knn_k=3, knn_threshold=0.0, same_document_fanout=2),
+                          isne=IsneConfig(dim=8, epochs=3, batch_size=64, walk_length=6, walks_per_node=2,
+                                          device="cpu"))
+
+
+def test_stage_trains_then_infers_new_chunks_without_retraining(tmp_path: Path) -> None:
+    first = _write_output(tmp_path, {f"d{i}.md": 3 + i % 4 for i in range(12)})
+    m1 = run_isne_stage(_cfg(), tmp_path)
+    assert m1["mode"] == "trained" and m1["n_nodes"] == len(first) and m1["epochs_run"] >= 1
+    assert set(m1["n_edges_by_type"]) == {"sequence", "same_document", "reference", "knn"}
+    model = tmp_path / "isne" / "model.safetensors"
+    assert model.is_file()
+    ids1, vecs1 = read_isne_embeddings(tmp_path)
+    assert sorted(ids1) == sorted(first) and vecs1.shape == (len(first), 8)
+    stamp = model.stat().st_mtime_ns
+
+    # documents added later: their chunks are inferred, old vectors kept, the model untouched
+    added = _write_output(tmp_path, {"new1.md": 4, "new2.md": 2}, seed=1, part=1,
+                          manifest_parts=["part-s0-00000", "part-s0-00001"])
+    m2 = run_isne_stage(_cfg(), tmp_path)
+    assert m2["mode"] == "inferred" and m2["n_inferred"] == len(added)
+    assert model.stat().st_mtime_ns == stamp
+    ids2, vecs2 = read_isne_embeddings(tmp_path)
+    assert sorted(ids2) == sorted(first + added)
+    old = dict(zip(ids1, vecs1))
+    new = dict(zip(ids2, vecs2))
+    assert all(np.array_equal(old[c], new[c]) for c in first)
+    assert all(np.abs(new[c]).sum() > 0 for c in added)  # kNN links them to trained chunks: not zero
+
+    # asking for retraining trains again
+    m3 = run_isne_stage(PipelineConfig(graph=_cfg().graph, isne=IsneConfig(**{**_cfg().isne.__dict__,
+                                                                            "retrain": True})), tmp_path)
+    assert m3["mode"] == "trained" and m3["n_nodes"] == len(first) + len(added)
+
+
+def test_pipeline_api_and_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NotAnIngestOutputError, match="run `hades-ingest"):
+        ISNETrainingPipeline(_cfg()).train(corpus_path=tmp_path)
+    _write_output(tmp_path, {"a.md": 5, "b.md": 5})
+    res = ISNETrainingPipeline(_cfg()).train(corpus_path=tmp_path, epochs=2, batch_size=16)
+    assert res.metrics["mode"] == "trained" and res.metrics["epochs_run"] <= 2
+    assert res.model_path.is_file() and res.embeddings_path.is_file()
+    t = pq.read_table(res.embeddings_path)
+    assert t.schema.field("isne_embedding").type == pa.list_(pa.float32())
+    assert t.num_rows == 10
+
+
+def test_stage_disabled_still_builds_graph(tmp_path: Path) -> None:
+    _write_output(tmp_path, {"a.md": 3})
+    cfg = _cfg()
+    cfg.isne.enabled = False
+    m = run_isne_stage(cfg, tmp_path)
+    assert m["mode"] == "disabled" and (tmp_path / "edges.parquet").is_file()
+    assert not (tmp_path / "isne").exists()

@@ -1,0 +1,201 @@
+"""End-to-end ingest over real worker processes, real files and the real embedder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.pipelines import CodeParallelPipeline, TextParallelPipeline
+from hades_gpu.store.reader import read_chunks, read_documents
+
+from corpus_helpers import REPO, copy_files, stdlib_sources
+
+FAST = ["isne.enabled=false", "monitoring.progress=off"]
+
+
+def config(*overrides, profile="balanced"):
+    return load_pipeline_config(profile, [*FAST, *overrides])
+
+
+def assert_exactly_once(output: Path) -> "object":
+    """Every committed document has ordinals 0..n-1 exactly once; chunk ids are unique."""
+    table = read_chunks(output, ["doc_id", "chunk_id", "ordinal"]).to_pandas()
+    assert table.chunk_id.is_unique
+    docs = read_documents(output, ["doc_id", "n_chunks"]).to_pandas()
+    assert docs.doc_id.is_unique
+    counts = table.groupby("doc_id").ordinal.apply(sorted)
+    for doc_id, n in zip(docs.doc_id, docs.n_chunks):
+        assert counts.get(doc_id, []) == list(range(n)), doc_id
+    return table
+
+
+def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
+    bad = sample_corpus / "bad"
+    bad.mkdir()
+    (bad / "blob.txt").write_bytes(bytes(range(256)) * 8)  # binary with a text extension
+    (bad / "empty.md").write_bytes(b"")
+    (bad / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, " .encode("latin-1") * 20)
+    (bad / "notes.md").mkdir()  # a folder that looks like a file: unreadable as a document
+    missing = tmp_path / "does-not-exist.md"
+    out = tmp_path / "out"
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch(
+        [sample_corpus, missing], output=out)
+
+    reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
+    assert reasons["blob.txt"] == "binary"
+    assert reasons["empty.md"] == "empty"
+    assert reasons["latin1.txt"] == "decode_error"
+    assert reasons["does-not-exist.md"] == "missing"
+    assert reasons["diagram.png"] == "binary"
+    assert result.errors  # per-document errors, keyed by path
+    good = {"overview.md", "api.rst", "design.txt", "__init__.py", "measures.py", "circle.py", "polygon.py"}
+    docs = read_documents(out).to_pandas()
+    assert set(Path(p).name for p in docs.path) == good
+    assert result.documents_ingested == len(good)
+
+    table = assert_exactly_once(out)
+    chunks = read_chunks(out).to_pandas()
+    for row in chunks.itertuples():  # offsets reproduce the text
+        assert Path(row.path).read_text()[row.char_start:row.char_end] == row.text
+    emb = np.stack(chunks.embedding.to_numpy())
+    assert emb.shape == (len(table), 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["documents"]["skipped_by_reason"]["binary"] == 2
+    assert 0 < metrics["padding_efficiency"] <= 1
+    assert metrics["memory"]["peak_rss_bytes"] > 0
+    assert {"read_chunk", "batch", "embed", "write"} <= set(metrics["stages"])
+
+    # a second run over the same output writes nothing twice
+    again = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
+    assert again.documents_ingested == 0 and again.documents_unchanged == len(good)
+    assert len(read_chunks(out)) == len(table)
+
+    # a changed document replaces its rows; the others stay
+    (sample_corpus / "docs" / "design.txt").write_text("Design notes\n\nRewritten entirely.\n")
+    third = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
+    assert third.documents_ingested == 1
+    after = assert_exactly_once(out)
+    texts = read_chunks(out, ["text"]).column("text").to_pylist()
+    assert any("Rewritten entirely" in t for t in texts) and not any("Composition over inheritance" in t for t in texts)
+    assert len(after) < len(table) + 1
+
+
+def test_embeddings_match_sentence_transformers(sample_corpus, tmp_path, embedder, sentence_transformer):
+    out = tmp_path / "out"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
+    chunks = read_chunks(out).to_pandas()
+    reference = sentence_transformer.encode(list(chunks.text), batch_size=16, normalize_embeddings=True)
+    ours = np.stack(chunks.embedding.to_numpy())
+    cosine = (ours * reference).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_code_pipeline_chunks_python_by_definitions(tmp_path, embedder):
+    files = [p for p in stdlib_sources(40) if p.name in {"bisect.py", "heapq.py", "textwrap.py", "colorsys.py"}]
+    corpus = copy_files(files, tmp_path / "code")
+    out = tmp_path / "out"
+    result = CodeParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_ingested == len(files) and not result.skipped
+    chunks = read_chunks(out).to_pandas()
+    assert set(chunks.modality) == {"code"}
+    starts = chunks[chunks.text.str.startswith("def ") | chunks.text.str.startswith("class ")]
+    assert len(starts) >= len(files)  # definitions begin chunks
+
+
+def _run_ingest(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_resume_after_sigkill(tmp_path):
+    corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40", *FAST]
+    proc = _run_ingest(args)
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["parts"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be killed: " + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(json.loads(manifest.read_text())["documents"])
+    assert 0 < partial < 60
+
+    rerun = _run_ingest(args)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    assert_exactly_once(out)
+    docs = read_documents(out).to_pandas()
+    assert len(docs) == 60
+    # every part file on disk is committed (interrupted ones were removed)
+    committed = set(json.loads(manifest.read_text())["parts"])
+    assert {p.stem for p in (out / "chunks").glob("*.parquet")} == committed
+
+
+def test_multirun_over_two_profiles(sample_corpus, tmp_path):
+    out = tmp_path / "sweep"
+    proc = _run_ingest(["-m", "profile=balanced,low_memory", f"corpus={sample_corpus}", f"output={out}", *FAST])
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    jobs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "manifest.json").exists())
+    assert len(jobs) == 2
+    assert jobs[0].name.startswith("0_") and "profile=balanced" in jobs[0].name
+    assert jobs[1].name.startswith("1_") and "profile=low_memory" in jobs[1].name
+    counts = [len(read_chunks(j)) for j in jobs]
+    assert counts[0] == counts[1] > 0
+    profiles = [json.loads((j / "metrics.json").read_text())["config"]["profile"]["name"] for j in jobs]
+    assert profiles == ["balanced", "low_memory"]
+
+
+def test_bad_override_is_one_line_naming_the_key(tmp_path):
+    proc = _run_ingest([f"corpus={tmp_path}", f"output={tmp_path / 'o'}", "profile.high_watermark=2.0"])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "profile.low_watermark/high_watermark must be 0 < low < high <= 1" in output
+    assert "Traceback" not in output
+
+
+class FailingEmbedder:
+    """Injected fault: an embedder that fails on its third batch (a runtime crash we cannot cause for real)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.dim, self.concurrency, self.max_batch_size = inner.dim, inner.concurrency, 0
+        self.description = "failing"
+
+    def embed(self, ids, mask):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("runtime crashed")
+        return self.inner.embed(ids, mask)
+
+    def close(self):
+        pass
+
+
+def test_stage_failure_stops_pipeline_then_rerun_completes(tmp_path, embedder):
+    corpus = copy_files(stdlib_sources(30), tmp_path / "corpus")
+    out = tmp_path / "out"
+    cfg = config("profile.max_batch_tokens=1024", "profile.writer_rows_per_part=10", profile="low_memory")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="runtime crashed"):
+        TextParallelPipeline(cfg, embedder=FailingEmbedder(embedder)).process_batch([corpus], output=out)
+    assert time.monotonic() - start < 120
+    result = TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_ingested + result.documents_unchanged == 30
+    assert_exactly_once(out)

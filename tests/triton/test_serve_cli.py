@@ -1,0 +1,71 @@
+"""`hades-serve` (serve_cli): prints the gRPC address once ready, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hades_gpu.embedding.triton import embedder_for
+from hades_gpu.embedding.triton_server import TritonServer, TritonServerError, free_port
+
+from triton_helpers import UNAVAILABLE
+
+
+def _serve_command() -> list[str]:
+    exe = shutil.which("hades-serve", path=os.path.dirname(sys.executable))
+    try:  # the console script, once the CLI wires it; else the function it calls
+        from hades_gpu import cli
+
+        if exe and hasattr(cli, "serve_main"):
+            return [exe]
+    except ImportError:
+        pass
+    return [sys.executable, "-c", "from hades_gpu.embedding.triton_server import serve_cli; raise SystemExit(serve_cli())"]
+
+
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_hades_serve_prints_address_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    log_file = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [*_serve_command(), "--grpc-port", str(port), "--log-file", str(log_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()  # blocks until ready (or the process dies)
+        assert line.strip() == f"gRPC 127.0.0.1:{port}", (line, proc.stderr.read() if proc.poll() else "")
+        emb = embedder_for(f"127.0.0.1:{port}")
+        emb.close()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Started GRPCInferenceService at 127.0.0.1" in log_file.read_text()
+    with pytest.raises(Exception):  # the server is gone with it
+        embedder_for(f"127.0.0.1:{port}")
+
+
+def test_unknown_model_is_refused_before_start(tmp_path):
+    with pytest.raises(TritonServerError, match="has no config.pbtxt"):
+        TritonServer(models=["no_such_model"])
+
+
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_failed_model_load_reports_log_tail(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 4\n'
+                                                   'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                                   'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    (repo / "broken" / "1" / "model.py").write_text("raise RuntimeError('model file is broken on purpose')\n")
+    t0 = time.monotonic()
+    with pytest.raises(TritonServerError) as info:
+        TritonServer(repo, ["broken"], ready_timeout_s=60).start()
+    assert "broken on purpose" in str(info.value) and time.monotonic() - t0 < 60
