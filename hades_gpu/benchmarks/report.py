@@ -57,10 +57,16 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     frame["_pkey"] = frame["profile"].map(lambda p: _profile_key(str(p)))
     frame = frame.sort_values(["job", "_pkey", "max_batch_tokens", "folder"]).drop(columns="_pkey")
     frame = frame.reset_index(drop=True)
+    # best = the configuration (job kind, profile, budget) with the highest mean chunks/s over its
+    # finished runs; every row of it is marked (a sweep repeated into one folder has several)
     frame["best"] = False
     ok = frame[(frame["status"] == "ok") & frame["chunks_per_s"].notna()]
-    for _, group in ok.groupby("job"):
-        frame.loc[group["chunks_per_s"].idxmax(), "best"] = True
+    if not ok.empty:
+        means = ok.groupby(["job", "profile", "max_batch_tokens"])["chunks_per_s"].mean()
+        for job, per_job in means.groupby(level="job"):
+            _, profile, budget = per_job.idxmax()
+            frame.loc[(frame["job"] == job) & (frame["profile"] == profile) & (frame["max_batch_tokens"] == budget)
+                      & (frame["status"] == "ok"), "best"] = True
     return frame
 
 
@@ -93,6 +99,12 @@ def _series_label(job: str, profile: str, jobs: int) -> str:
     return f"{profile}" if jobs == 1 else f"{job} / {profile}"
 
 
+def _best_means(ok: Any, columns: list[str]) -> Any:
+    """One row per best configuration (per job kind): its key and the mean of `columns` over its runs."""
+    best = ok[ok["best"]]
+    return best.groupby(["job", "profile", "max_batch_tokens"], as_index=False)[columns].mean()
+
+
 def _plot_throughput(frame: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -105,7 +117,7 @@ def _plot_throughput(frame: Any, path: Path) -> None:
         label = _series_label(job, profile, jobs)
         for ax, col in zip(axes, ("chunks_per_s", "tokens_per_s")):
             ax.plot(mean.index, mean[col], marker="o", label=label)
-    best = ok[ok["best"]]
+    best = _best_means(ok, ["chunks_per_s", "tokens_per_s"])
     for ax, col, title in zip(axes, ("chunks_per_s", "tokens_per_s"), ("chunks / s", "real tokens / s")):
         if not best.empty:
             ax.scatter(best["max_batch_tokens"], best[col], s=260, marker="*", color="gold", edgecolor="black",
@@ -143,7 +155,7 @@ def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt
             values.append(sel.mean() if not sel.empty else np.nan)
         bars = ax.bar(x + (i - (len(budgets) - 1) / 2) * width, values, width, label=f"{int(budget)} tokens")
         ax.bar_label(bars, labels=[_fmt(v, fmt) for v in values], fontsize=8, padding=2)
-    best = ok[ok["best"]]
+    best = _best_means(ok, [column])
     for row in best.itertuples(index=False):
         if (row.job, row.profile) in groups and row.max_batch_tokens in budgets:
             offset = (budgets.index(row.max_batch_tokens) - (len(budgets) - 1) / 2) * width
@@ -197,11 +209,12 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
     for job, group in ok.groupby("job"):
         best = group[group["best"]]
         if not best.empty:
-            b = best.iloc[0]
-            lines.append(f"**Best `{job}` configuration {BEST_MARK}: `profile={b['profile']} "
-                         f"profile.max_batch_tokens={int(b['max_batch_tokens'])}`**: {b['chunks_per_s']:.1f} chunks/s, "
-                         f"{b['tokens_per_s']:,.0f} tokens/s, padding efficiency {b['padding_efficiency']:.3f}, "
-                         f"peak RSS {b['peak_rss_mib']:,.0f} MiB.")
+            b = best[["chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_mib"]].mean()
+            runs = f" (mean of {len(best)} runs)" if len(best) > 1 else ""
+            lines.append(f"**Best `{job}` configuration {BEST_MARK}: `profile={best['profile'].iloc[0]} "
+                         f"profile.max_batch_tokens={int(best['max_batch_tokens'].iloc[0])}`**{runs}: "
+                         f"{b['chunks_per_s']:.1f} chunks/s, {b['tokens_per_s']:,.0f} tokens/s, "
+                         f"padding efficiency {b['padding_efficiency']:.3f}, peak RSS {b['peak_rss_mib']:,.0f} MiB.")
             lines.append("")
     lines += ["Throughput counts chunks embedded and written (tokens: real, not padding) over the timed "
               "region; peak RSS is the main process plus its worker processes.", "",

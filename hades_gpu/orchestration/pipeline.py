@@ -56,7 +56,8 @@ class StreamingPipeline:
             documents are recorded by the caller and return False).
         special_ids (tuple): (CLS, SEP, PAD) token ids.
         max_seq_len (int): model's longest sequence.
-        governor (optional): GPU memory governor (`batch_token_budget`, `wait_for_headroom`).
+        governor (optional): GPU memory governor; its `batch_token_budget` sizes batches. Waiting for
+            memory headroom happens inside the CUDA embedder's `embed`, which can also free its cache.
         progress (ProgressReporter, optional): updated from the calling thread.
     """
 
@@ -182,8 +183,6 @@ class StreamingPipeline:
                     batch = self.batch_queue.get()
                 except QueueClosed:
                     break
-                if self.governor is not None and getattr(self.governor, "active", False):
-                    self.governor.wait_for_headroom(self._stop, timeout=None)
                 t0 = time.perf_counter()
                 try:
                     vectors = self.embedder.embed(batch.input_ids, batch.attention_mask)

@@ -106,7 +106,6 @@ class IngestPipeline:
         refs, skips = discover([str(p) for p in sources], cfg.documents)
         for skip in skips:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
-        refs = self._dedupe(refs, metrics)
         metrics.documents_total = len(refs) + len(skips)
 
         writer = DatasetWriter(out, cfg.shard, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
@@ -151,9 +150,11 @@ class IngestPipeline:
                 if embedder is None:
                     from hades_gpu.embedding.factory import build_embedder
 
-                    embedder = build_embedder(cfg)
+                    embedder = build_embedder(cfg, governor=self._governor())
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
-                governor = self._governor()
+                # One governor per GPU: the CUDA embedder's own (it waits for headroom inside embed()
+                # with cache relief; the batcher shrinks its token budget from the same readings).
+                governor = getattr(embedder, "governor", None)
                 with WorkerPool(cfg.profile.num_workers, _worker_process,
                                 (cfg.documents, cfg.chunking, self.force_code),
                                 cfg.profile.inflight_docs_per_worker) as pool:
@@ -164,7 +165,9 @@ class IngestPipeline:
                     stream.run(todo)
                     metrics.extra["worker_restarts"] = pool.restarts
                 if governor is not None:
-                    metrics.extra["gpu_governor"] = governor.snapshot() if hasattr(governor, "snapshot") else {}
+                    metrics.extra["gpu_governor"] = governor.metrics()
+                if hasattr(embedder, "metrics"):
+                    metrics.extra["embedder_metrics"] = embedder.metrics()
             writer.close()
         finally:
             progress.stop()
@@ -190,19 +193,6 @@ class IngestPipeline:
                  result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
                  result.documents_skipped)
         return result
-
-    @staticmethod
-    def _dedupe(refs: list[DocumentRef], metrics: RunMetrics) -> list[DocumentRef]:
-        """Two sources yielding the same relative path would share a document id: keep the first."""
-        seen: dict[str, str] = {}
-        unique = []
-        for ref in refs:
-            if ref.rel_path in seen:
-                metrics.add_skip(ref.path, "duplicate_path", f"same relative path as {seen[ref.rel_path]}")
-                continue
-            seen[ref.rel_path] = ref.path
-            unique.append(ref)
-        return unique
 
     def _governor(self) -> Any:
         """The NVML memory governor when a GPU is in use, else None."""

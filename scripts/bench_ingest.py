@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""End-to-end ingest benchmark on real text and code found on this machine, all in one run.
+
+Measures, on the same corpus and the same chunk texts:
+  * `hades-ingest` end to end (a real subprocess: workers, batcher, embedder, Parquet) per profile;
+  * the model-only ceiling: the same chunks pre-tokenized, length-sorted, batched to the profile's
+    token budget and fed straight into the same runtime with the same concurrency;
+  * sentence-transformers `encode()` (batch 32) on a uniform sample of the same chunk texts;
+and prints a table of throughputs, ratios, padding efficiency and peak RSS, and writes JSON.
+
+Usage: python scripts/bench_ingest.py [--corpus-mb 5] [--profiles balanced,low_memory,high_throughput]
+                                      [--scale-profile low_memory --scale 4] [--out bench_ingest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROSE_SUFFIXES = {".md", ".txt", ".rst"}
+
+
+def build_corpus(dest: Path, megabytes: float, seed: int = 0) -> dict[str, int]:
+    """Copy ~`megabytes` of real files: 60% Python stdlib sources, 40% /usr/share/doc prose."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "code").mkdir(parents=True)
+    (dest / "prose").mkdir(parents=True)
+    budget = int(megabytes * 1e6)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    code = sorted(p for p in stdlib.rglob("*.py") if "test" not in p.parts and p.stat().st_size < 200_000)
+    prose = sorted(p for p in Path("/usr/share/doc").rglob("*")
+                   if p.is_file() and not p.is_symlink() and p.suffix.lower() in PROSE_SUFFIXES
+                   and 500 < p.stat().st_size < 300_000)
+    rng = random.Random(seed)
+    rng.shuffle(code)
+    rng.shuffle(prose)
+    sizes = {"code": 0, "prose": 0}
+    for kind, files, share in (("prose", prose, 0.4), ("code", code, 0.6)):
+        target = budget * share if kind == "prose" else budget - sizes["prose"]
+        for i, path in enumerate(files):
+            if sizes[kind] >= target:
+                break
+            name = f"{i:05d}_{path.name}"
+            shutil.copyfile(path, dest / kind / name)
+            sizes[kind] += path.stat().st_size
+    return sizes
+
+
+def scale_corpus(base: Path, dest: Path, copies: int) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    for i in range(copies):
+        shutil.copytree(base, dest / f"copy{i}")
+
+
+def run_ingest(corpus: Path, output: Path, profile: str, extra: list[str]) -> dict:
+    if output.exists():
+        shutil.rmtree(output)
+    cmd = [sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={output}", f"profile={profile}",
+           "isne.enabled=false", "monitoring.progress=off", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"hades-ingest failed ({profile}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = json.loads((output / "metrics.json").read_text())
+    return {
+        "profile": profile,
+        "wall_s": wall,
+        "pipeline_s": metrics["wall_s"],
+        "chunks": metrics["chunks"],
+        "real_tokens": metrics["real_tokens"],
+        "chunks_per_s": metrics["chunks"] / wall,
+        "tokens_per_s": metrics["real_tokens"] / wall,
+        "pipeline_chunks_per_s": metrics["chunks"] / metrics["wall_s"],
+        "padding_efficiency": metrics["padding_efficiency"],
+        "peak_rss_bytes": metrics["memory"]["peak_rss_bytes"],
+        "embedder": metrics.get("embedder", ""),
+        "skipped": metrics["documents"]["skipped"],
+        "documents": metrics["documents"]["done"],
+    }
+
+
+def chunk_texts(output: Path) -> list[str]:
+    from hades_gpu.store.reader import read_chunks
+
+    return read_chunks(output, ["text"]).column("text").to_pylist()
+
+
+def model_only(texts: list[str], profile: str) -> dict:
+    """The same chunks, pre-tokenized and length-sorted, straight into the runtime (no pipeline)."""
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.documents.tokenizer import load_tokenizer, special_ids
+    from hades_gpu.embedding.factory import build_embedder
+    from hades_gpu.orchestration.batcher import LengthSortedBatcher, fill_batch
+    from hades_gpu.records import Chunk
+
+    cfg = load_pipeline_config(profile)
+    tok = load_tokenizer()
+    cls_id, sep_id, pad_id = special_ids()
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    chunks = [Chunk("d", str(i), "", "", i, 0, 0, "", np.asarray(e.ids[: cfg.chunking.chunk_tokens], np.int32))
+              for i, e in enumerate(encoded)]
+    batcher = LengthSortedBatcher(cfg.profile.max_batch_tokens, cfg.profile.max_batch_size,
+                                  cfg.profile.length_bucket, cfg.embedder.max_seq_len, lookahead_batches=10**9)
+    batcher.add(chunks)
+    batches = [fill_batch(plan, None, -1, cls_id, sep_id, pad_id) for plan in batcher.flush()]
+    embedder = build_embedder(cfg)
+    embedder.embed(batches[0].input_ids, batches[0].attention_mask)  # warm-up
+    pending = list(batches)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                batch = pending.pop()
+            embedder.embed(batch.input_ids, batch.attention_mask)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(max(1, embedder.concurrency))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    description = embedder.description
+    embedder.close()
+    real = sum(b.real_tokens for b in batches)
+    padded = sum(b.padded_tokens for b in batches)
+    return {"chunks_per_s": len(chunks) / elapsed, "tokens_per_s": real / elapsed, "seconds": elapsed,
+            "padding_efficiency": real / padded, "embedder": description}
+
+
+def sentence_transformers_baseline(texts: list[str], sample: int, seed: int = 0) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from hades_gpu.documents.tokenizer import load_tokenizer, model_dir
+
+    rng = random.Random(seed)
+    chosen = texts if len(texts) <= sample else rng.sample(texts, sample)
+    model = SentenceTransformer(str(model_dir()), device="cpu")
+    model.encode(chosen[:32], batch_size=32)  # warm-up
+    start = time.perf_counter()
+    model.encode(chosen, batch_size=32, normalize_embeddings=True)
+    elapsed = time.perf_counter() - start
+    tok = load_tokenizer()
+    tokens = sum(min(len(e.ids), 254) + 2 for e in tok.encode_batch(chosen, add_special_tokens=False))
+    return {"chunks": len(chosen), "chunks_per_s": len(chosen) / elapsed, "tokens_per_s": tokens / elapsed,
+            "seconds": elapsed, "torch_threads": __import__("torch").get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus-mb", type=float, default=5.0)
+    ap.add_argument("--profiles", default="balanced,low_memory,high_throughput")
+    ap.add_argument("--scale-profile", default="low_memory", help="profile also run on a scaled corpus")
+    ap.add_argument("--scale", type=int, default=4, help="copies of the corpus for the memory check (0: skip)")
+    ap.add_argument("--st-sample", type=int, default=800, help="chunks encoded by sentence-transformers")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/hades-bench-ingest"))
+    ap.add_argument("--out", type=Path, default=Path("bench_ingest.json"))
+    args = ap.parse_args()
+
+    work = args.workdir
+    corpus = work / "corpus-1x"
+    sizes = build_corpus(corpus, args.corpus_mb)
+    print(f"corpus: {sum(sizes.values()) / 1e6:.2f} MB ({sizes['code'] / 1e6:.2f} MB code, "
+          f"{sizes['prose'] / 1e6:.2f} MB prose) in {corpus}", flush=True)
+
+    runs = []
+    profiles = [p for p in args.profiles.split(",") if p]
+    for profile in profiles:
+        print(f"hades-ingest profile={profile} ...", flush=True)
+        runs.append({**run_ingest(corpus, work / f"out-{profile}", profile, []), "scale": 1})
+    if args.scale > 1:
+        scaled = work / f"corpus-{args.scale}x"
+        scale_corpus(corpus, scaled, args.scale)
+        print(f"hades-ingest profile={args.scale_profile} on {args.scale}x ...", flush=True)
+        runs.append({**run_ingest(scaled, work / f"out-{args.scale_profile}-{args.scale}x", args.scale_profile, []),
+                     "scale": args.scale})
+        shutil.rmtree(scaled)
+
+    reference_profile = profiles[0]
+    texts = chunk_texts(work / f"out-{reference_profile}")
+    print(f"model-only ceiling on {len(texts)} chunks ...", flush=True)
+    ceiling = model_only(texts, reference_profile)
+    print(f"sentence-transformers encode() on {min(len(texts), args.st_sample)} chunks ...", flush=True)
+    st = sentence_transformers_baseline(texts, args.st_sample)
+
+    for run in runs:
+        run["x_sentence_transformers"] = run["chunks_per_s"] / st["chunks_per_s"]
+        run["x_model_only"] = run["chunks_per_s"] / ceiling["chunks_per_s"]
+
+    rows = [("sentence-transformers encode (bs 32)", st["chunks_per_s"], st["tokens_per_s"], 1.0, "", "", "")]
+    rows.append(("model-only ceiling", ceiling["chunks_per_s"], ceiling["tokens_per_s"],
+                 ceiling["chunks_per_s"] / st["chunks_per_s"], 1.0, ceiling["padding_efficiency"], ""))
+    for run in runs:
+        name = f"hades-ingest {run['profile']}" + (f" ({run['scale']}x corpus)" if run["scale"] > 1 else "")
+        rows.append((name, run["chunks_per_s"], run["tokens_per_s"], run["x_sentence_transformers"],
+                     run["x_model_only"], run["padding_efficiency"], run["peak_rss_bytes"] / 2**30))
+    header = ("path", "chunks/s", "tokens/s", "x s-t", "x ceiling", "padding eff.", "peak RSS GiB")
+    widths = [max(len(str(h)), 40 if i == 0 else 12) for i, h in enumerate(header)]
+
+    def fmt(value: object) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    print()
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(fmt(v).ljust(w) for v, w in zip(row, widths)))
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "corpus_bytes": sizes,
+        "chunks": len(texts),
+        "sentence_transformers": st,
+        "model_only": ceiling,
+        "runs": runs,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

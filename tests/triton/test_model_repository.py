@@ -1,0 +1,72 @@
+"""The model repository's configs parse as Triton ModelConfig and match the exported graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from hades_gpu.embedding import export
+
+REPO = Path(__file__).resolve().parents[2] / "triton_models"
+MODELS = ("minilm_python", "minilm_onnx", "minilm_openvino")
+TRITON_TO_NUMPY = {mc.TYPE_INT64: np.int64, mc.TYPE_FP32: np.float32}
+
+
+def load_config(name: str) -> mc.ModelConfig:
+    return text_format.Parse((REPO / name / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_config_declares_the_embedder_interface(name):
+    cfg = load_config(name)
+    assert cfg.name == name and cfg.max_batch_size > 0
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        ("input_ids", mc.TYPE_INT64, [-1]), ("attention_mask", mc.TYPE_INT64, [-1])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [("embedding", mc.TYPE_FP32, [export.DIM])]
+    db = cfg.dynamic_batching
+    assert cfg.HasField("dynamic_batching")
+    assert db.default_queue_policy.max_queue_size > 0  # a bounded queue
+    assert (REPO / name / "1").is_dir()
+
+
+def test_backends():
+    assert load_config("minilm_python").backend == "python"
+    assert load_config("minilm_onnx").backend == "onnxruntime"
+    assert load_config("minilm_onnx").instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert load_config("minilm_openvino").backend == "openvino"
+    assert load_config("minilm_openvino").default_model_filename == "model.xml"
+    assert (REPO / "minilm_python" / "1" / "model.py").is_file()
+
+
+def test_exported_onnx_matches_config():
+    import onnx
+
+    model = onnx.load(str(export.export_onnx()), load_external_data=False)
+    cfg = load_config("minilm_onnx")
+    elem = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
+    graph_inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    graph_outputs = {o.name: o.type.tensor_type for o in model.graph.output}
+    for tensors, declared in ((graph_inputs, cfg.input), (graph_outputs, cfg.output)):
+        for t in declared:
+            assert t.name in tensors, f"{t.name} not in the exported graph ({sorted(tensors)})"
+            tt = tensors[t.name]
+            assert elem[tt.elem_type] == t.data_type
+            assert len(tt.shape.dim) == 1 + len(t.dims)  # batch dimension + declared dims
+            if t.dims[-1] > 0:
+                assert tt.shape.dim[-1].dim_value == t.dims[-1]
+
+
+def test_exported_openvino_matches_config():
+    import openvino as ov
+
+    model = ov.Core().read_model(str(export.export_openvino()))
+    cfg = load_config("minilm_openvino")
+    names = {n for port in model.inputs for n in port.get_names()}
+    assert {i.name for i in cfg.input} <= names
+    out = model.output(0)
+    assert "embedding" in out.get_names()
+    assert out.get_partial_shape()[1].get_length() == export.DIM and out.get_partial_shape()[0].is_dynamic
