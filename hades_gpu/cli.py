@@ -40,12 +40,18 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> N
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def app(dcfg: DictConfig) -> None:
+        from hades_gpu.embedding.base import EmbedderError
+        from hades_gpu.gpu.device import DeviceError
+
         try:
             cfg = to_pipeline_config(dcfg)
             task(cfg, _job_output_dir(cfg))
-        except ConfigError as err:
+        except (ConfigError, DeviceError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except EmbedderError as err:  # server gone, model missing: committed parts stay, re-run resumes
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(1)
 
     sys.argv[0] = prog
     app()

@@ -313,7 +313,9 @@ def job_isne(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str
         "chunks_per_s": chunks / wall if wall > 0 else 0.0,  # graph nodes embedded per second
         "tokens_per_s": 0.0,
         "padding_efficiency": ingested["padding_efficiency"],
-        "peak_rss_bytes": max(memory.peak_rss, ingested["peak_rss_bytes"]),
+        "peak_rss_bytes": memory.peak_rss,  # over the ISNE stage (the ingest's own is ingest_peak_rss_bytes)
+        "ingest_peak_rss_bytes": ingested["peak_rss_bytes"],
+        "pairs_per_s": summary.get("pairs_per_s") if isinstance(summary, dict) else None,
         "ingest_wall_s": ingested["wall_s"],
         "isne": summary,
     }

@@ -230,6 +230,7 @@ class TritonServer:
         self._proc: Optional[subprocess.Popen] = None
         self._workdir: Optional[Path] = None
         self._log_handle = None
+        self._log_offset = 0
 
     # ----------------------------------------------------------------------------- addresses
     @property
@@ -309,12 +310,28 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="hades-triton-"))
         self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Free ports are picked before the server binds them: another process may take one in between.
+        # Then the server exits at start-up and, when the ports were ours to pick, we try new ones.
+        attempts = 3 if not any(self._ports_wanted) else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                self._launch(install)
+                return self
+            except TritonServerError as err:
+                if attempt == attempts or "already in use" not in str(err).lower():
+                    raise
+                log.warning("tritonserver could not bind its ports (%s): retrying on new ones", err)
+        raise AssertionError("unreachable")
+
+    def _launch(self, install: ServerInstall) -> None:
+        assert self.log_file is not None and self._workdir is not None
+        backend_dir = self._backend_dir(install)  # (re)built per launch: stop() removes it
         g, h, m = self._ports_wanted
         self.grpc_port, self.http_port, self.metrics_port = g or free_port(), h or free_port(), m or free_port()
         self.shm_prefix = f"hades{os.getpid()}_{uuid.uuid4().hex[:8]}_"
-        backend_dir = self._backend_dir(install)
         cmd = self.command(install, backend_dir)
         self._log_handle = open(self.log_file, "ab")
+        self._log_offset = self._log_handle.tell()
         self._log_handle.write(("$ " + " ".join(cmd) + "\n").encode())
         self._log_handle.flush()
         log.info("starting tritonserver (%s) on %s, log %s", install.executable, self.grpc_url, self.log_file)
@@ -328,7 +345,17 @@ class TritonServer:
             self.stop()
             raise
         log.info("tritonserver pid %d ready: gRPC %s, models %s", self._proc.pid, self.grpc_url, ",".join(self.models))
-        return self
+
+    def _started_grpc(self) -> bool:
+        """True once *this* server's log says its gRPC endpoint is up (not another process on the port)."""
+        assert self.log_file is not None
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        return f"Started GRPCInferenceService at 127.0.0.1:{self.grpc_port}" in text
 
     def _wait_ready(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -344,7 +371,7 @@ class TritonServer:
                     raise TritonServerError(
                         f"tritonserver exited with code {rc} before it was ready (log {self.log_file}): {_tail(self.log_file)}")
                 try:
-                    if client.is_server_ready(client_timeout=2.0) and all(
+                    if self._started_grpc() and client.is_server_ready(client_timeout=2.0) and all(
                         client.is_model_ready(m, client_timeout=2.0) for m in self.models
                     ):
                         return
@@ -379,7 +406,9 @@ class TritonServer:
             self._log_handle.close()
             self._log_handle = None
         if self._workdir is not None:
-            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            # The folder holds the backend copies and, unless a log file was given, the log: keep that.
+            keep_log = self._log_file_arg is None
+            shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return rc
 
     def kill(self) -> None:

@@ -247,8 +247,9 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         et = np.concatenate([np.full(len(p[0]), p[2], np.int64) for p in parts])
         w = np.concatenate([p[3] for p in parts]).astype(np.float32)
         # the same directed edge of the same type twice (e.g. same_document offsets that coincide)
-        key = np.stack([src, dst, et])
-        _, first = np.unique(key, axis=1, return_index=True)
+        n = max(len(chunks), 1)
+        key = (src * n + dst) * len(EDGE_TYPES) + et  # < 2^63 up to ~1e9 chunks
+        _, first = np.unique(key, return_index=True)
         first.sort()
         src, dst, et, w = src[first], dst[first], et[first], w[first]
     else:

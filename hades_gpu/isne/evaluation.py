@@ -118,7 +118,7 @@ def remove_nodes(edge_index: Tensor, num_nodes: int, heldout: Tensor) -> Tensor:
     return edge_index[:, keep]
 
 
-def evaluate(n: int = 20000, blocks: int = 10, p_in: float = 0.0035, p_out: float = 0.0004,
+def evaluate(n: int = 20000, blocks: int = 10, p_in: float = 5 / 1999, p_out: float = 5 / 18000,
              cfg: Optional[IsneConfig] = None, heldout_fraction: float = 0.15, k: int = 15, folds: int = 5,
              seed: int = 0, device: Optional[str] = None) -> EvalReport:
     """The whole quality protocol on one SBM graph (see the module docstring)."""

@@ -110,6 +110,7 @@ class ISNE(nn.Module):
         """
         w, length = walks.shape
         nodes = torch.cat([walks.reshape(-1), negatives.reshape(-1)])
+        # sync point: unique's output size is data-dependent (U distinct nodes)
         uniq, inv = torch.unique(nodes.clamp_min(0), return_inverse=True)  # -1 -> 0, masked below
         h = self.embed(uniq, csr, fanout, generator)  # (U, d)
         # two lookups rather than slices of one: a slice's backward zero-fills the whole tensor

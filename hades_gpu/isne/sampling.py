@@ -4,6 +4,9 @@ torch-cluster and pyg-lib have no wheels for this torch (../shared/FACTS.md), so
 neighbour samples are written here. Each routine loops over *steps* (walk length, fanout), never over
 nodes: one step is a handful of gathers over all walks / nodes at once, on whatever device the CSR
 lives on (CPU or CUDA).
+
+Sync points (the CPU waits for the device): `sample_neighbors` (the rows above `fanout` and, with
+`fanout=None`, the number of neighbours have data-dependent sizes). `random_walks` has none.
 """
 
 from __future__ import annotations
@@ -126,12 +129,12 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
         counts = deg
         offsets = torch.cumsum(counts, 0) - counts
         # slot index of every neighbour: lo[row] + (position within the row)
-        row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
-        pos = torch.arange(int(counts.sum()), device=nodes.device) - offsets[row]
+        row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # sync point
+        pos = torch.arange(row.numel(), device=nodes.device) - offsets[row]
         return csr.col[lo[row] + pos], offsets, counts
     counts = deg.clamp_max(fanout)
     slots = torch.arange(fanout, device=nodes.device).expand(nodes.numel(), fanout).clone()  # (U, F)
-    big = (deg > fanout).nonzero().squeeze(1)
+    big = (deg > fanout).nonzero().squeeze(1)  # sync point: data-dependent size (H,)
     if big.numel():
         d = deg[big]  # (H,)
         chosen = torch.empty(big.numel(), fanout, dtype=torch.long, device=nodes.device)  # (H, F)

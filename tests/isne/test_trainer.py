@@ -77,6 +77,18 @@ def test_early_stopping_restores_best_theta() -> None:
     assert res.best_val_auc == res.history[0]["val_auc"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_with_amp() -> None:
+    ei, _ = sbm_graph(2000, 4, 0.01, 0.001, seed=4)
+    cfg = IsneConfig(dim=32, epochs=3, batch_size=256, device="cuda", amp=True, patience=100)
+    res = train_isne(ei, 2000, cfg)
+    assert res.device.startswith("cuda") and res.model.theta.weight.is_cuda
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert res.peak_device_bytes and res.peak_device_bytes > 0
+
+
 # ------------------------------------------------------------------------------- pipeline stage
 def _write_output(root: Path, docs: dict[str, int], dim: int = 32, seed: int = 0, part: int = 0,
                   manifest_parts: list[str] | None = None) -> list[str]:

@@ -38,14 +38,3 @@ def triton_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def local_embedder():
-    """The in-process embedder with the settings the served model uses (runtime auto, default precision)."""
-    from hades_gpu.config import PipelineConfig
-    from hades_gpu.embedding.factory import build_embedder
-
-    emb = build_embedder(PipelineConfig())
-    yield emb
-    emb.close()

@@ -1,4 +1,7 @@
-"""TritonEmbedder against a real tritonserver: same vectors as local, dynamic batching, clear errors."""
+"""TritonEmbedder against a real tritonserver: same vectors as local, dynamic batching, clear errors.
+
+`embedder` is the session's local embedder (tests/conftest.py); `remote` the Triton one.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ MODEL = "minilm_python"
 
 
 @pytest.fixture(scope="module")
-def embedder(triton_server):
+def remote(triton_server):
     emb = embedder_for(triton_server.grpc_url, MODEL)
     yield emb
     emb.close()
@@ -33,27 +36,27 @@ def real_batches():
     return [token_batch(full[:16], bucket=16), token_batch(full[16:], bucket=16), token_batch(short, bucket=16)]
 
 
-def test_embedder_reads_model_config(embedder):
-    assert embedder.dim == 384
-    assert embedder.max_batch_size == 128
-    assert embedder.concurrency == embedder.cfg.max_inflight
+def test_embedder_reads_model_config(remote):
+    assert remote.dim == 384
+    assert remote.max_batch_size == 128
+    assert remote.concurrency == remote.cfg.max_inflight
 
 
-def test_triton_matches_local_embedder(embedder, local_embedder, real_batches):
+def test_triton_matches_local_embedder(remote, embedder, real_batches):
     for ids, mask in real_batches:
-        remote = embedder.embed(ids, mask)
-        local = local_embedder.embed(ids, mask)
-        assert remote.dtype == np.float32 and remote.shape == (ids.shape[0], 384)
-        np.testing.assert_allclose(np.linalg.norm(remote, axis=1), 1.0, atol=1e-3)
-        cosine = np.sum(remote * local, axis=1) / np.linalg.norm(remote, axis=1) / np.linalg.norm(local, axis=1)
+        served = remote.embed(ids, mask)
+        local = embedder.embed(ids, mask)
+        assert served.dtype == np.float32 and served.shape == (ids.shape[0], 384)
+        np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-3)
+        cosine = np.sum(served * local, axis=1) / np.linalg.norm(served, axis=1) / np.linalg.norm(local, axis=1)
         assert cosine.min() >= 0.999, f"per-chunk cosine min {cosine.min():.6f}"
 
 
-def test_batch_larger_than_max_batch_size_is_split(embedder, local_embedder):
-    ids, mask = token_batch([f"sentence number {i} about triton" for i in range(embedder.max_batch_size + 37)])
-    out = embedder.embed(ids, mask)
+def test_batch_larger_than_max_batch_size_is_split(remote, embedder):
+    ids, mask = token_batch([f"sentence number {i} about triton" for i in range(remote.max_batch_size + 37)])
+    out = remote.embed(ids, mask)
     assert out.shape == (ids.shape[0], 384)
-    ref = local_embedder.embed(ids[:5], mask[:5])
+    ref = embedder.embed(ids[:5], mask[:5])
     assert np.min(np.sum(out[:5] * ref, axis=1)) >= 0.999
 
 

@@ -17,6 +17,10 @@ Per execution (a list of requests the dynamic batcher merged):
 Shapes:
     input_ids int64 (B, L), attention_mask int64 (B, L), 1 <= L <= max_seq_len -> embedding float32 (B, 384)
 
+Tensors stay in host memory on purpose: the inputs are a few KB of token ids the embedder copies
+to its device itself, and the output is the Embedder protocol's float32 numpy array (384 floats a
+row), so a DLPack hand-off of GPU tensors would save nothing here.
+
 The server's Python must be an environment with `hades_gpu` installed and numpy < 2 (FACTS.md); see
 docs/triton.md.
 """
@@ -24,13 +28,10 @@ docs/triton.md.
 from __future__ import annotations
 
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-log = logging.getLogger("minilm_python")
 
 
 def _param(model_config: dict, key: str, default: str) -> str:
@@ -69,7 +70,12 @@ class _Embedder:
         self.embedder = build_embedder(PipelineConfig(embedder=ecfg))
         self.dim = int(self.embedder.dim)
         self.max_seq_len = ecfg.max_seq_len
-        self.sub_batch_size = max(1, int(params["sub_batch_size"]))
+        limit = int(getattr(self.embedder, "max_batch_size", 0) or 0)  # 0: the embedder takes any batch
+        on_gpu = bool(getattr(self.embedder, "cuda", False))
+        want = params["sub_batch_size"]
+        # auto: small pieces on a CPU (OpenVINO is fastest at ~8 rows a stream), whole batches on a GPU
+        size = ((limit or 128) if on_gpu else 8) if want == "auto" else int(want)
+        self.sub_batch_size = max(1, min(size, limit) if limit else size)
         with open(model_dir() / "config.json") as f:
             self.vocab_size = int(json.load(f)["vocab_size"])
         self.concurrency = max(1, int(getattr(self.embedder, "concurrency", 1)))
@@ -126,7 +132,7 @@ class TritonPythonModel:
             key: _param(config, key, default)
             for key, default in (("runtime", "auto"), ("precision", "default"), ("device", "auto"),
                                  ("threads", "0"), ("streams", "0"), ("max_seq_len", "256"),
-                                 ("sub_batch_size", "8"))
+                                 ("sub_batch_size", "auto"))
         }
         device = params["device"]
         if args.get("model_instance_kind") == "GPU":  # a KIND_GPU instance group pins the device
