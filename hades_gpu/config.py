@@ -34,7 +34,7 @@ class ProfileConfig:
     low_watermark: float = 0.6  # ... and resume below this one
     backoff_initial_s: float = 0.001
     backoff_max_s: float = 0.05
-    max_batch_tokens: int = 8192  # padded tokens per model batch (batch x bucketed length)
+    max_batch_tokens: int = 4096  # padded tokens per model batch (batch x bucketed length)
     max_batch_size: int = 64  # sequences per model batch
     length_bucket: int = 8  # sequence lengths are padded up to a multiple of this
     lookahead_batches: int = 32  # batches' worth of chunks sorted together by length

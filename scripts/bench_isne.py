@@ -8,8 +8,11 @@ then extrapolated from the measured batches). Validation is off: only optimisati
 the timed region ends with a device synchronisation (the trainer reads the epoch loss).
 
 Reported per size: nodes, undirected edges, positive pairs/s, seconds per epoch, seconds per epoch
-per million edges (flat when cost grows linearly in edges), peak RSS of the child (graph generation
-included) and during training, and `torch.cuda.max_memory_allocated` on a GPU.
+per million edges (flat when cost grows linearly in edges), the work of one step (distinct θ rows
+gathered for the batch's h(); bounded by batch positions x fanout whatever N is, but smaller on
+small graphs, where a batch meets the same nodes again), seconds per step and per 1,000 θ rows, peak
+RSS of the child (graph generation included) and during training, and
+`torch.cuda.max_memory_allocated` on a GPU.
 
     python scripts/bench_isne.py --sizes 1e4,1e5,1e6 --out bench.json
     python scripts/bench_isne.py --sizes 1e4,1e5 --max-batches 20       # a quick look
@@ -76,6 +79,18 @@ def _child(args: argparse.Namespace) -> dict:
     stop.set()
     sampler.join()
 
+    # work per step: distinct nodes needing h() and distinct θ rows gathered (one sample batch)
+    from hades_gpu.isne.sampling import CSRGraph, random_walks, sample_neighbors
+
+    csr = CSRGraph.from_edge_index(ei, n, device=dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    start = torch.randint(n, (cfg.batch_size,), generator=g, device=dev).repeat(cfg.walks_per_node)
+    walks = random_walks(csr, start, cfg.walk_length, g)
+    negs = torch.randint(n, (cfg.num_negatives * walks.shape[0], cfg.walk_length), generator=g, device=dev)
+    uniq = torch.unique(torch.cat([walks.reshape(-1), negs.reshape(-1)]).clamp_min(0))
+    nbrs, _, _ = sample_neighbors(csr, uniq, cfg.fanout, g)
+    theta_rows = int(torch.unique(nbrs).numel())
+
     n_starts = int((torch.bincount(ei[0], minlength=n) > 0).sum())
     full_batches = -(-n_starts // cfg.batch_size)
     run_batches = min(full_batches, args.max_batches or full_batches)
@@ -97,6 +112,10 @@ def _child(args: argparse.Namespace) -> dict:
         "epoch_seconds": sec_per_epoch,
         "epoch_extrapolated": run_batches < full_batches,
         "epoch_seconds_per_1e6_edges": sec_per_epoch / edges * 1e6,
+        "nodes_per_step": int(uniq.numel()),
+        "neighbour_slots_per_step": int(nbrs.numel()),
+        "theta_rows_per_step": theta_rows,
+        "step_seconds": res.train_seconds / max(res.epochs_run * run_batches, 1),
         "graph_gen_seconds": gen_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_rss_before_mb": rss_before / 2**20,
@@ -106,14 +125,16 @@ def _child(args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("nodes", "edges", "device", "pairs/s", "s/epoch", "s/epoch per 1e6 edges", "peak RSS MB",
-            "train peak RSS MB", "GPU max alloc MB")
+    head = ("nodes", "edges", "device", "pairs/s", "s/epoch", "s/epoch per 1e6 edges", "θ rows/step",
+            "s/step", "µs per 1k θ rows", "peak RSS MB", "train peak RSS MB", "GPU max alloc MB")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gpu = f"{r['cuda_max_allocated_mb']:.0f}" if r.get("cuda_max_allocated_mb") is not None else "-"
         ep = f"{r['epoch_seconds']:.1f}" + (" (extrap.)" if r["epoch_extrapolated"] else "")
         out.append(f"| {r['nodes']:,} | {r['edges']:,} | {r['device']} | {r['pairs_per_s']:,.0f} | {ep} | "
-                   f"{r['epoch_seconds_per_1e6_edges']:.1f} | {r['peak_rss_mb']:.0f} | "
+                   f"{r['epoch_seconds_per_1e6_edges']:.1f} | {r['theta_rows_per_step']:,} | "
+                   f"{r['step_seconds']:.3f} | {r['step_seconds'] / r['theta_rows_per_step'] * 1e9:.0f} | "
+                   f"{r['peak_rss_mb']:.0f} | "
                    f"{r['train_peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(out)
 

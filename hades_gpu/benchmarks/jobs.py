@@ -117,22 +117,6 @@ def pin_job_gpu(cfg: PipelineConfig, job_num: int) -> Optional[str]:
     return f"device={device}"
 
 
-def reset_loky_start_method() -> bool:
-    """Inside a joblib/loky worker, make `spawn` the default start method again; True if changed.
-
-    A process spawned from a loky worker inherits the start method "loky" in its preparation data
-    and dies at start-up ("cannot find context for 'loky'"), because it never imports loky. The
-    pipeline's worker pool spawns such processes, so every job run by `hydra/launcher=joblib*` needs
-    this before the pipeline starts.
-    """
-    import multiprocessing as mp
-
-    if mp.get_start_method(allow_none=True) in ("loky", "loky_init_main"):
-        mp.set_start_method("spawn", force=True)
-        return True
-    return False
-
-
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
@@ -378,7 +362,6 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
     job_dir.mkdir(parents=True, exist_ok=True)
     pinned = None
     if "joblib" in info.get("launcher", "").lower():
-        reset_loky_start_method()
         if bench.pin_gpu:
             pinned = pin_job_gpu(cfg, int(info.get("job_num", 0)))
     result: dict[str, Any] = {

@@ -111,12 +111,16 @@ def _plot_throughput(frame: Any, path: Path) -> None:
     ok = frame[frame["status"] == "ok"]
     jobs = ok["job"].nunique()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    repeated = bool(ok.groupby(["job", "profile", "max_batch_tokens"]).size().max() > 1)
     series = sorted(ok.groupby(["job", "profile"]), key=lambda kv: (kv[0][0], _profile_key(kv[0][1])))
     for (job, profile), group in series:
         mean = group.groupby("max_batch_tokens")[["chunks_per_s", "tokens_per_s"]].mean().sort_index()
         label = _series_label(job, profile, jobs)
         for ax, col in zip(axes, ("chunks_per_s", "tokens_per_s")):
-            ax.plot(mean.index, mean[col], marker="o", label=label)
+            (line,) = ax.plot(mean.index, mean[col], marker="o", label=label)
+            if repeated:  # single runs as faint dots, so the spread between repeats stays visible
+                ax.scatter(group["max_batch_tokens"], group[col], s=18, color=line.get_color(), alpha=0.35,
+                           zorder=3)
     best = _best_means(ok, ["chunks_per_s", "tokens_per_s"])
     for ax, col, title in zip(axes, ("chunks_per_s", "tokens_per_s"), ("chunks / s", "real tokens / s")):
         if not best.empty:
@@ -128,10 +132,12 @@ def _plot_throughput(frame: Any, path: Path) -> None:
         ax.set_xticklabels([str(int(t)) for t in ticks])
         ax.set_xlabel("profile.max_batch_tokens (padded tokens per batch)")
         ax.set_ylabel(title)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, float(ok[col].max()) * 1.15)
         ax.grid(True, alpha=0.3)
         ax.set_title(f"Throughput: {title}")
-    axes[0].legend(title="profile", fontsize=9)
+    axes[0].legend(title="profile", fontsize=9, loc="lower left")
+    if repeated:
+        fig.suptitle("lines: mean over repeated runs; dots: single runs", fontsize=9, color="dimgray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -169,10 +175,11 @@ def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt
     if ylim is not None:
         ax.set_ylim(*ylim)
     else:
-        ax.set_ylim(0, np.nanmax(ok[column].to_numpy(dtype=float)) * 1.25 if len(ok) else 1)
-    ax.set_title(title)
+        ax.set_ylim(0, np.nanmax(ok[column].to_numpy(dtype=float)) * 1.3 if len(ok) else 1)
+    runs = int(ok.groupby(["job", "profile", "max_batch_tokens"]).size().max())
+    ax.set_title(title if runs == 1 else f"{title} (bars: mean over repeated runs)")
     ax.set_xlabel("profile")
-    ax.legend(title="max_batch_tokens", fontsize=9, loc="lower right" if ylim is not None else "best")
+    ax.legend(title="max_batch_tokens", fontsize=9, loc="upper center", ncol=max(1, len(budgets)))
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,7 +203,7 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
         _plot_bars(frame, "peak_rss_mib", "peak RSS (MiB, main process + workers)", "Peak memory",
                    out / PLOTS["memory"], ",.0f")
         _plot_bars(frame, "padding_efficiency", "real tokens / padded tokens", "Padding efficiency",
-                   out / PLOTS["padding"], ".3f", ylim=(0, 1.12))
+                   out / PLOTS["padding"], ".3f", ylim=(0, 1.3))
         plots = list(PLOTS.values())
 
     lines = [f"# Benchmark report: `{root.name}`", ""]

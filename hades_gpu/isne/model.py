@@ -84,10 +84,16 @@ class ISNE(nn.Module):
               generator: Optional[torch.Generator] = None) -> Tensor:
         """h(nodes): (U,) int64 -> (U, d). `fanout=None` averages all neighbours (exact)."""
         if not self.aggregate:
-            return self.theta(nodes)
+            rows, inv = torch.unique(nodes, return_inverse=True)  # sync point
+            return gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)[inv]
         nbrs, offsets, _ = sample_neighbors(csr, nodes, fanout, generator)  # (M,), (U,)
+        # Gather each distinct neighbour's θ once, then average per bag. With sparse gradients the
+        # gradient then has one row per distinct neighbour (M' <= min(M, N)), already sorted and
+        # unique, so SparseAdam need not coalesce (sort) M rows of d values each step.
+        rows, inv = torch.unique(nbrs, return_inverse=True)  # (M',), (M,); sync point
+        theta_rows = gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)  # (M', d)
         # mean per bag; an empty bag (isolated node) gives the zero vector
-        return F.embedding_bag(nbrs, self.theta.weight, offsets, mode="mean", sparse=self.sparse)
+        return F.embedding_bag(inv, theta_rows, offsets, mode="mean")
 
     def loss(self, walks: Tensor, negatives: Tensor, csr: CSRGraph, context_size: int,
              fanout: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -128,6 +134,30 @@ class ISNE(nn.Module):
         if not self.aggregate:
             return self.theta.weight.detach().clone()
         return neighbor_mean(self.theta.weight.detach(), csr, batch_size=batch_size)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`weight[rows]` whose gradient is a sparse COO tensor flagged coalesced (rows sorted, unique)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.shape = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad.contiguous(), ctx.shape, is_coalesced=True,
+                                    check_invariants=False)
+        return g, None
+
+
+def gather_rows(weight: Tensor, rows: Tensor, sparse_grad: bool) -> Tensor:
+    """Rows of `weight` ((M',) int64, sorted and unique) -> (M', d); sparse or dense gradient."""
+    if sparse_grad and torch.is_grad_enabled() and weight.requires_grad:
+        return _GatherRows.apply(weight, rows)
+    return weight.index_select(0, rows)
 
 
 def skipgram_loss(h_walk: Tensor, valid: Tensor, h_neg: Tensor, context_size: int) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,8 @@ One step (all tensors on the training device, no per-node Python loop):
 2. K * W rows of `walk_length` uniformly drawn nodes (K = `num_negatives`) as negatives;
 3. every distinct node of 1-2 gets one h() from at most `fanout` sampled neighbours (the sampled
    subgraph); skip-gram loss over the walks' context windows (`model.skipgram_loss`);
-4. backward (sparse gradients: only θ rows of sampled neighbours), SparseAdam / Adam step.
+4. backward (sparse gradients: only θ rows of sampled neighbours), SparseAdam (`RowSparseAdam`)
+   or Adam step.
 
 Memory per step is set by B, walk length and fanout, not by N or E, so a graph whose full-batch
 form would not fit on the device still trains; only θ (N x d), its optimizer state and the CSR
@@ -69,6 +70,58 @@ class TrainResult:
     @property
     def pairs_per_s(self) -> float:
         return self.pos_pairs / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class RowSparseAdam(torch.optim.Optimizer):
+    r"""`torch.optim.SparseAdam`'s update (lazy Adam: rows without a gradient keep their parameters
+    and moments), done with row gathers and scatters.
+
+    The gradient must be a sparse COO tensor whose indices are rows (as `ISNE.embed` produces:
+    sorted, unique, flagged coalesced). Per row r with gradient g (t = step count):
+
+    .. math::
+        m_r \leftarrow eta_1 m_r + (1-eta_1) g, \quad v_r \leftarrow eta_2 v_r + (1-eta_2) g^2,
+        \quad 	heta_r \leftarrow 	heta_r - \eta rac{\sqrt{1-eta_2^t}}{1-eta_1^t}
+              rac{m_r}{\sqrt{v_r} + \epsilon}
+
+    exactly as SparseAdam. Why not SparseAdam itself: on a 1e6-node graph its sparse_mask / sparse
+    add_ / coalesce path took 2.2 s of a 3.9 s CPU step; this takes a fraction of that.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not 0.0 < lr:
+            raise ValueError(f"lr must be > 0 (got {lr})")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not g.is_sparse:
+                    raise ValueError("RowSparseAdam needs sparse gradients (got a dense one); use optimizer=adam")
+                if not g.is_coalesced():
+                    g = g.coalesce()
+                rows, vals = g._indices()[0], g._values()  # (R,), (R, d)
+                if rows.numel() == 0:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"]
+                m = st["exp_avg"].index_select(0, rows).mul_(b1).add_(vals, alpha=1 - b1)  # (R, d)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
+        return None
 
 
 def undirected_pairs(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -179,7 +232,7 @@ def train_isne(
     model.reset_parameters(torch.Generator().manual_seed(cfg.seed))  # on the CPU: CPU and CUDA start alike
     model.to(dev)
     params = list(model.parameters())
-    opt = torch.optim.SparseAdam(params, lr=cfg.lr) if model.sparse else torch.optim.Adam(params, lr=cfg.lr)
+    opt = RowSparseAdam(params, lr=cfg.lr) if model.sparse else torch.optim.Adam(params, lr=cfg.lr)
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(cfg.seed)

@@ -54,6 +54,16 @@ def _worker_main(task_q: Any, result_q: Any, process_fn: Callable[..., ChunkedDo
         result_q.put((index, doc))
 
 
+def _reset_foreign_start_method() -> None:
+    """Make `spawn` the default again inside a joblib/loky worker (Hydra's joblib launcher).
+
+    A process spawned from a loky worker inherits the start method "loky" in its preparation data
+    and dies at start-up ("cannot find context for 'loky'") because it never imports loky.
+    """
+    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        mp.set_start_method("spawn", force=True)
+
+
 @dataclass
 class _Worker:
     process: Any
@@ -75,6 +85,7 @@ class WorkerPool:
                  max_inflight_per_worker: int = 8) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
+        _reset_foreign_start_method()
         self._ctx = mp.get_context("spawn")
         self._process_fn = process_fn
         self._fn_args = fn_args
@@ -128,7 +139,11 @@ class WorkerPool:
         return index, doc
 
     def _reap_dead_workers(self) -> Optional[tuple[int, ChunkedDocument]]:
-        """Restart dead workers; retry their documents once, then report them as skipped."""
+        """Restart dead workers; retry the document that killed one once, then report it as skipped.
+
+        A worker handles its queue in order, so the oldest unanswered task is the one it was working
+        on when it died; the others were only queued behind it and are handed on unchanged.
+        """
         given_up: Optional[tuple[int, ChunkedDocument]] = None
         for slot, worker in enumerate(self._workers):
             if worker.process.is_alive() or self._closed:
@@ -139,19 +154,16 @@ class WorkerPool:
             replacement = self._start_worker()
             self._workers[slot] = replacement
             self.restarts += 1
-            for index, ref, attempt in worker.inflight.values():
-                if attempt >= 2 and given_up is None:
+            for position, (index, ref, attempt) in enumerate(worker.inflight.values()):
+                if position == 0 and attempt >= 2:
                     given_up = (index, ChunkedDocument(ref=ref, content_hash="", skip_reason="worker_crashed",
-                                                       skip_detail=f"worker exited with code {code} twice"))
-                elif attempt >= 2:
-                    # report one per call; keep the rest in flight on the new worker's books
-                    replacement.inflight[index] = (index, ref, attempt)
-                    self._results.put((index, ChunkedDocument(
-                        ref=ref, content_hash="", skip_reason="worker_crashed",
-                        skip_detail=f"worker exited with code {code} twice")))
-                else:
-                    replacement.inflight[index] = (index, ref, attempt + 1)
-                    replacement.tasks.put((index, ref, attempt + 1))
+                                                       skip_detail=f"worker exited with code {code} twice on it"))
+                    continue
+                retry = attempt + 1 if position == 0 else attempt
+                replacement.inflight[index] = (index, ref, retry)
+                replacement.tasks.put((index, ref, retry))
+            if given_up is not None:
+                return given_up
         return given_up
 
     def close(self, timeout: float = 5.0) -> None:

@@ -109,3 +109,20 @@ def test_checkpoint_rejects_other_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="len\\(node_ids\\)"):
         save_checkpoint(tmp_path / "y.safetensors", torch.zeros(3, 2), ["a"], {})
+
+
+def test_sparse_and_dense_gradients_agree() -> None:
+    ei = _sym([(i, (i * 5 + 1) % 30) for i in range(30)] + [(i, i + 1) for i in range(29)])
+    csr = CSRGraph.from_edge_index(ei, 30)
+    walks = torch.randint(30, (8, 6), generator=torch.Generator().manual_seed(0))
+    neg = torch.randint(30, (16, 6), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for sparse in (True, False):
+        model = ISNE(30, 4, sparse=sparse)
+        with torch.no_grad():
+            model.theta.weight.copy_(torch.arange(120, dtype=torch.float32).view(30, 4).sin())
+        loss, _ = model.loss(walks, neg, csr, context_size=3, fanout=None)
+        loss.backward()
+        g = model.theta.weight.grad
+        grads.append(g.to_dense() if g.is_sparse else g)
+    torch.testing.assert_close(grads[0], grads[1])

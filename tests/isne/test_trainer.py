@@ -181,3 +181,19 @@ def test_stage_disabled_still_builds_graph(tmp_path: Path) -> None:
     m = run_isne_stage(cfg, tmp_path)
     assert m["mode"] == "disabled" and (tmp_path / "edges.parquet").is_file()
     assert not (tmp_path / "isne").exists()
+
+
+def test_row_sparse_adam_matches_sparse_adam() -> None:
+    from hades_gpu.isne.trainer import RowSparseAdam
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(20, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a, opt_b = RowSparseAdam([a], lr=0.05), torch.optim.SparseAdam([b], lr=0.05)
+    for step in range(5):
+        rows = torch.unique(torch.randint(20, (7,), generator=torch.Generator().manual_seed(step)))
+        vals = torch.randn(rows.numel(), 3)
+        for p, o in ((a, opt_a), (b, opt_b)):
+            p.grad = torch.sparse_coo_tensor(rows[None], vals, (20, 3), check_invariants=True).coalesce()
+            o.step()
+    torch.testing.assert_close(a, b)

@@ -19,7 +19,7 @@ def test_slow_consumer_keeps_queued_bytes_under_budget(tmp_path):
     cfg = load_pipeline_config("low_memory")
     corpus = copy_files(stdlib_sources(40), tmp_path / "c")
     refs, _ = discover([str(corpus)], cfg.documents)
-    budget = 256 * 1024
+    budget = 1024 * 1024
     queue = MemoryAwareQueue("documents", max_bytes=budget, max_items=1000, high_watermark=0.8, low_watermark=0.4)
 
     def produce():
