@@ -211,21 +211,33 @@ class ISNETrainingPipeline:
 
     def train(self, corpus_path: Optional[str | Path] = None, epochs: Optional[int] = None,
               batch_size: Optional[int] = None) -> ISNETrainingResult:
-        """Build the graph of `corpus_path` (an ingest output folder; default `config.output`) and
-        train ISNE from scratch, writing the model and every chunk's vector.
+        """Build the graph of `corpus_path` and train ISNE from scratch, writing the model and every
+        chunk's vector.
+
+        `corpus_path` is an ingest output folder (default `config.output`). If it is a raw corpus
+        instead and `config.output` is set, it is ingested into `config.output` first (resuming
+        whatever is already there), and ISNE trains on that output.
 
         Raises:
-            NotAnIngestOutputError: `corpus_path` holds no `manifest.json`.
+            NotAnIngestOutputError: `corpus_path` is no ingest output and no `config.output` is set.
         """
+        from hades_gpu.store.reader import is_ingest_output
+
         path = corpus_path if corpus_path is not None else self.config.output
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "
                                          "(or set output=...)")
         path = Path(path)
-        if not (path / "manifest.json").is_file():
+        if not is_ingest_output(path) and self.config.output and path.exists():
+            from hades_gpu.pipelines.ingest import TextParallelPipeline
+
+            ingest_cfg = dataclasses.replace(self.config, isne=dataclasses.replace(self.config.isne, enabled=False))
+            TextParallelPipeline(ingest_cfg).process_batch([path], output=self.config.output)
+            path = Path(self.config.output)
+        if not is_ingest_output(path):
             raise NotAnIngestOutputError(
                 f"{path} is not an ingest output (expected {path / 'manifest.json'}); run "
-                f"`hades-ingest corpus=<folder> output={path}` first, then train ISNE on that output")
+                f"`hades-ingest corpus=<folder> output={path}` first, or set output=<dir> to ingest it here")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
         return ISNETrainingResult(output_dir=path, model_path=model_path(path),
                                   embeddings_path=embeddings_path(path, self.config.shard), metrics=metrics)

@@ -1,0 +1,38 @@
+"""The seed's ISNE API and `hades-isne` over a real ingest output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.pipelines import ISNETrainingPipeline
+from hades_gpu.pipelines.isne_training import NotAnIngestOutputError
+from hades_gpu.store.reader import read_chunks
+
+from corpus_helpers import REPO
+
+
+def test_train_on_raw_corpus_ingests_into_output_first(sample_corpus, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_pipeline_config("low_memory", [f"output={out}", "monitoring.progress=off", "isne.epochs=3"])
+    result = ISNETrainingPipeline(cfg).train(corpus_path=sample_corpus, epochs=2, batch_size=8)
+    chunk_ids = set(read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist())
+    vectors = pq.read_table(result.embeddings_path).to_pandas()
+    assert set(vectors.chunk_id) == chunk_ids  # every chunk has an ISNE vector, joinable on chunk_id
+    assert len(vectors.isne_embedding.iloc[0]) == cfg.isne.dim
+    assert (out / "edges.parquet").exists() and result.model_path.exists()
+
+    # hades-isne retrains on the same output
+    proc = subprocess.run([sys.executable, "-c", "from hades_gpu.cli import isne_main; isne_main()",
+                           f"output={out}", "isne.epochs=2", "monitoring.progress=off"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_train_without_output_names_what_to_do(tmp_path):
+    with pytest.raises(NotAnIngestOutputError, match="hades-ingest"):
+        ISNETrainingPipeline(load_pipeline_config()).train(corpus_path=tmp_path)
