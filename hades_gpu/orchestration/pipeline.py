@@ -97,9 +97,7 @@ class StreamingPipeline:
     # -- failure handling -------------------------------------------------------------------------
     def _fail(self, err: BaseException) -> None:
         with self._error_lock:
-            if self._error is None and not isinstance(err, PipelineAborted):
-                self._error = err
-            elif self._error is None:
+            if self._error is None:  # the first failure is the cause; later ones are its echoes
                 self._error = err
         self._stop.set()
         for queue in (self.doc_queue, self.batch_queue, self.write_queue):
