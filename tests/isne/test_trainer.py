@@ -19,15 +19,6 @@ from hades_gpu.pipelines.isne_training import (ISNETrainingPipeline, NotAnIngest
 from hades_gpu.records import stable_id
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny steps: on a shared 2-core box, intra-op threads spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_split_holds_out_edges_without_isolating_nodes() -> None:
     ei, _ = sbm_graph(500, 5, 0.03, 0.003, seed=1)
     split = split_edges(ei, 500, 0.2, seed=0)
