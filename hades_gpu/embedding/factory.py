@@ -20,6 +20,11 @@ def resolve_device(spec: str) -> str:
     return str(select_device(spec))
 
 
+def device_spec(cfg: PipelineConfig) -> str:
+    """The device the local embedder runs on: ``embedder.device``, or ``gpu.device`` when that is auto."""
+    return cfg.embedder.device if cfg.embedder.device.strip().lower() != "auto" else cfg.gpu.device
+
+
 def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embedder:
     """The embedder for `cfg.embedder`: ``local`` -> `LocalEmbedder` on the CPU or `CudaEmbedder` on
     CUDA; ``triton`` -> `TritonEmbedder`. Heavy modules are imported only for the one chosen.
@@ -27,15 +32,22 @@ def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embed
     Args:
         cfg (PipelineConfig): the whole job's config (CudaEmbedder also reads ``gpu`` and ``profile``).
         governor (MemoryGovernor, optional): handed to CudaEmbedder on CUDA; ignored otherwise.
+
+    Raises:
+        DeviceError: the device asked for (``embedder.device``, else ``gpu.device``) is not visible.
+        MissingDependencyError: a package the chosen embedder needs is not installed (one line).
     """
+    from hades_gpu.documents.tokenizer import use_model_dir
+
     ecfg = cfg.embedder
+    use_model_dir(ecfg.model_dir)
     if ecfg.name == "triton":
         from hades_gpu.embedding.triton import TritonEmbedder
 
         return TritonEmbedder(ecfg)
     if ecfg.name != "local":
         raise ValueError(f"embedder.name must be one of local|triton (got {ecfg.name!r})")
-    device = resolve_device(ecfg.device)
+    device = resolve_device(device_spec(cfg))
     if device.startswith("cuda"):
         from hades_gpu.embedding.cuda_embedder import CudaEmbedder
 

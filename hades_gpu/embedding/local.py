@@ -67,8 +67,9 @@ class OpenVinoRuntime:
     """Compiled OpenVINO model plus a pool of infer requests (one per concurrent caller)."""
 
     def __init__(self, cfg: EmbedderConfig):
-        import openvino as ov
+        from hades_gpu.optional import require
 
+        ov = require("openvino", "openvino>=2024.4", "embedder.runtime=openvino")
         core = ov.Core()
         caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         precision = cfg.precision
@@ -147,7 +148,9 @@ class OnnxRuntimeRuntime:
             raise ValueError(f"embedder.precision for runtime onnxruntime must be default or fp32 "
                              f"(got {cfg.precision!r}); use runtime=openvino for bf16/int8")
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        import onnxruntime as ort
+        from hades_gpu.optional import require
+
+        ort = require("onnxruntime", "onnxruntime>=1.18", "embedder.runtime=onnxruntime")
 
         path = export.export_onnx(cfg.cache_dir)
         self.concurrency = max(1, cfg.streams) if cfg.streams > 0 else 1
@@ -224,12 +227,14 @@ def _resolve_runtime(cfg: EmbedderConfig) -> str:
         if cfg.runtime not in RUNTIMES:
             raise ValueError(f"embedder.runtime must be one of auto|{'|'.join(RUNTIMES)} (got {cfg.runtime!r})")
         return cfg.runtime
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        log.warning("openvino is not installed: falling back to onnxruntime fp32")
-        return "onnxruntime" if cfg.precision in ("default", "fp32") else "torch"
-    return "openvino"
+    from hades_gpu.optional import available
+
+    if available("openvino"):
+        return "openvino"
+    fallback = "onnxruntime" if cfg.precision in ("default", "fp32") and available("onnxruntime") else "torch"
+    log.warning("package 'openvino' is not installed (pip install openvino): embedder.runtime=auto "
+                "falls back to %s", fallback)
+    return fallback
 
 
 class LocalEmbedder:

@@ -54,12 +54,11 @@ class TritonEmbedder:
     """
 
     def __init__(self, cfg: EmbedderConfig):
-        try:
-            import tritonclient.grpc as grpcclient
-            from tritonclient.utils import InferenceServerException
-        except ImportError as err:
-            raise ImportError("the Triton embedder needs package 'tritonclient[grpc]': "
-                              "pip install 'tritonclient[grpc]==2.51.0'") from err
+        from hades_gpu.optional import require
+
+        grpcclient = require("tritonclient.grpc", "tritonclient[grpc]==2.51.0", "embedder=triton")
+        InferenceServerException = require("tritonclient.utils", "tritonclient[grpc]==2.51.0",
+                                           "embedder=triton").InferenceServerException
         if cfg.max_inflight < 1:
             raise ValueError(f"embedder.max_inflight must be >= 1 (got {cfg.max_inflight})")
         self._grpc = grpcclient

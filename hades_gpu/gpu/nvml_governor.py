@@ -14,10 +14,16 @@ It follows the memory-watermark backpressure policies of Ray Data (STYLE items 3
   ``gpu.min_batch_tokens``) and doubles back on every fresh reading below ``mem_low`` (never above
   the base the caller asks for).
 
+- a CUDA out-of-memory error (`note_oom`) halves the budget at once and *holds* it for
+  ``gpu.oom_hold_s``: no growth, and `holding` tells the embedder not to capture CUDA graphs, so an
+  OOM cannot turn into a loop of re-capturing and doubling back (each further OOM restarts the hold).
+  The hold works without NVML too.
+
 The memory reader is injectable (``reader() -> (used_bytes, total_bytes)``); by default it reads
-NVML for the CUDA device (matched by PCI bus id, so ``CUDA_VISIBLE_DEVICES`` renumbering is
-respected). Without a driver or GPU the governor is *inactive*: it says so once (a log line,
-``.active is False``, ``.reason``) and every method returns at once without reading anything.
+NVML for the CUDA device, found by its UUID (never by index: NVML numbers devices physically,
+CUDA after ``CUDA_VISIBLE_DEVICES``), or ``cudaMemGetInfo`` where NVML cannot name the device (a MIG
+slice, no pynvml). ``.source`` says which. Without a GPU the governor is *inactive*: it says so once
+(a log line, ``.active is False``, ``.reason``) and every method returns at once without reading.
 
 NVML's "used" counts every process on the device and the memory PyTorch's caching allocator holds but
 is not using; callers that wait should release the allocator's cache first (``torch.cuda.empty_cache``)
@@ -53,8 +59,58 @@ class MemoryReading:
         return self.used / self.total if self.total > 0 else 1.0
 
 
-def _nvml_reader(device_index: int) -> "tuple[Optional[Reader], str]":
-    """An NVML reader for CUDA device `device_index`, or (None, why not)."""
+def torch_device_uuid(device_index: int) -> Optional[str]:
+    """The CUDA device's UUID as torch reports it (``xxxxxxxx-xxxx-...``, no prefix), or None."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(device_index), "uuid", None)
+    return str(uuid) if uuid is not None else None
+
+
+def nvml_uuid_candidates(uuid: str) -> list[str]:
+    """NVML spellings of a CUDA UUID: NVML prefixes ``GPU-`` (a whole GPU) or ``MIG-`` (a MIG slice)."""
+    text = uuid.strip()
+    if text.startswith(("GPU-", "MIG-")):
+        return [text]
+    return [f"GPU-{text}", f"MIG-{text}"]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def find_nvml_handle(pynvml: Any, uuid: str) -> "tuple[Optional[Any], str]":
+    """NVML handle of the device whose UUID is `uuid`, or (None, why not).
+
+    NVML numbers devices physically and CUDA numbers them after ``CUDA_VISIBLE_DEVICES`` (which may
+    also name MIG slices), so an index is never trusted: only the UUID identifies the device. A whole
+    GPU in MIG mode is refused, because its memory counters cover every slice, not the one CUDA uses.
+    """
+    for candidate in nvml_uuid_candidates(uuid):
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(candidate.encode())
+        except pynvml.NVMLError:
+            continue
+        got = _text(pynvml.nvmlDeviceGetUUID(handle))
+        if got != candidate:  # pragma: no cover - a driver that answers for another device
+            continue
+        if candidate.startswith("GPU-"):
+            try:
+                current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
+            except pynvml.NVMLError:  # not supported (no MIG on this GPU)
+                current = 0
+            if current:
+                return None, f"{candidate} is in MIG mode: its NVML counters cover every slice"
+        return handle, candidate
+    return None, f"no NVML device has UUID {uuid}"
+
+
+def _memory_reader(device_index: int) -> "tuple[Optional[Reader], str]":
+    """A reader of CUDA device `device_index`'s used/total memory, and where it reads from.
+
+    NVML by UUID when the device is found there; else ``cudaMemGetInfo`` (torch.cuda.mem_get_info),
+    which always describes the device (or MIG slice) this process runs on. (None, why) without a GPU.
+    """
     try:
         import torch
 
@@ -64,37 +120,37 @@ def _nvml_reader(device_index: int) -> "tuple[Optional[Reader], str]":
             return None, f"CUDA device {device_index} not visible ({torch.cuda.device_count()} device(s))"
     except ImportError as err:  # pragma: no cover - torch is a hard dependency
         return None, f"torch not importable: {err}"
+
+    def read_cuda() -> "tuple[int, int]":
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(total - free), int(total)
+
+    uuid = torch_device_uuid(device_index)
+    why = "torch reports no device UUID" if uuid is None else ""
     try:
         import pynvml
     except ImportError:
-        return None, "pynvml missing: pip install nvidia-ml-py"
-    try:
-        pynvml.nvmlInit()
-        handle = _nvml_handle(pynvml, device_index)
-        pynvml.nvmlDeviceGetMemoryInfo(handle)  # probe once: a broken driver shows here, not later
-    except pynvml.NVMLError as err:
-        return None, f"NVML unavailable ({type(err).__name__}: {err})"
-
-    def read() -> "tuple[int, int]":
-        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return int(info.used), int(info.total)
-
-    return read, ""
-
-
-def _nvml_handle(pynvml: Any, device_index: int) -> Any:
-    """NVML numbers devices physically, CUDA after CUDA_VISIBLE_DEVICES: match them by PCI bus id."""
-    import torch
-
-    props = torch.cuda.get_device_properties(device_index)
-    bus = getattr(props, "pci_bus_id", None)
-    if bus is not None:
-        bus_id = f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+        pynvml, why = None, "pynvml missing (pip install nvidia-ml-py)"
+    if pynvml is not None and uuid is not None:
         try:
-            return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
-        except pynvml.NVMLError:
-            pass  # e.g. a MIG slice: fall back to the index
-    return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            pynvml.nvmlInit()
+            handle, detail = find_nvml_handle(pynvml, uuid)
+            if handle is not None:
+                pynvml.nvmlDeviceGetMemoryInfo(handle)  # probe once: a broken driver shows here
+
+                def read_nvml() -> "tuple[int, int]":
+                    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                    return int(info.used), int(info.total)
+
+                return read_nvml, f"nvml {detail}"
+            why = detail
+        except pynvml.NVMLError as err:
+            why = f"NVML unavailable ({type(err).__name__}: {err})"
+    try:
+        read_cuda()
+    except Exception as err:  # pragma: no cover - a device torch lists but cannot query
+        return None, f"{why}; cudaMemGetInfo failed too ({type(err).__name__}: {err})"
+    return read_cuda, f"cudaMemGetInfo on cuda:{device_index} ({why})"
 
 
 class MemoryGovernor:
@@ -105,6 +161,7 @@ class MemoryGovernor:
         device_index (int, optional): CUDA device to watch; ``None`` means the work runs on the CPU and
             the governor is inactive (default: 0).
         reader (callable, optional): ``() -> (used_bytes, total_bytes)``; default reads NVML.
+        clock (callable, optional): monotonic seconds, for the OOM hold (default: time.monotonic).
 
     Raises:
         ValueError: ``mem_low``/``mem_high`` out of order or range, or a non-positive interval or floor.
@@ -112,7 +169,8 @@ class MemoryGovernor:
     Thread-safe: producers on several threads may call it at once.
     """
 
-    def __init__(self, cfg: GpuConfig, device_index: Optional[int] = 0, reader: Optional[Reader] = None) -> None:
+    def __init__(self, cfg: GpuConfig, device_index: Optional[int] = 0, reader: Optional[Reader] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         low, high = float(cfg.mem_low), float(cfg.mem_high)
         if not 0 < low < high <= 1:
             raise ValueError(
@@ -127,17 +185,28 @@ class MemoryGovernor:
         self.mem_high = high
         self.poll_interval_s = float(cfg.poll_interval_s)
         self.min_batch_tokens = int(cfg.min_batch_tokens)
+        if cfg.oom_hold_s < 0:
+            raise ValueError(f"gpu.oom_hold_s must be >= 0 (got {cfg.oom_hold_s})")
+        self.oom_hold_s = float(cfg.oom_hold_s)
         self.device_index = device_index
+        self._clock = clock
 
         self.active = True
         self.reason = ""
+        self.source = "injected reader"
         if reader is None:
             if device_index is None:
                 reader, self.reason = None, "no GPU: work runs on the CPU"
             else:
-                reader, self.reason = _nvml_reader(device_index)
+                reader, detail = _memory_reader(device_index)
+                if reader is None:
+                    self.reason = detail
+                else:
+                    self.source = detail
+                    log.info("GPU memory governor on cuda:%d reads %s", device_index, detail)
             if reader is None:
                 self.active = False
+                self.source = ""
                 log.info("NVML memory governor inactive: %s", self.reason)
         self._reader = reader
 
@@ -149,6 +218,8 @@ class MemoryGovernor:
         self._throttling = False
         self._budget: Optional[int] = None
         self._budget_seq = 0
+        self._hold_until = float("-inf")  # clock() until which an OOM holds the budget down
+        self._oom_halvings = 0  # OOMs seen before any budget was asked for
 
         # counters (read them through `metrics()` for a consistent snapshot)
         self.throttle_events = 0  # times throttling started
@@ -160,6 +231,7 @@ class MemoryGovernor:
         self.probes = 0
         self.max_used_bytes = 0  # highest used memory seen by a good probe
         self.total_bytes = 0
+        self.oom_events = 0
 
     # -- readings ---------------------------------------------------------------------------
 
@@ -260,37 +332,56 @@ class MemoryGovernor:
                 self.waits += 1
                 self.wait_seconds += time.monotonic() - start
 
+    @property
+    def holding(self) -> bool:
+        """True for ``gpu.oom_hold_s`` after a CUDA OOM: no budget growth, no CUDA graph capture."""
+        return self._clock() < self._hold_until
+
     def batch_token_budget(self, base: int) -> int:
         """Padded tokens the next batch may hold: `base` without pressure, halved per fresh reading
-        above mem_high down to ``min_batch_tokens``, doubled per fresh reading below mem_low."""
-        if not self.active:
-            return base
+        above mem_high down to ``min_batch_tokens``, doubled per fresh reading below mem_low, and held
+        down (halved once per OOM, no growth) for ``gpu.oom_hold_s`` after each CUDA OOM."""
         if base < 1:
             raise ValueError(f"base budget must be >= 1 (got {base})")
+        if not self.active and self._budget is None and not self._oom_halvings:
+            return base  # the common no-GPU / no-NVML case: nothing to remember
         with self._lock:
-            reading = self._probe_locked()
             floor = min(base, self.min_batch_tokens)
             cur = base if self._budget is None else max(floor, min(self._budget, base))
-            if self._seq != self._budget_seq:  # one step per fresh probe, however often we are asked
-                self._budget_seq = self._seq
-                frac = reading.fraction
-                if frac > self.mem_high and cur > floor:
-                    cur = max(floor, cur // 2)
-                    self.budget_shrinks += 1
-                elif frac < self.mem_low and cur < base:
-                    cur = min(base, cur * 2)
-                    self.budget_grows += 1
+            while self._oom_halvings:  # OOMs that came before any budget existed
+                self._oom_halvings -= 1
+                cur = max(floor, cur // 2)
+            holding = self._clock() < self._hold_until
+            if self.active:
+                reading = self._probe_locked()
+                if self._seq != self._budget_seq:  # one step per fresh probe, however often we are asked
+                    self._budget_seq = self._seq
+                    frac = reading.fraction
+                    if frac > self.mem_high and cur > floor:
+                        cur = max(floor, cur // 2)
+                        self.budget_shrinks += 1
+                    elif frac < self.mem_low and cur < base and not holding:
+                        cur = min(base, cur * 2)
+                        self.budget_grows += 1
+            elif not holding and cur < base:  # no readings to grow by: the hold is over, back to base
+                cur = base
+                self.budget_grows += 1
             self._budget = cur
             return cur
 
     def note_oom(self) -> None:
-        """A batch hit CUDA out-of-memory: halve the budget now, without waiting for a probe."""
-        if not self.active:
+        """A batch hit CUDA out-of-memory: halve the budget now (without waiting for a probe) and hold
+        it down for ``gpu.oom_hold_s``. A no-op for a governor of CPU work (``device_index=None``)."""
+        if self.device_index is None:
             return
         with self._lock:
-            if self._budget is not None and self._budget > self.min_batch_tokens:
+            self.oom_events += 1
+            self._hold_until = self._clock() + self.oom_hold_s
+            if self._budget is None:
+                self._oom_halvings += 1
+            elif self._budget > self.min_batch_tokens:
                 self._budget = max(self.min_batch_tokens, self._budget // 2)
-                self.budget_shrinks += 1
+            self.budget_shrinks += 1
 
     def metrics(self) -> dict[str, Any]:
         """Counters for the run's metrics report."""
@@ -298,6 +389,9 @@ class MemoryGovernor:
             return {
                 "active": self.active,
                 "reason": self.reason,
+                "source": self.source,
+                "oom_events": self.oom_events,
+                "holding": self._clock() < self._hold_until,
                 "mem_low": self.mem_low,
                 "mem_high": self.mem_high,
                 "throttle_events": self.throttle_events,

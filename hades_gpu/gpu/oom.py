@@ -18,18 +18,26 @@ class OomSplitError(RuntimeError):
     """A single row does not fit in device memory: splitting cannot help."""
 
 
-def is_cuda_oom(err: BaseException) -> bool:
-    """True for CUDA out-of-memory errors (torch's own class, or a RuntimeError saying so)."""
+def is_cuda_oom(err: Optional[BaseException]) -> bool:
+    """True for CUDA out-of-memory errors: torch's own class, a RuntimeError saying so, or an error
+    raised while handling one (an OOM inside CUDA graph capture surfaces as "operation failed due to
+    a previous error during capture", with the OOM as its context)."""
     try:
         import torch
 
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            return True
+        oom_type: Optional[type] = torch.cuda.OutOfMemoryError
     except (ImportError, AttributeError):  # pragma: no cover - torch is a hard dependency
-        pass
-    if isinstance(err, RuntimeError):
-        text = str(err)
-        return "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+        oom_type = None
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if oom_type is not None and isinstance(err, oom_type):
+            return True
+        if isinstance(err, RuntimeError):
+            text = str(err)
+            if "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text:
+                return True
+        err = err.__cause__ or err.__context__
     return False
 
 

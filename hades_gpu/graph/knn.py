@@ -6,6 +6,12 @@ exists. Rows are taken `block_size` at a time, and for each row block the column
 the (B, k) running best). The same code runs on CUDA and on the CPU; float32 matmuls run at full
 fp32 precision (TF32 is switched off for the call) and ties are broken by the smaller node index, so
 both devices return the same neighbours.
+
+Ties: `torch.topk` is not stable (which of several equal values it keeps differs by device and
+version), so the top-k is taken over one int64 key per candidate that orders by similarity first and
+by smaller index second: the float32's bits mapped to an order-preserving int32, times 2^32, plus
+``2^32 - 1 - index``. The key is exact (no rounding), so duplicates of a vector always keep the
+lowest-numbered neighbours.
 """
 
 from __future__ import annotations
@@ -25,6 +31,27 @@ def _full_fp32_matmul() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+_INDEX_SPAN = 1 << 32  # indices below 2^32 fit the low half of the tie-break key
+
+
+def _ordered_int32(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 with the same order (IEEE-754: flip the magnitude bits of negatives)."""
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _topk_by_value_then_index(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the `k` largest `values`, ties to the smaller `index` (>= 0; -1 = empty slot).
+
+    Shapes:
+        values: float32 (B, C), index: int64 (B, C) -> (B, k) values, (B, k) indices, best first
+    """
+    low = torch.where(index >= 0, (_INDEX_SPAN - 1) - index, torch.zeros_like(index))  # (B, C)
+    key = _ordered_int32(values).to(torch.int64) * _INDEX_SPAN + low  # (B, C): exact in int64
+    _, pos = torch.topk(key, k, dim=1)  # keys are distinct: the result does not depend on topk's order
+    return torch.gather(values, 1, pos), torch.gather(index, 1, pos)
 
 
 @torch.no_grad()
@@ -68,6 +95,8 @@ def knn_blocked(
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if n < 2 or k < 1:
         return empty
+    if n >= _INDEX_SPAN:
+        raise ValueError(f"knn_blocked handles fewer than 2^32 rows (got {n})")
     device = torch.device(device)
     x = x.to(device)
     norms = x.norm(dim=1, keepdim=True)  # (N, 1)
@@ -91,8 +120,7 @@ def knn_blocked(
                 cand_v = torch.cat([best_v, s], dim=1)  # (B, k + C)
                 cand_i = torch.cat([best_i, cols.expand(r1 - r0, -1)], dim=1)
                 kk = min(k, cand_v.shape[1])
-                best_v, pos = torch.topk(cand_v, kk, dim=1)
-                best_i = torch.gather(cand_i, 1, pos)
+                best_v, best_i = _topk_by_value_then_index(cand_v, cand_i, kk)
             keep = (best_v >= threshold) & valid[r0:r1, None] & (best_i >= 0)
             src = rows[:, None].expand_as(best_i)[keep]
             # device -> host copy: the CPU waits for this block's matmuls here (sync point)

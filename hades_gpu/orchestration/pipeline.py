@@ -78,7 +78,8 @@ class StreamingPipeline:
         max_rows = profile.max_batch_size
         self.ring = HostBufferRing(slots=max(profile.ring_slots, self.concurrency + 2), max_rows=max_rows,
                                    max_len=max_seq_len)
-        budget_fn = governor.batch_token_budget if governor is not None and getattr(governor, "active", False) else None
+        # the governor's budget also applies without NVML readings: it holds batches small after an OOM
+        budget_fn = governor.batch_token_budget if governor is not None else None
         self.batcher = LengthSortedBatcher(profile.max_batch_tokens, profile.max_batch_size, profile.length_bucket,
                                            max_seq_len, profile.lookahead_batches, budget_fn=budget_fn)
         q = dict(max_bytes=profile.queue_max_bytes, max_items=profile.queue_max_items,

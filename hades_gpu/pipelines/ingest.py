@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
-from hades_gpu.documents.tokenizer import special_ids
+from hades_gpu.documents.tokenizer import special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline
@@ -101,6 +101,7 @@ class IngestPipeline:
             raise ValueError("an output folder is required (config.output or process_batch(..., output=...))")
         out.mkdir(parents=True, exist_ok=True)
         sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder
 
         metrics = RunMetrics()
         refs, skips = discover([str(p) for p in sources], cfg.documents)
@@ -200,9 +201,9 @@ class IngestPipeline:
             from hades_gpu.gpu.nvml_governor import MemoryGovernor
         except ImportError:
             return None
-        from hades_gpu.embedding.factory import resolve_device
+        from hades_gpu.embedding.factory import device_spec, resolve_device
 
-        device = resolve_device(self.config.embedder.device)
+        device = resolve_device(device_spec(self.config))
         if not device.startswith("cuda") or self.config.embedder.name != "local":
             return None
         index = int(device.split(":")[1]) if ":" in device else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,102 @@ def test_stream_producer_keeps_order_and_matches_sync(gpu_embedder):
 def test_cuda_governor_active(gpu_embedder):
     m = gpu_embedder.metrics()["governor"]
     assert m["active"] is True, m["reason"]
+
+
+# -- length buckets that do not divide the model's length -------------------------------------------
+
+
+def long_rows(n: int, length: int) -> list[list[int]]:
+    """`n` rows of exactly `length` tokens ([CLS] ... [SEP]) cut from a stdlib source file."""
+    tok = load_tokenizer()
+    cls, sep, _ = special_ids()
+    ids = tok.encode(Path(textwrap.__file__).read_text(encoding="utf-8"), add_special_tokens=False).ids
+    body = length - 2
+    assert len(ids) >= n * body
+    return [[cls, *ids[i * body:(i + 1) * body], sep] for i in range(n)]
+
+
+def test_bucket_that_does_not_divide_the_model_length():
+    """length_bucket 24 and 512-token rows: padding to 528 would ask for positions the model lacks."""
+    cfg = config(device="cpu", max_seq_len=512)
+    cfg.profile = dataclasses.replace(cfg.profile, length_bucket=24, max_batch_tokens=2048)
+    e = CudaEmbedder(cfg)
+    try:
+        assert e.padded_length(512) == 512 and e.padded_length(500) == 504 and e.padded_length(505) == 512
+        rows = long_rows(2, 512) + long_rows(1, 505)
+        hf = load_hf_model()
+        with torch.inference_mode():
+            want = np.stack([torch.nn.functional.normalize(
+                hf(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long))
+                .last_hidden_state[0].mean(0), dim=0).numpy() for r in rows])
+        got = e.embed(*pad(rows, bucket=0))
+        assert cosine_rows(got, want).min() >= 0.9999
+    finally:
+        e.close()
+
+
+def test_max_seq_len_beyond_the_models_positions_is_refused():
+    with pytest.raises(EmbedderError, match=r"max_seq_len must be <= .*512 \(got 1024\)"):
+        CudaEmbedder(config(device="cpu", max_seq_len=1024))
+
+
+def test_packaged_or_env_model_dir_is_used(monkeypatch, tmp_path):
+    from hades_gpu.documents.tokenizer import MODEL_DIR_ENV, ModelFilesError, model_dir
+
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path))  # an empty folder: one line naming the variable
+    with pytest.raises(ModelFilesError, match=rf"{MODEL_DIR_ENV} must name a model folder.*missing config.json"):
+        model_dir()
+
+
+# -- a real CUDA OOM, and an ingest on CUDA ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_real_cuda_oom_splits_keeps_every_row_and_recovers():
+    cfg = config(device="cuda", precision="bf16")
+    cfg.profile = dataclasses.replace(cfg.profile, max_batch_tokens=65536, max_batch_size=256)
+    cfg.gpu = dataclasses.replace(cfg.gpu, oom_hold_s=1.0)
+    e = CudaEmbedder(cfg, graph_after=1)
+    dev = e.device
+    rows = long_rows(6, 256)
+    rng = np.random.default_rng(5)
+    batch = [rows[int(i)] for i in rng.integers(0, len(rows), 256)]  # 256 x 256 tokens, one piece
+    ids, mask = pad(batch, bucket=0)
+    try:
+        want = e.embed(ids[:8], mask[:8])  # fits easily; also warms the weights' kernels
+        torch.cuda.synchronize(dev)
+        e.release_memory()
+        total = torch.cuda.get_device_properties(dev).total_memory
+        # leave ~96 MiB above what is held now: a 256-row batch needs far more (its FFN alone is
+        # 256 x 256 x 1536 x 2 bytes = 192 MiB), an 8..32-row piece fits
+        limit = (torch.cuda.memory_reserved(dev) + 96 * 2**20) / total
+        torch.cuda.set_per_process_memory_fraction(limit, dev)
+        try:
+            got = e.embed(ids, mask)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        m = e.metrics()
+        assert m["oom_errors"] >= 1 and m["oom_splits"] >= 1, m
+        assert got.shape == (256, 384)
+        ref = {tuple(r): v for r, v in zip(map(tuple, batch[:8]), want)}
+        for r, v in zip(map(tuple, batch), got):  # every row, in order, right vector
+            if r in ref:
+                assert float(np.dot(v, ref[r])) >= 0.999
+        assert np.isfinite(got).all() and np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+        assert e.governor.metrics()["oom_events"] >= 1
+        # recovery: after the hold the batch runs again with no new OOM, and the budget grows back
+        time.sleep(1.2)
+        assert not e.governor.holding
+        before = e.metrics()["oom_errors"]
+        again = e.embed(ids, mask)
+        assert e.metrics()["oom_errors"] == before
+        assert cosine_rows(again, got).min() >= 0.999
+        base = cfg.profile.max_batch_tokens
+        deadline = time.monotonic() + 5.0
+        while e.governor.batch_token_budget(base) < base and time.monotonic() < deadline:
+            time.sleep(2 * cfg.gpu.poll_interval_s)  # one doubling per fresh reading
+        assert e.governor.batch_token_budget(base) == base
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        e.close()

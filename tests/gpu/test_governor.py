@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hades_gpu.config import GpuConfig
-from hades_gpu.gpu.nvml_governor import MemoryGovernor
+from hades_gpu.gpu.nvml_governor import MemoryGovernor, find_nvml_handle, nvml_uuid_candidates, torch_device_uuid
 
 TOTAL = 80 * 2**30
 
@@ -31,10 +31,20 @@ class ScriptedReader:
         return int(item * TOTAL), TOTAL
 
 
-def gov(reader, poll: float = 1e-9, **kw) -> MemoryGovernor:
+class Clock:
+    """A hand-moved monotonic clock for the OOM hold."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gov(reader, poll: float = 1e-9, clock=time.monotonic, **kw) -> MemoryGovernor:
     cfg = GpuConfig(mem_high=kw.pop("mem_high", 0.9), mem_low=kw.pop("mem_low", 0.75), poll_interval_s=poll,
-                    min_batch_tokens=kw.pop("min_batch_tokens", 512))
-    return MemoryGovernor(cfg, device_index=0, reader=reader)
+                    min_batch_tokens=kw.pop("min_batch_tokens", 512), oom_hold_s=kw.pop("oom_hold_s", 10.0))
+    return MemoryGovernor(cfg, device_index=0, reader=reader, clock=clock)
 
 
 @pytest.mark.parametrize("low, high", [(0.9, 0.8), (0.8, 0.8), (0.0, 0.5), (0.5, 1.2), (-0.1, 0.5)])
@@ -183,3 +193,118 @@ def test_nvml_reader_on_gpu():
     assert g.active, g.reason
     r = g.reading(force=True)
     assert r is not None and r.ok and 0 < r.fraction <= 1 and r.total > 2**30
+
+
+def test_oom_holds_the_budget_down_while_readings_say_memory_is_free():
+    """The thrash loop: after an OOM the memory is released, so every fresh reading is far below
+    mem_low; the budget must not double straight back to the size that just ran out of memory."""
+    clock = Clock()
+    g = gov(ScriptedReader(0.3), clock=clock, oom_hold_s=10.0, min_batch_tokens=512)
+    assert g.batch_token_budget(8192) == 8192
+    g.note_oom()
+    assert g.holding
+    held = [g.batch_token_budget(8192) for _ in range(50)]  # 50 fresh readings at 30% used
+    assert held == [4096] * 50
+    clock.now += 6.0
+    g.note_oom()  # a second OOM inside the hold halves again and restarts the hold
+    clock.now += 9.0  # 15 s after the first OOM, 9 s after the second: still held
+    assert g.batch_token_budget(8192) == 2048 and g.holding
+    clock.now += 1.5
+    assert not g.holding
+    assert [g.batch_token_budget(8192) for _ in range(3)] == [4096, 8192, 8192]  # growth resumes
+    m = g.metrics()
+    assert m["oom_events"] == 2 and m["holding"] is False
+
+
+def test_oom_hold_works_without_nvml_and_before_any_budget():
+    """No NVML on a GPU box (governor inactive): an OOM still halves and holds, then the base returns."""
+    clock = Clock()
+    g = MemoryGovernor(GpuConfig(oom_hold_s=5.0, min_batch_tokens=256), device_index=3, reader=None, clock=clock)
+    assert g.active is False
+    g.note_oom()  # before the first budget was asked for
+    assert g.holding
+    assert g.batch_token_budget(4096) == 2048
+    assert g.batch_token_budget(4096) == 2048
+    clock.now += 5.1
+    assert g.batch_token_budget(4096) == 4096
+
+
+def test_cpu_governor_ignores_oom():
+    g = MemoryGovernor(GpuConfig(), device_index=None)
+    g.note_oom()
+    assert not g.holding and g.batch_token_budget(4096) == 4096
+
+
+# -- NVML device matching ---------------------------------------------------------------------------
+
+
+class FakeNvml:
+    """Stand-in for pynvml with several GPUs and MIG slices: the only way to check device matching on
+    a box without GPUs (the real check is test_nvml_handle_matches_the_torch_device, marked gpu)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, devices: dict[str, int]) -> None:
+        self.devices = devices  # uuid -> MIG mode (1 = enabled)
+        self.by_index = list(devices)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: bytes) -> str:
+        text = uuid.decode()
+        if text not in self.devices:
+            raise self.NVMLError("Not Found")
+        return text
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # never the right thing to call
+        raise AssertionError("device matched by index")
+
+    def nvmlDeviceGetUUID(self, handle: str) -> str:
+        return handle
+
+    def nvmlDeviceGetMigMode(self, handle: str) -> tuple[int, int]:
+        if handle.startswith("MIG-"):
+            raise self.NVMLError("Not Supported")
+        return self.devices[handle], self.devices[handle]
+
+
+def test_nvml_handle_found_by_uuid_not_index():
+    # CUDA_VISIBLE_DEVICES=2,0: CUDA device 0 is NVML device 2
+    nvml = FakeNvml({"GPU-aaaa": 0, "GPU-bbbb": 0, "GPU-cccc": 0})
+    handle, detail = find_nvml_handle(nvml, "cccc")
+    assert handle == "GPU-cccc" and detail == "GPU-cccc"
+    handle, detail = find_nvml_handle(nvml, "dddd")
+    assert handle is None and "dddd" in detail
+
+
+def test_mig_slice_found_and_mig_mode_gpu_refused():
+    nvml = FakeNvml({"GPU-aaaa": 1, "MIG-1111": 0})
+    assert find_nvml_handle(nvml, "1111")[0] == "MIG-1111"  # CUDA_VISIBLE_DEVICES=MIG-1111
+    handle, detail = find_nvml_handle(nvml, "aaaa")  # the whole GPU, whose counters span every slice
+    assert handle is None and "MIG mode" in detail
+
+
+def test_nvml_uuid_spellings():
+    assert nvml_uuid_candidates("ab-cd") == ["GPU-ab-cd", "MIG-ab-cd"]
+    assert nvml_uuid_candidates("GPU-ab-cd") == ["GPU-ab-cd"]
+    assert nvml_uuid_candidates(" MIG-x ") == ["MIG-x"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvml_handle_matches_the_torch_device():
+    import pynvml
+
+    pynvml.nvmlInit()
+    for index in range(torch.cuda.device_count()):
+        uuid = torch_device_uuid(index)
+        assert uuid
+        handle, detail = find_nvml_handle(pynvml, uuid)
+        assert handle is not None, detail
+        nvml_uuid = pynvml.nvmlDeviceGetUUID(handle)
+        nvml_uuid = nvml_uuid.decode() if isinstance(nvml_uuid, bytes) else nvml_uuid
+        assert nvml_uuid.split("-", 1)[1] == uuid
+        g = MemoryGovernor(GpuConfig(), device_index=index)
+        assert g.active and g.source == f"nvml {nvml_uuid}", g.source
+        # NVML's total is the device torch sees (MiB rounding and reserved memory aside)
+        total = torch.cuda.get_device_properties(index).total_memory
+        assert abs(g.reading(force=True).total - total) < 0.05 * total

@@ -226,3 +226,21 @@ def test_knn_cuda_equals_cpu() -> None:
     np.testing.assert_array_equal(cpu[0], gpu[0])
     np.testing.assert_array_equal(cpu[1], gpu[1])
     np.testing.assert_allclose(cpu[2], gpu[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_knn_ties_go_to_the_smaller_index(block: int) -> None:
+    """Duplicated vectors give exactly equal similarities: the k kept must be the lowest indices
+    (torch.topk alone keeps an arbitrary subset of equal values)."""
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 5, 300)
+    scale = rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)  # normalises back to the exact basis vector
+    x = np.eye(16, dtype=np.float32)[groups] * scale
+    src, dst, sim = knn_blocked(x, k=6, threshold=-1.0, block_size=block)
+    ref = knn_brute_force(x, k=6, threshold=-1.0)
+    np.testing.assert_array_equal(src, ref[0])
+    np.testing.assert_array_equal(dst, ref[1])
+    np.testing.assert_array_equal(sim, ref[2])
+    for i in (0, 150, 299):  # spelled out: the 6 smallest other indices of the same group
+        same = [j for j in np.flatnonzero(groups == groups[i]) if j != i][:6]
+        assert dst[src == i].tolist() == same

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (the lent GPU machine has none)")
+
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
 from hades_gpu.embedding import export
 

@@ -8,7 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (the lent GPU machine has none)")
+
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from hades_gpu.config import EmbedderConfig
 from hades_gpu.embedding.base import EmbedderError
