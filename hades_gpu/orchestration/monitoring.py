@@ -127,7 +127,10 @@ class RunMetrics:
         self.memory = PeakMemorySampler()
         self.documents_total = 0
         self.documents_done = 0
-        self.documents_resumed = 0
+        self.documents_resumed = 0  # unchanged, by either path below
+        self.documents_unchanged_stat = 0  # size + mtime as in the manifest: not read at all
+        self.documents_unchanged_hash = 0  # read, content hash as in the manifest: not embedded
+        self.documents_read = 0  # documents that came back from the worker processes
         self.chunks_done = 0
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -177,6 +180,9 @@ class RunMetrics:
                     "total": self.documents_total,
                     "done": self.documents_done,
                     "resumed": self.documents_resumed,
+                    "unchanged_not_read": self.documents_unchanged_stat,
+                    "unchanged_same_hash": self.documents_unchanged_hash,
+                    "read": self.documents_read,
                     "skipped": len(skipped),
                     "skipped_by_reason": reasons,
                 },

@@ -121,18 +121,22 @@ class IngestPipeline:
                 stats[ref.rel_path] = (ref.size, 0)
             if manifest.is_unchanged(ref.rel_path, *stats[ref.rel_path]):
                 metrics.documents_resumed += 1
+                metrics.documents_unchanged_stat += 1
             else:
                 todo.append(ref)
         if metrics.documents_resumed:
             log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, out)
 
         def triage(doc: ChunkedDocument) -> bool:
+            metrics.documents_read += 1
             if doc.skip_reason is not None:
                 metrics.add_skip(doc.ref.path, doc.skip_reason, doc.skip_detail)
                 return False
             known = manifest.documents.get(doc.ref.rel_path)
             if known is not None and known.content_hash == doc.content_hash:
                 metrics.documents_resumed += 1  # touched but identical: keep the committed rows
+                metrics.documents_unchanged_hash += 1
+                writer.note_unchanged(doc.ref.rel_path, *stats.get(doc.ref.rel_path, (0, 0)))
                 return False
             metrics.document_done(0)
             return True

@@ -94,6 +94,7 @@ class DatasetWriter:
         self.rows_written = 0
         self.documents_committed = 0
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
+        self._stat_updates: dict[str, tuple[int, int]] = {}  # rel_path -> (size, mtime_ns), see note_unchanged
 
     # -- start-up ----------------------------------------------------------------------------------
     def _remove_orphans(self) -> list[str]:
@@ -151,9 +152,25 @@ class DatasetWriter:
             if ready:
                 self._commit(ready)
 
+    def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
+        """A committed document was read again (its size or mtime changed) and its content hash is the
+        same: remember the new size and mtime, so the next run skips it without reading it. Saved at
+        close; lost on a crash, which only costs that next run a re-read."""
+        with self._lock:
+            if rel_path in self.manifest.documents:
+                self._stat_updates[rel_path] = (int(size), int(mtime_ns))
+
     def close(self) -> None:
         """Commit what is ready. Documents still missing chunks are left uncommitted (redone next run)."""
         self.flush()
+        with self._flush_lock, self._lock:
+            updates, self._stat_updates = self._stat_updates, {}
+            for rel_path, (size, mtime_ns) in updates.items():
+                entry = self.manifest.documents.get(rel_path)
+                if entry is not None:
+                    entry.size, entry.mtime_ns = size, mtime_ns
+            if updates:
+                self.manifest.save(self.output)
         with self._lock:
             incomplete = len(self._pending)
         if incomplete:

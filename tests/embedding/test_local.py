@@ -84,7 +84,7 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(texts) -> np.ndarray:
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st  # a hard dependency of the suite: missing is an error
     model = st.SentenceTransformer(str(model_dir()), device="cpu")
     assert model.max_seq_length == MAX_LEN
     return np.asarray(model.encode(texts, batch_size=16), dtype=np.float32)

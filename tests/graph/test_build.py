@@ -244,3 +244,30 @@ def test_knn_ties_go_to_the_smaller_index(block: int) -> None:
     for i in (0, 150, 299):  # spelled out: the 6 smallest other indices of the same group
         same = [j for j in np.flatnonzero(groups == groups[i]) if j != i][:6]
         assert dst[src == i].tolist() == same
+
+
+def test_knn_edge_weights_follow_their_formula(tmp_path: Path) -> None:
+    """weight = graph.knn_weight_scale * cosine(stored embeddings), recomputed here in float64, and
+    the neighbours are each chunk's top-k cosine >= threshold (self excluded)."""
+    rng = np.random.default_rng(4)
+    docs = []
+    for i, d in enumerate(CORPUS):
+        base = rng.normal(size=DIM)
+        emb = base + 0.8 * rng.normal(size=(d["n_chunks"], DIM))  # related within a document
+        docs.append({**d, "emb": (emb * rng.uniform(0.5, 3.0, (d["n_chunks"], 1))).astype(np.float32)})  # not unit norm
+    write_output(tmp_path, docs)
+    cfg = GraphConfig(knn_k=3, knn_threshold=0.2, knn_weight_scale=0.7, knn_block_size=5, sequence=False,
+                      same_document=False, references=False)
+    build_graph(tmp_path, cfg)
+    chunks = pq.read_table(tmp_path / "chunks").to_pandas()
+    emb = {c: np.asarray(e, np.float64) for c, e in zip(chunks.chunk_id, chunks.embedding)}
+    t = _edges(tmp_path).to_pandas()
+    assert set(t.type) == {"knn"}
+    cos = lambda a, b: float(emb[a] @ emb[b] / np.linalg.norm(emb[a]) / np.linalg.norm(emb[b]))  # noqa: E731
+    for row in t.itertuples():
+        assert row.weight == pytest.approx(0.7 * cos(row.src_chunk_id, row.dst_chunk_id), abs=1e-5)
+    for src in chunks.chunk_id:
+        others = sorted(((cos(src, o), o) for o in chunks.chunk_id if o != src), reverse=True)
+        want = {o for c, o in others[:3] if c >= 0.2}
+        assert set(t.dst_chunk_id[t.src_chunk_id == src]) == want
+    assert len(t) > 10 and (t.weight < 0.7).all()

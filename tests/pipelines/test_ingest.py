@@ -19,6 +19,7 @@ from hades_gpu.pipelines import CodeParallelPipeline, TextParallelPipeline
 from hades_gpu.store.reader import read_chunks, read_documents
 
 from corpus_helpers import REPO, copy_files, stdlib_sources
+from embedder_helpers import RecordingEmbedder
 
 FAST = ["isne.enabled=false", "monitoring.progress=off"]
 
@@ -119,7 +120,9 @@ def _run_ingest(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_resume_after_sigkill(tmp_path):
+def test_resume_after_sigkill(tmp_path, embedder):
+    """SIGKILL mid-run, then a re-run: every chunk exactly once, and the re-run embeds exactly the
+    chunks of the documents the killed run had not committed (nothing committed is embedded again)."""
     corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
     out = tmp_path / "out"
     args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40", *FAST]
@@ -133,15 +136,19 @@ def test_resume_after_sigkill(tmp_path):
     assert proc.poll() is None, "ingest finished before it could be killed: " + proc.stdout.read()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(json.loads(manifest.read_text())["documents"])
-    assert 0 < partial < 60
+    done_before = set(json.loads(manifest.read_text())["documents"])
+    assert 0 < len(done_before) < 60
 
-    rerun = _run_ingest(args)
-    output, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, output
+    rec = RecordingEmbedder(embedder)
+    cfg = config("profile.writer_rows_per_part=40", profile="low_memory")
+    result = TextParallelPipeline(cfg, embedder=rec).process_batch([corpus], output=out)
+    assert result.documents_unchanged == len(done_before)
+    assert result.metrics["documents"]["read"] == 60 - len(done_before)  # committed ones not even read
     assert_exactly_once(out)
     docs = read_documents(out).to_pandas()
     assert len(docs) == 60
+    unfinished = docs[~docs.rel_path.isin(done_before)]
+    assert rec.rows_embedded == int(unfinished.n_chunks.sum()) == result.chunks_written
     # every part file on disk is committed (interrupted ones were removed)
     committed = set(json.loads(manifest.read_text())["parts"])
     assert {p.stem for p in (out / "chunks").glob("*.parquet")} == committed

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hades_gpu.embedding.triton_server import TritonServer, find_server
+from requirements import skip_or_fail  # tests/support (pytest `pythonpath`)
 from triton_helpers import UNAVAILABLE  # tests/support (pytest `pythonpath`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +33,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001
 def triton_server(tmp_path_factory):
     """`TritonServer` serving minilm_python on free 127.0.0.1 ports, stopped at session end."""
     if UNAVAILABLE:
-        pytest.skip(f"tritonserver cannot run here: {UNAVAILABLE}")
+        skip_or_fail(f"tritonserver cannot run here: {UNAVAILABLE}")
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     server = TritonServer(models=["minilm_python"], log_file=log_file)
     server.start()

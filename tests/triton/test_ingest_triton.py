@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hades_gpu.embedding.triton_server import TritonServer, metric_total
+from requirements import skip_or_fail  # tests/support
 
 MODEL = "minilm_python"
 COMMON = ["isne.enabled=false", "monitoring.progress=off"]
@@ -23,7 +24,7 @@ COMMON = ["isne.enabled=false", "monitoring.progress=off"]
 def _hades_ingest() -> str:
     exe = shutil.which("hades-ingest", path=os.path.dirname(sys.executable))
     if exe is None:
-        pytest.skip("the hades-ingest console script is not installed (pip install -e .)")
+        skip_or_fail("the hades-ingest console script is not installed (pip install -e .)")
     return exe
 
 

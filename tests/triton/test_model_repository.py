@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (the lent GPU machine has none)")
+from requirements import require_module  # noqa: E402  (tests/support)
+
+require_module("tritonclient.grpc", "tritonclient[grpc] is not installed (the lent GPU machine has none)")
 
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (the lent GPU machine has none)")
+from requirements import require_module  # noqa: E402  (tests/support)
+
+require_module("tritonclient.grpc", "tritonclient[grpc] is not installed (the lent GPU machine has none)")
 
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
