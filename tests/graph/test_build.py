@@ -271,3 +271,14 @@ def test_knn_edge_weights_follow_their_formula(tmp_path: Path) -> None:
         want = {o for c, o in others[:3] if c >= 0.2}
         assert set(t.dst_chunk_id[t.src_chunk_id == src]) == want
     assert len(t) > 10 and (t.weight < 0.7).all()
+
+
+def test_each_edge_type_carries_its_configured_weight(tmp_path: Path) -> None:
+    """Distinct weights per type, none the default: a swapped or ignored weight setting shows."""
+    write_output(tmp_path, CORPUS)
+    cfg = GraphConfig(sequence_weight=0.31, same_document_weight=0.17, reference_weight=0.73, knn=False,
+                      same_document_fanout=2)
+    build_graph(tmp_path, cfg)
+    t = _edges(tmp_path).to_pandas()
+    got = {kind: sorted({round(float(w), 6) for w in group.weight}) for kind, group in t.groupby("type")}
+    assert got == {"sequence": [0.31], "same_document": [0.17], "reference": [0.73]}

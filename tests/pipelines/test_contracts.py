@@ -165,3 +165,17 @@ def test_binary_and_bad_files_never_cost_a_good_chunk(mixed_corpus, tmp_path, em
     key = lambda df: sorted(zip(df.path.str.replace(str(dirty_corpus), "", regex=False)  # noqa: E731
                                 .str.replace(str(mixed_corpus), "", regex=False), df.ordinal, df.text))
     assert key(read_chunks(dirty).to_pandas()) == key(read_chunks(clean).to_pandas())
+
+
+def test_code_pipeline_treats_every_file_as_code(mixed_corpus, tmp_path, embedder):
+    """CodeParallelPipeline's flag must change something on prose files (a corpus of .py files alone
+    would make it a no-op): every stored chunk is code, prose files get language "unknown"."""
+    text = TextParallelPipeline(config(), embedder=embedder).process_batch([mixed_corpus], output=tmp_path / "t")
+    code = CodeParallelPipeline(config(), embedder=embedder).process_batch([mixed_corpus], output=tmp_path / "c")
+    t_docs = read_documents(tmp_path / "t").to_pandas().set_index("rel_path")
+    c_docs = read_documents(tmp_path / "c").to_pandas().set_index("rel_path")
+    assert set(t_docs.modality) == {"prose", "code"} and set(c_docs.modality) == {"code"}
+    prose = t_docs.index[t_docs.modality == "prose"]
+    assert len(prose) >= 5 and (c_docs.loc[prose, "language"] == "unknown").all()
+    assert set(read_chunks(tmp_path / "c", ["modality"]).column("modality").to_pylist()) == {"code"}
+    assert text.documents_ingested == code.documents_ingested

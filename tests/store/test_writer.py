@@ -85,3 +85,128 @@ def test_embedding_shape_checked(tmp_path):
     w.begin_document(d)
     with pytest.raises(ValueError, match=r"embeddings must be \(1, 4\)"):
         w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.zeros((1, 3), np.float32)))
+
+
+def varied_doc(rel: str, n: int, content: str, modality: str = "code", language: str = "python"):
+    """A document whose every field differs per chunk, so a swapped or dropped column shows."""
+    ref = DocumentRef(path=f"/corpus/{rel}", rel_path=rel, size=100 + n, modality=modality, language=language)
+    h = stable_id(content)
+    chunks = [Chunk(doc_id=ref.doc_id, chunk_id=stable_id(ref.doc_id, h, str(i)), path=ref.path, modality=modality,
+                    ordinal=i, char_start=10 * i + 3, char_end=10 * i + 11 + i, text=f"{content} chunk {i} ✓",
+                    token_ids=np.arange(5 + i, dtype=np.int32)) for i in range(n)]
+    return ChunkedDocument(ref=ref, content_hash=h, chunks=chunks, references=[f"ref{j}" for j in range(n % 3)])
+
+
+def test_every_column_and_manifest_field_round_trips(tmp_path):
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=5)
+    docs = [varied_doc("pkg/a.py", 3, "alpha"), varied_doc("docs/b.md", 4, "beta", "prose", "markdown"),
+            varied_doc("c.py", 1, "gamma"), varied_doc("d.txt", 2, "delta", "prose", "text")]
+    vectors = {}
+    rng = np.random.default_rng(1)
+    for k, d in enumerate(docs):
+        w.begin_document(d, size=1000 + k, mtime_ns=77_000 + k)
+    for d in docs:  # embed document by document, each chunk its own known vector
+        v = rng.random((len(d.chunks), DIM), dtype=np.float32)
+        vectors.update({c.chunk_id: v[i] for i, c in enumerate(d.chunks)})
+        w.add(EmbeddedBatch(chunks=d.chunks, embeddings=v))
+    w.close()
+    assert (w.parts_written, w.rows_written, w.documents_committed) == (2, 10, 4)  # 3+4 rows, then 1+2
+
+    table = read_chunks(tmp_path).to_pandas().set_index("chunk_id")
+    assert len(table) == 10
+    for d in docs:
+        for c in d.chunks:
+            row = table.loc[c.chunk_id]
+            assert (row.doc_id, row.path, row.modality, row.ordinal, row.char_start, row.char_end, row.n_tokens,
+                    row.text) == (c.doc_id, c.path, c.modality, c.ordinal, c.char_start, c.char_end, c.n_tokens, c.text)
+            np.testing.assert_array_equal(np.asarray(row.embedding, np.float32), vectors[c.chunk_id])
+    dt = read_documents(tmp_path).to_pandas().set_index("rel_path")
+    assert list(read_documents(tmp_path).schema.names) == ["doc_id", "path", "rel_path", "modality", "language",
+                                                          "content_hash", "n_chunks", "references"]
+    for d in docs:
+        row = dt.loc[d.ref.rel_path]
+        assert (row.doc_id, row.path, row.modality, row.language, row.content_hash, row.n_chunks, list(row.references)) \
+            == (d.ref.doc_id, d.ref.path, d.ref.modality, d.ref.language, d.content_hash, len(d.chunks), d.references)
+
+    m = Manifest.load(tmp_path, "s0")
+    assert m.parts == ["part-s0-00001", "part-s0-00002"] and m.next_part_number() == 3
+    for k, d in enumerate(docs):
+        e = m.documents[d.ref.rel_path]
+        assert (e.doc_id, e.content_hash, e.n_chunks, e.size, e.mtime_ns) == \
+            (d.ref.doc_id, d.content_hash, len(d.chunks), 1000 + k, 77_000 + k)
+        assert e.part == ("part-s0-00001" if k < 2 else "part-s0-00002")
+        assert m.is_unchanged(d.ref.rel_path, 1000 + k, 77_000 + k)
+        assert not m.is_unchanged(d.ref.rel_path, 1001 + k, 77_000 + k)
+        assert not m.is_unchanged(d.ref.rel_path, 1000 + k, 77_001 + k)
+    assert not m.is_unchanged("unknown.py", 0, 0)
+
+
+def test_note_unchanged_is_saved_at_close_for_known_documents_only(tmp_path):
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    d = varied_doc("a.py", 2, "x")
+    w.begin_document(d, size=5, mtime_ns=6)
+    w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
+    w.close()
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w.note_unchanged("a.py", 5, 99)
+    w.note_unchanged("never-seen.py", 1, 2)
+    assert Manifest.load(tmp_path, "s0").documents["a.py"].mtime_ns == 6  # not before close
+    w.close()
+    m = Manifest.load(tmp_path, "s0")
+    assert (m.documents["a.py"].size, m.documents["a.py"].mtime_ns) == (5, 99)
+    assert "never-seen.py" not in m.documents and m.parts == ["part-s0-00001"]
+
+
+def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed(tmp_path):
+    for shard, rel in (("s0", "a.py"), ("s3", "b.py")):
+        w = DatasetWriter(tmp_path, shard, DIM, rows_per_part=100)
+        d = varied_doc(rel, 2, shard)
+        w.begin_document(d)
+        w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
+        w.close()
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "manifest-s3.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["part-s0-00001.parquet", "part-s3-00001.parquet"]
+    # a stray part no manifest names (a crashed run's) is not read, and nothing else is disturbed
+    (tmp_path / "chunks" / "part-s9-00001.parquet").write_bytes((tmp_path / "chunks" / "part-s0-00001.parquet").read_bytes())
+    assert sorted(read_chunks(tmp_path, ["text"]).column("text").to_pylist()) == \
+        ["s0 chunk 0 ✓", "s0 chunk 1 ✓", "s3 chunk 0 ✓", "s3 chunk 1 ✓"]
+    assert read_chunks(tmp_path, ["chunk_id"]).schema.names == ["chunk_id"]
+    from hades_gpu.store.reader import committed_parts, is_ingest_output
+
+    assert committed_parts(tmp_path) == ["part-s0-00001", "part-s3-00001"]
+    assert is_ingest_output(tmp_path) and not is_ingest_output(tmp_path / "chunks")
+    with pytest.raises(FileNotFoundError, match="no committed chunks part files"):
+        read_chunks(tmp_path / "chunks")
+
+
+def test_damaged_or_foreign_manifest_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        Manifest.load(tmp_path, "s0")
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 999, "parts": []}))
+    with pytest.raises(ValueError, match="version 999"):
+        Manifest.load(tmp_path, "s0")
+    empty = Manifest.load(tmp_path / "nowhere", "s1")
+    assert empty.parts == [] and empty.documents == {} and empty.shard == "s1" and empty.next_part_number() == 1
+
+
+def test_document_without_chunks_is_committed_at_once(tmp_path):
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    d = varied_doc("empty.py", 0, "none")
+    w.begin_document(d, size=3, mtime_ns=4)
+    assert w.pending_documents == 0
+    w.close()
+    m = Manifest.load(tmp_path, "s0")
+    assert m.documents["empty.py"].n_chunks == 0 and w.documents_committed == 1 and w.rows_written == 0
+
+
+def test_incomplete_document_is_not_committed(tmp_path):
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=1)
+    d = varied_doc("a.py", 3, "x")
+    w.begin_document(d)
+    w.add(EmbeddedBatch(chunks=d.chunks[:2], embeddings=np.ones((2, DIM), np.float32)))
+    assert w.pending_documents == 1
+    w.close()
+    assert not (tmp_path / "manifest.json").exists() or "a.py" not in Manifest.load(tmp_path, "s0").documents
+    with pytest.raises(KeyError, match="unregistered document"):
+        w.add(EmbeddedBatch(chunks=varied_doc("b.py", 1, "y").chunks, embeddings=np.ones((1, DIM), np.float32)))

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Mutation testing of the core modules with mutmut 3, each module group against its fast tests.
+
+Why: a suite can pass while a feature is broken (an assertion any value satisfies, a check of a
+prefix only). mutmut makes one-line changes to the code (a ``+=`` to ``=``, a ``<`` to ``<=``, an
+argument to ``None``) and runs the tests that cover each changed function; a mutant the tests do not
+notice "survives". Run it here, not in CI (about 20-40 minutes on 2 cores for every group):
+
+    scripts/mutation_check.sh                 # every group
+    scripts/mutation_check.sh store graph     # some groups
+
+Each group runs in its own scratch copy of the working tree (``$HADES_MUTATION_DIR``, default
+/tmp/hades-mutation/<group>), so the checkout is never touched; results go to
+``docs/mutation/results.json`` and ``docs/mutation/report.md`` (killed / survived / no tests / timeout per
+module and group, and every survivor with its diff).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# group -> (files mutmut may change, the fast tests that exercise them)
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "store": (["hades_gpu/store/*"], ["tests/store"]),
+    "orchestration": (["hades_gpu/orchestration/*"], ["tests/orchestration"]),
+    "chunking": (["hades_gpu/documents/chunking*"], ["tests/documents/test_chunking.py"]),
+    "isne": (["hades_gpu/isne/*"], ["tests/isne/test_model.py", "tests/isne/test_sampling.py",
+                                    "tests/isne/test_trainer.py"]),
+    "graph": (["hades_gpu/graph/*"], ["tests/graph"]),
+}
+TARGETS = {"store": 0.80, "orchestration": 0.80}  # the other core groups: 0.70
+LINE = re.compile(r"^\s*(?P<name>[\w.ǁ]+__mutmut_\d+):\s*(?P<status>[\w ]+?)\s*$")
+
+
+def scratch_copy(group: str, base: Path) -> Path:
+    """The working tree's tracked and untracked (not ignored) files, with this group's mutmut config."""
+    dest = base / group
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    mutate, tests = GROUPS[group]
+    with open(dest / "pyproject.toml", "a", encoding="utf-8") as f:
+        f.write("\n[tool.mutmut]\n"
+                'source_paths = ["hades_gpu"]\n'
+                f"only_mutate = {json.dumps(mutate)}\n"
+                f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+                'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
+                # torch and worker processes are not fork-safe after pytest ran: fork from a clean server
+                'process_isolation = "forkserver"\n')
+    return dest
+
+
+def run_group(group: str, base: Path, children: int, timeout_s: float) -> dict[str, Any]:
+    work = scratch_copy(group, base)
+    mutmut = [sys.executable, "-m", "mutmut"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("HADES_TEST_STRICT", None)
+    t0 = time.monotonic()
+    with open(work / "mutmut-run.log", "w", encoding="utf-8") as log:
+        try:
+            rc = subprocess.run([*mutmut, "run", "--max-children", str(children)], cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    seconds = time.monotonic() - t0
+    listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                             text=True).stdout
+    mutants = [(m.group("name"), m.group("status")) for m in map(LINE.match, listing.splitlines()) if m]
+    survivors = []
+    for name, status in mutants:
+        if status == "survived":
+            diff = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
+            changed = [line for line in diff.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
+            survivors.append({"name": name, "diff": changed[:4]})
+    return {"group": group, "rc": rc, "seconds": round(seconds, 1), "mutants": mutants, "survivors": survivors,
+            "tests": GROUPS[group][1], "mutate": GROUPS[group][0]}
+
+
+def module_of(name: str) -> str:
+    """hades_gpu.store.writer.xǁDatasetWriterǁclose__mutmut_3 -> hades_gpu/store/writer.py"""
+    parts = name.split(".")
+    mod = [p for p in parts if not p.startswith("x")]
+    return "/".join(mod) + ".py"
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    table = []
+    for r in results:
+        counts: dict[str, int] = {}
+        per_module: dict[str, dict[str, int]] = {}
+        for name, status in r["mutants"]:
+            counts[status] = counts.get(status, 0) + 1
+            m = per_module.setdefault(module_of(name), {})
+            m[status] = m.get(status, 0) + 1
+        total = sum(counts.values())
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a timeout is a detected change
+        target = TARGETS.get(r["group"], 0.70)
+        table.append({"group": r["group"], "total": total, "killed": counts.get("killed", 0),
+                      "timeout": counts.get("timeout", 0), "survived": counts.get("survived", 0),
+                      "no_tests": counts.get("no tests", 0), "other": {k: v for k, v in counts.items()
+                      if k not in ("killed", "timeout", "survived", "no tests")},
+                      "kill_rate": round(killed / total, 3) if total else None, "target": target,
+                      "met": bool(total) and killed / total >= target, "seconds": r["seconds"], "rc": r["rc"],
+                      "per_module": per_module, "tests": r["tests"]})
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tool": _mutmut_version(),
+            "groups": table, "survivors": {r["group"]: r["survivors"] for r in results}}
+
+
+def _mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return f"mutmut {version('mutmut')}"
+
+
+def write_report(summary: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines = [f"# Mutation testing ({summary['tool']}, {summary['date']})", "",
+             "Kill rate = (killed + timeout) / all mutants; \"no tests\" mutants count as not killed.", "",
+             "| group | tests | mutants | killed | timeout | survived | no tests | kill rate | target | met | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        lines.append(f"| {g['group']} | {', '.join(g['tests'])} | {g['total']} | {g['killed']} | {g['timeout']} | "
+                     f"{g['survived']} | {g['no_tests']} | {g['kill_rate']} | {g['target']} | "
+                     f"{'yes' if g['met'] else 'NO'} | {g['seconds'] / 60:.1f} |")
+    lines += ["", "## Per module", "", "| module | killed | survived | no tests |", "|---|---|---|---|"]
+    for g in summary["groups"]:
+        for mod, c in sorted(g["per_module"].items()):
+            lines.append(f"| {mod} | {c.get('killed', 0) + c.get('timeout', 0)} | {c.get('survived', 0)} | "
+                         f"{c.get('no tests', 0)} |")
+    lines += ["", "## Survivors", ""]
+    for group, survivors in summary["survivors"].items():
+        lines.append(f"### {group} ({len(survivors)})")
+        lines.append("")
+        for s in survivors:
+            lines.append(f"- `{s['name']}`: `{' / '.join(d.strip() for d in s['diff'])[:200]}`")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("groups", nargs="*", default=list(GROUPS), help=f"groups to run (default: all of {list(GROUPS)})")
+    ap.add_argument("--children", type=int, default=max(1, os.cpu_count() or 1), help="parallel mutants")
+    ap.add_argument("--timeout-min", type=float, default=40.0, help="per group (default 40)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "mutation"))
+    ap.add_argument("--work", default=os.environ.get("HADES_MUTATION_DIR", "/tmp/hades-mutation"))
+    args = ap.parse_args(argv)
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+    results = []
+    for group in args.groups:
+        print(f"mutation_check: {group} ...", flush=True)
+        r = run_group(group, Path(args.work), args.children, args.timeout_min * 60)
+        results.append(r)
+        done = summarise(results)
+        g = done["groups"][-1]
+        print(f"mutation_check: {group}: {g['total']} mutants, kill rate {g['kill_rate']} (target {g['target']}), "
+              f"{g['survived']} survived, {g['no_tests']} without tests, {g['seconds'] / 60:.1f} min", flush=True)
+    summary = summarise(results)
+    out = Path(args.out)
+    if out.joinpath("results.json").is_file() and set(args.groups) != set(GROUPS):  # merge a partial run
+        old = json.loads(out.joinpath("results.json").read_text(encoding="utf-8"))
+        keep = [g for g in old.get("groups", []) if g["group"] not in args.groups]
+        summary["groups"] = sorted(keep + summary["groups"], key=lambda g: list(GROUPS).index(g["group"]))
+        summary["survivors"] = {**{k: v for k, v in old.get("survivors", {}).items() if k not in args.groups},
+                                **summary["survivors"]}
+    write_report(summary, out)
+    print(f"mutation_check: {out / 'report.md'}")
+    return 0 if all(g["met"] for g in summary["groups"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
