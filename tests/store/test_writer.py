@@ -210,3 +210,48 @@ def test_incomplete_document_is_not_committed(tmp_path):
     assert not (tmp_path / "manifest.json").exists() or "a.py" not in Manifest.load(tmp_path, "s0").documents
     with pytest.raises(KeyError, match="unregistered document"):
         w.add(EmbeddedBatch(chunks=varied_doc("b.py", 1, "y").chunks, embeddings=np.ones((1, DIM), np.float32)))
+
+
+def test_part_committed_exactly_when_ready_rows_reach_the_part_size(tmp_path, caplog):
+    commits = []
+    w = DatasetWriter(tmp_path / "new" / "deeper", "s0", DIM, rows_per_part=4)  # folders made as needed
+    w.on_commit = lambda docs, rows: commits.append((docs, rows))
+    a, b, c = varied_doc("a.py", 3, "a"), varied_doc("b.py", 1, "b"), varied_doc("c.py", 2, "c")
+    for d in (a, b, c):
+        w.begin_document(d)
+    w.add(EmbeddedBatch(chunks=a.chunks, embeddings=np.ones((3, DIM), np.float32)))
+    assert w.parts_written == 0  # 3 ready rows < 4
+    w.add(EmbeddedBatch(chunks=b.chunks, embeddings=np.ones((1, DIM), np.float32)))
+    assert w.parts_written == 1 and commits == [(2, 4)]  # exactly 4: committed now, not at close
+    w.add(EmbeddedBatch(chunks=c.chunks[:1], embeddings=np.ones((1, DIM), np.float32)))
+    caplog.set_level("WARNING", logger="hades_gpu.store.writer")
+    w.close()
+    assert commits == [(2, 4)] and w.pending_documents == 1
+    assert "1 document(s) were not fully embedded" in caplog.text
+    part = tmp_path / "new" / "deeper" / "chunks" / "part-s0-00001.parquet"
+    assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
+    (tmp_path / "chunks").mkdir()
+    (tmp_path / "documents").mkdir()
+    stray = tmp_path / "documents" / "part-s0-00007.parquet"
+    stray.write_bytes(b"half a file")
+    other_shard = tmp_path / "chunks" / "part-s1-00001.parquet"
+    other_shard.write_bytes(b"another shard's, not ours to remove")
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1}))  # no parts, no documents, no shard
+    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=10)
+    assert w.removed_orphans == [str(stray)] and other_shard.exists()
+    m = Manifest.load(tmp_path, "s0")
+    assert (m.shard, m.parts, m.documents) == ("s0", [], {})
+    from hades_gpu.store.reader import committed_parts
+
+    assert committed_parts(tmp_path) == []
+    d = varied_doc("a.py", 1, "z")
+    w.begin_document(d)
+    w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((1, DIM), np.float32)))
+    w.close()
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(raw) == {"version", "shard", "parts", "documents"} and raw["shard"] == "s0"
+    assert set(raw["documents"]["a.py"]) == {"doc_id", "content_hash", "n_chunks", "part", "size", "mtime_ns"}
+    assert read_documents(tmp_path, ["rel_path"]).schema.names == ["rel_path"]

@@ -1,0 +1,163 @@
+"""StreamingPipeline's routing on real documents, fast: every chunk reaches the sink exactly once with
+the vector of its own row, triaged documents never reach the model, budgets and counters are exact,
+the first stage error stops every thread.
+
+Two stand-ins keep this a fast unit test of the wiring (the end-to-end tests run the real model and
+real worker processes): `InlinePool` runs the real `process_document` in the calling thread behind
+the WorkerPool interface the pipeline composes, and `RowModel` is a stand-in *model* whose vector of
+a row is a function of that row's token ids, so a row routed to the wrong chunk is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+
+from corpus_helpers import SAMPLE_CORPUS, stdlib_sources
+from hades_gpu.config import ChunkingConfig, DocumentsConfig, ProfileConfig
+from hades_gpu.documents.chunking import process_document
+from hades_gpu.documents.discovery import discover
+from hades_gpu.documents.tokenizer import special_ids
+from hades_gpu.orchestration.monitoring import RunMetrics
+from hades_gpu.orchestration.pipeline import StreamingPipeline
+
+CLS, SEP, PAD = special_ids()
+
+
+class InlinePool:
+    """The WorkerPool interface, in process: `submit` runs the real `process_document` at once."""
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self.done: deque = deque()
+        self.submitted = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self.done)
+
+    def has_room(self) -> bool:
+        return self.inflight < self.capacity
+
+    def submit(self, index, ref) -> None:
+        self.submitted += 1
+        self.done.append((index, process_document(ref, DocumentsConfig(), ChunkingConfig())))
+
+    def get_result(self, timeout: float = 0.5):
+        return self.done.popleft() if self.done else None
+
+
+def row_vector(real_ids: np.ndarray) -> np.ndarray:
+    """(sum, count, first, last, checksum) of a row's real token ids: identifies the row."""
+    ids = real_ids.astype(np.float64)
+    return np.array([ids.sum(), len(ids), ids[0], ids[-1], (ids * np.arange(1, len(ids) + 1)).sum() % 9973],
+                    dtype=np.float32)
+
+
+class RowModel:
+    """Stand-in model (see the module docstring), recording each call's shape."""
+
+    dim = 5
+
+    def __init__(self, concurrency: int = 2, fail_on_call: int = 0) -> None:
+        self.concurrency = concurrency
+        self.fail_on_call = fail_on_call
+        self.calls: list[tuple[int, int]] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.calls.append(ids.shape)
+            self.threads.add(threading.current_thread().name)
+            n = len(self.calls)
+        if n == self.fail_on_call:
+            raise RuntimeError("model crashed on purpose")
+        return np.stack([row_vector(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])])
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.begun: list[str] = []
+        self.rows: dict[str, np.ndarray] = {}
+        self.added = Counter()
+
+    def begin_document(self, doc) -> None:
+        self.begun.append(doc.ref.rel_path)
+
+    def add(self, batch) -> None:
+        for chunk, vec in zip(batch.chunks, batch.embeddings):
+            self.added[chunk.chunk_id] += 1
+            self.rows[chunk.chunk_id] = vec
+
+
+def refs():
+    found, _ = discover([str(SAMPLE_CORPUS), *map(str, stdlib_sources(8))], DocumentsConfig())
+    return found
+
+
+def profile(**kw) -> ProfileConfig:
+    base = dict(max_batch_tokens=1024, max_batch_size=8, length_bucket=16, lookahead_batches=4, ring_slots=3,
+                queue_max_bytes=512 * 1024, queue_max_items=16)
+    return dataclasses.replace(ProfileConfig(), **{**base, **kw})
+
+
+def run(model, triage=lambda doc: doc.skip_reason is None, **kw):
+    metrics, sink, pool = RunMetrics(), RecordingSink(), InlinePool()
+    p = StreamingPipeline(profile(**kw), pool, model, sink, metrics, triage, (CLS, SEP, PAD), 256)
+    docs = refs()
+    p.run(docs)
+    return p, metrics, sink, pool, docs
+
+
+def test_every_chunk_reaches_the_sink_once_with_its_own_rows_vector():
+    keep = lambda doc: doc.skip_reason is None and not doc.ref.rel_path.endswith("overview.md")  # noqa: E731
+    model = RowModel(concurrency=3)
+    p, metrics, sink, pool, docs = run(model, triage=keep)
+    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in docs]
+    wanted = [d for d in chunked if keep(d)]
+    assert pool.submitted == len(docs)
+    assert sorted(sink.begun) == sorted(d.ref.rel_path for d in wanted)  # triaged-out never begun
+    chunks = [c for d in wanted for c in d.chunks]
+    assert len(chunks) > 50 and set(sink.added) == {c.chunk_id for c in chunks}
+    assert set(sink.added.values()) == {1}  # exactly once
+    for c in chunks:  # the vector of the chunk's own row: [CLS] ids [SEP]
+        np.testing.assert_array_equal(sink.rows[c.chunk_id], row_vector(np.array([CLS, *c.token_ids, SEP])))
+    for rows, length in model.calls:
+        assert rows <= 8 and rows * length <= 1024 and (length % 16 == 0 or length == 256)
+    assert len(model.threads) == 3  # embed.concurrency threads
+    s = metrics.snapshot()
+    assert s["stages"]["read_chunk"]["items"] == len(docs)
+    assert s["stages"]["embed"]["items"] == s["stages"]["write"]["items"] == len(chunks)
+    assert s["batches"] == len(model.calls) == s["stages"]["batch"]["items"]
+    assert s["real_tokens"] == sum(len(c.token_ids) + 2 for c in chunks)
+    assert s["padded_tokens"] == sum(r * n for r, n in model.calls) >= s["real_tokens"]
+    assert s["stages"]["embed"]["tokens"] == s["real_tokens"]
+    assert set(s["queues"]) == {"documents", "batches", "embedded"}
+    for q in s["queues"].values():
+        assert q["max_bytes"] == 512 * 1024 and q["max_items"] == 16 and q["items"] == 0
+        assert q["puts"] == q["gets"] > 0
+    assert p.ring.free_slots == p.ring.slots  # every ring slot given back
+
+
+def test_first_stage_error_stops_the_run_and_is_raised():
+    model = RowModel(concurrency=2, fail_on_call=3)
+    with pytest.raises(RuntimeError, match="model crashed on purpose"):
+        run(model)
+    assert len(model.calls) < 12  # stopped, not run to the end
+
+
+def test_a_sink_error_is_raised_too():
+    class BrokenSink(RecordingSink):
+        def add(self, batch) -> None:
+            raise OSError("disk full")
+
+    metrics = RunMetrics()
+    p = StreamingPipeline(profile(), InlinePool(), RowModel(), BrokenSink(), metrics,
+                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
+    with pytest.raises(OSError, match="disk full"):
+        p.run(refs())
