@@ -112,9 +112,23 @@ EQUIVALENT_PATTERNS: list[tuple[str, str]] = [
 ]
 
 
+def _text_only(removed: str, added: str) -> bool:
+    """True when `added` is `removed` with one string literal's text wrapped in XX or re-cased: a
+    help, log or error text. (Keys and names are strings too, but changing one breaks a test, so
+    such a mutant is killed and never reaches this check.)"""
+    for m in re.finditer(r'"([^"]*)"', removed):
+        text = m.group(1)
+        for variant in (f"XX{text}XX", text.upper(), text.lower()):
+            if variant != text and removed[:m.start(1)] + variant + removed[m.end(1):] == added and " " in text:
+                return True
+    return False
+
+
 def classify(diff: list[str]) -> str:
     added = [line[1:] for line in diff if line.startswith("+")]
     removed = [line[1:] for line in diff if line.startswith("-")]
+    if len(added) == len(removed) == 1 and _text_only(removed[0], added[0]):
+        return "equivalent (by pattern): the text of a message (help, log or error text), not a key"
     for pattern, reason in EQUIVALENT_PATTERNS:
         if any(re.search(pattern, line) for line in added + removed):
             return f"equivalent (by pattern): {reason}"

@@ -205,8 +205,10 @@ class RunMetrics:
 class ProgressReporter:
     """A rich progress bar on a terminal; a log line every `interval_s` otherwise."""
 
-    def __init__(self, metrics: RunMetrics, mode: str = "auto", interval_s: float = 10.0) -> None:
+    def __init__(self, metrics: RunMetrics, mode: str = "auto", interval_s: float = 10.0,
+                 console: Any = None) -> None:
         self.metrics = metrics
+        self.console = console  # a rich Console for the bar (default: rich's, on stderr)
         self.interval_s = interval_s
         self.use_bar = mode == "on" or (mode == "auto" and sys.stderr.isatty())
         self.enabled = mode != "off"
@@ -222,7 +224,7 @@ class ProgressReporter:
         self._progress = Progress(
             TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            transient=False,
+            transient=False, **({"console": self.console} if self.console is not None else {}),
         )
         self._progress.start()
         self._task = self._progress.add_task("ingest", total=self.metrics.documents_total, rate="")

@@ -112,3 +112,27 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("progress: 3/10 documents, 30 chunks")  # 1 done + 2 unchanged
     assert ProgressReporter(m, mode="on").use_bar is True
+
+
+def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
+    import io
+
+    from rich.console import Console
+
+    m = RunMetrics()
+    m.documents_total = 10
+    for _ in range(4):
+        m.document_done(5)
+    m.documents_resumed = 1
+    m.add_skip("/x.bin", "binary")
+    m.stages["embed"].record(items=20)
+    out = io.StringIO()
+    p = ProgressReporter(m, mode="on", console=Console(file=out, force_terminal=True, width=160, color_system=None))
+    p.start()
+    p.update()
+    p.stop()
+    text = out.getvalue()
+    assert "ingest" in text and "6/10" in text and "docs" in text  # 4 done + 1 unchanged + 1 skipped
+    assert "20 chunks" in text and "chunks/s" in text and "ETA" in text
+    assert p._progress is None
+    ProgressReporter(m, mode="off").start()  # off: no bar, nothing to stop

@@ -221,3 +221,46 @@ def test_scrape_during_a_real_ingest(tmp_path: Path, embedder):
         scrape(url, timeout=1)
     assert not any(t.name == "hades-prometheus" for t in threading.enumerate())
     assert _threads() <= before | {runner.ident}
+
+
+class _PartialNvml:
+    """Stand-in NVML readings with refused fields (NVML answers some queries and not others)."""
+
+    active = True
+    reason = "2 GPU(s)"
+
+    def read(self):
+        return [(0, None, 80 * 2**30, 0.5), (1, 2**30, 40 * 2**30, None)]
+
+
+def test_collector_every_run_family_and_partial_gpu_readings():
+    m = filled_metrics()
+    m.finish()  # frozen wall clock: rates in the scrape and in the snapshot are the same numbers
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunMetricsCollector(m, _PartialNvml()))
+    got = samples(generate_latest(registry).decode())
+    snap = m.snapshot()
+    for stage, values in snap["stages"].items():
+        assert got[("hades_stage_items_total", (("stage", stage),))] == values["items"]
+        assert got[("hades_stage_tokens_total", (("stage", stage),))] == values["tokens"]
+        assert got[("hades_stage_bytes_total", (("stage", stage),))] == values["bytes"]
+        assert got[("hades_stage_busy_seconds_total", (("stage", stage),))] == pytest.approx(values["busy_s"])
+        assert got[("hades_stage_items_per_second", (("stage", stage),))] == pytest.approx(values["items_per_s"])
+    q = snap["queues"]["batches"]
+    for key, name in (("peak_items", "queue_peak_items"), ("peak_bytes", "queue_peak_bytes"),
+                      ("max_items", "queue_max_items"), ("get_wait_s", "queue_get_wait_seconds_total"),
+                      ("put_wait_s", "queue_backpressure_wait_seconds_total")):
+        assert got[(f"hades_{name}", (("queue", "batches"),))] == pytest.approx(q[key]), name
+    assert got[("hades_batches_total", ())] == 1
+    assert got[("hades_tokens_per_second", ())] == pytest.approx(snap["tokens_per_s"])
+    assert got[("hades_peak_main_rss_bytes", ())] == snap["memory"]["peak_main_rss_bytes"]
+    assert got[("hades_wall_seconds", ())] == pytest.approx(snap["wall_s"])
+    assert got[("hades_chunks_per_second", ())] == pytest.approx(12 / snap["wall_s"])
+    assert got[("hades_run_finished", ())] == 1
+    # GPU 0 refused its memory reading, GPU 1 its utilisation: each family holds what was read
+    assert ("hades_gpu_memory_used_bytes", (("gpu", "0"),)) not in got
+    assert ("hades_gpu_memory_total_bytes", (("gpu", "0"),)) not in got
+    assert got[("hades_gpu_utilization_ratio", (("gpu", "0"),))] == 0.5
+    assert got[("hades_gpu_memory_used_bytes", (("gpu", "1"),))] == 2**30
+    assert got[("hades_gpu_memory_total_bytes", (("gpu", "1"),))] == 40 * 2**30
+    assert ("hades_gpu_utilization_ratio", (("gpu", "1"),)) not in got
