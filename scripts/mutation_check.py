@@ -88,12 +88,15 @@ def run_group(group: str, base: Path, children: int, timeout_s: float) -> dict[s
     listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                              text=True).stdout
     mutants = [(m.group("name"), m.group("status")) for m in map(LINE.match, listing.splitlines()) if m]
-    survivors = []
-    for name, status in mutants:
-        if status == "survived":
-            diff = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
-            changed = [line for line in diff.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
-            survivors.append({"name": name, "diff": changed[:4], "reason": classify(changed[:4])})
+    def show(name: str) -> dict[str, Any]:
+        diff = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
+        changed = [line for line in diff.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
+        return {"name": name, "diff": changed[:4], "reason": classify(changed[:4])}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(2, children * 2)) as pool:  # one `mutmut show` process each
+        survivors = list(pool.map(show, [name for name, status in mutants if status == "survived"]))
     return {"group": group, "rc": rc, "seconds": round(seconds, 1), "mutants": mutants, "survivors": survivors,
             "tests": GROUPS[group][1], "mutate": GROUPS[group][0]}
 

@@ -366,3 +366,92 @@ def test_rst_references() -> None:
     _, refs = chunk_text(_ref("index.rst", PROSE, "rst"), text, "h", CC)
     assert refs == ["guide.rst", "shared/header.rst", "../examples/demo.py", "install", "api/index"]
     assert re.match(r"Title\n=====", chunk_document(_ref("index.rst", PROSE, "rst"), text, "h", CC)[0].text)
+
+
+# -- process_document: what a worker returns per file --------------------------------------------
+
+
+def _file_ref(path: Path, modality: str, language: str, rel: str | None = None) -> DocumentRef:
+    return DocumentRef(path=str(path), rel_path=rel or path.name, size=path.stat().st_size, modality=modality,
+                       language=language)
+
+
+def test_process_document_returns_exact_chunks_references_and_hash(tmp_path):
+    import hashlib
+
+    src = Path(sysconfig.get_paths()["stdlib"]) / "bisect.py"
+    path = tmp_path / "bisect.py"
+    path.write_bytes(src.read_bytes())
+    ref = _file_ref(path, CODE, "python", rel="pkg/bisect.py")
+    doc = process_document(ref, DocumentsConfig(), CC)
+    assert doc.skip_reason is None and doc.skip_detail in (None, "") and doc.ref is ref
+    digest = hashlib.blake2b(path.read_bytes(), digest_size=len(bytes.fromhex(doc.content_hash))).hexdigest()
+    assert doc.content_hash == digest
+    assert "_bisect" in doc.references  # `from _bisect import *`
+    text = path.read_text()
+    for k, c in enumerate(doc.chunks):
+        assert (c.doc_id, c.ordinal, c.path, c.modality) == (ref.doc_id, k, str(path), CODE)
+        assert c.chunk_id == stable_id(ref.doc_id, doc.content_hash, str(k))
+        assert c.token_ids.dtype == np.int32 and c.text == text[c.char_start:c.char_end]
+    starts = {text[c.char_start:].split("\n", 1)[0] for c in doc.chunks}
+    assert any(s.startswith("def ") for s in starts)  # definitions begin chunks
+
+
+def test_python_is_known_by_language_or_by_extension(tmp_path):
+    """A python-language file without .py and a .pyi stub get the AST chunker; other code does not."""
+    from hades_gpu.documents.chunking import _is_python
+
+    assert _is_python(_ref("tool", CODE, "python")) and _is_python(_ref("stubs/x.pyi", CODE, "unknown"))
+    assert _is_python(_ref("x.py", CODE, "unknown")) and not _is_python(_ref("x.js", CODE, "javascript"))
+    assert not _is_python(_ref("x.pyc.txt", CODE, "text"))
+    body = "import os\nfrom pkg import mod\n\n" + "".join(
+        f"def f{i}(x):\n    return x * {i}\n\n\n" for i in range(60))
+    for name, language in (("tool", "python"), ("tool.pyi", "unknown")):
+        p = tmp_path / name
+        p.write_text(body)
+        doc = process_document(_file_ref(p, CODE, language), DocumentsConfig(), CC)
+        assert doc.references == ["os", "pkg.mod"]  # from the AST; non-python code has none
+        assert all(body[c.char_start:].startswith(("def ", "import ")) for c in doc.chunks)
+    other = tmp_path / "tool.txt"
+    other.write_text(body)
+    assert process_document(_file_ref(other, CODE, "text"), DocumentsConfig(), CC).references == []
+
+
+def test_process_document_skips_name_their_reason(tmp_path):
+    blob = tmp_path / "blob.dat"
+    blob.write_bytes(bytes(range(256)) * 4)
+    doc = process_document(_file_ref(blob, PROSE, "text"), DocumentsConfig(), CC)
+    assert (doc.skip_reason, doc.content_hash, doc.chunks) == ("binary", "", []) and doc.skip_detail
+    invisible = tmp_path / "zero-width.txt"
+    invisible.write_text("\u200b\u200d" * 50)  # format characters only: the tokenizer drops them all
+    doc = process_document(_file_ref(invisible, PROSE, "text"), DocumentsConfig(), CC)
+    assert doc.skip_reason == "empty" and doc.skip_detail.startswith("no tokens") and doc.content_hash
+    ok = tmp_path / "ok.txt"
+    ok.write_text("A short note.\n")
+    bad_cfg = ChunkingConfig(chunk_tokens=0)
+    doc = process_document(_file_ref(ok, PROSE, "text"), DocumentsConfig(), bad_cfg)
+    assert doc.skip_reason == "chunk_error" and doc.content_hash
+    assert doc.skip_detail == "ValueError: chunking.chunk_tokens must be >= 1 (got 0)"
+    assert process_document(_file_ref(ok, PROSE, "text"), DocumentsConfig(), ChunkingConfig(chunk_tokens=1)).chunks
+
+
+def test_prose_windows_overlap_code_windows_do_not_and_indentation_is_kept_only_in_code(tmp_path):
+    para = " ".join(f"word{i}" for i in range(400))
+    p = tmp_path / "notes.txt"
+    p.write_text(para)
+    cc = ChunkingConfig(chunk_tokens=64, overlap_tokens=20, min_chunk_tokens=4)
+    prose = process_document(_file_ref(p, PROSE, "text"), DocumentsConfig(), cc).chunks
+    assert len(prose) > 5
+    assert all(b.char_start < a.char_end for a, b in zip(prose, prose[1:]))  # overlapping windows
+    flat = process_document(_file_ref(p, PROSE, "text"), DocumentsConfig(),
+                            ChunkingConfig(chunk_tokens=64, overlap_tokens=0, min_chunk_tokens=4)).chunks
+    assert all(b.char_start >= a.char_end for a, b in zip(flat, flat[1:]))
+    big = ChunkingConfig(chunk_tokens=10, overlap_tokens=4, min_chunk_tokens=1)  # overlap capped below budget/2
+    capped = process_document(_file_ref(p, PROSE, "text"), DocumentsConfig(), big).chunks
+    assert all(len(c.token_ids) <= 10 for c in capped) and len(capped) > len(prose)
+    code = tmp_path / "m.py"
+    code.write_text("class A:\n" + "".join(f"    def m{i}(self):\n        return {i}\n\n" for i in range(80)))
+    cchunks = process_document(_file_ref(code, CODE, "python"), DocumentsConfig(), cc).chunks
+    assert all(b.char_start >= a.char_end for a, b in zip(cchunks, cchunks[1:]))  # code never overlaps
+    assert any(c.text.startswith("    def ") for c in cchunks)  # a method chunk keeps its indentation
+    assert not any(c.text[:1].isspace() for c in prose + flat)
