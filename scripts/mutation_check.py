@@ -38,7 +38,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                                                       "tests/orchestration/test_prometheus.py::test_scrape_during_a_real_ingest"]),
     "chunking": (["hades_gpu/documents/chunking*"], ["tests/documents/test_chunking.py"]),
     "isne": (["hades_gpu/isne/*"], ["tests/isne/test_model.py", "tests/isne/test_sampling.py",
-                                    "tests/isne/test_trainer.py"]),
+                                    "tests/isne/test_trainer.py", "tests/isne/test_evaluation.py"]),
     "graph": (["hades_gpu/graph/*"], ["tests/graph", "--deselect", "tests/graph/test_build.py::test_knn_blocked_equals_brute_force[1]"]),
 }
 TARGETS = {"store": 0.80, "orchestration": 0.80}  # the other core groups: 0.70
