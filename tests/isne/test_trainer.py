@@ -243,3 +243,29 @@ def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Pat
         np.testing.assert_allclose(got[cid], want, rtol=1e-5, atol=1e-6)
     assert any(sorted(nbrs.get(c, ())) != sorted(n for n in nbrs.get(c, ()) if n in theta) for c in added), \
         "no new chunk has a new neighbour: the 'trained neighbours only' rule went unexercised"
+
+
+def test_train_result_accounts_for_every_epoch_exactly() -> None:
+    ei, _ = sbm_graph(600, 4, 0.05, 0.002, seed=2)
+    cfg = IsneConfig(dim=8, epochs=4, batch_size=100, walk_length=6, walks_per_node=1, device="cpu",
+                     patience=100, val_fraction=0.1)
+    r = train_isne(ei, 600, cfg)
+    und = ei.shape[1] // 2
+    assert r.num_val_edges > 0 and r.num_train_edges + r.num_val_edges == und
+    assert r.device == "cpu" and r.peak_device_bytes is None and r.model.sparse is True
+    assert r.epochs_run == len(r.history) == 4 and not r.stopped_early
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4]
+    assert r.pos_pairs == sum(h["pos_pairs"] for h in r.history) > 0
+    assert r.train_seconds == pytest.approx(sum(h["seconds"] for h in r.history))
+    assert r.seconds >= r.train_seconds > 0
+    for h in r.history:
+        assert h["pairs_per_s"] == pytest.approx(h["pos_pairs"] / h["seconds"]) and 0 <= h["val_auc"] <= 1
+    assert r.history[-1]["loss"] < r.history[0]["loss"]  # it learns
+    assert r.best_val_auc == max(h["val_auc"] for h in r.history)
+    assert r.history[r.best_epoch - 1]["val_auc"] == r.best_val_auc
+    dense = train_isne(ei, 600, IsneConfig(**{**cfg.__dict__, "optimizer": "adam"}), epochs=1)
+    assert dense.model.sparse is False and dense.epochs_run == 1
+    none = train_isne(ei, 600, cfg, epochs=0)
+    assert none.epochs_run == 0 and none.history == [] and none.pos_pairs == 0
+    lookup = train_isne(ei, 600, cfg, aggregate=False, epochs=1)
+    assert lookup.model.aggregate is False
