@@ -282,3 +282,39 @@ def test_each_edge_type_carries_its_configured_weight(tmp_path: Path) -> None:
     t = _edges(tmp_path).to_pandas()
     got = {kind: sorted({round(float(w), 6) for w in group.weight}) for kind, group in t.groupby("type")}
     assert got == {"sequence": [0.31], "same_document": [0.17], "reference": [0.73]}
+
+
+def test_load_graph_is_edges_parquet_exactly_directed_and_undirected(tmp_path: Path) -> None:
+    """Every row of edges.parquet comes back with its weight and type (directed); undirected adds the
+    reverses, keeps the heaviest edge per pair; stale rows and unknown types are handled."""
+    ids = write_output(tmp_path, CORPUS)
+    build_graph(tmp_path, GraphConfig(knn_k=2, knn_threshold=-1.0, same_document_fanout=2, sequence_weight=0.9,
+                                      same_document_weight=0.4, reference_weight=0.7))
+    t = _edges(tmp_path).to_pandas()
+    directed = load_graph(tmp_path, undirected=False)
+    order = directed.chunk_ids
+    assert order == sorted(c for v in ids.values() for c in v) and directed.num_nodes == len(order)
+    got = sorted(zip((order[i] for i in directed.edge_index[0].tolist()), (order[i] for i in directed.edge_index[1].tolist()),
+                     (EDGE_TYPES[i] for i in directed.edge_type.tolist()), np.round(directed.edge_attr.numpy(), 5)))
+    want = sorted(zip(t.src_chunk_id, t.dst_chunk_id, t.type, np.round(t.weight.to_numpy(np.float32), 5)))
+    assert got == want
+    assert directed.edge_index.dtype == torch.long and directed.edge_attr.dtype == torch.float32
+    und = load_graph(tmp_path)
+    best: dict[tuple[int, int], float] = {}
+    for (s, d), w in zip(directed.edge_index.T.tolist(), directed.edge_attr.tolist()):
+        for key in ((s, d), (d, s)):
+            if s != d:
+                best[key] = max(best.get(key, -1.0), w)
+    assert {(s, d): w for (s, d), w in zip(und.edge_index.T.tolist(), und.edge_attr.tolist())} == pytest.approx(best)
+    # a stale row (a chunk no longer committed) is dropped; an unknown type is an error naming it
+    stale = pa.table({"src_chunk_id": [order[0], "gone"], "dst_chunk_id": [order[1], order[0]],
+                      "type": ["sequence", "sequence"], "weight": pa.array([0.5, 0.5], pa.float32())})
+    pq.write_table(stale, tmp_path / "edges.parquet")
+    g = load_graph(tmp_path, undirected=False)
+    assert g.edge_index.tolist() == [[0], [1]] and g.edge_attr.tolist() == [0.5]
+    pq.write_table(stale.set_column(2, "type", pa.array(["sequence", "telepathy"])), tmp_path / "edges.parquet")
+    with pytest.raises(ValueError, match="telepathy"):
+        load_graph(tmp_path)
+    (tmp_path / "edges.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="no chunk graph"):
+        load_graph(tmp_path)
