@@ -26,6 +26,7 @@ by about 1e-6 in cosine; tests/gpu/test_gpu_bundle.py measures it) and writes a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.json"
@@ -67,6 +68,31 @@ def _installed_version(package: str) -> str:
                           f"(install the project first: scripts/bootstrap.sh)") from err
 
 
+@contextlib.contextmanager
+def _replaced_atomically(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest` that replaces it when the block succeeds (never half a folder)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_other_files(source: Path, dest: Path, max_bytes: Optional[int] = None) -> None:
+    """Every file of `source` but the weights (up to `max_bytes` each), keeping sub-folders."""
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_file() and rel.name != WEIGHTS and (max_bytes is None or path.stat().st_size <= max_bytes):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / rel)
+
+
 def pack_model(source: Path, dest: Path) -> None:
     """`source` model folder -> `dest` with float16 weights and the small files."""
     import numpy as np
@@ -82,12 +108,7 @@ def pack_model(source: Path, dest: Path) -> None:
             tensors[key] = t.astype(np.float16) if t.dtype == np.float32 else t  # ints (position ids) stay
     metadata.update({"format": metadata.get("format", "pt"), "hades_gpu_packed": "float32->float16"})
     save_file(tensors, str(dest / WEIGHTS), metadata=metadata)
-    for path in sorted(source.rglob("*")):
-        rel = path.relative_to(source)
-        if path.is_file() and rel.name != WEIGHTS and path.stat().st_size <= SMALL_FILE_BYTES:
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+    _copy_other_files(source, dest, SMALL_FILE_BYTES)
 
 
 def pack_wheels(dest: Path) -> list[str]:
@@ -120,23 +141,13 @@ def pack(dest: Path, source: Optional[Path] = None, wheels: bool = True) -> dict
         from hades_gpu.documents.tokenizer import model_dir
 
         source = model_dir()
-    dest = dest.resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with _replaced_atomically(dest.resolve()) as tmp:
         pack_model(Path(source), tmp / "model")
         versions = {}
         if wheels:
             pack_wheels(tmp / "wheels")
             versions = {p: _installed_version(p) for p in (*WHEEL_PACKAGES, *SDIST_PACKAGES)}
         manifest = write_manifest(tmp, versions)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -172,27 +183,14 @@ def restore(model_src: Path, dest: Path) -> Path:
     key = manifest["files"][f"{model_src.name}/{WEIGHTS}"]["sha256"]
     if (dest / STAMP).is_file() and (dest / STAMP).read_text().strip() == key:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        for path in sorted(model_src.rglob("*")):
-            rel = path.relative_to(model_src)
-            if path.is_file() and rel.name != WEIGHTS:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, tmp / rel)
+    with _replaced_atomically(dest) as tmp:
+        _copy_other_files(model_src, tmp)
         with safe_open(str(model_src / WEIGHTS), framework="np") as f:
             metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "hades_gpu_packed"}
             tensors = {k: (t.astype(np.float32) if t.dtype == np.float16 else t)
                        for k, t in ((k, f.get_tensor(k)) for k in f.keys())}
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or {"format": "pt"})
         (tmp / STAMP).write_text(key + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

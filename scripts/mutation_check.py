@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,6 @@ def run_group(group: str, base: Path, children: int, timeout_s: float, collect_o
         diff = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
         changed = [line for line in diff.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
         return {"name": name, "diff": changed[:4], "reason": classify(changed[:4])}
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(2, children * 2)) as pool:  # one `mutmut show` process each
         survivors = list(pool.map(show, [name for name, status in mutants if status == "survived"]))
