@@ -99,7 +99,8 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array, dim: Optional[int] =
             raise ValueError(f"embedding lists must all have the same length (got {np.unique(nonzero)[:5]})")
         out = np.zeros((n, d), dtype=np.float32)
         rows = lengths > 0
-        out[rows] = pc.list_flatten(arr).to_numpy(zero_copy_only=False).reshape(-1, d)
+        if rows.any():  # (reshape(-1, 0) of nothing is ambiguous to numpy)
+            out[rows] = pc.list_flatten(arr).to_numpy(zero_copy_only=False).reshape(-1, d)
         return out
     if arr.null_count:
         out = out.copy()
