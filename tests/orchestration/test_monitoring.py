@@ -4,6 +4,8 @@ peak memory that includes a real child process, progress lines on a schedule."""
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import multiprocessing as mp
 import time
 
@@ -111,6 +113,25 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
     p.update()  # right after a line: nothing
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("progress: 3/10 documents, 30 chunks")  # 1 done + 2 unchanged
+    m.finished = m.started + 8.0  # a known wall clock: 8 s
+    caplog.clear()
+    time.sleep(0.06)
+    p.update()
+    # 30 chunks / 8 s; ETA = 7 documents left x 8 s / 3 done
+    assert [r.getMessage() for r in caplog.records] == ["progress: 3/10 documents, 30 chunks (3.8 chunks/s), ETA 19s"]
+    fresh = RunMetrics()
+    fresh.documents_total = 4
+    fresh.finished = fresh.started  # nothing done, no time passed: no division by zero, ETA unknown
+    caplog.clear()
+    q = ProgressReporter(fresh, mode="auto", interval_s=0.0)
+    q.update()
+    assert [r.getMessage() for r in caplog.records] == ["progress: 0/4 documents, 0 chunks (0.0 chunks/s), ETA ?"]
+    over = RunMetrics()
+    over.documents_total, over.documents_resumed = 2, 5  # more answered than discovered: ETA 0, not negative
+    over.finished = over.started + 1.0
+    caplog.clear()
+    ProgressReporter(over, mode="auto", interval_s=0.0).update()
+    assert caplog.records[-1].getMessage().endswith("ETA 0s")
     assert ProgressReporter(m, mode="on").use_bar is True
 
 
@@ -126,13 +147,82 @@ def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
     m.documents_resumed = 1
     m.add_skip("/x.bin", "binary")
     m.stages["embed"].record(items=20)
+    m.finished = m.started + 8.0
     out = io.StringIO()
     p = ProgressReporter(m, mode="on", console=Console(file=out, force_terminal=True, width=160, color_system=None))
     p.start()
     p.update()
     p.stop()
     text = out.getvalue()
-    assert "ingest" in text and "6/10" in text and "docs" in text  # 4 done + 1 unchanged + 1 skipped
-    assert "20 chunks" in text and "chunks/s" in text and "ETA" in text
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")
+    last = [line for line in plain.splitlines() if line.strip()][-1]
+    # the columns in order: name, bar, done/total, "docs", rate, elapsed, "ETA", remaining
+    assert re.fullmatch(r"\s*ingest ━+\s+6/10 docs 20 chunks, 2\.5 chunks/s \d:\d\d:\d\d ETA (-:--:--|\d:\d\d:\d\d)\s*",
+                        last), last  # 4 done + 1 unchanged + 1 skipped; 20 chunks / 8 s
+    assert "XX" not in text
     assert p._progress is None
     ProgressReporter(m, mode="off").start()  # off: no bar, nothing to stop
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_mode_auto_draws_a_bar_only_on_a_terminal_and_off_never(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    m = RunMetrics()
+    assert ProgressReporter(m, mode="auto").use_bar is True
+    off = ProgressReporter(m, mode="off")
+    assert off.use_bar is False and off.enabled is False
+    off.start()
+    assert off._progress is None
+
+
+def test_stage_meter_rounding_and_rates_over_a_near_zero_wall():
+    m = StageMeter("embed")
+    m.record(items=5, busy_s=0.123456)
+    d = m.to_dict(0.0)
+    assert d["busy_s"] == 0.1235 and d["items_per_s"] == pytest.approx(5e9)
+
+
+def test_snapshot_rates_are_zero_when_no_time_passed():
+    m = RunMetrics()
+    m.document_done(3)
+    m.add_padding(real=10, padded=12)
+    m.finished = m.started
+    s = m.snapshot()
+    assert s["chunks_per_s"] == 0.0 and s["tokens_per_s"] == 0.0 and s["chunks"] == 3
+
+
+HOLD = ("b = bytearray(80 * 2**20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "print('ready', flush=True)\n"
+        "import sys; sys.stdin.read()\n")
+
+
+def test_peak_memory_counts_a_grandchild_once_even_when_named_twice():
+    """Worker processes may start their own children: the sum walks the whole tree, and a pid both
+    found as a child and named in `extra_pids` is counted once."""
+    import os
+    import signal
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {HOLD!r}])"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        sampler = PeakMemorySampler(extra_pids=lambda: [parent.pid, os.getpid(), parent.pid])
+        main = sampler._proc.memory_info().rss
+        total = sampler.sample()
+        assert main + 70 * 2**20 <= total < main + 150 * 2**20  # the grandchild's 80 MiB, once
+        assert sampler.peak_rss == total and sampler.peak_main_rss >= main
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import Counter, deque
 
 import numpy as np
@@ -161,3 +162,100 @@ def test_a_sink_error_is_raised_too():
                           lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
     with pytest.raises(OSError, match="disk full"):
         p.run(refs())
+
+
+class PlainModel:
+    """A model without a `concurrency` attribute that answers in float64: the pipeline must run one
+    embed thread and hand the sink float32."""
+
+    dim = 5
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        return np.stack([row_vector(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])]).astype(np.float64)
+
+
+class BytesSink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+        self.dtypes: set = set()
+
+    def add(self, batch) -> None:
+        super().add(batch)
+        self.nbytes += batch.nbytes
+        self.dtypes.add(batch.embeddings.dtype)
+
+
+def test_pipeline_builds_its_ring_and_queues_from_the_profile():
+    prof = profile(ring_slots=3, high_watermark=0.7, low_watermark=0.3, backoff_initial_s=0.002, backoff_max_s=0.03)
+    keep = lambda d: d.skip_reason is None  # noqa: E731
+    p = StreamingPipeline(prof, InlinePool(), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep,
+                          (CLS, SEP, PAD), 256)
+    assert p.concurrency == 3 and p.ring.slots == 5  # concurrency + 2 beats ring_slots
+    for q in (p.doc_queue, p.batch_queue, p.write_queue):
+        assert (q.max_bytes, q.max_items) == (512 * 1024, 16)
+        assert (q._high, q._low) == (int(0.7 * 512 * 1024), int(0.3 * 512 * 1024))
+        assert (q._backoff_initial, q._backoff_max) == (0.002, 0.03)
+    plain = StreamingPipeline(profile(ring_slots=9), InlinePool(), PlainModel(), RecordingSink(), RunMetrics(), keep,
+                              (CLS, SEP, PAD), 256)
+    assert plain.concurrency == 1 and plain.ring.slots == 9
+    assert plain.batcher._budget_fn is None
+
+
+def test_stage_meters_count_bytes_tokens_and_time_and_vectors_are_float32():
+    metrics, sink, model = RunMetrics(), BytesSink(), PlainModel()
+    docs = refs()
+    p = StreamingPipeline(profile(), InlinePool(), model, sink, metrics, lambda d: d.skip_reason is None,
+                          (CLS, SEP, PAD), 256)
+    t0 = time.perf_counter()
+    p.run(docs)
+    wall = time.perf_counter() - t0
+    assert model.threads == {"hades-embed-0"}  # one embed thread without a `concurrency`
+    assert sink.dtypes == {np.dtype(np.float32)}
+    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in docs]
+    s = metrics.snapshot()["stages"]
+    assert s["read_chunk"]["bytes"] == sum(r.size for r in docs)
+    assert s["read_chunk"]["tokens"] == sum(c.n_tokens for d in chunked for c in d.chunks)
+    assert s["batch"]["tokens"] == metrics.real_tokens and s["batch"]["items"] == metrics.batches
+    assert s["write"]["bytes"] == sink.nbytes and s["write"]["items"] == len(sink.added)
+    for stage in ("batch", "embed", "write"):
+        assert 0 < s[stage]["busy_s"] <= wall  # time.perf_counter() differences, not sums
+
+
+class FixedBudget:
+    """The governor's side the pipeline uses: a batch token budget below the profile's."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def batch_token_budget(self, ceiling: int) -> int:
+        return min(ceiling, self.tokens)
+
+
+def test_the_governors_budget_sizes_every_batch_the_running_pipeline_cuts():
+    model = RowModel(concurrency=1)
+    p = StreamingPipeline(profile(max_batch_tokens=4096, max_batch_size=32), InlinePool(), model, RecordingSink(),
+                          RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256, governor=FixedBudget(300))
+    p.run(refs())
+    assert model.calls and all(rows * length <= 300 or rows == 1 for rows, length in model.calls)
+    assert max(rows for rows, _ in model.calls) > 1  # the budget cut batches, it did not only keep single rows
+
+
+def test_a_model_failure_with_every_ring_slot_taken_still_ends_the_run():
+    """The batcher waits for a ring slot while the failed embed thread will never free one: it must
+    see the stop and give up rather than wait for ever."""
+    model = RowModel(concurrency=1, fail_on_call=1)
+    p = StreamingPipeline(profile(ring_slots=1, max_batch_size=2, max_batch_tokens=512, queue_max_items=64),
+                          InlinePool(), model, RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None,
+                          (CLS, SEP, PAD), 256)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, p.run, refs())), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the pipeline hung after a model failure"
+    assert len(errors) == 1 and "model crashed on purpose" in str(errors[0].value)
+    assert len(model.calls) == 1

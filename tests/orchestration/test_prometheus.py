@@ -3,6 +3,7 @@ while it runs, parsed with prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -264,3 +265,52 @@ def test_collector_every_run_family_and_partial_gpu_readings():
     assert got[("hades_gpu_memory_used_bytes", (("gpu", "1"),))] == 2**30
     assert got[("hades_gpu_memory_total_bytes", (("gpu", "1"),))] == 40 * 2**30
     assert ("hades_gpu_utilization_ratio", (("gpu", "1"),)) not in got
+
+
+def test_nvml_probe_says_why_it_is_inactive_or_how_many_gpus():
+    from hades_gpu.orchestration.prometheus import NvmlProbe
+
+    off = NvmlProbe(enabled=False)
+    assert off.active is False and off.reason == "disabled" and off.read() == []
+    probe = NvmlProbe()
+    try:
+        if probe.active:  # a GPU machine
+            assert re.fullmatch(r"\d+ GPU\(s\)", probe.reason) and len(probe.read()) == int(probe.reason.split()[0])
+        else:
+            assert probe.active is False and probe.read() == []
+            assert re.fullmatch(r"pynvml missing: pip install nvidia-ml-py|NVML unavailable: .+|NVML device query failed: .+",
+                                probe.reason), probe.reason
+    finally:
+        probe.close()
+    assert probe.active is False and probe.read() == []
+
+
+def test_endpoint_port_range_and_a_quiet_daemon_server_thread(capfd):
+    m = RunMetrics()
+    for bad in (-1, 65536):
+        with pytest.raises(ValueError, match=r"port must be in \[0, 65535\]"):
+            MetricsEndpoint(m, bad)
+    assert MetricsEndpoint(m, 65535).requested_port == 65535
+    ep = MetricsEndpoint(m, 0, nvml=False)
+    ep.start()
+    try:
+        served = [t for t in threading.enumerate() if t.name == "hades-prometheus"]
+        assert len(served) == 1 and served[0].daemon  # never keeps a finished script alive
+        capfd.readouterr()
+        scrape(ep.url)
+        scrape(ep.url)
+        err = capfd.readouterr().err
+        assert "GET /metrics" not in err and err == ""  # no access log on the user's terminal
+    finally:
+        ep.stop()
+    assert not [t for t in threading.enumerate() if t.name == "hades-prometheus"]
+
+
+def test_collector_chunk_rate_is_zero_before_any_time_passed():
+    m = RunMetrics()
+    m.stages["embed"].record(items=5)
+    m.finished = m.started
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunMetricsCollector(m))
+    got = samples(generate_latest(registry).decode())
+    assert got[("hades_chunks_per_second", ())] == 0.0 and got[("hades_chunks_embedded_total", ())] == 5

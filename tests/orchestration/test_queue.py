@@ -106,3 +106,12 @@ def test_abort_wakes_blocked_threads():
     t.join(timeout=2)
     assert not t.is_alive()
     assert errors and isinstance(errors[0].__cause__, RuntimeError)
+
+
+def test_abort_drops_what_was_queued_and_its_bytes():
+    q = MemoryAwareQueue("q", max_bytes=1000, max_items=10)
+    q.put(b"x" * 100)
+    q.put(b"y" * 50)
+    q.abort(RuntimeError("boom"))
+    st = q.stats()
+    assert st.items == 0 and st.bytes == 0

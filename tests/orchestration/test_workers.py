@@ -67,8 +67,34 @@ def test_dead_worker_is_restarted_and_document_named(tmp_path):
             got = pool.get_result(timeout=0.5)
             if got is not None:
                 results[got[0]] = got[1]
-        assert pool.restarts >= 2
+        assert pool.restarts == 2  # the first try and the one retry each killed the worker
     assert len(results) == len(refs)  # every document answered exactly once
     crashed = [d for d in results.values() if d.skip_reason == "worker_crashed"]
     assert [Path(d.ref.path).name for d in crashed] == ["CRASH.txt"]
+    assert crashed[0].skip_detail == "worker exited with code 3 twice on it" and crashed[0].content_hash == ""
     assert all(d.chunks for d in results.values() if d.skip_reason is None)
+
+
+def test_two_crashing_documents_are_each_retried_once_and_queued_ones_are_not_charged(tmp_path):
+    """A document queued behind a crashing one is handed on without using up its own retry: here the
+    second CRASH file sits behind the first, so it is tried twice too (4 restarts, not 3)."""
+    cfg = load_pipeline_config("low_memory")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for name in ("a_CRASH.txt", "b_CRASH.txt", "c_ok.txt", "d_ok.txt"):
+        (corpus / name).write_text(f"{name}: some words to chunk\n")
+    refs, _ = discover([str(corpus)], cfg.documents)
+    refs = sorted(refs, key=lambda r: Path(r.path).name)
+    results = {}
+    with WorkerPool(1, crash_on_marker, (cfg.documents, cfg.chunking), max_inflight_per_worker=4) as pool:
+        for i, ref in enumerate(refs):
+            pool.submit(i, ref)
+        deadline = time.monotonic() + 120
+        while pool.inflight and time.monotonic() < deadline:
+            got = pool.get_result(timeout=0.5)
+            if got is not None:
+                assert got[0] not in results
+                results[got[0]] = got[1]
+        assert pool.restarts == 4
+    assert {Path(d.ref.path).name: d.skip_reason for d in results.values()} == {
+        "a_CRASH.txt": "worker_crashed", "b_CRASH.txt": "worker_crashed", "c_ok.txt": None, "d_ok.txt": None}
