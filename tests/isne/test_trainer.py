@@ -269,3 +269,33 @@ def test_train_result_accounts_for_every_epoch_exactly() -> None:
     assert none.epochs_run == 0 and none.history == [] and none.pos_pairs == 0
     lookup = train_isne(ei, 600, cfg, aggregate=False, epochs=1)
     assert lookup.model.aggregate is False
+
+
+def _both_ways(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.tensor(pairs + [(b, a) for a, b in pairs], dtype=torch.long).T
+
+
+def test_split_edges_rules_on_a_small_graph() -> None:
+    """A triangle 0-1-2 with leaves 3, 4 on node 0 (and node 5 isolated): only triangle edges can be
+    held out (both ends need a second neighbour), no node loses its last training edge, the split
+    and its negatives are a function of the seed, and val_fraction 0 holds out nothing."""
+    edges = [(0, 1), (1, 2), (0, 2), (0, 3), (0, 4)]
+    ei = _both_ways(edges)
+    none = split_edges(ei, 6, 0.0)
+    assert none.val_pos.dtype == none.val_neg.dtype == torch.long
+    assert tuple(none.val_pos.shape) == tuple(none.val_neg.shape) == (2, 0)
+    assert sorted(map(tuple, none.train.T.tolist())) == sorted(map(tuple, ei.T.tolist()))
+    held_any = False
+    for seed in range(30):
+        s = split_edges(ei, 6, 0.4, seed)
+        val = set(map(tuple, s.val_pos.T.tolist()))
+        train = set(map(tuple, s.train.T.tolist()))
+        assert val <= {(0, 1), (1, 2), (0, 2)}
+        assert all((b, a) in train for a, b in train) and not any((a, b) in train for a, b in val)
+        assert {tuple(sorted(p)) for p in train} | val == set(edges)
+        assert all(any(a == v for a, _ in train) for v in range(5))  # every node keeps a neighbour
+        held_any |= bool(val)
+        again = split_edges(ei, 6, 0.4, seed)
+        assert torch.equal(s.val_pos, again.val_pos) and torch.equal(s.val_neg, again.val_neg)
+        assert torch.equal(s.train, again.train)
+    assert held_any
