@@ -35,6 +35,7 @@ class DocumentRef:
     size: int
     modality: str  # PROSE | CODE
     language: str  # "python", "markdown", "text", "javascript", ...
+    mtime_ns: int = 0  # st_mtime_ns at discovery: with size, the resume check that needs no read
 
     @property
     def doc_id(self) -> str:

@@ -278,7 +278,7 @@ def job_embed_only(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> di
 
 def job_isne(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
     """Ingest (untimed, ISNE off), then time the ISNE stage on the dataset."""
-    from hades_gpu.pipelines.isne_training import run_isne_stage
+    from hades_gpu.isne.stage import run_isne_stage
 
     out = job_dir / DATASET_DIR
     ingest_cfg = dataclasses.replace(cfg, isne=dataclasses.replace(cfg.isne, enabled=False))

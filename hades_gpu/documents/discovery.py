@@ -223,7 +223,7 @@ class _Walker:
             return
         self.seen_rel[rel_path] = abs_path
         self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),
-                                     modality=kind[0], language=kind[1]))
+                                     modality=kind[0], language=kind[1], mtime_ns=int(st.st_mtime_ns)))
 
     def source(self, src: str) -> None:
         abs_path = os.path.abspath(src)

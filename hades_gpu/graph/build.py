@@ -35,10 +35,11 @@ import torch
 
 from hades_gpu.config import GraphConfig
 from hades_gpu.graph.device import resolve_device
-from hades_gpu.graph.io import (EDGES_FILE, EDGES_SCHEMA, ChunkTable, index_of, load_chunk_ids,
-                                load_chunk_table, load_document_table, write_parquet_atomic)
+from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_table, load_document_table
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.graph.references import ReferenceResolver
+from hades_gpu.store.atomic import atomic_write_parquet
+from hades_gpu.store.layout import EDGES_SCHEMA, edges_path
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,8 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
 
 
 def write_edges(graph: ChunkGraph, output_dir: str | os.PathLike) -> Path:
-    path = Path(output_dir) / EDGES_FILE
-    write_parquet_atomic(graph.to_table(), path)
+    path = edges_path(Path(output_dir))
+    atomic_write_parquet(graph.to_table(), path)
     return path
 
 
@@ -280,7 +281,7 @@ def load_graph(output_dir: str | os.PathLike, undirected: bool = True):
     Edges whose chunk ids are not in the output's committed chunks (stale rows) are dropped.
     """
     output_dir = Path(output_dir)
-    path = output_dir / EDGES_FILE
+    path = edges_path(output_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no chunk graph: expected {path} (build it with hades_gpu.graph.build_graph)")
     chunk_ids = load_chunk_ids(output_dir)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hades_gpu.isne.model import IsneCheckpoint
+from hades_gpu.isne.checkpoint import IsneCheckpoint
 from hades_gpu.isne.sampling import CSRGraph, sample_neighbors
 
 

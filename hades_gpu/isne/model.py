@@ -26,19 +26,16 @@ With ``aggregate=False`` the same module is a lookup-table Node2Vec (h(v) = θ_v
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hades_gpu.isne.inference import neighbor_mean
 from hades_gpu.isne.sampling import CSRGraph, sample_neighbors
 
-CHECKPOINT_FORMAT = "hades-isne/1"
 
 
 class ISNE(nn.Module):
@@ -129,8 +126,6 @@ class ISNE(nn.Module):
     @torch.no_grad()
     def node_embeddings(self, csr: CSRGraph, batch_size: int = 1 << 16) -> Tensor:
         """Exact h() of every node (all neighbours, no sampling): (N, d) float32."""
-        from hades_gpu.isne.inference import neighbor_mean
-
         if not self.aggregate:
             return self.theta.weight.detach().clone()
         return neighbor_mean(self.theta.weight.detach(), csr, batch_size=batch_size)
@@ -210,60 +205,3 @@ def skipgram_loss(h_walk: Tensor, valid: Tensor, h_neg: Tensor, context_size: in
     n_anchor = anchor_ok.sum() * (c - 1) * k
     loss = -pos_sum / n_pos.clamp_min(1) - neg_sum / n_anchor.clamp_min(1)
     return loss, n_pos.long()
-
-
-# ------------------------------------------------------------------------------------ checkpoint
-@dataclass
-class IsneCheckpoint:
-    """θ (N, d) float32 on the CPU, the node id of each row, and the config it was trained with."""
-
-    theta: Tensor
-    node_ids: list[str]
-    config: dict[str, Any]
-
-
-def _encode_ids(ids: Sequence[str]) -> tuple[Tensor, Tensor]:
-    raw = [s.encode("utf-8") for s in ids]
-    lengths = np.fromiter((len(b) for b in raw), dtype=np.int64, count=len(raw))
-    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    data = np.frombuffer(b"".join(raw), dtype=np.uint8).copy()
-    return torch.from_numpy(data), torch.from_numpy(offsets)
-
-
-def _decode_ids(data: Tensor, offsets: Tensor) -> list[str]:
-    buf = data.numpy().tobytes()
-    off = offsets.tolist()
-    return [buf[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
-
-
-def save_checkpoint(path: str | Path, theta: Tensor, node_ids: Sequence[str], config: dict[str, Any]) -> Path:
-    """Write θ, the node ids (UTF-8 bytes + offsets, as uint8/int64 tensors: a header-sized JSON list
-    would not scale to millions of ids) and the config (JSON in the safetensors metadata)."""
-    from safetensors.torch import save_file
-
-    if theta.dim() != 2 or theta.shape[0] != len(node_ids):
-        raise ValueError(f"theta must be (len(node_ids), d) = ({len(node_ids)}, d) (got {tuple(theta.shape)})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data, offsets = _encode_ids(node_ids)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"theta": theta.detach().float().cpu().contiguous(), "node_ids_bytes": data,
-               "node_ids_offsets": offsets}, str(tmp),
-              metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(config, default=str)})
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> IsneCheckpoint:
-    from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an ISNE checkpoint (format {meta.get('format')!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r})")
-        theta = f.get_tensor("theta")
-        ids = _decode_ids(f.get_tensor("node_ids_bytes"), f.get_tensor("node_ids_offsets"))
-    return IsneCheckpoint(theta=theta, node_ids=ids, config=json.loads(meta.get("config", "{}")))

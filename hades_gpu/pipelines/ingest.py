@@ -23,8 +23,10 @@ from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline
 from hades_gpu.orchestration.workers import WorkerPool
-from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, EmbeddedBatch
-from hades_gpu.store.manifest import atomic_write_bytes
+from hades_gpu.records import CODE, ChunkedDocument, DocumentRef
+from hades_gpu.store.atomic import atomic_write_bytes
+from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.resume import Resume, ResumePolicy
 from hades_gpu.store.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
@@ -55,27 +57,15 @@ class IngestResult:
         return len(self.skipped)
 
 
-class _WriterSink:
-    """Adapts the dataset writer to the pipeline's sink and records file stats for resume."""
-
-    def __init__(self, writer: DatasetWriter, stats: dict[str, tuple[int, int]], metrics: RunMetrics) -> None:
-        self.writer = writer
-        self.stats = stats
-        self.metrics = metrics
-
-    def begin_document(self, doc: ChunkedDocument) -> None:
-        size, mtime_ns = self.stats.get(doc.ref.rel_path, (doc.ref.size, 0))
-        self.writer.begin_document(doc, size=size, mtime_ns=mtime_ns)
-
-    def add(self, batch: EmbeddedBatch) -> None:
-        self.writer.add(batch)
-
-
 def _worker_process(ref: DocumentRef, documents_cfg: Any, chunking_cfg: Any, force_code: bool) -> ChunkedDocument:
     """Runs in a worker process: read, chunk and tokenize one document."""
     if force_code and ref.modality != CODE:
         ref = dataclasses.replace(ref, modality=CODE, language="unknown")
     return process_document(ref, documents_cfg, chunking_cfg)
+
+
+def _write_metrics(out: Path, snapshot: dict[str, Any]) -> None:
+    atomic_write_bytes(metrics_path(out), json.dumps(snapshot, indent=2, default=str).encode())
 
 
 class IngestPipeline:
@@ -94,7 +84,17 @@ class IngestPipeline:
         self._embedder = embedder
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
-        """Ingest `paths` (files and/or folders) into `output` (default: `config.output`)."""
+        """The job: ingest `paths` (files and/or folders) into `output` (default: `config.output`),
+        then, when `isne.enabled`, the graph and ISNE stage (`hades_gpu.isne.stage`) over it."""
+        result = self.ingest(paths, output)
+        if self.config.isne.enabled:
+            result.isne = self._run_isne(result.output_dir)
+            result.metrics["isne"] = result.isne
+            _write_metrics(result.output_dir, result.metrics)
+        return result
+
+    def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
+        """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json)."""
         cfg = self.config
         out = Path(output if output is not None else (cfg.output or ""))
         if not str(out):
@@ -110,16 +110,10 @@ class IngestPipeline:
         metrics.documents_total = len(refs) + len(skips)
 
         writer = DatasetWriter(out, cfg.shard, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
-        manifest = writer.manifest
-        stats: dict[str, tuple[int, int]] = {}
+        resume = ResumePolicy(writer.manifest)
         todo: list[DocumentRef] = []
         for ref in refs:
-            try:
-                st = os.stat(ref.path)
-                stats[ref.rel_path] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                stats[ref.rel_path] = (ref.size, 0)
-            if manifest.is_unchanged(ref.rel_path, *stats[ref.rel_path]):
+            if resume.by_stat(ref) is Resume.UNCHANGED:
                 metrics.documents_resumed += 1
                 metrics.documents_unchanged_stat += 1
             else:
@@ -132,11 +126,10 @@ class IngestPipeline:
             if doc.skip_reason is not None:
                 metrics.add_skip(doc.ref.path, doc.skip_reason, doc.skip_detail)
                 return False
-            known = manifest.documents.get(doc.ref.rel_path)
-            if known is not None and known.content_hash == doc.content_hash:
+            if resume.by_content(doc) is Resume.UNCHANGED:
                 metrics.documents_resumed += 1  # touched but identical: keep the committed rows
                 metrics.documents_unchanged_hash += 1
-                writer.note_unchanged(doc.ref.rel_path, *stats.get(doc.ref.rel_path, (0, 0)))
+                writer.note_unchanged(doc.ref.rel_path, doc.ref.size, doc.ref.mtime_ns)
                 return False
             metrics.document_done(0)
             return True
@@ -163,7 +156,7 @@ class IngestPipeline:
                 with WorkerPool(cfg.profile.num_workers, _worker_process,
                                 (cfg.documents, cfg.chunking, self.force_code),
                                 cfg.profile.inflight_docs_per_worker) as pool:
-                    stream = StreamingPipeline(cfg.profile, pool, embedder, _WriterSink(writer, stats, metrics),
+                    stream = StreamingPipeline(cfg.profile, pool, embedder, writer,
                                                metrics, triage, special_ids(), cfg.embedder.max_seq_len,
                                                governor=governor, progress=progress)
                     progress.start()
@@ -190,10 +183,7 @@ class IngestPipeline:
         snapshot["parts_written"] = writer.parts_written
         snapshot["config"] = config_to_dict(cfg)
         result.metrics = snapshot
-        if cfg.isne.enabled:
-            result.isne = self._run_isne(out)
-            snapshot["isne"] = result.isne
-        atomic_write_bytes(out / "metrics.json", json.dumps(snapshot, indent=2, default=str).encode())
+        _write_metrics(out, snapshot)
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
                  result.documents_skipped)
@@ -215,7 +205,7 @@ class IngestPipeline:
 
     def _run_isne(self, out: Path) -> Optional[dict[str, Any]]:
         try:
-            from hades_gpu.pipelines.isne_training import run_isne_stage
+            from hades_gpu.isne.stage import run_isne_stage
         except ImportError:  # the ISNE stage is not installed in this build
             log.warning("isne.enabled is true but the ISNE stage is unavailable; skipped")
             return None

@@ -1,192 +1,19 @@
-"""The graph + ISNE stage of an ingest output, and the seed's `ISNETrainingPipeline` API.
-
-`run_isne_stage(cfg, output_dir)` is what `hades-ingest` calls after the embeddings are written:
-
-1. builds the chunk graph and writes `<output>/edges.parquet` (always, `hades_gpu.graph`);
-2. if `isne.enabled`:
-   - **train** when `<output>/isne/model.safetensors` does not exist, or `isne.retrain`, or the
-     caller asks (`train=True`): ISNE on the undirected graph (`hades_gpu.isne.trainer`), checkpoint
-     θ + node ids + config, then every chunk's vector = exact neighbour mean of θ over the *full*
-     graph (held-out validation edges included);
-   - otherwise **infer**: chunks that have no ISNE vector yet (documents added since training) get
-     h(v) = mean of their trained neighbours' θ, without retraining; vectors already written are
-     kept unchanged (downstream indexes stay valid), rows of chunks no longer in the output are
-     dropped;
-3. writes `<output>/isne/embeddings-<shard>.parquet` (`chunk_id`, `isne_embedding` list<float32>),
-   one row per chunk of the output (ordered by chunk id), joinable on `chunk_id`. The stage works
-   on the whole output, so this one file (named after the shard that ran the stage) covers every
-   chunk; readers list `isne/embeddings-*.parquet`.
-
-Chunks without neighbours get the zero vector (`hades_gpu.isne.model`, "Isolated nodes").
-"""
+"""The seed's `ISNETrainingPipeline` API: ISNE on an ingest output (ingesting a raw corpus first
+when asked). The stage itself is `hades_gpu.isne.stage`; this module only composes it."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-
 from hades_gpu.config import PipelineConfig
-from hades_gpu.graph.build import build_graph
-from hades_gpu.graph.device import resolve_device
-from hades_gpu.graph.io import embeddings_to_numpy, write_parquet_atomic
-from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
-from hades_gpu.isne.model import load_checkpoint, save_checkpoint
-from hades_gpu.isne.sampling import CSRGraph
-from hades_gpu.isne.trainer import train_isne
+from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage
+from hades_gpu.store.layout import isne_embeddings_path, isne_model_path
+from hades_gpu.store.reader import is_ingest_output
 
-log = logging.getLogger(__name__)
-
-ISNE_DIR = "isne"
-MODEL_FILE = "model.safetensors"
-
-
-class NotAnIngestOutputError(FileNotFoundError):
-    """The folder given to ISNE training is not a hades-ingest output (no manifest.json)."""
-
-
-def model_path(output_dir: Path) -> Path:
-    return Path(output_dir) / ISNE_DIR / MODEL_FILE
-
-
-def embeddings_path(output_dir: Path, shard: str) -> Path:
-    return Path(output_dir) / ISNE_DIR / f"embeddings-{shard}.parquet"
-
-
-def read_isne_embeddings(output_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Every `isne/embeddings-*.parquet` of an output: (chunk ids, float32 (n, d)); later files win."""
-    ids: list[str] = []
-    vecs: list[np.ndarray] = []
-    for f in sorted((Path(output_dir) / ISNE_DIR).glob("embeddings-*.parquet")):
-        t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
-        ids.extend(t.column("chunk_id").to_pylist())
-        vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
-    dims = {v.shape[1] for v in vecs if v.shape[0]}
-    if len(dims) > 1:
-        raise ValueError(f"isne embeddings of one output must share one dimension (got {sorted(dims)})")
-    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32))
-
-
-def _write_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -> None:
-    n, d = vecs.shape
-    values = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), type=pa.float32())
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32), type=pa.int32())
-    table = pa.table({"chunk_id": pa.array(chunk_ids.tolist(), type=pa.string()),
-                      "isne_embedding": pa.ListArray.from_arrays(offsets, values)})
-    write_parquet_atomic(table, path)
-
-
-def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[bool] = None,
-                   epochs: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
-    """Build the chunk graph, then train ISNE or infer new chunks' vectors (module docstring).
-
-    Args:
-        cfg (PipelineConfig): `graph`, `isne` and `shard` are read.
-        output_dir (Path): an ingest output folder.
-        train (bool, optional): force training (True) or inference (False); default: train when no
-            model exists or `isne.retrain`.
-        epochs, batch_size (int, optional): override `isne.epochs` / `isne.batch_size`.
-
-    Returns:
-        dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated,
-        mode (trained | inferred | disabled | empty), epochs_run, best_epoch, best_val_auc,
-        stopped_early, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes, paths and
-        seconds {graph, train, infer, write, total}.
-    """
-    t_all = time.perf_counter()
-    output_dir = Path(output_dir)
-    graph = build_graph(output_dir, cfg.graph)
-    t_graph = time.perf_counter() - t_all
-    data = graph.to_data(undirected=True)
-    n = graph.num_nodes
-    deg = torch.bincount(data.edge_index[0], minlength=n) if n else torch.zeros(0, dtype=torch.long)
-    metrics: dict[str, Any] = {
-        "n_nodes": n,
-        "n_edges": int(data.edge_index.shape[1] // 2),
-        "n_edges_by_type": graph.counts_by_type(),
-        "n_isolated": int((deg == 0).sum()),
-        "edges_path": str(output_dir / "edges.parquet"),
-        "seconds": {"graph": t_graph},
-    }
-    if not cfg.isne.enabled:
-        metrics["mode"] = "disabled"
-        metrics["seconds"]["total"] = time.perf_counter() - t_all
-        return metrics
-
-    mpath = model_path(output_dir)
-    epath = embeddings_path(output_dir, cfg.shard)
-    metrics.update(model_path=str(mpath), embeddings_path=str(epath))
-    do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
-    chunk_ids = graph.chunk_ids
-    dev = resolve_device(cfg.isne.device)
-
-    if n == 0:
-        metrics["mode"] = "empty"
-        _write_embeddings(epath, chunk_ids, np.zeros((0, cfg.isne.dim), np.float32))
-    elif do_train:
-        t = time.perf_counter()
-        res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev)
-        metrics["seconds"]["train"] = time.perf_counter() - t
-        theta = res.model.theta.weight.detach()
-        save_checkpoint(mpath, theta, chunk_ids.tolist(), {
-            "isne": dataclasses.asdict(cfg.isne), "graph": dataclasses.asdict(cfg.graph),
-            "num_nodes": n, "dim": int(theta.shape[1]), "aggregate": True,
-            "init_std": res.model.init_std, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-            "best_val_auc": res.best_val_auc,
-        })
-        t = time.perf_counter()
-        full = CSRGraph.from_edge_index(data.edge_index, n, device=dev)
-        vecs = neighbor_mean(theta, full).cpu().numpy()  # exact mean over the full graph
-        metrics["seconds"]["infer"] = time.perf_counter() - t
-        metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
-                       best_val_auc=res.best_val_auc, stopped_early=res.stopped_early,
-                       pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
-                       num_val_edges=res.num_val_edges, device=res.device,
-                       peak_device_bytes=res.peak_device_bytes,
-                       history=res.history)
-        t = time.perf_counter()
-        _write_embeddings(epath, chunk_ids, vecs)
-        metrics["seconds"]["write"] = time.perf_counter() - t
-    else:
-        t = time.perf_counter()
-        ckpt = load_checkpoint(mpath)
-        old_ids, old_vecs = read_isne_embeddings(output_dir)
-        d = int(ckpt.theta.shape[1])
-        if cfg.isne.dim != d:
-            log.warning("isne.dim is %d but %s was trained with %d; using the model (set isne.retrain=true "
-                        "to train a new one)", cfg.isne.dim, mpath, d)
-        pos = {c: i for i, c in enumerate(chunk_ids.tolist())}
-        vecs = np.zeros((n, d), np.float32)
-        have = np.zeros(n, dtype=bool)
-        if old_vecs.shape[0] and old_vecs.shape[1] == d:
-            for j, c in enumerate(old_ids):
-                i = pos.get(c)
-                if i is not None:
-                    vecs[i] = old_vecs[j]
-                    have[i] = True
-        missing = np.flatnonzero(~have)
-        if missing.size:
-            new, known = infer_from_checkpoint(ckpt, chunk_ids.tolist(), data.edge_index,
-                                               nodes=torch.as_tensor(missing), device=dev)
-            vecs[missing] = new.numpy()
-        metrics["seconds"]["infer"] = time.perf_counter() - t
-        metrics.update(mode="inferred", n_inferred=int(missing.size), device=str(dev),
-                       n_trained_nodes=len(ckpt.node_ids))
-        t = time.perf_counter()
-        _write_embeddings(epath, chunk_ids, vecs)
-        metrics["seconds"]["write"] = time.perf_counter() - t
-    metrics["seconds"]["total"] = time.perf_counter() - t_all
-    log.info("isne stage (%s): %d nodes, %d edges, %.1f s", metrics["mode"], n, metrics["n_edges"],
-             metrics["seconds"]["total"])
-    return metrics
+__all__ = ["ISNETrainingPipeline", "ISNETrainingResult", "NotAnIngestOutputError"]
 
 
 @dataclass
@@ -221,8 +48,6 @@ class ISNETrainingPipeline:
         Raises:
             NotAnIngestOutputError: `corpus_path` is no ingest output and no `config.output` is set.
         """
-        from hades_gpu.store.reader import is_ingest_output
-
         path = corpus_path if corpus_path is not None else self.config.output
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "
@@ -236,8 +61,8 @@ class ISNETrainingPipeline:
             path = Path(self.config.output)
         if not is_ingest_output(path):
             raise NotAnIngestOutputError(
-                f"{path} is not an ingest output (expected {path / 'manifest.json'}); run "
+                f"{path} is not an ingest output (no manifest in it); run "
                 f"`hades-ingest corpus=<folder> output={path}` first, or set output=<dir> to ingest it here")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
-        return ISNETrainingResult(output_dir=path, model_path=model_path(path),
-                                  embeddings_path=embeddings_path(path, self.config.shard), metrics=metrics)
+        return ISNETrainingResult(output_dir=path, model_path=isne_model_path(path),
+                                  embeddings_path=isne_embeddings_path(path, self.config.shard), metrics=metrics)

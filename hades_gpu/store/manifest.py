@@ -1,35 +1,57 @@
-"""The manifest: which part files are committed and which documents they hold.
+"""The manifest of one shard: which part files are committed and which documents they hold.
 
 A part file exists on disk before the manifest names it, so after a crash the manifest is the truth:
 parts it does not name are interrupted writes and are removed, and their documents are ingested
-again. Every write is atomic (temporary file, fsync, rename), so a SIGKILL leaves either the old or
-the new manifest, never a torn one.
+again.
+
+Why SQLite (it ships with Python): a commit must cost the same with 10 or 10^6 documents already
+in the shard. A JSON file has to be rewritten whole at every commit; a SQLite transaction touches
+only the B-tree pages of the rows it writes, and a document lookup is an index probe instead of a
+dict held in memory. `synchronous=FULL` with the rollback journal makes a committed transaction
+survive a SIGKILL or a power loss; a torn write is rolled back on the next open. The database sits
+beside the parts as `manifest-<shard>.sqlite`; it needs a filesystem with working POSIX locks
+(local disks and cluster filesystems; not every NFS mount).
+
+Older outputs have `manifest.json` / `manifest-<shard>.json`; opening such a shard imports it once
+(then removes the JSON), and `committed_parts` still reads one that was never opened for writing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Optional
 
-MANIFEST_VERSION = 1
+from hades_gpu.store.atomic import fsync_dir
 
+log = logging.getLogger(__name__)
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+MANIFEST_VERSION = 2
+LEGACY_JSON_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS parts (number INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS documents (
+    rel_path TEXT PRIMARY KEY, doc_id TEXT NOT NULL, content_hash TEXT NOT NULL, n_chunks INTEGER NOT NULL,
+    part TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+"""
 
 
 def manifest_path(output: Path, shard: str) -> Path:
-    """`manifest.json` for the default shard, `manifest-<shard>.json` for the others."""
-    return output / ("manifest.json" if shard == "s0" else f"manifest-{shard}.json")
+    return Path(output) / f"manifest-{shard}.sqlite"
+
+
+def legacy_manifest_path(output: Path, shard: str) -> Path:
+    """The JSON manifest of older outputs: `manifest.json` for shard s0, `manifest-<shard>.json` else."""
+    return Path(output) / ("manifest.json" if shard == "s0" else f"manifest-{shard}.json")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read (damaged, or written by an unknown version)."""
 
 
 @dataclass
@@ -42,42 +64,179 @@ class DocumentEntry:
     mtime_ns: int = 0
 
 
-@dataclass
+def _part_number(name: str) -> int:
+    return int(name.rsplit("-", 1)[-1])
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
 class Manifest:
-    """Committed parts and finished documents of one shard."""
+    """Committed parts and finished documents of one shard (a SQLite database, module docstring).
 
-    shard: str
-    parts: list[str] = field(default_factory=list)
-    documents: dict[str, DocumentEntry] = field(default_factory=dict)  # rel_path -> entry
+    Thread-safe: the batcher thread looks documents up while the writer thread commits.
+    """
 
+    def __init__(self, output: Path, shard: str, conn: sqlite3.Connection) -> None:
+        self.output = Path(output)
+        self.shard = shard
+        self.path = manifest_path(output, shard)
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    # -- open ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, output: Path, shard: str) -> "Manifest":
+        """Open (or create) the shard's manifest; a legacy JSON manifest is imported first."""
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
         path = manifest_path(output, shard)
-        if not path.exists():
-            return cls(shard=shard)
+        legacy = legacy_manifest_path(output, shard)
+        fresh = not path.exists()
         try:
-            raw: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"manifest {path} is unreadable: {err}") from err
-        if raw.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"manifest {path} has version {raw.get('version')!r}, expected {MANIFEST_VERSION}")
-        docs = {rel: DocumentEntry(**entry) for rel, entry in raw.get("documents", {}).items()}
-        return cls(shard=raw.get("shard", shard), parts=list(raw.get("parts", [])), documents=docs)
+            conn = _connect(path)
+            conn.executescript(_SCHEMA)
+            version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+        if version is None:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?), ('shard', ?)", (str(MANIFEST_VERSION), shard))
+        elif int(version[0]) != MANIFEST_VERSION:
+            conn.close()
+            raise ManifestError(f"manifest {path} has version {version[0]}, expected {MANIFEST_VERSION}")
+        manifest = cls(output, shard, conn)
+        if fresh:
+            fsync_dir(output)
+        if legacy.exists() and manifest.part_count() == 0 and manifest.document_count() == 0:
+            manifest._import_legacy(legacy)
+        return manifest
 
-    def save(self, output: Path) -> None:
-        payload = {
-            "version": MANIFEST_VERSION,
-            "shard": self.shard,
-            "parts": self.parts,
-            "documents": {rel: vars(entry) for rel, entry in self.documents.items()},
-        }
-        atomic_write_bytes(manifest_path(output, self.shard), json.dumps(payload, separators=(",", ":")).encode())
+    def _import_legacy(self, legacy: Path) -> None:
+        raw = read_legacy_json(legacy)
+        docs = [DocumentEntry(**entry) for entry in raw.get("documents", {}).values()]
+        rels = list(raw.get("documents", {}))
+        with self._transaction() as cur:
+            cur.executemany("INSERT INTO parts VALUES (?, ?)", [(_part_number(p), p) for p in raw.get("parts", [])])
+            cur.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
+                             for rel, d in zip(rels, docs)])
+        legacy.unlink()
+        fsync_dir(legacy.parent)
+        log.info("manifest: imported %s (%d parts, %d documents) into %s", legacy.name, self.part_count(),
+                 len(docs), self.path.name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Manifest":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    class _Tx:
+        def __init__(self, manifest: "Manifest") -> None:
+            self.m = manifest
+
+        def __enter__(self) -> sqlite3.Cursor:
+            self.m._lock.acquire()
+            self.cur = self.m._conn.cursor()
+            self.cur.execute("BEGIN IMMEDIATE")
+            return self.cur
+
+        def __exit__(self, exc_type: Any, *rest: Any) -> None:
+            try:
+                self.cur.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.m._lock.release()
+
+    def _transaction(self) -> "Manifest._Tx":
+        return Manifest._Tx(self)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- read ------------------------------------------------------------------------------------
+    def parts(self) -> list[str]:
+        return [name for (name,) in self._query("SELECT name FROM parts ORDER BY number")]
+
+    def part_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM parts")[0][0])
+
+    def document_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM documents")[0][0])
+
+    def next_part_number(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(number), 0) FROM parts")[0][0]) + 1
+
+    def lookup(self, rel_path: str) -> Optional[DocumentEntry]:
+        row = self._query("SELECT doc_id, content_hash, n_chunks, part, size, mtime_ns FROM documents "
+                          "WHERE rel_path = ?", (rel_path,))
+        return DocumentEntry(*row[0]) if row else None
+
+    def documents(self) -> Iterator[tuple[str, DocumentEntry]]:
+        """Every (rel_path, entry), in rel_path order (a scan: for reports and tests, not per document)."""
+        for rel, *rest in self._query("SELECT rel_path, doc_id, content_hash, n_chunks, part, size, mtime_ns "
+                                      "FROM documents ORDER BY rel_path"):
+            yield rel, DocumentEntry(*rest)
 
     def is_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> bool:
         """True when the document is done and its size and mtime are as recorded (no re-read needed)."""
-        entry = self.documents.get(rel_path)
+        entry = self.lookup(rel_path)
         return entry is not None and entry.size == size and entry.mtime_ns == mtime_ns
 
-    def next_part_number(self) -> int:
-        numbers = [int(p.rsplit("-", 1)[-1]) for p in self.parts]
-        return max(numbers, default=0) + 1
+    # -- write -----------------------------------------------------------------------------------
+    def commit_part(self, part: str, documents: Iterable[tuple[str, DocumentEntry]]) -> None:
+        """Name `part` committed and record its documents (replacing their older entries), at once."""
+        with self._transaction() as cur:
+            cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(part), part))
+            cur.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
+                             for rel, d in documents])
+
+    def update_stats(self, updates: dict[str, tuple[int, int]]) -> None:
+        """New (size, mtime_ns) of documents read again and found identical (see DatasetWriter)."""
+        if not updates:
+            return
+        with self._transaction() as cur:
+            cur.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE rel_path = ?",
+                            [(size, mtime, rel) for rel, (size, mtime) in updates.items()])
+
+
+def read_legacy_json(path: Path) -> dict[str, Any]:
+    try:
+        raw: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+    if raw.get("version") != LEGACY_JSON_VERSION:
+        raise ManifestError(f"manifest {path} has version {raw.get('version')!r}, expected {LEGACY_JSON_VERSION}")
+    return raw
+
+
+def committed_parts(output: Path) -> list[str]:
+    """Names of the parts every shard's manifest of `output` has committed (read-only; sorted)."""
+    output = Path(output)
+    parts: list[str] = []
+    for path in sorted(output.glob("manifest-*.sqlite")):
+        try:
+            conn = _connect(path, readonly=True)
+            try:
+                parts.extend(name for (name,) in conn.execute("SELECT name FROM parts"))
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+    for path in sorted(output.glob("manifest*.json")):
+        parts.extend(str(p) for p in read_legacy_json(path).get("parts", []))
+    return sorted(set(parts))
+
+
+def has_manifest(output: Path) -> bool:
+    output = Path(output)
+    return any(output.glob("manifest-*.sqlite")) or any(output.glob("manifest*.json"))

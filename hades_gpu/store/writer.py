@@ -4,7 +4,7 @@ A document's rows are written only once all its chunks are embedded, and always 
 so a part holds whole documents. Commit order makes a SIGKILL at any point safe:
 1. write `chunks/<part>.parquet` and `documents/<part>.parquet` (temporary name, then rename);
 2. rewrite older parts that held earlier versions of re-ingested (changed) documents without them;
-3. atomically replace the manifest, which now names the new part.
+3. commit the part in the manifest (one SQLite transaction, `store.manifest`), which now names it.
 On start-up, part files the manifest does not name are deleted; their documents are not in the
 manifest, so they are ingested again: nothing is lost and nothing is written twice.
 """
@@ -12,7 +12,6 @@ manifest, so they are ingested again: nothing is lost and nothing is written twi
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,36 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.records import ChunkedDocument, EmbeddedBatch
+from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
+from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
 from hades_gpu.store.manifest import DocumentEntry, Manifest
 
 log = logging.getLogger(__name__)
-
-
-def chunk_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("doc_id", pa.string()),
-        ("chunk_id", pa.string()),
-        ("path", pa.string()),
-        ("modality", pa.string()),
-        ("ordinal", pa.int32()),
-        ("char_start", pa.int64()),
-        ("char_end", pa.int64()),
-        ("n_tokens", pa.int32()),
-        ("text", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim)),
-    ])
-
-
-DOCUMENT_SCHEMA = pa.schema([
-    ("doc_id", pa.string()),
-    ("path", pa.string()),
-    ("rel_path", pa.string()),
-    ("modality", pa.string()),
-    ("language", pa.string()),
-    ("content_hash", pa.string()),
-    ("n_chunks", pa.int32()),
-    ("references", pa.list_(pa.string())),
-])
 
 
 @dataclass
@@ -79,8 +53,8 @@ class DatasetWriter:
         self.shard = shard
         self.dim = dim
         self.rows_per_part = rows_per_part
-        self.chunks_dir = self.output / "chunks"
-        self.docs_dir = self.output / "documents"
+        self.chunks_dir = self.output / CHUNKS_DIR
+        self.docs_dir = self.output / DOCUMENTS_DIR
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.docs_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest.load(self.output, shard)
@@ -99,7 +73,7 @@ class DatasetWriter:
     # -- start-up ----------------------------------------------------------------------------------
     def _remove_orphans(self) -> list[str]:
         """Delete part files (and temporaries) of this shard that the manifest does not name."""
-        committed = set(self.manifest.parts)
+        committed = set(self.manifest.parts())
         removed = []
         prefix = f"part-{self.shard}-"
         for folder in (self.chunks_dir, self.docs_dir):
@@ -111,14 +85,17 @@ class DatasetWriter:
                     path.unlink()
                     removed.append(str(path))
         if removed:
+            fsync_dir(self.chunks_dir)
+            fsync_dir(self.docs_dir)
             log.info("resume: removed %d interrupted part file(s)", len(removed))
         return removed
 
     # -- stage calls ---------------------------------------------------------------------------------
-    def begin_document(self, doc: ChunkedDocument, size: int = 0, mtime_ns: int = 0) -> None:
-        """Register a document before its chunks arrive (called by the batcher thread)."""
+    def begin_document(self, doc: ChunkedDocument) -> None:
+        """Register a document before its chunks arrive (called by the batcher thread). Its size and
+        mtime (from discovery, `DocumentRef`) go into the manifest for the next run's resume check."""
         entry = _Pending(doc=doc, embeddings=np.zeros((len(doc.chunks), self.dim), dtype=np.float32),
-                         remaining=len(doc.chunks), size=size, mtime_ns=mtime_ns)
+                         remaining=len(doc.chunks), size=doc.ref.size, mtime_ns=doc.ref.mtime_ns)
         with self._lock:
             if entry.remaining == 0:
                 self._ready.append(entry)
@@ -157,24 +134,19 @@ class DatasetWriter:
         same: remember the new size and mtime, so the next run skips it without reading it. Saved at
         close; lost on a crash, which only costs that next run a re-read."""
         with self._lock:
-            if rel_path in self.manifest.documents:
-                self._stat_updates[rel_path] = (int(size), int(mtime_ns))
+            self._stat_updates[rel_path] = (int(size), int(mtime_ns))
 
     def close(self) -> None:
         """Commit what is ready. Documents still missing chunks are left uncommitted (redone next run)."""
         self.flush()
         with self._flush_lock, self._lock:
             updates, self._stat_updates = self._stat_updates, {}
-            for rel_path, (size, mtime_ns) in updates.items():
-                entry = self.manifest.documents.get(rel_path)
-                if entry is not None:
-                    entry.size, entry.mtime_ns = size, mtime_ns
-            if updates:
-                self.manifest.save(self.output)
+            self.manifest.update_stats(updates)
         with self._lock:
             incomplete = len(self._pending)
         if incomplete:
             log.warning("%d document(s) were not fully embedded and were not committed", incomplete)
+        self.manifest.close()
 
     @property
     def pending_documents(self) -> int:
@@ -183,27 +155,24 @@ class DatasetWriter:
 
     # -- commit ----------------------------------------------------------------------------------------
     def _commit(self, ready: list[_Pending]) -> None:
-        number = self.manifest.next_part_number()
-        part = f"part-{self.shard}-{number:05d}"
+        part = part_name(self.shard, self.manifest.next_part_number())
         chunk_table, doc_table = self._tables(ready)
-        self._write_table(chunk_table, self.chunks_dir / f"{part}.parquet")
-        self._write_table(doc_table, self.docs_dir / f"{part}.parquet")
+        atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part))
+        atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
         for entry in ready:
-            old = self.manifest.documents.get(entry.doc.ref.rel_path)
+            old = self.manifest.lookup(entry.doc.ref.rel_path)
             if old is not None:
                 replaced.setdefault(old.part, set()).add(old.doc_id)
         for old_part, doc_ids in replaced.items():
             self._drop_documents(old_part, doc_ids)
 
-        self.manifest.parts.append(part)
-        for entry in ready:
-            ref = entry.doc.ref
-            self.manifest.documents[ref.rel_path] = DocumentEntry(
-                doc_id=ref.doc_id, content_hash=entry.doc.content_hash, n_chunks=len(entry.doc.chunks),
-                part=part, size=entry.size, mtime_ns=entry.mtime_ns)
-        self.manifest.save(self.output)
+        self.manifest.commit_part(part, [
+            (entry.doc.ref.rel_path, DocumentEntry(doc_id=entry.doc.ref.doc_id, content_hash=entry.doc.content_hash,
+                                                   n_chunks=len(entry.doc.chunks), part=part, size=entry.size,
+                                                   mtime_ns=entry.mtime_ns))
+            for entry in ready])
         self.parts_written += 1
         self.rows_written += chunk_table.num_rows
         self.documents_committed += len(ready)
@@ -239,14 +208,6 @@ class DatasetWriter:
         ], schema=DOCUMENT_SCHEMA)
         return chunk_table, doc_table
 
-    @staticmethod
-    def _write_table(table: pa.Table, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
     def _drop_documents(self, part: str, doc_ids: set[str]) -> None:
         """Rewrite an older part without the given documents (they were re-ingested)."""
         for folder in (self.chunks_dir, self.docs_dir):
@@ -255,4 +216,4 @@ class DatasetWriter:
                 continue
             table = pq.read_table(path)
             keep = pa.array([d not in doc_ids for d in table.column("doc_id").to_pylist()])
-            self._write_table(table.filter(keep), path)
+            atomic_write_parquet(table.filter(keep), path)

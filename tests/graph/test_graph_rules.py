@@ -17,8 +17,8 @@ import torch
 from hades_gpu.config import GraphConfig
 from hades_gpu.graph import EDGE_TYPES, build_graph, load_graph, symmetrize
 from hades_gpu.graph.build import build_chunk_graph, make_data, reference_edges, same_document_edges
-from hades_gpu.graph.io import (ChunkTable, embeddings_to_numpy, index_of, load_chunk_ids, load_chunk_table,
-                                load_document_table)
+from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_table, load_document_table
+from hades_gpu.store.reader import embeddings_to_numpy
 from hades_gpu.graph.knn import knn_brute_force
 from hades_gpu.graph.references import ReferenceResolver, is_python
 
@@ -253,6 +253,7 @@ def test_embeddings_from_fixed_size_lists_sliced_and_with_nulls() -> None:
 def _documents_part(root: Path, columns: dict[str, pa.Array], name: str = "part-s0-00000") -> None:
     (root / "documents").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), root / "documents" / f"{name}.parquet")
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "parts": [name]}))  # committed
 
 
 def test_document_table_fills_missing_columns_and_nulls(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
-from hades_gpu.isne.model import ISNE, load_checkpoint, save_checkpoint, skipgram_loss
+from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
+from hades_gpu.isne.model import ISNE, skipgram_loss
 from hades_gpu.isne.sampling import CSRGraph
 
 

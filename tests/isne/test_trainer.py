@@ -14,8 +14,9 @@ import torch
 from hades_gpu.config import GraphConfig, IsneConfig, PipelineConfig
 from hades_gpu.isne.evaluation import sbm_graph
 from hades_gpu.isne.trainer import link_auc, split_edges, train_isne, undirected_pairs
-from hades_gpu.pipelines.isne_training import (ISNETrainingPipeline, NotAnIngestOutputError,
-                                               read_isne_embeddings, run_isne_stage)
+from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage
+from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+from hades_gpu.store.reader import read_isne_embeddings
 from hades_gpu.records import stable_id
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from hades_gpu.config import load_pipeline_config
 from hades_gpu.pipelines import CodeParallelPipeline, TextParallelPipeline
-from hades_gpu.store.reader import read_chunks, read_documents
+from hades_gpu.store.manifest import Manifest
+from hades_gpu.store.reader import committed_parts, is_ingest_output, read_chunks, read_documents
 
 from corpus_helpers import REPO, copy_files, stdlib_sources
 from embedder_helpers import RecordingEmbedder
@@ -127,16 +128,16 @@ def test_resume_after_sigkill(tmp_path, embedder):
     out = tmp_path / "out"
     args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40", *FAST]
     proc = _run_ingest(args)
-    manifest = out / "manifest.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and len(json.loads(manifest.read_text())["parts"]) >= 2:
+        if (out / "manifest-s0.sqlite").exists() and len(committed_parts(out)) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "ingest finished before it could be killed: " + proc.stdout.read()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = set(json.loads(manifest.read_text())["documents"])
+    with Manifest.load(out, "s0") as manifest:
+        done_before = {rel for rel, _ in manifest.documents()}
     assert 0 < len(done_before) < 60
 
     rec = RecordingEmbedder(embedder)
@@ -150,7 +151,7 @@ def test_resume_after_sigkill(tmp_path, embedder):
     unfinished = docs[~docs.rel_path.isin(done_before)]
     assert rec.rows_embedded == int(unfinished.n_chunks.sum()) == result.chunks_written
     # every part file on disk is committed (interrupted ones were removed)
-    committed = set(json.loads(manifest.read_text())["parts"])
+    committed = set(committed_parts(out))
     assert {p.stem for p in (out / "chunks").glob("*.parquet")} == committed
 
 
@@ -159,7 +160,7 @@ def test_multirun_over_two_profiles(sample_corpus, tmp_path):
     proc = _run_ingest(["-m", "profile=balanced,low_memory", f"corpus={sample_corpus}", f"output={out}", *FAST])
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
-    jobs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "manifest.json").exists())
+    jobs = sorted(p for p in out.iterdir() if p.is_dir() and is_ingest_output(p))
     assert len(jobs) == 2
     assert jobs[0].name.startswith("0_") and "profile=balanced" in jobs[0].name
     assert jobs[1].name.startswith("1_") and "profile=low_memory" in jobs[1].name

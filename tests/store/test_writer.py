@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import sqlite3
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +23,11 @@ def make_doc(rel, n, content="v1"):
     return ChunkedDocument(ref=ref, content_hash=h, chunks=chunks, references=["x.md"])
 
 
+def with_stat(doc, size, mtime_ns):
+    """The document as discovery would have found it: with its file's size and mtime."""
+    return dataclasses.replace(doc, ref=dataclasses.replace(doc.ref, size=size, mtime_ns=mtime_ns))
+
+
 def embed_all(writer, docs):
     chunks = [c for d in docs for c in d.chunks]
     rng = np.random.default_rng(0)
@@ -33,19 +40,19 @@ def test_whole_documents_per_part_and_manifest(tmp_path):
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=4)
     docs = [make_doc(f"d{i}.txt", n) for i, n in enumerate([3, 2, 5, 1])]
     for d in docs:
-        w.begin_document(d, size=10, mtime_ns=7)
+        w.begin_document(with_stat(d, 10, 7))
     embed_all(w, docs)
     w.close()
     table = read_chunks(tmp_path).to_pandas()
     assert len(table) == 11 and table.chunk_id.is_unique
-    for part in Manifest.load(tmp_path, "s0").parts:
+    for part in Manifest.load(tmp_path, "s0").parts():
         part_table = pq.read_table(tmp_path / "chunks" / f"{part}.parquet").to_pandas()
         for doc_id, rows in part_table.groupby("doc_id"):
             assert sorted(rows.ordinal) == list(range(len(rows)))  # never split across parts
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert set(manifest["documents"]) == {f"d{i}.txt" for i in range(4)}
+    m = Manifest.load(tmp_path, "s0")
+    assert [rel for rel, _ in m.documents()] == [f"d{i}.txt" for i in range(4)]
     assert read_documents(tmp_path).column("references").to_pylist()[0] == ["x.md"]
-    assert pq.read_schema(tmp_path / "chunks" / f"{manifest['parts'][0]}.parquet").field("embedding").type.list_size == DIM
+    assert pq.read_schema(tmp_path / "chunks" / f"{m.parts()[0]}.parquet").field("embedding").type.list_size == DIM
 
 
 def test_orphan_parts_are_removed_on_open(tmp_path):
@@ -104,7 +111,7 @@ def test_every_column_and_manifest_field_round_trips(tmp_path):
     vectors = {}
     rng = np.random.default_rng(1)
     for k, d in enumerate(docs):
-        w.begin_document(d, size=1000 + k, mtime_ns=77_000 + k)
+        w.begin_document(with_stat(d, 1000 + k, 77_000 + k))
     for d in docs:  # embed document by document, each chunk its own known vector
         v = rng.random((len(d.chunks), DIM), dtype=np.float32)
         vectors.update({c.chunk_id: v[i] for i, c in enumerate(d.chunks)})
@@ -129,9 +136,9 @@ def test_every_column_and_manifest_field_round_trips(tmp_path):
             == (d.ref.doc_id, d.ref.path, d.ref.modality, d.ref.language, d.content_hash, len(d.chunks), d.references)
 
     m = Manifest.load(tmp_path, "s0")
-    assert m.parts == ["part-s0-00001", "part-s0-00002"] and m.next_part_number() == 3
+    assert m.parts() == ["part-s0-00001", "part-s0-00002"] and m.next_part_number() == 3
     for k, d in enumerate(docs):
-        e = m.documents[d.ref.rel_path]
+        e = m.lookup(d.ref.rel_path)
         assert (e.doc_id, e.content_hash, e.n_chunks, e.size, e.mtime_ns) == \
             (d.ref.doc_id, d.content_hash, len(d.chunks), 1000 + k, 77_000 + k)
         assert e.part == ("part-s0-00001" if k < 2 else "part-s0-00002")
@@ -144,17 +151,17 @@ def test_every_column_and_manifest_field_round_trips(tmp_path):
 def test_note_unchanged_is_saved_at_close_for_known_documents_only(tmp_path):
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
     d = varied_doc("a.py", 2, "x")
-    w.begin_document(d, size=5, mtime_ns=6)
+    w.begin_document(with_stat(d, 5, 6))
     w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
     w.close()
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
     w.note_unchanged("a.py", 5, 99)
     w.note_unchanged("never-seen.py", 1, 2)
-    assert Manifest.load(tmp_path, "s0").documents["a.py"].mtime_ns == 6  # not before close
+    assert Manifest.load(tmp_path, "s0").lookup("a.py").mtime_ns == 6  # not before close
     w.close()
     m = Manifest.load(tmp_path, "s0")
-    assert (m.documents["a.py"].size, m.documents["a.py"].mtime_ns) == (5, 99)
-    assert "never-seen.py" not in m.documents and m.parts == ["part-s0-00001"]
+    assert (m.lookup("a.py").size, m.lookup("a.py").mtime_ns) == (5, 99)
+    assert m.lookup("never-seen.py") is None and m.parts() == ["part-s0-00001"]
 
 
 def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed(tmp_path):
@@ -164,7 +171,7 @@ def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed
         w.begin_document(d)
         w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
         w.close()
-    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "manifest-s3.json").is_file()
+    assert (tmp_path / "manifest-s0.sqlite").is_file() and (tmp_path / "manifest-s3.sqlite").is_file()
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["part-s0-00001.parquet", "part-s3-00001.parquet"]
     # a stray part no manifest names (a crashed run's) is not read, and nothing else is disturbed
     (tmp_path / "chunks" / "part-s9-00001.parquet").write_bytes((tmp_path / "chunks" / "part-s0-00001.parquet").read_bytes())
@@ -180,24 +187,40 @@ def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed
 
 
 def test_damaged_or_foreign_manifest_is_refused(tmp_path):
-    (tmp_path / "manifest.json").write_text("{not json")
+    (tmp_path / "manifest.json").write_text("{not json")  # an older output's JSON manifest, damaged
     with pytest.raises(ValueError, match="unreadable"):
         Manifest.load(tmp_path, "s0")
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 999, "parts": []}))
     with pytest.raises(ValueError, match="version 999"):
         Manifest.load(tmp_path, "s0")
+    (tmp_path / "manifest.json").unlink()
+    for path in tmp_path.glob("manifest-*.sqlite"):
+        path.unlink()
+    (tmp_path / "manifest-s0.sqlite").write_bytes(b"not a database, but long enough to look like a file" * 40)
+    with pytest.raises(ValueError, match="unreadable"):
+        Manifest.load(tmp_path, "s0")
+    from hades_gpu.store.manifest import ManifestError, committed_parts
+
+    with pytest.raises(ManifestError, match="unreadable"):
+        committed_parts(tmp_path)
+    future = tmp_path / "future"
+    Manifest.load(future, "s0").close()
+    with sqlite3.connect(future / "manifest-s0.sqlite") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
+    with pytest.raises(ValueError, match="version 99, expected 2"):
+        Manifest.load(future, "s0")
     empty = Manifest.load(tmp_path / "nowhere", "s1")
-    assert empty.parts == [] and empty.documents == {} and empty.shard == "s1" and empty.next_part_number() == 1
+    assert empty.parts() == [] and list(empty.documents()) == [] and empty.shard == "s1" and empty.next_part_number() == 1
 
 
 def test_document_without_chunks_is_committed_at_once(tmp_path):
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
     d = varied_doc("empty.py", 0, "none")
-    w.begin_document(d, size=3, mtime_ns=4)
+    w.begin_document(with_stat(d, 3, 4))
     assert w.pending_documents == 0
     w.close()
     m = Manifest.load(tmp_path, "s0")
-    assert m.documents["empty.py"].n_chunks == 0 and w.documents_committed == 1 and w.rows_written == 0
+    assert m.lookup("empty.py").n_chunks == 0 and w.documents_committed == 1 and w.rows_written == 0
 
 
 def test_incomplete_document_is_not_committed(tmp_path):
@@ -207,7 +230,7 @@ def test_incomplete_document_is_not_committed(tmp_path):
     w.add(EmbeddedBatch(chunks=d.chunks[:2], embeddings=np.ones((2, DIM), np.float32)))
     assert w.pending_documents == 1
     w.close()
-    assert not (tmp_path / "manifest.json").exists() or "a.py" not in Manifest.load(tmp_path, "s0").documents
+    assert Manifest.load(tmp_path, "s0").lookup("a.py") is None
     with pytest.raises(KeyError, match="unregistered document"):
         w.add(EmbeddedBatch(chunks=varied_doc("b.py", 1, "y").chunks, embeddings=np.ones((1, DIM), np.float32)))
 
@@ -239,11 +262,11 @@ def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
     stray.write_bytes(b"half a file")
     other_shard = tmp_path / "chunks" / "part-s1-00001.parquet"
     other_shard.write_bytes(b"another shard's, not ours to remove")
-    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1}))  # no parts, no documents, no shard
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1}))  # older output: no parts, no documents
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=10)
     assert w.removed_orphans == [str(stray)] and other_shard.exists()
     m = Manifest.load(tmp_path, "s0")
-    assert (m.shard, m.parts, m.documents) == ("s0", [], {})
+    assert (m.shard, m.parts(), list(m.documents())) == ("s0", [], [])
     from hades_gpu.store.reader import committed_parts
 
     assert committed_parts(tmp_path) == []
@@ -251,7 +274,47 @@ def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
     w.begin_document(d)
     w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((1, DIM), np.float32)))
     w.close()
-    raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert set(raw) == {"version", "shard", "parts", "documents"} and raw["shard"] == "s0"
-    assert set(raw["documents"]["a.py"]) == {"doc_id", "content_hash", "n_chunks", "part", "size", "mtime_ns"}
+    m = Manifest.load(tmp_path, "s0")
+    assert m.parts() == ["part-s0-00001"] and m.lookup("a.py").part == "part-s0-00001"
     assert read_documents(tmp_path, ["rel_path"]).schema.names == ["rel_path"]
+
+
+def test_an_older_outputs_json_manifest_is_read_then_imported_once(tmp_path):
+    w = DatasetWriter(tmp_path, "s2", DIM, rows_per_part=100)
+    d = varied_doc("a.py", 2, "old")
+    w.begin_document(with_stat(d, 11, 22))
+    w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
+    w.close()
+    # rewrite the shard's manifest as an older version wrote it
+    entry = Manifest.load(tmp_path, "s2").lookup("a.py")
+    (tmp_path / "manifest-s2.sqlite").unlink()
+    legacy = {"version": 1, "shard": "s2", "parts": ["part-s2-00001"], "documents": {"a.py": vars(entry)}}
+    (tmp_path / "manifest-s2.json").write_text(json.dumps(legacy))
+    from hades_gpu.store.reader import committed_parts, is_ingest_output
+
+    assert is_ingest_output(tmp_path) and committed_parts(tmp_path) == ["part-s2-00001"]  # read, not converted
+    assert (tmp_path / "manifest-s2.json").exists() and len(read_chunks(tmp_path)) == 2
+    m = Manifest.load(tmp_path, "s2")  # opening it for writing imports it
+    assert not (tmp_path / "manifest-s2.json").exists()
+    assert m.parts() == ["part-s2-00001"] and m.lookup("a.py") == entry and m.next_part_number() == 2
+    assert m.is_unchanged("a.py", 11, 22)
+    m.close()
+    assert committed_parts(tmp_path) == ["part-s2-00001"]
+
+
+def test_a_commit_costs_the_same_with_many_documents_already_in(tmp_path):
+    """The manifest's cost per commit does not grow with what it holds: its file grows by about the
+    rows committed, and a commit touches no other row (SQLite; the JSON manifest was rewritten whole)."""
+    from hades_gpu.store.manifest import DocumentEntry
+
+    m = Manifest.load(tmp_path, "s0")
+    sizes = []
+    for part in range(1, 41):
+        name = f"part-s0-{part:05d}"
+        m.commit_part(name, [(f"dir/{part}/{i}.py", DocumentEntry(f"d{part}-{i}", "h" * 16, 3, name, 100, 5))
+                             for i in range(250)])
+        sizes.append((tmp_path / "manifest-s0.sqlite").stat().st_size)
+    growth = np.diff(sizes)
+    assert m.document_count() == 10_000 and m.part_count() == 40
+    assert growth[-10:].mean() <= 1.5 * growth[:10].mean()  # linear in rows, not in rows squared
+    assert m.lookup("dir/17/3.py").doc_id == "d17-3" and m.lookup("dir/41/0.py") is None

@@ -1,0 +1,92 @@
+"""Where each file of an output folder lives and what its columns are (docs/CONTRACTS.md).
+
+One place for names and schemas, so the writer, every reader, the graph and the ISNE stage agree:
+
+```
+<output>/chunks/part-<shard>-<n:05d>.parquet     CHUNK schema (one row per chunk, with its embedding)
+<output>/documents/part-<shard>-<n:05d>.parquet  DOCUMENT schema (one row per document)
+<output>/manifest-<shard>.sqlite                 committed parts and documents (store.manifest)
+<output>/edges.parquet                           EDGES schema (the chunk graph)
+<output>/isne/model.safetensors                  θ, node ids and config (isne.checkpoint)
+<output>/isne/embeddings-<shard>.parquet         ISNE_EMBEDDINGS schema
+<output>/metrics.json                            run metrics
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+CHUNKS_DIR = "chunks"
+DOCUMENTS_DIR = "documents"
+EDGES_FILE = "edges.parquet"
+ISNE_DIR = "isne"
+ISNE_MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+TABLES = (CHUNKS_DIR, DOCUMENTS_DIR)
+
+
+def chunk_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("doc_id", pa.string()),
+        ("chunk_id", pa.string()),
+        ("path", pa.string()),
+        ("modality", pa.string()),
+        ("ordinal", pa.int32()),
+        ("char_start", pa.int64()),
+        ("char_end", pa.int64()),
+        ("n_tokens", pa.int32()),
+        ("text", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+    ])
+
+
+DOCUMENT_SCHEMA = pa.schema([
+    ("doc_id", pa.string()),
+    ("path", pa.string()),
+    ("rel_path", pa.string()),
+    ("modality", pa.string()),
+    ("language", pa.string()),
+    ("content_hash", pa.string()),
+    ("n_chunks", pa.int32()),
+    ("references", pa.list_(pa.string())),
+])
+
+EDGES_SCHEMA = pa.schema([
+    ("src_chunk_id", pa.string()),
+    ("dst_chunk_id", pa.string()),
+    ("type", pa.string()),
+    ("weight", pa.float32()),
+])
+
+ISNE_EMBEDDINGS_SCHEMA = pa.schema([("chunk_id", pa.string()), ("isne_embedding", pa.list_(pa.float32()))])
+
+
+def part_name(shard: str, number: int) -> str:
+    return f"part-{shard}-{number:05d}"
+
+
+def part_path(output: Path, table: str, part: str) -> Path:
+    return Path(output) / table / f"{part}.parquet"
+
+
+def edges_path(output: Path) -> Path:
+    return Path(output) / EDGES_FILE
+
+
+def isne_model_path(output: Path) -> Path:
+    return Path(output) / ISNE_DIR / ISNE_MODEL_FILE
+
+
+def isne_embeddings_path(output: Path, shard: str) -> Path:
+    return Path(output) / ISNE_DIR / f"embeddings-{shard}.parquet"
+
+
+def isne_embeddings_files(output: Path) -> list[Path]:
+    return sorted((Path(output) / ISNE_DIR).glob("embeddings-*.parquet"))
+
+
+def metrics_path(output: Path) -> Path:
+    return Path(output) / METRICS_FILE
