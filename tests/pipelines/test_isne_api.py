@@ -10,7 +10,7 @@ import pytest
 
 from hades_gpu.config import load_pipeline_config
 from hades_gpu.pipelines import ISNETrainingPipeline
-from hades_gpu.pipelines.isne_training import NotAnIngestOutputError
+from hades_gpu.isne.stage import NotAnIngestOutputError
 from hades_gpu.store.reader import read_chunks
 
 from corpus_helpers import REPO
@@ -36,3 +36,21 @@ def test_train_on_raw_corpus_ingests_into_output_first(sample_corpus, tmp_path):
 def test_train_without_output_names_what_to_do(tmp_path):
     with pytest.raises(NotAnIngestOutputError, match="hades-ingest"):
         ISNETrainingPipeline(load_pipeline_config()).train(corpus_path=tmp_path)
+
+
+def test_the_readmes_example_trains_isne_with_isne_disabled_for_the_ingest(sample_corpus, tmp_path, embedder):
+    """README: `isne.enabled=false` for process_batch, then ISNETrainingPipeline(config).train(...) on
+    the output. Disabling the stage in the job must not make the explicit training call a no-op."""
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.store.reader import read_isne_embeddings
+
+    out = tmp_path / "out"
+    config = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off"])
+    result = TextParallelPipeline(config, embedder=embedder).process_batch([sample_corpus], output=out)
+    assert result.isne is None and not (out / "isne").exists()  # the job's switch: no ISNE in the job
+    trained = ISNETrainingPipeline(config).train(corpus_path=out, epochs=2, batch_size=16)
+    assert trained.metrics["mode"] == "trained" and trained.metrics["epochs_run"] == 2
+    assert trained.model_path.is_file()
+    ids, vecs = read_isne_embeddings(out)
+    assert sorted(ids) == sorted(read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist())
+    assert vecs.shape == (len(ids), config.isne.dim) and (abs(vecs).sum(1) > 0).mean() > 0.9
