@@ -39,11 +39,8 @@ import json
 import os
 import platform
 import sys
-import sysconfig
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -59,6 +56,9 @@ from hades_gpu.embedding.cuda_embedder import CudaEmbedder, flops_per_token  # n
 from hades_gpu.gpu.host_ring import HostBufferRing  # noqa: E402
 from hades_gpu.gpu.nvml_governor import MemoryGovernor  # noqa: E402
 from hades_gpu.gpu.stream_producer import StreamProducer, timed_map  # noqa: E402
+from hades_gpu.benchmarks.corpus import build_corpus, stdlib_files  # noqa: E402
+from hades_gpu.benchmarks.rows import metrics_row  # noqa: E402
+from hades_gpu.benchmarks.stage import documents_from_chunks, embed_documents  # noqa: E402
 from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, fill_batch  # noqa: E402
 from hades_gpu.records import CODE, Chunk, stable_id  # noqa: E402
 
@@ -99,11 +99,10 @@ class Corpus:
 
 def stdlib_corpus(n_chunks: int, chunk_tokens: int, min_tokens: int) -> Corpus:
     """Chunks of `chunk_tokens` content tokens from the stdlib's .py files (sorted, deterministic)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     tok = load_tokenizer()
     docs: list[list[Chunk]] = []
     total = 0
-    for path in sorted(root.rglob("*.py")):
+    for path in stdlib_files(max_bytes=2_000_000):
         if total >= n_chunks:
             break
         try:
@@ -169,42 +168,13 @@ class PathRun:
 
 
 def run_gpu_path(embedder: CudaEmbedder, corpus: Corpus, cfg: PipelineConfig, ring: HostBufferRing,
-                 budget_fn: Optional[Callable[[int], int]] = None) -> PathRun:
-    """Batcher -> pinned ring slot -> embed on `concurrency` threads -> vectors in corpus order."""
-    cls_id, sep_id, pad_id = special_ids()
-    index = {c.chunk_id: i for i, c in enumerate(corpus.chunks)}
-    out = np.zeros((len(index), embedder.dim), dtype=np.float32)
-    stats = {"batches": 0, "real": 0, "padded": 0, "flops": 0.0}
-
-    def task(plan: BatchPlan) -> None:
-        slot = ring.acquire(timeout=120)
-        if slot is None:
-            raise RuntimeError("no ring slot freed within 120 s")
-        try:
-            batch = fill_batch(plan, ring, slot, cls_id, sep_id, pad_id)  # into pinned memory
-            vectors = embedder.embed(batch.input_ids, batch.attention_mask)
-        finally:
-            ring.release(slot)
-        rows = [index[c.chunk_id] for c in plan.chunks]
-        out[rows] = vectors
-
-    sync(embedder.device)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=embedder.concurrency) as pool:
-        inflight: deque[Future] = deque()
-        for plan in plan_stream(corpus, cfg, budget_fn):
-            stats["batches"] += 1
-            stats["real"] += sum(min(c.n_tokens, plan.length - 2) + 2 for c in plan.chunks)
-            stats["padded"] += plan.padded_tokens
-            stats["flops"] += plan.padded_tokens * flops_per_token(plan.length)
-            inflight.append(pool.submit(task, plan))
-            while len(inflight) > 2 * embedder.concurrency:  # bounded hand-off, like the pipeline's queue
-                inflight.popleft().result()
-        for fut in inflight:
-            fut.result()
-    sync(embedder.device)
-    seconds = time.perf_counter() - start
-    return PathRun(seconds, out, stats["batches"], stats["real"], stats["padded"], stats["flops"])
+                 budget_fn: Optional[Callable[[int], int]] = None, governor: Any = None) -> PathRun:
+    """The shipped embed stage (batcher -> pinned ring slot -> embed on `concurrency` threads,
+    `hades_gpu.benchmarks.stage.embed_documents`) over the corpus; vectors in corpus order."""
+    run = embed_documents(cfg, documents_from_chunks(corpus.docs), embedder, ring=ring, governor=governor,
+                          budget_fn=budget_fn, sync=lambda: sync(embedder.device))
+    flops = sum(rows * length * flops_per_token(length) for rows, length in run.shapes)
+    return PathRun(run.seconds, run.embeddings, run.batches, run.real_tokens, run.padded_tokens, flops)
 
 
 def run_st(texts: list[str], device: torch.device, half: bool, batch_size: int, max_seq_len: int) -> tuple[np.ndarray, float]:
@@ -437,27 +407,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run_ingest(profile: str, overrides: list[str], megabytes: float, workers: int) -> dict[str, Any]:
-    """`TextParallelPipeline` over ~`megabytes` of stdlib .py files copied to a temporary folder."""
-    import shutil
+    """`TextParallelPipeline` over ~`megabytes` of stdlib .py files (the benchmarks' corpus builder)."""
     import tempfile
 
     from hades_gpu.pipelines import TextParallelPipeline
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    budget, files = int(megabytes * 1e6), []
-    for path in sorted(root.rglob("*.py")):
-        size = path.stat().st_size
-        if 0 < size <= 2_000_000 and "test" not in path.parts:
-            files.append(path)
-            budget -= size
-            if budget <= 0:
-                break
     with tempfile.TemporaryDirectory(prefix="bench-gpu-ingest-") as tmp:
         corpus = Path(tmp) / "corpus"
-        for i, path in enumerate(files):
-            dest = corpus / f"{i:05d}_{path.name}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+        sizes = build_corpus(corpus, megabytes, code_share=1.0)
+        files = sum(1 for _ in corpus.rglob("*.py"))
         cfg = load_pipeline_config(profile, [*overrides, "isne.enabled=false", "monitoring.progress=off",
                                              f"profile.num_workers={workers}"])
         t0 = time.perf_counter()
@@ -465,10 +423,7 @@ def run_ingest(profile: str, overrides: list[str], megabytes: float, workers: in
         wall = time.perf_counter() - t0
     m = result.metrics
     em = m.get("embedder_metrics", {})
-    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "workers": workers,
-            "chunks": result.chunks_written, "real_tokens": m.get("real_tokens"), "wall_s": wall,
-            "tokens_per_s": (m.get("real_tokens") or 0) / wall, "chunks_per_s": result.chunks_written / wall,
-            "padding_efficiency": m.get("padding_efficiency"), "embedder": m.get("embedder"),
+    return {**metrics_row(m, wall_s=wall), "files": files, "bytes": sum(sizes.values()), "workers": workers,
             "skipped": len(result.skipped), "producer": em.get("producer"),
             "graph_replays": em.get("graph_replays"), "eager_batches": em.get("eager_batches"),
             "note": "wall clock of process_batch: discovery, workers' start, model load, Parquet included"}
@@ -493,7 +448,7 @@ def governed_run(cfg: PipelineConfig, corpus: Corpus, device: torch.device, base
     embedder.max_wait_s = 2.0  # a wait that cannot end (memory held elsewhere) must not stall the run
     sampler = NvmlSampler(device.index)
     sampler.start()
-    run = run_gpu_path(embedder, corpus, cfg, ring, budget_fn=governor.batch_token_budget)
+    run = run_gpu_path(embedder, corpus, cfg, ring, governor=governor)
     sampler.stop()
     samples = np.asarray(sampler.samples, dtype=np.int64)
     m = governor.metrics()

@@ -3,8 +3,8 @@
 
 Measures, on the same corpus and the same chunk texts:
   * `hades-ingest` end to end (a real subprocess: workers, batcher, embedder, Parquet) per profile;
-  * the model-only ceiling: the same chunks pre-tokenized, length-sorted, batched to the profile's
-    token budget and fed straight into the same runtime with the same concurrency;
+  * the model-only ceiling: the same chunks pre-tokenized, through the shipped embed stage
+    (batcher, ring, queues, embed threads) with the same runtime and concurrency;
   * sentence-transformers `encode()` (batch 32) on a uniform sample of the same chunk texts;
 and prints a table of throughputs, ratios, padding efficiency and peak RSS, and writes JSON.
 
@@ -22,53 +22,15 @@ import random
 import shutil
 import subprocess
 import sys
-import sysconfig
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROSE_SUFFIXES = {".md", ".txt", ".rst"}
-
-
-def build_corpus(dest: Path, megabytes: float, seed: int = 0) -> dict[str, int]:
-    """Copy ~`megabytes` of real files: 60% Python stdlib sources, 40% /usr/share/doc prose."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "code").mkdir(parents=True)
-    (dest / "prose").mkdir(parents=True)
-    budget = int(megabytes * 1e6)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = sorted(p for p in stdlib.rglob("*.py") if "test" not in p.parts and p.stat().st_size < 200_000)
-    prose = sorted(p for p in Path("/usr/share/doc").rglob("*")
-                   if p.is_file() and not p.is_symlink() and p.suffix.lower() in PROSE_SUFFIXES
-                   and 500 < p.stat().st_size < 300_000)
-    rng = random.Random(seed)
-    rng.shuffle(code)
-    rng.shuffle(prose)
-    sizes = {"code": 0, "prose": 0}
-    for kind, files, share in (("prose", prose, 0.4), ("code", code, 0.6)):
-        target = budget * share if kind == "prose" else budget - sizes["prose"]
-        for i, path in enumerate(files):
-            if sizes[kind] >= target:
-                break
-            name = f"{i:05d}_{path.name}"
-            shutil.copyfile(path, dest / kind / name)
-            sizes[kind] += path.stat().st_size
-    return sizes
-
-
-def scale_corpus(base: Path, dest: Path, copies: int) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    for i in range(copies):
-        shutil.copytree(base, dest / f"copy{i}")
-
+from hades_gpu.benchmarks.corpus import build_corpus, scale_corpus  # noqa: E402
+from hades_gpu.benchmarks.rows import metrics_row  # noqa: E402
 
 def run_ingest(corpus: Path, output: Path, profile: str, extra: list[str]) -> dict:
     if output.exists():
@@ -81,21 +43,7 @@ def run_ingest(corpus: Path, output: Path, profile: str, extra: list[str]) -> di
     if proc.returncode != 0:
         raise SystemExit(f"hades-ingest failed ({profile}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metrics = json.loads((output / "metrics.json").read_text())
-    return {
-        "profile": profile,
-        "wall_s": wall,
-        "pipeline_s": metrics["wall_s"],
-        "chunks": metrics["chunks"],
-        "real_tokens": metrics["real_tokens"],
-        "chunks_per_s": metrics["chunks"] / wall,
-        "tokens_per_s": metrics["real_tokens"] / wall,
-        "pipeline_chunks_per_s": metrics["chunks"] / metrics["wall_s"],
-        "padding_efficiency": metrics["padding_efficiency"],
-        "peak_rss_bytes": metrics["memory"]["peak_rss_bytes"],
-        "embedder": metrics.get("embedder", ""),
-        "skipped": metrics["documents"]["skipped"],
-        "documents": metrics["documents"]["done"],
-    }
+    return {"profile": profile, **metrics_row(metrics, wall_s=wall)}
 
 
 def chunk_texts(output: Path) -> list[str]:
@@ -105,49 +53,23 @@ def chunk_texts(output: Path) -> list[str]:
 
 
 def model_only(texts: list[str], profile: str) -> dict:
-    """The same chunks, pre-tokenized and length-sorted, straight into the runtime (no pipeline)."""
+    """The same chunks, pre-tokenized, through the shipped embed stage (its batcher, ring, queues
+    and embed threads; `hades_gpu.benchmarks.stage`): the ceiling the CPU side is measured against."""
+    from hades_gpu.benchmarks.stage import documents_from_texts, embed_documents
     from hades_gpu.config import load_pipeline_config
-    from hades_gpu.documents.tokenizer import load_tokenizer, special_ids
     from hades_gpu.embedding.factory import build_embedder
-    from hades_gpu.orchestration.batcher import LengthSortedBatcher, fill_batch
-    from hades_gpu.records import Chunk
 
     cfg = load_pipeline_config(profile)
-    tok = load_tokenizer()
-    cls_id, sep_id, pad_id = special_ids()
-    encoded = tok.encode_batch(texts, add_special_tokens=False)
-    chunks = [Chunk("d", str(i), "", "", i, 0, 0, "", np.asarray(e.ids[: cfg.chunking.chunk_tokens], np.int32))
-              for i, e in enumerate(encoded)]
-    batcher = LengthSortedBatcher(cfg.profile.max_batch_tokens, cfg.profile.max_batch_size,
-                                  cfg.profile.length_bucket, cfg.embedder.max_seq_len, lookahead_batches=10**9)
-    batcher.add(chunks)
-    batches = [fill_batch(plan, None, -1, cls_id, sep_id, pad_id) for plan in batcher.flush()]
+    docs = documents_from_texts(texts, cfg.chunking.chunk_tokens)
     embedder = build_embedder(cfg)
-    embedder.embed(batches[0].input_ids, batches[0].attention_mask)  # warm-up
-    pending = list(batches)
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                batch = pending.pop()
-            embedder.embed(batch.input_ids, batch.attention_mask)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(max(1, embedder.concurrency))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    description = embedder.description
-    embedder.close()
-    real = sum(b.real_tokens for b in batches)
-    padded = sum(b.padded_tokens for b in batches)
-    return {"chunks_per_s": len(chunks) / elapsed, "tokens_per_s": real / elapsed, "seconds": elapsed,
-            "padding_efficiency": real / padded, "embedder": description}
+    try:
+        embed_documents(cfg, docs[: 4 * cfg.profile.max_batch_size], embedder)  # warm-up
+        run = embed_documents(cfg, docs, embedder)
+        description = embedder.description
+    finally:
+        embedder.close()
+    return {"chunks_per_s": len(docs) / run.seconds, "tokens_per_s": run.real_tokens / run.seconds,
+            "seconds": run.seconds, "padding_efficiency": run.metrics["padding_efficiency"], "embedder": description}
 
 
 def sentence_transformers_baseline(texts: list[str], sample: int, seed: int = 0) -> dict:

@@ -33,7 +33,6 @@ import platform
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,6 +40,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from hades_gpu.benchmarks.config import JOBS, BenchConfig, register_bench_configs
+from hades_gpu.benchmarks.rows import metrics_row
 from hades_gpu.config import ConfigError, PipelineConfig, conf_dir, config_to_dict, register_configs, to_pipeline_config
 
 log = logging.getLogger(__name__)
@@ -154,29 +154,6 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _ingest_fields(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The comparable numbers of an ingest run, from its metrics snapshot."""
-    wall = float(metrics["wall_s"])
-    queues = metrics.get("queues", {})
-    return {
-        "documents": metrics["documents"]["done"],
-        "documents_skipped": metrics["documents"]["skipped"],
-        "chunks": metrics["chunks"],
-        "batches": metrics["batches"],
-        "real_tokens": metrics["real_tokens"],
-        "padded_tokens": metrics["padded_tokens"],
-        "wall_s": wall,
-        "chunks_per_s": metrics["chunks"] / wall if wall > 0 else 0.0,
-        "tokens_per_s": metrics["real_tokens"] / wall if wall > 0 else 0.0,
-        "padding_efficiency": metrics["padding_efficiency"],
-        "peak_rss_bytes": metrics["memory"]["peak_rss_bytes"],
-        "backpressure_waits": sum(int(q.get("put_waits", 0)) for q in queues.values()),
-        "backpressure_wait_s": sum(float(q.get("put_wait_s", 0.0)) for q in queues.values()),
-        "stages": {name: {"items_per_s": s["items_per_s"], "busy_s": s["busy_s"]}
-                   for name, s in metrics.get("stages", {}).items()},
-    }
-
-
 def _ingest(cfg: PipelineConfig, corpus: str, out: Path, bench: BenchConfig) -> dict[str, Any]:
     """Build + warm the embedder (untimed), then ingest `corpus` into a fresh `out` (timed by the
     pipeline's own metrics: discovery to the last committed part)."""
@@ -189,8 +166,8 @@ def _ingest(cfg: PipelineConfig, corpus: str, out: Path, bench: BenchConfig) -> 
         result = TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=_fresh_dir(out))
     finally:
         embedder.close()
-    fields = _ingest_fields(result.metrics)
-    fields["embedder"] = str(result.metrics.get("embedder", getattr(embedder, "description", "")))
+    fields = metrics_row(result.metrics)
+    fields["embedder"] = fields["embedder"] or str(getattr(embedder, "description", ""))
     return fields
 
 
@@ -221,59 +198,29 @@ def job_triton(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[s
 
 
 def job_embed_only(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
-    """Chunk (untimed), batch with the profile's budget (untimed), embed (timed)."""
+    """Chunk (untimed, in this process), then the shipped embed stage over the chunked documents
+    (timed: `benchmarks.stage.embed_documents`, the pipeline's batcher, ring, queues, threads)."""
+    from hades_gpu.benchmarks.stage import embed_documents
     from hades_gpu.documents.chunking import process_document
     from hades_gpu.documents.discovery import discover
-    from hades_gpu.documents.tokenizer import special_ids
     from hades_gpu.embedding.factory import build_embedder
-    from hades_gpu.orchestration.batcher import LengthSortedBatcher, fill_batch
 
     refs, skips = discover([str(cfg.corpus)], cfg.documents)
-    p = cfg.profile
-    batcher = LengthSortedBatcher(p.max_batch_tokens, p.max_batch_size, p.length_bucket, cfg.embedder.max_seq_len,
-                                  p.lookahead_batches)
-    plans = []
-    documents = 0
-    for ref in refs:  # per document, like the pipeline, so the look-ahead window behaves the same
-        doc = process_document(ref, cfg.documents, cfg.chunking)
-        if doc.skip_reason is None and doc.chunks:
-            documents += 1
-            plans.extend(batcher.add(doc.chunks))
-    plans.extend(batcher.flush())
-    cls_id, sep_id, pad_id = special_ids()
-    batches = [fill_batch(plan, None, -1, cls_id, sep_id, pad_id) for plan in plans]
-    chunks = sum(len(b.chunks) for b in batches)
-    real = sum(b.real_tokens for b in batches)
-    padded = sum(int(b.input_ids.size) for b in batches)
-
+    docs = [d for d in (process_document(ref, cfg.documents, cfg.chunking) for ref in refs)
+            if d.skip_reason is None and d.chunks]
     with _Sampler() as memory:
         embedder = build_embedder(cfg)
         try:
             _warm_up(embedder, bench.warmup_batches, cfg.embedder.max_seq_len)
-            workers = max(1, int(getattr(embedder, "concurrency", 1)))
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hades-bench-embed") as pool:
-                for _ in pool.map(lambda b: embedder.embed(b.input_ids, b.attention_mask), batches):
-                    pass  # each call returns host memory: the device work is done (sync point)
-            wall = time.perf_counter() - t0
+            run = embed_documents(cfg, docs, embedder)
             description = str(getattr(embedder, "description", type(embedder).__name__))
+            workers = max(1, int(getattr(embedder, "concurrency", 1)))
         finally:
             embedder.close()
-    return {
-        "documents": documents,
-        "documents_skipped": len(skips) + len(refs) - documents,
-        "chunks": chunks,
-        "batches": len(batches),
-        "real_tokens": real,
-        "padded_tokens": padded,
-        "wall_s": wall,
-        "chunks_per_s": chunks / wall if wall > 0 else 0.0,
-        "tokens_per_s": real / wall if wall > 0 else 0.0,
-        "padding_efficiency": real / padded if padded else 1.0,
-        "peak_rss_bytes": memory.peak_rss,
-        "embedder": description,
-        "embed_concurrency": workers,
-    }
+    row = metrics_row({**run.metrics, "documents": {"done": len(docs), "skipped": len(skips) + len(refs) - len(docs)},
+                       "chunks": sum(len(d.chunks) for d in docs), "wall_s": run.seconds})
+    row.update(peak_rss_bytes=memory.peak_rss, embedder=description, embed_concurrency=workers)
+    return row
 
 
 def job_isne(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:

@@ -6,9 +6,12 @@
   read+chunk+tokenize)              token budget)       bound it too)        GIL released)
 ```
 
-Every stage object is handed in (compose, don't inherit), so tests replace any of them. The first
-exception in any thread aborts every queue, stops the others and is re-raised by `run()`: a failure
-never hangs the pipeline.
+The parts are handed in (compose, don't inherit): a *source* of chunked documents (the worker pool
+over discovered files, `WorkerPoolSource`, or documents already in memory, `ChunkedDocuments`), the
+batcher, the ring, the three queues and the batch-budget policy. Whatever is not given is built from
+the profile, as PyG's NeighborLoader builds a default sampler. Every benchmark runs this stage, never a
+copy of it. The first exception in any thread aborts every queue, stops the others and is re-raised
+by `run()`: a failure never hangs the pipeline.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -26,9 +29,57 @@ from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, fill
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
 from hades_gpu.orchestration.workers import WorkerPool
-from hades_gpu.records import ChunkedDocument, DocumentRef, EmbeddedBatch, TokenBatch
+from hades_gpu.records import ChunkedDocument, DocumentRef, EmbeddedBatch
 
 log = logging.getLogger(__name__)
+
+
+class DocumentSource(Protocol):
+    """Yields chunked documents until it has no more or `stop` is set."""
+
+    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]: ...
+
+
+class WorkerPoolSource:
+    """Discovered files read, chunked and tokenized by the worker processes, as they finish.
+
+    Args:
+        pool (WorkerPool): the processes (at most `pool.has_room()` documents in flight).
+        refs (Sequence[DocumentRef]): the files, in submission order.
+    """
+
+    def __init__(self, pool: WorkerPool, refs: Sequence[DocumentRef]) -> None:
+        self.pool = pool
+        self.refs = list(refs)
+
+    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]:
+        for index, ref in enumerate(self.refs):
+            while not self.pool.has_room():
+                if stop.is_set():
+                    return
+                result = self.pool.get_result(timeout=0.2)
+                if result is not None:
+                    yield result[1]
+            self.pool.submit(index, ref)
+        while self.pool.inflight:
+            if stop.is_set():
+                return
+            result = self.pool.get_result(timeout=0.2)
+            if result is not None:
+                yield result[1]
+
+
+class ChunkedDocuments:
+    """Documents already chunked and tokenized, in memory (model-only benchmarks, tests)."""
+
+    def __init__(self, docs: Iterable[ChunkedDocument]) -> None:
+        self.docs = docs
+
+    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]:
+        for doc in self.docs:
+            if stop.is_set():
+                return
+            yield doc
 
 
 class Sink(Protocol):
@@ -47,47 +98,60 @@ class StreamingPipeline:
     """Runs documents through the stages once; construct a new one per run.
 
     Args:
-        profile (ProfileConfig): queue budgets, watermarks, batch budget, ring size.
-        pool (WorkerPool): worker processes producing `ChunkedDocument`s.
+        profile (ProfileConfig): queue budgets, watermarks, batch budget, ring size (the defaults).
+        source (DocumentSource): chunked documents (`WorkerPoolSource`, `ChunkedDocuments`).
         embedder: thread-safe `embed(ids, mask) -> float32 (B, dim)` with a `concurrency`.
         sink (Sink): receives `begin_document` (batcher thread) then `add` (writer thread).
-        metrics (RunMetrics): counters to update.
-        triage (callable): decides per worker result whether to embed it (skips, unchanged
-            documents are recorded by the caller and return False).
-        special_ids (tuple): (CLS, SEP, PAD) token ids.
-        max_seq_len (int): model's longest sequence.
+        metrics (RunMetrics, optional): counters to update (default: a new one).
+        triage (callable, optional): decides per document whether to embed it (skips, unchanged
+            documents are recorded by the caller and return False). Default: not skipped.
+        special_ids (tuple, optional): (CLS, SEP, PAD) token ids (default: the tokenizer's).
+        max_seq_len (int): model's longest sequence (default 256).
         governor (optional): GPU memory governor; its `batch_token_budget` sizes batches. Waiting for
             memory headroom happens inside the CUDA embedder's `embed`, which can also free its cache.
         progress (ProgressReporter, optional): updated from the calling thread.
+        batcher, ring, queues, budget_fn (optional): parts to use instead of the profile's defaults;
+            `queues` is (documents, batches, embedded).
     """
 
-    def __init__(self, profile: ProfileConfig, pool: WorkerPool, embedder: EmbedFn, sink: Sink,
-                 metrics: RunMetrics, triage: Callable[[ChunkedDocument], bool],
-                 special_ids: tuple[int, int, int], max_seq_len: int,
-                 governor: Any = None, progress: Optional[ProgressReporter] = None) -> None:
+    def __init__(self, profile: ProfileConfig, source: DocumentSource, embedder: EmbedFn, sink: Sink,
+                 metrics: Optional[RunMetrics] = None, triage: Optional[Callable[[ChunkedDocument], bool]] = None,
+                 special_ids: Optional[tuple[int, int, int]] = None, max_seq_len: int = 256,
+                 governor: Any = None, progress: Optional[ProgressReporter] = None, *,
+                 batcher: Optional[LengthSortedBatcher] = None, ring: Optional[HostBufferRing] = None,
+                 queues: Optional[tuple[MemoryAwareQueue, MemoryAwareQueue, MemoryAwareQueue]] = None,
+                 budget_fn: Optional[Callable[[int], int]] = None) -> None:
         self.profile = profile
-        self.pool = pool
+        self.source = source
         self.embedder = embedder
         self.sink = sink
-        self.metrics = metrics
-        self.triage = triage
+        self.metrics = metrics if metrics is not None else RunMetrics()
+        self.triage = triage if triage is not None else (lambda doc: doc.skip_reason is None)
+        if special_ids is None:
+            from hades_gpu.documents.tokenizer import special_ids as tokenizer_special_ids
+
+            special_ids = tokenizer_special_ids()
         self.cls_id, self.sep_id, self.pad_id = special_ids
         self.governor = governor
         self.progress = progress
         self.concurrency = max(1, int(getattr(embedder, "concurrency", 1)))
-        max_rows = profile.max_batch_size
-        self.ring = HostBufferRing(slots=max(profile.ring_slots, self.concurrency + 2), max_rows=max_rows,
-                                   max_len=max_seq_len)
-        # the governor's budget also applies without NVML readings: it holds batches small after an OOM
-        budget_fn = governor.batch_token_budget if governor is not None else None
-        self.batcher = LengthSortedBatcher(profile.max_batch_tokens, profile.max_batch_size, profile.length_bucket,
-                                           max_seq_len, profile.lookahead_batches, budget_fn=budget_fn)
-        q = dict(max_bytes=profile.queue_max_bytes, max_items=profile.queue_max_items,
-                 high_watermark=profile.high_watermark, low_watermark=profile.low_watermark,
-                 backoff_initial_s=profile.backoff_initial_s, backoff_max_s=profile.backoff_max_s)
-        self.doc_queue: MemoryAwareQueue[ChunkedDocument] = MemoryAwareQueue("documents", **q)
-        self.batch_queue: MemoryAwareQueue[TokenBatch] = MemoryAwareQueue("batches", **q)
-        self.write_queue: MemoryAwareQueue[EmbeddedBatch] = MemoryAwareQueue("embedded", **q)
+        self.ring = ring if ring is not None else HostBufferRing(
+            slots=max(profile.ring_slots, self.concurrency + 2), max_rows=profile.max_batch_size, max_len=max_seq_len)
+        # the batch-budget policy: the governor's (it also applies without NVML readings: it holds
+        # batches small after an OOM), unless one is given
+        if budget_fn is None and governor is not None:
+            budget_fn = governor.batch_token_budget
+        self.batcher = batcher if batcher is not None else LengthSortedBatcher(
+            profile.max_batch_tokens, profile.max_batch_size, profile.length_bucket, max_seq_len,
+            profile.lookahead_batches, budget_fn=budget_fn)
+        if queues is None:
+            q = dict(max_bytes=profile.queue_max_bytes, max_items=profile.queue_max_items,
+                     high_watermark=profile.high_watermark, low_watermark=profile.low_watermark,
+                     backoff_initial_s=profile.backoff_initial_s, backoff_max_s=profile.backoff_max_s)
+            queues = (MemoryAwareQueue("documents", **q), MemoryAwareQueue("batches", **q),
+                      MemoryAwareQueue("embedded", **q))
+        self.doc_queue, self.batch_queue, self.write_queue = queues
+        metrics = self.metrics
         metrics.queues = [self.doc_queue, self.batch_queue, self.write_queue]
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
@@ -115,29 +179,15 @@ class StreamingPipeline:
         return run
 
     # -- stages -----------------------------------------------------------------------------------
-    def _feed(self, refs: list[DocumentRef]) -> None:
+    def _feed(self) -> None:
         meter = self.metrics.stages["read_chunk"]
-
-        def forward(result: Optional[tuple[int, ChunkedDocument]]) -> None:
-            if result is None:
-                return
-            _, doc = result
+        for doc in self.source.documents(self._stop):
             meter.record(items=1, nbytes=doc.ref.size, tokens=sum(c.n_tokens for c in doc.chunks))
             while not self.doc_queue.put(doc, timeout=0.5):
                 if self._stop.is_set():
                     raise PipelineAborted("stopped")
-
-        for index, ref in enumerate(refs):
-            while not self.pool.has_room():
-                if self._stop.is_set():
-                    return
-                forward(self.pool.get_result(timeout=0.2))
-            self.pool.submit(index, ref)
-        while self.pool.inflight:
-            if self._stop.is_set():
-                return
-            forward(self.pool.get_result(timeout=0.2))
-        self.doc_queue.close()
+        if not self._stop.is_set():
+            self.doc_queue.close()
 
     def _batch(self) -> None:
         meter = self.metrics.stages["batch"]
@@ -212,9 +262,10 @@ class StreamingPipeline:
             meter.record(items=len(batch.chunks), nbytes=batch.nbytes, busy_s=time.perf_counter() - t0)
 
     # -- run --------------------------------------------------------------------------------------
-    def run(self, refs: list[DocumentRef]) -> None:
-        """Process `refs`; returns when every stage finished, raises the first stage error."""
-        threads = [threading.Thread(target=self._guard(lambda: self._feed(refs)), name="hades-feeder", daemon=True),
+    def run(self) -> None:
+        """Run the source's documents through; returns when every stage finished, raises the first
+        stage error."""
+        threads = [threading.Thread(target=self._guard(self._feed), name="hades-feeder", daemon=True),
                    threading.Thread(target=self._guard(self._batch), name="hades-batcher", daemon=True)]
         threads += [threading.Thread(target=self._guard(self._embed), name=f"hades-embed-{i}", daemon=True)
                     for i in range(self.concurrency)]

@@ -21,7 +21,7 @@ from hades_gpu.documents.discovery import discover
 from hades_gpu.documents.tokenizer import special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
-from hades_gpu.orchestration.pipeline import StreamingPipeline
+from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.records import CODE, ChunkedDocument, DocumentRef
 from hades_gpu.store.atomic import atomic_write_bytes
@@ -156,11 +156,11 @@ class IngestPipeline:
                 with WorkerPool(cfg.profile.num_workers, _worker_process,
                                 (cfg.documents, cfg.chunking, self.force_code),
                                 cfg.profile.inflight_docs_per_worker) as pool:
-                    stream = StreamingPipeline(cfg.profile, pool, embedder, writer,
+                    stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo), embedder, writer,
                                                metrics, triage, special_ids(), cfg.embedder.max_seq_len,
                                                governor=governor, progress=progress)
                     progress.start()
-                    stream.run(todo)
+                    stream.run()
                     metrics.extra["worker_restarts"] = pool.restarts
                 if governor is not None:
                     metrics.extra["gpu_governor"] = governor.metrics()

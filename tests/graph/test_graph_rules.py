@@ -22,7 +22,7 @@ from hades_gpu.store.reader import embeddings_to_numpy
 from hades_gpu.graph.knn import knn_brute_force
 from hades_gpu.graph.references import ReferenceResolver, is_python
 
-from tests.graph.test_build import CORPUS, DIM, write_output
+from tests.graph.test_build import CORPUS, write_output
 
 # ------------------------------------------------------------------------------ reference resolution
 PATHS = ["src/pkg/a.py", "src/pkg/sub/__init__.py", "vendor/json.py", "tests/test_a.py", "docs/x/index.md",

@@ -24,7 +24,7 @@ from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
 from hades_gpu.documents.tokenizer import special_ids
 from hades_gpu.orchestration.monitoring import RunMetrics
-from hades_gpu.orchestration.pipeline import StreamingPipeline
+from hades_gpu.orchestration.pipeline import ChunkedDocuments, StreamingPipeline, WorkerPoolSource
 
 CLS, SEP, PAD = special_ids()
 
@@ -109,9 +109,9 @@ def profile(**kw) -> ProfileConfig:
 
 def run(model, triage=lambda doc: doc.skip_reason is None, **kw):
     metrics, sink, pool = RunMetrics(), RecordingSink(), InlinePool()
-    p = StreamingPipeline(profile(**kw), pool, model, sink, metrics, triage, (CLS, SEP, PAD), 256)
     docs = refs()
-    p.run(docs)
+    p = StreamingPipeline(profile(**kw), WorkerPoolSource(pool, docs), model, sink, metrics, triage, (CLS, SEP, PAD), 256)
+    p.run()
     return p, metrics, sink, pool, docs
 
 
@@ -158,10 +158,10 @@ def test_a_sink_error_is_raised_too():
             raise OSError("disk full")
 
     metrics = RunMetrics()
-    p = StreamingPipeline(profile(), InlinePool(), RowModel(), BrokenSink(), metrics,
+    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), refs()), RowModel(), BrokenSink(), metrics,
                           lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
     with pytest.raises(OSError, match="disk full"):
-        p.run(refs())
+        p.run()
 
 
 class PlainModel:
@@ -193,15 +193,14 @@ class BytesSink(RecordingSink):
 def test_pipeline_builds_its_ring_and_queues_from_the_profile():
     prof = profile(ring_slots=3, high_watermark=0.7, low_watermark=0.3, backoff_initial_s=0.002, backoff_max_s=0.03)
     keep = lambda d: d.skip_reason is None  # noqa: E731
-    p = StreamingPipeline(prof, InlinePool(), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep,
+    p = StreamingPipeline(prof, ChunkedDocuments([]), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep,
                           (CLS, SEP, PAD), 256)
     assert p.concurrency == 3 and p.ring.slots == 5  # concurrency + 2 beats ring_slots
     for q in (p.doc_queue, p.batch_queue, p.write_queue):
         assert (q.max_bytes, q.max_items) == (512 * 1024, 16)
         assert (q._high, q._low) == (int(0.7 * 512 * 1024), int(0.3 * 512 * 1024))
         assert (q._backoff_initial, q._backoff_max) == (0.002, 0.03)
-    plain = StreamingPipeline(profile(ring_slots=9), InlinePool(), PlainModel(), RecordingSink(), RunMetrics(), keep,
-                              (CLS, SEP, PAD), 256)
+    plain = StreamingPipeline(profile(ring_slots=9), ChunkedDocuments([]), PlainModel(), RecordingSink())
     assert plain.concurrency == 1 and plain.ring.slots == 9
     assert plain.batcher._budget_fn is None
 
@@ -209,10 +208,10 @@ def test_pipeline_builds_its_ring_and_queues_from_the_profile():
 def test_stage_meters_count_bytes_tokens_and_time_and_vectors_are_float32():
     metrics, sink, model = RunMetrics(), BytesSink(), PlainModel()
     docs = refs()
-    p = StreamingPipeline(profile(), InlinePool(), model, sink, metrics, lambda d: d.skip_reason is None,
-                          (CLS, SEP, PAD), 256)
+    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), docs), model, sink, metrics,
+                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
     t0 = time.perf_counter()
-    p.run(docs)
+    p.run()
     wall = time.perf_counter() - t0
     assert model.threads == {"hades-embed-0"}  # one embed thread without a `concurrency`
     assert sink.dtypes == {np.dtype(np.float32)}
@@ -238,9 +237,10 @@ class FixedBudget:
 
 def test_the_governors_budget_sizes_every_batch_the_running_pipeline_cuts():
     model = RowModel(concurrency=1)
-    p = StreamingPipeline(profile(max_batch_tokens=4096, max_batch_size=32), InlinePool(), model, RecordingSink(),
-                          RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256, governor=FixedBudget(300))
-    p.run(refs())
+    p = StreamingPipeline(profile(max_batch_tokens=4096, max_batch_size=32), WorkerPoolSource(InlinePool(), refs()),
+                          model, RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256,
+                          governor=FixedBudget(300))
+    p.run()
     assert model.calls and all(rows * length <= 300 or rows == 1 for rows, length in model.calls)
     assert max(rows for rows, _ in model.calls) > 1  # the budget cut batches, it did not only keep single rows
 
@@ -250,12 +250,34 @@ def test_a_model_failure_with_every_ring_slot_taken_still_ends_the_run():
     see the stop and give up rather than wait for ever."""
     model = RowModel(concurrency=1, fail_on_call=1)
     p = StreamingPipeline(profile(ring_slots=1, max_batch_size=2, max_batch_tokens=512, queue_max_items=64),
-                          InlinePool(), model, RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None,
-                          (CLS, SEP, PAD), 256)
+                          WorkerPoolSource(InlinePool(), refs()), model, RecordingSink(), RunMetrics(),
+                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
     errors = []
-    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, p.run, refs())), daemon=True)
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, p.run)), daemon=True)
     worker.start()
     worker.join(60)
     assert not worker.is_alive(), "the pipeline hung after a model failure"
     assert len(errors) == 1 and "model crashed on purpose" in str(errors[0].value)
     assert len(model.calls) == 1
+
+
+def test_chunked_documents_and_parts_given_in_are_used_as_given():
+    """The stage with documents from memory (as the model-only benchmarks run it) and its parts
+    handed in: the given batcher, ring and queues are the ones used, and every chunk arrives once."""
+    from hades_gpu.gpu.host_ring import HostBufferRing
+    from hades_gpu.orchestration.batcher import LengthSortedBatcher
+    from hades_gpu.orchestration.queue import MemoryAwareQueue
+
+    docs = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in refs()]
+    docs = [d for d in docs if d.skip_reason is None]
+    batcher = LengthSortedBatcher(512, 4, 8, 256, 2)
+    ring = HostBufferRing(slots=4, max_rows=4, max_len=256, pin=False)
+    queues = tuple(MemoryAwareQueue(name, max_bytes=1 << 20, max_items=3) for name in ("d", "b", "e"))
+    model, sink = RowModel(concurrency=2), RecordingSink()
+    p = StreamingPipeline(profile(), ChunkedDocuments(docs), model, sink, batcher=batcher, ring=ring, queues=queues)
+    assert p.batcher is batcher and p.ring is ring and (p.doc_queue, p.batch_queue, p.write_queue) == queues
+    p.run()
+    chunks = [c for d in docs for c in d.chunks]
+    assert set(sink.added) == {c.chunk_id for c in chunks} and set(sink.added.values()) == {1}
+    assert all(rows <= 4 and rows * length <= 512 for rows, length in model.calls)
+    assert {q.name for q in p.metrics.queues} == {"d", "b", "e"} and ring.free_slots == 4

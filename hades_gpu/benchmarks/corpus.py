@@ -1,0 +1,67 @@
+"""The one corpus builder of every benchmark: real text and code found on this machine.
+
+Python's standard library sources (code) and `/usr/share/doc` (prose), chosen deterministically
+from a seed, so two benchmarks asked for the same corpus get the same files.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+PROSE_SUFFIXES = {".md", ".txt", ".rst"}
+
+
+def stdlib_files(max_bytes: int = 200_000) -> list[Path]:
+    """The standard library's .py files, tests left out, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "test" not in p.parts and 0 < p.stat().st_size < max_bytes)
+
+
+def prose_files(root: Path = Path("/usr/share/doc")) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                  and p.suffix.lower() in PROSE_SUFFIXES and 500 < p.stat().st_size < 300_000)
+
+
+def pick_files(megabytes: float, code_share: float = 0.6, seed: int = 0) -> Iterator[tuple[str, Path]]:
+    """(kind, path) of about `megabytes` of files, `code_share` of the bytes code and the rest prose."""
+    budget = int(megabytes * 1e6)
+    rng = random.Random(seed)
+    code, prose = stdlib_files(), prose_files() if code_share < 1 else []
+    rng.shuffle(code)
+    rng.shuffle(prose)
+    taken = 0
+    for kind, files, target in (("prose", prose, budget * (1 - code_share)), ("code", code, None)):
+        size = 0
+        for path in files:
+            limit = target if target is not None else budget - taken
+            if size >= limit:
+                break
+            yield kind, path
+            size += path.stat().st_size
+        taken += size
+
+
+def build_corpus(dest: Path, megabytes: float, code_share: float = 0.6, seed: int = 0) -> dict[str, int]:
+    """Copy about `megabytes` of real files into a fresh `dest/{code,prose}`; returns bytes per kind."""
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    sizes = {"code": 0, "prose": 0}
+    for i, (kind, path) in enumerate(pick_files(megabytes, code_share, seed)):
+        target = dest / kind / f"{i:05d}_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        sizes[kind] += path.stat().st_size
+    return sizes
+
+
+def scale_corpus(base: Path, dest: Path, copies: int) -> None:
+    """`copies` copies of `base` side by side under a fresh `dest` (a corpus `copies` times larger)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for i in range(copies):
+        shutil.copytree(base, dest / f"copy{i}")
