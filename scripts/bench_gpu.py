@@ -50,10 +50,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hades_gpu.config import GpuConfig, PipelineConfig, load_pipeline_config  # noqa: E402
+from hades_gpu.config import PipelineConfig, load_pipeline_config  # noqa: E402
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir, special_ids  # noqa: E402
 from hades_gpu.embedding.cuda_embedder import CudaEmbedder, flops_per_token  # noqa: E402
 from hades_gpu.gpu.host_ring import HostBufferRing  # noqa: E402
+from hades_gpu.gpu.nvml import memory_reader  # noqa: E402
 from hades_gpu.gpu.nvml_governor import MemoryGovernor  # noqa: E402
 from hades_gpu.gpu.stream_producer import StreamProducer, timed_map  # noqa: E402
 from hades_gpu.benchmarks.corpus import build_corpus, stdlib_files  # noqa: E402
@@ -233,10 +234,10 @@ class NvmlSampler(threading.Thread):
 
     def __init__(self, index: int, interval_s: float = 0.003) -> None:
         super().__init__(daemon=False)
-        gov = MemoryGovernor(GpuConfig(poll_interval_s=1e-9), index)
-        if not gov.active:
-            raise RuntimeError(f"NVML unavailable: {gov.reason}")
-        self._gov = gov
+        reader, source = memory_reader(index)  # the package's one GPU memory reader
+        if reader is None:
+            raise RuntimeError(f"no GPU memory reader: {source}")
+        self._read = reader
         self.interval_s = interval_s
         self.samples: list[int] = []
         self.total = 0
@@ -244,10 +245,11 @@ class NvmlSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            r = self._gov.reading(force=True)
-            if r is not None and r.ok:
-                self.samples.append(r.used)
-                self.total = r.total
+            try:
+                used, self.total = self._read()
+                self.samples.append(used)
+            except Exception:  # noqa: BLE001 - a failed sample is skipped
+                pass
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> "NvmlSampler":
@@ -261,8 +263,8 @@ class NvmlSampler(threading.Thread):
 
 
 def used_now(index: int) -> int:
-    r = MemoryGovernor(GpuConfig(), index).reading(force=True)
-    return r.used if r is not None else 0
+    reader, _ = memory_reader(index)
+    return reader()[0] if reader is not None else 0
 
 
 # -- report ----------------------------------------------------------------------------------------

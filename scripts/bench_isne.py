@@ -38,14 +38,14 @@ def _child(args: argparse.Namespace) -> dict:
     import torch
 
     from hades_gpu.config import IsneConfig
-    from hades_gpu.graph.device import resolve_device
+    from hades_gpu.gpu.device import select_device
     from hades_gpu.isne.evaluation import sbm_graph
     from hades_gpu.isne.trainer import EdgeSplit, train_isne
 
     if args.threads:
         torch.set_num_threads(args.threads)
     n = int(float(args.child))
-    dev = resolve_device(args.device)
+    dev = select_device(args.device)
     t = time.perf_counter()
     blocks = 10
     per_block = n / blocks

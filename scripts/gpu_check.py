@@ -198,7 +198,8 @@ def probes_step(check: Check) -> dict[str, Any]:
 
     from hades_gpu.config import GpuConfig
     from hades_gpu.gpu.cuda_graphs import CapturePolicy, GraphCache
-    from hades_gpu.gpu.nvml_governor import MemoryGovernor, find_nvml_handle, torch_device_uuid
+    from hades_gpu.gpu.nvml import find_nvml_handle, torch_device_uuid
+    from hades_gpu.gpu.nvml_governor import MemoryGovernor
 
     dev = torch.device("cuda", 0)
     figures: dict[str, Any] = {}

@@ -4,8 +4,8 @@ side-stream copies, the NVML governor and OOM splitting. Also runs on the CPU (f
 Per `embed(input_ids, attention_mask)` call:
 
 1. governor: while device memory is above ``gpu.mem_high`` the calling thread waits (until below
-   ``gpu.mem_low``, at most `max_wait_s`); the batch is cut into pieces of at most the governor's
-   current token budget.
+   ``gpu.mem_low``, at most `max_wait_s`). Batches are sized by the pipeline's batcher from the same
+   governor's token budget; the embedder does not cut them again.
 2. each piece goes through `embed_with_oom_split` (a CUDA OOM halves it and retries, rows kept in
    order) into the `StreamProducer` (H2D on a copy stream, compute, D2H on a d2h stream).
 3. compute pads the piece on the device to its bucket, ``(row_bucket(B), padded_length(L))`` with
@@ -193,7 +193,6 @@ class CudaEmbedder:
         self.dtype = resolve_precision(cfg.embedder.precision, self.device)
         self.dim = int(cfg.embedder.dim)
         self.length_bucket = int(cfg.profile.length_bucket)
-        self.base_budget = int(cfg.profile.max_batch_tokens)
         self.max_batch_size = int(cfg.profile.max_batch_size)
         self.concurrency = 2 if self.cuda else 1  # two threads: one's copies overlap the other's compute
         self.max_wait_s = float(max_wait_s)
@@ -298,8 +297,9 @@ class CudaEmbedder:
             if not self.governor.wait_for_headroom(self._stop, self.max_wait_s, relieve=self.release_memory):
                 with self._stats_lock:
                     self.headroom_wait_timeouts += 1
-        budget = self.governor.batch_token_budget(self.base_budget)
-        per_piece = max(1, min(budget // self.padded_length(length), rows, self._max_rows))
+        # The batcher sizes batches (from the same governor's budget); here a batch is cut only to the
+        # output buffers' capacity, and by `embed_with_oom_split` when the device runs out of memory.
+        per_piece = min(rows, self._max_rows)
         parts = []
         for start in range(0, rows, per_piece):
             stop = min(rows, start + per_piece)

@@ -7,17 +7,7 @@ from typing import Any, Optional
 
 from hades_gpu.config import PipelineConfig
 from hades_gpu.embedding.base import Embedder
-
-
-def resolve_device(spec: str) -> str:
-    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``; ``cuda:N`` as given.
-
-    Raises:
-        DeviceError (a ValueError): a malformed spec, or a CUDA device that is not visible.
-    """
-    from hades_gpu.gpu.device import select_device
-
-    return str(select_device(spec))
+from hades_gpu.gpu.device import select_device
 
 
 def device_spec(cfg: PipelineConfig) -> str:
@@ -47,7 +37,7 @@ def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embed
         return TritonEmbedder(ecfg)
     if ecfg.name != "local":
         raise ValueError(f"embedder.name must be one of local|triton (got {ecfg.name!r})")
-    device = resolve_device(device_spec(cfg))
+    device = str(select_device(device_spec(cfg)))
     if device.startswith("cuda"):
         from hades_gpu.embedding.cuda_embedder import CudaEmbedder
 

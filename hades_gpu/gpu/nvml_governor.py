@@ -19,10 +19,9 @@ It follows the memory-watermark backpressure policies of Ray Data (STYLE items 3
   OOM cannot turn into a loop of re-capturing and doubling back (each further OOM restarts the hold).
   The hold works without NVML too.
 
-The memory reader is injectable (``reader() -> (used_bytes, total_bytes)``); by default it reads
-NVML for the CUDA device, found by its UUID (never by index: NVML numbers devices physically,
-CUDA after ``CUDA_VISIBLE_DEVICES``), or ``cudaMemGetInfo`` where NVML cannot name the device (a MIG
-slice, no pynvml). ``.source`` says which. Without a GPU the governor is *inactive*: it says so once
+The memory reader is injectable (``reader() -> (used_bytes, total_bytes)``); by default it is
+`gpu.nvml.memory_reader` (the one NVML reader, shared with the Prometheus probe and the benchmarks:
+NVML by UUID, or ``cudaMemGetInfo``). ``.source`` says which. Without a GPU the governor is *inactive*: it says so once
 (a log line, ``.active is False``, ``.reason``) and every method returns at once without reading.
 
 NVML's "used" counts every process on the device and the memory PyTorch's caching allocator holds but
@@ -39,10 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from hades_gpu.config import GpuConfig
+from hades_gpu.gpu.nvml import Reader, memory_reader
 
 log = logging.getLogger(__name__)
-
-Reader = Callable[[], "tuple[int, int]"]
 
 
 @dataclass(frozen=True)
@@ -57,100 +55,6 @@ class MemoryReading:
     @property
     def fraction(self) -> float:
         return self.used / self.total if self.total > 0 else 1.0
-
-
-def torch_device_uuid(device_index: int) -> Optional[str]:
-    """The CUDA device's UUID as torch reports it (``xxxxxxxx-xxxx-...``, no prefix), or None."""
-    import torch
-
-    uuid = getattr(torch.cuda.get_device_properties(device_index), "uuid", None)
-    return str(uuid) if uuid is not None else None
-
-
-def nvml_uuid_candidates(uuid: str) -> list[str]:
-    """NVML spellings of a CUDA UUID: NVML prefixes ``GPU-`` (a whole GPU) or ``MIG-`` (a MIG slice)."""
-    text = uuid.strip()
-    if text.startswith(("GPU-", "MIG-")):
-        return [text]
-    return [f"GPU-{text}", f"MIG-{text}"]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def find_nvml_handle(pynvml: Any, uuid: str) -> "tuple[Optional[Any], str]":
-    """NVML handle of the device whose UUID is `uuid`, or (None, why not).
-
-    NVML numbers devices physically and CUDA numbers them after ``CUDA_VISIBLE_DEVICES`` (which may
-    also name MIG slices), so an index is never trusted: only the UUID identifies the device. A whole
-    GPU in MIG mode is refused, because its memory counters cover every slice, not the one CUDA uses.
-    """
-    for candidate in nvml_uuid_candidates(uuid):
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(candidate.encode())
-        except pynvml.NVMLError:
-            continue
-        got = _text(pynvml.nvmlDeviceGetUUID(handle))
-        if got != candidate:  # pragma: no cover - a driver that answers for another device
-            continue
-        if candidate.startswith("GPU-"):
-            try:
-                current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
-            except pynvml.NVMLError:  # not supported (no MIG on this GPU)
-                current = 0
-            if current:
-                return None, f"{candidate} is in MIG mode: its NVML counters cover every slice"
-        return handle, candidate
-    return None, f"no NVML device has UUID {uuid}"
-
-
-def _memory_reader(device_index: int) -> "tuple[Optional[Reader], str]":
-    """A reader of CUDA device `device_index`'s used/total memory, and where it reads from.
-
-    NVML by UUID when the device is found there; else ``cudaMemGetInfo`` (torch.cuda.mem_get_info),
-    which always describes the device (or MIG slice) this process runs on. (None, why) without a GPU.
-    """
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None, f"no CUDA device visible (torch {torch.__version__})"
-        if device_index >= torch.cuda.device_count():
-            return None, f"CUDA device {device_index} not visible ({torch.cuda.device_count()} device(s))"
-    except ImportError as err:  # pragma: no cover - torch is a hard dependency
-        return None, f"torch not importable: {err}"
-
-    def read_cuda() -> "tuple[int, int]":
-        free, total = torch.cuda.mem_get_info(device_index)
-        return int(total - free), int(total)
-
-    uuid = torch_device_uuid(device_index)
-    why = "torch reports no device UUID" if uuid is None else ""
-    try:
-        import pynvml
-    except ImportError:
-        pynvml, why = None, "pynvml missing (pip install nvidia-ml-py)"
-    if pynvml is not None and uuid is not None:
-        try:
-            pynvml.nvmlInit()
-            handle, detail = find_nvml_handle(pynvml, uuid)
-            if handle is not None:
-                pynvml.nvmlDeviceGetMemoryInfo(handle)  # probe once: a broken driver shows here
-
-                def read_nvml() -> "tuple[int, int]":
-                    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                    return int(info.used), int(info.total)
-
-                return read_nvml, f"nvml {detail}"
-            why = detail
-        except pynvml.NVMLError as err:
-            why = f"NVML unavailable ({type(err).__name__}: {err})"
-    try:
-        read_cuda()
-    except Exception as err:  # pragma: no cover - a device torch lists but cannot query
-        return None, f"{why}; cudaMemGetInfo failed too ({type(err).__name__}: {err})"
-    return read_cuda, f"cudaMemGetInfo on cuda:{device_index} ({why})"
 
 
 class MemoryGovernor:
@@ -198,7 +102,7 @@ class MemoryGovernor:
             if device_index is None:
                 reader, self.reason = None, "no GPU: work runs on the CPU"
             else:
-                reader, detail = _memory_reader(device_index)
+                reader, detail = memory_reader(device_index)
                 if reader is None:
                     self.reason = detail
                 else:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hades_gpu.config import GraphConfig
-from hades_gpu.graph.device import resolve_device
+from hades_gpu.gpu.device import select_device
 from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_table, load_document_table
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.graph.references import ReferenceResolver
@@ -237,7 +237,7 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
                  stats["resolved"], stats["doc_pairs"])
     if cfg.knn and len(chunks) > 1:
         t = time.perf_counter()
-        dev = resolve_device(cfg.device)
+        dev = select_device(cfg.device)
         s, d, sim = knn_blocked(chunks.embedding, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
         add("knn", s, d, cfg.knn_weight_scale * sim)
         seconds["knn"] = time.perf_counter() - t

@@ -34,7 +34,7 @@ import torch
 
 from hades_gpu.config import PipelineConfig
 from hades_gpu.graph.build import build_graph
-from hades_gpu.graph.device import resolve_device
+from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.sampling import CSRGraph
@@ -102,7 +102,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     metrics.update(model_path=str(mpath), embeddings_path=str(epath))
     do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
     chunk_ids = graph.chunk_ids
-    dev = resolve_device(cfg.isne.device)
+    dev = select_device(cfg.isne.device)
 
     if n == 0:
         metrics["mode"] = "empty"

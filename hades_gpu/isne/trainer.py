@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from hades_gpu.config import IsneConfig
-from hades_gpu.graph.device import resolve_device
+from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.model import ISNE
 from hades_gpu.isne.sampling import CSRGraph, random_walks
 
@@ -219,7 +219,7 @@ def train_isne(
     t_all = time.perf_counter()
     epochs = cfg.epochs if epochs is None else epochs
     batch_size = cfg.batch_size if batch_size is None else batch_size
-    dev = resolve_device(cfg.device) if device is None else torch.device(device)
+    dev = select_device(cfg.device) if device is None else torch.device(device)
     amp = bool(cfg.amp and dev.type == "cuda")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -46,74 +46,49 @@ HOST = "127.0.0.1"
 
 
 class NvmlProbe:
-    """Memory and utilisation of every NVML device; inactive (and silent) without a driver.
+    """Memory and utilisation of every CUDA device this process can use, read through the package's
+    one GPU memory reader (`gpu.nvml`: NVML by UUID, or cudaMemGetInfo); inactive (and silent)
+    without a GPU.
 
     Args:
-        enabled (bool, optional): try to initialise NVML at all (default: True).
+        enabled (bool, optional): look for devices at all (default: True).
     """
 
     def __init__(self, enabled: bool = True) -> None:
         self.active = False
         self.reason = "disabled"
-        self._pynvml: Any = None
-        self._handles: list[Any] = []
+        self._probes: list[Any] = []
         self._lock = threading.Lock()
         if enabled:
-            self._init()
+            from hades_gpu.gpu.nvml import device_probes
 
-    def _init(self) -> None:
-        try:
-            import pynvml
-        except ImportError:
-            self.reason = "pynvml missing: pip install nvidia-ml-py"
-            return
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as err:  # no driver / no device: the endpoint still serves the rest
-            self.reason = f"NVML unavailable: {err}"
-            return
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        except pynvml.NVMLError as err:
-            pynvml.nvmlShutdown()
-            self.reason = f"NVML device query failed: {err}"
-            return
-        self._pynvml = pynvml
-        self.active = True
-        self.reason = f"{len(self._handles)} GPU(s)"
+            self._probes, self.reason = device_probes()
+            self.active = bool(self._probes)
 
     def read(self) -> list[tuple[int, Optional[int], Optional[int], Optional[float]]]:
-        """`[(index, used_bytes, total_bytes, utilisation 0..1)]`; a field NVML refuses is None."""
+        """`[(cuda index, used_bytes, total_bytes, utilisation 0..1)]`; a field that cannot be read is None."""
         with self._lock:
             if not self.active:
                 return []
-            nv = self._pynvml
             rows = []
-            for index, handle in enumerate(self._handles):
-                used = total = None
-                util = None
+            for probe in self._probes:
+                used = total = util = None
                 try:
-                    mem = nv.nvmlDeviceGetMemoryInfo(handle)
-                    used, total = int(mem.used), int(mem.total)
-                except nv.NVMLError:
+                    used, total = probe.read_memory()
+                except Exception:  # noqa: BLE001 - a failed reading is a missing sample, not a failed scrape
                     pass
-                try:
-                    util = nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
-                except nv.NVMLError:
-                    pass
-                rows.append((index, used, total, util))
+                if probe.read_utilization is not None:
+                    try:
+                        util = float(probe.read_utilization())
+                    except Exception:  # noqa: BLE001
+                        pass
+                rows.append((probe.index, used, total, util))
             return rows
 
     def close(self) -> None:
         with self._lock:
-            if self.active:
-                try:
-                    self._pynvml.nvmlShutdown()
-                except self._pynvml.NVMLError:
-                    pass
             self.active = False
-            self._handles = []
+            self._probes = []
 
 
 class RunMetricsCollector(Collector):

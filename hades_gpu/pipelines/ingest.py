@@ -145,14 +145,17 @@ class IngestPipeline:
         owns_embedder = embedder is None and bool(todo)
         try:
             if todo:
+                # One governor per GPU, built once and handed to the embedder (it waits for headroom
+                # inside embed() with cache relief) and to the stage (its batcher sizes batches from
+                # the governor's budget). A caller's own embedder brings its own.
                 if embedder is None:
                     from hades_gpu.embedding.factory import build_embedder
 
-                    embedder = build_embedder(cfg, governor=self._governor())
+                    governor = self._governor()
+                    embedder = build_embedder(cfg, governor=governor)
+                else:
+                    governor = getattr(embedder, "governor", None)
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
-                # One governor per GPU: the CUDA embedder's own (it waits for headroom inside embed()
-                # with cache relief; the batcher shrinks its token budget from the same readings).
-                governor = getattr(embedder, "governor", None)
                 with WorkerPool(cfg.profile.num_workers, _worker_process,
                                 (cfg.documents, cfg.chunking, self.force_code),
                                 cfg.profile.inflight_docs_per_worker) as pool:
@@ -195,9 +198,10 @@ class IngestPipeline:
             from hades_gpu.gpu.nvml_governor import MemoryGovernor
         except ImportError:
             return None
-        from hades_gpu.embedding.factory import device_spec, resolve_device
+        from hades_gpu.embedding.factory import device_spec
+        from hades_gpu.gpu.device import select_device
 
-        device = resolve_device(device_spec(self.config))
+        device = str(select_device(device_spec(self.config)))
         if not device.startswith("cuda") or self.config.embedder.name != "local":
             return None
         index = int(device.split(":")[1]) if ":" in device else 0

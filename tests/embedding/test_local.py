@@ -216,9 +216,11 @@ def test_int8_without_nncf_names_the_extra(cache_dir, monkeypatch):
 def test_factory_builds_local_on_cpu(cache_dir, monkeypatch):
     from hades_gpu.embedding import factory
 
-    assert factory.resolve_device("cpu") == "cpu"
+    from hades_gpu.gpu.device import select_device
+
+    assert str(select_device("cpu")) == "cpu"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert factory.resolve_device("auto") == "cpu"
+    assert str(select_device("auto")) == "cpu"
     cfg = PipelineConfig()
     cfg.embedder.runtime = "onnxruntime"
     cfg.embedder.cache_dir = cache_dir

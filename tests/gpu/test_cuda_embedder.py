@@ -109,13 +109,25 @@ def test_batched_path_matches_unbatched_reference(cpu_embedder, rows, reference)
 def test_row_order_pieces_and_unbucketed_length(cpu_embedder, rows, reference):
     perm = np.random.default_rng(3).permutation(len(rows))
     ids, mask = pad([rows[i] for i in perm], bucket=0)  # odd length: padded to the bucket inside
-    old = cpu_embedder.base_budget
-    cpu_embedder.base_budget = 500  # forces several pieces per call
+    old = cpu_embedder._max_rows
+    cpu_embedder._max_rows = 3  # output buffers of 3 rows: several pieces per call
     try:
         got = cpu_embedder.embed(ids, mask)
     finally:
-        cpu_embedder.base_budget = old
+        cpu_embedder._max_rows = old
     assert cosine_rows(got, reference[perm]).min() >= 0.9999
+
+
+def test_the_embedder_does_not_resize_batches_the_batcher_cut(cpu_embedder, rows, monkeypatch):
+    """The batcher is the one place that sizes batches: however small the governor's budget, a batch
+    reaches the model whole (only an OOM or the buffers' capacity splits it)."""
+    ids, mask = pad(rows)
+    seen = []
+    real_forward = cpu_embedder.encoder.forward
+    monkeypatch.setattr(cpu_embedder.encoder, "forward", lambda i, m: seen.append(tuple(i.shape)) or real_forward(i, m))
+    monkeypatch.setattr(cpu_embedder.governor, "batch_token_budget", lambda base: 1)
+    cpu_embedder.embed(ids, mask)
+    assert [s[0] for s in seen] == [len(rows)]
 
 
 def test_oom_in_forward_splits_and_keeps_every_row(cpu_embedder, rows, reference, monkeypatch):

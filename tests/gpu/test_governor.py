@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hades_gpu.config import GpuConfig
-from hades_gpu.gpu.nvml_governor import MemoryGovernor, find_nvml_handle, nvml_uuid_candidates, torch_device_uuid
+from hades_gpu.gpu.nvml import find_nvml_handle, nvml_uuid_candidates, torch_device_uuid
+from hades_gpu.gpu.nvml_governor import MemoryGovernor
 
 TOTAL = 80 * 2**30
 
