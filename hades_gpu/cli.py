@@ -95,7 +95,7 @@ def isne_main() -> None:
 
 def serve_main(argv: Optional[list[str]] = None) -> None:
     """`hades-serve`: start a real tritonserver on `triton_models/` (argparse, not Hydra)."""
-    from hades_gpu.embedding.triton_server import serve_cli
+    from hades_gpu.embedding.serve_cli import serve_cli
 
     sys.exit(serve_cli(argv))
 

@@ -8,18 +8,75 @@ files the command line reads, so library use and CLI use never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR_ENV = "HADES_GPU_CONF_DIR"
 
 
 class ConfigError(ValueError):
     """A configuration value or override is invalid; the message names the key in one line."""
+
+
+class Choice(str, enum.Enum):
+    """One set of choice strings, defined once: validation lists it and code compares against its
+    members. Members are `str`, so a config field stays a plain string in YAML and `==` works."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class EmbedderName(Choice):
+    LOCAL = "local"
+    TRITON = "triton"
+
+
+class Runtime(Choice):
+    AUTO = "auto"
+    OPENVINO = "openvino"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+
+class Precision(Choice):
+    DEFAULT = "default"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class DecodeErrors(Choice):
+    STRICT = "strict"
+    REPLACE = "replace"
+    FALLBACK = "fallback"
+
+
+class IsneOptimizer(Choice):
+    SPARSE_ADAM = "sparse_adam"
+    ADAM = "adam"
+
+
+class ProgressMode(Choice):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def check_watermarks(low: float, high: float, key: str) -> None:
+    """The one check of a low/high watermark pair (queues, the GPU governor): 0 < low < high <= 1."""
+    if not 0 < low < high <= 1:
+        names = key.rsplit(".", 1)[-1].split("/") if "/" in key else ["low", "high"]
+        raise ConfigError(f"{key} must be 0 < low < high <= 1 (got {names[0]}={low}, {names[-1]}={high})")
 
 
 @dataclass
@@ -61,7 +118,7 @@ class DocumentsConfig:
     encoding: str = "utf-8"
     # strict: undecodable files are skipped and named; replace: decoded with U+FFFD;
     # fallback: try `fallback_encodings` in order before skipping.
-    decode_errors: str = "strict"
+    decode_errors: str = "strict"  # DecodeErrors
     fallback_encodings: list[str] = field(default_factory=lambda: ["utf-16"])
     follow_symlinks: bool = False
     extra_prose_extensions: list[str] = field(default_factory=list)
@@ -81,11 +138,11 @@ class ChunkingConfig:
 class EmbedderConfig:
     """Which embedder serves the model: in-process (`local`) or a Triton server (`triton`)."""
 
-    name: str = "local"
+    name: str = "local"  # EmbedderName: local | triton
     dim: int = 384
     max_seq_len: int = 256
     # local embedder
-    runtime: str = "auto"  # auto | openvino | onnxruntime | torch
+    runtime: str = "auto"  # Runtime: auto | openvino | onnxruntime | torch
     precision: str = "default"  # default (bf16 where the CPU/GPU has it, else fp32) | fp32 | bf16 | fp16 | int8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # runtime threads; 0 = all cores
@@ -151,7 +208,7 @@ class IsneConfig:
     num_negatives: int = 1
     fanout: int = 16  # neighbours averaged per node in a mini-batch
     lr: float = 0.01
-    optimizer: str = "sparse_adam"  # sparse_adam | adam
+    optimizer: str = "sparse_adam"  # IsneOptimizer: sparse_adam | adam
     amp: bool = True  # mixed precision on CUDA
     val_fraction: float = 0.05  # held-out edges for early stopping
     patience: int = 5
@@ -165,7 +222,7 @@ class IsneConfig:
 class MonitoringConfig:
     """Progress, metrics and the live Prometheus endpoint."""
 
-    progress: str = "auto"  # auto (on a terminal) | on | off
+    progress: str = "auto"  # ProgressMode: auto (on a terminal) | on | off
     prometheus: bool = False
     prometheus_port: int = 0  # 0 = a free port, printed at start
     log_interval_s: float = 10.0
@@ -265,14 +322,17 @@ def _check(ok: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{key} must be {expected} (got {got!r})")
 
 
+def _choice(value: str, choices: type[Choice], key: str) -> None:
+    _check(value in choices.values(), key, "one of " + "|".join(choices.values()), value)
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Check values a schema cannot: ranges, orderings and choices. One-line errors naming the key."""
     p = cfg.profile
     _check(p.num_workers >= 1, "profile.num_workers", ">= 1", p.num_workers)
     _check(p.queue_max_bytes >= 1024, "profile.queue_max_bytes", ">= 1024", p.queue_max_bytes)
     _check(p.queue_max_items >= 1, "profile.queue_max_items", ">= 1", p.queue_max_items)
-    _check(0 < p.low_watermark < p.high_watermark <= 1, "profile.low_watermark/high_watermark",
-           "0 < low < high <= 1", (p.low_watermark, p.high_watermark))
+    check_watermarks(p.low_watermark, p.high_watermark, "profile.low_watermark/high_watermark")
     _check(0 < p.backoff_initial_s <= p.backoff_max_s, "profile.backoff_initial_s/backoff_max_s",
            "0 < initial <= max", (p.backoff_initial_s, p.backoff_max_s))
     _check(p.length_bucket >= 1, "profile.length_bucket", ">= 1", p.length_bucket)
@@ -287,8 +347,7 @@ def validate(cfg: PipelineConfig) -> None:
 
     d = cfg.documents
     _check(d.max_file_bytes >= 1, "documents.max_file_bytes", ">= 1", d.max_file_bytes)
-    _check(d.decode_errors in ("strict", "replace", "fallback"), "documents.decode_errors",
-           "one of strict|replace|fallback", d.decode_errors)
+    _choice(d.decode_errors, DecodeErrors, "documents.decode_errors")
     try:
         "".encode(d.encoding)
     except LookupError:
@@ -303,18 +362,15 @@ def validate(cfg: PipelineConfig) -> None:
            "in [0, chunk_tokens)", c.min_chunk_tokens)
 
     e = cfg.embedder
-    _check(e.name in ("local", "triton"), "embedder.name", "one of local|triton", e.name)
-    _check(e.runtime in ("auto", "openvino", "onnxruntime", "torch"), "embedder.runtime",
-           "one of auto|openvino|onnxruntime|torch", e.runtime)
-    _check(e.precision in ("default", "fp32", "bf16", "fp16", "int8"), "embedder.precision",
-           "one of default|fp32|bf16|fp16|int8", e.precision)
+    _choice(e.name, EmbedderName, "embedder.name")
+    _choice(e.runtime, Runtime, "embedder.runtime")
+    _choice(e.precision, Precision, "embedder.precision")
     _check(e.max_inflight >= 1, "embedder.max_inflight", ">= 1", e.max_inflight)
     _check(e.timeout_s > 0, "embedder.timeout_s", "> 0", e.timeout_s)
     _check(e.retries >= 0, "embedder.retries", ">= 0", e.retries)
 
     g = cfg.gpu
-    _check(0 < g.mem_low < g.mem_high <= 1, "gpu.mem_low/mem_high", "0 < low < high <= 1",
-           (g.mem_low, g.mem_high))
+    check_watermarks(g.mem_low, g.mem_high, "gpu.mem_low/mem_high")
     _check(g.poll_interval_s > 0, "gpu.poll_interval_s", "> 0", g.poll_interval_s)
     _check(g.oom_hold_s >= 0, "gpu.oom_hold_s", ">= 0", g.oom_hold_s)
     _check(g.min_batch_tokens >= 1, "gpu.min_batch_tokens", ">= 1", g.min_batch_tokens)
@@ -334,11 +390,11 @@ def validate(cfg: PipelineConfig) -> None:
     _check(i.walks_per_node >= 1, "isne.walks_per_node", ">= 1", i.walks_per_node)
     _check(i.num_negatives >= 1, "isne.num_negatives", ">= 1", i.num_negatives)
     _check(i.fanout >= 1, "isne.fanout", ">= 1", i.fanout)
-    _check(i.optimizer in ("sparse_adam", "adam"), "isne.optimizer", "one of sparse_adam|adam", i.optimizer)
+    _choice(i.optimizer, IsneOptimizer, "isne.optimizer")
     _check(0 <= i.val_fraction < 0.5, "isne.val_fraction", "in [0, 0.5)", i.val_fraction)
 
     m = cfg.monitoring
-    _check(m.progress in ("auto", "on", "off"), "monitoring.progress", "one of auto|on|off", m.progress)
+    _choice(m.progress, ProgressMode, "monitoring.progress")
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hades_gpu.embedding.triton_server import TritonServer, metric_total  # noqa: E402
+from hades_gpu.embedding.triton_metrics import metric_total  # noqa: E402
+from hades_gpu.embedding.triton_server import TritonServer  # noqa: E402
 
 MODEL = "minilm_python"
 DELAY_RE = re.compile(r"max_queue_delay_microseconds:\s*\d+")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hades_gpu.benchmarks.jobs import RESULT_FILE
+from hades_gpu.optional import require
 
 PLOTS = {"throughput": "throughput.png", "memory": "peak_memory.png", "padding": "padding.png"}
 PROFILE_ORDER = ("high_throughput", "balanced", "low_memory")
@@ -43,7 +44,7 @@ def _profile_key(name: str) -> tuple[int, str]:
 
 def to_frame(rows: list[dict[str, Any]]) -> Any:
     """A pandas DataFrame, one row per job, sorted, with a `best` column (True per job kind)."""
-    import pandas as pd
+    pd = require("pandas", "pandas>=2", "hades-report", extra="report")
 
     cols = ["folder", "job", "status", "profile", "max_batch_tokens", "chunks", "chunks_per_s", "tokens_per_s",
             "padding_efficiency", "peak_rss_bytes", "wall_s", "backpressure_waits", "error", "overrides"]
@@ -106,7 +107,7 @@ def _best_means(ok: Any, columns: list[str]) -> Any:
 
 
 def _plot_throughput(frame: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "matplotlib>=3.7", "hades-report's plots", extra="report")
 
     ok = frame[frame["status"] == "ok"]
     jobs = ok["job"].nunique()
@@ -144,9 +145,9 @@ def _plot_throughput(frame: Any, path: Path) -> None:
 
 def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt: str,
                ylim: Optional[tuple[float, float]] = None) -> None:
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = require("matplotlib.pyplot", "matplotlib>=3.7", "hades-report's plots", extra="report")
     ok = frame[frame["status"] == "ok"]
     jobs = ok["job"].nunique()
     groups = sorted({(j, p) for j, p in zip(ok["job"], ok["profile"])}, key=lambda jp: (jp[0], _profile_key(jp[1])))
@@ -187,9 +188,7 @@ def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt
 
 def write_report(root: Path, out: Optional[Path] = None) -> Path:
     """Collect `root`'s results; write `report.md` and the PNGs into `out` (default: `root`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "matplotlib>=3.7", "hades-report", extra="report").use("Agg")
     rows = collect_results(root)
     if not rows:
         raise FileNotFoundError(f"no {RESULT_FILE} under {root} (expected a hades-bench multirun folder)")

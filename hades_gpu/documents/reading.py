@@ -29,7 +29,7 @@ import os
 import re
 import stat
 
-from hades_gpu.config import DocumentsConfig
+from hades_gpu.config import DecodeErrors, DocumentsConfig
 from hades_gpu.records import DocumentRef
 
 SNIFF_BYTES = 8192
@@ -184,7 +184,7 @@ def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
     head = data[:SNIFF_BYTES]
     mode = cfg.decode_errors
     primary = _codec_name(cfg.encoding)
-    fallbacks = [_codec_name(e) for e in cfg.fallback_encodings] if mode == "fallback" else []
+    fallbacks = [_codec_name(e) for e in cfg.fallback_encodings] if mode == DecodeErrors.FALLBACK else []
 
     bom = _bom_codec(data)
     has_nul = b"\x00" in head
@@ -206,7 +206,7 @@ def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
                 narrow = [c for c in codecs_to_try if not _is_wide(c)]
                 codecs_to_try = narrow or codecs_to_try[:1]
 
-    if mode == "replace":
+    if mode == DecodeErrors.REPLACE:
         return data.decode(codecs_to_try[0], "replace")
     first_err: SkipDocument | None = None
     for codec in dict.fromkeys(codecs_to_try):

@@ -19,15 +19,13 @@ Cache layout (``EmbedderConfig.cache_dir``, else ``~/.cache/hades-gpu/models``):
     <root>/minilm-<key>/openvino-int8-<ov>-nncf<v>-n<samples>/model.xml, model.bin
 
 ``key`` hashes the weights file, its config and ``EXPORTER_VERSION``. Every artifact folder is built in
-a temporary folder beside it and renamed into place (a rename is atomic), under an ``fcntl`` lock, so
+a temporary folder beside it and renamed into place (a rename is atomic), under a file lock (py-filelock), so
 parallel processes (Hydra multirun jobs, pytest workers) never see or write a half-made file; a
 folder that exists is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -41,9 +39,10 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+from filelock import FileLock
 
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir, special_ids
 
@@ -107,23 +106,12 @@ def model_cache_dir(cache_dir: str = "") -> Path:
     return d
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock (fcntl.flock) on `path`; released when the block ends."""
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _publish(build: Callable[[Path], None], final: Path, force: bool, meta: dict) -> Path:
     """Build an artifact folder atomically: `build(tmp)` fills a temporary folder that is renamed to
     `final`. Under a lock on ``final.lock``; an existing `final` is kept unless `force`."""
     if final.is_dir() and not force:  # fast path without the lock: a folder that exists is complete
         return final
-    with _file_lock(final.parent / f".{final.name}.lock"):
+    with FileLock(final.parent / f".{final.name}.lock"):  # between processes (py-filelock)
         if final.is_dir() and not force:  # another process made it while we waited
             return final
         for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed process; we hold the lock

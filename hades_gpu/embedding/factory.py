@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from hades_gpu.config import PipelineConfig
+from hades_gpu.config import EmbedderName, PipelineConfig
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.gpu.device import select_device
 
@@ -31,7 +31,7 @@ def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embed
 
     ecfg = cfg.embedder
     use_model_dir(ecfg.model_dir)
-    if ecfg.name == "triton":
+    if ecfg.name == EmbedderName.TRITON:
         from hades_gpu.embedding.triton import TritonEmbedder
 
         return TritonEmbedder(ecfg)

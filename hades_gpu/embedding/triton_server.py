@@ -23,7 +23,6 @@ in its own process session, logs to a file, and is stopped by its PID (SIGTERM, 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import logging
@@ -440,73 +439,3 @@ class TritonServer:
         if getattr(self, "_proc", None) is not None:
             with contextlib.suppress(Exception):
                 self.stop(timeout_s=5)
-
-
-def metric_total(metrics_text: str, name: str, model: Optional[str] = None) -> float:
-    """Sum a Prometheus counter over its label sets (optionally only `model="..."`)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if model is not None and f'model="{model}"' not in line:
-            continue
-        total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def serve_cli(argv: Optional[list[str]] = None) -> int:
-    """`hades-serve`: run a Triton server on the model repository until SIGTERM or Ctrl-C."""
-    parser = argparse.ArgumentParser(
-        prog="hades-serve", description="Serve triton_models/ with a real Triton Inference Server on 127.0.0.1.")
-    parser.add_argument("--model-repository", default=str(default_model_repository()),
-                        help="model repository folder (default: %(default)s)")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated models to load (default: %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=0, help="0 = a free port (default)")
-    parser.add_argument("--http-port", type=int, default=0, help="0 = a free port (default)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="0 = a free port (default)")
-    parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, printed)")
-    parser.add_argument("--tritonserver", default=None,
-                        help=f"tritonserver binary (default: ${TRITONSERVER_ENV}, PATH, then the pytriton wheel)")
-    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
-    parser.add_argument("--log-verbose", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-
-    stopping = {"signal": None}
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, _on_signal)
-    server: Optional[TritonServer] = None
-    try:
-        server = TritonServer(args.model_repository, models, args.grpc_port, args.http_port, args.metrics_port,
-                              log_file=args.log_file, executable=args.tritonserver,
-                              ready_timeout_s=args.ready_timeout, log_verbose=args.log_verbose)
-        server.start()
-        print(f"gRPC {server.grpc_url}", flush=True)
-        print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
-              f"pid {server.pid}  log {server.log_file}", flush=True)
-        rc = server.wait()
-        print(f"hades-serve: tritonserver exited on its own with code {rc} (log {server.log_file}): "
-              f"{_tail(server.log_file)}", file=sys.stderr)
-        return rc or 1
-    except KeyboardInterrupt:
-        if server is not None:
-            print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
-        return 0
-    except TritonServerError as err:
-        print(f"hades-serve: {err}", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
-        if server is not None:
-            server.stop()
-        signal.signal(signal.SIGTERM, old_term)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(serve_cli())

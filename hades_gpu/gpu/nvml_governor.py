@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from hades_gpu.config import GpuConfig
+from hades_gpu.config import GpuConfig, check_watermarks
 from hades_gpu.gpu.nvml import Reader, memory_reader
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,7 @@ class MemoryGovernor:
     def __init__(self, cfg: GpuConfig, device_index: Optional[int] = 0, reader: Optional[Reader] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         low, high = float(cfg.mem_low), float(cfg.mem_high)
-        if not 0 < low < high <= 1:
-            raise ValueError(
-                f"gpu.mem_low and gpu.mem_high must satisfy 0 < mem_low < mem_high <= 1 "
-                f"(got mem_low={low}, mem_high={high})"
-            )
+        check_watermarks(low, high, "gpu.mem_low/mem_high")
         if cfg.poll_interval_s <= 0:
             raise ValueError(f"gpu.poll_interval_s must be > 0 (got {cfg.poll_interval_s})")
         if cfg.min_batch_tokens < 1:

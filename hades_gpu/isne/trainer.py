@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hades_gpu.config import IsneConfig
+from hades_gpu.config import IsneConfig, IsneOptimizer
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.model import ISNE
 from hades_gpu.isne.sampling import CSRGraph, random_walks
@@ -228,7 +228,7 @@ def train_isne(
     csr = CSRGraph.from_edge_index(split.train, num_nodes, device=dev)
     has_val = split.val_pos.shape[1] > 0
 
-    model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer == "sparse_adam")
+    model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer == IsneOptimizer.SPARSE_ADAM)
     model.reset_parameters(torch.Generator().manual_seed(cfg.seed))  # on the CPU: CPU and CUDA start alike
     model.to(dev)
     params = list(model.parameters())

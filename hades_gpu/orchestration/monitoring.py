@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
+from hades_gpu.config import ProgressMode
 from hades_gpu.orchestration.queue import MemoryAwareQueue
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ class ProgressReporter:
         self.metrics = metrics
         self.console = console  # a rich Console for the bar (default: rich's, on stderr)
         self.interval_s = interval_s
-        self.use_bar = mode == "on" or (mode == "auto" and sys.stderr.isatty())
-        self.enabled = mode != "off"
+        self.use_bar = mode == ProgressMode.ON or (mode == ProgressMode.AUTO and sys.stderr.isatty())
+        self.enabled = mode != ProgressMode.OFF
         self._last_log = time.monotonic()
         self._progress: Any = None
         self._task: Any = None

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Deque, Generic, Optional, TypeVar
 
+from hades_gpu.config import check_watermarks
+
 T = TypeVar("T")
 
 
@@ -76,10 +78,7 @@ class MemoryAwareQueue(Generic[T]):
         backoff_max_s: float = 0.05,
         size_of: Callable[[T], int] = _default_size,
     ) -> None:
-        if not 0 < low_watermark < high_watermark <= 1:
-            raise ValueError(
-                f"watermarks must satisfy 0 < low < high <= 1 (got low={low_watermark}, high={high_watermark})"
-            )
+        check_watermarks(low_watermark, high_watermark, f"queue {name!r} low/high watermark")
         if max_bytes < 1 or max_items < 1:
             raise ValueError(f"max_bytes and max_items must be >= 1 (got {max_bytes}, {max_items})")
         if not 0 < backoff_initial_s <= backoff_max_s:

@@ -5,7 +5,6 @@ code's output, so a one-character change to a rule fails here."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,7 @@ import torch
 from hades_gpu.config import GraphConfig
 from hades_gpu.graph import EDGE_TYPES, build_graph, load_graph, symmetrize
 from hades_gpu.graph.build import build_chunk_graph, make_data, reference_edges, same_document_edges
-from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_table, load_document_table
-from hades_gpu.store.reader import embeddings_to_numpy
-from hades_gpu.graph.knn import knn_brute_force
+from hades_gpu.graph.io import ChunkTable, load_chunk_table
 from hades_gpu.graph.references import ReferenceResolver, is_python
 
 from tests.graph.test_build import CORPUS, write_output
@@ -218,73 +215,6 @@ def test_outputs_without_references_or_chunks(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ readers
-def test_embeddings_from_variable_length_lists_with_nulls_and_empty_rows() -> None:
-    rows = [[1.0, 2.0, 3.0], None, [4.0, 5.0, 6.0], [], [7.5, 8.5, 9.5]]
-    arr = pa.array(rows, pa.list_(pa.float64()))
-    out = embeddings_to_numpy(arr)
-    want = np.array([[1, 2, 3], [0, 0, 0], [4, 5, 6], [0, 0, 0], [7.5, 8.5, 9.5]], np.float32)
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, want)
-    # a slice of a chunked column (offsets into the values buffer)
-    chunked = pa.chunked_array([arr.slice(2), pa.array([[1.0, 1.0, 1.0]], pa.list_(pa.float64()))])
-    np.testing.assert_array_equal(embeddings_to_numpy(chunked), np.vstack([want[2:], np.ones((1, 3), np.float32)]))
-    # nothing stored: (n, dim) zeros when the width is known, (n, 0) when not
-    empty = pa.array([None, []], pa.list_(pa.float32()))
-    assert embeddings_to_numpy(empty, dim=4).shape == (2, 4) and not embeddings_to_numpy(empty, dim=4).any()
-    assert embeddings_to_numpy(empty).shape == (2, 0)
-    with pytest.raises(ValueError, match=r"same length \(got \[2 3\]\)"):
-        embeddings_to_numpy(pa.array([[1.0, 2.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32())))
-
-
-def test_embeddings_from_fixed_size_lists_sliced_and_with_nulls() -> None:
-    values = np.arange(24, dtype=np.float64).reshape(6, 4)
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), 4)
-    out = embeddings_to_numpy(arr.slice(2, 3))
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, values[2:5].astype(np.float32))
-    with_nulls = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
-    np.testing.assert_array_equal(embeddings_to_numpy(with_nulls), [[1, 2], [0, 0], [3, 4]])
-    src = np.ones(4, np.float32)
-    zero_copy = pa.FixedSizeListArray.from_arrays(pa.array(src), 2)
-    got = embeddings_to_numpy(pa.chunked_array([zero_copy, zero_copy]))
-    np.testing.assert_array_equal(got, np.ones((4, 2), np.float32))
-
-
-def _documents_part(root: Path, columns: dict[str, pa.Array], name: str = "part-s0-00000") -> None:
-    (root / "documents").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), root / "documents" / f"{name}.parquet")
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "parts": [name]}))  # committed
-
-
-def test_document_table_fills_missing_columns_and_nulls(tmp_path: Path) -> None:
-    assert load_document_table(tmp_path) == load_document_table(tmp_path)  # no documents folder
-    t = load_document_table(tmp_path)
-    assert (t.doc_ids, t.rel_paths, t.languages, t.references) == ([], [], [], [])
-    bare = tmp_path / "bare"
-    _documents_part(bare, {"doc_id": pa.array(["a", "b"]), "rel_path": pa.array(["x.md", "y.py"])})
-    t = load_document_table(bare)
-    assert (t.doc_ids, t.rel_paths, t.languages, t.references) == (["a", "b"], ["x.md", "y.py"], ["", ""], [[], []])
-    full = tmp_path / "full"
-    _documents_part(full, {"doc_id": pa.array(["a", "b", "c"]), "rel_path": pa.array(["x.md", "y.py", "z"]),
-                           "language": pa.array(["markdown", None, "python"]),
-                           "references": pa.array([["y"], None, []], pa.list_(pa.string()))})
-    t = load_document_table(full)
-    assert t.languages == ["markdown", "", "python"] and t.references == [["y"], [], []]
-
-
-def test_chunk_ids_and_index_of(tmp_path: Path) -> None:
-    none = load_chunk_ids(tmp_path)
-    assert none.dtype == object and none.shape == (0,)
-    ids = write_output(tmp_path / "o", CORPUS)
-    got = load_chunk_ids(tmp_path / "o")
-    assert got.dtype == object and got.tolist() == sorted(c for v in ids.values() for c in v)
-    nodes = np.array(["b", "a", "c"], dtype=object)
-    pos = index_of(pa.array(["a", "zz", "c", "b", None]), nodes)
-    assert pos.dtype == np.int64 and pos.tolist() == [1, -1, 2, 0, -1]
-    assert index_of(pa.chunked_array([pa.array(["a"]), pa.array(["c"])]), nodes).tolist() == [1, 2]
-    assert index_of(pa.array(["a"], pa.string()), np.array([], dtype=object)).tolist() == [-1]
-
-
 # ------------------------------------------------------------------------------ load_graph and make_data
 def test_load_graph_drops_stale_ends_and_keeps_weights_as_float32(tmp_path: Path) -> None:
     ids = write_output(tmp_path, CORPUS)
@@ -337,20 +267,3 @@ def test_symmetrize_breaks_ties_by_weight_then_type_and_sorts() -> None:
     assert list(zip(s2.tolist(), d2.tolist())) == [(1, 4), (3, 5), (4, 1), (5, 3)]
     one = symmetrize(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([0.5]), 2)
     assert [x.tolist() for x in one] == [[0, 1], [1, 0], [2, 2], [0.5, 0.5]]
-
-
-def test_knn_brute_force_reference_cases() -> None:
-    x = np.array([[1, 0], [1, 0.1], [0, 1], [0, 0], [-1, 0]], np.float32)
-    src, dst, sim = knn_brute_force(x, k=10, threshold=0.0)  # k larger than n - 1
-    assert src.dtype == np.int64 and dst.dtype == np.int64 and sim.dtype == np.float32
-    pairs = set(zip(src.tolist(), dst.tolist()))
-    assert 3 not in src and 3 not in dst  # the zero vector has no neighbours and is nobody's
-    assert (0, 1) in pairs and (1, 2) in pairs and (0, 2) in pairs  # cosine(0, 2) == 0 meets threshold 0
-    assert (0, 4) not in pairs
-    np.testing.assert_allclose(sim[(src == 0) & (dst == 1)], 1 / np.sqrt(1.01), rtol=1e-6)
-    s1, d1, _ = knn_brute_force(x, k=1, threshold=-1.0)
-    assert dict(zip(s1.tolist(), d1.tolist())) == {0: 1, 1: 0, 2: 1, 4: 2}
-    s2, d2, _ = knn_brute_force(np.eye(3, dtype=np.float32), k=5, threshold=-1.0)
-    assert len(s2) == 6  # every other node of 3, never itself
-    f64 = knn_brute_force(np.array([[1.0, 1e-9], [1.0, 0.0], [0.0, 1.0]]), k=1, threshold=0.5)
-    assert f64[1].tolist() == [1, 0]

@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import sqlite3
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -186,33 +185,6 @@ def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed
         read_chunks(tmp_path / "chunks")
 
 
-def test_damaged_or_foreign_manifest_is_refused(tmp_path):
-    (tmp_path / "manifest.json").write_text("{not json")  # an older output's JSON manifest, damaged
-    with pytest.raises(ValueError, match="unreadable"):
-        Manifest.load(tmp_path, "s0")
-    (tmp_path / "manifest.json").write_text(json.dumps({"version": 999, "parts": []}))
-    with pytest.raises(ValueError, match="version 999"):
-        Manifest.load(tmp_path, "s0")
-    (tmp_path / "manifest.json").unlink()
-    for path in tmp_path.glob("manifest-*.sqlite"):
-        path.unlink()
-    (tmp_path / "manifest-s0.sqlite").write_bytes(b"not a database, but long enough to look like a file" * 40)
-    with pytest.raises(ValueError, match="unreadable"):
-        Manifest.load(tmp_path, "s0")
-    from hades_gpu.store.manifest import ManifestError, committed_parts
-
-    with pytest.raises(ManifestError, match="unreadable"):
-        committed_parts(tmp_path)
-    future = tmp_path / "future"
-    Manifest.load(future, "s0").close()
-    with sqlite3.connect(future / "manifest-s0.sqlite") as conn:
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
-    with pytest.raises(ValueError, match="version 99, expected 2"):
-        Manifest.load(future, "s0")
-    empty = Manifest.load(tmp_path / "nowhere", "s1")
-    assert empty.parts() == [] and list(empty.documents()) == [] and empty.shard == "s1" and empty.next_part_number() == 1
-
-
 def test_document_without_chunks_is_committed_at_once(tmp_path):
     w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
     d = varied_doc("empty.py", 0, "none")
@@ -277,44 +249,3 @@ def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
     m = Manifest.load(tmp_path, "s0")
     assert m.parts() == ["part-s0-00001"] and m.lookup("a.py").part == "part-s0-00001"
     assert read_documents(tmp_path, ["rel_path"]).schema.names == ["rel_path"]
-
-
-def test_an_older_outputs_json_manifest_is_read_then_imported_once(tmp_path):
-    w = DatasetWriter(tmp_path, "s2", DIM, rows_per_part=100)
-    d = varied_doc("a.py", 2, "old")
-    w.begin_document(with_stat(d, 11, 22))
-    w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
-    w.close()
-    # rewrite the shard's manifest as an older version wrote it
-    entry = Manifest.load(tmp_path, "s2").lookup("a.py")
-    (tmp_path / "manifest-s2.sqlite").unlink()
-    legacy = {"version": 1, "shard": "s2", "parts": ["part-s2-00001"], "documents": {"a.py": vars(entry)}}
-    (tmp_path / "manifest-s2.json").write_text(json.dumps(legacy))
-    from hades_gpu.store.reader import committed_parts, is_ingest_output
-
-    assert is_ingest_output(tmp_path) and committed_parts(tmp_path) == ["part-s2-00001"]  # read, not converted
-    assert (tmp_path / "manifest-s2.json").exists() and len(read_chunks(tmp_path)) == 2
-    m = Manifest.load(tmp_path, "s2")  # opening it for writing imports it
-    assert not (tmp_path / "manifest-s2.json").exists()
-    assert m.parts() == ["part-s2-00001"] and m.lookup("a.py") == entry and m.next_part_number() == 2
-    assert m.is_unchanged("a.py", 11, 22)
-    m.close()
-    assert committed_parts(tmp_path) == ["part-s2-00001"]
-
-
-def test_a_commit_costs_the_same_with_many_documents_already_in(tmp_path):
-    """The manifest's cost per commit does not grow with what it holds: its file grows by about the
-    rows committed, and a commit touches no other row (SQLite; the JSON manifest was rewritten whole)."""
-    from hades_gpu.store.manifest import DocumentEntry
-
-    m = Manifest.load(tmp_path, "s0")
-    sizes = []
-    for part in range(1, 41):
-        name = f"part-s0-{part:05d}"
-        m.commit_part(name, [(f"dir/{part}/{i}.py", DocumentEntry(f"d{part}-{i}", "h" * 16, 3, name, 100, 5))
-                             for i in range(250)])
-        sizes.append((tmp_path / "manifest-s0.sqlite").stat().st_size)
-    growth = np.diff(sizes)
-    assert m.document_count() == 10_000 and m.part_count() == 40
-    assert growth[-10:].mean() <= 1.5 * growth[:10].mean()  # linear in rows, not in rows squared
-    assert m.lookup("dir/17/3.py").doc_id == "d17-3" and m.lookup("dir/41/0.py") is None

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hades_gpu.embedding.triton_server import TritonServer, metric_total
+from hades_gpu.embedding.triton_metrics import metric_total
+from hades_gpu.embedding.triton_server import TritonServer
 from requirements import skip_or_fail  # tests/support
 
 MODEL = "minilm_python"

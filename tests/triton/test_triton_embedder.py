@@ -21,7 +21,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from hades_gpu.embedding.base import EmbedderError
 from hades_gpu.embedding.export import local_text_chunks, token_batch
 from hades_gpu.embedding.triton import TritonEmbedder, embedder_for
-from hades_gpu.embedding.triton_server import free_port, metric_total
+from hades_gpu.embedding.triton_metrics import metric_total
+from hades_gpu.embedding.triton_server import free_port
 
 MODEL = "minilm_python"
 
