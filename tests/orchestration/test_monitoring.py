@@ -226,3 +226,23 @@ def test_peak_memory_counts_a_grandchild_once_even_when_named_twice():
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait(30)
+
+
+def test_the_sampler_thread_keeps_sampling_between_start_and_stop():
+    """A peak that came and went while the run was going is in the report (the thread samples on its
+    own every interval_s; start and stop alone would miss it)."""
+    sampler = PeakMemorySampler(interval_s=0.01)
+    sampler.start()
+    base = sampler.peak_main_rss
+    block = bytearray(120 * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(0.3)
+    del block
+    import gc
+
+    gc.collect()
+    time.sleep(0.05)
+    sampler.stop()
+    assert sampler.peak_main_rss >= base + 100 * 2**20
+    assert sampler._thread.daemon and sampler._thread.name == "hades-rss-sampler" and not sampler._thread.is_alive()

@@ -98,3 +98,55 @@ def test_two_crashing_documents_are_each_retried_once_and_queued_ones_are_not_ch
         assert pool.restarts == 4
     assert {Path(d.ref.path).name: d.skip_reason for d in results.values()} == {
         "a_CRASH.txt": "worker_crashed", "b_CRASH.txt": "worker_crashed", "c_ok.txt": None, "d_ok.txt": None}
+
+
+def _double_or_fail(ref, factor):
+    from hades_gpu.records import ChunkedDocument
+
+    if ref.rel_path == "bad":
+        raise ValueError(f"cannot read {ref.rel_path}")
+    return ChunkedDocument(ref=ref, content_hash=str(ref.size * factor))
+
+
+def test_the_worker_loop_answers_each_task_in_order_and_turns_errors_into_skips(monkeypatch):
+    """The loop every worker process runs, driven here in-process (the real-process tests above see
+    it only from outside): one answer per task with its index, an exception is that document's
+    `worker_error`, the sentinel ends it, and tokenizers are told not to fork threads."""
+    import os
+    import queue
+
+    from hades_gpu.orchestration.workers import _worker_main
+    from hades_gpu.records import DocumentRef
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    ref = lambda rel, size: DocumentRef(path=f"/c/{rel}", rel_path=rel, size=size, modality="prose", language="text")  # noqa: E731
+    tasks, results = queue.Queue(), queue.Queue()
+    for task in ((4, ref("a", 3), 1), (7, ref("bad", 1), 2), (9, ref("b", 5), 1), None, (11, ref("late", 1), 1)):
+        tasks.put(task)
+    _worker_main(tasks, results, _double_or_fail, (10,), os.getppid())
+    got = [results.get_nowait() for _ in range(results.qsize())]
+    assert [i for i, _ in got] == [4, 7, 9]  # in order; nothing after the sentinel
+    assert [d.content_hash for _, d in got] == ["30", "", "50"]
+    assert (got[1][1].skip_reason, got[1][1].skip_detail) == ("worker_error", "ValueError: cannot read bad")
+    assert got[0][1].skip_reason is None and got[1][1].ref.rel_path == "bad"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_the_worker_loop_exits_when_its_parent_is_gone_and_waits_while_it_lives():
+    import os
+    import queue
+
+    from hades_gpu.orchestration.workers import _worker_main
+
+    t0 = time.monotonic()
+    _worker_main(queue.Queue(), queue.Queue(), _double_or_fail, (1,), parent_pid=-1)  # not our parent
+    assert time.monotonic() - t0 < 5
+    tasks = queue.Queue()
+    alive = threading.Thread(target=_worker_main, args=(tasks, queue.Queue(), _double_or_fail, (1,), os.getppid()),
+                             daemon=True)
+    alive.start()
+    alive.join(1.5)
+    assert alive.is_alive()  # an idle worker with a live parent keeps waiting for work
+    tasks.put(None)
+    alive.join(5)
+    assert not alive.is_alive()
