@@ -1,0 +1,32 @@
+"""scripts/mutation_check.py's own logic: survivor classification and the score it reports."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mutation_check.py"
+spec = importlib.util.spec_from_file_location("mutation_check", SCRIPT)
+mc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mc)
+
+
+def test_message_text_log_calls_and_known_equivalents_are_classified_and_the_rest_is_not():
+    assert mc.classify(['-    raise ValueError(f"bad {x} value")', '+    raise ValueError(f"XXbad {x} valueXX")']) \
+        .startswith("equivalent")
+    assert mc.classify(['-    log.info("resume: removed %d", n)', '+    log.info(None, n)']).startswith("equivalent")
+    assert mc.classify(['-    total += 1', '+    total = 1']) == "unexplained"
+    assert mc.classify(['-    key = "shard"', '+    key = "XXshardXX"']) == "unexplained"  # a key, no space: not text
+    assert mc.classify(['-  a', '+  b'], "pkg.mod.xǁNvmlProbeǁread__mutmut_1").startswith("equivalent here")
+    assert mc.module_of("hades_gpu.store.writer.xǁDatasetWriterǁclose__mutmut_3") == "hades_gpu/store/writer.py"
+
+
+def test_score_leaves_equivalent_survivors_and_unchecked_mutants_out():
+    mutants = [(f"hades_gpu.store.m.x_f__mutmut_{i}", s) for i, s in enumerate(
+        ["killed"] * 7 + ["timeout"] + ["survived"] * 2 + ["no tests"] + ["not checked"] * 5)]
+    survivors = [{"name": mutants[8][0], "diff": [], "reason": "equivalent (by pattern): log text"},
+                 {"name": mutants[9][0], "diff": [], "reason": "unexplained"}]
+    g = mc.summarise([{"group": "store", "rc": 0, "seconds": 60.0, "mutants": mutants, "survivors": survivors,
+                       "tests": ["tests/store"]}])["groups"][0]
+    assert (g["total"], g["not_checked"], g["equivalent"]) == (11, 5, 1)
+    assert g["kill_rate"] == round(8 / 11, 3) and g["score"] == 0.8 and g["met"] is True  # 8 / (11 - 1)
