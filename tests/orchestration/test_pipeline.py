@@ -281,3 +281,61 @@ def test_chunked_documents_and_parts_given_in_are_used_as_given():
     assert set(sink.added) == {c.chunk_id for c in chunks} and set(sink.added.values()) == {1}
     assert all(rows <= 4 and rows * length <= 512 for rows, length in model.calls)
     assert {q.name for q in p.metrics.queues} == {"d", "b", "e"} and ring.free_slots == 4
+
+
+class SlowModel(RowModel):
+    """RowModel that takes `delay_s` per call and records which stage threads exist meanwhile."""
+
+    def __init__(self, delay_s: float, **kw) -> None:
+        super().__init__(**kw)
+        self.delay_s = delay_s
+        self.stage_threads: dict[str, bool] = {}
+
+    def embed(self, ids, mask):
+        import time as _time
+
+        for t in threading.enumerate():
+            if t.name.startswith("hades-"):
+                self.stage_threads[t.name] = t.daemon
+        _time.sleep(self.delay_s)
+        return super().embed(ids, mask)
+
+
+def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons():
+    """Ctrl-C (KeyboardInterrupt in the main thread, as the terminal sends it) stops every stage and
+    reaches the caller within seconds; the stage threads carry their names (logs, stack dumps) and
+    are daemons, so one stuck in a library call cannot keep the process alive."""
+    import _thread
+
+    model = SlowModel(0.05, concurrency=2)
+    docs = refs()
+    p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), WorkerPoolSource(InlinePool(), docs), model,
+                          RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
+    timer = threading.Timer(0.6, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        p.run()
+    assert time.monotonic() - t0 < 10
+    calls = len(model.calls)
+    time.sleep(0.3)
+    assert len(model.calls) == calls  # nothing runs on after the interrupt
+    assert not [t for t in threading.enumerate() if t.name.startswith("hades-") and t.is_alive()]
+    assert set(model.stage_threads) == {"hades-feeder", "hades-batcher", "hades-embed-0", "hades-embed-1",
+                                        "hades-writer"} and all(model.stage_threads.values())
+
+
+def test_progress_is_updated_while_the_run_goes():
+    class CountingProgress:
+        def __init__(self) -> None:
+            self.updates = 0
+
+        def update(self) -> None:
+            self.updates += 1
+
+    progress = CountingProgress()
+    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), refs()), SlowModel(0.02, concurrency=1),
+                          RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256,
+                          progress=progress)
+    p.run()
+    assert progress.updates >= 2  # from the calling thread while the stages run, not only at the end
