@@ -162,6 +162,20 @@ REVIEWED: list[tuple[str, str]] = [
      "tested in tests/gpu/test_cuda_embedder.py"),
     (r"graph\.io\.x_(list_part_files|read_parts|write_parquet_atomic)__", "removed since: part listing, reading and "
      "atomic writes moved to store/ (tests/store/test_reader.py, test_atomic_and_resume.py)"),
+    (r"orchestration\.pipeline\.xǁStreamingPipelineǁrun__", "stage thread names and daemon flags (tested since by "
+     "test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons), join poll intervals, and the cause "
+     "unwrapping of a PipelineAborted that is never the first error"),
+    (r"orchestration\.pipeline\.xǁ(StreamingPipeline|WorkerPoolSource)ǁ(_feed|_emit|_embed|_batch|_guard|_fail|"
+     r"documents|__init__)__", "poll intervals of waits that a stop also ends (ring acquire, pool results), the "
+     "debug log of a failed stage, and stage meters' busy time (timings, not results)"),
+    (r"orchestration\.prometheus\.xǁ(MetricsEndpoint|_QuietHandler)ǁ", "the HTTP server's poll interval, registry "
+     "describe-at-register, the quiet handler's debug text, attributes reset by start()"),
+    (r"orchestration\.prometheus\.x_start_endpoint__", "called only by an ingest with monitoring.prometheus=true: the "
+     "real-ingest scrape test, which is not one of the fast tests"),
+    (r"orchestration\.monitoring\.xǁProgressReporterǁ(start|update|__init__)__", "rich column choices and the "
+     "bar's transient flag (what a terminal draws), and the log line's schedule comparison (>= vs >)"),
+    (r"orchestration\.monitoring\.xǁPeakMemorySamplerǁ(sample|start)__", "a byte's offset in a sum of RSS, psutil "
+     "error paths (a process that exits while sampled), the sampler thread's name"),
 ]
 
 
