@@ -162,6 +162,12 @@ REVIEWED: list[tuple[str, str]] = [
      "tested in tests/gpu/test_cuda_embedder.py"),
     (r"graph\.io\.x_(list_part_files|read_parts|write_parquet_atomic)__", "removed since: part listing, reading and "
      "atomic writes moved to store/ (tests/store/test_reader.py, test_atomic_and_resume.py)"),
+    (r"store\.manifest\.(x__connect|xǁManifestǁ(load|_import_legacy|__init__)|x_committed_parts)__", "durability "
+     "and locking settings (synchronous=FULL, busy timeout, read-only mode, thread check) that only a power loss or a "
+     "second writer shows, the directory fsync after creating the file, and the import's log line"),
+    (r"store\.(reader|writer)\.(x_embeddings_to_numpy|x_read_isne_embeddings|x_read_table|xǁDatasetWriterǁ(_tables|"
+     r"__init__|begin_document|flush|_drop_documents))__", "dtype and zero-copy arguments Arrow/numpy resolve to the "
+     "same values, mkdir(parents=...) for folders that exist, the empty-table placeholders"),
     (r"orchestration\.pipeline\.xǁStreamingPipelineǁrun__", "stage thread names and daemon flags (tested since by "
      "test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons), join poll intervals, and the cause "
      "unwrapping of a PipelineAborted that is never the first error"),
