@@ -300,3 +300,44 @@ def test_split_edges_rules_on_a_small_graph() -> None:
         assert torch.equal(s.val_pos, again.val_pos) and torch.equal(s.val_neg, again.val_neg)
         assert torch.equal(s.train, again.train)
     assert held_any
+
+
+def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_path: Path) -> None:
+    """What metrics.json carries for the stage (users and the benchmarks read it), checked value by
+    value against the graph and the training result, and the checkpoint's config read back."""
+    from hades_gpu.graph import load_graph
+    from hades_gpu.isne.checkpoint import load_checkpoint
+
+    ids = _write_output(tmp_path, {f"d{i}.md": 2 + i % 3 for i in range(9)} | {"alone.md": 1})
+    cfg = _cfg()
+    m = run_isne_stage(cfg, tmp_path, epochs=2, batch_size=16)
+    assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "seconds", "model_path",
+                      "embeddings_path", "mode", "epochs_run", "best_epoch", "best_val_auc", "stopped_early",
+                      "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
+                      "history"}
+    data = load_graph(tmp_path)
+    deg = torch.bincount(data.edge_index[0], minlength=data.num_nodes)
+    rows = pq.read_table(tmp_path / "edges.parquet").to_pandas()
+    assert (m["mode"], m["n_nodes"], m["n_inferred"], m["device"]) == ("trained", len(ids), len(ids), "cpu")
+    assert m["n_edges"] == data.edge_index.shape[1] // 2 and m["n_isolated"] == int((deg == 0).sum())
+    assert m["n_edges_by_type"] == {t: int((rows.type == t).sum()) for t in ("sequence", "same_document", "reference",
+                                                                           "knn")}
+    assert m["edges_path"] == str(tmp_path / "edges.parquet") and m["model_path"] == str(tmp_path / "isne" / "model.safetensors")
+    assert m["embeddings_path"] == str(tmp_path / "isne" / "embeddings-s0.parquet")
+    assert m["epochs_run"] == len(m["history"]) == 2 and 1 <= m["best_epoch"] <= 2 and m["peak_device_bytes"] is None
+    assert m["best_val_auc"] == max(h["val_auc"] for h in m["history"]) and m["num_val_edges"] > 0
+    assert m["pos_pairs"] == sum(h["pos_pairs"] for h in m["history"]) > 0 and m["pairs_per_s"] > 0
+    assert set(m["seconds"]) == {"graph", "train", "infer", "write", "total"}
+    assert 0 < m["seconds"]["graph"] <= m["seconds"]["total"] and m["seconds"]["total"] < 600
+    ckpt = load_checkpoint(tmp_path / "isne" / "model.safetensors")
+    assert sorted(ckpt.node_ids) == sorted(ids) and ckpt.theta.shape == (len(ids), cfg.isne.dim)
+    assert {k: ckpt.config[k] for k in ("num_nodes", "dim", "aggregate", "epochs_run", "best_epoch", "best_val_auc")} \
+        == {"num_nodes": len(ids), "dim": cfg.isne.dim, "aggregate": True, "epochs_run": 2,
+            "best_epoch": m["best_epoch"], "best_val_auc": m["best_val_auc"]}
+    assert ckpt.config["isne"]["dim"] == cfg.isne.dim and ckpt.config["graph"]["knn_k"] == cfg.graph.knn_k
+    again = run_isne_stage(cfg, tmp_path)  # inference now: its own report
+    assert (again["mode"], again["n_inferred"], again["n_trained_nodes"]) == ("inferred", 0, len(ids))
+    assert set(again["seconds"]) == {"graph", "infer", "write", "total"}
+    off = _cfg()
+    off.isne.enabled = False
+    assert run_isne_stage(off, tmp_path, train=False)["mode"] == "disabled"  # only train=True overrides the switch
