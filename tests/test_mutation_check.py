@@ -30,3 +30,15 @@ def test_score_leaves_equivalent_survivors_and_unchecked_mutants_out():
                        "tests": ["tests/store"]}])["groups"][0]
     assert (g["total"], g["not_checked"], g["equivalent"]) == (11, 5, 1)
     assert g["kill_rate"] == round(8 / 11, 3) and g["score"] == 0.8 and g["met"] is True  # 8 / (11 - 1)
+
+
+def test_reclassify_recomputes_the_score_from_stored_survivors():
+    summary = {"groups": [{"group": "graph", "total": 10, "killed": 6, "timeout": 1, "target": 0.7}],
+               "survivors": {"graph": [
+                   {"name": "hades_gpu.graph.x_f__mutmut_1", "diff": ['-    log.info("a b %d", n)', '+    log.info(None, n)'],
+                    "reason": "unexplained"},
+                   {"name": "hades_gpu.graph.x_f__mutmut_2", "diff": ['-    x += 1', '+    x = 1'], "reason": "old"}]}}
+    g = mc.reclassify(summary)["groups"][0]
+    reasons = [sv["reason"] for sv in summary["survivors"]["graph"]]
+    assert reasons[0].startswith("equivalent") and reasons[1] == "unexplained"
+    assert (g["equivalent"], g["score"], g["met"]) == (1, round(7 / 9, 3), True)

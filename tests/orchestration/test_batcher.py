@@ -109,3 +109,13 @@ def test_batches_are_cut_by_rows_and_by_tokens_exactly():
     assert [(len(p.chunks), p.length) for p in b.flush()] == [(2, 40)]
     b.add([chunk(6, 0), chunk(6, 1), chunk(46, 2)])  # 3 x 48 = 144 > 96: the long one alone
     assert [(len(p.chunks), p.length) for p in b.flush()] == [(2, 8), (1, 48)]
+
+
+def test_a_budget_of_exactly_one_longest_sequence_is_allowed():
+    import pytest
+
+    from hades_gpu.orchestration.batcher import LengthSortedBatcher
+
+    LengthSortedBatcher(256, 4, 8, 256, 2)  # max_batch_tokens == max_seq_len: one full row per batch
+    with pytest.raises(ValueError, match=r"max_batch_tokens must be >= max_seq_len \(got 255 < 256\)"):
+        LengthSortedBatcher(255, 4, 8, 256, 2)

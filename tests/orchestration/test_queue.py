@@ -115,3 +115,29 @@ def test_abort_drops_what_was_queued_and_its_bytes():
     q.abort(RuntimeError("boom"))
     st = q.stats()
     assert st.items == 0 and st.bytes == 0
+
+
+def test_edges_of_the_arguments_and_exact_wait_counts():
+    """The smallest valid queue is accepted; a put that had to wait counts once however long it
+    waited; a closed queue names itself."""
+    tiny = MemoryAwareQueue("tiny", max_bytes=1, max_items=1)
+    assert tiny.put(b"", timeout=0.1)
+    with pytest.raises(ValueError):
+        MemoryAwareQueue("none", max_bytes=0, max_items=1)
+    with pytest.raises(ValueError):
+        MemoryAwareQueue("none", max_bytes=1, max_items=0)
+    q = make_queue()
+    for _ in range(8):  # 800 bytes: at the high watermark
+        q.put(Blob(100))
+    done = threading.Event()
+    threading.Thread(target=lambda: (q.put(Blob(100)), done.set()), daemon=True).start()
+    time.sleep(0.2)  # blocked, retrying with backoff several times
+    for _ in range(5):
+        q.get()
+    assert done.wait(5)
+    assert q.stats().put_waits == 1
+    q.close()
+    while len(q):
+        q.get()
+    with pytest.raises(QueueClosed, match="'q' is closed"):
+        q.put(Blob(1))
