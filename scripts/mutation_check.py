@@ -180,8 +180,8 @@ REVIEWED: list[tuple[str, str]] = [
      "timings and the log line"),
     (r"orchestration\.queue\.xǁMemoryAwareQueueǁ(get|put|__init__|_can_admit|stats)__|orchestration\.queue\.x__default",
      "backoff and deadline arithmetic of waits the tests end by closing or aborting, counters' exact increments "
-     "(tests check > 0), the text of QueueClosed, and argument-validation bounds at their edge (a test to add: exact "
-     "wait counts and the bounds)"),
+     "(tests check > 0), the text of QueueClosed, and argument-validation bounds at their edge (exact wait counts and "
+     "the bounds are tested since: test_edges_of_the_arguments_and_exact_wait_counts)"),
     (r"orchestration\.workers\.(x__reset_foreign_start_method|xǁWorkerPoolǁ(__init__|_start_worker|has_room|"
      r"_reap_dead_workers)|x__worker_main)__", "the loky start-method reset (only inside a joblib worker; the "
      "Hydra joblib sweep test runs it in a subprocess mutmut cannot see), worker process name and daemon flag, a "
@@ -191,7 +191,7 @@ REVIEWED: list[tuple[str, str]] = [
      "box without a GPU"),
     (r"orchestration\.batcher\.(xǁLengthSortedBatcherǁ(__init__|_cut|add|flush)|x_fill_batch)__", "keep_last=None "
      "(falsy, as False) and the window's running token count reset, which the next add recomputes; the validation "
-     "bound at max_batch_tokens == max_seq_len (a test to add)"),
+     "bound at max_batch_tokens == max_seq_len (tested since)"),
     (r"documents\.chunking\.x_(process_document|chunk_text|chunk_document)__", "the skip paths' placeholder fields "
      "(ref, content_hash of a skipped document, read by nobody), the shared-tokenizer argument (the same tokenizer "
      "either way), and the re-encode flag's default that every caller passes"),
