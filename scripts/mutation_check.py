@@ -292,9 +292,12 @@ def reclassify(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mutmut_version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"mutmut {version('mutmut')}"
+    try:
+        return f"mutmut {version('mutmut')}"
+    except PackageNotFoundError:  # reclassifying a stored report needs no mutmut
+        return "mutmut (not installed here)"
 
 
 def write_report(summary: dict[str, Any], out: Path) -> None:
