@@ -42,3 +42,7 @@ def test_reclassify_recomputes_the_score_from_stored_survivors():
     reasons = [sv["reason"] for sv in summary["survivors"]["graph"]]
     assert reasons[0].startswith("equivalent") and reasons[1] == "unexplained"
     assert (g["equivalent"], g["score"], g["met"]) == (1, round(7 / 9, 3), True)
+
+
+def test_every_group_has_a_default_time_and_all_fit_in_an_hour():
+    assert set(mc.DEFAULT_MINUTES) == set(mc.GROUPS) and sum(mc.DEFAULT_MINUTES.values()) < 60
