@@ -265,19 +265,14 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         total = sum(counts.values()) - unchecked  # mutants the run reached
         killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a timeout is a detected change
         target = TARGETS.get(r["group"], 0.70)
-        # the mutation score proper leaves equivalent mutants out of the denominator
-        equivalent = sum(1 for sv in r["survivors"] if sv.get("reason", "unexplained").startswith("equivalent"))
-        scored = total - equivalent
         table.append({"group": r["group"], "total": total, "killed": counts.get("killed", 0),
                       "timeout": counts.get("timeout", 0), "survived": counts.get("survived", 0),
                       "no_tests": counts.get("no tests", 0), "not_checked": unchecked,
                       "other": {k: v for k, v in counts.items()
                                 if k not in ("killed", "timeout", "survived", "no tests", "not checked")},
                       "kill_rate": round(killed / total, 3) if total else None, "target": target,
-                      "equivalent": equivalent,
-                      "score": round(killed / scored, 3) if scored else None,
-                      "met": bool(scored) and killed / scored >= target, "seconds": r["seconds"], "rc": r["rc"],
-                      "per_module": per_module, "tests": r["tests"]})
+                      "seconds": r["seconds"], "rc": r["rc"], "per_module": per_module, "tests": r["tests"]})
+        _score(table[-1], r["survivors"])
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tool": _mutmut_version(),
             "groups": table, "survivors": {r["group"]: r["survivors"] for r in results}}
 
@@ -289,12 +284,17 @@ def reclassify(summary: dict[str, Any]) -> dict[str, Any]:
         survivors = summary["survivors"].get(g["group"], [])
         for sv in survivors:
             sv["reason"] = classify(sv["diff"], sv["name"])
-        killed = g["killed"] + g["timeout"]
-        g["equivalent"] = sum(1 for sv in survivors if sv["reason"].startswith("equivalent"))
-        scored = g["total"] - g["equivalent"]
-        g["score"] = round(killed / scored, 3) if scored else None
-        g["met"] = bool(scored) and killed / scored >= g["target"]
+        _score(g, survivors)
     return summary
+
+
+def _score(g: dict[str, Any], survivors: list[dict[str, Any]]) -> None:
+    """The mutation score proper: equivalent survivors leave the denominator; `met` is checked on it."""
+    killed = g["killed"] + g["timeout"]
+    g["equivalent"] = sum(1 for sv in survivors if sv.get("reason", "unexplained").startswith("equivalent"))
+    scored = g["total"] - g["equivalent"]
+    g["score"] = round(killed / scored, 3) if scored else None
+    g["met"] = bool(scored) and killed / scored >= g["target"]
 
 
 def _mutmut_version() -> str:

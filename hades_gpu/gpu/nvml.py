@@ -61,11 +61,31 @@ def find_nvml_handle(pynvml: Any, uuid: str) -> "tuple[Optional[Any], str]":
     return None, f"no NVML device has UUID {uuid}"
 
 
-def memory_reader(device_index: int) -> "tuple[Optional[Reader], str]":
+def nvml_handle(device_index: int) -> "tuple[Any, Optional[Any], str]":
+    """(pynvml, the NVML handle of CUDA device `device_index` found by its UUID, detail); the handle
+    is None when NVML cannot name the device, and the detail then says why."""
+    uuid = torch_device_uuid(device_index)
+    try:
+        import pynvml
+    except ImportError:
+        return None, None, "pynvml missing (pip install nvidia-ml-py)"
+    if uuid is None:
+        return pynvml, None, "torch reports no device UUID"
+    try:
+        pynvml.nvmlInit()
+        handle, detail = find_nvml_handle(pynvml, uuid)
+    except pynvml.NVMLError as err:
+        return pynvml, None, f"NVML unavailable ({type(err).__name__}: {err})"
+    return pynvml, handle, detail
+
+
+def memory_reader(device_index: int, found: "Optional[tuple[Any, Optional[Any], str]]" = None
+                  ) -> "tuple[Optional[Reader], str]":
     """A reader of CUDA device `device_index`'s used/total memory, and where it reads from.
 
     NVML by UUID when the device is found there; else ``cudaMemGetInfo`` (torch.cuda.mem_get_info),
     which always describes the device (or MIG slice) this process runs on. (None, why) without a GPU.
+    `found`: an earlier `nvml_handle(device_index)`, so a caller that needs the handle too looks once.
     """
     try:
         import torch
@@ -81,25 +101,16 @@ def memory_reader(device_index: int) -> "tuple[Optional[Reader], str]":
         free, total = torch.cuda.mem_get_info(device_index)
         return int(total - free), int(total)
 
-    uuid = torch_device_uuid(device_index)
-    why = "torch reports no device UUID" if uuid is None else ""
-    try:
-        import pynvml
-    except ImportError:
-        pynvml, why = None, "pynvml missing (pip install nvidia-ml-py)"
-    if pynvml is not None and uuid is not None:
+    pynvml, handle, why = found if found is not None else nvml_handle(device_index)
+    if handle is not None:
         try:
-            pynvml.nvmlInit()
-            handle, detail = find_nvml_handle(pynvml, uuid)
-            if handle is not None:
-                pynvml.nvmlDeviceGetMemoryInfo(handle)  # probe once: a broken driver shows here
+            pynvml.nvmlDeviceGetMemoryInfo(handle)  # probe once: a broken driver shows here
 
-                def read_nvml() -> "tuple[int, int]":
-                    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                    return int(info.used), int(info.total)
+            def read_nvml() -> "tuple[int, int]":
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                return int(info.used), int(info.total)
 
-                return read_nvml, f"nvml {detail}"
-            why = detail
+            return read_nvml, f"nvml {why}"
         except pynvml.NVMLError as err:
             why = f"NVML unavailable ({type(err).__name__}: {err})"
     try:
@@ -129,26 +140,11 @@ def device_probes() -> "tuple[list[DeviceProbe], str]":
         return [], f"no CUDA device visible (torch {torch.__version__})"
     probes = []
     for index in range(torch.cuda.device_count()):
-        reader, source = memory_reader(index)
+        found = nvml_handle(index)
+        reader, source = memory_reader(index, found)
         if reader is None:
             continue
-        probes.append(DeviceProbe(index, reader, source, _utilization_reader(index)))
+        pynvml, handle, _ = found
+        util = (lambda h=handle: pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0) if handle is not None else None
+        probes.append(DeviceProbe(index, reader, source, util))
     return probes, f"{len(probes)} GPU(s)"
-
-
-def _utilization_reader(device_index: int) -> Optional[Callable[[], float]]:
-    uuid = torch_device_uuid(device_index)
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    if uuid is None:
-        return None
-    try:
-        pynvml.nvmlInit()
-        handle, _ = find_nvml_handle(pynvml, uuid)
-    except pynvml.NVMLError:
-        return None
-    if handle is None:
-        return None
-    return lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0

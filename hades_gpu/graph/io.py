@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR
-from hades_gpu.store.reader import committed_part_files, embeddings_to_numpy, read_table
+from hades_gpu.store.reader import committed_part_files, embeddings_to_numpy, read_files
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,11 @@ class ChunkTable:
 def load_chunk_table(output_dir: str | os.PathLike, with_embeddings: bool = True) -> ChunkTable:
     """Read every committed chunk part; sort by chunk id; drop duplicate ids (keeping the first)."""
     cols = ["chunk_id", "doc_id", "ordinal"] + (["embedding"] if with_embeddings else [])
-    if not committed_part_files(output_dir, CHUNKS_DIR):
+    files = committed_part_files(output_dir, CHUNKS_DIR)
+    if not files:
         return ChunkTable(np.array([], dtype=object), np.array([], dtype=object),
                           np.zeros(0, dtype=np.int64), np.zeros((0, 0), np.float32) if with_embeddings else None)
-    table = read_table(output_dir, CHUNKS_DIR, cols)
+    table = read_files(files, cols)
     ids = np.asarray(table.column("chunk_id").to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
@@ -73,9 +74,10 @@ def load_chunk_table(output_dir: str | os.PathLike, with_embeddings: bool = True
 
 def load_chunk_ids(output_dir: str | os.PathLike) -> np.ndarray:
     """Only the sorted unique chunk ids (the node order of every graph over this output)."""
-    if not committed_part_files(output_dir, CHUNKS_DIR):
+    files = committed_part_files(output_dir, CHUNKS_DIR)
+    if not files:
         return np.array([], dtype=object)
-    ids = read_table(output_dir, CHUNKS_DIR, ["chunk_id"]).column("chunk_id")
+    ids = read_files(files, ["chunk_id"]).column("chunk_id")
     return np.unique(np.asarray(ids.to_pylist(), dtype=object))
 
 
@@ -95,7 +97,7 @@ def load_document_table(output_dir: str | os.PathLike) -> DocumentTable:
         return DocumentTable([], [], [], [])
     first = pq.read_schema(files[0])
     cols = [c for c in ("doc_id", "rel_path", "language", "references") if c in first.names]
-    t = read_table(output_dir, DOCUMENTS_DIR, cols)
+    t = read_files(files, cols)
     n = t.num_rows
     langs = t.column("language").to_pylist() if "language" in cols else [""] * n
     refs = t.column("references").to_pylist() if "references" in cols else [[]] * n

@@ -151,8 +151,7 @@ class StreamingPipeline:
             queues = (MemoryAwareQueue("documents", **q), MemoryAwareQueue("batches", **q),
                       MemoryAwareQueue("embedded", **q))
         self.doc_queue, self.batch_queue, self.write_queue = queues
-        metrics = self.metrics
-        metrics.queues = [self.doc_queue, self.batch_queue, self.write_queue]
+        self.metrics.queues = [self.doc_queue, self.batch_queue, self.write_queue]
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._error_lock = threading.Lock()

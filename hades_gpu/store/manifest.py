@@ -18,6 +18,7 @@ Older outputs have `manifest.json` / `manifest-<shard>.json`; opening such a sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -139,24 +140,18 @@ class Manifest:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    class _Tx:
-        def __init__(self, manifest: "Manifest") -> None:
-            self.m = manifest
-
-        def __enter__(self) -> sqlite3.Cursor:
-            self.m._lock.acquire()
-            self.cur = self.m._conn.cursor()
-            self.cur.execute("BEGIN IMMEDIATE")
-            return self.cur
-
-        def __exit__(self, exc_type: Any, *rest: Any) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on an error), under the lock."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
             try:
-                self.cur.execute("COMMIT" if exc_type is None else "ROLLBACK")
-            finally:
-                self.m._lock.release()
-
-    def _transaction(self) -> "Manifest._Tx":
-        return Manifest._Tx(self)
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -18,7 +18,7 @@ from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, isne_embeddings_fi
 from hades_gpu.store.manifest import committed_parts, has_manifest
 
 __all__ = ["DamagedOutputError", "committed_part_files", "committed_parts", "embeddings_to_numpy", "is_ingest_output",
-           "read_chunks", "read_documents", "read_isne_embeddings", "read_table"]
+           "read_chunks", "read_documents", "read_files", "read_isne_embeddings", "read_table"]
 
 
 class DamagedOutputError(FileNotFoundError):
@@ -47,6 +47,11 @@ def read_table(output: str | os.PathLike, table: str, columns: Optional[Sequence
         if missing_ok:
             return pa.table({c: pa.array([], type=pa.string()) for c in (columns or [])})
         raise FileNotFoundError(f"no committed {table} part files under {output} (run hades-ingest first)")
+    return read_files(files, columns)
+
+
+def read_files(files: Sequence[Path], columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """Part files already listed (`committed_part_files`), concatenated (only `columns` when given)."""
     return pa.concat_tables([pq.read_table(f, columns=list(columns) if columns else None) for f in files],
                             promote_options="default")
 
