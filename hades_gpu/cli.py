@@ -53,6 +53,13 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> N
         except EmbedderError as err:  # server gone, model missing: committed parts stay, re-run resumes
             print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(1)
+        except RuntimeError as err:
+            from hades_gpu.pipelines.ingest import NothingIngestedError
+
+            if not isinstance(err, NothingIngestedError):
+                raise
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(1)
 
     sys.argv[0] = prog
     app()

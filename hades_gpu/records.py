@@ -111,3 +111,44 @@ class EmbeddedBatch:
     @property
     def nbytes(self) -> int:
         return int(self.embeddings.nbytes) + sum(c.nbytes for c in self.chunks)
+
+
+@dataclass
+class DocumentResult:
+    """A worker's report on one document. Its chunks do not travel here: they go into slabs."""
+
+    key: int  # this attempt's key: the `doc_key` of its rows in the slabs
+    content_hash: str
+    n_chunks: int = 0  # rows that will arrive in slabs (0 when skipped or unchanged)
+    tokens: int = 0  # content tokens over all its chunks
+    references: list[str] = field(default_factory=list)
+    skip_reason: Optional[str] = None
+    skip_detail: str = ""
+    unchanged: bool = False  # content hash equals the one the main process sent: not packed
+    busy_s: float = 0.0  # worker time spent reading and chunking it
+    ref: Optional[DocumentRef] = None  # the document as the worker saw it, when that differs (CodeParallelPipeline)
+
+
+@dataclass
+class SlabBatch:
+    """A packed model batch lying in a shared-memory slab: the handle the main process routes.
+
+    Row columns (document keys, ordinals, offsets, chunk ids, texts) and the padded token arrays are
+    in the slab (`gpu.slabs.SlabView`); this header says how much of it is filled.
+    """
+
+    slab: int
+    rows: int
+    length: int  # padded sequence length (a multiple of the length bucket)
+    real_tokens: int  # sum of the attention mask
+    text_len: int  # UTF-8 bytes of the rows' texts
+    inline_text: Optional[bytes] = None  # the texts, when they did not fit the slab's text area
+    busy_s: float = 0.0  # worker time spent packing it
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.rows * self.length
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.length * 16 + self.text_len

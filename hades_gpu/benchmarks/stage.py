@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from hades_gpu.config import PipelineConfig
 from hades_gpu.orchestration.monitoring import RunMetrics
 from hades_gpu.orchestration.pipeline import ChunkedDocuments, StreamingPipeline
-from hades_gpu.records import PROSE, Chunk, ChunkedDocument, DocumentRef, EmbeddedBatch, stable_id
+from hades_gpu.records import PROSE, Chunk, ChunkedDocument, DocumentRef, DocumentResult, stable_id
 
 
 class ShapeRecorder:
@@ -45,13 +46,18 @@ class VectorSink:
         self.vectors: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def begin_document(self, doc: ChunkedDocument) -> None:
+    def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None:
         pass
 
-    def add(self, batch: EmbeddedBatch) -> None:
+    def abandon(self, key: int) -> None:
+        pass
+
+    def add_rows(self, rows: pa.RecordBatch) -> None:
+        ids = rows.column("chunk_id").to_pylist()
+        dim = rows.schema.field("embedding").type.list_size
+        vectors = rows.column("embedding").values.to_numpy(zero_copy_only=False).reshape(-1, dim)
         with self._lock:
-            for chunk, vec in zip(batch.chunks, batch.embeddings):
-                self.vectors[chunk.chunk_id] = vec
+            self.vectors.update(zip(ids, vectors))
 
 
 @dataclass

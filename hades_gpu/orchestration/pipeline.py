@@ -1,91 +1,211 @@
-"""Stage wiring: worker processes -> batcher -> embed threads -> sink, joined by bounded queues.
+"""Stage wiring: packed slabs -> embed threads -> writer, the main process being a router.
 
 ```
- feeder thread ──► [doc queue] ──► batcher thread ──► [batch queue] ──► embed threads (N) ──► [write queue] ──► writer thread
- (worker pool:                     (length-sorted,     (ring slots         (embedder.embed,                      (sink.add)
-  read+chunk+tokenize)              token budget)       bound it too)        GIL released)
+ worker processes ──► router thread ──► [batch queue] ──► embed threads (N) ──► [write queue] ──► writer thread
+ (read, chunk, tokenize,  (documents to the   (slab handles)     (embedder.embed on the    (slab columns +       (Arrow columns
+  pack into slabs)         sink; slab handles                     slab's own ids/mask)      vectors)               -> sink.add_rows,
+                           to the queue)                                                                           slab released)
 ```
 
-The parts are handed in (compose, don't inherit): a *source* of chunked documents (the worker pool
-over discovered files, `WorkerPoolSource`, or documents already in memory, `ChunkedDocuments`), the
-batcher, the ring, the three queues and the batch-budget policy. Whatever is not given is built from
-the profile, as PyG's NeighborLoader builds a default sampler. Every benchmark runs this stage, never a
-copy of it. The first exception in any thread aborts every queue, stops the others and is re-raised
-by `run()`: a failure never hangs the pipeline.
+A *source* yields `workers.PoolEvent`s: `WorkerPoolSource` (the worker processes over discovered files)
+or `ChunkedDocuments` (documents already chunked in memory, packed by this process with the same
+`SlabPacker` the workers run: model-only benchmarks, tests). No per-chunk Python object crosses a
+process boundary and no per-chunk Python loop runs here: a batch is routed by its slab index, and
+the writer builds Arrow arrays from the slab's columns. A slab goes back to the ring only after the
+embedder returned (its host-to-device copies are complete) and its rows were copied out.
+
+Memory is bounded by the ring (every batch in flight holds a slab) and by the queues' byte budgets.
+The first exception in any thread aborts every queue, stops the others and is re-raised by `run()`:
+a failure never hangs the pipeline.
 """
 
 from __future__ import annotations
 
 import logging
+import queue as queue_mod
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from hades_gpu.config import ProfileConfig
-from hades_gpu.gpu.host_ring import HostBufferRing
-from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, fill_batch
+from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabLayout, SlabRing, SlabView
+from hades_gpu.orchestration.batcher import LengthSortedBatcher
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
-from hades_gpu.orchestration.workers import WorkerPool
-from hades_gpu.records import ChunkedDocument, DocumentRef, EmbeddedBatch
+from hades_gpu.orchestration.slab_packer import SlabPacker
+from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, PoolEvent, WorkerPool
+from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
 log = logging.getLogger(__name__)
 
+TEXT_BYTES_PER_TOKEN = 12  # a slab's text area per batch token; real text averages about 4 bytes per token
+SLABS_PER_WORKER = 2
+
+
+def row_schema(dim: int) -> pa.Schema:
+    """Columns of the row blocks the writer thread hands the sink (one per embedded batch)."""
+    return pa.schema([("doc_key", pa.int64()), ("ordinal", pa.int32()), ("char_start", pa.int64()),
+                      ("char_end", pa.int64()), ("n_tokens", pa.int32()), ("chunk_id", pa.string()),
+                      ("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def slab_layout(profile: ProfileConfig, max_seq_len: int) -> SlabLayout:
+    return SlabLayout(max_rows=profile.max_batch_size, max_len=max_seq_len,
+                      text_bytes=TEXT_BYTES_PER_TOKEN * profile.max_batch_tokens)
+
+
+def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int) -> int:
+    """Slabs in the ring: the profile's `ring_slots`, but at least enough for every worker's grants,
+    every embed thread and one batch each in the write queue and on its way to it."""
+    return max(profile.ring_slots, SLABS_PER_WORKER * max(1, num_workers) + 2 * max(1, concurrency) + 1)
+
+
+def rows_from_slab(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> pa.RecordBatch:
+    """A batch's rows as Arrow columns copied out of its slab (the slab may be reused afterwards)."""
+    n = batch.rows
+    offsets = view.column("text_offsets")[: n + 1].copy()
+    blob = batch.inline_text if batch.inline_text is not None else view.column("text")[: batch.text_len].tobytes()
+    text = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(blob))
+    id_offsets = np.arange(0, CHUNK_ID_BYTES * (n + 1), CHUNK_ID_BYTES, dtype=np.int32)
+    chunk_id = pa.StringArray.from_buffers(n, pa.py_buffer(id_offsets), pa.py_buffer(view.chunk_ids(n).tobytes()))
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape[0] != n:
+        raise ValueError(f"the embedder returned {vectors.shape[0]} vectors for {n} rows")
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(view.column("doc_key")[:n].copy()), pa.array(view.column("ordinal")[:n].copy()),
+         pa.array(view.column("char_start")[:n].copy()), pa.array(view.column("char_end")[:n].copy()),
+         pa.array(view.column("n_tokens")[:n].copy()), chunk_id, text, embedding], schema=row_schema(dim))
+
 
 class DocumentSource(Protocol):
-    """Yields chunked documents until it has no more or `stop` is set."""
+    """Yields `PoolEvent`s until it has no more or `stop` is set."""
 
-    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]: ...
+    def events(self, stop: threading.Event, stage: "StreamingPipeline") -> Iterator[PoolEvent]: ...
 
 
 class WorkerPoolSource:
-    """Discovered files read, chunked and tokenized by the worker processes, as they finish.
+    """Discovered files read, chunked, tokenized and packed by the worker processes.
 
     Args:
-        pool (WorkerPool): the processes (at most `pool.has_room()` documents in flight).
+        pool (WorkerPool): the processes (its ring is the stage's ring).
         refs (Sequence[DocumentRef]): the files, in submission order.
+        known_hash (callable, optional): the content hash an output already holds for a file (resume:
+            a worker then reports it unchanged instead of packing it). Default: none known.
     """
 
-    def __init__(self, pool: WorkerPool, refs: Sequence[DocumentRef]) -> None:
+    def __init__(self, pool: WorkerPool, refs: Sequence[DocumentRef],
+                 known_hash: Optional[Callable[[DocumentRef], Optional[str]]] = None) -> None:
         self.pool = pool
         self.refs = list(refs)
+        self.known_hash = known_hash if known_hash is not None else (lambda ref: None)
 
-    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]:
-        for index, ref in enumerate(self.refs):
-            while not self.pool.has_room():
-                if stop.is_set():
-                    return
-                result = self.pool.get_result(timeout=0.2)
-                if result is not None:
-                    yield result[1]
-            self.pool.submit(index, ref)
-        while self.pool.inflight:
-            if stop.is_set():
+    def events(self, stop: threading.Event, stage: "StreamingPipeline") -> Iterator[PoolEvent]:
+        todo = iter(enumerate(self.refs))
+        upcoming = next(todo, None)
+        while not stop.is_set():
+            if stage.budget_fn is not None:
+                self.pool.set_budget(stage.current_budget())
+            while upcoming is not None and self.pool.has_room():
+                self.pool.submit(upcoming[0], upcoming[1], self.known_hash(upcoming[1]))
+                upcoming = next(todo, None)
+            if upcoming is None and self.pool.inflight == 0:
                 return
-            result = self.pool.get_result(timeout=0.2)
-            if result is not None:
-                yield result[1]
+            yield from self.pool.poll(timeout=0.2)
 
 
 class ChunkedDocuments:
-    """Documents already chunked and tokenized, in memory (model-only benchmarks, tests)."""
+    """Documents already chunked and tokenized, in memory, packed into slabs by a thread of this
+    process with the same `SlabPacker` the workers run."""
 
     def __init__(self, docs: Iterable[ChunkedDocument]) -> None:
         self.docs = docs
 
-    def documents(self, stop: threading.Event) -> Iterator[ChunkedDocument]:
-        for doc in self.docs:
-            if stop.is_set():
-                return
-            yield doc
+    def events(self, stop: threading.Event, stage: "StreamingPipeline") -> Iterator[PoolEvent]:
+        # The packer runs in its own thread: it blocks on the ring while the router, this generator's
+        # caller, hands filled slabs on to the embed threads (which free them).
+        events: queue_mod.Queue = queue_mod.Queue(maxsize=1024)
+        done = object()
+
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    events.put(item, timeout=0.2)
+                    return
+                except queue_mod.Full:
+                    continue
+            raise PipelineAborted("stopped")
+
+        def acquire() -> int:
+            while True:
+                slab = stage.ring.acquire(timeout=0.2)
+                if slab is not None:
+                    return slab
+                if stop.is_set():
+                    raise PipelineAborted("stopped")
+
+        def pack() -> None:
+            try:
+                packer = SlabPacker(stage.new_batcher(), stage.special_ids, acquire, stage.ring.view,
+                                    lambda batch: put(BatchEvent(batch)))
+                for key, doc in enumerate(self.docs):
+                    n = len(doc.chunks) if doc.skip_reason is None else 0
+                    put(DocumentEvent(key, key, doc.ref, DocumentResult(
+                        key=key, content_hash=doc.content_hash, n_chunks=n,
+                        tokens=sum(c.n_tokens for c in doc.chunks) if n else 0, references=list(doc.references),
+                        skip_reason=doc.skip_reason, skip_detail=doc.skip_detail)))
+                    if n:
+                        packer.add(key, doc.chunks)
+                packer.flush()
+                put(done)
+            except BaseException as err:  # noqa: BLE001 - handed to the router, which re-raises it
+                try:
+                    events.put(err, timeout=1.0)
+                except queue_mod.Full:
+                    pass
+
+        thread = threading.Thread(target=pack, name="hades-packer", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    item = events.get(timeout=0.2)
+                except queue_mod.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            thread.join(timeout=0.5)  # it exits on its own once `stop` is set or it is done
+
+
+@dataclass
+class _Embedded:
+    """A batch's slab handle with its vectors, on its way to the writer."""
+
+    batch: SlabBatch
+    vectors: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.batch.nbytes + int(self.vectors.nbytes)
 
 
 class Sink(Protocol):
-    def begin_document(self, doc: ChunkedDocument) -> None: ...
+    def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None: ...
 
-    def add(self, batch: EmbeddedBatch) -> None: ...
+    def add_rows(self, rows: pa.RecordBatch) -> None: ...
+
+    def abandon(self, key: int) -> None: ...
 
 
 class EmbedFn(Protocol):
@@ -95,68 +215,78 @@ class EmbedFn(Protocol):
 
 
 class StreamingPipeline:
-    """Runs documents through the stages once; construct a new one per run.
+    """Runs a source's documents through the stages once; construct a new one per run.
 
     Args:
         profile (ProfileConfig): queue budgets, watermarks, batch budget, ring size (the defaults).
-        source (DocumentSource): chunked documents (`WorkerPoolSource`, `ChunkedDocuments`).
+        source (DocumentSource): `WorkerPoolSource` or `ChunkedDocuments`.
         embedder: thread-safe `embed(ids, mask) -> float32 (B, dim)` with a `concurrency`.
-        sink (Sink): receives `begin_document` (batcher thread) then `add` (writer thread).
+        sink (Sink): `begin_document` (router thread), `abandon` (router thread), `add_rows` (writer).
         metrics (RunMetrics, optional): counters to update (default: a new one).
-        triage (callable, optional): decides per document whether to embed it (skips, unchanged
-            documents are recorded by the caller and return False). Default: not skipped.
+        triage (callable, optional): ``triage(ref, result) -> bool``, whether a document's rows will
+            be written (skips and unchanged documents are recorded by the caller and return False).
+            Default: every document that was neither skipped nor unchanged.
         special_ids (tuple, optional): (CLS, SEP, PAD) token ids (default: the tokenizer's).
         max_seq_len (int): model's longest sequence (default 256).
-        governor (optional): GPU memory governor; its `batch_token_budget` sizes batches. Waiting for
-            memory headroom happens inside the CUDA embedder's `embed`, which can also free its cache.
+        governor (optional): GPU memory governor; its `batch_token_budget` sizes batches.
         progress (ProgressReporter, optional): updated from the calling thread.
-        batcher, ring, queues, budget_fn (optional): parts to use instead of the profile's defaults;
-            `queues` is (documents, batches, embedded).
+        ring (SlabRing, optional): the slabs (required with a `WorkerPoolSource`: its pool's ring).
+        queues (tuple, optional): (batches, embedded) queues instead of the profile's.
+        budget_fn (callable, optional): the batch token budget policy instead of the governor's.
     """
 
     def __init__(self, profile: ProfileConfig, source: DocumentSource, embedder: EmbedFn, sink: Sink,
-                 metrics: Optional[RunMetrics] = None, triage: Optional[Callable[[ChunkedDocument], bool]] = None,
+                 metrics: Optional[RunMetrics] = None,
+                 triage: Optional[Callable[[DocumentRef, DocumentResult], bool]] = None,
                  special_ids: Optional[tuple[int, int, int]] = None, max_seq_len: int = 256,
                  governor: Any = None, progress: Optional[ProgressReporter] = None, *,
-                 batcher: Optional[LengthSortedBatcher] = None, ring: Optional[HostBufferRing] = None,
-                 queues: Optional[tuple[MemoryAwareQueue, MemoryAwareQueue, MemoryAwareQueue]] = None,
+                 ring: Optional[SlabRing] = None,
+                 queues: Optional[tuple[MemoryAwareQueue, MemoryAwareQueue]] = None,
                  budget_fn: Optional[Callable[[int], int]] = None) -> None:
         self.profile = profile
         self.source = source
         self.embedder = embedder
         self.sink = sink
         self.metrics = metrics if metrics is not None else RunMetrics()
-        self.triage = triage if triage is not None else (lambda doc: doc.skip_reason is None)
+        self.triage = triage if triage is not None else (lambda ref, r: r.skip_reason is None and not r.unchanged)
         if special_ids is None:
             from hades_gpu.documents.tokenizer import special_ids as tokenizer_special_ids
 
             special_ids = tokenizer_special_ids()
-        self.cls_id, self.sep_id, self.pad_id = special_ids
+        self.special_ids = special_ids
+        self.max_seq_len = max_seq_len
         self.governor = governor
         self.progress = progress
         self.concurrency = max(1, int(getattr(embedder, "concurrency", 1)))
-        self.ring = ring if ring is not None else HostBufferRing(
-            slots=max(profile.ring_slots, self.concurrency + 2), max_rows=profile.max_batch_size, max_len=max_seq_len)
+        self._owns_ring = ring is None
+        self.ring = ring if ring is not None else SlabRing(slab_count(profile, 0, self.concurrency),
+                                                           slab_layout(profile, max_seq_len))
         # the batch-budget policy: the governor's (it also applies without NVML readings: it holds
         # batches small after an OOM), unless one is given
         if budget_fn is None and governor is not None:
             budget_fn = governor.batch_token_budget
-        self.batcher = batcher if batcher is not None else LengthSortedBatcher(
-            profile.max_batch_tokens, profile.max_batch_size, profile.length_bucket, max_seq_len,
-            profile.lookahead_batches, budget_fn=budget_fn)
+        self.budget_fn = budget_fn
         if queues is None:
             q = dict(max_bytes=profile.queue_max_bytes, max_items=profile.queue_max_items,
                      high_watermark=profile.high_watermark, low_watermark=profile.low_watermark,
                      backoff_initial_s=profile.backoff_initial_s, backoff_max_s=profile.backoff_max_s)
-            queues = (MemoryAwareQueue("documents", **q), MemoryAwareQueue("batches", **q),
-                      MemoryAwareQueue("embedded", **q))
-        self.doc_queue, self.batch_queue, self.write_queue = queues
-        self.metrics.queues = [self.doc_queue, self.batch_queue, self.write_queue]
+            queues = (MemoryAwareQueue("batches", **q), MemoryAwareQueue("embedded", **q))
+        self.batch_queue, self.write_queue = queues
+        self.metrics.queues = [self.batch_queue, self.write_queue]
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._error_lock = threading.Lock()
         self._embedders_left = self.concurrency
         self._embedders_lock = threading.Lock()
+
+    # -- parts a source uses ------------------------------------------------------------------------
+    def new_batcher(self) -> LengthSortedBatcher:
+        p = self.profile
+        return LengthSortedBatcher(p.max_batch_tokens, p.max_batch_size, p.length_bucket, self.max_seq_len,
+                                   p.lookahead_batches, budget_fn=self.budget_fn)
+
+    def current_budget(self) -> int:
+        return self.new_batcher()._budget()
 
     # -- failure handling -------------------------------------------------------------------------
     def _fail(self, err: BaseException) -> None:
@@ -164,7 +294,7 @@ class StreamingPipeline:
             if self._error is None:  # the first failure is the cause; later ones are its echoes
                 self._error = err
         self._stop.set()
-        for queue in (self.doc_queue, self.batch_queue, self.write_queue):
+        for queue in (self.batch_queue, self.write_queue):
             queue.abort(err)
 
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
@@ -178,68 +308,40 @@ class StreamingPipeline:
         return run
 
     # -- stages -----------------------------------------------------------------------------------
-    def _feed(self) -> None:
-        meter = self.metrics.stages["read_chunk"]
-        for doc in self.source.documents(self._stop):
-            meter.record(items=1, nbytes=doc.ref.size, tokens=sum(c.n_tokens for c in doc.chunks))
-            while not self.doc_queue.put(doc, timeout=0.5):
-                if self._stop.is_set():
-                    raise PipelineAborted("stopped")
+    def _route(self) -> None:
+        """Documents to the sink, slab handles to the embed queue (per document and per batch only)."""
+        read_meter, batch_meter = self.metrics.stages["read_chunk"], self.metrics.stages["batch"]
+        for event in self.source.events(self._stop, self):
+            if isinstance(event, BatchEvent):
+                batch = event.batch
+                batch_meter.record(items=1, tokens=batch.real_tokens, busy_s=batch.busy_s)
+                self.metrics.add_padding(batch.real_tokens, batch.padded_tokens)
+                while not self.batch_queue.put(batch, timeout=0.5):
+                    if self._stop.is_set():
+                        raise PipelineAborted("stopped")
+            elif isinstance(event, DocumentEvent):
+                r = event.result
+                read_meter.record(items=1, nbytes=event.ref.size, tokens=r.tokens, busy_s=r.busy_s)
+                if self.triage(event.ref, r) and r.n_chunks:
+                    self.sink.begin_document(event.key, event.ref, r)
+            elif isinstance(event, AbandonEvent):
+                self.sink.abandon(event.key)
         if not self._stop.is_set():
-            self.doc_queue.close()
-
-    def _batch(self) -> None:
-        meter = self.metrics.stages["batch"]
-        while True:
-            try:
-                doc = self.doc_queue.get()
-            except QueueClosed:
-                break
-            if not self.triage(doc):
-                continue
-            self.sink.begin_document(doc)
-            if not doc.chunks:
-                continue
-            t0 = time.perf_counter()
-            plans = self.batcher.add(doc.chunks)
-            meter.record(items=0, busy_s=time.perf_counter() - t0)
-            for plan in plans:
-                self._emit(plan)
-        for plan in self.batcher.flush():
-            self._emit(plan)
-        self.batch_queue.close()
-
-    def _emit(self, plan: BatchPlan) -> None:
-        slot = None
-        while slot is None:
-            if self._stop.is_set():
-                raise PipelineAborted("stopped")
-            slot = self.ring.acquire(timeout=0.2)
-        t0 = time.perf_counter()
-        batch = fill_batch(plan, self.ring, slot, self.cls_id, self.sep_id, self.pad_id)
-        self.metrics.stages["batch"].record(items=1, tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
-        self.metrics.add_padding(batch.real_tokens, batch.padded_tokens)
-        while not self.batch_queue.put(batch, timeout=0.5):
-            if self._stop.is_set():
-                raise PipelineAborted("stopped")
+            self.batch_queue.close()
 
     def _embed(self) -> None:
         meter = self.metrics.stages["embed"]
         try:
             while True:
                 try:
-                    batch = self.batch_queue.get()
+                    batch: SlabBatch = self.batch_queue.get()
                 except QueueClosed:
                     break
+                ids, mask = self.ring.view(batch.slab).tokens(batch.rows, batch.length)
                 t0 = time.perf_counter()
-                try:
-                    vectors = self.embedder.embed(batch.input_ids, batch.attention_mask)
-                finally:
-                    if batch.slot >= 0:
-                        self.ring.release(batch.slot)
-                meter.record(items=len(batch.chunks), tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
-                out = EmbeddedBatch(chunks=batch.chunks, embeddings=np.asarray(vectors, dtype=np.float32))
-                while not self.write_queue.put(out, timeout=0.5):
+                vectors = self.embedder.embed(ids, mask)
+                meter.record(items=batch.rows, tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
+                while not self.write_queue.put(_Embedded(batch, np.asarray(vectors)), timeout=0.5):
                     if self._stop.is_set():
                         raise PipelineAborted("stopped")
         finally:
@@ -253,19 +355,23 @@ class StreamingPipeline:
         meter = self.metrics.stages["write"]
         while True:
             try:
-                batch = self.write_queue.get()
+                done = self.write_queue.get()
             except QueueClosed:
                 return
+            batch, vectors = done.batch, done.vectors
             t0 = time.perf_counter()
-            self.sink.add(batch)
-            meter.record(items=len(batch.chunks), nbytes=batch.nbytes, busy_s=time.perf_counter() - t0)
+            try:
+                rows = rows_from_slab(self.ring.view(batch.slab), batch, vectors)
+            finally:
+                self.ring.release(batch.slab)
+            self.sink.add_rows(rows)
+            meter.record(items=rows.num_rows, nbytes=rows.nbytes, busy_s=time.perf_counter() - t0)
 
     # -- run --------------------------------------------------------------------------------------
     def run(self) -> None:
         """Run the source's documents through; returns when every stage finished, raises the first
         stage error."""
-        threads = [threading.Thread(target=self._guard(self._feed), name="hades-feeder", daemon=True),
-                   threading.Thread(target=self._guard(self._batch), name="hades-batcher", daemon=True)]
+        threads = [threading.Thread(target=self._guard(self._route), name="hades-router", daemon=True)]
         threads += [threading.Thread(target=self._guard(self._embed), name=f"hades-embed-{i}", daemon=True)
                     for i in range(self.concurrency)]
         threads.append(threading.Thread(target=self._guard(self._write), name="hades-writer", daemon=True))
@@ -282,8 +388,15 @@ class StreamingPipeline:
             for t in threads:
                 t.join(timeout=10)
             raise
+        finally:
+            if self._owns_ring and not any(t.is_alive() for t in threads):
+                self.ring.close()
         if self._error is not None:
             err = self._error
             if isinstance(err, PipelineAborted) and err.__cause__ is not None:
                 err = err.__cause__
             raise err
+
+
+__all__ = ["StreamingPipeline", "WorkerPoolSource", "ChunkedDocuments", "Sink", "DocumentSource", "row_schema",
+           "rows_from_slab", "slab_layout", "slab_count"]

@@ -1,195 +1,342 @@
-"""A pool of worker processes that read, chunk and tokenize documents.
+"""The pool of worker processes that read, chunk, tokenize and pack documents into slabs.
 
 Processes, not threads: chunking is Python code that would hold the GIL against the embed stage.
-Each worker owns a task queue, so the pool always knows which documents a worker holds: when a
-worker dies (a segfault in a native library, the OOM killer) it is restarted and its documents are
-retried once; a document that kills a worker twice is skipped with reason ``worker_crashed``. The
-pool never has more than ``max_inflight`` documents handed out, which bounds the result pipe too.
+Each worker is a fresh interpreter running `worker_main` (see there why not `multiprocessing`'s
+spawn), joined to the main process by one socket pair; the slabs it writes into are the main
+process's `gpu.slabs.SlabRing`, mapped through an inherited file descriptor.
 
-Workers are started with the *spawn* method: the HF tokenizers thread pool is disabled after a fork
-(FACTS.md), and each worker loads its own tokenizer.
+The pool is the main process's event source. `poll` returns what the workers reported:
+
+- `DocumentEvent`: a document was read and chunked (or skipped, or found unchanged);
+- `BatchEvent`: a slab was filled with a batch (route it to the embedder);
+- `AbandonEvent`: the rows already received under a key must be dropped, because the worker
+  that was packing that document died before all its rows arrived; the document is retried under a
+  new key, so each chunk is still written exactly once.
+
+A worker that dies (a segfault in a native library, the OOM killer) is restarted; the document it
+was working on is retried once and skipped with reason ``worker_crashed`` when it kills a worker
+twice; documents merely queued behind it are handed on without being charged. Slabs granted to a
+dead worker go back to the ring. At most ``max_inflight_per_worker`` documents are handed to a
+worker before it reports them, and at most ``slabs_per_worker`` free slabs are granted to one.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
-import queue as queue_mod
+import socket
+import subprocess
+import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable, Optional, Union
 
-from hades_gpu.records import ChunkedDocument, DocumentRef
+import numpy as np
+
+import hades_gpu
+from hades_gpu.gpu.slabs import SlabRing
+from hades_gpu.orchestration.worker_main import WorkerSetup
+from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
 log = logging.getLogger(__name__)
 
-# (task index, document ref, attempt)
-Task = tuple[int, DocumentRef, int]
+_PACKAGE_ROOT = str(Path(hades_gpu.__file__).resolve().parent.parent)
 
 
-def _worker_main(task_q: Any, result_q: Any, process_fn: Callable[..., ChunkedDocument], fn_args: tuple,
-                 parent_pid: int) -> None:
-    """Worker loop: one `ChunkedDocument` per task; errors become that document's skip reason.
-
-    A worker whose parent died (SIGKILL leaves no chance to send the stop sentinel) exits on its own
-    within a second instead of lingering as an orphan.
-    """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    while True:
-        try:
-            task = task_q.get(timeout=1.0)
-        except queue_mod.Empty:
-            if os.getppid() != parent_pid:
-                return
-            continue
-        if task is None:
-            return
-        index, ref, _attempt = task
-        try:
-            doc = process_fn(ref, *fn_args)
-        except Exception as err:  # a bug or a pathological file must not kill the run
-            doc = ChunkedDocument(ref=ref, content_hash="", skip_reason="worker_error",
-                                  skip_detail=f"{type(err).__name__}: {err}")
-        result_q.put((index, doc))
+@dataclass
+class DocumentEvent:
+    key: int
+    index: int
+    ref: DocumentRef
+    result: DocumentResult
 
 
-def _reset_foreign_start_method() -> None:
-    """Make `spawn` the default again inside a joblib/loky worker (Hydra's joblib launcher).
+@dataclass
+class BatchEvent:
+    batch: SlabBatch
 
-    A process spawned from a loky worker inherits the start method "loky" in its preparation data
-    and dies at start-up ("cannot find context for 'loky'") because it never imports loky.
-    """
-    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
-        mp.set_start_method("spawn", force=True)
+
+@dataclass
+class AbandonEvent:
+    key: int
+
+
+PoolEvent = Union[DocumentEvent, BatchEvent, AbandonEvent]
+
+
+@dataclass
+class _Task:
+    key: int
+    index: int
+    ref: DocumentRef
+    known_hash: Optional[str]
+    attempt: int
+
+
+@dataclass
+class _Delivery:
+    task: _Task
+    expected: int
+    received: int = 0
 
 
 @dataclass
 class _Worker:
-    process: Any
-    tasks: Any
-    inflight: dict[int, Task] = field(default_factory=dict)
+    proc: subprocess.Popen
+    conn: Connection
+    pending: "OrderedDict[int, _Task]" = field(default_factory=OrderedDict)  # handed out, no result yet
+    delivering: dict[int, _Delivery] = field(default_factory=dict)  # result in, rows still arriving
+    slabs: set[int] = field(default_factory=set)  # granted and not yet sent back
+    dead: bool = False
+
+
+def _import_path() -> list[str]:
+    """The parent's sys.path, made absolute (a Hydra job may change the working directory)."""
+    return [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
 
 
 class WorkerPool:
-    """`num_workers` processes running `process_fn(ref, *fn_args) -> ChunkedDocument`.
+    """`num_workers` processes running `process_fn(ref, *fn_args) -> ChunkedDocument` and packing
+    its chunks into `ring`'s slabs.
 
     Args:
         num_workers (int): processes to start.
-        process_fn (callable): a top-level (picklable) function run per document.
+        process_fn (callable): a top-level function of an importable module, run per document.
         fn_args (tuple): extra arguments passed to every call (configs).
-        max_inflight_per_worker (int): documents handed to one worker before it reports back.
+        ring (SlabRing): the slabs the workers write batches into.
+        packing (dict): `WorkerSetup` fields for the batcher: max_batch_tokens, max_batch_size,
+            length_bucket, max_seq_len, lookahead_batches, special_ids.
+        max_inflight_per_worker (int): documents handed to one worker before it reports them.
+        slabs_per_worker (int): free slabs granted to one worker at a time.
     """
 
-    def __init__(self, num_workers: int, process_fn: Callable[..., ChunkedDocument], fn_args: tuple = (),
-                 max_inflight_per_worker: int = 8) -> None:
+    def __init__(self, num_workers: int, process_fn: Callable[..., ChunkedDocument], fn_args: tuple, ring: SlabRing,
+                 packing: dict, max_inflight_per_worker: int = 8, slabs_per_worker: int = 2) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
-        _reset_foreign_start_method()
-        self._ctx = mp.get_context("spawn")
-        self._process_fn = process_fn
-        self._fn_args = fn_args
+        self.ring = ring
+        self._setup = WorkerSetup(layout=ring.layout, slab_count=ring.count, process_fn=process_fn, fn_args=fn_args,
+                                  log_level=logging.getLogger("hades_gpu").getEffectiveLevel(), **packing)
         self._per_worker = max(1, max_inflight_per_worker)
-        self._results = self._ctx.Queue()
-        self._workers: list[_Worker] = [self._start_worker() for _ in range(num_workers)]
+        self._slabs_per_worker = max(1, slabs_per_worker)
+        self._next_key = 0
+        self._budget: Optional[int] = None
         self.restarts = 0
+        self.starved_grants = 0
         self._closed = False
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(num_workers):
+                self._workers.append(self._start_worker())
+        except BaseException:
+            self.close()
+            raise
 
+    # -- processes ----------------------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
-        tasks = self._ctx.Queue()
-        proc = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._process_fn, self._fn_args, os.getpid()),
-                                 daemon=True, name="hades-worker")
-        proc.start()
-        return _Worker(process=proc, tasks=tasks)
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        child_fd = child_sock.fileno()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.worker_main", str(child_fd),
+                                     str(self.ring.fd)], pass_fds=(child_fd, self.ring.fd), env=env,
+                                    stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            child_sock.close()
+        conn = Connection(parent_sock.detach())
+        worker = _Worker(proc=proc, conn=conn)
+        try:
+            conn.send(_import_path())
+            conn.send(self._setup)
+            if self._budget is not None:
+                conn.send(("budget", self._budget))
+        except OSError:
+            worker.dead = True  # it died at once: the next poll restarts it
+        return worker
 
     @property
     def num_workers(self) -> int:
         return len(self._workers)
 
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if not w.dead]
+
+    # -- tasks --------------------------------------------------------------------------------------
     @property
     def inflight(self) -> int:
-        return sum(len(w.inflight) for w in self._workers)
+        """Documents handed out whose result or rows have not all arrived."""
+        return sum(len(w.pending) + len(w.delivering) for w in self._workers)
 
     @property
     def capacity(self) -> int:
         return self._per_worker * len(self._workers)
 
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process.pid is not None]
-
     def has_room(self) -> bool:
-        return self.inflight < self.capacity
+        return sum(len(w.pending) for w in self._workers) < self.capacity
 
-    def submit(self, index: int, ref: DocumentRef, attempt: int = 1) -> None:
-        """Hand a document to the least-loaded worker (call only when `has_room()`)."""
-        worker = min(self._workers, key=lambda w: len(w.inflight))
-        task: Task = (index, ref, attempt)
-        worker.inflight[index] = task
-        worker.tasks.put(task)
+    def submit(self, index: int, ref: DocumentRef, known_hash: Optional[str] = None, attempt: int = 1) -> int:
+        """Hand a document to the least-loaded worker; returns the key its rows will carry."""
+        key = self._next_key
+        self._next_key += 1
+        self._send_task(_Task(key, index, ref, known_hash, attempt))
+        return key
 
-    def get_result(self, timeout: float = 0.5) -> Optional[tuple[int, ChunkedDocument]]:
-        """Next finished document, or None if none arrived in `timeout` (dead workers are handled)."""
+    def _send_task(self, task: _Task) -> None:
+        worker = min((w for w in self._workers if not w.dead), key=lambda w: len(w.pending), default=None)
+        if worker is None:
+            worker = self._workers[0]
+        worker.pending[task.key] = task
         try:
-            index, doc = self._results.get(timeout=timeout)
-        except queue_mod.Empty:
-            return self._reap_dead_workers()
-        for worker in self._workers:
-            if worker.inflight.pop(index, None) is not None:
-                break
-        return index, doc
+            worker.conn.send(("task", task.key, task.ref, task.known_hash))
+        except OSError:
+            worker.dead = True  # found by the next poll, which hands its tasks on
 
-    def _reap_dead_workers(self) -> Optional[tuple[int, ChunkedDocument]]:
-        """Restart dead workers; retry the document that killed one once, then report it as skipped.
+    def set_budget(self, tokens: int) -> None:
+        """The batch token budget every worker's batcher uses from now on (GPU memory pressure)."""
+        if tokens == self._budget:
+            return
+        self._budget = tokens
+        for w in self._workers:
+            try:
+                w.conn.send(("budget", tokens))
+            except OSError:
+                w.dead = True
 
-        A worker handles its queue in order, so the oldest unanswered task is the one it was working
-        on when it died; the others were only queued behind it and are handed on unchanged.
-        """
-        given_up: Optional[tuple[int, ChunkedDocument]] = None
-        for slot, worker in enumerate(self._workers):
-            if worker.process.is_alive() or self._closed:
+    # -- events -------------------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.2) -> list[PoolEvent]:
+        """What the workers reported within `timeout` seconds; dead workers are restarted here."""
+        events: list[PoolEvent] = []
+        self._grant()
+        live = {w.conn: w for w in self._workers if not w.dead}
+        ready = wait(list(live) + [self.ring.wake_socket()], timeout) if live else []
+        for obj in ready:
+            if obj is self.ring.wake_socket():
+                self.ring.drain_wakeups()
                 continue
-            code = worker.process.exitcode
-            log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting",
-                        worker.process.pid, code, len(worker.inflight))
-            replacement = self._start_worker()
-            self._workers[slot] = replacement
-            self.restarts += 1
-            for position, (index, ref, attempt) in enumerate(worker.inflight.values()):
-                if position == 0 and attempt >= 2:
-                    given_up = (index, ChunkedDocument(ref=ref, content_hash="", skip_reason="worker_crashed",
-                                                       skip_detail=f"worker exited with code {code} twice on it"))
-                    continue
-                retry = attempt + 1 if position == 0 else attempt
-                replacement.inflight[index] = (index, ref, retry)
-                replacement.tasks.put((index, ref, retry))
-            if given_up is not None:
-                return given_up
-        return given_up
+            worker = live[obj]  # type: ignore[index]
+            try:
+                while True:
+                    events.append(self._receive(worker, worker.conn.recv()))
+                    if not worker.conn.poll(0):
+                        break
+            except (EOFError, OSError):
+                worker.dead = True
+        for slot, worker in enumerate(self._workers):
+            if not worker.dead and worker.proc.poll() is not None:
+                # exited without closing its end (cannot happen short of a kernel bug): drain and treat as dead
+                worker.dead = True
+            if worker.dead and not self._closed:
+                events.extend(self._replace(slot))
+        self._grant()
+        return [e for e in events if e is not None]
 
+    def _receive(self, worker: _Worker, msg: object) -> Optional[PoolEvent]:
+        if isinstance(msg, DocumentResult):
+            task = worker.pending.pop(msg.key)
+            if msg.n_chunks:
+                worker.delivering[msg.key] = _Delivery(task, msg.n_chunks)
+            return DocumentEvent(msg.key, task.index, msg.ref if msg.ref is not None else task.ref, msg)
+        if isinstance(msg, SlabBatch):
+            worker.slabs.discard(msg.slab)
+            keys, counts = np.unique(self.ring.view(msg.slab).column("doc_key")[: msg.rows], return_counts=True)
+            for key, count in zip(keys.tolist(), counts.tolist()):  # per document, not per chunk
+                delivery = worker.delivering.get(key)
+                if delivery is not None:
+                    delivery.received += count
+                    if delivery.received >= delivery.expected:
+                        del worker.delivering[key]
+            return BatchEvent(msg)
+        raise TypeError(f"unexpected message from a worker: {type(msg).__name__}")
+
+    def _replace(self, slot: int) -> list[PoolEvent]:
+        """Restart a dead worker; retry or give up on what it held (see the module docstring)."""
+        worker = self._workers[slot]
+        try:
+            code = worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            code = worker.proc.wait()
+        worker.conn.close()
+        log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
+                    len(worker.pending) + len(worker.delivering))
+        for slab in sorted(worker.slabs):
+            self.ring.release(slab)  # granted, never filled and sent: nobody else holds it
+        worker.slabs.clear()
+        self._workers[slot] = self._start_worker()
+        self.restarts += 1
+        events: list[PoolEvent] = []
+        retries: list[_Task] = []
+        for key, delivery in worker.delivering.items():
+            events.append(AbandonEvent(key))  # some of its rows are lost with the worker: redo it all
+            retries.append(delivery.task)
+        for position, task in enumerate(worker.pending.values()):
+            if position == 0:  # a worker handles its tasks in order: this one was being read when it died
+                if task.attempt >= 2:
+                    events.append(DocumentEvent(task.key, task.index, task.ref, DocumentResult(
+                        key=task.key, content_hash="", skip_reason="worker_crashed",
+                        skip_detail=f"worker exited with code {code} twice on it")))
+                    continue
+                task.attempt += 1
+            retries.append(task)
+        for task in retries:
+            self._next_key += 1
+            self._send_task(_Task(self._next_key - 1, task.index, task.ref, task.known_hash, task.attempt))
+        return events
+
+    def _grant(self) -> None:
+        """Top every live worker up to `slabs_per_worker` free slabs, the emptiest first."""
+        if self._closed:
+            return
+        grants: dict[int, list[int]] = {}
+        while True:
+            needy = [(len(w.slabs) + len(grants.get(i, [])), i) for i, w in enumerate(self._workers)
+                     if not w.dead and len(w.slabs) + len(grants.get(i, [])) < self._slabs_per_worker]
+            if not needy:
+                break
+            slab = self.ring.try_acquire()
+            if slab is None:
+                if min(needy)[0] == 0:
+                    self.starved_grants += 1  # a worker has no slab to pack into: backpressure from the ring
+                break
+            grants.setdefault(min(needy)[1], []).append(slab)
+        for i, slabs in grants.items():
+            worker = self._workers[i]
+            worker.slabs.update(slabs)
+            try:
+                worker.conn.send(("slabs", slabs))
+            except OSError:
+                worker.dead = True  # its slabs return to the ring when it is replaced
+
+    # -- shutdown -----------------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every worker: a sentinel first, then terminate whatever did not exit in time."""
+        """Stop every worker: ``stop`` first, then kill whatever did not exit in time."""
         if self._closed:
             return
         self._closed = True
         for worker in self._workers:
             try:
-                worker.tasks.put(None)
-            except (OSError, ValueError):
+                worker.conn.send(("stop",))
+            except OSError:
                 pass
         deadline = time.monotonic() + timeout
         for worker in self._workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.terminate()
-                worker.process.join(1.0)
-        for worker in self._workers:
-            worker.tasks.close()
-            worker.tasks.cancel_join_thread()
-        self._results.close()
-        self._results.cancel_join_thread()
+            try:
+                worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+            worker.conn.close()
 
     def __enter__(self) -> "WorkerPool":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["WorkerPool", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]

@@ -21,9 +21,10 @@ from hades_gpu.documents.discovery import discover
 from hades_gpu.documents.tokenizer import special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
-from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
+from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerPool
-from hades_gpu.records import CODE, ChunkedDocument, DocumentRef
+from hades_gpu.gpu.slabs import SlabRing
+from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, DocumentResult
 from hades_gpu.store.atomic import atomic_write_bytes
 from hades_gpu.store.layout import metrics_path
 from hades_gpu.store.resume import Resume, ResumePolicy
@@ -55,6 +56,23 @@ class IngestResult:
     @property
     def documents_skipped(self) -> int:
         return len(self.skipped)
+
+
+class NothingIngestedError(RuntimeError):
+    """Every document of a run failed or was skipped: nothing was ingested and nothing was already
+    there. Raised so that a script, a notebook cell or the CLI exits non-zero; the run's
+    `IngestResult` (with every skip named, and metrics.json on disk) is in `.result`."""
+
+    def __init__(self, result: "IngestResult") -> None:
+        reasons: dict[str, int] = {}
+        for skip in result.skipped:
+            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        first = result.skipped[0] if result.skipped else None
+        example = f"; first: {first['path']}: {first['reason']}" + (f": {first['detail']}" if first and first["detail"] else "") if first else ""
+        super().__init__(f"nothing ingested: all {result.documents_total} document(s) failed or were skipped "
+                         f"({summary}){example}")
+        self.result = result
 
 
 def _worker_process(ref: DocumentRef, documents_cfg: Any, chunking_cfg: Any, force_code: bool) -> ChunkedDocument:
@@ -121,18 +139,22 @@ class IngestPipeline:
         if metrics.documents_resumed:
             log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, out)
 
-        def triage(doc: ChunkedDocument) -> bool:
+        def triage(ref: DocumentRef, result: DocumentResult) -> bool:
             metrics.documents_read += 1
-            if doc.skip_reason is not None:
-                metrics.add_skip(doc.ref.path, doc.skip_reason, doc.skip_detail)
+            if result.skip_reason is not None:
+                metrics.add_skip(ref.path, result.skip_reason, result.skip_detail)
                 return False
-            if resume.by_content(doc) is Resume.UNCHANGED:
+            if result.unchanged:
                 metrics.documents_resumed += 1  # touched but identical: keep the committed rows
                 metrics.documents_unchanged_hash += 1
-                writer.note_unchanged(doc.ref.rel_path, doc.ref.size, doc.ref.mtime_ns)
+                writer.note_unchanged(ref.rel_path, ref.size, ref.mtime_ns)
                 return False
             metrics.document_done(0)
             return True
+
+        def known_hash(ref: DocumentRef) -> Optional[str]:
+            entry = writer.manifest.lookup(ref.rel_path)
+            return entry.content_hash if entry is not None else None
 
         metrics.memory.start()
         endpoint = None  # live Prometheus text on 127.0.0.1 (monitoring.prometheus)
@@ -156,15 +178,25 @@ class IngestPipeline:
                 else:
                     governor = getattr(embedder, "governor", None)
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
-                with WorkerPool(cfg.profile.num_workers, _worker_process,
-                                (cfg.documents, cfg.chunking, self.force_code),
-                                cfg.profile.inflight_docs_per_worker) as pool:
-                    stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo), embedder, writer,
-                                               metrics, triage, special_ids(), cfg.embedder.max_seq_len,
-                                               governor=governor, progress=progress)
-                    progress.start()
-                    stream.run()
-                    metrics.extra["worker_restarts"] = pool.restarts
+                ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1)),
+                                slab_layout(cfg.profile, cfg.embedder.max_seq_len))
+                packing = dict(max_batch_tokens=cfg.profile.max_batch_tokens, max_batch_size=cfg.profile.max_batch_size,
+                               length_bucket=cfg.profile.length_bucket, max_seq_len=cfg.embedder.max_seq_len,
+                               lookahead_batches=cfg.profile.lookahead_batches, special_ids=special_ids())
+                try:
+                    with WorkerPool(cfg.profile.num_workers, _worker_process,
+                                    (cfg.documents, cfg.chunking, self.force_code), ring, packing,
+                                    cfg.profile.inflight_docs_per_worker) as pool:
+                        stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo, known_hash), embedder,
+                                                   writer, metrics, triage, special_ids(), cfg.embedder.max_seq_len,
+                                                   governor=governor, progress=progress, ring=ring)
+                        progress.start()
+                        stream.run()
+                        metrics.extra["worker_restarts"] = pool.restarts
+                    metrics.extra["slabs"] = {"count": ring.count, "bytes": ring.nbytes, "pinned": ring.pinned,
+                                              "starved_grants": pool.starved_grants}
+                finally:
+                    ring.close()
                 if governor is not None:
                     metrics.extra["gpu_governor"] = governor.metrics()
                 if hasattr(embedder, "metrics"):
@@ -190,6 +222,8 @@ class IngestPipeline:
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
                  result.documents_skipped)
+        if result.documents_total and not result.documents_ingested and not result.documents_unchanged:
+            raise NothingIngestedError(result)
         return result
 
     def _governor(self) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hades_gpu.records import ChunkedDocument, EmbeddedBatch
+from hades_gpu.records import DocumentRef, DocumentResult
 from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
 from hades_gpu.store.manifest import DocumentEntry, Manifest
@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Pending:
-    doc: ChunkedDocument
-    embeddings: np.ndarray  # float32 (n_chunks, dim)
+class _Document:
+    """A document whose rows are arriving (or have all arrived) under one key."""
+
+    key: int
+    ref: DocumentRef
+    content_hash: str
+    n_chunks: int
+    references: list[str]
     remaining: int
-    size: int
-    mtime_ns: int
 
 
 class DatasetWriter:
@@ -59,8 +62,10 @@ class DatasetWriter:
         self.docs_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest.load(self.output, shard)
         self.removed_orphans = self._remove_orphans()
-        self._pending: dict[str, _Pending] = {}
-        self._ready: list[_Pending] = []
+        self._pending: dict[int, _Document] = {}  # key -> document still missing rows
+        self._abandoned: set[int] = set()
+        self._blocks: list[pa.RecordBatch] = []  # rows received, not yet committed
+        self._ready: list[_Document] = []
         self._ready_rows = 0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -91,32 +96,53 @@ class DatasetWriter:
         return removed
 
     # -- stage calls ---------------------------------------------------------------------------------
-    def begin_document(self, doc: ChunkedDocument) -> None:
-        """Register a document before its chunks arrive (called by the batcher thread). Its size and
-        mtime (from discovery, `DocumentRef`) go into the manifest for the next run's resume check."""
-        entry = _Pending(doc=doc, embeddings=np.zeros((len(doc.chunks), self.dim), dtype=np.float32),
-                         remaining=len(doc.chunks), size=doc.ref.size, mtime_ns=doc.ref.mtime_ns)
+    def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None:
+        """Register a document before its rows arrive (the router calls it when a worker reports the
+        document). Its size and mtime (from discovery) go into the manifest for the next run's resume."""
+        doc = _Document(key=key, ref=ref, content_hash=result.content_hash, n_chunks=result.n_chunks,
+                        references=list(result.references), remaining=result.n_chunks)
         with self._lock:
-            if entry.remaining == 0:
-                self._ready.append(entry)
+            if key in self._pending or key in self._abandoned:
+                raise ValueError(f"document key {key} registered twice")
+            if doc.remaining == 0:
+                self._ready.append(doc)
             else:
-                self._pending[doc.ref.doc_id] = entry
+                self._pending[key] = doc
 
-    def add(self, batch: EmbeddedBatch) -> None:
-        """Store a batch's embeddings; commit a part once enough whole documents are ready."""
-        if batch.embeddings.shape != (len(batch.chunks), self.dim):
-            raise ValueError(f"embeddings must be ({len(batch.chunks)}, {self.dim}) (got {batch.embeddings.shape})")
+    def abandon(self, key: int) -> None:
+        """Forget a document attempt (its worker died before all its rows arrived; it is retried
+        under a new key): rows already stored and rows still to come under `key` are dropped."""
         with self._lock:
-            for row, chunk in enumerate(batch.chunks):
-                entry = self._pending.get(chunk.doc_id)
-                if entry is None:
-                    raise KeyError(f"chunk {chunk.chunk_id} of unregistered document {chunk.doc_id}")
-                entry.embeddings[chunk.ordinal] = batch.embeddings[row]
-                entry.remaining -= 1
-                if entry.remaining == 0:
-                    del self._pending[chunk.doc_id]
-                    self._ready.append(entry)
-                    self._ready_rows += len(entry.doc.chunks)
+            self._abandoned.add(key)
+            self._pending.pop(key, None)
+
+    def add_rows(self, rows: pa.RecordBatch) -> None:
+        """Store one embedded batch's rows (`orchestration.pipeline.row_schema`); commit a part once
+        enough whole documents are ready. Counted per document, never per row in Python."""
+        width = rows.schema.field("embedding").type.list_size
+        if width != self.dim:
+            raise ValueError(f"embeddings must have {self.dim} dimensions (got {width})")
+        keys = rows.column("doc_key").to_numpy()
+        with self._lock:
+            if self._abandoned:
+                keep = ~np.isin(keys, np.fromiter(self._abandoned, dtype=np.int64))
+                if not keep.all():
+                    rows = rows.filter(pa.array(keep))
+                    keys = keys[keep]
+            uniq, counts = np.unique(keys, return_counts=True)
+            for key, count in zip(uniq.tolist(), counts.tolist()):
+                doc = self._pending.get(key)
+                if doc is None:
+                    raise KeyError(f"{count} row(s) of unregistered document key {key}")
+                if count > doc.remaining:
+                    raise ValueError(f"{doc.ref.rel_path}: {count} more rows than its {doc.n_chunks} chunks")
+                doc.remaining -= count
+                if doc.remaining == 0:
+                    del self._pending[key]
+                    self._ready.append(doc)
+                    self._ready_rows += doc.n_chunks
+            if rows.num_rows:
+                self._blocks.append(rows)
             should_flush = self._ready_rows >= self.rows_per_part
         if should_flush:
             self.flush()
@@ -126,8 +152,21 @@ class DatasetWriter:
         with self._flush_lock:
             with self._lock:
                 ready, self._ready, self._ready_rows = self._ready, [], 0
-            if ready:
-                self._commit(ready)
+                if not ready:
+                    return
+                rows = self._take_rows([d.key for d in ready if d.n_chunks])
+            self._commit(ready, rows)
+
+    def _take_rows(self, keys: list[int]) -> Optional[pa.Table]:
+        """The stored rows of `keys` (removed from the store), and rows of abandoned keys dropped."""
+        if not self._blocks:
+            return None
+        table = pa.Table.from_batches(self._blocks)
+        doc_keys = table.column("doc_key").to_numpy()
+        taken = np.isin(doc_keys, np.asarray(keys, dtype=np.int64))
+        still = np.isin(doc_keys, np.fromiter(self._pending, dtype=np.int64))
+        self._blocks = table.filter(pa.array(still)).to_batches() if still.any() else []
+        return table.filter(pa.array(taken))
 
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
         """A committed document was read again (its size or mtime changed) and its content hash is the
@@ -154,57 +193,59 @@ class DatasetWriter:
             return len(self._pending)
 
     # -- commit ----------------------------------------------------------------------------------------
-    def _commit(self, ready: list[_Pending]) -> None:
+    def _commit(self, ready: list[_Document], rows: Optional[pa.Table]) -> None:
         part = part_name(self.shard, self.manifest.next_part_number())
-        chunk_table, doc_table = self._tables(ready)
+        chunk_table, doc_table = self._tables(ready, rows)
         atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part))
         atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
-        for entry in ready:
-            old = self.manifest.lookup(entry.doc.ref.rel_path)
+        for doc in ready:
+            old = self.manifest.lookup(doc.ref.rel_path)
             if old is not None:
                 replaced.setdefault(old.part, set()).add(old.doc_id)
         for old_part, doc_ids in replaced.items():
             self._drop_documents(old_part, doc_ids)
 
         self.manifest.commit_part(part, [
-            (entry.doc.ref.rel_path, DocumentEntry(doc_id=entry.doc.ref.doc_id, content_hash=entry.doc.content_hash,
-                                                   n_chunks=len(entry.doc.chunks), part=part, size=entry.size,
-                                                   mtime_ns=entry.mtime_ns))
-            for entry in ready])
+            (doc.ref.rel_path, DocumentEntry(doc_id=doc.ref.doc_id, content_hash=doc.content_hash,
+                                             n_chunks=doc.n_chunks, part=part, size=doc.ref.size,
+                                             mtime_ns=doc.ref.mtime_ns))
+            for doc in ready])
         self.parts_written += 1
         self.rows_written += chunk_table.num_rows
         self.documents_committed += len(ready)
         if self.on_commit is not None:
             self.on_commit(len(ready), chunk_table.num_rows)
 
-    def _tables(self, ready: list[_Pending]) -> tuple[pa.Table, pa.Table]:
-        chunks = [c for entry in ready for c in entry.doc.chunks]
-        embeddings = np.concatenate([e.embeddings for e in ready]) if chunks else np.zeros((0, self.dim), np.float32)
-        emb_array = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()), self.dim)
-        chunk_table = pa.Table.from_arrays([
-            pa.array([c.doc_id for c in chunks], pa.string()),
-            pa.array([c.chunk_id for c in chunks], pa.string()),
-            pa.array([c.path for c in chunks], pa.string()),
-            pa.array([c.modality for c in chunks], pa.string()),
-            pa.array([c.ordinal for c in chunks], pa.int32()),
-            pa.array([c.char_start for c in chunks], pa.int64()),
-            pa.array([c.char_end for c in chunks], pa.int64()),
-            pa.array([c.n_tokens for c in chunks], pa.int32()),
-            pa.array([c.text for c in chunks], pa.string()),
-            emb_array,
-        ], schema=chunk_schema(self.dim))
-        docs = [e.doc for e in ready]
+    def _tables(self, ready: list[_Document], rows: Optional[pa.Table]) -> tuple[pa.Table, pa.Table]:
+        """The part's two tables: rows ordered by document (as they became ready), then ordinal;
+        per-document columns (doc id, path, modality) taken by each row's document position."""
+        if rows is None or rows.num_rows == 0:
+            chunk_table = chunk_schema(self.dim).empty_table()
+        else:
+            ready_keys = np.array([d.key for d in ready], dtype=np.int64)
+            order = np.argsort(ready_keys)
+            row_keys = rows.column("doc_key").to_numpy()
+            position = order[np.searchsorted(ready_keys[order], row_keys)]  # each row's document, 0..len(ready)-1
+            sort = np.lexsort((rows.column("ordinal").to_numpy(), position))
+            rows = rows.take(pa.array(sort))
+            position = pa.array(position[sort])
+            per_doc = lambda values: pa.array(values, pa.string()).take(position)  # noqa: E731
+            chunk_table = pa.Table.from_arrays([
+                per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"), per_doc([d.ref.path for d in ready]),
+                per_doc([d.ref.modality for d in ready]), rows.column("ordinal"), rows.column("char_start"),
+                rows.column("char_end"), rows.column("n_tokens"), rows.column("text"), rows.column("embedding"),
+            ], schema=chunk_schema(self.dim))
         doc_table = pa.Table.from_arrays([
-            pa.array([d.ref.doc_id for d in docs], pa.string()),
-            pa.array([d.ref.path for d in docs], pa.string()),
-            pa.array([d.ref.rel_path for d in docs], pa.string()),
-            pa.array([d.ref.modality for d in docs], pa.string()),
-            pa.array([d.ref.language for d in docs], pa.string()),
-            pa.array([d.content_hash for d in docs], pa.string()),
-            pa.array([len(d.chunks) for d in docs], pa.int32()),
-            pa.array([list(d.references) for d in docs], pa.list_(pa.string())),
+            pa.array([d.ref.doc_id for d in ready], pa.string()),
+            pa.array([d.ref.path for d in ready], pa.string()),
+            pa.array([d.ref.rel_path for d in ready], pa.string()),
+            pa.array([d.ref.modality for d in ready], pa.string()),
+            pa.array([d.ref.language for d in ready], pa.string()),
+            pa.array([d.content_hash for d in ready], pa.string()),
+            pa.array([d.n_chunks for d in ready], pa.int32()),
+            pa.array([list(d.references) for d in ready], pa.list_(pa.string())),
         ], schema=DOCUMENT_SCHEMA)
         return chunk_table, doc_table
 

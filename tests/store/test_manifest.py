@@ -8,7 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from hades_gpu.records import EmbeddedBatch
+from writer_feed import ChunkFeed, EmbeddedBatch
 from hades_gpu.store.manifest import Manifest
 from hades_gpu.store.reader import read_chunks
 from hades_gpu.store.writer import DatasetWriter
@@ -44,7 +44,7 @@ def test_damaged_or_foreign_manifest_is_refused(tmp_path):
 
 
 def test_an_older_outputs_json_manifest_is_read_then_imported_once(tmp_path):
-    w = DatasetWriter(tmp_path, "s2", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s2", DIM, rows_per_part=100))
     d = varied_doc("a.py", 2, "old")
     w.begin_document(with_stat(d, 11, 22))
     w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))

@@ -13,11 +13,11 @@ from tests.store.test_writer import DIM, varied_doc
 
 
 def _output(tmp_path):
-    from hades_gpu.records import EmbeddedBatch
+    from writer_feed import ChunkFeed, EmbeddedBatch
     from hades_gpu.store.writer import DatasetWriter
 
     for shard in ("s0", "s1"):
-        w = DatasetWriter(tmp_path, shard, DIM, rows_per_part=100)
+        w = ChunkFeed(DatasetWriter(tmp_path, shard, DIM, rows_per_part=100))
         d = varied_doc(f"{shard}.py", 2, shard)
         w.begin_document(d)
         w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))

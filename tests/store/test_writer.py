@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hades_gpu.records import Chunk, ChunkedDocument, DocumentRef, EmbeddedBatch, stable_id
+from hades_gpu.records import Chunk, ChunkedDocument, DocumentRef, stable_id
+from writer_feed import ChunkFeed, EmbeddedBatch
 from hades_gpu.store.manifest import Manifest
 from hades_gpu.store.reader import read_chunks, read_documents
 from hades_gpu.store.writer import DatasetWriter
@@ -36,7 +37,7 @@ def embed_all(writer, docs):
 
 
 def test_whole_documents_per_part_and_manifest(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=4)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=4))
     docs = [make_doc(f"d{i}.txt", n) for i, n in enumerate([3, 2, 5, 1])]
     for d in docs:
         w.begin_document(with_stat(d, 10, 7))
@@ -55,7 +56,7 @@ def test_whole_documents_per_part_and_manifest(tmp_path):
 
 
 def test_orphan_parts_are_removed_on_open(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     d = make_doc("a.txt", 2)
     w.begin_document(d)
     embed_all(w, [d])
@@ -63,19 +64,19 @@ def test_orphan_parts_are_removed_on_open(tmp_path):
     orphan = tmp_path / "chunks" / "part-s0-00099.parquet"
     orphan.write_bytes(b"partial")
     (tmp_path / "chunks" / ".part-s0-00100.parquet.tmp-1").write_bytes(b"tmp")
-    w2 = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w2 = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     assert not orphan.exists() and len(w2.removed_orphans) == 2
     assert len(read_chunks(tmp_path)) == 2
 
 
 def test_changed_document_replaces_old_rows(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     old, other = make_doc("a.txt", 3, "v1"), make_doc("b.txt", 2)
     for d in (old, other):
         w.begin_document(d)
     embed_all(w, [old, other])
     w.close()
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     new = make_doc("a.txt", 2, "v2")
     w.begin_document(new)
     embed_all(w, [new])
@@ -86,10 +87,10 @@ def test_changed_document_replaces_old_rows(tmp_path):
 
 
 def test_embedding_shape_checked(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     d = make_doc("a.txt", 1)
     w.begin_document(d)
-    with pytest.raises(ValueError, match=r"embeddings must be \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"embeddings must have 4 dimensions \(got 3\)"):
         w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.zeros((1, 3), np.float32)))
 
 
@@ -104,7 +105,7 @@ def varied_doc(rel: str, n: int, content: str, modality: str = "code", language:
 
 
 def test_every_column_and_manifest_field_round_trips(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=5)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=5))
     docs = [varied_doc("pkg/a.py", 3, "alpha"), varied_doc("docs/b.md", 4, "beta", "prose", "markdown"),
             varied_doc("c.py", 1, "gamma"), varied_doc("d.txt", 2, "delta", "prose", "text")]
     vectors = {}
@@ -148,12 +149,12 @@ def test_every_column_and_manifest_field_round_trips(tmp_path):
 
 
 def test_note_unchanged_is_saved_at_close_for_known_documents_only(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     d = varied_doc("a.py", 2, "x")
     w.begin_document(with_stat(d, 5, 6))
     w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
     w.close()
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     w.note_unchanged("a.py", 5, 99)
     w.note_unchanged("never-seen.py", 1, 2)
     assert Manifest.load(tmp_path, "s0").lookup("a.py").mtime_ns == 6  # not before close
@@ -165,7 +166,7 @@ def test_note_unchanged_is_saved_at_close_for_known_documents_only(tmp_path):
 
 def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed(tmp_path):
     for shard, rel in (("s0", "a.py"), ("s3", "b.py")):
-        w = DatasetWriter(tmp_path, shard, DIM, rows_per_part=100)
+        w = ChunkFeed(DatasetWriter(tmp_path, shard, DIM, rows_per_part=100))
         d = varied_doc(rel, 2, shard)
         w.begin_document(d)
         w.add(EmbeddedBatch(chunks=d.chunks, embeddings=np.ones((2, DIM), np.float32)))
@@ -186,7 +187,7 @@ def test_shards_have_their_own_manifest_and_parts_and_readers_see_only_committed
 
 
 def test_document_without_chunks_is_committed_at_once(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     d = varied_doc("empty.py", 0, "none")
     w.begin_document(with_stat(d, 3, 4))
     assert w.pending_documents == 0
@@ -196,7 +197,7 @@ def test_document_without_chunks_is_committed_at_once(tmp_path):
 
 
 def test_incomplete_document_is_not_committed(tmp_path):
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=1)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=1))
     d = varied_doc("a.py", 3, "x")
     w.begin_document(d)
     w.add(EmbeddedBatch(chunks=d.chunks[:2], embeddings=np.ones((2, DIM), np.float32)))
@@ -209,7 +210,7 @@ def test_incomplete_document_is_not_committed(tmp_path):
 
 def test_part_committed_exactly_when_ready_rows_reach_the_part_size(tmp_path, caplog):
     commits = []
-    w = DatasetWriter(tmp_path / "new" / "deeper", "s0", DIM, rows_per_part=4)  # folders made as needed
+    w = ChunkFeed(DatasetWriter(tmp_path / "new" / "deeper", "s0", DIM, rows_per_part=4))  # folders made as needed
     w.on_commit = lambda docs, rows: commits.append((docs, rows))
     a, b, c = varied_doc("a.py", 3, "a"), varied_doc("b.py", 1, "b"), varied_doc("c.py", 2, "c")
     for d in (a, b, c):
@@ -235,7 +236,7 @@ def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
     other_shard = tmp_path / "chunks" / "part-s1-00001.parquet"
     other_shard.write_bytes(b"another shard's, not ours to remove")
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1}))  # older output: no parts, no documents
-    w = DatasetWriter(tmp_path, "s0", DIM, rows_per_part=10)
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=10))
     assert w.removed_orphans == [str(stray)] and other_shard.exists()
     m = Manifest.load(tmp_path, "s0")
     assert (m.shard, m.parts(), list(m.documents())) == ("s0", [], [])

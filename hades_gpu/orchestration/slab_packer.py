@@ -1,0 +1,117 @@
+"""Pack chunks into length-sorted, token-budget batches written straight into shared-memory slabs.
+
+This is what each worker process runs after chunking a document (and what the main process runs
+for documents already in memory, `pipeline.ChunkedDocuments`): the profile's look-ahead batcher
+(`LengthSortedBatcher`: `max_batch_tokens`, length buckets, look-ahead) decides which chunks go
+together; `fill_slab` writes their padded ids, masks and row columns into a granted slab, and the
+packer reports a small `SlabBatch` header. The rows' texts go into the slab's text area, or with the
+header when they do not fit it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabView
+from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher
+from hades_gpu.records import Chunk, SlabBatch
+
+
+class PackedRow:
+    """A chunk with the key of the document attempt it belongs to (what the batcher sorts)."""
+
+    __slots__ = ("key", "chunk", "n_tokens", "token_ids")
+
+    def __init__(self, key: int, chunk: Chunk) -> None:
+        self.key = key
+        self.chunk = chunk
+        self.token_ids = chunk.token_ids
+        self.n_tokens = int(chunk.token_ids.shape[0])
+
+
+def fill_slab(plan: BatchPlan, view: SlabView, slab: int, cls_id: int, sep_id: int, pad_id: int) -> SlabBatch:
+    """Write one plan's padded ids, mask and row columns into `view`; the header describing it."""
+    rows_: Sequence[PackedRow] = plan.chunks  # type: ignore[assignment]
+    rows, length = len(rows_), plan.length
+    ids, mask = view.tokens(rows, length)
+    ids.fill(pad_id)
+    mask.fill(0)
+    lengths = np.empty(rows, dtype=np.int32)
+    for r, row in enumerate(rows_):
+        content = row.token_ids[: length - 2]
+        n = content.shape[0]
+        ids[r, 0] = cls_id
+        ids[r, 1:n + 1] = content
+        ids[r, n + 1] = sep_id
+        lengths[r] = n
+    # the mask from the lengths in one vectorised step: row r has lengths[r] + 2 ones
+    mask[:] = np.arange(length)[None, :] < (lengths[:, None] + 2)
+    chunks = [row.chunk for row in rows_]
+    view.column("doc_key")[:rows] = [row.key for row in rows_]
+    view.column("ordinal")[:rows] = [c.ordinal for c in chunks]
+    view.column("char_start")[:rows] = [c.char_start for c in chunks]
+    view.column("char_end")[:rows] = [c.char_end for c in chunks]
+    view.column("n_tokens")[:rows] = [row.n_tokens for row in rows_]
+    id_bytes = "".join(c.chunk_id for c in chunks).encode("ascii")
+    if len(id_bytes) != rows * CHUNK_ID_BYTES:
+        raise ValueError(f"chunk ids must be {CHUNK_ID_BYTES} ASCII characters each")
+    view.column("chunk_id")[: rows * CHUNK_ID_BYTES] = np.frombuffer(id_bytes, dtype=np.uint8)
+    texts = [c.text.encode("utf-8") for c in chunks]
+    offsets = view.column("text_offsets")
+    offsets[0] = 0
+    offsets[1:rows + 1] = np.cumsum([len(t) for t in texts], dtype=np.int64)
+    blob = b"".join(texts)
+    area = view.column("text")
+    inline: Optional[bytes] = None
+    if len(blob) <= area.shape[0]:
+        area[: len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    else:
+        inline = blob
+    real = int(lengths.sum()) + 2 * rows
+    return SlabBatch(slab=slab, rows=rows, length=length, real_tokens=real, text_len=len(blob), inline_text=inline)
+
+
+class SlabPacker:
+    """A look-ahead window of chunks, cut into batches that are written into slabs as it fills.
+
+    Args:
+        batcher (LengthSortedBatcher): the profile's batch policy.
+        special_ids (tuple[int, int, int]): (CLS, SEP, PAD).
+        acquire (callable): a free slab index (blocks until one is granted).
+        view (callable): the `SlabView` of a slab index.
+        emit (callable): receives each filled `SlabBatch`.
+    """
+
+    def __init__(self, batcher: LengthSortedBatcher, special_ids: tuple[int, int, int],
+                 acquire: Callable[[], int], view: Callable[[int], SlabView], emit: Callable[[SlabBatch], None]) -> None:
+        self.batcher = batcher
+        self.cls_id, self.sep_id, self.pad_id = special_ids
+        self._acquire = acquire
+        self._view = view
+        self._emit = emit
+        self.buffered_rows = 0
+
+    def add(self, key: int, chunks: Sequence[Chunk]) -> None:
+        """Add one document's chunks; batches of a full window are written and emitted."""
+        rows = [PackedRow(key, c) for c in chunks]
+        self.buffered_rows += len(rows)
+        self._write(self.batcher.add(rows))  # type: ignore[arg-type]
+
+    def flush(self) -> None:
+        """Write every buffered chunk (idle worker, end of input)."""
+        self._write(self.batcher.flush())
+
+    def _write(self, plans: list[BatchPlan]) -> None:
+        for plan in plans:
+            slab = self._acquire()
+            t0 = time.perf_counter()
+            batch = fill_slab(plan, self._view(slab), slab, self.cls_id, self.sep_id, self.pad_id)
+            batch.busy_s = time.perf_counter() - t0
+            self.buffered_rows -= batch.rows
+            self._emit(batch)
+
+
+__all__ = ["PackedRow", "SlabPacker", "fill_slab"]

@@ -1,0 +1,153 @@
+"""The worker process: read, chunk, tokenize and pack documents into the main process's slabs.
+
+Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slab-fd>`` by
+`workers.WorkerPool`, never through `multiprocessing`'s spawn: spawn re-runs the user's main module in
+every child (a plain script without a main guard then starts workers recursively and dies, and
+``python - < script`` fails on ``'<stdin>'``). This module imports only the package, so workers start
+the same way from a script, standard input, ``python -c``, a notebook kernel, a Hydra job or a
+joblib/loky worker.
+
+Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
+
+- parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
+  a `WorkerSetup`; afterwards ``("task", key, ref, known_hash)``, ``("slabs", [i, ...])`` (grants),
+  ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
+- worker -> parent: one `DocumentResult` per task, in task order, then `SlabBatch` headers for the
+  batches holding its chunks (a document's result always precedes its rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional
+
+from hades_gpu.gpu.slabs import SlabLayout, SlabMapping
+from hades_gpu.orchestration.batcher import LengthSortedBatcher
+from hades_gpu.orchestration.slab_packer import SlabPacker
+from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSetup:
+    """Everything a worker needs besides its two file descriptors."""
+
+    layout: SlabLayout
+    slab_count: int
+    process_fn: Callable[..., ChunkedDocument]
+    fn_args: tuple
+    max_batch_tokens: int
+    max_batch_size: int
+    length_bucket: int
+    max_seq_len: int
+    lookahead_batches: int
+    special_ids: tuple[int, int, int]
+    idle_flush_s: float = 0.02  # no new task for this long: write out the look-ahead window
+    log_level: int = logging.WARNING
+
+
+class _Stop(Exception):
+    pass
+
+
+def _result_of(key: int, ref: DocumentRef, doc: ChunkedDocument, known_hash: Optional[str],
+               busy_s: float) -> DocumentResult:
+    result = _plain_result(key, doc, known_hash, busy_s)
+    if doc.ref != ref:
+        result.ref = doc.ref  # the process function changed it (e.g. forced modality): the writer stores that
+    return result
+
+
+def _plain_result(key: int, doc: ChunkedDocument, known_hash: Optional[str], busy_s: float) -> DocumentResult:
+    if doc.skip_reason is not None:
+        return DocumentResult(key=key, content_hash=doc.content_hash, skip_reason=doc.skip_reason,
+                              skip_detail=doc.skip_detail, busy_s=busy_s)
+    if known_hash is not None and doc.content_hash == known_hash:
+        return DocumentResult(key=key, content_hash=doc.content_hash, unchanged=True, busy_s=busy_s)
+    return DocumentResult(key=key, content_hash=doc.content_hash, n_chunks=len(doc.chunks),
+                          tokens=sum(c.n_tokens for c in doc.chunks), references=list(doc.references), busy_s=busy_s)
+
+
+def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping) -> None:
+    """The worker loop (also driven in-process by tests): returns on ``stop`` or when the parent is gone."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tasks: deque[tuple[int, DocumentRef, Optional[str]]] = deque()
+    free: deque[int] = deque()
+    budget = [setup.max_batch_tokens]
+
+    def handle(msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "task":
+            tasks.append((msg[1], msg[2], msg[3]))
+        elif kind == "slabs":
+            free.extend(msg[1])
+        elif kind == "budget":
+            budget[0] = int(msg[1])
+        elif kind == "stop":
+            raise _Stop
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+    def acquire() -> int:
+        while not free:
+            handle(conn.recv())
+        return free.popleft()
+
+    batcher = LengthSortedBatcher(setup.max_batch_tokens, setup.max_batch_size, setup.length_bucket, setup.max_seq_len,
+                                  setup.lookahead_batches, budget_fn=lambda base: budget[0])
+    packer = SlabPacker(batcher, setup.special_ids, acquire, lambda i: mapping.views[i], conn.send)
+    try:
+        while True:
+            if not tasks:
+                if packer.buffered_rows and not conn.poll(setup.idle_flush_s):
+                    packer.flush()  # nothing new to look ahead at: do not hold documents back
+                    continue
+                handle(conn.recv())
+                continue
+            key, ref, known_hash = tasks.popleft()
+            t0 = time.perf_counter()
+            try:
+                doc = setup.process_fn(ref, *setup.fn_args)
+            except Exception as err:  # a bug or a pathological file must not kill the worker
+                doc = ChunkedDocument(ref=ref, content_hash="", skip_reason="worker_error",
+                                      skip_detail=f"{type(err).__name__}: {err}")
+            result = _result_of(key, ref, doc, known_hash, time.perf_counter() - t0)
+            conn.send(result)
+            if result.n_chunks:
+                packer.add(key, doc.chunks)
+    except (_Stop, EOFError, BrokenPipeError, ConnectionResetError):
+        return  # told to stop, or the parent is gone: nothing of ours is worth keeping
+
+
+def main(argv: list[str]) -> int:
+    conn = Connection(int(argv[1]))
+    slab_fd = int(argv[2])
+    try:
+        paths = conn.recv()
+    except EOFError:
+        return 0
+    for path in reversed(paths):  # the parent's import path, so its process function unpickles here
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        setup: WorkerSetup = conn.recv()
+    except EOFError:
+        return 0
+    logging.basicConfig(level=setup.log_level, format=f"hades-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    mapping = SlabMapping(slab_fd, setup.layout, setup.slab_count)
+    run_worker(conn, setup, mapping)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+
+
+__all__ = ["WorkerSetup", "run_worker", "main"]
