@@ -29,7 +29,7 @@ from hades_gpu.documents.code_chunker import (
     python_references,
     python_references_fallback,
 )
-from hades_gpu.documents.packing import Children, Packer, Span, finalize
+from hades_gpu.documents.packing import Children, Packer, Span, finalize, line_starts
 from hades_gpu.documents.prose_chunker import ProseStructure, prose_references, prose_units
 from hades_gpu.documents.reading import SkipDocument, read_document
 from hades_gpu.documents.tokenized import SegmentMismatch, Tokenized, TokenizedText, tokenize_document
@@ -91,8 +91,10 @@ def chunk_text(
         references = prose_references(text, ref.language)
         overlap = min(chunking.overlap_tokens, max(0, budget // 2 - 1))
         absorb_top, keep_indent = True, False
-    # the packer counts tokens at every top-level span: cut the document there up front
-    cuts = [s for s, _e, _sec in units]
+    # the packer counts tokens at every top-level span and at the lines of the long ones: cut the
+    # document at all of them up front (one batched encode instead of a re-encode per later cut)
+    cuts = np.union1d(np.fromiter((s for s, _e, _sec in units), dtype=np.int64, count=len(units)),
+                      line_starts(text)).tolist()
     try:
         tt = TokenizedText(text, tok, reencode) if hf_offsets else tokenize_document(text, tok, reencode, cuts)
         pieces = _pack(tt, children, units, budget, chunking,
