@@ -1,6 +1,6 @@
 """Token-space windowing shared by the prose and code chunkers.
 
-A document is tokenized once (`TokenizedText`): token ids, the character offset where each token
+A document is tokenized once (`tokenized.TokenizedText`, or `SegmentedText` on the fast path): token ids, the character offset where each token
 starts, and whether it continues a word (a ``##`` piece). Everything else works on character spans
 and counts tokens by binary search over those offsets.
 
