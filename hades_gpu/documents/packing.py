@@ -1,7 +1,7 @@
 """Token-space windowing shared by the prose and code chunkers.
 
-A document is tokenized once (`tokenized.TokenizedText`, or `SegmentedText` on the fast path): token ids, the character offset where each token
-starts, and whether it continues a word (a ``##`` piece). Everything else works on character spans
+A document is tokenized once (`tokenized.TokenizedText`; `SegmentedText` on the fast path): token
+ids, the character offset where each token starts, and whether it continues a word (a ``##`` piece). Everything else works on character spans
 and counts tokens by binary search over those offsets.
 
 The modality chunkers describe a document's structure as *spans*: ``(start, end, section)``
