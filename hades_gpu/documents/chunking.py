@@ -29,9 +29,10 @@ from hades_gpu.documents.code_chunker import (
     python_references,
     python_references_fallback,
 )
-from hades_gpu.documents.packing import Packer, TokenizedText, finalize
+from hades_gpu.documents.packing import Children, Packer, Span, finalize, line_starts
 from hades_gpu.documents.prose_chunker import ProseStructure, prose_references, prose_units
 from hades_gpu.documents.reading import SkipDocument, read_document
+from hades_gpu.documents.tokenized import SegmentMismatch, Tokenized, TokenizedText, tokenize_document
 from hades_gpu.documents.tokenizer import load_tokenizer
 from hades_gpu.records import CODE, Chunk, ChunkedDocument, DocumentRef, stable_id
 
@@ -42,6 +43,13 @@ def _is_python(ref: DocumentRef) -> bool:
     return ref.language == "python" or ref.rel_path.endswith((".py", ".pyi"))
 
 
+def _pack(tt: Tokenized, children: Children, units: list[Span], budget: int, chunking: ChunkingConfig,
+          overlap: int, absorb_top: bool, keep_indent: bool) -> list[tuple[int, int, np.ndarray]]:
+    packer = Packer(tt, children, chunking.min_chunk_tokens, overlap=overlap, absorb_top=absorb_top)
+    windows = packer.pack(units, budget)
+    return finalize(tt, windows, budget, chunking.min_chunk_tokens, keep_indent, packer)
+
+
 def chunk_text(
     ref: DocumentRef,
     text: str,
@@ -50,13 +58,16 @@ def chunk_text(
     tokenizer: Optional[Tokenizer] = None,
     *,
     reencode: bool = False,
+    hf_offsets: bool = False,
 ) -> tuple[list[Chunk], list[str]]:
-    """Chunks of `text` and the document's references (see `chunk_document`, `process_document`)."""
+    """Chunks of `text` and the document's references (see `chunk_document`, `process_document`).
+
+    `hf_offsets` takes every token's offset from HF `tokenizers` (the path without a fast tokenizer:
+    tests and the benchmark compare both); by default `tokenize_document` picks the fast path."""
     tok = tokenizer if tokenizer is not None else load_tokenizer()
     budget = chunking.chunk_tokens
     if budget < 1:
         raise ValueError(f"chunking.chunk_tokens must be >= 1 (got {budget})")
-    tt = TokenizedText(text, tok, reencode=reencode)
     references: list[str] = []
     if ref.modality == CODE:
         structure: CodeStructure
@@ -70,18 +81,28 @@ def chunk_text(
                 references = python_references_fallback(text, ref.rel_path)
         else:
             structure = CodeStructure(text)
-        packer = Packer(tt, structure.children, chunking.min_chunk_tokens, overlap=0)
+        children = structure.children
         units = structure.units()
-        keep_indent = True
+        overlap, absorb_top, keep_indent = 0, False, True
     else:
         prose = ProseStructure(text)
-        packer = Packer(tt, prose.children, chunking.min_chunk_tokens,
-                        overlap=min(chunking.overlap_tokens, max(0, budget // 2 - 1)), absorb_top=True)
+        children = prose.children
         units = prose_units(text, ref.language)
         references = prose_references(text, ref.language)
-        keep_indent = False
-    windows = packer.pack(units, budget)
-    pieces = finalize(tt, windows, budget, chunking.min_chunk_tokens, keep_indent, packer)
+        overlap = min(chunking.overlap_tokens, max(0, budget // 2 - 1))
+        absorb_top, keep_indent = True, False
+    # the packer counts tokens at every top-level span and at the lines of the long ones: cut the
+    # document at all of them up front (one batched encode instead of a re-encode per later cut)
+    cuts = np.union1d(np.fromiter((s for s, _e, _sec in units), dtype=np.int64, count=len(units)),
+                      line_starts(text)).tolist()
+    try:
+        tt = TokenizedText(text, tok, reencode) if hf_offsets else tokenize_document(text, tok, reencode, cuts)
+        pieces = _pack(tt, children, units, budget, chunking,
+                       overlap, absorb_top, keep_indent)
+    except SegmentMismatch as err:  # the fast ids disagree with HF somewhere: HF offsets throughout
+        log.warning("%s: %s; tokenizing it with offsets instead", ref.rel_path, err)
+        pieces = _pack(TokenizedText(text, tok, reencode), children, units, budget, chunking,
+                       overlap, absorb_top, keep_indent)
     doc_id = ref.doc_id
     chunks = [
         Chunk(
@@ -124,6 +145,8 @@ def process_document(
     documents_cfg: DocumentsConfig,
     chunking_cfg: ChunkingConfig,
     tokenizer: Optional[Tokenizer] = None,
+    *,
+    hf_offsets: bool = False,
 ) -> ChunkedDocument:
     """Read, chunk and tokenize one document; never raises for a bad file.
 
@@ -140,7 +163,7 @@ def process_document(
         return ChunkedDocument(ref=ref, content_hash="", skip_reason="unreadable",
                                skip_detail=f"{type(err).__name__}: {err}")
     try:
-        chunks, references = chunk_text(ref, text, digest, chunking_cfg, tokenizer)
+        chunks, references = chunk_text(ref, text, digest, chunking_cfg, tokenizer, hf_offsets=hf_offsets)
     except Exception as err:  # noqa: BLE001
         log.exception("chunking %s failed", ref.path)
         return ChunkedDocument(ref=ref, content_hash=digest, skip_reason="chunk_error",

@@ -1,7 +1,7 @@
 """Token-space windowing shared by the prose and code chunkers.
 
-A document is tokenized once (`TokenizedText`): token ids, the character offset where each token
-starts, and whether it continues a word (a ``##`` piece). Everything else works on character spans
+A document is tokenized once (`tokenized.TokenizedText`; `SegmentedText` on the fast path): token
+ids, the character offset where each token starts, and whether it continues a word (a ``##`` piece). Everything else works on character spans
 and counts tokens by binary search over those offsets.
 
 The modality chunkers describe a document's structure as *spans*: ``(start, end, section)``
@@ -42,13 +42,12 @@ check this equality on real files with ``reencode=True``.
 
 from __future__ import annotations
 
-import json
 import re
-from bisect import bisect_left
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+
+from hades_gpu.documents.tokenized import SegmentedText, Tokenized, TokenizedText, tokenizer_info
 
 Span = tuple[int, int, bool]  # (char_start, char_end, starts a section)
 Window = tuple[int, int]  # (char_start, char_end)
@@ -56,82 +55,6 @@ Children = Callable[[int, int], Optional[list[Span]]]
 
 _NON_SPACE = re.compile(r"\S")
 _MAX_RESPLITS = 8
-
-_TOKENIZER_INFO: dict[int, tuple[Tokenizer, np.ndarray, bool]] = {}
-
-
-def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
-    """(is-continuation table indexed by id, whether slices of a document's ids are exact)."""
-    key = id(tokenizer)
-    hit = _TOKENIZER_INFO.get(key)
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1], hit[2]
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    table = np.zeros(max(vocab.values(), default=0) + 1, dtype=bool)
-    spec = json.loads(tokenizer.to_str())
-    model = spec.get("model") or {}
-    prefix = model.get("continuing_subword_prefix") or "##"
-    for tok, i in vocab.items():
-        if tok.startswith(prefix) and len(tok) > len(prefix):
-            table[i] = True
-    norm = (spec.get("normalizer") or {}).get("type")
-    pre = (spec.get("pre_tokenizer") or {}).get("type")
-    slice_exact = model.get("type") == "WordPiece" and pre == "BertPreTokenizer" and norm in (None, "BertNormalizer")
-    _TOKENIZER_INFO[key] = (tokenizer, table, slice_exact)
-    return table, slice_exact
-
-
-class TokenizedText:
-    """A document encoded once: ids and per-token start offsets (characters of `text`).
-
-    Args:
-        text (str): the decoded document.
-        tokenizer (tokenizers.Tokenizer): the model's tokenizer (truncation/padding off).
-        reencode (bool, optional): re-encode every window's text instead of slicing ids where
-            that is exact (for tests; same result, slower). (default: False)
-    """
-
-    def __init__(self, text: str, tokenizer: Tokenizer, reencode: bool = False) -> None:
-        self.text = text
-        self.tokenizer = tokenizer
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        self.ids = np.array(enc.ids, dtype=np.int32)  # (n,)
-        self.n = int(self.ids.shape[0])
-        starts_list = [a for a, _ in enc.offsets]  # 5x faster than np.asarray of the (n, 2) pairs
-        starts = np.array(starts_list, dtype=np.int64)  # (n,)
-        if self.n > 1 and bool((starts[1:] < starts[:-1]).any()):
-            # never seen with BERT; keep binary search valid for any tokenizer
-            starts = np.maximum.accumulate(starts)
-            starts_list = starts.tolist()
-        self.starts = starts
-        self._starts_list = starts_list  # bisect on a list: ~20x cheaper per call than np.searchsorted
-        table, slice_exact = tokenizer_info(tokenizer)
-        ids = np.minimum(self.ids, len(table) - 1) if self.n else self.ids
-        self.cont = table[ids] if self.n else np.zeros(0, dtype=bool)  # (n,) True for "##" pieces
-        self.slice_exact = slice_exact and not reencode
-
-    # -- counting ---------------------------------------------------------------------------
-    def index(self, pos: int) -> int:
-        """Index of the first token starting at or after character `pos`."""
-        return bisect_left(self._starts_list, pos)
-
-    def count(self, start: int, end: int) -> int:
-        return self.index(end) - self.index(start)
-
-    def start_of(self, i: int) -> int:
-        return int(self.starts[i]) if i < self.n else len(self.text)
-
-    # -- cut quality ------------------------------------------------------------------------
-    def word_start(self, i: int) -> bool:
-        """A cut before token `i` does not split a word (ends of the text count as word starts)."""
-        if i <= 0 or i >= self.n:
-            return True
-        return (not self.cont[i]) and self.starts[i] > self.starts[i - 1]
-
-    def space_before(self, i: int) -> bool:
-        p = int(self.starts[i])
-        return p > 0 and self.text[p - 1].isspace()
-
 
 def line_starts(text: str) -> np.ndarray:
     """Offsets of the starts of lines 1, 2, ... (after ``\n``, ``\r\n`` or a lone ``\r``)."""
@@ -164,7 +87,7 @@ class Packer:
     """Streaming packer of structural spans into token windows (see the module docstring).
 
     Args:
-        tt (TokenizedText): the tokenized document.
+        tt (TokenizedText | SegmentedText): the tokenized document.
         children (Callable[[int, int], list[Span] | None]): finer spans partitioning a span (at
             least two), or None when the span has no finer structure (then token cuts).
         min_tokens (int): a window under this joins the window before it when both fit (and
@@ -177,7 +100,7 @@ class Packer:
             (default: False)
     """
 
-    def __init__(self, tt: TokenizedText, children: Children, min_tokens: int, overlap: int = 0,
+    def __init__(self, tt: Tokenized, children: Children, min_tokens: int, overlap: int = 0,
                  absorb_top: bool = False) -> None:
         self.tt = tt
         self.children = children
@@ -312,14 +235,17 @@ class Packer:
         """Token index in [lo, hi] to cut before: after whitespace > before a word > anywhere,
         nearest to `ideal` within each class (the later one on a tie)."""
         tt = self.tt
-        cs = np.arange(max(lo, 1), min(hi, tt.n - 1) + 1)
+        first, last = max(lo, 1), min(hi, tt.n - 1)
+        cs = np.arange(first, last + 1)
         if cs.size:
-            cs = cs[tt.starts[cs] > tt.starts[cs - 1]]  # a cut must fall between characters
+            st = tt.starts_of(first - 1, last + 1)  # starts of tokens first-1 .. last
+            keep = st[1:] > st[:-1]  # a cut must fall between characters
+            cs, st = cs[keep], st[1:][keep]
         if not cs.size:  # every token in range shares a start offset: cut at the limit
             return hi
         word = ~tt.cont[cs]
         text = tt.text
-        space = np.fromiter((text[p - 1].isspace() for p in tt.starts[cs].tolist()), dtype=bool, count=cs.size)
+        space = np.fromiter((text[p - 1].isspace() for p in st.tolist()), dtype=bool, count=cs.size)
         cls = word.astype(np.int64) + (word & space)
         score = cls * (4 * (hi - lo + 2)) - 2 * np.abs(cs - ideal) + (cs > ideal)
         return int(cs[int(np.argmax(score))])
@@ -338,14 +264,14 @@ class Packer:
             lo = max(first - overlap, tt.index(w.unit), tt.index(wins[k - 1].s) + 1)
             line = space = word = -1
             for j in range(lo, first):
-                if not tt.word_start(j) or tt.starts[j] <= tt.starts[j - 1]:
+                if not tt.word_start(j) or tt.start_of(j) <= tt.start_of(j - 1):
                     continue
                 if word < 0:
                     word = j
                 if tt.space_before(j):
                     if space < 0:
                         space = j
-                    if _at_line_start(tt.text, int(tt.starts[j])):
+                    if _at_line_start(tt.text, tt.start_of(j)):
                         line = j
                         break
             if line >= 0 and first - line >= max(1, overlap // 4):
@@ -383,7 +309,7 @@ def trim(text: str, s: int, e: int, keep_indent: bool) -> Window | None:
 
 
 def finalize(
-    tt: TokenizedText,
+    tt: Tokenized,
     windows: Sequence[Window],
     budget: int,
     min_tokens: int,
@@ -415,7 +341,7 @@ def finalize(
     return out
 
 
-def _ids_for(tt: TokenizedText, wins: Sequence[Window]) -> list[np.ndarray]:
+def _ids_for(tt: Tokenized, wins: Sequence[Window]) -> list[np.ndarray]:
     result: list[Optional[np.ndarray]] = [None] * len(wins)
     todo: list[int] = []
     for k, (s, e) in enumerate(wins):
@@ -425,14 +351,15 @@ def _ids_for(tt: TokenizedText, wins: Sequence[Window]) -> list[np.ndarray]:
         else:
             todo.append(k)
     if todo:
-        encs = tt.tokenizer.encode_batch([tt.text[wins[k][0] : wins[k][1]] for k in todo], add_special_tokens=False)
-        for k, enc in zip(todo, encs):
-            result[k] = np.asarray(enc.ids, dtype=np.int32)
+        # the fast tokenizer's ids where the document has one (it passed the self-check against HF)
+        encs = tt.encode_ids([tt.text[wins[k][0] : wins[k][1]] for k in todo])
+        for k, ids in zip(todo, encs):
+            result[k] = np.asarray(ids, dtype=np.int32)
     return result  # type: ignore[return-value]
 
 
 def _assign_ids(
-    tt: TokenizedText,
+    tt: Tokenized,
     wins: Sequence[Window],
     budget: int,
     keep_indent: bool,
@@ -456,4 +383,4 @@ def _assign_ids(
     return out
 
 
-__all__ = ["Span", "Window", "TokenizedText", "Packer", "finalize", "trim", "tokenizer_info", "line_starts"]
+__all__ = ["Span", "Window", "TokenizedText", "SegmentedText", "Packer", "finalize", "trim", "tokenizer_info", "line_starts"]

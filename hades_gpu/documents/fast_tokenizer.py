@@ -1,0 +1,118 @@
+"""The fastest exact tokenizer for ids: kitoken, self-checked against HF `tokenizers` at start-up.
+
+kitoken (Rust) encodes MiniLM's WordPiece 4-5x faster than HF `tokenizers` with identical ids, but
+returns ids only (no offsets). It is used only where it agrees with the HF tokenizer on a built-in
+sample of awkward strings (`SELF_CHECK`); otherwise, or when it is not installed or fails to load,
+`fast_tokenizer_for` returns None and callers keep HF (one log line says why).
+
+Switch: ``HADES_GPU_TOKENIZER=hf`` forces HF everywhere (``kitoken`` or empty: kitoken when it
+passes the check). Cached per process and HF tokenizer: worker processes build their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_ENV = "HADES_GPU_TOKENIZER"
+
+# Strings where a second implementation of BERT normalization / pre-tokenization / WordPiece is
+# most likely to differ: Unicode categories, normalization, splitting rules, special-token literals.
+SELF_CHECK: tuple[str, ...] = (
+    "Hello world. The quick brown fox jumps over the lazy dog; it's 3.14159 -- really!",
+    "def f(x: int = 0) -> dict[str, list[int]]:\n    return {'a': [x ** 2, x // 3]}  # comment\n",
+    "class Foo(Bar):\n\t\"\"\"Docstring.\"\"\"\r\n\tpass\r\n",
+    "Café naïve résumé ÉCOLE Ångström façade São Paulo Zürich İstanbul ß ΑΒΓ δέλτα",
+    "東京都の天気は晴れです。中文没有空格。한국어 텍스트 日本語テキスト",
+    "emoji 😀👍🏽 family 👨\u200d👩\u200d👧 flags 🇫🇷 ✓ ★",
+    "zero\u200bwidth\u200cjoin\u200dmark\ufeffbom \u2060word joiner",
+    "ligatures ﬁne ﬂow ﬀ ﬃ ½ ² ™ Ⅻ ｆｕｌｌｗｉｄｔｈ",
+    "control\x00chars\x01\x07\x0b\x0c\x1f\x7f\x85 del",
+    "line\r\nbreaks\rmixed\nand\u2028para\u2029sep\u00a0nbsp\u3000ideo\u2003em",
+    "tabs\tand\t\tmore\t tabs   spaces",
+    "x" * 99 + " " + "y" * 100 + " " + "z" * 101 + " " + "supercalifragilisticexpialidocious" * 4,
+    "!!!???...,,,;;;::: ((([[[{{{}}}]]]))) --- ___ *** ### @@@ $$$ %%% ^^^ &&& ||| ~~~ ``` '''",
+    "[CLS] special [SEP] tokens [PAD] in [MASK] text [UNK] and [cls] lowercase x[SEP]y",
+    "combining e\u0301 a\u0308 n\u0303 \u0301alone Ω ohm Å angstrom",
+    "\ufffd replacement char and \u00ad soft hyphen",
+    "",
+    "   ",
+    "a",
+)
+
+
+class KitokenTokenizer:
+    """Ids (no special tokens added) from kitoken, built from an HF tokenizer's own definition."""
+
+    def __init__(self, hf: Tokenizer) -> None:
+        import kitoken  # raises ImportError when missing (or blocked)
+
+        spec = json.loads(hf.to_str())
+        # kitoken applies a definition's padding/truncation (MiniLM's file pads to 128 with zeros):
+        # the definition it gets must have neither, never a strip of trailing zeros afterwards.
+        spec["padding"] = None
+        spec["truncation"] = None
+        self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
+
+    def encode(self, text: str) -> list[int]:
+        # encode_specials=True: recognise "[SEP]" etc. written in the text as HF does; it adds none
+        return self._kt.encode(text, True)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._kt.encode_all(list(texts), True)
+
+
+def self_check(fast: KitokenTokenizer, hf: Tokenizer, samples: Sequence[str] = SELF_CHECK) -> Optional[str]:
+    """None when `fast` gives HF's ids on every sample (one by one and batched), else why not."""
+    expected = [e.ids for e in hf.encode_batch(list(samples), add_special_tokens=False)]
+    for text, want in zip(samples, expected):
+        got = list(fast.encode(text))
+        if got != want:
+            return f"ids differ on {text[:40]!r}: {got[:8]} vs HF {want[:8]}"
+    if [list(x) for x in fast.encode_batch(samples)] != expected:
+        return "batched ids differ from HF"
+    joined = "\n".join(samples)
+    if list(fast.encode(joined)) != hf.encode(joined, add_special_tokens=False).ids:
+        return "ids of the joined sample differ from HF"
+    return None
+
+
+_CACHE: dict[tuple[int, int], tuple[Tokenizer, Optional[KitokenTokenizer]]] = {}
+
+
+def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
+    """kitoken for `hf` when it passes `self_check`, else None (HF it is); cached per process."""
+    key = (id(hf), os.getpid())  # a forked child builds its own (kitoken may hold threads)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is hf:
+        return hit[1]
+    fast: Optional[KitokenTokenizer] = None
+    choice = os.environ.get(TOKENIZER_ENV, "").strip().lower()
+    if choice == "hf":
+        log.info("tokenizer: HF tokenizers (%s=hf)", TOKENIZER_ENV)
+    elif choice not in ("", "kitoken"):
+        log.warning("tokenizer: HF tokenizers (%s=%r is neither 'hf' nor 'kitoken')", TOKENIZER_ENV, choice)
+    else:
+        try:
+            fast = KitokenTokenizer(hf)
+        except ImportError as err:
+            log.info("tokenizer: HF tokenizers (kitoken is not importable: %s)", err)
+        except Exception as err:  # noqa: BLE001 - any load failure means: use HF
+            log.warning("tokenizer: HF tokenizers (kitoken cannot load this tokenizer: %s: %s)",
+                        type(err).__name__, err)
+        if fast is not None:
+            why = self_check(fast, hf)
+            if why is not None:
+                log.warning("tokenizer: HF tokenizers (kitoken fails the self-check: %s)", why)
+                fast = None
+    _CACHE[key] = (hf, fast)
+    return fast
+
+
+__all__ = ["KitokenTokenizer", "SELF_CHECK", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]

@@ -1,0 +1,195 @@
+"""The fast path (kitoken ids, HF offsets only where needed) against the HF-only path.
+
+Every document must give exactly the same chunks (text, offsets, token ids) and references either
+way; the self-check must reject a kitoken that disagrees and fall back to HF with its log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from hades_gpu.config import ChunkingConfig, DocumentsConfig
+from hades_gpu.documents import fast_tokenizer
+from hades_gpu.documents.chunking import chunk_text
+from hades_gpu.documents.discovery import discover
+from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_for, self_check
+from hades_gpu.documents.reading import SkipDocument, read_document
+from hades_gpu.documents.tokenized import SegmentedText, TokenizedText, tokenize_document
+from hades_gpu.documents.tokenizer import load_tokenizer, model_dir
+from hades_gpu.records import CODE, PROSE, DocumentRef
+
+pytest.importorskip("kitoken")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _assert_same(ref: DocumentRef, text: str, cc: ChunkingConfig) -> None:
+    tok = load_tokenizer()
+    slow, slow_refs = chunk_text(ref, text, "h", cc, tok, hf_offsets=True)
+    fast, fast_refs = chunk_text(ref, text, "h", cc, tok)
+    assert fast_refs == slow_refs, ref.rel_path
+    assert [(c.char_start, c.char_end) for c in fast] == [(c.char_start, c.char_end) for c in slow], ref.rel_path
+    assert [c.token_ids.tolist() for c in fast] == [c.token_ids.tolist() for c in slow], ref.rel_path
+    assert [c.text for c in fast] == [c.text for c in slow]
+
+
+def _real_files(limit: int) -> list[Path]:
+    """Markdown/RST/text under /usr/share/doc and stdlib modules (Python and not), interleaved."""
+    docs: list[Path] = []
+    root = Path("/usr/share/doc")
+    if root.is_dir():
+        for p in sorted(root.glob("*/*")):
+            if p.is_file() and not p.is_symlink() and 200 < p.stat().st_size < 200_000 and (
+                    p.suffix.lower() in (".md", ".txt", ".rst") or p.name.upper().startswith("README")):
+                docs.append(p)
+    code = [p for p in sorted(STDLIB.rglob("*.py")) if 500 < p.stat().st_size < 300_000 and "test" not in p.parts]
+    step = max(1, len(code) // limit)
+    code = code[::step]
+    out: list[Path] = []
+    for k in range(max(len(docs), len(code))):
+        out.extend(x[k] for x in (docs, code) if k < len(x))
+    return out[:limit]
+
+
+def test_fast_path_equals_hf_only_on_real_files() -> None:
+    """Same chunks, offsets, ids and references on a few hundred real files (~15 s at most)."""
+    files = _real_files(400)
+    assert len(files) > 50
+    dcfg = DocumentsConfig(decode_errors="replace")
+    t0 = time.perf_counter()
+    done = 0
+    for path in files:
+        if time.perf_counter() - t0 > 15:
+            break
+        refs, _ = discover(path, DocumentsConfig())
+        if not refs:
+            continue
+        try:
+            text, _digest = read_document(refs[0], dcfg)
+        except SkipDocument:
+            continue
+        for cc in (ChunkingConfig(), ChunkingConfig(chunk_tokens=48, overlap_tokens=12, min_chunk_tokens=4)):
+            _assert_same(refs[0], text, cc)
+        done += 1
+    print(f"{done} files compared")
+    assert done >= 50, done
+
+
+ADVERSARIAL = {
+    "huge_line": " ".join(f"word{i}, and (x{i}); " for i in range(6000)),
+    "one_long_word": "start " + "abcdefghij" * 500 + " end.\n" + "tail " * 40,
+    "cjk": "東京都の天気は晴れです。" * 400 + "\n\n" + "中文没有空格" * 300,
+    "zero_width_only": "\u200b\u200d\ufeff" * 300,
+    "zero_width_mixed": ("a\u200bb c\u200dd " * 400) + "\n" + "\u200b" * 50 + "word",
+    "cr_only": "\r".join(f"line {i} has some text. Another sentence here!" for i in range(800)),
+    "crlf": "\r\n".join(f"    def f{i}(x):\r\n        return x + {i}\r\n" for i in range(300)),
+    "tabs": "\t".join(f"col{i}\tval {i}." for i in range(3000)),
+    "trailing_ws": "".join(f"text {i} end   \t \n" for i in range(1500)) + "   \n\n  ",
+    "emoji": "😀👍🏽 family 👨\u200d👩\u200d👧 " * 500 + "ok.",
+    "controls": "ab\x0bcd ef\x0cgh \x00x\x85y " * 500,
+    "accents": "Café naïve résumé ÉCOLE İstanbul e\u0301 " * 600,
+    "special_literals": "[CLS] a [SEP] b [PAD] c[MASK]d [UNK]. " * 400,
+    "unicode_spaces": "a\u3000b\u00a0c\u2028d\u2029e\u2003f " * 800,
+    "punct_runs": "!!!???...;;;((()))---### " * 800,
+    "ligatures": "ﬁne ﬂow ½ ² ™ ｆｕｌｌ " * 800,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("modality,language,rel", [(PROSE, "markdown", "x.md"), (PROSE, "text", "x.txt"),
+                                                   (CODE, "python", "x.py"), (CODE, "c", "x.c")])
+def test_fast_path_equals_hf_only_on_adversarial_text(name: str, modality: str, language: str, rel: str) -> None:
+    ref = DocumentRef(path="/c/" + rel, rel_path=rel, size=0, modality=modality, language=language)
+    for cc in (ChunkingConfig(), ChunkingConfig(chunk_tokens=24, overlap_tokens=8, min_chunk_tokens=3)):
+        _assert_same(ref, ADVERSARIAL[name], cc)
+
+
+def test_index_and_offsets_match_hf_at_every_position() -> None:
+    """SegmentedText answers index/start_of/word_start as TokenizedText does, wherever it is asked."""
+    tok = load_tokenizer()
+    text = ("# Title\n\nSome prose, with punctuation; and CJK 東京. Emoji 😀 and\u200bzero-width.\r\n"
+            "\tdef f(x):\n        return x  # ok\n" + "longword" * 30 + " tail\rend \x0bx\x85y  \n")
+    slow = TokenizedText(text, tok)
+    fast = tokenize_document(text, tok, cuts=[0, 9, 40])
+    assert isinstance(fast, SegmentedText)
+    assert fast.ids.tolist() == slow.ids.tolist()
+    for pos in list(range(len(text) + 1))[::-1] + list(range(0, len(text) + 1, 7)):
+        assert fast.index(pos) == slow.index(pos), pos
+    for i in range(slow.n + 1):
+        assert fast.start_of(i) == slow.start_of(i), i
+        assert fast.word_start(i) == slow.word_start(i), i
+    assert fast.starts_of(0, slow.n).tolist() == slow.starts.tolist()
+    assert 0 < fast.hf_segments  # positions inside words did need HF offsets
+
+
+@pytest.fixture()
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(fast_tokenizer, "_CACHE", {})
+    monkeypatch.delenv(fast_tokenizer.TOKENIZER_ENV, raising=False)
+
+
+def _modified_tokenizer(tmp_path: Path, edit) -> Tokenizer:
+    spec = json.loads((model_dir() / "tokenizer.json").read_text())
+    edit(spec)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    return Tokenizer.from_file(str(path))
+
+
+def test_self_check_rejects_a_disagreeing_kitoken(tmp_path, fresh_cache, caplog, monkeypatch) -> None:
+    """kitoken built with lowercase off disagrees with the real (lowercasing) HF tokenizer."""
+    hf = load_tokenizer()
+    cased = _modified_tokenizer(tmp_path, lambda s: s["normalizer"].update(lowercase=False))
+    assert self_check(KitokenTokenizer(cased), hf) is not None
+    assert self_check(KitokenTokenizer(hf), hf) is None
+
+    # the real path: fast_tokenizer_for builds kitoken from the tokenizer it is given
+    monkeypatch.setattr(fast_tokenizer, "KitokenTokenizer", lambda _hf: KitokenTokenizer(cased))
+    with caplog.at_level(logging.WARNING, logger=fast_tokenizer.__name__):
+        assert fast_tokenizer_for(hf) is None
+    assert any("fails the self-check" in r.getMessage() for r in caplog.records)
+    assert isinstance(tokenize_document("Hello World", hf), TokenizedText)
+
+
+def test_self_check_catches_a_changed_vocab_entry(tmp_path) -> None:
+    hf = load_tokenizer()
+
+    def swap(spec: dict) -> None:
+        vocab = spec["model"]["vocab"]
+        vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+
+    assert "differ" in (self_check(KitokenTokenizer(_modified_tokenizer(tmp_path, swap)), hf) or "")
+
+
+def test_kitoken_not_importable_falls_back_to_hf(fresh_cache, caplog, monkeypatch) -> None:
+    """A missing kitoken cannot be caused otherwise on a machine that has it installed:
+    sys.modules['kitoken'] = None makes `import kitoken` raise ImportError, as when it is absent."""
+    monkeypatch.setitem(sys.modules, "kitoken", None)
+    with caplog.at_level(logging.INFO, logger=fast_tokenizer.__name__):
+        assert fast_tokenizer_for(load_tokenizer()) is None
+    assert any("kitoken is not importable" in r.getMessage() for r in caplog.records)
+    assert isinstance(tokenize_document("Hello", load_tokenizer()), TokenizedText)
+
+
+def test_env_switch_forces_hf(fresh_cache, monkeypatch) -> None:
+    monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "hf")
+    assert fast_tokenizer_for(load_tokenizer()) is None
+    monkeypatch.setattr(fast_tokenizer, "_CACHE", {})
+    monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
+    assert isinstance(fast_tokenizer_for(load_tokenizer()), KitokenTokenizer)
+
+
+def test_kitoken_definition_has_no_padding() -> None:
+    """The packaged tokenizer.json pads to 128: the definition kitoken gets must not."""
+    raw = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))  # padding and truncation still on
+    assert len(raw.encode("Hello world", add_special_tokens=False).ids) == 128
+    ids = KitokenTokenizer(raw).encode("Hello world")
+    assert ids == load_tokenizer().encode("Hello world", add_special_tokens=False).ids and len(ids) == 2
