@@ -246,7 +246,7 @@ def job_feed(cfg: Any, bench: Any, job_dir: Path) -> dict[str, Any]:
     paths = feed.pop("paths")
     hf = hf_baseline([Path(p) for p in paths], n, work)
     shutil.rmtree(work, ignore_errors=True)
-    return {**feed, "hf": hf,
+    return {**feed, "hf": hf, "embedder_name": LABEL,  # run_job's default names the configured model
             "x_hf_tokens": feed["tokens_per_s"] / hf["tokens_per_s"] if hf["tokens_per_s"] else 0.0,
             "x_hf_bytes": feed["mb_per_s"] / hf["mb_per_s"] if hf["mb_per_s"] else 0.0}
 

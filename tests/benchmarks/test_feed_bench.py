@@ -40,7 +40,7 @@ def test_feed_job_on_a_tiny_corpus_with_one_worker(tmp_path):
     on_disk = json.loads((job_dir / "result.json").read_text())
     assert on_disk["status"] == "ok", on_disk["error"]
     assert FEED_FIELDS <= set(on_disk) and HF_FIELDS <= set(on_disk["hf"])
-    assert on_disk["label"] == on_disk["embedder"] == LABEL
+    assert on_disk["label"] == on_disk["embedder"] == on_disk["embedder_name"] == LABEL
     assert on_disk["workers"] == on_disk["hf"]["threads"] == 1
     assert on_disk["hf"]["env"]["RAYON_NUM_THREADS"] == "1"
     chunks = read_chunks(job_dir / "dataset", ["n_tokens", "path"])
