@@ -14,14 +14,14 @@ from typing import Optional
 
 from hades_gpu.config import PipelineConfig
 
-JOBS = ("ingest", "embed_only", "triton", "isne")
+JOBS = ("ingest", "embed_only", "triton", "isne", "feed")
 
 
 @dataclass
 class BenchConfig:
     """One benchmark job on `corpus=`; its `result.json` lands in the Hydra job's output folder."""
 
-    job: str = "ingest"  # ingest | embed_only | triton | isne
+    job: str = "ingest"  # ingest | embed_only | triton | isne | feed
     warmup_batches: int = 1  # model batches run before the timed region (loads kernels, caches)
     max_documents: int = 0  # use at most this many documents of the corpus (0 = all)
     keep_dataset: bool = False  # keep the dataset the job wrote (job_dir/dataset); else delete it

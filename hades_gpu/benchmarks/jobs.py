@@ -11,6 +11,9 @@ The job is chosen by the `bench` group (`conf/bench/`):
   127.0.0.1 unless ``bench.triton_url`` names a running one.
 - ``isne``: the corpus is ingested (untimed, ISNE off), then the ISNE stage (graph + training +
   inference) runs on the dataset (timed).
+- ``feed``: the whole main job with a ZERO-COST STAND-IN for the model (`benchmarks.feed_bench`) at
+  `profile.num_workers` workers, and HF `tokenizers` `encode_batch` on the same files with as many
+  threads: the CPU side's rate and the main process's CPU share.
 
 `hades-bench -m profile=high_throughput,balanced,low_memory profile.max_batch_tokens=4096,16384 corpus=DIR`
 runs the grid (one folder per job under `output=` or `multirun/<time>`); `hades-report <that folder>`
@@ -252,11 +255,20 @@ def job_isne(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str
     }
 
 
+def job_feed(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    """The shipped pipeline with a zero-cost stand-in for the model, at `profile.num_workers`
+    workers, and HF `tokenizers` `encode_batch` with as many threads (`benchmarks.feed_bench`)."""
+    from hades_gpu.benchmarks.feed_bench import job_feed as run_feed
+
+    return run_feed(cfg, bench, job_dir)
+
+
 JOB_FUNCS: dict[str, Callable[[PipelineConfig, BenchConfig, Path], dict[str, Any]]] = {
     "ingest": job_ingest,
     "embed_only": job_embed_only,
     "triton": job_triton,
     "isne": job_isne,
+    "feed": job_feed,
 }
 assert set(JOB_FUNCS) == set(JOBS)
 

@@ -1,0 +1,63 @@
+"""`hades-bench bench=feed` / scripts/bench_feed.py on a tiny corpus, one worker: the fields, the
+stand-in's label everywhere, and tokens that are those of the dataset written. No speed asserted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from corpus_helpers import SAMPLE_CORPUS
+from hades_gpu.benchmarks.config import BenchConfig
+from hades_gpu.benchmarks.feed_bench import LABEL, ZeroCostEmbedder, main
+from hades_gpu.benchmarks.jobs import run_job
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.store.reader import read_chunks
+
+FEED_FIELDS = {"label", "embedder", "workers", "documents", "chunks", "tokens", "bytes", "wall_s", "tokens_per_s",
+               "chunks_per_s", "mb_per_s", "main_cpu_pct_of_core", "workers_cpu_pct_of_core", "peak_rss_bytes",
+               "hf", "x_hf_tokens", "x_hf_bytes"}
+HF_FIELDS = {"files", "tokens", "bytes", "seconds", "tokens_per_s", "threads", "env"}
+
+
+def test_the_stand_in_is_a_labelled_constant_unit_vector():
+    emb = ZeroCostEmbedder()
+    out = emb.embed(np.zeros((3, 7), np.int64), np.ones((3, 7), np.int64))
+    assert out.shape == (3, 384) and out.dtype == np.float32
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0) and (out == out[0]).all()
+    assert emb.description == LABEL and "ZERO-COST STAND-IN" in LABEL
+
+
+def test_feed_job_on_a_tiny_corpus_with_one_worker(tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, corpus)
+    cfg = load_pipeline_config("low_memory", ["monitoring.progress=off"])
+    cfg.corpus = str(corpus)
+    cfg.profile.num_workers = 1
+    job_dir = tmp_path / "job"
+    result = run_job(cfg, BenchConfig(job="feed", keep_dataset=True), job_dir, job_info={})
+    on_disk = json.loads((job_dir / "result.json").read_text())
+    assert on_disk["status"] == "ok", on_disk["error"]
+    assert FEED_FIELDS <= set(on_disk) and HF_FIELDS <= set(on_disk["hf"])
+    assert on_disk["label"] == on_disk["embedder"] == on_disk["embedder_name"] == LABEL
+    assert on_disk["workers"] == on_disk["hf"]["threads"] == 1
+    assert on_disk["hf"]["env"]["RAYON_NUM_THREADS"] == "1"
+    chunks = read_chunks(job_dir / "dataset", ["n_tokens", "path"])
+    assert result["tokens"] == on_disk["tokens"] == sum(chunks.column("n_tokens").to_pylist()) > 0
+    assert on_disk["chunks"] == chunks.num_rows == on_disk["chunks_written"]
+    assert on_disk["hf"]["files"] == len(set(chunks.column("path").to_pylist())) == on_disk["documents"]
+    assert on_disk["hf"]["tokens"] > 0 and on_disk["main_cpu_pct_of_core"] > 0
+
+
+def test_the_script_writes_json_and_a_labelled_table(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, corpus)
+    out = tmp_path / "feed.json"
+    main(["--corpus", str(corpus), "--workers", "1", "--profile", "low_memory", "--workdir", str(tmp_path / "w"),
+          "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["label"] == LABEL and len(data["runs"]) == 1
+    assert FEED_FIELDS <= set(data["runs"][0]) and data["runs"][0]["label"] == LABEL
+    printed = capsys.readouterr().out
+    assert LABEL in printed and "| workers |" in printed and LABEL in data["table"]

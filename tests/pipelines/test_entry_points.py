@@ -1,0 +1,251 @@
+"""Workers start from any Python entry point (issue 12, item 1), and an all-failed run says so.
+
+The README's Python example, written as a user writes it, run as a real subprocess (`sys.executable`)
+from: (a) a plain script without a main guard, (b) `python - < script`, (c) `python -c`, (d) a Jupyter
+kernel, (e) a Hydra app, (f) a joblib/loky worker. Each must ingest every good file of the sample
+corpus (chunks in the output for each, no `worker_crashed`), and the marker the example writes at
+module top level must be written exactly once: a worker process that re-imports the user's main
+module writes it again. A run in which every document fails must exit non-zero with one line
+saying why (the CLI) or raise (a script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from corpus_helpers import REPO, SAMPLE_CORPUS
+from entry_point_helpers import MARKER, parse_result, readme_example
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 180
+GOOD = {p.name for p in SAMPLE_CORPUS.rglob("*") if p.is_file() and p.suffix != ".png"}  # diagram.png: skipped by name
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("entry") / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> Path:
+    """Only files that every worker rejects (NUL bytes: `binary`), under text names."""
+    dest = tmp_path_factory.mktemp("entry-bad") / "corpus"
+    dest.mkdir()
+    for i in range(3):
+        (dest / f"notes{i}.txt").write_bytes(b"\x00\x01\x02binary\x00" * 200 + bytes(range(256)))
+    return dest
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "support"),
+                                         *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, input=stdin, capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S)
+
+
+def _problems(out: Path, mark: Path, stdout: str, stderr: str, rc: int) -> list[str]:
+    """Everything wrong with a run of the example (empty: it worked)."""
+    from hades_gpu.store.reader import read_chunks
+
+    problems = []
+    if rc != 0:
+        problems.append(f"exit status {rc}")
+    reasons: set[str] = set()
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        reasons = {s.get("reason") for s in json.loads(metrics.read_text()).get("skipped", [])}
+    try:
+        reasons |= set(parse_result(stdout)["reasons"])
+    except AssertionError:
+        problems.append("no RESULT line printed")
+    if "worker_crashed" in reasons:
+        problems.append("documents came back worker_crashed")
+    try:
+        names = {Path(p).name for p in read_chunks(out, ["path"]).column("path").to_pylist()}
+    except (FileNotFoundError, OSError) as err:
+        names = set()
+        problems.append(f"no chunks in the output ({err})")
+    if GOOD - names:
+        problems.append(f"no chunks for {sorted(GOOD - names)}")
+    marks = mark.read_text().splitlines() if mark.exists() else []
+    if len(marks) != 1:
+        problems.append(f"the main module's top level ran {len(marks)} times (pids {marks}): "
+                        f"the workers re-imported it")
+    if problems:
+        problems.append(f"stderr tail: {stderr.strip()[-1500:]}")
+    return problems
+
+
+def _paths(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "out", tmp_path / "marks.txt"
+
+
+# ------------------------------------------------------------------------------------------------
+# (a)-(c): a script file, standard input, -c
+# ------------------------------------------------------------------------------------------------
+def test_a_plain_script_without_main_guard(corpus, tmp_path):
+    out, mark = _paths(tmp_path)
+    script = tmp_path / "ingest_docs.py"
+    script.write_text(readme_example(corpus, out, mark))
+    proc = _run([sys.executable, str(script)], tmp_path)
+    assert not _problems(out, mark, proc.stdout, proc.stderr, proc.returncode), \
+        _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert proc.stdout.count(MARKER) == 1
+
+
+def test_b_script_on_standard_input(corpus, tmp_path):
+    out, mark = _paths(tmp_path)
+    proc = _run([sys.executable, "-"], tmp_path, stdin=readme_example(corpus, out, mark))
+    problems = _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert not problems, problems
+
+
+def test_c_python_dash_c(corpus, tmp_path):
+    out, mark = _paths(tmp_path)
+    proc = _run([sys.executable, "-c", readme_example(corpus, out, mark)], tmp_path)
+    problems = _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert not problems, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) a Jupyter kernel
+# ------------------------------------------------------------------------------------------------
+def test_d_jupyter_kernel(corpus, tmp_path):
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e '.[test]')")
+    jupyter_client = pytest.importorskip("jupyter_client",
+                                         reason="jupyter_client is not installed (pip install -e '.[test]')")
+    out, mark = _paths(tmp_path)
+    km = jupyter_client.KernelManager(kernel_name="python3")
+    km.start_kernel(env=_env(), cwd=str(tmp_path))
+    stdout, error = [], None
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute(readme_example(corpus, out, mark))
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            msg = kc.get_iopub_msg(timeout=max(1.0, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                stdout.append(content["text"])
+            elif kind == "error":
+                error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    problems = _problems(out, mark, "".join(stdout), error or "", 1 if error else 0)
+    assert not problems, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) a Hydra app, (f) a joblib/loky worker
+# ------------------------------------------------------------------------------------------------
+HYDRA_APP = '''\
+import os
+with open({mark!r}, "a") as _m:
+    _m.write(f"{{os.getpid()}}\\n")
+
+import json
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="ingest_app")
+def app(cfg: DictConfig) -> None:
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    config = load_pipeline_config(profile=cfg.profile, overrides=["isne.enabled=false", "monitoring.progress=off"])
+    result = TextParallelPipeline(config).process_batch([{corpus!r}], output={output!r})
+    print("RESULT " + json.dumps({{"documents_ingested": result.documents_ingested,
+                                  "chunks_written": result.chunks_written,
+                                  "reasons": sorted({{s["reason"] for s in result.skipped}})}}), flush=True)
+
+
+if __name__ == "__main__":
+    app()
+'''
+
+
+def test_e_hydra_app(corpus, tmp_path):
+    out, mark = _paths(tmp_path)
+    app = tmp_path / "ingest_app.py"
+    app.write_text(HYDRA_APP.format(mark=str(mark), corpus=str(corpus), output=str(out)))
+    (tmp_path / "ingest_app.yaml").write_text("profile: low_memory\n")
+    proc = _run([sys.executable, str(app), f"hydra.run.dir={tmp_path / 'hydra'}"], tmp_path)
+    problems = _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert not problems, problems
+
+
+LOKY_DRIVER = '''\
+import os
+with open({mark!r}, "a") as _m:
+    _m.write(f"{{os.getpid()}}\\n")
+import json
+from joblib import Parallel, delayed
+from entry_point_helpers import run_readme_example
+
+[result] = Parallel(n_jobs=1, backend="loky")([delayed(run_readme_example)({corpus!r}, {output!r})])
+print("RESULT " + json.dumps(result), flush=True)
+'''
+
+
+def test_f_joblib_loky_worker(corpus, tmp_path):
+    pytest.importorskip("joblib", reason="joblib is not installed")
+    out, mark = _paths(tmp_path)
+    code = LOKY_DRIVER.format(mark=str(mark), corpus=str(corpus), output=str(out))
+    proc = _run([sys.executable, "-c", code], tmp_path)
+    problems = _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert not problems, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# every document failed
+# ------------------------------------------------------------------------------------------------
+def _hades_ingest() -> list[str]:
+    script = Path(sys.executable).with_name("hades-ingest")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hades_gpu.ingest"]
+
+
+def test_cli_run_where_every_document_failed_exits_non_zero_with_one_line(bad_corpus, tmp_path):
+    proc = _run([*_hades_ingest(), f"corpus={bad_corpus}", f"output={tmp_path / 'out'}", "profile=low_memory",
+                 "isne.enabled=false", "monitoring.progress=off"], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hades-ingest: error:")]
+    assert proc.returncode != 0, f"exit status 0 though every document failed; stdout: {proc.stdout.strip()[-800:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "document" in errors[0].lower(), errors[0]
+
+
+def test_script_run_where_every_document_failed_raises(bad_corpus, tmp_path):
+    out, mark = _paths(tmp_path)
+    body = readme_example(bad_corpus, out, mark)
+    script = tmp_path / "ingest_bad.py"  # guarded, so that only the all-failed behaviour is tested here
+    script.write_text('if __name__ == "__main__":\n' + textwrap.indent(body, "    "))
+    proc = _run([sys.executable, str(script)], tmp_path)
+    assert proc.returncode != 0, f"exit status 0 though every document failed; stdout: {proc.stdout.strip()[-800:]}"
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert "document" in last.lower(), proc.stderr[-2000:]
