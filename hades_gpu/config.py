@@ -274,23 +274,42 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
     Returns a typed `PipelineConfig` (a plain dataclass). Raises `ConfigError` with one line naming
     the key when an override or value is invalid.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     all_overrides = [f"profile={profile}", *overrides]
-    was_initialized = GlobalHydra.instance().is_initialized()
     try:
-        if was_initialized:
-            cfg = compose(config_name="config", overrides=all_overrides)
-        else:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=all_overrides)
+        cfg = _compose_own_conf(all_overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"bad config override: {_first_line(err)}") from err
     return to_pipeline_config(cfg)
+
+
+def _compose_own_conf(overrides: list[str]) -> DictConfig:
+    """Compose `conf_dir()/config.yaml`, always against our own `conf/`, even inside someone else's
+    Hydra app. Hydra's compose API reads the process-wide GlobalHydra (in a user's `@hydra.main` job
+    that is the user's search path, where `config` is their primary config or none at all), and
+    `initialize_config_dir` refuses to start while it is set. So the caller's GlobalHydra and
+    version base are set aside for the compose and put back after it, the same objects, so their
+    later `compose()` and `HydraConfig.get()` (which compose never touches) work as before."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import VersionBase
+
+    gh = GlobalHydra.instance()
+    saved_hydra = gh.hydra
+    version = VersionBase.instance()
+    saved_version = version.version_base
+    gh.clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    finally:
+        # initialize_config_dir's exit restored a copy of the cleared instance: reinstate the caller's own
+        GlobalHydra.set_instance(gh)
+        gh.hydra = saved_hydra
+        version.version_base = saved_version
 
 
 def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
