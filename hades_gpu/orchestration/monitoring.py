@@ -125,6 +125,7 @@ class RunMetrics:
         self.finished: Optional[float] = None
         self.stages = {name: StageMeter(name) for name in self.STAGES}
         self.queues: list[MemoryAwareQueue] = []
+        self.ring: Any = None  # the stage's slab ring (count, free), for live monitoring
         self.memory = PeakMemorySampler()
         self.documents_total = 0
         self.documents_done = 0

@@ -26,6 +26,7 @@ import queue as queue_mod
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -46,6 +47,7 @@ TEXT_BYTES_PER_TOKEN = 12  # a slab's text area per batch token; real text avera
 SLABS_PER_WORKER = 2
 
 
+@lru_cache(maxsize=8)
 def row_schema(dim: int) -> pa.Schema:
     """Columns of the row blocks the writer thread hands the sink (one per embedded batch)."""
     return pa.schema([("doc_key", pa.int64()), ("ordinal", pa.int32()), ("char_start", pa.int64()),
@@ -273,6 +275,7 @@ class StreamingPipeline:
             queues = (MemoryAwareQueue("batches", **q), MemoryAwareQueue("embedded", **q))
         self.batch_queue, self.write_queue = queues
         self.metrics.queues = [self.batch_queue, self.write_queue]
+        self.metrics.ring = self.ring
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._error_lock = threading.Lock()
@@ -324,6 +327,8 @@ class StreamingPipeline:
                 read_meter.record(items=1, nbytes=event.ref.size, tokens=r.tokens, busy_s=r.busy_s)
                 if self.triage(event.ref, r) and r.n_chunks:
                     self.sink.begin_document(event.key, event.ref, r)
+                elif r.n_chunks:  # rejected after its rows were packed: the sink drops them
+                    self.sink.abandon(event.key)
             elif isinstance(event, AbandonEvent):
                 self.sink.abandon(event.key)
         if not self._stop.is_set():

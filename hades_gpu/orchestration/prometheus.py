@@ -14,6 +14,7 @@ Metric names (all prefixed `hades_`):
 - per queue (`queue` label): `queue_items`, `queue_bytes` (depth now), `queue_peak_items`,
   `queue_peak_bytes`, `queue_max_items`, `queue_max_bytes`, `queue_backpressure_waits_total`,
   `queue_backpressure_wait_seconds_total`, `queue_get_wait_seconds_total`;
+- slabs: `slabs` (in the ring), `slabs_free` (now);
 - run: `documents_discovered`, `documents_done`, `documents_resumed`, `documents_skipped`,
   `chunks_embedded_total`, `chunks_written_total`, `chunks_per_second`, `tokens_per_second`,
   `batches_total`, `tokens_real_total`, `tokens_padded_total`, `padding_efficiency` (real/padded),
@@ -147,6 +148,10 @@ class RunMetricsCollector(Collector):
             for key, fam in queue_fams.items():
                 fam.add_metric([name], float(stats[key]))
         yield from queue_fams.values()
+        ring = m.ring
+        if ring is not None:  # the slabs are the first bound on batches in flight
+            yield gauge("slabs", "Shared-memory slabs in the ring (one packed batch each)", ring.count)
+            yield gauge("slabs_free", "Slabs free now (neither granted to a worker nor holding a batch)", ring.free)
 
         # -- run --------------------------------------------------------------------------------
         docs = snap["documents"]

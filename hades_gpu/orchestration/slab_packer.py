@@ -50,7 +50,11 @@ def fill_slab(plan: BatchPlan, view: SlabView, slab: int, cls_id: int, sep_id: i
     # the mask from the lengths in one vectorised step: row r has lengths[r] + 2 ones
     mask[:] = np.arange(length)[None, :] < (lengths[:, None] + 2)
     chunks = [row.chunk for row in rows_]
-    view.column("doc_key")[:rows] = [row.key for row in rows_]
+    keys = [row.key for row in rows_]
+    view.column("doc_key")[:rows] = keys
+    counts: dict[int, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
     view.column("ordinal")[:rows] = [c.ordinal for c in chunks]
     view.column("char_start")[:rows] = [c.char_start for c in chunks]
     view.column("char_end")[:rows] = [c.char_end for c in chunks]
@@ -71,7 +75,8 @@ def fill_slab(plan: BatchPlan, view: SlabView, slab: int, cls_id: int, sep_id: i
     else:
         inline = blob
     real = int(lengths.sum()) + 2 * rows
-    return SlabBatch(slab=slab, rows=rows, length=length, real_tokens=real, text_len=len(blob), inline_text=inline)
+    return SlabBatch(slab=slab, rows=rows, length=length, real_tokens=real, text_len=len(blob), inline_text=inline,
+                     doc_counts=list(counts.items()))
 
 
 class SlabPacker:

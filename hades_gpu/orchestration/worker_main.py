@@ -12,8 +12,9 @@ Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
 - parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
   a `WorkerSetup`; afterwards ``("task", key, ref, known_hash)``, ``("slabs", [i, ...])`` (grants),
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
-- worker -> parent: one `DocumentResult` per task, in task order, then `SlabBatch` headers for the
-  batches holding its chunks (a document's result always precedes its rows).
+- worker -> parent: a task's key when it starts reading it (the document charged if it dies now),
+  one `DocumentResult` per task, in task order, then `SlabBatch` headers for the batches holding its
+  chunks (a document's result always precedes its rows).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping) -> No
                 handle(conn.recv())
                 continue
             key, ref, known_hash = tasks.popleft()
+            conn.send(key)  # so that a death while reading it is charged to this document, not a neighbour
             t0 = time.perf_counter()
             try:
                 doc = setup.process_fn(ref, *setup.fn_args)

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import socket
 import subprocess
 import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Optional, Union
-
-import numpy as np
 
 import hades_gpu
 from hades_gpu.gpu.slabs import SlabRing
@@ -90,6 +89,7 @@ class _Worker:
     pending: "OrderedDict[int, _Task]" = field(default_factory=OrderedDict)  # handed out, no result yet
     delivering: dict[int, _Delivery] = field(default_factory=dict)  # result in, rows still arriving
     slabs: set[int] = field(default_factory=set)  # granted and not yet sent back
+    started: Optional[int] = None  # key of the task it said it began reading
     dead: bool = False
 
 
@@ -127,6 +127,9 @@ class WorkerPool:
         self.restarts = 0
         self.starved_grants = 0
         self._closed = False
+        # one selector for the pool's life (multiprocessing.connection.wait builds one per call)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(ring.wake_socket(), selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
         try:
             for _ in range(num_workers):
@@ -150,6 +153,7 @@ class WorkerPool:
             child_sock.close()
         conn = Connection(parent_sock.detach())
         worker = _Worker(proc=proc, conn=conn)
+        self._selector.register(conn.fileno(), selectors.EVENT_READ, worker)
         try:
             conn.send(_import_path())
             conn.send(self._setup)
@@ -211,31 +215,43 @@ class WorkerPool:
     def poll(self, timeout: float = 0.2) -> list[PoolEvent]:
         """What the workers reported within `timeout` seconds; dead workers are restarted here."""
         events: list[PoolEvent] = []
-        self._grant()
-        live = {w.conn: w for w in self._workers if not w.dead}
-        ready = wait(list(live) + [self.ring.wake_socket()], timeout) if live else []
-        for obj in ready:
-            if obj is self.ring.wake_socket():
+        for key, _mask in self._selector.select(timeout):
+            worker = key.data
+            if worker is None:
                 self.ring.drain_wakeups()
                 continue
-            worker = live[obj]  # type: ignore[index]
-            try:
-                while True:
-                    events.append(self._receive(worker, worker.conn.recv()))
-                    if not worker.conn.poll(0):
-                        break
-            except (EOFError, OSError):
-                worker.dead = True
+            if not worker.dead:
+                # one message per readiness: the selector is level-triggered, so the rest comes next
+                # call (Connection.poll would build a selector per message)
+                try:
+                    event = self._receive(worker, worker.conn.recv())
+                    if event is not None:
+                        events.append(event)
+                except (EOFError, OSError):
+                    worker.dead = True
         for slot, worker in enumerate(self._workers):
             if not worker.dead and worker.proc.poll() is not None:
-                # exited without closing its end (cannot happen short of a kernel bug): drain and treat as dead
+                self._drain(worker, events)  # it exited after the select: read what it sent before dying
                 worker.dead = True
             if worker.dead and not self._closed:
                 events.extend(self._replace(slot))
         self._grant()
-        return [e for e in events if e is not None]
+        return events
+
+    def _drain(self, worker: _Worker, events: list[PoolEvent]) -> None:
+        """Receive every message waiting on a worker's pipe; EOF marks it dead."""
+        try:
+            while worker.conn.poll(0):
+                event = self._receive(worker, worker.conn.recv())
+                if event is not None:
+                    events.append(event)
+        except (EOFError, OSError):
+            worker.dead = True
 
     def _receive(self, worker: _Worker, msg: object) -> Optional[PoolEvent]:
+        if isinstance(msg, int):  # "I am reading this task now"
+            worker.started = msg
+            return None
         if isinstance(msg, DocumentResult):
             task = worker.pending.pop(msg.key)
             if msg.n_chunks:
@@ -243,8 +259,7 @@ class WorkerPool:
             return DocumentEvent(msg.key, task.index, msg.ref if msg.ref is not None else task.ref, msg)
         if isinstance(msg, SlabBatch):
             worker.slabs.discard(msg.slab)
-            keys, counts = np.unique(self.ring.view(msg.slab).column("doc_key")[: msg.rows], return_counts=True)
-            for key, count in zip(keys.tolist(), counts.tolist()):  # per document, not per chunk
+            for key, count in msg.doc_counts:  # per document, not per chunk
                 delivery = worker.delivering.get(key)
                 if delivery is not None:
                     delivery.received += count
@@ -261,6 +276,7 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             worker.proc.kill()
             code = worker.proc.wait()
+        self._selector.unregister(worker.conn.fileno())
         worker.conn.close()
         log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
                     len(worker.pending) + len(worker.delivering))
@@ -271,18 +287,25 @@ class WorkerPool:
         self.restarts += 1
         events: list[PoolEvent] = []
         retries: list[_Task] = []
+        # Who is charged a try: the document it said it began reading and never answered; when it died
+        # between documents (packing, idle), the documents whose rows it was still packing.
+        reading = worker.started if worker.started in worker.pending else None
+        suspects = {reading} if reading is not None else set(worker.delivering)
         for key, delivery in worker.delivering.items():
             events.append(AbandonEvent(key))  # some of its rows are lost with the worker: redo it all
             retries.append(delivery.task)
-        for position, task in enumerate(worker.pending.values()):
-            if position == 0:  # a worker handles its tasks in order: this one was being read when it died
+        retries.extend(worker.pending.values())
+        charged: list[_Task] = []
+        for task in retries:
+            if task.key in suspects:
                 if task.attempt >= 2:
                     events.append(DocumentEvent(task.key, task.index, task.ref, DocumentResult(
                         key=task.key, content_hash="", skip_reason="worker_crashed",
                         skip_detail=f"worker exited with code {code} twice on it")))
                     continue
                 task.attempt += 1
-            retries.append(task)
+            charged.append(task)
+        retries = charged
         for task in retries:
             self._next_key += 1
             self._send_task(_Task(self._next_key - 1, task.index, task.ref, task.known_hash, task.attempt))
@@ -292,6 +315,12 @@ class WorkerPool:
         """Top every live worker up to `slabs_per_worker` free slabs, the emptiest first."""
         if self._closed:
             return
+        if all(w.dead or len(w.slabs) >= self._slabs_per_worker for w in self._workers):
+            return
+        if not self.ring.free:
+            if any(not w.dead and not w.slabs for w in self._workers):
+                self.starved_grants += 1  # a worker has no slab to pack into: backpressure from the ring
+            return
         grants: dict[int, list[int]] = {}
         while True:
             needy = [(len(w.slabs) + len(grants.get(i, [])), i) for i, w in enumerate(self._workers)
@@ -300,8 +329,6 @@ class WorkerPool:
                 break
             slab = self.ring.try_acquire()
             if slab is None:
-                if min(needy)[0] == 0:
-                    self.starved_grants += 1  # a worker has no slab to pack into: backpressure from the ring
                 break
             grants.setdefault(min(needy)[1], []).append(slab)
         for i, slabs in grants.items():
@@ -331,6 +358,10 @@ class WorkerPool:
                 worker.proc.kill()
                 worker.proc.wait()
             worker.conn.close()
+            for slab in sorted(worker.slabs):
+                self.ring.release(slab)  # granted, never sent back: the exited worker no longer holds it
+            worker.slabs.clear()
+        self._selector.close()
 
     def __enter__(self) -> "WorkerPool":
         return self

@@ -59,10 +59,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str = "zstd") -> None:
-    """Replace `path` with `table` as Parquet, atomically and durably."""
+def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
+                         use_dictionary: bool | list[str] = True) -> None:
+    """Replace `path` with `table` as Parquet, atomically and durably. `use_dictionary` may name the
+    columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=compression)
+        pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

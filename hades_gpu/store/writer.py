@@ -196,7 +196,9 @@ class DatasetWriter:
     def _commit(self, ready: list[_Document], rows: Optional[pa.Table]) -> None:
         part = part_name(self.shard, self.manifest.next_part_number())
         chunk_table, doc_table = self._tables(ready, rows)
-        atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part))
+        # dictionaries only where values repeat (one per document); vectors, ids and texts are unique
+        atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part),
+                             use_dictionary=["doc_id", "path", "modality"])
         atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it

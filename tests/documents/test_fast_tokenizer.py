@@ -26,7 +26,7 @@ from hades_gpu.documents.tokenized import SegmentedText, TokenizedText, tokenize
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir
 from hades_gpu.records import CODE, PROSE, DocumentRef
 
-pytest.importorskip("kitoken")
+import kitoken  # noqa: E402,F401 - a hard dependency (pyproject): the fast path is tested, never skipped
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -1,104 +1,58 @@
-"""StreamingPipeline's routing on real documents, fast: every chunk reaches the sink exactly once with
-the vector of its own row, triaged documents never reach the model, budgets and counters are exact,
-the first stage error stops every thread.
+"""StreamingPipeline's routing on real documents, in one process, fast: every chunk reaches the sink
+exactly once with the vector of its own row, documents the triage rejects are never written (and
+skipped ones never reach the model), batch shapes and counters are exact, the first stage error
+stops every thread and is raised; and the shared-memory slabs the batches travel in are never
+handed out while a batch in them is queued, embedded or written, nor lose a text that did not fit.
 
-Two stand-ins keep this a fast unit test of the wiring (the end-to-end tests run the real model and
-real worker processes): `InlinePool` runs the real `process_document` in the calling thread behind
-the WorkerPool interface the pipeline composes, and `RowModel` is a stand-in *model* whose vector of
-a row is a function of that row's token ids, so a row routed to the wrong chunk is caught.
+Real chunks come from `process_document` on the sample corpus and a few standard-library files,
+packed into real slabs by the `ChunkedDocuments` source (the same `SlabPacker` the worker processes
+run; tests/orchestration/test_workers.py runs the real processes). One stand-in keeps this a fast
+unit test of the wiring: `RowModel` (tests/support/pipeline_helpers.py) is a stand-in *model* whose
+vector of a row is a function of that row's token ids and indexes a record of the exact ids it was
+given, so a row routed to the wrong chunk, or a slab overwritten before its rows were copied out,
+is caught. The sink (`RecordingSink`) holds the columnar contract as strictly as the real writer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
-from collections import Counter, deque
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from corpus_helpers import SAMPLE_CORPUS, stdlib_sources
+from corpus_helpers import stdlib_sources
 from hades_gpu.config import ChunkingConfig, DocumentsConfig, ProfileConfig
 from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
 from hades_gpu.documents.tokenizer import special_ids
+from hades_gpu.gpu.slabs import SlabLayout, SlabRing
+from hades_gpu.orchestration.batcher import bucket_length
 from hades_gpu.orchestration.monitoring import RunMetrics
-from hades_gpu.orchestration.pipeline import ChunkedDocuments, StreamingPipeline, WorkerPoolSource
+from hades_gpu.orchestration.pipeline import (ChunkedDocuments, StreamingPipeline, row_schema, slab_count,
+                                              slab_layout)
+from hades_gpu.orchestration.queue import MemoryAwareQueue
+from hades_gpu.orchestration.workers import BatchEvent
+from pipeline_helpers import CheckedRing, RecordingSink, RowModel, row_vector
 
 CLS, SEP, PAD = special_ids()
+UNICODE_TEXT = "Naïve café — Grüße, 東京 and ünïcödé words.\n" * 40
 
 
-class InlinePool:
-    """The WorkerPool interface, in process: `submit` runs the real `process_document` at once."""
-
-    def __init__(self, capacity: int = 3) -> None:
-        self.capacity = capacity
-        self.done: deque = deque()
-        self.submitted = 0
-
-    @property
-    def inflight(self) -> int:
-        return len(self.done)
-
-    def has_room(self) -> bool:
-        return self.inflight < self.capacity
-
-    def submit(self, index, ref) -> None:
-        self.submitted += 1
-        self.done.append((index, process_document(ref, DocumentsConfig(), ChunkingConfig())))
-
-    def get_result(self, timeout: float = 0.5):
-        return self.done.popleft() if self.done else None
-
-
-def row_vector(real_ids: np.ndarray) -> np.ndarray:
-    """(sum, count, first, last, checksum) of a row's real token ids: identifies the row."""
-    ids = real_ids.astype(np.float64)
-    return np.array([ids.sum(), len(ids), ids[0], ids[-1], (ids * np.arange(1, len(ids) + 1)).sum() % 9973],
-                    dtype=np.float32)
-
-
-class RowModel:
-    """Stand-in model (see the module docstring), recording each call's shape."""
-
-    dim = 5
-
-    def __init__(self, concurrency: int = 2, fail_on_call: int = 0) -> None:
-        self.concurrency = concurrency
-        self.fail_on_call = fail_on_call
-        self.calls: list[tuple[int, int]] = []
-        self.threads: set[str] = set()
-        self._lock = threading.Lock()
-
-    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        with self._lock:
-            self.calls.append(ids.shape)
-            self.threads.add(threading.current_thread().name)
-            n = len(self.calls)
-        if n == self.fail_on_call:
-            raise RuntimeError("model crashed on purpose")
-        return np.stack([row_vector(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])])
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.begun: list[str] = []
-        self.rows: dict[str, np.ndarray] = {}
-        self.added = Counter()
-
-    def begin_document(self, doc) -> None:
-        self.begun.append(doc.ref.rel_path)
-
-    def add(self, batch) -> None:
-        for chunk, vec in zip(batch.chunks, batch.embeddings):
-            self.added[chunk.chunk_id] += 1
-            self.rows[chunk.chunk_id] = vec
-
-
-def refs():
-    found, _ = discover([str(SAMPLE_CORPUS), *map(str, stdlib_sources(8))], DocumentsConfig())
-    return found
+@pytest.fixture
+def docs(sample_corpus):
+    """The sample corpus (plus an empty file, an undecodable one and a non-ASCII one) and eight
+    standard-library files, chunked by the real `process_document`."""
+    (sample_corpus / "empty.txt").write_text("")
+    (sample_corpus / "latin1.txt").write_bytes(b"caf\xe9 au lait\n" * 20)
+    (sample_corpus / "unicode.md").write_text(UNICODE_TEXT, encoding="utf-8")
+    found, _ = discover([str(sample_corpus), *map(str, stdlib_sources(8))], DocumentsConfig())
+    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in found]
+    assert {d.skip_reason for d in chunked} == {None, "empty", "decode_error"}
+    return chunked
 
 
 def profile(**kw) -> ProfileConfig:
@@ -107,61 +61,153 @@ def profile(**kw) -> ProfileConfig:
     return dataclasses.replace(ProfileConfig(), **{**base, **kw})
 
 
-def run(model, triage=lambda doc: doc.skip_reason is None, **kw):
-    metrics, sink, pool = RunMetrics(), RecordingSink(), InlinePool()
-    docs = refs()
-    p = StreamingPipeline(profile(**kw), WorkerPoolSource(pool, docs), model, sink, metrics, triage, (CLS, SEP, PAD), 256)
-    p.run()
-    return p, metrics, sink, pool, docs
+def keep_all(ref, result) -> bool:
+    return result.skip_reason is None and not result.unchanged
 
 
-def test_every_chunk_reaches_the_sink_once_with_its_own_rows_vector():
-    keep = lambda doc: doc.skip_reason is None and not doc.ref.rel_path.endswith("overview.md")  # noqa: E731
-    model = RowModel(concurrency=3)
-    p, metrics, sink, pool, docs = run(model, triage=keep)
-    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in docs]
-    wanted = [d for d in chunked if keep(d)]
-    assert pool.submitted == len(docs)
-    assert sorted(sink.begun) == sorted(d.ref.rel_path for d in wanted)  # triaged-out never begun
-    chunks = [c for d in wanted for c in d.chunks]
-    assert len(chunks) > 50 and set(sink.added) == {c.chunk_id for c in chunks}
-    assert set(sink.added.values()) == {1}  # exactly once
-    for c in chunks:  # the vector of the chunk's own row: [CLS] ids [SEP]
-        np.testing.assert_array_equal(sink.rows[c.chunk_id], row_vector(np.array([CLS, *c.token_ids, SEP])))
+def run_bounded(p: StreamingPipeline, limit_s: float = 60.0):
+    """`p.run()` in a thread: the exception it raised (or None); fails if it hangs."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            p.run()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            errors.append(err)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), "the pipeline hung"
+    return errors[0] if errors else None
+
+
+def stage_threads_alive(wait_s: float = 2.0) -> list[str]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("hades-") and t.is_alive()]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def calls_with_rows(model: RowModel):
+    """Each embed call's shape with the real ids of its rows."""
+    out, pos = [], 0
     for rows, length in model.calls:
-        assert rows <= 8 and rows * length <= 1024 and (length % 16 == 0 or length == 256)
-    assert len(model.threads) == 3  # embed.concurrency threads
+        out.append((rows, length, model.rows[pos:pos + rows]))
+        pos += rows
+    return out
+
+
+def assert_rows_are_the_chunks(sink: RecordingSink, model: RowModel, chunks) -> None:
+    """Every chunk exactly once, with its own columns and the vector of its own row."""
+    counts = sink.count_by_chunk()
+    assert set(counts) == {c.chunk_id for c in chunks} and set(counts.values()) == {1}
+    got = sink.row_by_chunk()
+    for c in chunks:
+        row, want = got[c.chunk_id], np.array([CLS, *c.token_ids, SEP])
+        assert (row["ordinal"], row["char_start"], row["char_end"], row["n_tokens"], row["text"]) == \
+            (c.ordinal, c.char_start, c.char_end, c.n_tokens, c.text)
+        np.testing.assert_array_equal(model.ids_of(row["embedding"]), want)  # the exact ids of its own row
+        np.testing.assert_array_equal(row["embedding"][1:], row_vector(want))
+
+
+def test_every_chunk_reaches_the_sink_once_with_its_own_rows_vector(docs):
+    triaged = []
+
+    def keep(ref, result):
+        triaged.append(ref.rel_path)
+        return keep_all(ref, result) and not ref.rel_path.endswith("overview.md")
+
+    model, sink, metrics = RowModel(concurrency=3, delay_s=0.002), RecordingSink(), RunMetrics()
+    p = StreamingPipeline(profile(), ChunkedDocuments(docs), model, sink, metrics, keep, (CLS, SEP, PAD), 256)
+    p.run()
+    wanted = [d for d in docs if d.skip_reason is None and not d.ref.rel_path.endswith("overview.md")]
+    rejected = [d for d in docs if d.ref.rel_path.endswith("overview.md")]
+    assert len(rejected) == 1 and rejected[0].chunks
+    assert sorted(triaged) == sorted(d.ref.rel_path for d in docs)  # every document triaged once
+    # only the documents the triage kept were begun, each under its own key
+    assert sorted(ref.rel_path for ref, _ in sink.begun.values()) == sorted(d.ref.rel_path for d in wanted)
+    chunks = [c for d in wanted for c in d.chunks]
+    assert len(chunks) > 50
+    assert_rows_are_the_chunks(sink, model, chunks)
+    assert sink.complete()
+    # skipped documents have nothing to embed; the rejected one's rows were packed but never written
+    packed = [c for d in docs if d.skip_reason is None for c in d.chunks]
+    assert sorted(len(r) for r in model.rows) == sorted(c.n_tokens + 2 for c in packed)
+    assert sink.dropped_rows == len(rejected[0].chunks)
+    # batch shapes: rows, token budget, and the length is the bucketed longest row, no more
+    for rows, length, real in calls_with_rows(model):
+        assert rows <= 8 and rows * length <= 1024
+        assert length == bucket_length(max(len(r) for r in real), 16, 256)
+    assert model.threads == {"hades-embed-0", "hades-embed-1", "hades-embed-2"}  # embed.concurrency threads
     s = metrics.snapshot()
     assert s["stages"]["read_chunk"]["items"] == len(docs)
-    assert s["stages"]["embed"]["items"] == s["stages"]["write"]["items"] == len(chunks)
+    assert s["stages"]["embed"]["items"] == s["stages"]["write"]["items"] == len(packed)
     assert s["batches"] == len(model.calls) == s["stages"]["batch"]["items"]
-    assert s["real_tokens"] == sum(len(c.token_ids) + 2 for c in chunks)
-    assert s["padded_tokens"] == sum(r * n for r, n in model.calls) >= s["real_tokens"]
-    assert s["stages"]["embed"]["tokens"] == s["real_tokens"]
-    assert set(s["queues"]) == {"documents", "batches", "embedded"}
+    assert s["real_tokens"] == sum(c.n_tokens + 2 for c in packed) == s["stages"]["embed"]["tokens"]
+    assert s["padded_tokens"] == sum(r * n for r, n in model.calls) > s["real_tokens"]
+    assert set(s["queues"]) == {"batches", "embedded"}
     for q in s["queues"].values():
         assert q["max_bytes"] == 512 * 1024 and q["max_items"] == 16 and q["items"] == 0
-        assert q["puts"] == q["gets"] > 0
-    assert p.ring.free_slots == p.ring.slots  # every ring slot given back
+        assert q["puts"] == q["gets"] == len(model.calls)
+    assert p.ring.free == p.ring.count  # every slab given back
 
 
-def test_first_stage_error_stops_the_run_and_is_raised():
-    model = RowModel(concurrency=2, fail_on_call=3)
-    with pytest.raises(RuntimeError, match="model crashed on purpose"):
-        run(model)
-    assert len(model.calls) < 12  # stopped, not run to the end
+class BadCountModel(RowModel):
+    """Returns one vector too few: the writer must refuse the batch rather than misalign rows."""
+
+    def embed(self, ids, mask):
+        return super().embed(ids, mask)[:-1]
 
 
-def test_a_sink_error_is_raised_too():
-    class BrokenSink(RecordingSink):
-        def add(self, batch) -> None:
+class BrokenSink(RecordingSink):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def add_rows(self, rows) -> None:
+        if self.where == "add_rows":
             raise OSError("disk full")
+        super().add_rows(rows)
 
-    metrics = RunMetrics()
-    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), refs()), RowModel(), BrokenSink(), metrics,
-                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
-    with pytest.raises(OSError, match="disk full"):
-        p.run()
+    def begin_document(self, key, ref, result) -> None:
+        if self.where == "begin_document" and len(self.begun) == 3:
+            raise ValueError("manifest is read-only")
+        super().begin_document(key, ref, result)
+
+
+@pytest.mark.parametrize("failing, error, match", [
+    ("model", RuntimeError, "model crashed on purpose"),
+    ("add_rows", OSError, "disk full"),
+    ("begin_document", ValueError, "manifest is read-only"),
+    ("vector count", ValueError, r"returned \d+ vectors for \d+ rows"),
+])
+def test_the_first_stage_error_stops_every_thread_and_is_raised(docs, failing, error, match):
+    model = {"model": RowModel(concurrency=2, fail_on_call=3), "vector count": BadCountModel()}.get(
+        failing, RowModel(concurrency=2))
+    sink = BrokenSink(failing)
+    p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), ChunkedDocuments(docs), model, sink,
+                          RunMetrics(), keep_all, (CLS, SEP, PAD), 256)
+    err = run_bounded(p)
+    assert isinstance(err, error) and re.search(match, str(err))
+    total = sum(-(-len(d.chunks) // 2) for d in docs if d.skip_reason is None)
+    assert len(model.calls) < total  # stopped, not run to the end
+    assert stage_threads_alive() == []  # router, packer, embed threads and writer all ended
+
+
+def test_a_model_failure_with_every_slab_taken_still_ends_the_run(docs):
+    """The packer waits for a slab while the failed embed thread will never free one: it must see
+    the stop and give up rather than wait for ever."""
+    ring = SlabRing(1, slab_layout(profile(max_batch_size=2), 256), pin=False)
+    model = RowModel(concurrency=1, fail_on_call=1)
+    p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512, queue_max_items=64), ChunkedDocuments(docs),
+                          model, RecordingSink(), RunMetrics(), keep_all, (CLS, SEP, PAD), 256, ring=ring)
+    err = run_bounded(p)
+    assert isinstance(err, RuntimeError) and "model crashed on purpose" in str(err)
+    assert len(model.calls) == 1 and stage_threads_alive() == []
+    ring.close()
 
 
 class PlainModel:
@@ -178,53 +224,6 @@ class PlainModel:
         return np.stack([row_vector(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])]).astype(np.float64)
 
 
-class BytesSink(RecordingSink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.nbytes = 0
-        self.dtypes: set = set()
-
-    def add(self, batch) -> None:
-        super().add(batch)
-        self.nbytes += batch.nbytes
-        self.dtypes.add(batch.embeddings.dtype)
-
-
-def test_pipeline_builds_its_ring_and_queues_from_the_profile():
-    prof = profile(ring_slots=3, high_watermark=0.7, low_watermark=0.3, backoff_initial_s=0.002, backoff_max_s=0.03)
-    keep = lambda d: d.skip_reason is None  # noqa: E731
-    p = StreamingPipeline(prof, ChunkedDocuments([]), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep,
-                          (CLS, SEP, PAD), 256)
-    assert p.concurrency == 3 and p.ring.slots == 5  # concurrency + 2 beats ring_slots
-    for q in (p.doc_queue, p.batch_queue, p.write_queue):
-        assert (q.max_bytes, q.max_items) == (512 * 1024, 16)
-        assert (q._high, q._low) == (int(0.7 * 512 * 1024), int(0.3 * 512 * 1024))
-        assert (q._backoff_initial, q._backoff_max) == (0.002, 0.03)
-    plain = StreamingPipeline(profile(ring_slots=9), ChunkedDocuments([]), PlainModel(), RecordingSink())
-    assert plain.concurrency == 1 and plain.ring.slots == 9
-    assert plain.batcher._budget_fn is None
-
-
-def test_stage_meters_count_bytes_tokens_and_time_and_vectors_are_float32():
-    metrics, sink, model = RunMetrics(), BytesSink(), PlainModel()
-    docs = refs()
-    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), docs), model, sink, metrics,
-                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
-    t0 = time.perf_counter()
-    p.run()
-    wall = time.perf_counter() - t0
-    assert model.threads == {"hades-embed-0"}  # one embed thread without a `concurrency`
-    assert sink.dtypes == {np.dtype(np.float32)}
-    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in docs]
-    s = metrics.snapshot()["stages"]
-    assert s["read_chunk"]["bytes"] == sum(r.size for r in docs)
-    assert s["read_chunk"]["tokens"] == sum(c.n_tokens for d in chunked for c in d.chunks)
-    assert s["batch"]["tokens"] == metrics.real_tokens and s["batch"]["items"] == metrics.batches
-    assert s["write"]["bytes"] == sink.nbytes and s["write"]["items"] == len(sink.added)
-    for stage in ("batch", "embed", "write"):
-        assert 0 < s[stage]["busy_s"] <= wall  # time.perf_counter() differences, not sums
-
-
 class FixedBudget:
     """The governor's side the pipeline uses: a batch token budget below the profile's."""
 
@@ -235,82 +234,160 @@ class FixedBudget:
         return min(ceiling, self.tokens)
 
 
-def test_the_governors_budget_sizes_every_batch_the_running_pipeline_cuts():
+def test_pipeline_builds_its_ring_and_queues_from_the_profile():
+    prof = profile(ring_slots=3, high_watermark=0.7, low_watermark=0.3, backoff_initial_s=0.002, backoff_max_s=0.03)
+    p = StreamingPipeline(prof, ChunkedDocuments([]), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep_all,
+                          (CLS, SEP, PAD), 256)
+    # every embed thread's batch and one in the write queue beat ring_slots
+    assert p.concurrency == 3 and p.ring.count == slab_count(prof, 0, 3) == 2 + 2 * 3 + 1
+    assert p.ring.layout == slab_layout(prof, 256) == SlabLayout(max_rows=8, max_len=256, text_bytes=12 * 1024)
+    for q in (p.batch_queue, p.write_queue):
+        assert (q.max_bytes, q.max_items) == (512 * 1024, 16)
+        assert (q._high, q._low) == (int(0.7 * 512 * 1024), int(0.3 * 512 * 1024))
+        assert (q._backoff_initial, q._backoff_max) == (0.002, 0.03)
+    assert [q.name for q in p.metrics.queues] == ["batches", "embedded"]
+    p.run()  # no documents: ends at once, and closes the ring it made
+    assert p.ring._closed
+    plain = StreamingPipeline(profile(ring_slots=20), ChunkedDocuments([]), PlainModel(), RecordingSink())
+    assert plain.concurrency == 1 and plain.ring.count == 20 and plain.budget_fn is None
+    assert plain.triage(None, dataclasses.replace(_result(), unchanged=True)) is False
+    assert plain.triage(None, dataclasses.replace(_result(), skip_reason="empty")) is False
+    assert plain.triage(None, _result()) is True
+    governed = StreamingPipeline(profile(), ChunkedDocuments([]), PlainModel(), RecordingSink(),
+                                 governor=FixedBudget(300))
+    assert governed.current_budget() == 300 and governed.new_batcher()._budget() == 300
+    assert StreamingPipeline(profile(), ChunkedDocuments([]), PlainModel(), RecordingSink(), governor=FixedBudget(300),
+                             budget_fn=lambda base: 700).current_budget() == 700  # a given policy wins
+    for unused in (plain, governed):
+        unused.ring.close()
+
+
+def _result():
+    from hades_gpu.records import DocumentResult
+
+    return DocumentResult(key=0, content_hash="h", n_chunks=1)
+
+
+def test_stage_meters_count_bytes_tokens_and_time_and_vectors_are_float32(docs):
+    metrics, sink, model = RunMetrics(), RecordingSink(), PlainModel()
+    p = StreamingPipeline(profile(), ChunkedDocuments(docs), model, sink, metrics, keep_all, (CLS, SEP, PAD), 256)
+    t0 = time.perf_counter()
+    p.run()
+    wall = time.perf_counter() - t0
+    assert model.threads == {"hades-embed-0"}  # one embed thread without a `concurrency`
+    assert sink.embedding_types == {row_schema(5).field("embedding").type}  # float32 x 5
+    s = metrics.snapshot()["stages"]
+    assert s["read_chunk"]["bytes"] == sum(d.ref.size for d in docs)
+    assert s["read_chunk"]["tokens"] == sum(c.n_tokens for d in docs for c in d.chunks)
+    assert s["batch"]["tokens"] == metrics.real_tokens and s["batch"]["items"] == metrics.batches
+    assert s["write"]["bytes"] == sink.nbytes and s["write"]["items"] == len(sink.rows())
+    for stage in ("batch", "embed", "write"):
+        assert 0 < s[stage]["busy_s"] <= wall  # time.perf_counter() differences, not sums
+
+
+@pytest.mark.parametrize("policy", ["governor", "budget_fn"])
+def test_the_batch_budget_sizes_every_batch_the_running_pipeline_cuts(docs, policy):
     model = RowModel(concurrency=1)
-    p = StreamingPipeline(profile(max_batch_tokens=4096, max_batch_size=32), WorkerPoolSource(InlinePool(), refs()),
-                          model, RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256,
-                          governor=FixedBudget(300))
+    kw = {"governor": FixedBudget(300)} if policy == "governor" else {"budget_fn": lambda base: 300}
+    p = StreamingPipeline(profile(max_batch_tokens=4096, max_batch_size=32), ChunkedDocuments(docs), model,
+                          RecordingSink(), RunMetrics(), keep_all, (CLS, SEP, PAD), 256, **kw)
     p.run()
     assert model.calls and all(rows * length <= 300 or rows == 1 for rows, length in model.calls)
     assert max(rows for rows, _ in model.calls) > 1  # the budget cut batches, it did not only keep single rows
 
 
-def test_a_model_failure_with_every_ring_slot_taken_still_ends_the_run():
-    """The batcher waits for a ring slot while the failed embed thread will never free one: it must
-    see the stop and give up rather than wait for ever."""
-    model = RowModel(concurrency=1, fail_on_call=1)
-    p = StreamingPipeline(profile(ring_slots=1, max_batch_size=2, max_batch_tokens=512, queue_max_items=64),
-                          WorkerPoolSource(InlinePool(), refs()), model, RecordingSink(), RunMetrics(),
-                          lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
-    errors = []
-    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, p.run)), daemon=True)
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive(), "the pipeline hung after a model failure"
-    assert len(errors) == 1 and "model crashed on purpose" in str(errors[0].value)
-    assert len(model.calls) == 1
+class SlabCheckingModel(RowModel):
+    """RowModel that, at every call, checks that the ids it is given lie in a slab the ring counts
+    as out (not free, not granted elsewhere), and sleeps so batches pile up in the queues."""
+
+    def __init__(self, ring: CheckedRing, **kw) -> None:
+        super().__init__(**kw)
+        self.ring = ring
+        self.problems: list[str] = []
+        self.slabs_seen: set[int] = set()
+
+    def embed(self, ids, mask):
+        slab = self.ring.slab_of(ids)
+        if self.ring.slab_of(mask) != slab or not self.ring.holds(slab):
+            self.problems.append(f"embedding from slab {slab}, which is not held for this batch")
+        self.slabs_seen.add(slab)
+        return super().embed(ids, mask)
 
 
-def test_chunked_documents_and_parts_given_in_are_used_as_given():
-    """The stage with documents from memory (as the model-only benchmarks run it) and its parts
-    handed in: the given batcher, ring and queues are the ones used, and every chunk arrives once."""
-    from hades_gpu.gpu.host_ring import HostBufferRing
-    from hades_gpu.orchestration.batcher import LengthSortedBatcher
-    from hades_gpu.orchestration.queue import MemoryAwareQueue
-
-    docs = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in refs()]
-    docs = [d for d in docs if d.skip_reason is None]
-    batcher = LengthSortedBatcher(512, 4, 8, 256, 2)
-    ring = HostBufferRing(slots=4, max_rows=4, max_len=256, pin=False)
-    queues = tuple(MemoryAwareQueue(name, max_bytes=1 << 20, max_items=3) for name in ("d", "b", "e"))
-    model, sink = RowModel(concurrency=2), RecordingSink()
-    p = StreamingPipeline(profile(), ChunkedDocuments(docs), model, sink, batcher=batcher, ring=ring, queues=queues)
-    assert p.batcher is batcher and p.ring is ring and (p.doc_queue, p.batch_queue, p.write_queue) == queues
+def test_a_slab_is_never_handed_out_while_its_batch_is_queued_embedded_or_written(docs):
+    """The ring and queues given in are the ones used; with few slabs, each is reused many times,
+    never while out, and the model reads the slab in place (no copy)."""
+    prof = profile(max_batch_size=4, max_batch_tokens=512)
+    ring = CheckedRing(4, slab_layout(prof, 256), pin=False)
+    queues = (MemoryAwareQueue("b", max_bytes=1 << 20, max_items=2), MemoryAwareQueue("e", max_bytes=1 << 20,
+                                                                                      max_items=2))
+    model, sink = SlabCheckingModel(ring, concurrency=2, delay_s=0.003), RecordingSink()
+    p = StreamingPipeline(prof, ChunkedDocuments(docs), model, sink, RunMetrics(), keep_all, (CLS, SEP, PAD), 256,
+                          ring=ring, queues=queues)
+    assert p.ring is ring and (p.batch_queue, p.write_queue) == queues
     p.run()
-    chunks = [c for d in docs for c in d.chunks]
-    assert set(sink.added) == {c.chunk_id for c in chunks} and set(sink.added.values()) == {1}
-    assert all(rows <= 4 and rows * length <= 512 for rows, length in model.calls)
-    assert {q.name for q in p.metrics.queues} == {"d", "b", "e"} and ring.free_slots == 4
+    assert ring.violations == [] and model.problems == []
+    assert model.slabs_seen == {0, 1, 2, 3} and min(ring.handed.values()) > 3  # really reused
+    # the writer-side check: each row's columns and its vector come from the same batch
+    assert_rows_are_the_chunks(sink, model, [c for d in docs if d.skip_reason is None for c in d.chunks])
+    assert ring.free == ring.count and not ring._closed  # all back; a ring given in is the caller's to close
+    ring.close()
+
+
+class InlineCounter:
+    """The `ChunkedDocuments` source, counting batches whose texts travelled in the header."""
+
+    def __init__(self, inner: ChunkedDocuments) -> None:
+        self.inner = inner
+        self.inline = self.in_slab = 0
+
+    def events(self, stop, stage):
+        for event in self.inner.events(stop, stage):
+            if isinstance(event, BatchEvent):
+                if event.batch.inline_text is not None:
+                    self.inline += 1
+                else:
+                    self.in_slab += 1
+            yield event
+
+
+@pytest.mark.parametrize("text_bytes", [0, 2500])
+def test_texts_that_do_not_fit_the_slab_go_inline_and_come_out_exact(docs, text_bytes):
+    prof = profile(max_batch_size=4, max_batch_tokens=1024)
+    ring = CheckedRing(5, SlabLayout(max_rows=4, max_len=256, text_bytes=text_bytes), pin=False)
+    source, model, sink = InlineCounter(ChunkedDocuments(docs)), RowModel(concurrency=1), RecordingSink()
+    StreamingPipeline(prof, source, model, sink, RunMetrics(), keep_all, (CLS, SEP, PAD), 256, ring=ring).run()
+    assert source.inline > 0 and (source.in_slab > 0) == (text_bytes > 0)  # both ways taken when some fit
+    chunks = [c for d in docs if d.skip_reason is None for c in d.chunks]
+    assert any(c.text != c.text.encode("ascii", "ignore").decode() for c in chunks)  # multi-byte texts among them
+    assert_rows_are_the_chunks(sink, model, chunks)
+    assert ring.free == ring.count
+    ring.close()
 
 
 class SlowModel(RowModel):
     """RowModel that takes `delay_s` per call and records which stage threads exist meanwhile."""
 
     def __init__(self, delay_s: float, **kw) -> None:
-        super().__init__(**kw)
-        self.delay_s = delay_s
+        super().__init__(delay_s=delay_s, **kw)
         self.stage_threads: dict[str, bool] = {}
 
     def embed(self, ids, mask):
-        import time as _time
-
         for t in threading.enumerate():
             if t.name.startswith("hades-"):
                 self.stage_threads[t.name] = t.daemon
-        _time.sleep(self.delay_s)
         return super().embed(ids, mask)
 
 
-def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons():
+def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons(docs):
     """Ctrl-C (KeyboardInterrupt in the main thread, as the terminal sends it) stops every stage and
     reaches the caller within seconds; the stage threads carry their names (logs, stack dumps) and
     are daemons, so one stuck in a library call cannot keep the process alive."""
     import _thread
 
     model = SlowModel(0.05, concurrency=2)
-    docs = refs()
-    p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), WorkerPoolSource(InlinePool(), docs), model,
-                          RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256)
+    p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), ChunkedDocuments(docs), model,
+                          RecordingSink(), RunMetrics(), keep_all, (CLS, SEP, PAD), 256)
     timer = threading.Timer(0.6, _thread.interrupt_main)
     timer.start()
     t0 = time.monotonic()
@@ -320,12 +397,12 @@ def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons():
     calls = len(model.calls)
     time.sleep(0.3)
     assert len(model.calls) == calls  # nothing runs on after the interrupt
-    assert not [t for t in threading.enumerate() if t.name.startswith("hades-") and t.is_alive()]
-    assert set(model.stage_threads) == {"hades-feeder", "hades-batcher", "hades-embed-0", "hades-embed-1",
+    assert stage_threads_alive() == []
+    assert set(model.stage_threads) == {"hades-router", "hades-packer", "hades-embed-0", "hades-embed-1",
                                         "hades-writer"} and all(model.stage_threads.values())
 
 
-def test_progress_is_updated_while_the_run_goes():
+def test_progress_is_updated_while_the_run_goes(docs):
     class CountingProgress:
         def __init__(self) -> None:
             self.updates = 0
@@ -334,8 +411,33 @@ def test_progress_is_updated_while_the_run_goes():
             self.updates += 1
 
     progress = CountingProgress()
-    p = StreamingPipeline(profile(), WorkerPoolSource(InlinePool(), refs()), SlowModel(0.02, concurrency=1),
-                          RecordingSink(), RunMetrics(), lambda d: d.skip_reason is None, (CLS, SEP, PAD), 256,
-                          progress=progress)
+    p = StreamingPipeline(profile(), ChunkedDocuments(docs), SlowModel(0.02, concurrency=1), RecordingSink(),
+                          RunMetrics(), keep_all, (CLS, SEP, PAD), 256, progress=progress)
     p.run()
     assert progress.updates >= 2  # from the calling thread while the stages run, not only at the end
+
+
+def test_rows_from_slab_copies_the_columns_out():
+    """The writer's Arrow block owns its memory: reusing the slab afterwards cannot change it."""
+    from hades_gpu.orchestration.batcher import BatchPlan
+    from hades_gpu.orchestration.pipeline import rows_from_slab
+    from hades_gpu.orchestration.slab_packer import PackedRow, fill_slab
+    from hades_gpu.records import Chunk
+
+    ring = SlabRing(1, SlabLayout(max_rows=2, max_len=16, text_bytes=64), pin=False)
+    chunks = [Chunk("d", f"{i:016x}", "/p", "prose", i, 10 * i, 10 * i + 5, f"text {i} é", np.arange(3 + i) + 7)
+              for i in range(2)]
+    batch = fill_slab(BatchPlan([PackedRow(41, c) for c in chunks], 16), ring.view(0), 0, CLS, SEP, PAD)
+    ids, mask = ring.view(0).tokens(2, 16)
+    assert ids[1, :7].tolist() == [CLS, 7, 8, 9, 10, SEP, PAD] and mask.sum(axis=1).tolist() == [5, 6]
+    assert (batch.rows, batch.length, batch.real_tokens, batch.inline_text) == (2, 16, 11, None)
+    rows = rows_from_slab(ring.view(0), batch, np.ones((2, 3)))
+    before = rows.to_pylist()
+    for name in ("text", "chunk_id", "doc_key", "ordinal", "char_start", "char_end", "n_tokens"):
+        ring.view(0).column(name)[:] = 0
+    assert rows.to_pylist() == before
+    assert [r["text"] for r in before] == ["text 0 é", "text 1 é"] and before[1]["doc_key"] == 41
+    assert rows.schema == row_schema(3) and isinstance(rows, pa.RecordBatch)
+    with pytest.raises(ValueError, match="3 vectors for 2 rows"):
+        rows_from_slab(ring.view(0), batch, np.ones((3, 3)))
+    ring.close()

@@ -207,7 +207,8 @@ def test_scrape_during_a_real_ingest(tmp_path: Path, embedder):
     for stage in ("read_chunk", "batch", "embed", "write"):
         assert ("hades_stage_items_total", (("stage", stage),)) in last
         assert ("hades_stage_items_per_second", (("stage", stage),)) in last
-    for queue in ("documents", "batches", "embedded"):
+    assert last[("hades_slabs", ())] >= 3 and 0 <= last[("hades_slabs_free", ())] <= last[("hades_slabs", ())]
+    for queue in ("batches", "embedded"):
         for name in ("hades_queue_items", "hades_queue_bytes", "hades_queue_backpressure_waits_total",
                      "hades_queue_backpressure_wait_seconds_total"):
             assert (name, (("queue", queue),)) in last
