@@ -133,6 +133,9 @@ class ChunkingConfig:
     chunk_tokens: int = 254  # content tokens per chunk; [CLS] and [SEP] are added on top
     overlap_tokens: int = 32  # prose windows overlap by this many tokens
     min_chunk_tokens: int = 8  # a trailing fragment shorter than this merges into its neighbour
+    # a longer document is chunked in windows of this many characters (cut at a blank line, line or
+    # space): memory per document is bounded by the window, not the file; a chunk never spans two
+    window_chars: int = 262144
 
 
 @dataclass
@@ -380,6 +383,7 @@ def validate(cfg: PipelineConfig) -> None:
            "in [0, chunk_tokens / 2)", c.overlap_tokens)
     _check(0 <= c.min_chunk_tokens < c.chunk_tokens, "chunking.min_chunk_tokens",
            "in [0, chunk_tokens)", c.min_chunk_tokens)
+    _check(c.window_chars >= 4096, "chunking.window_chars", ">= 4096", c.window_chars)
 
     e = cfg.embedder
     _choice(e.name, EmbedderName, "embedder.name")

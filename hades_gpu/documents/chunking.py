@@ -140,6 +140,77 @@ def chunk_document(
     return chunk_text(ref, text, content_hash, chunking, tokenizer)[0]
 
 
+def window_bounds(text: str, limit: int) -> list[tuple[int, int]]:
+    """Cut a long text into consecutive windows of at most `limit` characters, each ending at the best
+    boundary in its last quarter: a blank line, else a line break before a line that starts at
+    column 0 (a top-level statement in code), else any line break, else whitespace, else anywhere."""
+    n = len(text)
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    while n - start > limit:
+        lo, hi = start + (3 * limit) // 4, start + limit
+        cut = text.rfind("\n\n", lo, hi)
+        if cut >= 0:
+            cut += 2
+        else:
+            cut = -1
+            pos = text.rfind("\n", lo, hi - 1)
+            while pos >= lo:  # a line break followed by a non-indented line
+                if not text[pos + 1].isspace():
+                    cut = pos + 1
+                    break
+                pos = text.rfind("\n", lo, pos)
+            if cut < 0:
+                pos = text.rfind("\n", lo, hi)
+                cut = pos + 1 if pos >= 0 else -1
+            if cut < 0:
+                for pos in range(hi - 1, lo - 1, -1):
+                    if text[pos].isspace():
+                        cut = pos + 1
+                        break
+            if cut < 0:
+                cut = hi
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, n))
+    return bounds
+
+
+def chunk_in_windows(
+    ref: DocumentRef,
+    text: str,
+    content_hash: str,
+    chunking: ChunkingConfig,
+    tokenizer: Optional[Tokenizer] = None,
+    *,
+    hf_offsets: bool = False,
+) -> tuple[list[Chunk], list[str]]:
+    """`chunk_text` over a document longer than ``chunking.window_chars``, one window at a time, so
+    that tokenizing and packing memory is bounded by the window, not by the file (a 16 MB single-line
+    file would otherwise hold millions of token offsets). A chunk never spans two windows; offsets,
+    ordinals and chunk ids are the document's. Python files this large are chunked line-wise and
+    their imports found by the line-based fallback (no ast of a window cut between statements)."""
+    from hades_gpu.documents.code_chunker import python_references_fallback
+
+    chunks: list[Chunk] = []
+    references: list[str] = []
+    doc_id = ref.doc_id
+    window_ref = ref if not _is_python(ref) else DocumentRef(path=ref.path, rel_path=ref.rel_path + ".window",
+                                                            size=ref.size, modality=ref.modality, language="unknown",
+                                                            mtime_ns=ref.mtime_ns)
+    for s, e in window_bounds(text, chunking.window_chars):
+        piece, refs = chunk_text(window_ref, text[s:e], content_hash, chunking, tokenizer, hf_offsets=hf_offsets)
+        for c in piece:
+            k = len(chunks)
+            chunks.append(Chunk(doc_id=doc_id, chunk_id=stable_id(doc_id, content_hash, str(k)), path=ref.path,
+                                modality=ref.modality, ordinal=k, char_start=c.char_start + s,
+                                char_end=c.char_end + s, text=c.text, token_ids=c.token_ids))
+        references.extend(refs)
+    if _is_python(ref):
+        references = python_references_fallback(text, ref.rel_path)
+    return chunks, list(dict.fromkeys(references))
+
+
 def process_document(
     ref: DocumentRef,
     documents_cfg: DocumentsConfig,
@@ -163,7 +234,8 @@ def process_document(
         return ChunkedDocument(ref=ref, content_hash="", skip_reason="unreadable",
                                skip_detail=f"{type(err).__name__}: {err}")
     try:
-        chunks, references = chunk_text(ref, text, digest, chunking_cfg, tokenizer, hf_offsets=hf_offsets)
+        chunk = chunk_in_windows if len(text) > chunking_cfg.window_chars else chunk_text
+        chunks, references = chunk(ref, text, digest, chunking_cfg, tokenizer, hf_offsets=hf_offsets)
     except Exception as err:  # noqa: BLE001
         log.exception("chunking %s failed", ref.path)
         return ChunkedDocument(ref=ref, content_hash=digest, skip_reason="chunk_error",
@@ -174,4 +246,4 @@ def process_document(
     return ChunkedDocument(ref=ref, content_hash=digest, chunks=chunks, references=references)
 
 
-__all__ = ["chunk_document", "chunk_text", "process_document"]
+__all__ = ["chunk_document", "chunk_text", "chunk_in_windows", "window_bounds", "process_document"]
