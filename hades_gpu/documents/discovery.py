@@ -26,7 +26,8 @@ Ignore files and hidden names, while walking a folder (rg/fd behaviour, both swi
   alike (a hidden folder is not entered), also without a report entry.
 
 A source named explicitly (on the command line) is taken even when it is hidden or ignored: a file
-is ingested, a folder is walked (the rules above then apply to what is inside it).
+is ingested, a folder is walked (the ignore files inside it apply; those above it too, unless they
+ignore the folder itself, which was asked for by name).
 
 Nothing here reads file contents: whether a file is text, empty or decodable is decided when it is
 read (`hades_gpu.documents.reading`). Problems found while walking become `Skip` records, which the
@@ -319,6 +320,8 @@ class _Walker:
             self.seen_dirs.add((st.st_dev, st.st_ino))
             base = self.rel_for(abs_path, "")
             ignores = _ancestor_ignores(abs_path) if self.cfg.respect_gitignore else ()
+            if ignores and _ignored(ignores, abs_path, True):
+                ignores = ()  # asked for by name although its repository ignores it: walk all of it
             self.walk(abs_path, "", base, ignores)
         else:
             self.add_file(abs_path, self.rel_for(abs_path, os.path.basename(abs_path)), st)
