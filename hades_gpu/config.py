@@ -56,6 +56,7 @@ class Precision(Choice):
 
 
 class DecodeErrors(Choice):
+    DETECT = "detect"
     STRICT = "strict"
     REPLACE = "replace"
     FALLBACK = "fallback"
@@ -117,11 +118,15 @@ class DocumentsConfig:
     )
     max_file_bytes: int = 16 * 1024 * 1024  # larger files are skipped with reason "too_large"
     encoding: str = "utf-8"
+    # detect: not `encoding` -> the legacy encoding charset-normalizer finds (recorded per document);
     # strict: undecodable files are skipped and named; replace: decoded with U+FFFD;
     # fallback: try `fallback_encodings` in order before skipping.
-    decode_errors: str = "strict"  # DecodeErrors
+    decode_errors: str = "detect"  # DecodeErrors
     fallback_encodings: list[str] = field(default_factory=lambda: ["utf-16"])
     follow_symlinks: bool = False
+    # walking a folder: skip what .gitignore files (and .git/info/exclude) ignore, as git, rg and fd do
+    respect_gitignore: bool = True
+    include_hidden: bool = False  # walking a folder: take names starting with "." (files and folders)
     extra_prose_extensions: list[str] = field(default_factory=list)
     extra_code_extensions: list[str] = field(default_factory=list)
 

@@ -8,6 +8,7 @@ queues (`nbytes`).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,30 @@ def stable_id(*parts: str, length: int = 16) -> str:
     return h.hexdigest()
 
 
+def display_path(path: str) -> str:
+    """`path` as valid text: itself when it is valid Unicode, else each byte of the name that is not
+    UTF-8 (a surrogate escape, as ``os.fsdecode`` gives it) written as ``\\xHH``.
+
+    Used for every path that is stored as text (Parquet, the manifest, reports): ``caf\\xe9.txt``
+    for the name ``b"caf\\xe9.txt"``. The exact bytes are kept beside it (``rel_path_bytes``,
+    ``path_bytes`` in the documents table). Escapes, unlike U+FFFD, keep two names that differ only
+    in undecodable bytes apart.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    return _fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _fsencode(path: str) -> bytes:
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that is no escape (not from the OS): keep it, losslessly
+        return path.encode("utf-8", "surrogatepass")
+
+
 @dataclass(frozen=True)
 class DocumentRef:
     """A file found by discovery, before it is read."""
@@ -36,10 +61,32 @@ class DocumentRef:
     modality: str  # PROSE | CODE
     language: str  # "python", "markdown", "text", "javascript", ...
     mtime_ns: int = 0  # st_mtime_ns at discovery: with size, the resume check that needs no read
+    # the exact bytes of the relative path when `rel_path` had to be escaped (`display_path`), else None
+    rel_path_raw: Optional[bytes] = None
+
+    def __post_init__(self) -> None:
+        # A name that is not valid UTF-8 (surrogate escapes from os.fsdecode) becomes its escaped text
+        # form here, once: the identity (doc id, manifest key, Parquet columns) is always valid text,
+        # and the exact bytes travel in `rel_path_raw`.
+        shown = display_path(self.rel_path)
+        if shown != self.rel_path:
+            if self.rel_path_raw is None:
+                object.__setattr__(self, "rel_path_raw", _fsencode(self.rel_path))
+            object.__setattr__(self, "rel_path", shown)
 
     @property
     def doc_id(self) -> str:
         return stable_id(self.rel_path)
+
+    @property
+    def rel_path_bytes(self) -> bytes:
+        """The relative path exactly as the file system names it."""
+        return self.rel_path_raw if self.rel_path_raw is not None else os.fsencode(self.rel_path)
+
+    @property
+    def path_bytes(self) -> bytes:
+        """The absolute path exactly as the file system names it (`path` keeps surrogate escapes)."""
+        return _fsencode(self.path)
 
 
 @dataclass
@@ -76,6 +123,7 @@ class ChunkedDocument:
     skip_detail: str = ""
     # prose documents keep their links; code documents their imports (for the graph's reference edges)
     references: list[str] = field(default_factory=list)
+    encoding: str = ""  # the codec its text was decoded with (`documents.reading.Decoded.encoding`)
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +175,7 @@ class DocumentResult:
     unchanged: bool = False  # content hash equals the one the main process sent: not packed
     busy_s: float = 0.0  # worker time spent reading and chunking it
     ref: Optional[DocumentRef] = None  # the document as the worker saw it, when that differs (CodeParallelPipeline)
+    encoding: str = ""  # the codec its text was decoded with (documents table column `encoding`)
 
 
 @dataclass

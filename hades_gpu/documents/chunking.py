@@ -31,7 +31,7 @@ from hades_gpu.documents.code_chunker import (
 )
 from hades_gpu.documents.packing import Children, Packer, Span, finalize, line_starts
 from hades_gpu.documents.prose_chunker import ProseStructure, prose_references, prose_units
-from hades_gpu.documents.reading import SkipDocument, read_document
+from hades_gpu.documents.reading import SkipDocument, read_text
 from hades_gpu.documents.tokenized import SegmentMismatch, Tokenized, TokenizedText, tokenize_document
 from hades_gpu.documents.tokenizer import load_tokenizer
 from hades_gpu.records import CODE, Chunk, ChunkedDocument, DocumentRef, stable_id
@@ -226,7 +226,7 @@ def process_document(
     it, or ``chunk_error`` if chunking itself failed (a bug: logged with its traceback).
     """
     try:
-        text, digest = read_document(ref, documents_cfg)
+        text, digest, encoding = read_text(ref, documents_cfg)
     except SkipDocument as skip:
         return ChunkedDocument(ref=ref, content_hash="", skip_reason=skip.reason, skip_detail=skip.detail)
     except Exception as err:  # noqa: BLE001 - one bad file must not stop a worker
@@ -243,7 +243,7 @@ def process_document(
     if not chunks:
         return ChunkedDocument(ref=ref, content_hash=digest, skip_reason="empty",
                                skip_detail="no tokens (only characters the tokenizer drops)")
-    return ChunkedDocument(ref=ref, content_hash=digest, chunks=chunks, references=references)
+    return ChunkedDocument(ref=ref, content_hash=digest, chunks=chunks, references=references, encoding=encoding)
 
 
 __all__ = ["chunk_document", "chunk_text", "chunk_in_windows", "window_bounds", "process_document"]

@@ -10,6 +10,25 @@ except that ``**/`` matches zero or more whole folders, so ``**/*.py`` also matc
 the top and ``**/.git/**`` matches ``.git/config``. A folder is not entered at all when an exclude
 pattern matches its relative path or that path followed by ``/``.
 
+Ignore files and hidden names, while walking a folder (rg/fd behaviour, both switchable):
+
+- ``respect_gitignore`` (default true): a file or folder ignored by a ``.gitignore`` is never
+  discovered (it is not a skipped document: it does not appear in the run report). Git's semantics
+  (the `pathspec` library): each ``.gitignore`` applies to its own folder and below, with patterns
+  relative to it; a deeper file overrides a shallower one, a later line an earlier one; ``!``
+  re-includes; ``dir/`` matches folders only; an ignored folder is not entered, so nothing below it
+  can be re-included. ``.git/info/exclude`` of a repository counts like a ``.gitignore`` at its top.
+  The ``.gitignore`` files of the folders above a walked folder count up to the repository's top
+  (the nearest folder holding ``.git``); outside a repository only those at or below the walked
+  folder count (like ``rg --no-require-git``: no ``.git`` is needed for them). Global git excludes
+  (``core.excludesFile``) are not read.
+- ``include_hidden`` (default false): names starting with ``.`` are skipped, files and folders
+  alike (a hidden folder is not entered), also without a report entry.
+
+A source named explicitly (on the command line) is taken even when it is hidden or ignored: a file
+is ingested, a folder is walked (the ignore files inside it apply; those above it too, unless they
+ignore the folder itself, which was asked for by name).
+
 Nothing here reads file contents: whether a file is text, empty or decodable is decided when it is
 read (`hades_gpu.documents.reading`). Problems found while walking become `Skip` records, which the
 run report lists; discovery itself never raises for a bad path.
@@ -24,6 +43,8 @@ import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Optional, Sequence, Union
+
+import pathspec
 
 from hades_gpu.config import DocumentsConfig
 from hades_gpu.records import CODE, PROSE, DocumentRef
@@ -181,6 +202,66 @@ def _sources_list(sources: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     return [os.fspath(s) for s in sources]
 
 
+GITIGNORE = ".gitignore"
+
+
+def _load_ignore(path: str) -> Optional[pathspec.GitIgnoreSpec]:
+    """The patterns of one ignore file, or None when it is absent, unreadable or empty."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return None
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    return spec if len(spec.patterns) else None
+
+
+def _folder_specs(folder: str) -> list[pathspec.GitIgnoreSpec]:
+    """The ignore files that start applying at `folder`: its .git/info/exclude (below .gitignore,
+    which overrides it), then its .gitignore."""
+    specs = []
+    if os.path.isdir(os.path.join(folder, ".git")):
+        exclude = _load_ignore(os.path.join(folder, ".git", "info", "exclude"))
+        if exclude is not None:
+            specs.append(exclude)
+    spec = _load_ignore(os.path.join(folder, GITIGNORE))
+    if spec is not None:
+        specs.append(spec)
+    return specs
+
+
+# (folder, spec): folder is the absolute folder the spec's patterns are relative to
+_Ignores = tuple[tuple[str, pathspec.GitIgnoreSpec], ...]
+
+
+def _ancestor_ignores(folder: str) -> _Ignores:
+    """Ignore files of the folders above `folder` up to its repository's top (none outside a repository)."""
+    chain: list[str] = []
+    parent = os.path.dirname(folder)
+    while True:
+        chain.append(parent)
+        if os.path.exists(os.path.join(parent, ".git")):
+            break
+        up = os.path.dirname(parent)
+        if up == parent:
+            return ()  # not inside a repository
+        parent = up
+    out: list[tuple[str, pathspec.GitIgnoreSpec]] = []
+    for d in reversed(chain):  # shallowest first
+        out.extend((d, spec) for spec in _folder_specs(d))
+    return tuple(out)
+
+
+def _ignored(ignores: _Ignores, abs_path: str, is_dir: bool) -> bool:
+    """Whether git would ignore `abs_path`: the last matching pattern of the deepest file that has one."""
+    for base, spec in reversed(ignores):
+        rel = os.path.relpath(abs_path, base).replace(os.sep, "/")
+        result = spec.check_file(rel + "/" if is_dir else rel)
+        if result.include is not None:
+            return bool(result.include)
+    return False
+
+
 class _Walker:
     """State of one `discover` call: results, skips, and what was seen (for duplicates/loops)."""
 
@@ -238,14 +319,20 @@ class _Walker:
         if stat.S_ISDIR(st.st_mode):
             self.seen_dirs.add((st.st_dev, st.st_ino))
             base = self.rel_for(abs_path, "")
-            self.walk(abs_path, "", base)
+            ignores = _ancestor_ignores(abs_path) if self.cfg.respect_gitignore else ()
+            if ignores and _ignored(ignores, abs_path, True):
+                ignores = ()  # asked for by name although its repository ignores it: walk all of it
+            self.walk(abs_path, "", base, ignores)
         else:
             self.add_file(abs_path, self.rel_for(abs_path, os.path.basename(abs_path)), st)
 
-    def walk(self, folder: str, rel_dir: str, base: str) -> None:
+    def walk(self, folder: str, rel_dir: str, base: str, ignores: _Ignores = ()) -> None:
         """Depth-first, entries sorted by name; `rel_dir` is relative to the source folder (for
-        globs), `base` the prefix that turns it into the document's rel_path (when `root` is given)."""
+        globs), `base` the prefix that turns it into the document's rel_path (when `root` is given),
+        `ignores` the ignore files that apply above `folder`."""
         cfg = self.cfg
+        if cfg.respect_gitignore:
+            ignores = ignores + tuple((folder, spec) for spec in _folder_specs(folder))
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -257,6 +344,8 @@ class _Walker:
                                    f"cannot list folder ({type(err).__name__}: {err.strerror or err})"))
             return
         for entry in entries:
+            if not cfg.include_hidden and entry.name.startswith("."):
+                continue  # hidden: never discovered (documents.include_hidden)
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             try:
                 is_link = entry.is_symlink()
@@ -264,6 +353,8 @@ class _Walker:
             except OSError as err:
                 self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
                 continue
+            if ignores and _ignored(ignores, entry.path, is_dir):
+                continue  # ignored by a .gitignore: never discovered (documents.respect_gitignore)
             if is_dir:
                 if _folder_excluded(rel, cfg):
                     continue
@@ -277,7 +368,7 @@ class _Walker:
                     self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
                     continue
                 self.seen_dirs.add(key)
-                self.walk(entry.path, rel, base)
+                self.walk(entry.path, rel, base, ignores)
                 continue
             if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
                 continue

@@ -1,7 +1,9 @@
 """Read one document's bytes and decode them, or say precisely why not.
 
-`read_document` returns the decoded text exactly as decoded (line endings untouched, so chunk
-offsets index this string) and a content hash of the raw bytes. A file that cannot become text
+`read_text` returns the decoded text exactly as decoded (a BOM removed, line endings untouched, so
+chunk offsets index this string), a content hash of the raw bytes, and the encoding it was decoded
+with (``raw.decode(encoding, "replace") == text``; stored in the documents table, so
+`hades_gpu.store.reader.chunk_source` gives the same text back). A file that cannot become text
 raises `SkipDocument(reason, detail)`:
 
 - ``missing``: vanished since discovery;
@@ -9,16 +11,20 @@ raises `SkipDocument(reason, detail)`:
 - ``too_large``: over ``documents.max_file_bytes`` (checked again here: files grow);
 - ``empty``: 0 bytes, or only whitespace once decoded;
 - ``binary``: a known magic number, NUL bytes in the first 8 KiB, or mostly control bytes there;
-- ``decode_error``: not valid in ``documents.encoding`` (with ``decode_errors``: ``strict`` names the
-  byte and its offset; ``replace`` never fails, undecodable bytes become U+FFFD; ``fallback`` tries
-  ``fallback_encodings`` in order, then skips).
+- ``decode_error``: not valid in ``documents.encoding``, per ``decode_errors``:
+  ``detect`` (default) tries ``encoding`` (UTF-8), then asks charset-normalizer for the legacy
+  encoding (cp1252 when it decodes the bytes as well as the detector's own pick; wide and EBCDIC code
+  pages are never proposed) and skips only when nothing fits; ``strict`` names the byte and its
+  offset; ``replace`` never fails, undecodable bytes become U+FFFD; ``fallback`` tries
+  ``fallback_encodings`` in order, then skips.
 
-Byte-order marks decide the codec: a UTF-8 BOM is stripped (utf-8-sig), a UTF-16/UTF-32 BOM selects
-that codec (its NUL bytes are then not "binary"). Without a BOM, NUL bytes mean binary, except for
-text that is plainly UTF-16 (ASCII-range characters with NULs at every other byte) when a UTF-16
-codec is the configured encoding or one of the fallbacks in ``fallback`` mode. Conversely, a UTF-16
-or UTF-32 fallback is never tried on data without NUL bytes: such data would "decode" into
-unrelated CJK characters rather than fail.
+Order: empty, then a BOM, then the binary checks, then ``encoding``, then detection. Byte-order
+marks decide the codec: a UTF-8 BOM is stripped (recorded ``utf-8-sig``), a UTF-16/UTF-32 BOM selects
+that codec (recorded ``utf-16``/``utf-32``; its NUL bytes are then not "binary"). Without a BOM, NUL
+bytes mean binary, except for text that is plainly UTF-16 (ASCII-range characters with NULs at every
+other byte) in ``detect`` mode or when a UTF-16 codec is the configured encoding or one of the
+fallbacks in ``fallback`` mode. Conversely, a UTF-16 or UTF-32 codec is never tried on data without
+NUL bytes: such data would "decode" into unrelated CJK characters rather than fail.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import os
 import re
 import stat
+from typing import NamedTuple
 
 from hades_gpu.config import DecodeErrors, DocumentsConfig
 from hades_gpu.records import DocumentRef
@@ -177,14 +184,62 @@ def _decode_strict(data: bytes, codec: str, skipped: int) -> str:
         ) from err
 
 
-def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
-    """Decode raw bytes per `cfg` (see the module docstring); raises `SkipDocument`."""
+# Codecs a BOM selects, and the name recorded for them: `raw.decode(recorded)` strips the BOM itself.
+_BOM_RECORDED = {"utf-8": "utf-8-sig", "utf-16-le": "utf-16", "utf-16-be": "utf-16",
+                 "utf-32-le": "utf-32", "utf-32-be": "utf-32"}
+# Never proposed by detection: wide codecs "decode" NUL-free text into unrelated CJK characters (UTF-16
+# is found from a BOM or its NUL pattern instead), and EBCDIC code pages turn bytes >= 0x80 into letters.
+_NOT_DETECTED = ["utf_16", "utf_16_be", "utf_16_le", "utf_32", "utf_32_be", "utf_32_le", "utf_7",
+                 "cp037", "cp273", "cp424", "cp500", "cp875", "cp1026", "cp1140"]
+_PREFERRED = "cp1252"  # the usual legacy encoding; chosen when it decodes as well as the detector's pick
+_CHAOS_SLACK = 0.05
+_COHERENCE_SLACK = 0.5
+
+
+class Decoded(NamedTuple):
+    """A document's text, the blake2b of its raw bytes, and the codec: ``raw.decode(encoding,
+    "replace") == text`` (the name a BOM selects, e.g. ``utf-8-sig``/``utf-16``, strips the BOM)."""
+
+    text: str
+    content_hash: str
+    encoding: str
+
+
+def _detect(data: bytes) -> tuple[str, str] | None:
+    """(text, codec) that charset-normalizer finds for `data` (no BOM, not UTF-8, not binary), or None."""
+    from charset_normalizer import from_bytes  # imported on first use: most corpora never need it
+
+    matches = list(from_bytes(data, cp_exclusion=_NOT_DETECTED))
+    if not matches:
+        return None
+    best = matches[0]
+    for m in matches:  # the same text from cp1252 (or close to as good): cp1252, the common case
+        if (_PREFERRED in m.could_be_from_charset and m.chaos <= best.chaos + _CHAOS_SLACK
+                and m.coherence >= best.coherence - _COHERENCE_SLACK):
+            best_codec = _PREFERRED
+            break
+    else:
+        best_codec = best.encoding
+    codec = codecs.lookup(best_codec).name
+    try:
+        return data.decode(codec, "strict"), codec
+    except UnicodeDecodeError:  # the detector's sample decoded, the whole file does not
+        try:
+            return data.decode(best.encoding, "strict"), codecs.lookup(best.encoding).name
+        except UnicodeDecodeError:
+            return None
+
+
+def decode_text(data: bytes, cfg: DocumentsConfig) -> tuple[str, str]:
+    """Decode raw bytes per `cfg` (see the module docstring): ``(text, encoding)``, where
+    ``data.decode(encoding, "replace") == text``; raises `SkipDocument`."""
     if not data:
         raise SkipDocument("empty", "0 bytes")
     head = data[:SNIFF_BYTES]
     mode = cfg.decode_errors
     primary = _codec_name(cfg.encoding)
     fallbacks = [_codec_name(e) for e in cfg.fallback_encodings] if mode == DecodeErrors.FALLBACK else []
+    wide_ok = [primary, *fallbacks] + (["utf-16-le"] if mode == DecodeErrors.DETECT else [])
 
     bom = _bom_codec(data)
     has_nul = b"\x00" in head
@@ -197,7 +252,7 @@ def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
         why = _sniff_binary(head)
         if why is not None:
             wide = _looks_utf16(head) if has_nul else None
-            if wide is None or not any(c.startswith("utf-16") for c in [primary, *fallbacks]):
+            if wide is None or not any(c.startswith("utf-16") for c in wide_ok):
                 raise SkipDocument("binary", why)
             codecs_to_try = [wide]
         else:
@@ -206,31 +261,50 @@ def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
                 narrow = [c for c in codecs_to_try if not _is_wide(c)]
                 codecs_to_try = narrow or codecs_to_try[:1]
 
+    def recorded(codec: str) -> str:
+        return _BOM_RECORDED.get(codec, codec) if bom is not None else codec
+
     if mode == DecodeErrors.REPLACE:
-        return data.decode(codecs_to_try[0], "replace")
+        return data.decode(codecs_to_try[0], "replace"), recorded(codecs_to_try[0])
     first_err: SkipDocument | None = None
     for codec in dict.fromkeys(codecs_to_try):
         try:
-            return _decode_strict(data, codec, skipped)
+            return _decode_strict(data, codec, skipped), recorded(codec)
         except SkipDocument as err:
             first_err = first_err or err
     assert first_err is not None
+    if mode == DecodeErrors.DETECT and bom is None and not has_nul:
+        found = _detect(data)
+        if found is not None:
+            return found
+        raise SkipDocument("decode_error", f"{first_err.detail}; no other encoding detected")
     tried = ", ".join(dict.fromkeys(codecs_to_try))
     detail = first_err.detail if len(codecs_to_try) == 1 else f"{first_err.detail}; also tried: {tried}"
     raise SkipDocument("decode_error", detail)
 
 
-def read_document(ref: DocumentRef, cfg: DocumentsConfig) -> tuple[str, str]:
-    """``(text, content_hash)`` of a document, or `SkipDocument` with the reason it cannot be used.
+def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
+    """The text of `decode_text` (without the encoding)."""
+    return decode_text(data, cfg)[0]
 
-    `content_hash` is the blake2b hex of the raw bytes (BOM included); `text` is exactly what the
-    codec produced (a UTF-8 BOM removed), and chunk offsets refer to it.
-    """
+
+def read_text(ref: DocumentRef, cfg: DocumentsConfig) -> Decoded:
+    """`Decoded` text, content hash and encoding of a document, or `SkipDocument` with the reason it
+    cannot be used. `content_hash` is the blake2b hex of the raw bytes (BOM included); `text` is
+    exactly what the codec produced (a BOM removed, line endings untouched), and chunk offsets
+    (``char_start``/``char_end``) index it."""
     data = read_bytes(ref.path, cfg.max_file_bytes)
-    text = decode_bytes(data, cfg)
+    text, encoding = decode_text(data, cfg)
     if _NON_SPACE.search(text) is None:
         raise SkipDocument("empty", f"whitespace only ({len(data)} bytes)")
-    return text, content_hash(data)
+    return Decoded(text, content_hash(data), encoding)
 
 
-__all__ = ["SkipDocument", "read_document", "read_bytes", "decode_bytes", "content_hash"]
+def read_document(ref: DocumentRef, cfg: DocumentsConfig) -> tuple[str, str]:
+    """``(text, content_hash)`` of `read_text`."""
+    decoded = read_text(ref, cfg)
+    return decoded.text, decoded.content_hash
+
+
+__all__ = ["Decoded", "SkipDocument", "read_document", "read_text", "read_bytes", "decode_bytes", "decode_text",
+           "content_hash"]

@@ -160,7 +160,7 @@ class ChunkedDocuments:
                     put(DocumentEvent(key, key, doc.ref, DocumentResult(
                         key=key, content_hash=doc.content_hash, n_chunks=n,
                         tokens=sum(c.n_tokens for c in doc.chunks) if n else 0, references=list(doc.references),
-                        skip_reason=doc.skip_reason, skip_detail=doc.skip_detail)))
+                        skip_reason=doc.skip_reason, skip_detail=doc.skip_detail, encoding=doc.encoding)))
                     if n:
                         packer.add(key, doc.chunks)
                 packer.flush()

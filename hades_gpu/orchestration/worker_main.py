@@ -73,7 +73,8 @@ def _plain_result(key: int, doc: ChunkedDocument, known_hash: Optional[str], bus
     if known_hash is not None and doc.content_hash == known_hash:
         return DocumentResult(key=key, content_hash=doc.content_hash, unchanged=True, busy_s=busy_s)
     return DocumentResult(key=key, content_hash=doc.content_hash, n_chunks=len(doc.chunks),
-                          tokens=sum(c.n_tokens for c in doc.chunks), references=list(doc.references), busy_s=busy_s)
+                          tokens=sum(c.n_tokens for c in doc.chunks), references=list(doc.references), busy_s=busy_s,
+                          encoding=doc.encoding)
 
 
 def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping) -> None:

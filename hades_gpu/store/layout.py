@@ -52,6 +52,9 @@ DOCUMENT_SCHEMA = pa.schema([
     ("content_hash", pa.string()),
     ("n_chunks", pa.int32()),
     ("references", pa.list_(pa.string())),
+    ("rel_path_bytes", pa.binary()),  # the exact relative path (rel_path is its text form, records.display_path)
+    ("path_bytes", pa.binary()),  # the exact absolute path
+    ("encoding", pa.string()),  # codec the text was decoded with: raw.decode(encoding) is the indexed text
 ])
 
 EDGES_SCHEMA = pa.schema([

@@ -5,20 +5,23 @@ file they do not name is an interrupted write and is never read.
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hades_gpu.documents.reading import content_hash
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, isne_embeddings_files, part_path
 from hades_gpu.store.manifest import committed_parts, has_manifest
 
-__all__ = ["DamagedOutputError", "committed_part_files", "committed_parts", "embeddings_to_numpy", "is_ingest_output",
-           "read_chunks", "read_documents", "read_files", "read_isne_embeddings", "read_table"]
+__all__ = ["DamagedOutputError", "SourceChangedError", "chunk_source", "committed_part_files", "committed_parts",
+           "embeddings_to_numpy", "is_ingest_output", "read_chunks", "read_documents", "read_files",
+           "read_isne_embeddings", "read_table", "source_path"]
 
 
 class DamagedOutputError(FileNotFoundError):
@@ -107,3 +110,87 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
     if len(dims) > 1:
         raise ValueError(f"isne embeddings of one output must share one dimension (got {sorted(dims)})")
     return ids, (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+
+class SourceChangedError(ValueError):
+    """The file of a document is no longer what was ingested (its content hash differs)."""
+
+
+def source_path(row: Mapping[str, Any], relative: bool = False) -> str:
+    """The exact path of a document row (a dict of the documents table, e.g. from ``to_pylist()``).
+
+    The ``path``/``rel_path`` columns are valid text, with bytes of a name that are not UTF-8 written
+    as ``\\xHH`` (`hades_gpu.records.display_path`); this gives the name the file system knows (a
+    str with surrogate escapes, as ``os.listdir`` returns it: ``open()`` and `pathlib` take it, and
+    ``os.fsencode`` turns it into the raw bytes). Rows of outputs older than the byte columns give
+    their text column back.
+    """
+    raw = row.get("rel_path_bytes" if relative else "path_bytes")
+    if raw is not None:
+        return os.fsdecode(bytes(raw))
+    return row["rel_path" if relative else "path"]
+
+
+_DOCUMENT_LOOKUP = ("doc_id", "path", "rel_path", "path_bytes", "rel_path_bytes", "encoding", "content_hash")
+
+
+def _find_document(output: str | os.PathLike, key: Union[str, bytes, os.PathLike]) -> dict[str, Any]:
+    docs = read_documents(output)
+    names = set(docs.schema.names)
+    rows = docs.select([c for c in _DOCUMENT_LOOKUP if c in names]).to_pylist()
+    if isinstance(key, os.PathLike):
+        key = os.fspath(key)
+    raw = key if isinstance(key, bytes) else None
+    if raw is None:
+        try:
+            raw = os.fsencode(key)
+        except UnicodeEncodeError:
+            raw = None
+    for row in rows:  # doc id first, then exact bytes, then the text columns
+        if row["doc_id"] == key:
+            return row
+    for row in rows:
+        if raw is not None and raw in (row.get("path_bytes"), row.get("rel_path_bytes")):
+            return row
+    for row in rows:
+        if key in (row["path"], row["rel_path"]):
+            return row
+    raise KeyError(f"no document {key!r} in {output} (give a doc_id, a path or a rel_path)")
+
+
+def _legacy_encoding(data: bytes) -> str:
+    """What hades-gpu used before the ``encoding`` column existed: a BOM's codec, else UTF-8."""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            return codec
+    return "utf-8"
+
+
+def chunk_source(output: str | os.PathLike, path_or_doc_id: Union[str, bytes, os.PathLike]) -> str:
+    """The text a document's ``char_start``/``char_end`` index, read again from its file.
+
+    That is the file decoded as hades-gpu decoded it: with the recorded ``encoding`` (a BOM removed,
+    line endings kept as they are, ``\\r\\n`` included), so for every chunk row of the document
+    ``chunk_source(output, doc_id)[char_start:char_end] == text``. (``open(path).read()`` is not that
+    text: it translates newlines, keeps a UTF-8 BOM, and uses the locale's encoding.)
+
+    Args:
+        output: the ingest output folder.
+        path_or_doc_id: a ``doc_id``, the document's absolute path or its ``rel_path`` (as text, with
+            surrogate escapes, or as bytes).
+
+    Raises:
+        KeyError: no such document in the output.
+        SourceChangedError: the file's bytes are not those that were ingested (content hash differs).
+        OSError: the file cannot be read.
+    """
+    row = _find_document(output, path_or_doc_id)
+    with open(source_path(row), "rb") as fh:
+        data = fh.read()
+    digest = content_hash(data)
+    if row.get("content_hash") and digest != row["content_hash"]:
+        raise SourceChangedError(f"{row['path']} changed since it was ingested (content hash {digest[:12]}... "
+                                 f"!= {row['content_hash'][:12]}...); re-ingest it")
+    encoding = row.get("encoding") or _legacy_encoding(data)
+    return data.decode(encoding, "replace")

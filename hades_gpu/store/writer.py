@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hades_gpu.records import DocumentRef, DocumentResult
+from hades_gpu.records import DocumentRef, DocumentResult, display_path
 from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
 from hades_gpu.store.manifest import DocumentEntry, Manifest
@@ -39,6 +39,7 @@ class _Document:
     n_chunks: int
     references: list[str]
     remaining: int
+    encoding: str = ""
 
 
 class DatasetWriter:
@@ -100,7 +101,8 @@ class DatasetWriter:
         """Register a document before its rows arrive (the router calls it when a worker reports the
         document). Its size and mtime (from discovery) go into the manifest for the next run's resume."""
         doc = _Document(key=key, ref=ref, content_hash=result.content_hash, n_chunks=result.n_chunks,
-                        references=list(result.references), remaining=result.n_chunks)
+                        references=list(result.references), remaining=result.n_chunks,
+                        encoding=result.encoding)
         with self._lock:
             if key in self._pending or key in self._abandoned:
                 raise ValueError(f"document key {key} registered twice")
@@ -235,19 +237,23 @@ class DatasetWriter:
             position = pa.array(position[sort])
             per_doc = lambda values: pa.array(values, pa.string()).take(position)  # noqa: E731
             chunk_table = pa.Table.from_arrays([
-                per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"), per_doc([d.ref.path for d in ready]),
+                per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"),
+                per_doc([display_path(d.ref.path) for d in ready]),
                 per_doc([d.ref.modality for d in ready]), rows.column("ordinal"), rows.column("char_start"),
                 rows.column("char_end"), rows.column("n_tokens"), rows.column("text"), rows.column("embedding"),
             ], schema=chunk_schema(self.dim))
         doc_table = pa.Table.from_arrays([
             pa.array([d.ref.doc_id for d in ready], pa.string()),
-            pa.array([d.ref.path for d in ready], pa.string()),
+            pa.array([display_path(d.ref.path) for d in ready], pa.string()),  # valid text; exact: path_bytes
             pa.array([d.ref.rel_path for d in ready], pa.string()),
             pa.array([d.ref.modality for d in ready], pa.string()),
             pa.array([d.ref.language for d in ready], pa.string()),
             pa.array([d.content_hash for d in ready], pa.string()),
             pa.array([d.n_chunks for d in ready], pa.int32()),
             pa.array([list(d.references) for d in ready], pa.list_(pa.string())),
+            pa.array([d.ref.rel_path_bytes for d in ready], pa.binary()),
+            pa.array([d.ref.path_bytes for d in ready], pa.binary()),
+            pa.array([d.encoding for d in ready], pa.string()),
         ], schema=DOCUMENT_SCHEMA)
         return chunk_table, doc_table
 

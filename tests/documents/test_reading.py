@@ -53,8 +53,10 @@ def test_boms(tmp_path: Path) -> None:
 
 def test_bomless_utf16(tmp_path: Path) -> None:
     p = _file(tmp_path, "plain ascii in utf-16\n".encode("utf-16-le"))
-    assert _skip(p).reason == "binary"  # strict utf-8: NUL bytes
+    assert _skip(p, DocumentsConfig(decode_errors="strict")).reason == "binary"  # strict utf-8: NUL bytes
     text, _ = read_document(_ref(p), DocumentsConfig(decode_errors="fallback"))  # fallback: utf-16
+    assert text == "plain ascii in utf-16\n"
+    text, _ = read_document(_ref(p), DocumentsConfig())  # detect (default): its NUL pattern
     assert text == "plain ascii in utf-16\n"
 
 
@@ -80,7 +82,7 @@ def test_empty_and_whitespace(tmp_path: Path) -> None:
 
 def test_decode_modes(tmp_path: Path) -> None:
     p = _file(tmp_path, "caf\u00e9 au lait".encode("latin-1"))
-    err = _skip(p)
+    err = _skip(p, DocumentsConfig(decode_errors="strict"))
     assert err.reason == "decode_error"
     assert "0xe9 at offset 3" in err.detail and "utf-8" in err.detail
     text, _ = read_document(_ref(p), DocumentsConfig(decode_errors="replace"))
@@ -91,7 +93,7 @@ def test_decode_modes(tmp_path: Path) -> None:
     err = _skip(p, DocumentsConfig(decode_errors="fallback", fallback_encodings=["utf-16"]))
     assert err.reason == "decode_error"
     # the offset counts raw bytes, BOM included
-    err = _skip(_file(tmp_path, codecs.BOM_UTF8 + b"ab\xffc", "bom-bad.txt"))
+    err = _skip(_file(tmp_path, codecs.BOM_UTF8 + b"ab\xffc", "bom-bad.txt"))  # a BOM is trusted: no detection
     assert "offset 5" in err.detail
     text, _ = read_document(_ref(p), DocumentsConfig(encoding="cp1252"))
     assert text == "café au lait"

@@ -163,7 +163,9 @@ def test_binary_and_bad_files_never_cost_a_good_chunk(mixed_corpus, tmp_path, em
     (dirty_corpus / "bad.md").write_bytes(b"ok \xff\xfe broken \x80")
     (dirty_corpus / "empty.py").write_bytes(b"")
     dirty = tmp_path / "dirty"
-    result = TextParallelPipeline(config(), embedder=embedder).process_batch([dirty_corpus], output=dirty)
+    # strict: bad.md is skipped as decode_error (the default, detect, would ingest it as cp1252)
+    result = TextParallelPipeline(config("documents.decode_errors=strict"), embedder=embedder).process_batch(
+        [dirty_corpus], output=dirty)
     assert {re.sub(r".*/", "", s["path"]) for s in result.skipped} >= {"blob.txt", "bad.md", "empty.py"}
     key = lambda df: sorted(zip(df.path.str.replace(str(dirty_corpus), "", regex=False)  # noqa: E731
                                 .str.replace(str(mixed_corpus), "", regex=False), df.ordinal, df.text))

@@ -16,7 +16,7 @@ import pytest
 from hades_gpu.config import load_pipeline_config
 from hades_gpu.pipelines import CodeParallelPipeline, TextParallelPipeline
 from hades_gpu.store.manifest import Manifest
-from hades_gpu.store.reader import committed_parts, is_ingest_output, read_chunks, read_documents
+from hades_gpu.store.reader import chunk_source, committed_parts, is_ingest_output, read_chunks, read_documents
 
 from corpus_helpers import REPO, copy_files, stdlib_sources
 from embedder_helpers import RecordingEmbedder
@@ -55,11 +55,12 @@ def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
     reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
     assert reasons["blob.txt"] == "binary"
     assert reasons["empty.md"] == "empty"
-    assert reasons["latin1.txt"] == "decode_error"
+    assert "latin1.txt" not in reasons  # decode_errors=detect (default): ingested as cp1252
     assert reasons["does-not-exist.md"] == "missing"
     assert reasons["diagram.png"] == "binary"
     assert result.errors  # per-document errors, keyed by path
-    good = {"overview.md", "api.rst", "design.txt", "__init__.py", "measures.py", "circle.py", "polygon.py"}
+    good = {"overview.md", "api.rst", "design.txt", "__init__.py", "measures.py", "circle.py", "polygon.py",
+            "latin1.txt"}
     docs = read_documents(out).to_pandas()
     assert set(Path(p).name for p in docs.path) == good
     assert result.documents_ingested == len(good)
@@ -67,7 +68,8 @@ def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
     table = assert_exactly_once(out)
     chunks = read_chunks(out).to_pandas()
     for row in chunks.itertuples():  # offsets reproduce the text
-        assert Path(row.path).read_text()[row.char_start:row.char_end] == row.text
+        assert chunk_source(out, row.doc_id)[row.char_start:row.char_end] == row.text
+    assert docs.set_index(docs.path.map(lambda p: Path(p).name)).encoding.to_dict()["latin1.txt"] == "cp1252"
     emb = np.stack(chunks.embedding.to_numpy())
     assert emb.shape == (len(table), 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)

@@ -129,7 +129,8 @@ def test_every_column_and_manifest_field_round_trips(tmp_path):
             np.testing.assert_array_equal(np.asarray(row.embedding, np.float32), vectors[c.chunk_id])
     dt = read_documents(tmp_path).to_pandas().set_index("rel_path")
     assert list(read_documents(tmp_path).schema.names) == ["doc_id", "path", "rel_path", "modality", "language",
-                                                          "content_hash", "n_chunks", "references"]
+                                                          "content_hash", "n_chunks", "references",
+                                                          "rel_path_bytes", "path_bytes", "encoding"]
     for d in docs:
         row = dt.loc[d.ref.rel_path]
         assert (row.doc_id, row.path, row.modality, row.language, row.content_hash, row.n_chunks, list(row.references)) \
