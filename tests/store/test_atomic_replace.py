@@ -61,3 +61,30 @@ def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_p
         assert verify_output(out).ok and not verify_output(out).notes, point
         docs = {p: pq.read_table(out / "documents" / f"{p}.parquet").num_rows for p in Manifest.load(out, "s0").parts()}
         assert sum(docs.values()) == 8, (point, docs)
+
+
+def test_the_replace_transaction_commits_whole_or_not_at_all(tmp_path):
+    from hades_gpu.store.atomic import FileRecord
+    from hades_gpu.store.manifest import DocumentEntry, Replacement
+
+    m = Manifest.load(tmp_path, "s0")
+    rec = FileRecord(size=1, checksum="sha256:x", rows=1)
+    m.commit_part("part-s0-00001", [(r, DocumentEntry(r, "h1", 1, "part-s0-00001")) for r in ("a", "b", "c")],
+                  files={"chunks": rec, "documents": rec})
+
+    def boom():
+        raise RuntimeError("killed inside the transaction")
+
+    new = [("a", DocumentEntry("a", "h2", 1, "part-s0-00002"))]
+    rewrite = Replacement("part-s0-00001", "part-s0-00003", {"chunks": rec, "documents": rec})
+    try:
+        m.commit_part("part-s0-00002", new, files={"chunks": rec}, replaced=[rewrite], before_commit=boom)
+    except RuntimeError:
+        pass
+    assert m.parts() == ["part-s0-00001"] and {e.part for _, e in m.documents()} == {"part-s0-00001"}
+    assert set(m.part_files()) == {"part-s0-00001"}
+    m.commit_part("part-s0-00002", new, files={"chunks": rec}, replaced=[rewrite])
+    assert m.parts() == ["part-s0-00002", "part-s0-00003"]
+    assert {r: e.part for r, e in m.documents()} == {"a": "part-s0-00002", "b": "part-s0-00003", "c": "part-s0-00003"}
+    assert set(m.part_files()) == {"part-s0-00002", "part-s0-00003"} and m.next_part_number() == 4
+    assert m.drop_parts(["part-s0-00003"]) == 2 and m.next_part_number() == 4  # a dropped number is never reused
