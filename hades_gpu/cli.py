@@ -55,8 +55,9 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> N
             sys.exit(1)
         except RuntimeError as err:
             from hades_gpu.pipelines.ingest import NothingIngestedError
+            from hades_gpu.store.lock import OutputLockedError  # another run holds the output: one line
 
-            if not isinstance(err, NothingIngestedError):
+            if not isinstance(err, (NothingIngestedError, OutputLockedError)):
                 raise
             print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(1)

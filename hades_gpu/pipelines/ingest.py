@@ -27,6 +27,7 @@ from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, DocumentResult
 from hades_gpu.store.atomic import atomic_write_bytes
 from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.resume import Resume, ResumePolicy
 from hades_gpu.store.writer import DatasetWriter
 
@@ -103,20 +104,32 @@ class IngestPipeline:
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The job: ingest `paths` (files and/or folders) into `output` (default: `config.output`),
-        then, when `isne.enabled`, the graph and ISNE stage (`hades_gpu.isne.stage`) over it."""
-        result = self.ingest(paths, output)
-        if self.config.isne.enabled:
-            result.isne = self._run_isne(result.output_dir)
-            result.metrics["isne"] = result.isne
-            _write_metrics(result.output_dir, result.metrics)
+        then, when `isne.enabled`, the graph and ISNE stage (`hades_gpu.isne.stage`) over it. The
+        output's lock (`store.lock`, per shard) is held for the whole job: a second run on the same
+        output and shard raises `OutputLockedError` at once."""
+        with OutputLock(self._output_dir(output), self.config.shard):
+            result = self.ingest(paths, output)
+            if self.config.isne.enabled:
+                result.isne = self._run_isne(result.output_dir)
+                result.metrics["isne"] = result.isne
+                _write_metrics(result.output_dir, result.metrics)
         return result
 
-    def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
-        """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json)."""
-        cfg = self.config
-        out = Path(output if output is not None else (cfg.output or ""))
+    def _output_dir(self, output: Optional[PathLike]) -> Path:
+        out = Path(output if output is not None else (self.config.output or ""))
         if not str(out):
             raise ValueError("an output folder is required (config.output or process_batch(..., output=...))")
+        return out
+
+    def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
+        """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
+        under the output's lock (taken here unless `process_batch` holds it already)."""
+        out = self._output_dir(output)
+        with OutputLock(out, self.config.shard):
+            return self._ingest(paths, out)
+
+    def _ingest(self, paths: Union[PathLike, Sequence[PathLike]], out: Path) -> IngestResult:
+        cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
         sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder

@@ -8,9 +8,11 @@ Every writer of the output (parts, edges, ISNE vectors and checkpoint, metrics) 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,20 +32,53 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+CHECKSUM = "sha256"  # `sha256sum <file>` gives the same hex digest
+_HASH_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the writer knew of a file the moment it was committed: its size, checksum, row count
+    (Parquet) and stat (mtime and ctime, which `os.utime` cannot reset), for `store.verify`."""
+
+    size: int
+    checksum: str
+    rows: int = -1
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """`sha256:<hex>` of the file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(CHECKSUM)
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(_HASH_BLOCK)
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+    return f"{CHECKSUM}:{digest.hexdigest()}"
+
+
 def temporary_path(path: Path) -> Path:
     """`.<name>.tmp-<pid>` beside `path`: hidden, never a name a reader lists, one per process."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, record: Optional[list] = None) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on success it is fsync'd and renamed
-    over `path`, on an error it is removed and `path` is left as it was."""
+    over `path`, on an error it is removed and `path` is left as it was. With `record` (a list), the
+    committed file's `FileRecord` (size, checksum of the bytes written, stat after the rename) is
+    appended to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         yield tmp
+        checksum = file_checksum(tmp) if record is not None else ""  # still in the page cache
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -51,6 +86,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    if record is not None:
+        st = path.stat()  # after the rename (a rename changes the ctime)
+        record.append(FileRecord(size=st.st_size, checksum=checksum, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -60,11 +98,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
-                         use_dictionary: bool | list[str] = True) -> None:
+                         use_dictionary: bool | list[str] = True) -> FileRecord:
     """Replace `path` with `table` as Parquet, atomically and durably. `use_dictionary` may name the
-    columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest."""
-    with atomic_path(path) as tmp:
+    columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest.
+    Returns the committed file's `FileRecord` (rows, size, sha256, stat)."""
+    record: list[FileRecord] = []
+    with atomic_path(path, record) as tmp:
         pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
+    rec = record[0]
+    return FileRecord(size=rec.size, checksum=rec.checksum, rows=table.num_rows, mtime_ns=rec.mtime_ns,
+                      ctime_ns=rec.ctime_ns)
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

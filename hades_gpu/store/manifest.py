@@ -12,6 +12,12 @@ survive a SIGKILL or a power loss; a torn write is rolled back on the next open.
 beside the parts as `manifest-<shard>.sqlite`; it needs a filesystem with working POSIX locks
 (local disks and cluster filesystems; not every NFS mount).
 
+Each committed part also has one `part_files` row per file (chunks/ and documents/): its row count,
+size, sha256 and stat when the writer wrote it (`store.atomic.FileRecord`), so `store.verify` can
+tell a committed part that is still as written from one deleted, truncated or altered since. A part
+committed before that table existed has no rows there; it is checked against its documents' rows.
+(Added tables and an index only: the version stays 2, and an older build can still read the file.)
+
 Older outputs have `manifest.json` / `manifest-<shard>.json`; opening such a shard imports it once
 (then removes the JSON), and `committed_parts` still reads one that was never opened for writing.
 """
@@ -25,9 +31,9 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from hades_gpu.store.atomic import fsync_dir
+from hades_gpu.store.atomic import FileRecord, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,10 @@ CREATE TABLE IF NOT EXISTS parts (number INTEGER PRIMARY KEY, name TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS documents (
     rel_path TEXT PRIMARY KEY, doc_id TEXT NOT NULL, content_hash TEXT NOT NULL, n_chunks INTEGER NOT NULL,
     part TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS part_files (
+    part TEXT NOT NULL, tbl TEXT NOT NULL, rows INTEGER NOT NULL, size INTEGER NOT NULL, checksum TEXT NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, PRIMARY KEY (part, tbl));
+CREATE INDEX IF NOT EXISTS documents_by_part ON documents(part);
 """
 
 
@@ -53,6 +63,17 @@ def legacy_manifest_path(output: Path, shard: str) -> Path:
 
 class ManifestError(ValueError):
     """A manifest that cannot be read (damaged, or written by an unknown version)."""
+
+
+@dataclass
+class Replacement:
+    """An older part that held earlier versions of documents a commit replaces: it is retired, and its
+    other documents move to `new_part` (the old part rewritten without the replaced ones; None when
+    nothing of it survives, or when its file could not be read: then its documents are dropped)."""
+
+    old_part: str
+    new_part: Optional[str] = None
+    files: Optional[dict[str, FileRecord]] = None
 
 
 @dataclass
@@ -168,7 +189,31 @@ class Manifest:
         return int(self._query("SELECT COUNT(*) FROM documents")[0][0])
 
     def next_part_number(self) -> int:
-        return int(self._query("SELECT COALESCE(MAX(number), 0) FROM parts")[0][0]) + 1
+        """Never a number used before (retired and dropped parts included), so an old file of that
+        name can never be mistaken for a new part."""
+        used = int(self._query("SELECT COALESCE(MAX(number), 0) FROM parts")[0][0]) + 1
+        mark = self._query("SELECT value FROM meta WHERE key = 'next_part'")
+        return max(used, int(mark[0][0]) if mark else 0)
+
+    def part_files(self) -> dict[str, dict[str, FileRecord]]:
+        """part -> {table: FileRecord} for every committed part that has its files recorded."""
+        out: dict[str, dict[str, FileRecord]] = {}
+        for part, tbl, rows, size, checksum, mtime, ctime in self._query(
+                "SELECT part, tbl, rows, size, checksum, mtime_ns, ctime_ns FROM part_files"):
+            out.setdefault(part, {})[tbl] = FileRecord(size=size, checksum=checksum, rows=rows, mtime_ns=mtime,
+                                                       ctime_ns=ctime)
+        return out
+
+    def part_contents(self, part: str) -> tuple[int, int]:
+        """(documents, chunks) the manifest says `part` holds (an index probe)."""
+        docs, chunks = self._query("SELECT COUNT(*), COALESCE(SUM(n_chunks), 0) FROM documents WHERE part = ?",
+                                   (part,))[0]
+        return int(docs), int(chunks)
+
+    def contents_by_part(self) -> dict[str, tuple[int, int]]:
+        """part -> (documents, chunks) for every part (one scan of the documents)."""
+        return {part: (int(d), int(c)) for part, d, c in
+                self._query("SELECT part, COUNT(*), SUM(n_chunks) FROM documents GROUP BY part")}
 
     def lookup(self, rel_path: str) -> Optional[DocumentEntry]:
         row = self._query("SELECT doc_id, content_hash, n_chunks, part, size, mtime_ns FROM documents "
@@ -187,13 +232,66 @@ class Manifest:
         return entry is not None and entry.size == size and entry.mtime_ns == mtime_ns
 
     # -- write -----------------------------------------------------------------------------------
-    def commit_part(self, part: str, documents: Iterable[tuple[str, DocumentEntry]]) -> None:
-        """Name `part` committed and record its documents (replacing their older entries), at once."""
+    def commit_part(self, part: str, documents: Iterable[tuple[str, DocumentEntry]],
+                    files: Optional[dict[str, FileRecord]] = None, replaced: Iterable[Replacement] = (),
+                    before_commit: Optional[Callable[[], None]] = None) -> None:
+        """One transaction: name `part` committed with its `files`, record its documents (replacing
+        their older entries), and for each `Replacement` retire the old part and point its other
+        documents at its rewrite. Either all of it is committed or none of it. `before_commit` runs
+        inside the transaction, just before COMMIT (a test's kill point)."""
+        numbers = [_part_number(part)]
         with self._transaction() as cur:
             cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(part), part))
+            self._insert_files(cur, part, files)
+            for rep in replaced:
+                if rep.new_part is not None:
+                    numbers.append(_part_number(rep.new_part))
+                    cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(rep.new_part), rep.new_part))
+                    self._insert_files(cur, rep.new_part, rep.files)
+                    cur.execute("UPDATE documents SET part = ? WHERE part = ?", (rep.new_part, rep.old_part))
+                else:
+                    cur.execute("DELETE FROM documents WHERE part = ?", (rep.old_part,))
+                cur.execute("DELETE FROM parts WHERE name = ?", (rep.old_part,))
+                cur.execute("DELETE FROM part_files WHERE part = ?", (rep.old_part,))
             cur.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
                             [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
                              for rel, d in documents])
+            self._raise_mark(cur, max(numbers) + 1)
+            if before_commit is not None:
+                before_commit()
+
+    @staticmethod
+    def _insert_files(cur: sqlite3.Cursor, part: str, files: Optional[dict[str, FileRecord]]) -> None:
+        if files:
+            cur.executemany("INSERT OR REPLACE INTO part_files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(part, tbl, f.rows, f.size, f.checksum, f.mtime_ns, f.ctime_ns)
+                             for tbl, f in files.items()])
+
+    @staticmethod
+    def _raise_mark(cur: sqlite3.Cursor, number: int) -> None:
+        cur.execute("INSERT INTO meta VALUES ('next_part', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                    "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(number),))
+
+    def drop_parts(self, parts: Iterable[str]) -> int:
+        """Forget damaged parts and their documents (so a run ingests those again); returns how many
+        documents were dropped. Their files become orphans (removed by the writer at start)."""
+        parts = list(parts)
+        if not parts:
+            return 0
+        with self._transaction() as cur:
+            dropped = 0
+            for part in parts:
+                dropped += cur.execute("DELETE FROM documents WHERE part = ?", (part,)).rowcount
+                cur.execute("DELETE FROM parts WHERE name = ?", (part,))
+                cur.execute("DELETE FROM part_files WHERE part = ?", (part,))
+            self._raise_mark(cur, max(_part_number(p) for p in parts) + 1)
+        return dropped
+
+    def record_files(self, part: str, files: dict[str, FileRecord]) -> None:
+        """Record (or refresh) the files of a committed part: a part committed before files were
+        recorded, checked and hashed at start, or one whose stat changed but whose bytes did not."""
+        with self._transaction() as cur:
+            self._insert_files(cur, part, files)
 
     def update_stats(self, updates: dict[str, tuple[int, int]]) -> None:
         """New (size, mtime_ns) of documents read again and found identical (see DatasetWriter)."""

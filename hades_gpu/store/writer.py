@@ -2,16 +2,29 @@
 
 A document's rows are written only once all its chunks are embedded, and always into one part file,
 so a part holds whole documents. Commit order makes a SIGKILL at any point safe:
-1. write `chunks/<part>.parquet` and `documents/<part>.parquet` (temporary name, then rename);
-2. rewrite older parts that held earlier versions of re-ingested (changed) documents without them;
-3. commit the part in the manifest (one SQLite transaction, `store.manifest`), which now names it.
-On start-up, part files the manifest does not name are deleted; their documents are not in the
-manifest, so they are ingested again: nothing is lost and nothing is written twice.
+1. write `chunks/<part>.parquet` and `documents/<part>.parquet` (temporary name, then rename; size
+   and sha256 kept for the manifest);                                        [after_part_written]
+2. older parts that held earlier versions of re-ingested (changed) documents are written again
+   without them, under NEW part names (the old files are not touched);      [after_old_rewritten]
+3. one SQLite transaction (`store.manifest`) names the new part, points the other documents of each
+   older part at its rewrite and retires the older part;    [before_manifest_commit, inside it]
+4. only then the retired files are deleted.                               [after_manifest_commit]
+Until 3 commits, the manifest names exactly the old files, all still intact; after it, exactly the
+new ones. On start-up, committed parts are verified (`store.verify`; a damaged one is dropped with its
+documents, which are ingested again), then part files the manifest does not name are deleted (an
+interrupted commit's, or retired ones): nothing is lost and nothing is written twice.
+
+The names in brackets are kill points: with `HADES_TEST_KILL_AT=<name>` in the environment the
+process SIGKILLs itself there (tests only; `kill_point`).
+
+The writer holds the output lock of its shard (`store.lock`) from open to close.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +35,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.records import DocumentRef, DocumentResult, display_path
-from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
+from hades_gpu.store.atomic import FileRecord, atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
-from hades_gpu.store.manifest import DocumentEntry, Manifest
+from hades_gpu.store.lock import OutputLock
+from hades_gpu.store.manifest import DocumentEntry, Manifest, Replacement
+from hades_gpu.store.verify import PartProblem, repair_at_start
 
 log = logging.getLogger(__name__)
+
+KILL_ENV = "HADES_TEST_KILL_AT"
+KILL_POINTS = ("after_part_written", "after_old_rewritten", "before_manifest_commit", "after_manifest_commit")
+
+
+def kill_point(name: str) -> None:
+    """Tests only: SIGKILL this process at the named point of a commit when HADES_TEST_KILL_AT=name."""
+    if os.environ.get(KILL_ENV) == name:
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -61,8 +86,14 @@ class DatasetWriter:
         self.docs_dir = self.output / DOCUMENTS_DIR
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.docs_dir.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest.load(self.output, shard)
-        self.removed_orphans = self._remove_orphans()
+        self.output_lock = OutputLock(self.output, shard).acquire()  # OutputLockedError: another run's
+        try:
+            self.manifest = Manifest.load(self.output, shard)
+            self.damaged: list[PartProblem] = repair_at_start(self.manifest)
+            self.removed_orphans = self._remove_orphans()
+        except BaseException:
+            self.output_lock.release()
+            raise
         self._pending: dict[int, _Document] = {}  # key -> document still missing rows
         self._abandoned: set[int] = set()
         self._blocks: list[pa.RecordBatch] = []  # rows received, not yet committed
@@ -188,6 +219,7 @@ class DatasetWriter:
         if incomplete:
             log.warning("%d document(s) were not fully embedded and were not committed", incomplete)
         self.manifest.close()
+        self.output_lock.release()
 
     @property
     def pending_documents(self) -> int:
@@ -196,26 +228,35 @@ class DatasetWriter:
 
     # -- commit ----------------------------------------------------------------------------------------
     def _commit(self, ready: list[_Document], rows: Optional[pa.Table]) -> None:
-        part = part_name(self.shard, self.manifest.next_part_number())
+        number = self.manifest.next_part_number()
+        part = part_name(self.shard, number)
         chunk_table, doc_table = self._tables(ready, rows)
         # dictionaries only where values repeat (one per document); vectors, ids and texts are unique
-        atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part),
-                             use_dictionary=["doc_id", "path", "modality"])
-        atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))
+        files = {CHUNKS_DIR: atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part),
+                                                  use_dictionary=["doc_id", "path", "modality"]),
+                 DOCUMENTS_DIR: atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))}
+        kill_point("after_part_written")
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
         for doc in ready:
             old = self.manifest.lookup(doc.ref.rel_path)
             if old is not None:
                 replaced.setdefault(old.part, set()).add(old.doc_id)
-        for old_part, doc_ids in replaced.items():
-            self._drop_documents(old_part, doc_ids)
+        replacements = []
+        for old_part, doc_ids in sorted(replaced.items()):
+            number += 1
+            replacements.append(self._rewrite_without(old_part, doc_ids, part_name(self.shard, number)))
+        kill_point("after_old_rewritten")
 
         self.manifest.commit_part(part, [
             (doc.ref.rel_path, DocumentEntry(doc_id=doc.ref.doc_id, content_hash=doc.content_hash,
                                              n_chunks=doc.n_chunks, part=part, size=doc.ref.size,
                                              mtime_ns=doc.ref.mtime_ns))
-            for doc in ready])
+            for doc in ready], files=files, replaced=replacements,
+            before_commit=lambda: kill_point("before_manifest_commit"))
+        kill_point("after_manifest_commit")
+        if replacements:
+            self._delete_parts([r.old_part for r in replacements])
         self.parts_written += 1
         self.rows_written += chunk_table.num_rows
         self.documents_committed += len(ready)
@@ -257,12 +298,30 @@ class DatasetWriter:
         ], schema=DOCUMENT_SCHEMA)
         return chunk_table, doc_table
 
-    def _drop_documents(self, part: str, doc_ids: set[str]) -> None:
-        """Rewrite an older part without the given documents (they were re-ingested)."""
-        for folder in (self.chunks_dir, self.docs_dir):
-            path = folder / f"{part}.parquet"
-            if not path.exists():
-                continue
-            table = pq.read_table(path)
-            keep = pa.array([d not in doc_ids for d in table.column("doc_id").to_pylist()])
-            atomic_write_parquet(table.filter(keep), path)
+    def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
+        """Write `part` again as `new_part` without the given documents (they were re-ingested); the
+        old files are left as they are until the manifest has retired them."""
+        try:
+            tables = {table: pq.read_table(part_path(self.output, table, part)) for table in (CHUNKS_DIR, DOCUMENTS_DIR)}
+        except (OSError, pa.ArrowException) as err:  # damaged during this run: its documents are redone next run
+            log.warning("store: committed part %s could not be read to replace changed documents (%s); it is "
+                        "retired and its other documents will be ingested again by the next run", part, err)
+            return Replacement(part)
+        kept = {table: t.filter(pa.array([d not in doc_ids for d in t.column("doc_id").to_pylist()], pa.bool_()))
+                for table, t in tables.items()}
+        if kept[DOCUMENTS_DIR].num_rows == 0:
+            return Replacement(part)
+        files: dict[str, FileRecord] = {
+            table: atomic_write_parquet(t, part_path(self.output, table, new_part),
+                                        **({"use_dictionary": ["doc_id", "path", "modality"]} if table == CHUNKS_DIR else {}))
+            for table, t in kept.items()}
+        return Replacement(part, new_part, files)
+
+    def _delete_parts(self, parts: list[str]) -> None:
+        """Delete retired parts' files (after the manifest stopped naming them; a crash before this
+        leaves orphans, which the next start removes)."""
+        for part in parts:
+            for table in (CHUNKS_DIR, DOCUMENTS_DIR):
+                part_path(self.output, table, part).unlink(missing_ok=True)
+        fsync_dir(self.chunks_dir)
+        fsync_dir(self.docs_dir)

@@ -1,0 +1,251 @@
+"""Verification of committed parts: is every part a manifest names still on disk as it was written?
+
+Each committed part file has a `FileRecord` in its shard's manifest (rows, size, sha256, mtime and
+ctime at commit; `store.manifest`). Two depths:
+
+- **quick** (every run's start, `DatasetWriter`): a file must exist with its recorded size; when its
+  mtime and ctime are also as recorded it is trusted without reading it (one `stat` per file; a
+  write to the file, `truncate` or a restored mtime all change the ctime, which `os.utime` cannot
+  set back). Otherwise it is hashed in full and its Parquet footer's row count checked. A part
+  committed before files were recorded is checked by footer row count against its documents, then
+  hashed and recorded. What quick cannot see: bytes changed beneath the filesystem (bit rot), which
+  leave the stat alone — `hades-verify` (full) finds those.
+- **full** (`verify_output`, `hades-verify`): every file hashed and its row count checked against the
+  manifest's documents, read-only.
+
+A damaged part at start is named in one warning line, and it and its documents leave the manifest,
+so this run ingests them again (nothing lost, nothing twice); its leftover files are then orphans.
+
+`hades-verify <output> [--quick]`: one line per problem on stdout; exit 0 clean, 1 damaged, 2 bad
+argument (not an output folder, unreadable manifest). It never changes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyarrow.parquet as pq
+
+from hades_gpu.store.atomic import FileRecord, file_checksum
+from hades_gpu.store.layout import TABLES, part_path
+from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartProblem:
+    shard: str
+    part: str
+    table: str
+    problem: str  # "missing", "size 10 bytes, recorded 4096 (truncated?)", "checksum mismatch", ...
+    documents: int = 0
+
+    def line(self, output: Path) -> str:
+        return f"{part_path(output, self.table, self.part)}: {self.problem} (shard {self.shard}, part {self.part})"
+
+
+@dataclass
+class VerifyReport:
+    output: Path
+    parts_checked: int = 0
+    files_checked: int = 0
+    bytes_hashed: int = 0
+    problems: list[PartProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not damage: orphans, a run in progress
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        return [p.line(self.output) for p in self.problems]
+
+
+def _footer_rows(path: Path) -> int:
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def check_file(path: Path, record: Optional[FileRecord], expected_rows: int, full: bool) -> tuple[Optional[str], Optional[FileRecord]]:
+    """(problem or None, the file's current record when it was hashed and found good)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as err:
+        return f"unreadable: {err.strerror}", None
+    if record is not None:
+        if st.st_size != record.size:
+            return f"size {st.st_size} bytes, recorded {record.size} (truncated or rewritten)", None
+        if record.rows != expected_rows:
+            return f"manifest records {record.rows} rows for it but {expected_rows} for its documents", None
+        if not full and (st.st_mtime_ns, st.st_ctime_ns) == (record.mtime_ns, record.ctime_ns):
+            return None, None  # as written: trusted without reading it (module docstring)
+    try:
+        rows = _footer_rows(path)
+    except Exception as err:  # noqa: BLE001 - any damage pyarrow reports
+        return f"not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0][:120]})", None
+    if rows != expected_rows:
+        return f"{rows} rows, the manifest says {expected_rows}", None
+    checksum = file_checksum(path)
+    if record is not None and checksum != record.checksum:
+        return "checksum mismatch (content changed since it was written)", None
+    return None, FileRecord(size=st.st_size, checksum=checksum, rows=rows, mtime_ns=st.st_mtime_ns,
+                            ctime_ns=st.st_ctime_ns)
+
+
+def _expected(table: str, contents: tuple[int, int]) -> int:
+    docs, chunks = contents
+    return docs if table != "chunks" else chunks
+
+
+def verify_manifest(manifest: Manifest, full: bool, report: Optional[VerifyReport] = None,
+                    contents: Optional[dict[str, tuple[int, int]]] = None) -> tuple[list[PartProblem], dict[str, dict[str, FileRecord]]]:
+    """Check every part of one shard's manifest: (problems, part -> {table: new record} for files
+    hashed and found good whose record should be written or refreshed)."""
+    records = manifest.part_files()
+    problems: list[PartProblem] = []
+    refresh: dict[str, dict[str, FileRecord]] = {}
+    for part in manifest.parts():
+        recs = records.get(part, {})
+        if contents is not None:
+            have = contents.get(part, (0, 0))
+        elif recs and all(t in recs for t in TABLES):  # the records themselves say how many rows
+            have = (recs["documents"].rows, recs["chunks"].rows)
+        else:
+            have = manifest.part_contents(part)
+        first: Optional[PartProblem] = None
+        for table in TABLES:
+            path = part_path(manifest.output, table, part)
+            problem, good = check_file(path, recs.get(table), _expected(table, have), full)
+            if report is not None:
+                report.files_checked += 1
+                if good is not None:
+                    report.bytes_hashed += good.size
+            if problem is not None:
+                problems.append(PartProblem(manifest.shard, part, table, problem, have[0]))
+                first = first or problems[-1]
+            elif good is not None and recs.get(table) != good:
+                refresh.setdefault(part, {})[table] = good
+        if first is not None:
+            refresh.pop(part, None)
+        if report is not None:
+            report.parts_checked += 1
+    return problems, refresh
+
+
+def repair_at_start(manifest: Manifest) -> list[PartProblem]:
+    """The writer's start: quick-verify the shard, log one warning line per damaged part, drop it and
+    its documents from the manifest (ingested again by this run), record hashed files. Returns the
+    problems found."""
+    problems, refresh = verify_manifest(manifest, full=False)
+    by_part: dict[str, list[PartProblem]] = {}
+    for p in problems:
+        by_part.setdefault(p.part, []).append(p)
+    for part, found in by_part.items():
+        what = "; ".join(f"{p.table}/{part}.parquet {p.problem}" for p in found)
+        log.warning("verify: committed part %s of shard %s is damaged (%s): its %d document(s) will be "
+                    "ingested again", part, manifest.shard, what, found[0].documents)
+    manifest.drop_parts(by_part)
+    for part, files in refresh.items():
+        manifest.record_files(part, files)
+    return problems
+
+
+def _shards(output: Path) -> list[str]:
+    return sorted(p.name[len("manifest-"):-len(".sqlite")] for p in output.glob("manifest-*.sqlite"))
+
+
+class _ReadOnlyManifest(Manifest):
+    """A shard's manifest opened read-only (no schema created, nothing imported)."""
+
+    @classmethod
+    def open(cls, output: Path, shard: str) -> "_ReadOnlyManifest":
+        from hades_gpu.store.manifest import manifest_path
+
+        path = manifest_path(output, shard)
+        try:
+            conn = _connect(path, readonly=True)
+            conn.execute("SELECT COUNT(*) FROM parts").fetchone()
+            has_files = conn.execute("SELECT name FROM sqlite_master WHERE name = 'part_files'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+        m = cls(output, shard, conn)
+        m._has_files = has_files is not None
+        return m
+
+    def part_files(self) -> dict[str, dict[str, FileRecord]]:
+        return super().part_files() if self._has_files else {}
+
+
+def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
+    """Check a finished output without changing it: every committed part of every shard (`full`:
+    hashed; else the quick check of a run's start). Raises ManifestError for an unreadable manifest
+    and FileNotFoundError when `path` is not an ingest output."""
+    output = Path(path)
+    if not output.is_dir() or not has_manifest(output):
+        raise FileNotFoundError(f"{output} is not an ingest output (no manifest-*.sqlite)")
+    report = VerifyReport(output=output)
+    named: set[str] = set()
+    for shard in _shards(output):
+        m = _ReadOnlyManifest.open(output, shard)
+        try:
+            problems, _ = verify_manifest(m, full, report, m.contents_by_part() if full else None)
+            report.problems.extend(problems)
+            named.update(m.parts())
+            lock = output / f".lock-{shard}"
+            from hades_gpu.store.lock import holder_alive, read_holder
+
+            holder = read_holder(lock) if lock.exists() else {}
+            if holder and holder_alive(holder):
+                report.notes.append(f"shard {shard} is locked by PID {holder.get('pid')} on {holder.get('host')}: "
+                                    "a run may be writing it now")
+        finally:
+            m.close()
+    if any(output.glob("manifest*.json")):
+        report.notes.append("older JSON manifest(s) present: their parts are not verified (open the output "
+                            "with hades-ingest once to convert them)")
+    for table in TABLES:
+        folder = output / table
+        if folder.is_dir():
+            orphans = [p.name for p in folder.glob("part-*.parquet") if p.stem not in named]
+            if orphans:
+                report.notes.append(f"{len(orphans)} uncommitted file(s) in {table}/ (an interrupted run's; "
+                                    f"never read, removed by the next run), e.g. {sorted(orphans)[0]}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hades-verify", description="Check a finished ingest output: every "
+                                     "committed part file present and as written. Changes nothing.")
+    parser.add_argument("output", help="the output folder")
+    parser.add_argument("--quick", action="store_true", help="size and stat only (hash only files whose stat "
+                        "changed), as a run's start does")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as err:
+        return int(err.code or 0)
+    try:
+        report = verify_output(args.output, full=not args.quick)
+    except (FileNotFoundError, ManifestError) as err:
+        print(f"hades-verify: error: {err}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    status = "damaged" if report.problems else "ok"
+    print(f"hades-verify: {status}: {report.parts_checked} part(s), {report.files_checked} file(s), "
+          f"{report.bytes_hashed / 1e6:.1f} MB hashed, {len(report.problems)} problem(s)", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Issue 13, "nothing lost, ever": committed parts verified at every start (a deleted, truncated or
+altered part is named in one line and its documents ingested again), `hades-verify`, and the output
+lock (a second run refuses naming the holder; a dead holder's lock is taken over). Real files, real
+worker processes, real signals; a stand-in embedder (`ZeroCostEmbedder`) where the model is not the point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from corpus_helpers import REPO
+from store_faults import assert_same_chunks_exactly_once, chunk_rows, ingest, snapshot, write_corpus
+
+from hades_gpu.store.lock import OutputLockedError, lock_output, read_holder
+from hades_gpu.store.manifest import Manifest
+from hades_gpu.store.verify import main as verify_main, verify_output
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """(corpus, a clean output of it, its (path, ordinal, text) rows): built once for the module."""
+    root = tmp_path_factory.mktemp("clean")
+    corpus = write_corpus(root / "corpus")
+    out = root / "out"
+    ingest(corpus, out)
+    return corpus, out, chunk_rows(out)
+
+
+def _copy(out: Path, dest: Path) -> Path:
+    shutil.copytree(out, dest, copy_function=shutil.copy2)
+    (dest / ".lock-s0").unlink(missing_ok=True)
+    return dest
+
+
+def _warnings(caplog, word: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and word in r.getMessage()]
+
+
+def test_deleted_truncated_and_altered_parts_are_named_once_and_their_documents_come_back(clean, tmp_path, caplog):
+    corpus, clean_out, reference = clean
+    out = _copy(clean_out, tmp_path / "out")
+    parts = Manifest.load(out, "s0").parts()
+    assert len(parts) >= 4, parts
+    deleted, truncated, flipped, flipped_mtime = parts[0], parts[1], parts[2], parts[3]
+    (out / "chunks" / f"{deleted}.parquet").unlink()
+    with open(out / "documents" / f"{truncated}.parquet", "r+b") as fh:
+        fh.truncate(os.path.getsize(fh.name) // 2)
+    for part, keep_mtime in ((flipped, False), (flipped_mtime, True)):  # one bit of a text data page
+        path = out / "chunks" / f"{part}.parquet"
+        st = path.stat()
+        text = pq.ParquetFile(path).metadata.row_group(0).column(8)
+        data = bytearray(path.read_bytes())
+        data[text.data_page_offset + text.total_compressed_size // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        if keep_mtime:  # the mtime set back: the ctime still tells (os.utime cannot set it)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    # hades-verify first: one line per problem, exit 1, and the output is left exactly as it was
+    before = snapshot(out)
+    proc = subprocess.run([sys.executable, "-m", "hades_gpu.store.verify", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, lines
+    assert any(deleted in line and "missing" in line for line in lines)
+    assert any(truncated in line and "size" in line for line in lines)
+    assert sum("checksum mismatch" in line for line in lines) == 2, lines
+    assert snapshot(out) == before
+
+    # the next run: each damaged part named in exactly one warning line, then every chunk exactly once
+    caplog.set_level(logging.INFO)
+    result = ingest(corpus, out)
+    for part in (deleted, truncated, flipped, flipped_mtime):
+        named = _warnings(caplog, part)
+        assert len(named) == 1, named
+        assert "ingested again" in named[0]
+    assert result.documents_ingested >= 4 and result.documents_unchanged == 8 - result.documents_ingested
+    assert_same_chunks_exactly_once(out, reference)
+    assert verify_main([str(out)]) == 0
+
+
+def test_hades_verify_on_a_clean_output_and_bad_arguments(clean, tmp_path, capsys):
+    _, clean_out, _ = clean
+    out = _copy(clean_out, tmp_path / "out")
+    before = snapshot(out)
+    report = verify_output(out)
+    assert report.ok and report.parts_checked == len(Manifest.load(clean_out, "s0").parts())
+    assert report.bytes_hashed == sum((p.stat().st_size for p in out.glob("*/part-*.parquet")))
+    assert verify_main([str(out)]) == 0 and capsys.readouterr().out == ""
+    assert verify_main([str(out), "--quick"]) == 0
+    assert snapshot(out) == before
+    assert verify_main([str(tmp_path / "nowhere")]) == 2
+    assert "not an ingest output" in capsys.readouterr().err
+    assert verify_main(["--no-such-flag"]) == 2
+    # quick (a run's start) trusts an unchanged stat; full finds bytes changed beneath it
+    (out / "chunks" / "part-s0-00001.parquet").unlink()
+    assert verify_main([str(out), "--quick"]) == 1
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+HOLDER = """
+import sys, time
+from hades_gpu.store.lock import lock_output
+lock = lock_output(sys.argv[1], sys.argv[2])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _holder(out: Path, shard: str = "s0") -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), shard], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_refuses_naming_the_holder_and_a_killed_holders_lock_is_taken_over(clean, tmp_path, caplog):
+    corpus, clean_out, reference = clean
+    out = _copy(clean_out, tmp_path / "out")
+    parts_before = sorted(p.name for p in (out / "chunks").iterdir())
+    holder = _holder(out)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OutputLockedError) as err:
+            ingest(corpus, out)
+        assert time.monotonic() - t0 < 5  # at once, not after discovery or a wait
+        message = str(err.value)
+        assert "\n" not in message and f"PID {holder.pid}" in message and socket.gethostname() in message
+        assert err.value.pid == holder.pid and isinstance(err.value, RuntimeError)
+        assert sorted(p.name for p in (out / "chunks").iterdir()) == parts_before  # nothing touched
+        with lock_output(out, "s1"):  # another shard of the same output is free
+            pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert read_holder(out / ".lock-s0")["pid"] == holder.pid  # the dead run's record is still there
+    caplog.set_level(logging.INFO, logger="hades_gpu.store.lock")
+    result = ingest(corpus, out)  # taken over: the kernel dropped the dead holder's flock
+    assert result.documents_unchanged == 8
+    assert any(f"left by PID {holder.pid}" in r.getMessage() for r in caplog.records)
+    assert_same_chunks_exactly_once(out, reference)
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from hades_gpu.store.lock import lock_output
+lock = lock_output(sys.argv[1], "s0")
+child = os.fork()
+if child == 0:  # inherits the locked descriptor and outlives the holder
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)
+    os.dup2(null, 2)  # (not the test's pipes, which would keep it waiting)
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_lock_whose_holder_died_but_a_forked_child_keeps_the_descriptor_is_taken_over(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    child = int(proc.stdout.strip())
+    try:
+        dead = read_holder(tmp_path / ".lock-s0")["pid"]
+        assert dead != child
+        with lock_output(tmp_path, "s0") as lock:  # the writer is dead on this host: replaced
+            assert read_holder(lock.path)["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
