@@ -87,11 +87,31 @@ def _config_message(err: BaseException) -> str:
     return msg
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and what it was raised from or during (`__cause__`, `__context__`), outermost first."""
+    seen: list[BaseException] = []
+    cur: Optional[BaseException] = err
+    while cur is not None and not any(cur is s for s in seen) and len(seen) < 20:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _disk_full(err: BaseException) -> Optional[str]:
+    """The path (or "") when `err` comes from a full disk (ENOSPC, EDQUOT, SQLite's "disk is full"), else None."""
+    import sqlite3
+
+    for e in _chain(err):
+        if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)):
+            return str(e.filename or "")
+        if isinstance(e, sqlite3.Error) and "disk is full" in str(e):
+            return ""
+    return None
+
+
 def _os_message(err: OSError) -> str:
     what = err.strerror or str(err)
     where = f"{err.filename}: " if err.filename else ""
-    if err.errno == errno.ENOSPC:
-        return f"{where}no space left on device (committed parts are kept: free space and re-run to resume)"
     if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename:
         return f"{where}{what} (a folder was expected; is the path an existing file?)"
     return f"{where}{what}"
@@ -115,6 +135,9 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
 
     if isinstance(err, UsageError):
         return 2, str(err)
+    full = _disk_full(err)
+    if full is not None:
+        return 1, f"{full + ': ' if full else ''}no space left on device (committed parts are kept: free space and re-run to resume)"
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         return 2, _config_message(err)
     if isinstance(err, (ConfigError, DeviceError, MissingDependencyError)):
@@ -132,14 +155,14 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     if isinstance(err, (NothingIngestedError, ManifestError, DamagedOutputError, NotAnIngestOutputError)):
         return 1, _one_line(str(err))
     if isinstance(err, sqlite3.DatabaseError):
-        return 1, f"manifest database unreadable ({err}): is it a hades-gpu manifest? move it aside to start over"
+        return 1, f"manifest database error: {_one_line(str(err))}"
     try:
         import pyarrow.lib
     except ImportError:  # pragma: no cover
         pass
     else:
         if isinstance(err, pyarrow.lib.ArrowException):
-            return 1, f"damaged Parquet file ({_one_line(str(err))}): move the damaged part aside and re-run"
+            return 1, f"damaged Parquet data: {_one_line(str(err))[:500]}"
     if isinstance(err, OSError) and err.errno in _RUN_ERRNOS:
         return 1, _os_message(err)
     return None
@@ -197,17 +220,15 @@ def run_hydra_main(app: Callable[[], None], prog: str) -> None:
     # Hydra re-raises instead of printing its own several-line report: we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        try:
-            _check_hydra_args(sys.argv)
-            app()
-        except _Reported as reported:
-            raise reported.err from None
+        _check_hydra_args(sys.argv)
+        app()
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: interrupted (committed parts are kept: re-run to resume)", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the CLI boundary
+    except (_Reported, Exception) as caught:  # noqa: BLE001 - the CLI boundary
+        err = caught.err if isinstance(caught, _Reported) else caught
         found = classify_error(err)
         if found is None:
             raise
