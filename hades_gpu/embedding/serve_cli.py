@@ -60,7 +60,7 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
         return 0
     except TritonServerError as err:
-        print(f"hades-serve: {err}", file=sys.stderr)
+        print(f"hades-serve: error: {err}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
