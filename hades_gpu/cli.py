@@ -117,6 +117,16 @@ def _os_message(err: OSError) -> str:
     return f"{where}{what}"
 
 
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes `module.name` of the modules already imported."""
+    found = []
+    for module, name in names:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
 def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     """`(exit code, one-line cause)` for a failure the user can cause or fix; None for a bug (keep the traceback).
 
@@ -129,10 +139,6 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from hades_gpu.embedding.base import EmbedderError
-    from hades_gpu.gpu.device import DeviceError
-    from hades_gpu.optional import MissingDependencyError
-
     if isinstance(err, UsageError):
         return 2, str(err)
     full = _disk_full(err)
@@ -140,29 +146,22 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
         return 1, f"{full + ': ' if full else ''}no space left on device (committed parts are kept: free space and re-run to resume)"
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         return 2, _config_message(err)
-    if isinstance(err, (ConfigError, DeviceError, MissingDependencyError)):
+    # Our error classes, looked up only where their module is loaded (an error of a module never
+    # imported cannot have been raised; importing them here would cost torch's import on every typo).
+    if isinstance(err, _loaded(("hades_gpu.config", "ConfigError"), ("hades_gpu.gpu.device", "DeviceError"),
+                               ("hades_gpu.optional", "MissingDependencyError"))):
         return 2, _one_line(str(err))
-    if isinstance(err, EmbedderError):  # server gone, model missing: committed parts stay, re-run resumes
-        return 1, _one_line(str(err))
-    try:
-        from hades_gpu.pipelines.ingest import NothingIngestedError
-    except ImportError:  # pragma: no cover - a broken install is a bug
-        NothingIngestedError = ()  # type: ignore[assignment]
-    from hades_gpu.isne.stage import NotAnIngestOutputError
-    from hades_gpu.store.manifest import ManifestError
-    from hades_gpu.store.reader import DamagedOutputError
-
-    if isinstance(err, (NothingIngestedError, ManifestError, DamagedOutputError, NotAnIngestOutputError)):
+    if isinstance(err, _loaded(("hades_gpu.embedding.base", "EmbedderError"),  # server gone: re-run resumes
+                               ("hades_gpu.pipelines.ingest", "NothingIngestedError"),
+                               ("hades_gpu.store.manifest", "ManifestError"),
+                               ("hades_gpu.store.reader", "DamagedOutputError"),
+                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"))):
         return 1, _one_line(str(err))
     if isinstance(err, sqlite3.DatabaseError):
         return 1, f"manifest database error: {_one_line(str(err))}"
-    try:
-        import pyarrow.lib
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        if isinstance(err, pyarrow.lib.ArrowException):
-            return 1, f"damaged Parquet data: {_one_line(str(err))[:500]}"
+    arrow = _loaded(("pyarrow.lib", "ArrowException"))
+    if arrow and isinstance(err, arrow):
+        return 1, f"damaged Parquet data: {_one_line(str(err))[:500]}"
     if isinstance(err, OSError) and err.errno in _RUN_ERRNOS:
         return 1, _os_message(err)
     return None
