@@ -278,9 +278,14 @@ def ingest_main() -> None:
 
 
 def _isne_task(cfg: PipelineConfig, out: Path) -> None:
+    from hades_gpu.isne.stage import NotAnIngestOutputError
     from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+    from hades_gpu.store.reader import is_ingest_output
 
     dataset = Path(cfg.output or out)
+    if not is_ingest_output(dataset):  # else the pipeline would ingest the folder (Hydra's .hydra/ files) into itself
+        raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): run "
+                                     f"`hades-ingest corpus=<folder> output={dataset}` first")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(f"{dataset}: ISNE {result}")
 

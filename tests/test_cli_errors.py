@@ -19,17 +19,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ingest(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _ingest(*args: str, env: dict | None = None, timeout: float = 120,
+            module: str = "hades_gpu.ingest") -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
     environ.update({"PYTHONPATH": str(REPO), **(env or {})})
-    return subprocess.run([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, env=environ,
+    cmd = [sys.executable, "-m", module] if module == "hades_gpu.ingest" else \
+        [sys.executable, "-c", f"from hades_gpu.cli import {module}; {module}()"]
+    return subprocess.run([*cmd, *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+def _assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str, prog: str = "hades-ingest") -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("hades-ingest: error: "), proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr[-3000:]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -123,3 +126,9 @@ def test_disk_full_is_one_line_exit_1(tmp_path, corpus):
         assert "re-run" in line
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_1(tmp_path):
+    proc = _ingest(f"output={tmp_path}", module="isne_main")
+    _assert_one_line(proc, 1, "is not an ingest output", prog="hades-isne")
+    assert not (tmp_path / "chunks").exists()  # nothing ingested into it (not even Hydra's own files)
