@@ -374,18 +374,16 @@ def run_bench_app(prog: str = "hades-bench") -> None:
     register_bench_configs()  # after register_configs(): adds `bench` to the root schema
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from hades_gpu.cli import guarded, run_hydra_main
+
     @hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")
+    @guarded  # ConfigError & co.: one line `hades-bench: error: ...`, exit 2 (or 1 for a failed run)
     def app(dcfg: DictConfig) -> None:
-        try:
-            cfg, bench = split_bench_config(dcfg)
-            result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
-        except ConfigError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(2)
+        cfg, bench = split_bench_config(dcfg)
+        result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
         print(f"{HydraConfig.get().runtime.output_dir}: {bench.job} {cfg.profile.name} "
               f"max_batch_tokens={cfg.profile.max_batch_tokens}: {result['chunks_per_s']:.1f} chunks/s, "
               f"{result['tokens_per_s']:.0f} tokens/s, padding {result['padding_efficiency']:.3f}, "
               f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
-    sys.argv[0] = prog
-    app()
+    run_hydra_main(app, prog)
