@@ -75,7 +75,8 @@ def _config_message(err: BaseException) -> str:
         head = re.sub(r"^In '[^']*': ", "", head)
         options = re.search(r"Available options in '([^']*)':\n((?:\t.*\n?)*)", text)
         if options:
-            names = ", ".join(o.strip() for o in options.group(2).splitlines() if o.strip())
+            names = ", ".join(o.strip() for o in options.group(2).splitlines()
+                              if o.strip() and not o.strip().endswith("_schema"))  # our structured schemas
             return f"{head} (choose {options.group(1)}= one of: {names})"
         return head
     msg = _one_line(str(err))
@@ -307,7 +308,7 @@ def bench_main() -> None:
     benchmark job per combination, each writing `result.json` into its Hydra output folder."""
     from hades_gpu.benchmarks.jobs import run_bench_app
 
-    run_bench_app("hades-bench")
+    run_bench_app("hades-bench", guard=guarded, run=run_hydra_main)
 
 
 def report_main(argv: Optional[list[str]] = None) -> None:

@@ -365,8 +365,13 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
     return result
 
 
-def run_bench_app(prog: str = "hades-bench") -> None:
-    """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`)."""
+def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
+                  run: Optional[Callable] = None) -> None:
+    """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`).
+
+    `guard` wraps the job body and `run` runs the app (`hades_gpu.cli` passes its one-line error
+    boundary: `guarded`, `run_hydra_main`); without them a `ConfigError` is one line and exit 2.
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -374,11 +379,7 @@ def run_bench_app(prog: str = "hades-bench") -> None:
     register_bench_configs()  # after register_configs(): adds `bench` to the root schema
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from hades_gpu.cli import guarded, run_hydra_main
-
-    @hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")
-    @guarded  # ConfigError & co.: one line `hades-bench: error: ...`, exit 2 (or 1 for a failed run)
-    def app(dcfg: DictConfig) -> None:
+    def body(dcfg: DictConfig) -> None:
         cfg, bench = split_bench_config(dcfg)
         result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
         print(f"{HydraConfig.get().runtime.output_dir}: {bench.job} {cfg.profile.name} "
@@ -386,4 +387,17 @@ def run_bench_app(prog: str = "hades-bench") -> None:
               f"{result['tokens_per_s']:.0f} tokens/s, padding {result['padding_efficiency']:.3f}, "
               f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
-    run_hydra_main(app, prog)
+    def plain(dcfg: DictConfig) -> None:
+        try:
+            body(dcfg)
+        except ConfigError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    app = hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")(
+        guard(body) if guard else plain)
+    if run is not None:
+        run(app, prog)
+    else:
+        sys.argv[0] = prog
+        app()
