@@ -189,6 +189,9 @@ class _Reported(BaseException):
         super().__init__(str(err))
         self.err = err
 
+    def __reduce__(self):  # crosses process boundaries intact (hydra/launcher=joblib runs jobs in workers)
+        return (_Reported, (self.err,))
+
 
 def guarded(task: Callable[..., None]) -> Callable[..., None]:
     """Wrap a Hydra job body: a failure `classify_error` knows leaves the job as `_Reported`.
