@@ -132,3 +132,21 @@ def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_1(tmp_path):
     proc = _ingest(f"output={tmp_path}", module="isne_main")
     _assert_one_line(proc, 1, "is not an ingest output", prog="hades-isne")
     assert not (tmp_path / "chunks").exists()  # nothing ingested into it (not even Hydra's own files)
+
+
+def test_sweep_failure_is_one_line_too(tmp_path):
+    proc = _ingest("-m", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "profile=balanced,low_memory")
+    _assert_one_line(proc, 2, "corpus must be an existing file or folder")
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    code = ("import sys; from hades_gpu import cli\n"
+            "def task(cfg, out): raise KeyError('a bug, not a user error')\n"
+            "cli._ingest_task = task\n"
+            "cli._run_hydra_app(cli._ingest_task, 'hades-ingest')\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    proc = subprocess.run([sys.executable, "-c", code, f"output={tmp_path / 'out'}"], cwd=REPO,
+                          env={**environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "KeyError: 'a bug, not a user error'" in proc.stderr
+    assert "hades-ingest: error:" not in proc.stderr
