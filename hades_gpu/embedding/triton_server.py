@@ -418,12 +418,12 @@ class TritonServer:
             sweep_stale()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         self._write_owner()
-        self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         # Free ports are picked before the server binds them: another process may take one in between.
         # Then the server exits at start-up and, when the ports were ours to pick, we try new ones.
         attempts = 3 if not any(self._ports_wanted) else 1
         try:
+            self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
             for attempt in range(1, attempts + 1):
                 try:
                     self._launch(install)

@@ -115,3 +115,26 @@ def test_sweep_keeps_live_owners_and_removes_dead_ones(tmp_path):
     (gone / OWNER_FILE).write_text(f"{dead.pid} {time.time() - 5} 0\n")
     assert sweep_stale(tmp_path) == [gone]
     assert live.exists() and fresh.exists() and not gone.exists()
+
+
+def _serve_once(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
+    return subprocess.run([sys.executable, "-c", "from hades_gpu.cli import serve_main; serve_main()", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_bad_flag_is_one_line_exit_2(tmp_path):
+    proc = _serve_once(tmp_path, "--bogus")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("hades-serve: error: "), proc.stderr
+
+
+@needs_server
+def test_unwritable_log_file_is_one_line_exit_1_and_leaves_no_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = _serve_once(tmp_path, "--log-file", str(blocker / "serve.log"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("hades-serve: error: "), proc.stderr
+    assert str(blocker) in lines[0]
+    assert _workdirs(tmp_path) == []
