@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,39 +35,229 @@ def _job_output_dir(cfg: PipelineConfig) -> Path:
         return Path(cfg.output)
 
 
+DEBUG_ENV = "HADES_DEBUG"  # HADES_DEBUG=1 (or the flag --debug): tracebacks for the one-line errors too
+
+# Run-time failures a user can cause (a full disk, a path that is a file, a damaged output): one line,
+# exit 1. Anything else is a bug and keeps its traceback.
+_RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST,
+               errno.EROFS, errno.ENAMETOOLONG}  # not ENOENT/EMFILE: in our own code those are bugs
+
+
+class UsageError(Exception):
+    """Bad command-line syntax (an unknown flag): one line, exit 2."""
+
+
+def _take_debug_flag(argv: list[str]) -> bool:
+    """Remove `--debug` from `argv` (Hydra would refuse it); True when it or `HADES_DEBUG=1` asks for tracebacks."""
+    debug = False
+    while "--debug" in argv[1:]:
+        argv.remove("--debug")
+        debug = True
+    return debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(text: str) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line (their `full_key:` detail lines dropped)."""
+    lines = [ln.strip() for ln in str(text).splitlines()]
+    kept = [ln for ln in lines if ln and not re.match(r"(full_key|object_type|reference_type|parent_node)[:=]", ln)]
+    out = ""
+    for ln in kept:
+        out = ln if not out else f"{out}{' ' if out[-1] in '.:;,' else '; '}{ln}"
+    return out
+
+
+def _config_message(err: BaseException) -> str:
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException):
+        text = str(err)
+        head = text.splitlines()[0].strip() if text.strip() else "config not found"
+        head = re.sub(r"^In '[^']*': ", "", head)
+        options = re.search(r"Available options in '([^']*)':\n((?:\t.*\n?)*)", text)
+        if options:
+            names = ", ".join(o.strip() for o in options.group(2).splitlines()
+                              if o.strip() and not o.strip().endswith("_schema"))  # our structured schemas
+            return f"{head} (choose {options.group(1)}= one of: {names})"
+        return head
+    msg = _one_line(str(err))
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        cause_msg = _one_line(str(cause))
+        if cause_msg not in msg:
+            msg = f"{msg}: {cause_msg}"
+    return msg
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and what it was raised from or during (`__cause__`, `__context__`), outermost first."""
+    seen: list[BaseException] = []
+    cur: Optional[BaseException] = err
+    while cur is not None and not any(cur is s for s in seen) and len(seen) < 20:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _disk_full(err: BaseException) -> Optional[str]:
+    """The path (or "") when `err` comes from a full disk (ENOSPC, EDQUOT, SQLite's "disk is full"), else None."""
+    import sqlite3
+
+    for e in _chain(err):
+        if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)):
+            return str(e.filename or "")
+        if isinstance(e, sqlite3.Error) and "disk is full" in str(e):
+            return ""
+    return None
+
+
+def _os_message(err: OSError) -> str:
+    what = err.strerror or str(err)
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename:
+        return f"{where}{what} (a folder was expected; is the path an existing file?)"
+    return f"{where}{what}"
+
+
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes `module.name` of the modules already imported."""
+    found = []
+    for module, name in names:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
+    """`(exit code, one-line cause)` for a failure the user can cause or fix; None for a bug (keep the traceback).
+
+    2: the command line or the configuration (unknown key, wrong type, unknown group option, a
+    missing model or extra); 1: the run failed (disk full, path is a file, damaged manifest or part,
+    embedder server gone, nothing ingested).
+    """
+    import sqlite3
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, UsageError):
+        return 2, str(err)
+    full = _disk_full(err)
+    if full is not None:
+        return 1, f"{full + ': ' if full else ''}no space left on device (committed parts are kept: free space and re-run to resume)"
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return 2, _config_message(err)
+    # Our error classes, looked up only where their module is loaded (an error of a module never
+    # imported cannot have been raised; importing them here would cost torch's import on every typo).
+    if isinstance(err, _loaded(("hades_gpu.config", "ConfigError"), ("hades_gpu.gpu.device", "DeviceError"),
+                               ("hades_gpu.optional", "MissingDependencyError"))):
+        return 2, _one_line(str(err))
+    if isinstance(err, _loaded(("hades_gpu.embedding.base", "EmbedderError"),  # server gone: re-run resumes
+                               ("hades_gpu.pipelines.ingest", "NothingIngestedError"),
+                               ("hades_gpu.store.lock", "OutputLockedError"),  # another run holds the output
+                               ("hades_gpu.store.manifest", "ManifestError"),
+                               ("hades_gpu.store.reader", "DamagedOutputError"),
+                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"))):
+        return 1, _one_line(str(err))
+    if isinstance(err, sqlite3.DatabaseError):
+        return 1, f"manifest database error: {_one_line(str(err))}"
+    arrow = _loaded(("pyarrow.lib", "ArrowException"))
+    if arrow and isinstance(err, arrow):
+        return 1, f"damaged Parquet data: {_one_line(str(err))[:500]}"
+    if isinstance(err, OSError) and err.errno in _RUN_ERRNOS:
+        return 1, _os_message(err)
+    return None
+
+
+def _check_hydra_args(argv: list[str]) -> None:
+    """Hydra's own flags parsed first, so that a bad one is a `UsageError` and not argparse's usage block."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def _error(message: str) -> None:
+        raise UsageError(f"{message} (see --help; Hydra overrides are key=value)")
+
+    parser.error = _error  # type: ignore[method-assign]
+    parser.parse_args(argv[1:])
+
+
+class _Reported(BaseException):
+    """Carries a classified failure out of a Hydra job untouched (Hydra's run_job catches `Exception`
+    only, and would print its own "Error executing job with overrides" line first)."""
+
+    def __init__(self, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+    def __reduce__(self):  # crosses process boundaries intact (hydra/launcher=joblib runs jobs in workers)
+        return (_Reported, (self.err,))
+
+
+def guarded(task: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a Hydra job body: a failure `classify_error` knows leaves the job as `_Reported`.
+
+    In `-m` runs the first such failure ends the sweep (jobs already done keep their folders).
+    """
+
+    @functools.wraps(task)
+    def body(*args: object, **kwargs: object) -> None:
+        try:
+            task(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the CLI boundary
+            if classify_error(err) is None:
+                raise
+            raise _Reported(err) from err
+
+    return body
+
+
+def run_hydra_main(app: Callable[[], None], prog: str) -> None:
+    """Run a `@hydra.main` app as `prog`: every failure a user can cause is one line on stderr.
+
+    `prog: error: <cause>` and exit 2 for the command line and the configuration (Hydra's compose
+    errors included), exit 1 for a failed run (see `classify_error`); `--debug` or `HADES_DEBUG=1`
+    prints the traceback first. Anything unexpected is a bug: Python's traceback, exit 1.
+    """
+    debug = _take_debug_flag(sys.argv)
+    sys.argv[0] = prog
+    # Hydra re-raises instead of printing its own several-line report: we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _check_hydra_args(sys.argv)
+        app()
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: interrupted (committed parts are kept: re-run to resume)", file=sys.stderr)
+        sys.exit(130)
+    except (_Reported, Exception) as caught:  # noqa: BLE001 - the CLI boundary
+        err = caught.err if isinstance(caught, _Reported) else caught
+        found = classify_error(err)
+        if found is None:
+            raise
+        code, message = found
+        if debug:
+            traceback.print_exception(err)
+        sys.stderr.flush()
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
 def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> None:
-    """Run `task` as a Hydra app; configuration errors become one line on stderr and exit code 2."""
+    """Run `task` as a Hydra app over `conf/`; failures become one line on stderr (`run_hydra_main`)."""
     import hydra
 
     register_configs()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    @guarded
     def app(dcfg: DictConfig) -> None:
-        from hades_gpu.embedding.base import EmbedderError
-        from hades_gpu.gpu.device import DeviceError
-        from hades_gpu.optional import MissingDependencyError
+        cfg = to_pipeline_config(dcfg)
+        task(cfg, _job_output_dir(cfg))
 
-        try:
-            cfg = to_pipeline_config(dcfg)
-            task(cfg, _job_output_dir(cfg))
-        except (ConfigError, DeviceError, MissingDependencyError) as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except EmbedderError as err:  # server gone, model missing: committed parts stay, re-run resumes
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(1)
-        except RuntimeError as err:
-            from hades_gpu.pipelines.ingest import NothingIngestedError
-            from hades_gpu.store.lock import OutputLockedError  # another run holds the output: one line
-
-            if not isinstance(err, (NothingIngestedError, OutputLockedError)):
-                raise
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(1)
-
-    sys.argv[0] = prog
-    app()
+    run_hydra_main(app, prog)
 
 
 def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
@@ -89,9 +283,14 @@ def ingest_main() -> None:
 
 
 def _isne_task(cfg: PipelineConfig, out: Path) -> None:
+    from hades_gpu.isne.stage import NotAnIngestOutputError
     from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+    from hades_gpu.store.reader import is_ingest_output
 
     dataset = Path(cfg.output or out)
+    if not is_ingest_output(dataset):  # else the pipeline would ingest the folder (Hydra's .hydra/ files) into itself
+        raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): run "
+                                     f"`hades-ingest corpus=<folder> output={dataset}` first")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(f"{dataset}: ISNE {result}")
 
@@ -113,7 +312,7 @@ def bench_main() -> None:
     benchmark job per combination, each writing `result.json` into its Hydra output folder."""
     from hades_gpu.benchmarks.jobs import run_bench_app
 
-    run_bench_app("hades-bench")
+    run_bench_app("hades-bench", guard=guarded, run=run_hydra_main)
 
 
 def report_main(argv: Optional[list[str]] = None) -> None:

@@ -365,8 +365,13 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
     return result
 
 
-def run_bench_app(prog: str = "hades-bench") -> None:
-    """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`)."""
+def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
+                  run: Optional[Callable] = None) -> None:
+    """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`).
+
+    `guard` wraps the job body and `run` runs the app (`hades_gpu.cli` passes its one-line error
+    boundary: `guarded`, `run_hydra_main`); without them a `ConfigError` is one line and exit 2.
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -374,18 +379,25 @@ def run_bench_app(prog: str = "hades-bench") -> None:
     register_bench_configs()  # after register_configs(): adds `bench` to the root schema
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    @hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")
-    def app(dcfg: DictConfig) -> None:
-        try:
-            cfg, bench = split_bench_config(dcfg)
-            result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
-        except ConfigError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(2)
+    def body(dcfg: DictConfig) -> None:
+        cfg, bench = split_bench_config(dcfg)
+        result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
         print(f"{HydraConfig.get().runtime.output_dir}: {bench.job} {cfg.profile.name} "
               f"max_batch_tokens={cfg.profile.max_batch_tokens}: {result['chunks_per_s']:.1f} chunks/s, "
               f"{result['tokens_per_s']:.0f} tokens/s, padding {result['padding_efficiency']:.3f}, "
               f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
-    sys.argv[0] = prog
-    app()
+    def plain(dcfg: DictConfig) -> None:
+        try:
+            body(dcfg)
+        except ConfigError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    app = hydra.main(config_path=str(conf_dir()), config_name="bench_config", version_base="1.3")(
+        guard(body) if guard else plain)
+    if run is not None:
+        run(app, prog)
+    else:
+        sys.argv[0] = prog
+        app()

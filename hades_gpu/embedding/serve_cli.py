@@ -15,9 +15,21 @@ from hades_gpu.embedding.triton_server import (DEFAULT_MODELS, TRITONSERVER_ENV,
                                                _tail, default_model_repository)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (`hades-serve: error: ...`, exit 2), not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def serve_cli(argv: Optional[list[str]] = None) -> int:
-    """`hades-serve`: run a Triton server on the model repository until SIGTERM or Ctrl-C."""
-    parser = argparse.ArgumentParser(
+    """`hades-serve`: run a Triton server on the model repository until SIGTERM or Ctrl-C.
+
+    Exit 0 after a clean stop (SIGTERM, Ctrl-C); 2 with one line when the server cannot be found or
+    started or the arguments are wrong; 1 with one line when a file cannot be written (`--log-file`)
+    or the server exits on its own.
+    """
+    parser = _OneLineParser(
         prog="hades-serve", description="Serve triton_models/ with a real Triton Inference Server on 127.0.0.1.")
     parser.add_argument("--model-repository", default=str(default_model_repository()),
                         help="model repository folder (default: %(default)s)")
@@ -60,8 +72,11 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
         return 0
     except TritonServerError as err:
-        print(f"hades-serve: {err}", file=sys.stderr)
+        print(f"hades-serve: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # --log-file in a folder that cannot be written, a full disk
+        print(f"hades-serve: error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
         if server is not None:

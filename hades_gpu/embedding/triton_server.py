@@ -19,6 +19,12 @@ Two places a `tritonserver` comes from:
 Either way the server listens on 127.0.0.1 only, on free ports unless told otherwise, loads only the
 models asked for (explicit model control), uses a shared-memory prefix unique to this server, runs
 in its own process session, logs to a file, and is stopped by its PID (SIGTERM, then SIGKILL).
+
+Nothing outlives its owner: on Linux the server gets SIGTERM from the kernel the moment the thread
+that started it dies (`prctl(PR_SET_PDEATHSIG)`), however it dies (SIGKILL included); a clean
+`stop()` removes the server's temporary folder (backend copies, default log) and shared memory, and
+every `start()` sweeps the folders and shared memory left by owners that are gone (each folder
+records its owner's PID and start time in `OWNER_FILE`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -45,6 +52,102 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("minilm_python",)
 TRITONSERVER_ENV = "HADES_TRITONSERVER"  # explicit path to a tritonserver binary
+WORKDIR_PREFIX = "hades-triton-"  # tempdir/hades-triton-<owner pid>-<random>/
+OWNER_FILE = "owner"  # in the folder: "<owner pid> <owner start time> <server pid>"
+SHM_PREFIX = "hades"  # /dev/shm/hades<owner pid>_<random>_*: the Python backend's regions
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig_preexec(signum: int = signal.SIGTERM):
+    """A `preexec_fn` asking the kernel to send `signum` to the child when the parent thread dies.
+
+    Linux only (None elsewhere). The kernel tracks the *thread* that forked: call from a thread that
+    lives as long as the server should (the main thread for `hades-serve`). If the parent is already
+    gone by the time the child runs this, the child exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: no dlopen after fork
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(125)
+
+    return preexec
+
+
+def _process_start(pid: int) -> Optional[float]:
+    """The start time of process `pid` (None when there is none): tells a live owner from a reused PID."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - no such process, no access, no psutil
+        if pid > 0:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return -1.0
+            return -1.0
+        return None
+
+
+def _alive(pid: int, started: float) -> bool:
+    now = _process_start(pid)
+    return now is not None and (now < 0 or started < 0 or abs(now - started) < 1.0)
+
+
+def sweep_stale(tmp_root: Optional[str | Path] = None) -> list[Path]:
+    """Remove the folders and shared memory of servers whose owner is gone (and whose server is too).
+
+    Returns the folders removed. Folders without a readable `OWNER_FILE` younger than an hour are
+    left alone (an owner may be writing it right now).
+    """
+    root = Path(tmp_root or tempfile.gettempdir())
+    removed: list[Path] = []
+    dead_owners: set[int] = set()
+    for folder in root.glob(f"{WORKDIR_PREFIX}*"):
+        if not folder.is_dir():
+            continue
+        try:
+            fields = (folder / OWNER_FILE).read_text().split()
+            owner, owner_start = int(fields[0]), float(fields[1])
+            server = int(fields[2]) if len(fields) > 2 else 0
+        except (OSError, ValueError, IndexError):
+            try:
+                if time.time() - folder.stat().st_mtime < 3600:
+                    continue
+            except OSError:
+                continue
+            owner, owner_start, server = 0, -1.0, 0
+        if owner and _alive(owner, owner_start):
+            continue
+        if server and _process_start(server) is not None:
+            continue  # still shutting down after its owner died: the next sweep takes it
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        if owner:
+            dead_owners.add(owner)
+    for pid in dead_owners:
+        for path in glob.glob(f"/dev/shm/{SHM_PREFIX}{pid}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if removed:
+        log.info("removed %d stale tritonserver folder(s) of owners that are gone: %s", len(removed),
+                 ", ".join(map(str, removed)))
+    return removed
 
 
 class TritonServerError(RuntimeError):
@@ -230,6 +333,8 @@ class TritonServer:
         self._workdir: Optional[Path] = None
         self._log_handle = None
         self._log_offset = 0
+        self.dies_with_parent = False
+        self._failed = False  # the server failed (start-up or on its own): keep its log for the user
 
     # ----------------------------------------------------------------------------- addresses
     @property
@@ -253,8 +358,11 @@ class TritonServer:
         return self._proc.poll() if self._proc else None
 
     def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the server to exit on its own (then its log is kept: see `stop`)."""
         assert self._proc is not None, "server not started"
-        return self._proc.wait(timeout)
+        rc = self._proc.wait(timeout)
+        self._failed = True
+        return rc
 
     # ----------------------------------------------------------------------------- lifecycle
     def command(self, install: ServerInstall, backend_dir: Optional[Path]) -> list[str]:
@@ -306,42 +414,63 @@ class TritonServer:
         if self._proc is not None:
             raise TritonServerError(f"server already started (pid {self._proc.pid})")
         install = find_server(self.executable)
-        self._workdir = Path(tempfile.mkdtemp(prefix="hades-triton-"))
-        self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(Exception):  # housekeeping only: never a reason not to start
+            sweep_stale()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+        self._write_owner()
         # Free ports are picked before the server binds them: another process may take one in between.
         # Then the server exits at start-up and, when the ports were ours to pick, we try new ones.
         attempts = 3 if not any(self._ports_wanted) else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                self._launch(install)
-                return self
-            except TritonServerError as err:
-                if attempt == attempts or "already in use" not in str(err).lower():
-                    raise
-                log.warning("tritonserver could not bind its ports (%s): retrying on new ones", err)
-        raise AssertionError("unreachable")
+        try:
+            self.log_file = (self._log_file_arg or self._workdir / "tritonserver.log").resolve()
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            for attempt in range(1, attempts + 1):
+                try:
+                    self._launch(install)
+                    return self
+                except TritonServerError as err:
+                    if attempt == attempts or "already in use" not in str(err).lower():
+                        raise
+                    log.warning("tritonserver could not bind its ports (%s): retrying on new ones", err)
+            raise AssertionError("unreachable")
+        except BaseException as err:
+            self._failed = isinstance(err, TritonServerError)  # its message points at the log: keep it
+            self._halt()
+            self._remove_workdir()
+            raise
+
+    def _write_owner(self, server_pid: int = 0) -> None:
+        assert self._workdir is not None
+        me = os.getpid()
+        started = _process_start(me) or -1.0
+        with contextlib.suppress(OSError):
+            (self._workdir / OWNER_FILE).write_text(f"{me} {started} {server_pid}\n")
 
     def _launch(self, install: ServerInstall) -> None:
         assert self.log_file is not None and self._workdir is not None
         backend_dir = self._backend_dir(install)  # (re)built per launch: stop() removes it
         g, h, m = self._ports_wanted
         self.grpc_port, self.http_port, self.metrics_port = g or free_port(), h or free_port(), m or free_port()
-        self.shm_prefix = f"hades{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         cmd = self.command(install, backend_dir)
         self._log_handle = open(self.log_file, "ab")
         self._log_offset = self._log_handle.tell()
         self._log_handle.write(("$ " + " ".join(cmd) + "\n").encode())
         self._log_handle.flush()
         log.info("starting tritonserver (%s) on %s, log %s", install.executable, self.grpc_url, self.log_file)
+        # Dies with us: SIGTERM from the kernel when the thread starting it ends, however it ends. From
+        # another thread that would be that thread's end (a pool worker's, say): there we rely on stop().
+        preexec = _pdeathsig_preexec() if threading.current_thread() is threading.main_thread() else None
+        self.dies_with_parent = preexec is not None
         self._proc = subprocess.Popen(
             cmd, env=self.environment(install), cwd=str(self._workdir), stdin=subprocess.DEVNULL,
-            stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec,
         )
+        self._write_owner(self._proc.pid)
         try:
             self._wait_ready()
         except BaseException:
-            self.stop()
+            self._halt()  # start() retries in the same folder, or removes it
             raise
         log.info("tritonserver pid %d ready: gRPC %s, models %s", self._proc.pid, self.grpc_url, ",".join(self.models))
 
@@ -384,7 +513,16 @@ class TritonServer:
             client.close()
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
-        """SIGTERM the server's PID, SIGKILL its process group after `timeout_s`; returns its exit code."""
+        """SIGTERM the server's PID, SIGKILL its process group after `timeout_s`; returns its exit code.
+
+        Then its shared memory and temporary folder go (the folder's default log stays after a failure).
+        """
+        rc = self._halt(timeout_s)
+        self._remove_workdir()
+        return rc
+
+    def _halt(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        """Stop the process (and its stubs), remove its shared memory, close the log; keep the folder."""
         proc, self._proc = self._proc, None
         rc = None
         if proc is not None:
@@ -404,11 +542,18 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self._workdir is not None:
-            # The folder holds the backend copies and, unless a log file was given, the log: keep that.
-            keep_log = self._log_file_arg is None
-            shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return rc
+
+    def _remove_workdir(self) -> None:
+        if self._workdir is not None:
+            # The folder holds the backend copies, the owner file and, unless a log file was given, the
+            # log: after a failure that log is kept (the error points at it; the next start's sweep
+            # removes it once we are gone), else the whole folder goes.
+            if self._failed and self._log_file_arg is None:
+                shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            else:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
 
     def kill(self) -> None:
         """SIGKILL the server at once (tests: a server dying mid-run). Keeps the object reusable."""

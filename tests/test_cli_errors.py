@@ -1,0 +1,152 @@
+"""Every failure a user can cause is one line `hades-<prog>: error: <cause>` on stderr, exit 2 or 1.
+
+Real subprocesses (`python -m hades_gpu.ingest ...`), tiny corpora. 2: the command line or the
+configuration (Hydra's own compose errors included); 1: the run failed. `--debug` and
+`HADES_DEBUG=1` add the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ingest(*args: str, env: dict | None = None, timeout: float = 120,
+            module: str = "hades_gpu.ingest") -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    environ.update({"PYTHONPATH": str(REPO), **(env or {})})
+    cmd = [sys.executable, "-m", module] if module == "hades_gpu.ingest" else \
+        [sys.executable, "-c", f"from hades_gpu.cli import {module}; {module}()"]
+    return subprocess.run([*cmd, *args], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str, prog: str = "hades-ingest") -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "a.py").write_text("def area(r):\n    \"\"\"Circle area.\"\"\"\n    return 3.14159 * r * r\n")
+    (root / "b.md").write_text("# Shapes\n\nThe `area` function gives a circle's area.\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, corpus) -> Path:
+    """One real ingest output (the base of the damaged-output cases)."""
+    out = tmp_path_factory.mktemp("ingested") / "out"
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((out / "chunks").glob("part-*.parquet")), list(out.rglob("*"))
+    return out
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("nosuchkey=1", ["nosuchkey"]),
+    ("profile.num_workers=abc", ["profile.num_workers", "abc"]),
+    ("profile=nope", ["profile/nope", "balanced"]),
+    ("embedder=nope", ["embedder/nope", "local"]),
+    ("profile=[", ["["]),
+    ("--badflag", ["--badflag"]),
+])
+def test_configuration_errors_are_one_line_exit_2(tmp_path, corpus, override, needles):
+    proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", override)
+    _assert_one_line(proc, 2, *needles)
+
+
+def test_missing_corpus_is_one_line_exit_2(tmp_path):
+    proc = _ingest(f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}")
+    _assert_one_line(proc, 2, "corpus must be an existing file or folder")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for args, env in (((f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "--debug"), None),
+                      ((f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}"), {"HADES_DEBUG": "1"})):
+        proc = _ingest(*args, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback (most recent call last)" in proc.stderr and "ConfigError" in proc.stderr, proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("hades-ingest: error: corpus must be"), proc.stderr
+
+
+def test_output_that_is_a_file_is_one_line_exit_1(tmp_path, corpus):
+    out = tmp_path / "out"
+    out.write_text("a regular file\n")
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}"), 1, str(out))
+
+
+def test_manifest_that_is_not_sqlite_is_one_line_exit_1(tmp_path, corpus):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest-s0.sqlite").write_text("not a database, just a text file that is long enough " * 4)
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false"), 1, "manifest")
+
+
+def test_corrupt_part_file_is_one_line_exit_1(tmp_path, corpus, ingested):
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    part = sorted((out / "chunks").glob("part-*.parquet"))[0]
+    part.write_bytes(b"this is not parquet")
+    line = _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}"), 1)  # the graph stage reads every part
+    assert "parquet" in line.lower() or part.name in line, line
+
+
+def _small_filesystem(where: Path) -> bool:
+    where.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_is_one_line_exit_1(tmp_path, corpus):
+    disk = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
+    if not _small_filesystem(disk):
+        pytest.skip(reason="needs root and `mount -t tmpfs` to make a real 1 MiB filesystem")
+    try:
+        # Nearly full: Hydra's config files fit, the manifest or the first part does not.
+        with open(disk / "fill", "wb") as f:
+            f.write(b"\0" * (1024 - 24) * 1024)
+        line = _assert_one_line(_ingest(f"corpus={corpus}", f"output={disk / 'out'}", "isne.enabled=false"), 1,
+                                "no space left on device")
+        assert "re-run" in line
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_1(tmp_path):
+    proc = _ingest(f"output={tmp_path}", module="isne_main")
+    _assert_one_line(proc, 1, "is not an ingest output", prog="hades-isne")
+    assert not (tmp_path / "chunks").exists()  # nothing ingested into it (not even Hydra's own files)
+
+
+def test_sweep_failure_is_one_line_too(tmp_path):
+    proc = _ingest("-m", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "profile=balanced,low_memory")
+    _assert_one_line(proc, 2, "corpus must be an existing file or folder")
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    code = ("import sys; from hades_gpu import cli\n"
+            "def task(cfg, out): raise KeyError('a bug, not a user error')\n"
+            "cli._ingest_task = task\n"
+            "cli._run_hydra_app(cli._ingest_task, 'hades-ingest')\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    proc = subprocess.run([sys.executable, "-c", code, f"output={tmp_path / 'out'}"], cwd=REPO,
+                          env={**environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "KeyError: 'a bug, not a user error'" in proc.stderr
+    assert "hades-ingest: error:" not in proc.stderr
