@@ -170,7 +170,8 @@ class Manifest:
             try:
                 yield cur
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back itself (disk full): keep its error
+                    cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
 

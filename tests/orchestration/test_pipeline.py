@@ -49,8 +49,9 @@ def docs(sample_corpus):
     (sample_corpus / "empty.txt").write_text("")
     (sample_corpus / "latin1.txt").write_bytes(b"caf\xe9 au lait\n" * 20)
     (sample_corpus / "unicode.md").write_text(UNICODE_TEXT, encoding="utf-8")
-    found, _ = discover([str(sample_corpus), *map(str, stdlib_sources(8))], DocumentsConfig())
-    chunked = [process_document(r, DocumentsConfig(), ChunkingConfig()) for r in found]
+    strict = DocumentsConfig(decode_errors="strict")  # the latin-1 file stays a skipped document
+    found, _ = discover([str(sample_corpus), *map(str, stdlib_sources(8))], strict)
+    chunked = [process_document(r, strict, ChunkingConfig()) for r in found]
     assert {d.skip_reason for d in chunked} == {None, "empty", "decode_error"}
     return chunked
 
