@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import hades_gpu
 from hades_gpu.benchmarks.corpus import build_corpus, scale_corpus
 from hades_gpu.benchmarks.rows import metrics_row
@@ -48,6 +50,19 @@ def chunk_texts(output: Path) -> list[str]:
     from hades_gpu.store.reader import read_chunks
 
     return read_chunks(output, ["text"]).column("text").to_pylist()
+
+
+def pipeline_vectors(output: Path) -> dict[str, np.ndarray]:
+    """Each chunk text's stored embedding (the first one where a text repeats)."""
+    from hades_gpu.store.reader import read_chunks
+
+    table = read_chunks(output, ["text", "embedding"])
+    dim = table.schema.field("embedding").type.list_size
+    vectors = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    out: dict[str, np.ndarray] = {}
+    for text, vec in zip(table.column("text").to_pylist(), vectors):
+        out.setdefault(text, vec)
+    return out
 
 
 def model_only(texts: list[str], profile: str) -> dict:
@@ -80,12 +95,13 @@ def sentence_transformers_baseline(texts: list[str], sample: int, seed: int = 0)
     model = SentenceTransformer(str(model_dir()), device="cpu")
     model.encode(chosen[:32], batch_size=32)  # warm-up
     start = time.perf_counter()
-    model.encode(chosen, batch_size=32, normalize_embeddings=True)
+    vectors = model.encode(chosen, batch_size=32, normalize_embeddings=True)
     elapsed = time.perf_counter() - start
     tok = load_tokenizer()
     tokens = sum(min(len(e.ids), 254) + 2 for e in tok.encode_batch(chosen, add_special_tokens=False))
     return {"chunks": len(chosen), "chunks_per_s": len(chosen) / elapsed, "tokens_per_s": tokens / elapsed,
-            "seconds": elapsed, "torch_threads": __import__("torch").get_num_threads()}
+            "seconds": elapsed, "torch_threads": __import__("torch").get_num_threads(),
+            "texts": chosen, "vectors": np.asarray(vectors, dtype=np.float32)}
 
 
 def main() -> None:
@@ -125,6 +141,12 @@ def main() -> None:
     print(f"sentence-transformers encode() on {min(len(texts), args.st_sample)} chunks ...", flush=True)
     st = sentence_transformers_baseline(texts, args.st_sample)
 
+    # quality: the stored vector of every sampled chunk against sentence-transformers' vector of its text
+    ours = pipeline_vectors(work / f"out-{reference_profile}")
+    cos = np.einsum("ij,ij->i", np.stack([ours[t] for t in st.pop("texts")]), st.pop("vectors"))
+    st["cosine_vs_pipeline"] = {"min": float(cos.min()), "mean": float(cos.mean()), "chunks": int(cos.size)}
+    print(f"cosine of the pipeline's stored vectors vs sentence-transformers on {cos.size} chunks: "
+          f"min {cos.min():.5f}, mean {cos.mean():.5f}", flush=True)
     for run in runs:
         run["x_sentence_transformers"] = run["chunks_per_s"] / st["chunks_per_s"]
         run["x_model_only"] = run["chunks_per_s"] / ceiling["chunks_per_s"]
