@@ -121,7 +121,7 @@ def _small_filesystem(where: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_disk_full_is_one_line_exit_1(tmp_path, corpus):
+def test_disk_full_is_one_line_exit_1_and_a_rerun_with_space_completes(tmp_path, corpus, ingested):
     disk = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
     if not _small_filesystem(disk):
         pytest.skip(reason="needs root and `mount -t tmpfs` to make a real 1 MiB filesystem")
@@ -132,6 +132,16 @@ def test_disk_full_is_one_line_exit_1(tmp_path, corpus):
         line = _assert_one_line(_ingest(f"corpus={corpus}", f"output={disk / 'out'}", "isne.enabled=false"), 1,
                                 "no space left on device")
         assert "re-run" in line
+        # the promise of that line: free space, run again, and the output is whole, nothing twice
+        (disk / "fill").unlink()
+        proc = _ingest(f"corpus={corpus}", f"output={disk / 'out'}", "isne.enabled=false")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from hades_gpu.store.reader import read_chunks
+
+        def rows(out):
+            t = read_chunks(out, ["path", "ordinal", "text"]).to_pydict()
+            return sorted((p.rsplit("/", 1)[-1], o, x) for p, o, x in zip(t["path"], t["ordinal"], t["text"]))
+        assert rows(disk / "out") == rows(ingested)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
