@@ -24,6 +24,48 @@ def _cuda_available() -> bool:
         return False
 
 
+class FreeSlots:
+    """The free list of a ring of `count` reusable buffers, shared by `HostBufferRing` and
+    `gpu.slabs.SlabRing`. FIFO: the least recently released slot goes out first, so buffers take
+    turns and a slot just handed back is the last to be rewritten."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._free: deque[int] = deque(range(count))
+        self._cond = threading.Condition()
+        self.acquired = 0
+        self.waits = 0
+
+    def try_acquire(self) -> Optional[int]:
+        with self._cond:
+            if not self._free:
+                return None
+            self.acquired += 1
+            return self._free.popleft()
+
+    def acquire(self, timeout: Optional[float] = None) -> Optional[int]:
+        """A free slot, waiting up to `timeout` seconds; None on timeout."""
+        with self._cond:
+            if not self._free:
+                self.waits += 1
+                if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
+                    return None
+            self.acquired += 1
+            return self._free.popleft()
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            if not 0 <= slot < self.count or slot in self._free:
+                raise ValueError(f"slot {slot} is not in use")
+            self._free.append(slot)
+            self._cond.notify()
+
+    @property
+    def free(self) -> int:
+        with self._cond:
+            return len(self._free)
+
+
 class HostBufferRing:
     """`slots` pairs of int64 (max_rows, max_len) buffers for input ids and attention masks.
 
@@ -49,12 +91,7 @@ class HostBufferRing:
         for _ in range(slots):
             self._ids.append(self._alloc())
             self._masks.append(self._alloc())
-        # FIFO: the least recently released slot goes out first, so the buffers take turns and a slot
-        # just handed back (its device copy long finished, but still) is the last to be rewritten.
-        self._free: deque[int] = deque(range(slots))
-        self._cond = threading.Condition()
-        self.acquire_count = 0
-        self.wait_count = 0
+        self._slots = FreeSlots(slots)  # FIFO: a slot just handed back is the last rewritten
 
     def _alloc(self) -> np.ndarray:
         if self.pinned:
@@ -71,13 +108,15 @@ class HostBufferRing:
 
     def acquire(self, timeout: Optional[float] = None) -> Optional[int]:
         """Take a free slot, waiting up to `timeout` seconds; None on timeout."""
-        with self._cond:
-            if not self._free:
-                self.wait_count += 1
-                if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
-                    return None
-            self.acquire_count += 1
-            return self._free.popleft()
+        return self._slots.acquire(timeout)
+
+    @property
+    def acquire_count(self) -> int:
+        return self._slots.acquired
+
+    @property
+    def wait_count(self) -> int:
+        return self._slots.waits
 
     def views(self, slot: int, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous (rows, length) views of a slot's id and mask buffers."""
@@ -93,13 +132,9 @@ class HostBufferRing:
         return int(self._ids[slot].__array_interface__["data"][0])
 
     def release(self, slot: int) -> None:
-        with self._cond:
-            if slot in self._free or not 0 <= slot < self.slots:
-                raise ValueError(f"slot {slot} is not in use")
-            self._free.append(slot)
-            self._cond.notify()
+        self._slots.release(slot)
 
     @property
     def free_slots(self) -> int:
-        with self._cond:
-            return len(self._free)
+        return self._slots.free
+

@@ -23,12 +23,12 @@ import logging
 import mmap
 import os
 import socket
-import threading
-from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from hades_gpu.gpu.host_ring import FreeSlots
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +182,11 @@ class SlabRing:
         os.ftruncate(self.fd, layout.nbytes * count)
         self.mapping = SlabMapping(self.fd, layout, count)
         self.pinned = bool(pin and _register_pinned(self.mapping))
-        self._free: deque[int] = deque(range(count))
-        self._cond = threading.Condition()
+        self._slots = FreeSlots(count)
         # a byte on this socket wakes a thread that waits on worker pipes when a slab comes back
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.acquired = 0
-        self.waits = 0
         self._closed = False
 
     @property
@@ -200,29 +197,23 @@ class SlabRing:
         return self.mapping.views[slab]
 
     def try_acquire(self) -> Optional[int]:
-        with self._cond:
-            if not self._free:
-                return None
-            self.acquired += 1
-            return self._free.popleft()
+        return self._slots.try_acquire()
 
     def acquire(self, timeout: Optional[float] = None) -> Optional[int]:
         """A free slab, waiting up to `timeout` seconds; None on timeout."""
-        with self._cond:
-            if not self._free:
-                self.waits += 1
-                if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
-                    return None
-            self.acquired += 1
-            return self._free.popleft()
+        return self._slots.acquire(timeout)
+
+    @property
+    def acquired(self) -> int:
+        return self._slots.acquired
+
+    @property
+    def waits(self) -> int:
+        return self._slots.waits
 
     def release(self, slab: int) -> None:
         """Return a slab (its batch was embedded and its rows copied out)."""
-        with self._cond:
-            if not 0 <= slab < self.count or slab in self._free:
-                raise ValueError(f"slab {slab} is not in use")
-            self._free.append(slab)
-            self._cond.notify()
+        self._slots.release(slab)
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):  # the waker is already full of wake-ups, or closed
@@ -230,8 +221,7 @@ class SlabRing:
 
     @property
     def free(self) -> int:
-        with self._cond:
-            return len(self._free)
+        return self._slots.free
 
     def wake_socket(self) -> socket.socket:
         """Readable when a slab was released (drain it with `drain_wakeups`)."""

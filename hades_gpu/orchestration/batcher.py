@@ -9,7 +9,7 @@ into host buffers taken from a ring (pinned where CUDA exists) and released by t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -77,9 +77,7 @@ class LengthSortedBatcher:
         return self._cut(keep_last=False)
 
     def _budget(self) -> int:
-        if self._budget_fn is None:
-            return self.max_batch_tokens
-        return max(self.max_seq_len, min(self.max_batch_tokens, self._budget_fn(self.max_batch_tokens)))
+        return effective_budget(self.max_batch_tokens, self.max_seq_len, self._budget_fn)
 
     def _cut(self, keep_last: bool) -> list[BatchPlan]:
         if not self._window:
@@ -107,6 +105,31 @@ class LengthSortedBatcher:
         return plans
 
 
+def effective_budget(max_batch_tokens: int, max_seq_len: int, budget_fn: Optional[Callable[[int], int]]) -> int:
+    """The padded-token budget now: `budget_fn`'s (the governor's) clamped to [max_seq_len, max_batch_tokens]."""
+    if budget_fn is None:
+        return max_batch_tokens
+    return max(max_seq_len, min(max_batch_tokens, budget_fn(max_batch_tokens)))
+
+
+def write_padded(token_ids: Sequence[np.ndarray], ids: np.ndarray, mask: np.ndarray,
+                 cls_id: int, sep_id: int, pad_id: int) -> np.ndarray:
+    """Write rows ``[CLS] content [SEP] [PAD]...`` into `ids` (B, L) and their mask; returns each
+    row's content length (content cut to L - 2)."""
+    length = ids.shape[1]
+    ids.fill(pad_id)
+    lengths = np.empty(len(token_ids), dtype=np.int64)
+    for r, row in enumerate(token_ids):
+        content = row[: length - 2]
+        n = content.shape[0]
+        ids[r, 0] = cls_id
+        ids[r, 1:n + 1] = content
+        ids[r, n + 1] = sep_id
+        lengths[r] = n
+    mask[:] = np.arange(length)[None, :] < (lengths[:, None] + 2)  # row r has lengths[r] + 2 ones
+    return lengths
+
+
 def fill_batch(plan: BatchPlan, ring: Optional[HostBufferRing], slot: int,
                cls_id: int, sep_id: int, pad_id: int) -> TokenBatch:
     """Write a plan's ids and mask into a ring slot (or fresh arrays when `ring` is None)."""
@@ -116,16 +139,7 @@ def fill_batch(plan: BatchPlan, ring: Optional[HostBufferRing], slot: int,
         mask = np.empty((rows, length), dtype=np.int64)
     else:
         ids, mask = ring.views(slot, rows, length)
-    ids.fill(pad_id)
-    mask.fill(0)
-    real = 0
-    for row, chunk in enumerate(plan.chunks):
-        content = chunk.token_ids[: length - 2]
-        n = content.shape[0]
-        ids[row, 0] = cls_id
-        ids[row, 1:n + 1] = content
-        ids[row, n + 1] = sep_id
-        mask[row, :n + 2] = 1
-        real += n + 2
+    lengths = write_padded([c.token_ids for c in plan.chunks], ids, mask, cls_id, sep_id, pad_id)
+    real = int(lengths.sum()) + 2 * rows
     return TokenBatch(input_ids=ids, attention_mask=mask, chunks=plan.chunks,
                       slot=slot if ring is not None else -1, real_tokens=real)

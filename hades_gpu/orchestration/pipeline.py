@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from hades_gpu.config import ProfileConfig
 from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabLayout, SlabRing, SlabView
-from hades_gpu.orchestration.batcher import LengthSortedBatcher
+from hades_gpu.orchestration.batcher import LengthSortedBatcher, effective_budget
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
 from hades_gpu.orchestration.slab_packer import SlabPacker
@@ -289,7 +289,7 @@ class StreamingPipeline:
                                    p.lookahead_batches, budget_fn=self.budget_fn)
 
     def current_budget(self) -> int:
-        return self.new_batcher()._budget()
+        return effective_budget(self.profile.max_batch_tokens, self.max_seq_len, self.budget_fn)
 
     # -- failure handling -------------------------------------------------------------------------
     def _fail(self, err: BaseException) -> None:

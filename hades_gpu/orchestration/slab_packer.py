@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabView
-from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher
+from hades_gpu.orchestration.batcher import BatchPlan, LengthSortedBatcher, write_padded
 from hades_gpu.records import Chunk, SlabBatch
 
 
@@ -37,18 +37,7 @@ def fill_slab(plan: BatchPlan, view: SlabView, slab: int, cls_id: int, sep_id: i
     rows_: Sequence[PackedRow] = plan.chunks  # type: ignore[assignment]
     rows, length = len(rows_), plan.length
     ids, mask = view.tokens(rows, length)
-    ids.fill(pad_id)
-    mask.fill(0)
-    lengths = np.empty(rows, dtype=np.int32)
-    for r, row in enumerate(rows_):
-        content = row.token_ids[: length - 2]
-        n = content.shape[0]
-        ids[r, 0] = cls_id
-        ids[r, 1:n + 1] = content
-        ids[r, n + 1] = sep_id
-        lengths[r] = n
-    # the mask from the lengths in one vectorised step: row r has lengths[r] + 2 ones
-    mask[:] = np.arange(length)[None, :] < (lengths[:, None] + 2)
+    lengths = write_padded([row.token_ids for row in rows_], ids, mask, cls_id, sep_id, pad_id)
     chunks = [row.chunk for row in rows_]
     keys = [row.key for row in rows_]
     view.column("doc_key")[:rows] = keys

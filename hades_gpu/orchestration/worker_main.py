@@ -149,8 +149,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+__all__ = ["WorkerSetup", "run_worker", "main"]
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
-
-
-__all__ = ["WorkerSetup", "run_worker", "main"]

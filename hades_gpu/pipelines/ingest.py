@@ -165,10 +165,6 @@ class IngestPipeline:
             metrics.document_done(0)
             return True
 
-        def known_hash(ref: DocumentRef) -> Optional[str]:
-            entry = writer.manifest.lookup(ref.rel_path)
-            return entry.content_hash if entry is not None else None
-
         metrics.memory.start()
         endpoint = None  # live Prometheus text on 127.0.0.1 (monitoring.prometheus)
         if cfg.monitoring.prometheus:
@@ -200,7 +196,7 @@ class IngestPipeline:
                     with WorkerPool(cfg.profile.num_workers, _worker_process,
                                     (cfg.documents, cfg.chunking, self.force_code), ring, packing,
                                     cfg.profile.inflight_docs_per_worker) as pool:
-                        stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo, known_hash), embedder,
+                        stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo, resume.known_hash), embedder,
                                                    writer, metrics, triage, special_ids(), cfg.embedder.max_seq_len,
                                                    governor=governor, progress=progress, ring=ring)
                         progress.start()

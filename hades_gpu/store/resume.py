@@ -13,6 +13,7 @@ Two checks, cheapest first:
 from __future__ import annotations
 
 import enum
+from typing import Optional
 
 from hades_gpu.records import ChunkedDocument, DocumentRef
 from hades_gpu.store.manifest import Manifest
@@ -35,8 +36,14 @@ class ResumePolicy:
     def by_stat(self, ref: DocumentRef) -> Resume:
         return Resume.UNCHANGED if self.manifest.is_unchanged(ref.rel_path, ref.size, ref.mtime_ns) else Resume.READ
 
+    def known_hash(self, ref: DocumentRef) -> Optional[str]:
+        """The content hash the output holds for this document (None: not in it). Sent to the worker
+        with the task, which then reports an equal hash as unchanged instead of packing it."""
+        known = self.manifest.lookup(ref.rel_path)
+        return known.content_hash if known is not None else None
+
     def by_content(self, doc: ChunkedDocument) -> Resume:
-        known = self.manifest.lookup(doc.ref.rel_path)
+        known = self.known_hash(doc.ref)
         if known is None:
             return Resume.NEW
-        return Resume.UNCHANGED if known.content_hash == doc.content_hash else Resume.CHANGED
+        return Resume.UNCHANGED if known == doc.content_hash else Resume.CHANGED
