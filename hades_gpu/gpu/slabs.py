@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import sys
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -137,10 +138,15 @@ class SlabMapping:
 
 
 def _register_pinned(mapping: SlabMapping) -> bool:
-    """Page-lock the mapping for asynchronous copies (CUDA only); False when not possible."""
-    try:
-        import torch
+    """Page-lock the mapping for asynchronous copies (CUDA only); False when not possible.
 
+    Only a process that already imported torch can copy from the slabs to a GPU (the CUDA embedder
+    imports it when it is built, before the ring): where torch is not loaded the slabs stay plain.
+    Importing torch just to ask would cost ~2 s of CPU and ~0.5 GiB in every CPU-only or Triton run."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
         if not torch.cuda.is_available():
             return False
         err = torch.cuda.cudart().cudaHostRegister(mapping.address, mapping.nbytes, 0)

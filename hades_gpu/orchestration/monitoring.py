@@ -61,6 +61,36 @@ class StageMeter:
             }
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Children, grandchildren, ... of `pid`.
+
+    Read from ``/proc/<pid>/task/<tid>/children`` (Linux): psutil's `children()` walks every process
+    in /proc to build a parent map, ~10 ms a call and 5% of the main process's CPU at 5 Hz, where
+    this reads one small file per thread of the family. psutil where those files do not exist."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        try:
+            return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # it ended meanwhile
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue  # the thread ended meanwhile
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
 class PeakMemorySampler:
     """Samples RSS of this process and its children; keeps the peak of their sum."""
 
@@ -68,10 +98,15 @@ class PeakMemorySampler:
         self.interval_s = interval_s
         self._extra_pids = extra_pids
         self._proc = psutil.Process(os.getpid())
+
         self.peak_rss = 0
         self.peak_main_rss = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def watch(self, pids: Callable[[], Iterable[int]]) -> None:
+        """Also read these processes' RSS on every tick (e.g. a worker pool's current PIDs)."""
+        self._extra_pids = pids
 
     def sample(self) -> int:
         total = 0
@@ -82,11 +117,7 @@ class PeakMemorySampler:
         total += main
         self.peak_main_rss = max(self.peak_main_rss, main)
         seen = {self._proc.pid}
-        try:
-            children = self._proc.children(recursive=True)
-        except psutil.Error:
-            children = []
-        pids = [c.pid for c in children] + list(self._extra_pids())
+        pids = descendant_pids(self._proc.pid) + list(self._extra_pids())
         for pid in pids:
             if pid in seen:
                 continue

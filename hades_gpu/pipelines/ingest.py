@@ -196,6 +196,7 @@ class IngestPipeline:
                     with WorkerPool(cfg.profile.num_workers, _worker_process,
                                     (cfg.documents, cfg.chunking, self.force_code), ring, packing,
                                     cfg.profile.inflight_docs_per_worker) as pool:
+                        metrics.memory.watch(pool.pids)
                         stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo, resume.known_hash), embedder,
                                                    writer, metrics, triage, special_ids(), cfg.embedder.max_seq_len,
                                                    governor=governor, progress=progress, ring=ring)

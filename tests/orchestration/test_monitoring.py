@@ -7,7 +7,10 @@ import logging
 import re
 import sys
 import multiprocessing as mp
+import os
 import time
+
+import psutil
 
 import pytest
 
@@ -246,3 +249,26 @@ def test_the_sampler_thread_keeps_sampling_between_start_and_stop():
     sampler.stop()
     assert sampler.peak_main_rss >= base + 100 * 2**20
     assert sampler._thread.daemon and sampler._thread.name == "hades-rss-sampler" and not sampler._thread.is_alive()
+
+
+def test_descendant_pids_finds_grandchildren_like_psutil():
+    """The /proc children-file walk sees the same family as psutil's full scan."""
+    import subprocess
+    import sys
+
+    from hades_gpu.orchestration.monitoring import descendant_pids
+
+    code = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); print(p.pid, flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(child.stdout.readline())
+        found = descendant_pids(os.getpid())
+        assert child.pid in found and grandchild in found
+        assert sorted(found) == sorted(p.pid for p in psutil.Process().children(recursive=True))
+    finally:
+        for pid in (grandchild, child.pid):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        child.wait(10)

@@ -249,3 +249,22 @@ def test_script_run_where_every_document_failed_raises(bad_corpus, tmp_path):
     assert proc.returncode != 0, f"exit status 0 though every document failed; stdout: {proc.stdout.strip()[-800:]}"
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert "document" in last.lower(), proc.stderr[-2000:]
+
+
+def test_a_run_without_a_torch_embedder_never_imports_torch(corpus, tmp_path):
+    """The slab ring page-locks only where torch is already loaded (a CUDA embedder imported it): a
+    CPU-only or Triton run must not pay torch's import (~2 s of CPU, ~0.5 GiB) on the way."""
+    script = textwrap.dedent(f"""
+        import sys
+        from hades_gpu.config import load_pipeline_config
+        from hades_gpu.pipelines import TextParallelPipeline
+        from hades_gpu.benchmarks.feed_bench import ZeroCostEmbedder
+        cfg = load_pipeline_config(profile="low_memory")
+        cfg.isne.enabled = False
+        res = TextParallelPipeline(cfg, embedder=ZeroCostEmbedder()).process_batch([{str(corpus)!r}], output={str(tmp_path / "out")!r})
+        print("RESULT", res.chunks_written, "torch" in sys.modules)
+    """)
+    proc = _run([sys.executable, "-c", script], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0].split()
+    assert int(line[1]) > 0 and line[2] == "False"
