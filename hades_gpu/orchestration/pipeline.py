@@ -66,16 +66,6 @@ def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int) -> in
     return max(profile.ring_slots, SLABS_PER_WORKER * max(1, num_workers) + 2 * max(1, concurrency) + 1)
 
 
-_NUMPY_OF = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float32(): np.float32}
-
-
-def _numeric(values: np.ndarray, type_: pa.DataType) -> pa.Array:
-    """A copy of a slab column as an Arrow array built on the copy's buffer (no conversion pass, which
-    `pa.array(ndarray)` makes through pyarrow's pandas layer)."""
-    data = np.ascontiguousarray(values, dtype=_NUMPY_OF[type_]).copy()
-    return pa.Array.from_buffers(type_, data.shape[0], [None, pa.py_buffer(data)])
-
-
 def rows_from_slab(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> pa.RecordBatch:
     """A batch's rows as Arrow columns copied out of its slab (the slab may be reused afterwards)."""
     n = batch.rows
@@ -88,11 +78,11 @@ def rows_from_slab(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> pa.
     if vectors.shape[0] != n:
         raise ValueError(f"the embedder returned {vectors.shape[0]} vectors for {n} rows")
     dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
-    embedding = pa.FixedSizeListArray.from_arrays(_numeric(vectors.reshape(-1), pa.float32()), dim)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
     return pa.RecordBatch.from_arrays(
-        [_numeric(view.column("doc_key")[:n], pa.int64()), _numeric(view.column("ordinal")[:n], pa.int32()),
-         _numeric(view.column("char_start")[:n], pa.int64()), _numeric(view.column("char_end")[:n], pa.int64()),
-         _numeric(view.column("n_tokens")[:n], pa.int32()), chunk_id, text, embedding], schema=row_schema(dim))
+        [pa.array(view.column("doc_key")[:n].copy()), pa.array(view.column("ordinal")[:n].copy()),
+         pa.array(view.column("char_start")[:n].copy()), pa.array(view.column("char_end")[:n].copy()),
+         pa.array(view.column("n_tokens")[:n].copy()), chunk_id, text, embedding], schema=row_schema(dim))
 
 
 class DocumentSource(Protocol):
