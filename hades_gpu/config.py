@@ -64,7 +64,14 @@ class DecodeErrors(Choice):
 
 class IsneOptimizer(Choice):
     SPARSE_ADAM = "sparse_adam"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
     ADAM = "adam"
+
+
+class EarlyStopMetric(Choice):
+    WALK_LOSS = "walk_loss"
+    LINK_AUC = "link_auc"
+    OFF = "off"
 
 
 class ProgressMode(Choice):
@@ -215,13 +222,19 @@ class IsneConfig:
     context_size: int = 5
     walks_per_node: int = 4
     num_negatives: int = 1
+    negative_pool: int = 4096  # negatives of a step drawn from this many uniform nodes (0: independent)
     fanout: int = 16  # neighbours averaged per node in a mini-batch
-    lr: float = 0.01
-    optimizer: str = "sparse_adam"  # IsneOptimizer: sparse_adam | adam
+    optimizer: str = "rowwise_adagrad"  # IsneOptimizer: rowwise_adagrad | sparse_adam | adam
+    lr: Optional[float] = None  # None: the optimizer's own (rowwise_adagrad 0.1, adam 0.01)
+    init_std: float = 0.1  # θ starts as N(0, init_std^2)
     amp: bool = True  # mixed precision on CUDA
-    val_fraction: float = 0.05  # held-out edges for early stopping
+    early_stop: str = "walk_loss"  # EarlyStopMetric: walk_loss | link_auc | off
+    val_walks: int = 2048  # fixed validation walks for early_stop=walk_loss
+    val_fraction: float = 0.05  # held-out edges: link AUC per epoch (and early_stop=link_auc)
     patience: int = 5
-    min_delta: float = 1e-4
+    min_delta: float = 1e-3  # improvement that counts: relative (walk_loss), absolute (link_auc)
+    time_budget_s: Optional[float] = None  # stop training after this many seconds (wins over the next)
+    time_budget_vs_embedding: float = 1.0  # else: at most this x the ingest's seconds for the graph's chunks (0: off)
     device: str = "auto"
     seed: int = 0
     retrain: bool = False  # re-train when documents are added instead of inferring inductively
@@ -420,6 +433,15 @@ def validate(cfg: PipelineConfig) -> None:
     _check(i.num_negatives >= 1, "isne.num_negatives", ">= 1", i.num_negatives)
     _check(i.fanout >= 1, "isne.fanout", ">= 1", i.fanout)
     _choice(i.optimizer, IsneOptimizer, "isne.optimizer")
+    _choice(i.early_stop, EarlyStopMetric, "isne.early_stop")
+    _check(i.lr is None or i.lr > 0, "isne.lr", "> 0 (or null)", i.lr)
+    _check(i.init_std > 0, "isne.init_std", "> 0", i.init_std)
+    _check(i.negative_pool >= 0, "isne.negative_pool", ">= 0", i.negative_pool)
+    _check(i.val_walks >= 1, "isne.val_walks", ">= 1", i.val_walks)
+    _check(i.patience >= 1, "isne.patience", ">= 1", i.patience)
+    _check(i.min_delta >= 0, "isne.min_delta", ">= 0", i.min_delta)
+    _check(i.time_budget_s is None or i.time_budget_s > 0, "isne.time_budget_s", "> 0 (or null)", i.time_budget_s)
+    _check(i.time_budget_vs_embedding >= 0, "isne.time_budget_vs_embedding", ">= 0", i.time_budget_vs_embedding)
     _check(0 <= i.val_fraction < 0.5, "isne.val_fraction", "in [0, 0.5)", i.val_fraction)
 
     m = cfg.monitoring

@@ -82,14 +82,8 @@ class ISNE(nn.Module):
         if not self.aggregate:
             rows, inv = torch.unique(nodes, return_inverse=True)  # sync point
             return gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)[inv]
-        nbrs, offsets, _ = sample_neighbors(csr, nodes, fanout, generator)  # (M,), (U,)
-        # Gather each distinct neighbour's θ once, then average per bag. With sparse gradients the
-        # gradient then has one row per distinct neighbour (M' <= min(M, N)), already sorted and
-        # unique, so SparseAdam need not coalesce (sort) M rows of d values each step.
-        rows, inv = torch.unique(nbrs, return_inverse=True)  # (M',), (M,); sync point
-        theta_rows = gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)  # (M', d)
-        # mean per bag; an empty bag (isolated node) gives the zero vector
-        return F.embedding_bag(inv, theta_rows, offsets, mode="mean")
+        nbrs, offsets, counts = sample_neighbors(csr, nodes, fanout, generator)  # (M,), (U,), (U,)
+        return neighbor_mean_rows(self.theta.weight, nbrs, offsets, counts, sparse_grad=self.sparse)
 
     def loss(self, walks: Tensor, negatives: Tensor, csr: CSRGraph, context_size: int,
              fanout: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -152,6 +146,60 @@ def gather_rows(weight: Tensor, rows: Tensor, sparse_grad: bool) -> Tensor:
     if sparse_grad and torch.is_grad_enabled() and weight.requires_grad:
         return _GatherRows.apply(weight, rows)
     return weight.index_select(0, rows)
+
+
+class _NeighborMean(torch.autograd.Function):
+    r"""h = per-bag mean of θ rows, straight from the (N, d) table; the backward is the transposed
+    bag sum, also an `embedding_bag`.
+
+    Forward: ``h[u] = mean(θ[nbrs[offsets[u]:offsets[u] + counts[u]]])`` (one `embedding_bag`, no
+    (M, d) temporary). Backward: the slots are sorted by θ row once (one sort of M int64), and
+
+    .. math::
+        \frac{\partial L}{\partial \theta_r} = \sum_{s:\ \mathrm{nbrs}_s = r} \frac{g_{\mathrm{bag}(s)}}{\mathrm{count}_{\mathrm{bag}(s)}}
+
+    is one `embedding_bag(mode="sum", per_sample_weights=1/count)` over the bag gradients, giving one
+    gradient row per distinct θ row, already sorted and unique (a coalesced sparse COO gradient).
+    Why not `torch.unique` + gather + `embedding_bag`'s own backward: on a 1e6-node graph that path
+    gathered the M' distinct rows once forwards, and the autograd backward of `embedding_bag` sorts
+    and scatters (M, d) values: 0.3 s of a 1.25 s CPU step, against ~0.05 s here.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor,
+                sparse_grad: bool) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(nbrs, counts)
+        ctx.shape = weight.shape
+        ctx.sparse_grad = sparse_grad
+        return F.embedding_bag(nbrs, weight, offsets, mode="mean")  # an empty bag gives zeros
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        nbrs, counts = ctx.saved_tensors
+        n, d = ctx.shape
+        grad = grad.contiguous().float()
+        if nbrs.numel() == 0:
+            rows = nbrs
+            vals = grad.new_zeros(0, d)
+        else:
+            bag = torch.repeat_interleave(torch.arange(counts.numel(), device=nbrs.device), counts)  # (M,)
+            order = torch.argsort(nbrs)
+            rows, per_row = torch.unique_consecutive(nbrs[order], return_counts=True)  # (R,), (R,)
+            row_offsets = torch.cumsum(per_row, 0) - per_row
+            weights = (1.0 / counts.clamp_min(1).to(grad.dtype))[bag[order]]  # (M,)
+            vals = F.embedding_bag(bag[order], grad, row_offsets, mode="sum", per_sample_weights=weights)
+        if ctx.sparse_grad:
+            g = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (n, d), is_coalesced=True, check_invariants=False)
+        else:
+            g = grad.new_zeros(n, d).index_add_(0, rows, vals)
+        return g, None, None, None, None
+
+
+def neighbor_mean_rows(weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor, sparse_grad: bool) -> Tensor:
+    """h() of U bags of θ rows ((M,) ids laid out bag after bag) -> (U, d); sparse or dense gradient."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _NeighborMean.apply(weight, nbrs, offsets, counts, sparse_grad)
+    return F.embedding_bag(nbrs, weight, offsets, mode="mean")
 
 
 def skipgram_loss(h_walk: Tensor, valid: Tensor, h_neg: Tensor, context_size: int) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ Chunks without neighbours get the zero vector (`hades_gpu.isne.model`, "Isolated
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hades_gpu.config import PipelineConfig
+from hades_gpu.config import IsneConfig, PipelineConfig
 from hades_gpu.graph.build import build_graph
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
@@ -40,7 +41,8 @@ from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
 from hades_gpu.store.atomic import atomic_write_parquet
-from hades_gpu.store.layout import ISNE_EMBEDDINGS_SCHEMA, edges_path, isne_embeddings_path, isne_model_path
+from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, edges_path, isne_embeddings_path, isne_model_path,
+                                    metrics_path)
 from hades_gpu.store.reader import read_isne_embeddings
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,30 @@ log = logging.getLogger(__name__)
 
 class NotAnIngestOutputError(FileNotFoundError):
     """The folder given to ISNE training is not a hades-ingest output (no manifest.json)."""
+
+
+def training_budget_s(cfg: IsneConfig, output_dir: Path, n_chunks: int) -> Optional[float]:
+    """Seconds ISNE may train: `isne.time_budget_s`, else `time_budget_vs_embedding` x what the
+    output's last ingest took per chunk (its metrics.json: wall_s / chunks) x the graph's chunks.
+
+    So by default ISNE costs at most as long as embedding the same chunks did. None (no budget,
+    only `epochs` and early stopping) when neither is known, e.g. after a run that ingested nothing
+    new: metrics.json then holds that run's figures (0 chunks).
+    """
+    if cfg.time_budget_s is not None:
+        return float(cfg.time_budget_s)
+    if cfg.time_budget_vs_embedding <= 0:
+        return None
+    try:
+        m = json.loads(metrics_path(output_dir).read_text())
+        wall, chunks = float(m["wall_s"]), int(m["chunks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        wall, chunks = 0.0, 0
+    if wall <= 0 or chunks <= 0:
+        log.info("isne: no ingest timing in %s; training without a time budget (isne.epochs=%d, early stop %s)",
+                 metrics_path(output_dir), cfg.epochs, cfg.early_stop)
+        return None
+    return cfg.time_budget_vs_embedding * wall / chunks * n_chunks
 
 
 def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -> None:
@@ -74,7 +100,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     Returns:
         dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated,
         mode (trained | inferred | disabled | empty), epochs_run, best_epoch, best_val_auc,
-        stopped_early, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes, paths and
+        stopped_early, stopped_by_budget, time_budget_s, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes, paths and
         seconds {graph, train, infer, write, total}.
     """
     t_all = time.perf_counter()
@@ -109,7 +135,9 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         write_isne_embeddings(epath, chunk_ids, np.zeros((0, cfg.isne.dim), np.float32))
     elif do_train:
         t = time.perf_counter()
-        res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev)
+        budget = training_budget_s(cfg.isne, output_dir, n)
+        res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
+                         time_budget_s=budget)
         metrics["seconds"]["train"] = time.perf_counter() - t
         theta = res.model.theta.weight.detach()
         save_checkpoint(mpath, theta, chunk_ids.tolist(), {
@@ -124,6 +152,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         metrics["seconds"]["infer"] = time.perf_counter() - t
         metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
                        best_val_auc=res.best_val_auc, stopped_early=res.stopped_early,
+                       stopped_by_budget=res.stopped_by_budget, time_budget_s=budget,
                        pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
                        num_val_edges=res.num_val_edges, device=res.device,
                        peak_device_bytes=res.peak_device_bytes,

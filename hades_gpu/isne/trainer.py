@@ -33,10 +33,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hades_gpu.config import IsneConfig, IsneOptimizer
+from hades_gpu.config import EarlyStopMetric, IsneConfig, IsneOptimizer
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.model import ISNE
+from hades_gpu.isne.optim import RowSparseAdam, RowwiseAdagrad, rows_strictly_increasing  # noqa: F401 (re-exported)
 from hades_gpu.isne.sampling import CSRGraph, random_walks
+from hades_gpu.isne.validation import (EarlyStopper, fixed_validation_walks, link_auc,  # noqa: F401 (re-exported)
+                                       validation_auc, validation_walk_loss)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_auc: Optional[float] = None
     stopped_early: bool = False
+    stopped_by_budget: bool = False
     pos_pairs: int = 0
     train_seconds: float = 0.0  # optimisation steps only (validation excluded)
     seconds: float = 0.0  # everything
@@ -72,56 +76,53 @@ class TrainResult:
         return self.pos_pairs / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-class RowSparseAdam(torch.optim.Optimizer):
-    r"""`torch.optim.SparseAdam`'s update (lazy Adam: rows without a gradient keep their parameters
-    and moments), done with row gathers and scatters.
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M' (log lines)."""
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
 
-    The gradient must be a sparse COO tensor whose indices are rows (as `ISNE.embed` produces:
-    sorted, unique, flagged coalesced). Per row r with gradient g (t = step count):
 
-    .. math::
-        m_r \leftarrow eta_1 m_r + (1-eta_1) g, \quad v_r \leftarrow eta_2 v_r + (1-eta_2) g^2,
-        \quad 	heta_r \leftarrow 	heta_r - \eta rac{\sqrt{1-eta_2^t}}{1-eta_1^t}
-              rac{m_r}{\sqrt{v_r} + \epsilon}
+def _duration(seconds: float) -> str:
+    """125 -> '2m05s'."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
-    exactly as SparseAdam. Why not SparseAdam itself: on a 1e6-node graph its sparse_mask / sparse
-    add_ / coalesce path took 2.2 s of a 3.9 s CPU step; this takes a fraction of that.
+
+# `isne.lr: null` picks these: PyTorch-BigGraph's row-wise Adagrad default, and the Adam rate the
+# planted-partition evaluation was tuned with (scripts/eval_isne.py).
+DEFAULT_LR: dict[str, float] = {"rowwise_adagrad": 0.1, "sparse_adam": 0.01, "adam": 0.01}
+
+
+def make_optimizer(params: list[Tensor], cfg: IsneConfig) -> torch.optim.Optimizer:
+    """`isne.optimizer` over θ: row-wise Adagrad, lazy (row-sparse) Adam, or dense Adam."""
+    if cfg.optimizer == IsneOptimizer.ROWWISE_ADAGRAD:
+        return RowwiseAdagrad(params, lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer])
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[str(cfg.optimizer)]
+    if cfg.optimizer == IsneOptimizer.SPARSE_ADAM:
+        return RowSparseAdam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def draw_negatives(candidates: Tensor, shape: tuple[int, int], pool: int,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """Negatives for one step: each uniform over `candidates`, drawn from a per-step pool.
+
+    With ``pool > 0``, `pool` nodes are drawn uniformly (with replacement) for the step and every
+    negative is a uniform pick among them, so each negative is still marginally uniform over the
+    candidates (the loss's expectation is unchanged) while the step computes h() for at most `pool`
+    negative nodes instead of one per negative slot. Why: independent negatives made half the
+    distinct nodes of a step on a large graph (82k of 160k at 1e6 nodes), each bringing `fanout`
+    θ rows with no reuse; shared per-batch negatives are what PyTorch-BigGraph and GraphVite do for
+    the same reason. ``pool=0`` draws every negative independently.
     """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        if not 0.0 < lr:
-            raise ValueError(f"lr must be > 0 (got {lr})")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not g.is_sparse:
-                    raise ValueError("RowSparseAdam needs sparse gradients (got a dense one); use optimizer=adam")
-                if not g.is_coalesced():
-                    g = g.coalesce()
-                rows, vals = g._indices()[0], g._values()  # (R,), (R, d)
-                if rows.numel() == 0:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                t = st["step"]
-                m = st["exp_avg"].index_select(0, rows).mul_(b1).add_(vals, alpha=1 - b1)  # (R, d)
-                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
-                st["exp_avg"].index_copy_(0, rows, m)
-                st["exp_avg_sq"].index_copy_(0, rows, v)
-                step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
-        return None
+    dev = candidates.device
+    if pool <= 0 or pool >= shape[0] * shape[1]:
+        return candidates[torch.randint(candidates.numel(), shape, generator=generator, device=dev)]
+    chosen = candidates[torch.randint(candidates.numel(), (pool,), generator=generator, device=dev)]
+    return chosen[torch.randint(pool, shape, generator=generator, device=dev)]
 
 
 def undirected_pairs(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -159,35 +160,6 @@ def split_edges(edge_index: Tensor, num_nodes: int, val_fraction: float, seed: i
     return EdgeSplit(torch.cat([train, train.flip(0)], 1), val, neg)
 
 
-def link_auc(pos: Tensor, neg: Tensor) -> float:
-    """Mann–Whitney AUC: P(score of a positive > score of a negative), ties counted half."""
-    pos, neg = pos.double().cpu(), neg.double().cpu()
-    if pos.numel() == 0 or neg.numel() == 0:
-        return float("nan")
-    scores = torch.cat([pos, neg])
-    order = torch.argsort(scores)
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
-    # average ranks of ties
-    uniq, inv, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    if uniq.numel() < scores.numel():
-        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
-        ranks = (sums / counts)[inv]
-    n_p, n_n = pos.numel(), neg.numel()
-    return float((ranks[:n_p].sum() - n_p * (n_p + 1) / 2) / (n_p * n_n))
-
-
-@torch.no_grad()
-def validation_auc(model: ISNE, csr: CSRGraph, split: EdgeSplit) -> float:
-    dev = csr.device
-    pos, neg = split.val_pos.to(dev), split.val_neg.to(dev)
-    nodes, inv = torch.unique(torch.cat([pos.reshape(-1), neg.reshape(-1)]), return_inverse=True)
-    h = model.embed(nodes, csr, fanout=None).float()  # exact h() on the training graph
-    hp = h[inv[: pos.numel()]].view(2, -1, h.shape[1])
-    hn = h[inv[pos.numel():]].view(2, -1, h.shape[1])
-    return link_auc((hp[0] * hp[1]).sum(-1), (hn[0] * hn[1]).sum(-1))
-
-
 def train_isne(
     edge_index: Tensor,
     num_nodes: int,
@@ -199,6 +171,7 @@ def train_isne(
     device: Optional[torch.device | str] = None,
     max_batches_per_epoch: Optional[int] = None,
     split: Optional[EdgeSplit] = None,
+    time_budget_s: Optional[float] = None,
 ) -> TrainResult:
     """Train ISNE (or, with ``aggregate=False``, lookup-table Node2Vec) on an undirected graph.
 
@@ -211,12 +184,15 @@ def train_isne(
         device (optional): default `cfg.device` resolved (auto = CUDA when present).
         max_batches_per_epoch (int, optional): cut epochs short (benchmarks).
         split (EdgeSplit, optional): a ready train/validation split (default: `split_edges`).
+        time_budget_s (float, optional): stop at the first batch boundary after this many seconds
+            of training (default: `cfg.time_budget_s`; the stage resolves `time_budget_vs_embedding`).
 
     Returns:
         TrainResult: the model with the best θ, the training CSR and per-epoch history.
     """
     cfg = cfg or IsneConfig()
     t_all = time.perf_counter()
+    time_budget_s = cfg.time_budget_s if time_budget_s is None else time_budget_s
     epochs = cfg.epochs if epochs is None else epochs
     batch_size = cfg.batch_size if batch_size is None else batch_size
     dev = select_device(cfg.device) if device is None else torch.device(device)
@@ -228,11 +204,12 @@ def train_isne(
     csr = CSRGraph.from_edge_index(split.train, num_nodes, device=dev)
     has_val = split.val_pos.shape[1] > 0
 
-    model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer == IsneOptimizer.SPARSE_ADAM)
+    model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer != IsneOptimizer.ADAM,
+                 init_std=cfg.init_std)
     model.reset_parameters(torch.Generator().manual_seed(cfg.seed))  # on the CPU: CPU and CUDA start alike
     model.to(dev)
     params = list(model.parameters())
-    opt = RowSparseAdam(params, lr=cfg.lr) if model.sparse else torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg)
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(cfg.seed)
@@ -243,58 +220,75 @@ def train_isne(
         result.seconds = time.perf_counter() - t_all
         return result
 
-    best_auc, best_theta, bad = -math.inf, None, 0
+    stopper = EarlyStopper(cfg, has_val)
+    val_walks = fixed_validation_walks(csr, starts, cfg)  # reported every epoch, whatever stops training
     n_batches = math.ceil(starts.numel() / batch_size)
     if max_batches_per_epoch is not None:
         n_batches = min(n_batches, max_batches_per_epoch)
     length, k = cfg.walk_length, cfg.num_negatives
+    t_train = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dev)  # accumulated on the device: no per-step sync
         pairs = torch.zeros((), dtype=torch.long, device=dev)
         perm = starts[torch.randperm(starts.numel(), generator=gen, device=dev)]
+        done = 0
         for b in range(n_batches):
+            if time_budget_s is not None and time.perf_counter() - t_train >= time_budget_s:
+                result.stopped_by_budget = True  # stop at a batch boundary; the epoch so far counts
+                break
             batch = perm[b * batch_size:(b + 1) * batch_size]  # (B,)
             walks = random_walks(csr, batch.repeat(cfg.walks_per_node), length, gen)  # (W, L)
-            neg = starts[torch.randint(starts.numel(), (k * walks.shape[0], length), generator=gen, device=dev)]
+            neg = draw_negatives(starts, (k * walks.shape[0], length), cfg.negative_pool, gen)
             loss, n_pos = model.loss(walks, neg, csr, cfg.context_size, cfg.fanout, gen, amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()  # queued asynchronously on CUDA: the CPU goes on to sample the next batch
             loss_sum += loss.detach()
             pairs += n_pos
+            done += 1
+        if done == 0:
+            break
         # sync point: the CPU waits here for the epoch's last step
-        epoch_loss = float(loss_sum.item()) / n_batches
+        epoch_loss = float(loss_sum.item()) / done
         epoch_pairs = int(pairs.item())
         dt = time.perf_counter() - t0
         result.train_seconds += dt
         result.pos_pairs += epoch_pairs
-        rec = {"epoch": epoch, "loss": epoch_loss, "seconds": dt, "pos_pairs": epoch_pairs,
-               "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0}
+        rec: dict = {"epoch": epoch, "loss": epoch_loss, "seconds": dt, "pos_pairs": epoch_pairs,
+                     "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0, "batches": done}
         result.epochs_run = epoch
+        model.eval()
         if has_val:
-            model.eval()
-            auc = validation_auc(model, csr, split)
-            rec["val_auc"] = auc
-            if auc > best_auc + cfg.min_delta:
-                best_auc, bad, result.best_epoch = auc, 0, epoch
-                best_theta = model.theta.weight.detach().clone()
-            else:
-                bad += 1
-        else:
+            rec["val_auc"] = validation_auc(model, csr, split)
+        rec["val_walk_loss"] = validation_walk_loss(model, csr, val_walks, cfg)
+        if stopper.update(epoch, rec):
             result.best_epoch = epoch
+            if stopper.metric != EarlyStopMetric.OFF:
+                best_theta = model.theta.weight.detach().clone()
         result.history.append(rec)
-        log.info("isne epoch %d: loss %.4f%s, %.0f pairs/s, %.2f s", epoch, epoch_loss,
-                 f", val auc {rec['val_auc']:.4f}" if has_val else "", rec["pairs_per_s"], dt)
-        if has_val and bad >= cfg.patience:
+        elapsed = time.perf_counter() - t_train
+        eta = (epochs - epoch) * elapsed / epoch
+        if time_budget_s is not None:
+            eta = min(eta, max(0.0, time_budget_s - elapsed))
+        log.info("isne epoch %d/%d: loss %.4f%s%s, %s pairs/s, %.1f s, ETA %s%s", epoch, epochs, epoch_loss,
+                 f", val walk loss {rec['val_walk_loss']:.4f}" if "val_walk_loss" in rec else "",
+                 f", link auc {rec['val_auc']:.4f}" if "val_auc" in rec else "",
+                 _si(rec["pairs_per_s"]), dt, _duration(eta),
+                 f" (budget {time_budget_s:.3g} s)" if time_budget_s is not None else "")
+        if result.stopped_by_budget:
+            log.info("isne: time budget of %.3g s reached after %d epoch(s)", time_budget_s, epoch)
+            break
+        if stopper.should_stop():
             result.stopped_early = epoch < epochs
             break
 
-    if best_theta is not None:
+    if best_theta is not None and result.best_epoch != result.epochs_run:
         with torch.no_grad():
             model.theta.weight.copy_(best_theta)
-        result.best_val_auc = best_auc
+    if has_val and result.history:
+        result.best_val_auc = result.history[result.best_epoch - 1].get("val_auc")
     model.eval()
     if dev.type == "cuda":
         result.peak_device_bytes = int(torch.cuda.max_memory_allocated(dev))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from hades_gpu.config import GraphConfig, IsneConfig, PipelineConfig
 from hades_gpu.isne.evaluation import sbm_graph
 from hades_gpu.isne.trainer import link_auc, split_edges, train_isne, undirected_pairs
+from hades_gpu.isne.validation import fixed_validation_walks, validation_walk_loss
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage
 from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
 from hades_gpu.store.reader import read_isne_embeddings
@@ -66,10 +68,14 @@ def test_training_learns_and_is_reproducible() -> None:
 def test_early_stopping_restores_best_theta() -> None:
     ei, _ = sbm_graph(300, 3, 0.05, 0.005, seed=3)
     cfg = IsneConfig(dim=8, epochs=50, batch_size=64, walk_length=6, walks_per_node=1, device="cpu",
-                     patience=1, min_delta=1.0)  # no epoch can gain 1.0 AUC: stop after epoch 2
-    res = train_isne(ei, 300, cfg)
-    assert res.epochs_run == 2 and res.stopped_early and res.best_epoch == 1
-    assert res.best_val_auc == res.history[0]["val_auc"]
+                     patience=1, min_delta=1.0)  # no epoch can halve the loss or gain 1.0 AUC: stop after epoch 2
+    for metric in ("walk_loss", "link_auc"):
+        res = train_isne(ei, 300, dataclasses.replace(cfg, early_stop=metric))
+        assert res.epochs_run == 2 and res.stopped_early and res.best_epoch == 1, metric
+        assert res.best_val_auc == res.history[0]["val_auc"]
+        # θ is epoch 1's: its exact h() gives epoch 1's validation figures again
+        walks = fixed_validation_walks(res.csr, (res.csr.degree() > 0).nonzero().squeeze(1), cfg)
+        assert validation_walk_loss(res.model, res.csr, walks, cfg) == pytest.approx(res.history[0]["val_walk_loss"])
 
 
 @pytest.mark.gpu
@@ -262,8 +268,13 @@ def test_train_result_accounts_for_every_epoch_exactly() -> None:
     for h in r.history:
         assert h["pairs_per_s"] == pytest.approx(h["pos_pairs"] / h["seconds"]) and 0 <= h["val_auc"] <= 1
     assert r.history[-1]["loss"] < r.history[0]["loss"]  # it learns
-    assert r.best_val_auc == max(h["val_auc"] for h in r.history)
+    # the best epoch is the one with the lowest fixed-walk validation loss (early_stop=walk_loss);
+    # its link AUC is reported with it
+    losses = [h["val_walk_loss"] for h in r.history]
+    assert r.best_epoch == 1 + losses.index(min(losses))
     assert r.history[r.best_epoch - 1]["val_auc"] == r.best_val_auc
+    auc = train_isne(ei, 600, IsneConfig(**{**cfg.__dict__, "early_stop": "link_auc"}))
+    assert auc.best_val_auc == max(h["val_auc"] for h in auc.history)
     dense = train_isne(ei, 600, IsneConfig(**{**cfg.__dict__, "optimizer": "adam"}), epochs=1)
     assert dense.model.sparse is False and dense.epochs_run == 1
     none = train_isne(ei, 600, cfg, epochs=0)
@@ -313,7 +324,7 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     m = run_isne_stage(cfg, tmp_path, epochs=2, batch_size=16)
     assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "seconds", "model_path",
                       "embeddings_path", "mode", "epochs_run", "best_epoch", "best_val_auc", "stopped_early",
-                      "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
+                      "stopped_by_budget", "time_budget_s", "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
                       "history"}
     data = load_graph(tmp_path)
     deg = torch.bincount(data.edge_index[0], minlength=data.num_nodes)
@@ -325,7 +336,10 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     assert m["edges_path"] == str(tmp_path / "edges.parquet") and m["model_path"] == str(tmp_path / "isne" / "model.safetensors")
     assert m["embeddings_path"] == str(tmp_path / "isne" / "embeddings-s0.parquet")
     assert m["epochs_run"] == len(m["history"]) == 2 and 1 <= m["best_epoch"] <= 2 and m["peak_device_bytes"] is None
-    assert m["best_val_auc"] == max(h["val_auc"] for h in m["history"]) and m["num_val_edges"] > 0
+    losses = [h["val_walk_loss"] for h in m["history"]]
+    assert m["best_epoch"] == 1 + losses.index(min(losses)) and m["num_val_edges"] > 0
+    assert m["best_val_auc"] == m["history"][m["best_epoch"] - 1]["val_auc"]
+    assert m["stopped_by_budget"] is False and m["time_budget_s"] is None  # _write_output leaves no metrics.json
     assert m["pos_pairs"] == sum(h["pos_pairs"] for h in m["history"]) > 0 and m["pairs_per_s"] > 0
     assert set(m["seconds"]) == {"graph", "train", "infer", "write", "total"}
     assert 0 < m["seconds"]["graph"] <= m["seconds"]["total"] and m["seconds"]["total"] < 600
@@ -341,3 +355,85 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     off = _cfg()
     off.isne.enabled = False
     assert run_isne_stage(off, tmp_path, train=False)["mode"] == "disabled"  # only train=True overrides the switch
+
+
+def test_rowwise_adagrad_is_pytorch_biggraphs_update() -> None:
+    """Row-wise Adagrad against its formula, row by row: one squared-gradient scalar per row, rows
+    without a gradient untouched; a sorted gradient whose coalesced flag autograd dropped is used
+    as it is (same result as the coalesced one)."""
+    from hades_gpu.isne.optim import RowwiseAdagrad
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(12, 4))
+    ref = p.detach().clone()
+    acc = torch.zeros(12)
+    opt = RowwiseAdagrad([p], lr=0.3, eps=1e-10)
+    for step in range(4):
+        rows = torch.unique(torch.randint(12, (5,), generator=torch.Generator().manual_seed(step)))
+        vals = torch.randn(rows.numel(), 4)
+        coalesced = step % 2 == 0
+        p.grad = torch.sparse_coo_tensor(rows[None], vals.clone(), (12, 4), is_coalesced=coalesced, check_invariants=True)
+        opt.step()
+        for r, g in zip(rows.tolist(), vals):
+            acc[r] += (g * g).mean()
+            ref[r] -= 0.3 * g / (acc[r].sqrt() + 1e-10)
+    torch.testing.assert_close(p.detach(), ref)
+    torch.testing.assert_close(opt.state[p]["sum_sq"], acc)
+
+
+def test_negatives_from_a_pool_stay_uniform_and_bound_the_work() -> None:
+    """Pooled negatives: marginally uniform over the candidates (chi-square over many steps), at
+    most `pool` distinct nodes per step; pool 0 draws independently."""
+    from hades_gpu.isne.trainer import draw_negatives
+
+    cand = torch.arange(100, 150)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(150)
+    steps = 2000
+    for _ in range(steps):
+        neg = draw_negatives(cand, (20, 10), 16, g)
+        assert torch.unique(neg).numel() <= 16 and bool(((neg >= 100) & (neg < 150)).all())
+        counts += torch.bincount(neg.reshape(-1), minlength=150)
+    # a shared pool makes one step's counts clustered (~12 draws per pool node), so the spread is
+    # wider than a multinomial's: sd per candidate ~ sqrt(steps * 16/50 * 12.5^2) ~ 4% of the mean
+    expected = steps * 200 / 50
+    assert float((counts[100:] - expected).abs().max()) < 0.25 * expected
+    assert counts[:100].sum() == 0
+    free = draw_negatives(cand, (20, 10), 0, torch.Generator().manual_seed(1))
+    assert torch.unique(free).numel() > 16
+
+
+def test_time_budget_stops_at_a_batch_boundary_and_the_stage_derives_it(tmp_path: Path, caplog) -> None:
+    """`isne.time_budget_s` stops training inside an epoch; by default the stage's budget is
+    `time_budget_vs_embedding` x the last ingest's seconds per chunk x the graph's chunks; the
+    per-epoch log line carries pairs/s and the ETA."""
+    import logging
+
+    from hades_gpu.isne.stage import training_budget_s
+
+    ei, _ = sbm_graph(3000, 4, 0.004, 0.0004, seed=5)
+    cfg = IsneConfig(dim=8, epochs=50, batch_size=8, walk_length=6, walks_per_node=1, device="cpu",
+                     time_budget_s=0.5)
+    with caplog.at_level(logging.INFO, logger="hades_gpu.isne.trainer"):
+        r = train_isne(ei, 3000, cfg)
+    assert r.stopped_by_budget and r.epochs_run == 1 and not r.stopped_early
+    assert 0 < r.history[0]["batches"] < 3000 // 8 and 0.5 <= r.train_seconds < 30
+    line = next(m for m in caplog.messages if m.startswith("isne epoch 1/50"))
+    assert "pairs/s" in line and "ETA" in line and "budget 0 s" not in line and "val walk loss" in line
+
+    assert training_budget_s(IsneConfig(time_budget_s=7.0), tmp_path, 100) == 7.0
+    assert training_budget_s(IsneConfig(), tmp_path, 100) is None  # no metrics.json
+    (tmp_path / "metrics.json").write_text(json.dumps({"wall_s": 30.0, "chunks": 600}))
+    assert training_budget_s(IsneConfig(), tmp_path, 900) == pytest.approx(45.0)
+    assert training_budget_s(IsneConfig(time_budget_vs_embedding=2.0), tmp_path, 900) == pytest.approx(90.0)
+    assert training_budget_s(IsneConfig(time_budget_vs_embedding=0.0), tmp_path, 900) is None
+    (tmp_path / "metrics.json").write_text(json.dumps({"wall_s": 3.0, "chunks": 0}))  # a run with nothing new
+    assert training_budget_s(IsneConfig(), tmp_path, 900) is None
+
+
+def test_init_std_sets_the_starting_theta() -> None:
+    ei, _ = sbm_graph(2000, 4, 0.004, 0.0004, seed=6)
+    for std in (0.01, 1.0):
+        r = train_isne(ei, 2000, IsneConfig(dim=32, init_std=std, device="cpu"), epochs=0)
+        assert r.model.init_std == std
+        assert float(r.model.theta.weight.detach().std()) == pytest.approx(std, rel=0.05)
