@@ -224,6 +224,7 @@ class IsneConfig:
     num_negatives: int = 1
     negative_pool: int = 4096  # negatives of a step drawn from this many uniform nodes (0: independent)
     fanout: int = 16  # neighbours averaged per node in a mini-batch
+    edge_weights: bool = True  # walks and neighbour means weighted by the graph's per-type edge weights
     optimizer: str = "rowwise_adagrad"  # IsneOptimizer: rowwise_adagrad | sparse_adam | adam
     lr: Optional[float] = None  # None: the optimizer's own (rowwise_adagrad 0.1, adam 0.01)
     init_std: float = 0.1  # θ starts as N(0, init_std^2)

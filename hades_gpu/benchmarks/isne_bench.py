@@ -78,12 +78,14 @@ def _child(args: argparse.Namespace) -> dict:
 
     # work per step: distinct nodes needing h() and distinct θ rows gathered (one sample batch)
     from hades_gpu.isne.sampling import CSRGraph, random_walks, sample_neighbors
+    from hades_gpu.isne.trainer import draw_negatives
 
     csr = CSRGraph.from_edge_index(ei, n, device=dev)
     g = torch.Generator(device=dev).manual_seed(1)
     start = torch.randint(n, (cfg.batch_size,), generator=g, device=dev).repeat(cfg.walks_per_node)
     walks = random_walks(csr, start, cfg.walk_length, g)
-    negs = torch.randint(n, (cfg.num_negatives * walks.shape[0], cfg.walk_length), generator=g, device=dev)
+    negs = draw_negatives(torch.arange(n, device=dev), (cfg.num_negatives * walks.shape[0], cfg.walk_length),
+                          cfg.negative_pool, g)
     uniq = torch.unique(torch.cat([walks.reshape(-1), negs.reshape(-1)]).clamp_min(0))
     nbrs, _, _ = sample_neighbors(csr, uniq, cfg.fanout, g)
     theta_rows = int(torch.unique(nbrs).numel())

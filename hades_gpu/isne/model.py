@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hades_gpu.isne.inference import neighbor_mean
-from hades_gpu.isne.sampling import CSRGraph, sample_neighbors
+from hades_gpu.isne.sampling import CSRGraph, bag_weights, sample_neighbor_slots
 
 
 
@@ -82,8 +82,9 @@ class ISNE(nn.Module):
         if not self.aggregate:
             rows, inv = torch.unique(nodes, return_inverse=True)  # sync point
             return gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)[inv]
-        nbrs, offsets, counts = sample_neighbors(csr, nodes, fanout, generator)  # (M,), (U,), (U,)
-        return neighbor_mean_rows(self.theta.weight, nbrs, offsets, counts, sparse_grad=self.sparse)
+        edges, offsets, counts = sample_neighbor_slots(csr, nodes, fanout, generator)  # (M,), (U,), (U,)
+        slot_w = bag_weights(csr, edges, offsets, counts)  # 1/count, or w / bag total with edge weights
+        return neighbor_mean_rows(self.theta.weight, csr.col[edges], offsets, counts, slot_w, sparse_grad=self.sparse)
 
     def loss(self, walks: Tensor, negatives: Tensor, csr: CSRGraph, context_size: int,
              fanout: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -149,16 +150,17 @@ def gather_rows(weight: Tensor, rows: Tensor, sparse_grad: bool) -> Tensor:
 
 
 class _NeighborMean(torch.autograd.Function):
-    r"""h = per-bag mean of θ rows, straight from the (N, d) table; the backward is the transposed
-    bag sum, also an `embedding_bag`.
+    r"""h = per-bag weighted mean of θ rows, straight from the (N, d) table; the backward is the
+    transposed bag sum, also an `embedding_bag`.
 
-    Forward: ``h[u] = mean(θ[nbrs[offsets[u]:offsets[u] + counts[u]]])`` (one `embedding_bag`, no
-    (M, d) temporary). Backward: the slots are sorted by θ row once (one sort of M int64), and
+    Forward: ``h[u] = sum(slot_w[s] * θ[nbrs[s]] for s in bag u)`` (one `embedding_bag`, no (M, d)
+    temporary; slot weights 1/count for the plain mean). Backward: the slots are sorted by θ row once
+    (one sort of M int64), and
 
     .. math::
-        \frac{\partial L}{\partial \theta_r} = \sum_{s:\ \mathrm{nbrs}_s = r} \frac{g_{\mathrm{bag}(s)}}{\mathrm{count}_{\mathrm{bag}(s)}}
+        \frac{\partial L}{\partial \theta_r} = \sum_{s:\ \mathrm{nbrs}_s = r} w_s\, g_{\mathrm{bag}(s)}
 
-    is one `embedding_bag(mode="sum", per_sample_weights=1/count)` over the bag gradients, giving one
+    is one `embedding_bag(mode="sum", per_sample_weights=w)` over the bag gradients, giving one
     gradient row per distinct θ row, already sorted and unique (a coalesced sparse COO gradient).
     Why not `torch.unique` + gather + `embedding_bag`'s own backward: on a 1e6-node graph that path
     gathered the M' distinct rows once forwards, and the autograd backward of `embedding_bag` sorts
@@ -166,16 +168,17 @@ class _NeighborMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor,
+    def forward(ctx, weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor, slot_w: Tensor,
                 sparse_grad: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(nbrs, counts)
+        ctx.save_for_backward(nbrs, counts, slot_w)
         ctx.shape = weight.shape
         ctx.sparse_grad = sparse_grad
-        return F.embedding_bag(nbrs, weight, offsets, mode="mean")  # an empty bag gives zeros
+        # an empty bag gives zeros
+        return F.embedding_bag(nbrs, weight, offsets, mode="sum", per_sample_weights=slot_w.to(weight.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        nbrs, counts = ctx.saved_tensors
+        nbrs, counts, slot_w = ctx.saved_tensors
         n, d = ctx.shape
         grad = grad.contiguous().float()
         if nbrs.numel() == 0:
@@ -186,20 +189,25 @@ class _NeighborMean(torch.autograd.Function):
             order = torch.argsort(nbrs)
             rows, per_row = torch.unique_consecutive(nbrs[order], return_counts=True)  # (R,), (R,)
             row_offsets = torch.cumsum(per_row, 0) - per_row
-            weights = (1.0 / counts.clamp_min(1).to(grad.dtype))[bag[order]]  # (M,)
-            vals = F.embedding_bag(bag[order], grad, row_offsets, mode="sum", per_sample_weights=weights)
+            vals = F.embedding_bag(bag[order], grad, row_offsets, mode="sum",
+                                   per_sample_weights=slot_w[order].to(grad.dtype))
         if ctx.sparse_grad:
             g = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (n, d), is_coalesced=True, check_invariants=False)
         else:
             g = grad.new_zeros(n, d).index_add_(0, rows, vals)
-        return g, None, None, None, None
+        return g, None, None, None, None, None
 
 
-def neighbor_mean_rows(weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor, sparse_grad: bool) -> Tensor:
-    """h() of U bags of θ rows ((M,) ids laid out bag after bag) -> (U, d); sparse or dense gradient."""
+def neighbor_mean_rows(weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Tensor, slot_w: Optional[Tensor] = None,
+                       sparse_grad: bool = True) -> Tensor:
+    """h() of U bags of θ rows ((M,) ids laid out bag after bag, optional (M,) slot weights that sum
+    to 1 per bag; default 1/count) -> (U, d); sparse or dense gradient."""
+    if slot_w is None:
+        bag = torch.repeat_interleave(torch.arange(counts.numel(), device=nbrs.device), counts)
+        slot_w = (1.0 / counts.clamp_min(1).float())[bag]
     if torch.is_grad_enabled() and weight.requires_grad:
-        return _NeighborMean.apply(weight, nbrs, offsets, counts, sparse_grad)
-    return F.embedding_bag(nbrs, weight, offsets, mode="mean")
+        return _NeighborMean.apply(weight, nbrs, offsets, counts, slot_w, sparse_grad)
+    return F.embedding_bag(nbrs, weight, offsets, mode="sum", per_sample_weights=slot_w.to(weight.dtype))
 
 
 def skipgram_loss(h_walk: Tensor, valid: Tensor, h_neg: Tensor, context_size: int) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ Sync points (the CPU waits for the device): `sample_neighbors` (the rows above `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,10 +26,14 @@ class CSRGraph:
     Attributes:
         rowptr (Tensor): int64 (N + 1,).
         col (Tensor): int64 (E,), sorted by source node.
+        weight (Tensor, optional): float32 (E,) positive edge weights aligned with `col`; None =
+            every edge weighs 1 (uniform walks, plain neighbour means).
     """
 
     rowptr: Tensor
     col: Tensor
+    weight: Optional[Tensor] = None
+    _cum_weight: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def num_nodes(self) -> int:
@@ -48,11 +52,20 @@ class CSRGraph:
         return self.rowptr[1:] - self.rowptr[:-1]
 
     def to(self, device: torch.device | str) -> "CSRGraph":
-        return CSRGraph(self.rowptr.to(device), self.col.to(device))
+        return CSRGraph(self.rowptr.to(device), self.col.to(device),
+                        None if self.weight is None else self.weight.to(device))
+
+    def cum_weight(self) -> Tensor:
+        """float64 (E,) running sum of `weight` over all edges (row after row), for weighted walks."""
+        if self._cum_weight is None:
+            self._cum_weight = torch.cumsum(self.weight.double(), 0)
+        return self._cum_weight
 
     @classmethod
-    def from_edge_index(cls, edge_index: Tensor, num_nodes: int, device: Optional[torch.device | str] = None) -> "CSRGraph":
-        """From a (2, E) edge index (taken as given: pass a symmetrised one for an undirected graph)."""
+    def from_edge_index(cls, edge_index: Tensor, num_nodes: int, device: Optional[torch.device | str] = None,
+                        edge_weight: Optional[Tensor] = None) -> "CSRGraph":
+        """From a (2, E) edge index (taken as given: pass a symmetrised one for an undirected graph)
+        and optional (E,) positive weights."""
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             raise ValueError(f"edge_index must have shape (2, E) (got {tuple(edge_index.shape)})")
         ei = edge_index.to(device) if device is not None else edge_index
@@ -61,14 +74,23 @@ class CSRGraph:
             raise ValueError(f"edge_index holds node ids outside [0, {num_nodes})")
         order = torch.argsort(src * max(num_nodes, 1) + dst)
         col = dst[order].contiguous()
+        weight = None
+        if edge_weight is not None:
+            w = edge_weight.to(src.device).float()
+            if w.shape != src.shape:
+                raise ValueError(f"edge_weight must have one value per edge ({src.numel()}), got {tuple(w.shape)}")
+            if w.numel() and not bool((w > 0).all()):
+                raise ValueError("edge weights must be > 0 (drop an edge instead of weighting it 0)")
+            weight = w[order].contiguous()
         counts = torch.bincount(src, minlength=num_nodes)
         rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=src.device)
         rowptr[1:] = torch.cumsum(counts, 0)
-        return cls(rowptr, col)
+        return cls(rowptr, col, weight)
 
 
 def random_walks(csr: CSRGraph, start: Tensor, walk_length: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    r"""Uniform random walks: node :math:`w_{t+1}` is drawn uniformly from :math:`N(w_t)`.
+    r"""Random walks: node :math:`w_{t+1}` is drawn from :math:`N(w_t)`, uniformly, or with
+    probability proportional to the edge's weight when the CSR has weights.
 
     A walk that reaches a node without neighbours stops there; its remaining positions are -1.
     (In an undirected graph that only happens to walks *starting* at an isolated node.)
@@ -96,15 +118,22 @@ def random_walks(csr: CSRGraph, start: Tensor, walk_length: int, generator: Opti
         deg = csr.rowptr[node + 1] - lo  # (B,)
         alive = alive & (deg > 0)
         u = torch.rand(b, device=start.device, dtype=torch.float64, generator=generator)
-        off = (u * deg).long()  # uniform in [0, deg)
-        nxt = csr.col[(lo + off).clamp_max(last_edge)]
+        if csr.weight is None:
+            slot = lo + (u * deg).long()  # uniform in [lo, lo + deg)
+        else:  # P(slot) = weight / row total: invert the running sum of the weights inside the row
+            cw = csr.cum_weight()
+            hi = (lo + deg - 1).clamp(0, last_edge)
+            before = torch.where(lo > 0, cw[(lo - 1).clamp_min(0)], torch.zeros_like(u))
+            target = before + u * (cw[hi] - before)
+            slot = torch.searchsorted(cw, target, right=True).clamp(lo, hi)
+        nxt = csr.col[slot.clamp_max(last_edge)]
         cur = torch.where(alive, nxt, torch.full_like(nxt, -1))
         walks[:, t] = cur
     return walks
 
 
-def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
-                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+def sample_neighbor_slots(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
+                          generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
     r"""Up to `fanout` neighbours of each node, sampled uniformly *without* replacement.
 
     A node with degree <= `fanout` (or `fanout=None`) keeps all its neighbours, so the mean over the
@@ -119,9 +148,10 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
         generator (torch.Generator, optional): on the CSR's device.
 
     Returns:
-        (neighbors, offsets, counts): int64 (M,) neighbour ids laid out node after node, int64 (U,)
-        start of each node's run (the `offsets` of `torch.nn.functional.embedding_bag`), int64 (U,)
-        run lengths (0 for a node without neighbours). M = sum(counts).
+        (slots, offsets, counts): int64 (M,) edge positions (indices into `csr.col` and
+        `csr.weight`) laid out node after node, int64 (U,) start of each node's run (the `offsets`
+        of `torch.nn.functional.embedding_bag`), int64 (U,) run lengths (0 for a node without
+        neighbours). M = sum(counts).
     """
     lo = csr.rowptr[nodes]
     deg = csr.rowptr[nodes + 1] - lo  # (U,)
@@ -131,7 +161,7 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
         # slot index of every neighbour: lo[row] + (position within the row)
         row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # sync point
         pos = torch.arange(row.numel(), device=nodes.device) - offsets[row]
-        return csr.col[lo[row] + pos], offsets, counts
+        return lo[row] + pos, offsets, counts
     counts = deg.clamp_max(fanout)
     slots = torch.arange(fanout, device=nodes.device).expand(nodes.numel(), fanout).clone()  # (U, F)
     big = (deg > fanout).nonzero().squeeze(1)  # sync point: data-dependent size (H,)
@@ -146,6 +176,26 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
             chosen[:, s] = torch.where(taken, j, t)
         slots[big] = chosen
     mask = torch.arange(fanout, device=nodes.device)[None, :] < counts[:, None]  # (U, F): first `counts` used
-    neighbors = csr.col[(lo[:, None] + slots)[mask]] if csr.num_edges else torch.zeros(0, dtype=torch.long, device=nodes.device)
+    edges = (lo[:, None] + slots)[mask] if csr.num_edges else torch.zeros(0, dtype=torch.long, device=nodes.device)
     offsets = torch.cumsum(counts, 0) - counts
-    return neighbors, offsets, counts
+    return edges, offsets, counts
+
+
+def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`sample_neighbor_slots` with neighbour ids instead of edge positions: (neighbors (M,),
+    offsets (U,), counts (U,))."""
+    edges, offsets, counts = sample_neighbor_slots(csr, nodes, fanout, generator)
+    return csr.col[edges], offsets, counts
+
+
+def bag_weights(csr: CSRGraph, edges: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
+    r"""Per-slot weights of the neighbour mean: :math:`w_e / \sum_{e' \in \mathrm{bag}} w_{e'}`
+    (float32 (M,)); 1 / count without edge weights. With them, h() is the weighted mean
+    :math:`\sum_n w_{vn} \theta_n / \sum_n w_{vn}` over the (sampled) neighbours."""
+    bag = torch.repeat_interleave(torch.arange(counts.numel(), device=edges.device), counts)  # (M,)
+    if csr.weight is None:
+        return (1.0 / counts.clamp_min(1).float())[bag]
+    w = csr.weight[edges]
+    total = torch.zeros(counts.numel(), dtype=w.dtype, device=w.device).index_add_(0, bag, w)
+    return w / total[bag]

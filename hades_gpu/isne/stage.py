@@ -76,6 +76,19 @@ def training_budget_s(cfg: IsneConfig, output_dir: Path, n_chunks: int) -> Optio
     return cfg.time_budget_vs_embedding * wall / chunks * n_chunks
 
 
+def _training_weights(cfg: PipelineConfig, data: Any) -> Optional[torch.Tensor]:
+    """The undirected graph's per-edge weights (graph.*_weight by edge type, knn scaled by cosine)
+    when `isne.edge_weights`, else None; a weight <= 0 is a configuration error, said in one line."""
+    if not cfg.isne.edge_weights:
+        return None
+    w = data.edge_attr
+    if w.numel() and not bool((w > 0).all()):
+        raise ValueError("isne.edge_weights needs every edge weight > 0: set graph.sequence_weight, "
+                         "same_document_weight, reference_weight and knn_weight_scale > 0 (turn an edge type "
+                         "off with graph.<type>=false), or isne.edge_weights=false")
+    return w
+
+
 def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -> None:
     """`isne/embeddings-<shard>.parquet`: one row per chunk, ordered like `chunk_ids`."""
     n, d = vecs.shape
@@ -136,8 +149,9 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     elif do_train:
         t = time.perf_counter()
         budget = training_budget_s(cfg.isne, output_dir, n)
+        weights = _training_weights(cfg, data)
         res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
-                         time_budget_s=budget)
+                         time_budget_s=budget, edge_weight=weights)
         metrics["seconds"]["train"] = time.perf_counter() - t
         theta = res.model.theta.weight.detach()
         save_checkpoint(mpath, theta, chunk_ids.tolist(), {
@@ -147,7 +161,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
             "best_val_auc": res.best_val_auc,
         })
         t = time.perf_counter()
-        full = CSRGraph.from_edge_index(data.edge_index, n, device=dev)
+        full = CSRGraph.from_edge_index(data.edge_index, n, device=dev, edge_weight=weights)
         vecs = neighbor_mean(theta, full).cpu().numpy()  # exact mean over the full graph
         metrics["seconds"]["infer"] = time.perf_counter() - t
         metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
@@ -179,7 +193,9 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
                     have[i] = True
         missing = np.flatnonzero(~have)
         if missing.size:
+            trained_weighted = bool(ckpt.config.get("isne", {}).get("edge_weights", False))  # as it was trained
             new, known = infer_from_checkpoint(ckpt, chunk_ids.tolist(), data.edge_index,
+                                               edge_weight=data.edge_attr if trained_weighted else None,
                                                nodes=torch.as_tensor(missing), device=dev)
             vecs[missing] = new.numpy()
         metrics["seconds"]["infer"] = time.perf_counter() - t

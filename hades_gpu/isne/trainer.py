@@ -46,11 +46,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EdgeSplit:
-    """`train` (2, E_train) symmetric edge index; `val_pos`/`val_neg` (2, P) held-out / random pairs."""
+    """`train` (2, E_train) symmetric edge index (and its (E_train,) weights when the graph has
+    them); `val_pos`/`val_neg` (2, P) held-out / random pairs."""
 
     train: Tensor
     val_pos: Tensor
     val_neg: Tensor
+    train_weight: Optional[Tensor] = None
 
 
 @dataclass
@@ -125,24 +127,42 @@ def draw_negatives(candidates: Tensor, shape: tuple[int, int], pool: int,
     return chosen[torch.randint(pool, shape, generator=generator, device=dev)]
 
 
-def undirected_pairs(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Unique (u < v) pairs of an edge index, self loops dropped: (2, E_u)."""
+def undirected_pairs(edge_index: Tensor, num_nodes: int, edge_weight: Optional[Tensor] = None):
+    """Unique (u < v) pairs of an edge index, self loops dropped: (2, E_u); with `edge_weight`, also
+    each pair's weight (the largest over its copies: a symmetrised graph has the same in both)."""
     u = torch.minimum(edge_index[0], edge_index[1])
     v = torch.maximum(edge_index[0], edge_index[1])
     keep = u != v
-    key = torch.unique(u[keep] * num_nodes + v[keep])
-    return torch.stack([key // num_nodes, key % num_nodes])
+    key, inv = torch.unique(u[keep] * num_nodes + v[keep], return_inverse=True)
+    pairs = torch.stack([key // num_nodes, key % num_nodes])
+    if edge_weight is None:
+        return pairs
+    w = torch.zeros(key.numel(), dtype=torch.float32).scatter_reduce_(
+        0, inv, edge_weight[keep].float(), reduce="amax", include_self=False)
+    return pairs, w
 
 
-def split_edges(edge_index: Tensor, num_nodes: int, val_fraction: float, seed: int = 0) -> EdgeSplit:
-    """Hold out `val_fraction` of the undirected edges, never isolating a node; random negatives."""
-    pairs = undirected_pairs(edge_index.cpu(), num_nodes)  # (2, E_u)
+def split_edges(edge_index: Tensor, num_nodes: int, val_fraction: float, seed: int = 0,
+                edge_weight: Optional[Tensor] = None) -> EdgeSplit:
+    """Hold out `val_fraction` of the undirected edges, never isolating a node; random negatives.
+    With `edge_weight` ((E,), aligned with `edge_index`) the training edges keep their weights."""
+    if edge_weight is None:
+        pairs, w = undirected_pairs(edge_index.cpu(), num_nodes), None
+    else:
+        pairs, w = undirected_pairs(edge_index.cpu(), num_nodes, edge_weight.cpu())
     g = torch.Generator().manual_seed(seed)
     n_und = pairs.shape[1]
     n_val = int(round(val_fraction * n_und))
     empty = torch.zeros(2, 0, dtype=torch.long)
+
+    def both_ways(mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        p = pairs if mask is None else pairs[:, mask]
+        pw = None if w is None else (w if mask is None else w[mask])
+        return torch.cat([p, p.flip(0)], 1), None if pw is None else torch.cat([pw, pw])
+
     if n_val == 0:
-        return EdgeSplit(torch.cat([pairs, pairs.flip(0)], 1), empty, empty)
+        train, train_w = both_ways(None)
+        return EdgeSplit(train, empty, empty, train_w)
     deg = torch.bincount(pairs.reshape(-1), minlength=num_nodes)
     eligible = ((deg[pairs[0]] >= 2) & (deg[pairs[1]] >= 2)).nonzero().squeeze(1)
     chosen = eligible[torch.randperm(eligible.numel(), generator=g)[:n_val]]
@@ -153,11 +173,11 @@ def split_edges(edge_index: Tensor, num_nodes: int, val_fraction: float, seed: i
     orphan = train_deg == 0
     is_val &= ~(orphan[pairs[0]] | orphan[pairs[1]])
     val = pairs[:, is_val]
-    train = pairs[:, ~is_val]
+    train, train_w = both_ways(~is_val)
     nodes = torch.unique(train.reshape(-1))
     neg = nodes[torch.randint(nodes.numel(), (2, val.shape[1]), generator=g)]
     neg = neg[:, neg[0] != neg[1]]
-    return EdgeSplit(torch.cat([train, train.flip(0)], 1), val, neg)
+    return EdgeSplit(train, val, neg, train_w)
 
 
 def train_isne(
@@ -172,6 +192,7 @@ def train_isne(
     max_batches_per_epoch: Optional[int] = None,
     split: Optional[EdgeSplit] = None,
     time_budget_s: Optional[float] = None,
+    edge_weight: Optional[Tensor] = None,
 ) -> TrainResult:
     """Train ISNE (or, with ``aggregate=False``, lookup-table Node2Vec) on an undirected graph.
 
@@ -184,6 +205,8 @@ def train_isne(
         device (optional): default `cfg.device` resolved (auto = CUDA when present).
         max_batches_per_epoch (int, optional): cut epochs short (benchmarks).
         split (EdgeSplit, optional): a ready train/validation split (default: `split_edges`).
+        edge_weight (Tensor, optional): (E,) positive weights aligned with `edge_index`; used
+            (weighted walks and neighbour means) when `cfg.edge_weights`.
         time_budget_s (float, optional): stop at the first batch boundary after this many seconds
             of training (default: `cfg.time_budget_s`; the stage resolves `time_budget_vs_embedding`).
 
@@ -200,8 +223,9 @@ def train_isne(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    split = split or split_edges(edge_index, num_nodes, cfg.val_fraction, cfg.seed)
-    csr = CSRGraph.from_edge_index(split.train, num_nodes, device=dev)
+    weights = edge_weight if cfg.edge_weights else None
+    split = split or split_edges(edge_index, num_nodes, cfg.val_fraction, cfg.seed, weights)
+    csr = CSRGraph.from_edge_index(split.train, num_nodes, device=dev, edge_weight=split.train_weight)
     has_val = split.val_pos.shape[1] > 0
 
     model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer != IsneOptimizer.ADAM,

@@ -104,3 +104,38 @@ def test_sampled_neighbour_mean_is_unbiased_below_fanout() -> None:
     est = model.embed(torch.full((4000,), 6), csr, fanout=5, generator=g).detach().mean(0)
     exact = model.theta.weight.detach()[7:47].mean(0)
     torch.testing.assert_close(est, exact, atol=0.01, rtol=0.0)
+
+
+def test_weighted_walk_steps_follow_the_edge_weights() -> None:
+    """With weights, a step takes an edge with probability weight / row total, in every row
+    (first, middle and last rows of the CSR, so the running-sum lookup is checked at its ends)."""
+    und = [(0, 1), (0, 2), (0, 3), (4, 5), (4, 6), (7, 8), (7, 9)]
+    w_und = [1.0, 2.0, 7.0, 3.0, 1.0, 0.5, 4.5]
+    ei = torch.tensor(und, dtype=torch.long).T
+    ei = torch.cat([ei, ei.flip(0)], 1)
+    w = torch.tensor(w_und + w_und)
+    csr = CSRGraph.from_edge_index(ei, 10, edge_weight=w)
+    g = torch.Generator().manual_seed(2)
+    for start, expect in ((0, {1: 0.1, 2: 0.2, 3: 0.7}), (4, {5: 0.75, 6: 0.25}), (7, {8: 0.1, 9: 0.9}),
+                          (9, {7: 1.0})):
+        nxt = random_walks(csr, torch.full((20000,), start), 2, g)[:, 1]
+        freq = torch.bincount(nxt, minlength=10).float() / 20000
+        for node, p in expect.items():
+            assert abs(float(freq[node]) - p) < 0.015, (start, node, float(freq[node]), p)
+        assert float(freq[[i for i in range(10) if i not in expect]].sum()) == 0.0
+    with pytest.raises(ValueError, match="> 0"):
+        CSRGraph.from_edge_index(ei, 10, edge_weight=torch.zeros(ei.shape[1]))
+
+
+def test_weighted_neighbour_mean_is_the_weighted_average() -> None:
+    from hades_gpu.isne.inference import neighbor_mean
+
+    ei = torch.tensor([[0, 0, 1, 2], [1, 2, 0, 0]])
+    csr = CSRGraph.from_edge_index(ei, 4, edge_weight=torch.tensor([1.0, 3.0, 1.0, 3.0]))
+    theta = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 8.0], [9.0, 9.0]])
+    h = neighbor_mean(theta, csr)
+    torch.testing.assert_close(h, torch.tensor([[1.0, 6.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    model = ISNE(4, 2)
+    with torch.no_grad():
+        model.theta.weight.copy_(theta)
+    torch.testing.assert_close(model.embed(torch.tensor([0, 3]), csr).detach(), h[[0, 3]])

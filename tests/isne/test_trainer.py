@@ -212,43 +212,55 @@ def _theta_from_checkpoint(path: Path) -> dict[str, np.ndarray]:
     return dict(zip(ids, theta.astype(np.float64)))
 
 
-def _neighbours(output: Path) -> dict[str, set[str]]:
-    """Undirected neighbour sets from edges.parquet (both directions, no self loops)."""
-    t = pq.read_table(output / "edges.parquet", columns=["src_chunk_id", "dst_chunk_id"])
-    nbrs: dict[str, set[str]] = {}
-    for s, d in zip(t.column("src_chunk_id").to_pylist(), t.column("dst_chunk_id").to_pylist()):
+def _neighbours(output: Path) -> dict[str, dict[str, float]]:
+    """Undirected neighbours from edges.parquet (both directions, no self loops), each with the
+    largest weight over the edges joining the pair."""
+    t = pq.read_table(output / "edges.parquet", columns=["src_chunk_id", "dst_chunk_id", "weight"])
+    nbrs: dict[str, dict[str, float]] = {}
+    for s, d, w in zip(t.column("src_chunk_id").to_pylist(), t.column("dst_chunk_id").to_pylist(),
+                       t.column("weight").to_pylist()):
         if s != d:
-            nbrs.setdefault(s, set()).add(d)
-            nbrs.setdefault(d, set()).add(s)
+            for a, b in ((s, d), (d, s)):
+                nbrs.setdefault(a, {})[b] = max(w, nbrs.get(a, {}).get(b, float("-inf")))
     return nbrs
 
 
-def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Path) -> None:
-    """Ground truth for the stored vectors: h(v) = mean of θ over v's neighbours in edges.parquet,
-    θ read back from the checkpoint; inferred chunks average their *trained* neighbours only."""
+def _mean(theta: dict[str, np.ndarray], around: dict[str, float], weighted: bool) -> np.ndarray:
+    if not around:
+        return np.zeros(8)
+    w = np.array([around[n] if weighted else 1.0 for n in around])
+    return (w[:, None] * np.stack([theta[n] for n in around])).sum(0) / w.sum()
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Path, weighted: bool) -> None:
+    """Ground truth for the stored vectors: h(v) = mean of θ over v's neighbours in edges.parquet
+    (weighted by the edges' weights with isne.edge_weights), θ read back from the checkpoint;
+    inferred chunks average their *trained* neighbours only."""
+    cfg = _cfg()
+    cfg.isne.edge_weights = weighted
     first = _write_output(tmp_path, {f"d{i}.md": 2 + i % 3 for i in range(10)})
-    run_isne_stage(_cfg(), tmp_path)
+    run_isne_stage(cfg, tmp_path)
     theta = _theta_from_checkpoint(tmp_path / "isne" / "model.safetensors")
     assert sorted(theta) == sorted(first)
     assert np.abs(np.stack(list(theta.values()))).max() > 0
     nbrs = _neighbours(tmp_path)
+    assert len({w for around in nbrs.values() for w in around.values()}) > 2  # the weights differ
     ids, vecs = read_isne_embeddings(tmp_path)
     for cid, vec in zip(ids, vecs):
-        around = sorted(nbrs.get(cid, ()))
-        want = np.mean([theta[n] for n in around], axis=0) if around else np.zeros(8)
-        np.testing.assert_allclose(vec, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vec, _mean(theta, nbrs.get(cid, {}), weighted), rtol=1e-5, atol=1e-6)
 
     added = _write_output(tmp_path, {"new1.md": 3, "new2.md": 1}, seed=1, part=1,
                           manifest_parts=["part-s0-00000", "part-s0-00001"])
-    run_isne_stage(_cfg(), tmp_path)
+    cfg.isne.edge_weights = not weighted  # inference follows the checkpoint, not today's config
+    run_isne_stage(cfg, tmp_path)
     assert _theta_from_checkpoint(tmp_path / "isne" / "model.safetensors").keys() == theta.keys()
     nbrs = _neighbours(tmp_path)
     got = dict(zip(*read_isne_embeddings(tmp_path)))
     for cid in added:
-        trained = sorted(n for n in nbrs.get(cid, ()) if n in theta)
-        want = np.mean([theta[n] for n in trained], axis=0) if trained else np.zeros(8)
-        np.testing.assert_allclose(got[cid], want, rtol=1e-5, atol=1e-6)
-    assert any(sorted(nbrs.get(c, ())) != sorted(n for n in nbrs.get(c, ()) if n in theta) for c in added), \
+        trained = {n: w for n, w in nbrs.get(cid, {}).items() if n in theta}
+        np.testing.assert_allclose(got[cid], _mean(theta, trained, weighted), rtol=1e-5, atol=1e-6)
+    assert any(set(nbrs.get(c, {})) != {n for n in nbrs.get(c, {}) if n in theta} for c in added), \
         "no new chunk has a new neighbour: the 'trained neighbours only' rule went unexercised"
 
 
