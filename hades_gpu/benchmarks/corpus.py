@@ -65,3 +65,38 @@ def scale_corpus(base: Path, dest: Path, copies: int) -> None:
         shutil.rmtree(dest)
     for i in range(copies):
         shutil.copytree(base, dest / f"copy{i}")
+
+
+# Left out of the package corpus: tests, GUI/demo trees and bundled wheels (no code of their own)
+_NOT_PACKAGES = {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "pydoc_data", "lib2to3",
+                 "distutils", "site-packages", "__pycache__", "__phello__"}
+
+
+def build_package_corpus(dest: Path, megabytes: float) -> dict[str, int]:
+    """The standard library's packages with their folder layout (so imports between modules resolve
+    to edges), about `megabytes` in all, the same share per package: a code corpus whose documents
+    carry a label, their package (the first folder of the path). Returns bytes per package."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    packages = sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()
+                      and p.name not in _NOT_PACKAGES)
+    per_package = megabytes * 1e6 / max(len(packages), 1)
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    sizes: dict[str, int] = {}
+    for pkg in packages:
+        files = sorted(f for f in pkg.rglob("*.py") if not (set(f.relative_to(root).parts[:-1]) & _NOT_PACKAGES))
+        taken = 0
+        for f in files:
+            if taken >= per_package:
+                break
+            size = f.stat().st_size
+            if not 0 < size < 200_000:
+                continue
+            target = dest / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            taken += size
+        if taken:
+            sizes[pkg.name] = taken
+    return sizes

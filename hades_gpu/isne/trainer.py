@@ -245,6 +245,7 @@ def train_isne(
         return result
 
     stopper = EarlyStopper(cfg, has_val)
+    best_theta: Optional[Tensor] = None
     val_walks = fixed_validation_walks(csr, starts, cfg)  # reported every epoch, whatever stops training
     n_batches = math.ceil(starts.numel() / batch_size)
     if max_batches_per_epoch is not None:
