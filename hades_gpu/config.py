@@ -162,6 +162,8 @@ class EmbedderConfig:
     # triton embedder
     url: str = "127.0.0.1:8001"
     model: str = "minilm_python"
+    # the raw-text ensemble (server-side tokenizer + `model`'s embedding) behind `embed_texts`
+    text_model: str = "minilm_text"
     max_inflight: int = 4  # requests in flight to the server
     timeout_s: float = 60.0
     retries: int = 5
