@@ -51,7 +51,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--expand", choices=tuple(e for e in SearchExpand.values() if e != "none"), default=None,
                         help="re-rank through the chunk graph or the ISNE vectors (default: search.expand)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
     from hades_gpu.config import load_pipeline_config
     from hades_gpu.embedding.base import EmbedderError

@@ -40,7 +40,7 @@ def texts():
     where tokenizers differ: over-long (cut at 254 tokens), accents, CJK, emoji, special-token
     literals, empty."""
     long_text = " ".join(local_text_chunks(3, chunk_tokens=200, seed=7))  # ~600 tokens: cut like ingest
-    return (local_text_chunks(10, chunk_tokens=254, seed=5) + local_text_chunks(10, chunk_tokens=30, seed=6)
+    return (local_text_chunks(6, chunk_tokens=254, seed=5) + local_text_chunks(6, chunk_tokens=30, seed=6)
             + [long_text, "Café naïve résumé Zürich", "東京都の天気は晴れです。", "emoji 😀👍🏽 ✓",
                "[CLS] special [SEP] tokens [PAD]", "", "   ", "def f(x):\n\treturn x ** 2\n"])
 
@@ -152,3 +152,23 @@ def test_missing_text_model_is_one_line_error(triton_server):
 def test_lone_surrogate_is_one_line_error(remote):
     with pytest.raises(ValueError, match="item 1"):
         remote.embed_texts(["fine", "bad \udc80"])
+
+
+def test_search_with_the_triton_embedder_matches_local(triton_server, search_output, embedder, capsys):
+    """`--embedder triton`: the query goes through minilm_text; the hits are the local embedder's."""
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.retrieval.search import Searcher
+    from hades_gpu.retrieval.search_cli import search_cli
+
+    out = str(search_output[0])
+    queries = ["Return the number of days in a month", "Decode a Base64 encoded bytes-like object",
+               "Wrap a single paragraph of text", "Locate the insertion point for x in a sorted list"]
+    triton_cfg = load_pipeline_config("balanced", ["embedder=triton", f"embedder.url={triton_server.grpc_url}"])
+    with Searcher(out, triton_cfg) as remote_search, Searcher(out, load_pipeline_config(), embedder=embedder) as local:
+        assert "minilm_python" in remote_search.embedder_name
+        for q in queries:
+            served, here = remote_search.search(q, 10), local.search(q, 10)
+            assert [h.chunk_id for h in served.hits] == [h.chunk_id for h in here.hits], q
+            np.testing.assert_allclose([h.score for h in served.hits], [h.score for h in here.hits], atol=2e-3)
+    assert search_cli([out, queries[0], "-k", "2", "--embedder", "triton", f"embedder.url={triton_server.grpc_url}"]) == 0
+    assert "embedder triton minilm_python" in capsys.readouterr().out
