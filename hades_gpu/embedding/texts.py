@@ -12,10 +12,11 @@ tokenizes) uses it; any other (local CPU, CUDA) gets the rows from `encode_texts
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from hades_gpu.config import EmbedderConfig
 from hades_gpu.documents.fast_tokenizer import fast_tokenizer_for
 from hades_gpu.documents.tokenizer import load_tokenizer, special_ids
 from hades_gpu.orchestration.batcher import write_padded
@@ -61,12 +62,17 @@ def model_rows(token_ids: Sequence[np.ndarray], max_seq_len: int) -> tuple[np.nd
     return ids, mask
 
 
-def embed_texts(embedder, texts: Sequence[str]) -> np.ndarray:
-    """float32 (n, dim), L2-normalised, one row per text, in order. Thread-safe when `embedder.embed` is."""
+def embed_texts(embedder, texts: Sequence[str], max_seq_len: Optional[int] = None) -> np.ndarray:
+    """float32 (n, dim), L2-normalised, one row per text, in order. Thread-safe when `embedder.embed` is.
+
+    `max_seq_len`: for an embedder without its own `embed_texts` or `max_seq_len` attribute (the
+    CUDA one): ``embedder.max_seq_len`` of the config (default: EmbedderConfig's).
+    """
     own = getattr(embedder, "embed_texts", None)
     if callable(own):
         return own(texts)
-    return embed_texts_locally(embedder, texts, int(getattr(embedder, "max_seq_len", 256)))
+    limit = max_seq_len or getattr(embedder, "max_seq_len", None) or EmbedderConfig().max_seq_len
+    return embed_texts_locally(embedder, texts, int(limit))
 
 
 def embed_texts_locally(embedder, texts: Sequence[str], max_seq_len: int) -> np.ndarray:

@@ -115,6 +115,7 @@ class Searcher:
             cfg = load_pipeline_config()
         self.output = os.fspath(output)
         self.cfg: SearchConfig = cfg.search
+        self.max_seq_len = int(cfg.embedder.max_seq_len)
         if not is_ingest_output(self.output):
             raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
         table = read_chunks(self.output, CHUNK_COLUMNS)
@@ -156,7 +157,7 @@ class Searcher:
             raise SearchError(f"expand must be one of {'|'.join(SearchExpand.values())} (got {expand!r})")
         queries = list(queries)
         t0 = time.perf_counter()
-        qv = embed_texts(self.embedder, queries)
+        qv = embed_texts(self.embedder, queries, self.max_seq_len)
         embed_ms = (time.perf_counter() - t0) * 1000 / max(1, len(queries))
         results = []
         for query, vec in zip(queries, qv):
