@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,12 +130,17 @@ def test_cli_json_and_python_api(search_output, capsys):
 
 
 def test_cli_text_output(search_output, capsys, embedder, monkeypatch):
-    """The human form: path:first-last per hit, a snippet, and the latency line."""
+    """The human form through the console script's function (pyproject: hades-search): path:first-last
+    per hit, a snippet, and the latency line."""
     import hades_gpu.embedding.factory as factory
+    from hades_gpu.cli import search_main
 
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '\nhades-search = "hades_gpu.cli:search_main"\n' in pyproject
     monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
-    assert search_cli([str(search_output[0]), "split a string using shell-like syntax", "-k", "2",
-                       "--expand", "graph"]) == 0
+    with pytest.raises(SystemExit) as info:
+        search_main([str(search_output[0]), "split a string using shell-like syntax", "-k", "2", "--expand", "graph"])
+    assert info.value.code == 0
     text = capsys.readouterr().out
     assert "expand=graph" in text and "latency:" in text and "ms per query" in text
     hit_lines = [ln for ln in text.splitlines() if ln.lstrip().startswith(("1.", "2."))]
