@@ -9,6 +9,7 @@ blocks); `candidate_source` picks the source for an output — today always exac
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -67,12 +68,14 @@ class ExactCandidates:
         return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
-def candidate_source(vectors: np.ndarray) -> CandidateSource:
+def candidate_source(output: str | os.PathLike, vectors: np.ndarray) -> CandidateSource:
     """The first stage for an output's chunk vectors (rows in `read_chunks` order).
 
-    Exact for now. The approximate index the kNN edges use (kept in the output) plugs in here for
-    large outputs: anything with `nearest(queries, n)` and a `description`.
+    Exact for now, whatever the size. The approximate index the kNN edges use, built once and kept
+    in the output, plugs in here for large outputs (open it from `output` when present and its rows
+    match `vectors`): anything with `nearest(queries, n)` and a `description`.
     """
+    del output  # read by the approximate index once it exists; the exact scan needs only the vectors
     return ExactCandidates(vectors)
 
 
