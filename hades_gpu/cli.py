@@ -307,6 +307,13 @@ def serve_main(argv: Optional[list[str]] = None) -> None:
     sys.exit(serve_cli(argv))
 
 
+def search_main(argv: Optional[list[str]] = None) -> None:
+    """`hades-search <output> "query" [-k 10] [--embedder local|triton] [--expand graph|isne] [--json]`."""
+    from hades_gpu.retrieval.search_cli import search_cli
+
+    sys.exit(search_cli(argv))
+
+
 def bench_main() -> None:
     """`hades-bench [-m] corpus=<dir> [bench=ingest|embed_only|triton|isne] [profile=...] ...`: one
     benchmark job per combination, each writing `result.json` into its Hydra output folder."""

@@ -80,6 +80,12 @@ class ProgressMode(Choice):
     OFF = "off"
 
 
+class SearchExpand(Choice):
+    NONE = "none"
+    GRAPH = "graph"
+    ISNE = "isne"
+
+
 def check_watermarks(low: float, high: float, key: str) -> None:
     """The one check of a low/high watermark pair (queues, the GPU governor): 0 < low < high <= 1."""
     if not 0 < low < high <= 1:
@@ -169,6 +175,8 @@ class EmbedderConfig:
     # triton embedder
     url: str = "127.0.0.1:8001"
     model: str = "minilm_python"
+    # the raw-text ensemble (server-side tokenizer + `model`'s embedding) behind `embed_texts`
+    text_model: str = "minilm_text"
     max_inflight: int = 4  # requests in flight to the server
     timeout_s: float = 60.0
     retries: int = 5
@@ -252,6 +260,23 @@ class MonitoringConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`hades-search` / `hades_gpu.search`: how many hits, and how the graph or ISNE re-rank them."""
+
+    k: int = 10  # hits returned
+    expand: str = "none"  # SearchExpand: none | graph | isne
+    candidates: int = 50  # first-stage hits by text cosine that `expand` re-ranks (at least k are)
+    # graph: score = cosine + graph_weight * sum over edges to the top-k seeds of (edge weight x seed cosine) / k;
+    # neighbours of the seeds join the candidates
+    graph_weight: float = 0.2
+    # isne: score = (1 - isne_weight) * cosine + isne_weight * cosine(ISNE vector, mean ISNE vector of the
+    # top isne_seeds hits by text)
+    isne_weight: float = 0.3
+    isne_seeds: int = 3
+    snippet_chars: int = 240  # characters of each hit's text printed
+
+
+@dataclass
 class PipelineConfig:
     """The whole job: where to read, where to write, and every stage's settings."""
 
@@ -267,6 +292,7 @@ class PipelineConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     isne: IsneConfig = field(default_factory=IsneConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def register_configs() -> None:
@@ -447,6 +473,15 @@ def validate(cfg: PipelineConfig) -> None:
 
     m = cfg.monitoring
     _choice(m.progress, ProgressMode, "monitoring.progress")
+
+    s = cfg.search
+    _check(s.k >= 1, "search.k", ">= 1", s.k)
+    _choice(s.expand, SearchExpand, "search.expand")
+    _check(s.candidates >= 1, "search.candidates", ">= 1", s.candidates)
+    _check(s.graph_weight >= 0, "search.graph_weight", ">= 0", s.graph_weight)
+    _check(0 <= s.isne_weight <= 1, "search.isne_weight", "in [0, 1]", s.isne_weight)
+    _check(s.isne_seeds >= 1, "search.isne_seeds", ">= 1", s.isne_seeds)
+    _check(s.snippet_chars >= 0, "search.snippet_chars", ">= 0", s.snippet_chars)
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:

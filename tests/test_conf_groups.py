@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 
 from hades_gpu.config import (ChunkingConfig, ConfigError, DocumentsConfig, GpuConfig, GraphConfig, MonitoringConfig,
-                              conf_dir, load_pipeline_config)
+                              SearchConfig, conf_dir, load_pipeline_config)
 
 SECTIONS = {"graph": GraphConfig, "gpu": GpuConfig, "chunking": ChunkingConfig, "documents": DocumentsConfig,
-            "monitoring": MonitoringConfig}
+            "monitoring": MonitoringConfig, "search": SearchConfig}
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))

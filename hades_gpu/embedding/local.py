@@ -20,7 +20,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -293,6 +293,12 @@ class LocalEmbedder:
         if out.shape != (ids.shape[0], self.dim):
             raise EmbedderError(f"runtime returned shape {out.shape} (expected {(ids.shape[0], self.dim)})")
         return out
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 (n, 384) for raw strings, tokenized as ingest tokenizes chunks. Thread-safe."""
+        from hades_gpu.embedding.texts import embed_texts_locally
+
+        return embed_texts_locally(self, texts, self.max_seq_len)
 
     def close(self) -> None:
         """Release the runtime; `embed` raises EmbedderError afterwards. Idempotent."""

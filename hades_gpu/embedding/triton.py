@@ -14,7 +14,10 @@ server with ``hades-serve``). It implements `hades_gpu.embedding.base.Embedder`:
 * a batch larger than the model's ``max_batch_size`` is sent as several requests;
 * each request has a deadline (``timeout_s``); UNAVAILABLE (server gone or restarting, or its bounded
   queue full) is retried ``retries`` times with exponential backoff from ``retry_backoff_s``; any
-  other error, or the last retry, raises `EmbedderError`.
+  other error, or the last retry, raises `EmbedderError`;
+* ``embed_texts`` sends raw strings to ``embedder.text_model`` (the ``minilm_text`` ensemble: the
+  server's tokenizer model, then ``model``), with the same bound, deadline and retries; that model
+  is checked on the first call, so a server without it still serves ``embed``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import itertools
 import logging
 import threading
 import time
+from typing import Sequence
+
 import numpy as np
 
 from hades_gpu.config import EmbedderConfig
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
+TEXT_INPUT = "text"  # the raw-text model's BYTES input (triton_models/minilm_text)
 _RETRYABLE = ("StatusCode.UNAVAILABLE",)
 _MAX_BACKOFF_S = 30.0
 _CHECK_TIMEOUT_S = 10.0  # deadline of each start-up check
@@ -70,6 +76,8 @@ class TritonEmbedder:
         self._inflight = threading.BoundedSemaphore(self.concurrency)
         self._ids = itertools.count()
         self._closed = False
+        self._text_lock = threading.Lock()
+        self._text_batch = 0  # the text model's max_batch_size once checked (first embed_texts call)
         self._where = f"Triton at {self.url} model {self.model!r}"
         try:
             self._client = grpcclient.InferenceServerClient(url=self.url)
@@ -153,13 +161,18 @@ class TritonEmbedder:
         a.set_data_from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         b = grpc.InferInput(INPUT_NAMES[1], list(mask.shape), "INT64")
         b.set_data_from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
-        outputs = [grpc.InferRequestedOutput(OUTPUT_NAME)]
+        return self._request(self.model, [a, b], ids.shape[0], f"a batch of shape {list(ids.shape)}")
+
+    def _request(self, model: str, inputs: list, rows: int, what: str) -> np.ndarray:
+        """One inference on `model`, bounded in flight and retried on UNAVAILABLE; (rows, dim) float32."""
+        outputs = [self._grpc.InferRequestedOutput(OUTPUT_NAME)]
+        where = f"Triton at {self.url} model {model!r}"
         attempt = 0
         while True:
             request_id = str(next(self._ids))
             with self._inflight:  # at most max_inflight requests on the wire, whatever the thread count
                 try:
-                    result = self._client.infer(self.model, [a, b], outputs=outputs, request_id=request_id,
+                    result = self._client.infer(model, inputs, outputs=outputs, request_id=request_id,
                                                 client_timeout=self.cfg.timeout_s)
                     err = None
                 except self._exc as e:
@@ -170,23 +183,76 @@ class TritonEmbedder:
             if status in _RETRYABLE and attempt < self.cfg.retries and not self._closed:
                 delay = min(self.cfg.retry_backoff_s * (2 ** attempt), _MAX_BACKOFF_S)
                 attempt += 1
-                log.warning("%s: %s; retry %d/%d in %.2f s", self._where, _one_line(err), attempt,
+                log.warning("%s: %s; retry %d/%d in %.2f s", where, _one_line(err), attempt,
                             self.cfg.retries, delay)
                 time.sleep(delay)
                 continue
             if status == "StatusCode.DEADLINE_EXCEEDED":
-                raise EmbedderError(f"{self._where}: no answer within embedder.timeout_s={self.cfg.timeout_s} s "
-                                    f"for a batch of shape {list(ids.shape)}") from err
+                raise EmbedderError(f"{where}: no answer within embedder.timeout_s={self.cfg.timeout_s} s "
+                                    f"for {what}") from err
             tried = f" after {attempt + 1} attempts" if attempt else ""
-            raise EmbedderError(f"{self._where}: inference failed{tried}: {_one_line(err)}") from err
+            raise EmbedderError(f"{where}: inference failed{tried}: {_one_line(err)}") from err
         response_id = result.get_response().id
         if response_id != request_id:  # cannot happen with unary calls; a cheap guard against mix-ups
-            raise EmbedderError(f"{self._where}: response id {response_id!r} does not match request {request_id!r}")
+            raise EmbedderError(f"{where}: response id {response_id!r} does not match request {request_id!r}")
         out = result.as_numpy(OUTPUT_NAME)
-        if out is None or out.shape != (ids.shape[0], self.dim):
+        if out is None or out.shape != (rows, self.dim):
             got = None if out is None else out.shape
-            raise EmbedderError(f"{self._where}: expected output of shape {(ids.shape[0], self.dim)} (got {got})")
+            raise EmbedderError(f"{where}: expected output of shape {(rows, self.dim)} (got {got})")
         return out.astype(np.float32, copy=False)
+
+    # ---------------------------------------------------------------------------------- raw text
+    def _check_text_model(self) -> int:
+        """The text model's max_batch_size, checked once (ready, BYTES input, output width)."""
+        with self._text_lock:
+            if self._text_batch:
+                return self._text_batch
+            model = self.cfg.text_model
+            where = f"Triton at {self.url} model {model!r}"
+            try:
+                ready = self._client.is_model_ready(model, client_timeout=_CHECK_TIMEOUT_S)
+                config = self._client.get_model_config(model, client_timeout=_CHECK_TIMEOUT_S).config if ready else None
+            except self._exc as err:
+                raise EmbedderError(f"{where}: cannot check the text model ({_one_line(err)})") from err
+            if config is None:
+                raise EmbedderError(f"{where}: model is not ready on the server (serve it with "
+                                    f"hades-serve --models {model}; embedder.text_model names it)")
+            inputs = {i.name: i.data_type for i in config.input}
+            if TEXT_INPUT not in inputs:
+                raise EmbedderError(f"{where}: model must take input {TEXT_INPUT!r} (got {sorted(inputs)})")
+            outputs = {o.name: list(o.dims) for o in config.output}
+            if outputs.get(OUTPUT_NAME, [-1])[-1] != self.dim:
+                raise EmbedderError(f"{where}: output {OUTPUT_NAME!r} must be {self.dim} wide (got {outputs})")
+            if config.max_batch_size < 1:
+                raise EmbedderError(f"{where}: model must batch (max_batch_size > 0) (got {config.max_batch_size})")
+            self._text_batch = int(config.max_batch_size)
+            return self._text_batch
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 (n, dim) for raw strings: the server tokenizes (`embedder.text_model`, the
+        `minilm_text` ensemble) exactly as ingest does. Thread-safe; bounded in flight like `embed`."""
+        if self._closed:
+            raise EmbedderError(f"{self._where}: embedder is closed")
+        texts = list(texts)
+        encoded = []
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts must be str (item {i} is {type(t).__name__})")
+            try:
+                encoded.append(t.encode("utf-8"))
+            except UnicodeEncodeError as err:  # a lone surrogate: not text the server can decode
+                raise ValueError(f"texts must be valid Unicode (item {i}: {err.reason} at {err.start})") from err
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        step = self._check_text_model()
+        parts = []
+        for s in range(0, len(encoded), step):
+            # BYTES [n, 1]: one string per batch row (the model's dims are [1]); UTF-8 on the wire
+            data = np.array([[b] for b in encoded[s:s + step]], dtype=np.object_)
+            text_in = self._grpc.InferInput(TEXT_INPUT, list(data.shape), "BYTES")
+            text_in.set_data_from_numpy(data)
+            parts.append(self._request(self.cfg.text_model, [text_in], data.shape[0], f"{data.shape[0]} texts"))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ---------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

@@ -31,11 +31,12 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory):
-    """`TritonServer` serving minilm_python on free 127.0.0.1 ports, stopped at session end."""
+    """`TritonServer` serving minilm_python and the minilm_text ensemble (minilm_tokenizer, then that
+    same minilm_python) on free 127.0.0.1 ports, stopped at session end."""
     if UNAVAILABLE:
         skip_or_fail(f"tritonserver cannot run here: {UNAVAILABLE}")
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(models=["minilm_python"], log_file=log_file)
+    server = TritonServer(models=["minilm_python", "minilm_text"], log_file=log_file)
     server.start()
     yield server
     server.stop()

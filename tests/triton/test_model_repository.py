@@ -75,3 +75,25 @@ def test_exported_openvino_matches_config():
     out = model.output(0)
     assert "embedding" in out.get_names()
     assert out.get_partial_shape()[1].get_length() == export.DIM and out.get_partial_shape()[0].is_dynamic
+
+
+def test_text_ensemble_wires_tokenizer_into_embedding():
+    """minilm_text: BYTES text [batch, 1] -> minilm_tokenizer -> minilm_python -> embedding [batch, 384]."""
+    ens = load_config("minilm_text")
+    assert ens.platform == "ensemble" and (REPO / "minilm_text" / "1").is_dir()
+    assert [(i.name, i.data_type, list(i.dims)) for i in ens.input] == [("text", mc.TYPE_STRING, [1])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in ens.output] == [("embedding", mc.TYPE_FP32, [export.DIM])]
+    tok_step, emb_step = ens.ensemble_scheduling.step
+    assert (tok_step.model_name, emb_step.model_name) == ("minilm_tokenizer", "minilm_python")
+    assert dict(tok_step.input_map) == {"text": "text"}
+    # each tokenizer output feeds the embedding input of the same name
+    for name in ("input_ids", "attention_mask"):
+        assert tok_step.output_map[name] == emb_step.input_map[name]
+    assert dict(emb_step.output_map) == {"embedding": "embedding"}
+    tok, emb = load_config("minilm_tokenizer"), load_config("minilm_python")
+    assert tok.backend == "python" and (REPO / "minilm_tokenizer" / "1" / "model.py").is_file()
+    assert [(i.name, i.data_type) for i in tok.input] == [("text", mc.TYPE_STRING)]
+    assert tok.HasField("dynamic_batching") and emb.HasField("dynamic_batching")  # both steps batch
+    assert ens.max_batch_size <= min(tok.max_batch_size, emb.max_batch_size)
+    # one max length for both steps: the tokenizer cuts exactly where the embedding model stops
+    assert tok.parameters["max_seq_len"].string_value == emb.parameters["max_seq_len"].string_value

@@ -28,10 +28,25 @@ docs/triton.md.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+
+def _honour_pythonpath() -> None:
+    """Put $PYTHONPATH first on sys.path, as a normal interpreter would.
+
+    The Python backend's stub builds sys.path from the `python` on the server's PATH and drops
+    $PYTHONPATH (seen in the stub's sys.path: it keeps the variable but not its folders), so a
+    checkout run with PYTHONPATH=<checkout> would otherwise import the installed `hades_gpu`,
+    not its own. Both models of the minilm_text ensemble do this, so both run the same code.
+    """
+    for folder in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
 
 
 def _param(model_config: dict, key: str, default: str) -> str:
@@ -122,6 +137,7 @@ class TritonPythonModel:
     """Triton glue: config parsed once, one response per request, errors per request."""
 
     def initialize(self, args: dict) -> None:
+        _honour_pythonpath()
         self.model_config = config = json.loads(args["model_config"])
         self.model_name = args["model_name"]
         out_cfg = pb_utils.get_output_config_by_name(config, "embedding")

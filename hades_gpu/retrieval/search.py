@@ -1,0 +1,302 @@
+"""Ask an ingest output a question: the query's vector, the chunks nearest it, their place in the files.
+
+`Searcher` opens an output once (chunk table and vectors in memory, the graph and ISNE vectors on
+first use) and answers many queries; `search(output, query, k)` is the one-call form
+(`hades_gpu.search`). The query is embedded with the configured embedder (`embed_texts`: ingest's
+tokenizer rules, locally or through the `minilm_text` Triton ensemble), so query and chunk vectors
+come from the same model and rows.
+
+Ranking:
+  * first stage: the `search.candidates` (at least k) chunks nearest the query by cosine, from a
+    `CandidateSource` (exact scan today; an approximate index plugs in there for large outputs);
+  * ``expand=none``: those, best first;
+  * ``expand=graph``: the neighbours of the top-k seeds in the chunk graph (`edges.parquet`, either
+    direction) join the candidates, and each candidate scores
+    ``cosine + graph_weight * sum(edge weight * seed cosine over its edges to the seeds) / k`` — a
+    chunk linked to several strong hits (the next chunk of the same function, a module it imports)
+    moves up, and one the text alone missed can enter;
+  * ``expand=isne``: each candidate scores ``(1 - isne_weight) * cosine + isne_weight *
+    cosine(its ISNE vector, the mean ISNE vector of the top isne_seeds text hits)``: the graph
+    position of the best text hits pulls up chunks structurally close to them.
+
+Each hit carries its path, 1-based line range (from the chunk's character offsets in the source as
+ingested, `store.reader.chunk_source`; None when the file is gone or changed) and a snippet.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
+from hades_gpu.embedding.texts import embed_texts
+from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
+from hades_gpu.store.layout import edges_path
+from hades_gpu.store.reader import (SourceChangedError, chunk_source, embeddings_to_numpy, is_ingest_output, read_chunks,
+                                    read_isne_embeddings)
+
+CHUNK_COLUMNS = ("doc_id", "chunk_id", "path", "char_start", "char_end", "text", "embedding")
+
+
+class SearchError(ValueError):
+    """The output cannot answer this search (not an output, no chunks, no graph or ISNE vectors)."""
+
+
+@dataclass
+class Hit:
+    """One ranked chunk: where it is and why it ranked (score = final; cosine = text alone)."""
+
+    rank: int
+    score: float
+    cosine: float
+    chunk_id: str
+    doc_id: str
+    path: str
+    char_start: int
+    char_end: int
+    line_start: Optional[int]
+    line_end: Optional[int]
+    snippet: str
+    via: str = "text"  # text: a first-stage hit; graph: joined as a neighbour of a seed
+
+
+@dataclass
+class SearchResult:
+    query: str
+    k: int
+    expand: str
+    embedder: str
+    candidates: str  # the first stage's description
+    hits: list[Hit] = field(default_factory=list)
+    embed_ms: float = 0.0
+    rank_ms: float = 0.0  # candidates + re-ranking
+    locate_ms: float = 0.0  # line ranges and snippets
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def line_range(source: str, char_start: int, char_end: int) -> tuple[int, int]:
+    """1-based first and last line of ``source[char_start:char_end]`` (a trailing newline ends the
+    last line, it does not start another)."""
+    first = source.count("\n", 0, char_start) + 1
+    last_char = max(char_start, char_end - 1)
+    return first, source.count("\n", 0, last_char) + 1
+
+
+def snippet_of(text: str, limit: int) -> str:
+    """The chunk's text on one line (whitespace runs collapsed), cut to `limit` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: max(0, limit - 1)] + "…"
+
+
+class Searcher:
+    """An output opened for queries. Thread-safe for `search` once built (read-only state; the
+    embedder's `embed_texts` is thread-safe); the graph/ISNE tables load on first use.
+
+    Args:
+        output: an ingest output folder.
+        cfg: the job config (``search`` and ``embedder`` sections); default: conf/ defaults.
+        embedder: an embedder to reuse (the caller keeps owning it); default: built from ``cfg``.
+        candidates: a first stage to use instead of `candidate_source` (an ANN index).
+    """
+
+    def __init__(self, output: str | os.PathLike, cfg: Optional[PipelineConfig] = None, embedder: Any = None,
+                 candidates: Optional[CandidateSource] = None):
+        if cfg is None:
+            from hades_gpu.config import load_pipeline_config
+
+            cfg = load_pipeline_config()
+        self.output = os.fspath(output)
+        self.cfg: SearchConfig = cfg.search
+        self.max_seq_len = int(cfg.embedder.max_seq_len)
+        if not is_ingest_output(self.output):
+            raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
+        table = read_chunks(self.output, CHUNK_COLUMNS)
+        if table.num_rows == 0:
+            raise SearchError(f"{self.output} holds no chunks")
+        self.chunk_ids: list[str] = table.column("chunk_id").to_pylist()
+        self.doc_ids: list[str] = table.column("doc_id").to_pylist()
+        self.paths: list[str] = table.column("path").to_pylist()
+        self.starts = table.column("char_start").to_numpy()
+        self.ends = table.column("char_end").to_numpy()
+        self.texts: list[str] = table.column("text").to_pylist()
+        self.vectors = embeddings_to_numpy(table.column("embedding"))
+        self.row_of = {cid: i for i, cid in enumerate(self.chunk_ids)}
+        self.candidates = candidates if candidates is not None else candidate_source(self.output, self.vectors)
+        self._own_embedder = embedder is None
+        if embedder is None:
+            from hades_gpu.embedding.factory import build_embedder
+
+            embedder = build_embedder(cfg)
+        self.embedder = embedder
+        self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
+        self._graph: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # CSR: indptr, nbr rows, weights
+        self._isne: Optional[np.ndarray] = None  # (N, d) L2-normalised, 0 rows for chunks without one
+        self._sources: dict[str, Optional[str]] = {}
+
+    # ------------------------------------------------------------------------------ public
+    def search(self, query: str, k: Optional[int] = None, expand: Optional[str] = None) -> SearchResult:
+        """The top-k chunks for `query` (k and expand default to the ``search`` config)."""
+        return self.search_many([query], k, expand)[0]
+
+    def search_many(self, queries: Sequence[str], k: Optional[int] = None,
+                    expand: Optional[str] = None) -> list[SearchResult]:
+        """`search` for several queries, embedded in one call (each result's embed_ms is its share)."""
+        k = int(self.cfg.k if k is None else k)
+        expand = self.cfg.expand if expand is None else expand
+        if k < 1:
+            raise SearchError(f"k must be >= 1 (got {k})")
+        if expand not in SearchExpand.values():
+            raise SearchError(f"expand must be one of {'|'.join(SearchExpand.values())} (got {expand!r})")
+        queries = list(queries)
+        t0 = time.perf_counter()
+        qv = embed_texts(self.embedder, queries, self.max_seq_len)
+        embed_ms = (time.perf_counter() - t0) * 1000 / max(1, len(queries))
+        results = []
+        for query, vec in zip(queries, qv):
+            t1 = time.perf_counter()
+            ranked = self._rank(vec, k, expand)
+            t2 = time.perf_counter()
+            hits = [self._hit(r, row, score, cos, via) for r, (row, score, cos, via) in enumerate(ranked, 1)]
+            t3 = time.perf_counter()
+            results.append(SearchResult(
+                query=query, k=k, expand=expand, embedder=self.embedder_name, candidates=self.candidates.description,
+                hits=hits, embed_ms=embed_ms, rank_ms=(t2 - t1) * 1000, locate_ms=(t3 - t2) * 1000,
+                total_ms=embed_ms + (t3 - t1) * 1000))
+        return results
+
+    def close(self) -> None:
+        if self._own_embedder and self.embedder is not None:
+            self.embedder.close()
+        self.embedder = None
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ ranking
+    def _rank(self, qvec: np.ndarray, k: int, expand: str) -> list[tuple[int, float, float, str]]:
+        """(row, score, cosine, via) best first, at most k."""
+        n = max(k, self.cfg.candidates) if expand != SearchExpand.NONE else k
+        rows, cos = self.candidates.nearest(qvec[None, :], n)
+        rows, cos = rows[0], cos[0].astype(np.float64)
+        if expand == SearchExpand.GRAPH:
+            return self._graph_rerank(qvec, rows, cos, k)
+        if expand == SearchExpand.ISNE:
+            return self._isne_rerank(rows, cos, k)
+        return [(int(r), float(c), float(c), "text") for r, c in zip(rows, cos)]
+
+    def _graph_rerank(self, qvec: np.ndarray, rows: np.ndarray, cos: np.ndarray, k: int):
+        indptr, nbrs, weights = self._load_graph()
+        seeds, seed_cos = rows[:k], cos[:k]
+        support: dict[int, float] = {}
+        for s, sc in zip(seeds, seed_cos):
+            lo, hi = indptr[s], indptr[s + 1]
+            for nb, w in zip(nbrs[lo:hi], weights[lo:hi]):
+                support[int(nb)] = support.get(int(nb), 0.0) + float(w) * float(sc)
+        pool = dict.fromkeys(int(r) for r in rows)  # first stage, in order
+        joined = [nb for nb in support if nb not in pool]
+        cosine = {int(r): float(c) for r, c in zip(rows, cos)}
+        if joined:  # a neighbour the first stage missed: its exact cosine (vectors are in memory)
+            extra = self.vectors[joined] @ (qvec / max(float(np.linalg.norm(qvec)), 1e-12))
+            norms = np.linalg.norm(self.vectors[joined], axis=1)
+            cosine.update({nb: float(c / n) if n > 0 else 0.0 for nb, c, n in zip(joined, extra, norms)})
+        scored = [(r, cosine[r] + self.cfg.graph_weight * support.get(r, 0.0) / k, cosine[r],
+                   "text" if r in pool else "graph") for r in [*pool, *joined]]
+        scored.sort(key=lambda t: (-t[1], t[0]))
+        return scored[:k]
+
+    def _isne_rerank(self, rows: np.ndarray, cos: np.ndarray, k: int):
+        isne = self._load_isne()
+        seeds = rows[: self.cfg.isne_seeds]
+        centre = isne[seeds].mean(axis=0)
+        norm = float(np.linalg.norm(centre))
+        structural = isne[rows] @ (centre / norm) if norm > 0 else np.zeros(len(rows))
+        w = self.cfg.isne_weight
+        scored = [(int(r), (1 - w) * float(c) + w * float(s), float(c), "text") for r, c, s in zip(rows, cos, structural)]
+        scored.sort(key=lambda t: (-t[1], t[0]))
+        return scored[:k]
+
+    def _load_graph(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._graph is None:
+            path = edges_path(self.output)
+            if not path.is_file():
+                raise SearchError(f"{self.output} has no chunk graph ({path.name}): run hades-isne output={self.output} "
+                                  f"first, or search without --expand graph")
+            t = pq.read_table(path, columns=["src_chunk_id", "dst_chunk_id", "weight"])
+            src = np.array([self.row_of.get(c, -1) for c in t.column("src_chunk_id").to_pylist()], dtype=np.int64)
+            dst = np.array([self.row_of.get(c, -1) for c in t.column("dst_chunk_id").to_pylist()], dtype=np.int64)
+            w = t.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+            ok = (src >= 0) & (dst >= 0) & (src != dst)  # edges to chunks no longer committed are skipped
+            # both directions: a seed's predecessor is as much its neighbour as its successor
+            a = np.concatenate([src[ok], dst[ok]])
+            b = np.concatenate([dst[ok], src[ok]])
+            ww = np.concatenate([w[ok], w[ok]])
+            order = np.argsort(a, kind="stable")
+            indptr = np.zeros(len(self.chunk_ids) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(a, minlength=len(self.chunk_ids)), out=indptr[1:])
+            self._graph = (indptr, b[order], ww[order])
+        return self._graph
+
+    def _load_isne(self) -> np.ndarray:
+        if self._isne is None:
+            ids, vecs = read_isne_embeddings(self.output)
+            if not ids:
+                raise SearchError(f"{self.output} has no ISNE vectors (isne/embeddings-*.parquet): run "
+                                  f"hades-isne output={self.output} first, or search without --expand isne")
+            out = np.zeros((len(self.chunk_ids), vecs.shape[1]), dtype=np.float32)
+            for cid, v in zip(ids, vecs):  # later files win, as read_isne_embeddings orders them
+                row = self.row_of.get(cid)
+                if row is not None:
+                    out[row] = v
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            self._isne = out / np.where(norms > 0, norms, 1.0)
+        return self._isne
+
+    # ------------------------------------------------------------------------------ hits
+    def _source(self, doc_id: str) -> Optional[str]:
+        if doc_id not in self._sources:
+            try:
+                self._sources[doc_id] = chunk_source(self.output, doc_id)
+            except (OSError, KeyError, SourceChangedError):
+                self._sources[doc_id] = None  # the hit keeps its offsets; its lines are unknown
+        return self._sources[doc_id]
+
+    def _hit(self, rank: int, row: int, score: float, cosine: float, via: str) -> Hit:
+        start, end = int(self.starts[row]), int(self.ends[row])
+        source = self._source(self.doc_ids[row])
+        lines = line_range(source, start, end) if source is not None else (None, None)
+        return Hit(rank=rank, score=score, cosine=cosine, chunk_id=self.chunk_ids[row], doc_id=self.doc_ids[row],
+                   path=self.paths[row], char_start=start, char_end=end, line_start=lines[0], line_end=lines[1],
+                   snippet=snippet_of(self.texts[row], self.cfg.snippet_chars), via=via)
+
+
+def search(output: str | os.PathLike, query: str, k: Optional[int] = None, *, expand: Optional[str] = None,
+           embedder: str = "", cfg: Optional[PipelineConfig] = None) -> SearchResult:
+    """One query against an output: `Searcher(output).search(query, k)`, embedder built and closed here.
+
+    Args:
+        embedder: ``local`` or ``triton`` (default: the config's ``embedder.name``).
+        cfg: the config (default: conf/ defaults).
+    """
+    import dataclasses
+
+    from hades_gpu.config import load_pipeline_config
+
+    cfg = cfg or load_pipeline_config()
+    if embedder:
+        cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, name=embedder))
+    with Searcher(output, cfg) as searcher:
+        return searcher.search(query, k, expand)
+
+
+__all__ = ["Hit", "SearchError", "SearchResult", "Searcher", "line_range", "search", "snippet_of"]

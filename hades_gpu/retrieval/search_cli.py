@@ -1,0 +1,81 @@
+"""`hades-search <output> "query" [-k 10] [--embedder local|triton] [--expand graph|isne] [--json]`.
+
+argparse, like `hades-serve`: a query is one short command, not a Hydra job (no run folder). Any
+other setting comes from conf/ as `key=value` overrides after the query (``search.graph_weight=0.5``,
+``embedder.url=127.0.0.1:18001``), read by `load_pipeline_config` as every command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from hades_gpu.config import ConfigError, SearchExpand
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (`hades-search: error: ...`, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def format_hits(result) -> str:
+    """The human form: one header line per hit (rank, score, path:lines) and its snippet."""
+    out = [f"{len(result.hits)} hits for {result.query!r} ({result.candidates}, expand={result.expand}, "
+           f"embedder {result.embedder})"]
+    for h in result.hits:
+        lines = f"{h.line_start}-{h.line_end}" if h.line_start is not None else "?"
+        extra = f"  cosine {h.cosine:.4f}" if h.score != h.cosine else ""
+        via = "  via graph" if h.via == "graph" else ""
+        out.append(f"{h.rank:>3}. {h.score:.4f}{extra}{via}  {h.path}:{lines}  [{h.chunk_id}]")
+        if h.snippet:
+            out.append(f"     {h.snippet}")
+    out.append(f"latency: {result.total_ms:.1f} ms per query (embed {result.embed_ms:.1f} ms, "
+               f"rank {result.rank_ms:.1f} ms, lines+snippets {result.locate_ms:.1f} ms)")
+    return "\n".join(out)
+
+
+def search_cli(argv: Optional[list[str]] = None) -> int:
+    """Exit 0 with the hits; 2 with one line on bad arguments, a bad config or an output that cannot
+    answer (not an output, no graph for --expand graph); 1 with one line when the embedder fails."""
+    parser = _OneLineParser(prog="hades-search", description="Top-k chunks of an ingest output for a query.")
+    parser.add_argument("output", help="an ingest output folder")
+    parser.add_argument("query", help="the question, as text")
+    parser.add_argument("overrides", nargs="*", help="conf/ overrides, key=value (e.g. search.graph_weight=0.5)")
+    parser.add_argument("-k", type=int, default=None, help="hits to return (default: search.k, 10)")
+    parser.add_argument("--embedder", choices=("local", "triton"), default=None,
+                        help="embed the query in-process or on a Triton server (minilm_text; embedder.url=...)")
+    parser.add_argument("--expand", choices=tuple(e for e in SearchExpand.values() if e != "none"), default=None,
+                        help="re-rank through the chunk graph or the ISNE vectors (default: search.expand)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.embedding.base import EmbedderError
+    from hades_gpu.optional import MissingDependencyError
+    from hades_gpu.retrieval.search import SearchError, Searcher
+
+    overrides = list(args.overrides)
+    if args.embedder:
+        overrides.insert(0, f"embedder={args.embedder}")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        parser.error(f"overrides must be key=value (got {bad[0]!r})")
+    try:
+        cfg = load_pipeline_config(overrides=overrides)
+        with Searcher(args.output, cfg) as searcher:
+            result = searcher.search(args.query, args.k, args.expand)
+    except (ConfigError, SearchError) as err:
+        print(f"hades-search: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # a damaged output: committed parts missing
+        print(f"hades-search: error: {err}", file=sys.stderr)
+        return 2
+    except (EmbedderError, MissingDependencyError) as err:
+        print(f"hades-search: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else format_hits(result))
+    return 0
