@@ -1,0 +1,398 @@
+"""Approximate cosine nearest neighbours on FAISS (CPU): the kNN edges of a large corpus, and a saved
+index that a query can search later.
+
+Exact blocked search (`graph.knn`) costs O(N^2 D): about an hour at 10^6 chunks on two cores. Above
+`graph.knn_exact_max_nodes` the kNN edges come from an inverted-file index instead (FAISS
+``IndexIVFFlat``, inner product on L2-normalised float32 vectors = cosine): k-means with `nlist`
+centroids (default ``4 sqrt(N)``) trained on a sample, every vector stored uncompressed in the list of
+its nearest centroid, and a query scans only the `nprobe` lists nearest to it. IVF-Flat and not HNSW:
+on this box's two cores an HNSW graph over 10^6 x 384 takes longer to build than the whole IVF
+pipeline (benchmarks/knn_bench.py), and IVF's accuracy knob (`nprobe`) can be raised after the build
+without rebuilding anything.
+
+Recall is measured, not assumed: on `graph.knn_recall_sample` random rows, the approximate top-k is
+compared with exact search (a (sample, N) matrix product, cheap), and `nprobe` is doubled until
+recall@k >= `graph.knn_target_recall` or `graph.knn_max_nprobe` is reached (one warning line then).
+Recall counts an approximate neighbour as a hit when its similarity is at least the exact k-th
+similarity (so ties between equally similar neighbours are not misses).
+
+The index is written to ``<output>/index/`` (`store.layout`): ``knn.faiss`` (FAISS's own format),
+``knn-ids.parquet`` (the chunk id of each FAISS id, in order) and ``knn.json`` (index type, metric,
+nlist, nprobe, measured recall, the embeddings' content fingerprint and the checksum of both files).
+A fingerprint that differs from the current embeddings (stale) or a file whose checksum does not match
+(damaged) is reported in one line and the index rebuilt; a loaded index never answers from the wrong
+vectors.
+
+FAISS is imported lazily (inside the functions), so small corpora that stay on exact search never load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hades_gpu.config import GraphConfig
+from hades_gpu.store.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_with, file_checksum
+from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METRIC = "inner_product_l2_normalised"  # = cosine similarity
+_SEARCH_ROWS = 65536  # query rows per FAISS call: bounds the (rows, k) result buffers, not a tunable
+_EXACT_COLUMNS = 32768  # columns per block of the exact recall check: bounds one (sample, cols) block
+
+
+class IndexUnusable(Exception):
+    """A saved index that must not be used (missing, stale, damaged, other parameters): the reason."""
+
+
+def faiss_threads(cfg: GraphConfig) -> int:
+    """`graph.knn_threads`, or (0) every core this process may run on."""
+    if cfg.knn_threads > 0:
+        return int(cfg.knn_threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _faiss(threads: int):
+    import faiss  # lazy: only the ANN path loads FAISS
+
+    faiss.omp_set_num_threads(int(threads))
+    return faiss
+
+
+def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (float32, C-contiguous) and the mask of non-zero rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    valid = norms > 0
+    out = np.zeros_like(x)
+    out[valid] = x[valid] / norms[valid, None]
+    return out, valid
+
+
+def fingerprint(chunk_ids: np.ndarray, embeddings: np.ndarray) -> str:
+    """blake2b of the chunk ids (in order) and the raw float32 embedding bytes: what the index is of."""
+    h = hashlib.blake2b(digest_size=20)
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    h.update(f"{x.shape[0]}x{x.shape[1] if x.ndim == 2 else 0}\n".encode())
+    h.update("\n".join(map(str, chunk_ids.tolist())).encode())
+    h.update(memoryview(x).cast("B"))
+    return f"blake2b:{h.hexdigest()}"
+
+
+def auto_nlist(n: int, cfg: GraphConfig) -> int:
+    """`graph.knn_nlist`, or 4 sqrt(n); at most n / `graph.knn_train_per_list` (k-means needs points)."""
+    nlist = cfg.knn_nlist if cfg.knn_nlist > 0 else int(round(4 * math.sqrt(max(n, 1))))
+    return int(max(1, min(nlist, n // max(cfg.knn_train_per_list, 1))))
+
+
+def _params(cfg: GraphConfig, n: int) -> dict[str, Any]:
+    """What the built index depends on besides the vectors: a saved index with other values is rebuilt."""
+    return {"nlist": auto_nlist(n, cfg), "train_per_list": cfg.knn_train_per_list,
+            "train_iterations": cfg.knn_train_iterations, "seed": cfg.knn_seed}
+
+
+@dataclass
+class AnnInfo:
+    """What the build measured; the JSON beside the index and the graph metrics carry it."""
+
+    index_type: str = ""
+    metric: str = METRIC
+    n_rows: int = 0  # rows given (zero vectors included)
+    n_vectors: int = 0  # rows in the index (non-zero)
+    dim: int = 0
+    nlist: int = 0
+    nprobe: int = 0
+    k: int = 0  # neighbours the recall was measured at
+    recall_at_k: float = float("nan")
+    recall_sample: int = 0
+    target_recall: float = 0.0
+    target_met: bool = False
+    threads: int = 0
+    reused: bool = False  # loaded from <output>/index instead of built
+    seconds: dict[str, float] = field(default_factory=dict)  # train, add, tune, load, save, search
+
+
+class AnnIndex:
+    """An IVF-Flat cosine index over the non-zero rows of (N, D) embeddings.
+
+    FAISS ids are row positions into `chunk_ids`; zero rows are not in the index (never a neighbour).
+    """
+
+    def __init__(self, index: Any, chunk_ids: np.ndarray, info: AnnInfo, fingerprint: str, params: dict[str, Any]):
+        self.index = index
+        self.chunk_ids = chunk_ids
+        self.info = info
+        self.fingerprint = fingerprint
+        self.params = params
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.index.nprobe = int(max(1, min(value, self.index.nlist)))
+        self.info.nprobe = int(self.index.nprobe)
+
+    # ------------------------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
+              fp: Optional[str] = None, normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> "AnnIndex":
+        """Train on a sample, add every non-zero row. `fp`: the embeddings' fingerprint when known;
+        `normalised`: `normalise(embeddings)` when the caller has it (one copy of N x D, not two)."""
+        threads = faiss_threads(cfg)
+        faiss = _faiss(threads)
+        x, valid = normalised if normalised is not None else normalise(embeddings)
+        n, d = x.shape
+        rows = np.flatnonzero(valid).astype(np.int64)
+        params = _params(cfg, len(rows))
+        nlist = params["nlist"]
+        info = AnnInfo(index_type=f"IVF{nlist},Flat", n_rows=n, n_vectors=len(rows), dim=d, nlist=nlist,
+                       threads=threads)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = int(cfg.knn_train_iterations)
+        index.cp.seed = int(cfg.knn_seed)
+        rng = np.random.default_rng(cfg.knn_seed)
+        n_train = min(len(rows), nlist * max(cfg.knn_train_per_list, 1))
+        index.cp.max_points_per_centroid = max(cfg.knn_train_per_list, 1)  # FAISS would subsample again
+        t = time.perf_counter()
+        if len(rows):
+            sample = np.sort(rng.choice(rows, size=n_train, replace=False))
+            index.train(x[sample])
+        info.seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for r0 in range(0, len(rows), _SEARCH_ROWS):
+            part = rows[r0:r0 + _SEARCH_ROWS]
+            index.add_with_ids(x[part], part)
+        info.seconds["add"] = time.perf_counter() - t
+        index.nprobe = int(max(1, min(cfg.knn_nprobe, nlist)))
+        info.nprobe = int(index.nprobe)
+        return cls(index, np.asarray(chunk_ids, dtype=object), info,
+                   fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
+
+    # ------------------------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` rows by cosine for each query (normalised here; a zero query gets none).
+
+        Returns:
+            (ids, sims): int64 (q, k) row positions into `chunk_ids` (-1 = no neighbour) and float32
+            (q, k) cosine similarities (-inf where ids is -1), best first.
+        """
+        q, valid = normalise(np.atleast_2d(queries))
+        ids = np.full((q.shape[0], k), -1, np.int64)
+        sims = np.full((q.shape[0], k), -np.inf, np.float32)
+        if k < 1 or self.index.ntotal == 0:
+            return ids, sims
+        for r0 in range(0, q.shape[0], _SEARCH_ROWS):
+            r1 = min(r0 + _SEARCH_ROWS, q.shape[0])
+            d, i = self.index.search(q[r0:r1], k)
+            ids[r0:r1], sims[r0:r1] = i, np.where(i >= 0, d, -np.inf)
+        ids[~valid] = -1
+        sims[~valid] = -np.inf
+        return ids, sims
+
+    def search_chunk_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search`, with chunk ids (object (q, k), None where there is no neighbour) for row positions."""
+        ids, sims = self.search(queries, k)
+        out = np.full(ids.shape, None, dtype=object)
+        out[ids >= 0] = self.chunk_ids[ids[ids >= 0]]
+        return out, sims
+
+    # ------------------------------------------------------------------------------------ recall
+    def tune(self, embeddings: np.ndarray, k: int, cfg: GraphConfig,
+             normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> float:
+        """Measure recall@k on a row sample against exact search; double nprobe until the target."""
+        t = time.perf_counter()
+        x, valid = normalised if normalised is not None else normalise(embeddings)
+        rows = np.flatnonzero(valid)
+        k = min(k, len(rows) - 1)
+        self.info.k, self.info.target_recall = int(k), float(cfg.knn_target_recall)
+        if k < 1:
+            self.info.recall_at_k, self.info.target_met = 1.0, True
+            return 1.0
+        rng = np.random.default_rng(cfg.knn_seed + 1)
+        sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
+        kth = exact_kth_similarity(x, valid, sample, k)
+        cap = int(min(max(cfg.knn_max_nprobe, 1), self.index.nlist))
+        while True:
+            recall = self.recall_against(x[sample], sample, kth, k)
+            if recall >= cfg.knn_target_recall or self.nprobe >= cap:
+                break
+            self.nprobe = min(self.nprobe * 2, cap)
+        self.info.recall_at_k, self.info.recall_sample = float(recall), int(len(sample))
+        self.info.target_met = bool(recall >= cfg.knn_target_recall)
+        if not self.info.target_met:
+            log.warning("kNN index: recall@%d %.3f is below graph.knn_target_recall %.3f at the cap "
+                        "graph.knn_max_nprobe=%d (nlist %d); the kNN edges are built with it", k, recall,
+                        cfg.knn_target_recall, cap, self.index.nlist)
+        self.info.seconds["tune"] = time.perf_counter() - t
+        return float(recall)
+
+    def recall_against(self, queries: np.ndarray, rows: np.ndarray, kth: np.ndarray, k: int) -> float:
+        """Mean fraction of the approximate top-k (self excluded) at least as similar as the exact k-th."""
+        ids, sims = self.search(queries, k + 1)
+        not_self = (ids != rows[:, None]) & (ids >= 0)
+        # the first k non-self answers of each row
+        rank = np.cumsum(not_self, axis=1)
+        first_k = not_self & (rank <= k)
+        hits = first_k & (sims >= kth[:, None] - 1e-5)
+        return float(hits.sum() / (k * len(rows)))
+
+    # ------------------------------------------------------------------------------------ save / load
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """Write knn.faiss, knn-ids.parquet, then knn.json (last: it vouches for the other two)."""
+        t = time.perf_counter()
+        faiss = _faiss(self.info.threads or 1)
+        out = Path(output_dir)
+        ipath, idpath, mpath = knn_index_path(out), knn_index_ids_path(out), knn_index_meta_path(out)
+        atomic_write_with(ipath, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        rec = atomic_write_parquet(pa.table({"chunk_id": pa.array(self.chunk_ids.tolist(), pa.string())}), idpath)
+        self.info.seconds["save"] = time.perf_counter() - t
+        meta = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params,
+                "index_checksum": file_checksum(ipath), "ids_checksum": rec.checksum, **asdict(self.info)}
+        meta.pop("reused", None)
+        atomic_write_bytes(mpath, json.dumps(meta, indent=2).encode())
+        return ipath
+
+    @classmethod
+    def load(cls, output_dir: str | os.PathLike, threads: int = 1, expect_fingerprint: Optional[str] = None,
+             expect_params: Optional[dict[str, Any]] = None) -> "AnnIndex":
+        """Read a saved index; `IndexUnusable` (with the reason) if missing, damaged, stale or other params."""
+        t = time.perf_counter()
+        out = Path(output_dir)
+        ipath, idpath, mpath = knn_index_path(out), knn_index_ids_path(out), knn_index_meta_path(out)
+        if not mpath.is_file():
+            raise IndexUnusable(f"no kNN index at {mpath.parent}")
+        try:
+            meta = json.loads(mpath.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise IndexUnusable(f"{mpath} is format {meta.get('format_version')!r}, not {FORMAT_VERSION}")
+            fp = meta["fingerprint"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise IndexUnusable(f"{mpath} is damaged ({type(err).__name__}: {err})") from err
+        if expect_fingerprint is not None and fp != expect_fingerprint:
+            raise IndexUnusable(f"{mpath.parent} is stale: it indexes other embeddings than the output's chunks")
+        if expect_params is not None and meta.get("params") != expect_params:
+            raise IndexUnusable(f"{mpath.parent} was built with {meta.get('params')}, not {expect_params}")
+        for path, key in ((ipath, "index_checksum"), (idpath, "ids_checksum")):
+            if not path.is_file():
+                raise IndexUnusable(f"{path} is missing")
+            if file_checksum(path) != meta.get(key):
+                raise IndexUnusable(f"{path} is damaged (its checksum does not match {mpath.name})")
+        faiss = _faiss(threads)
+        try:
+            index = faiss.read_index(str(ipath))
+        except RuntimeError as err:
+            raise IndexUnusable(f"{ipath} is damaged ({str(err).splitlines()[0]})") from err
+        chunk_ids = np.asarray(pq.read_table(idpath).column("chunk_id").to_pylist(), dtype=object)
+        known = {f.name for f in AnnInfo.__dataclass_fields__.values()}
+        info = AnnInfo(**{k: v for k, v in meta.items() if k in known})
+        info.reused, info.threads = True, int(threads)
+        info.seconds = {"load": time.perf_counter() - t}
+        index.nprobe = int(info.nprobe or 1)
+        return cls(index, chunk_ids, info, fp, meta.get("params", {}))
+
+
+def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None) -> AnnIndex:
+    """The saved kNN index of an output, for querying (`IndexUnusable` if absent or damaged).
+
+    Staleness against the output's current chunks is the caller's check (`AnnIndex.fingerprint` vs
+    `fingerprint(chunk_ids, embeddings)`); `open_or_build` does it.
+    """
+    return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()))
+
+
+def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: GraphConfig,
+                  output_dir: Optional[str | os.PathLike] = None) -> AnnIndex:
+    """The index of these embeddings: the one saved in `output_dir` if it is theirs and still meets
+    the target recall at `k`; else built, tuned and (with `output_dir`) saved."""
+    chunk_ids = np.asarray(chunk_ids, dtype=object)
+    t = time.perf_counter()
+    fp = fingerprint(chunk_ids, embeddings)
+    fp_s = time.perf_counter() - t
+    x, valid = normalise(embeddings)
+    if output_dir is not None and knn_index_meta_path(Path(output_dir)).exists():
+        try:
+            idx = AnnIndex.load(output_dir, threads=faiss_threads(cfg), expect_fingerprint=fp,
+                                expect_params=_params(cfg, int(valid.sum())))
+            if idx.info.k == min(k, int(valid.sum()) - 1) and idx.info.recall_at_k >= cfg.knn_target_recall:
+                idx.info.seconds["fingerprint"] = fp_s
+                return idx
+            log.info("kNN index in %s: measured at k=%d, recall %.3f; re-tuning for k=%d, target %.3f",
+                     output_dir, idx.info.k, idx.info.recall_at_k, k, cfg.knn_target_recall)
+            idx.tune(embeddings, k, cfg, normalised=(x, valid))
+            idx.save(output_dir)
+            idx.info.seconds["fingerprint"] = fp_s
+            return idx
+        except IndexUnusable as err:
+            log.warning("kNN index: %s; rebuilding it", err)
+    idx = AnnIndex.build(chunk_ids, embeddings, cfg, fp=fp, normalised=(x, valid))
+    idx.tune(embeddings, k, cfg, normalised=(x, valid))
+    if output_dir is not None:
+        idx.save(output_dir)
+    idx.info.seconds["fingerprint"] = fp_s
+    return idx
+
+
+def exact_kth_similarity(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Exact k-th largest cosine of each of `rows` over all valid rows but itself (x normalised).
+
+    Blocked over columns with a running top-k, so memory is one (len(rows), block) matrix.
+    """
+    q = x[rows]
+    best = np.full((len(rows), k), -np.inf, np.float32)
+    cols_all = np.flatnonzero(valid)
+    for c0 in range(0, len(cols_all), _EXACT_COLUMNS):
+        cols = cols_all[c0:c0 + _EXACT_COLUMNS]
+        s = q @ x[cols].T  # (S, C)
+        s[rows[:, None] == cols[None, :]] = -np.inf  # self
+        cand = np.concatenate([best, s], axis=1)
+        best = -np.partition(-cand, k - 1, axis=1)[:, :k]
+    return best.min(axis=1)
+
+
+def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kNN edges of every row from `index` (built over the same rows): the `knn_blocked` contract.
+
+    Returns:
+        (src, dst, sim): int64, int64, float32 (M,), self excluded, sim >= threshold, zero rows
+        without neighbours; sorted by src, similarity descending, dst ascending.
+    """
+    t = time.perf_counter()
+    n = embeddings.shape[0]
+    k = min(k, n - 1)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if k < 1:
+        return empty
+    srcs, dsts, sims = [], [], []
+    for r0 in range(0, n, _SEARCH_ROWS):
+        r1 = min(r0 + _SEARCH_ROWS, n)
+        ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
+        rows = np.arange(r0, r1, dtype=np.int64)[:, None]
+        keep = (ids >= 0) & (ids != rows)
+        # several exact duplicates may push the row itself out: keep at most k others per row
+        keep &= np.cumsum(keep, axis=1) <= k
+        keep &= sim >= threshold
+        srcs.append(np.broadcast_to(rows, ids.shape)[keep])
+        dsts.append(ids[keep])
+        sims.append(sim[keep].astype(np.float32))
+    src, dst, sim = np.concatenate(srcs), np.concatenate(dsts), np.concatenate(sims)
+    order = np.lexsort((dst, -sim, src))
+    index.info.seconds["search"] = time.perf_counter() - t
+    return src[order], dst[order], sim[order]
