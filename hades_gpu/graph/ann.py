@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METRIC = "inner_product_l2_normalised"  # = cosine similarity
 _SEARCH_ROWS = 65536  # query rows per FAISS call: bounds the (rows, k) result buffers, not a tunable
+_PROBE_HEADROOM = 4  # the build keeps each row's knn_nprobe * 4 nearest lists for the kNN search
 _EXACT_COLUMNS = 32768  # columns per block of the exact recall check: bounds one (sample, cols) block
 
 
@@ -140,6 +141,8 @@ class AnnIndex:
         self.info = info
         self.fingerprint = fingerprint
         self.params = params
+        # int32 (N, P): the P nearest lists of each indexed row, kept from the build for `knn_ann`
+        self.assignment: Optional[np.ndarray] = None
 
     @property
     def nprobe(self) -> int:
@@ -176,15 +179,28 @@ class AnnIndex:
             sample = np.sort(rng.choice(rows, size=n_train, replace=False))
             index.train(x[sample])
         info.seconds["train"] = time.perf_counter() - t
+        log.info("kNN index: k-means of %d lists trained on %d rows in %.1f s", nlist, n_train, info.seconds["train"])
         t = time.perf_counter()
+        # One coarse pass for both the add (nearest list) and the all-rows kNN search (nearest
+        # `probes` lists): the (N, nlist) centroid product is the largest single cost at 10^6 rows.
+        probes = int(min(nlist, max(cfg.knn_nprobe, 1) * _PROBE_HEADROOM))
+        assign = np.empty((n, probes), np.int32)
         for r0 in range(0, len(rows), _SEARCH_ROWS):
             part = rows[r0:r0 + _SEARCH_ROWS]
-            index.add_with_ids(x[part], part)
+            xp = x[part]
+            _, lists = index.quantizer.search(xp, probes)
+            assign[part] = lists
+            ids = np.ascontiguousarray(part, dtype=np.int64)  # named: swig_ptr does not keep its array alive
+            nearest = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+            index.add_core(len(part), faiss.swig_ptr(xp), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
         info.seconds["add"] = time.perf_counter() - t
+        log.info("kNN index: %d vectors added in %.1f s", len(rows), info.seconds["add"])
         index.nprobe = int(max(1, min(cfg.knn_nprobe, nlist)))
         info.nprobe = int(index.nprobe)
-        return cls(index, np.asarray(chunk_ids, dtype=object), info,
-                   fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
+        built = cls(index, np.asarray(chunk_ids, dtype=object), info,
+                    fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
+        built.assignment = assign
+        return built
 
     # ------------------------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +399,7 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -
     srcs, dsts, sims = [], [], []
     for r0 in range(0, n, _SEARCH_ROWS):
         r1 = min(r0 + _SEARCH_ROWS, n)
-        ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
+        ids, sim = _search_rows(index, embeddings, r0, r1, k + 1)  # one extra: the row itself
         rows = np.arange(r0, r1, dtype=np.int64)[:, None]
         keep = (ids >= 0) & (ids != rows)
         # several exact duplicates may push the row itself out: keep at most k others per row
@@ -396,3 +412,17 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -
     order = np.lexsort((dst, -sim, src))
     index.info.seconds["search"] = time.perf_counter() - t
     return src[order], dst[order], sim[order]
+
+
+def _search_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` of rows r0:r1 of the indexed embeddings, reusing the build's coarse assignment
+    when it covers the tuned nprobe (the same lists FAISS would pick: the quantizer is deterministic)."""
+    a = index.assignment
+    if a is None or a.shape[1] < index.nprobe or a.shape[0] != embeddings.shape[0]:
+        return index.search(embeddings[r0:r1], k)
+    q, valid = normalise(embeddings[r0:r1])
+    lists = np.ascontiguousarray(a[r0:r1, :index.nprobe], dtype=np.int64)
+    lists[~valid] = -1  # zero rows: no list, no answer
+    d, i = index.index.search_preassigned(q, k, lists, np.zeros(lists.shape, np.float32))
+    i = np.where(valid[:, None], i, -1)
+    return i, np.where(i >= 0, d, -np.inf).astype(np.float32)
