@@ -173,7 +173,8 @@ class AnnIndex:
         index.cp.seed = int(cfg.knn_seed)
         rng = np.random.default_rng(cfg.knn_seed)
         n_train = min(len(rows), nlist * max(cfg.knn_train_per_list, 1))
-        index.cp.max_points_per_centroid = max(cfg.knn_train_per_list, 1)  # FAISS would subsample again
+        # the sample is drawn here: FAISS must neither subsample it again nor warn that it is small
+        index.cp.max_points_per_centroid = index.cp.min_points_per_centroid = max(cfg.knn_train_per_list, 1)
         t = time.perf_counter()
         if len(rows):
             sample = np.sort(rng.choice(rows, size=n_train, replace=False))
@@ -248,6 +249,7 @@ class AnnIndex:
         cap = int(min(max(cfg.knn_max_nprobe, 1), self.index.nlist))
         while True:
             recall = self.recall_against(x[sample], sample, kth, k)
+            log.debug("kNN index: recall@%d %.4f at nprobe %d", k, recall, self.nprobe)
             if recall >= cfg.knn_target_recall or self.nprobe >= cap:
                 break
             self.nprobe = min(self.nprobe * 2, cap)
@@ -258,6 +260,8 @@ class AnnIndex:
                         "graph.knn_max_nprobe=%d (nlist %d); the kNN edges are built with it", k, recall,
                         cfg.knn_target_recall, cap, self.index.nlist)
         self.info.seconds["tune"] = time.perf_counter() - t
+        log.info("kNN index: recall@%d %.3f on %d sampled rows at nprobe %d (%.1f s)", k, recall, len(sample),
+                 self.nprobe, self.info.seconds["tune"])
         return float(recall)
 
     def recall_against(self, queries: np.ndarray, rows: np.ndarray, kth: np.ndarray, k: int) -> float:
