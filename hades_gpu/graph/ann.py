@@ -104,8 +104,16 @@ def auto_nlist(n: int, cfg: GraphConfig) -> int:
 
 def _params(cfg: GraphConfig, n: int) -> dict[str, Any]:
     """What the built index depends on besides the vectors: a saved index with other values is rebuilt."""
-    return {"nlist": auto_nlist(n, cfg), "train_per_list": cfg.knn_train_per_list,
-            "train_iterations": cfg.knn_train_iterations, "seed": cfg.knn_seed}
+    return {"nlist": auto_nlist(n, cfg), "index": cfg.knn_index, "refine_factor": cfg.knn_refine_factor,
+            "train_per_list": cfg.knn_train_per_list, "train_iterations": cfg.knn_train_iterations,
+            "seed": cfg.knn_seed}
+
+
+def index_spec(cfg: GraphConfig, nlist: int, dim: int) -> str:
+    """`graph.knn_index` with {nlist} and {pq_m} (dim / 4: 4-bit fast-scan codes of 4 dims each) filled."""
+    if "{pq_m}" in cfg.knn_index and dim % 4:
+        raise ValueError(f"graph.knn_index {cfg.knn_index!r} needs a dimension divisible by 4 (got {dim})")
+    return cfg.knn_index.format(nlist=nlist, pq_m=dim // 4)
 
 
 @dataclass
@@ -132,7 +140,8 @@ class AnnInfo:
 class AnnIndex:
     """An IVF-Flat cosine index over the non-zero rows of (N, D) embeddings.
 
-    FAISS ids are row positions into `chunk_ids`; zero rows are not in the index (never a neighbour).
+    Zero rows are not in the index (never a neighbour): FAISS id j is `chunk_ids[j]`, the j-th
+    non-zero row (`rows[j]` of the embeddings it was built from, when built or reopened by `open_or_build`).
     """
 
     def __init__(self, index: Any, chunk_ids: np.ndarray, info: AnnInfo, fingerprint: str, params: dict[str, Any]):
@@ -141,17 +150,46 @@ class AnnIndex:
         self.info = info
         self.fingerprint = fingerprint
         self.params = params
-        # int32 (N, P): the P nearest lists of each indexed row, kept from the build for `knn_ann`
+        # int32 (N, P): the P nearest lists of each input row, kept from the build for `knn_ann`
         self.assignment: Optional[np.ndarray] = None
+        # int64 (M,): FAISS id -> row of the embeddings the index was built from (for `knn_ann`)
+        self.rows: Optional[np.ndarray] = None
+
+    @property
+    def ivf(self) -> Any:
+        import faiss
+
+        return faiss.extract_index_ivf(self.index)
+
+    @property
+    def nlist(self) -> int:
+        return int(self.ivf.nlist)
 
     @property
     def nprobe(self) -> int:
-        return int(self.index.nprobe)
+        return int(self.ivf.nprobe)
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self.index.nprobe = int(max(1, min(value, self.index.nlist)))
-        self.info.nprobe = int(self.index.nprobe)
+        """Lists scanned per query (and, for an HNSW quantizer, its efSearch to find that many)."""
+        import faiss
+
+        ivf = self.ivf
+        ivf.nprobe = int(max(1, min(value, ivf.nlist)))
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):
+            quantizer.hnsw.efSearch = max(int(quantizer.hnsw.efSearch), 2 * int(ivf.nprobe))
+        self.info.nprobe = int(ivf.nprobe)
+
+    @property
+    def refine_factor(self) -> int:
+        return int(getattr(self.index, "k_factor", 1))
+
+    @refine_factor.setter
+    def refine_factor(self, value: int) -> None:
+        """Candidates re-ranked with the exact vectors per answer (IndexRefine only)."""
+        if hasattr(self.index, "k_factor"):
+            self.index.k_factor = float(max(1, value))
 
     # ------------------------------------------------------------------------------------ build
     @classmethod
@@ -166,41 +204,51 @@ class AnnIndex:
         rows = np.flatnonzero(valid).astype(np.int64)
         params = _params(cfg, len(rows))
         nlist = params["nlist"]
-        info = AnnInfo(index_type=f"IVF{nlist},Flat", n_rows=n, n_vectors=len(rows), dim=d, nlist=nlist,
+        info = AnnInfo(n_rows=n, n_vectors=len(rows), dim=d, nlist=nlist,
                        threads=threads)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = int(cfg.knn_train_iterations)
-        index.cp.seed = int(cfg.knn_seed)
+        spec = index_spec(cfg, nlist, d)
+        info.index_type = spec
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = int(cfg.knn_train_iterations)
+        ivf.cp.seed = int(cfg.knn_seed)
         rng = np.random.default_rng(cfg.knn_seed)
         n_train = min(len(rows), nlist * max(cfg.knn_train_per_list, 1))
         # the sample is drawn here: FAISS must neither subsample it again nor warn that it is small
-        index.cp.max_points_per_centroid = index.cp.min_points_per_centroid = max(cfg.knn_train_per_list, 1)
+        ivf.cp.max_points_per_centroid = ivf.cp.min_points_per_centroid = max(cfg.knn_train_per_list, 1)
         t = time.perf_counter()
         if len(rows):
             sample = np.sort(rng.choice(rows, size=n_train, replace=False))
             index.train(x[sample])
         info.seconds["train"] = time.perf_counter() - t
-        log.info("kNN index: k-means of %d lists trained on %d rows in %.1f s", nlist, n_train, info.seconds["train"])
+        log.info("kNN index %s: trained on %d rows in %.1f s", spec, n_train, info.seconds["train"])
         t = time.perf_counter()
-        # One coarse pass for both the add (nearest list) and the all-rows kNN search (nearest
-        # `probes` lists): the (N, nlist) centroid product is the largest single cost at 10^6 rows.
-        probes = int(min(nlist, max(cfg.knn_nprobe, 1) * _PROBE_HEADROOM))
-        assign = np.empty((n, probes), np.int32)
-        for r0 in range(0, len(rows), _SEARCH_ROWS):
-            part = rows[r0:r0 + _SEARCH_ROWS]
-            xp = x[part]
-            _, lists = index.quantizer.search(xp, probes)
-            assign[part] = lists
-            ids = np.ascontiguousarray(part, dtype=np.int64)  # named: swig_ptr does not keep its array alive
-            nearest = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
-            index.add_core(len(part), faiss.swig_ptr(xp), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
+        assign = None
+        if isinstance(index, faiss.IndexIVFFlat) and isinstance(ivf.quantizer, faiss.IndexFlat):
+            # One coarse pass for both the add (nearest list) and the all-rows kNN search (nearest
+            # `probes` lists): with a flat quantizer the (N, nlist) centroid product is the largest
+            # single cost at 10^6 rows.
+            probes = int(min(nlist, max(cfg.knn_nprobe, 1) * _PROBE_HEADROOM))
+            assign = np.empty((n, probes), np.int32)
+            for r0 in range(0, len(rows), _SEARCH_ROWS):
+                part = rows[r0:r0 + _SEARCH_ROWS]
+                xp = x[part]
+                _, lists = index.quantizer.search(xp, probes)
+                assign[part] = lists
+                ids = np.arange(r0, r0 + len(part), dtype=np.int64)  # named: swig_ptr does not keep its array alive
+                nearest = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+                index.add_core(len(part), faiss.swig_ptr(xp), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
+        else:
+            for r0 in range(0, len(rows), _SEARCH_ROWS):
+                index.add(x[rows[r0:r0 + _SEARCH_ROWS]])  # FAISS ids 0.. in `rows` order
         info.seconds["add"] = time.perf_counter() - t
         log.info("kNN index: %d vectors added in %.1f s", len(rows), info.seconds["add"])
-        index.nprobe = int(max(1, min(cfg.knn_nprobe, nlist)))
-        info.nprobe = int(index.nprobe)
-        built = cls(index, np.asarray(chunk_ids, dtype=object), info,
+        built = cls(index, np.asarray(chunk_ids, dtype=object)[rows], info,
                     fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
         built.assignment = assign
+        built.rows = rows
+        built.refine_factor = cfg.knn_refine_factor
+        built.nprobe = cfg.knn_nprobe
         return built
 
     # ------------------------------------------------------------------------------------ search
@@ -208,7 +256,7 @@ class AnnIndex:
         """Top-`k` rows by cosine for each query (normalised here; a zero query gets none).
 
         Returns:
-            (ids, sims): int64 (q, k) row positions into `chunk_ids` (-1 = no neighbour) and float32
+            (ids, sims): int64 (q, k) FAISS ids = positions into `chunk_ids` (-1 = none) and float32
             (q, k) cosine similarities (-inf where ids is -1), best first.
         """
         q, valid = normalise(np.atleast_2d(queries))
@@ -246,7 +294,7 @@ class AnnIndex:
         rng = np.random.default_rng(cfg.knn_seed + 1)
         sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
         kth = exact_kth_similarity(x, valid, sample, k)
-        cap = int(min(max(cfg.knn_max_nprobe, 1), self.index.nlist))
+        cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
         while True:
             recall = self.recall_against(x[sample], sample, kth, k)
             log.debug("kNN index: recall@%d %.4f at nprobe %d", k, recall, self.nprobe)
@@ -258,7 +306,7 @@ class AnnIndex:
         if not self.info.target_met:
             log.warning("kNN index: recall@%d %.3f is below graph.knn_target_recall %.3f at the cap "
                         "graph.knn_max_nprobe=%d (nlist %d); the kNN edges are built with it", k, recall,
-                        cfg.knn_target_recall, cap, self.index.nlist)
+                        cfg.knn_target_recall, cap, self.nlist)
         self.info.seconds["tune"] = time.perf_counter() - t
         log.info("kNN index: recall@%d %.3f on %d sampled rows at nprobe %d (%.1f s)", k, recall, len(sample),
                  self.nprobe, self.info.seconds["tune"])
@@ -267,6 +315,7 @@ class AnnIndex:
     def recall_against(self, queries: np.ndarray, rows: np.ndarray, kth: np.ndarray, k: int) -> float:
         """Mean fraction of the approximate top-k (self excluded) at least as similar as the exact k-th."""
         ids, sims = self.search(queries, k + 1)
+        ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
         not_self = (ids != rows[:, None]) & (ids >= 0)
         # the first k non-self answers of each row
         rank = np.cumsum(not_self, axis=1)
@@ -325,8 +374,10 @@ class AnnIndex:
         info = AnnInfo(**{k: v for k, v in meta.items() if k in known})
         info.reused, info.threads = True, int(threads)
         info.seconds = {"load": time.perf_counter() - t}
-        index.nprobe = int(info.nprobe or 1)
-        return cls(index, chunk_ids, info, fp, meta.get("params", {}))
+        loaded = cls(index, chunk_ids, info, fp, meta.get("params", {}))
+        loaded.nprobe = int(info.nprobe or 1)
+        loaded.refine_factor = int(meta.get("params", {}).get("refine_factor", 1))
+        return loaded
 
 
 def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None) -> AnnIndex:
@@ -351,6 +402,7 @@ def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: Gr
         try:
             idx = AnnIndex.load(output_dir, threads=faiss_threads(cfg), expect_fingerprint=fp,
                                 expect_params=_params(cfg, int(valid.sum())))
+            idx.rows = np.flatnonzero(valid)  # same chunk ids and vectors (fingerprint): same rows
             if idx.info.k == min(k, int(valid.sum()) - 1) and idx.info.recall_at_k >= cfg.knn_target_recall:
                 idx.info.seconds["fingerprint"] = fp_s
                 return idx
@@ -404,6 +456,7 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -
     for r0 in range(0, n, _SEARCH_ROWS):
         r1 = min(r0 + _SEARCH_ROWS, n)
         ids, sim = _search_rows(index, embeddings, r0, r1, k + 1)  # one extra: the row itself
+        ids = np.where(ids >= 0, index.rows[np.maximum(ids, 0)], -1)  # FAISS ids -> rows
         rows = np.arange(r0, r1, dtype=np.int64)[:, None]
         keep = (ids >= 0) & (ids != rows)
         # several exact duplicates may push the row itself out: keep at most k others per row
