@@ -201,7 +201,7 @@ class GraphConfig:
     knn_block_size: int = 4096
     knn_weight_scale: float = 1.0
     # above this many chunks the kNN edges come from an approximate FAISS index (graph/ann.py)
-    knn_exact_max_nodes: int = 50000
+    knn_exact_max_nodes: int = 20000
     knn_target_recall: float = 0.95  # recall@knn_k measured on a sample; nprobe doubled until met
     knn_recall_sample: int = 1000  # rows checked against exact search
     # FAISS index_factory string ({nlist}, {pq_m} = dim/4 filled in): IVF lists found through an HNSW
