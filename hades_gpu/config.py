@@ -207,7 +207,8 @@ class GraphConfig:
     # FAISS index_factory string ({nlist}, {pq_m} = dim/4 filled in): IVF lists found through an HNSW
     # over the centroids, 4-bit fast-scan PQ codes scanned, the best knn_refine_factor*k re-ranked exactly
     knn_index: str = "IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat"
-    knn_refine_factor: int = 4
+    knn_refine_factor: int = 4  # starting point; doubled (to knn_max_refine_factor) once nprobe stops paying
+    knn_max_refine_factor: int = 32
     knn_nlist: int = 0  # IVF lists; 0 = 4 sqrt(N)
     knn_nprobe: int = 8  # lists scanned per query to start from
     knn_max_nprobe: int = 256  # cap of the recall loop (one warning line when hit)

@@ -83,7 +83,7 @@ def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict
     total = time.perf_counter() - t
     info = idx.info
     return {"data": data, "method": "ann", "n": int(len(x)), "dim": int(x.shape[1]), "k": int(k),
-            "index_type": info.index_type, "nlist": info.nlist, "nprobe": info.nprobe,
+            "index_type": info.index_type, "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
             "recall_at_k": info.recall_at_k, "recall_sample": info.recall_sample, "target_met": info.target_met,
             "threads": info.threads, "seconds": dict(info.seconds), "total_s": total, "edges": int(len(src)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METRIC = "inner_product_l2_normalised"  # = cosine similarity
 _SEARCH_ROWS = 65536  # query rows per FAISS call: bounds the (rows, k) result buffers, not a tunable
+_MIN_PQ_ROWS = 4096  # fewer vectors: IVF-Flat (a PQ needs a few thousand training rows; small scans are cheap)
 _PROBE_HEADROOM = 4  # the build keeps each row's knn_nprobe * 4 nearest lists for the kNN search
 _EXACT_COLUMNS = 32768  # columns per block of the exact recall check: bounds one (sample, cols) block
 
@@ -111,8 +112,11 @@ def _params(cfg: GraphConfig, n: int) -> dict[str, Any]:
             "seed": cfg.knn_seed}
 
 
-def index_spec(cfg: GraphConfig, nlist: int, dim: int) -> str:
-    """`graph.knn_index` with {nlist} and {pq_m} (dim / 4: 4-bit fast-scan codes of 4 dims each) filled."""
+def index_spec(cfg: GraphConfig, nlist: int, dim: int, n: int = 1 << 62) -> str:
+    """`graph.knn_index` with {nlist} and {pq_m} (dim / 4: 4-bit fast-scan codes of 4 dims each)
+    filled; IVF-Flat below `_MIN_PQ_ROWS` vectors (too few to train a product quantizer, and cheap)."""
+    if n < _MIN_PQ_ROWS and "PQ" in cfg.knn_index:
+        return f"IVF{nlist},Flat"
     if "{pq_m}" in cfg.knn_index and dim % 4:
         raise ValueError(f"graph.knn_index {cfg.knn_index!r} needs a dimension divisible by 4 (got {dim})")
     return cfg.knn_index.format(nlist=nlist, pq_m=dim // 4)
@@ -129,6 +133,7 @@ class AnnInfo:
     dim: int = 0
     nlist: int = 0
     nprobe: int = 0
+    refine_factor: int = 1  # candidates per answer re-ranked exactly (1: no re-ranking stage)
     k: int = 0  # neighbours the recall was measured at
     recall_at_k: float = float("nan")
     recall_sample: int = 0
@@ -192,6 +197,7 @@ class AnnIndex:
         """Candidates re-ranked with the exact vectors per answer (IndexRefine only)."""
         if hasattr(self.index, "k_factor"):
             self.index.k_factor = float(max(1, value))
+            self.info.refine_factor = int(self.index.k_factor)
 
     # ------------------------------------------------------------------------------------ build
     @classmethod
@@ -208,14 +214,15 @@ class AnnIndex:
         nlist = params["nlist"]
         info = AnnInfo(n_rows=n, n_vectors=len(rows), dim=d, nlist=nlist,
                        threads=threads)
-        spec = index_spec(cfg, nlist, d)
+        spec = index_spec(cfg, nlist, d, len(rows))
         info.index_type = spec
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = int(cfg.knn_train_iterations)
         ivf.cp.seed = int(cfg.knn_seed)
         rng = np.random.default_rng(cfg.knn_seed)
-        n_train = min(len(rows), nlist * max(cfg.knn_train_per_list, 1))
+        # k-means sees nlist * knn_train_per_list of these; a product quantizer wants a few thousand
+        n_train = min(len(rows), max(nlist * max(cfg.knn_train_per_list, 1), _MIN_PQ_ROWS))
         # the sample is drawn here: FAISS must neither subsample it again nor warn that it is small
         ivf.cp.max_points_per_centroid = ivf.cp.min_points_per_centroid = max(cfg.knn_train_per_list, 1)
         t = time.perf_counter()
@@ -297,18 +304,29 @@ class AnnIndex:
         sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
         kth = exact_kth_similarity(x, valid, sample, k)
         cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
+        max_refine = max(int(cfg.knn_max_refine_factor), self.refine_factor) if hasattr(self.index, "k_factor") else 1
+        previous = None
         while True:
             recall = self.recall_against(x[sample], sample, kth, k)
-            log.debug("kNN index: recall@%d %.4f at nprobe %d", k, recall, self.nprobe)
-            if recall >= cfg.knn_target_recall or self.nprobe >= cap:
+            log.debug("kNN index: recall@%d %.4f at nprobe %d, refine %d", k, recall, self.nprobe, self.refine_factor)
+            if recall >= cfg.knn_target_recall:
                 break
-            self.nprobe = min(self.nprobe * 2, cap)
+            can_probe, can_refine = self.nprobe < cap, self.refine_factor < max_refine
+            if not (can_probe or can_refine):
+                break
+            # more lists while they pay; once recall stops rising with nprobe, the codes' ranking
+            # is the limit: re-rank more candidates exactly
+            if can_refine and (not can_probe or (previous is not None and recall - previous < 0.01)):
+                self.refine_factor = self.refine_factor * 2
+            else:
+                self.nprobe = min(self.nprobe * 2, cap)
+            previous = recall
         self.info.recall_at_k, self.info.recall_sample = float(recall), int(len(sample))
         self.info.target_met = bool(recall >= cfg.knn_target_recall)
         if not self.info.target_met:
-            log.warning("kNN index: recall@%d %.3f is below graph.knn_target_recall %.3f at the cap "
-                        "graph.knn_max_nprobe=%d (nlist %d); the kNN edges are built with it", k, recall,
-                        cfg.knn_target_recall, cap, self.nlist)
+            log.warning("kNN index: recall@%d %.3f is below graph.knn_target_recall %.3f at the caps "
+                        "graph.knn_max_nprobe=%d (nlist %d) and graph.knn_max_refine_factor=%d; the kNN edges "
+                        "are built with it", k, recall, cfg.knn_target_recall, cap, self.nlist, max_refine)
         self.info.seconds["tune"] = time.perf_counter() - t
         log.info("kNN index: recall@%d %.3f on %d sampled rows at nprobe %d (%.1f s)", k, recall, len(sample),
                  self.nprobe, self.info.seconds["tune"])
@@ -378,7 +396,7 @@ class AnnIndex:
         info.seconds = {"load": time.perf_counter() - t}
         loaded = cls(index, chunk_ids, info, fp, meta.get("params", {}))
         loaded.nprobe = int(info.nprobe or 1)
-        loaded.refine_factor = int(meta.get("params", {}).get("refine_factor", 1))
+        loaded.refine_factor = int(info.refine_factor or 1)
         return loaded
 
 

@@ -292,7 +292,8 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
                        "seconds": time.perf_counter() - t, "index_seconds": dict(info.seconds),
                        "recall_at_k": info.recall_at_k, "k": info.k, "recall_sample": info.recall_sample,
                        "target_recall": info.target_recall, "target_met": info.target_met,
-                       "nlist": info.nlist, "nprobe": info.nprobe, "threads": info.threads}
+                       "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
+                       "threads": info.threads}
 
 
 def write_edges(graph: ChunkGraph, output_dir: str | os.PathLike) -> Path:

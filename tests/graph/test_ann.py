@@ -34,16 +34,20 @@ def ids_for(n: int) -> np.ndarray:
 
 
 def ann_cfg(**kw) -> GraphConfig:
+    """ANN forced; IVF-Flat (quick to train) unless the test names `knn_index`."""
+    kw.setdefault("knn_index", "IVF{nlist},Flat")
     return GraphConfig(knn_k=K, knn_exact_max_nodes=0, knn_nprobe=1, **kw)
 
 
-def test_ann_edges_meet_the_target_recall_and_the_knn_blocked_contract(tmp_path: Path) -> None:
-    x = clustered()
+@pytest.mark.parametrize("spec", ["IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat", "IVF{nlist},Flat"])
+def test_ann_edges_meet_the_target_recall_and_the_knn_blocked_contract(tmp_path: Path, spec: str) -> None:
+    x = clustered(5000 if "PQ" in spec else 3000)  # the PQ default needs >= 4096 vectors
     x[[3, 400]] = 0.0  # missing embeddings: no neighbours, nobody's neighbour
     threshold = 0.3
-    cfg = ann_cfg(knn_threshold=threshold)
+    cfg = ann_cfg(knn_threshold=threshold, knn_index=spec)
+    assert GraphConfig().knn_index == "IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat"  # the default is tested here
     src, dst, sim, info = knn_edges(ids_for(len(x)), x, cfg, tmp_path)
-    assert info["method"] == "ann"
+    assert info["method"] == "ann" and info["index_type"].endswith(spec.split(",", 1)[1].replace("{pq_m}", "96"))
     assert info["recall_at_k"] >= cfg.knn_target_recall and info["target_met"]
     assert info["recall_sample"] == cfg.knn_recall_sample and info["nprobe"] >= 1
     assert info["nprobe"] > 1  # nprobe=1 does not reach the target on this data: the loop raised it
