@@ -33,7 +33,7 @@ class BenchConfig:
     # graph: SYNTHETIC vector counts for the kNN rows (ANN build + query-all, recall@knn_bench_k), and
     # the counts where exact blocked search is timed too (others: extrapolated as N^2, labelled)
     knn_sizes: list[int] = field(default_factory=lambda: [100_000])
-    knn_exact_sizes: list[int] = field(default_factory=lambda: [100_000])
+    knn_exact_sizes: list[int] = field(default_factory=lambda: [20_000])
     knn_bench_k: int = 15
 
 

@@ -224,7 +224,8 @@ class AnnIndex:
         # k-means sees nlist * knn_train_per_list of these; a product quantizer wants a few thousand
         n_train = min(len(rows), max(nlist * max(cfg.knn_train_per_list, 1), _MIN_PQ_ROWS))
         # the sample is drawn here: FAISS must neither subsample it again nor warn that it is small
-        ivf.cp.max_points_per_centroid = ivf.cp.min_points_per_centroid = max(cfg.knn_train_per_list, 1)
+        ivf.cp.max_points_per_centroid = max(cfg.knn_train_per_list, 1)
+        ivf.cp.min_points_per_centroid = max(1, min(cfg.knn_train_per_list, len(rows) // nlist))
         t = time.perf_counter()
         if len(rows):
             sample = np.sort(rng.choice(rows, size=n_train, replace=False))
