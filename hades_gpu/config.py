@@ -215,6 +215,23 @@ class GraphConfig:
     knn_threshold: float = 0.5
     knn_block_size: int = 4096
     knn_weight_scale: float = 1.0
+    # above this many chunks the kNN edges come from an approximate FAISS index (graph/ann.py)
+    knn_exact_max_nodes: int = 20000
+    knn_target_recall: float = 0.95  # recall@knn_k measured on a sample; nprobe doubled until met
+    knn_recall_sample: int = 1000  # rows checked against exact search
+    # FAISS index_factory string ({nlist}, {pq_m} = dim/4 filled in): IVF lists found through an HNSW
+    # over the centroids, 4-bit fast-scan PQ codes scanned, the best knn_refine_factor*k re-ranked exactly
+    knn_index: str = "IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat"
+    knn_refine_factor: int = 4  # starting point; doubled (to knn_max_refine_factor) once nprobe stops paying
+    knn_max_refine_factor: int = 32
+    knn_nlist: int = 0  # IVF lists; 0 = 4 sqrt(N)
+    knn_nprobe: int = 8  # lists scanned per query to start from
+    knn_max_nprobe: int = 256  # cap of the recall loop (one warning line when hit)
+    knn_train_per_list: int = 40  # k-means training rows per list (FAISS's minimum is 39)
+    knn_train_iterations: int = 10
+    knn_threads: int = 0  # FAISS threads; 0 = every core this process may use
+    knn_seed: int = 0  # training and recall samples
+    knn_save_index: bool = True  # keep the index in <output>/index/ (reused while the chunks stay)
     device: str = "auto"
 
 

@@ -14,14 +14,14 @@ from typing import Optional
 
 from hades_gpu.config import PipelineConfig
 
-JOBS = ("ingest", "embed_only", "triton", "isne", "feed")
+JOBS = ("ingest", "embed_only", "triton", "isne", "feed", "graph")
 
 
 @dataclass
 class BenchConfig:
     """One benchmark job on `corpus=`; its `result.json` lands in the Hydra job's output folder."""
 
-    job: str = "ingest"  # ingest | embed_only | triton | isne | feed
+    job: str = "ingest"  # ingest | embed_only | triton | isne | feed | graph
     warmup_batches: int = 1  # model batches run before the timed region (loads kernels, caches)
     max_documents: int = 0  # use at most this many documents of the corpus (0 = all)
     keep_dataset: bool = False  # keep the dataset the job wrote (job_dir/dataset); else delete it
@@ -30,6 +30,11 @@ class BenchConfig:
     triton_ready_timeout_s: float = 300.0
     # pin the job to GPU (hydra.job.num mod visible GPUs) when several are visible
     pin_gpu: bool = True
+    # graph: SYNTHETIC vector counts for the kNN rows (ANN build + query-all, recall@knn_bench_k), and
+    # the counts where exact blocked search is timed too (others: extrapolated as N^2, labelled)
+    knn_sizes: list[int] = field(default_factory=lambda: [100_000])
+    knn_exact_sizes: list[int] = field(default_factory=lambda: [20_000])
+    knn_bench_k: int = 15
 
 
 @dataclass

@@ -11,6 +11,9 @@ The job is chosen by the `bench` group (`conf/bench/`):
   127.0.0.1 unless ``bench.triton_url`` names a running one.
 - ``isne``: the corpus is ingested (untimed, ISNE off), then the ISNE stage (graph + training +
   inference) runs on the dataset (timed).
+- ``graph``: the corpus is ingested (untimed), then the kNN rows (`benchmarks.knn_bench`): ANN build
+  + query-all and recall@k on its real chunks and on SYNTHETIC vectors of `bench.knn_sizes`, exact
+  blocked search as the baseline.
 - ``feed``: the whole main job with a ZERO-COST STAND-IN for the model (`benchmarks.feed_bench`) at
   `profile.num_workers` workers, and HF `tokenizers` `encode_batch` on the same files with as many
   threads: the CPU side's rate and the main process's CPU share.
@@ -263,12 +266,45 @@ def job_feed(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str
     return run_feed(cfg, bench, job_dir)
 
 
+def job_graph(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[str, Any]:
+    """Ingest (untimed, ISNE off), then the kNN rows (`benchmarks.knn_bench.knn_section`): ANN and
+    exact on the corpus's real MiniLM chunks and on SYNTHETIC vectors of `bench.knn_sizes`. The ISNE
+    rows of this job are added beside `result["knn"]`."""
+    from hades_gpu.benchmarks.knn_bench import SYNTHETIC, extrapolate_exact, knn_section
+    from hades_gpu.graph.io import load_chunk_table
+
+    out = job_dir / DATASET_DIR
+    ingest_cfg = dataclasses.replace(cfg, isne=dataclasses.replace(cfg.isne, enabled=False))
+    ingested = _ingest(ingest_cfg, str(cfg.corpus), out, bench)
+    real = load_chunk_table(out).embedding
+    with _Sampler() as memory:
+        t0 = time.perf_counter()
+        rows = knn_section(list(bench.knn_sizes), list(bench.knn_exact_sizes), int(real.shape[1]) if real.size else 384,
+                           bench.knn_bench_k, real, cfg.graph.knn_threads)
+        wall = time.perf_counter() - t0
+    rows += extrapolate_exact(rows, sorted({r["n"] for r in rows if r["data"] == SYNTHETIC}),
+                              int(real.shape[1]) if real.size else 384, bench.knn_bench_k)
+    return {
+        "documents": ingested["documents"],
+        "documents_skipped": ingested["documents_skipped"],
+        "chunks": ingested["chunks"],
+        "wall_s": wall,
+        "chunks_per_s": ingested["chunks"] / wall if wall > 0 else 0.0,
+        "tokens_per_s": 0.0,
+        "padding_efficiency": ingested["padding_efficiency"],
+        "peak_rss_bytes": memory.peak_rss,
+        "ingest_wall_s": ingested["wall_s"],
+        "knn": {"rows": rows, "note": f"synthetic rows are labelled {SYNTHETIC!r}"},
+    }
+
+
 JOB_FUNCS: dict[str, Callable[[PipelineConfig, BenchConfig, Path], dict[str, Any]]] = {
     "ingest": job_ingest,
     "embed_only": job_embed_only,
     "triton": job_triton,
     "isne": job_isne,
     "feed": job_feed,
+    "graph": job_graph,
 }
 assert set(JOB_FUNCS) == set(JOBS)
 

@@ -57,6 +57,8 @@ class ChunkGraph:
         edge_type (np.ndarray): int64 (E,) codes into `EDGE_TYPES`.
         weight (np.ndarray): float32 (E,).
         seconds (dict): build time per edge type.
+        knn (dict): how the kNN edges were found: method (exact | ann), seconds, recall_at_k, k and,
+            for ann, index_type, nlist, nprobe, recall_sample, target_met, reused, index_seconds.
     """
 
     chunk_ids: np.ndarray
@@ -65,6 +67,7 @@ class ChunkGraph:
     edge_type: np.ndarray
     weight: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+    knn: dict = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
@@ -77,6 +80,11 @@ class ChunkGraph:
     def counts_by_type(self) -> dict[str, int]:
         counts = np.bincount(self.edge_type, minlength=len(EDGE_TYPES)) if self.num_edges else np.zeros(len(EDGE_TYPES), int)
         return {t: int(counts[i]) for i, t in enumerate(EDGE_TYPES)}
+
+    def metrics(self) -> dict:
+        """Nodes, edges by type, seconds per edge type and the kNN method/recall (for metrics.json)."""
+        return {"n_nodes": self.num_nodes, "n_edges": self.num_edges, "n_edges_by_type": self.counts_by_type(),
+                "seconds": dict(self.seconds), "knn": dict(self.knn)}
 
     def to_table(self) -> pa.Table:
         ids = pa.array(self.chunk_ids.tolist(), type=pa.string())
@@ -235,10 +243,10 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         seconds["reference"] = time.perf_counter() - t
         log.info("references: %d written, %d resolved, %d document pairs", stats["references"],
                  stats["resolved"], stats["doc_pairs"])
+    knn_info: dict = {}
     if cfg.knn and len(chunks) > 1:
         t = time.perf_counter()
-        dev = select_device(cfg.device)
-        s, d, sim = knn_blocked(chunks.embedding, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
+        s, d, sim, knn_info = knn_edges(chunks.chunk_ids, chunks.embedding, cfg, output_dir)
         add("knn", s, d, cfg.knn_weight_scale * sim)
         seconds["knn"] = time.perf_counter() - t
 
@@ -257,7 +265,35 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         src = dst = et = np.zeros(0, np.int64)
         w = np.zeros(0, np.float32)
     seconds["total"] = time.perf_counter() - t0
-    return ChunkGraph(chunks.chunk_ids, src, dst, et, w, seconds)
+    return ChunkGraph(chunks.chunk_ids, src, dst, et, w, seconds, knn_info)
+
+
+def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
+              output_dir: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """kNN edges (src, dst, sim) and what was done: exact blocks up to `graph.knn_exact_max_nodes`
+    chunks, else the approximate index of `graph.ann` (saved in `output_dir/index` when
+    `graph.knn_save_index`), with its measured recall@k and nprobe."""
+    n = int(embeddings.shape[0])
+    t = time.perf_counter()
+    if n <= cfg.knn_exact_max_nodes:
+        dev = select_device(cfg.device)
+        s, d, sim = knn_blocked(embeddings, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
+        return s, d, sim, {"method": "exact", "device": str(dev), "seconds": time.perf_counter() - t,
+                           "recall_at_k": 1.0, "k": min(cfg.knn_k, n - 1)}
+    from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path
+
+    index = open_or_build(chunk_ids, embeddings, cfg.knn_k, cfg, output_dir if cfg.knn_save_index else None)
+    s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold)
+    info = index.info
+    log.info("kNN edges from %s (%s, %d threads): recall@%d %.3f on %d sampled rows at nprobe %d, %.1f s",
+             info.index_type, "reused" if info.reused else "built", info.threads, info.k, info.recall_at_k,
+             info.recall_sample, info.nprobe, time.perf_counter() - t)
+    return s, d, sim, {"method": "ann", "index_type": info.index_type, "reused": info.reused,
+                       "seconds": time.perf_counter() - t, "index_seconds": dict(info.seconds),
+                       "recall_at_k": info.recall_at_k, "k": info.k, "recall_sample": info.recall_sample,
+                       "target_recall": info.target_recall, "target_met": info.target_met,
+                       "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
+                       "threads": info.threads}
 
 
 def write_edges(graph: ChunkGraph, output_dir: str | os.PathLike) -> Path:
@@ -270,8 +306,9 @@ def build_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None
     """Build the chunk graph of an output and write `<output>/edges.parquet`."""
     graph = build_chunk_graph(output_dir, cfg)
     write_edges(graph, output_dir)
-    log.info("chunk graph: %d nodes, %d edges %s (%.1f s)", graph.num_nodes, graph.num_edges,
-             graph.counts_by_type(), graph.seconds.get("total", 0.0))
+    log.info("chunk graph: %d nodes, %d edges %s (%.1f s; kNN %s, recall@%s %s)", graph.num_nodes,
+             graph.num_edges, graph.counts_by_type(), graph.seconds.get("total", 0.0),
+             graph.knn.get("method", "off"), graph.knn.get("k", "-"), graph.knn.get("recall_at_k", "-"))
     return graph
 
 

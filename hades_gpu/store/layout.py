@@ -9,6 +9,9 @@ One place for names and schemas, so the writer, every reader, the graph and the 
 <output>/edges.parquet                           EDGES schema (the chunk graph)
 <output>/isne/model.safetensors                  θ, node ids and config (isne.checkpoint)
 <output>/isne/embeddings-<shard>.parquet         ISNE_EMBEDDINGS schema
+<output>/index/knn.faiss                         approximate kNN index (graph.ann, FAISS format)
+<output>/index/knn-ids.parquet                   chunk_id of each FAISS id, in id order
+<output>/index/knn.json                          its metric, nprobe, recall, fingerprint, checksums
 <output>/metrics.json                            run metrics
 ```
 """
@@ -25,6 +28,10 @@ EDGES_FILE = "edges.parquet"
 ISNE_DIR = "isne"
 ISNE_MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+INDEX_DIR = "index"
+KNN_INDEX_FILE = "knn.faiss"
+KNN_INDEX_IDS_FILE = "knn-ids.parquet"
+KNN_INDEX_META_FILE = "knn.json"
 TABLES = (CHUNKS_DIR, DOCUMENTS_DIR)
 
 
@@ -89,6 +96,18 @@ def isne_embeddings_path(output: Path, shard: str) -> Path:
 
 def isne_embeddings_files(output: Path) -> list[Path]:
     return sorted((Path(output) / ISNE_DIR).glob("embeddings-*.parquet"))
+
+
+def knn_index_path(output: Path) -> Path:
+    return Path(output) / INDEX_DIR / KNN_INDEX_FILE
+
+
+def knn_index_ids_path(output: Path) -> Path:
+    return Path(output) / INDEX_DIR / KNN_INDEX_IDS_FILE
+
+
+def knn_index_meta_path(output: Path) -> Path:
+    return Path(output) / INDEX_DIR / KNN_INDEX_META_FILE
 
 
 def metrics_path(output: Path) -> Path:

@@ -1,0 +1,506 @@
+"""Approximate cosine nearest neighbours on FAISS (CPU): the kNN edges of a large corpus, and a saved
+index that a query can search later.
+
+Exact blocked search (`graph.knn`) costs O(N^2 D): about an hour at 10^6 chunks on two cores. Above
+`graph.knn_exact_max_nodes` the kNN edges come from an inverted-file index instead, built with FAISS's
+`index_factory` from `graph.knn_index` (inner product on L2-normalised float32 vectors = cosine). The
+default ``IVF{nlist}_HNSW32,PQ{dim/4}x4fs,RFlat``: k-means with `nlist` centroids (4 sqrt(N)) trained
+on a sample, the nearest lists of a query found through an HNSW graph over the centroids (not an
+(N, nlist) product), 4-bit fast-scan PQ codes scanned in SIMD registers, and the best
+`graph.knn_refine_factor` x k candidates re-ranked with the exact vectors. Measured on this box
+(benchmarks/knn_bench.py, synthetic 10^5 x 384): plain IVF-Flat needs the same nprobe for 0.95 and
+scans ~40x slower; HNSW over all vectors took 61 s to build 10^5 and reached 0.94 at efSearch 128.
+IVF's accuracy knob (`nprobe`) can be raised after the build without rebuilding anything.
+
+Recall is measured, not assumed: on `graph.knn_recall_sample` random rows, the approximate top-k is
+compared with exact search (a (sample, N) matrix product, cheap), and `nprobe` is doubled until
+recall@k >= `graph.knn_target_recall` or `graph.knn_max_nprobe` is reached (one warning line then).
+Recall counts an approximate neighbour as a hit when its similarity is at least the exact k-th
+similarity (so ties between equally similar neighbours are not misses).
+
+The index is written to ``<output>/index/`` (`store.layout`): ``knn.faiss`` (FAISS's own format),
+``knn-ids.parquet`` (the chunk id of each FAISS id, in order) and ``knn.json`` (index type, metric,
+nlist, nprobe, measured recall, the embeddings' content fingerprint and the checksum of both files).
+A fingerprint that differs from the current embeddings (stale) or a file whose checksum does not match
+(damaged) is reported in one line and the index rebuilt; a loaded index never answers from the wrong
+vectors.
+
+FAISS is imported lazily (inside the functions), so small corpora that stay on exact search never load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hades_gpu.config import GraphConfig
+from hades_gpu.store.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_with, file_checksum
+from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METRIC = "inner_product_l2_normalised"  # = cosine similarity
+_SEARCH_ROWS = 65536  # query rows per FAISS call: bounds the (rows, k) result buffers, not a tunable
+_MIN_PQ_ROWS = 4096  # fewer vectors: IVF-Flat (a PQ needs a few thousand training rows; small scans are cheap)
+_PROBE_HEADROOM = 4  # the build keeps each row's knn_nprobe * 4 nearest lists for the kNN search
+_EXACT_COLUMNS = 32768  # columns per block of the exact recall check: bounds one (sample, cols) block
+
+
+class IndexUnusable(Exception):
+    """A saved index that must not be used (missing, stale, damaged, other parameters): the reason."""
+
+
+def faiss_threads(cfg: GraphConfig) -> int:
+    """`graph.knn_threads`, or (0) every core this process may run on."""
+    if cfg.knn_threads > 0:
+        return int(cfg.knn_threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _faiss(threads: int):
+    import faiss  # lazy: only the ANN path loads FAISS
+
+    faiss.omp_set_num_threads(int(threads))
+    return faiss
+
+
+def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (float32, C-contiguous) and the mask of non-zero rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    valid = norms > 0
+    out = np.zeros_like(x)
+    out[valid] = x[valid] / norms[valid, None]
+    return out, valid
+
+
+def fingerprint(chunk_ids: np.ndarray, embeddings: np.ndarray) -> str:
+    """blake2b of the chunk ids (in order) and the raw float32 embedding bytes: what the index is of."""
+    h = hashlib.blake2b(digest_size=20)
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    h.update(f"{x.shape[0]}x{x.shape[1] if x.ndim == 2 else 0}\n".encode())
+    h.update("\n".join(map(str, chunk_ids.tolist())).encode())
+    h.update(memoryview(x).cast("B"))
+    return f"blake2b:{h.hexdigest()}"
+
+
+def auto_nlist(n: int, cfg: GraphConfig) -> int:
+    """`graph.knn_nlist`, or 4 sqrt(n); at most n / `graph.knn_train_per_list` (k-means needs points)."""
+    nlist = cfg.knn_nlist if cfg.knn_nlist > 0 else int(round(4 * math.sqrt(max(n, 1))))
+    return int(max(1, min(nlist, n // max(cfg.knn_train_per_list, 1))))
+
+
+def _params(cfg: GraphConfig, n: int) -> dict[str, Any]:
+    """What the built index depends on besides the vectors: a saved index with other values is rebuilt."""
+    return {"nlist": auto_nlist(n, cfg), "index": cfg.knn_index, "refine_factor": cfg.knn_refine_factor,
+            "train_per_list": cfg.knn_train_per_list, "train_iterations": cfg.knn_train_iterations,
+            "seed": cfg.knn_seed}
+
+
+def index_spec(cfg: GraphConfig, nlist: int, dim: int, n: int = 1 << 62) -> str:
+    """`graph.knn_index` with {nlist} and {pq_m} (dim / 4: 4-bit fast-scan codes of 4 dims each)
+    filled; IVF-Flat below `_MIN_PQ_ROWS` vectors (too few to train a product quantizer, and cheap)."""
+    if n < _MIN_PQ_ROWS and "PQ" in cfg.knn_index:
+        return f"IVF{nlist},Flat"
+    if "{pq_m}" in cfg.knn_index and dim % 4:
+        raise ValueError(f"graph.knn_index {cfg.knn_index!r} needs a dimension divisible by 4 (got {dim})")
+    return cfg.knn_index.format(nlist=nlist, pq_m=dim // 4)
+
+
+@dataclass
+class AnnInfo:
+    """What the build measured; the JSON beside the index and the graph metrics carry it."""
+
+    index_type: str = ""
+    metric: str = METRIC
+    n_rows: int = 0  # rows given (zero vectors included)
+    n_vectors: int = 0  # rows in the index (non-zero)
+    dim: int = 0
+    nlist: int = 0
+    nprobe: int = 0
+    refine_factor: int = 1  # candidates per answer re-ranked exactly (1: no re-ranking stage)
+    k: int = 0  # neighbours the recall was measured at
+    recall_at_k: float = float("nan")
+    recall_sample: int = 0
+    target_recall: float = 0.0
+    target_met: bool = False
+    threads: int = 0
+    reused: bool = False  # loaded from <output>/index instead of built
+    seconds: dict[str, float] = field(default_factory=dict)  # train, add, tune, load, save, search
+
+
+class AnnIndex:
+    """An IVF-Flat cosine index over the non-zero rows of (N, D) embeddings.
+
+    Zero rows are not in the index (never a neighbour): FAISS id j is `chunk_ids[j]`, the j-th
+    non-zero row (`rows[j]` of the embeddings it was built from, when built or reopened by `open_or_build`).
+    """
+
+    def __init__(self, index: Any, chunk_ids: np.ndarray, info: AnnInfo, fingerprint: str, params: dict[str, Any]):
+        self.index = index
+        self.chunk_ids = chunk_ids
+        self.info = info
+        self.fingerprint = fingerprint
+        self.params = params
+        # int32 (N, P): the P nearest lists of each input row, kept from the build for `knn_ann`
+        self.assignment: Optional[np.ndarray] = None
+        # int64 (M,): FAISS id -> row of the embeddings the index was built from (for `knn_ann`)
+        self.rows: Optional[np.ndarray] = None
+
+    @property
+    def ivf(self) -> Any:
+        import faiss
+
+        return faiss.extract_index_ivf(self.index)
+
+    @property
+    def nlist(self) -> int:
+        return int(self.ivf.nlist)
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.ivf.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        """Lists scanned per query (and, for an HNSW quantizer, its efSearch to find that many)."""
+        import faiss
+
+        ivf = self.ivf
+        ivf.nprobe = int(max(1, min(value, ivf.nlist)))
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):
+            quantizer.hnsw.efSearch = max(int(quantizer.hnsw.efSearch), 2 * int(ivf.nprobe))
+        self.info.nprobe = int(ivf.nprobe)
+
+    @property
+    def refine_factor(self) -> int:
+        return int(getattr(self.index, "k_factor", 1))
+
+    @refine_factor.setter
+    def refine_factor(self, value: int) -> None:
+        """Candidates re-ranked with the exact vectors per answer (IndexRefine only)."""
+        if hasattr(self.index, "k_factor"):
+            self.index.k_factor = float(max(1, value))
+            self.info.refine_factor = int(self.index.k_factor)
+
+    # ------------------------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
+              fp: Optional[str] = None, normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> "AnnIndex":
+        """Train on a sample, add every non-zero row. `fp`: the embeddings' fingerprint when known;
+        `normalised`: `normalise(embeddings)` when the caller has it (one copy of N x D, not two)."""
+        threads = faiss_threads(cfg)
+        faiss = _faiss(threads)
+        x, valid = normalised if normalised is not None else normalise(embeddings)
+        n, d = x.shape
+        rows = np.flatnonzero(valid).astype(np.int64)
+        params = _params(cfg, len(rows))
+        nlist = params["nlist"]
+        info = AnnInfo(n_rows=n, n_vectors=len(rows), dim=d, nlist=nlist,
+                       threads=threads)
+        spec = index_spec(cfg, nlist, d, len(rows))
+        info.index_type = spec
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = int(cfg.knn_train_iterations)
+        ivf.cp.seed = int(cfg.knn_seed)
+        rng = np.random.default_rng(cfg.knn_seed)
+        # k-means sees nlist * knn_train_per_list of these; a product quantizer wants a few thousand
+        n_train = min(len(rows), max(nlist * max(cfg.knn_train_per_list, 1), _MIN_PQ_ROWS))
+        # the sample is drawn here: FAISS must neither subsample it again nor warn that it is small
+        ivf.cp.max_points_per_centroid = max(cfg.knn_train_per_list, 1)
+        ivf.cp.min_points_per_centroid = max(1, min(cfg.knn_train_per_list, len(rows) // nlist))
+        t = time.perf_counter()
+        if len(rows):
+            sample = np.sort(rng.choice(rows, size=n_train, replace=False))
+            index.train(x[sample])
+        info.seconds["train"] = time.perf_counter() - t
+        log.info("kNN index %s: trained on %d rows in %.1f s", spec, n_train, info.seconds["train"])
+        t = time.perf_counter()
+        assign = None
+        if isinstance(index, faiss.IndexIVFFlat) and isinstance(ivf.quantizer, faiss.IndexFlat):
+            # One coarse pass for both the add (nearest list) and the all-rows kNN search (nearest
+            # `probes` lists): with a flat quantizer the (N, nlist) centroid product is the largest
+            # single cost at 10^6 rows.
+            probes = int(min(nlist, max(cfg.knn_nprobe, 1) * _PROBE_HEADROOM))
+            assign = np.empty((n, probes), np.int32)
+            for r0 in range(0, len(rows), _SEARCH_ROWS):
+                part = rows[r0:r0 + _SEARCH_ROWS]
+                xp = x[part]
+                _, lists = index.quantizer.search(xp, probes)
+                assign[part] = lists
+                ids = np.arange(r0, r0 + len(part), dtype=np.int64)  # named: swig_ptr does not keep its array alive
+                nearest = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+                index.add_core(len(part), faiss.swig_ptr(xp), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
+        else:
+            for r0 in range(0, len(rows), _SEARCH_ROWS):
+                index.add(x[rows[r0:r0 + _SEARCH_ROWS]])  # FAISS ids 0.. in `rows` order
+        info.seconds["add"] = time.perf_counter() - t
+        log.info("kNN index: %d vectors added in %.1f s", len(rows), info.seconds["add"])
+        built = cls(index, np.asarray(chunk_ids, dtype=object)[rows], info,
+                    fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
+        built.assignment = assign
+        built.rows = rows
+        built.refine_factor = cfg.knn_refine_factor
+        built.nprobe = cfg.knn_nprobe
+        return built
+
+    # ------------------------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` rows by cosine for each query (normalised here; a zero query gets none).
+
+        Returns:
+            (ids, sims): int64 (q, k) FAISS ids = positions into `chunk_ids` (-1 = none) and float32
+            (q, k) cosine similarities (-inf where ids is -1), best first.
+        """
+        q, valid = normalise(np.atleast_2d(queries))
+        ids = np.full((q.shape[0], k), -1, np.int64)
+        sims = np.full((q.shape[0], k), -np.inf, np.float32)
+        if k < 1 or self.index.ntotal == 0:
+            return ids, sims
+        for r0 in range(0, q.shape[0], _SEARCH_ROWS):
+            r1 = min(r0 + _SEARCH_ROWS, q.shape[0])
+            d, i = self.index.search(q[r0:r1], k)
+            ids[r0:r1], sims[r0:r1] = i, np.where(i >= 0, d, -np.inf)
+        ids[~valid] = -1
+        sims[~valid] = -np.inf
+        return ids, sims
+
+    def search_chunk_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search`, with chunk ids (object (q, k), None where there is no neighbour) for row positions."""
+        ids, sims = self.search(queries, k)
+        out = np.full(ids.shape, None, dtype=object)
+        out[ids >= 0] = self.chunk_ids[ids[ids >= 0]]
+        return out, sims
+
+    # ------------------------------------------------------------------------------------ recall
+    def tune(self, embeddings: np.ndarray, k: int, cfg: GraphConfig,
+             normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> float:
+        """Measure recall@k on a row sample against exact search; double nprobe until the target."""
+        t = time.perf_counter()
+        x, valid = normalised if normalised is not None else normalise(embeddings)
+        rows = np.flatnonzero(valid)
+        k = min(k, len(rows) - 1)
+        self.info.k, self.info.target_recall = int(k), float(cfg.knn_target_recall)
+        if k < 1:
+            self.info.recall_at_k, self.info.target_met = 1.0, True
+            return 1.0
+        rng = np.random.default_rng(cfg.knn_seed + 1)
+        sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
+        kth = exact_kth_similarity(x, valid, sample, k)
+        cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
+        max_refine = max(int(cfg.knn_max_refine_factor), self.refine_factor) if hasattr(self.index, "k_factor") else 1
+        previous = None
+        while True:
+            recall = self.recall_against(x[sample], sample, kth, k)
+            log.debug("kNN index: recall@%d %.4f at nprobe %d, refine %d", k, recall, self.nprobe, self.refine_factor)
+            if recall >= cfg.knn_target_recall:
+                break
+            can_probe, can_refine = self.nprobe < cap, self.refine_factor < max_refine
+            if not (can_probe or can_refine):
+                break
+            # more lists while they pay; once recall stops rising with nprobe, the codes' ranking
+            # is the limit: re-rank more candidates exactly
+            if can_refine and (not can_probe or (previous is not None and recall - previous < 0.01)):
+                self.refine_factor = self.refine_factor * 2
+            else:
+                self.nprobe = min(self.nprobe * 2, cap)
+            previous = recall
+        self.info.recall_at_k, self.info.recall_sample = float(recall), int(len(sample))
+        self.info.target_met = bool(recall >= cfg.knn_target_recall)
+        if not self.info.target_met:
+            log.warning("kNN index: recall@%d %.3f is below graph.knn_target_recall %.3f at the caps "
+                        "graph.knn_max_nprobe=%d (nlist %d) and graph.knn_max_refine_factor=%d; the kNN edges "
+                        "are built with it", k, recall, cfg.knn_target_recall, cap, self.nlist, max_refine)
+        self.info.seconds["tune"] = time.perf_counter() - t
+        log.info("kNN index: recall@%d %.3f on %d sampled rows at nprobe %d (%.1f s)", k, recall, len(sample),
+                 self.nprobe, self.info.seconds["tune"])
+        return float(recall)
+
+    def recall_against(self, queries: np.ndarray, rows: np.ndarray, kth: np.ndarray, k: int) -> float:
+        """Mean fraction of the approximate top-k (self excluded) at least as similar as the exact k-th."""
+        ids, sims = self.search(queries, k + 1)
+        ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+        not_self = (ids != rows[:, None]) & (ids >= 0)
+        # the first k non-self answers of each row
+        rank = np.cumsum(not_self, axis=1)
+        first_k = not_self & (rank <= k)
+        hits = first_k & (sims >= kth[:, None] - 1e-5)
+        return float(hits.sum() / (k * len(rows)))
+
+    # ------------------------------------------------------------------------------------ save / load
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """Write knn.faiss, knn-ids.parquet, then knn.json (last: it vouches for the other two)."""
+        t = time.perf_counter()
+        faiss = _faiss(self.info.threads or 1)
+        out = Path(output_dir)
+        ipath, idpath, mpath = knn_index_path(out), knn_index_ids_path(out), knn_index_meta_path(out)
+        atomic_write_with(ipath, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        rec = atomic_write_parquet(pa.table({"chunk_id": pa.array(self.chunk_ids.tolist(), pa.string())}), idpath)
+        self.info.seconds["save"] = time.perf_counter() - t
+        meta = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params,
+                "index_checksum": file_checksum(ipath), "ids_checksum": rec.checksum, **asdict(self.info)}
+        meta.pop("reused", None)
+        atomic_write_bytes(mpath, json.dumps(meta, indent=2).encode())
+        return ipath
+
+    @classmethod
+    def load(cls, output_dir: str | os.PathLike, threads: int = 1, expect_fingerprint: Optional[str] = None,
+             expect_params: Optional[dict[str, Any]] = None) -> "AnnIndex":
+        """Read a saved index; `IndexUnusable` (with the reason) if missing, damaged, stale or other params."""
+        t = time.perf_counter()
+        out = Path(output_dir)
+        ipath, idpath, mpath = knn_index_path(out), knn_index_ids_path(out), knn_index_meta_path(out)
+        if not mpath.is_file():
+            raise IndexUnusable(f"no kNN index at {mpath.parent}")
+        try:
+            meta = json.loads(mpath.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise IndexUnusable(f"{mpath} is format {meta.get('format_version')!r}, not {FORMAT_VERSION}")
+            fp = meta["fingerprint"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise IndexUnusable(f"{mpath} is damaged ({type(err).__name__}: {err})") from err
+        if expect_fingerprint is not None and fp != expect_fingerprint:
+            raise IndexUnusable(f"{mpath.parent} is stale: it indexes other embeddings than the output's chunks")
+        if expect_params is not None and meta.get("params") != expect_params:
+            raise IndexUnusable(f"{mpath.parent} was built with {meta.get('params')}, not {expect_params}")
+        for path, key in ((ipath, "index_checksum"), (idpath, "ids_checksum")):
+            if not path.is_file():
+                raise IndexUnusable(f"{path} is missing")
+            if file_checksum(path) != meta.get(key):
+                raise IndexUnusable(f"{path} is damaged (its checksum does not match {mpath.name})")
+        faiss = _faiss(threads)
+        try:
+            index = faiss.read_index(str(ipath))
+        except RuntimeError as err:
+            raise IndexUnusable(f"{ipath} is damaged ({str(err).splitlines()[0]})") from err
+        chunk_ids = np.asarray(pq.read_table(idpath).column("chunk_id").to_pylist(), dtype=object)
+        known = {f.name for f in AnnInfo.__dataclass_fields__.values()}
+        info = AnnInfo(**{k: v for k, v in meta.items() if k in known})
+        info.reused, info.threads = True, int(threads)
+        info.seconds = {"load": time.perf_counter() - t}
+        loaded = cls(index, chunk_ids, info, fp, meta.get("params", {}))
+        loaded.nprobe = int(info.nprobe or 1)
+        loaded.refine_factor = int(info.refine_factor or 1)
+        return loaded
+
+
+def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None) -> AnnIndex:
+    """The saved kNN index of an output, for querying (`IndexUnusable` if absent or damaged).
+
+    Staleness against the output's current chunks is the caller's check (`AnnIndex.fingerprint` vs
+    `fingerprint(chunk_ids, embeddings)`); `open_or_build` does it.
+    """
+    return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()))
+
+
+def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: GraphConfig,
+                  output_dir: Optional[str | os.PathLike] = None) -> AnnIndex:
+    """The index of these embeddings: the one saved in `output_dir` if it is theirs and still meets
+    the target recall at `k`; else built, tuned and (with `output_dir`) saved."""
+    chunk_ids = np.asarray(chunk_ids, dtype=object)
+    t = time.perf_counter()
+    fp = fingerprint(chunk_ids, embeddings)
+    fp_s = time.perf_counter() - t
+    x, valid = normalise(embeddings)
+    if output_dir is not None and knn_index_meta_path(Path(output_dir)).exists():
+        try:
+            idx = AnnIndex.load(output_dir, threads=faiss_threads(cfg), expect_fingerprint=fp,
+                                expect_params=_params(cfg, int(valid.sum())))
+            idx.rows = np.flatnonzero(valid)  # same chunk ids and vectors (fingerprint): same rows
+            if idx.info.k == min(k, int(valid.sum()) - 1) and idx.info.recall_at_k >= cfg.knn_target_recall:
+                idx.info.seconds["fingerprint"] = fp_s
+                return idx
+            log.info("kNN index in %s: measured at k=%d, recall %.3f; re-tuning for k=%d, target %.3f",
+                     output_dir, idx.info.k, idx.info.recall_at_k, k, cfg.knn_target_recall)
+            idx.tune(embeddings, k, cfg, normalised=(x, valid))
+            idx.save(output_dir)
+            idx.info.seconds["fingerprint"] = fp_s
+            return idx
+        except IndexUnusable as err:
+            log.warning("kNN index: %s; rebuilding it", err)
+    idx = AnnIndex.build(chunk_ids, embeddings, cfg, fp=fp, normalised=(x, valid))
+    idx.tune(embeddings, k, cfg, normalised=(x, valid))
+    if output_dir is not None:
+        idx.save(output_dir)
+    idx.info.seconds["fingerprint"] = fp_s
+    return idx
+
+
+def exact_kth_similarity(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Exact k-th largest cosine of each of `rows` over all valid rows but itself (x normalised).
+
+    Blocked over columns with a running top-k, so memory is one (len(rows), block) matrix.
+    """
+    q = x[rows]
+    best = np.full((len(rows), k), -np.inf, np.float32)
+    cols_all = np.flatnonzero(valid)
+    for c0 in range(0, len(cols_all), _EXACT_COLUMNS):
+        cols = cols_all[c0:c0 + _EXACT_COLUMNS]
+        s = q @ x[cols].T  # (S, C)
+        s[rows[:, None] == cols[None, :]] = -np.inf  # self
+        cand = np.concatenate([best, s], axis=1)
+        best = -np.partition(-cand, k - 1, axis=1)[:, :k]
+    return best.min(axis=1)
+
+
+def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kNN edges of every row from `index` (built over the same rows): the `knn_blocked` contract.
+
+    Returns:
+        (src, dst, sim): int64, int64, float32 (M,), self excluded, sim >= threshold, zero rows
+        without neighbours; sorted by src, similarity descending, dst ascending.
+    """
+    t = time.perf_counter()
+    n = embeddings.shape[0]
+    k = min(k, n - 1)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if k < 1:
+        return empty
+    srcs, dsts, sims = [], [], []
+    for r0 in range(0, n, _SEARCH_ROWS):
+        r1 = min(r0 + _SEARCH_ROWS, n)
+        ids, sim = _search_rows(index, embeddings, r0, r1, k + 1)  # one extra: the row itself
+        ids = np.where(ids >= 0, index.rows[np.maximum(ids, 0)], -1)  # FAISS ids -> rows
+        rows = np.arange(r0, r1, dtype=np.int64)[:, None]
+        keep = (ids >= 0) & (ids != rows)
+        # several exact duplicates may push the row itself out: keep at most k others per row
+        keep &= np.cumsum(keep, axis=1) <= k
+        keep &= sim >= threshold
+        srcs.append(np.broadcast_to(rows, ids.shape)[keep])
+        dsts.append(ids[keep])
+        sims.append(sim[keep].astype(np.float32))
+    src, dst, sim = np.concatenate(srcs), np.concatenate(dsts), np.concatenate(sims)
+    order = np.lexsort((dst, -sim, src))
+    index.info.seconds["search"] = time.perf_counter() - t
+    return src[order], dst[order], sim[order]
+
+
+def _search_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` of rows r0:r1 of the indexed embeddings, reusing the build's coarse assignment
+    when it covers the tuned nprobe (the same lists FAISS would pick: the quantizer is deterministic)."""
+    a = index.assignment
+    if a is None or a.shape[1] < index.nprobe or a.shape[0] != embeddings.shape[0]:
+        return index.search(embeddings[r0:r1], k)
+    q, valid = normalise(embeddings[r0:r1])
+    lists = np.ascontiguousarray(a[r0:r1, :index.nprobe], dtype=np.int64)
+    lists[~valid] = -1  # zero rows: no list, no answer
+    d, i = index.index.search_preassigned(q, k, lists, np.zeros(lists.shape, np.float32))
+    i = np.where(valid[:, None], i, -1)
+    return i, np.where(i >= 0, d, -np.inf).astype(np.float32)
