@@ -35,6 +35,12 @@ class BenchConfig:
     knn_sizes: list[int] = field(default_factory=lambda: [100_000])
     knn_exact_sizes: list[int] = field(default_factory=lambda: [20_000])
     knn_bench_k: int = 15
+    # graph: ISNE on planted-partition graphs of these node counts (scripts/bench_isne.py, one child
+    # process each, `isne_max_batches` timed batches per epoch, the rest extrapolated), and on the
+    # corpus's own chunk graph for `isne_real_epochs` epochs, with and without edge weights
+    isne_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000])
+    isne_max_batches: int = 20
+    isne_real_epochs: int = 5
 
 
 @dataclass

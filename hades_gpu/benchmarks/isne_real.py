@@ -51,11 +51,6 @@ def run(cfg: PipelineConfig, work: Path, megabytes: float = 2.0, epochs: int = 1
     """Build the corpus under `work`, ingest it (with `embedder`, default: built from `cfg`), then
     train and score ISNE with and without weights."""
     from hades_gpu.benchmarks.corpus import build_package_corpus
-    from hades_gpu.graph.build import build_graph
-    from hades_gpu.isne.evaluation import knn_cv_accuracy
-    from hades_gpu.isne.inference import neighbor_mean
-    from hades_gpu.isne.sampling import CSRGraph
-    from hades_gpu.isne.trainer import train_isne
     from hades_gpu.pipelines.ingest import TextParallelPipeline
 
     work = Path(work)
@@ -66,21 +61,41 @@ def run(cfg: PipelineConfig, work: Path, megabytes: float = 2.0, epochs: int = 1
     ingest_cfg = dataclasses.replace(cfg, isne=dataclasses.replace(cfg.isne, enabled=False))
     ingested = TextParallelPipeline(ingest_cfg, embedder=embedder).process_batch([work / "corpus"], output=out)
 
+    result = score_output(cfg, out, work / "corpus", epochs, k, folds, min_per_class)
+    result["corpus"] = {"packages": len(sizes), "bytes": sum(sizes.values()),
+                        "documents": ingested.documents_ingested + ingested.documents_unchanged}
+    result["ingest_wall_s"] = float(ingested.metrics.get("wall_s", 0.0))
+    return result
+
+
+def score_output(cfg: PipelineConfig, out: Path, corpus: Path, epochs: int = 10, k: int = 15, folds: int = 5,
+                 min_per_class: int = 20) -> dict[str, Any]:
+    """On an ingest output of `corpus`: the chunk graph, then ISNE with and without edge weights
+    (same seed and epochs): s/epoch, pairs/s, peak RSS, and 15-NN accuracy on the first-folder labels
+    (None when fewer than two folders have `min_per_class` chunks)."""
+    from hades_gpu.graph.build import build_graph
+    from hades_gpu.graph.io import load_chunk_table
+    from hades_gpu.isne.evaluation import knn_cv_accuracy
+    from hades_gpu.isne.inference import neighbor_mean
+    from hades_gpu.isne.sampling import CSRGraph
+    from hades_gpu.isne.trainer import train_isne
+
     t = time.perf_counter()
     graph = build_graph(out, cfg.graph)
     graph_s = time.perf_counter() - t
     data = graph.to_data(undirected=True)
     n = graph.num_nodes
-    rows, y, classes = _labels(out, work / "corpus", graph.chunk_ids, min_per_class)
-    from hades_gpu.graph.io import load_chunk_table
+    rows, y, classes = _labels(out, corpus, graph.chunk_ids, min_per_class)
+    labelled = len(classes) >= 2
+
+    def accuracy(x: torch.Tensor) -> Any:
+        return knn_cv_accuracy(x[rows], torch.as_tensor(y), k, folds, cfg.seed) if labelled else None
 
     text = torch.as_tensor(load_chunk_table(out).embedding)  # same order as the graph (chunk id)
     result: dict[str, Any] = {
-        "corpus": {"packages": len(sizes), "bytes": sum(sizes.values()), "documents": ingested.documents_ingested + ingested.documents_unchanged},
         "nodes": n, "edges": int(data.edge_index.shape[1] // 2), "edges_by_type": graph.counts_by_type(),
         "labelled_chunks": int(rows.size), "classes": classes, "graph_seconds": graph_s,
-        "ingest_wall_s": float(ingested.metrics.get("wall_s", 0.0)),
-        "text_accuracy": knn_cv_accuracy(text[rows], torch.as_tensor(y), k, folds, cfg.seed),
+        "text_accuracy": accuracy(text),
         "runs": {},
     }
     for weighted in (True, False):
@@ -92,7 +107,7 @@ def run(cfg: PipelineConfig, work: Path, megabytes: float = 2.0, epochs: int = 1
         full = CSRGraph.from_edge_index(data.edge_index, n, edge_weight=data.edge_attr if weighted else None)
         x = neighbor_mean(res.model.theta.weight.detach(), full)
         result["runs"]["weighted" if weighted else "unweighted"] = {
-            "accuracy": knn_cv_accuracy(x[rows], torch.as_tensor(y), k, folds, cfg.seed),
+            "accuracy": accuracy(x),
             "epochs": res.epochs_run, "seconds": seconds, "vector_sum": float(x.double().abs().sum()),
             "epoch_seconds": res.train_seconds / max(res.epochs_run, 1), "pairs_per_s": res.pairs_per_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -100,14 +115,19 @@ def run(cfg: PipelineConfig, work: Path, megabytes: float = 2.0, epochs: int = 1
     return result
 
 
+def _acc(a: Any) -> str:
+    return "-" if a is None else f"{a:.3f}"
+
+
 def table(r: dict[str, Any]) -> str:
     head = ("vectors", "15-NN package accuracy (5-fold)", "s/epoch", "pairs/s", "peak RSS MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| MiniLM text vectors (reference) | {r['text_accuracy']:.3f} | - | - | - |"]
+             f"| MiniLM text vectors (reference) | {_acc(r['text_accuracy'])} | - | - | - |"]
     for name, run_ in r["runs"].items():
-        lines.append(f"| ISNE, {name} edges | {run_['accuracy']:.3f} | {run_['epoch_seconds']:.2f} | "
+        lines.append(f"| ISNE, {name} edges | {_acc(run_['accuracy'])} | {run_['epoch_seconds']:.2f} | "
                      f"{run_['pairs_per_s']:,.0f} | {run_['peak_rss_mb']:.0f} |")
-    lines.append(f"\nchunk graph of {r['corpus']['documents']} stdlib files in {r['corpus']['packages']} packages: "
-                 f"{r['nodes']:,} chunks, {r['edges']:,} edges {r['edges_by_type']}, "
+    source = (f"{r['corpus']['documents']} stdlib files in {r['corpus']['packages']} packages"
+              if "corpus" in r else "the corpus")
+    lines.append(f"\nchunk graph of {source}: {r['nodes']:,} chunks, {r['edges']:,} edges {r['edges_by_type']}, "
                  f"{r['labelled_chunks']:,} labelled in {len(r['classes'])} packages")
     return "\n".join(lines)

@@ -295,7 +295,23 @@ def job_graph(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[st
         "peak_rss_bytes": memory.peak_rss,
         "ingest_wall_s": ingested["wall_s"],
         "knn": {"rows": rows, "note": f"synthetic rows are labelled {SYNTHETIC!r}"},
+        "isne": _isne_graph_rows(cfg, bench, out, job_dir),
     }
+
+
+def _isne_graph_rows(cfg: PipelineConfig, bench: BenchConfig, out: Path, job_dir: Path) -> dict[str, Any]:
+    """ISNE rows of `bench=graph`: planted-partition sizes (benchmarks.isne_bench, a child process
+    per size) and the job's own chunk graph (benchmarks.isne_real.score_output)."""
+    from hades_gpu.benchmarks import isne_bench, isne_real
+
+    synthetic: dict[str, Any] = {}
+    if bench.isne_sizes:
+        path = job_dir / "isne_sizes.json"
+        isne_bench.main(["--sizes", ",".join(str(n) for n in bench.isne_sizes),
+                         "--max-batches", str(bench.isne_max_batches), "--out", str(path)])
+        synthetic = json.loads(path.read_text())
+    real = isne_real.score_output(cfg, out, Path(str(cfg.corpus)), epochs=bench.isne_real_epochs)
+    return {"planted_partition": synthetic, "chunk_graph": real}
 
 
 JOB_FUNCS: dict[str, Callable[[PipelineConfig, BenchConfig, Path], dict[str, Any]]] = {

@@ -111,7 +111,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         epochs, batch_size (int, optional): override `isne.epochs` / `isne.batch_size`.
 
     Returns:
-        dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated,
+        dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated, knn,
         mode (trained | inferred | disabled | empty), epochs_run, best_epoch, best_val_auc,
         stopped_early, stopped_by_budget, time_budget_s, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes, paths and
         seconds {graph, train, infer, write, total}.
@@ -129,6 +129,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         "n_edges_by_type": graph.counts_by_type(),
         "n_isolated": int((deg == 0).sum()),
         "edges_path": str(edges_path(output_dir)),
+        "knn": dict(graph.knn),  # method (exact | ann), seconds, measured recall@k, nprobe
         "seconds": {"graph": t_graph},
     }
     if not cfg.isne.enabled and train is not True:  # an explicit train=True (the seed's API) still trains

@@ -4,15 +4,18 @@
 exact scan for large outputs without touching the ranking: it must return, per query, the rows of
 the chunk table (indices into the output's chunk order, as `store.reader.read_chunks` returns it)
 with their cosine similarity, best first. `ExactCandidates` is the scan (a matrix product in
-blocks); `candidate_source` picks the source for an output — today always exact.
+blocks); `AnnCandidates` the output's saved FAISS index; `candidate_source` picks one per output.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Rows scored per block: bounds the (queries x block) score matrix (50 queries x 65536 rows x 4 B =
 # 13 MB), not a tuning knob (the product is memory-bound either way).
@@ -68,15 +71,54 @@ class ExactCandidates:
         return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
-def candidate_source(output: str | os.PathLike, vectors: np.ndarray) -> CandidateSource:
+class AnnCandidates:
+    """The output's saved approximate kNN index (`hades_gpu.graph.ann`, built with the kNN edges):
+    FAISS ids are mapped to this table's rows through the chunk ids."""
+
+    def __init__(self, index, chunk_ids: list[str]):
+        self.index = index
+        row_of = {cid: i for i, cid in enumerate(chunk_ids)}
+        self.rows = np.array([row_of.get(c, -1) for c in index.chunk_ids.tolist()], dtype=np.int64)
+        info = index.info
+        self.description = (f"approximate (FAISS, nprobe {index.nprobe}, measured recall@{info.k} "
+                            f"{info.recall_at_k:.3f}) over {len(chunk_ids)} chunks")
+
+    def nearest(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, sims = self.index.search(_normalised(np.atleast_2d(queries)), int(n))
+        rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
+        keep = rows >= 0
+        m = int(keep.sum(1).min()) if rows.size else 0  # a row per query for every query
+        out_rows = np.stack([r[k][:m] for r, k in zip(rows, keep)]) if rows.size else rows
+        out_sims = np.stack([s[k][:m] for s, k in zip(sims, keep)]) if rows.size else sims
+        return out_rows, out_sims.astype(np.float32)
+
+
+def candidate_source(output: str | os.PathLike, vectors: np.ndarray, chunk_ids: Optional[list[str]] = None,
+                     exact_max_rows: int = 20_000) -> CandidateSource:
     """The first stage for an output's chunk vectors (rows in `read_chunks` order).
 
-    Exact for now, whatever the size. The approximate index the kNN edges use, built once and kept
-    in the output, plugs in here for large outputs (open it from `output` when present and its rows
-    match `vectors`): anything with `nearest(queries, n)` and a `description`.
+    Exact up to `exact_max_rows` chunks (`graph.knn_exact_max_nodes`, the size where the kNN edges
+    switch too). Above it, the approximate index the kNN edges were built with and saved in the
+    output (`<output>/index/`), if it is there and still of these chunks and vectors (its content
+    fingerprint); else exact, with one line saying why.
     """
-    del output  # read by the approximate index once it exists; the exact scan needs only the vectors
-    return ExactCandidates(vectors)
+    if chunk_ids is None or vectors.shape[0] <= exact_max_rows:
+        return ExactCandidates(vectors)
+    from hades_gpu.graph.ann import IndexUnusable, fingerprint, load_index
+
+    ids = np.asarray(chunk_ids, dtype=object)
+    order = np.argsort(ids, kind="stable")  # the graph's order: by chunk id, first copy of a duplicate
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    order = order[first]
+    try:
+        index = load_index(output)
+        if index.fingerprint != fingerprint(ids[order], vectors[order]):
+            raise IndexUnusable("it is of other chunks or vectors (stale)")
+    except IndexUnusable as err:
+        log.warning("search: the kNN index of %s is unusable (%s); searching exactly", output, err)
+        return ExactCandidates(vectors)
+    return AnnCandidates(index, list(chunk_ids))
 
 
-__all__ = ["CandidateSource", "ExactCandidates", "candidate_source"]
+__all__ = ["AnnCandidates", "CandidateSource", "ExactCandidates", "candidate_source"]

@@ -129,7 +129,8 @@ class Searcher:
         self.texts: list[str] = table.column("text").to_pylist()
         self.vectors = embeddings_to_numpy(table.column("embedding"))
         self.row_of = {cid: i for i, cid in enumerate(self.chunk_ids)}
-        self.candidates = candidates if candidates is not None else candidate_source(self.output, self.vectors)
+        self.candidates = candidates if candidates is not None else candidate_source(
+            self.output, self.vectors, self.chunk_ids, cfg.graph.knn_exact_max_nodes)
         self._own_embedder = embedder is None
         if embedder is None:
             from hades_gpu.embedding.factory import build_embedder

@@ -52,3 +52,24 @@ def test_real_corpus_isne_compares_weighted_and_unweighted_edges(tmp_path: Path,
     assert r["runs"]["weighted"]["vector_sum"] != r["runs"]["unweighted"]["vector_sum"]
     assert "ISNE, weighted edges" in isne_real.table(r)
     assert np.isfinite(r["graph_seconds"])
+
+
+def test_the_graph_job_reports_knn_and_isne_rows(tmp_path: Path) -> None:
+    """`hades-bench bench=graph` (run_job) on the sample corpus with tiny sizes: kNN rows (real and
+    SYNTHETIC-labelled), ISNE rows for each planted-partition size and the corpus's chunk graph."""
+    from hades_gpu.benchmarks import jobs
+    from hades_gpu.benchmarks.config import BenchConfig
+
+    cfg = load_pipeline_config(profile="low_memory", overrides=["monitoring.progress=off", "isne.dim=16"])
+    cfg.corpus = str(REPO / "examples" / "sample_corpus")
+    bench = BenchConfig(job="graph", knn_sizes=[3000], knn_exact_sizes=[3000], isne_sizes=[2000],
+                        isne_max_batches=2, isne_real_epochs=1)
+    r = jobs.run_job(cfg, bench, tmp_path / "job", job_info={})
+    assert r["status"] == "ok", r["error"]
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["isne"] == json.loads(json.dumps(r["isne"]))
+    assert any(row["data"] != "real" for row in r["knn"]["rows"])
+    sizes = r["isne"]["planted_partition"]["sizes"]
+    assert [s["nodes"] for s in sizes] == [2000] and sizes[0]["pairs_per_s"] > 0
+    chunk = r["isne"]["chunk_graph"]
+    assert chunk["nodes"] == r["chunks"] and set(chunk["runs"]) == {"weighted", "unweighted"}
+    assert all(run["epochs"] == 1 for run in chunk["runs"].values())

@@ -334,7 +334,8 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     ids = _write_output(tmp_path, {f"d{i}.md": 2 + i % 3 for i in range(9)} | {"alone.md": 1})
     cfg = _cfg()
     m = run_isne_stage(cfg, tmp_path, epochs=2, batch_size=16)
-    assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "seconds", "model_path",
+    assert m["knn"]["method"] == "exact"  # 10 documents: far below graph.knn_exact_max_nodes
+    assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "knn", "seconds", "model_path",
                       "embeddings_path", "mode", "epochs_run", "best_epoch", "best_val_auc", "stopped_early",
                       "stopped_by_budget", "time_budget_s", "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
                       "history"}

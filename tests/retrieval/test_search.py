@@ -179,3 +179,35 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
     assert search_cli([str(copy), "q", "search.k=0"]) == 2
     assert "search.k must be >= 1" in capsys.readouterr().err
 
+
+
+def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damaged(
+        search_output, embedder, queries, tmp_path, caplog):
+    """Above graph.knn_exact_max_nodes the first stage is the FAISS index the kNN edges were built
+    with (kept in the output): the docstring queries still find their function; a damaged index
+    file gives one line and an exact search, never wrong rows."""
+    import logging
+
+    from hades_gpu.graph.build import build_graph
+    from hades_gpu.retrieval.candidates import AnnCandidates
+
+    out = tmp_path / "out"
+    shutil.copytree(search_output[0], out)
+    cfg = _cfg("graph.knn_exact_max_nodes=1")
+    build_graph(out, cfg.graph)  # writes <out>/index/ on the ANN path
+    assert (out / "index" / "knn.json").is_file()
+    with Searcher(out, cfg, embedder=embedder) as s:
+        assert isinstance(s.candidates, AnnCandidates) and "approximate" in s.candidates.description
+        exact = ExactCandidates(s.vectors)
+        q = s.vectors[:20]
+        rows, sims = s.candidates.nearest(q, 5)
+        assert rows.shape == (20, 5) and (rows >= 0).all()
+        np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", exact.vectors[:20], exact.vectors[rows]), atol=1e-4)
+        want, _ = exact.nearest(q, 1)
+        assert (rows[:, 0] == want[:, 0]).mean() >= 0.9  # each chunk finds itself (or an identical twin)
+        assert hit_rate(s, queries, 10, one_by_one=False).rate >= 0.9
+    (out / "index" / "knn.faiss").write_bytes(b"damaged")
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.candidates"):
+        with Searcher(out, cfg, embedder=embedder) as s:
+            assert isinstance(s.candidates, ExactCandidates)
+    assert sum("unusable" in m for m in caplog.messages) == 1
