@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hades_gpu.isne.inference import neighbor_mean
-from hades_gpu.isne.sampling import CSRGraph, bag_weights, sample_neighbor_slots
+from hades_gpu.isne.sampling import CSRGraph, bag_index, bag_weights, sample_neighbor_slots
 
 
 
@@ -185,7 +185,7 @@ class _NeighborMean(torch.autograd.Function):
             rows = nbrs
             vals = grad.new_zeros(0, d)
         else:
-            bag = torch.repeat_interleave(torch.arange(counts.numel(), device=nbrs.device), counts)  # (M,)
+            bag = bag_index(counts)  # (M,)
             order = torch.argsort(nbrs)
             rows, per_row = torch.unique_consecutive(nbrs[order], return_counts=True)  # (R,), (R,)
             row_offsets = torch.cumsum(per_row, 0) - per_row
@@ -203,8 +203,7 @@ def neighbor_mean_rows(weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Te
     """h() of U bags of θ rows ((M,) ids laid out bag after bag, optional (M,) slot weights that sum
     to 1 per bag; default 1/count) -> (U, d); sparse or dense gradient."""
     if slot_w is None:
-        bag = torch.repeat_interleave(torch.arange(counts.numel(), device=nbrs.device), counts)
-        slot_w = (1.0 / counts.clamp_min(1).float())[bag]
+        slot_w = (1.0 / counts.clamp_min(1).float())[bag_index(counts)]
     if torch.is_grad_enabled() and weight.requires_grad:
         return _NeighborMean.apply(weight, nbrs, offsets, counts, slot_w, sparse_grad)
     return F.embedding_bag(nbrs, weight, offsets, mode="sum", per_sample_weights=slot_w.to(weight.dtype))

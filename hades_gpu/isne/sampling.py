@@ -189,11 +189,16 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
     return csr.col[edges], offsets, counts
 
 
+def bag_index(counts: Tensor) -> Tensor:
+    """The bag (node) of each slot of runs laid out bag after bag: int64 (sum(counts),)."""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+
 def bag_weights(csr: CSRGraph, edges: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
     r"""Per-slot weights of the neighbour mean: :math:`w_e / \sum_{e' \in \mathrm{bag}} w_{e'}`
     (float32 (M,)); 1 / count without edge weights. With them, h() is the weighted mean
     :math:`\sum_n w_{vn} \theta_n / \sum_n w_{vn}` over the (sampled) neighbours."""
-    bag = torch.repeat_interleave(torch.arange(counts.numel(), device=edges.device), counts)  # (M,)
+    bag = bag_index(counts)  # (M,)
     if csr.weight is None:
         return (1.0 / counts.clamp_min(1).float())[bag]
     w = csr.weight[edges]

@@ -101,9 +101,9 @@ DEFAULT_LR: dict[str, float] = {"rowwise_adagrad": 0.1, "sparse_adam": 0.01, "ad
 def make_optimizer(params: list[Tensor], cfg: IsneConfig) -> torch.optim.Optimizer:
     """`isne.optimizer` over θ: row-wise Adagrad, lazy (row-sparse) Adam, or dense Adam. The model's
     gradients have sorted, unique rows and are cleared every step, so the row optimizers trust them."""
-    if cfg.optimizer == IsneOptimizer.ROWWISE_ADAGRAD:
-        return RowwiseAdagrad(params, lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer], rows_unique=True)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[str(cfg.optimizer)]
+    if cfg.optimizer == IsneOptimizer.ROWWISE_ADAGRAD:
+        return RowwiseAdagrad(params, lr=lr, rows_unique=True)
     if cfg.optimizer == IsneOptimizer.SPARSE_ADAM:
         return RowSparseAdam(params, lr=lr, rows_unique=True)
     return torch.optim.Adam(params, lr=lr)
