@@ -157,7 +157,10 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
                                ("hades_gpu.store.lock", "OutputLockedError"),  # another run holds the output
                                ("hades_gpu.store.manifest", "ManifestError"),
                                ("hades_gpu.store.reader", "DamagedOutputError"),
-                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"))):
+                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"),
+                               ("hades_gpu.store.shard_map", "ShardMapError"),  # output sharded another way
+                               ("hades_gpu.cluster.driver", "ClusterRunError"),  # a shard failed every retry
+                               ("hades_gpu.cluster.runtime", "ClusterConnectError"))):
         return 1, _one_line(str(err))
     if isinstance(err, sqlite3.DatabaseError):
         return 1, f"manifest database error: {_one_line(str(err))}"
@@ -267,7 +270,15 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
         raise ConfigError("corpus=<dir-or-file> is required")
     if not Path(cfg.corpus).exists():
         raise ConfigError(f"corpus must be an existing file or folder (got {cfg.corpus!r})")
-    result = TextParallelPipeline(cfg).process_batch([cfg.corpus], output=out)
+    if cfg.cluster.mode != "none":
+        from hades_gpu.cluster import ClusterIngest  # the [cluster] extra: imported only when asked for
+
+        result = ClusterIngest(cfg).run([cfg.corpus], out)
+        c = result.metrics.get("cluster", {})
+        print(f"{out}: cluster ({c.get('mode')}): {c.get('shards')} shard(s), {c.get('shards_done_earlier', 0)} done "
+              f"earlier, {c.get('retries', 0)} retried; {result.metrics.get('wall_s', 0.0):.1f} s")
+    else:
+        result = TextParallelPipeline(cfg).process_batch([cfg.corpus], output=out)
     print(f"{out}: {result.documents_ingested} document(s) ingested, {result.chunks_written} chunk(s), "
           f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped; "
           f"{result.metrics.get('chunks_per_s', 0.0):.1f} chunks/s")

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from hades_gpu.records import ShardSpec
+
 CONF_DIR_ENV = "HADES_GPU_CONF_DIR"
 
 
@@ -293,13 +295,41 @@ class SearchConfig:
     snippet_chars: int = 240  # characters of each hit's text printed
 
 
+class ClusterMode(Choice):
+    NONE = "none"  # this process only (the single-box path: Ray is never imported)
+    LOCAL = "local"  # a Ray instance started on this machine: one shard per GPU (or per CPU share)
+    RAY = "ray"  # an existing Ray cluster (`address`)
+
+
+@dataclass
+class ClusterConfig:
+    """`cluster=ray|local`: shards of one corpus as Ray tasks, then the graph and ISNE stage once."""
+
+    mode: str = "none"  # ClusterMode
+    address: str = "auto"  # ray: `auto` (RAY_ADDRESS or a local `ray start`) or <head-ip>:<port>
+    shards: int = 0  # shards of the corpus; 0 = 4 per node that can run one (more shards than workers)
+    num_cpus_per_shard: float = 0.0  # 0 = profile.num_workers + 1 (the workers and the router)
+    num_gpus_per_shard: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    max_retries: int = 3  # a failed or lost shard task is submitted again this often (it resumes)
+    task_timeout_s: float = 86400.0  # one shard task longer than this is cancelled and retried
+    lock_wait_s: float = 120.0  # a retried shard waits this long for its previous attempt's lock
+    connect_timeout_s: float = 120.0  # ray.init and every wait on the cluster time out
+    poll_s: float = 1.0  # how often the driver checks tasks and refreshes progress
+    object_store_bytes: int = 256 * 2**20  # cluster=local: Ray's object store (its default is 30% of RAM)
+    stage_num_cpus: float = 1.0  # the graph and ISNE task (with one GPU when the cluster has GPUs)
+    # passed to ray.init (e.g. {working_dir: ., env_vars: {...}}) when the package is not installed on the nodes
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class PipelineConfig:
     """The whole job: where to read, where to write, and every stage's settings."""
 
     corpus: Optional[str] = None
     output: Optional[str] = None
-    shard: str = "s0"  # part files and the manifest are named per shard (scale-out later)
+    # `i/n` (e.g. 3/16): ingest only shard i of n (documents.sharding), for a user's own scheduler; a
+    # plain name (default s0) ingests the whole corpus under that name
+    shard: str = "s0"
     seed: int = 0
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     documents: DocumentsConfig = field(default_factory=DocumentsConfig)
@@ -310,6 +340,7 @@ class PipelineConfig:
     isne: IsneConfig = field(default_factory=IsneConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:
@@ -499,6 +530,27 @@ def validate(cfg: PipelineConfig) -> None:
     _check(0 <= s.isne_weight <= 1, "search.isne_weight", "in [0, 1]", s.isne_weight)
     _check(s.isne_seeds >= 1, "search.isne_seeds", ">= 1", s.isne_seeds)
     _check(s.snippet_chars >= 0, "search.snippet_chars", ">= 0", s.snippet_chars)
+    _validate_cluster(cfg)
+
+
+def _validate_cluster(cfg: PipelineConfig) -> None:
+    try:
+        ShardSpec.parse(cfg.shard)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    k = cfg.cluster
+    _choice(k.mode, ClusterMode, "cluster.mode")
+    _check(k.shards >= 0, "cluster.shards", ">= 0 (0 = automatic)", k.shards)
+    _check(k.num_cpus_per_shard >= 0, "cluster.num_cpus_per_shard", ">= 0 (0 = from the profile)", k.num_cpus_per_shard)
+    _check(k.num_gpus_per_shard >= 0 or k.num_gpus_per_shard == -1, "cluster.num_gpus_per_shard",
+           ">= 0, or -1 (automatic)", k.num_gpus_per_shard)
+    _check(k.max_retries >= 0, "cluster.max_retries", ">= 0", k.max_retries)
+    for key in ("task_timeout_s", "lock_wait_s", "connect_timeout_s", "poll_s"):
+        _check(getattr(k, key) > 0, f"cluster.{key}", "> 0", getattr(k, key))
+    _check(k.object_store_bytes >= 64 * 2**20, "cluster.object_store_bytes", ">= 64 MiB", k.object_store_bytes)
+    _check(k.stage_num_cpus > 0, "cluster.stage_num_cpus", "> 0", k.stage_num_cpus)
+    _check(not (k.mode != ClusterMode.NONE and ShardSpec.parse(cfg.shard).sharded), "shard",
+           "unset (s0) with cluster=ray|local: the driver picks the shards", cfg.shard)
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +50,49 @@ def _fsencode(path: str) -> bytes:
         return os.fsencode(path)
     except UnicodeEncodeError:  # a surrogate that is no escape (not from the OS): keep it, losslessly
         return path.encode("utf-8", "surrogatepass")
+
+
+# ---- shards: ``shard=3/16`` selects one of 16 (`documents.sharding` is the rule) ----
+UNSHARDED = "s0"
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def shard_label(index: int, count: int) -> str:
+    """The name a shard's part files, manifest and lock carry: ``s03of16`` (sorts by index)."""
+    width = len(str(count - 1))
+    return f"s{index:0{width}d}of{count}"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of a run: `index` of `count` (count 1 = the whole corpus), named `label`."""
+
+    index: int
+    count: int
+    label: str
+
+    @property
+    def sharded(self) -> bool:
+        """One of several hash-selected shards (a plain name is the whole corpus)."""
+        return self.count > 1
+
+    @classmethod
+    def parse(cls, text: str) -> "ShardSpec":
+        """``"i/n"`` (0 <= i < n) selects shard i of n; a plain name (``s0``, the default) is the
+        whole corpus written under that name. Raises ValueError with one line otherwise."""
+        text = str(text).strip()
+        m = _SPEC.match(text)
+        if m:
+            index, count = int(m.group(1)), int(m.group(2))
+            if count < 1 or not 0 <= index < count:
+                raise ValueError(f"shard must be i/n with 0 <= i < n (got {text!r})")
+            if count == 1:
+                return cls(0, 1, UNSHARDED)
+            return cls(index, count, shard_label(index, count))
+        if not _NAME.match(text):
+            raise ValueError(f"shard must be i/n (e.g. 3/16) or a name of letters, digits, '_', '-', '.' (got {text!r})")
+        return cls(0, 1, text)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ stamp=.venv/.hades-gpu-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   .venv/bin/pip install -q -c constraints.txt "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/pip install -q -c constraints.txt -e ".[serve,test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import hades_gpu, torch, openvino, tritonclient.grpc" \
+  .venv/bin/pip install -q -c constraints.txt -e ".[serve,test,cluster]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import hades_gpu, torch, openvino, tritonclient.grpc, ray" \
     || { echo "bootstrap: install failed" >&2; exit 1; }
   touch "$stamp"
 fi

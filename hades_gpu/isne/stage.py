@@ -40,6 +40,7 @@ from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
+from hades_gpu.records import UNSHARDED, ShardSpec
 from hades_gpu.store.atomic import atomic_write_parquet
 from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, edges_path, isne_embeddings_path, isne_model_path,
                                     metrics_path)
@@ -50,6 +51,13 @@ log = logging.getLogger(__name__)
 
 class NotAnIngestOutputError(FileNotFoundError):
     """The folder given to ISNE training is not a hades-ingest output (no manifest.json)."""
+
+
+def stage_shard_name(shard: str) -> str:
+    """The name the stage's files carry: the run's shard name, except that every ``shard=i/n`` run
+    (and the cluster driver) writes the unsharded name, so an output holds one ISNE embeddings file."""
+    spec = ShardSpec.parse(shard)
+    return UNSHARDED if spec.sharded else spec.label
 
 
 def training_budget_s(cfg: IsneConfig, output_dir: Path, n_chunks: int) -> Optional[float]:
@@ -138,7 +146,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         return metrics
 
     mpath = isne_model_path(output_dir)
-    epath = isne_embeddings_path(output_dir, cfg.shard)
+    epath = isne_embeddings_path(output_dir, stage_shard_name(cfg.shard))
     metrics.update(model_path=str(mpath), embeddings_path=str(epath))
     do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
     chunk_ids = graph.chunk_ids

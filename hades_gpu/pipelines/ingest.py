@@ -3,6 +3,11 @@
 `TextParallelPipeline(config).process_batch(paths)` is the seed's API. It resumes by itself: a
 document whose size and mtime match the manifest is not read again, one whose content hash matches
 is not embedded again, and one that changed replaces its old rows.
+
+With ``shard=i/n`` it ingests only shard i of n (`documents.sharding`; the output's shard map fixes
+which files those are) under that shard's own lock, manifest, part files and metrics, and records
+the shard as finished (`store.shard_map`); the graph and ISNE stage is then left for one run over
+all shards (`hades-isne`, or the cluster driver, `hades_gpu.cluster`).
 """
 
 from __future__ import annotations
@@ -17,17 +22,20 @@ from typing import Any, Optional, Sequence, Union
 
 from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document
-from hades_gpu.documents.discovery import discover
+from hades_gpu.documents.discovery import Skip, discover
+from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.gpu.slabs import SlabRing
-from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, DocumentResult
+from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, DocumentResult, ShardSpec
 from hades_gpu.store.atomic import atomic_write_bytes
-from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.layout import metrics_path, shard_metrics_path
 from hades_gpu.store.lock import OutputLock
+from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
+                                       write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
 from hades_gpu.store.writer import DatasetWriter
 
@@ -83,8 +91,9 @@ def _worker_process(ref: DocumentRef, documents_cfg: Any, chunking_cfg: Any, for
     return process_document(ref, documents_cfg, chunking_cfg)
 
 
-def _write_metrics(out: Path, snapshot: dict[str, Any]) -> None:
-    atomic_write_bytes(metrics_path(out), json.dumps(snapshot, indent=2, default=str).encode())
+def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> None:
+    path = shard_metrics_path(out, shard.label) if shard is not None and shard.sharded else metrics_path(out)
+    atomic_write_bytes(path, json.dumps(snapshot, indent=2, default=str).encode())
 
 
 class IngestPipeline:
@@ -101,15 +110,21 @@ class IngestPipeline:
     def __init__(self, config: Optional[PipelineConfig] = None, embedder: Optional[Embedder] = None) -> None:
         self.config = to_pipeline_config(config) if config is not None else load_pipeline_config()
         self._embedder = embedder
+        self.shard = ShardSpec.parse(self.config.shard)
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The job: ingest `paths` (files and/or folders) into `output` (default: `config.output`),
         then, when `isne.enabled`, the graph and ISNE stage (`hades_gpu.isne.stage`) over it. The
         output's lock (`store.lock`, per shard) is held for the whole job: a second run on the same
-        output and shard raises `OutputLockedError` at once."""
-        with OutputLock(self._output_dir(output), self.config.shard):
+        output and shard raises `OutputLockedError` at once. A ``shard=i/n`` run ingests its shard
+        only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
+        with OutputLock(self._output_dir(output), self.shard.label):
             result = self.ingest(paths, output)
-            if self.config.isne.enabled:
+            if self.config.isne.enabled and self.shard.sharded:
+                log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
+                         "after the last shard (cluster=ray does it by itself)", self.shard.index, self.shard.count,
+                         result.output_dir)
+            elif self.config.isne.enabled:
                 result.isne = self._run_isne(result.output_dir)
                 result.metrics["isne"] = result.isne
                 _write_metrics(result.output_dir, result.metrics)
@@ -125,22 +140,44 @@ class IngestPipeline:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out = self._output_dir(output)
-        with OutputLock(out, self.config.shard):
-            return self._ingest(paths, out)
+        with OutputLock(out, self.shard.label):
+            sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+            refs, skips = discover([str(p) for p in sources], self.config.documents)
+            return self._ingest(refs, skips, out)
 
-    def _ingest(self, paths: Union[PathLike, Sequence[PathLike]], out: Path) -> IngestResult:
+    def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:
+        """The ingest stage over documents discovered elsewhere (the cluster driver discovers once and
+        hands every shard task its refs), under the output's lock for this shard. With ``shard=i/n``
+        the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
+        out = Path(output)
+        with OutputLock(out, self.shard.label):
+            return self._ingest(list(refs), list(skips), out)
+
+    def _select_shard(self, refs: list[DocumentRef], skips: list[Skip], out: Path) -> tuple[list[DocumentRef], list[Skip]]:
+        """This run's documents: all of them, or shard i of n's under the output's shard map."""
+        if not self.shard.sharded:
+            check_unsharded(out, self.shard.label)
+            return refs, skips
+        smap = ensure_shard_map(out, self.shard.count, refs)
+        mine = select_refs(refs, smap.cuts, self.shard.index)
+        # discovery's skips (paths not documents) are reported by shard 0 only, so a sum over shards counts each once
+        return mine, (skips if self.shard.index == 0 else [])
+
+    def _ingest(self, refs: list[DocumentRef], skips: list[Skip], out: Path) -> IngestResult:
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
-        sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder
 
         metrics = RunMetrics()
-        refs, skips = discover([str(p) for p in sources], cfg.documents)
+        refs, skips = self._select_shard(refs, skips, out)
+        if self.shard.sharded:
+            clear_shard_done(out, self.shard.label)  # exists again only once this run has finished
+        fingerprint = plan_fingerprint(refs) if self.shard.sharded else ""
         for skip in skips:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
         metrics.documents_total = len(refs) + len(skips)
 
-        writer = DatasetWriter(out, cfg.shard, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
+        writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
         resume = ResumePolicy(writer.manifest)
         todo: list[DocumentRef] = []
         for ref in refs:
@@ -228,7 +265,14 @@ class IngestPipeline:
         snapshot["parts_written"] = writer.parts_written
         snapshot["config"] = config_to_dict(cfg)
         result.metrics = snapshot
-        _write_metrics(out, snapshot)
+        _write_metrics(out, snapshot, self.shard)
+        if self.shard.sharded:
+            write_shard_done(out, self.shard.label, {
+                "shard": self.shard.label, "index": self.shard.index, "count": self.shard.count,
+                "fingerprint": fingerprint, "documents_total": result.documents_total,
+                "documents_ingested": result.documents_ingested, "documents_unchanged": result.documents_unchanged,
+                "chunks_written": result.chunks_written, "skipped": result.skipped,
+                "wall_s": snapshot.get("wall_s"), "host": os.uname().nodename, "pid": os.getpid()})
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
                  result.documents_skipped)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hades_gpu.config import PipelineConfig
-from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage
+from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
 from hades_gpu.store.layout import isne_embeddings_path, isne_model_path
 from hades_gpu.store.reader import is_ingest_output
 
@@ -65,4 +65,4 @@ class ISNETrainingPipeline:
                 f"`hades-ingest corpus=<folder> output={path}` first, or set output=<dir> to ingest it here")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
         return ISNETrainingResult(output_dir=path, model_path=isne_model_path(path),
-                                  embeddings_path=isne_embeddings_path(path, self.config.shard), metrics=metrics)
+                                  embeddings_path=isne_embeddings_path(path, stage_shard_name(self.config.shard)), metrics=metrics)

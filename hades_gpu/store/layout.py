@@ -12,7 +12,9 @@ One place for names and schemas, so the writer, every reader, the graph and the 
 <output>/index/knn.faiss                         approximate kNN index (graph.ann, FAISS format)
 <output>/index/knn-ids.parquet                   chunk_id of each FAISS id, in id order
 <output>/index/knn.json                          its metric, nprobe, recall, fingerprint, checksums
-<output>/metrics.json                            run metrics
+<output>/metrics.json                            run metrics (a cluster run: the driver's, over all shards)
+<output>/metrics-<shard>.json                    one shard's run metrics (shard=i/n runs)
+<output>/shards.json, shards/<shard>.json        the shard map and finished shards (store.shard_map)
 ```
 """
 
@@ -112,3 +114,7 @@ def knn_index_meta_path(output: Path) -> Path:
 
 def metrics_path(output: Path) -> Path:
     return Path(output) / METRICS_FILE
+
+
+def shard_metrics_path(output: Path, shard: str) -> Path:
+    return Path(output) / f"metrics-{shard}.json"

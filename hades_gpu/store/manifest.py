@@ -331,6 +331,23 @@ def committed_parts(output: Path) -> list[str]:
     return sorted(set(parts))
 
 
+def committed_document_count(output: Path, shard: str) -> int:
+    """Documents shard `shard` of `output` has committed so far (0 when it has no manifest yet);
+    read-only, safe while that shard's run writes (the cluster driver's progress)."""
+    path = manifest_path(Path(output), shard)
+    if not path.is_file():
+        return 0
+    try:
+        conn = _connect(path, readonly=True)
+        try:
+            row = conn.execute("SELECT COUNT(*) FROM documents").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return 0  # being created this moment: counted at the next poll
+    return int(row[0]) if row else 0
+
+
 def has_manifest(output: Path) -> bool:
     output = Path(output)
     return any(output.glob("manifest-*.sqlite")) or any(output.glob("manifest*.json"))

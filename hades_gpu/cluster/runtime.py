@@ -1,0 +1,106 @@
+"""Connecting to Ray for a run: an existing cluster (`cluster=ray`) or one started here (`local`).
+
+Why the environment is set before `ray.init` (FACTS.md, Ray 2.60 on these machines): usage reporting
+is on unless ``RAY_USAGE_STATS_ENABLED=0``; a local Ray listens on every interface unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (then everything stays on 127.0.0.1). Both are defaults a
+user's own environment overrides. `ray.init` against an address nobody answers retries for a long
+time, so a ``host:port`` address is first checked with a plain TCP connect under
+`cluster.connect_timeout_s`, and a failure is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Any, Iterator
+
+from hades_gpu.config import ClusterConfig, ClusterMode, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ClusterConnectError(RuntimeError):
+    """Ray is missing, or the cluster could not be reached in time."""
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError("cluster=ray|local needs Ray: pip install 'hades-gpu[cluster]'") from err
+    return ray
+
+
+def _init_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.runtime_env:
+        kwargs["runtime_env"] = dict(cfg.runtime_env)
+    if cfg.mode == ClusterMode.LOCAL:
+        kwargs.update(address="local", include_dashboard=False, object_store_memory=int(cfg.object_store_bytes),
+                      _node_ip_address="127.0.0.1")
+    else:
+        kwargs["address"] = cfg.address or "auto"
+    return kwargs
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
+    """`ray`, initialised for this run and shut down after it (unless the caller had already
+    initialised it: then their session is used and left running)."""
+    ray = import_ray()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.mode == ClusterMode.LOCAL:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs = _init_kwargs(cfg)
+    where = "a local Ray" if cfg.mode == ClusterMode.LOCAL else f"the Ray cluster at {kwargs['address']!r}"
+    if cfg.mode != ClusterMode.LOCAL:
+        _check_reachable(str(kwargs["address"]), cfg.connect_timeout_s)
+    try:
+        ray.init(**kwargs)  # in the caller's thread: Ray sets signal handlers and fails elsewhere
+    except Exception as err:  # noqa: BLE001 - one line for the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClusterConnectError(f"could not connect to {where}: {first}") from err
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """A `<host>:<port>` address must accept a TCP connection within `timeout_s`: ray.init itself
+    would retry for minutes against an address nobody answers. (`auto` is Ray's to resolve.)"""
+    if address in ("auto", "local") or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as err:
+        raise ClusterConnectError(f"could not connect to the Ray cluster at {address!r}: {err}; is `ray start "
+                                  f"--head` running there (cluster.address)?") from err
+
+
+def node_slots(ray: Any, num_cpus: float, num_gpus: float) -> int:
+    """How many shard tasks of this shape the live nodes can run at once (at least 1)."""
+    slots = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        fit = int(res.get("CPU", 0) // num_cpus) if num_cpus > 0 else 1 << 20
+        if num_gpus > 0:
+            fit = min(fit, int(res.get("GPU", 0) // num_gpus))
+        slots += max(0, fit)
+    return max(1, slots)
+
+
+def cluster_gpus(ray: Any) -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+__all__ = ["ray_session", "import_ray", "node_slots", "cluster_gpus", "ClusterConnectError"]
