@@ -301,7 +301,8 @@ class ClusterIngest:
             "shards": [{"shard": r.label, "documents": len(r.refs), "bytes": sum(x.size for x in r.refs),
                         "attempts": r.attempts, "seconds": r.seconds, "done_earlier": r.done_earlier,
                         "errors": r.errors, "task_wall_s": (r.summary or {}).get("wall_s"),
-                        "host": (r.summary or {}).get("host"), "gpu": (r.summary or {}).get("gpu")} for r in runs],
+                        "host": (r.summary or {}).get("host"), "node": (r.summary or {}).get("node"),
+                        "gpu": (r.summary or {}).get("gpu")} for r in runs],
             "config": config_to_dict(self.config),
         }
 

@@ -29,8 +29,18 @@ def summarize(result: IngestResult, label: str, nothing_ingested: bool = False) 
         "documents_unchanged": result.documents_unchanged, "chunks_written": result.chunks_written,
         "skipped": list(result.skipped), "wall_s": float(metrics.get("wall_s", 0.0) or 0.0),
         "nothing_ingested": nothing_ingested, "host": socket.gethostname(), "pid": os.getpid(),
-        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "node": _node_id(),
     }
+
+
+def _node_id() -> str:
+    """The Ray node this task runs on ("" outside Ray), for the driver's per-shard report."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - a report field only
+        return ""
 
 
 def ingest_shard(cfg: PipelineConfig, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -272,7 +273,8 @@ class IngestPipeline:
                 "fingerprint": fingerprint, "documents_total": result.documents_total,
                 "documents_ingested": result.documents_ingested, "documents_unchanged": result.documents_unchanged,
                 "chunks_written": result.chunks_written, "skipped": result.skipped,
-                "wall_s": snapshot.get("wall_s"), "host": os.uname().nodename, "pid": os.getpid()})
+                "wall_s": snapshot.get("wall_s"), "host": os.uname().nodename, "pid": os.getpid(),
+                "finished_unix": time.time()})
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
                  result.documents_skipped)

@@ -4,7 +4,8 @@ embeddings and graph edges are compared with a recorded output (tests/golden/).
 Why: issue 11 reshapes where each concern lives without changing behaviour; this is the proof. The
 record was made by this test with `HADES_WRITE_GOLDEN=1` at the commit named in its `made_at`, with
 the default local embedder on this machine kind. Embeddings are compared by cosine (1.0 on the same
-CPU; >= 0.99999 allowed for another CPU's kernels), everything else exactly.
+CPU; >= 0.99999 allowed for another CPU's kernels), kNN edge weights within what that cosine drift
+allows (a bf16 kernel on another CPU moved one by 1e-3 in CI), everything else exactly.
 """
 
 from __future__ import annotations
@@ -90,4 +91,10 @@ def test_the_sample_corpus_output_matches_the_record(tmp_path, embedder):
     knn_got = {(s, d): w for s, d, k, w in got["edges"] if k == "knn"}
     knn_want = {(s, d): w for s, d, k, w in want["edges"] if k == "knn"}
     assert knn_got.keys() == knn_want.keys()
-    assert max(abs(knn_got[p] - knn_want[p]) for p in knn_want) <= 1e-4
+    # A kNN weight is scale * cosine: if each vector moved by at most angle t, a pair's cosine moves by
+    # at most 2t (|cos a - cos b| <= |a - b|), so the tolerance follows the embeddings' own drift.
+    drift = float(np.arccos(np.clip(cos.min(), -1.0, 1.0)))
+    scale = load_pipeline_config("balanced").graph.knn_weight_scale
+    allowed = 2.0 * drift * abs(scale) + 2e-5  # + the record's 1e-5 rounding on both sides
+    worst = max(abs(knn_got[p] - knn_want[p]) for p in knn_want)
+    assert worst <= allowed, f"kNN weights moved by {worst:.6f} (> {allowed:.6f} from embedding drift {drift:.6f})"
