@@ -56,6 +56,7 @@ def _fsencode(path: str) -> bytes:
 UNSHARDED = "s0"
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_LABEL = re.compile(r"^s\d+of\d+$")  # reserved: the names `i/n` shards write under
 
 
 def shard_label(index: int, count: int) -> str:
@@ -92,6 +93,8 @@ class ShardSpec:
             return cls(index, count, shard_label(index, count))
         if not _NAME.match(text):
             raise ValueError(f"shard must be i/n (e.g. 3/16) or a name of letters, digits, '_', '-', '.' (got {text!r})")
+        if _LABEL.match(text):  # a by-hand name that passes for a hash shard would mix with their map
+            raise ValueError(f"shard {text!r} is a name the i/n shards use: give i/n (e.g. 3/16) or another name")
         return cls(0, 1, text)
 
 

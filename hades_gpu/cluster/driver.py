@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from hades_gpu.cluster.runtime import cluster_gpus, node_slots, ray_session
+from hades_gpu.cluster.runtime import cluster_gpus, largest_cpus, node_slots, ray_session
 from hades_gpu.cluster.tasks import ingest_shard, run_graph_stage
 from hades_gpu.config import ClusterMode, PipelineConfig, ProgressMode, config_to_dict, to_pipeline_config
 from hades_gpu.documents.discovery import Skip, discover
@@ -129,8 +129,23 @@ class ClusterIngest:
     # -- planning --------------------------------------------------------------------------------
     def _shard_shape(self, ray: Any) -> tuple[float, float]:
         k = self.config.cluster
-        cpus = k.num_cpus_per_shard or float(self.config.profile.num_workers + 1)
         gpus = k.num_gpus_per_shard if k.num_gpus_per_shard >= 0 else (1.0 if cluster_gpus(ray) >= 1 else 0.0)
+        room = largest_cpus(ray, gpus)
+        if k.num_cpus_per_shard:
+            cpus = float(k.num_cpus_per_shard)
+            if room < cpus:  # Ray would queue the task forever: say so instead of waiting
+                raise ClusterRunError(f"no node of the cluster offers {cpus:g} CPU(s) and {gpus:g} GPU(s) for one "
+                                      f"shard (largest: {room:g} CPU(s)); lower cluster.num_cpus_per_shard or "
+                                      f"cluster.num_gpus_per_shard")
+            return cpus, gpus
+        cpus = float(self.config.profile.num_workers + 1)
+        if room <= 0:
+            raise ClusterRunError(f"no node of the cluster offers {gpus:g} GPU(s) and a CPU for one shard; "
+                                  f"set cluster.num_gpus_per_shard=0 or add nodes")
+        if room < cpus:  # the profile's workers + router do not fit the biggest node: take all of it
+            log.info("cluster: a shard would want %g CPU(s) (profile.num_workers + 1) but the largest node has %g: "
+                     "each shard task asks for %g", cpus, room, room)
+            cpus = room
         return cpus, gpus
 
     def _shard_count(self, out: Path, slots: int) -> int:

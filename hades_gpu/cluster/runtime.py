@@ -99,8 +99,18 @@ def node_slots(ray: Any, num_cpus: float, num_gpus: float) -> int:
     return max(1, slots)
 
 
+def largest_cpus(ray: Any, num_gpus: float) -> float:
+    """The most CPUs one live node offers among those with `num_gpus` GPUs (0.0 when none has)."""
+    best = 0.0
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("GPU", 0.0) >= num_gpus:
+            best = max(best, float(res.get("CPU", 0.0)))
+    return best
+
+
 def cluster_gpus(ray: Any) -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-__all__ = ["ray_session", "import_ray", "node_slots", "cluster_gpus", "ClusterConnectError"]
+__all__ = ["ray_session", "import_ray", "node_slots", "largest_cpus", "cluster_gpus", "ClusterConnectError"]

@@ -32,7 +32,7 @@ from hades_gpu.store.reader import read_chunks, read_isne_embeddings
 ray = require_module("ray", "the [cluster] extra (Ray) is not installed")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from hades_gpu.cluster import ClusterIngest  # noqa: E402
+from hades_gpu.cluster import ClusterIngest, ClusterRunError  # noqa: E402
 
 COLUMNS = ["chunk_id", "doc_id", "text", "char_start", "char_end", "embedding"]
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # FACTS.md: loopback only
@@ -218,3 +218,15 @@ def test_an_unreachable_cluster_is_one_line_and_exit_1(corpus, tmp_path):
     assert run.returncode == 1, run.stderr[-2000:]
     assert "could not connect to the Ray cluster at '127.0.0.1:9'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_shard_shape_no_node_fits_is_capped_or_refused_never_queued_forever(cluster, tmp_path):
+    """The profile's default (num_workers + 1 CPUs) larger than any node takes a whole node; an explicit
+    shape no node offers is one error at once (Ray itself would leave such a task pending forever)."""
+    base = [o for o in overrides(cluster.address, 2) if not o.startswith(("cluster.num_cpus", "profile.num_workers"))]
+    cfg = load_pipeline_config("balanced", [*base, "profile.num_workers=2"])
+    result = ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "capped")
+    assert result.metrics["cluster"]["num_cpus_per_shard"] == 1.0 and result.chunks_written > 0
+    cfg = load_pipeline_config("balanced", [*base, "cluster.num_cpus_per_shard=4"])
+    with pytest.raises(ClusterRunError, match=r"no node of the cluster offers 4 CPU\(s\) and 0 GPU\(s\)"):
+        ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "refused")
