@@ -2,7 +2,7 @@
 """The scale-out benchmark: `hades-ingest cluster=local` (Ray, one task per shard) against the
 single-box run of the same corpus, in one run (the code: hades_gpu/benchmarks/cluster_bench.py).
 
-Usage: python scripts/bench_cluster.py [--corpus-mb 2.5] [--shards 2] [--profile balanced]
+Usage: python scripts/bench_cluster.py [--corpus-mb 12.5] [--shards 2] [--profile balanced]
                                        [--out docs/bench_cluster.json]
 """
 

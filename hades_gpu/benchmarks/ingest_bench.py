@@ -32,17 +32,23 @@ from hades_gpu.benchmarks.rows import metrics_row
 
 REPO = Path(hades_gpu.__file__).resolve().parent.parent  # the checkout: `python -m hades_gpu.ingest` runs from it
 
-def run_ingest(corpus: Path, output: Path, profile: str, extra: list[str]) -> dict:
+def ingest_subprocess(corpus: Path, output: Path, extra: list[str]) -> tuple[float, dict]:
+    """One `hades-ingest` run in a fresh output: its wall on this clock (process start and model load
+    included) and the metrics.json it wrote."""
     if output.exists():
         shutil.rmtree(output)
-    cmd = [sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={output}", f"profile={profile}",
+    cmd = [sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={output}",
            "isne.enabled=false", "monitoring.progress=off", *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"hades-ingest failed ({profile}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    metrics = json.loads((output / "metrics.json").read_text())
+        raise SystemExit(f"hades-ingest {' '.join(extra)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return wall, json.loads((output / "metrics.json").read_text())
+
+
+def run_ingest(corpus: Path, output: Path, profile: str, extra: list[str]) -> dict:
+    wall, metrics = ingest_subprocess(corpus, output, [f"profile={profile}", *extra])
     return {"profile": profile, **metrics_row(metrics, wall_s=wall)}
 
 
