@@ -194,7 +194,9 @@ class DatasetWriter:
         """The stored rows of `keys` (removed from the store), and rows of abandoned keys dropped."""
         if not self._blocks:
             return None
-        table = pa.Table.from_batches(self._blocks)
+        # one chunk per column first: take/filter over a table of ~1000 small batches (one per embedded
+        # batch) resolve chunks per row and cost ~5x the copy itself (measured: 0.29 s vs 0.01 + 0.12 s)
+        table = pa.Table.from_batches(self._blocks).combine_chunks()
         doc_keys = table.column("doc_key").to_numpy()
         taken = np.isin(doc_keys, np.asarray(keys, dtype=np.int64))
         still = np.isin(doc_keys, np.fromiter(self._pending, dtype=np.int64))
