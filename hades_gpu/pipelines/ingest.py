@@ -12,7 +12,6 @@ all shards (`hades-isne`, or the cluster driver, `hades_gpu.cluster`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
-from hades_gpu.documents.chunking import process_document
+from hades_gpu.documents.chunking import process_document_as
 from hades_gpu.documents.discovery import Skip, discover
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import special_ids, use_model_dir
@@ -31,7 +30,7 @@ from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.gpu.slabs import SlabRing
-from hades_gpu.records import CODE, ChunkedDocument, DocumentRef, DocumentResult, ShardSpec
+from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
 from hades_gpu.store.atomic import atomic_write_bytes
 from hades_gpu.store.layout import metrics_path, shard_metrics_path
 from hades_gpu.store.lock import OutputLock
@@ -83,13 +82,6 @@ class NothingIngestedError(RuntimeError):
         super().__init__(f"nothing ingested: all {result.documents_total} document(s) failed or were skipped "
                          f"({summary}){example}")
         self.result = result
-
-
-def _worker_process(ref: DocumentRef, documents_cfg: Any, chunking_cfg: Any, force_code: bool) -> ChunkedDocument:
-    """Runs in a worker process: read, chunk and tokenize one document."""
-    if force_code and ref.modality != CODE:
-        ref = dataclasses.replace(ref, modality=CODE, language="unknown")
-    return process_document(ref, documents_cfg, chunking_cfg)
 
 
 def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> None:
@@ -231,7 +223,7 @@ class IngestPipeline:
                                length_bucket=cfg.profile.length_bucket, max_seq_len=cfg.embedder.max_seq_len,
                                lookahead_batches=cfg.profile.lookahead_batches, special_ids=special_ids())
                 try:
-                    with WorkerPool(cfg.profile.num_workers, _worker_process,
+                    with WorkerPool(cfg.profile.num_workers, process_document_as,
                                     (cfg.documents, cfg.chunking, self.force_code), ring, packing,
                                     cfg.profile.inflight_docs_per_worker) as pool:
                         metrics.memory.watch(pool.pids)

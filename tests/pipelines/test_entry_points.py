@@ -268,3 +268,25 @@ def test_a_run_without_a_torch_embedder_never_imports_torch(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0].split()
     assert int(line[1]) > 0 and line[2] == "False"
+
+
+def test_the_workers_process_function_imports_only_the_documents_layer(tmp_path):
+    """What a worker unpickles (the pool's process function, as the ingest pipeline passes it) must not
+    drag the pipelines, store or orchestration stages (pyarrow) into every worker's start-up."""
+    import pickle
+
+    from hades_gpu.pipelines import ingest
+
+    payload = pickle.dumps(ingest.process_document_as)
+    script = textwrap.dedent(f"""
+        import pickle, sys
+        import hades_gpu.orchestration.worker_main
+        fn = pickle.loads({payload!r})
+        heavy = sorted(m for m in sys.modules if m.startswith(("hades_gpu.pipelines", "hades_gpu.store",
+                                                                "hades_gpu.orchestration.pipeline", "pyarrow", "torch")))
+        print("RESULT", fn.__module__, heavy)
+    """)
+    proc = _run([sys.executable, "-c", script], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    assert line == "RESULT hades_gpu.documents.chunking []", line
