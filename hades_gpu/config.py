@@ -263,6 +263,7 @@ class IsneConfig:
     min_delta: float = 1e-3  # improvement that counts: relative (walk_loss), absolute (link_auc)
     time_budget_s: Optional[float] = None  # stop training after this many seconds (wins over the next)
     time_budget_vs_embedding: float = 1.0  # else: at most this x the ingest's seconds for the graph's chunks (0: off)
+    keep_freed_memory: bool = True  # CPU training: large step buffers reused from the heap, not re-mapped (isne/host_heap.py)
     device: str = "auto"
     seed: int = 0
     retrain: bool = False  # re-train when documents are added instead of inferring inductively
