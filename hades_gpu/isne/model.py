@@ -55,6 +55,8 @@ class ISNE(nn.Module):
             Node2Vec uses 1.0, which saturates the sigmoid of 64-d dot products and slowed both
             ISNE and the Node2Vec baseline in `scripts/eval_isne.py`: lookup-table Node2Vec reached
             0.31 accuracy instead of 0.78 after the same 20 epochs)
+        generator (torch.Generator, optional): for θ's initial draw (the trainer's is seeded, on the
+            CPU, so CPU and CUDA runs start from the same θ). (default: torch's global one)
 
     Shapes:
         - **θ:** (N, d)
@@ -62,15 +64,17 @@ class ISNE(nn.Module):
     """
 
     def __init__(self, num_nodes: int, dim: int, aggregate: bool = True, sparse: bool = True,
-                 init_std: float = 0.1) -> None:
+                 init_std: float = 0.1, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         self.num_nodes = num_nodes
         self.dim = dim
         self.aggregate = aggregate
         self.sparse = sparse
         self.init_std = init_std
-        self.theta = nn.Embedding(num_nodes, dim, sparse=sparse)
-        self.reset_parameters()
+        # _weight: nn.Embedding would fill a fresh table with N(0, 1) only for reset_parameters to
+        # overwrite it (each fill of a 1e6 x 64 table costs ~0.35 s on the CPU)
+        self.theta = nn.Embedding(num_nodes, dim, sparse=sparse, _weight=torch.empty(num_nodes, dim))
+        self.reset_parameters(generator)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         with torch.no_grad():

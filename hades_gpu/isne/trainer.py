@@ -230,9 +230,9 @@ def train_isne(
     csr = CSRGraph.from_edge_index(split.train, num_nodes, device=dev, edge_weight=split.train_weight)
     has_val = split.val_pos.shape[1] > 0
 
+    # θ drawn once, on the CPU from the seed: CPU and CUDA start alike
     model = ISNE(num_nodes, cfg.dim, aggregate=aggregate, sparse=cfg.optimizer != IsneOptimizer.ADAM,
-                 init_std=cfg.init_std)
-    model.reset_parameters(torch.Generator().manual_seed(cfg.seed))  # on the CPU: CPU and CUDA start alike
+                 init_std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
     model.to(dev)
     params = list(model.parameters())
     opt = make_optimizer(params, cfg)

@@ -158,3 +158,21 @@ def test_neighbor_mean_gradient_matches_plain_autograd(sparse: bool) -> None:
     torch.testing.assert_close(got, ref_w.grad)
     h = neighbor_mean_rows(w, nbrs, offsets, counts, sparse_grad=sparse)
     torch.testing.assert_close(h, torch.stack(bags).detach())
+
+
+def test_theta_is_drawn_once_from_the_given_generator(monkeypatch):
+    """One N(0, init_std^2) draw per model (nn.Embedding's own N(0, 1) fill is skipped), from the
+    generator given: two models from equal seeds start equal, other seeds differ."""
+    calls = []
+    real = torch.Tensor.normal_
+
+    def counting(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "normal_", counting)
+    a = ISNE(50, 8, init_std=0.5, generator=torch.Generator().manual_seed(3))
+    assert calls == [(50, 8)]
+    b = ISNE(50, 8, init_std=0.5, generator=torch.Generator().manual_seed(3))
+    c = ISNE(50, 8, init_std=0.5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.theta.weight, b.theta.weight) and not torch.equal(a.theta.weight, c.theta.weight)
