@@ -138,3 +138,29 @@ def test_too_large_checked_on_read(tmp_path: Path) -> None:
     with pytest.raises(SkipDocument) as info:
         read_document(ref, DocumentsConfig(max_file_bytes=50))
     assert info.value.reason == "too_large" and "100 bytes" in info.value.detail
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_a_file_longer_than_its_stat_size_is_read_whole_or_refused():
+    """read_bytes asks for fstat's size first; a regular file whose content outgrows that size (here
+    /proc/self/status: size 0, some hundred bytes of content) is still read to the end, and still
+    refused above documents.max_file_bytes."""
+    from hades_gpu.documents.reading import read_bytes
+
+    data = read_bytes("/proc/self/status", 1 << 20)
+    assert len(data) > 100 and data.count(b"\n") > 10 and data.startswith(b"Name:")
+    with pytest.raises(SkipDocument) as err:
+        read_bytes("/proc/self/status", 50)
+    assert err.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097])
+def test_files_at_and_around_the_size_limit(tmp_path, size):
+    from hades_gpu.documents.reading import read_bytes
+
+    p = tmp_path / "f.txt"
+    p.write_bytes(b"y" * size)
+    assert read_bytes(str(p), max(size, 1)) == b"y" * size
+    if size:
+        with pytest.raises(SkipDocument):
+            read_bytes(str(p), size - 1)
