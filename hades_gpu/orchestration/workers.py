@@ -43,6 +43,7 @@ from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, Slab
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(hades_gpu.__file__).resolve().parent.parent)
+LIVENESS_CHECK_S = 0.05  # at most this often: waitpid on every worker (see WorkerPool.poll)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class WorkerPool:
         self.restarts = 0
         self.starved_grants = 0
         self._closed = False
+        self._next_liveness_check = 0.0
         # one selector for the pool's life (multiprocessing.connection.wait builds one per call)
         self._selector = selectors.DefaultSelector()
         self._selector.register(ring.wake_socket(), selectors.EVENT_READ, None)
@@ -229,8 +231,15 @@ class WorkerPool:
                         events.append(event)
                 except (EOFError, OSError):
                     worker.dead = True
+        # a dead worker's socket reads EOF (marked dead above); waitpid per worker on every message
+        # as well cost the router ~10% of its CPU at 2 workers, so that check runs at most every
+        # LIVENESS_CHECK_S (it catches an exit whose EOF the select has not reported yet)
+        now = time.monotonic()
+        check_exits = now >= self._next_liveness_check
+        if check_exits:
+            self._next_liveness_check = now + LIVENESS_CHECK_S
         for slot, worker in enumerate(self._workers):
-            if not worker.dead and worker.proc.poll() is not None:
+            if check_exits and not worker.dead and worker.proc.poll() is not None:
                 self._drain(worker, events)  # it exited after the select: read what it sent before dying
                 worker.dead = True
             if worker.dead and not self._closed:

@@ -201,7 +201,8 @@ class DatasetWriter:
         taken = np.isin(doc_keys, np.asarray(keys, dtype=np.int64))
         still = np.isin(doc_keys, np.fromiter(self._pending, dtype=np.int64))
         self._blocks = table.filter(pa.array(still)).to_batches() if still.any() else []
-        return table.filter(pa.array(taken))
+        # a view when every row is taken (the usual case at the end of a run); `_tables` copies once
+        return table if taken.all() else table.filter(pa.array(taken))
 
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
         """A committed document was read again (its size or mtime changed) and its content hash is the
