@@ -12,9 +12,12 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+# omegaconf only where a config is composed or converted: a worker process unpickles these dataclasses
+# and must not pay omegaconf's import (~40 ms each; tests/pipelines/test_entry_points.py)
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 from hades_gpu.records import ShardSpec
 
@@ -412,6 +415,7 @@ def _compose_own_conf(overrides: list[str]) -> DictConfig:
 
 def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
     """Turn a composed DictConfig into a validated `PipelineConfig` dataclass."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(cfg, PipelineConfig):
@@ -428,6 +432,8 @@ def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
 
 
 def _strip_hydra(cfg: DictConfig) -> DictConfig:
+    from omegaconf import OmegaConf
+
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)

@@ -271,19 +271,24 @@ def test_a_run_without_a_torch_embedder_never_imports_torch(corpus, tmp_path):
 
 
 def test_the_workers_process_function_imports_only_the_documents_layer(tmp_path):
-    """What a worker unpickles (the pool's process function, as the ingest pipeline passes it) must not
-    drag the pipelines, store or orchestration stages (pyarrow) into every worker's start-up."""
+    """What a worker unpickles (the pool's process function, as the ingest pipeline passes it, and its
+    config dataclasses) must not drag the pipelines, store or orchestration stages (pyarrow), nor
+    omegaconf/Hydra, into every worker's start-up."""
     import pickle
 
     from hades_gpu.pipelines import ingest
 
-    payload = pickle.dumps(ingest.process_document_as)
+    from hades_gpu.config import load_pipeline_config
+
+    cfg = load_pipeline_config(profile="balanced")
+    payload = pickle.dumps((ingest.process_document_as, (cfg.documents, cfg.chunking)))
     script = textwrap.dedent(f"""
         import pickle, sys
         import hades_gpu.orchestration.worker_main
-        fn = pickle.loads({payload!r})
+        fn, cfgs = pickle.loads({payload!r})
         heavy = sorted(m for m in sys.modules if m.startswith(("hades_gpu.pipelines", "hades_gpu.store",
-                                                                "hades_gpu.orchestration.pipeline", "pyarrow", "torch")))
+                                                                "hades_gpu.orchestration.pipeline", "pyarrow", "torch",
+                                                                "omegaconf", "hydra")))
         print("RESULT", fn.__module__, heavy)
     """)
     proc = _run([sys.executable, "-c", script], cwd=tmp_path)
