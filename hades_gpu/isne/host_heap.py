@@ -12,6 +12,11 @@ from inside a running process, so this sets glibc's own knobs with `mallopt` (`M
 every allocation from the heap; `M_TRIM_THRESHOLD` high: freed memory at its top is not returned
 after every step), restores glibc's defaults afterwards and calls `malloc_trim(0)` so the memory
 goes back to the system once training ends. Elsewhere (musl, macOS, Windows) it does nothing.
+
+Side effects a user should know (off with `isne.keep_freed_memory=false`): the settings are
+process-wide for the duration (other threads' large allocations also come from the heap meanwhile);
+afterwards glibc's *defaults* are restored, not whatever the process had set itself; and glibc
+stops adapting its mmap threshold once `mallopt` was called (its documented behaviour).
 """
 
 from __future__ import annotations

@@ -12,8 +12,15 @@ import pytest
 
 from hades_gpu.isne.host_heap import keep_freed_memory
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's mallopt only")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+                                or not _has_mallinfo2(), reason="glibc's mallopt and mallinfo2 only")
 
 
 class _MallInfo2(ctypes.Structure):
