@@ -216,11 +216,22 @@ def train_isne(
         TrainResult: the model with the best θ, the training CSR and per-epoch history.
     """
     cfg = cfg or IsneConfig()
+    dev = select_device(cfg.device) if device is None else torch.device(device)
+    # CPU: a step's ~100 MB buffers stay in the heap instead of an mmap + page faults per step (host_heap)
+    with keep_freed_memory(cfg.keep_freed_memory and dev.type == "cpu"):
+        return _train_isne(edge_index, num_nodes, cfg, dev, aggregate=aggregate, epochs=epochs, batch_size=batch_size,
+                           max_batches_per_epoch=max_batches_per_epoch, split=split, time_budget_s=time_budget_s,
+                           edge_weight=edge_weight)
+
+
+def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.device, *, aggregate: bool,
+                epochs: Optional[int], batch_size: Optional[int], max_batches_per_epoch: Optional[int],
+                split: Optional[EdgeSplit], time_budget_s: Optional[float], edge_weight: Optional[Tensor]) -> TrainResult:
+    """`train_isne` on a resolved device."""
     t_all = time.perf_counter()
     time_budget_s = cfg.time_budget_s if time_budget_s is None else time_budget_s
     epochs = cfg.epochs if epochs is None else epochs
     batch_size = cfg.batch_size if batch_size is None else batch_size
-    dev = select_device(cfg.device) if device is None else torch.device(device)
     amp = bool(cfg.amp and dev.type == "cuda")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -253,65 +264,63 @@ def train_isne(
     if max_batches_per_epoch is not None:
         n_batches = min(n_batches, max_batches_per_epoch)
     length, k = cfg.walk_length, cfg.num_negatives
-    # CPU: a step's ~100 MB buffers stay in the heap instead of an mmap + page faults per step (host_heap)
-    with keep_freed_memory(cfg.keep_freed_memory and dev.type == "cpu"):
-        t_train = time.perf_counter()
-        for epoch in range(1, epochs + 1):
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=dev)  # accumulated on the device: no per-step sync
-            pairs = torch.zeros((), dtype=torch.long, device=dev)
-            perm = starts[torch.randperm(starts.numel(), generator=gen, device=dev)]
-            done = 0
-            for b in range(n_batches):
-                if time_budget_s is not None and time.perf_counter() - t_train >= time_budget_s:
-                    result.stopped_by_budget = True  # stop at a batch boundary; the epoch so far counts
-                    break
-                batch = perm[b * batch_size:(b + 1) * batch_size]  # (B,)
-                walks = random_walks(csr, batch.repeat(cfg.walks_per_node), length, gen)  # (W, L)
-                neg = draw_negatives(starts, (k * walks.shape[0], length), cfg.negative_pool, gen)
-                loss, n_pos = model.loss(walks, neg, csr, cfg.context_size, cfg.fanout, gen, amp)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()  # queued asynchronously on CUDA: the CPU goes on to sample the next batch
-                loss_sum += loss.detach()
-                pairs += n_pos
-                done += 1
-            if done == 0:
+    t_train = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=dev)  # accumulated on the device: no per-step sync
+        pairs = torch.zeros((), dtype=torch.long, device=dev)
+        perm = starts[torch.randperm(starts.numel(), generator=gen, device=dev)]
+        done = 0
+        for b in range(n_batches):
+            if time_budget_s is not None and time.perf_counter() - t_train >= time_budget_s:
+                result.stopped_by_budget = True  # stop at a batch boundary; the epoch so far counts
                 break
-            # sync point: the CPU waits here for the epoch's last step
-            epoch_loss = float(loss_sum.item()) / done
-            epoch_pairs = int(pairs.item())
-            dt = time.perf_counter() - t0
-            result.train_seconds += dt
-            result.pos_pairs += epoch_pairs
-            rec: dict = {"epoch": epoch, "loss": epoch_loss, "seconds": dt, "pos_pairs": epoch_pairs,
-                         "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0, "batches": done}
-            result.epochs_run = epoch
-            model.eval()
-            if has_val:
-                rec["val_auc"] = validation_auc(model, csr, split)
-            rec["val_walk_loss"] = validation_walk_loss(model, csr, val_walks, cfg)
-            if stopper.update(epoch, rec):
-                result.best_epoch = epoch
-                if stopper.metric != EarlyStopMetric.OFF:
-                    best_theta = model.theta.weight.detach().clone()
-            result.history.append(rec)
-            elapsed = time.perf_counter() - t_train
-            eta = (epochs - epoch) * elapsed / epoch
-            if time_budget_s is not None:
-                eta = min(eta, max(0.0, time_budget_s - elapsed))
-            log.info("isne epoch %d/%d: loss %.4f%s%s, %s pairs/s, %.1f s, ETA %s%s", epoch, epochs, epoch_loss,
-                     f", val walk loss {rec['val_walk_loss']:.4f}" if "val_walk_loss" in rec else "",
-                     f", link auc {rec['val_auc']:.4f}" if "val_auc" in rec else "",
-                     _si(rec["pairs_per_s"]), dt, _duration(eta),
-                     f" (budget {time_budget_s:.3g} s)" if time_budget_s is not None else "")
-            if result.stopped_by_budget:
-                log.info("isne: time budget of %.3g s reached after %d epoch(s)", time_budget_s, epoch)
-                break
-            if stopper.should_stop():
-                result.stopped_early = epoch < epochs
-                break
+            batch = perm[b * batch_size:(b + 1) * batch_size]  # (B,)
+            walks = random_walks(csr, batch.repeat(cfg.walks_per_node), length, gen)  # (W, L)
+            neg = draw_negatives(starts, (k * walks.shape[0], length), cfg.negative_pool, gen)
+            loss, n_pos = model.loss(walks, neg, csr, cfg.context_size, cfg.fanout, gen, amp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()  # queued asynchronously on CUDA: the CPU goes on to sample the next batch
+            loss_sum += loss.detach()
+            pairs += n_pos
+            done += 1
+        if done == 0:
+            break
+        # sync point: the CPU waits here for the epoch's last step
+        epoch_loss = float(loss_sum.item()) / done
+        epoch_pairs = int(pairs.item())
+        dt = time.perf_counter() - t0
+        result.train_seconds += dt
+        result.pos_pairs += epoch_pairs
+        rec: dict = {"epoch": epoch, "loss": epoch_loss, "seconds": dt, "pos_pairs": epoch_pairs,
+                     "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0, "batches": done}
+        result.epochs_run = epoch
+        model.eval()
+        if has_val:
+            rec["val_auc"] = validation_auc(model, csr, split)
+        rec["val_walk_loss"] = validation_walk_loss(model, csr, val_walks, cfg)
+        if stopper.update(epoch, rec):
+            result.best_epoch = epoch
+            if stopper.metric != EarlyStopMetric.OFF:
+                best_theta = model.theta.weight.detach().clone()
+        result.history.append(rec)
+        elapsed = time.perf_counter() - t_train
+        eta = (epochs - epoch) * elapsed / epoch
+        if time_budget_s is not None:
+            eta = min(eta, max(0.0, time_budget_s - elapsed))
+        log.info("isne epoch %d/%d: loss %.4f%s%s, %s pairs/s, %.1f s, ETA %s%s", epoch, epochs, epoch_loss,
+                 f", val walk loss {rec['val_walk_loss']:.4f}" if "val_walk_loss" in rec else "",
+                 f", link auc {rec['val_auc']:.4f}" if "val_auc" in rec else "",
+                 _si(rec["pairs_per_s"]), dt, _duration(eta),
+                 f" (budget {time_budget_s:.3g} s)" if time_budget_s is not None else "")
+        if result.stopped_by_budget:
+            log.info("isne: time budget of %.3g s reached after %d epoch(s)", time_budget_s, epoch)
+            break
+        if stopper.should_stop():
+            result.stopped_early = epoch < epochs
+            break
 
     if best_theta is not None and result.best_epoch != result.epochs_run:
         with torch.no_grad():

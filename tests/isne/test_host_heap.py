@@ -4,23 +4,17 @@ outside it from a fresh mmap as glibc does by default; the defaults come back af
 from __future__ import annotations
 
 import ctypes
-import platform
 import threading
 
 import numpy as np
 import pytest
 
-from hades_gpu.isne.host_heap import keep_freed_memory
+from hades_gpu.isne.host_heap import _glibc, keep_freed_memory
 
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
-    except OSError:
-        return False
+_LIBC = _glibc()  # the module's own lookup: None off glibc
 
-
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
-                                or not _has_mallinfo2(), reason="glibc's mallopt and mallinfo2 only")
+pytestmark = pytest.mark.skipif(_LIBC is None or not hasattr(_LIBC, "mallinfo2"),  # mallinfo2: glibc >= 2.33
+                                reason="glibc's mallopt and mallinfo2 only")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -31,9 +25,8 @@ class _MallInfo2(ctypes.Structure):
 
 def _mapped_bytes() -> int:
     """Bytes glibc holds in mmap'd chunks (mallinfo2's hblkhd), for this thread's view of malloc."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().hblkhd)
+    _LIBC.mallinfo2.restype = _MallInfo2
+    return int(_LIBC.mallinfo2().hblkhd)
 
 
 BIG = 64 * 2**20  # above glibc's largest mmap threshold (32 MB): mmap'd by default
