@@ -30,7 +30,12 @@ from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_
 
 _TOKENIZER_INFO: dict[int, tuple[Tokenizer, np.ndarray, bool]] = {}
 _NON_SPACE = re.compile(r"\S")
-_MARKER = " [MASK] "  # joins segments for one encode (SegmentedText._encode_segments)
+# SegmentedText._encode_segments joins a document's segments with a marker for one encode: an ASCII
+# punctuation character the document does not hold (its own token wherever it stands; kitoken is ~4x
+# slower on non-ASCII text, so no CJK character), else "[MASK]" (an added token: the encode must then
+# match special tokens, ~20% slower)
+_MARKER_CHARS = "^~`|\\@$"
+_MARKER = " [MASK] "
 # characters BERT treats as separators (\t \n \r and Unicode White_Space that is not a control
 # character: those, like \v \f \x85, are deleted by clean_text and join their neighbours instead)
 _BERT_SPACE = frozenset("\t\n\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
@@ -56,6 +61,26 @@ def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
     slice_exact = model.get("type") == "WordPiece" and pre == "BertPreTokenizer" and norm in (None, "BertNormalizer")
     _TOKENIZER_INFO[key] = (tokenizer, table, slice_exact)
     return table, slice_exact
+
+
+_MARKERS: dict[tuple[int, int], tuple[Tokenizer, KitokenTokenizer, list[tuple[str, int]]]] = {}
+
+
+def _markers(tokenizer: Tokenizer, fast: KitokenTokenizer) -> list[tuple[str, int]]:
+    """The usable segment markers, best first: each (" c ", id) whose character is one token of its
+    own (HF and the fast tokenizer agree), then " [MASK] " if it is; cached per tokenizer pair."""
+    key = (id(tokenizer), id(fast))
+    hit = _MARKERS.get(key)
+    if hit is not None and hit[0] is tokenizer and hit[1] is fast:
+        return hit[2]
+    out: list[tuple[str, int]] = []
+    for marker in [f" {c} " for c in _MARKER_CHARS] + [_MARKER]:
+        mid = tokenizer.token_to_id(marker.strip())
+        if mid is not None and fast.encode(marker) == [mid] \
+                and tokenizer.encode(marker, add_special_tokens=False).ids == [mid]:
+            out.append((marker, mid))
+    _MARKERS[key] = (tokenizer, fast, out)
+    return out
 
 
 def _cont_of(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -175,18 +200,20 @@ class SegmentedText:
     def _encode_segments(self, bounds: list[int]) -> tuple[np.ndarray, list[int]]:
         """(document ids, first token of each segment).
 
-        One encode of the segments joined by a marker ("[MASK]" between spaces: an added token,
-        so it is one id of its own and the pieces around it keep their ids) is ~2x faster than a
-        batch of many short strings. The marker's id splits the result; when the text itself holds
-        that token (its count is off), a plain batch of the pieces is used instead."""
+        One encode of the segments joined by a marker (a character the text lacks that is a token of
+        its own, or "[MASK]", an added token; between spaces either way, so the pieces around it keep
+        their ids) is ~2x faster than a batch of many short strings. The marker's id splits the
+        result; when the text itself holds that token (its count is off), a plain batch of the
+        pieces is used instead."""
         text, fast = self.text, self.fast
         if len(bounds) == 1:
             return np.array(fast.encode(text), dtype=np.int64), [0]
         pieces = [text[a:b] for a, b in zip(bounds, bounds[1:] + [len(text)])]
-        marker = self._marker_id()
-        if marker is not None:
-            joined = np.array(fast.encode(_MARKER.join(pieces)), dtype=np.int64)
-            at = np.flatnonzero(joined == marker)
+        found = self._marker_for(text)
+        if found is not None:
+            marker, marker_id = found
+            joined = np.array(fast.encode(marker.join(pieces)), dtype=np.int64)
+            at = np.flatnonzero(joined == marker_id)
             if at.shape[0] == len(pieces) - 1:
                 cum = np.concatenate(([0], at - np.arange(at.shape[0]))).tolist()
                 return np.delete(joined, at), cum
@@ -197,10 +224,13 @@ class SegmentedText:
             cum.append(len(ids))
         return np.array(ids, dtype=np.int64), cum[:-1]
 
-    def _marker_id(self) -> Optional[int]:
-        """The marker's id when it encodes to exactly one id, else None (no marker encode then)."""
-        mid = self.tokenizer.token_to_id(_MARKER.strip())
-        return mid if mid is not None and self.fast.encode(_MARKER) == [mid] else None
+    def _marker_for(self, text: str) -> Optional[tuple[str, int]]:
+        """(" c ", id) for the first marker character absent from `text`, else (" [MASK] ", id) when
+        that is one token; None when no marker works (a batch of the pieces then)."""
+        for marker, marker_id in _markers(self.tokenizer, self.fast):
+            if marker == _MARKER or marker.strip() not in text:
+                return marker, marker_id
+        return None
 
     def _valid_cut(self, pos: int) -> bool:
         t = self.text

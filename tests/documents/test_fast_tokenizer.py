@@ -100,6 +100,9 @@ ADVERSARIAL = {
     "unicode_spaces": "a\u3000b\u00a0c\u2028d\u2029e\u2003f " * 800,
     "punct_runs": "!!!???...;;;((()))---### " * 800,
     "ligatures": "ﬁne ﬂow ½ ² ™ ｆｕｌｌ " * 800,
+    # every segment-marker character in the text: the join falls back to "[MASK]"
+    "marker_chars": "a ^ b ~ c ` d | e \\ f @ g $ h [MASK] i^j~k`l|m\\n@o$p\n" * 300,
+    "some_marker_chars": "x ^ y ~ z^w\n\n" * 500,
 }
 
 
@@ -128,6 +131,41 @@ def test_index_and_offsets_match_hf_at_every_position() -> None:
         assert fast.word_start(i) == slow.word_start(i), i
     assert fast.starts_of(0, slow.n).tolist() == slow.starts.tolist()
     assert 0 < fast.hf_segments  # positions inside words did need HF offsets
+
+
+def test_segment_marker_is_a_character_the_text_lacks() -> None:
+    """The join marker is the first marker character absent from the text, "[MASK]" when all occur;
+    either way the document's ids are HF's."""
+    from hades_gpu.documents import tokenized
+
+    tok = load_tokenizer()
+    plain = "alpha beta\ngamma delta\n" * 20
+    with_caret = plain + "x ^ y\n"
+    every = plain + " ".join(tokenized._MARKER_CHARS) + "\n"
+    for text, want in ((plain, " ^ "), (with_caret, " ~ "), (every, tokenized._MARKER)):
+        tt = tokenize_document(text, tok, cuts=range(0, len(text), 11))
+        assert isinstance(tt, SegmentedText)
+        assert tt._marker_for(text)[0] == want
+        assert tt.ids.tolist() == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_special_literals_are_matched_only_where_present(tmp_path) -> None:
+    """kitoken matches special-token literals only in texts that hold one (case-insensitively: a
+    superset of HF's matches); a tokenizer whose added tokens are normalized always matches."""
+    hf = load_tokenizer()
+    fast = KitokenTokenizer(hf)
+    assert not fast.specials_in("plain text [with] brackets [CLS ]")
+    assert fast.specials_in("a [SEP] b") and fast.specials_in("x[mask]y") and fast.specials_in("[Pad]")
+    for text in ("plain [brackets]", "a [SEP] b", "x[MASK]y [UNK]", "[cls] lower"):
+        assert fast.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+    assert fast.encode_batch(["plain", "a [SEP] b"]) == [
+        e.ids for e in hf.encode_batch(["plain", "a [SEP] b"], add_special_tokens=False)]
+
+    def normalized_specials(spec: dict) -> None:
+        for tok in spec["added_tokens"]:
+            tok["normalized"] = True
+
+    assert KitokenTokenizer(_modified_tokenizer(tmp_path, normalized_specials)).specials_in("plain text")
 
 
 @pytest.fixture()
