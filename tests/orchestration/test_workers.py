@@ -436,13 +436,13 @@ def _setup(**kw) -> WorkerSetup:
     return WorkerSetup(layout=layout, slab_count=4, process_fn=_fake_or_real, fn_args=(10,), **base)
 
 
-def _start_loop(conn, setup: WorkerSetup, ring: SlabRing):
+def _start_loop(conn, setup: WorkerSetup, ring: SlabRing, **kw):
     """`run_worker` in a thread; the list it appends an escaping exception to (it must return cleanly)."""
     errors: list[BaseException] = []
 
     def loop() -> None:
         try:
-            run_worker(conn, setup, ring.mapping)
+            run_worker(conn, setup, ring.mapping, **kw)
         except BaseException as err:  # noqa: BLE001 - handed to the test
             errors.append(err)
 
@@ -504,6 +504,38 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     assert not worker.is_alive() and errors == []
     assert not parent.poll(0.1)  # the task after stop was never answered
     ring.close()
+
+
+def test_a_worker_process_tunes_its_collector_after_the_first_document():
+    """`tune_gc` (what a worker process's `main` passes): the larger gen-0 threshold from the start,
+    start-up objects frozen after the first document, and rows still correct. Restored afterwards:
+    this runs inside the test process."""
+    import gc
+
+    from hades_gpu.orchestration.worker_main import GC_GEN0_THRESHOLD
+
+    before = gc.get_threshold()
+    gc.unfreeze()
+    real = next(r for r in discover([str(SAMPLE_CORPUS)], DOCS_CFG)[0] if r.rel_path.endswith("api.rst"))
+    truth = process_document(real, DOCS_CFG, CHUNK_CFG)
+    ring = SlabRing(4, _setup().layout, pin=False)
+    parent, child = Pipe()
+    try:
+        worker, errors = _start_loop(child, _setup(), ring, tune_gc=True)
+        parent.send(("slabs", [0, 1, 2, 3]))
+        parent.send(("task", 1, real, None))
+        got = _receive(parent, lambda g: sum(m.rows for m in g if isinstance(m, SlabBatch)) >= len(truth.chunks))
+        assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD and gc.get_threshold()[1:] == before[1:]
+        assert gc.get_freeze_count() > 0
+        rows = [row for b in got if isinstance(b, SlabBatch) for row in slab_rows(ring, b)]
+        assert strip_key(rows) == expected_rows(truth)
+        parent.send(("stop",))
+        worker.join(5)
+        assert errors == []
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        ring.close()
 
 
 def test_the_worker_loop_ends_when_its_parent_is_gone_and_waits_while_it_lives():
