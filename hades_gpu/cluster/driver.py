@@ -22,7 +22,6 @@ The driver holds the output's ``driver`` lock, so two drivers never run on one o
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -39,8 +38,8 @@ from hades_gpu.documents.discovery import Skip, discover
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError
 from hades_gpu.records import DocumentRef, shard_label
-from hades_gpu.store.atomic import atomic_write_bytes
 from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import committed_document_count
 from hades_gpu.store.shard_map import ensure_shard_map, load_shard_map, plan_fingerprint, read_shard_done
@@ -50,6 +49,13 @@ log = logging.getLogger(__name__)
 DRIVER_LOCK = "driver"
 SHARDS_PER_SLOT = 4  # cluster.shards=0: more shards than parallel tasks, so stragglers do not hold the run
 
+
+
+def _embedder_of(runs: list["ShardRun"]) -> Any:
+    """The embedder the shards that ran this time used: one description when they agree, the
+    sorted distinct ones when not, None when no shard embedded anything."""
+    seen = sorted({str(e) for r in runs if not r.done_earlier for e in [(r.summary or {}).get("embedder")] if e})
+    return seen[0] if len(seen) == 1 else (seen or None)
 
 class ClusterRunError(RuntimeError):
     """A shard still failed after `cluster.max_retries` resubmissions (the others are committed)."""
@@ -307,6 +313,8 @@ class ClusterIngest:
             "wall_s": wall,
             "chunks": chunks,
             "chunks_per_s": chunks / wall if wall > 0 else 0.0,
+            # what embedded (as an ingest's metrics.json says): the shards' embedders, one line when they agree
+            "embedder": _embedder_of(runs),
             "cluster": {"mode": self.config.cluster.mode, "shards": count, "parallel_slots": slots,
                         "num_cpus_per_shard": cpus, "num_gpus_per_shard": gpus,
                         "seconds_discover": t_discover, "seconds_connect": t_connected - t0 - t_discover,
@@ -322,7 +330,10 @@ class ClusterIngest:
         }
 
     def _write_metrics(self, out: Path, metrics: dict[str, Any]) -> None:
-        atomic_write_bytes(metrics_path(out), json.dumps(metrics, indent=2, default=str).encode())
+        """metrics.json for the whole run, with the output's carried ingest totals (added to `metrics`
+        on the first write, so the rewrite after the graph stage does not count the run twice)."""
+        metrics.update(write_metrics(metrics_path(out), metrics, float(metrics.get("wall_s") or 0.0),
+                                     int(metrics.get("chunks") or 0)))
 
     def _run_graph_stage(self, ray: Any, out: Path, gpus: float) -> dict[str, Any]:
         k = self.config.cluster

@@ -30,6 +30,7 @@ def summarize(result: IngestResult, label: str, nothing_ingested: bool = False) 
         "skipped": list(result.skipped), "wall_s": float(metrics.get("wall_s", 0.0) or 0.0),
         "nothing_ingested": nothing_ingested, "host": socket.gethostname(), "pid": os.getpid(),
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "node": _node_id(),
+        "embedder": metrics.get("embedder"),  # None when the shard had nothing to embed
     }
 
 

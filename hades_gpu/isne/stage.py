@@ -23,7 +23,6 @@ Chunks without neighbours get the zero vector (`hades_gpu.isne.model`, "Isolated
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from hades_gpu.records import UNSHARDED, ShardSpec
 from hades_gpu.store.atomic import atomic_write_parquet
 from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, edges_path, isne_embeddings_path, isne_model_path,
                                     metrics_path)
+from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
 from hades_gpu.store.reader import read_isne_embeddings
 
 log = logging.getLogger(__name__)
@@ -61,27 +61,25 @@ def stage_shard_name(shard: str) -> str:
 
 
 def training_budget_s(cfg: IsneConfig, output_dir: Path, n_chunks: int) -> Optional[float]:
-    """Seconds ISNE may train: `isne.time_budget_s`, else `time_budget_vs_embedding` x what the
-    output's last ingest took per chunk (its metrics.json: wall_s / chunks) x the graph's chunks.
+    """Seconds ISNE may train: `isne.time_budget_s`, else `time_budget_vs_embedding` x the seconds
+    per chunk that ingesting into the output took (metrics.json's ``ingest_totals``, carried over
+    resumes; the by-hand shards' files summed when there is no metrics.json) x the graph's chunks.
 
     So by default ISNE costs at most as long as embedding the same chunks did. None (no budget,
-    only `epochs` and early stopping) when neither is known, e.g. after a run that ingested nothing
-    new: metrics.json then holds that run's figures (0 chunks).
+    only `epochs` and early stopping) when no ingest timing is recorded.
     """
     if cfg.time_budget_s is not None:
         return float(cfg.time_budget_s)
     if cfg.time_budget_vs_embedding <= 0:
         return None
-    try:
-        m = json.loads(metrics_path(output_dir).read_text())
-        wall, chunks = float(m["wall_s"]), int(m["chunks"])
-    except (OSError, ValueError, KeyError, TypeError):
-        wall, chunks = 0.0, 0
-    if wall <= 0 or chunks <= 0:
+    found = ingest_seconds_per_chunk(output_dir)
+    if found is None:
         log.info("isne: no ingest timing in %s; training without a time budget (isne.epochs=%d, early stop %s)",
                  metrics_path(output_dir), cfg.epochs, cfg.early_stop)
         return None
-    return cfg.time_budget_vs_embedding * wall / chunks * n_chunks
+    per_chunk, source = found
+    log.debug("isne: ingest took %.4f s per chunk (%s)", per_chunk, source)
+    return cfg.time_budget_vs_embedding * per_chunk * n_chunks
 
 
 def _training_weights(cfg: PipelineConfig, data: Any) -> Optional[torch.Tensor]:

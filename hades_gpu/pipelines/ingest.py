@@ -12,7 +12,6 @@ all shards (`hades-isne`, or the cluster driver, `hades_gpu.cluster`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,8 +30,8 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
-from hades_gpu.store.atomic import atomic_write_bytes
 from hades_gpu.store.layout import metrics_path, shard_metrics_path
+from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
@@ -84,9 +83,10 @@ class NothingIngestedError(RuntimeError):
         self.result = result
 
 
-def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> None:
+def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> dict[str, Any]:
+    """metrics.json (metrics-<shard>.json for a by-hand shard) with the output's carried ingest totals."""
     path = shard_metrics_path(out, shard.label) if shard is not None and shard.sharded else metrics_path(out)
-    atomic_write_bytes(path, json.dumps(snapshot, indent=2, default=str).encode())
+    return write_metrics(path, snapshot, float(snapshot.get("wall_s") or 0.0), int(snapshot.get("chunks") or 0))
 
 
 class IngestPipeline:
@@ -257,8 +257,8 @@ class IngestPipeline:
         snapshot = metrics.snapshot()
         snapshot["parts_written"] = writer.parts_written
         snapshot["config"] = config_to_dict(cfg)
+        snapshot = _write_metrics(out, snapshot, self.shard)
         result.metrics = snapshot
-        _write_metrics(out, snapshot, self.shard)
         if self.shard.sharded:
             write_shard_done(out, self.shard.label, {
                 "shard": self.shard.label, "index": self.shard.index, "count": self.shard.count,

@@ -126,7 +126,11 @@ def test_two_and_four_shard_runs_write_the_single_box_chunks(cluster, corpus, si
         assert result.chunks_written == len(single_box)
         assert len({s["node"] for s in meta["shards"]}) == 2  # both worker nodes took shards
         assert sorted(p.name for p in (out / "shards").glob("*.json")) == [f"s{i}of{shards}.json" for i in range(shards)]
-        assert json.loads((out / "metrics.json").read_text())["cluster"]["shards"] == shards
+        written = json.loads((out / "metrics.json").read_text())
+        assert written["cluster"]["shards"] == shards
+        # what embedded, as a single-box metrics.json says; the ingest totals ISNE's budget reads
+        assert isinstance(written["embedder"], str) and written["embedder"]
+        assert written["ingest_totals"] == {"runs": 1, "wall_s": written["wall_s"], "chunks": len(single_box)}
         if shards == 2:  # the graph and ISNE stage ran once, over both shards
             ids, vecs = read_isne_embeddings(out)
             assert sorted(ids) == sorted(single_box) and len(list((out / "isne").glob("embeddings-*"))) == 1

@@ -80,10 +80,18 @@ def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
     assert metrics["memory"]["peak_rss_bytes"] > 0
     assert {"read_chunk", "batch", "embed", "write"} <= set(metrics["stages"])
 
+    assert metrics["ingest_totals"] == {"runs": 1, "wall_s": metrics["wall_s"], "chunks": len(table)}
+
     # a second run over the same output writes nothing twice
     again = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
     assert again.documents_ingested == 0 and again.documents_unchanged == len(good)
     assert len(read_chunks(out)) == len(table)
+    # its metrics.json is its own (0 chunks), but the embedding timing ISNE's budget uses is carried
+    noop = json.loads((out / "metrics.json").read_text())
+    assert noop["chunks"] == 0 and noop["ingest_totals"] == metrics["ingest_totals"]
+    from hades_gpu.isne.stage import training_budget_s
+
+    assert training_budget_s(config().isne, out, len(table)) == pytest.approx(metrics["wall_s"])
 
     # a changed document replaces its rows; the others stay
     (sample_corpus / "docs" / "design.txt").write_text("Design notes\n\nRewritten entirely.\n")
