@@ -168,6 +168,28 @@ def test_special_literals_are_matched_only_where_present(tmp_path) -> None:
     assert KitokenTokenizer(_modified_tokenizer(tmp_path, normalized_specials)).specials_in("plain text")
 
 
+def test_ascii_offsets_from_ids_equal_hf_or_decline() -> None:
+    """Offsets worked out from ids (plain ASCII) are HF's exactly; where they cannot be (non-ASCII,
+    control characters, [UNK], special literals) the answer is None and HF is asked."""
+    from hades_gpu.documents.tokenized import ascii_surfaces
+
+    tok = load_tokenizer()
+    surfaces = ascii_surfaces(tok)
+    lines = [ln for p in _real_files(60) for ln in p.read_text(errors="replace").splitlines()[:200] if ln.strip()]
+    lines += ["MiXeD CaSe Words, punctuation!!! (x[0] -> y); tabs\tand  spaces  ", "don't stop-me #1 @x $y %z",
+              "a" * 120 + " long word", "   leading and trailing   "]
+    answered = 0
+    for line in lines:
+        enc = tok.encode(line, add_special_tokens=False)
+        got = surfaces.starts(line, enc.ids)
+        if got is not None:
+            answered += 1
+            assert got == [a for a, _ in enc.offsets], line
+    assert answered > 0.8 * len(lines)
+    for line in ("café au lait", "ctrl\x07char", "del\x7fchar", "x [SEP] y", "a" * 120, ""):
+        assert surfaces.starts(line, tok.encode(line, add_special_tokens=False).ids) is None, line
+
+
 @pytest.fixture()
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(fast_tokenizer, "_CACHE", {})
