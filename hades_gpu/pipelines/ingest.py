@@ -242,6 +242,9 @@ class IngestPipeline:
                 if hasattr(embedder, "metrics"):
                     metrics.extra["embedder_metrics"] = embedder.metrics()
             writer.close()
+        except BaseException:
+            writer.discard_open_part()  # its rows are uncommitted: the next run redoes those documents
+            raise
         finally:
             progress.stop()
             if endpoint is not None:

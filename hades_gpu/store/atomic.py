@@ -67,6 +67,34 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+class StreamedFile:
+    """A file written piece by piece at a temporary path (`tmp`), then committed exactly as
+    `atomic_path` commits (checksum, fsync, rename, fsync of the folder) or discarded. Until then
+    readers never see it; a crash leaves only the hidden temporary, which start-up removes."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temporary_path(self.path)
+
+    def commit(self) -> FileRecord:
+        """Make the written temporary `path` (durably); its `FileRecord` (size, checksum, stat)."""
+        try:
+            checksum = file_checksum(self.tmp)  # still in the page cache
+            with open(self.tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        fsync_dir(self.path.parent)
+        st = self.path.stat()  # after the rename (a rename changes the ctime)
+        return FileRecord(size=st.st_size, checksum=checksum, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, record: Optional[list] = None) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on success it is fsync'd and renamed

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.records import DocumentRef, DocumentResult, display_path
-from hades_gpu.store.atomic import FileRecord, atomic_write_parquet, fsync_dir
+from hades_gpu.store.atomic import FileRecord, StreamedFile, atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import DocumentEntry, Manifest, Replacement
@@ -53,6 +53,42 @@ def kill_point(name: str) -> None:
     if os.environ.get(KILL_ENV) == name:
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+ROW_GROUPS_PER_PART = 4  # ready rows are encoded into the open part in about this many row groups
+CHUNK_DICTIONARY_COLUMNS = ["doc_id", "path", "modality"]  # one value per document; the rest are unique
+
+
+class _OpenPart:
+    """The part being filled: its chunk rows are encoded as row groups while the run goes on, so a
+    commit only closes the file, and rows wait in memory for one row group, not for a whole part."""
+
+    def __init__(self, path: Path, name: str, number: int, dim: int) -> None:
+        self.name = name
+        self.number = number
+        self.file = StreamedFile(path)
+        self.writer = pq.ParquetWriter(self.file.tmp, chunk_schema(dim), compression="zstd",
+                                       use_dictionary=CHUNK_DICTIONARY_COLUMNS)
+        self.docs: list["_Document"] = []
+        self.rows = 0
+
+    def write(self, docs: list["_Document"], table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+        self.docs.extend(docs)
+        self.rows += table.num_rows
+
+    def close(self) -> FileRecord:
+        self.writer.close()
+        rec = self.file.commit()
+        return FileRecord(size=rec.size, checksum=rec.checksum, rows=self.rows, mtime_ns=rec.mtime_ns,
+                          ctime_ns=rec.ctime_ns)
+
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.file.discard()
 
 
 @dataclass
@@ -100,6 +136,8 @@ class DatasetWriter:
         self._blocks: list[pa.RecordBatch] = []  # rows received, not yet committed
         self._ready: list[_Document] = []
         self._ready_rows = 0
+        self._open: Optional[_OpenPart] = None  # guarded by _flush_lock
+        self.row_group_rows = max(1, rows_per_part // ROW_GROUPS_PER_PART)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.parts_written = 0
@@ -178,19 +216,39 @@ class DatasetWriter:
                     self._ready_rows += doc.n_chunks
             if rows.num_rows:
                 self._blocks.append(rows)
-            should_flush = self._ready_rows >= self.rows_per_part
-        if should_flush:
-            self.flush()
+            should_write = self._ready_rows >= self.row_group_rows
+        if should_write:
+            with self._flush_lock:
+                self._write_ready()
+                if self._open is not None and self._open.rows >= self.rows_per_part:
+                    self._commit(self._open)
 
     def flush(self) -> None:
-        """Commit every ready document as one part (no-op when none is ready)."""
+        """Commit every ready document: the open part with them (no-op when there is none)."""
         with self._flush_lock:
-            with self._lock:
-                ready, self._ready, self._ready_rows = self._ready, [], 0
-                if not ready:
-                    return
-                rows = self._take_rows([d.key for d in ready if d.n_chunks])
-            self._commit(ready, rows)
+            self._write_ready()
+            if self._open is not None:
+                self._commit(self._open)
+
+    def discard_open_part(self) -> None:
+        """Drop the part being filled, uncommitted (a failed run: its documents are redone next run)."""
+        with self._flush_lock:
+            part, self._open = self._open, None
+            if part is not None:
+                part.discard()
+
+    def _write_ready(self) -> None:
+        """Encode the ready documents' rows into the open part as one row group (under _flush_lock)."""
+        with self._lock:
+            ready, self._ready, self._ready_rows = self._ready, [], 0
+            if not ready:
+                return
+            rows = self._take_rows([d.key for d in ready if d.n_chunks])
+        if self._open is None:
+            number = self.manifest.next_part_number()
+            name = part_name(self.shard, number)
+            self._open = _OpenPart(part_path(self.output, CHUNKS_DIR, name), name, number, self.dim)
+        self._open.write(ready, self._chunk_table(ready, rows))
 
     def _take_rows(self, keys: list[int]) -> Optional[pa.Table]:
         """The stored rows of `keys` (removed from the store), and rows of abandoned keys dropped."""
@@ -203,7 +261,7 @@ class DatasetWriter:
         taken = np.isin(doc_keys, np.asarray(keys, dtype=np.int64))
         still = np.isin(doc_keys, np.fromiter(self._pending, dtype=np.int64))
         self._blocks = table.filter(pa.array(still)).to_batches() if still.any() else []
-        # a view when every row is taken (the usual case at the end of a run); `_tables` copies once
+        # a view when every row is taken (the usual case); `_chunk_table` copies once
         return table if taken.all() else table.filter(pa.array(taken))
 
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
@@ -232,14 +290,17 @@ class DatasetWriter:
             return len(self._pending)
 
     # -- commit ----------------------------------------------------------------------------------------
-    def _commit(self, ready: list[_Document], rows: Optional[pa.Table]) -> None:
-        number = self.manifest.next_part_number()
-        part = part_name(self.shard, number)
-        chunk_table, doc_table = self._tables(ready, rows)
-        # dictionaries only where values repeat (one per document); vectors, ids and texts are unique
-        files = {CHUNKS_DIR: atomic_write_parquet(chunk_table, part_path(self.output, CHUNKS_DIR, part),
-                                                  use_dictionary=["doc_id", "path", "modality"]),
-                 DOCUMENTS_DIR: atomic_write_parquet(doc_table, part_path(self.output, DOCUMENTS_DIR, part))}
+    def _commit(self, open_part: _OpenPart) -> None:
+        """Close the open part and commit its documents (under _flush_lock)."""
+        self._open = None
+        ready, number, part = open_part.docs, open_part.number, open_part.name
+        try:
+            chunk_file = open_part.close()
+        except BaseException:
+            open_part.discard()
+            raise
+        files = {CHUNKS_DIR: chunk_file,
+                 DOCUMENTS_DIR: atomic_write_parquet(self._doc_table(ready), part_path(self.output, DOCUMENTS_DIR, part))}
         kill_point("after_part_written")
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
@@ -263,32 +324,35 @@ class DatasetWriter:
         if replacements:
             self._delete_parts([r.old_part for r in replacements])
         self.parts_written += 1
-        self.rows_written += chunk_table.num_rows
+        self.rows_written += open_part.rows
         self.documents_committed += len(ready)
         if self.on_commit is not None:
-            self.on_commit(len(ready), chunk_table.num_rows)
+            self.on_commit(len(ready), open_part.rows)
 
-    def _tables(self, ready: list[_Document], rows: Optional[pa.Table]) -> tuple[pa.Table, pa.Table]:
-        """The part's two tables: rows ordered by document (as they became ready), then ordinal;
+    def _chunk_table(self, ready: list[_Document], rows: Optional[pa.Table]) -> pa.Table:
+        """One row group's rows: ordered by document (as they became ready), then ordinal; the
         per-document columns (doc id, path, modality) taken by each row's document position."""
         if rows is None or rows.num_rows == 0:
-            chunk_table = chunk_schema(self.dim).empty_table()
-        else:
-            ready_keys = np.array([d.key for d in ready], dtype=np.int64)
-            order = np.argsort(ready_keys)
-            row_keys = rows.column("doc_key").to_numpy()
-            position = order[np.searchsorted(ready_keys[order], row_keys)]  # each row's document, 0..len(ready)-1
-            sort = np.lexsort((rows.column("ordinal").to_numpy(), position))
-            rows = rows.take(pa.array(sort))
-            position = pa.array(position[sort])
-            per_doc = lambda values: pa.array(values, pa.string()).take(position)  # noqa: E731
-            chunk_table = pa.Table.from_arrays([
-                per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"),
-                per_doc([display_path(d.ref.path) for d in ready]),
-                per_doc([d.ref.modality for d in ready]), rows.column("ordinal"), rows.column("char_start"),
-                rows.column("char_end"), rows.column("n_tokens"), rows.column("text"), rows.column("embedding"),
-            ], schema=chunk_schema(self.dim))
-        doc_table = pa.Table.from_arrays([
+            return chunk_schema(self.dim).empty_table()
+        ready_keys = np.array([d.key for d in ready], dtype=np.int64)
+        order = np.argsort(ready_keys)
+        row_keys = rows.column("doc_key").to_numpy()
+        position = order[np.searchsorted(ready_keys[order], row_keys)]  # each row's document, 0..len(ready)-1
+        sort = np.lexsort((rows.column("ordinal").to_numpy(), position))
+        rows = rows.take(pa.array(sort))
+        position = pa.array(position[sort])
+        per_doc = lambda values: pa.array(values, pa.string()).take(position)  # noqa: E731
+        return pa.Table.from_arrays([
+            per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"),
+            per_doc([display_path(d.ref.path) for d in ready]),
+            per_doc([d.ref.modality for d in ready]), rows.column("ordinal"), rows.column("char_start"),
+            rows.column("char_end"), rows.column("n_tokens"), rows.column("text"), rows.column("embedding"),
+        ], schema=chunk_schema(self.dim))
+
+    @staticmethod
+    def _doc_table(ready: list[_Document]) -> pa.Table:
+        """The part's documents table, one row per document in the order they became ready."""
+        return pa.Table.from_arrays([
             pa.array([d.ref.doc_id for d in ready], pa.string()),
             pa.array([display_path(d.ref.path) for d in ready], pa.string()),  # valid text; exact: path_bytes
             pa.array([d.ref.rel_path for d in ready], pa.string()),
@@ -301,7 +365,6 @@ class DatasetWriter:
             pa.array([d.ref.path_bytes for d in ready], pa.binary()),
             pa.array([d.encoding for d in ready], pa.string()),
         ], schema=DOCUMENT_SCHEMA)
-        return chunk_table, doc_table
 
     def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
         """Write `part` again as `new_part` without the given documents (they were re-ingested); the
@@ -318,7 +381,7 @@ class DatasetWriter:
             return Replacement(part)
         files: dict[str, FileRecord] = {
             table: atomic_write_parquet(t, part_path(self.output, table, new_part),
-                                        **({"use_dictionary": ["doc_id", "path", "modality"]} if table == CHUNKS_DIR else {}))
+                                        **({"use_dictionary": CHUNK_DICTIONARY_COLUMNS} if table == CHUNKS_DIR else {}))
             for table, t in kept.items()}
         return Replacement(part, new_part, files)
 

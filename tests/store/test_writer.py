@@ -251,3 +251,58 @@ def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
     m = Manifest.load(tmp_path, "s0")
     assert m.parts() == ["part-s0-00001"] and m.lookup("a.py").part == "part-s0-00001"
     assert read_documents(tmp_path, ["rel_path"]).schema.names == ["rel_path"]
+
+
+def test_ready_rows_are_encoded_into_the_open_part_before_it_is_committed(tmp_path):
+    """Rows of finished documents go into the open part as row groups while the run goes on (only a
+    row group's worth waits in memory); nothing is visible or committed until the part is full or
+    the writer closes; the committed part reads back whole, in document order."""
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=40))
+    assert w.row_group_rows == 10
+    docs = [make_doc(f"d{i}.txt", 6) for i in range(5)]  # 30 rows: under a part
+    for d in docs:
+        w.begin_document(d)
+    embed_all(w, docs)
+    hidden = list((tmp_path / "chunks").glob(".part-s0-*.tmp-*"))
+    assert len(hidden) == 1 and not list((tmp_path / "chunks").glob("part-*.parquet"))
+    assert Manifest.load(tmp_path, "s0").parts() == [] and w.parts_written == 0
+    assert sum(b.num_rows for b in w._blocks) < w.row_group_rows  # written out, not held
+    more = [make_doc(f"e{i}.txt", 6) for i in range(3)]  # to 48 rows: the part fills and commits
+    for d in more:
+        w.begin_document(d)
+    embed_all(w, more)
+    assert w.parts_written == 1
+    w.close()
+    parts = Manifest.load(tmp_path, "s0").parts()
+    first = pq.ParquetFile(tmp_path / "chunks" / f"{parts[0]}.parquet")
+    assert first.metadata.num_row_groups >= 2 and first.metadata.num_rows >= 40
+    table = read_chunks(tmp_path).to_pandas()
+    assert len(table) == 48 and table.chunk_id.is_unique
+    by_doc = table.groupby("doc_id", sort=False).ordinal.apply(list)
+    assert all(v == list(range(6)) for v in by_doc)  # each document's rows together, in order
+    assert not list((tmp_path / "chunks").glob(".part-*"))
+
+
+def test_a_run_that_dies_with_an_open_part_commits_none_of_it(tmp_path):
+    """The process dies (here: the writer is dropped unclosed and its lock released, as exit would)
+    while a part is open: its rows were never committed, the next start removes the temporary, and
+    those documents are simply ingested again. `discard_open_part` (a failed run) does the same at once."""
+    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=40))
+    docs = [make_doc(f"d{i}.txt", 6) for i in range(3)]
+    for d in docs:
+        w.begin_document(d)
+    embed_all(w, docs)
+    assert list((tmp_path / "chunks").glob(".part-s0-*.tmp-*"))
+    w.output_lock.release()
+    w.manifest.close()
+    w2 = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=40))
+    assert len(w2.removed_orphans) == 1 and not list((tmp_path / "chunks").glob(".part-*"))
+    assert Manifest.load(tmp_path, "s0").parts() == []
+    for d in docs:
+        w2.begin_document(d)
+    embed_all(w2, docs)
+    w2.discard_open_part()
+    assert not list((tmp_path / "chunks").glob(".part-*")) and w2.parts_written == 0
+    w2.output_lock.release()  # the failed run ends without a commit
+    w2.manifest.close()
+    assert Manifest.load(tmp_path, "s0").parts() == [] and not list((tmp_path / "chunks").iterdir())
