@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 from tokenizers import Tokenizer
 
+from hades_gpu.documents.tokenizer import tokenizer_spec
+
 log = logging.getLogger(__name__)
 
 TOKENIZER_ENV = "HADES_GPU_TOKENIZER"
@@ -58,7 +60,7 @@ class KitokenTokenizer:
     def __init__(self, hf: Tokenizer) -> None:
         import kitoken  # raises ImportError when missing (or blocked)
 
-        spec = json.loads(hf.to_str())
+        spec = dict(tokenizer_spec(hf))  # a shallow copy: the shared one is read-only
         # kitoken applies a definition's padding/truncation (MiniLM's file pads to 128 with zeros):
         # the definition it gets must have neither, never a strip of trailing zeros afterwards.
         spec["padding"] = None

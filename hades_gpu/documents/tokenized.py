@@ -18,7 +18,6 @@ mismatch raises `SegmentMismatch` and the caller redoes the document with `Token
 
 from __future__ import annotations
 
-import json
 import re
 from bisect import bisect_left, bisect_right
 from typing import Optional, Sequence, Union
@@ -27,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.tokenizer import tokenizer_spec
 
 _TOKENIZER_INFO: dict[int, tuple[Tokenizer, np.ndarray, bool]] = {}
 _NON_SPACE = re.compile(r"\S")
@@ -50,7 +50,7 @@ def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
         return hit[1], hit[2]
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     table = np.zeros(max(vocab.values(), default=0) + 1, dtype=bool)
-    spec = json.loads(tokenizer.to_str())
+    spec = tokenizer_spec(tokenizer)
     model = spec.get("model") or {}
     prefix = model.get("continuing_subword_prefix") or "##"
     for tok, i in vocab.items():
@@ -78,7 +78,7 @@ class AsciiSurfaces:
     _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        spec = json.loads(tokenizer.to_str())
+        spec = tokenizer_spec(tokenizer)
         norm = spec.get("normalizer") or {}
         self.lowercase = bool(norm.get("lowercase", True)) if norm else False
         prefix = (spec.get("model") or {}).get("continuing_subword_prefix") or "##"

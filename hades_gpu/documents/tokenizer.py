@@ -19,6 +19,7 @@ chunkers need every token, and the batcher pads to its own buckets.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -85,6 +86,21 @@ def load_tokenizer() -> Tokenizer:
     """The model folder's tokenizer, cached per process and folder. Load it inside worker processes:
     after a fork the HF thread pool is disabled."""
     return _tokenizer_from(str(model_dir()))
+
+
+_SPECS: dict[int, tuple[Tokenizer, dict]] = {}
+
+
+def tokenizer_spec(tokenizer: Tokenizer) -> dict:
+    """The tokenizer's definition (its tokenizer.json) as a dict, parsed once per tokenizer and
+    process: three readers of it (kitoken's build, the continuation table, the ASCII surfaces) each
+    serialised and parsed the ~700 KB JSON again (~10 ms each per worker). Treat it as read-only."""
+    hit = _SPECS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    spec = json.loads(tokenizer.to_str())
+    _SPECS[id(tokenizer)] = (tokenizer, spec)
+    return spec
 
 
 def special_ids() -> tuple[int, int, int]:
