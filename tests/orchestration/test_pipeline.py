@@ -386,11 +386,25 @@ def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons(docs):
     are daemons, so one stuck in a library call cannot keep the process alive."""
     import _thread
 
-    model = SlowModel(0.05, concurrency=2)
+    class InterruptingModel(SlowModel):
+        """Sends the Ctrl-C from inside the run (its 4th call), not after a fixed time: a timer raced
+        a busy CI box's run to its end and the interrupt arrived after `run()` had returned."""
+
+        sent = threading.Event()
+        gate = threading.Lock()
+
+        def embed(self, ids, mask):
+            with self.gate:
+                send = len(self.calls) >= 3 and not self.sent.is_set()
+                if send:
+                    self.sent.set()
+            if send:  # once, from whichever embed thread gets there first
+                _thread.interrupt_main()
+            return super().embed(ids, mask)
+
+    model = InterruptingModel(0.05, concurrency=2)
     p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), ChunkedDocuments(docs), model,
                           RecordingSink(), RunMetrics(), keep_all, (CLS, SEP, PAD), 256)
-    timer = threading.Timer(0.6, _thread.interrupt_main)
-    timer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         p.run()
