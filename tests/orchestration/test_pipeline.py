@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import threading
 import time
 
@@ -405,9 +406,16 @@ def test_ctrl_c_ends_the_run_promptly_and_stage_threads_are_named_daemons(docs):
     model = InterruptingModel(0.05, concurrency=2)
     p = StreamingPipeline(profile(max_batch_size=2, max_batch_tokens=512), ChunkedDocuments(docs), model,
                           RecordingSink(), RunMetrics(), keep_all, (CLS, SEP, PAD), 256)
+    # Python's own SIGINT handler, as in a terminal: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and `interrupt_main` then does nothing (the
+    # fresh-clone CI run failed so)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        p.run()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            p.run()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     assert time.monotonic() - t0 < 10
     calls = len(model.calls)
     time.sleep(0.3)
