@@ -50,12 +50,13 @@ DRIVER_LOCK = "driver"
 SHARDS_PER_SLOT = 4  # cluster.shards=0: more shards than parallel tasks, so stragglers do not hold the run
 
 
-
 def _embedder_of(runs: list["ShardRun"]) -> Any:
     """The embedder the shards that ran this time used: one description when they agree, the
     sorted distinct ones when not, None when no shard embedded anything."""
-    seen = sorted({str(e) for r in runs if not r.done_earlier for e in [(r.summary or {}).get("embedder")] if e})
+    named = {(r.summary or {}).get("embedder") for r in runs if not r.done_earlier}
+    seen = sorted(str(e) for e in named if e)
     return seen[0] if len(seen) == 1 else (seen or None)
+
 
 class ClusterRunError(RuntimeError):
     """A shard still failed after `cluster.max_retries` resubmissions (the others are committed)."""
@@ -332,8 +333,7 @@ class ClusterIngest:
     def _write_metrics(self, out: Path, metrics: dict[str, Any]) -> None:
         """metrics.json for the whole run, with the output's carried ingest totals (added to `metrics`
         on the first write, so the rewrite after the graph stage does not count the run twice)."""
-        metrics.update(write_metrics(metrics_path(out), metrics, float(metrics.get("wall_s") or 0.0),
-                                     int(metrics.get("chunks") or 0)))
+        metrics.update(write_metrics(metrics_path(out), metrics))
 
     def _run_graph_stage(self, ray: Any, out: Path, gpus: float) -> dict[str, Any]:
         k = self.config.cluster

@@ -26,9 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_for
-from hades_gpu.documents.tokenizer import tokenizer_spec
+from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
-_TOKENIZER_INFO: dict[int, tuple[Tokenizer, np.ndarray, bool]] = {}
 _NON_SPACE = re.compile(r"\S")
 # SegmentedText._encode_segments joins a document's segments with a marker for one encode: an ASCII
 # punctuation character the document does not hold (its own token wherever it stands; kitoken is ~4x
@@ -44,10 +43,10 @@ _BERT_SPACE = frozenset("\t\n\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u
 
 def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
     """(is-continuation table indexed by id, whether slices of a document's ids are exact)."""
-    key = id(tokenizer)
-    hit = _TOKENIZER_INFO.get(key)
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1], hit[2]
+    return derived_from("info", (tokenizer,), lambda: _make_info(tokenizer))
+
+
+def _make_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     table = np.zeros(max(vocab.values(), default=0) + 1, dtype=bool)
     spec = tokenizer_spec(tokenizer)
@@ -59,7 +58,6 @@ def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
     norm = (spec.get("normalizer") or {}).get("type")
     pre = (spec.get("pre_tokenizer") or {}).get("type")
     slice_exact = model.get("type") == "WordPiece" and pre == "BertPreTokenizer" and norm in (None, "BertNormalizer")
-    _TOKENIZER_INFO[key] = (tokenizer, table, slice_exact)
     return table, slice_exact
 
 
@@ -120,36 +118,23 @@ class AsciiSurfaces:
         return out
 
 
-_SURFACES: dict[int, tuple[Tokenizer, AsciiSurfaces]] = {}
-
-
 def ascii_surfaces(tokenizer: Tokenizer) -> AsciiSurfaces:
-    hit = _SURFACES.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    made = AsciiSurfaces(tokenizer)
-    _SURFACES[id(tokenizer)] = (tokenizer, made)
-    return made
-
-
-_MARKERS: dict[tuple[int, int], tuple[Tokenizer, KitokenTokenizer, list[tuple[str, int]]]] = {}
+    return derived_from("ascii_surfaces", (tokenizer,), lambda: AsciiSurfaces(tokenizer))
 
 
 def _markers(tokenizer: Tokenizer, fast: KitokenTokenizer) -> list[tuple[str, int]]:
     """The usable segment markers, best first: each (" c ", id) whose character is one token of its
-    own (HF and the fast tokenizer agree), then " [MASK] " if it is; cached per tokenizer pair."""
-    key = (id(tokenizer), id(fast))
-    hit = _MARKERS.get(key)
-    if hit is not None and hit[0] is tokenizer and hit[1] is fast:
-        return hit[2]
-    out: list[tuple[str, int]] = []
-    for marker in [f" {c} " for c in _MARKER_CHARS] + [_MARKER]:
-        mid = tokenizer.token_to_id(marker.strip())
-        if mid is not None and fast.encode(marker) == [mid] \
-                and tokenizer.encode(marker, add_special_tokens=False).ids == [mid]:
-            out.append((marker, mid))
-    _MARKERS[key] = (tokenizer, fast, out)
-    return out
+    own (HF and the fast tokenizer agree), then " [MASK] " if it is; once per tokenizer pair."""
+    def build() -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for marker in [f" {c} " for c in _MARKER_CHARS] + [_MARKER]:
+            mid = tokenizer.token_to_id(marker.strip())
+            if mid is not None and fast.encode(marker) == [mid] \
+                    and tokenizer.encode(marker, add_special_tokens=False).ids == [mid]:
+                out.append((marker, mid))
+        return out
+
+    return derived_from("segment_markers", (tokenizer, fast), build)
 
 
 def _cont_of(ids: np.ndarray, table: np.ndarray) -> np.ndarray:

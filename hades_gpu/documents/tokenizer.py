@@ -23,11 +23,13 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from tokenizers import Tokenizer
 
 from hades_gpu.optional import MissingDependencyError
+
+T = TypeVar("T")
 
 MODEL_DIR_ENV = "HADES_GPU_MODEL_DIR"
 # what a model folder must hold: the BERT config (weights' shapes) and the tokenizer
@@ -88,19 +90,28 @@ def load_tokenizer() -> Tokenizer:
     return _tokenizer_from(str(model_dir()))
 
 
-_SPECS: dict[int, tuple[Tokenizer, dict]] = {}
+_DERIVED: dict[tuple, tuple[tuple, Any]] = {}
+
+
+def derived_from(kind: str, owners: tuple, build: Callable[[], T]) -> T:
+    """`build()` once per process and `owners` (tokenizers, ...), kept while they live: what this
+    package derives from a tokenizer (its parsed definition, lookup tables) costs tens of ms to make
+    and is asked for per document. Keyed by identity (a tokenizer is not hashable by value); the
+    owners are held, so an id is never reused for another object while its entry exists."""
+    key = (kind, *map(id, owners))
+    hit = _DERIVED.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], owners)):
+        return hit[1]
+    value = build()
+    _DERIVED[key] = (owners, value)
+    return value
 
 
 def tokenizer_spec(tokenizer: Tokenizer) -> dict:
     """The tokenizer's definition (its tokenizer.json) as a dict, parsed once per tokenizer and
     process: three readers of it (kitoken's build, the continuation table, the ASCII surfaces) each
     serialised and parsed the ~700 KB JSON again (~10 ms each per worker). Treat it as read-only."""
-    hit = _SPECS.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    spec = json.loads(tokenizer.to_str())
-    _SPECS[id(tokenizer)] = (tokenizer, spec)
-    return spec
+    return derived_from("spec", (tokenizer,), lambda: json.loads(tokenizer.to_str()))
 
 
 def special_ids() -> tuple[int, int, int]:

@@ -86,7 +86,7 @@ class NothingIngestedError(RuntimeError):
 def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> dict[str, Any]:
     """metrics.json (metrics-<shard>.json for a by-hand shard) with the output's carried ingest totals."""
     path = shard_metrics_path(out, shard.label) if shard is not None and shard.sharded else metrics_path(out)
-    return write_metrics(path, snapshot, float(snapshot.get("wall_s") or 0.0), int(snapshot.get("chunks") or 0))
+    return write_metrics(path, snapshot)
 
 
 class IngestPipeline:

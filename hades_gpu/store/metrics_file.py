@@ -64,26 +64,23 @@ def ingest_totals(previous: Optional[dict[str, Any]], wall_s: float, chunks: int
     return {"runs": runs, "wall_s": wall, "chunks": total}
 
 
-def write_metrics(path: Path, snapshot: dict[str, Any], wall_s: float, chunks: int) -> dict[str, Any]:
-    """Replace the metrics file at `path` with `snapshot` plus the carried ``ingest_totals``
-    (atomically); returns what was written. A snapshot that already holds ``ingest_totals`` (what an
-    earlier call returned, rewritten with more figures by the same run) keeps them: counted once."""
+def write_metrics(path: Path, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Replace the metrics file at `path` with `snapshot` (its run's ``wall_s`` and ``chunks``) plus
+    the carried ``ingest_totals`` (atomically); returns what was written. A snapshot that already
+    holds ``ingest_totals`` (what an earlier call returned, rewritten with more figures by the same
+    run) keeps them: counted once."""
     snapshot = dict(snapshot)
     if not isinstance(snapshot.get(INGEST_TOTALS), dict):
-        snapshot[INGEST_TOTALS] = ingest_totals(read_metrics(path), wall_s, chunks)
+        wall, chunks = _number(snapshot.get("wall_s")) or 0.0, int(_number(snapshot.get("chunks")) or 0)
+        snapshot[INGEST_TOTALS] = ingest_totals(read_metrics(path), wall, chunks)
     atomic_write_bytes(path, json.dumps(snapshot, indent=2, default=str).encode())
     return snapshot
 
 
 def _per_chunk(m: dict[str, Any]) -> tuple[float, int]:
-    """(seconds, chunks) of embedding recorded in one metrics file (totals first)."""
-    t = m.get(INGEST_TOTALS)
-    if isinstance(t, dict):
-        w, c = _number(t.get("wall_s")), _number(t.get("chunks"))
-        if w and c:
-            return w, int(c)
-    w, c = _number(m.get("wall_s")), _number(m.get("chunks"))
-    return (w, int(c)) if w and c else (0.0, 0)
+    """(seconds, chunks) of embedding one metrics file records (its totals, or its own run)."""
+    totals = ingest_totals(m, 0.0, 0)
+    return totals["wall_s"], totals["chunks"]
 
 
 def ingest_seconds_per_chunk(output: Path) -> Optional[tuple[float, str]]:

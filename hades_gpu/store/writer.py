@@ -22,6 +22,7 @@ The writer holds the output lock of its shard (`store.lock`) from open to close.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -80,9 +81,7 @@ class _OpenPart:
 
     def close(self) -> FileRecord:
         self.writer.close()
-        rec = self.file.commit()
-        return FileRecord(size=rec.size, checksum=rec.checksum, rows=self.rows, mtime_ns=rec.mtime_ns,
-                          ctime_ns=rec.ctime_ns)
+        return dataclasses.replace(self.file.commit(), rows=self.rows)
 
     def discard(self) -> None:
         try:

@@ -15,17 +15,17 @@ from hades_gpu.store.metrics_file import ingest_seconds_per_chunk, ingest_totals
 
 def test_totals_add_runs_that_wrote_chunks_and_carry_over_the_rest(tmp_path) -> None:
     path = tmp_path / "metrics.json"
-    first = write_metrics(path, {"wall_s": 30.0, "chunks": 600}, 30.0, 600)
+    first = write_metrics(path, {"wall_s": 30.0, "chunks": 600})
     assert first["ingest_totals"] == {"runs": 1, "wall_s": 30.0, "chunks": 600}
-    write_metrics(path, {"wall_s": 0.5, "chunks": 0}, 0.5, 0)  # a resume with nothing new
+    write_metrics(path, {"wall_s": 0.5, "chunks": 0})  # a resume with nothing new
     on_disk = json.loads(path.read_text())
     assert on_disk["chunks"] == 0 and on_disk["wall_s"] == 0.5  # the file is the latest run's
     assert on_disk["ingest_totals"] == {"runs": 1, "wall_s": 30.0, "chunks": 600}
-    write_metrics(path, {"wall_s": 10.0, "chunks": 100}, 10.0, 100)  # a resume with new documents
+    write_metrics(path, {"wall_s": 10.0, "chunks": 100})  # a resume with new documents
     assert json.loads(path.read_text())["ingest_totals"] == {"runs": 2, "wall_s": 40.0, "chunks": 700}
     assert training_budget_s(IsneConfig(), tmp_path, 700) == pytest.approx(40.0)
-    again = write_metrics(path, {"wall_s": 10.0, "chunks": 100}, 10.0, 100)  # 3rd run
-    write_metrics(path, {**again, "isne": {"mode": "trained"}}, 10.0, 100)  # the same run, rewritten
+    again = write_metrics(path, {"wall_s": 10.0, "chunks": 100})  # 3rd run
+    write_metrics(path, {**again, "isne": {"mode": "trained"}})  # the same run, rewritten
     assert json.loads(path.read_text())["ingest_totals"] == {"runs": 3, "wall_s": 50.0, "chunks": 800}
 
 
@@ -42,18 +42,18 @@ def test_a_damaged_previous_file_is_one_warning_and_the_run_still_writes(tmp_pat
     path.write_bytes(damage)
     with caplog.at_level(logging.WARNING, logger="hades_gpu.store.metrics_file"):
         assert read_metrics(path) is None
-        write_metrics(path, {"wall_s": 3.0, "chunks": 9}, 3.0, 9)
+        write_metrics(path, {"wall_s": 3.0, "chunks": 9})
     assert len([r for r in caplog.records if "ingest totals start again" in r.getMessage()]) == 2
     assert json.loads(path.read_text())["ingest_totals"] == {"runs": 1, "wall_s": 3.0, "chunks": 9}
 
 
 def test_by_hand_shards_without_a_metrics_json_are_summed(tmp_path) -> None:
-    write_metrics(tmp_path / "metrics-s0of2.json", {"wall_s": 20.0, "chunks": 100}, 20.0, 100)
-    write_metrics(tmp_path / "metrics-s1of2.json", {"wall_s": 10.0, "chunks": 200}, 10.0, 200)
+    write_metrics(tmp_path / "metrics-s0of2.json", {"wall_s": 20.0, "chunks": 100})
+    write_metrics(tmp_path / "metrics-s1of2.json", {"wall_s": 10.0, "chunks": 200})
     per_chunk, source = ingest_seconds_per_chunk(tmp_path)
     assert per_chunk == pytest.approx(0.1) and "2 shard metrics file(s)" in source
     assert training_budget_s(IsneConfig(), tmp_path, 300) == pytest.approx(30.0)
     # metrics.json, when there is one, wins (a cluster run writes it over all shards)
-    write_metrics(tmp_path / "metrics.json", {"wall_s": 6.0, "chunks": 300}, 6.0, 300)
+    write_metrics(tmp_path / "metrics.json", {"wall_s": 6.0, "chunks": 300})
     assert ingest_seconds_per_chunk(tmp_path)[0] == pytest.approx(0.02)
     assert ingest_seconds_per_chunk(tmp_path / "nothing-here") is None
