@@ -27,7 +27,6 @@ from hades_gpu.config import ChunkingConfig, DocumentsConfig
 from hades_gpu.documents.code_chunker import (
     CodeStructure,
     PythonStructure,
-    python_references,
     python_references_fallback,
 )
 from hades_gpu.documents.packing import Children, Packer, Span, finalize, line_starts
@@ -75,9 +74,9 @@ def chunk_text(
         if _is_python(ref):
             try:
                 structure = PythonStructure(text)
-                references = python_references(structure.tree, ref.rel_path)
-            except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
-                log.debug("%s: ast cannot parse it (%s); line-based chunking", ref.rel_path, err)
+                references = structure.references(ref.rel_path)
+            except SyntaxError as err:
+                log.debug("%s: no statement structure (%s); line-based chunking", ref.rel_path, err)
                 structure = CodeStructure(text)
                 references = python_references_fallback(text, ref.rel_path)
         else:

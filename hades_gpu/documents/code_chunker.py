@@ -1,4 +1,4 @@
-"""Code structure: Python through `ast`, every other language (and unparsable Python) by blocks.
+"""Code structure: Python by its statements, every other language (and unlexable Python) by blocks.
 
 Structure handed to `Packer` (`hades_gpu.documents.packing`):
 
@@ -10,7 +10,7 @@ Structure handed to `Packer` (`hades_gpu.documents.packing`):
   its body statements, an ``if``/``for``/``try`` into its blocks; the header line(s) stay with the
   first statement), recursively, then into lines,
   and a line longer than a chunk into token windows cut before words.
-- Fallback (other languages, Python that `ast` cannot parse): spans are blocks separated by blank
+- Fallback (other languages, Python whose lines `python_lines` cannot find): spans are blocks separated by blank
   lines, a block splits into lines, a line into token windows. A line is never cut unless it alone
   is longer than a chunk.
 
@@ -19,24 +19,19 @@ Code windows never overlap: they end at statement or line boundaries already.
 
 from __future__ import annotations
 
-import ast
 import re
-import warnings
 from typing import Iterator, Optional
 
 import numpy as np
 
 from hades_gpu.documents.packing import Span, line_starts
+from hades_gpu.documents.python_lines import WORDS, LogicalLines
 
 _BLANK_RUN = re.compile(r"(?:\r\n|\r|\n)(?:[^\S\r\n]*(?:\r\n|\r|\n))+")
-_BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
-# node types that hold statements (everything else is a leaf for the import walk)
-_COMPOUND = tuple(
-    getattr(ast, name)
-    for name in ("Module", "FunctionDef", "AsyncFunctionDef", "ClassDef", "If", "For", "AsyncFor", "While",
-                 "With", "AsyncWith", "Try", "TryStar", "Match", "ExceptHandler", "match_case")
-    if hasattr(ast, name)
-)
+# words that continue a compound statement: never a statement of their own
+_CLAUSES = ("elif", "else", "except", "finally")
+_COMMENT = re.compile(r"#[^\r\n]*")
+_FROM_STATEMENT = re.compile(r"from\b\s*([\w.\s]*?)\s*\bimport\b\s*(.+)")
 
 
 def _spans(start: int, cuts: list[int], end: int) -> list[Span]:
@@ -67,79 +62,133 @@ class CodeStructure:
 
 
 class PythonStructure(CodeStructure):
-    """Statement structure of a Python module (raises whatever `ast.parse` raises)."""
+    """Statement structure of a Python module, from its logical lines (`python_lines`; raises
+    `SyntaxError` where those cannot be found: unbalanced brackets, an unterminated string).
+
+    The statements of a block are its logical lines at the block's body indentation, less the
+    decorated line after a decorator and the clause words that continue a nested statement;
+    a compound statement's own clauses count as `ast` has them: an ``if``'s first ``elif`` (the
+    rest belong to it), every ``except`` of a ``try``, the statements of ``else``/``finally``
+    bodies; a ``match``'s ``case`` lines are its body. Kept the same as the `ast` walk this
+    replaced on the standard library (tests/documents/test_python_lines.py)."""
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
-        with warnings.catch_warnings():  # "invalid escape sequence" etc. are the corpus' business
-            warnings.simplefilter("ignore")
-            self.tree = ast.parse(text)
-        self.nodes: dict[int, ast.AST] = {}  # span start -> the statement that opens it
+        self.lines = LogicalLines(text, self.line_starts)
+        self.nodes: dict[int, int] = {}  # span start -> logical line of the statement that opens it
+        self._clause = np.isin(self.lines.word, [WORDS.index(w) for w in _CLAUSES])
 
-    def _line_text(self, line: int) -> str:
-        ls = self.line_starts
-        a = int(ls[line - 1])
-        b = int(ls[line]) if line < len(ls) else len(self.text)
-        return self.text[a:b]
+    def _span_start(self, j: int) -> int:
+        """Where statement ``j``'s span starts: the comment lines right above it come along."""
+        return int(self.line_starts[self.lines.lift[self.lines.line[j]]])
 
-    def _start_line(self, node: ast.AST, floor: int) -> int:
-        """First line of a statement: its decorators, and comment lines right above it (never
-        at or above line `floor`, the end of whatever came before)."""
-        if isinstance(node, ast.match_case):
-            line = node.pattern.lineno
-        else:
-            line = node.lineno  # type: ignore[attr-defined]
-        for dec in getattr(node, "decorator_list", ()):
-            line = min(line, dec.lineno)
-        while line - 1 > floor and self._line_text(line - 1).lstrip().startswith("#"):
-            line -= 1
-        return line
-
-    def _block_spans(self, items: list[ast.AST], s: int, e: int, floor: int, first_at_s: bool) -> list[Span]:
+    def _block_spans(self, statements: list[int], s: int, e: int, first_at_s: bool) -> list[Span]:
         cuts: list[int] = []
-        owners: dict[int, ast.AST] = {}
-        prev_end = floor
-        for k, node in enumerate(items):
-            line = self._start_line(node, prev_end)
-            prev_end = max(prev_end, getattr(node, "end_lineno", None) or line)
+        owners: dict[int, int] = {}
+        for k, j in enumerate(statements):
             # the first statement of a block stays with the block's header (`def f(...):`)
-            pos = s if k == 0 else int(self.line_starts[line - 1])
+            pos = s if k == 0 else self._span_start(j)
             if pos <= s:
                 if k == 0 and first_at_s:
-                    owners[s] = node
+                    owners[s] = j
                 continue
             if pos >= e or (cuts and pos <= cuts[-1]):
-                continue  # same line as the previous statement (`a = 1; b = 2`)
+                continue
             cuts.append(pos)
-            owners[pos] = node
+            owners[pos] = j
         self.nodes.update(owners)
         return _spans(s, cuts, e)
 
     def units(self) -> list[Span]:
-        body = list(self.tree.body)
-        n = len(self.text)
-        if not body:
-            return [(0, n, False)]
-        return self._block_spans(body, 0, n, 0, first_at_s=True)
+        L = self.lines
+        top = np.flatnonzero((L.indent == 0) & ~L.follows_decorator & ~self._clause).tolist()
+        if not top:
+            return [(0, len(self.text), False)]
+        return self._block_spans(top, 0, len(self.text), first_at_s=True)
+
+    def _statements_in(self, owner: int, e: int) -> list[int]:
+        """The logical lines that `ast` would list as the sub-statements of statement `owner`
+        (body, clauses' bodies, handlers, cases), up to offset `e`."""
+        L = self.lines
+        h = int(L.indent[owner])
+        header = owner
+        while header < len(L.line) - 1 and L.decorator[header]:
+            header += 1
+        j0, j1 = header + 1, int(np.searchsorted(L.start, e, "left"))
+        if j0 >= j1:
+            return []
+        rule = L.word_of(header)
+        indent = L.indent[j0:j1]
+        clauses = (np.flatnonzero(indent <= h) + j0).tolist()
+        # a body on the header's own line (`try: x`) is the first statement, where the span starts
+        out: list[int] = [header] if clauses and clauses[0] == j0 else []
+        active = True
+        for a, b in zip([header, *clauses], [*clauses, j1]):
+            if a != header:
+                word = L.word_of(a)
+                if word == "elif":
+                    if rule in ("if", "elif") and active:
+                        out.append(a)
+                    active = False
+                elif word == "except":
+                    out.append(a)
+                    active = False
+                elif word in ("else", "finally"):
+                    active = active or rule not in ("if", "elif")
+                    if active and self._inline_body(a, word):
+                        out.append(a)  # `else: x`: x starts on the clause's line
+                else:
+                    break  # not this statement's any more
+            if not active or b <= a + 1:
+                continue
+            body = np.arange(a + 1, b)
+            depth = L.indent[a + 1 : b]
+            keep = (depth == depth[0]) & ~L.follows_decorator[a + 1 : b] & ~self._clause[a + 1 : b]
+            out.extend(body[keep].tolist())
+        return out
+
+    def _inline_body(self, j: int, word: str) -> bool:
+        L = self.lines
+        rest = _COMMENT.sub("", self.text[int(L.first[j]) + len(word) : L.end_of(j)]).strip()
+        return rest.startswith(":") and bool(rest[1:].strip())
 
     def children(self, s: int, e: int) -> Optional[list[Span]]:
-        node = self.nodes.get(s)
-        if node is not None:
-            items = list(_sub_blocks(node))
-            if items:
-                at = node.pattern if isinstance(node, ast.match_case) else node
-                header = at.lineno  # type: ignore[attr-defined]
-                spans = self._block_spans(items, s, e, header, first_at_s=False)
+        owner = self.nodes.get(s)
+        if owner is not None:
+            statements = self._statements_in(owner, e)
+            if statements:
+                spans = self._block_spans(statements, s, e, first_at_s=False)
                 if len(spans) >= 2:
                     return spans
         return self.line_children(s, e)
 
+    def references(self, rel_path: str) -> list[str]:
+        """Dotted module names imported anywhere in the module, in order of appearance, unique.
 
-def _sub_blocks(node: ast.AST) -> Iterator[ast.AST]:
-    for name in _BLOCK_FIELDS:
-        for item in getattr(node, name, None) or ():
-            if isinstance(item, (ast.stmt, ast.excepthandler, ast.match_case)):
-                yield item
+        ``import a.b`` gives ``a.b``; ``from a.b import c`` gives ``a.b.c`` (``c`` may be a submodule
+        or a name in ``a.b``: the graph's resolver tries both); ``from a.b import *`` gives ``a.b``.
+        Relative imports are made absolute against the file's package (its folder in `rel_path`).
+        Import statements are the logical lines that begin with ``import``/``from`` (one after a
+        ``;`` or after a one-line ``if x:`` is not seen)."""
+        L = self.lines
+        package = _package_parts(rel_path)
+        out: list[str] = []
+        wanted = np.flatnonzero(np.isin(L.word, [WORDS.index("import"), WORDS.index("from")]))
+        for j in wanted.tolist():
+            statement = _COMMENT.sub("", self.text[int(L.first[j]) : L.end_of(j)]).split(";")[0]
+            statement = " ".join(statement.replace("\\", " ").replace("(", " ").replace(")", " ").split())
+            if statement.startswith("import "):
+                out.extend(part.split()[0] for part in statement[7:].split(",") if part.strip())
+                continue
+            m = _FROM_STATEMENT.match(statement)
+            if m is None:
+                continue
+            module = re.sub(r"\s*\.\s*", ".", m.group(1))
+            level = len(module) - len(module.lstrip("."))
+            base = _from_base(level, module[level:] or None, package)
+            names = [part.split()[0] for part in m.group(2).split(",") if part.strip()]
+            out.extend(_from_names(base, names))
+        return list(dict.fromkeys(r for r in out if r))
 
 
 # ---------------------------------------------------------------------------------- references
@@ -175,31 +224,8 @@ def _from_names(base: str, names: list[str]) -> Iterator[str]:
             yield f"{base}.{name}"
 
 
-def python_references(tree: ast.Module, rel_path: str) -> list[str]:
-    """Dotted module names imported anywhere in a module, in order of appearance, unique.
-
-    ``import a.b`` gives ``a.b``; ``from a.b import c`` gives ``a.b.c`` (``c`` may be a submodule
-    or a name in ``a.b``: the graph's resolver tries both); ``from a.b import *`` gives ``a.b``.
-    Relative imports are made absolute against the file's package (its folder in ``rel_path``).
-    """
-    package = _package_parts(rel_path)
-    out: list[str] = []
-    stack: list[ast.AST] = [tree]
-    while stack:  # statements only: imports never sit inside expressions
-        node = stack.pop()
-        if isinstance(node, ast.Import):
-            out.extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = _from_base(node.level or 0, node.module, package)
-            out.extend(_from_names(base, [a.name for a in node.names]))
-        elif isinstance(node, _COMPOUND):
-            kids = [item for name in _BLOCK_FIELDS for item in (getattr(node, name, None) or ())]
-            stack.extend(reversed(kids))
-    return list(dict.fromkeys(r for r in out if r))
-
-
 def python_references_fallback(text: str, rel_path: str) -> list[str]:
-    """The same from source lines, for files `ast` cannot parse."""
+    """The same from source lines, for Python whose logical lines cannot be found."""
     package = _package_parts(rel_path)
     found: list[tuple[int, list[str]]] = []
     for m in _PY_IMPORT.finditer(text):
