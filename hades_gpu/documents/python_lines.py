@@ -33,24 +33,23 @@ _OPAQUE = re.compile(
     r"|'[^'\\\r\n]*(?:\\(?:\r\n|[\s\S])[^'\\\r\n]*)*'"
     r'|"[^"\\\r\n]*(?:\\(?:\r\n|[\s\S])[^"\\\r\n]*)*"'
 )
-_SPACE = (32, 9, 12)  # space, tab, form feed: indentation
-_OPEN, _CLOSE = (40, 91, 123), (41, 93, 125)  # ( [ {   ) ] }
-_QUOTES = (34, 39)
+# one table lookup per character sorts out the few that matter (non-ASCII counts as "other")
+_K_OTHER, _K_SPACE, _K_QUOTE, _K_OPEN, _K_CLOSE = 0, 1, 2, 3, 4
+_KIND = np.zeros(256, dtype=np.uint8)
+_KIND[[32, 9, 12]] = _K_SPACE  # space, tab, form feed: indentation
+_KIND[[34, 39]] = _K_QUOTE
+_KIND[[40, 91, 123]] = _K_OPEN  # ( [ {
+_KIND[[41, 93, 125]] = _K_CLOSE  # ) ] }
 # first words the scan tells apart (a keyword must not run on into an identifier: `iffy = 1`)
 WORDS = ("if", "elif", "else", "try", "except", "finally", "import", "from")
+_WORD_INDEX = {w: i for i, w in enumerate(WORDS)}
+_LINE_WORD = re.compile(r"^[ \t\f]*(" + "|".join(WORDS) + r")\b", re.M)
 
 
 def _codepoints(text: str) -> np.ndarray:
     if text.isascii():
         return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-
-
-def _isin(cp: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    out = cp == values[0]
-    for v in values[1:]:
-        out |= cp == v
-    return out
 
 
 class LogicalLines:
@@ -68,36 +67,51 @@ class LogicalLines:
         self.text = text
         self.line_start = line_start
         cp = _codepoints(text)
+        kind = _KIND[cp] if cp.dtype == np.uint8 else _KIND[np.minimum(cp, 127)]
         spans = np.array([m.span() for m in _OPAQUE.finditer(text)], dtype=np.int64).reshape(-1, 2)
-        delta = np.zeros(n + 1, dtype=np.int8)
-        delta[spans[:, 0]] += 1
-        delta[spans[:, 1]] -= 1
-        inside = np.cumsum(delta[:n], dtype=np.int8).astype(bool)
-        if _isin(cp, _QUOTES)[~inside].any():
+        opened, closed = spans[:, 0], spans[:, 1]
+
+        def inside(pos: np.ndarray) -> np.ndarray:  # pos lies within a literal or comment
+            if not len(opened):
+                return np.zeros(len(pos), dtype=bool)
+            k = np.searchsorted(opened, pos, "right") - 1
+            return (k >= 0) & (pos < closed[np.maximum(k, 0)])
+
+        if not inside(np.flatnonzero(kind == _K_QUOTE)).all():
             raise SyntaxError("unterminated string literal")
-        step = _isin(cp, _OPEN).astype(np.int32) - _isin(cp, _CLOSE)
-        step[inside] = 0
-        depth = np.cumsum(step, dtype=np.int32)
-        if n and (depth.min() < 0 or depth[-1] != 0):
+        brackets = np.flatnonzero(kind >= _K_OPEN)
+        brackets = brackets[~inside(brackets)]
+        depth_after = np.cumsum(np.where(kind[brackets] == _K_OPEN, 1, -1), dtype=np.int64)
+        if len(depth_after) and (depth_after.min() < 0 or depth_after[-1] != 0):
             raise SyntaxError("brackets do not balance")
+
+        def depth_at(pos: np.ndarray) -> np.ndarray:  # bracket depth just after character pos
+            k = np.searchsorted(brackets, pos, "right") - 1
+            return np.where(k >= 0, depth_after[np.maximum(k, 0)] if len(brackets) else 0, 0)
 
         ls = line_start[line_start < n] if n else line_start[:0]
         prev = ls[1:] - 1  # the character before each line after the first: its line break
         string_goes_on = np.zeros(len(ls), dtype=bool)
-        string_goes_on[1:] = inside[prev]
+        string_goes_on[1:] = inside(prev)
         open_bracket = np.zeros(len(ls), dtype=bool)
-        open_bracket[1:] = depth[prev] != 0
+        open_bracket[1:] = depth_at(prev) != 0
         # last character before the line break (\r\n counts as one break)
         before = prev - 1 - ((cp[prev] == 10) & (prev >= 1) & (cp[np.maximum(prev - 1, 0)] == 13))
         backslash = np.zeros(len(ls), dtype=bool)
         ok = before >= 0
-        backslash[1:][ok] = (cp[before[ok]] == 92) & ~inside[before[ok]]
+        backslash[1:][ok] = (cp[before[ok]] == 92) & ~inside(before[ok])
         self.boundary = ~(string_goes_on | open_bracket | backslash)
 
-        nonspace = np.flatnonzero(~_isin(cp, _SPACE))
-        at = np.searchsorted(nonspace, ls)
-        first = np.where(at < len(nonspace), nonspace[np.minimum(at, len(nonspace) - 1)], n)
-        head = np.where(first < n, cp[np.minimum(first, n - 1)], 10)
+        # first character of each line that is not indentation: the end of the run of spaces that
+        # starts the line (where it does)
+        space = kind == _K_SPACE
+        first = ls.copy()
+        indented = np.flatnonzero(space[ls]) if n else ls[:0]
+        if len(indented):
+            run_ends = np.flatnonzero(space[:-1] & ~space[1:]) + 1
+            at = np.searchsorted(run_ends, ls[indented], "right")
+            first[indented] = np.where(at < len(run_ends), run_ends[np.minimum(at, len(run_ends) - 1)], n)
+        head = np.where(first < n, cp[np.minimum(first, max(n - 1, 0))], 10) if n else first
         blank = (head == 10) | (head == 13) | (first >= n)
         self.comment_only = self.boundary & (head == 35)
         logical = self.boundary & ~blank & ~self.comment_only
@@ -119,20 +133,18 @@ class LogicalLines:
         self.start = ls[self.line]
         self.first = first[self.line]
         self.indent = self.first - self.start
-        tabs = np.concatenate((np.zeros(1, dtype=np.int64), np.cumsum(cp == 9)))
-        has_tab = tabs[self.first] > tabs[self.start]
-        if has_tab.any():  # rare: Python's own column count, tab stops every 8
+        tabs = np.flatnonzero(cp == 9)
+        if len(tabs):  # rare: Python's own column count, tab stops every 8
+            has_tab = np.searchsorted(tabs, self.first) > np.searchsorted(tabs, self.start)
             for j in np.flatnonzero(has_tab).tolist():
                 self.indent[j] = len(text[self.start[j]:self.first[j]].expandtabs(8))
         self.word = np.full(len(self.line), -1, dtype=np.int8)
-        ident = np.zeros(len(cp) + 1, dtype=bool)  # identifier characters (and non-ASCII)
-        ident[:n] = ((cp >= 48) & (cp <= 57)) | ((cp >= 65) & (cp <= 90)) | ((cp >= 97) & (cp <= 122)) | (cp == 95) | (cp > 127)
-        cpx = np.concatenate((cp.astype(np.uint32), np.zeros(8, dtype=np.uint32)))
-        for w, word in enumerate(WORDS):
-            hit = ~ident[np.minimum(self.first + len(word), n)]
-            for i, ch in enumerate(word):
-                hit &= cpx[self.first + i] == ord(ch)
-            self.word[hit] = w
+        found = [(m.start(1), _WORD_INDEX[m.group(1)]) for m in _LINE_WORD.finditer(text)]
+        if found:  # a match counts where it is a logical line's first word (not inside a string)
+            pos, which = np.array(found, dtype=np.int64).T
+            j = np.minimum(np.searchsorted(self.first, pos), max(len(self.first) - 1, 0))
+            hit = (j < len(self.first)) & (self.first[j] == pos) if len(self.first) else pos < 0
+            self.word[j[hit]] = which[hit]
         self.decorator = head[self.line] == 64  # '@'
         self.follows_decorator = np.zeros(len(self.line), dtype=bool)
         self.follows_decorator[1:] = self.decorator[:-1] & (self.indent[:-1] == self.indent[1:])
