@@ -109,10 +109,20 @@ class LogicalLines:
         indented = np.flatnonzero(space[ls]) if n else ls[:0]
         if len(indented):
             run_ends = np.flatnonzero(space[:-1] & ~space[1:]) + 1
-            at = np.searchsorted(run_ends, ls[indented], "right")
-            first[indented] = np.where(at < len(run_ends), run_ends[np.minimum(at, len(run_ends) - 1)], n)
+            if space[-1]:  # a run of spaces that ends the text ends at its end
+                run_ends = np.append(run_ends, n)
+            first[indented] = run_ends[np.searchsorted(run_ends, ls[indented], "right")]
         head = np.where(first < n, cp[np.minimum(first, max(n - 1, 0))], 10) if n else first
         blank = (head == 10) | (head == 13) | (first >= n)
+        # a line that is only a backslash holds no token: Python's statement starts on the line it
+        # continues into (rare; in order, as such lines may follow each other)
+        after_head = cp[np.minimum(first + 1, max(n - 1, 0))] if n else first
+        bare = (head == 92) & ((first + 1 >= n) | (after_head == 10) | (after_head == 13))
+        for k in np.flatnonzero(bare).tolist():
+            if self.boundary[k]:
+                blank[k] = True
+                if k + 1 < len(ls):
+                    self.boundary[k + 1] = True
         self.comment_only = self.boundary & (head == 35)
         logical = self.boundary & ~blank & ~self.comment_only
 

@@ -202,3 +202,41 @@ def test_logical_lines_skip_strings_brackets_continuations() -> None:
     assert [text[lines.first[j]:lines.end_of(j)] for j in range(2)] == ["a = 1\n", "b = '''\nnot a line\n'''\n"]
     empty = LogicalLines("", np.zeros(1, dtype=np.int64))
     assert len(empty.line) == 0
+
+
+def _partitions(structure: PythonStructure, spans, s: int, e: int, depth: int = 0) -> None:
+    assert spans[0][0] == s and spans[-1][1] == e
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+    for span in spans:
+        kids = structure.children(span[0], span[1]) if depth < 8 else None
+        if kids:
+            _partitions(structure, kids, span[0], span[1], depth + 1)
+
+
+def test_any_text_is_structured_or_rejected_with_syntax_error() -> None:
+    """Random texts of the characters and words that decide line structure (seeded): each gives
+    spans that partition the text at every depth, or `SyntaxError` (nothing else escapes); where
+    `ast` parses one, the spans are the `ast` walk's."""
+    rng = np.random.default_rng(7)
+    alphabet = ["\n", "\r\n", "\r", "    ", "  ", "\t", " ", "'", '"', "'''", '"""', "#", "(", ")", "[", "]",
+                "{", "}", "\\", ":", ";", "@", "if ", "elif ", "else", "try", "except ", "finally", "import ",
+                "from ", "def f", "class C", "x = 1", "pass", "a", ".", ",", "é", "\f", "match ", "case "]
+    structured = parsed = 0
+    for _ in range(8000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 100))).tolist())
+        try:
+            structure = PythonStructure(text)
+        except SyntaxError:
+            continue
+        structured += 1
+        structure.references("pkg/m.py")
+        units = structure.units()
+        if text:
+            _partitions(structure, units, 0, len(text))
+        try:
+            ref = AstStructure(text)
+        except (SyntaxError, ValueError):
+            continue
+        parsed += 1
+        assert _tree(structure, units) == _tree(ref, ref.units()), repr(text)
+    assert structured > 500 and parsed > 100, (structured, parsed)
