@@ -32,13 +32,32 @@ class ResumePolicy:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
+        # What the output held when the run began is all a lookup can find: a document is looked up
+        # before this run writes its rows. So an output that held nothing answers without a query
+        # (two SQLite lookups per document were ~8% of the router's CPU on a fresh output), and a
+        # document whose stat changed keeps the hash `by_stat` found for the task that follows.
+        self._empty = manifest.document_count() == 0
+        self._found: dict[str, str] = {}
 
     def by_stat(self, ref: DocumentRef) -> Resume:
-        return Resume.UNCHANGED if self.manifest.is_unchanged(ref.rel_path, ref.size, ref.mtime_ns) else Resume.READ
+        if self._empty:
+            return Resume.READ
+        entry = self.manifest.lookup(ref.rel_path)
+        if entry is None:
+            return Resume.READ
+        if entry.size == ref.size and entry.mtime_ns == ref.mtime_ns:
+            return Resume.UNCHANGED
+        self._found[ref.rel_path] = entry.content_hash
+        return Resume.READ
 
     def known_hash(self, ref: DocumentRef) -> Optional[str]:
         """The content hash the output holds for this document (None: not in it). Sent to the worker
         with the task, which then reports an equal hash as unchanged instead of packing it."""
+        if self._empty:
+            return None
+        found = self._found.pop(ref.rel_path, None)
+        if found is not None:
+            return found
         known = self.manifest.lookup(ref.rel_path)
         return known.content_hash if known is not None else None
 

@@ -52,3 +52,27 @@ def test_resume_decides_unchanged_changed_and_new_from_stat_then_content(tmp_pat
     assert policy.by_stat(grown.ref) is Resume.READ and policy.by_content(grown) is Resume.CHANGED
     new = _doc("b.md", 100, 5, "h-a")
     assert policy.by_stat(new.ref) is Resume.READ and policy.by_content(new) is Resume.NEW
+
+
+def test_resume_asks_the_manifest_once_per_document_and_never_when_the_output_was_empty(tmp_path):
+    empty = Manifest.load(tmp_path / "fresh", "s0")
+    asked: list[str] = []
+    lookup = empty.lookup
+    empty.lookup = lambda rel: asked.append(rel) or lookup(rel)  # counts the real lookups
+    policy = ResumePolicy(empty)
+    ref = _doc("a.md", 100, 5, "h-a").ref
+    assert policy.by_stat(ref) is Resume.READ and policy.known_hash(ref) is None and asked == []
+    # this run's own commit does not answer its later lookups (made before its rows are written)
+    empty.commit_part("part-s0-00001", [("a.md", DocumentEntry("da", "h-a", 2, "part-s0-00001", 100, 5))])
+    assert policy.known_hash(ref) is None
+
+    m = Manifest.load(tmp_path / "held", "s0")
+    m.commit_part("part-s0-00001", [("a.md", DocumentEntry("da", "h-a", 2, "part-s0-00001", 100, 5))])
+    lookup = m.lookup
+    m.lookup = lambda rel: asked.append(rel) or lookup(rel)
+    policy = ResumePolicy(m)
+    touched = dataclasses.replace(ref, mtime_ns=6)
+    assert policy.by_stat(touched) is Resume.READ and policy.known_hash(touched) == "h-a"
+    assert asked == ["a.md"]  # the task's hash came with the stat check
+    assert policy.known_hash(touched) == "h-a" and asked == ["a.md", "a.md"]  # asked again after that
+    assert policy.known_hash(_doc("b.md", 1, 1, "x").ref) is None
