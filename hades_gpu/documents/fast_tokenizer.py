@@ -37,6 +37,7 @@ SELF_CHECK: tuple[str, ...] = (
     "zero\u200bwidth\u200cjoin\u200dmark\ufeffbom \u2060word joiner",
     "ligatures ﬁne ﬂow ﬀ ﬃ ½ ² ™ Ⅻ ｆｕｌｌｗｉｄｔｈ",
     "control\x00chars\x01\x07\x0b\x0c\x1f\x7f\x85 del",
+    "ascii\x0bvertical\x0ctab\x1fand\x7fdel\x00null: deleted, not spaces",
     "line\r\nbreaks\rmixed\nand\u2028para\u2029sep\u00a0nbsp\u3000ideo\u2003em",
     "tabs\tand\t\tmore\t tabs   spaces",
     "x" * 99 + " " + "y" * 100 + " " + "z" * 101 + " " + "supercalifragilisticexpialidocious" * 4,
@@ -50,12 +51,23 @@ SELF_CHECK: tuple[str, ...] = (
 )
 
 
+# ASCII control characters BERT's `clean_text` deletes (tab, line feed and carriage return it turns
+# into spaces, which its pre-tokenizer splits on anyway)
+_DELETED_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class KitokenTokenizer:
     """Ids (no special tokens added) from kitoken, built from an HF tokenizer's own definition.
 
     Special-token literals written in a text ("[SEP]") are recognised as HF does, but only where a
     text holds one: kitoken's special-token matching costs ~20% of its encode time, and a text with
-    no such literal encodes the same either way (`specials_in`)."""
+    no such literal encodes the same either way (`specials_in`).
+
+    Plain ASCII skips kitoken's normalizer. For a `BertNormalizer` followed by `BertPreTokenizer`
+    (MiniLM's), normalizing ASCII without deleted control characters is `str.lower` (or nothing,
+    when the tokenizer is cased): no accents, no CJK, whitespace split alike. `str.lower` in C and a
+    second kitoken without the normalizer encode such text ~40% faster than the full one, with the
+    same ids (8.4 MB of the feed corpus checked; the self-check's ASCII samples take this path)."""
 
     def __init__(self, hf: Tokenizer) -> None:
         import kitoken  # raises ImportError when missing (or blocked)
@@ -67,16 +79,32 @@ class KitokenTokenizer:
         spec["truncation"] = None
         self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
         self._specials = _special_literals(spec)
+        self._plain: Optional[object] = None
+        self._lower = False
+        normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+        if normalizer.get("type") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer":
+            self._plain = kitoken.Kitoken.from_tokenizers(json.dumps(dict(spec, normalizer=None)).encode("utf-8"))
+            self._lower = bool(normalizer.get("lowercase", True))
 
     def specials_in(self, text: str) -> bool:
         """Whether `text` may hold a special-token literal (then it is encoded matching them)."""
         return self._specials is None or self._specials.search(text) is not None
 
+    def plain(self, text: str) -> bool:
+        """Whether `text` takes the path without the normalizer (ASCII, nothing it would delete, no
+        special-token literal)."""
+        return (self._plain is not None and text.isascii() and _DELETED_CONTROLS.search(text) is None
+                and not self.specials_in(text))
+
     def encode(self, text: str) -> list[int]:
+        if self.plain(text):
+            return self._plain.encode(text.lower() if self._lower else text, False)  # type: ignore[attr-defined]
         return self._kt.encode(text, self.specials_in(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
+        if texts and all(self.plain(t) for t in texts):
+            return self._plain.encode_all([t.lower() for t in texts] if self._lower else texts, False)  # type: ignore[attr-defined]
         return self._kt.encode_all(texts, any(self.specials_in(t) for t in texts))
 
 

@@ -253,3 +253,31 @@ def test_kitoken_definition_has_no_padding() -> None:
     assert len(raw.encode("Hello world", add_special_tokens=False).ids) == 128
     ids = KitokenTokenizer(raw).encode("Hello world")
     assert ids == load_tokenizer().encode("Hello world", add_special_tokens=False).ids and len(ids) == 2
+
+
+def test_plain_ascii_skips_the_normalizer_with_the_same_ids(tmp_path) -> None:
+    """ASCII without a control character BERT deletes and without a special literal takes the
+    normalizer-free kitoken (after str.lower); everything else the full one; ids equal HF's both ways,
+    on real files too."""
+    hf = load_tokenizer()
+    fast = KitokenTokenizer(hf)
+    assert fast.plain("Plain ASCII\twith\r\ntabs and CRLF") and fast.plain("")
+    assert not fast.plain("a\x0bb") and not fast.plain("x\x00y") and not fast.plain("del\x7f")
+    assert not fast.plain("a [SEP] b") and not fast.plain("café")
+    for text in ("MiXeD CaSe\tTabs\r\nCRLF", "a\x0bb c\x0cd", "x\x00y\x7fz", "UPPER [SEP] lower", "Ünïcode"):
+        assert fast.encode(text) == hf.encode(text, add_special_tokens=False).ids, repr(text)
+    batch = ["One Two", "THREE\tfour"]
+    assert fast.encode_batch(batch) == [e.ids for e in hf.encode_batch(batch, add_special_tokens=False)]
+    texts = [p.read_text(encoding="utf-8") for p in _real_files(60) if p.suffix == ".py"]
+    texts = [t for t in texts if fast.plain(t)]
+    assert len(texts) > 10
+    assert [fast.encode(t) for t in texts] == [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    # a cased tokenizer's plain path does not lowercase
+    cased = _modified_tokenizer(tmp_path, lambda s: s["normalizer"].update(lowercase=False))
+    cased.no_padding()
+    cased.no_truncation()
+    assert KitokenTokenizer(cased).encode("Hello world") == cased.encode("Hello world", add_special_tokens=False).ids
+    assert KitokenTokenizer(cased).encode("Hello world") != hf.encode("Hello world", add_special_tokens=False).ids
+    # another normalizer: no plain path
+    no_bert = _modified_tokenizer(tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
+    assert not KitokenTokenizer(no_bert).plain("hello")
