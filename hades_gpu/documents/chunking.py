@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -140,15 +140,22 @@ def chunk_document(
     return chunk_text(ref, text, content_hash, chunking, tokenizer)[0]
 
 
-def window_bounds(text: str, limit: int) -> list[tuple[int, int]]:
+def window_bounds(text: str, limit: int, preferred: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
     """Cut a long text into consecutive windows of at most `limit` characters, each ending at the best
-    boundary in its last quarter: a blank line, else a line break before a line that starts at
-    column 0 (a top-level statement in code), else any line break, else whitespace, else anywhere."""
+    boundary: the last of the `preferred` cuts (sorted; a Python file's top-level statements) in its
+    second half, else in its last quarter a blank line, else a line break before a line that starts
+    at column 0 (a top-level statement in code), else any line break, else whitespace, else anywhere."""
     n = len(text)
     bounds: list[tuple[int, int]] = []
     start = 0
+    cuts = np.asarray(preferred if preferred is not None else [], dtype=np.int64)
     while n - start > limit:
         lo, hi = start + (3 * limit) // 4, start + limit
+        k = int(np.searchsorted(cuts, hi, "right")) - 1
+        if k >= 0 and cuts[k] >= start + limit // 2:
+            bounds.append((start, int(cuts[k])))
+            start = int(cuts[k])
+            continue
         cut = text.rfind("\n\n", lo, hi)
         if cut >= 0:
             cut += 2
@@ -188,17 +195,24 @@ def chunk_in_windows(
     """`chunk_text` over a document longer than ``chunking.window_chars``, one window at a time, so
     that tokenizing and packing memory is bounded by the window, not by the file (a 16 MB single-line
     file would otherwise hold millions of token offsets). A chunk never spans two windows; offsets,
-    ordinals and chunk ids are the document's. Python files this large are chunked line-wise and
-    their imports found by the line-based fallback (no ast of a window cut between statements)."""
-    from hades_gpu.documents.code_chunker import python_references_fallback
-
+    ordinals and chunk ids are the document's. A Python file's logical lines (`python_lines`: arrays,
+    a few bytes per character while they are found) put the window cuts at top-level statements,
+    so each window is chunked by its statements, and give the file's imports; Python whose lines
+    cannot be found is chunked line-wise, its imports found by the line-based fallback."""
+    structure: Optional[PythonStructure] = None
+    if _is_python(ref):
+        try:
+            structure = PythonStructure(text)
+        except SyntaxError as err:
+            log.debug("%s: no statement structure (%s); line-based chunking", ref.rel_path, err)
     chunks: list[Chunk] = []
     references: list[str] = []
     doc_id = ref.doc_id
-    window_ref = ref if not _is_python(ref) else DocumentRef(path=ref.path, rel_path=ref.rel_path + ".window",
-                                                            size=ref.size, modality=ref.modality, language="unknown",
-                                                            mtime_ns=ref.mtime_ns)
-    for s, e in window_bounds(text, chunking.window_chars):
+    window_ref = ref if not _is_python(ref) or structure is not None else DocumentRef(
+        path=ref.path, rel_path=ref.rel_path + ".window", size=ref.size, modality=ref.modality, language="unknown",
+        mtime_ns=ref.mtime_ns)
+    preferred = [s for s, _e, _sec in structure.units()] if structure is not None else None
+    for s, e in window_bounds(text, chunking.window_chars, preferred):
         piece, refs = chunk_text(window_ref, text[s:e], content_hash, chunking, tokenizer, hf_offsets=hf_offsets)
         for c in piece:
             k = len(chunks)
@@ -206,7 +220,9 @@ def chunk_in_windows(
                                 modality=ref.modality, ordinal=k, char_start=c.char_start + s,
                                 char_end=c.char_end + s, text=c.text, token_ids=c.token_ids))
         references.extend(refs)
-    if _is_python(ref):
+    if structure is not None:
+        references = structure.references(ref.rel_path)
+    elif _is_python(ref):
         references = python_references_fallback(text, ref.rel_path)
     return chunks, list(dict.fromkeys(references))
 

@@ -122,3 +122,29 @@ def test_memory_per_document_is_bounded_by_the_window(tmp_path):
     assert windowed["skip"] is None and whole["skip"] is None
     assert abs(windowed["chunks"] - whole["chunks"]) <= 0.02 * whole["chunks"]  # the same text, a few edges
     assert windowed["grew_kib"] < 0.5 * whole["grew_kib"], runs
+
+
+def test_a_long_python_file_is_cut_at_statements_and_chunked_by_them():
+    """Windows end at top-level statements of the whole file, each window is chunked by its
+    statements (chunks begin where the one-piece chunker would let them), and the imports come
+    from the whole file's logical lines (an `import` inside a docstring is none)."""
+    from hades_gpu.documents.code_chunker import PythonStructure
+
+    funcs = "".join(
+        f'def function_{i}(value):\n    """Doc {i}.\n\nimport not_a_module\n"""\n'
+        + "".join(f"    value = value * {j} + {i}\n" for j in range(8)) + "    return value\n\n\n"
+        for i in range(150))
+    text = "import os\nfrom .helpers import tool\n\n\n" + funcs + "import late_module\n"
+    assert len(text) > 4 * SMALL.window_chars
+    starts = {s for s, _e, _x in PythonStructure(text).units()}
+    bounds = window_bounds(text, SMALL.window_chars, sorted(starts))
+    assert all(b in starts for _a, b in bounds[:-1])
+    chunks, refs = chunk_in_windows(ref("pkg/big.py", CODE, "python"), text, "h", SMALL)
+    check_rules(text, chunks, SMALL.chunk_tokens)
+    assert all(c.char_start in starts for c in chunks)  # every function fits a chunk: none is split
+    assert refs == ["os", "pkg.helpers.tool", "late_module"]
+    # unbalanced Python: windows by lines, imports by the line-based fallback
+    broken = text.replace("def function_3(value):", "def function_3(value:")
+    chunks, refs = chunk_in_windows(ref("pkg/big.py", CODE, "python"), broken, "h", SMALL)
+    check_rules(broken, chunks, SMALL.chunk_tokens)
+    assert "late_module" in refs and "os" in refs
