@@ -43,6 +43,15 @@ def _is_python(ref: DocumentRef) -> bool:
     return ref.language == "python" or ref.rel_path.endswith((".py", ".pyi"))
 
 
+def _python_structure(ref: DocumentRef, text: str) -> Optional[PythonStructure]:
+    """The statement structure of a Python text, or None (logged) where its lines cannot be found."""
+    try:
+        return PythonStructure(text)
+    except SyntaxError as err:
+        log.debug("%s: no statement structure (%s); line-based chunking", ref.rel_path, err)
+        return None
+
+
 def _pack(tt: Tokenized, children: Children, units: list[Span], budget: int, chunking: ChunkingConfig,
           overlap: int, absorb_top: bool, keep_indent: bool) -> list[tuple[int, int, np.ndarray]]:
     packer = Packer(tt, children, chunking.min_chunk_tokens, overlap=overlap, absorb_top=absorb_top)
@@ -71,14 +80,12 @@ def chunk_text(
     references: list[str] = []
     if ref.modality == CODE:
         structure: CodeStructure
-        if _is_python(ref):
-            try:
-                structure = PythonStructure(text)
-                references = structure.references(ref.rel_path)
-            except SyntaxError as err:
-                log.debug("%s: no statement structure (%s); line-based chunking", ref.rel_path, err)
-                structure = CodeStructure(text)
-                references = python_references_fallback(text, ref.rel_path)
+        python = _python_structure(ref, text) if _is_python(ref) else None
+        if python is not None:
+            structure, references = python, python.references(ref.rel_path)
+        elif _is_python(ref):
+            structure = CodeStructure(text)
+            references = python_references_fallback(text, ref.rel_path)
         else:
             structure = CodeStructure(text)
         children = structure.children
@@ -199,12 +206,7 @@ def chunk_in_windows(
     a few bytes per character while they are found) put the window cuts at top-level statements,
     so each window is chunked by its statements, and give the file's imports; Python whose lines
     cannot be found is chunked line-wise, its imports found by the line-based fallback."""
-    structure: Optional[PythonStructure] = None
-    if _is_python(ref):
-        try:
-            structure = PythonStructure(text)
-        except SyntaxError as err:
-            log.debug("%s: no statement structure (%s); line-based chunking", ref.rel_path, err)
+    structure = _python_structure(ref, text) if _is_python(ref) else None
     chunks: list[Chunk] = []
     references: list[str] = []
     doc_id = ref.doc_id

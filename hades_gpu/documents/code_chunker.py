@@ -147,9 +147,12 @@ class PythonStructure(CodeStructure):
             out.extend(body[keep].tolist())
         return out
 
+    def _code_of(self, j: int) -> str:
+        """Logical line ``j``'s text from its first character, comments removed."""
+        return _COMMENT.sub("", self.text[int(self.lines.first[j]) : self.lines.end_of(j)])
+
     def _inline_body(self, j: int, word: str) -> bool:
-        L = self.lines
-        rest = _COMMENT.sub("", self.text[int(L.first[j]) + len(word) : L.end_of(j)]).strip()
+        rest = self._code_of(j)[len(word):].strip()
         return rest.startswith(":") and bool(rest[1:].strip())
 
     def children(self, s: int, e: int) -> Optional[list[Span]]:
@@ -175,7 +178,7 @@ class PythonStructure(CodeStructure):
         out: list[str] = []
         wanted = np.flatnonzero(np.isin(L.word, [WORDS.index("import"), WORDS.index("from")]))
         for j in wanted.tolist():
-            statement = _COMMENT.sub("", self.text[int(L.first[j]) : L.end_of(j)]).split(";")[0]
+            statement = self._code_of(j).split(";")[0]
             statement = " ".join(statement.replace("\\", " ").replace("(", " ").replace(")", " ").split())
             if statement.startswith("import "):
                 out.extend(part.split()[0] for part in statement[7:].split(",") if part.strip())

@@ -53,7 +53,7 @@ SELF_CHECK: tuple[str, ...] = (
 
 # ASCII control characters BERT's `clean_text` deletes (tab, line feed and carriage return it turns
 # into spaces, which its pre-tokenizer splits on anyway)
-_DELETED_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+DELETED_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class KitokenTokenizer:
@@ -93,7 +93,7 @@ class KitokenTokenizer:
     def plain(self, text: str) -> bool:
         """Whether `text` takes the path without the normalizer (ASCII, nothing it would delete, no
         special-token literal)."""
-        return (self._plain is not None and text.isascii() and _DELETED_CONTROLS.search(text) is None
+        return (self._plain is not None and text.isascii() and DELETED_CONTROLS.search(text) is None
                 and not self.specials_in(text))
 
     def encode(self, text: str) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for
 from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
 _NON_SPACE = re.compile(r"\S")
@@ -73,7 +73,6 @@ class AsciiSurfaces:
     ~8% of a worker's time (prose overlaps ask for the offsets of many short segments)."""
 
     _DROP_SPACE = str.maketrans("", "", " \t\n\r")
-    _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         spec = tokenizer_spec(tokenizer)
@@ -96,7 +95,7 @@ class AsciiSurfaces:
 
         Plain Python on purpose: segments are short (median ~100 characters), where numpy's
         per-call cost was twice this loop's."""
-        if not ids or not piece.isascii() or self._CONTROL.search(piece) is not None:
+        if not ids or not piece.isascii() or DELETED_CONTROLS.search(piece) is not None:
             return None  # control characters: clean_text deletes them
         try:
             surfaces = [self.surface[i] for i in ids]

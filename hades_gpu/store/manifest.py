@@ -85,6 +85,10 @@ class DocumentEntry:
     size: int = 0
     mtime_ns: int = 0
 
+    def same_stat(self, size: int, mtime_ns: int) -> bool:
+        """The file's size and mtime are as recorded (no re-read needed)."""
+        return self.size == size and self.mtime_ns == mtime_ns
+
 
 def _part_number(name: str) -> int:
     return int(name.rsplit("-", 1)[-1])
@@ -230,7 +234,7 @@ class Manifest:
     def is_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> bool:
         """True when the document is done and its size and mtime are as recorded (no re-read needed)."""
         entry = self.lookup(rel_path)
-        return entry is not None and entry.size == size and entry.mtime_ns == mtime_ns
+        return entry is not None and entry.same_stat(size, mtime_ns)
 
     # -- write -----------------------------------------------------------------------------------
     def commit_part(self, part: str, documents: Iterable[tuple[str, DocumentEntry]],
