@@ -5,8 +5,10 @@ returns ids only (no offsets). It is used only where it agrees with the HF token
 sample of awkward strings (`SELF_CHECK`); otherwise, or when it is not installed or fails to load,
 `fast_tokenizer_for` returns None and callers keep HF (one log line says why).
 
-Switch: ``HADES_GPU_TOKENIZER=hf`` forces HF everywhere (``kitoken`` or empty: kitoken when it
-passes the check). Cached per process and HF tokenizer: worker processes build their own.
+Switch: ``HADES_GPU_TOKENIZER=hf`` forces HF everywhere; ``kitoken``: kitoken (when it passes the
+check) for every document; empty or ``native``: the C WordPiece scan (`native_wordpiece`) for the
+documents it takes, kitoken for the rest. Cached per process and HF tokenizer: worker processes
+build their own.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class KitokenTokenizer:
         spec["padding"] = None
         spec["truncation"] = None
         self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
-        self._specials = _special_literals(spec)
+        self._specials = special_literals(spec)
         self._plain: Optional[object] = None
         self._lower = False
         normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
@@ -108,7 +110,7 @@ class KitokenTokenizer:
         return self._kt.encode_all(texts, any(self.specials_in(t) for t in texts))
 
 
-def _special_literals(spec: dict) -> Optional["re.Pattern[str]"]:
+def special_literals(spec: dict) -> Optional["re.Pattern[str]"]:
     """A case-insensitive pattern of the added tokens' contents (a superset of where HF matches
     them), or None (always match) when one is matched after normalization: then another string may
     normalize into it, and a literal search could miss that."""
@@ -149,8 +151,8 @@ def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
     choice = os.environ.get(TOKENIZER_ENV, "").strip().lower()
     if choice == "hf":
         log.info("tokenizer: HF tokenizers (%s=hf)", TOKENIZER_ENV)
-    elif choice not in ("", "kitoken"):
-        log.warning("tokenizer: HF tokenizers (%s=%r is neither 'hf' nor 'kitoken')", TOKENIZER_ENV, choice)
+    elif choice not in ("", "native", "kitoken"):
+        log.warning("tokenizer: HF tokenizers (%s=%r is none of 'native', 'kitoken', 'hf')", TOKENIZER_ENV, choice)
     else:
         try:
             fast = KitokenTokenizer(hf)
@@ -168,4 +170,4 @@ def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
     return fast
 
 
-__all__ = ["KitokenTokenizer", "SELF_CHECK", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]
+__all__ = ["KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]

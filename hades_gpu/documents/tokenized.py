@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.native_wordpiece import native_wordpiece_for
 from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
 _NON_SPACE = re.compile(r"\S")
@@ -147,23 +148,34 @@ class SegmentMismatch(RuntimeError):
 
 
 class TokenizedText:
-    """A document encoded once by HF `tokenizers`: ids and per-token start offsets.
+    """A document encoded once: ids and per-token start offsets, from one HF `tokenizers` call or
+    given (`encoded`: the C WordPiece scan, `native_wordpiece`, which checked itself against HF).
 
     Args:
         text (str): the decoded document.
         tokenizer (tokenizers.Tokenizer): the model's tokenizer (truncation/padding off).
         reencode (bool, optional): re-encode every window's text instead of slicing ids where
             that is exact (for tests; same result, slower). (default: False)
+        encoded (tuple[np.ndarray, np.ndarray], optional): (ids int32, starts int64) of `text`
+            already known; then `tokenizer` is not run on the text. (default: None)
+        encode_ids (Callable, optional): ids of other texts (default: the HF tokenizer's).
     """
 
-    def __init__(self, text: str, tokenizer: Tokenizer, reencode: bool = False) -> None:
+    def __init__(self, text: str, tokenizer: Tokenizer, reencode: bool = False, *,
+                 encoded: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 encode_ids: Optional[Callable[[Sequence[str]], list[list[int]]]] = None) -> None:
         self.text = text
         self.tokenizer = tokenizer
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        self.ids = np.array(enc.ids, dtype=np.int32)  # (n,)
+        self._encode_ids = encode_ids
+        if encoded is not None:
+            self.ids, starts = encoded
+            starts_list = starts.tolist()
+        else:
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            self.ids = np.array(enc.ids, dtype=np.int32)  # (n,)
+            starts_list = [a for a, _ in enc.offsets]  # 5x faster than np.asarray of the (n, 2) pairs
+            starts = np.array(starts_list, dtype=np.int64)  # (n,)
         self.n = int(self.ids.shape[0])
-        starts_list = [a for a, _ in enc.offsets]  # 5x faster than np.asarray of the (n, 2) pairs
-        starts = np.array(starts_list, dtype=np.int64)  # (n,)
         if self.n > 1 and bool((starts[1:] < starts[:-1]).any()):
             # never seen with BERT; keep binary search valid for any tokenizer
             starts = np.maximum.accumulate(starts)
@@ -202,6 +214,8 @@ class TokenizedText:
 
     # -- ids of other texts -----------------------------------------------------------------
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._encode_ids is not None:
+            return self._encode_ids(texts)
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
@@ -439,9 +453,15 @@ Tokenized = Union[TokenizedText, SegmentedText]
 
 def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
                       cuts: Sequence[int] = ()) -> Tokenized:
-    """`SegmentedText` when the tokenizer is BERT WordPiece and a fast tokenizer passed its
-    self-check (and not `reencode`), else `TokenizedText`."""
+    """For a BERT WordPiece tokenizer (and not `reencode`): `TokenizedText` from the C scan where it
+    takes the document (`native_wordpiece`), else `SegmentedText` when a fast tokenizer passed its
+    self-check; otherwise `TokenizedText` from HF."""
     if not reencode and tokenizer_info(tokenizer)[1]:
+        native = native_wordpiece_for(tokenizer)
+        if native is not None:
+            encoded = native.encode_offsets(text)
+            if encoded is not None:
+                return TokenizedText(text, tokenizer, encoded=encoded, encode_ids=native.encode_ids)
         fast = fast_tokenizer_for(tokenizer)
         if fast is not None:
             return SegmentedText(text, tokenizer, fast, cuts)

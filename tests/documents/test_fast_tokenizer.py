@@ -21,10 +21,12 @@ from hades_gpu.documents import fast_tokenizer
 from hades_gpu.documents.chunking import chunk_text
 from hades_gpu.documents.discovery import discover
 from hades_gpu.documents.fast_tokenizer import KitokenTokenizer, fast_tokenizer_for, self_check
+from hades_gpu.documents.native_wordpiece import native_wordpiece_for
 from hades_gpu.documents.reading import SkipDocument, read_document
 from hades_gpu.documents.tokenized import SegmentedText, TokenizedText, tokenize_document
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir
 from hades_gpu.records import CODE, PROSE, DocumentRef
+from requirements import skip_or_fail
 
 import kitoken  # noqa: E402,F401 - a hard dependency (pyproject): the fast path is tested, never skipped
 
@@ -59,15 +61,28 @@ def _real_files(limit: int) -> list[Path]:
     return out[:limit]
 
 
-def test_fast_path_equals_hf_only_on_real_files() -> None:
-    """Same chunks, offsets, ids and references on a few hundred real files (~15 s at most)."""
+@pytest.fixture(params=["native", "kitoken"])
+def fast_path(request, monkeypatch) -> str:
+    """Each fast path in turn: the C WordPiece scan where it takes a document (kitoken otherwise),
+    and kitoken + segments alone (``HADES_GPU_TOKENIZER=kitoken``)."""
+    if request.param == "native":
+        monkeypatch.delenv(fast_tokenizer.TOKENIZER_ENV, raising=False)
+        if native_wordpiece_for(load_tokenizer()) is None:
+            skip_or_fail("the C WordPiece extension is not built (hades_gpu/documents/_wordpiece.c)")
+    else:
+        monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
+    return request.param
+
+
+def test_fast_path_equals_hf_only_on_real_files(fast_path: str) -> None:
+    """Same chunks, offsets, ids and references on a few hundred real files (~10 s at most a path)."""
     files = _real_files(400)
     assert len(files) > 50
     dcfg = DocumentsConfig(decode_errors="replace")
     t0 = time.perf_counter()
     done = 0
     for path in files:
-        if time.perf_counter() - t0 > 15:
+        if time.perf_counter() - t0 > 10:
             break
         refs, _ = discover(path, DocumentsConfig())
         if not refs:
@@ -109,14 +124,16 @@ ADVERSARIAL = {
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 @pytest.mark.parametrize("modality,language,rel", [(PROSE, "markdown", "x.md"), (PROSE, "text", "x.txt"),
                                                    (CODE, "python", "x.py"), (CODE, "c", "x.c")])
-def test_fast_path_equals_hf_only_on_adversarial_text(name: str, modality: str, language: str, rel: str) -> None:
+def test_fast_path_equals_hf_only_on_adversarial_text(name: str, modality: str, language: str, rel: str,
+                                                     fast_path: str) -> None:
     ref = DocumentRef(path="/c/" + rel, rel_path=rel, size=0, modality=modality, language=language)
     for cc in (ChunkingConfig(), ChunkingConfig(chunk_tokens=24, overlap_tokens=8, min_chunk_tokens=3)):
         _assert_same(ref, ADVERSARIAL[name], cc)
 
 
-def test_index_and_offsets_match_hf_at_every_position() -> None:
+def test_index_and_offsets_match_hf_at_every_position(monkeypatch) -> None:
     """SegmentedText answers index/start_of/word_start as TokenizedText does, wherever it is asked."""
+    monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
     tok = load_tokenizer()
     text = ("# Title\n\nSome prose, with punctuation; and CJK 東京. Emoji 😀 and\u200bzero-width.\r\n"
             "\tdef f(x):\n        return x  # ok\n" + "longword" * 30 + " tail\rend \x0bx\x85y  \n")
@@ -133,9 +150,10 @@ def test_index_and_offsets_match_hf_at_every_position() -> None:
     assert 0 < fast.hf_segments  # positions inside words did need HF offsets
 
 
-def test_segment_marker_is_a_character_the_text_lacks() -> None:
+def test_segment_marker_is_a_character_the_text_lacks(monkeypatch) -> None:
     """The join marker is the first marker character absent from the text, "[MASK]" when all occur;
     either way the document's ids are HF's."""
+    monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
     from hades_gpu.documents import tokenized
 
     tok = load_tokenizer()
