@@ -232,7 +232,8 @@ static int writable_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, 
 /* encode_into(text, ids, starts) -> (n_tokens, holes)
  * ids: writable int32 buffer, starts: writable int64 buffer, each of at least len(text) items
  * (an ASCII word never yields more tokens than characters). holes: list of (char_start, char_end,
- * token_index) of the whitespace-separated runs left to the caller, in text order. */
+ * token_index) of the whitespace-separated runs left to the caller, in text order; consecutive ones
+ * (only whitespace between them) are one hole. */
 static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
     PyObject *text, *ids_obj, *starts_obj;
     if (!PyArg_ParseTuple(args, "UOO", &text, &ids_obj, &starts_obj))
@@ -252,7 +253,7 @@ static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
     int64_t *starts = (int64_t *)starts_view.buf;
     const int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
-    Py_ssize_t n = 0, i = 0;
+    Py_ssize_t n = 0, i = 0, last_hole_start = 0, last_hole_at = -1;
     while (i < length) {
         Py_UCS4 c = PyUnicode_READ(kind, data, i);
         if (is_bert_space(c)) {
@@ -271,12 +272,22 @@ static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
             end++;
         }
         if (!plain) {
-            PyObject *hole = Py_BuildValue("(nnn)", i, end, n);
+            /* a hole right after another (only whitespace between: no token since) extends it, so
+               that text with few ASCII words goes to HF in long runs, not word by word */
+            Py_ssize_t start = i, last = PyList_GET_SIZE(holes) - 1;
+            if (last >= 0 && last_hole_at == n) {
+                start = last_hole_start;
+                if (PyList_SetSlice(holes, last, last + 1, NULL) < 0)
+                    goto fail;
+            }
+            PyObject *hole = Py_BuildValue("(nnn)", start, end, n);
             if (hole == NULL || PyList_Append(holes, hole) < 0) {
                 Py_XDECREF(hole);
                 goto fail;
             }
             Py_DECREF(hole);
+            last_hole_start = start;
+            last_hole_at = n;
             i = end;
             continue;
         }

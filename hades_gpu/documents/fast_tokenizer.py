@@ -53,6 +53,13 @@ SELF_CHECK: tuple[str, ...] = (
 )
 
 
+# The code points BERT's normalizer treats as Chinese characters (`handle_chinese_chars`). kitoken
+# 0.11's encode time grows with the square of their number in a text (16 k of them: 0.5 s, HF 19 ms;
+# 64 k: 3.2 s, HF 84 ms; measured 2026-12-06; kana, Hangul, Thai, emoji and Cyrillic are not
+# affected), so texts holding any are encoded by HF instead.
+CHINESE_CHARS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+                           "\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f]")
+
 # ASCII control characters BERT's `clean_text` deletes (tab, line feed and carriage return it turns
 # into spaces, which its pre-tokenizer splits on anyway)
 DELETED_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -79,6 +86,7 @@ class KitokenTokenizer:
         # the definition it gets must have neither, never a strip of trailing zeros afterwards.
         spec["padding"] = None
         spec["truncation"] = None
+        self._hf = hf  # texts holding Chinese characters (CHINESE_CHARS)
         self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
         self._specials = special_literals(spec)
         self._plain: Optional[object] = None
@@ -101,26 +109,34 @@ class KitokenTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.plain(text):
             return self._plain.encode(text.lower() if self._lower else text, False)  # type: ignore[attr-defined]
+        if CHINESE_CHARS.search(text) is not None:
+            return self._hf.encode(text, add_special_tokens=False).ids
         return self._kt.encode(text, self.specials_in(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
         if texts and all(self.plain(t) for t in texts):
             return self._plain.encode_all([t.lower() for t in texts] if self._lower else texts, False)  # type: ignore[attr-defined]
+        if any(CHINESE_CHARS.search(t) is not None for t in texts):
+            return [self.encode(t) for t in texts]
         return self._kt.encode_all(texts, any(self.specials_in(t) for t in texts))
 
 
-def special_literals(spec: dict) -> Optional["re.Pattern[str]"]:
-    """A case-insensitive pattern of the added tokens' contents (a superset of where HF matches
-    them), or None (always match) when one is matched after normalization: then another string may
-    normalize into it, and a literal search could miss that."""
+def special_literals(spec: dict, ignore_case: bool = True) -> Optional["re.Pattern[str]"]:
+    """A pattern of the added tokens' contents, or None (always match) when one is matched after
+    normalization: then another string may normalize into it, and a literal search could miss that.
+
+    HF matches a token that is not `normalized` on the raw text, exactly (`single_word`, `lstrip`
+    and `rstrip` only narrow or widen a match around the content), so the exact contents are a
+    superset of its matches; `ignore_case` widens it further (kitoken's routing keeps that margin;
+    the C scan, which needs `x[mask]` of Python code to stay its own, uses the exact one)."""
     added = spec.get("added_tokens") or []
     if any(tok.get("normalized") for tok in added):
         return None
     contents = sorted({tok["content"] for tok in added if tok.get("content")}, key=len, reverse=True)
     if not contents:
         return re.compile(r"(?!)")  # matches nothing
-    return re.compile("|".join(map(re.escape, contents)), re.IGNORECASE)
+    return re.compile("|".join(map(re.escape, contents)), re.IGNORECASE if ignore_case else 0)
 
 
 def self_check(fast: KitokenTokenizer, hf: Tokenizer, samples: Sequence[str] = SELF_CHECK) -> Optional[str]:
@@ -170,4 +186,4 @@ def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
     return fast
 
 
-__all__ = ["KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]
+__all__ = ["CHINESE_CHARS", "KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]

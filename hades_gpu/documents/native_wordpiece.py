@@ -43,6 +43,7 @@ NATIVE_SELF_CHECK: tuple[str, ...] = (
     "a" * 100 + " " + "b" * 101 + " " + "ab" * 50 + "c " + "z" * 3000,
     "qqqqqqqxzvjk xzqv qzxj q1z2x3 zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz unaffable antidisestablishmentarianism",
     "mixed ascii café runs\tand \x00controls\x7f in\x0bruns end\u00a0nbsp tail",
+    "x[mask]y [cls] [Sep] [pad]ding [unK] [MASK ] [ CLS]: lower-case literals are plain text to HF",
     "  leading and trailing spaces \r\n\r\n\t ",
 )
 
@@ -58,7 +59,7 @@ class NativeWordPiece:
     def __init__(self, hf: Tokenizer, wordpiece: object) -> None:
         self.hf = hf
         self._wp = wordpiece
-        self._specials = special_literals(tokenizer_spec(hf))
+        self._specials = special_literals(tokenizer_spec(hf), ignore_case=False)
 
     def encode_offsets(self, text: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """(ids int32, start offsets int64) of `text` without special tokens, or None where this

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.fast_tokenizer import CHINESE_CHARS, DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for
 from hades_gpu.documents.native_wordpiece import native_wordpiece_for
 from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
@@ -451,20 +451,34 @@ class SegmentedText:
 Tokenized = Union[TokenizedText, SegmentedText]
 
 
+# kitoken's build and self-check cost a worker ~0.2 s; where the C scan runs, only the documents it
+# declines (special-token literals, mostly non-ASCII text) would use kitoken, and HF's offset encode
+# of them costs ~0.7 s per million characters more than kitoken's segments: HF takes them until a
+# process has seen this many such characters
+KITOKEN_AFTER_DECLINED_CHARS = 300_000
+_declined_chars = 0  # per process: characters of documents the C scan declined
+
+
 def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
                       cuts: Sequence[int] = ()) -> Tokenized:
     """For a BERT WordPiece tokenizer (and not `reencode`): `TokenizedText` from the C scan where it
-    takes the document (`native_wordpiece`), else `SegmentedText` when a fast tokenizer passed its
-    self-check; otherwise `TokenizedText` from HF."""
+    takes the document (`native_wordpiece`); else `SegmentedText` from kitoken ids when kitoken passed
+    its self-check, the text holds no Chinese character (`CHINESE_CHARS`: kitoken is quadratic in
+    them) and, where the C scan runs, declined documents have made kitoken's build worth it
+    (`KITOKEN_AFTER_DECLINED_CHARS`); otherwise `TokenizedText` from HF."""
+    global _declined_chars
     if not reencode and tokenizer_info(tokenizer)[1]:
         native = native_wordpiece_for(tokenizer)
         if native is not None:
             encoded = native.encode_offsets(text)
             if encoded is not None:
                 return TokenizedText(text, tokenizer, encoded=encoded, encode_ids=native.encode_ids)
-        fast = fast_tokenizer_for(tokenizer)
-        if fast is not None:
-            return SegmentedText(text, tokenizer, fast, cuts)
+            _declined_chars += len(text)
+        if (CHINESE_CHARS.search(text) is None
+                and (native is None or _declined_chars > KITOKEN_AFTER_DECLINED_CHARS)):
+            fast = fast_tokenizer_for(tokenizer)
+            if fast is not None:
+                return SegmentedText(text, tokenizer, fast, cuts)
     return TokenizedText(text, tokenizer, reencode=reencode)
 
 

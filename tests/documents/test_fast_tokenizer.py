@@ -135,7 +135,7 @@ def test_index_and_offsets_match_hf_at_every_position(monkeypatch) -> None:
     """SegmentedText answers index/start_of/word_start as TokenizedText does, wherever it is asked."""
     monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
     tok = load_tokenizer()
-    text = ("# Title\n\nSome prose, with punctuation; and CJK 東京. Emoji 😀 and\u200bzero-width.\r\n"
+    text = ("# Title\n\nSome prose, with punctuation; and Cyrillic Съешь. Emoji 😀 and\u200bzero-width.\r\n"
             "\tdef f(x):\n        return x  # ok\n" + "longword" * 30 + " tail\rend \x0bx\x85y  \n")
     slow = TokenizedText(text, tok)
     fast = tokenize_document(text, tok, cuts=[0, 9, 40])
@@ -263,6 +263,29 @@ def test_env_switch_forces_hf(fresh_cache, monkeypatch) -> None:
     monkeypatch.setattr(fast_tokenizer, "_CACHE", {})
     monkeypatch.setenv(fast_tokenizer.TOKENIZER_ENV, "kitoken")
     assert isinstance(fast_tokenizer_for(load_tokenizer()), KitokenTokenizer)
+
+
+def test_chinese_text_is_encoded_by_hf_not_kitoken() -> None:
+    """kitoken 0.11 is quadratic in Chinese characters (16 k: 0.5 s vs HF 19 ms): such texts go to
+    HF. kitoken's own encoder is replaced by one that fails if called (the routing is what is
+    tested; the ids must still be HF's)."""
+    hf = load_tokenizer()
+    fast = KitokenTokenizer(hf)
+
+    class Refuses:
+        def encode(self, *_a):
+            raise AssertionError("kitoken asked to encode Chinese text")
+
+        encode_all = encode
+
+    real = fast._kt
+    fast._kt = Refuses()
+    texts = ["中文没有空格 and English", "東京都の天気は晴れです。" * 30, "\U00020000 rare ideograph"]
+    for text in texts:
+        assert fast.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert fast.encode_batch(texts + ["plain"]) == [e.ids for e in hf.encode_batch(texts + ["plain"], add_special_tokens=False)]
+    fast._kt = real
+    assert fast.encode("Съешь ещё") == hf.encode("Съешь ещё", add_special_tokens=False).ids
 
 
 def test_kitoken_definition_has_no_padding() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hades_gpu.documents import fast_tokenizer, native_wordpiece, tokenizer
+from hades_gpu.documents import fast_tokenizer, native_wordpiece, tokenized, tokenizer
 from hades_gpu.documents.native_wordpiece import (
     NativeWordPiece,
     build_wordpiece,
@@ -119,15 +119,29 @@ def test_holes_are_spliced_at_their_token_index(native: NativeWordPiece) -> None
 
 def test_declines_special_literals_and_mostly_non_ascii(native: NativeWordPiece) -> None:
     tok = load_tokenizer()
-    for text in ("a [SEP] b", "x[mask]y", "東京都の天気は晴れです。" * 20 + " ascii"):
+    for text in ("a [SEP] b", "x [MASK] y", "東京都の天気は晴れです。" * 20 + " ascii", "Съешь же ещё этих булок. " * 9):
         assert native.encode_offsets(text) is None, text
-    # the document then takes the kitoken path, with HF's ids
-    tt = tokenize_document("東京都の天気は晴れです。" * 20, tok)
-    assert isinstance(tt, SegmentedText)
+    # HF matches an added token that is not normalized exactly: Python's x[mask] is plain text
+    assert _assert_hf(native, "y = x[mask] + z[cls] [Sep]")
     # a document the scan takes is a TokenizedText from its arrays
     tt = tokenize_document("plain ascii text, with punctuation.", tok)
     assert isinstance(tt, TokenizedText)
     assert tt.ids.tolist() == tok.encode("plain ascii text, with punctuation.", add_special_tokens=False).ids
+
+
+def test_declined_documents_take_hf_until_kitoken_pays_off(native: NativeWordPiece, monkeypatch) -> None:
+    """Declined documents: HF offsets until KITOKEN_AFTER_DECLINED_CHARS of them were seen, then
+    kitoken segments; Chinese text always HF (kitoken is quadratic in Chinese characters)."""
+    tok = load_tokenizer()
+    russian = "Съешь же ещё этих мягких французских булок, да выпей чаю. " * 50
+    chinese = "中文没有空格，東京都の天気は晴れです。" * 50
+    monkeypatch.setattr(tokenized, "KITOKEN_AFTER_DECLINED_CHARS", 2 * len(russian))
+    monkeypatch.setattr(tokenized, "_declined_chars", 0)
+    kinds = [type(tokenize_document(russian, tok)) for _ in range(4)]
+    assert kinds == [TokenizedText, TokenizedText, SegmentedText, SegmentedText]
+    assert isinstance(tokenize_document(chinese, tok), TokenizedText)
+    for text in (russian, chinese):
+        assert tokenize_document(text, tok).ids.tolist() == tok.encode(text, add_special_tokens=False).ids
 
 
 def test_encode_ids_of_other_texts(native: NativeWordPiece) -> None:
