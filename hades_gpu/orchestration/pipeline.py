@@ -40,6 +40,7 @@ from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, Que
 from hades_gpu.orchestration.slab_packer import SlabPacker
 from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, PoolEvent, WorkerPool
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
+from hades_gpu.store.arrow_columns import numeric
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,11 @@ def rows_from_slab(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> pa.
     if vectors.shape[0] != n:
         raise ValueError(f"the embedder returned {vectors.shape[0]} vectors for {n} rows")
     dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
+    embedding = pa.FixedSizeListArray.from_arrays(numeric(vectors.reshape(-1)), dim)
     return pa.RecordBatch.from_arrays(
-        [pa.array(view.column("doc_key")[:n].copy()), pa.array(view.column("ordinal")[:n].copy()),
-         pa.array(view.column("char_start")[:n].copy()), pa.array(view.column("char_end")[:n].copy()),
-         pa.array(view.column("n_tokens")[:n].copy()), chunk_id, text, embedding], schema=row_schema(dim))
+        [numeric(view.column("doc_key")[:n]), numeric(view.column("ordinal")[:n]),
+         numeric(view.column("char_start")[:n]), numeric(view.column("char_end")[:n]),
+         numeric(view.column("n_tokens")[:n]), chunk_id, text, embedding], schema=row_schema(dim))
 
 
 class DocumentSource(Protocol):

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.records import DocumentRef, DocumentResult, display_path
+from hades_gpu.store.arrow_columns import binaries, numeric, string_lists, strings, values_of
 from hades_gpu.store.atomic import FileRecord, StreamedFile, atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
 from hades_gpu.store.lock import OutputLock
@@ -193,12 +194,12 @@ class DatasetWriter:
         width = rows.schema.field("embedding").type.list_size
         if width != self.dim:
             raise ValueError(f"embeddings must have {self.dim} dimensions (got {width})")
-        keys = rows.column("doc_key").to_numpy()
+        keys = values_of(rows.column("doc_key"))
         with self._lock:
             if self._abandoned:
                 keep = ~np.isin(keys, np.fromiter(self._abandoned, dtype=np.int64))
                 if not keep.all():
-                    rows = rows.filter(pa.array(keep))
+                    rows = rows.filter(numeric(keep))
                     keys = keys[keep]
             # a batch holds tens to hundreds of rows: Counter over a list is ~10x cheaper than np.unique's
             # per-call cost here (0.06 s of the writer thread per 1,000 batches)
@@ -256,12 +257,12 @@ class DatasetWriter:
         # one chunk per column first: take/filter over a table of ~1000 small batches (one per embedded
         # batch) resolve chunks per row and cost ~5x the copy itself (measured: 0.29 s vs 0.01 + 0.12 s)
         table = pa.Table.from_batches(self._blocks).combine_chunks()
-        doc_keys = table.column("doc_key").to_numpy()
+        doc_keys = values_of(table.column("doc_key"))
         taken = np.isin(doc_keys, np.asarray(keys, dtype=np.int64))
         still = np.isin(doc_keys, np.fromiter(self._pending, dtype=np.int64))
-        self._blocks = table.filter(pa.array(still)).to_batches() if still.any() else []
+        self._blocks = table.filter(numeric(still)).to_batches() if still.any() else []
         # a view when every row is taken (the usual case); `_chunk_table` copies once
-        return table if taken.all() else table.filter(pa.array(taken))
+        return table if taken.all() else table.filter(numeric(taken))
 
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
         """A committed document was read again (its size or mtime changed) and its content hash is the
@@ -335,12 +336,12 @@ class DatasetWriter:
             return chunk_schema(self.dim).empty_table()
         ready_keys = np.array([d.key for d in ready], dtype=np.int64)
         order = np.argsort(ready_keys)
-        row_keys = rows.column("doc_key").to_numpy()
+        row_keys = values_of(rows.column("doc_key"))
         position = order[np.searchsorted(ready_keys[order], row_keys)]  # each row's document, 0..len(ready)-1
-        sort = np.lexsort((rows.column("ordinal").to_numpy(), position))
-        rows = rows.take(pa.array(sort))
-        position = pa.array(position[sort])
-        per_doc = lambda values: pa.array(values, pa.string()).take(position)  # noqa: E731
+        sort = np.lexsort((values_of(rows.column("ordinal")), position))
+        rows = rows.take(numeric(sort.astype(np.int64)))
+        position = numeric(position[sort].astype(np.int64))
+        per_doc = lambda values: strings(values).take(position)  # noqa: E731
         return pa.Table.from_arrays([
             per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"),
             per_doc([display_path(d.ref.path) for d in ready]),
@@ -352,17 +353,17 @@ class DatasetWriter:
     def _doc_table(ready: list[_Document]) -> pa.Table:
         """The part's documents table, one row per document in the order they became ready."""
         return pa.Table.from_arrays([
-            pa.array([d.ref.doc_id for d in ready], pa.string()),
-            pa.array([display_path(d.ref.path) for d in ready], pa.string()),  # valid text; exact: path_bytes
-            pa.array([d.ref.rel_path for d in ready], pa.string()),
-            pa.array([d.ref.modality for d in ready], pa.string()),
-            pa.array([d.ref.language for d in ready], pa.string()),
-            pa.array([d.content_hash for d in ready], pa.string()),
-            pa.array([d.n_chunks for d in ready], pa.int32()),
-            pa.array([list(d.references) for d in ready], pa.list_(pa.string())),
-            pa.array([d.ref.rel_path_bytes for d in ready], pa.binary()),
-            pa.array([d.ref.path_bytes for d in ready], pa.binary()),
-            pa.array([d.encoding for d in ready], pa.string()),
+            strings([d.ref.doc_id for d in ready]),
+            strings([display_path(d.ref.path) for d in ready]),  # valid text; exact: path_bytes
+            strings([d.ref.rel_path for d in ready]),
+            strings([d.ref.modality for d in ready]),
+            strings([d.ref.language for d in ready]),
+            strings([d.content_hash for d in ready]),
+            numeric(np.array([d.n_chunks for d in ready], dtype=np.int32)),
+            string_lists([list(d.references) for d in ready]),
+            binaries([d.ref.rel_path_bytes for d in ready]),
+            binaries([d.ref.path_bytes for d in ready]),
+            strings([d.encoding for d in ready]),
         ], schema=DOCUMENT_SCHEMA)
 
     def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
