@@ -1,8 +1,9 @@
 """Throughput of one worker's per-document work (`process_document`) on one thread, HF-only vs fast.
 
 Same files, same run: HF ``Tokenizer.encode`` alone (the baseline the ratios use), kitoken encode
-alone, ``process_document`` with HF offsets throughout, and ``process_document`` on the fast path.
-Also reports how many segments needed HF offsets on the fast path. Prints a table, writes JSON.
+alone, the C WordPiece scan alone (ids and offsets), ``process_document`` with HF offsets throughout,
+and ``process_document`` on the fast path. Also reports how many documents took the kitoken segment
+path and how many of its segments needed HF offsets. Prints a table, writes JSON.
 
     python scripts/bench_chunking.py --mb 10 --json bench_chunking.json [--profile 25]
 """
@@ -26,6 +27,7 @@ from hades_gpu.documents import tokenized  # noqa: E402
 from hades_gpu.documents.chunking import process_document  # noqa: E402
 from hades_gpu.documents.discovery import discover  # noqa: E402
 from hades_gpu.documents.fast_tokenizer import fast_tokenizer_for  # noqa: E402
+from hades_gpu.documents.native_wordpiece import native_wordpiece_for  # noqa: E402
 from hades_gpu.documents.reading import SkipDocument, read_document  # noqa: E402
 from hades_gpu.documents.tokenizer import load_tokenizer  # noqa: E402
 
@@ -75,6 +77,9 @@ def main() -> None:
     rows = {"hf_encode": t_hf}
     if fast is not None:
         rows["kitoken_encode"] = timed(lambda: sum(len(fast.encode(t)) for t in texts))[0]
+    native = native_wordpiece_for(tok)
+    if native is not None:  # ids *and* offsets; None for the documents it declines (then not counted)
+        rows["native_scan_ids_offsets"] = timed(lambda: [native.encode_offsets(t) for t in texts])[0]
     rows["process_document_hf"] = timed(lambda: [process_document(r, dcfg, ccfg, tok, hf_offsets=True) for r in refs])[0]
 
     # the fast path, counting segments that needed HF offsets
@@ -90,6 +95,7 @@ def main() -> None:
     t_fast, docs = timed(lambda: [process_document(r, dcfg, ccfg, tok) for r in refs])
     tokenized.SegmentedText.__init__ = orig
     rows["process_document_fast"] = t_fast
+    seen_docs = list(seen)
     for st in seen:
         stats["segments"] += len(st._bounds)
         stats["hf_segments"] += st.hf_segments
@@ -107,8 +113,8 @@ def main() -> None:
         result["rows"][name] = {"seconds": sec, "tokens_per_s": tps, "ratio_to_hf_encode": ratio}
     share = stats["hf_segments"] / max(1, stats["segments"])
     chars = stats["hf_chars"] / max(1, stats["chars"])
-    print(f"segments needing HF offsets: {stats['hf_segments']}/{stats['segments']} ({share:.1%}), "
-          f"{chars:.1%} of characters")
+    print(f"documents on the kitoken segment path (the rest: the C scan or HF): {len(seen_docs)}; its segments "
+          f"needing HF offsets: {stats['hf_segments']}/{stats['segments']} ({share:.1%}), {chars:.1%} of characters")
     Path(args.json).write_text(json.dumps(result, indent=2))
     if args.profile:
         prof = cProfile.Profile()
