@@ -79,7 +79,8 @@ def rows_from_slab(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> pa.
     if vectors.shape[0] != n:
         raise ValueError(f"the embedder returned {vectors.shape[0]} vectors for {n} rows")
     dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
-    embedding = pa.FixedSizeListArray.from_arrays(numeric(vectors.reshape(-1)), dim)
+    # the embedder's own array (a fresh one per call): viewed, not copied, as pa.array did
+    embedding = pa.FixedSizeListArray.from_arrays(numeric(vectors.reshape(-1), copy=False), dim)
     return pa.RecordBatch.from_arrays(
         [numeric(view.column("doc_key")[:n]), numeric(view.column("ordinal")[:n]),
          numeric(view.column("char_start")[:n]), numeric(view.column("char_end")[:n]),

@@ -21,8 +21,9 @@ _DTYPES = {kind: dtype for dtype, kind in _NUMERIC.items()}
 _OFFSET_MAX = 2**31 - 1  # int32 offsets of pa.string()/pa.binary()/pa.list_
 
 
-def numeric(values: np.ndarray) -> pa.Array:
-    """A 1-D int32/int64/float32/float64/bool NumPy array as an Arrow array without nulls (a copy)."""
+def numeric(values: np.ndarray, copy: bool = True) -> pa.Array:
+    """A 1-D int32/int64/float32/float64/bool NumPy array as an Arrow array without nulls: a copy, or
+    (`copy=False`, as `pa.array` does) a view of `values`' memory, which must then not be reused."""
     values = np.ascontiguousarray(values)
     if values.ndim != 1:
         raise ValueError(f"numeric() takes a 1-D array (got shape {values.shape})")
@@ -32,7 +33,7 @@ def numeric(values: np.ndarray) -> pa.Array:
     kind = _NUMERIC.get(values.dtype)
     if kind is None:
         raise TypeError(f"numeric() does not take {values.dtype}")
-    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values.copy())])
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values.copy() if copy else values)])
 
 
 def values_of(column: "pa.Array | pa.ChunkedArray") -> np.ndarray:

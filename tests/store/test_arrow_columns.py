@@ -25,6 +25,10 @@ def test_numeric_equals_pa_array(dtype) -> None:
         got = numeric(values)
         assert got.equals(pa.array(values)), (dtype, n)
         assert got.to_pylist() == values.tolist()
+    owned = np.arange(5, dtype=np.float32)
+    copied, viewed = numeric(owned), numeric(owned, copy=False)
+    owned[0] = 9.0
+    assert copied.to_pylist()[0] == 0.0 and viewed.to_pylist()[0] == 9.0  # a view shares the memory
     view = np.arange(10, dtype=np.int64)[::2]  # not contiguous: copied
     assert numeric(view).to_pylist() == [0, 2, 4, 6, 8]
     with pytest.raises(TypeError):
