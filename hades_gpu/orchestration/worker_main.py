@@ -14,7 +14,9 @@ Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
 - worker -> parent: a task's key when it starts reading it (the document charged if it dies now),
   one `DocumentResult` per task, in task order, then `SlabBatch` headers for the batches holding its
-  chunks (a document's result always precedes its rows).
+  chunks (a document's result always precedes its rows). Reports are sent together, as one list, at
+  the points where the parent must hear them: before a document is read (with its key) and before
+  the worker waits for the parent.
 """
 
 from __future__ import annotations
@@ -111,24 +113,38 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
         else:
             raise ValueError(f"unknown message {kind!r}")
 
+    # Reports wait in `outbox` and go as one message (a list) at the next point where the parent must
+    # hear from this worker: before it reads a document (its key: a death while reading is charged to
+    # it) and before any wait for the parent (a slab, a task). A document's result, its batches and
+    # the next document's key were three to five pickled messages, each a wake-up of the router.
+    outbox: list[Any] = []
+
+    def send_outbox() -> None:
+        if outbox:
+            conn.send(outbox[0] if len(outbox) == 1 else list(outbox))
+            outbox.clear()
+
     def acquire() -> int:
         while not free:
+            send_outbox()  # the parent frees slabs only for batches it has heard of
             handle(conn.recv())
         return free.popleft()
 
     batcher = LengthSortedBatcher(setup.max_batch_tokens, setup.max_batch_size, setup.length_bucket, setup.max_seq_len,
                                   setup.lookahead_batches, budget_fn=lambda base: budget[0])
-    packer = SlabPacker(batcher, setup.special_ids, acquire, lambda i: mapping.views[i], conn.send)
+    packer = SlabPacker(batcher, setup.special_ids, acquire, lambda i: mapping.views[i], outbox.append)
     try:
         while True:
             if not tasks:
+                send_outbox()
                 if packer.buffered_rows and not conn.poll(setup.idle_flush_s):
                     packer.flush()  # nothing new to look ahead at: do not hold documents back
                     continue
                 handle(conn.recv())
                 continue
             key, ref, known_hash = tasks.popleft()
-            conn.send(key)  # so that a death while reading it is charged to this document, not a neighbour
+            outbox.append(key)  # so that a death while reading it is charged to this document, not a neighbour
+            send_outbox()
             t0 = time.perf_counter()
             try:
                 doc = setup.process_fn(ref, *setup.fn_args)
@@ -136,7 +152,7 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
                 doc = ChunkedDocument(ref=ref, content_hash="", skip_reason="worker_error",
                                       skip_detail=f"{type(err).__name__}: {err}")
             result = _result_of(key, ref, doc, known_hash, time.perf_counter() - t0)
-            conn.send(result)
+            outbox.append(result)  # always before the batches holding its rows
             if result.n_chunks:
                 packer.add(key, doc.chunks)
             if not frozen:  # the tokenizer is loaded by the first document

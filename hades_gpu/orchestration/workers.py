@@ -226,9 +226,7 @@ class WorkerPool:
                 # one message per readiness: the selector is level-triggered, so the rest comes next
                 # call (Connection.poll would build a selector per message)
                 try:
-                    event = self._receive(worker, worker.conn.recv())
-                    if event is not None:
-                        events.append(event)
+                    self._receive_all(worker, worker.conn.recv(), events)
                 except (EOFError, OSError):
                     worker.dead = True
         # a dead worker's socket reads EOF (marked dead above); waitpid per worker on every message
@@ -251,11 +249,16 @@ class WorkerPool:
         """Receive every message waiting on a worker's pipe; EOF marks it dead."""
         try:
             while worker.conn.poll(0):
-                event = self._receive(worker, worker.conn.recv())
-                if event is not None:
-                    events.append(event)
+                self._receive_all(worker, worker.conn.recv(), events)
         except (EOFError, OSError):
             worker.dead = True
+
+    def _receive_all(self, worker: _Worker, msg: object, events: list[PoolEvent]) -> None:
+        """One message from a worker: a report, or a list of reports in the order they were made."""
+        for report in (msg if isinstance(msg, list) else (msg,)):
+            event = self._receive(worker, report)
+            if event is not None:
+                events.append(event)
 
     def _receive(self, worker: _Worker, msg: object) -> Optional[PoolEvent]:
         if isinstance(msg, int):  # "I am reading this task now"

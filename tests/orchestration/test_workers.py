@@ -452,10 +452,12 @@ def _start_loop(conn, setup: WorkerSetup, ring: SlabRing, **kw):
 
 
 def _receive(conn, until, limit_s: float = 20.0) -> list:
+    """Reports in the order the worker made them (a message is one report or a list of them)."""
     got, deadline = [], time.monotonic() + limit_s
     while not until(got):
         assert conn.poll(max(0.0, deadline - time.monotonic())), f"the worker stopped answering after {got!r}"
-        got.append(conn.recv())
+        msg = conn.recv()
+        got.extend(msg if isinstance(msg, list) else [msg])
     return got
 
 
@@ -571,9 +573,10 @@ def test_the_worker_loop_applies_a_budget_message_and_stops_on_an_unknown_one():
     while sum(b.rows for b in batches) < total:
         assert parent.poll(10), "the worker stopped answering"
         msg = parent.recv()
-        if isinstance(msg, SlabBatch):
-            batches.append(msg)
-            parent.send(("slabs", [msg.slab]))  # read: the slab may be granted again
+        for report in (msg if isinstance(msg, list) else [msg]):
+            if isinstance(report, SlabBatch):
+                batches.append(report)
+                parent.send(("slabs", [report.slab]))  # read: the slab may be granted again
     assert all(b.rows * b.length <= 512 for b in batches) and max(b.rows for b in batches) > 1
     assert max(b.length for b in batches) == 256  # full-length chunks were among them: 2 rows at most
     parent.send(("what",))
