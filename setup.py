@@ -1,7 +1,8 @@
-"""Build step for the optional C tokenizer (everything else is in pyproject.toml).
+"""Build step for the optional C parts of the chunker (everything else is in pyproject.toml).
 
-`hades_gpu/documents/_wordpiece.c` is optional: where no C compiler exists the install goes on
-without it and the tokenizer falls back to kitoken / HF `tokenizers` (documents/fast_tokenizer.py).
+Both are optional: where no C compiler exists the install goes on without them, and the package
+uses its Python paths instead: `_wordpiece.c` (ids and offsets; else kitoken / HF `tokenizers`,
+documents/native_wordpiece.py) and `_python_lines.c` (logical lines; else NumPy, python_lines.py).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,12 @@ setup(
             ["hades_gpu/documents/_wordpiece.c"],
             extra_compile_args=["-O3", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "hades_gpu.documents._python_lines",
+            ["hades_gpu/documents/_python_lines.c"],
+            extra_compile_args=["-O3", "-Wall"],
+            optional=True,
+        ),
     ]
 )

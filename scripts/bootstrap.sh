@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.hades-gpu-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
-   || [ hades_gpu/documents/_wordpiece.c -nt "$stamp" ]; then
+   || [ hades_gpu/documents/_wordpiece.c -nt "$stamp" ] || [ hades_gpu/documents/_python_lines.c -nt "$stamp" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   .venv/bin/pip install -q -c constraints.txt "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q -c constraints.txt -e ".[serve,test,cluster]" 2>&1 | grep -v "^WARNING: Location" || true
@@ -16,9 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     || { echo "bootstrap: install failed" >&2; exit 1; }
   touch "$stamp"
 fi
-# the C WordPiece scan is optional (setup.py): say so when it could not be built
-.venv/bin/python -c "import hades_gpu.documents._wordpiece" 2>/dev/null \
-  || echo "bootstrap: the C WordPiece extension was not built (no C compiler?): tokenizing uses kitoken/HF" >&2
+# the C parts of the chunker are optional (setup.py): say so when they could not be built
+.venv/bin/python -c "import hades_gpu.documents._wordpiece, hades_gpu.documents._python_lines" 2>/dev/null \
+  || echo "bootstrap: the C extensions were not built (no C compiler?): the chunker uses its Python paths" >&2
 # Byte-compile the package, as installing a wheel would: this checkout is installed editable, and where
 # PYTHONDONTWRITEBYTECODE is set (this box's shells) every process — each worker of every run — would
 # otherwise compile the package's sources again at import (~50 ms per worker process, measured).

@@ -35,11 +35,11 @@ if [ -z "${HADES_GPU_MODEL_DIR:-}" ] && [ -d "$BUNDLE/model" ]; then
     echo "gpu_check: restoring the bundle's model failed (see $OUT/setup.log)" >&2
   fi
 fi
-# the optional C WordPiece scan (setup.py) for this machine's Python, built in place; without it
-# tokenizing falls back to kitoken (documents/native_wordpiece.py), so a failure is one line
-if ! "$PY" -c "import hades_gpu.documents._wordpiece" >/dev/null 2>&1; then
+# the optional C parts of the chunker (setup.py) for this machine's Python, built in place; without
+# them the chunker takes its Python paths (kitoken/HF, NumPy), so a failure is one line
+if ! "$PY" -c "import hades_gpu.documents._wordpiece, hades_gpu.documents._python_lines" >/dev/null 2>&1; then
   "$PY" setup.py -q build_ext --inplace >>"$OUT/setup.log" 2>&1 \
-    || echo "gpu_check: the C WordPiece extension could not be built here (see $OUT/setup.log): kitoken/HF tokenize" >&2
+    || echo "gpu_check: the C extensions could not be built here (see $OUT/setup.log): Python paths" >&2
 fi
 export PYTHONPATH=$ROOT${extra_path:+:$extra_path}${PYTHONPATH:+:$PYTHONPATH}
 exec "$PY" scripts/gpu_check.py --out "$OUT" "$@"

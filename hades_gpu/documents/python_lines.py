@@ -43,6 +43,10 @@ _KIND[[41, 93, 125]] = _K_CLOSE  # ) ] }
 # first words the scan tells apart (a keyword must not run on into an identifier: `iffy = 1`)
 WORDS = ("if", "elif", "else", "try", "except", "finally", "import", "from")
 _WORD_INDEX = {w: i for i, w in enumerate(WORDS)}
+try:  # the same arrays in one C pass (`_python_lines.c`; optional, built by setup.py)
+    from hades_gpu.documents._python_lines import scan as _c_scan
+except ImportError:
+    _c_scan = None
 _LINE_WORD = re.compile(r"^[ \t\f]*(" + "|".join(WORDS) + r")\b", re.M)
 
 
@@ -62,10 +66,27 @@ class LogicalLines:
     tabs to multiples of 8 as Python counts them), `word` (index into `WORDS`, -1 for any other),
     `decorator`, `follows_decorator` (the decorated statement: not a statement of its own)."""
 
-    def __init__(self, text: str, line_start: np.ndarray) -> None:
-        n = len(text)
+    def __init__(self, text: str, line_start: np.ndarray, use_c: bool = True) -> None:
         self.text = text
         self.line_start = line_start
+        if use_c and _c_scan is not None:
+            self._from_c(_c_scan(text, np.ascontiguousarray(line_start, dtype=np.int64)))
+        else:
+            self._scan(text, line_start)
+
+    def _from_c(self, got: dict) -> None:
+        """The arrays of `_python_lines.scan` (the same as `_scan`'s; read-only views of its bytes)."""
+        as_bool = lambda name: np.frombuffer(got[name], dtype=np.bool_)  # noqa: E731
+        as_int = lambda name: np.frombuffer(got[name], dtype=np.int64)  # noqa: E731
+        self.boundary, self.comment_only = as_bool("boundary"), as_bool("comment_only")
+        self.lift, self.next_boundary = as_int("lift"), as_int("next_boundary")
+        self.line, self.start, self.first, self.indent = as_int("line"), as_int("start"), as_int("first"), as_int("indent")
+        self.word = np.frombuffer(got["word"], dtype=np.int8)
+        self.decorator, self.follows_decorator = as_bool("decorator"), as_bool("follows_decorator")
+
+    def _scan(self, text: str, line_start: np.ndarray) -> None:
+        """The NumPy version (where the C extension is not built; the tests' reference for it)."""
+        n = len(text)
         cp = _codepoints(text)
         kind = _KIND[cp] if cp.dtype == np.uint8 else _KIND[np.minimum(cp, 127)]
         spans = np.array([m.span() for m in _OPAQUE.finditer(text)], dtype=np.int64).reshape(-1, 2)

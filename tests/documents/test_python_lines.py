@@ -240,3 +240,60 @@ def test_any_text_is_structured_or_rejected_with_syntax_error() -> None:
         parsed += 1
         assert _tree(structure, units) == _tree(ref, ref.units()), repr(text)
     assert structured > 500 and parsed > 100, (structured, parsed)
+
+
+# -- the C scan (`_python_lines.c`) against the NumPy version --------------------------------------
+_ARRAYS = ("boundary", "comment_only", "lift", "next_boundary", "line", "start", "first", "indent", "word",
+           "decorator", "follows_decorator")
+
+
+def _c_built() -> bool:
+    from hades_gpu.documents import python_lines
+
+    if python_lines._c_scan is None:
+        from requirements import skip_or_fail
+
+        skip_or_fail("the C logical-line scan is not built (hades_gpu/documents/_python_lines.c)")
+    return True
+
+
+def _same_both_ways(text: str) -> None:
+    """The C scan and the NumPy version agree: the same arrays, or the same kind of SyntaxError."""
+    ls = line_starts(text)
+    got = {}
+    for use_c in (True, False):
+        try:
+            lines = LogicalLines(text, ls, use_c=use_c)
+            got[use_c] = {name: getattr(lines, name).astype(np.int64).tolist() for name in _ARRAYS}
+        except SyntaxError as err:
+            got[use_c] = str(err).split()[0]  # "unterminated" / "brackets"
+    assert got[True] == got[False], repr(text[:200])
+
+
+def test_the_c_scan_equals_numpy_on_the_standard_library() -> None:
+    _c_built()
+    files = sorted(STDLIB.rglob("*.py"))
+    assert len(files) > 1000
+    for path in files:
+        _same_both_ways(path.read_bytes().decode("utf-8", "replace"))
+
+
+def test_the_c_scan_equals_numpy_on_random_text() -> None:
+    """Seeded random texts of what decides line structure, with CRLF, lone CR, tabs, form feeds,
+    unterminated and nested quotes, escapes at the end, non-ASCII characters after keywords."""
+    _c_built()
+    rng = np.random.default_rng(11)
+    alphabet = ["\n", "\r\n", "\r", "    ", "\t", "\f", " ", "'", '"', "'''", '"""', "#", "(", ")", "[", "]", "{",
+                "}", "\\", "\\\n", ":", "@", "if", "elif", "else", "try", "except", "finally", "import", "from", "x",
+                "_", "1", "é", "東", "\u00a0", "if\u00e9", "'\\", "\"\\\r\n"]
+    for _ in range(20000):
+        _same_both_ways("".join(rng.choice(alphabet, size=int(rng.integers(0, 60))).tolist()))
+
+
+def test_the_numpy_version_is_used_without_the_extension(monkeypatch) -> None:
+    from hades_gpu.documents import python_lines
+
+    monkeypatch.setattr(python_lines, "_c_scan", None)
+    text = "import os\n\n@dec\ndef f(x):\n    if x:\n        return 1\n"
+    lines = LogicalLines(text, line_starts(text))
+    assert lines.line.tolist() == [0, 2, 3, 4, 5] and lines.word_of(0) == "import" and lines.decorator.tolist()[1]
