@@ -217,40 +217,34 @@ static Py_ssize_t encode_word(const WordPiece *wp, const void *data, int kind, P
     return n;
 }
 
-static int writable_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t items, const char *name) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+/* Room for at least `need` more tokens in the two outputs (bytes objects grown by doubling). */
+static int reserve(PyObject **ids, PyObject **starts, Py_ssize_t *cap, Py_ssize_t need) {
+    if (need <= *cap)
+        return 0;
+    Py_ssize_t grown = *cap * 2 > need ? *cap * 2 : need;
+    if (_PyBytes_Resize(ids, grown * 4) < 0 || _PyBytes_Resize(starts, grown * 8) < 0)
         return -1;
-    if (view->itemsize != itemsize || view->len < items * itemsize) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_ValueError, "%s must be a contiguous buffer of at least %zd items of %zd bytes", name,
-                     items, itemsize);
-        return -1;
-    }
+    *cap = grown;
     return 0;
 }
 
-/* encode_into(text, ids, starts) -> (n_tokens, holes)
- * ids: writable int32 buffer, starts: writable int64 buffer, each of at least len(text) items
- * (an ASCII word never yields more tokens than characters). holes: list of (char_start, char_end,
- * token_index) of the whitespace-separated runs left to the caller, in text order; consecutive ones
- * (only whitespace between them) are one hole. */
-static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
-    PyObject *text, *ids_obj, *starts_obj;
-    if (!PyArg_ParseTuple(args, "UOO", &text, &ids_obj, &starts_obj))
+/* encode(text) -> (ids: bytes of int32, starts: bytes of int64, holes)
+ * holes: list of (char_start, char_end, token_index) of the whitespace-separated runs left to the
+ * caller, in text order; consecutive ones (only whitespace between them) are one hole. The outputs
+ * start at about one token per two characters (text is ~0.3) and grow when a text needs more, so
+ * memory is not reserved (and page-faulted) per character of the text.
+ * Not thread-safe on one object: `word` is scratch space, and the GIL is held throughout. */
+static PyObject *wordpiece_encode(WordPiece *self, PyObject *args) {
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "U", &text))
         return NULL;
     Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    Py_buffer ids_view, starts_view;
-    if (writable_buffer(ids_obj, &ids_view, 4, length, "ids") < 0)
-        return NULL;
-    if (writable_buffer(starts_obj, &starts_view, 8, length, "starts") < 0) {
-        PyBuffer_Release(&ids_view);
-        return NULL;
-    }
+    Py_ssize_t cap = length / 2 + 16;
+    PyObject *ids_obj = PyBytes_FromStringAndSize(NULL, cap * 4);
+    PyObject *starts_obj = PyBytes_FromStringAndSize(NULL, cap * 8);
     PyObject *holes = PyList_New(0);
-    if (holes == NULL)
+    if (ids_obj == NULL || starts_obj == NULL || holes == NULL)
         goto fail;
-    int32_t *ids = (int32_t *)ids_view.buf;
-    int64_t *starts = (int64_t *)starts_view.buf;
     const int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
     Py_ssize_t n = 0, i = 0, last_hole_start = 0, last_hole_at = -1;
@@ -291,6 +285,11 @@ static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
             i = end;
             continue;
         }
+        /* an ASCII run yields at most one token per character */
+        if (reserve(&ids_obj, &starts_obj, &cap, n + (end - i)) < 0)
+            goto fail;
+        int32_t *ids = (int32_t *)PyBytes_AS_STRING(ids_obj);
+        int64_t *starts = (int64_t *)PyBytes_AS_STRING(starts_obj);
         while (i < end) { /* words: runs of letters and digits; any other character is one word */
             Py_ssize_t b = i + 1;
             if (is_ascii_alnum(PyUnicode_READ(kind, data, i)))
@@ -306,21 +305,20 @@ static PyObject *wordpiece_encode_into(WordPiece *self, PyObject *args) {
             i = b;
         }
     }
-    PyBuffer_Release(&ids_view);
-    PyBuffer_Release(&starts_view);
-    PyObject *result = Py_BuildValue("(nN)", n, holes);
-    return result;
+    if (_PyBytes_Resize(&ids_obj, n * 4) < 0 || _PyBytes_Resize(&starts_obj, n * 8) < 0)
+        goto fail;
+    return Py_BuildValue("(NNN)", ids_obj, starts_obj, holes);
 fail:
+    Py_XDECREF(ids_obj);
+    Py_XDECREF(starts_obj);
     Py_XDECREF(holes);
-    PyBuffer_Release(&ids_view);
-    PyBuffer_Release(&starts_view);
     return NULL;
 }
 
 static PyMethodDef wordpiece_methods[] = {
-    {"encode_into", (PyCFunction)wordpiece_encode_into, METH_VARARGS,
-     "encode_into(text, ids, starts) -> (n_tokens, holes): ids and start offsets of the ASCII words; "
-     "holes = [(char_start, char_end, token_index)] of the runs left to the caller."},
+    {"encode", (PyCFunction)wordpiece_encode, METH_VARARGS,
+     "encode(text) -> (ids: bytes of int32, starts: bytes of int64, holes): ids and start offsets of the "
+     "ASCII words; holes = [(char_start, char_end, token_index)] of the runs left to the caller."},
     {NULL, NULL, 0, NULL},
 };
 

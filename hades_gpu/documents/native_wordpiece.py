@@ -62,19 +62,18 @@ class NativeWordPiece:
         self._specials = special_literals(tokenizer_spec(hf), ignore_case=False)
 
     def encode_offsets(self, text: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """(ids int32, start offsets int64) of `text` without special tokens, or None where this
-        path does not take the document (a special-token literal, or mostly holes)."""
+        """(ids int32, start offsets int64; read-only) of `text` without special tokens, or None where
+        this path does not take the document (a special-token literal, or mostly holes)."""
         if self._specials is None or self._specials.search(text) is not None:
             return None
-        n_chars = len(text)
-        ids = np.empty(n_chars, dtype=np.int32)
-        starts = np.empty(n_chars, dtype=np.int64)
-        n, holes = self._wp.encode_into(text, ids, starts)  # type: ignore[attr-defined]
+        id_bytes, start_bytes, holes = self._wp.encode(text)  # type: ignore[attr-defined]
+        ids = np.frombuffer(id_bytes, dtype=np.int32)  # read-only views of exactly n tokens
+        starts = np.frombuffer(start_bytes, dtype=np.int64)
         if not holes:
-            return ids[:n].copy(), starts[:n].copy()  # copies: not views pinning len(text) items
-        if sum(e - s for s, e, _at in holes) > MAX_HOLE_SHARE * n_chars:
+            return ids, starts
+        if sum(e - s for s, e, _at in holes) > MAX_HOLE_SHARE * len(text):
             return None
-        return _splice(ids[:n], starts[:n], holes, self.hf.encode_batch(
+        return _splice(ids, starts, holes, self.hf.encode_batch(
             [text[s:e] for s, e, _at in holes], add_special_tokens=False))
 
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:

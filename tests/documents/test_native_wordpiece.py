@@ -150,12 +150,13 @@ def test_encode_ids_of_other_texts(native: NativeWordPiece) -> None:
         e.ids for e in load_tokenizer().encode_batch(texts, add_special_tokens=False)]
 
 
-def test_buffers_too_small_raise(native: NativeWordPiece) -> None:
-    wp = native._wp
-    with pytest.raises(ValueError, match="at least 5 items"):
-        wp.encode_into("hello", np.empty(4, np.int32), np.empty(5, np.int64))
-    with pytest.raises(ValueError, match="starts"):
-        wp.encode_into("hello", np.empty(5, np.int32), np.empty(5, np.int32))
+def test_outputs_grow_for_texts_denser_than_two_characters_a_token(native: NativeWordPiece) -> None:
+    """The outputs start at about one token per two characters and grow: punctuation is one token
+    per character, on its own and after a long run of words."""
+    for text in ("!" * 10_000, "word " * 5_000 + "." * 20_000, "a.b,c;d" * 3_000, "x"):
+        assert _assert_hf(native, text)
+    ids, starts = native.encode_offsets("!" * 10)
+    assert not ids.flags.writeable and ids.shape == starts.shape == (10,)
 
 
 def test_self_check_rejects_a_disagreeing_build(native: NativeWordPiece, fresh_cache, monkeypatch, caplog) -> None:
