@@ -163,13 +163,16 @@ def clean_target(target: str) -> Optional[str]:
 
 def markdown_references(text: str) -> list[str]:
     """Targets of ``[x](target)``, ``[x]: target`` and ``<target>`` links (outside code)."""
-    body = _MD_CODE_SPAN.sub("", _MD_FENCED.sub("", text))
+    # each pattern only where its literal part occurs: the line-anchored ones are tried at every
+    # position of the text otherwise (~40% of this function on the feed corpus' Markdown)
+    body = _MD_FENCED.sub("", text) if "```" in text or "~~~" in text else text
+    body = _MD_CODE_SPAN.sub("", body) if "`" in body else body
     found: list[tuple[int, str]] = []
-    for m in _MD_LINK.finditer(body):
+    for m in (_MD_LINK.finditer(body) if "](" in body else ()):
         found.append((m.start(), m.group(1)))
-    for m in _MD_REFDEF.finditer(body):
+    for m in (_MD_REFDEF.finditer(body) if "]:" in body else ()):
         found.append((m.start(), m.group(1)))
-    for m in _MD_AUTOLINK.finditer(body):
+    for m in (_MD_AUTOLINK.finditer(body) if "<" in body else ()):
         t = m.group(1)
         # "<docs/x.md>" yes; HTML ("</p>", "<br/>", "<div>") and e-mail addresses no
         if ("/" in t or "." in t) and not t.startswith("/") and not t.endswith("/") and "=" not in t:
