@@ -1,8 +1,10 @@
 """A document tokenized once: ids, and where each token starts (`TokenizedText`, `SegmentedText`).
 
-`TokenizedText` takes ids and every token's start offset from one HF `tokenizers` call (any
-tokenizer). `SegmentedText` is the fast path for the BERT WordPiece tokenizer: ids come from the
-fast tokenizer (`fast_tokenizer`, ids only), and offsets are only worked out where the packer asks.
+`TokenizedText` holds ids and every token's start offset: from the C WordPiece scan for the BERT
+WordPiece tokenizer (`native_wordpiece`, the default where it is built and takes the document), or
+from one HF `tokenizers` call (any tokenizer). `SegmentedText` is the kitoken path for BERT
+WordPiece (documents the C scan declines, or no C scan): ids come from kitoken (`fast_tokenizer`,
+ids only), and offsets are only worked out where the packer asks. `tokenize_document` chooses.
 
 Why that is exact: BertNormalizer works per character and BertPreTokenizer splits on whitespace
 (and punctuation), so the ids of a text cut at whitespace, piece by piece and concatenated, are the
