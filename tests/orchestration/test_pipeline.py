@@ -464,3 +464,30 @@ def test_rows_from_slab_copies_the_columns_out():
     with pytest.raises(ValueError, match="3 vectors for 2 rows"):
         rows_from_slab(ring.view(0), batch, np.ones((3, 3)))
     ring.close()
+
+
+def test_rows_of_several_batches_equal_their_blocks_one_after_another():
+    """The writer hands the sink several batches' rows as one block: the same rows, in order, as
+    each batch's own block (text offsets shifted, chunk ids and vectors concatenated)."""
+    from hades_gpu.orchestration.batcher import BatchPlan
+    from hades_gpu.orchestration.pipeline import copy_rows, rows_from_slab, rows_of
+    from hades_gpu.orchestration.slab_packer import PackedRow, fill_slab
+    from hades_gpu.records import Chunk
+
+    ring = SlabRing(3, SlabLayout(max_rows=3, max_len=16, text_bytes=64), pin=False)
+    parts, singles = [], []
+    for slab, count in enumerate((2, 1, 3)):
+        chunks = [Chunk("d", f"{slab:08x}{i:08x}", "/p", "prose", i, 7 * i, 7 * i + 4, f"s{slab} t{i} é" * (i + 1),
+                        np.arange(2 + i) + 5) for i in range(count)]
+        batch = fill_slab(BatchPlan([PackedRow(10 + slab, c) for c in chunks], 16), ring.view(slab), slab, CLS, SEP, PAD)
+        vectors = np.full((count, 4), float(slab), dtype=np.float32)
+        singles.append(rows_from_slab(ring.view(slab), batch, vectors))
+        parts.append(copy_rows(ring.view(slab), batch, vectors))
+    block = rows_of(parts)
+    assert block.schema == row_schema(4) and block.num_rows == 6
+    assert block.to_pylist() == [row for single in singles for row in single.to_pylist()]
+    with pytest.raises(ValueError, match="one vector width"):
+        rows_of([parts[0], copy_rows(ring.view(1), fill_slab(BatchPlan([PackedRow(1, Chunk(
+            "d", "0" * 16, "/p", "prose", 0, 0, 1, "x", np.arange(2)))], 16), ring.view(1), 1, CLS, SEP, PAD),
+            np.zeros((1, 5), dtype=np.float32))])
+    ring.close()
