@@ -49,6 +49,13 @@ static inline uint64_t fnv_seed(int continuation) {
     return 1469598103934665603ULL ^ (uint64_t)(continuation ? 0x9e3779b97f4a7c15ULL : 0);
 }
 
+static uint64_t fnv_hash(const unsigned char *s, Py_ssize_t n, int continuation) {
+    uint64_t h = fnv_seed(continuation);
+    for (Py_ssize_t j = 0; j < n; j++)
+        h = fnv_step(h, s[j]);
+    return h;
+}
+
 static int32_t lookup(const WordPiece *wp, const unsigned char *s, Py_ssize_t n, int continuation, uint64_t h) {
     uint64_t i = h & wp->mask;
     for (;;) {
@@ -127,9 +134,7 @@ static int wordpiece_init(WordPiece *self, PyObject *args, PyObject *kwds) {
         if (n == 0 || n > 65535 || id < 0 || id > INT32_MAX)
             continue; /* never looked up */
         const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(surface);
-        uint64_t h = fnv_seed(continuation);
-        for (Py_ssize_t j = 0; j < n; j++)
-            h = fnv_step(h, s[j]);
+        uint64_t h = fnv_hash(s, n, continuation);
         if (lookup(self, s, n, continuation, h) >= 0)
             continue; /* a surface given twice: the first id stays */
         memcpy(self->pool + used, s, (size_t)n);
@@ -194,10 +199,7 @@ static Py_ssize_t encode_word(const WordPiece *wp, const void *data, int kind, P
             }
         } else {
             for (Py_ssize_t k = longest; k >= 1; k--) {
-                uint64_t h = fnv_seed(continuation);
-                for (Py_ssize_t j = 0; j < k; j++)
-                    h = fnv_step(h, w[start + j]);
-                found = lookup(wp, w + start, k, continuation, h);
+                found = lookup(wp, w + start, k, continuation, fnv_hash(w + start, k, continuation));
                 if (found >= 0) {
                     found_len = k;
                     break;

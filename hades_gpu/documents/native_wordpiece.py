@@ -132,9 +132,12 @@ def native_self_check(native: NativeWordPiece, hf: Tokenizer,
                       samples: Sequence[str] = SELF_CHECK + NATIVE_SELF_CHECK) -> Optional[str]:
     """None when `native` gives HF's ids and start offsets on every sample it takes (and on all of
     them joined), else why not."""
-    taken = [text for text in samples if native.encode_offsets(text) is not None]
-    for text in [*taken, "\n".join(taken)]:
-        got = native.encode_offsets(text)
+    encoded = {text: native.encode_offsets(text) for text in samples}
+    taken = [text for text, got in encoded.items() if got is not None]
+    joined = "\n".join(taken)
+    encoded[joined] = native.encode_offsets(joined)
+    for text in [*taken, joined]:
+        got = encoded[text]
         if got is None:  # only the joined text can get here (never seen): nothing to compare
             continue
         enc = hf.encode(text, add_special_tokens=False)

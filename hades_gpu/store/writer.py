@@ -339,8 +339,8 @@ class DatasetWriter:
         row_keys = values_of(rows.column("doc_key"))
         position = order[np.searchsorted(ready_keys[order], row_keys)]  # each row's document, 0..len(ready)-1
         sort = np.lexsort((values_of(rows.column("ordinal")), position))
-        rows = rows.take(numeric(sort.astype(np.int64)))
-        position = numeric(position[sort].astype(np.int64))
+        rows = rows.take(numeric(sort, copy=False))  # fresh index arrays: viewed, not copied again
+        position = numeric(position[sort], copy=False)
         per_doc = lambda values: strings(values).take(position)  # noqa: E731
         return pa.Table.from_arrays([
             per_doc([d.ref.doc_id for d in ready]), rows.column("chunk_id"),
