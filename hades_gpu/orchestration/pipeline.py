@@ -2,17 +2,18 @@
 
 ```
  worker processes ──► router thread ──► [batch queue] ──► embed threads (N) ──► [write queue] ──► writer thread
- (read, chunk, tokenize,  (documents to the   (slab handles)     (embedder.embed on the    (slab columns +       (Arrow columns
-  pack into slabs)         sink; slab handles                     slab's own ids/mask)      vectors)               -> sink.add_rows,
-                           to the queue)                                                                           slab released)
+ (read, chunk, tokenize,  (documents to the   (slab handles)     (embedder.embed on the    (rows copied out   (Arrow columns
+  pack into slabs)         sink; slab handles                     slab's own ids/mask; rows  of the slab +      -> sink.add_rows)
+                           to the queue)                          copied out, slab released) vectors)
 ```
 
 A *source* yields `workers.PoolEvent`s: `WorkerPoolSource` (the worker processes over discovered files)
 or `ChunkedDocuments` (documents already chunked in memory, packed by this process with the same
 `SlabPacker` the workers run: model-only benchmarks, tests). No per-chunk Python object crosses a
 process boundary and no per-chunk Python loop runs here: a batch is routed by its slab index, and
-the writer builds Arrow arrays from the slab's columns. A slab goes back to the ring only after the
-embedder returned (its host-to-device copies are complete) and its rows were copied out.
+the writer builds Arrow arrays from the slab's columns. A slab goes back to the ring as soon as the
+embedder returned (its host-to-device copies are complete) and its rows were copied out, so a writer
+busy encoding or committing a part never holds slabs the workers need.
 
 Memory is bounded by the ring (every batch in flight holds a slab) and by the queues' byte budgets.
 The first exception in any thread aborts every queue, stops the others and is re-raised by `run()`:
@@ -38,7 +39,8 @@ from hades_gpu.orchestration.batcher import LengthSortedBatcher, effective_budge
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
 from hades_gpu.orchestration.slab_packer import SlabPacker
-from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, PoolEvent, WorkerPool
+from hades_gpu.orchestration.workers import (SLABS_PER_WORKER, AbandonEvent, BatchEvent, DocumentEvent, PoolEvent,
+                                             WorkerPool)
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.arrow_columns import numeric
 
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 WRITE_BLOCK_ROWS = 512
 WRITE_BLOCK_WAIT_S = 0.05
 TEXT_BYTES_PER_TOKEN = 12  # a slab's text area per batch token; real text averages about 4 bytes per token
-SLABS_PER_WORKER = 2
 
 
 @lru_cache(maxsize=8)
@@ -66,7 +67,7 @@ def slab_layout(profile: ProfileConfig, max_seq_len: int) -> SlabLayout:
 
 def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int) -> int:
     """Slabs in the ring: the profile's `ring_slots`, but at least enough for every worker's grants,
-    every embed thread and one batch each in the write queue and on its way to it."""
+    two batches per embed thread (one embedding, one queued) and one on its way to the queue."""
     return max(profile.ring_slots, SLABS_PER_WORKER * max(1, num_workers) + 2 * max(1, concurrency) + 1)
 
 
@@ -87,6 +88,13 @@ class SlabRows:
     @property
     def rows(self) -> int:
         return int(self.doc_key.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory (the write queue's byte budget counts it)."""
+        arrays = (self.doc_key, self.ordinal, self.char_start, self.char_end, self.n_tokens, self.text_offsets,
+                  self.vectors)
+        return sum(int(a.nbytes) for a in arrays) + len(self.chunk_ids) + len(self.text)
 
 
 def copy_rows(view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> SlabRows:
@@ -203,7 +211,9 @@ class ChunkedDocuments:
                     continue
             raise PipelineAborted("stopped")
 
-        def acquire() -> int:
+        def acquire(block: bool) -> Optional[int]:
+            if not block:
+                return stage.ring.try_acquire()
             while True:
                 slab = stage.ring.acquire(timeout=0.2)
                 if slab is not None:
@@ -248,18 +258,6 @@ class ChunkedDocuments:
                 yield item  # type: ignore[misc]
         finally:
             thread.join(timeout=0.5)  # it exits on its own once `stop` is set or it is done
-
-
-@dataclass
-class _Embedded:
-    """A batch's slab handle with its vectors, on its way to the writer."""
-
-    batch: SlabBatch
-    vectors: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return self.batch.nbytes + int(self.vectors.nbytes)
 
 
 class Sink(Protocol):
@@ -402,11 +400,20 @@ class StreamingPipeline:
                     batch: SlabBatch = self.batch_queue.get()
                 except QueueClosed:
                     break
-                ids, mask = self.ring.view(batch.slab).tokens(batch.rows, batch.length)
+                view = self.ring.view(batch.slab)
+                ids, mask = view.tokens(batch.rows, batch.length)
                 t0 = time.perf_counter()
                 vectors = self.embedder.embed(ids, mask)
                 meter.record(items=batch.rows, tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
-                while not self.write_queue.put(_Embedded(batch, np.asarray(vectors)), timeout=0.5):
+                # The rows leave the slab here and it goes back to the ring at once (embed returned: no
+                # copy from it is still running). Released only by the writer, slabs piled up in the write
+                # queue whenever the writer encoded a row group or committed a part, and the workers
+                # starved for slabs (measured: ~0.2 s of slab waits per worker on a 1.5 s feed run).
+                try:
+                    rows = copy_rows(view, batch, np.asarray(vectors))
+                finally:
+                    self.ring.release(batch.slab)
+                while not self.write_queue.put(rows, timeout=0.5):
                     if self._stop.is_set():
                         raise PipelineAborted("stopped")
         finally:
@@ -417,8 +424,8 @@ class StreamingPipeline:
                 self.write_queue.close()
 
     def _write(self) -> None:
-        """Copy each embedded batch out of its slab (released at once) and hand the sink the rows of
-        several batches as one block: about `WRITE_BLOCK_ROWS` rows (the sink's `row_group_rows` when
+        """Hand the sink the rows of several embedded batches (copied out of their slabs by the embed
+        threads) as one block: about `WRITE_BLOCK_ROWS` rows (the sink's `row_group_rows` when
         smaller), and never older than `WRITE_BLOCK_WAIT_S` while no batch arrives."""
         meter = self.metrics.stages["write"]
         staged: list[SlabRows] = []
@@ -437,21 +444,15 @@ class StreamingPipeline:
 
         while True:
             try:
-                done = self.write_queue.get(timeout=WRITE_BLOCK_WAIT_S if staged else None)
+                done: SlabRows = self.write_queue.get(timeout=WRITE_BLOCK_WAIT_S if staged else None)
             except TimeoutError:
                 hand_over()
                 continue
             except QueueClosed:
                 hand_over()
                 return
-            batch = done.batch
-            t0 = time.perf_counter()
-            try:
-                staged.append(copy_rows(self.ring.view(batch.slab), batch, done.vectors))
-            finally:
-                self.ring.release(batch.slab)
-            staged_rows += batch.rows
-            meter.record(items=0, busy_s=time.perf_counter() - t0)
+            staged.append(done)
+            staged_rows += done.rows
             if staged_rows >= limit:
                 hand_over()
 

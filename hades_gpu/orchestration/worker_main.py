@@ -124,8 +124,18 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
             conn.send(outbox[0] if len(outbox) == 1 else list(outbox))
             outbox.clear()
 
-    def acquire() -> int:
+    def receive_waiting() -> None:
+        """Handle every message already waiting (grants, tasks) without blocking."""
+        while conn.poll(0):
+            handle(conn.recv())
+
+    def acquire(block: bool) -> Optional[int]:
+        """A granted slab: waits for one when `block`, else None when none has come yet."""
+        if not free:
+            receive_waiting()
         while not free:
+            if not block:
+                return None
             send_outbox()  # the parent frees slabs only for batches it has heard of
             handle(conn.recv())
         return free.popleft()
@@ -145,6 +155,8 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
             key, ref, known_hash = tasks.popleft()
             outbox.append(key)  # so that a death while reading it is charged to this document, not a neighbour
             send_outbox()
+            if packer.backlog:
+                packer.write_backlog(block=False)  # slabs granted since the last document
             t0 = time.perf_counter()
             try:
                 doc = setup.process_fn(ref, *setup.fn_args)

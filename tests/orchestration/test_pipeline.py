@@ -36,7 +36,7 @@ from hades_gpu.orchestration.monitoring import RunMetrics
 from hades_gpu.orchestration.pipeline import (ChunkedDocuments, StreamingPipeline, row_schema, slab_count,
                                               slab_layout)
 from hades_gpu.orchestration.queue import MemoryAwareQueue
-from hades_gpu.orchestration.workers import BatchEvent
+from hades_gpu.orchestration.workers import SLABS_PER_WORKER, BatchEvent
 from pipeline_helpers import CheckedRing, RecordingSink, RowModel, row_vector
 
 CLS, SEP, PAD = special_ids()
@@ -240,8 +240,8 @@ def test_pipeline_builds_its_ring_and_queues_from_the_profile():
     prof = profile(ring_slots=3, high_watermark=0.7, low_watermark=0.3, backoff_initial_s=0.002, backoff_max_s=0.03)
     p = StreamingPipeline(prof, ChunkedDocuments([]), RowModel(concurrency=3), RecordingSink(), RunMetrics(), keep_all,
                           (CLS, SEP, PAD), 256)
-    # every embed thread's batch and one in the write queue beat ring_slots
-    assert p.concurrency == 3 and p.ring.count == slab_count(prof, 0, 3) == 2 + 2 * 3 + 1
+    # a worker's grants, two batches per embed thread and one more beat ring_slots
+    assert p.concurrency == 3 and p.ring.count == slab_count(prof, 0, 3) == SLABS_PER_WORKER + 2 * 3 + 1
     assert p.ring.layout == slab_layout(prof, 256) == SlabLayout(max_rows=8, max_len=256, text_bytes=12 * 1024)
     for q in (p.batch_queue, p.write_queue):
         assert (q.max_bytes, q.max_items) == (512 * 1024, 16)
@@ -490,4 +490,87 @@ def test_rows_of_several_batches_equal_their_blocks_one_after_another():
         rows_of([parts[0], copy_rows(ring.view(1), fill_slab(BatchPlan([PackedRow(1, Chunk(
             "d", "0" * 16, "/p", "prose", 0, 0, 1, "x", np.arange(2)))], 16), ring.view(1), 1, CLS, SEP, PAD),
             np.zeros((1, 5), dtype=np.float32))])
+    ring.close()
+
+
+class StallingSink(RecordingSink):
+    """A sink whose first block blocks until the model has embedded every packed row (a writer busy
+    encoding or committing a part for a long time); it gives up after `limit_s`."""
+
+    row_group_rows = 8  # the writer thread hands over a block per 8 rows: the stall comes early
+
+    def __init__(self, model: RowModel, rows_expected: int, limit_s: float) -> None:
+        super().__init__()
+        self.model, self.rows_expected, self.limit_s = model, rows_expected, limit_s
+        self.embedded_while_stalled = 0
+
+    def add_rows(self, rows) -> None:
+        if self.blocks == 0:
+            deadline = time.monotonic() + self.limit_s
+            while len(self.model.rows) < self.rows_expected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.embedded_while_stalled = len(self.model.rows)
+        super().add_rows(rows)
+
+
+def test_a_stalled_writer_holds_no_slab_so_packing_and_embedding_go_on(docs):
+    """Slabs go back to the ring when the embed thread has copied a batch's rows out, not when the
+    writer gets to them: with three slabs and the sink stalled on its first block, every batch is
+    still packed and embedded (the write queue's byte budget holds the copies)."""
+    packed = [c for d in docs if d.skip_reason is None for c in d.chunks]
+    model = RowModel(concurrency=1)
+    sink = StallingSink(model, len(packed), limit_s=20.0)
+    p = StreamingPipeline(profile(ring_slots=3, queue_max_items=4096, queue_max_bytes=256 * 2**20),
+                          ChunkedDocuments(docs), model, sink, RunMetrics(), keep_all, (CLS, SEP, PAD), 256,
+                          ring=SlabRing(3, slab_layout(profile(), 256), pin=False))
+    assert run_bounded(p) is None
+    assert sink.embedded_while_stalled == len(packed) > 3 * 8  # far more rows than three slabs hold
+    assert_rows_are_the_chunks(sink, model, packed)
+    assert p.ring.free == p.ring.count
+    p.ring.close()
+
+
+def test_the_packer_goes_on_without_a_slab_until_its_backlog_is_full():
+    """Batches that find no free slab wait in the backlog and `add` returns; only a backlog over
+    `max_backlog` (or a flush) waits for slabs; every row is written once, batches in cut order."""
+    from hades_gpu.orchestration.batcher import LengthSortedBatcher
+    from hades_gpu.orchestration.slab_packer import SlabPacker
+    from hades_gpu.records import Chunk
+
+    ring = SlabRing(2, SlabLayout(max_rows=2, max_len=16, text_bytes=256), pin=False)
+    free: list[int] = []
+    waits: list[int] = []  # backlog length at each blocking acquire
+    emitted = []
+
+    def acquire(block: bool):
+        if free:
+            return free.pop(0)
+        if not block:
+            return None
+        waits.append(packer.backlog)
+        return 0 if not emitted or emitted[-1].slab == 1 else 1  # the test "frees" the other slab
+
+    def emit(batch) -> None:
+        emitted.append(batch)
+
+    batcher = LengthSortedBatcher(32, 2, 1, 16, lookahead_batches=2)  # 2 rows of <= 16 a batch, 64-token window
+    packer = SlabPacker(batcher, (CLS, SEP, PAD), acquire, ring.view, emit, max_backlog=100)
+    chunks = [Chunk("d", f"{i:016x}", "/p", "prose", i, i, i + 1, f"t{i}", np.arange(4) + i) for i in range(40)]
+    pairs = iter(range(0, 40, 2))
+    while packer.backlog < 3:
+        i = next(pairs)
+        packer.add(i, chunks[i:i + 2])
+    assert not emitted and not waits  # no slab: nothing written, nothing blocked
+    free.extend([0, 1])
+    i = next(pairs)
+    packer.add(i, chunks[i:i + 2])
+    assert len(emitted) == 2 and not waits  # the free slabs were used at once, without waiting
+    packer.max_backlog = 1
+    for i in pairs:
+        packer.add(i, chunks[i:i + 2])
+        assert packer.backlog <= 1
+    assert waits and all(w > 1 for w in waits)  # blocked only for a backlog over max_backlog
+    packer.flush()
+    assert packer.backlog == 0 and packer.buffered_rows == 0
+    assert sum(b.rows for b in emitted) == 40 and sum(n for b in emitted for _, n in b.doc_counts) == 40
     ring.close()
