@@ -10,7 +10,7 @@ joblib/loky worker.
 Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
 
 - parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
-  a `WorkerSetup`; afterwards ``("task", key, ref, known_hash)``, ``("slabs", [i, ...])`` (grants),
+  a `WorkerSetup`; afterwards ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
 - worker -> parent: a task's key when it starts reading it (the document charged if it dies now),
   one `DocumentResult` per task, in task order, then `SlabBatch` headers for the batches holding its
@@ -102,8 +102,8 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
 
     def handle(msg: tuple) -> None:
         kind = msg[0]
-        if kind == "task":
-            tasks.append((msg[1], msg[2], msg[3]))
+        if kind == "tasks":
+            tasks.extend(msg[1])
         elif kind == "slabs":
             free.extend(msg[1])
         elif kind == "budget":

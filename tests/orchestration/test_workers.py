@@ -24,12 +24,13 @@ import time
 from collections import deque
 from multiprocessing import Pipe
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_helpers import SAMPLE_CORPUS, copy_files, crash_on_marker, stdlib_sources
+from corpus_helpers import SAMPLE_CORPUS, copy_files, crash_on_marker, environment_probe, stdlib_sources
 from hades_gpu.config import ChunkingConfig, DocumentsConfig, ProfileConfig
 from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
@@ -225,6 +226,26 @@ def test_the_pipeline_over_real_workers_writes_every_chunk_once(tmp_path):
     s = metrics.snapshot()
     assert s["stages"]["read_chunk"]["items"] == len(refs) and s["batches"] == len(model.calls)
     assert s["real_tokens"] == sum(c.n_tokens + 2 for c in chunks)
+
+
+def test_the_source_hands_out_the_largest_files_first_a_share_per_message(monkeypatch):
+    """`WorkerPoolSource` submits the largest files first (each keeps its index), a worker gets a
+    share of documents per message once half its share is reported, and workers run with one
+    OpenBLAS thread whatever the parent's environment says."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
+    sizes = [5, 90, 17, 3, 60, 60, 41, 8, 99, 1, 26]
+    refs = [_fake(f"doc{i}", size) for i, size in enumerate(sizes)]
+    shares: list[int] = []
+    pack = packing()
+    with WorkerPool(1, environment_probe, (), ring_for(pack), pack, max_inflight_per_worker=4) as pool:
+        send = pool._send_tasks
+        monkeypatch.setattr(pool, "_send_tasks", lambda worker, tasks: (shares.append(len(tasks)), send(worker, tasks)))
+        events = [e for e in WorkerPoolSource(pool, refs).events(threading.Event(), SimpleNamespace(budget_fn=None))
+                  if isinstance(e, DocumentEvent)]
+    assert [e.ref.size for e in events] == sorted(sizes, reverse=True)
+    assert all(refs[e.index] == e.ref for e in events) and len({e.index for e in events}) == len(refs)
+    assert shares[0] == 4 and sum(shares) == len(refs) and all(n >= 2 for n in shares[:-1])  # not one per document
+    assert {e.result.content_hash for e in events} == {"1"}
 
 
 def test_dead_worker_is_restarted_and_document_named(tmp_path):
@@ -477,7 +498,7 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     tasks = [(4, _fake("a", 3), None), (7, _fake("bad", 1), None), (9, _fake("b", 5), "50"),
              (10, real[0], truth[0].content_hash), (11, _fake("forced", 2), None), (12, real[1], "stale")]
     for key, ref, known in tasks:
-        parent.send(("task", key, ref, known))
+        parent.send(("tasks", [(key, ref, known)]))
     n_rows = len(truth[1].chunks)
     got = _receive(parent, lambda g: sum(m.rows for m in g if isinstance(m, SlabBatch)) >= n_rows)
     results = [m for m in got if isinstance(m, DocumentResult)]
@@ -501,7 +522,7 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
     assert not parent.poll(0.2)  # nothing more
     parent.send(("stop",))
-    parent.send(("task", 13, _fake("late", 1), None))
+    parent.send(("tasks", [(13, _fake("late", 1), None)]))
     worker.join(5)
     assert not worker.is_alive() and errors == []
     assert not parent.poll(0.1)  # the task after stop was never answered
@@ -525,7 +546,7 @@ def test_a_worker_process_tunes_its_collector_after_the_first_document():
     try:
         worker, errors = _start_loop(child, _setup(), ring, tune_gc=True)
         parent.send(("slabs", [0, 1, 2, 3]))
-        parent.send(("task", 1, real, None))
+        parent.send(("tasks", [(1, real, None)]))
         got = _receive(parent, lambda g: sum(m.rows for m in g if isinstance(m, SlabBatch)) >= len(truth.chunks))
         assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD and gc.get_threshold()[1:] == before[1:]
         assert gc.get_freeze_count() > 0
@@ -547,7 +568,7 @@ def test_the_worker_loop_ends_when_its_parent_is_gone_and_waits_while_it_lives()
         worker, errors = _start_loop(child, _setup(), ring)
         if waiting_for_a_slab:  # a document to pack and no slab granted: it waits in acquire
             real = next(r for r in discover([str(SAMPLE_CORPUS)], DOCS_CFG)[0] if r.rel_path.endswith("api.rst"))
-            parent.send(("task", 1, real, None))
+            parent.send(("tasks", [(1, real, None)]))
             got = _receive(parent, lambda g: len(g) == 2)
             assert got[0] == 1 and isinstance(got[1], DocumentResult)
         worker.join(1.0)
@@ -568,7 +589,7 @@ def test_the_worker_loop_applies_a_budget_message_and_stops_on_an_unknown_one():
     parent.send(("budget", 512))
     parent.send(("slabs", [0, 1, 2, 3]))
     for key, ref in enumerate(real):
-        parent.send(("task", key, ref, None))
+        parent.send(("tasks", [(key, ref, None)]))
     batches: list[SlabBatch] = []
     while sum(b.rows for b in batches) < total:
         assert parent.poll(10), "the worker stopped answering"

@@ -36,3 +36,13 @@ def crash_on_marker(ref, documents_cfg, chunking_cfg):
     if "CRASH" in Path(ref.path).name:
         os._exit(3)
     return process_document(ref, documents_cfg, chunking_cfg)
+
+
+def environment_probe(ref):
+    """Worker function that reads no file: the document's content hash is the worker's
+    OPENBLAS_NUM_THREADS (or "unset"), so a test sees the environment workers run in."""
+    import os
+
+    from hades_gpu.records import ChunkedDocument
+
+    return ChunkedDocument(ref=ref, content_hash=os.environ.get("OPENBLAS_NUM_THREADS", "unset"))
