@@ -17,7 +17,8 @@ A worker that dies (a segfault in a native library, the OOM killer) is restarted
 was working on is retried once and skipped with reason ``worker_crashed`` when it kills a worker
 twice; documents merely queued behind it are handed on without being charged. Slabs granted to a
 dead worker go back to the ring. At most ``max_inflight_per_worker`` documents are handed to a
-worker before it reports them, and at most ``slabs_per_worker`` free slabs are granted to one.
+worker before it reports them, and at most ``slabs_per_worker`` free slabs are granted to one; both
+are topped up, several per message, once half are reported or used.
 """
 
 from __future__ import annotations
@@ -183,19 +184,6 @@ class WorkerPool:
     def inflight(self) -> int:
         """Documents handed out whose result or rows have not all arrived."""
         return sum(len(w.pending) + len(w.delivering) for w in self._workers)
-
-    @property
-    def capacity(self) -> int:
-        return self._per_worker * len(self._workers)
-
-    def has_room(self) -> bool:
-        return sum(len(w.pending) for w in self._workers) < self.capacity
-
-    def submit(self, index: int, ref: DocumentRef, known_hash: Optional[str] = None, attempt: int = 1) -> int:
-        """Hand a document to the least-loaded worker; returns the key its rows will carry."""
-        key = self._new_key()
-        self._send_task(_Task(key, index, ref, known_hash, attempt))
-        return key
 
     def refill(self, todo: "deque[tuple[int, DocumentRef]]", known_hash: Callable[[DocumentRef], Optional[str]]) -> None:
         """Top up, from the left of `todo` (index, ref), every live worker whose unreported documents

@@ -100,11 +100,11 @@ class Drained:
 
 
 def drain(pool: WorkerPool, refs, start_index: int = 0, known=None, hold: int = 0, limit_s: float = 60.0) -> Drained:
-    """Submit `refs` as room allows and poll until every answer and row arrived. Each slab is read at
-    once and again when it is released, `hold` batches later (a slow embedder): a slab handed to a
-    worker while still held would have changed in between."""
+    """Hand out `refs` as the workers have room (`refill`) and poll until every answer and row
+    arrived. Each slab is read at once and again when it is released, `hold` batches later (a slow
+    embedder): a slab handed to a worker while still held would have changed in between."""
     out, held = Drained(), deque()
-    todo = list(enumerate(refs, start_index))
+    todo = deque(enumerate(refs, start_index))
     begun: set[int] = set()
     deadline = time.monotonic() + limit_s
 
@@ -116,9 +116,7 @@ def drain(pool: WorkerPool, refs, start_index: int = 0, known=None, hold: int = 
 
     while todo or pool.inflight:
         assert time.monotonic() < deadline, "the pool did not answer in time"
-        while todo and pool.has_room():
-            index, ref = todo.pop(0)
-            pool.submit(index, ref, known(ref) if known else None)
+        pool.refill(todo, known if known else (lambda ref: None))
         for event in pool.poll(timeout=0.2):
             if isinstance(event, DocumentEvent):
                 out.documents.append(event)
@@ -169,7 +167,7 @@ def test_the_pool_packs_every_chunk_once_with_the_tokenizers_ids(tmp_path):
     pack = packing()
     ring = ring_for(pack, count=5)
     with WorkerPool(2, process_document, (DOCS_CFG, CHUNK_CFG), ring, pack, max_inflight_per_worker=3) as pool:
-        assert pool.num_workers == 2 and len(set(pool.pids())) == 2 and pool.capacity == 6
+        assert pool.num_workers == 2 and len(set(pool.pids())) == 2
         got = drain(pool, refs, known=lambda r: truth[r.path].content_hash if r is unchanged else None, hold=2)
         assert pool.restarts == 0 and pool.starved_grants > 0
     assert ring.free == ring.count and ring.violations == [] and got.overwritten == [] and got.order_problems == []
