@@ -270,6 +270,7 @@ class IsneConfig:
     device: str = "auto"
     seed: int = 0
     retrain: bool = False  # re-train when documents are added instead of inferring inductively
+    infer_rounds: int = 2  # new chunks' vectors: rounds through new neighbours' estimates (0: trained neighbours only)
 
 
 @dataclass
@@ -518,6 +519,7 @@ def validate(cfg: PipelineConfig) -> None:
     _choice(i.early_stop, EarlyStopMetric, "isne.early_stop")
     _check(i.lr is None or i.lr > 0, "isne.lr", "> 0 (or null)", i.lr)
     _check(i.init_std > 0, "isne.init_std", "> 0", i.init_std)
+    _check(i.infer_rounds >= 0, "isne.infer_rounds", ">= 0", i.infer_rounds)
     _check(i.negative_pool >= 0, "isne.negative_pool", ">= 0", i.negative_pool)
     _check(i.val_walks >= 1, "isne.val_walks", ">= 1", i.val_walks)
     _check(i.patience >= 1, "isne.patience", ">= 1", i.patience)

@@ -9,7 +9,8 @@
      θ + node ids + config, then every chunk's vector = exact neighbour mean of θ over the *full*
      graph (held-out validation edges included);
    - otherwise **infer**: chunks that have no ISNE vector yet (documents added since training) get
-     h(v) = mean of their trained neighbours' θ, without retraining; vectors already written are
+     h(v) = mean of their trained neighbours' θ, and of their new neighbours' estimates for
+     `isne.infer_rounds` rounds (`hades_gpu.isne.inference`), without retraining; vectors already written are
      kept unchanged (downstream indexes stay valid), rows of chunks no longer in the output are
      dropped;
 3. writes `<output>/isne/embeddings-<shard>.parquet` (`chunk_id`, `isne_embedding` list<float32>),
@@ -203,7 +204,8 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
             trained_weighted = bool(ckpt.config.get("isne", {}).get("edge_weights", False))  # as it was trained
             new, known = infer_from_checkpoint(ckpt, chunk_ids.tolist(), data.edge_index,
                                                edge_weight=data.edge_attr if trained_weighted else None,
-                                               nodes=torch.as_tensor(missing), device=dev)
+                                               nodes=torch.as_tensor(missing), device=dev,
+                                               rounds=cfg.isne.infer_rounds)
             vecs[missing] = new.numpy()
         metrics["seconds"]["infer"] = time.perf_counter() - t
         metrics.update(mode="inferred", n_inferred=int(missing.size), device=str(dev),

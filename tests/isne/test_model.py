@@ -89,6 +89,40 @@ def test_unseen_node_vector_is_mean_of_trained_neighbours(tmp_path: Path) -> Non
     assert torch.equal(vecs[5], torch.zeros(6)) and torch.equal(vecs[6], torch.zeros(6))
 
 
+def test_new_neighbours_join_the_mean_with_their_estimates_for_the_rounds_asked() -> None:
+    """Trained a, b, c (rows 0..2); new x (linked to a, c, y), y (linked to x, b), w (linked to y
+    only), isolated z. Round 0 is the paper's mean over trained neighbours; each further round lets
+    a new neighbour in with its previous estimate, and a new node without any estimate stays out
+    (w has none until y has one). Trained nodes keep the mean over trained neighbours. With edge
+    weights the means are weighted the same way."""
+    theta = torch.randn(3, 5, dtype=torch.float64).float()
+    a, b, c = theta
+    names = ["a", "b", "c", "x", "y", "w", "z"]
+    ix = {n: i for i, n in enumerate(names)}
+    pairs = [("x", "a"), ("x", "c"), ("x", "y"), ("y", "b"), ("w", "y"), ("a", "b")]
+    ei = _sym([(ix[p], ix[q]) for p, q in pairs])
+    csr = CSRGraph.from_edge_index(ei, len(names))
+    known = torch.tensor([0, 1, 2, -1, -1, -1, -1])
+    x0, y0 = (a + c) / 2, b
+    zero = torch.zeros(5)
+    want = {
+        0: [x0, y0, zero],
+        1: [(a + b + c) / 3, (x0 + b) / 2, y0],
+        2: [(a + c + (x0 + b) / 2) / 3, ((a + b + c) / 3 + b + y0) / 3, (x0 + b) / 2],  # w has y0 now
+    }
+    for rounds, (x, y, w) in want.items():
+        got = neighbor_mean(theta, csr, known=known, rounds=rounds)
+        for name, vec in (("x", x), ("y", y), ("w", w), ("z", zero), ("a", b), ("b", a)):
+            torch.testing.assert_close(got[ix[name]], vec, msg=f"{name} after {rounds} round(s)")
+        part = neighbor_mean(theta, csr, known=known, nodes=torch.tensor([ix["w"], ix["a"]]), rounds=rounds)
+        torch.testing.assert_close(part, got[[ix["w"], ix["a"]]])  # the same for a subset of nodes
+    weight = torch.tensor([1.0, 3.0, 2.0, 1.0, 1.0, 1.0])
+    wcsr = CSRGraph.from_edge_index(ei, len(names), edge_weight=torch.cat([weight, weight]))
+    got = neighbor_mean(theta, wcsr, known=known, rounds=1)
+    torch.testing.assert_close(got[ix["x"]], (1 * a + 3 * c + 2 * y0) / 6)
+    torch.testing.assert_close(got[ix["y"]], (2 * (1 * a + 3 * c) / 4 + 1 * b) / 3)  # x's estimate weighted too
+
+
 def test_neighbor_mean_batches_agree() -> None:
     ei = _sym([(i, (i * 7 + 3) % 50) for i in range(50)] + [(i, i + 1) for i in range(49)])
     csr = CSRGraph.from_edge_index(ei, 50)

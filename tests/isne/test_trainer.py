@@ -232,13 +232,29 @@ def _mean(theta: dict[str, np.ndarray], around: dict[str, float], weighted: bool
     return (w[:, None] * np.stack([theta[n] for n in around])).sum(0) / w.sum()
 
 
-@pytest.mark.parametrize("weighted", [True, False])
-def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Path, weighted: bool) -> None:
+def _propagated(theta: dict[str, np.ndarray], nbrs: dict[str, dict[str, float]], new: list[str], rounds: int,
+                weighted: bool) -> dict[str, np.ndarray]:
+    """The inferred vectors of `new` chunks, written out: round 0 averages trained neighbours; each
+    further round averages trained neighbours' θ and new neighbours' previous estimates (a new
+    neighbour without an estimate is left out); a chunk with nothing to average gets zeros."""
+    estimates: dict[str, np.ndarray] = {}
+    for _ in range(rounds + 1):
+        known = {**theta, **estimates}
+        around = {c: {n: w for n, w in nbrs.get(c, {}).items() if n in known} for c in new}
+        estimates = {c: _mean(known, around[c], weighted) for c in new if around[c]}
+    return {c: estimates.get(c, np.zeros(8)) for c in new}
+
+
+@pytest.mark.parametrize("weighted, rounds", [(True, 2), (False, 2), (True, 0), (False, 1)])
+def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Path, weighted: bool,
+                                                                   rounds: int) -> None:
     """Ground truth for the stored vectors: h(v) = mean of θ over v's neighbours in edges.parquet
     (weighted by the edges' weights with isne.edge_weights), θ read back from the checkpoint;
-    inferred chunks average their *trained* neighbours only."""
+    inferred chunks average their trained neighbours' θ and, for `isne.infer_rounds` rounds, their
+    new neighbours' estimates (rounds=0: trained neighbours only)."""
     cfg = _cfg()
     cfg.isne.edge_weights = weighted
+    cfg.isne.infer_rounds = rounds
     first = _write_output(tmp_path, {f"d{i}.md": 2 + i % 3 for i in range(10)})
     run_isne_stage(cfg, tmp_path)
     theta = _theta_from_checkpoint(tmp_path / "isne" / "model.safetensors")
@@ -257,11 +273,14 @@ def test_isne_vectors_are_neighbour_means_of_the_checkpoints_theta(tmp_path: Pat
     assert _theta_from_checkpoint(tmp_path / "isne" / "model.safetensors").keys() == theta.keys()
     nbrs = _neighbours(tmp_path)
     got = dict(zip(*read_isne_embeddings(tmp_path)))
+    want = _propagated(theta, nbrs, added, rounds, weighted)
     for cid in added:
-        trained = {n: w for n, w in nbrs.get(cid, {}).items() if n in theta}
-        np.testing.assert_allclose(got[cid], _mean(theta, trained, weighted), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[cid], want[cid], rtol=1e-5, atol=1e-6)
     assert any(set(nbrs.get(c, {})) != {n for n in nbrs.get(c, {}) if n in theta} for c in added), \
-        "no new chunk has a new neighbour: the 'trained neighbours only' rule went unexercised"
+        "no new chunk has a new neighbour: the rounds through new neighbours went unexercised"
+    if rounds:  # and they changed something
+        plain = _propagated(theta, nbrs, added, 0, weighted)
+        assert any(not np.allclose(plain[c], want[c], rtol=1e-5, atol=1e-6) for c in added)
 
 
 def test_train_result_accounts_for_every_epoch_exactly() -> None:
