@@ -9,6 +9,11 @@ and neighbour means) and without. Quality is the paper's protocol on the labelle
 neighbours by dot product, majority vote, 5-fold cross-validation; the MiniLM text vectors of the
 same chunks are the reference. Early stopping and the time budget are off, so both runs get the same
 number of epochs.
+
+New documents (`inductive`): the whole chunks of every seventh document (by sorted document id) are
+left out of training, as documents added after it, and get their vectors by inference
+(`hades_gpu.isne.inference`) with no rounds through new neighbours (the paper's) and with
+`isne.infer_rounds`; they are classified against the training chunks' vectors by the same 15-NN vote.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ def score_output(cfg: PipelineConfig, out: Path, corpus: Path, epochs: int = 10,
         "text_accuracy": accuracy(text),
         "runs": {},
     }
+    if labelled:
+        result["inductive"] = _new_documents(cfg, out, data, n, rows, y, epochs, k)
     for weighted in (True, False):
         icfg = dataclasses.replace(cfg.isne, edge_weights=weighted, early_stop="off", time_budget_s=None,
                                    time_budget_vs_embedding=0.0, val_fraction=0.0, device="cpu")
@@ -115,6 +122,47 @@ def score_output(cfg: PipelineConfig, out: Path, corpus: Path, epochs: int = 10,
     return result
 
 
+def _new_documents(cfg: PipelineConfig, out: Path, data: Any, n: int, rows: np.ndarray, y: np.ndarray, epochs: int,
+                   k: int) -> dict[str, Any]:
+    """Train (weighted) without every seventh document's chunks, infer them with 0 and with
+    `isne.infer_rounds` rounds, and classify the labelled ones against the training chunks."""
+    from hades_gpu.graph.io import load_chunk_table
+    from hades_gpu.isne.evaluation import knn_cv_accuracy, knn_predict, remove_nodes
+    from hades_gpu.isne.inference import neighbor_mean
+    from hades_gpu.isne.sampling import CSRGraph
+    from hades_gpu.isne.trainer import train_isne
+
+    docs = load_chunk_table(out, with_embeddings=False).doc_ids  # graph order (chunk id)
+    ordered = sorted(set(docs.tolist()))
+    held_docs = set(ordered[::7])
+    held = torch.as_tensor(np.fromiter((d in held_docs for d in docs.tolist()), dtype=bool, count=n))
+    icfg = dataclasses.replace(cfg.isne, edge_weights=True, early_stop="off", time_budget_s=None,
+                               time_budget_vs_embedding=0.0, val_fraction=0.0, device="cpu")
+    kept = remove_nodes(data.edge_index, n, held)
+    mask = ~(held[data.edge_index[0]] | held[data.edge_index[1]])
+    res = train_isne(kept, n, icfg, epochs=epochs, edge_weight=data.edge_attr[mask])
+    theta = res.model.theta.weight.detach()
+    full = CSRGraph.from_edge_index(data.edge_index, n, edge_weight=data.edge_attr)
+    known = torch.where(held, -1, torch.arange(n))
+    labels = torch.full((n,), -1, dtype=torch.long)
+    labels[torch.as_tensor(rows)] = torch.as_tensor(y)
+    train = ((~held) & (labels >= 0)).nonzero().squeeze(1)
+    test = (held & (labels >= 0)).nonzero().squeeze(1)
+    report: dict[str, Any] = {"held_out_documents": len(held_docs), "held_out_chunks": int(held.sum()),
+                              "labelled_held_out": int(test.numel())}
+    x_train = None
+    for rounds in sorted({0, int(cfg.isne.infer_rounds)}):
+        x = neighbor_mean(theta, full, known=known, rounds=rounds)
+        if x_train is None:  # training chunks' vectors do not depend on the rounds
+            x_train = x[train]
+            report["train_accuracy"] = knn_cv_accuracy(x_train, labels[train], k, 5, cfg.seed)
+        pred = knn_predict(x_train, labels[train], x[test], k, int(labels.max()) + 1)
+        acc = float((pred == labels[test]).float().mean())
+        report[f"rounds_{rounds}"] = {"accuracy": acc, "ratio": acc / report["train_accuracy"],
+                                      "zero_vectors": int((x[held].abs().sum(1) == 0).sum())}
+    return report
+
+
 def _acc(a: Any) -> str:
     return "-" if a is None else f"{a:.3f}"
 
@@ -126,6 +174,10 @@ def table(r: dict[str, Any]) -> str:
     for name, run_ in r["runs"].items():
         lines.append(f"| ISNE, {name} edges | {_acc(run_['accuracy'])} | {run_['epoch_seconds']:.2f} | "
                      f"{run_['pairs_per_s']:,.0f} | {run_['peak_rss_mb']:.0f} |")
+    for key, got in sorted((r.get("inductive") or {}).items()):
+        if key.startswith("rounds_"):
+            lines.append(f"| ISNE, new documents inferred, infer_rounds={key[7:]} | {_acc(got['accuracy'])} "
+                         f"(/ training {got['ratio']:.3f}; {got['zero_vectors']} zero vectors) | - | - | - |")
     source = (f"{r['corpus']['documents']} stdlib files in {r['corpus']['packages']} packages"
               if "corpus" in r else "the corpus")
     lines.append(f"\nchunk graph of {source}: {r['nodes']:,} chunks, {r['edges']:,} edges {r['edges_by_type']}, "

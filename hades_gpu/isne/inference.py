@@ -10,11 +10,12 @@ are linked to each other (sequence edges) more than to trained chunks. With `rou
 neighbour takes part in the mean with an estimate of its θ, its own h() from the previous round
 (round 0: the plain mean above), so what a new node's new neighbours are linked to reaches it, up to
 `rounds` hops away; new neighbours without any estimate yet are still left out. Trained nodes keep
-the plain mean over their trained neighbours, as in training. Measured on the 20,000-node planted
-partition of `hades_gpu.isne.evaluation` with 15% of the nodes held out (the same trained θ, graph
-seeds 0 / 1 / 2): held-out accuracy / training accuracy 0.891 / 0.845 / 0.857 with `rounds=0`,
-0.919 / 0.881 / 0.889 with 1 round, 0.915 / 0.877 / 0.886 with 2 (the default, `isne.infer_rounds`:
-a new document's chunks form chains of new nodes, which one round reaches only one link into).
+the plain mean over their trained neighbours, as in training. Measured with `scripts/eval_isne.py
+--seed 0/1/2` (the 20,000-node planted partition, 15% of the nodes held out, the same trained θ read
+both ways): held-out accuracy / training accuracy 0.894 / 0.877 / 0.885 with `rounds=0`, 0.922 /
+0.906 / 0.915 with 2 rounds (the default, `isne.infer_rounds`; 1 round scored within 0.005 of 2 in
+a side run, but a new document's chunks form chains of new nodes that one round reaches only one
+link into).
 
 For the nodes of the training graph with all their neighbours trained, this is exactly the model's
 h() with fanout = infinity. With edge weights (`isne.edge_weights`) the mean is weighted by them,

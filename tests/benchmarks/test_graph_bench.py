@@ -52,6 +52,13 @@ def test_real_corpus_isne_compares_weighted_and_unweighted_edges(tmp_path: Path,
     assert r["runs"]["weighted"]["vector_sum"] != r["runs"]["unweighted"]["vector_sum"]
     assert "ISNE, weighted edges" in isne_real.table(r)
     assert np.isfinite(r["graph_seconds"])
+    # new documents: every seventh document held out of training, inferred with 0 and 2 rounds
+    ind = r["inductive"]
+    assert ind["held_out_documents"] >= 1 and 0 < ind["labelled_held_out"] <= ind["held_out_chunks"] < r["nodes"]
+    assert set(k for k in ind if k.startswith("rounds_")) == {"rounds_0", "rounds_2"}
+    assert all(0 <= ind[k]["accuracy"] <= 1 for k in ("rounds_0", "rounds_2"))
+    assert ind["rounds_2"]["zero_vectors"] <= ind["rounds_0"]["zero_vectors"]  # rounds only add information
+    assert "new documents inferred, infer_rounds=2" in isne_real.table(r)
 
 
 def test_the_graph_job_reports_knn_and_isne_rows(tmp_path: Path) -> None:
