@@ -71,9 +71,11 @@ def neighbor_mean(theta: Tensor, csr: CSRGraph, known: Optional[Tensor] = None, 
         m = theta.shape[0]
         slot = torch.full((n,), -1, dtype=torch.int64, device=device)
         slot[new] = torch.arange(new.numel(), device=device)
+        table = torch.empty(m + new.numel(), theta.shape[1], dtype=torch.float32, device=device)
+        table[:m] = theta
         for _ in range(rounds + 1):  # round 0 is the plain mean, then `rounds` rounds through estimates
-            estimates, informed = _means(table, csr, row_of, new, batch_size)
-            table = torch.cat([theta.float(), estimates])
+            estimates, informed = _means(table, csr, row_of, new, batch_size)  # reads the previous round's
+            table[m:] = estimates
             row_of = torch.where(known >= 0, known, torch.where(informed[slot.clamp_min(0)], m + slot, -1))
         is_new = known[nodes] < 0
         out = torch.empty(nodes.numel(), theta.shape[1], dtype=torch.float32, device=device)
