@@ -2,7 +2,8 @@
 exactly once with the vector of its own row, documents the triage rejects are never written (and
 skipped ones never reach the model), batch shapes and counters are exact, the first stage error
 stops every thread and is raised; and the shared-memory slabs the batches travel in are never
-handed out while a batch in them is queued, embedded or written, nor lose a text that did not fit.
+handed out while a batch in them is queued, embedded or being copied out (they go back to the ring
+before the writer gets the rows, so a stalled writer holds none), nor lose a text that did not fit.
 
 Real chunks come from `process_document` on the sample corpus and a few standard-library files,
 packed into real slabs by the `ChunkedDocuments` source (the same `SlabPacker` the worker processes
@@ -316,7 +317,7 @@ class SlabCheckingModel(RowModel):
         return super().embed(ids, mask)
 
 
-def test_a_slab_is_never_handed_out_while_its_batch_is_queued_embedded_or_written(docs):
+def test_a_slab_is_never_handed_out_while_its_batch_is_queued_embedded_or_copied_out(docs):
     """The ring and queues given in are the ones used; with few slabs, each is reused many times,
     never while out, and the model reads the slab in place (no copy)."""
     prof = profile(max_batch_size=4, max_batch_tokens=512)
