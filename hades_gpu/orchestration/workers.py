@@ -132,6 +132,7 @@ class WorkerPool:
         self.restarts = 0
         self.starved_grants = 0
         self._closed = False
+        self._stopped = False
         self._next_liveness_check = 0.0
         # one selector for the pool's life (multiprocessing.connection.wait builds one per call)
         self._selector = selectors.DefaultSelector()
@@ -255,7 +256,7 @@ class WorkerPool:
             if check_exits and not worker.dead and worker.proc.poll() is not None:
                 self._drain(worker, events)  # it exited after the select: read what it sent before dying
                 worker.dead = True
-            if worker.dead and not self._closed:
+            if worker.dead and not self._stopped:
                 events.extend(self._replace(slot))
         self._grant()
         return events
@@ -340,7 +341,7 @@ class WorkerPool:
     def _grant(self) -> None:
         """Top up to `slabs_per_worker` free slabs every live worker that holds half of that or fewer,
         the emptiest first (a grant per slab was a message per batch)."""
-        if self._closed:
+        if self._stopped:
             return
         low = self._slabs_per_worker // 2
         needy = [i for i, w in enumerate(self._workers) if not w.dead and len(w.slabs) <= low]
@@ -369,16 +370,24 @@ class WorkerPool:
                 worker.dead = True  # its slabs return to the ring when it is replaced
 
     # -- shutdown -----------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop every worker: ``stop`` first, then kill whatever did not exit in time."""
-        if self._closed:
+    def stop(self) -> None:
+        """Tell every worker to exit, without waiting (`close` waits): the caller can finish its own
+        work meanwhile. No document may be handed out afterwards."""
+        if self._stopped:
             return
-        self._closed = True
+        self._stopped = True
         for worker in self._workers:
             try:
                 worker.conn.send(("stop",))
             except OSError:
                 pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker: ``stop`` first, then kill whatever did not exit in time."""
+        if self._closed:
+            return
+        self.stop()
+        self._closed = True
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             try:

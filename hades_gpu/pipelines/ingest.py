@@ -233,6 +233,8 @@ class IngestPipeline:
                         progress.start()
                         stream.run()
                         metrics.extra["worker_restarts"] = pool.restarts
+                        pool.stop()  # the workers exit while the last part is committed (~0.03 s each)
+                        writer.flush()
                     metrics.extra["slabs"] = {"count": ring.count, "bytes": ring.nbytes, "pinned": ring.pinned,
                                               "starved_grants": pool.starved_grants}
                 finally:

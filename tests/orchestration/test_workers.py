@@ -603,3 +603,24 @@ def test_the_worker_loop_applies_a_budget_message_and_stops_on_an_unknown_one():
     assert not worker.is_alive()  # an unknown message is a bug on the parent's side: the loop stops
     assert len(errors) == 1 and "unknown message 'what'" in str(errors[0])
     ring.close()
+
+
+def test_stop_lets_the_workers_exit_without_waiting_and_restarts_none():
+    """`stop` only tells the workers to exit (the ingest commits its last part meanwhile); a poll
+    after it sees them gone without restarting any or granting slabs; `close` then reaps them."""
+    pack = packing()
+    ring = ring_for(pack)
+    with WorkerPool(2, environment_probe, (), ring, pack) as pool:
+        pids = pool.pids()
+        t0 = time.monotonic()
+        pool.stop()
+        assert time.monotonic() - t0 < 0.5
+        deadline = time.monotonic() + 20
+        while any(w.proc.poll() is None for w in pool._workers):
+            assert time.monotonic() < deadline, "the workers did not exit after stop"
+            pool.poll(timeout=0.05)
+        free = ring.free
+        pool.poll(timeout=0.05)
+        assert pool.restarts == 0 and ring.free == free
+        assert sorted(w.proc.pid for w in pool._workers) == sorted(pids)  # the same processes, exited
+    assert all(w.proc.returncode == 0 for w in pool._workers)
