@@ -127,7 +127,7 @@ def _new_documents(cfg: PipelineConfig, out: Path, data: Any, n: int, rows: np.n
     """Train (weighted) without every seventh document's chunks, infer them with 0 and with
     `isne.infer_rounds` rounds, and classify the labelled ones against the training chunks."""
     from hades_gpu.graph.io import load_chunk_table
-    from hades_gpu.isne.evaluation import knn_cv_accuracy, knn_predict, remove_nodes
+    from hades_gpu.isne.evaluation import knn_cv_accuracy, knn_predict
     from hades_gpu.isne.inference import neighbor_mean
     from hades_gpu.isne.sampling import CSRGraph
     from hades_gpu.isne.trainer import train_isne
@@ -138,9 +138,8 @@ def _new_documents(cfg: PipelineConfig, out: Path, data: Any, n: int, rows: np.n
     held = torch.as_tensor(np.fromiter((d in held_docs for d in docs.tolist()), dtype=bool, count=n))
     icfg = dataclasses.replace(cfg.isne, edge_weights=True, early_stop="off", time_budget_s=None,
                                time_budget_vs_embedding=0.0, val_fraction=0.0, device="cpu")
-    kept = remove_nodes(data.edge_index, n, held)
-    mask = ~(held[data.edge_index[0]] | held[data.edge_index[1]])
-    res = train_isne(kept, n, icfg, epochs=epochs, edge_weight=data.edge_attr[mask])
+    kept = ~(held[data.edge_index[0]] | held[data.edge_index[1]])  # edges with neither end held out
+    res = train_isne(data.edge_index[:, kept], n, icfg, epochs=epochs, edge_weight=data.edge_attr[kept])
     theta = res.model.theta.weight.detach()
     full = CSRGraph.from_edge_index(data.edge_index, n, edge_weight=data.edge_attr)
     known = torch.where(held, -1, torch.arange(n))
