@@ -63,28 +63,28 @@ def neighbor_mean(theta: Tensor, csr: CSRGraph, known: Optional[Tensor] = None, 
     else:
         known = known.to(device)
     nodes = torch.arange(n, device=device) if nodes is None else nodes.to(device)
-    table, row_of = theta.float(), known
     new = (known < 0).nonzero().squeeze(1)
-    if rounds > 0 and new.numel():
-        # rows M.. of an extended table hold the new nodes' current estimates; row_of maps a node to
-        # its θ row, its estimate's row, or -1 (new, no estimate yet: left out of means)
-        m = theta.shape[0]
-        slot = torch.full((n,), -1, dtype=torch.int64, device=device)
-        slot[new] = torch.arange(new.numel(), device=device)
-        table = torch.empty(m + new.numel(), theta.shape[1], dtype=torch.float32, device=device)
-        table[:m] = theta
-        for _ in range(rounds + 1):  # round 0 is the plain mean, then `rounds` rounds through estimates
-            estimates, informed = _means(table, csr, row_of, new, batch_size)  # reads the previous round's
-            table[m:] = estimates
-            row_of = torch.where(known >= 0, known, torch.where(informed[slot.clamp_min(0)], m + slot, -1))
-        is_new = known[nodes] < 0
-        out = torch.empty(nodes.numel(), theta.shape[1], dtype=torch.float32, device=device)
-        out[is_new] = table[m + slot[nodes[is_new]]] * informed[slot[nodes[is_new]]].unsqueeze(1)
-        trained = ~is_new
-        if trained.any():  # trained nodes: the plain mean over trained neighbours, as in training
-            out[trained] = _means(theta.float(), csr, known, nodes[trained], batch_size)[0]
-        return out
-    return _means(table, csr, row_of, nodes, batch_size)[0]
+    if rounds == 0 or not new.numel():
+        return _means(theta.float(), csr, known, nodes, batch_size)[0]
+    # rows M.. of an extended table hold the new nodes' current estimates; row_of maps a node to
+    # its θ row, its estimate's row, or -1 (new, no estimate yet: left out of means)
+    m = theta.shape[0]
+    slot = torch.full((n,), -1, dtype=torch.int64, device=device)
+    slot[new] = torch.arange(new.numel(), device=device)
+    table = torch.empty(m + new.numel(), theta.shape[1], dtype=torch.float32, device=device)
+    table[:m] = theta
+    row_of = known  # round 0 reads θ rows only
+    for _ in range(rounds + 1):  # round 0 is the plain mean, then `rounds` rounds through estimates
+        estimates, informed = _means(table, csr, row_of, new, batch_size)  # reads the previous round's
+        table[m:] = estimates
+        row_of = torch.where(known >= 0, known, torch.where(informed[slot.clamp_min(0)], m + slot, -1))
+    is_new = known[nodes] < 0
+    out = torch.empty(nodes.numel(), theta.shape[1], dtype=torch.float32, device=device)
+    out[is_new] = table[m + slot[nodes[is_new]]] * informed[slot[nodes[is_new]]].unsqueeze(1)
+    trained = ~is_new
+    if trained.any():  # trained nodes: the plain mean over trained neighbours, as in training
+        out[trained] = _means(theta.float(), csr, known, nodes[trained], batch_size)[0]
+    return out
 
 
 def _means(table: Tensor, csr: CSRGraph, row_of: Tensor, nodes: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
