@@ -125,14 +125,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
-                         use_dictionary: bool | list[str] = True) -> FileRecord:
+def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str | dict[str, str] = "zstd",
+                         use_dictionary: bool | list[str] = True, write_statistics: bool | list[str] = True) -> FileRecord:
     """Replace `path` with `table` as Parquet, atomically and durably. `use_dictionary` may name the
-    columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest.
+    columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest;
+    `compression` may be per column and `write_statistics` name the columns to keep min/max of.
     Returns the committed file's `FileRecord` (rows, size, sha256, stat)."""
     record: list[FileRecord] = []
     with atomic_path(path, record) as tmp:
-        pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
+        pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary,
+                       write_statistics=write_statistics)
     rec = record[0]
     return FileRecord(size=rec.size, checksum=rec.checksum, rows=table.num_rows, mtime_ns=rec.mtime_ns,
                       ctime_ns=rec.ctime_ns)

@@ -83,6 +83,10 @@ def test_changed_document_replaces_old_rows(tmp_path):
     w.close()
     table = read_chunks(tmp_path).to_pandas()
     assert sorted(table.text) == ["v1-0", "v1-1", "v2-0", "v2-1"]  # b's two rows + a's new two
+    parts = sorted((tmp_path / "chunks").glob("*.parquet"))
+    assert len(parts) == 2  # the new part and the rewrite of the old one without a.txt
+    for part in parts:
+        assert_chunk_encoding(part)
     assert len(read_documents(tmp_path)) == 2
 
 
@@ -226,7 +230,20 @@ def test_part_committed_exactly_when_ready_rows_reach_the_part_size(tmp_path, ca
     assert commits == [(2, 4)] and w.pending_documents == 1
     assert "1 document(s) were not fully embedded" in caplog.text
     part = tmp_path / "new" / "deeper" / "chunks" / "part-s0-00001.parquet"
-    assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert_chunk_encoding(part)
+
+
+def assert_chunk_encoding(part):
+    """Text columns zstd with statistics; the embedding column's values uncompressed, without them."""
+    meta = pq.ParquetFile(part).metadata
+    assert meta.num_rows
+    for g in range(meta.num_row_groups):
+        columns = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
+                   for i in range(meta.row_group(g).num_columns)}
+        assert columns["text"].compression == "ZSTD" and columns["text"].is_stats_set
+        assert columns["doc_id"].compression == "ZSTD"
+        vectors = [c for path, c in columns.items() if path.startswith("embedding")]
+        assert len(vectors) == 1 and vectors[0].compression == "UNCOMPRESSED" and not vectors[0].is_stats_set
 
 
 def test_orphans_are_named_and_minimal_manifests_read(tmp_path):
