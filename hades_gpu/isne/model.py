@@ -88,7 +88,8 @@ class ISNE(nn.Module):
             return gather_rows(self.theta.weight, rows, sparse_grad=self.sparse)[inv]
         edges, offsets, counts = sample_neighbor_slots(csr, nodes, fanout, generator)  # (M,), (U,), (U,)
         slot_w = bag_weights(csr, edges, offsets, counts)  # 1/count, or w / bag total with edge weights
-        return neighbor_mean_rows(self.theta.weight, csr.col[edges], offsets, counts, slot_w, sparse_grad=self.sparse)
+        return neighbor_mean_rows(self.theta.weight, csr.col.index_select(0, edges), offsets, counts, slot_w,
+                                  sparse_grad=self.sparse)
 
     def loss(self, walks: Tensor, negatives: Tensor, csr: CSRGraph, context_size: int,
              fanout: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -191,10 +192,10 @@ class _NeighborMean(torch.autograd.Function):
         else:
             bag = bag_index(counts)  # (M,)
             order = torch.argsort(nbrs)
-            rows, per_row = torch.unique_consecutive(nbrs[order], return_counts=True)  # (R,), (R,)
+            rows, per_row = torch.unique_consecutive(nbrs.index_select(0, order), return_counts=True)  # (R,), (R,)
             row_offsets = torch.cumsum(per_row, 0) - per_row
-            vals = F.embedding_bag(bag[order], grad, row_offsets, mode="sum",
-                                   per_sample_weights=slot_w[order].to(grad.dtype))
+            vals = F.embedding_bag(bag.index_select(0, order), grad, row_offsets, mode="sum",
+                                   per_sample_weights=slot_w.index_select(0, order).to(grad.dtype))
         if ctx.sparse_grad:
             g = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (n, d), is_coalesced=True, check_invariants=False)
         else:
@@ -207,7 +208,7 @@ def neighbor_mean_rows(weight: Tensor, nbrs: Tensor, offsets: Tensor, counts: Te
     """h() of U bags of θ rows ((M,) ids laid out bag after bag, optional (M,) slot weights that sum
     to 1 per bag; default 1/count) -> (U, d); sparse or dense gradient."""
     if slot_w is None:
-        slot_w = (1.0 / counts.clamp_min(1).float())[bag_index(counts)]
+        slot_w = (1.0 / counts.clamp_min(1).float()).index_select(0, bag_index(counts))
     if torch.is_grad_enabled() and weight.requires_grad:
         return _NeighborMean.apply(weight, nbrs, offsets, counts, slot_w, sparse_grad)
     return F.embedding_bag(nbrs, weight, offsets, mode="sum", per_sample_weights=slot_w.to(weight.dtype))

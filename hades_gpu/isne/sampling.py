@@ -114,8 +114,8 @@ def random_walks(csr: CSRGraph, start: Tensor, walk_length: int, generator: Opti
     last_edge = csr.num_edges - 1
     for t in range(1, walk_length):  # a loop over steps; every walk advances at once
         node = cur.clamp_min(0)
-        lo = csr.rowptr[node]
-        deg = csr.rowptr[node + 1] - lo  # (B,)
+        lo = csr.rowptr.index_select(0, node)
+        deg = csr.rowptr.index_select(0, node + 1) - lo  # (B,)
         alive = alive & (deg > 0)
         u = torch.rand(b, device=start.device, dtype=torch.float64, generator=generator)
         if csr.weight is None:
@@ -123,10 +123,10 @@ def random_walks(csr: CSRGraph, start: Tensor, walk_length: int, generator: Opti
         else:  # P(slot) = weight / row total: invert the running sum of the weights inside the row
             cw = csr.cum_weight()
             hi = (lo + deg - 1).clamp(0, last_edge)
-            before = torch.where(lo > 0, cw[(lo - 1).clamp_min(0)], torch.zeros_like(u))
-            target = before + u * (cw[hi] - before)
+            before = torch.where(lo > 0, cw.index_select(0, (lo - 1).clamp_min(0)), torch.zeros_like(u))
+            target = before + u * (cw.index_select(0, hi) - before)
             slot = torch.searchsorted(cw, target, right=True).clamp(lo, hi)
-        nxt = csr.col[slot.clamp_max(last_edge)]
+        nxt = csr.col.index_select(0, slot.clamp_max(last_edge))
         cur = torch.where(alive, nxt, torch.full_like(nxt, -1))
         walks[:, t] = cur
     return walks
@@ -153,8 +153,8 @@ def sample_neighbor_slots(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = 
         of `torch.nn.functional.embedding_bag`), int64 (U,) run lengths (0 for a node without
         neighbours). M = sum(counts).
     """
-    lo = csr.rowptr[nodes]
-    deg = csr.rowptr[nodes + 1] - lo  # (U,)
+    lo = csr.rowptr.index_select(0, nodes)
+    deg = csr.rowptr.index_select(0, nodes + 1) - lo  # (U,)
     if fanout is None:
         counts = deg
         offsets = torch.cumsum(counts, 0) - counts
@@ -186,7 +186,7 @@ def sample_neighbors(csr: CSRGraph, nodes: Tensor, fanout: Optional[int] = None,
     """`sample_neighbor_slots` with neighbour ids instead of edge positions: (neighbors (M,),
     offsets (U,), counts (U,))."""
     edges, offsets, counts = sample_neighbor_slots(csr, nodes, fanout, generator)
-    return csr.col[edges], offsets, counts
+    return csr.col.index_select(0, edges), offsets, counts
 
 
 def bag_index(counts: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ def bag_weights(csr: CSRGraph, edges: Tensor, offsets: Tensor, counts: Tensor) -
     :math:`\sum_n w_{vn} \theta_n / \sum_n w_{vn}` over the (sampled) neighbours."""
     bag = bag_index(counts)  # (M,)
     if csr.weight is None:
-        return (1.0 / counts.clamp_min(1).float())[bag]
-    w = csr.weight[edges]
+        return (1.0 / counts.clamp_min(1).float()).index_select(0, bag)
+    w = csr.weight.index_select(0, edges)
     total = torch.zeros(counts.numel(), dtype=w.dtype, device=w.device).index_add_(0, bag, w)
-    return w / total[bag]
+    return w / total.index_select(0, bag)

@@ -124,9 +124,10 @@ def draw_negatives(candidates: Tensor, shape: tuple[int, int], pool: int,
     """
     dev = candidates.device
     if pool <= 0 or pool >= shape[0] * shape[1]:
-        return candidates[torch.randint(candidates.numel(), shape, generator=generator, device=dev)]
-    chosen = candidates[torch.randint(candidates.numel(), (pool,), generator=generator, device=dev)]
-    return chosen[torch.randint(pool, shape, generator=generator, device=dev)]
+        picks = torch.randint(candidates.numel(), shape, generator=generator, device=dev)
+        return candidates.index_select(0, picks.view(-1)).view(shape)
+    chosen = candidates.index_select(0, torch.randint(candidates.numel(), (pool,), generator=generator, device=dev))
+    return chosen.index_select(0, torch.randint(pool, shape, generator=generator, device=dev).view(-1)).view(shape)
 
 
 def undirected_pairs(edge_index: Tensor, num_nodes: int, edge_weight: Optional[Tensor] = None):
