@@ -126,7 +126,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: str | dict[str, str] = "zstd",
-                         use_dictionary: bool | list[str] = True, write_statistics: bool | list[str] = True) -> FileRecord:
+                         use_dictionary: bool | list[str] = True,
+                         write_statistics: bool | list[str] = True) -> FileRecord:
     """Replace `path` with `table` as Parquet, atomically and durably. `use_dictionary` may name the
     columns worth dictionary-encoding (repeated values), sparing the writer the attempt on the rest;
     `compression` may be per column and `write_statistics` name the columns to keep min/max of.
