@@ -123,11 +123,11 @@ def draw_negatives(candidates: Tensor, shape: tuple[int, int], pool: int,
     the same reason. ``pool=0`` draws every negative independently.
     """
     dev = candidates.device
-    if pool <= 0 or pool >= shape[0] * shape[1]:
-        picks = torch.randint(candidates.numel(), shape, generator=generator, device=dev)
-        return candidates.index_select(0, picks.view(-1)).view(shape)
-    chosen = candidates.index_select(0, torch.randint(candidates.numel(), (pool,), generator=generator, device=dev))
-    return chosen.index_select(0, torch.randint(pool, shape, generator=generator, device=dev).view(-1)).view(shape)
+    source = candidates
+    if 0 < pool < shape[0] * shape[1]:
+        source = candidates.index_select(0, torch.randint(candidates.numel(), (pool,), generator=generator, device=dev))
+    picks = torch.randint(source.numel(), shape, generator=generator, device=dev)
+    return source.index_select(0, picks.view(-1)).view(shape)
 
 
 def undirected_pairs(edge_index: Tensor, num_nodes: int, edge_weight: Optional[Tensor] = None):
