@@ -71,7 +71,8 @@ def synthetic_chunk_embeddings(n: int, dim: int = 384, seed: int = 0, doc_size: 
 
 
 def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict[str, Any]:
-    """Build + tune + query-all of the ANN kNN graph on `x`; its timings and measured recall@k."""
+    """Build + tune + query-all of the ANN kNN graph on `x` (edges at `cfg.knn_threshold`, as the
+    pipeline builds them); its timings, recall@k and the recall of the edges."""
     from hades_gpu.config import GraphConfig
     from hades_gpu.graph.ann import knn_ann, open_or_build
 
@@ -79,14 +80,51 @@ def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict
     ids = np.array([str(i) for i in range(len(x))], dtype=object)
     t = time.perf_counter()
     idx = open_or_build(ids, x, k, cfg, None)
-    src, _, _ = knn_ann(idx, x, k, -1.0)
+    src, _, _ = knn_ann(idx, x, k, cfg.knn_threshold)
     total = time.perf_counter() - t
     info = idx.info
     return {"data": data, "method": "ann", "n": int(len(x)), "dim": int(x.shape[1]), "k": int(k),
             "index_type": info.index_type, "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
             "recall_at_k": info.recall_at_k, "recall_sample": info.recall_sample, "target_met": info.target_met,
+            "threshold": info.threshold, "edge_recall": info.edge_recall, "edge_nprobe": info.edge_nprobe,
+            "edge_refine_factor": info.edge_refine_factor, "edge_target_met": info.edge_target_met,
             "threads": info.threads, "seconds": dict(info.seconds), "total_s": total, "edges": int(len(src)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def nprobe_sweep(x: np.ndarray, k: int, data: str, cfg: Any, nprobes: list[int], refine_factors: list[int],
+                 timed_queries: int = 20000) -> list[dict[str, Any]]:
+    """Recall@k and the edges' recall at each (refine, nprobe) on one built index, with the all-rows
+    search time EXTRAPOLATED from `timed_queries` random rows (labelled): what each setting would cost
+    where running every setting on every row would take hours."""
+    from hades_gpu.graph.ann import AnnIndex, exact_top_similarities, normalise
+
+    ids = np.array([str(i) for i in range(len(x))], dtype=object)
+    t = time.perf_counter()
+    idx = AnnIndex.build(ids, x, cfg)
+    build_s = time.perf_counter() - t
+    xn, valid = normalise(x)
+    rng = np.random.default_rng(cfg.knn_seed + 1)
+    sample = np.sort(rng.choice(np.flatnonzero(valid), size=min(cfg.knn_recall_sample, int(valid.sum())),
+                                replace=False))
+    top = exact_top_similarities(xn, valid, sample, k)
+    timed = xn[rng.choice(len(xn), size=min(timed_queries, len(xn)), replace=False)]
+    rows = []
+    for refine in refine_factors:
+        for nprobe in nprobes:
+            if nprobe > idx.nlist:
+                continue
+            idx.nprobe, idx.refine_factor = nprobe, refine
+            recall, edge_recall = idx.recalls_against(xn[sample], sample, top, cfg.knn_threshold)
+            t = time.perf_counter()
+            idx.search(timed, k + 1)
+            per_query = (time.perf_counter() - t) / len(timed)
+            rows.append({"data": data, "n": int(len(x)), "k": int(k), "index_type": idx.info.index_type,
+                         "nlist": idx.nlist, "nprobe": idx.nprobe, "refine_factor": idx.refine_factor,
+                         "threshold": float(cfg.knn_threshold), "recall_at_k": recall, "edge_recall": edge_recall,
+                         "recall_sample": int(len(sample)), "build_s": build_s, "timed_queries": int(len(timed)),
+                         "all_rows_search_s_extrapolated": per_query * len(x), "threads": idx.info.threads})
+    return rows
 
 
 def exact_row(x: np.ndarray, k: int, data: str, block_size: int = 4096) -> dict[str, Any]:
@@ -112,11 +150,13 @@ def extrapolate_exact(rows: list[dict[str, Any]], sizes: list[int], dim: int, k:
 
 
 def knn_section(sizes: list[int], exact_sizes: list[int], dim: int = 384, k: int = 15,
-                real: Optional[np.ndarray] = None, threads: int = 0) -> list[dict[str, Any]]:
+                real: Optional[np.ndarray] = None, threads: int = 0,
+                threshold: Optional[float] = None) -> list[dict[str, Any]]:
     """The kNN rows of the graph benchmark: ANN (and exact where asked) per synthetic size, plus real."""
     from hades_gpu.config import GraphConfig
 
-    cfg = GraphConfig(knn_k=k, knn_exact_max_nodes=0, knn_threads=threads)
+    cfg = GraphConfig(knn_k=k, knn_exact_max_nodes=0, knn_threads=threads,
+                      knn_threshold=GraphConfig.knn_threshold if threshold is None else float(threshold))
     rows: list[dict[str, Any]] = []
     if real is not None and len(real) > 1:
         real_label = f"real MiniLM chunk embeddings ({len(real)} chunks)"
@@ -140,8 +180,8 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("data", "N", "method", "index", "nprobe", "recall@k (sample)", "train s", "search s", "total s",
-            "exact / ann")
+    head = ("data", "N", "method", "index", "nprobe", "recall@k (sample)", "edges' recall (threshold)",
+            "edge nprobe", "train s", "search s", "total s", "exact / ann")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ann_s = {(r["data"], r["n"]): r["total_s"] for r in rows if r["method"] == "ann"}
     for r in rows:
@@ -150,14 +190,42 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = (f"{r['total_s'] / ann_s[(r['data'], r['n'])]:.1f}x" if r["method"] == "exact"
                  and (r["data"], r["n"]) in ann_s else "")
         recall = f"{r['recall_at_k']:.3f} ({r['recall_sample']})" if r["method"] == "ann" else "1 (exact)"
+        edges = (f"{r['edge_recall']:.3f} (>= {r['threshold']:g})" if "edge_recall" in r
+                 else "1 (exact)" if r["method"] == "exact" else "-")
         out.append(f"| {r['data'][:40]} | {r['n']:,} | {r['method']} | {r.get('index_type', 'blocked matmul')} | "
-                   f"{r.get('nprobe', '-')} | {recall} | {sec.get('train', 0):.1f} | {sec.get('search', 0):.1f} | "
-                   f"{total} | {ratio} |")
+                   f"{r.get('nprobe', '-')} | {recall} | {edges} | {r.get('edge_nprobe', '-')} | "
+                   f"{sec.get('train', 0):.1f} | {sec.get('search', 0):.1f} | {total} | {ratio} |")
+    return "\n".join(out)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    head = ("data", "N", "nlist", "refine", "nprobe", "recall@k", "edges' recall (threshold)",
+            "all-rows search s (EXTRAPOLATED)")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append(f"| {r['data'][:40]} | {r['n']:,} | {r['nlist']} | {r['refine_factor']} | {r['nprobe']} | "
+                   f"{r['recall_at_k']:.3f} | {r['edge_recall']:.3f} (>= {r['threshold']:g}) | "
+                   f"{r['all_rows_search_s_extrapolated']:.0f} (from {r['timed_queries']:,} queries) |")
     return "\n".join(out)
 
 
 def _sizes(text: str) -> list[int]:
     return [int(float(v)) for v in text.split(",") if v.strip()]
+
+
+def _sweep_cfg(args: argparse.Namespace) -> Any:
+    from hades_gpu.config import GraphConfig
+
+    return GraphConfig(knn_k=args.k, knn_exact_max_nodes=0, knn_threads=args.threads,
+                       knn_threshold=GraphConfig.knn_threshold if args.threshold is None else args.threshold)
+
+
+def _merge_sweeps(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`old` with each row of `new` replacing the one of the same data, size, threshold and setting."""
+    key = lambda r: (r["data"], r["n"], r["threshold"], r["refine_factor"], r["nprobe"])  # noqa: E731
+    out = {key(r): r for r in old}
+    out.update({key(r): r for r in new})
+    return sorted(out.values(), key=lambda r: (r["n"], r["refine_factor"], r["nprobe"]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -168,6 +236,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--k", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="FAISS threads (0: every core)")
     p.add_argument("--real-output", type=Path, default=None, help="an ingest output: recall on its embeddings")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="kNN edge threshold (default: graph.knn_threshold's default, as the pipeline)")
+    p.add_argument("--sweep-sizes", default="", help="synthetic sizes for an nprobe sweep (recall per setting)")
+    p.add_argument("--sweep-nprobes", default="16,32,64,128,256,512")
+    p.add_argument("--sweep-refine", default="4")
     p.add_argument("--out", type=Path, default=Path("docs/bench_knn.json"))
     args = p.parse_args(argv)
     real = None
@@ -175,17 +248,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         from hades_gpu.graph.io import load_chunk_table
 
         real = load_chunk_table(args.real_output).embedding
-    rows = knn_section(_sizes(args.sizes), _sizes(args.exact_sizes), args.dim, args.k, real, args.threads)
-    old = json.loads(args.out.read_text()).get("rows", []) if args.out.is_file() else []
-    rows = merge_rows(old, rows)
+    rows = knn_section(_sizes(args.sizes), _sizes(args.exact_sizes), args.dim, args.k, real, args.threads,
+                       args.threshold)
+    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = merge_rows(saved.get("rows", []), rows)
+    sweeps = _merge_sweeps(saved.get("sweeps", []), [
+        row for n in _sizes(args.sweep_sizes)
+        for row in nprobe_sweep(synthetic_chunk_embeddings(n, args.dim), args.k, SYNTHETIC,
+                                _sweep_cfg(args), _sizes(args.sweep_nprobes), _sizes(args.sweep_refine))])
     all_sizes = sorted({r["n"] for r in rows if r["data"] == SYNTHETIC})
     rows = rows + extrapolate_exact(rows, all_sizes, args.dim, args.k)
     print(table(rows))
+    if sweeps:
+        print(sweep_table(sweeps))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "note": "kNN build + query-all; vectors labelled by `data` (SYNTHETIC unless real); this box: 2 cores "
                 "SHARED with other engineers' jobs, so seconds are upper bounds",
-        "host": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}, "rows": rows}, indent=2, default=float))
+        "host": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}, "rows": rows, "sweeps": sweeps},
+        indent=2, default=float))
     return 0
 
 

@@ -58,7 +58,9 @@ class ChunkGraph:
         weight (np.ndarray): float32 (E,).
         seconds (dict): build time per edge type.
         knn (dict): how the kNN edges were found: method (exact | ann), seconds, recall_at_k, k and,
-            for ann, index_type, nlist, nprobe, recall_sample, target_met, reused, index_seconds.
+            for ann, index_type, nlist, nprobe, recall_sample, target_met, reused, index_seconds, and
+            the recall of the edges themselves (edge_recall of the exact top-k at or above
+            edge_threshold; the search ran at edge_nprobe / edge_refine_factor).
     """
 
     chunk_ids: np.ndarray
@@ -279,19 +281,23 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
         dev = select_device(cfg.device)
         s, d, sim = knn_blocked(embeddings, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
         return s, d, sim, {"method": "exact", "device": str(dev), "seconds": time.perf_counter() - t,
-                           "recall_at_k": 1.0, "k": min(cfg.knn_k, n - 1)}
+                           "recall_at_k": 1.0, "edge_recall": 1.0, "k": min(cfg.knn_k, n - 1)}
     from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path
 
     index = open_or_build(chunk_ids, embeddings, cfg.knn_k, cfg, output_dir if cfg.knn_save_index else None)
     s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold)
     info = index.info
-    log.info("kNN edges from %s (%s, %d threads): recall@%d %.3f on %d sampled rows at nprobe %d, %.1f s",
-             info.index_type, "reused" if info.reused else "built", info.threads, info.k, info.recall_at_k,
-             info.recall_sample, info.nprobe, time.perf_counter() - t)
+    log.info("kNN edges from %s (%s, %d threads): the edges' recall %.3f at nprobe %d (top-%d at or above "
+             "%.2f), recall@%d %.3f at nprobe %d, on %d sampled rows, %.1f s", info.index_type,
+             "reused" if info.reused else "built", info.threads, info.edge_recall, info.edge_nprobe, info.k,
+             info.threshold, info.k, info.recall_at_k, info.nprobe, info.recall_sample, time.perf_counter() - t)
     return s, d, sim, {"method": "ann", "index_type": info.index_type, "reused": info.reused,
                        "seconds": time.perf_counter() - t, "index_seconds": dict(info.seconds),
                        "recall_at_k": info.recall_at_k, "k": info.k, "recall_sample": info.recall_sample,
                        "target_recall": info.target_recall, "target_met": info.target_met,
+                       "edge_recall": info.edge_recall, "edge_threshold": info.threshold,
+                       "edge_target_met": info.edge_target_met, "edge_nprobe": info.edge_nprobe,
+                       "edge_refine_factor": info.edge_refine_factor,
                        "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
                        "threads": info.threads}
 

@@ -3,6 +3,7 @@ index (round trip, stale, damaged) and the ANN path through build_graph on a rea
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -144,12 +145,63 @@ def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.Lo
 
 def test_recall_cap_is_one_clear_line(caplog: pytest.LogCaptureFixture) -> None:
     x = clustered(3000, clusters=3000, spread=3.0, seed=4)  # nearly uniform: hard for 1 of many lists
-    cfg = ann_cfg(knn_max_nprobe=1, knn_target_recall=0.99)
+    cfg = ann_cfg(knn_max_nprobe=1, knn_target_recall=0.99, knn_threshold=-1.0)  # every top-k is an edge
     with caplog.at_level(logging.WARNING, logger="hades_gpu.graph.ann"):
         idx = open_or_build(ids_for(len(x)), x, K, cfg, None)
     assert idx.nprobe == 1 and not idx.info.target_met and idx.info.recall_at_k < 0.99
     lines = [r.getMessage() for r in caplog.records if "knn_target_recall" in r.getMessage()]
     assert len(lines) == 1 and "knn_max_nprobe=1" in lines[0]
+
+
+def test_edges_are_searched_at_the_setting_tuned_for_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Clusters of ~10 rows and k = 10: a row's cluster-mates are its edges above the threshold (in
+    its own list), its last neighbours far points that only many lists find. The edges get a lower
+    nprobe than plain recall@k needs and still meet the target against an independent exact count;
+    the index keeps (and saves) the setting tuned for queries."""
+    x = clustered(4000, clusters=400, spread=1.0, seed=6)
+    threshold = 0.5
+    cfg = ann_cfg(knn_threshold=threshold)
+    src, dst, sim, info = knn_edges(ids_for(len(x)), x, cfg, tmp_path)
+    assert info["edge_nprobe"] < info["nprobe"]  # the point: fewer lists for the edges
+    assert info["edge_threshold"] == threshold
+    assert info["edge_recall"] >= cfg.knn_target_recall and info["edge_target_met"]
+    assert info["recall_at_k"] >= cfg.knn_target_recall and info["target_met"]
+    es, ed, _ = knn_blocked(x, K, threshold)  # the exact edges
+    exact = set(zip(es.tolist(), ed.tolist()))
+    assert len(set(zip(src.tolist(), dst.tolist())) & exact) / len(exact) >= cfg.knn_target_recall
+
+    idx = open_or_build(ids_for(len(x)), x, K, cfg, tmp_path)
+    assert idx.info.reused and idx.nprobe == info["nprobe"] and idx.info.edge_nprobe == info["edge_nprobe"]
+    again = knn_ann(idx, x, K, threshold)
+    assert idx.nprobe == info["nprobe"]  # restored after the edges' search
+    # the edges' search ran at edge_nprobe: the same edges as an unthresholded search there, cut
+    idx.nprobe = info["edge_nprobe"]
+    s_all, d_all, sim_all = knn_ann(idx, x, K, -1.0)  # another threshold: the index's current setting
+    cut = sim_all >= threshold
+    assert set(zip(again[0].tolist(), again[1].tolist())) == set(zip(s_all[cut].tolist(), d_all[cut].tolist()))
+    # ... where plain recall@k is below the target: that setting would not do for queries
+    ps, pd, _ = knn_blocked(x, K, -1.0)
+    plain = len(set(zip(s_all.tolist(), d_all.tolist())) & set(zip(ps.tolist(), pd.tolist()))) / len(ps)
+    assert plain < cfg.knn_target_recall
+
+    # another threshold re-tunes the saved index (not a rebuild); an index saved without the edge
+    # recall (an older output) is re-tuned too
+    for change in ("threshold", "older_meta"):
+        meta_path = knn_index_meta_path(tmp_path)
+        if change == "older_meta":
+            meta = json.loads(meta_path.read_text())
+            for key in ("threshold", "edge_recall", "edge_nprobe", "edge_refine_factor", "edge_target_met"):
+                meta.pop(key)
+            meta_path.write_text(json.dumps(meta))
+        cfg2 = ann_cfg(knn_threshold=0.45 if change == "threshold" else threshold)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hades_gpu.graph.ann"):
+            idx = open_or_build(ids_for(len(x)), x, K, cfg2, tmp_path)
+        assert idx.info.reused and idx.info.threshold == cfg2.knn_threshold, change
+        assert any("re-tuning" in r.getMessage() for r in caplog.records), change
+        assert not any("rebuilding" in r.getMessage() for r in caplog.records), change
+        assert idx.info.edge_recall >= cfg2.knn_target_recall
+        assert json.loads(meta_path.read_text())["threshold"] == cfg2.knn_threshold  # saved re-tuned
 
 
 def test_recall_measurement_matches_an_independent_count() -> None:
