@@ -204,6 +204,23 @@ def test_edges_are_searched_at_the_setting_tuned_for_them(tmp_path: Path, caplog
         assert json.loads(meta_path.read_text())["threshold"] == cfg2.knn_threshold  # saved re-tuned
 
 
+def test_the_hnsw_quantizer_search_width_follows_nprobe_down_as_well_as_up() -> None:
+    """The edges' search runs at a lower nprobe than the tuning ended on: the quantizer's efSearch
+    must come down with it (a width left from a high nprobe slows every query)."""
+    import faiss
+
+    x = clustered(5000)
+    idx = open_or_build(ids_for(len(x)), x, K, ann_cfg(knn_index=GraphConfig().knn_index), None)
+    quantizer = faiss.downcast_index(idx.ivf.quantizer)
+    idx.nprobe = 64
+    assert quantizer.hnsw.efSearch == 128
+    idx.nprobe = 4
+    assert quantizer.hnsw.efSearch == 16  # FAISS's default, the floor
+    with idx.edge_setting():
+        assert quantizer.hnsw.efSearch == max(16, 2 * idx.info.edge_nprobe)
+    assert idx.nprobe == 4 and quantizer.hnsw.efSearch == 16
+
+
 def test_recall_measurement_matches_an_independent_count() -> None:
     """The recall the index reports is what a full comparison against exact search gives (roughly:
     the sample is 1000 of 3000 rows), at a deliberately low nprobe."""
