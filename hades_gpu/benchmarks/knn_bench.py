@@ -186,9 +186,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     ann_s = {(r["data"], r["n"]): r["total_s"] for r in rows if r["method"] == "ann"}
     for r in rows:
         sec = r.get("seconds", {})
+        if r.get("total_s") is None:  # a run stopped before it ended (its row says why)
+            out.append(f"| {r['data'][:40]} | {r['n']:,} | {r['method']} | {r.get('index_type', '-')} | "
+                       f"{r.get('nprobe', '-')} | {r.get('recall_at_k', '-')} | - | - | - | - | stopped | |")
+            continue
         total = f"{r['total_s']:.1f}" + (" (extrapolated)" if r.get("extrapolated") else "")
         ratio = (f"{r['total_s'] / ann_s[(r['data'], r['n'])]:.1f}x" if r["method"] == "exact"
-                 and (r["data"], r["n"]) in ann_s else "")
+                 and ann_s.get((r["data"], r["n"])) else "")
         recall = f"{r['recall_at_k']:.3f} ({r['recall_sample']})" if r["method"] == "ann" else "1 (exact)"
         edges = (f"{r['edge_recall']:.3f} (>= {r['threshold']:g})" if "edge_recall" in r
                  else "1 (exact)" if r["method"] == "exact" else "-")
