@@ -97,7 +97,7 @@ def nprobe_sweep(x: np.ndarray, k: int, data: str, cfg: Any, nprobes: list[int],
     """Recall@k and the edges' recall at each (refine, nprobe) on one built index, with the all-rows
     search time EXTRAPOLATED from `timed_queries` random rows (labelled): what each setting would cost
     where running every setting on every row would take hours."""
-    from hades_gpu.graph.ann import AnnIndex, exact_top_similarities, normalise
+    from hades_gpu.graph.ann import AnnIndex, exact_top_k, normalise
 
     ids = np.array([str(i) for i in range(len(x))], dtype=object)
     t = time.perf_counter()
@@ -107,7 +107,7 @@ def nprobe_sweep(x: np.ndarray, k: int, data: str, cfg: Any, nprobes: list[int],
     rng = np.random.default_rng(cfg.knn_seed + 1)
     sample = np.sort(rng.choice(np.flatnonzero(valid), size=min(cfg.knn_recall_sample, int(valid.sum())),
                                 replace=False))
-    top = exact_top_similarities(xn, valid, sample, k)
+    top_sims, top_ids = exact_top_k(xn, valid, sample, k)
     timed = xn[rng.choice(len(xn), size=min(timed_queries, len(xn)), replace=False)]
     rows = []
     for refine in refine_factors:
@@ -115,7 +115,7 @@ def nprobe_sweep(x: np.ndarray, k: int, data: str, cfg: Any, nprobes: list[int],
             if nprobe > idx.nlist:
                 continue
             idx.nprobe, idx.refine_factor = nprobe, refine
-            recall, edge_recall = idx.recalls_against(xn[sample], sample, top, cfg.knn_threshold)
+            recall, edge_recall = idx.recalls_against(xn, sample, top_sims, top_ids, cfg.knn_threshold)
             t = time.perf_counter()
             idx.search(timed, k + 1)
             per_query = (time.perf_counter() - t) / len(timed)

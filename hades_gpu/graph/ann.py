@@ -20,11 +20,11 @@ similarity (so ties between equally similar neighbours are not misses).
 
 Two recalls are measured on the same searches, and each gets its own setting (nprobe, re-ranking):
 - the recall of the kNN **edges**: of the exact top-k neighbours at or above `graph.knn_threshold`
-  (the ones the graph keeps), the fraction found. The all-rows search that makes the edges runs at
-  the lowest setting that meets the target on these. Neighbours below the threshold are the hardest
-  to find (they sit near the background similarity, where inverted lists separate nothing) and are
-  dropped anyway: on synthetic 10^5 x 384 vectors this halves the lists scanned (64-128 instead of
-  256 at 0.95), and on 10^6 the edges reach 0.98 where the plain top-k reaches 0.92.
+  (the ones the graph keeps), the fraction found after `merge_reverse` (a row's answers joined with
+  the rows whose search found it). The all-rows search that makes the edges runs at the lowest
+  setting that meets the target on these. Neighbours below the threshold are the hardest to find
+  (they sit near the background similarity, where inverted lists separate nothing) and are dropped
+  anyway; the reverse join recovers most of what one side's probes missed.
 - plain recall@k, for later queries of the saved index (`load_index`, the search's first stage),
   which have no threshold: the index is saved at that setting.
 
@@ -329,13 +329,15 @@ class AnnIndex:
             return 1.0
         rng = np.random.default_rng(cfg.knn_seed + 1)
         sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
-        top = exact_top_similarities(x, valid, sample, k)
+        top_sims, top_ids = exact_top_k(x, valid, sample, k)
         cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
         max_refine = max(int(cfg.knn_max_refine_factor), self.refine_factor) if hasattr(self.index, "k_factor") else 1
         edge_setting: Optional[tuple[int, int, float]] = None
         previous = None
         while True:
-            recall, edge_recall = self.recalls_against(x[sample], sample, top, cfg.knn_threshold)
+            # once the edges' setting is found, only plain recall is measured (no reverse searches)
+            recall, edge_recall = self.recalls_against(x, sample, top_sims, top_ids, cfg.knn_threshold,
+                                                       with_edges=edge_setting is None)
             log.debug("kNN index: recall@%d %.4f, edges %.4f at nprobe %d, refine %d", k, recall, edge_recall,
                       self.nprobe, self.refine_factor)
             if edge_setting is None and edge_recall >= target:
@@ -373,27 +375,52 @@ class AnnIndex:
                  info.seconds["tune"])
         return float(recall)
 
-    def recalls_against(self, queries: np.ndarray, rows: np.ndarray, top: np.ndarray,
-                        threshold: float) -> tuple[float, float]:
-        """(recall@k, recall of the kNN edges) of one search of `queries` (= the indexed `rows`).
-
-        `top`: (S, k) exact similarities of each row's top-k, best first. recall@k: the mean fraction
-        of the approximate top-k (self excluded) at least as similar as the exact k-th. Edges: the
-        exact top-k at or above `threshold` are the true edges; a found edge is an approximate answer
-        that is both (a top-k hit and >= threshold), so found <= true per row.
-        """
-        k = top.shape[1]
-        kth = top[:, -1]
-        ids, sims = self.search(queries, k + 1)
+    def first_k(self, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first k answers other than itself of each of `rows` of the indexed vectors `x`
+        (normalised): rows int64 (S, k), -1 where none, and their similarities (-inf there)."""
+        ids, sims = self.search(x[rows], k + 1)
         ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
-        not_self = (ids != rows[:, None]) & (ids >= 0)
-        # the first k non-self answers of each row
-        rank = np.cumsum(not_self, axis=1)
-        hits = not_self & (rank <= k) & (sims >= kth[:, None] - 1e-5)
+        keep = (ids >= 0) & (ids != rows[:, None])
+        keep &= np.cumsum(keep, axis=1) <= k
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept answers first, in rank order
+        kept = np.take_along_axis(keep, order, axis=1)
+        return (np.where(kept, np.take_along_axis(ids, order, axis=1), -1),
+                np.where(kept, np.take_along_axis(sims, order, axis=1), -np.inf))
+
+    def recalls_against(self, x: np.ndarray, rows: np.ndarray, top_sims: np.ndarray, top_ids: np.ndarray,
+                        threshold: float, with_edges: bool = True) -> tuple[float, float]:
+        """(recall@k of a query search, recall of the kNN edges) of the sampled `rows` of the indexed
+        vectors `x` (normalised), at the index's current setting.
+
+        `top_sims`, `top_ids`: (S, k) each row's exact top-k, best first. recall@k: the mean fraction of
+        a row's first k answers at least as similar as its exact k-th (ties are not misses). Edges: the
+        exact top-k at or above `threshold` are the true edges. `knn_ann` merges each row's answers
+        with the rows whose search found it, so a true edge that the row's own search missed is found
+        when the other end's search found the row: those neighbours are searched here too (only the
+        missed ones). Found edges are capped at the true ones per row. `with_edges=False`: NaN for
+        the edges (plain recall only, no further searches).
+        """
+        k = top_sims.shape[1]
+        kth = top_sims[:, -1]
+        ids, sims = self.first_k(x, rows, k)
+        hits = sims >= kth[:, None] - 1e-5
         recall = float(hits.sum() / (k * len(rows)))
-        true_edges = int((top >= threshold).sum())
-        found_edges = int((hits & (sims >= threshold)).sum())
-        return recall, (found_edges / true_edges if true_edges else 1.0)
+        if not with_edges:
+            return recall, float("nan")
+        missed = (top_sims >= threshold) & ~(top_ids[:, :, None] == ids[:, None, :]).any(axis=2)
+        recovered = np.zeros(len(rows), np.int64)
+        if missed.any():
+            others = np.unique(top_ids[missed])
+            found_by, found_sims = self.first_k(x, others, k)
+            at = np.searchsorted(others, np.where(missed, top_ids, others[0]))  # (S, k) row of `others`
+            # the other end's answer names this row, and (as in knn_ann) at or above the threshold
+            names = (found_by[at] == rows[:, None, None]) & (found_sims[at] >= threshold)
+            recovered = (missed & names.any(axis=2)).sum(axis=1)
+        true_edges = (top_sims >= threshold).sum(axis=1)
+        own_edges = (hits & (sims >= threshold)).sum(axis=1)
+        found = np.minimum(true_edges, own_edges + recovered)
+        total = int(true_edges.sum())
+        return recall, (float(found.sum() / total) if total else 1.0)
 
     @contextmanager
     def edge_setting(self) -> Iterator["AnnIndex"]:
@@ -514,28 +541,34 @@ def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: Gr
     return idx
 
 
-def exact_top_similarities(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k cosines (S, k), best first, of each of `rows` over all valid rows but itself (x normalised).
+def exact_top_k(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each of `rows` over all valid rows but itself (x normalised): cosines (S, k)
+    float32 and rows (S, k) int64, best first.
 
     Blocked over columns with a running top-k, so memory is one (len(rows), block) matrix.
     """
     q = x[rows]
     best = np.full((len(rows), k), -np.inf, np.float32)
+    best_ids = np.full((len(rows), k), -1, np.int64)
     cols_all = np.flatnonzero(valid)
     for c0 in range(0, len(cols_all), _EXACT_COLUMNS):
         cols = cols_all[c0:c0 + _EXACT_COLUMNS]
         s = q @ x[cols].T  # (S, C)
         s[rows[:, None] == cols[None, :]] = -np.inf  # self
         cand = np.concatenate([best, s], axis=1)
-        best = -np.partition(-cand, k - 1, axis=1)[:, :k]
-    return -np.sort(-best, axis=1)
+        cand_ids = np.concatenate([best_ids, np.broadcast_to(cols, s.shape)], axis=1)
+        keep = np.argpartition(-cand, k - 1, axis=1)[:, :k]
+        best, best_ids = np.take_along_axis(cand, keep, axis=1), np.take_along_axis(cand_ids, keep, axis=1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    return np.take_along_axis(best, order, axis=1), np.take_along_axis(best_ids, order, axis=1)
 
 
 def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """kNN edges of every row from `index` (built over the same rows): the `knn_blocked` contract.
 
     Searched at the setting `tune` found for the kNN edges when `threshold` is the one it measured
-    them at; else (another threshold) at the index's own, tuned for plain recall@k.
+    them at; else (another threshold) at the index's own, tuned for plain recall@k. Each row's
+    answers are then merged with the rows whose search found it (`merge_reverse`).
 
     Returns:
         (src, dst, sim): int64, int64, float32 (M,), self excluded, sim >= threshold, zero rows
@@ -552,9 +585,39 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -
         parts = [_edges_of_rows(index, embeddings, r0, min(r0 + _SEARCH_ROWS, n), k, threshold)
                  for r0 in range(0, n, _SEARCH_ROWS)]
     src, dst, sim = (np.concatenate([part[i] for part in parts]) for i in range(3))
-    order = np.lexsort((dst, -sim, src))
     index.info.seconds["search"] = time.perf_counter() - t
-    return src[order], dst[order], sim[order]
+    t = time.perf_counter()
+    merged = merge_reverse(src, dst, sim, k, n)
+    index.info.seconds["reverse_merge"] = time.perf_counter() - t
+    return merged
+
+
+def merge_reverse(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int,
+                  n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's top-k of its own answers and the rows whose answers name it, sorted by src,
+    similarity descending, dst ascending.
+
+    A row's search misses a neighbour whose inverted list it did not probe, but the neighbour's own
+    search, probing from the other side, often found the row: the pair's similarity is the same both
+    ways. This is NN-descent's reverse-neighbour join (Dong, Charikar & Li 2011), one pass, done with
+    array sorts (no per-row Python). Measured on synthetic 10^5 x 384 at 0.5: the edges' recall at
+    nprobe 16 / 32 / 64 of 1,265 lists rises from 0.849 / 0.928 / 0.971 to 0.943 / 0.984 / 0.996.
+    """
+    s = np.concatenate([src, dst])
+    d = np.concatenate([dst, src])
+    w = np.concatenate([sim, sim])
+    key = s * np.int64(n) + d
+    order = np.argsort(key, kind="stable")  # a pair found both ways: the row's own answer comes first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = key[order[1:]] != key[order[:-1]]
+    order = order[first]
+    s, d, w = s[order], d[order], w[order]
+    order = np.lexsort((d, -w, s))
+    s, d, w = s[order], d[order], w[order]
+    position = np.arange(len(s))
+    group_start = np.maximum.accumulate(np.where(np.r_[True, s[1:] != s[:-1]], position, 0))
+    keep = position - group_start < k
+    return s[keep], d[keep], w[keep]
 
 
 def _edges_of_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int,

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hades_gpu.config import GraphConfig
-from hades_gpu.graph.ann import AnnIndex, IndexUnusable, fingerprint, knn_ann, load_index, open_or_build
+from hades_gpu.graph.ann import (AnnIndex, IndexUnusable, fingerprint, knn_ann, load_index, merge_reverse, normalise,
+                                 open_or_build)
 from hades_gpu.graph.build import knn_edges
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
@@ -37,7 +38,8 @@ def ids_for(n: int) -> np.ndarray:
 def ann_cfg(**kw) -> GraphConfig:
     """ANN forced; IVF-Flat (quick to train) unless the test names `knn_index`."""
     kw.setdefault("knn_index", "IVF{nlist},Flat")
-    return GraphConfig(knn_k=K, knn_exact_max_nodes=0, knn_nprobe=1, **kw)
+    kw.setdefault("knn_nprobe", 1)
+    return GraphConfig(knn_k=K, knn_exact_max_nodes=0, **kw)
 
 
 @pytest.mark.parametrize("spec", ["IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat", "IVF{nlist},Flat"])
@@ -222,16 +224,44 @@ def test_the_hnsw_quantizer_search_width_follows_nprobe_down_as_well_as_up() -> 
 
 
 def test_recall_measurement_matches_an_independent_count() -> None:
-    """The recall the index reports is what a full comparison against exact search gives (roughly:
-    the sample is 1000 of 3000 rows), at a deliberately low nprobe."""
+    """Both recalls the index reports are what a full comparison against exact search gives
+    (roughly: the sample is 1000 of 3000 rows), at a deliberately low nprobe (2: at 1 a neighbour
+    in another list never probes the row's own, so the join adds nothing): recall@k of a plain
+    query search of every row, and the edges' recall of `knn_ann`'s output (its reverse join
+    included; threshold -1: every top-k neighbour is an edge)."""
     x = clustered(3000, clusters=300, spread=1.5, seed=5)
-    cfg = ann_cfg(knn_max_nprobe=1, knn_target_recall=1.0)
+    cfg = ann_cfg(knn_nprobe=2, knn_max_nprobe=2, knn_target_recall=1.0, knn_threshold=-1.0)
     idx = open_or_build(ids_for(len(x)), x, K, cfg, None)
+    exact = knn_blocked(x, K, -1.0)
+    exact_pairs = set(zip(exact[0].tolist(), exact[1].tolist()))
+
+    def recall_of(src: np.ndarray, dst: np.ndarray) -> float:
+        return len(set(zip(src.tolist(), dst.tolist())) & exact_pairs) / len(exact_pairs)
+
+    rows = np.arange(len(x))
+    own, _ = idx.first_k(normalise(x)[0], rows, K)
+    queries = recall_of(np.repeat(rows, K)[own.ravel() >= 0], own.ravel()[own.ravel() >= 0])
     src, dst, _ = knn_ann(idx, x, K, -1.0)
-    es, ed, _ = knn_blocked(x, K, -1.0)
-    full = len(set(zip(src.tolist(), dst.tolist())) & set(zip(es.tolist(), ed.tolist()))) / len(es)
-    assert full < 0.99  # the test is not vacuous: this setting misses neighbours
-    assert abs(idx.info.recall_at_k - full) < 0.05
+    edges = recall_of(src, dst)
+    assert queries < 0.99  # the test is not vacuous: this setting misses neighbours
+    assert edges > queries + 0.02  # the reverse join finds what one side missed
+    assert abs(idx.info.recall_at_k - queries) < 0.05
+    assert abs(idx.info.edge_recall - edges) < 0.05
+
+
+def test_merge_reverse_joins_both_directions_keeps_the_best_k_and_sorts() -> None:
+    # row 0 found 1 (0.9) and 2 (0.5); row 3 found 0 (0.8); row 1 found 0 (0.9): the same pair both ways
+    src = np.array([0, 0, 1, 3], np.int64)
+    dst = np.array([1, 2, 0, 0], np.int64)
+    sim = np.array([0.9, 0.5, 0.9, 0.8], np.float32)
+    s, d, w = merge_reverse(src, dst, sim, 2, 4)
+    got = [(a, b, round(c, 3)) for a, b, c in zip(s.tolist(), d.tolist(), w.tolist())]
+    # 0: {1 0.9, 3 0.8 (reverse), 2 0.5} -> best 2; 1: {0}; 2: {0 (reverse)}; 3: {0}
+    assert got == [(0, 1, 0.9), (0, 3, 0.8), (1, 0, 0.9), (2, 0, 0.5), (3, 0, 0.8)]
+    # ties: similarity descending, then dst ascending
+    s, d, w = merge_reverse(np.array([5, 5, 2], np.int64), np.array([4, 1, 5], np.int64),
+                            np.array([0.7, 0.7, 0.7], np.float32), 3, 6)
+    assert list(zip(s.tolist(), d.tolist())) == [(1, 5), (2, 5), (4, 5), (5, 1), (5, 2), (5, 4)]
 
 
 def test_build_graph_on_a_real_ingest_takes_the_ann_path(tmp_path: Path, embedder) -> None:
