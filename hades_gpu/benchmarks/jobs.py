@@ -280,7 +280,7 @@ def job_graph(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path) -> dict[st
     with _Sampler() as memory:
         t0 = time.perf_counter()
         rows = knn_section(list(bench.knn_sizes), list(bench.knn_exact_sizes), int(real.shape[1]) if real.size else 384,
-                           bench.knn_bench_k, real, cfg.graph.knn_threads)
+                           bench.knn_bench_k, real, cfg.graph.knn_threads, cfg.graph.knn_threshold)
         wall = time.perf_counter() - t0
     rows += extrapolate_exact(rows, sorted({r["n"] for r in rows if r["data"] == SYNTHETIC}),
                               int(real.shape[1]) if real.size else 384, bench.knn_bench_k)

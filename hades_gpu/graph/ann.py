@@ -555,8 +555,10 @@ def exact_top_k(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> t
         cols = cols_all[c0:c0 + _EXACT_COLUMNS]
         s = q @ x[cols].T  # (S, C)
         s[rows[:, None] == cols[None, :]] = -np.inf  # self
-        cand = np.concatenate([best, s], axis=1)
-        cand_ids = np.concatenate([best_ids, np.broadcast_to(cols, s.shape)], axis=1)
+        # the block's own top-k first, so only (S, 2k) candidates and ids are ever gathered
+        block_top = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
+        cand = np.concatenate([best, np.take_along_axis(s, block_top, axis=1)], axis=1)
+        cand_ids = np.concatenate([best_ids, cols[block_top]], axis=1)
         keep = np.argpartition(-cand, k - 1, axis=1)[:, :k]
         best, best_ids = np.take_along_axis(cand, keep, axis=1), np.take_along_axis(cand_ids, keep, axis=1)
     order = np.argsort(-best, axis=1, kind="stable")
@@ -606,18 +608,30 @@ def merge_reverse(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int,
     s = np.concatenate([src, dst])
     d = np.concatenate([dst, src])
     w = np.concatenate([sim, sim])
-    key = s * np.int64(n) + d
-    order = np.argsort(key, kind="stable")  # a pair found both ways: the row's own answer comes first
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = key[order[1:]] != key[order[:-1]]
-    order = order[first]
-    s, d, w = s[order], d[order], w[order]
-    order = np.lexsort((d, -w, s))
+    # one entry per (row, neighbour): a pair found both ways keeps the larger similarity (the same with
+    # an exact re-ranking stage; PQ-only distances can differ by direction)
+    pair = s * np.int64(n) + d
+    order = np.argsort(pair)
+    pair, s, d, w = pair[order], s[order], d[order], w[order]
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    w = np.maximum.reduceat(w, starts)
+    s, d = s[starts], d[starts]
+    # rows ascending, similarity descending: one int64 key, sorted stably so that the (row, dst) order
+    # above breaks ties (one key sort instead of a three-key lexsort: 2.5x faster at 3e7 entries)
+    order = np.argsort((s << 32) | _descending_bits(w), kind="stable")
     s, d, w = s[order], d[order], w[order]
     position = np.arange(len(s))
     group_start = np.maximum.accumulate(np.where(np.r_[True, s[1:] != s[:-1]], position, 0))
     keep = position - group_start < k
     return s[keep], d[keep], w[keep]
+
+
+def _descending_bits(w: np.ndarray) -> np.ndarray:
+    """float32 values as int64 in [0, 2^32) whose ascending order is the values' descending order
+    (IEEE-754 bits made monotone: negatives' bits flipped, positives' sign bit set; then reversed)."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.int64)
+    ascending = np.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    return 0xFFFFFFFF - ascending
 
 
 def _edges_of_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int,

@@ -67,7 +67,8 @@ def test_the_graph_job_reports_knn_and_isne_rows(tmp_path: Path) -> None:
     from hades_gpu.benchmarks import jobs
     from hades_gpu.benchmarks.config import BenchConfig
 
-    cfg = load_pipeline_config(profile="low_memory", overrides=["monitoring.progress=off", "isne.dim=16"])
+    cfg = load_pipeline_config(profile="low_memory", overrides=["monitoring.progress=off", "isne.dim=16",
+                                                                "graph.knn_threshold=0.55"])
     cfg.corpus = str(REPO / "examples" / "sample_corpus")
     bench = BenchConfig(job="graph", knn_sizes=[3000], knn_exact_sizes=[3000], isne_sizes=[2000],
                         isne_max_batches=2, isne_real_epochs=1)
@@ -75,6 +76,8 @@ def test_the_graph_job_reports_knn_and_isne_rows(tmp_path: Path) -> None:
     assert r["status"] == "ok", r["error"]
     assert json.loads((tmp_path / "job" / "result.json").read_text())["isne"] == json.loads(json.dumps(r["isne"]))
     assert any(row["data"] != "real" for row in r["knn"]["rows"])
+    # the ANN rows' edges are the run's (its graph.knn_threshold), with their recall measured
+    assert {row["threshold"] for row in r["knn"]["rows"] if row["method"] == "ann"} == {0.55}
     sizes = r["isne"]["planted_partition"]["sizes"]
     assert [s["nodes"] for s in sizes] == [2000] and sizes[0]["pairs_per_s"] > 0
     chunk = r["isne"]["chunk_graph"]

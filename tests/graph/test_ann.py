@@ -262,6 +262,14 @@ def test_merge_reverse_joins_both_directions_keeps_the_best_k_and_sorts() -> Non
     s, d, w = merge_reverse(np.array([5, 5, 2], np.int64), np.array([4, 1, 5], np.int64),
                             np.array([0.7, 0.7, 0.7], np.float32), 3, 6)
     assert list(zip(s.tolist(), d.tolist())) == [(1, 5), (2, 5), (4, 5), (5, 1), (5, 2), (5, 4)]
+    # a pair found both ways with different similarities (PQ-only distances): once, the larger one
+    s, d, w = merge_reverse(np.array([0, 1], np.int64), np.array([1, 0], np.int64),
+                            np.array([0.6, 0.7], np.float32), 2, 2)
+    assert list(zip(s.tolist(), d.tolist(), w.tolist())) == [(0, 1, np.float32(0.7)), (1, 0, np.float32(0.7))]
+    # negative similarities sort below positive ones, descending
+    s, d, w = merge_reverse(np.array([0, 0, 0, 0], np.int64), np.array([1, 2, 3, 4], np.int64),
+                            np.array([-0.5, 0.25, -0.0, -1.0], np.float32), 4, 5)
+    assert d[s == 0].tolist() == [2, 3, 1, 4]
 
 
 def test_build_graph_on_a_real_ingest_takes_the_ann_path(tmp_path: Path, embedder) -> None:
