@@ -605,6 +605,8 @@ def merge_reverse(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int,
     array sorts (no per-row Python). Measured on synthetic 10^5 x 384 at 0.5: the edges' recall at
     nprobe 16 / 32 / 64 of 1,265 lists rises from 0.849 / 0.928 / 0.971 to 0.943 / 0.984 / 0.996.
     """
+    if len(src) == 0:  # no neighbour at or above the threshold anywhere
+        return src.astype(np.int64), dst.astype(np.int64), sim.astype(np.float32)
     s = np.concatenate([src, dst])
     d = np.concatenate([dst, src])
     w = np.concatenate([sim, sim])

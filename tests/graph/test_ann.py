@@ -71,6 +71,13 @@ def test_ann_edges_meet_the_target_recall_and_the_knn_blocked_contract(tmp_path:
     assert (order == np.arange(len(src))).all()  # sorted like knn_blocked
 
 
+def test_a_threshold_above_every_similarity_gives_no_knn_edges() -> None:
+    x = clustered(3000, clusters=300, spread=1.5, seed=8)
+    src, dst, sim, info = knn_edges(ids_for(len(x)), x, ann_cfg(knn_threshold=0.999), None)
+    assert info["method"] == "ann" and len(src) == len(dst) == len(sim) == 0
+    assert info["edge_recall"] == 1.0  # no true edge to miss
+
+
 def test_exact_stays_below_the_threshold_node_count() -> None:
     x = clustered(500)
     cfg = GraphConfig(knn_k=K, knn_threshold=0.2, knn_exact_max_nodes=500)
@@ -266,6 +273,9 @@ def test_merge_reverse_joins_both_directions_keeps_the_best_k_and_sorts() -> Non
     s, d, w = merge_reverse(np.array([0, 1], np.int64), np.array([1, 0], np.int64),
                             np.array([0.6, 0.7], np.float32), 2, 2)
     assert list(zip(s.tolist(), d.tolist(), w.tolist())) == [(0, 1, np.float32(0.7)), (1, 0, np.float32(0.7))]
+    # nothing found (every neighbour below the threshold): nothing, not an error
+    s, d, w = merge_reverse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), 3, 5)
+    assert len(s) == len(d) == len(w) == 0
     # negative similarities sort below positive ones, descending
     s, d, w = merge_reverse(np.array([0, 0, 0, 0], np.int64), np.array([1, 2, 3, 4], np.int64),
                             np.array([-0.5, 0.25, -0.0, -1.0], np.float32), 4, 5)
