@@ -73,10 +73,9 @@ def synthetic_chunk_embeddings(n: int, dim: int = 384, seed: int = 0, doc_size: 
 def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict[str, Any]:
     """Build + tune + query-all of the ANN kNN graph on `x` (edges at `cfg.knn_threshold`, as the
     pipeline builds them); its timings, recall@k and the recall of the edges."""
-    from hades_gpu.config import GraphConfig
     from hades_gpu.graph.ann import knn_ann, open_or_build
 
-    cfg = cfg or GraphConfig(knn_k=k, knn_exact_max_nodes=0)
+    cfg = cfg or bench_graph_config(k, 0, None)
     ids = np.array([str(i) for i in range(len(x))], dtype=object)
     t = time.perf_counter()
     idx = open_or_build(ids, x, k, cfg, None)
@@ -97,17 +96,15 @@ def nprobe_sweep(x: np.ndarray, k: int, data: str, cfg: Any, nprobes: list[int],
     """Recall@k and the edges' recall at each (refine, nprobe) on one built index, with the all-rows
     search time EXTRAPOLATED from `timed_queries` random rows (labelled): what each setting would cost
     where running every setting on every row would take hours."""
-    from hades_gpu.graph.ann import AnnIndex, exact_top_k, normalise
+    from hades_gpu.graph.ann import AnnIndex, normalise, recall_reference
 
     ids = np.array([str(i) for i in range(len(x))], dtype=object)
     t = time.perf_counter()
     idx = AnnIndex.build(ids, x, cfg)
     build_s = time.perf_counter() - t
     xn, valid = normalise(x)
-    rng = np.random.default_rng(cfg.knn_seed + 1)
-    sample = np.sort(rng.choice(np.flatnonzero(valid), size=min(cfg.knn_recall_sample, int(valid.sum())),
-                                replace=False))
-    top_sims, top_ids = exact_top_k(xn, valid, sample, k)
+    sample, top_sims, top_ids = recall_reference(xn, valid, k, cfg)  # the rows and reference `tune` uses
+    rng = np.random.default_rng(cfg.knn_seed + 2)
     timed = xn[rng.choice(len(xn), size=min(timed_queries, len(xn)), replace=False)]
     rows = []
     for refine in refine_factors:
@@ -149,14 +146,19 @@ def extrapolate_exact(rows: list[dict[str, Any]], sizes: list[int], dim: int, k:
             for n in sizes if n not in have]
 
 
+def bench_graph_config(k: int, threads: int, threshold: Optional[float]) -> Any:
+    """The graph config of the benchmark's ANN rows: ANN forced, `threshold` or the pipeline's default."""
+    from hades_gpu.config import GraphConfig
+
+    return GraphConfig(knn_k=k, knn_exact_max_nodes=0, knn_threads=threads,
+                       knn_threshold=GraphConfig.knn_threshold if threshold is None else float(threshold))
+
+
 def knn_section(sizes: list[int], exact_sizes: list[int], dim: int = 384, k: int = 15,
                 real: Optional[np.ndarray] = None, threads: int = 0,
                 threshold: Optional[float] = None) -> list[dict[str, Any]]:
     """The kNN rows of the graph benchmark: ANN (and exact where asked) per synthetic size, plus real."""
-    from hades_gpu.config import GraphConfig
-
-    cfg = GraphConfig(knn_k=k, knn_exact_max_nodes=0, knn_threads=threads,
-                      knn_threshold=GraphConfig.knn_threshold if threshold is None else float(threshold))
+    cfg = bench_graph_config(k, threads, threshold)
     rows: list[dict[str, Any]] = []
     if real is not None and len(real) > 1:
         real_label = f"real MiniLM chunk embeddings ({len(real)} chunks)"
@@ -217,13 +219,6 @@ def _sizes(text: str) -> list[int]:
     return [int(float(v)) for v in text.split(",") if v.strip()]
 
 
-def _sweep_cfg(args: argparse.Namespace) -> Any:
-    from hades_gpu.config import GraphConfig
-
-    return GraphConfig(knn_k=args.k, knn_exact_max_nodes=0, knn_threads=args.threads,
-                       knn_threshold=GraphConfig.knn_threshold if args.threshold is None else args.threshold)
-
-
 def _merge_sweeps(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`old` with each row of `new` replacing the one of the same data, size, threshold and setting."""
     key = lambda r: (r["data"], r["n"], r["threshold"], r["refine_factor"], r["nprobe"])  # noqa: E731
@@ -259,7 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sweeps = _merge_sweeps(saved.get("sweeps", []), [
         row for n in _sizes(args.sweep_sizes)
         for row in nprobe_sweep(synthetic_chunk_embeddings(n, args.dim), args.k, SYNTHETIC,
-                                _sweep_cfg(args), _sizes(args.sweep_nprobes), _sizes(args.sweep_refine))])
+                                bench_graph_config(args.k, args.threads, args.threshold),
+                                _sizes(args.sweep_nprobes), _sizes(args.sweep_refine))])
     all_sizes = sorted({r["n"] for r in rows if r["data"] == SYNTHETIC})
     rows = rows + extrapolate_exact(rows, all_sizes, args.dim, args.k)
     print(table(rows))

@@ -327,9 +327,7 @@ class AnnIndex:
             info.target_met = info.edge_target_met = True
             info.edge_nprobe, info.edge_refine_factor = self.nprobe, self.refine_factor
             return 1.0
-        rng = np.random.default_rng(cfg.knn_seed + 1)
-        sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
-        top_sims, top_ids = exact_top_k(x, valid, sample, k)
+        sample, top_sims, top_ids = recall_reference(x, valid, k, cfg)
         cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
         max_refine = max(int(cfg.knn_max_refine_factor), self.refine_factor) if hasattr(self.index, "k_factor") else 1
         edge_setting: Optional[tuple[int, int, float]] = None
@@ -379,9 +377,7 @@ class AnnIndex:
         """The first k answers other than itself of each of `rows` of the indexed vectors `x`
         (normalised): rows int64 (S, k), -1 where none, and their similarities (-inf there)."""
         ids, sims = self.search(x[rows], k + 1)
-        ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
-        keep = (ids >= 0) & (ids != rows[:, None])
-        keep &= np.cumsum(keep, axis=1) <= k
+        ids, keep = _other_answers(self.rows, ids, rows, k)
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept answers first, in rank order
         kept = np.take_along_axis(keep, order, axis=1)
         return (np.where(kept, np.take_along_axis(ids, order, axis=1), -1),
@@ -541,6 +537,16 @@ def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: Gr
     return idx
 
 
+def recall_reference(x: np.ndarray, valid: np.ndarray, k: int,
+                     cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows recall is measured on (`graph.knn_recall_sample` valid rows, drawn with
+    `graph.knn_seed`) and their exact top-k: (rows, cosines, neighbour rows), as `exact_top_k`."""
+    rows = np.flatnonzero(valid)
+    rng = np.random.default_rng(cfg.knn_seed + 1)
+    sample = np.sort(rng.choice(rows, size=min(cfg.knn_recall_sample, len(rows)), replace=False))
+    return (sample, *exact_top_k(x, valid, sample, k))
+
+
 def exact_top_k(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of each of `rows` over all valid rows but itself (x normalised): cosines (S, k)
     float32 and rows (S, k) int64, best first.
@@ -640,13 +646,20 @@ def _edges_of_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k:
                    threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kNN edges (src, dst, sim) of rows r0:r1, self excluded, at most k per row."""
     ids, sim = _search_rows(index, embeddings, r0, r1, k + 1)  # one extra: the row itself
-    ids = np.where(ids >= 0, index.rows[np.maximum(ids, 0)], -1)  # FAISS ids -> rows
-    rows = np.arange(r0, r1, dtype=np.int64)[:, None]
-    keep = (ids >= 0) & (ids != rows)
+    rows = np.arange(r0, r1, dtype=np.int64)
+    ids, keep = _other_answers(index.rows, ids, rows, k)
+    keep &= sim >= threshold
+    return np.broadcast_to(rows[:, None], ids.shape)[keep], ids[keep], sim[keep].astype(np.float32)
+
+
+def _other_answers(index_rows: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS ids (q, k + 1) answering the indexed `rows` -> (the answers as rows, -1 for none; the mask
+    of each row's first k answers other than itself)."""
+    ids = np.where(ids >= 0, index_rows[np.maximum(ids, 0)], -1)
+    keep = (ids >= 0) & (ids != rows[:, None])
     # several exact duplicates may push the row itself out: keep at most k others per row
     keep &= np.cumsum(keep, axis=1) <= k
-    keep &= sim >= threshold
-    return np.broadcast_to(rows, ids.shape)[keep], ids[keep], sim[keep].astype(np.float32)
+    return ids, keep
 
 
 def _search_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int) -> tuple[np.ndarray, np.ndarray]:
