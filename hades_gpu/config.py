@@ -253,7 +253,11 @@ class IsneConfig:
     walks_per_node: int = 4
     num_negatives: int = 1
     negative_pool: int = 4096  # negatives of a step drawn from this many uniform nodes (0: independent)
-    fanout: int = 16  # neighbours averaged per node in a mini-batch
+    # neighbours averaged per node in a mini-batch (a uniform sample above it; inference averages all).
+    # 4, not 16: a 10^6-node step touches half the θ rows (2.4e5 vs 5.1e5) and runs ~1.6x faster, with
+    # equal or better accuracy on the planted partition (3 seeds), the real chunk graph and new documents
+    # (README "ISNE", "Fanout"): training on partial neighbourhoods is what a new node's mean looks like.
+    fanout: int = 4
     edge_weights: bool = True  # walks and neighbour means weighted by the graph's per-type edge weights
     optimizer: str = "rowwise_adagrad"  # IsneOptimizer: rowwise_adagrad | sparse_adam | adam
     lr: Optional[float] = None  # None: the optimizer's own (rowwise_adagrad 0.1, adam 0.01)

@@ -55,6 +55,8 @@ def _child(args: argparse.Namespace) -> dict:
     cfg = IsneConfig(device=str(dev), val_fraction=0.0, early_stop="off", time_budget_vs_embedding=0.0)
     if args.batch_size:
         cfg.batch_size = args.batch_size
+    if args.fanout:
+        cfg.fanout = args.fanout
 
     train_isne(ei, n, cfg, epochs=1, max_batches_per_epoch=2, split=split)  # warm-up (allocator, kernels)
     if dev.type == "cuda":
@@ -102,6 +104,7 @@ def _child(args: argparse.Namespace) -> dict:
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size,
+        "fanout": cfg.fanout,
         "optimizer": str(cfg.optimizer),
         "negative_pool": cfg.negative_pool,
         "batches_per_epoch": full_batches,
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-batches", type=int, default=None, help="batches timed per epoch (extrapolate the rest)")
     p.add_argument("--batch-size", type=int, default=None, help="default: isne.batch_size")
+    p.add_argument("--fanout", type=int, default=None, help="default: isne.fanout")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None)
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--max-batches", str(args.max_batches)]
         if args.batch_size:
             cmd += ["--batch-size", str(args.batch_size)]
+        if args.fanout:
+            cmd += ["--fanout", str(args.fanout)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)

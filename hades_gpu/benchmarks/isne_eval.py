@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default: isne.batch_size; --small: 128")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--fanout", type=int, default=None, help="default: isne.fanout")
     p.add_argument("--infer-rounds", type=int, default=None, help="default: isne.infer_rounds")
     p.add_argument("--heldout", type=float, default=0.15, help="fraction of nodes removed for the inductive test")
     p.add_argument("--k", type=int, default=15)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = IsneConfig(device=args.device, seed=args.seed, val_fraction=args.val_fraction, early_stop=args.early_stop,
                      time_budget_vs_embedding=0.0)
-    for name in ("epochs", "batch_size", "lr", "dim", "optimizer", "infer_rounds"):
+    for name in ("epochs", "batch_size", "lr", "dim", "fanout", "optimizer", "infer_rounds"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     per_block = args.nodes / args.blocks
