@@ -65,7 +65,6 @@ FORMAT_VERSION = 1
 METRIC = "inner_product_l2_normalised"  # = cosine similarity
 _SEARCH_ROWS = 65536  # query rows per FAISS call: bounds the (rows, k) result buffers, not a tunable
 _MIN_PQ_ROWS = 4096  # fewer vectors: IVF-Flat (a PQ needs a few thousand training rows; small scans are cheap)
-_PROBE_HEADROOM = 4  # the build keeps each row's knn_nprobe * 4 nearest lists for the kNN search
 _MIN_EF_SEARCH = 16  # FAISS's default efSearch of an HNSW quantizer
 _EXACT_COLUMNS = 32768  # columns per block of the exact recall check: bounds one (sample, cols) block
 
@@ -175,7 +174,6 @@ class AnnIndex:
         self.fingerprint = fingerprint
         self.params = params
         # int32 (N, P): the P nearest lists of each input row, kept from the build for `knn_ann`
-        self.assignment: Optional[np.ndarray] = None
         # int64 (M,): FAISS id -> row of the embeddings the index was built from (for `knn_ann`)
         self.rows: Optional[np.ndarray] = None
 
@@ -252,29 +250,12 @@ class AnnIndex:
         info.seconds["train"] = time.perf_counter() - t
         log.info("kNN index %s: trained on %d rows in %.1f s", spec, n_train, info.seconds["train"])
         t = time.perf_counter()
-        assign = None
-        if isinstance(index, faiss.IndexIVFFlat) and isinstance(ivf.quantizer, faiss.IndexFlat):
-            # One coarse pass for both the add (nearest list) and the all-rows kNN search (nearest
-            # `probes` lists): with a flat quantizer the (N, nlist) centroid product is the largest
-            # single cost at 10^6 rows.
-            probes = int(min(nlist, max(cfg.knn_nprobe, 1) * _PROBE_HEADROOM))
-            assign = np.empty((n, probes), np.int32)
-            for r0 in range(0, len(rows), _SEARCH_ROWS):
-                part = rows[r0:r0 + _SEARCH_ROWS]
-                xp = x[part]
-                _, lists = index.quantizer.search(xp, probes)
-                assign[part] = lists
-                ids = np.arange(r0, r0 + len(part), dtype=np.int64)  # named: swig_ptr does not keep its array alive
-                nearest = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
-                index.add_core(len(part), faiss.swig_ptr(xp), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
-        else:
-            for r0 in range(0, len(rows), _SEARCH_ROWS):
-                index.add(x[rows[r0:r0 + _SEARCH_ROWS]])  # FAISS ids 0.. in `rows` order
+        for r0 in range(0, len(rows), _SEARCH_ROWS):
+            index.add(x[rows[r0:r0 + _SEARCH_ROWS]])  # FAISS ids 0.. in `rows` order
         info.seconds["add"] = time.perf_counter() - t
         log.info("kNN index: %d vectors added in %.1f s", len(rows), info.seconds["add"])
         built = cls(index, np.asarray(chunk_ids, dtype=object)[rows], info,
                     fp if fp is not None else fingerprint(np.asarray(chunk_ids, dtype=object), embeddings), params)
-        built.assignment = assign
         built.rows = rows
         built.refine_factor = cfg.knn_refine_factor
         built.nprobe = cfg.knn_nprobe
@@ -645,7 +626,7 @@ def _descending_bits(w: np.ndarray) -> np.ndarray:
 def _edges_of_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int,
                    threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kNN edges (src, dst, sim) of rows r0:r1, self excluded, at most k per row."""
-    ids, sim = _search_rows(index, embeddings, r0, r1, k + 1)  # one extra: the row itself
+    ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
     rows = np.arange(r0, r1, dtype=np.int64)
     ids, keep = _other_answers(index.rows, ids, rows, k)
     keep &= sim >= threshold
@@ -660,17 +641,3 @@ def _other_answers(index_rows: np.ndarray, ids: np.ndarray, rows: np.ndarray, k:
     # several exact duplicates may push the row itself out: keep at most k others per row
     keep &= np.cumsum(keep, axis=1) <= k
     return ids, keep
-
-
-def _search_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`index.search` of rows r0:r1 of the indexed embeddings, reusing the build's coarse assignment
-    when it covers the tuned nprobe (the same lists FAISS would pick: the quantizer is deterministic)."""
-    a = index.assignment
-    if a is None or a.shape[1] < index.nprobe or a.shape[0] != embeddings.shape[0]:
-        return index.search(embeddings[r0:r1], k)
-    q, valid = normalise(embeddings[r0:r1])
-    lists = np.ascontiguousarray(a[r0:r1, :index.nprobe], dtype=np.int64)
-    lists[~valid] = -1  # zero rows: no list, no answer
-    d, i = index.index.search_preassigned(q, k, lists, np.zeros(lists.shape, np.float32))
-    i = np.where(valid[:, None], i, -1)
-    return i, np.where(i >= 0, d, -np.inf).astype(np.float32)

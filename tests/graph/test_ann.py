@@ -140,8 +140,10 @@ def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.Lo
     else:
         data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(IndexUnusable):
+    with pytest.raises(IndexUnusable) as err:
         load_index(tmp_path, cfg)
+    # the one line names the damaged file and says so (a checksum mismatch, or what could not be read)
+    assert path.name in str(err.value) and "damaged" in str(err.value), str(err.value)
     with caplog.at_level(logging.WARNING, logger="hades_gpu.graph.ann"):
         idx = open_or_build(ids, x, K, cfg, tmp_path)
     lines = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
@@ -186,6 +188,21 @@ def test_edges_are_searched_at_the_setting_tuned_for_them(tmp_path: Path, caplog
     # the edges' search ran at edge_nprobe: the same edges as an unthresholded search there, cut
     idx.nprobe = info["edge_nprobe"]
     s_all, d_all, sim_all = knn_ann(idx, x, K, -1.0)  # another threshold: the index's current setting
+    idx.nprobe = info["nprobe"]
+    seen: list[int] = []
+    search = idx.search
+
+    def recording_search(queries: np.ndarray, k: int):
+        seen.append(idx.nprobe)
+        return search(queries, k)
+
+    idx.search = recording_search  # type: ignore[method-assign]
+    knn_ann(idx, x, K, 0.45)  # a threshold the edges were not tuned at: searched at the queries' setting
+    assert set(seen) == {info["nprobe"]}, seen
+    seen.clear()
+    knn_ann(idx, x, K, threshold)  # the tuned threshold: at the edges' setting
+    assert set(seen) == {info["edge_nprobe"]} and idx.nprobe == info["nprobe"], seen
+    del idx.search
     cut = sim_all >= threshold
     assert set(zip(again[0].tolist(), again[1].tolist())) == set(zip(s_all[cut].tolist(), d_all[cut].tolist()))
     # ... where plain recall@k is below the target: that setting would not do for queries
@@ -315,3 +332,28 @@ def test_build_graph_on_a_real_ingest_takes_the_ann_path(tmp_path: Path, embedde
     data = load_graph(out)
     assert data.num_nodes == g.num_nodes and data.edge_index.shape[1] > 0
     assert knn_index_path(out).is_file()
+
+
+def test_a_saved_index_serves_only_the_k_threshold_and_target_it_was_measured_at() -> None:
+    """`tuned_for`: a saved index is re-tuned when k, the threshold or the target differ from what
+    it measured (or either recall is below the target); reused as is only when all match."""
+    from hades_gpu.graph.ann import AnnInfo, tuned_for
+
+    cfg = ann_cfg(knn_threshold=0.5, knn_target_recall=0.95)
+    info = AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=0.97)
+    assert tuned_for(info, K, cfg)
+    assert not tuned_for(info, K + 5, cfg)  # measured at another k
+    assert not tuned_for(info, K, ann_cfg(knn_threshold=0.6, knn_target_recall=0.95))
+    assert not tuned_for(info, K, ann_cfg(knn_threshold=0.5, knn_target_recall=0.965))  # plain recall short
+    assert not tuned_for(info, K, ann_cfg(knn_threshold=0.5, knn_target_recall=0.975))  # both short
+    assert not tuned_for(AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=float("nan")), K, cfg)
+
+
+def test_ann_edges_on_fewer_rows_than_k() -> None:
+    """k above the rows there are: every other row is a neighbour (at threshold -1), each once."""
+    x = clustered(6, clusters=2, seed=9)
+    index = AnnIndex.build(ids_for(6), x, ann_cfg())
+    src, dst, sim = knn_ann(index, x, K, -1.0)
+    assert sorted(zip(src.tolist(), dst.tolist())) == [(i, j) for i in range(6) for j in range(6) if i != j]
+    assert bool((np.diff(src) >= 0).all()) and sim.dtype == np.float32
+
