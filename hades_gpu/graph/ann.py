@@ -173,7 +173,6 @@ class AnnIndex:
         self.info = info
         self.fingerprint = fingerprint
         self.params = params
-        # int32 (N, P): the P nearest lists of each input row, kept from the build for `knn_ann`
         # int64 (M,): FAISS id -> row of the embeddings the index was built from (for `knn_ann`)
         self.rows: Optional[np.ndarray] = None
 
