@@ -210,3 +210,16 @@ def test_theta_is_drawn_once_from_the_given_generator(monkeypatch):
     b = ISNE(50, 8, init_std=0.5, generator=torch.Generator().manual_seed(3))
     c = ISNE(50, 8, init_std=0.5, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.theta.weight, b.theta.weight) and not torch.equal(a.theta.weight, c.theta.weight)
+
+
+def test_walk_positions_at_node_zero_are_scored() -> None:
+    """Only -1 (past a dead end) leaves a position out: node 0 is a node like any other. On a cycle
+    every walk is whole, so every window pair counts, those that touch node 0 included."""
+    n = 6
+    ring = torch.arange(n)
+    ei = torch.cat([torch.stack([ring, (ring + 1) % n]), torch.stack([(ring + 1) % n, ring])], dim=1)
+    csr = CSRGraph.from_edge_index(ei, n)
+    walks = torch.tensor([[0, 1, 2, 3], [5, 0, 1, 0]])
+    neg = torch.tensor([[3, 4, 2, 5], [2, 3, 4, 1]])
+    _, n_pos = ISNE(n, 8, generator=torch.Generator().manual_seed(0)).loss(walks, neg, csr, context_size=2)
+    assert int(n_pos) == 2 * 3  # 2 walks x 3 windows x 1 context node

@@ -139,3 +139,9 @@ def test_weighted_neighbour_mean_is_the_weighted_average() -> None:
     with torch.no_grad():
         model.theta.weight.copy_(theta)
     torch.testing.assert_close(model.embed(torch.tensor([0, 3]), csr).detach(), h[[0, 3]])
+
+
+def test_walks_on_a_graph_without_edges_stop_at_their_start() -> None:
+    csr = CSRGraph.from_edge_index(torch.zeros(2, 0, dtype=torch.long), 4)
+    walks = random_walks(csr, torch.tensor([0, 3, 2]), 5)
+    assert walks[:, 0].tolist() == [0, 3, 2] and bool((walks[:, 1:] == -1).all())

@@ -415,6 +415,18 @@ def test_rowwise_adagrad_is_pytorch_biggraphs_update() -> None:
             ref[r] -= 0.3 * g / (acc[r].sqrt() + 1e-10)
     torch.testing.assert_close(p.detach(), ref)
     torch.testing.assert_close(opt.state[p]["sum_sq"], acc)
+    # an uncoalesced gradient with a repeated row is summed per row first (one update of row 3)
+    before = p.detach().clone()
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[3, 3, 7]]), torch.ones(3, 4), (12, 4))  # sorted, not unique
+    opt.step()
+    g3 = torch.full((4,), 2.0)
+    acc[3] += (g3 * g3).mean()
+    acc[7] += 1.0
+    torch.testing.assert_close(p.detach()[3], before[3] - 0.3 * g3 / (acc[3].sqrt() + 1e-10))
+    torch.testing.assert_close(opt.state[p]["sum_sq"], acc)
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="lr must be > 0"):
+            RowwiseAdagrad([p], lr=bad)
 
 
 def test_negatives_from_a_pool_stay_uniform_and_bound_the_work() -> None:
