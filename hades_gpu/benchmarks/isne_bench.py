@@ -53,10 +53,9 @@ def _child(args: argparse.Namespace) -> dict:
     empty = torch.zeros(2, 0, dtype=torch.long)
     split = EdgeSplit(ei, empty, empty)  # no validation: time the optimisation only
     cfg = IsneConfig(device=str(dev), val_fraction=0.0, early_stop="off", time_budget_vs_embedding=0.0)
-    if args.batch_size:
-        cfg.batch_size = args.batch_size
-    if args.fanout:
-        cfg.fanout = args.fanout
+    for key in ("batch_size", "fanout"):  # isne.* overrides given on the command line
+        if getattr(args, key):
+            setattr(cfg, key, getattr(args, key))
 
     train_isne(ei, n, cfg, epochs=1, max_batches_per_epoch=2, split=split)  # warm-up (allocator, kernels)
     if dev.type == "cuda":
@@ -165,10 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                "--epochs", str(args.epochs), "--device", args.device, "--threads", str(args.threads)]
         if args.max_batches:
             cmd += ["--max-batches", str(args.max_batches)]
-        if args.batch_size:
-            cmd += ["--batch-size", str(args.batch_size)]
-        if args.fanout:
-            cmd += ["--fanout", str(args.fanout)]
+        for key in ("batch_size", "fanout"):
+            if getattr(args, key):
+                cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
