@@ -85,6 +85,12 @@ class ProgressMode(Choice):
     OFF = "off"
 
 
+class WriterMode(Choice):
+    AUTO = "auto"  # a process when the machine has a core for it (orchestration.writer_process.use_process)
+    PROCESS = "process"
+    THREAD = "thread"
+
+
 class SearchExpand(Choice):
     NONE = "none"
     GRAPH = "graph"
@@ -118,6 +124,11 @@ class ProfileConfig:
     # at least 2 per worker + 2 per embed thread + 1 (orchestration.pipeline.slab_count)
     inflight_docs_per_worker: int = 8  # documents handed to a worker before it reports back
     writer_rows_per_part: int = 20000  # rows per Parquet part file
+    # where Parquet parts are encoded and committed: "process" (orchestration.writer_process; the main
+    # process then only routes, ~half its CPU at the feed ceiling), "thread" (of the main process: one
+    # interpreter less, no rows crossing a socket) or "auto": a process when the usable cores are at
+    # least the workers + 2 (one for the main process, one for the writer), else a thread
+    writer: str = "auto"  # WriterMode
 
 
 @dataclass
@@ -472,6 +483,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(p.inflight_docs_per_worker >= 1, "profile.inflight_docs_per_worker", ">= 1",
            p.inflight_docs_per_worker)
     _check(p.writer_rows_per_part >= 1, "profile.writer_rows_per_part", ">= 1", p.writer_rows_per_part)
+    _choice(p.writer, WriterMode, "profile.writer")
 
     d = cfg.documents
     _check(d.max_file_bytes >= 1, "documents.max_file_bytes", ">= 1", d.max_file_bytes)

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hades_gpu.child_process import pdeathsig_preexec
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("minilm_python",)
@@ -55,35 +57,6 @@ TRITONSERVER_ENV = "HADES_TRITONSERVER"  # explicit path to a tritonserver binar
 WORKDIR_PREFIX = "hades-triton-"  # tempdir/hades-triton-<owner pid>-<random>/
 OWNER_FILE = "owner"  # in the folder: "<owner pid> <owner start time> <server pid>"
 SHM_PREFIX = "hades"  # /dev/shm/hades<owner pid>_<random>_*: the Python backend's regions
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_preexec(signum: int = signal.SIGTERM):
-    """A `preexec_fn` asking the kernel to send `signum` to the child when the parent thread dies.
-
-    Linux only (None elsewhere). The kernel tracks the *thread* that forked: call from a thread that
-    lives as long as the server should (the main thread for `hades-serve`). If the parent is already
-    gone by the time the child runs this, the child exits at once.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: no dlopen after fork
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-            os._exit(126)
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os._exit(125)
-
-    return preexec
 
 
 def _process_start(pid: int) -> Optional[float]:
@@ -460,7 +433,7 @@ class TritonServer:
         log.info("starting tritonserver (%s) on %s, log %s", install.executable, self.grpc_url, self.log_file)
         # Dies with us: SIGTERM from the kernel when the thread starting it ends, however it ends. From
         # another thread that would be that thread's end (a pool worker's, say): there we rely on stop().
-        preexec = _pdeathsig_preexec() if threading.current_thread() is threading.main_thread() else None
+        preexec = pdeathsig_preexec() if threading.current_thread() is threading.main_thread() else None
         self.dies_with_parent = preexec is not None
         self._proc = subprocess.Popen(
             cmd, env=self.environment(install), cwd=str(self._workdir), stdin=subprocess.DEVNULL,

@@ -261,6 +261,9 @@ class ChunkedDocuments:
 
 
 class Sink(Protocol):
+    """Where documents and their rows go (`store.writer.DatasetWriter`, or `writer_process.WriterProcess`,
+    which has `add_slab_rows(list[SlabRows])` instead of taking Arrow blocks)."""
+
     def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None: ...
 
     def add_rows(self, rows: pa.RecordBatch) -> None: ...
@@ -433,14 +436,24 @@ class StreamingPipeline:
         # never more than the sink's own row group (its parts are cut between row groups)
         limit = max(1, min(WRITE_BLOCK_ROWS, int(getattr(self.sink, "row_group_rows", WRITE_BLOCK_ROWS))))
 
+        # a sink in another process (`writer_process.WriterProcess`) takes the copied-out columns
+        # as they are and builds the Arrow block itself: that work then leaves this process too
+        add_slab_rows = getattr(self.sink, "add_slab_rows", None)
+
         def hand_over() -> None:
             nonlocal staged, staged_rows
             if staged:
                 t0 = time.perf_counter()
-                rows = rows_of(staged)
+                parts, rows = staged, staged_rows
                 staged, staged_rows = [], 0
-                self.sink.add_rows(rows)
-                meter.record(items=rows.num_rows, nbytes=rows.nbytes, busy_s=time.perf_counter() - t0)
+                if add_slab_rows is not None:
+                    nbytes = sum(p.nbytes for p in parts)
+                    add_slab_rows(parts)
+                else:
+                    block = rows_of(parts)
+                    nbytes = block.nbytes
+                    self.sink.add_rows(block)
+                meter.record(items=rows, nbytes=nbytes, busy_s=time.perf_counter() - t0)
 
         while True:
             try:

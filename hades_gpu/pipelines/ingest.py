@@ -28,6 +28,7 @@ from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerPool
+from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
 from hades_gpu.store.layout import metrics_path, shard_metrics_path
@@ -36,7 +37,6 @@ from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
-from hades_gpu.store.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ class IngestPipeline:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
         metrics.documents_total = len(refs) + len(skips)
 
-        writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part)
+        writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile)
+        metrics.extra["writer"] = "process" if isinstance(writer, WriterProcess) else "thread"
         resume = ResumePolicy(writer.manifest)
         todo: list[DocumentRef] = []
         for ref in refs:

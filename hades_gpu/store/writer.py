@@ -121,9 +121,11 @@ class DatasetWriter:
         shard (str): shard name used in part and manifest names.
         dim (int): embedding width.
         rows_per_part (int): chunks per part file (a part is cut only between documents).
+        lock (bool): take the shard's output lock for the writer's life (False: the process that
+            started this one holds it for it, `orchestration.writer_process`).
     """
 
-    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int) -> None:
+    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, lock: bool = True) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
@@ -132,7 +134,9 @@ class DatasetWriter:
         self.docs_dir = self.output / DOCUMENTS_DIR
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.docs_dir.mkdir(parents=True, exist_ok=True)
-        self.output_lock = OutputLock(self.output, shard).acquire()  # OutputLockedError: another run's
+        self.output_lock = OutputLock(self.output, shard)
+        if lock:
+            self.output_lock.acquire()  # OutputLockedError: another run's
         try:
             self.manifest = Manifest.load(self.output, shard)
             self.damaged: list[PartProblem] = repair_at_start(self.manifest)

@@ -118,6 +118,17 @@ def test_b_script_on_standard_input(corpus, tmp_path):
     assert not problems, problems
 
 
+def test_b_script_on_standard_input_with_the_writer_in_its_own_process(corpus, tmp_path):
+    """The writer process starts as `python -m`, as the workers do: the user's main module (here
+    '<stdin>', which cannot be re-imported at all) runs once."""
+    out, mark = _paths(tmp_path)
+    proc = _run([sys.executable, "-"], tmp_path,
+                stdin=readme_example(corpus, out, mark, extra=("profile.writer=process",)))
+    problems = _problems(out, mark, proc.stdout, proc.stderr, proc.returncode)
+    assert not problems, problems
+    assert json.loads((out / "metrics.json").read_text())["writer"] == "process"
+
+
 def test_c_python_dash_c(corpus, tmp_path):
     out, mark = _paths(tmp_path)
     proc = _run([sys.executable, "-c", readme_example(corpus, out, mark)], tmp_path)

@@ -130,12 +130,18 @@ def _run_ingest(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_resume_after_sigkill(tmp_path, embedder):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_resume_after_sigkill(tmp_path, embedder, writer):
     """SIGKILL mid-run, then a re-run: every chunk exactly once, and the re-run embeds exactly the
-    chunks of the documents the killed run had not committed (nothing committed is embedded again)."""
+    chunks of the documents the killed run had not committed (nothing committed is embedded again).
+    A writer process dies with the run (it must not go on committing into an output the next run
+    repairs)."""
+    import psutil
+
     corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
     out = tmp_path / "out"
-    args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40", *FAST]
+    args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40",
+            f"profile.writer={writer}", *FAST]
     proc = _run_ingest(args)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -143,14 +149,19 @@ def test_resume_after_sigkill(tmp_path, embedder):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "ingest finished before it could be killed: " + proc.stdout.read()
+    writers = [p for p in psutil.Process(proc.pid).children()
+               if "hades_gpu.orchestration.writer_process" in " ".join(p.cmdline())]
+    assert len(writers) == (writer == "process")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    gone, alive = psutil.wait_procs(writers, timeout=10)
+    assert not alive, f"writer process {[p.pid for p in alive]} outlived the killed run"
     with Manifest.load(out, "s0") as manifest:
         done_before = {rel for rel, _ in manifest.documents()}
     assert 0 < len(done_before) < 60
 
     rec = RecordingEmbedder(embedder)
-    cfg = config("profile.writer_rows_per_part=40", profile="low_memory")
+    cfg = config("profile.writer_rows_per_part=40", f"profile.writer={writer}", profile="low_memory")
     result = TextParallelPipeline(cfg, embedder=rec).process_batch([corpus], output=out)
     assert result.documents_unchanged == len(done_before)
     assert result.metrics["documents"]["read"] == 60 - len(done_before)  # committed ones not even read

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from corpus_helpers import REPO
 from store_faults import assert_same_chunks_exactly_once, chunk_rows, ingest, write_corpus
@@ -23,7 +24,10 @@ from hades_gpu.store.writer import KILL_ENV, KILL_POINTS
 CHANGED = "doc03.md"
 
 
-def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_path, writer):
+    """With the writer a thread the run itself is killed; with the writer a process (profile.writer)
+    that process is killed at the point, and the run fails with one line saying so."""
     corpus = write_corpus(tmp_path / "corpus")
     clean = tmp_path / "clean"
     ingest(corpus, clean)
@@ -36,14 +40,19 @@ def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_p
     outs = {point: shutil.copytree(clean, tmp_path / point, copy_function=shutil.copy2) for point in KILL_POINTS}
     (corpus / CHANGED).write_text("A new first paragraph.\n\n" + old_text)
     script = ("import sys; sys.path.insert(0, %r); from pathlib import Path; from store_faults import ingest; "
-              "ingest(Path(sys.argv[1]), Path(sys.argv[2]))" % str(REPO / "tests" / "support"))
-    procs = {point: subprocess.Popen([sys.executable, "-c", script, str(corpus), str(out)], cwd=REPO,
+              "ingest(Path(sys.argv[1]), Path(sys.argv[2]), writer=sys.argv[3])" % str(REPO / "tests" / "support"))
+    procs = {point: subprocess.Popen([sys.executable, "-c", script, str(corpus), str(out), writer], cwd=REPO,
                                      env={**__import__("os").environ, KILL_ENV: point},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for point, out in outs.items()}
     for point, proc in procs.items():
         log, _ = proc.communicate(timeout=180)
-        assert proc.returncode == -signal.SIGKILL, f"{point}: not killed there (rc {proc.returncode}):\n{log[-2000:]}"
+        if writer == "thread":
+            assert proc.returncode == -signal.SIGKILL, f"{point}: not killed there (rc {proc.returncode}):\n{log[-2000:]}"
+        else:
+            assert proc.returncode == 1, f"{point}: rc {proc.returncode}:\n{log[-2000:]}"
+            line = [ln for ln in log.splitlines() if ln.startswith("hades_gpu.orchestration.writer_process.WriterProcessError")]
+            assert line and "killed by SIGKILL" in line[0] and "ingested again by the next run" in line[0], log[-2000:]
 
     for point, out in outs.items():
         report = verify_output(out)  # right after the kill: the manifest names exactly what is on disk
@@ -55,7 +64,7 @@ def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_p
     time.sleep(0.01)
     (corpus / CHANGED).write_text(old_text)  # the change is undone (a new mtime, the old content)
     for point, out in outs.items():
-        result = ingest(corpus, out)
+        result = ingest(corpus, out, writer=writer)
         assert_same_chunks_exactly_once(out, reference)
         assert result.documents_ingested == (1 if point == "after_manifest_commit" else 0), point
         assert verify_output(out).ok and not verify_output(out).notes, point

@@ -22,7 +22,7 @@ print({marker!r}, flush=True)
 from hades_gpu.config import load_pipeline_config
 from hades_gpu.pipelines import TextParallelPipeline, CodeParallelPipeline, ISNETrainingPipeline
 
-config = load_pipeline_config(profile={profile!r}, overrides=["isne.enabled=false", "monitoring.progress=off"])
+config = load_pipeline_config(profile={profile!r}, overrides={overrides!r})
 result = TextParallelPipeline(config).process_batch([{corpus!r}], output={output!r})
 print(result.documents_ingested, result.chunks_written, result.errors)
 import json
@@ -32,9 +32,12 @@ print("RESULT " + json.dumps({{"documents_ingested": result.documents_ingested,
 '''
 
 
-def readme_example(corpus: Path, output: Path, mark: Path, profile: str = "low_memory") -> str:
-    """The example's source, no `if __name__ == "__main__":` guard (as the README shows it)."""
-    return _EXAMPLE.format(corpus=str(corpus), output=str(output), mark=str(mark), marker=MARKER, profile=profile)
+def readme_example(corpus: Path, output: Path, mark: Path, profile: str = "low_memory", extra: tuple = ()) -> str:
+    """The example's source, no `if __name__ == "__main__":` guard (as the README shows it); `extra`:
+    overrides added to the example's own."""
+    overrides = ["isne.enabled=false", "monitoring.progress=off", *extra]
+    return _EXAMPLE.format(corpus=str(corpus), output=str(output), mark=str(mark), marker=MARKER, profile=profile,
+                           overrides=overrides)
 
 
 def run_readme_example(corpus: str, output: str, profile: str = "low_memory") -> dict:

@@ -23,17 +23,19 @@ def write_corpus(folder: Path, n_docs: int = 8) -> Path:
     return folder
 
 
-def config(rows_per_part: int = 24):
+def config(rows_per_part: int = 24, writer: str = "thread"):
+    """The fault tests' config; `writer` explicit (profile.writer "auto" would pick by the machine's cores)."""
     from hades_gpu.config import load_pipeline_config
 
-    return load_pipeline_config("balanced", [*FAST, f"profile.writer_rows_per_part={rows_per_part}"])
+    return load_pipeline_config("balanced", [*FAST, f"profile.writer_rows_per_part={rows_per_part}",
+                                             f"profile.writer={writer}"])
 
 
-def ingest(corpus: Path, out: Path, rows_per_part: int = 24):
+def ingest(corpus: Path, out: Path, rows_per_part: int = 24, writer: str = "thread"):
     from hades_gpu.benchmarks.feed_bench import ZeroCostEmbedder
     from hades_gpu.pipelines import TextParallelPipeline
 
-    cfg = config(rows_per_part)
+    cfg = config(rows_per_part, writer)
     return TextParallelPipeline(cfg, embedder=ZeroCostEmbedder(dim=cfg.embedder.dim)).ingest([corpus], out)
 
 

@@ -1,0 +1,58 @@
+"""Helpers for the package's own child processes (writer process, tritonserver): tied to their parent.
+
+A child that writes the output or holds a port must not outlive the process that started it: a
+run killed with SIGKILL would otherwise leave a writer committing into an output the next run
+already repairs, or a server holding its ports. On Linux the kernel does this for us
+(`prctl(PR_SET_PDEATHSIG)`); elsewhere the children notice their parent's end on their pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Callable, Optional
+
+_PR_SET_PDEATHSIG = 1
+
+
+def pdeathsig_preexec(signum: int = signal.SIGTERM) -> Optional[Callable[[], None]]:
+    """A `preexec_fn` asking the kernel to send `signum` to the child when the parent thread dies.
+
+    Linux only (None elsewhere). The kernel tracks the *thread* that forked: call from a thread that
+    lives as long as the child should. If the parent is already gone by the time the child runs
+    this, the child exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: no dlopen after fork
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(125)
+
+    return preexec
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    """A child's exit status in words: "exit code 1", "killed by SIGKILL", "still running"."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+__all__ = ["pdeathsig_preexec", "describe_exit"]
