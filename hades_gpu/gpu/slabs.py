@@ -50,15 +50,19 @@ class SlabLayout:
         max_len (int): longest padded sequence (the model's `max_seq_len`).
         text_bytes (int): room for the rows' UTF-8 texts; a batch whose texts do not fit sends
             them with its header instead (rare: chunks of mostly whitespace or dropped characters).
+        vector_dim (int): room for the batch's float32 vectors of this width (0: none). The main
+            process writes them there when the writer is a process of its own, which then reads the
+            whole batch from the slab (`orchestration.writer_process`).
     """
 
     max_rows: int
     max_len: int
     text_bytes: int
+    vector_dim: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1 or self.max_len < 1 or self.text_bytes < 0:
-            raise ValueError(f"slab layout needs max_rows, max_len >= 1 and text_bytes >= 0 (got {self})")
+        if self.max_rows < 1 or self.max_len < 1 or self.text_bytes < 0 or self.vector_dim < 0:
+            raise ValueError(f"slab layout needs max_rows, max_len >= 1 and text_bytes, vector_dim >= 0 (got {self})")
 
     @property
     def _fields(self) -> list[tuple[str, np.dtype, int]]:
@@ -67,7 +71,8 @@ class SlabLayout:
                 ("doc_key", np.dtype(np.int64), r), ("ordinal", np.dtype(np.int32), r),
                 ("char_start", np.dtype(np.int64), r), ("char_end", np.dtype(np.int64), r),
                 ("n_tokens", np.dtype(np.int32), r), ("chunk_id", np.dtype(np.uint8), r * CHUNK_ID_BYTES),
-                ("text_offsets", np.dtype(np.int32), r + 1), ("text", np.dtype(np.uint8), self.text_bytes)]
+                ("text_offsets", np.dtype(np.int32), r + 1), ("vectors", np.dtype(np.float32), r * self.vector_dim),
+                ("text", np.dtype(np.uint8), self.text_bytes)]
 
     @property
     def offsets(self) -> dict[str, tuple[int, np.dtype, int]]:
@@ -104,6 +109,11 @@ class SlabView:
 
     def column(self, name: str) -> np.ndarray:
         return self._cols[name]
+
+    def vectors(self, rows: int) -> np.ndarray:
+        """(rows, vector_dim) float32 view of the vectors area."""
+        dim = self.layout.vector_dim
+        return self._cols["vectors"][: rows * dim].reshape(rows, dim)
 
     def chunk_ids(self, rows: int) -> np.ndarray:
         """(rows, 16) uint8 view of the chunk-id bytes."""

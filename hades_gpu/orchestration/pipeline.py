@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 WRITE_BLOCK_ROWS = 512
 WRITE_BLOCK_WAIT_S = 0.05
 TEXT_BYTES_PER_TOKEN = 12  # a slab's text area per batch token; real text averages about 4 bytes per token
+WRITER_PROCESS_SLABS = 2  # slabs in transit to a writer process, besides the workers' and embed threads'
 
 
 @lru_cache(maxsize=8)
@@ -61,15 +62,19 @@ def row_schema(dim: int) -> pa.Schema:
                       ("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
-def slab_layout(profile: ProfileConfig, max_seq_len: int) -> SlabLayout:
+def slab_layout(profile: ProfileConfig, max_seq_len: int, vector_dim: int = 0) -> SlabLayout:
+    """A slab per batch of the profile; `vector_dim` > 0 adds room for its vectors (a writer process
+    reads them there)."""
     return SlabLayout(max_rows=profile.max_batch_size, max_len=max_seq_len,
-                      text_bytes=TEXT_BYTES_PER_TOKEN * profile.max_batch_tokens)
+                      text_bytes=TEXT_BYTES_PER_TOKEN * profile.max_batch_tokens, vector_dim=vector_dim)
 
 
-def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int) -> int:
+def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int, writer_process: bool = False) -> int:
     """Slabs in the ring: the profile's `ring_slots`, but at least enough for every worker's grants,
-    two batches per embed thread (one embedding, one queued) and one on its way to the queue."""
-    return max(profile.ring_slots, SLABS_PER_WORKER * max(1, num_workers) + 2 * max(1, concurrency) + 1)
+    two batches per embed thread (one embedding, one queued) and one on its way to the queue; with a
+    writer process, two more that are on their way to it (it hands each back once it copied it)."""
+    needed = SLABS_PER_WORKER * max(1, num_workers) + 2 * max(1, concurrency) + 1
+    return max(profile.ring_slots, needed + (WRITER_PROCESS_SLABS if writer_process else 0))
 
 
 @dataclass
@@ -261,8 +266,8 @@ class ChunkedDocuments:
 
 
 class Sink(Protocol):
-    """Where documents and their rows go (`store.writer.DatasetWriter`, or `writer_process.WriterProcess`,
-    which has `add_slab_rows(list[SlabRows])` instead of taking Arrow blocks)."""
+    """Where documents and their rows go (`store.writer.DatasetWriter`; `writer_process.WriterProcess`
+    has `take_slab(view, batch, vectors)` instead of `add_rows`: it reads the rows in the slab)."""
 
     def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None: ...
 
@@ -397,6 +402,9 @@ class StreamingPipeline:
 
     def _embed(self) -> None:
         meter = self.metrics.stages["embed"]
+        # a sink in a process of its own (`writer_process.WriterProcess`) takes the slab itself: it
+        # reads the rows there and hands the slab back to the ring once it has copied them
+        take_slab = getattr(self.sink, "take_slab", None)
         try:
             while True:
                 try:
@@ -408,6 +416,14 @@ class StreamingPipeline:
                 t0 = time.perf_counter()
                 vectors = self.embedder.embed(ids, mask)
                 meter.record(items=batch.rows, tokens=batch.real_tokens, busy_s=time.perf_counter() - t0)
+                if take_slab is not None:
+                    try:
+                        take_slab(view, batch, vectors)
+                    except BaseException:
+                        self.ring.release(batch.slab)  # never handed over: the run stops, nothing reads it
+                        raise
+                    self.metrics.stages["write"].record(items=batch.rows, nbytes=batch.text_len + vectors.nbytes)
+                    continue
                 # The rows leave the slab here and it goes back to the ring at once (embed returned: no
                 # copy from it is still running). Released only by the writer, slabs piled up in the write
                 # queue whenever the writer encoded a row group or committed a part, and the workers
@@ -436,24 +452,14 @@ class StreamingPipeline:
         # never more than the sink's own row group (its parts are cut between row groups)
         limit = max(1, min(WRITE_BLOCK_ROWS, int(getattr(self.sink, "row_group_rows", WRITE_BLOCK_ROWS))))
 
-        # a sink in another process (`writer_process.WriterProcess`) takes the copied-out columns
-        # as they are and builds the Arrow block itself: that work then leaves this process too
-        add_slab_rows = getattr(self.sink, "add_slab_rows", None)
-
         def hand_over() -> None:
             nonlocal staged, staged_rows
             if staged:
                 t0 = time.perf_counter()
-                parts, rows = staged, staged_rows
+                rows = rows_of(staged)
                 staged, staged_rows = [], 0
-                if add_slab_rows is not None:
-                    nbytes = sum(p.nbytes for p in parts)
-                    add_slab_rows(parts)
-                else:
-                    block = rows_of(parts)
-                    nbytes = block.nbytes
-                    self.sink.add_rows(block)
-                meter.record(items=rows, nbytes=nbytes, busy_s=time.perf_counter() - t0)
+                self.sink.add_rows(rows)
+                meter.record(items=rows.num_rows, nbytes=rows.nbytes, busy_s=time.perf_counter() - t0)
 
         while True:
             try:

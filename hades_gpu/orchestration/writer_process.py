@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import queue as queue_mod
 import signal
 import socket
@@ -44,23 +43,23 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional
+
+import numpy as np
 
 import hades_gpu
 from hades_gpu.child_process import describe_exit, pdeathsig_preexec
 from hades_gpu.config import ProfileConfig, WriterMode
-from hades_gpu.records import DocumentRef, DocumentResult
+from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
+from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import Manifest
-from hades_gpu.store.writer import DatasetWriter
+from hades_gpu.store.writer import DatasetWriter, open_output, row_group_rows
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(hades_gpu.__file__).resolve().parent.parent)
-START_TIMEOUT_S = 120.0  # start-up includes repairing the output (verifying its parts' checksums)
-SOCKET_BUFFER_BYTES = 4 << 20  # a block of rows (~1 MB) crosses in one or two wake-ups, not ten
-ROW_FIELDS = ("doc_key", "ordinal", "char_start", "char_end", "n_tokens", "chunk_ids", "text_offsets", "text",
-              "vectors")  # pipeline.SlabRows, in its field order
+COPIED_BATCHES = 32  # batches the child has copied out of their slabs and not yet handed to its writer
 NOTES_PER_MESSAGE = 256  # per-document messages sent together at the latest after this many
 STOP_TIMEOUT_S = 30.0  # after "close"/"discard" was answered, the child only exits
 
@@ -91,7 +90,8 @@ class WriterProcess:
 
     Raises:
         OutputLockedError: another run holds this output and shard.
-        WriterProcessError: the child could not open the output (its line says why).
+        ManifestError: the shard's manifest cannot be read.
+    A failure of the child, at its start or later, is raised by the next call as `WriterProcessError`.
     """
 
     def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int) -> None:
@@ -104,20 +104,25 @@ class WriterProcess:
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
         self._send_lock = threading.Lock()
         self._notes: list[tuple] = []  # per-document messages not yet sent (see _note)
+        self._ring: Optional[SlabRing] = None  # attach_ring
         self._replies: "queue_mod.Queue[tuple]" = queue_mod.Queue()
         self._failure: Optional[WriterProcessError] = None
         self._finished = False
-        self.output_lock = OutputLock(self.output, shard).acquire()  # held for the child (module docstring)
+        self.row_group_rows = row_group_rows(rows_per_part)
+        # The output is opened here, under the lock this process holds for the child (module
+        # docstring): resume reads a repaired manifest at once, and the child's start-up (~0.2 s of
+        # imports) overlaps with the workers' instead of delaying them. The child only writes.
+        self.output_lock = OutputLock(self.output, shard).acquire()
         try:
-            self._proc, self._conn = self._start(WriterSetup(str(self.output), shard, dim, rows_per_part,
-                                                             logging.getLogger("hades_gpu").getEffectiveLevel()))
-            ready = self._first_reply()
-            self.row_group_rows: int = ready[1]
-            self.damaged: list = ready[2]
-            self.removed_orphans: list[str] = ready[3]
-            self.manifest = Manifest.load(self.output, shard)  # this process's reads (resume); after the child's repair
+            self.manifest = Manifest.load(self.output, shard)
+            try:
+                self.damaged, self.removed_orphans = open_output(self.manifest)
+                self._proc, self._conn = self._start(WriterSetup(
+                    str(self.output), shard, dim, rows_per_part, logging.getLogger("hades_gpu").getEffectiveLevel()))
+            except BaseException:
+                self.manifest.close()
+                raise
         except BaseException:
-            self._kill()
             self.output_lock.release()
             raise
         self._reader = threading.Thread(target=self._read_replies, name="hades-writer-replies", daemon=True)
@@ -127,8 +132,6 @@ class WriterProcess:
     @staticmethod
     def _start(setup: WriterSetup) -> tuple[subprocess.Popen, Connection]:
         parent_sock, child_sock = socket.socketpair()
-        for sock, option in ((parent_sock, socket.SO_SNDBUF), (child_sock, socket.SO_RCVBUF)):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)  # capped by the kernel's *mem_max
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env["OPENBLAS_NUM_THREADS"] = "1"  # no linear algebra here (see workers._start_worker)
@@ -146,18 +149,6 @@ class WriterProcess:
             pass  # it died at once: the first reply says how
         return proc, conn
 
-    def _first_reply(self) -> tuple:
-        if not self._conn.poll(START_TIMEOUT_S):
-            raise WriterProcessError(f"writer process (PID {self._proc.pid}) did not open {self.output} in "
-                                     f"{START_TIMEOUT_S:.0f} s")
-        try:
-            reply = self._conn.recv()
-        except (EOFError, OSError):
-            raise self._died() from None
-        if reply[0] == "error":
-            raise WriterProcessError(f"writer process: {reply[1]}")
-        return reply
-
     def _read_replies(self) -> None:
         """Commit notices update the totals; answers go to the waiting call; the end is recorded."""
         while True:
@@ -168,7 +159,9 @@ class WriterProcess:
                     self._failure = self._failure or self._died()
                 self._replies.put(("gone",))
                 return
-            if reply[0] == "committed":
+            if reply[0] == "free":
+                self._ring.release(reply[1])
+            elif reply[0] == "committed":
                 self.parts_written += 1
                 self.documents_committed += reply[1]
                 self.rows_written += reply[2]
@@ -199,9 +192,9 @@ class WriterProcess:
                 return
         self._send(None)
 
-    def _send(self, message: Optional[tuple], buffers: Sequence[memoryview] = ()) -> None:
+    def _send(self, message: Optional[tuple], fd: Optional[int] = None) -> None:
         """`message` after the held-back document messages (so a document's "begin" always precedes
-        its rows), then its out-of-band buffers."""
+        its rows), then the file descriptor `fd` (SCM_RIGHTS)."""
         if self._failure is not None:
             raise self._failure
         with self._send_lock:
@@ -211,8 +204,9 @@ class WriterProcess:
                     self._conn.send(("notes", notes))
                 if message is not None:
                     self._conn.send(message)
-                for buffer in buffers:
-                    self._conn.send_bytes(buffer)
+                if fd is not None:
+                    with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                        socket.send_fds(sock, [b"F"], [fd])
             except OSError:
                 self._reader.join(timeout=10.0)  # it records how the child ended
                 raise (self._failure or self._died()) from None
@@ -235,18 +229,25 @@ class WriterProcess:
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
         self._note(("unchanged", rel_path, int(size), int(mtime_ns)))
 
-    def add_slab_rows(self, parts: Sequence[Any]) -> None:
-        """Several embedded batches' rows (`pipeline.SlabRows`), turned into Arrow columns and written
-        by the child: the Arrow building is the writer's CPU too.
+    def attach_ring(self, ring: SlabRing) -> None:
+        """Map the run's slabs in the child (their descriptor goes over the socket): the child reads
+        every batch from its slab (`take_slab`) and hands the slab back when it has copied it."""
+        if ring.layout.vector_dim != self.dim:
+            raise ValueError(f"the slabs hold {ring.layout.vector_dim}-wide vectors; the writer writes {self.dim}")
+        self._ring = ring
+        self._send(("ring", ring.layout, ring.count), fd=ring.fd)
 
-        The columns go out of band (pickle protocol 5): each array and byte string is written to the
-        socket from its own memory and arrives as one bytes object the child's arrays view. Pickled
-        in band, they were copied twice more and the child spent ~0.2 s more CPU per 20k rows."""
-        buffers: list[pickle.PickleBuffer] = []
-        columns = [tuple(pickle.PickleBuffer(value) if isinstance(value, bytes) else value
-                         for value in (getattr(part, name) for name in ROW_FIELDS)) for part in parts]
-        header = pickle.dumps(columns, protocol=5, buffer_callback=buffers.append)
-        self._send(("rows", len(buffers), header), [buffer.raw() for buffer in buffers])
+    def take_slab(self, view: SlabView, batch: SlabBatch, vectors: np.ndarray) -> None:
+        """Put an embedded batch's vectors into its slab and hand the slab to the child, which copies
+        the batch's rows out and gives the slab back to the ring (`attach_ring`). Nothing but this
+        header crosses the socket: per batch, this process copies only the vectors (they were the
+        only part not in the slab already); copying the rows out and sending them was ~0.4 s of this
+        process's CPU per 48 MB of corpus."""
+        rows = batch.rows
+        if vectors.shape != (rows, self.dim):
+            raise ValueError(f"the embedder returned vectors of shape {vectors.shape} for {rows} rows of width {self.dim}")
+        view.vectors(rows)[...] = vectors
+        self._send(("slab", batch))
 
     # -- run end ----------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -337,21 +338,80 @@ def open_writer(output: Path, shard: str, dim: int, profile: ProfileConfig) -> "
 
 # -- the child ---------------------------------------------------------------------------------------
 def serve(conn: Connection) -> int:
-    """Run one shard's `DatasetWriter` on what the parent sends, until "close" or "discard"."""
-    from hades_gpu.orchestration.pipeline import SlabRows, rows_of
+    """Run one shard's `DatasetWriter` on what the parent sends, until "close" or "discard".
+
+    Two threads: this one receives, applies per-document messages and copies each batch out of its
+    slab, handing the slab straight back; a writer thread encodes and commits. A writer busy with a
+    row group or a commit so never holds slabs the workers wait for; `COPIED_BATCHES` bounds what
+    waits between the two (then this thread stops reading, and the parent's slabs run out:
+    backpressure)."""
+    from hades_gpu.orchestration.pipeline import WRITE_BLOCK_ROWS, WRITE_BLOCK_WAIT_S, SlabRows, copy_rows, rows_of
 
     try:
         setup: WriterSetup = conn.recv()
     except EOFError:
         return 0
     logging.basicConfig(level=setup.log_level, format=f"hades-writer[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def fail(err: BaseException) -> None:
+        """Report the error in one line and end the process at once (the other thread may be blocked)."""
+        try:
+            send(("error", _one_line(err), traceback.format_exc()))
+        finally:
+            logging.shutdown()
+            os._exit(1)
+
     try:
-        writer = DatasetWriter(Path(setup.output), setup.shard, setup.dim, setup.rows_per_part, lock=False)
+        writer = DatasetWriter(Path(setup.output), setup.shard, setup.dim, setup.rows_per_part, opened=True)
     except Exception as err:  # noqa: BLE001 - reported to the parent in one line
-        conn.send(("error", _one_line(err), traceback.format_exc()))
-        return 1
-    writer.on_commit = lambda documents, rows: conn.send(("committed", documents, rows))
-    conn.send(("ready", writer.row_group_rows, writer.damaged, writer.removed_orphans))
+        fail(err)
+    writer.on_commit = lambda documents, rows: send(("committed", documents, rows))
+    copied: "queue_mod.Queue[object]" = queue_mod.Queue(maxsize=COPIED_BATCHES)
+    limit = max(1, min(WRITE_BLOCK_ROWS, writer.row_group_rows))
+
+    def write() -> None:
+        """Rows to the writer in blocks of about `limit` rows (as the stage's writer thread does)."""
+        staged: list[SlabRows] = []
+        staged_rows = 0
+        try:
+            while True:
+                try:
+                    item = copied.get(timeout=WRITE_BLOCK_WAIT_S if staged else None)
+                except queue_mod.Empty:
+                    item = None
+                if isinstance(item, SlabRows):
+                    staged.append(item)
+                    staged_rows += item.rows
+                    if staged_rows < limit:
+                        continue
+                if staged:
+                    writer.add_rows(rows_of(staged))
+                    staged, staged_rows = [], 0
+                if item == "flush":
+                    writer.flush()
+                    send(("flushed",))
+                elif item == "close":
+                    writer.close()
+                    send(("closed", (writer.parts_written, writer.rows_written, writer.documents_committed)))
+                    return
+                elif item == "discard":
+                    writer.discard_open_part()
+                    send(("discarded",))
+                    return
+        except BaseException as err:  # noqa: BLE001 - reported, then the process ends
+            try:
+                writer.discard_open_part()
+            finally:
+                fail(err)
+
+    thread = threading.Thread(target=write, name="hades-writer", daemon=True)
+    thread.start()
+    mapping: Optional[SlabMapping] = None
     try:
         while True:
             try:
@@ -359,32 +419,29 @@ def serve(conn: Connection) -> int:
             except EOFError:
                 return 0  # the parent is gone: nothing uncommitted is kept (the next run redoes it)
             op = message[0]
-            if op == "notes":
+            if op == "slab":
+                batch: SlabBatch = message[1]
+                view = mapping.views[batch.slab]
+                rows = copy_rows(view, batch, view.vectors(batch.rows).copy())
+                send(("free", batch.slab))
+                copied.put(rows)
+            elif op == "notes":
                 for note in message[1]:
                     apply_note(writer, note)
-            elif op == "rows":
-                buffers = [conn.recv_bytes() for _ in range(message[1])]
-                columns = pickle.loads(message[2], buffers=buffers)
-                writer.add_rows(rows_of([SlabRows(*fields) for fields in columns]))
-            elif op == "flush":
-                writer.flush()
-                conn.send(("flushed",))
-            elif op == "close":
-                writer.close()
-                conn.send(("closed", (writer.parts_written, writer.rows_written, writer.documents_committed)))
-                return 0
-            elif op == "discard":
-                writer.discard_open_part()
-                conn.send(("discarded",))
-                return 0
+            elif op == "ring":
+                with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+                mapping = SlabMapping(fds[0], message[1], message[2])
+            elif op in ("flush", "close", "discard"):
+                copied.put(op)
+                if op != "flush":
+                    thread.join()
+                    return 0
             else:
                 raise ValueError(f"unknown writer message {op!r}")
     except Exception as err:  # noqa: BLE001 - reported to the parent in one line, then this process ends
-        try:
-            writer.discard_open_part()
-        finally:
-            conn.send(("error", _one_line(err), traceback.format_exc()))
-        return 1
+        fail(err)
+    return 1
 
 
 def apply_note(writer: DatasetWriter, note: tuple) -> None:

@@ -218,8 +218,13 @@ class IngestPipeline:
                 else:
                     governor = getattr(embedder, "governor", None)
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
-                ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1)),
-                                slab_layout(cfg.profile, cfg.embedder.max_seq_len))
+                writer_process = isinstance(writer, WriterProcess)
+                ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1),
+                                           writer_process),
+                                slab_layout(cfg.profile, cfg.embedder.max_seq_len,
+                                            vector_dim=cfg.embedder.dim if writer_process else 0))
+                if writer_process:
+                    writer.attach_ring(ring)  # it reads each batch from its slab
                 packing = dict(max_batch_tokens=cfg.profile.max_batch_tokens, max_batch_size=cfg.profile.max_batch_size,
                                length_bucket=cfg.profile.length_bucket, max_seq_len=cfg.embedder.max_seq_len,
                                lookahead_batches=cfg.profile.lookahead_batches, special_ids=special_ids())

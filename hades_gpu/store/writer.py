@@ -71,6 +71,38 @@ def chunk_write_options(dim: int) -> dict:
                 write_statistics=[name for name in columns if name != "embedding"])
 
 
+def row_group_rows(rows_per_part: int) -> int:
+    """Rows per row group of a part (the writer encodes ready rows once it has this many)."""
+    return max(1, rows_per_part // ROW_GROUPS_PER_PART)
+
+
+def open_output(manifest: Manifest) -> tuple[list[PartProblem], list[str]]:
+    """What a writer does before its first row, under the output lock: damaged committed parts are
+    dropped with their documents (`store.verify.repair_at_start`), then part files (and temporaries)
+    of this shard that the manifest does not name are deleted. Returns (problems, files removed)."""
+    output, shard = manifest.output, manifest.shard
+    chunks_dir, docs_dir = output / CHUNKS_DIR, output / DOCUMENTS_DIR
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    damaged = repair_at_start(manifest)
+    committed = set(manifest.parts())
+    removed = []
+    prefix = f"part-{shard}-"
+    for folder in (chunks_dir, docs_dir):
+        for path in folder.iterdir():
+            name = path.name
+            is_tmp = name.startswith(f".{prefix}")
+            is_orphan = name.startswith(prefix) and path.stem not in committed
+            if is_tmp or is_orphan:
+                path.unlink()
+                removed.append(str(path))
+    if removed:
+        fsync_dir(chunks_dir)
+        fsync_dir(docs_dir)
+        log.info("resume: removed %d interrupted part file(s)", len(removed))
+    return damaged, removed
+
+
 class _OpenPart:
     """The part being filled: its chunk rows are encoded as row groups while the run goes on, so a
     commit only closes the file, and rows wait in memory for one row group, not for a whole part."""
@@ -121,26 +153,28 @@ class DatasetWriter:
         shard (str): shard name used in part and manifest names.
         dim (int): embedding width.
         rows_per_part (int): chunks per part file (a part is cut only between documents).
-        lock (bool): take the shard's output lock for the writer's life (False: the process that
-            started this one holds it for it, `orchestration.writer_process`).
+        opened (bool): the output was opened already (`open_output`, under the output lock, by the
+            process that started this one: `orchestration.writer_process`); default: take the
+            shard's output lock for the writer's life and open the output here.
     """
 
-    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, lock: bool = True) -> None:
+    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, opened: bool = False) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
         self.rows_per_part = rows_per_part
         self.chunks_dir = self.output / CHUNKS_DIR
         self.docs_dir = self.output / DOCUMENTS_DIR
-        self.chunks_dir.mkdir(parents=True, exist_ok=True)
-        self.docs_dir.mkdir(parents=True, exist_ok=True)
         self.output_lock = OutputLock(self.output, shard)
-        if lock:
+        if not opened:
             self.output_lock.acquire()  # OutputLockedError: another run's
         try:
             self.manifest = Manifest.load(self.output, shard)
-            self.damaged: list[PartProblem] = repair_at_start(self.manifest)
-            self.removed_orphans = self._remove_orphans()
+            if opened:
+                self.damaged: list[PartProblem] = []
+                self.removed_orphans: list[str] = []
+            else:
+                self.damaged, self.removed_orphans = open_output(self.manifest)
         except BaseException:
             self.output_lock.release()
             raise
@@ -150,7 +184,7 @@ class DatasetWriter:
         self._ready: list[_Document] = []
         self._ready_rows = 0
         self._open: Optional[_OpenPart] = None  # guarded by _flush_lock
-        self.row_group_rows = max(1, rows_per_part // ROW_GROUPS_PER_PART)
+        self.row_group_rows = row_group_rows(rows_per_part)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.parts_written = 0
@@ -158,26 +192,6 @@ class DatasetWriter:
         self.documents_committed = 0
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
         self._stat_updates: dict[str, tuple[int, int]] = {}  # rel_path -> (size, mtime_ns), see note_unchanged
-
-    # -- start-up ----------------------------------------------------------------------------------
-    def _remove_orphans(self) -> list[str]:
-        """Delete part files (and temporaries) of this shard that the manifest does not name."""
-        committed = set(self.manifest.parts())
-        removed = []
-        prefix = f"part-{self.shard}-"
-        for folder in (self.chunks_dir, self.docs_dir):
-            for path in folder.iterdir():
-                name = path.name
-                is_tmp = name.startswith(f".{prefix}")
-                is_orphan = name.startswith(prefix) and path.stem not in committed
-                if is_tmp or is_orphan:
-                    path.unlink()
-                    removed.append(str(path))
-        if removed:
-            fsync_dir(self.chunks_dir)
-            fsync_dir(self.docs_dir)
-            log.info("resume: removed %d interrupted part file(s)", len(removed))
-        return removed
 
     # -- stage calls ---------------------------------------------------------------------------------
     def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None:

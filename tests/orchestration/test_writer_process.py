@@ -19,8 +19,10 @@ import psutil
 import pytest
 
 from hades_gpu.config import load_pipeline_config
+from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabLayout, SlabRing
 from hades_gpu.orchestration.writer_process import WriterProcess, WriterProcessError, use_process
 from hades_gpu.pipelines import TextParallelPipeline
+from hades_gpu.records import SlabBatch
 from hades_gpu.store.reader import committed_parts, read_chunks, read_documents
 from hades_gpu.store.verify import verify_output
 
@@ -132,18 +134,29 @@ def test_a_writer_process_killed_mid_run_fails_the_run_in_one_line_and_the_next_
     assert_same_chunks_exactly_once(out, reference)
 
 
-def test_a_writer_process_that_cannot_open_the_output_says_why_in_one_line(tmp_path):
+def test_an_error_in_the_writer_process_fails_the_run_in_one_line_and_releases_the_output(tmp_path):
+    """Rows of a document never begun: the `DatasetWriter` in the child raises (as it raises in the
+    thread); the parent's next call raises `WriterProcessError` with the child's error in one line."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest-s0.sqlite").write_bytes(b"not a database" * 100)
+    writer = WriterProcess(out, "s0", 4, 10)
+    ring = SlabRing(2, SlabLayout(max_rows=2, max_len=4, text_bytes=64, vector_dim=4), pin=False)
+    writer.attach_ring(ring)
+    slab = ring.acquire()
+    view = ring.view(slab)
+    view.column("doc_key")[0] = 7
+    view.column("text_offsets")[:2] = [0, 1]
+    view.column("text")[:1] = ord("x")
+    view.column("chunk_id")[:CHUNK_ID_BYTES] = ord("0")
+    writer.take_slab(view, SlabBatch(slab=slab, rows=1, length=4, real_tokens=1, text_len=1), np.ones((1, 4), np.float32))
     with pytest.raises(WriterProcessError) as err:
-        WriterProcess(out, "s0", 384, 10)
-    assert "\n" not in str(err.value) and "ManifestError" in str(err.value) and "manifest-s0.sqlite" in str(err.value)
+        writer.flush()
+    assert "\n" not in str(err.value)
+    assert "KeyError" in str(err.value) and "unregistered document key 7" in str(err.value)
+    assert ring.free == 2  # the slab came back: the child copies a batch out before it writes it
+    writer.discard_open_part()
+    ring.close()
     assert not writer_children()
     free = subprocess.run([sys.executable, "-c", "import sys; from hades_gpu.store.lock import lock_output; "
                            "lock_output(sys.argv[1], 's0').release()", str(out)], capture_output=True, text=True)
-    assert free.returncode == 0, free.stderr  # the output lock went with the failed start
-    (out / "manifest-s0.sqlite").unlink()
-    writer = WriterProcess(out, "s0", 384, 10)
-    writer.close()
-    assert writer.parts_written == 0 and not writer_children()
+    assert free.returncode == 0, free.stderr  # the output lock went with the failed writer
+    assert verify_output(out).ok
