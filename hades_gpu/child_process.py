@@ -43,6 +43,25 @@ def pdeathsig_preexec(signum: int = signal.SIGTERM) -> Optional[Callable[[], Non
     return preexec
 
 
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
+    """Called first thing in a child: the kernel sends it `signum` when the thread that started it
+    ends; if that parent is gone already (it died before this ran), exit now. From the child rather
+    than a `preexec_fn`, which runs between fork and exec and is unsafe in a parent with threads.
+    Linux only; elsewhere a no-op (the child notices the parent's end on its pipe)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
 def describe_exit(returncode: Optional[int]) -> str:
     """A child's exit status in words: "exit code 1", "killed by SIGKILL", "still running"."""
     if returncode is None:
@@ -55,4 +74,4 @@ def describe_exit(returncode: Optional[int]) -> str:
     return f"exit code {returncode}"
 
 
-__all__ = ["pdeathsig_preexec", "describe_exit"]
+__all__ = ["pdeathsig_preexec", "die_with_parent", "describe_exit"]

@@ -89,6 +89,21 @@ def test_output_that_is_a_file_is_one_line_exit_1(tmp_path, corpus):
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}"), 1, str(out))
 
 
+def test_a_writer_process_that_dies_is_one_line_exit_1_and_a_rerun_completes(tmp_path, corpus):
+    """The writer process is SIGKILLed (by itself, at a commit point: store.writer's kill points)."""
+    from hades_gpu.store.writer import KILL_ENV
+
+    out = tmp_path / "out"
+    args = (f"corpus={corpus}", f"output={out}", "isne.enabled=false", "profile.writer=process")
+    _assert_one_line(_ingest(*args, env={KILL_ENV: "after_part_written"}), 1,
+                     "writer process (PID", "killed by SIGKILL", "ingested again by the next run")
+    again = _ingest(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    from hades_gpu.store.reader import read_documents
+
+    assert sorted(read_documents(out, ["rel_path"]).column("rel_path").to_pylist()) == ["a.py", "b.md"]
+
+
 def test_manifest_that_is_not_sqlite_is_one_line_exit_1(tmp_path, corpus):
     out = tmp_path / "out"
     out.mkdir()

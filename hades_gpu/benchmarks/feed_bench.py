@@ -15,13 +15,17 @@ same files with the same number of threads, in the same run:
     `RAYON_NUM_THREADS=n` (tokenizers 0.2x's rayon pool reads it at start-up; `RAYON_RS_NUM_CPUS`, the
     old name, is honoured too and set as well) and `TOKENIZERS_PARALLELISM=true`.
   * main process CPU: `getrusage(RUSAGE_SELF)` delta over `process_batch` (all its threads) / wall, as
-    % of one core; workers: `getrusage(RUSAGE_CHILDREN)` delta (the workers are reaped when the run
-    returns).
+    % of one core; children (`workers_cpu_*`: the workers, and the writer process where there is
+    one): `getrusage(RUSAGE_CHILDREN)` delta (they are reaped when the run returns).
 
 Every result carries `LABEL`: the embedder is not a model and its vectors mean nothing.
 
+  * writer: `profile.writer` as the run resolved it; `--writers thread,process` runs each worker
+    count with the Parquet writer as a thread of the main process and as a process of its own
+    (`orchestration.writer_process`), the HF baseline measured once per count for both.
+
 Usage: python scripts/bench_feed.py [--corpus-mb 12] [--workers 1..N] [--profile balanced]
-                                    [--out docs/bench_feed.json]
+                                    [--writers thread,process] [--repeat 3] [--out docs/bench_feed.json]
        hades-bench bench=feed corpus=DIR profile.num_workers=2      (one n per Hydra job)
 """
 
@@ -156,6 +160,7 @@ def feed_run(cfg: Any, corpus: Path, output: Path, workers: Optional[int] = None
         "main_cpu_pct_of_core": 100.0 * main_cpu / wall if wall > 0 else 0.0,
         "workers_cpu_s": workers_cpu,
         "workers_cpu_pct_of_core": 100.0 * workers_cpu / wall if wall > 0 else 0.0,
+        "writer": str(metrics.get("writer", "")),  # profile.writer as the run resolved it: thread | process
         "peak_rss_bytes": int(memory.get("peak_rss_bytes", 0) or 0),
         "padding_efficiency": float(metrics.get("padding_efficiency", 1.0) or 1.0),
         "embed_calls": embedder.calls,
@@ -219,8 +224,9 @@ def _warm_corpus(corpus: Path, dest: Path, n_files: int = 6) -> Path:
 
 
 def measure(cfg: Any, corpus: Path, workers: int, workdir: Path, warm_up: bool = True,
-            keep_output: bool = False) -> dict[str, Any]:
-    """Feed (stand-in) and HF baseline for one worker/thread count; the ratios between them."""
+            keep_output: bool = False, hf: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Feed (stand-in) and HF baseline for one worker/thread count; the ratios between them. `hf`:
+    a baseline this run measured already for this count (it is the same for every writer)."""
     import copy
 
     workdir = Path(workdir)
@@ -230,7 +236,8 @@ def measure(cfg: Any, corpus: Path, workers: int, workdir: Path, warm_up: bool =
     out = workdir / f"out-{workers}"
     feed = feed_run(copy.deepcopy(cfg), corpus, out, workers)
     paths = feed.pop("paths")
-    hf = hf_baseline([Path(p) for p in paths], workers, workdir)
+    if hf is None:
+        hf = hf_baseline([Path(p) for p in paths], workers, workdir)
     if not keep_output:
         shutil.rmtree(out, ignore_errors=True)
     row = {**feed, "hf": hf,
@@ -261,8 +268,8 @@ def job_feed(cfg: Any, bench: Any, job_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # table + JSON
 # ------------------------------------------------------------------------------------------------
-HEADER = ("workers", "feed tok/s", "HF tok/s", "x HF (tokens)", "x HF (bytes)", "feed chunks/s", "feed MB/s",
-          "main CPU % core", "workers CPU % core", "peak RSS MiB", "embedder")
+HEADER = ("workers", "writer", "feed tok/s", "HF tok/s", "x HF (tokens)", "x HF (bytes)", "feed chunks/s", "feed MB/s",
+          "main CPU % core", "children CPU % core", "peak RSS MiB", "embedder")
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -272,7 +279,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         ratio = f"{r['x_hf_tokens']:.2f}"
         if r["workers"] == 2:
             ratio = f"**{ratio}**"
-        cells = (n, f"{r['tokens_per_s']:,.0f}", f"{r['hf']['tokens_per_s']:,.0f}", ratio, f"{r['x_hf_bytes']:.2f}",
+        cells = (n, r.get("writer", ""), f"{r['tokens_per_s']:,.0f}", f"{r['hf']['tokens_per_s']:,.0f}", ratio, f"{r['x_hf_bytes']:.2f}",
                  f"{r['chunks_per_s']:,.0f}", f"{r['mb_per_s']:.2f}", f"{r['main_cpu_pct_of_core']:.0f}",
                  f"{r['workers_cpu_pct_of_core']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", LABEL)
         lines.append("| " + " | ".join(cells) + " |")
@@ -296,6 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--corpus-mb", type=float, default=12.0)
     ap.add_argument("--workers", default="", help="'1..N' or '1,2,4' (default 1..os.cpu_count())")
     ap.add_argument("--profile", default="balanced")
+    ap.add_argument("--writers", default="", help="'thread,process': each worker count with each profile.writer "
+                                                   "(default: the profile's own)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each (workers, writer), interleaved")
     ap.add_argument("--override", action="append", default=[], help="config override (repeatable)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hades-bench-feed")
     ap.add_argument("--out", type=Path, default=Path("docs/bench_feed.json"))
@@ -322,11 +332,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"corpus: {total / 1e6:.2f} MB in {corpus}; embedder: {LABEL}", flush=True)
 
     rows = []
+    writers = [w for w in args.writers.split(",") if w] or [None]
     for i, n in enumerate(_worker_counts(args.workers)):
-        cfg = load_pipeline_config(profile=args.profile, overrides=["isne.enabled=false", "monitoring.progress=off",
-                                                                     *args.override])
-        print(f"feed with {n} worker(s) + HF encode_batch with {n} thread(s) ...", flush=True)
-        rows.append(measure(cfg, corpus, n, work, warm_up=(i == 0)))
+        hf = None
+        for rep in range(max(1, args.repeat)):  # writers interleaved: a slow spell of the box hits both
+            for writer in writers:
+                writer_override = [f"profile.writer={writer}"] if writer else []
+                cfg = load_pipeline_config(profile=args.profile, overrides=[
+                    "isne.enabled=false", "monitoring.progress=off", *args.override, *writer_override])
+                print(f"feed with {n} worker(s), writer {cfg.profile.writer} + HF encode_batch with {n} thread(s) ...",
+                      flush=True)
+                row = measure(cfg, corpus, n, work, warm_up=(i == 0 and rep == 0 and writer == writers[0]), hf=hf)
+                hf = row["hf"]
+                rows.append(row)
     text = table(rows)
     print()
     print(text)

@@ -1,32 +1,42 @@
 """The dataset writer in a process of its own, so Parquet encoding never competes with the router.
 
 With the writer as a thread, its Parquet encoding (text zstd, the vectors' list levels), row
-ordering and part checksums were about half the main process's CPU at the feed ceiling (measured on
-the 12 MB feed corpus: 0.20-0.22 s of 0.6 s), and the main process is the one process every worker
-and the embedder wait on. `WriterProcess` is the same `DatasetWriter` (`store.writer`: commit order,
-kill points, resume, manifest, exactly-once) run in a child; the main process only sends it what
-the writer thread used to receive:
+ordering, part checksums and the copy of every batch's rows out of its slab were about two thirds of
+the main process's CPU at the feed ceiling (2 workers, 48 MB: 50% of a core in all, 18% with this
+process), and the main process is the one process every worker and the embedder wait on.
+`WriterProcess` is the same `DatasetWriter` (`store.writer`: commit order, kill points, manifest,
+exactly-once) run in a child, which reads every batch from its shared-memory slab:
 
 ```
- main process                                          writer process (python -m ...writer_process)
- router   ── ("begin", key, ref, result) ─────────────►  DatasetWriter.begin_document
-          ── ("abandon", key) / ("unchanged", ...) ───►  .abandon / .note_unchanged
- writer thread ── ("rows", [SlabRows, ...]) ──────────►  rows_of(...) -> .add_rows (encode, commit)
- run end  ── ("flush",) / ("close",) / ("discard",) ──►  reply ("flushed") / ("closed", totals)
-          ◄── ("committed", documents, rows) per part;  ("error", line, traceback) before it exits
+ main process                                           writer process (python -m ...writer_process)
+ start    lock, open_output (repair, remove orphans);   DatasetWriter(opened=True)
+          ── ("ring", layout, count) + the ring's fd ──►  maps the slabs
+ router   ── ("notes", [("begin", key, ref, result),     .begin_document / .abandon / .note_unchanged
+               ("abandon", key), ("unchanged", ...)]) ►   (held back, sent before the next message)
+ embed    vectors into the slab; ── ("slab", header) ─►  receiving thread: rows copied out of the slab,
+          ◄── ("free", slab): back to the ring ────────   slab handed back at once; a writer thread:
+                                                          rows_of(...) -> .add_rows (encode, commit)
+ run end  ── ("flush",) / ("close",) / ("discard",) ──►  reply ("flushed") / ("closed", totals) / ...
+          ◄── ("committed", documents, rows) per part;   ("error", line, traceback) before it exits
 ```
 
 One socket pair carries everything in order, so a document's "begin" always precedes its rows.
-Backpressure is the socket: a writer behind on encoding blocks the main writer thread's send, the
-write queue fills, and the embed stage and workers wait, as with the thread.
+Memory stays bounded by the ring: a slab is in use until the child copied it, and at most
+`COPIED_BATCHES` copied batches wait for its writer thread (then it stops reading, the main process
+runs out of slabs, and the workers wait: backpressure).
 
-The child is started as a fresh interpreter (as the workers are, never `multiprocessing` spawn: no
-re-import of the user's main module) and dies with the thread that started it (PR_SET_PDEATHSIG), so
-a killed run never leaves a writer committing into an output that the next run is repairing. The
-main process holds the output lock for the child's life (the child takes none: a second flock on the
-same file from another process would wait on ours). If the child dies, the next call raises
-`WriterProcessError` with one line saying how it ended; what it had not committed is ingested again by
-the next run (commit order in `store.writer`).
+The output is opened in the main process, under the output lock it holds for the child's life (the
+child takes none: a second flock on the same file from another process would wait on ours), so
+resume reads a repaired manifest at once and the child's start-up overlaps with the workers'. The
+child is a fresh interpreter (as the workers are, never `multiprocessing` spawn: no re-import of the
+user's main module) and dies with the thread that started it (PR_SET_PDEATHSIG), so a killed run
+never leaves a writer committing into an output the next run is repairing. If the child dies or
+fails, the next call raises `WriterProcessError` with one line saying how; what it had not committed
+is ingested again by the next run (commit order in `store.writer`).
+
+Where it pays: with a core to spare for it (`use_process`). On 2 cores with 2 workers the three
+processes share two cores, and the 2-worker feed ran 4% (48 MB) to 11% (12 MB) slower than with
+the thread; there `profile.writer: auto` keeps the thread.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from __future__ import annotations
 import logging
 import os
 import queue as queue_mod
-import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +57,7 @@ from typing import Callable, Optional
 import numpy as np
 
 import hades_gpu
-from hades_gpu.child_process import describe_exit, pdeathsig_preexec
+from hades_gpu.child_process import describe_exit, die_with_parent
 from hades_gpu.config import ProfileConfig, WriterMode
 from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
 from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
@@ -137,9 +146,9 @@ class WriterProcess:
         env["OPENBLAS_NUM_THREADS"] = "1"  # no linear algebra here (see workers._start_worker)
         child_fd = child_sock.fileno()
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.writer_process", str(child_fd)],
-                                    pass_fds=(child_fd,), env=env, stdin=subprocess.DEVNULL, close_fds=True,
-                                    preexec_fn=pdeathsig_preexec(signal.SIGKILL))
+            proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.writer_process", str(child_fd),
+                                     str(os.getpid())], pass_fds=(child_fd,), env=env, stdin=subprocess.DEVNULL,
+                                    close_fds=True)
         finally:
             child_sock.close()
         conn = Connection(parent_sock.detach())
@@ -462,6 +471,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent(int(argv[2]))  # SIGKILL when the thread that started this one ends, however it ends
     code = serve(Connection(int(argv[1])))
     # Everything it wrote is closed and fsynced by now; the interpreter's teardown (pyarrow's, ~0.06 s)
     # would only keep the run waiting for this process to exit.

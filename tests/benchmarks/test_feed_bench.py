@@ -70,9 +70,14 @@ def test_the_script_writes_json_and_a_labelled_table(tmp_path, capsys):
     shutil.copytree(SAMPLE_CORPUS, corpus)
     out = tmp_path / "feed.json"
     main(["--corpus", str(corpus), "--workers", "1", "--profile", "low_memory", "--workdir", str(tmp_path / "w"),
-          "--out", str(out)])
+          "--writers", "thread,process", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["label"] == LABEL and len(data["runs"]) == 1
-    assert FEED_FIELDS <= set(data["runs"][0]) and data["runs"][0]["label"] == LABEL
+    assert data["label"] == LABEL and len(data["runs"]) == 2
+    assert [r["writer"] for r in data["runs"]] == ["thread", "process"]  # what each run really used
+    assert data["runs"][0]["hf"] == data["runs"][1]["hf"]  # one baseline per worker count
+    assert data["runs"][0]["chunks"] == data["runs"][1]["chunks"] > 0
+    for run in data["runs"]:
+        assert FEED_FIELDS <= set(run) and run["label"] == LABEL
     printed = capsys.readouterr().out
-    assert LABEL in printed and "| workers |" in printed and LABEL in data["table"]
+    assert LABEL in printed and "| workers | writer |" in printed and LABEL in data["table"]
+    assert "| 1 | process |" in data["table"]
