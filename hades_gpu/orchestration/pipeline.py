@@ -483,6 +483,9 @@ class StreamingPipeline:
         threads += [threading.Thread(target=self._guard(self._embed), name=f"hades-embed-{i}", daemon=True)
                     for i in range(self.concurrency)]
         threads.append(threading.Thread(target=self._guard(self._write), name="hades-writer", daemon=True))
+        watch_failures = getattr(self.sink, "watch_failures", None)  # a sink of its own process
+        if watch_failures is not None:
+            watch_failures(self._fail)
         for t in threads:
             t.start()
         try:

@@ -33,17 +33,15 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Callable, Optional, Union
 
-import hades_gpu
+from hades_gpu.child_process import child_env
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.orchestration.worker_main import WorkerSetup
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_ROOT = str(Path(hades_gpu.__file__).resolve().parent.parent)
 LIVENESS_CHECK_S = 0.05  # at most this often: waitpid on every worker (see WorkerPool.poll)
 # free slabs granted to a worker at a time: 2 left each worker waiting for the main process's round
 # trip on most batches; 4 and 8 ran the 2-worker feed alike (~8% faster than 2)
@@ -148,12 +146,8 @@ class WorkerPool:
     # -- processes ----------------------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env = child_env()
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # workers do no linear algebra: OpenBLAS's thread pool (one thread per core, started when numpy
-        # is imported) cost each worker ~0.08 s of system CPU at start-up (measured here, 2 cores)
-        env["OPENBLAS_NUM_THREADS"] = "1"
         child_fd = child_sock.fileno()
         try:
             proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.worker_main", str(child_fd),

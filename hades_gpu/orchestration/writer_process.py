@@ -56,18 +56,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import hades_gpu
-from hades_gpu.child_process import describe_exit, die_with_parent
+from hades_gpu.child_process import child_env, describe_exit, die_with_parent
 from hades_gpu.config import ProfileConfig, WriterMode
 from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
 from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import Manifest
-from hades_gpu.store.writer import DatasetWriter, open_output, row_group_rows
+from hades_gpu.store.writer import DatasetWriter, open_output
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_ROOT = str(Path(hades_gpu.__file__).resolve().parent.parent)
 COPIED_BATCHES = 32  # batches the child has copied out of their slabs and not yet handed to its writer
 NOTES_PER_MESSAGE = 256  # per-document messages sent together at the latest after this many
 STOP_TIMEOUT_S = 30.0  # after "close"/"discard" was answered, the child only exits
@@ -116,8 +114,8 @@ class WriterProcess:
         self._ring: Optional[SlabRing] = None  # attach_ring
         self._replies: "queue_mod.Queue[tuple]" = queue_mod.Queue()
         self._failure: Optional[WriterProcessError] = None
+        self._on_failure: Optional[Callable[[BaseException], None]] = None  # watch_failures
         self._finished = False
-        self.row_group_rows = row_group_rows(rows_per_part)
         # The output is opened here, under the lock this process holds for the child (module
         # docstring): resume reads a repaired manifest at once, and the child's start-up (~0.2 s of
         # imports) overlaps with the workers' instead of delaying them. The child only writes.
@@ -141,13 +139,10 @@ class WriterProcess:
     @staticmethod
     def _start(setup: WriterSetup) -> tuple[subprocess.Popen, Connection]:
         parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env["OPENBLAS_NUM_THREADS"] = "1"  # no linear algebra here (see workers._start_worker)
         child_fd = child_sock.fileno()
         try:
             proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.writer_process", str(child_fd),
-                                     str(os.getpid())], pass_fds=(child_fd,), env=env, stdin=subprocess.DEVNULL,
+                                     str(os.getpid())], pass_fds=(child_fd,), env=child_env(), stdin=subprocess.DEVNULL,
                                     close_fds=True)
         finally:
             child_sock.close()
@@ -165,7 +160,7 @@ class WriterProcess:
                 reply = self._conn.recv()
             except (EOFError, OSError):
                 if not self._finished:
-                    self._failure = self._failure or self._died()
+                    self._failed(self._failure or self._died())
                 self._replies.put(("gone",))
                 return
             if reply[0] == "free":
@@ -177,10 +172,23 @@ class WriterProcess:
                 if self.on_commit is not None:
                     self.on_commit(reply[1], reply[2])
             elif reply[0] == "error":
-                self._failure = WriterProcessError(f"writer process: {reply[1]}")
                 log.debug("writer process traceback:\n%s", reply[2])
+                self._failed(WriterProcessError(f"writer process: {reply[1]}"))
             else:
                 self._replies.put(reply)
+
+    def watch_failures(self, fail: Callable[[BaseException], None]) -> None:
+        """Call `fail(error)` as soon as the child fails or dies (the stage's abort). Without it a
+        run could wait forever: the slabs the child held never come back, the workers wait for
+        slabs, and nothing would send to the child again to find it gone."""
+        self._on_failure = fail
+        if self._failure is not None:
+            fail(self._failure)
+
+    def _failed(self, error: WriterProcessError) -> None:
+        self._failure = error
+        if self._on_failure is not None:
+            self._on_failure(error)
 
     def _died(self) -> WriterProcessError:
         try:

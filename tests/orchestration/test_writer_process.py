@@ -134,6 +134,24 @@ def test_a_writer_process_killed_mid_run_fails_the_run_in_one_line_and_the_next_
     assert_same_chunks_exactly_once(out, reference)
 
 
+def test_a_writer_process_that_dies_is_reported_at_once_without_waiting_for_a_send(tmp_path):
+    """The stage must hear of the death by itself: the slabs the child held never come back, so
+    the workers wait for slabs, no batch comes, nothing is sent to the child again, and a run that
+    only learnt of it on its next send waited forever (seen: 1 run in 9 of the test above)."""
+    writer = WriterProcess(tmp_path / "out", "s0", 4, 10)
+    heard: list[BaseException] = []
+    writer.watch_failures(heard.append)
+    (child,) = writer_children()
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not heard and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(heard) == 1 and isinstance(heard[0], WriterProcessError), heard
+    assert "killed by SIGKILL" in str(heard[0])
+    writer.discard_open_part()
+    assert not writer_children()
+
+
 def test_an_error_in_the_writer_process_fails_the_run_in_one_line_and_releases_the_output(tmp_path):
     """Rows of a document never begun: the `DatasetWriter` in the child raises (as it raises in the
     thread); the parent's next call raises `WriterProcessError` with the child's error in one line."""
