@@ -150,7 +150,7 @@ class WriterProcess:
         try:
             conn.send(setup)
         except OSError:
-            pass  # it died at once: the first reply says how
+            pass  # it died at once: the reply thread finds it gone and says how
         return proc, conn
 
     def _read_replies(self) -> None:
@@ -317,10 +317,6 @@ class WriterProcess:
         self._conn.close()
         self.manifest.close()
         self.output_lock.release()
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
 
 
 def usable_cores() -> int:
