@@ -52,17 +52,19 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from hades_gpu.child_process import child_env, describe_exit, die_with_parent
-from hades_gpu.config import ProfileConfig, WriterMode
 from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
 from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import Manifest
 from hades_gpu.store.writer import DatasetWriter, open_output
+
+if TYPE_CHECKING:
+    from hades_gpu.config import ProfileConfig
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +332,10 @@ def usable_cores() -> int:
 def use_process(mode: str, num_workers: int, cores: Optional[int] = None) -> bool:
     """Whether profile.writer `mode` puts the writer in a process. "auto": only with a core to spare
     for it besides the workers' and the main process's; on a box without one (2 cores, 2 workers:
-    the 12 MB feed ran ~7-20% slower with the process) the thread's CPU is cheaper than a second
-    interpreter's and the rows' trip over a socket."""
+    the 2-worker feed ran 10-17% slower with the process, docs/bench_feed_writer*.json) the thread's
+    CPU is cheaper than a second interpreter and the messages per batch."""
+    from hades_gpu.config import WriterMode  # the child process never needs the configuration
+
     if mode == WriterMode.PROCESS:
         return True
     if mode == WriterMode.THREAD:
@@ -341,7 +345,7 @@ def use_process(mode: str, num_workers: int, cores: Optional[int] = None) -> boo
     return (usable_cores() if cores is None else cores) >= num_workers + 2
 
 
-def open_writer(output: Path, shard: str, dim: int, profile: ProfileConfig) -> "DatasetWriter | WriterProcess":
+def open_writer(output: Path, shard: str, dim: int, profile: "ProfileConfig") -> "DatasetWriter | WriterProcess":
     """The run's sink under `profile.writer` (`use_process`): a `WriterProcess`, or the `DatasetWriter`
     itself (a thread of this process then encodes)."""
     if use_process(profile.writer, profile.num_workers):
@@ -358,7 +362,7 @@ def serve(conn: Connection) -> int:
     row group or a commit so never holds slabs the workers wait for; `COPIED_BATCHES` bounds what
     waits between the two (then this thread stops reading, and the parent's slabs run out:
     backpressure)."""
-    from hades_gpu.orchestration.pipeline import WRITE_BLOCK_ROWS, WRITE_BLOCK_WAIT_S, SlabRows, copy_rows, rows_of
+    from hades_gpu.orchestration.slab_rows import WRITE_BLOCK_ROWS, WRITE_BLOCK_WAIT_S, SlabRows, copy_rows, rows_of
 
     try:
         setup: WriterSetup = conn.recv()
