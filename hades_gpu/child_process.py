@@ -78,6 +78,14 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         os._exit(0)
 
 
+def leave_interrupts_to_parent() -> None:
+    """Called first thing in a child: Ctrl-C at a terminal signals the whole foreground group, and
+    the parent alone decides what an interrupt means (it stops its workers, has its writer process
+    drop the part being filled, and exits with one line). A child that took SIGINT itself printed a
+    traceback each and could die inside a commit its parent was about to discard cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def describe_exit(returncode: Optional[int]) -> str:
     """A child's exit status in words: "exit code 1", "killed by SIGKILL", "still running"."""
     if returncode is None:
@@ -90,4 +98,4 @@ def describe_exit(returncode: Optional[int]) -> str:
     return f"exit code {returncode}"
 
 
-__all__ = ["PACKAGE_ROOT", "child_env", "pdeathsig_preexec", "die_with_parent", "describe_exit"]
+__all__ = ["PACKAGE_ROOT", "child_env", "pdeathsig_preexec", "die_with_parent", "leave_interrupts_to_parent", "describe_exit"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Optional
 
+from hades_gpu.child_process import leave_interrupts_to_parent
 from hades_gpu.gpu.slabs import SlabLayout, SlabMapping
 from hades_gpu.orchestration.batcher import LengthSortedBatcher
 from hades_gpu.orchestration.slab_packer import SlabPacker
@@ -176,6 +177,7 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
 
 
 def main(argv: list[str]) -> int:
+    leave_interrupts_to_parent()  # the parent stops this worker ("stop", or its pipe's end)
     conn = Connection(int(argv[1]))
     slab_fd = int(argv[2])
     try:

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from hades_gpu.child_process import child_env, describe_exit, die_with_parent
+from hades_gpu.child_process import child_env, describe_exit, die_with_parent, leave_interrupts_to_parent
 from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
 from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.lock import OutputLock
@@ -480,6 +480,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str]) -> int:
     die_with_parent(int(argv[2]))  # SIGKILL when the thread that started this one ends, however it ends
+    leave_interrupts_to_parent()
     code = serve(Connection(int(argv[1])))
     # Everything it wrote is closed and fsynced by now; the interpreter's teardown (pyarrow's, ~0.06 s)
     # would only keep the run waiting for this process to exit.

@@ -175,6 +175,41 @@ def test_resume_after_sigkill(tmp_path, embedder, writer):
     assert {p.stem for p in (out / "chunks").glob("*.parquet")} == committed
 
 
+def test_ctrl_c_at_a_terminal_is_one_line_and_leaves_no_process(tmp_path, embedder):
+    """Ctrl-C at a terminal signals the whole foreground process group: the run, its workers and its
+    writer process. The run alone answers it (one line, exit non-zero; the children leave SIGINT to
+    it: each printed a KeyboardInterrupt traceback before), no child outlives it, and a re-run
+    completes with every chunk once."""
+    import psutil
+
+    corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = [f"corpus={corpus}", f"output={out}", "profile=balanced", "profile.writer_rows_per_part=40",
+            "profile.writer=process", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # a terminal's group
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be interrupted: " + proc.stderr.read()
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("writer_process" in " ".join(c.cmdline()) for c in children)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "terminate called" not in ln]
+    assert lines == ["hades-ingest: error: interrupted (committed parts are kept: re-run to resume)"], stderr[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.pid for c in alive]
+
+    cfg = config("profile.writer_rows_per_part=40", "profile.writer=process")
+    result = TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_unchanged > 0 and result.documents_unchanged + result.documents_ingested == 60
+    assert_exactly_once(out)
+
+
 def test_multirun_over_two_profiles(sample_corpus, tmp_path):
     out = tmp_path / "sweep"
     proc = _run_ingest(["-m", "profile=balanced,low_memory", f"corpus={sample_corpus}", f"output={out}", *FAST])
