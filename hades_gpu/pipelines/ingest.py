@@ -171,7 +171,8 @@ class IngestPipeline:
         metrics.documents_total = len(refs) + len(skips)
 
         writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile)
-        metrics.extra["writer"] = "process" if isinstance(writer, WriterProcess) else "thread"
+        writer_process = isinstance(writer, WriterProcess)
+        metrics.extra["writer"] = "process" if writer_process else "thread"
         resume = ResumePolicy(writer.manifest)
         todo: list[DocumentRef] = []
         for ref in refs:
@@ -218,7 +219,6 @@ class IngestPipeline:
                 else:
                     governor = getattr(embedder, "governor", None)
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
-                writer_process = isinstance(writer, WriterProcess)
                 ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1),
                                            writer_process),
                                 slab_layout(cfg.profile, cfg.embedder.max_seq_len,

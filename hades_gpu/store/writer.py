@@ -17,7 +17,9 @@ interrupted commit's, or retired ones): nothing is lost and nothing is written t
 The names in brackets are kill points: with `HADES_TEST_KILL_AT=<name>` in the environment the
 process SIGKILLs itself there (tests only; `kill_point`).
 
-The writer holds the output lock of its shard (`store.lock`) from open to close.
+The writer holds the output lock of its shard (`store.lock`) from open to close; a writer in a
+process of its own (`orchestration.writer_process`) is opened with `opened=True`, its parent holding
+the lock and having opened the output (`open_output`).
 """
 
 from __future__ import annotations
@@ -69,11 +71,6 @@ def chunk_write_options(dim: int) -> dict:
     return dict(compression={name: "none" if name == "embedding" else "zstd" for name in columns},
                 use_dictionary=CHUNK_DICTIONARY_COLUMNS,
                 write_statistics=[name for name in columns if name != "embedding"])
-
-
-def row_group_rows(rows_per_part: int) -> int:
-    """Rows per row group of a part (the writer encodes ready rows once it has this many)."""
-    return max(1, rows_per_part // ROW_GROUPS_PER_PART)
 
 
 def open_output(manifest: Manifest) -> tuple[list[PartProblem], list[str]]:
@@ -184,7 +181,7 @@ class DatasetWriter:
         self._ready: list[_Document] = []
         self._ready_rows = 0
         self._open: Optional[_OpenPart] = None  # guarded by _flush_lock
-        self.row_group_rows = row_group_rows(rows_per_part)
+        self.row_group_rows = max(1, rows_per_part // ROW_GROUPS_PER_PART)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.parts_written = 0
