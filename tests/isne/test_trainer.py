@@ -469,7 +469,9 @@ def test_time_budget_stops_at_a_batch_boundary_and_the_stage_derives_it(tmp_path
     with caplog.at_level(logging.INFO, logger="hades_gpu.isne.trainer"):
         r = train_isne(ei, 3000, cfg)
     assert r.stopped_by_budget and r.epochs_run == 1 and not r.stopped_early
-    assert 0 < r.history[0]["batches"] < 3000 // 8 and budget <= r.train_seconds < 30
+    # train_seconds sums the epochs' own timers, which start a few microseconds after the budget's
+    # clock: at the stop it may sit just under the budget (seen in CI: 0.168194 s vs 0.168210 s)
+    assert 0 < r.history[0]["batches"] < 3000 // 8 and 0.95 * budget <= r.train_seconds < 30
     line = next(m for m in caplog.messages if m.startswith("isne epoch 1/50"))
     assert "pairs/s" in line and "ETA" in line and "budget 0 s" not in line and "val walk loss" in line
 
