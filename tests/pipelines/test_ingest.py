@@ -177,9 +177,9 @@ def test_resume_after_sigkill(tmp_path, embedder, writer):
 
 def test_ctrl_c_at_a_terminal_is_one_line_and_leaves_no_process(tmp_path, embedder):
     """Ctrl-C at a terminal signals the whole foreground process group: the run, its workers and its
-    writer process. The run alone answers it (one line, exit non-zero; the children leave SIGINT to
-    it: each printed a KeyboardInterrupt traceback before), no child outlives it, and a re-run
-    completes with every chunk once."""
+    writer process. The run alone answers it (one line, exit 130; the children leave SIGINT to it:
+    each printed a KeyboardInterrupt traceback before), no child outlives it, and a re-run completes
+    with every chunk once."""
     import psutil
 
     corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
@@ -198,8 +198,9 @@ def test_ctrl_c_at_a_terminal_is_one_line_and_leaves_no_process(tmp_path, embedd
     assert any("writer_process" in " ".join(c.cmdline()) for c in children)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "terminate called" not in ln]
+    # 130, not 134: the native teardown after an interrupt sometimes aborted (cli._exit_interrupted)
+    assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines == ["hades-ingest: error: interrupted (committed parts are kept: re-run to resume)"], stderr[-3000:]
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [c.pid for c in alive]
