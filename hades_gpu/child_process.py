@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import hades_gpu
 
@@ -32,21 +35,28 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def pdeathsig_preexec(signum: int = signal.SIGTERM) -> Optional[Callable[[], None]]:
-    """A `preexec_fn` asking the kernel to send `signum` to the child when the parent thread dies.
-
-    Linux only (None elsewhere). The kernel tracks the *thread* that forked: call from a thread that
-    lives as long as the child should. If the parent is already gone by the time the child runs
-    this, the child exits at once.
-    """
+def _prctl() -> Optional[Callable[..., int]]:
+    """libc's `prctl` (Linux only; None elsewhere or where it cannot be loaded)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: no dlopen after fork
-        prctl = libc.prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def pdeathsig_preexec(signum: int = signal.SIGTERM) -> Optional[Callable[[], None]]:
+    """A `preexec_fn` asking the kernel to send `signum` to the child when the parent thread dies.
+
+    Linux only (None elsewhere). The kernel tracks the *thread* that forked: call from a thread that
+    lives as long as the child should. If the parent is already gone by the time the child runs
+    this, the child exits at once. For a child that is not Python (tritonserver); a Python child
+    calls `die_with_parent` itself.
+    """
+    prctl = _prctl()  # loaded here, in the parent: no dlopen after fork
+    if prctl is None:
         return None
     parent = os.getpid()
 
@@ -64,18 +74,26 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
     ends; if that parent is gone already (it died before this ran), exit now. From the child rather
     than a `preexec_fn`, which runs between fork and exec and is unsafe in a parent with threads.
     Linux only; elsewhere a no-op (the child notices the parent's end on its pipe)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    if prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+    prctl = _prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         return
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def start_module(module: str, args: Sequence[str], pass_fds: Sequence[int] = (),
+                 env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, Connection]:
+    """`python -m <module> <child end of a socket pair> *args` (never `multiprocessing`'s spawn,
+    which re-runs the user's main module), and this process's end of the pair as a `Connection`.
+    `pass_fds`: further descriptors the child inherits; `env`: default `child_env()`."""
+    parent_sock, child_sock = socket.socketpair()
+    child_fd = child_sock.fileno()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(child_fd), *args], pass_fds=(child_fd, *pass_fds),
+                                env=env if env is not None else child_env(), stdin=subprocess.DEVNULL, close_fds=True)
+    finally:
+        child_sock.close()
+    return proc, Connection(parent_sock.detach())
 
 
 def leave_interrupts_to_parent() -> None:
@@ -98,4 +116,4 @@ def describe_exit(returncode: Optional[int]) -> str:
     return f"exit code {returncode}"
 
 
-__all__ = ["PACKAGE_ROOT", "child_env", "pdeathsig_preexec", "die_with_parent", "leave_interrupts_to_parent", "describe_exit"]
+__all__ = ["PACKAGE_ROOT", "child_env", "pdeathsig_preexec", "die_with_parent", "start_module", "leave_interrupts_to_parent", "describe_exit"]

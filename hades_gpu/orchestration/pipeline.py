@@ -311,6 +311,7 @@ class StreamingPipeline:
         # a sink in a process of its own (`writer_process.WriterProcess`) takes the slab itself: it
         # reads the rows there and hands the slab back to the ring once it has copied them
         take_slab = getattr(self.sink, "take_slab", None)
+        write_meter = self.metrics.stages["write"]
         try:
             while True:
                 try:
@@ -328,7 +329,7 @@ class StreamingPipeline:
                     except BaseException:
                         self.ring.release(batch.slab)  # never handed over: the run stops, nothing reads it
                         raise
-                    self.metrics.stages["write"].record(items=batch.rows, nbytes=batch.text_len + vectors.nbytes)
+                    write_meter.record(items=batch.rows, nbytes=batch.text_len + vectors.nbytes)
                     continue
                 # The rows leave the slab here and it goes back to the ring at once (embed returned: no
                 # copy from it is still running). Released only by the writer, slabs piled up in the write

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Callable, Optional, Union
 
-from hades_gpu.child_process import child_env
+from hades_gpu.child_process import child_env, start_module
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.orchestration.worker_main import WorkerSetup
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
@@ -145,17 +144,10 @@ class WorkerPool:
 
     # -- processes ----------------------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
-        parent_sock, child_sock = socket.socketpair()
         env = child_env()
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        child_fd = child_sock.fileno()
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.worker_main", str(child_fd),
-                                     str(self.ring.fd)], pass_fds=(child_fd, self.ring.fd), env=env,
-                                    stdin=subprocess.DEVNULL, close_fds=True)
-        finally:
-            child_sock.close()
-        conn = Connection(parent_sock.detach())
+        proc, conn = start_module("hades_gpu.orchestration.worker_main", [str(self.ring.fd)], pass_fds=[self.ring.fd],
+                                  env=env)
         worker = _Worker(proc=proc, conn=conn)
         self._selector.register(conn.fileno(), selectors.EVENT_READ, worker)
         try:

@@ -17,7 +17,7 @@ exactly-once) run in a child, which reads every batch from its shared-memory sla
           ◄── ("free", slab): back to the ring ────────   slab handed back at once; a writer thread:
                                                           rows_of(...) -> .add_rows (encode, commit)
  run end  ── ("flush",) / ("close",) / ("discard",) ──►  reply ("flushed") / ("closed", totals) / ...
-          ◄── ("committed", documents, rows) per part;   ("error", line, traceback) before it exits
+          ◄── ("error", line, traceback) before it exits on a failure
 ```
 
 One socket pair carries everything in order, so a document's "begin" always precedes its rows.
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from hades_gpu.child_process import child_env, describe_exit, die_with_parent, leave_interrupts_to_parent
+from hades_gpu.child_process import describe_exit, die_with_parent, leave_interrupts_to_parent, start_module
 from hades_gpu.gpu.slabs import SlabMapping, SlabRing, SlabView
 from hades_gpu.records import DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.lock import OutputLock
@@ -107,10 +107,9 @@ class WriterProcess:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
-        self.parts_written = 0
+        self.parts_written = 0  # the child's totals, set by close()
         self.rows_written = 0
         self.documents_committed = 0
-        self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
         self._send_lock = threading.Lock()
         self._notes: list[tuple] = []  # per-document messages not yet sent (see _note)
         self._ring: Optional[SlabRing] = None  # attach_ring
@@ -140,15 +139,7 @@ class WriterProcess:
     # -- the child ------------------------------------------------------------------------------------
     @staticmethod
     def _start(setup: WriterSetup) -> tuple[subprocess.Popen, Connection]:
-        parent_sock, child_sock = socket.socketpair()
-        child_fd = child_sock.fileno()
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.orchestration.writer_process", str(child_fd),
-                                     str(os.getpid())], pass_fds=(child_fd,), env=child_env(), stdin=subprocess.DEVNULL,
-                                    close_fds=True)
-        finally:
-            child_sock.close()
-        conn = Connection(parent_sock.detach())
+        proc, conn = start_module("hades_gpu.orchestration.writer_process", [str(os.getpid())])
         try:
             conn.send(setup)
         except OSError:
@@ -156,7 +147,8 @@ class WriterProcess:
         return proc, conn
 
     def _read_replies(self) -> None:
-        """Commit notices update the totals; answers go to the waiting call; the end is recorded."""
+        """Slabs the child copied go back to the ring; answers go to the waiting call; a failure or
+        the child's end is recorded and reported (`watch_failures`)."""
         while True:
             try:
                 reply = self._conn.recv()
@@ -167,12 +159,6 @@ class WriterProcess:
                 return
             if reply[0] == "free":
                 self._ring.release(reply[1])
-            elif reply[0] == "committed":
-                self.parts_written += 1
-                self.documents_committed += reply[1]
-                self.rows_written += reply[2]
-                if self.on_commit is not None:
-                    self.on_commit(reply[1], reply[2])
             elif reply[0] == "error":
                 log.debug("writer process traceback:\n%s", reply[2])
                 self._failed(WriterProcessError(f"writer process: {reply[1]}"))
@@ -387,7 +373,6 @@ def serve(conn: Connection) -> int:
         writer = DatasetWriter(Path(setup.output), setup.shard, setup.dim, setup.rows_per_part, opened=True)
     except Exception as err:  # noqa: BLE001 - reported to the parent in one line
         fail(err)
-    writer.on_commit = lambda documents, rows: send(("committed", documents, rows))
     copied: "queue_mod.Queue[object]" = queue_mod.Queue(maxsize=COPIED_BATCHES)
     limit = max(1, min(WRITE_BLOCK_ROWS, writer.row_group_rows))
 
