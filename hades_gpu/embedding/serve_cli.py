@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
+import threading
 from typing import Optional
 
 from hades_gpu.embedding.triton_server import (DEFAULT_MODELS, TRITONSERVER_ENV, TritonServer, TritonServerError,
@@ -47,11 +49,14 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
-    stopping = {"signal": None}
+    # The handler only records the request; the main thread polls for it. Raising from the handler
+    # (as before) relied on the signal interrupting the main thread's blocking waitpid, but the kernel
+    # may deliver it to another thread (gRPC's, left from the readiness checks): the main thread then
+    # slept in waitpid until tritonserver exited on its own (seen: 1 in 3 stops under load).
+    stop_requested = threading.Event()
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-        raise KeyboardInterrupt
+    def _on_signal(_signum: int, _frame: object) -> None:
+        stop_requested.set()
 
     old_term = signal.signal(signal.SIGTERM, _on_signal)
     server: Optional[TritonServer] = None
@@ -63,11 +68,14 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         print(f"gRPC {server.grpc_url}", flush=True)
         print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
               f"pid {server.pid}  log {server.log_file}", flush=True)
-        rc = server.wait()
+        rc = _wait_for_exit_or_stop(server, stop_requested)
+        if rc is None:
+            print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
+            return 0
         print(f"hades-serve: tritonserver exited on its own with code {rc} (log {server.log_file}): "
               f"{_tail(server.log_file)}", file=sys.stderr)
         return rc or 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C during the start; afterwards SIGINT is polled like SIGTERM
         if server is not None:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
         return 0
@@ -82,3 +90,21 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         if server is not None:
             server.stop()
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event, poll_s: float = 0.2) -> Optional[int]:
+    """The server's exit code when it exits on its own; None once SIGTERM or Ctrl-C asked us to stop.
+
+    Ctrl-C is handled here like SIGTERM (a flag, polled) for the same reason: no asynchronous
+    KeyboardInterrupt that may never wake a blocked main thread.
+    """
+    old_int = signal.signal(signal.SIGINT, lambda _signum, _frame: stop_requested.set())
+    try:
+        while not stop_requested.is_set():
+            try:
+                return server.wait(poll_s)
+            except subprocess.TimeoutExpired:
+                continue
+        return None
+    finally:
+        signal.signal(signal.SIGINT, old_int)

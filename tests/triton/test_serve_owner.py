@@ -102,16 +102,18 @@ def test_sigkill_of_hades_serve_takes_tritonserver_down(tmp_path, how):
 
 
 @needs_server
-def test_clean_stop_removes_the_temporary_folder(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_clean_stop_removes_the_temporary_folder(tmp_path, signum):
     proc, server_pid, port = _start_serve(tmp_path)
     try:
         assert len(_workdirs(tmp_path)) == 1
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signum)
         try:  # communicate: its pipes are read while it stops, so a full pipe can never hold it up
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"hades-serve still runs 60 s after SIGTERM: {_stop_state(proc.pid, server_pid, tmp_path)}")
+            pytest.fail(f"hades-serve still runs 60 s after {signum.name}: {_stop_state(proc.pid, server_pid, tmp_path)}")
         assert proc.returncode == 0, err
+        assert err.strip().splitlines()[-1] == "hades-serve: stopping tritonserver", err
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
