@@ -193,7 +193,7 @@ class ClusterIngest:
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
             sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents)
+            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out])
             t_discover = time.perf_counter() - t0
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()

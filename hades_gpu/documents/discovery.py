@@ -108,7 +108,7 @@ class Skip:
     """A path that will not be ingested, and why (a row of the run report's ``skipped`` list).
 
     reason: ``missing`` | ``unreadable`` | ``too_large`` | ``binary`` | ``symlink`` | ``duplicate``
-    here; reading adds ``empty`` | ``decode_error`` (see `hades_gpu.documents.reading`).
+    | ``output_folder`` here; reading adds ``empty`` | ``decode_error`` (see `hades_gpu.documents.reading`).
     """
 
     path: str
@@ -265,14 +265,18 @@ def _ignored(ignores: _Ignores, abs_path: str, is_dir: bool) -> bool:
 class _Walker:
     """State of one `discover` call: results, skips, and what was seen (for duplicates/loops)."""
 
-    def __init__(self, cfg: DocumentsConfig, root: Optional[str]) -> None:
+    def __init__(self, cfg: DocumentsConfig, root: Optional[str], skip_folders: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.root = os.path.abspath(root) if root is not None else None
+        self.skip_folders = _folder_ids(skip_folders)
         self.refs: list[DocumentRef] = []
         self.skips: list[Skip] = []
         self.seen_paths: set[str] = set()
         self.seen_rel: dict[str, str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
+
+    def _skip_output(self, folder: str) -> None:
+        self.skips.append(Skip(folder, "output_folder", "the run's own output folder: its files are not documents"))
 
     def rel_for(self, abs_path: str, default: str) -> str:
         if self.root is not None:
@@ -317,6 +321,9 @@ class _Walker:
             self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
             return
         if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in self.skip_folders:
+                self._skip_output(abs_path)
+                return
             self.seen_dirs.add((st.st_dev, st.st_ino))
             base = self.rel_for(abs_path, "")
             ignores = _ancestor_ignores(abs_path) if self.cfg.respect_gitignore else ()
@@ -364,6 +371,9 @@ class _Walker:
                     self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
                     continue
                 key = (st.st_dev, st.st_ino)
+                if key in self.skip_folders:
+                    self._skip_output(entry.path)
+                    continue
                 if key in self.seen_dirs:
                     self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
                     continue
@@ -402,11 +412,25 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
+def _folder_ids(folders: Sequence[PathLike]) -> set[tuple[int, int]]:
+    """(device, inode) of each existing folder: the same folder under any name or link matches."""
+    ids = set()
+    for folder in folders:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue  # not made yet: nothing in it to skip
+        if stat.S_ISDIR(st.st_mode):
+            ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
 def discover(
     sources: Union[PathLike, Sequence[PathLike]],
     cfg: DocumentsConfig,
     *,
     root: Optional[PathLike] = None,
+    skip_folders: Sequence[PathLike] = (),
 ) -> tuple[list[DocumentRef], list[Skip]]:
     """Documents under `sources` (folders and/or files) and the paths skipped on the way.
 
@@ -416,6 +440,9 @@ def discover(
         root (str | Path, optional): when given, every ``rel_path`` is taken relative to this folder
             (for shards that hand over explicit file lists: ids then match a whole-folder run).
             Paths outside it fall back to the rules below. (default: None)
+        skip_folders (Sequence[str | Path]): folders never walked, even when named as a source: the
+            run's output folder, whose metrics and index files would otherwise be ingested by the
+            next run over a corpus that holds it. Each is one ``output_folder`` skip. (default: none)
 
     Returns:
         ``(refs, skips)``: refs in a deterministic order (sources in the order given, folders
@@ -423,7 +450,7 @@ def discover(
         file name for a file source. A second file with an already used ``rel_path`` (two source
         folders both holding ``README.md``) is skipped as ``duplicate`` (doc ids derive from it).
     """
-    walker = _Walker(cfg, os.fspath(root) if root is not None else None)
+    walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders])
     for src in _sources_list(sources):
         walker.source(src)
     if walker.skips:

@@ -135,7 +135,7 @@ class IngestPipeline:
         out = self._output_dir(output)
         with OutputLock(out, self.shard.label):
             sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents)
+            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out])
             return self._ingest(refs, skips, out)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:

@@ -182,3 +182,22 @@ def test_extra_extensions() -> None:
     assert classify("x.PY", cfg) == (CODE, "python")
     assert classify("x.weird", cfg) == (PROSE, "text")
     assert classify("x.png", cfg) is None
+
+
+def test_skip_folders_are_never_walked_under_any_name(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    _write(root, "a.md", "text")
+    out = root / "nested" / "out"  # the run's output inside its own corpus
+    _write(out, "metrics.json", "{}")
+    _write(out, "index/knn.json", "{}")
+    (root / "alias").symlink_to(out, target_is_directory=True)
+    cfg = DocumentsConfig(follow_symlinks=True)
+
+    refs, skips = discover(root, cfg, skip_folders=[out])
+    assert _rels(refs) == ["a.md"]
+    assert sorted((Path(s.path).name, s.reason) for s in skips) == [("alias", "output_folder"), ("out", "output_folder")]
+    # named as a source itself: still not walked; a folder that does not exist yet skips nothing
+    refs, skips = discover([out, root / "a.md"], cfg, skip_folders=[str(out), tmp_path / "not-made-yet"])
+    assert _rels(refs) == ["a.md"] and [s.reason for s in skips] == ["output_folder"]
+    # without it the output's files are documents like any other
+    assert any(rel.endswith("out/metrics.json") or rel == "alias/metrics.json" for rel in _rels(discover(root, cfg)[0]))

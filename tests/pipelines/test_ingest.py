@@ -103,6 +103,18 @@ def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
     assert len(after) < len(table) + 1
 
 
+def test_output_inside_the_corpus_is_not_ingested_by_the_next_run(sample_corpus, tmp_path, embedder):
+    out = sample_corpus / "ingested"  # `hades-ingest corpus=. output=./ingested` and run again
+    first = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
+    assert (out / "metrics.json").is_file()
+    again = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
+    assert again.documents_ingested == 0 and again.documents_unchanged == first.documents_ingested
+    assert {s["reason"] for s in again.skipped if str(out) in s["path"]} == {"output_folder"}
+    paths = set(read_documents(out, ["path"]).column("path").to_pylist())
+    assert not any(p.startswith(str(out)) for p in paths), paths
+    assert_exactly_once(out)
+
+
 def test_embeddings_match_sentence_transformers(sample_corpus, tmp_path, embedder, sentence_transformer):
     out = tmp_path / "out"
     TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
