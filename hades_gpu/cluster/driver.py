@@ -38,7 +38,7 @@ from hades_gpu.documents.discovery import Skip, discover
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError
 from hades_gpu.records import DocumentRef, shard_label
-from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.layout import is_output_listing, metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import committed_document_count
@@ -193,7 +193,8 @@ class ClusterIngest:
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
             sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out])
+            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out],
+                                   is_output_folder=is_output_listing)
             t_discover = time.perf_counter() - t0
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()

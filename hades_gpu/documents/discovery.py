@@ -42,7 +42,7 @@ import re
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import pathspec
 
@@ -265,18 +265,20 @@ def _ignored(ignores: _Ignores, abs_path: str, is_dir: bool) -> bool:
 class _Walker:
     """State of one `discover` call: results, skips, and what was seen (for duplicates/loops)."""
 
-    def __init__(self, cfg: DocumentsConfig, root: Optional[str], skip_folders: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: DocumentsConfig, root: Optional[str], skip_folders: Sequence[str] = (),
+                 is_output_folder: Optional[Callable[[list[str]], bool]] = None) -> None:
         self.cfg = cfg
         self.root = os.path.abspath(root) if root is not None else None
         self.skip_folders = _folder_ids(skip_folders)
+        self.is_output_folder = is_output_folder
         self.refs: list[DocumentRef] = []
         self.skips: list[Skip] = []
         self.seen_paths: set[str] = set()
         self.seen_rel: dict[str, str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
 
-    def _skip_output(self, folder: str) -> None:
-        self.skips.append(Skip(folder, "output_folder", "the run's own output folder: its files are not documents"))
+    def _skip_output(self, folder: str, detail: str = "the run's own output folder: its files are not documents") -> None:
+        self.skips.append(Skip(folder, "output_folder", detail))
 
     def rel_for(self, abs_path: str, default: str) -> str:
         if self.root is not None:
@@ -349,6 +351,9 @@ class _Walker:
         except OSError as err:
             self.skips.append(Skip(folder, "unreadable",
                                    f"cannot list folder ({type(err).__name__}: {err.strerror or err})"))
+            return
+        if self.is_output_folder is not None and self.is_output_folder([e.name for e in entries]):
+            self._skip_output(folder, "an ingest output folder (another run's): its files are not documents")
             return
         for entry in entries:
             if not cfg.include_hidden and entry.name.startswith("."):
@@ -431,6 +436,7 @@ def discover(
     *,
     root: Optional[PathLike] = None,
     skip_folders: Sequence[PathLike] = (),
+    is_output_folder: Optional[Callable[[list[str]], bool]] = None,
 ) -> tuple[list[DocumentRef], list[Skip]]:
     """Documents under `sources` (folders and/or files) and the paths skipped on the way.
 
@@ -443,6 +449,10 @@ def discover(
         skip_folders (Sequence[str | Path]): folders never walked, even when named as a source: the
             run's output folder, whose metrics and index files would otherwise be ingested by the
             next run over a corpus that holds it. Each is one ``output_folder`` skip. (default: none)
+        is_output_folder (callable, optional): given a folder's entry names, whether it is an output
+            of this tool (`hades_gpu.store.layout.is_output_listing`; discovery sits below the store and
+            does not know its file names): such a folder is not walked either, one ``output_folder``
+            skip. (default: every folder is walked)
 
     Returns:
         ``(refs, skips)``: refs in a deterministic order (sources in the order given, folders
@@ -450,7 +460,8 @@ def discover(
         file name for a file source. A second file with an already used ``rel_path`` (two source
         folders both holding ``README.md``) is skipped as ``duplicate`` (doc ids derive from it).
     """
-    walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders])
+    walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders],
+                     is_output_folder)
     for src in _sources_list(sources):
         walker.source(src)
     if walker.skips:

@@ -31,7 +31,7 @@ from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
-from hades_gpu.store.layout import metrics_path, shard_metrics_path
+from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
@@ -135,7 +135,8 @@ class IngestPipeline:
         out = self._output_dir(output)
         with OutputLock(out, self.shard.label):
             sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out])
+            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out],
+                                   is_output_folder=is_output_listing)
             return self._ingest(refs, skips, out)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:

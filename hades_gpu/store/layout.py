@@ -21,6 +21,7 @@ One place for names and schemas, so the writer, every reader, the graph and the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import pyarrow as pa
 
@@ -35,6 +36,12 @@ KNN_INDEX_FILE = "knn.faiss"
 KNN_INDEX_IDS_FILE = "knn-ids.parquet"
 KNN_INDEX_META_FILE = "knn.json"
 TABLES = (CHUNKS_DIR, DOCUMENTS_DIR)
+
+
+def is_output_listing(names: Collection[str]) -> bool:
+    """Whether a folder holding these entries is an ingest output: a shard manifest beside `chunks/`
+    (discovery does not walk such a folder: its Parquet, metrics and index files are not documents)."""
+    return CHUNKS_DIR in names and any(n.startswith("manifest-") and n.endswith(".sqlite") for n in names)
 
 
 def chunk_schema(dim: int) -> pa.Schema:

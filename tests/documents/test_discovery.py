@@ -201,3 +201,20 @@ def test_skip_folders_are_never_walked_under_any_name(tmp_path: Path) -> None:
     assert _rels(refs) == ["a.md"] and [s.reason for s in skips] == ["output_folder"]
     # without it the output's files are documents like any other
     assert any(rel.endswith("out/metrics.json") or rel == "alias/metrics.json" for rel in _rels(discover(root, cfg)[0]))
+
+
+def test_output_folders_of_other_runs_are_recognised_by_their_listing(tmp_path: Path) -> None:
+    from hades_gpu.store.layout import is_output_listing
+
+    root = tmp_path / "corpus"
+    _write(root, "a.md", "text")
+    _write(root, "old-out/manifest-all.sqlite", b"SQLite format 3\x00")
+    _write(root, "old-out/metrics.json", "{}")
+    _write(root, "old-out/chunks/part-all-00000.parquet", b"PAR1")
+    _write(root, "notes/manifest-2024.sqlite", b"x")  # a manifest without chunks/: an ordinary folder
+    _write(root, "notes/todo.md", "text")
+    refs, skips = discover(root, DocumentsConfig(), is_output_folder=is_output_listing)
+    assert _rels(refs) == ["a.md", "notes/todo.md"]
+    assert sorted((Path(s.path).name, s.reason) for s in skips) == [("manifest-2024.sqlite", "binary"), ("old-out", "output_folder")]
+    refs, skips = discover(root / "old-out", DocumentsConfig(), is_output_folder=is_output_listing)
+    assert refs == [] and [s.reason for s in skips] == ["output_folder"]  # named as the corpus: still skipped
