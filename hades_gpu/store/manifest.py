@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 LEGACY_JSON_VERSION = 1
+LOOKUP_BATCH = 500  # keys per IN (...) query: under SQLite's bound-parameter limit (999 before 3.32)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS parts (number INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
@@ -224,6 +225,20 @@ class Manifest:
         row = self._query("SELECT doc_id, content_hash, n_chunks, part, size, mtime_ns FROM documents "
                           "WHERE rel_path = ?", (rel_path,))
         return DocumentEntry(*row[0]) if row else None
+
+    def lookup_many(self, rel_paths: Iterable[str]) -> dict[str, DocumentEntry]:
+        """The entries of those of `rel_paths` the manifest holds, in queries of `LOOKUP_BATCH` keys:
+        a part's commit asks for all its documents, one query each was ~15% of the main process's
+        CPU on a corpus of 1 KB files."""
+        keys = list(dict.fromkeys(rel_paths))
+        found: dict[str, DocumentEntry] = {}
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            batch = tuple(keys[start:start + LOOKUP_BATCH])
+            marks = ",".join("?" * len(batch))
+            for rel, *rest in self._query("SELECT rel_path, doc_id, content_hash, n_chunks, part, size, mtime_ns "
+                                          f"FROM documents WHERE rel_path IN ({marks})", batch):
+                found[rel] = DocumentEntry(*rest)
+        return found
 
     def documents(self) -> Iterator[tuple[str, DocumentEntry]]:
         """Every (rel_path, entry), in rel_path order (a scan: for reports and tests, not per document)."""

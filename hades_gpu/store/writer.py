@@ -328,10 +328,8 @@ class DatasetWriter:
         kill_point("after_part_written")
 
         replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
-        for doc in ready:
-            old = self.manifest.lookup(doc.ref.rel_path)
-            if old is not None:
-                replaced.setdefault(old.part, set()).add(old.doc_id)
+        for old in self.manifest.lookup_many(doc.ref.rel_path for doc in ready).values():
+            replaced.setdefault(old.part, set()).add(old.doc_id)
         replacements = []
         for old_part, doc_ids in sorted(replaced.items()):
             number += 1

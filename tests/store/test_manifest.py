@@ -84,6 +84,19 @@ def test_a_commit_costs_the_same_with_many_documents_already_in(tmp_path):
     assert m.lookup("dir/17/3.py").doc_id == "d17-3" and m.lookup("dir/41/0.py") is None
 
 
+def test_lookup_many_answers_as_lookup_does_over_several_queries(tmp_path):
+    from hades_gpu.store.manifest import LOOKUP_BATCH, DocumentEntry
+
+    m = Manifest.load(tmp_path, "s0")
+    n = 2 * LOOKUP_BATCH + 7
+    m.commit_part("part-s0-00001", [(f"d/{i}.md", DocumentEntry(f"id{i}", f"h{i}", 1, "part-s0-00001", i, i))
+                                    for i in range(n)])
+    asked = [f"d/{i}.md" for i in range(0, n + 40, 3)] + ["d/3.md", "no such.md"]  # a repeat, absent keys
+    found = m.lookup_many(iter(asked))
+    assert found == {rel: m.lookup(rel) for rel in asked if m.lookup(rel) is not None}
+    assert len(found) == len(range(0, n, 3)) and m.lookup_many([]) == {}
+
+
 def test_a_part_is_committed_once_and_a_failed_commit_changes_nothing(tmp_path):
     from hades_gpu.store.manifest import DocumentEntry
 
