@@ -7,6 +7,7 @@ queues (`nbytes`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -121,8 +122,10 @@ class DocumentRef:
                 object.__setattr__(self, "rel_path_raw", _fsencode(self.rel_path))
             object.__setattr__(self, "rel_path", shown)
 
-    @property
+    @functools.cached_property
     def doc_id(self) -> str:
+        """`stable_id(rel_path)`, hashed once per object: the main process asked three times per
+        document (resume, writer, documents table)."""
         return stable_id(self.rel_path)
 
     @property

@@ -1,6 +1,6 @@
 """The worker process: read, chunk, tokenize and pack documents into the main process's slabs.
 
-Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slab-fd>`` by
+Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slab-fd> <board-fd> <slot>`` by
 `workers.WorkerPool`, never through `multiprocessing`'s spawn: spawn re-runs the user's main module in
 every child (a plain script without a main guard then starts workers recursively and dies, and
 ``python - < script`` fails on ``'<stdin>'``). This module imports only the package, so workers start
@@ -12,11 +12,12 @@ Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
 - parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
   a `WorkerSetup`; afterwards ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
-- worker -> parent: a task's key when it starts reading it (the document charged if it dies now),
-  one `DocumentResult` per task, in task order, then `SlabBatch` headers for the batches holding its
-  chunks (a document's result always precedes its rows). Reports are sent together, as one list, at
-  the points where the parent must hear them: before a document is read (with its key) and before
-  the worker waits for the parent.
+- worker -> parent: one `DocumentResult` per task, in task order, then `SlabBatch` headers for the
+  batches holding its chunks (a document's result always precedes its rows). Reports are sent
+  together, as one list: before the worker reads a document when a batch header is waiting (the
+  embedder wants it) or `reports_per_message` reports are, and before the worker waits for the
+  parent. The document it is reading is not a message: it is stored in the `ReadingBoard` (the
+  document charged if the worker dies now), which the parent reads after a death.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Callable, Optional
 from hades_gpu.child_process import leave_interrupts_to_parent
 from hades_gpu.gpu.slabs import SlabLayout, SlabMapping
 from hades_gpu.orchestration.batcher import LengthSortedBatcher
+from hades_gpu.orchestration.reading_board import ReadingBoard
 from hades_gpu.orchestration.slab_packer import SlabPacker
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult
 
@@ -62,6 +64,7 @@ class WorkerSetup:
     lookahead_batches: int
     special_ids: tuple[int, int, int]
     idle_flush_s: float = 0.02  # no new task for this long: write out the look-ahead window
+    reports_per_message: int = 1  # document results held back for one send (a batch header goes at once)
     log_level: int = logging.WARNING
 
 
@@ -88,11 +91,13 @@ def _plain_result(key: int, doc: ChunkedDocument, known_hash: Optional[str], bus
                           encoding=doc.encoding)
 
 
-def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_gc: bool = False) -> None:
+def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_gc: bool = False,
+               mark_reading: Callable[[int], None] = lambda key: None) -> None:
     """The worker loop (also driven in-process by tests): returns on ``stop`` or when the parent is gone.
 
     `tune_gc` (the worker process's own `main`): `GC_GEN0_THRESHOLD`, and everything alive after the
-    first document (modules, the tokenizer) frozen out of the collector's passes."""
+    first document (modules, the tokenizer) frozen out of the collector's passes. `mark_reading(key)`
+    runs before each document is read (the process's `main`: its slot of the `ReadingBoard`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if tune_gc:
         gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
@@ -115,15 +120,22 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
             raise ValueError(f"unknown message {kind!r}")
 
     # Reports wait in `outbox` and go as one message (a list) at the next point where the parent must
-    # hear from this worker: before it reads a document (its key: a death while reading is charged to
-    # it) and before any wait for the parent (a slab, a task). A document's result, its batches and
-    # the next document's key were three to five pickled messages, each a wake-up of the router.
+    # hear from this worker: before it reads on while a batch header waits or `reports_per_message`
+    # reports do, and before any wait for the parent (a slab, a task). A document's result, its
+    # batches and the next document's key were three to five pickled messages, each a wake-up of the
+    # router; then one per document (with the key the reading board now holds).
     outbox: list[Any] = []
+    batch_waiting = [False]  # a batch header is in the outbox: send before reading on
 
     def send_outbox() -> None:
         if outbox:
             conn.send(outbox[0] if len(outbox) == 1 else list(outbox))
             outbox.clear()
+            batch_waiting[0] = False
+
+    def report_batch(batch: Any) -> None:
+        outbox.append(batch)
+        batch_waiting[0] = True
 
     def receive_waiting() -> None:
         """Handle every message already waiting (grants, tasks) without blocking."""
@@ -143,7 +155,7 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
 
     batcher = LengthSortedBatcher(setup.max_batch_tokens, setup.max_batch_size, setup.length_bucket, setup.max_seq_len,
                                   setup.lookahead_batches, budget_fn=lambda base: budget[0])
-    packer = SlabPacker(batcher, setup.special_ids, acquire, lambda i: mapping.views[i], outbox.append)
+    packer = SlabPacker(batcher, setup.special_ids, acquire, lambda i: mapping.views[i], report_batch)
     try:
         while True:
             if not tasks:
@@ -154,8 +166,9 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
                 handle(conn.recv())
                 continue
             key, ref, known_hash = tasks.popleft()
-            outbox.append(key)  # so that a death while reading it is charged to this document, not a neighbour
-            send_outbox()
+            mark_reading(key)  # so that a death while reading it is charged to this document, not a neighbour
+            if batch_waiting[0] or len(outbox) >= setup.reports_per_message:
+                send_outbox()
             if packer.backlog:
                 packer.write_backlog(block=False)  # slabs granted since the last document
             t0 = time.perf_counter()
@@ -180,6 +193,7 @@ def main(argv: list[str]) -> int:
     leave_interrupts_to_parent()  # the parent stops this worker ("stop", or its pipe's end)
     conn = Connection(int(argv[1]))
     slab_fd = int(argv[2])
+    board, slot = ReadingBoard(int(argv[4]) + 1, fd=int(argv[3])), int(argv[4])
     try:
         paths = conn.recv()
     except EOFError:
@@ -193,7 +207,7 @@ def main(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=setup.log_level, format=f"hades-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     mapping = SlabMapping(slab_fd, setup.layout, setup.slab_count)
-    run_worker(conn, setup, mapping, tune_gc=True)
+    run_worker(conn, setup, mapping, tune_gc=True, mark_reading=lambda key: board.mark(slot, key))
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Union
 
 from hades_gpu.child_process import child_env, start_module
 from hades_gpu.gpu.slabs import SlabRing
+from hades_gpu.orchestration.reading_board import ReadingBoard
 from hades_gpu.orchestration.worker_main import WorkerSetup
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
@@ -91,7 +92,6 @@ class _Worker:
     pending: "OrderedDict[int, _Task]" = field(default_factory=OrderedDict)  # handed out, no result yet
     delivering: dict[int, _Delivery] = field(default_factory=dict)  # result in, rows still arriving
     slabs: set[int] = field(default_factory=set)  # granted and not yet sent back
-    started: Optional[int] = None  # key of the task it said it began reading
     dead: bool = False
 
 
@@ -120,9 +120,13 @@ class WorkerPool:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
         self.ring = ring
-        self._setup = WorkerSetup(layout=ring.layout, slab_count=ring.count, process_fn=process_fn, fn_args=fn_args,
-                                  log_level=logging.getLogger("hades_gpu").getEffectiveLevel(), **packing)
         self._per_worker = max(1, max_inflight_per_worker)
+        # A worker holds back its document results until a quarter of its share is done (a batch
+        # header goes at once): the refill at half its share then still comes before it runs dry.
+        self._setup = WorkerSetup(layout=ring.layout, slab_count=ring.count, process_fn=process_fn, fn_args=fn_args,
+                                  log_level=logging.getLogger("hades_gpu").getEffectiveLevel(),
+                                  reports_per_message=max(1, self._per_worker // 4), **packing)
+        self._board = ReadingBoard(num_workers)
         self._slabs_per_worker = max(1, slabs_per_worker)
         self._next_key = 0
         self._budget: Optional[int] = None
@@ -136,18 +140,20 @@ class WorkerPool:
         self._selector.register(ring.wake_socket(), selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
         try:
-            for _ in range(num_workers):
-                self._workers.append(self._start_worker())
+            for slot in range(num_workers):
+                self._workers.append(self._start_worker(slot))
         except BaseException:
             self.close()
             raise
 
     # -- processes ----------------------------------------------------------------------------------
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, slot: int) -> _Worker:
         env = child_env()
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        proc, conn = start_module("hades_gpu.orchestration.worker_main", [str(self.ring.fd)], pass_fds=[self.ring.fd],
-                                  env=env)
+        self._board.clear(slot)
+        proc, conn = start_module("hades_gpu.orchestration.worker_main",
+                                  [str(self.ring.fd), str(self._board.fd), str(slot)],
+                                  pass_fds=[self.ring.fd, self._board.fd], env=env)
         worker = _Worker(proc=proc, conn=conn)
         self._selector.register(conn.fileno(), selectors.EVENT_READ, worker)
         try:
@@ -263,9 +269,6 @@ class WorkerPool:
                 events.append(event)
 
     def _receive(self, worker: _Worker, msg: object) -> Optional[PoolEvent]:
-        if isinstance(msg, int):  # "I am reading this task now"
-            worker.started = msg
-            return None
         if isinstance(msg, DocumentResult):
             task = worker.pending.pop(msg.key)
             if msg.n_chunks:
@@ -290,6 +293,7 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             worker.proc.kill()
             code = worker.proc.wait()
+        started = self._board.reading(slot)  # read before the slot's next worker clears it
         self._selector.unregister(worker.conn.fileno())
         worker.conn.close()
         log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
@@ -297,13 +301,14 @@ class WorkerPool:
         for slab in sorted(worker.slabs):
             self.ring.release(slab)  # granted, never filled and sent: nobody else holds it
         worker.slabs.clear()
-        self._workers[slot] = self._start_worker()
+        self._workers[slot] = self._start_worker(slot)
         self.restarts += 1
         events: list[PoolEvent] = []
         retries: list[_Task] = []
-        # Who is charged a try: the document it said it began reading and never answered; when it died
-        # between documents (packing, idle), the documents whose rows it was still packing.
-        reading = worker.started if worker.started in worker.pending else None
+        # Who is charged a try: the document it marked on the board as being read and whose result never
+        # came (read, or reported but not yet sent); when it died between documents (packing, idle),
+        # the documents whose rows it was still packing.
+        reading = started if started in worker.pending else None
         suspects = {reading} if reading is not None else set(worker.delivering)
         for key, delivery in worker.delivering.items():
             events.append(AbandonEvent(key))  # some of its rows are lost with the worker: redo it all
@@ -386,6 +391,7 @@ class WorkerPool:
                 self.ring.release(slab)  # granted, never sent back: the exited worker no longer holds it
             worker.slabs.clear()
         self._selector.close()
+        self._board.close()
 
     def __enter__(self) -> "WorkerPool":
         return self

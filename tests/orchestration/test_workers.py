@@ -491,7 +491,8 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     truth = [process_document(r, DOCS_CFG, CHUNK_CFG) for r in real]
     ring = SlabRing(4, _setup().layout, pin=False)
     parent, child = Pipe()
-    worker, errors = _start_loop(child, _setup(), ring)
+    marked: list[int] = []
+    worker, errors = _start_loop(child, _setup(), ring, mark_reading=marked.append)
     parent.send(("slabs", [0, 1, 2, 3]))
     tasks = [(4, _fake("a", 3), None), (7, _fake("bad", 1), None), (9, _fake("b", 5), "50"),
              (10, real[0], truth[0].content_hash), (11, _fake("forced", 2), None), (12, real[1], "stale")]
@@ -501,9 +502,7 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     got = _receive(parent, lambda g: sum(m.rows for m in g if isinstance(m, SlabBatch)) >= n_rows)
     results = [m for m in got if isinstance(m, DocumentResult)]
     assert [r.key for r in results] == [4, 7, 9, 10, 11, 12]  # in task order
-    # each result is preceded by its "reading it now" key (the document charged if the worker dies)
-    assert [m for m in got if isinstance(m, int)] == [4, 7, 9, 10, 11, 12]
-    assert all(got[got.index(r) - 1] == r.key for r in results[:5])
+    assert marked == [4, 7, 9, 10, 11, 12]  # each marked as being read (the document charged if it dies)
     assert [r.content_hash for r in results[:3]] == ["30", "", "50"]
     assert (results[1].skip_reason, results[1].skip_detail) == ("worker_error", "ValueError: cannot read bad")
     assert results[0].skip_reason is None and results[0].n_chunks == 0 and results[0].ref is None
@@ -525,6 +524,29 @@ def test_the_worker_loop_answers_each_task_in_order_and_flushes_rows_when_idle(m
     assert not worker.is_alive() and errors == []
     assert not parent.poll(0.1)  # the task after stop was never answered
     ring.close()
+
+
+def test_the_worker_loop_sends_reports_several_to_a_message():
+    """`reports_per_message`: results without rows wait until that many are due (then one message,
+    in task order) or until the worker would wait for the parent; no per-document key messages."""
+    ring = SlabRing(4, _setup().layout, pin=False)
+    parent, child = Pipe()
+    worker, errors = _start_loop(child, _setup(reports_per_message=3), ring)
+    try:
+        parent.send(("slabs", [0, 1]))
+        parent.send(("tasks", [(k, _fake(f"f{k}", 1), None) for k in range(7)]))
+        messages = []
+        while sum(len(m) if isinstance(m, list) else 1 for m in messages) < 7:
+            assert parent.poll(20), f"the worker stopped answering after {messages!r}"
+            messages.append(parent.recv())
+        assert [[r.key for r in m] for m in messages[:2]] == [[0, 1, 2], [3, 4, 5]]
+        assert isinstance(messages[2], DocumentResult) and messages[2].key == 6  # out of tasks: sent alone
+        assert not parent.poll(0.2)
+        parent.send(("stop",))
+        worker.join(5)
+        assert errors == []
+    finally:
+        ring.close()
 
 
 def test_a_worker_process_tunes_its_collector_after_the_first_document():
@@ -567,8 +589,8 @@ def test_the_worker_loop_ends_when_its_parent_is_gone_and_waits_while_it_lives()
         if waiting_for_a_slab:  # a document to pack and no slab granted: it waits in acquire
             real = next(r for r in discover([str(SAMPLE_CORPUS)], DOCS_CFG)[0] if r.rel_path.endswith("api.rst"))
             parent.send(("tasks", [(1, real, None)]))
-            got = _receive(parent, lambda g: len(g) == 2)
-            assert got[0] == 1 and isinstance(got[1], DocumentResult)
+            got = _receive(parent, lambda g: len(g) == 1)
+            assert isinstance(got[0], DocumentResult) and got[0].key == 1
         worker.join(1.0)
         assert worker.is_alive()  # an idle (or slab-starved) worker with a live parent keeps waiting
         parent.close()  # the parent is gone: EOF on the pipe
