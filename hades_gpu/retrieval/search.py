@@ -157,6 +157,9 @@ class Searcher:
         if expand not in SearchExpand.values():
             raise SearchError(f"expand must be one of {'|'.join(SearchExpand.values())} (got {expand!r})")
         queries = list(queries)
+        blank = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
+        if blank:  # the model embeds "" as well, and its nearest chunks look like an answer to nothing
+            raise SearchError(f"query {blank[0]} is empty or not text (got {queries[blank[0]]!r})")
         t0 = time.perf_counter()
         qv = embed_texts(self.embedder, queries, self.max_seq_len)
         embed_ms = (time.perf_counter() - t0) * 1000 / max(1, len(queries))

@@ -64,6 +64,8 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         parser.error(f"overrides must be key=value (got {bad[0]!r})")
+    if not args.query.strip():
+        parser.error("the query is empty")
     try:
         cfg = load_pipeline_config(overrides=overrides)
         with Searcher(args.output, cfg) as searcher:

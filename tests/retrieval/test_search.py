@@ -170,6 +170,8 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
         for expand, what in (("graph", "no chunk graph"), ("isne", "no ISNE vectors")):
             with pytest.raises(SearchError, match=what):
                 s.search("calendar", 3, expand)
+        with pytest.raises(SearchError, match="query 1 is empty"):
+            s.search_many(["calendar", "  \n"], 3)
     assert search_cli([str(tmp_path / "nothing"), "q"]) == 2
     err = capsys.readouterr().err
     assert "is not an ingest output" in err and err.count("\n") == 1
@@ -178,6 +180,10 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
     assert info.value.code == 2
     assert search_cli([str(copy), "q", "search.k=0"]) == 2
     assert "search.k must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        search_cli([str(copy), " "])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "the query is empty" in err and err.count("\n") == 1
 
 
 
