@@ -59,6 +59,42 @@ def build_corpus(dest: Path, megabytes: float, code_share: float = 0.6, seed: in
     return sizes
 
 
+def small_files(max_bytes: int) -> list[Path]:
+    """Real files of at most `max_bytes` bytes (code and prose, sorted): the standard library, the
+    interpreter's installed packages, `/usr/share/doc`. What a repository mostly holds: package
+    `__init__.py` files, small modules, READMEs, notes."""
+    roots = [Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib")] + [Path("/usr/share/doc")]
+    suffixes = PROSE_SUFFIXES | {".py"}
+    found: set[Path] = set()
+    for root in roots:
+        if root.is_dir():
+            found.update(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                         and not p.is_symlink() and 0 < p.stat().st_size <= max_bytes)
+    return sorted(found)
+
+
+def build_small_files_corpus(dest: Path, megabytes: float, max_bytes: int = 4096, seed: int = 0) -> dict[str, int]:
+    """About `megabytes` of `small_files(max_bytes)`, chosen by `seed`, copied into a fresh `dest`
+    (one folder per thousand files); returns bytes per kind. Per-document costs dominate here, where
+    `build_corpus`'s files (13 KB on average) hide them."""
+    files = small_files(max_bytes)
+    random.Random(seed).shuffle(files)
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    sizes = {"code": 0, "prose": 0}
+    budget = int(megabytes * 1e6)
+    for i, path in enumerate(files):
+        if sum(sizes.values()) >= budget:
+            break
+        kind = "code" if path.suffix == ".py" else "prose"
+        target = dest / f"{i // 1000:03d}" / f"{i:06d}_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        sizes[kind] += path.stat().st_size
+    return sizes
+
+
 def scale_corpus(base: Path, dest: Path, copies: int) -> None:
     """`copies` copies of `base` side by side under a fresh `dest` (a corpus `copies` times larger)."""
     if dest.exists():

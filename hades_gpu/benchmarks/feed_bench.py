@@ -301,6 +301,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--hf-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help="an existing corpus (default: build one of --corpus-mb)")
     ap.add_argument("--corpus-mb", type=float, default=12.0)
+    ap.add_argument("--small-files", type=int, default=0, metavar="MAX_BYTES",
+                    help="build the corpus from real files of at most MAX_BYTES each (benchmarks.corpus."
+                         "build_small_files_corpus): per-document costs (default 0: build_corpus's files)")
     ap.add_argument("--workers", default="", help="'1..N' or '1,2,4' (default 1..os.cpu_count())")
     ap.add_argument("--profile", default="balanced")
     ap.add_argument("--writers", default="", help="'thread,process': each worker count with each profile.writer "
@@ -323,6 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         corpus, sizes = args.corpus, {"total": sum(f.stat().st_size for f in corpus_files(args.corpus))}
+    elif args.small_files:
+        from hades_gpu.benchmarks.corpus import build_small_files_corpus
+
+        corpus = work / "corpus-small"
+        sizes = build_small_files_corpus(corpus, args.corpus_mb, args.small_files)
     else:
         from hades_gpu.benchmarks.corpus import build_corpus
 
@@ -357,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "profile": args.profile,
         "overrides": args.override,
         "corpus": str(corpus),
+        "small_files_max_bytes": args.small_files or None,
         "corpus_bytes": sizes,
         "hf_thread_env": list(HF_THREAD_ENV),
         "targets": {"x_hf_tokens_at_2_workers": 2.0, "main_cpu_pct_of_core_max": 20.0},

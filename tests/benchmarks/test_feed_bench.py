@@ -81,3 +81,20 @@ def test_the_script_writes_json_and_a_labelled_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert LABEL in printed and "| workers | writer |" in printed and LABEL in data["table"]
     assert "| 1 | process |" in data["table"]
+
+
+def test_the_small_files_corpus_is_real_files_under_the_cap(tmp_path, capsys):
+    from hades_gpu.benchmarks.corpus import build_small_files_corpus
+
+    sizes = build_small_files_corpus(tmp_path / "a", 0.3, max_bytes=2048)
+    files = sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert 0.3e6 <= sum(sizes.values()) <= 0.3e6 + 2048 and len(files) >= 0.3e6 / 2048
+    assert all(0 < f.stat().st_size <= 2048 for f in files) and sizes["code"] > 0 and sizes["prose"] > 0
+    build_small_files_corpus(tmp_path / "b", 0.3, max_bytes=2048)  # the same seed: the same files
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in sorted((tmp_path / "b").rglob("*")) if f.is_file()]
+    out = tmp_path / "feed.json"
+    main(["--small-files", "1024", "--corpus-mb", "0.05", "--workers", "1", "--profile", "low_memory",
+          "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["small_files_max_bytes"] == 1024 and data["runs"][0]["documents"] >= 50
+    assert data["corpus"].endswith("corpus-small") and LABEL in capsys.readouterr().out
