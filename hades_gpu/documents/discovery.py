@@ -42,7 +42,7 @@ import re
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import pathspec
 
@@ -338,71 +338,97 @@ class _Walker:
     def walk(self, folder: str, rel_dir: str, base: str, ignores: _Ignores = ()) -> None:
         """Depth-first, entries sorted by name; `rel_dir` is relative to the source folder (for
         globs), `base` the prefix that turns it into the document's rel_path (when `root` is given),
-        `ignores` the ignore files that apply above `folder`."""
-        cfg = self.cfg
-        if cfg.respect_gitignore:
+        `ignores` the ignore files that apply above `folder`.
+
+        An explicit stack of open folders, not recursion: a tree deeper than Python's recursion
+        limit (~1,000 nested folders) crashed discovery with a RecursionError."""
+        stack: list[tuple[Iterator[os.DirEntry], str, _Ignores]] = []
+        frame = self._open(folder, rel_dir, ignores)
+        if frame is not None:
+            stack.append(frame)
+        while stack:
+            entries, rel_dir, ignores = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            sub = self._visit(entry, rel_dir, base, ignores)
+            if sub is not None:
+                frame = self._open(entry.path, sub, ignores)
+                if frame is not None:
+                    stack.append(frame)
+
+    def _open(self, folder: str, rel_dir: str, ignores: _Ignores) -> Optional[tuple[Iterator[os.DirEntry], str, _Ignores]]:
+        """A folder's sorted entries with the ignore files that apply inside it; None (and a skip
+        when it is one) when it cannot be listed or is an output folder."""
+        if self.cfg.respect_gitignore:
             ignores = ignores + tuple((folder, spec) for spec in _folder_specs(folder))
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except FileNotFoundError:
             self.skips.append(Skip(folder, "missing", "folder vanished while walking"))
-            return
+            return None
         except OSError as err:
             self.skips.append(Skip(folder, "unreadable",
                                    f"cannot list folder ({type(err).__name__}: {err.strerror or err})"))
-            return
+            return None
         if self.is_output_folder is not None and self.is_output_folder([e.name for e in entries]):
             self._skip_output(folder, "an ingest output folder (another run's): its files are not documents")
-            return
-        for entry in entries:
-            if not cfg.include_hidden and entry.name.startswith("."):
-                continue  # hidden: never discovered (documents.include_hidden)
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            return None
+        return iter(entries), rel_dir, ignores
+
+    def _visit(self, entry: os.DirEntry, rel_dir: str, base: str, ignores: _Ignores) -> Optional[str]:
+        """Take, skip or pass over one entry of a folder; a folder to walk next comes back as its
+        relative path."""
+        cfg = self.cfg
+        if not cfg.include_hidden and entry.name.startswith("."):
+            return None  # hidden: never discovered (documents.include_hidden)
+        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+        try:
+            is_link = entry.is_symlink()
+            is_dir = entry.is_dir(follow_symlinks=cfg.follow_symlinks)
+        except OSError as err:
+            self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            return None
+        if ignores and _ignored(ignores, entry.path, is_dir):
+            return None  # ignored by a .gitignore: never discovered (documents.respect_gitignore)
+        if is_dir:
+            if _folder_excluded(rel, cfg):
+                return None
             try:
-                is_link = entry.is_symlink()
-                is_dir = entry.is_dir(follow_symlinks=cfg.follow_symlinks)
+                st = entry.stat(follow_symlinks=True)
             except OSError as err:
                 self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
-                continue
-            if ignores and _ignored(ignores, entry.path, is_dir):
-                continue  # ignored by a .gitignore: never discovered (documents.respect_gitignore)
-            if is_dir:
-                if _folder_excluded(rel, cfg):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=True)
-                except OSError as err:
-                    self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in self.skip_folders:
-                    self._skip_output(entry.path)
-                    continue
-                if key in self.seen_dirs:
-                    self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
-                    continue
-                self.seen_dirs.add(key)
-                self.walk(entry.path, rel, base, ignores)
-                continue
-            if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
-                continue
-            abs_path = entry.path
-            if is_link and not cfg.follow_symlinks:
-                self.skips.append(Skip(abs_path, "symlink",
-                                       "symbolic link not followed (documents.follow_symlinks=false)"))
-                continue
-            try:
-                st = entry.stat(follow_symlinks=cfg.follow_symlinks)
-            except FileNotFoundError:
-                self.skips.append(Skip(abs_path, "missing",
-                                       "broken symbolic link" if is_link else "vanished while walking"))
-                continue
-            except OSError as err:
-                self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
-                continue
-            doc_rel = f"{base}/{rel}" if base else rel
-            self.add_file(abs_path, doc_rel, st)
+                return None
+            key = (st.st_dev, st.st_ino)
+            if key in self.skip_folders:
+                self._skip_output(entry.path)
+                return None
+            if key in self.seen_dirs:
+                self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
+                return None
+            self.seen_dirs.add(key)
+            return rel
+        if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
+            return None
+        abs_path = entry.path
+        if is_link and not cfg.follow_symlinks:
+            self.skips.append(Skip(abs_path, "symlink",
+                                   "symbolic link not followed (documents.follow_symlinks=false)"))
+            return None
+        try:
+            st = entry.stat(follow_symlinks=cfg.follow_symlinks)
+        except FileNotFoundError:
+            self.skips.append(Skip(abs_path, "missing",
+                                   "broken symbolic link" if is_link else "vanished while walking"))
+            return None
+        except OSError as err:
+            self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            return None
+        doc_rel = f"{base}/{rel}" if base else rel
+        self.add_file(abs_path, doc_rel, st)
+        return None
 
 
 def _file_kind(mode: int) -> str:
