@@ -221,22 +221,26 @@ def test_output_folders_of_other_runs_are_recognised_by_their_listing(tmp_path: 
 
 
 def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> None:
+    import subprocess
     import sys
 
     depth = sys.getrecursionlimit() + 200
-    folder = os.open(tmp_path, os.O_RDONLY)
-    try:  # made one level at a time through descriptors (os.makedirs itself recurses per level)
-        for name in ["corpus"] + ["d"] * depth:
-            os.mkdir(name, dir_fd=folder)
-            child = os.open(name, os.O_RDONLY, dir_fd=folder)
-            os.close(folder)
-            folder = child
-        fd = os.open("deep.md", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=folder)
-        os.write(fd, b"at the bottom")
-        os.close(fd)
-    finally:
-        os.close(folder)
     root = tmp_path / "corpus"
-    _write(root, "top.md", "at the top")
-    refs, skips = discover(root, DocumentsConfig())
-    assert skips == [] and _rels(refs) == ["d/" * depth + "deep.md", "top.md"]
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        try:  # made one level at a time through descriptors (os.makedirs itself recurses per level)
+            for name in ["corpus"] + ["d"] * depth:
+                os.mkdir(name, dir_fd=folder)
+                child = os.open(name, os.O_RDONLY, dir_fd=folder)
+                os.close(folder)
+                folder = child
+            fd = os.open("deep.md", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=folder)
+            os.write(fd, b"at the bottom")
+            os.close(fd)
+        finally:
+            os.close(folder)
+        _write(root, "top.md", "at the top")
+        refs, skips = discover(root, DocumentsConfig())
+        assert skips == [] and _rels(refs) == ["d/" * depth + "deep.md", "top.md"]
+    finally:  # rm walks iteratively; shutil.rmtree (pytest's clean-up of tmp_path) recurses per level
+        subprocess.run(["rm", "-rf", str(root)], check=True)
