@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from omegaconf import DictConfig
 
 from hades_gpu.config import ConfigError, PipelineConfig, conf_dir, register_configs, to_pipeline_config
+from hades_gpu.records import printable
 
 log = logging.getLogger("hades_gpu")
 
@@ -260,7 +261,7 @@ def run_hydra_main(app: Callable[[], None], prog: str) -> None:
         if debug:
             traceback.print_exception(err)
         sys.stderr.flush()
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        print(printable(f"{prog}: error: {message}"), file=sys.stderr, flush=True)
         sys.exit(code)
 
 
@@ -300,7 +301,7 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
           f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped; "
           f"{result.metrics.get('chunks_per_s', 0.0):.1f} chunks/s")
     for skip in result.skipped[:20]:
-        print(f"  skipped {skip['path']}: {skip['reason']}{': ' + skip['detail'] if skip['detail'] else ''}")
+        print(printable(f"  skipped {skip['path']}: {skip['reason']}{': ' + skip['detail'] if skip['detail'] else ''}"))
     if len(result.skipped) > 20:
         print(f"  ... {len(result.skipped) - 20} more in {out / 'metrics.json'}")
 

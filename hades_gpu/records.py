@@ -46,6 +46,21 @@ def display_path(path: str) -> str:
     return _fsencode(path).decode("utf-8", "backslashreplace")
 
 
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """`text` for one line of a terminal or a log: control characters written as ``\\n``, ``\\t``,
+    ``\\r`` or ``\\xHH`` (``\\u2028``...). A file may be named ``"a\\nb.md"`` or carry an escape
+    sequence; printed raw, a report line about it became two lines or recoloured the terminal.
+    Stored paths keep such names exactly (only what is printed is escaped)."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: _ESCAPES.get(m.group(), m.group().encode("unicode_escape").decode("ascii")), text)
+
+
 def _fsencode(path: str) -> bytes:
     try:
         return os.fsencode(path)

@@ -183,3 +183,23 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr and "KeyError: 'a bug, not a user error'" in proc.stderr
     assert "hades-ingest: error:" not in proc.stderr
+
+
+def test_file_names_with_control_characters_are_printed_escaped_on_one_line(tmp_path, corpus):
+    """A name holding a newline or an escape sequence: the skip report and the error line each stay
+    one line, with the characters written as \\n or \\x1b (stored paths keep them exactly)."""
+    odd = tmp_path / "odd"
+    shutil.copytree(corpus, odd)
+    (odd / "bin\nary.txt").write_bytes(b"\x00\x01binary")
+    (odd / "esc\x1b[31mred.txt").write_bytes(b"\x00colour")
+    out = tmp_path / "out"
+    proc = _ingest(f"corpus={odd}", f"output={out}", "isne.enabled=false", "monitoring.progress=off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("  skipped ")]
+    assert sorted(skipped) == sorted([f"  skipped {odd}/bin\\nary.txt: binary: NUL byte at offset 0",
+                                      f"  skipped {odd}/esc\\x1b[31mred.txt: binary: NUL byte at offset 0"])
+    assert "\x1b" not in proc.stdout + proc.stderr
+    # Hydra's override grammar refuses such a value: its message quotes it, escaped here
+    refused = _ingest(f"corpus={odd}", f"output={tmp_path / 'a'}\x1b[31mred")
+    _assert_one_line(refused, 2, "a\\x1b[31mred")
+    assert "\x1b" not in refused.stderr

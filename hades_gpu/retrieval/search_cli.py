@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 from hades_gpu.config import ConfigError, SearchExpand
+from hades_gpu.records import printable
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -30,7 +31,7 @@ def format_hits(result) -> str:
         lines = f"{h.line_start}-{h.line_end}" if h.line_start is not None else "?"
         extra = f"  cosine {h.cosine:.4f}" if h.score != h.cosine else ""
         via = "  via graph" if h.via == "graph" else ""
-        out.append(f"{h.rank:>3}. {h.score:.4f}{extra}{via}  {h.path}:{lines}  [{h.chunk_id}]")
+        out.append(f"{h.rank:>3}. {h.score:.4f}{extra}{via}  {printable(h.path)}:{lines}  [{h.chunk_id}]")
         if h.snippet:
             out.append(f"     {h.snippet}")
     out.append(f"latency: {result.total_ms:.1f} ms per query (embed {result.embed_ms:.1f} ms, "

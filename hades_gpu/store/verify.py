@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
 
+from hades_gpu.records import printable
 from hades_gpu.store.atomic import FileRecord, file_checksum
 from hades_gpu.store.layout import TABLES, part_path
 from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest
@@ -235,12 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report = verify_output(args.output, full=not args.quick)
     except (FileNotFoundError, ManifestError) as err:
-        print(f"hades-verify: error: {err}", file=sys.stderr)
+        print(printable(f"hades-verify: error: {err}"), file=sys.stderr)
         return 2
     for line in report.lines():
-        print(line)
+        print(printable(line))
     for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(printable(f"note: {note}"), file=sys.stderr)
     status = "damaged" if report.problems else "ok"
     print(f"hades-verify: {status}: {report.parts_checked} part(s), {report.files_checked} file(s), "
           f"{report.bytes_hashed / 1e6:.1f} MB hashed, {len(report.problems)} problem(s)", file=sys.stderr)

@@ -68,6 +68,15 @@ def _bad_name_corpus(root: Path) -> bytes:
     return rel
 
 
+def test_printable_escapes_control_characters_only() -> None:
+    from hades_gpu.records import printable
+
+    assert printable("caf\u00e9 \u2603 ok.md") == "caf\u00e9 \u2603 ok.md"
+    assert printable("a\nb\rc\td") == "a\\nb\\rc\\td"
+    assert printable("esc\x1b[31m\x7f\x85\u2028") == "esc\\x1b[31m\\x7f\\x85\\u2028"
+    assert printable(display_path("caf\udce9")) == "caf\\xe9"  # undecodable bytes: display_path's escapes
+
+
 def test_display_path_escapes_only_undecodable_bytes() -> None:
     assert display_path("caf\u00e9.txt") == "caf\u00e9.txt"
     assert display_path(os.fsdecode(b"caf\xe9.txt")) == "caf\\xe9.txt"

@@ -217,3 +217,13 @@ def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damag
         with Searcher(out, cfg, embedder=embedder) as s:
             assert isinstance(s.candidates, ExactCandidates)
     assert sum("unusable" in m for m in caplog.messages) == 1
+
+
+def test_a_hit_whose_path_holds_control_characters_is_one_header_line():
+    from hades_gpu.retrieval.search import Hit, SearchResult
+    from hades_gpu.retrieval.search_cli import format_hits
+
+    hit = Hit(rank=1, score=0.5, cosine=0.5, chunk_id="c1", doc_id="d1", path="/data/new\nline\x1b[31m.md",
+              char_start=0, char_end=4, line_start=1, line_end=1, snippet="text")
+    text = format_hits(SearchResult(query="q", k=1, expand="none", embedder="e", candidates="exact", hits=[hit]))
+    assert "  1. 0.5000  /data/new\\nline\\x1b[31m.md:1-1  [c1]" in text.splitlines() and "\x1b" not in text
