@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.cluster.runtime import cluster_gpus, largest_cpus, node_slots, ray_session
 from hades_gpu.cluster.tasks import ingest_shard, run_graph_stage
 from hades_gpu.config import ClusterMode, PipelineConfig, ProgressMode, config_to_dict, to_pipeline_config
-from hades_gpu.documents.discovery import Skip, discover
+from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError
 from hades_gpu.records import DocumentRef, shard_label
@@ -192,8 +192,8 @@ class ClusterIngest:
         out = Path(output)
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
-            sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out],
+            sources = source_list(paths)
+            refs, skips = discover(sources, self.config.documents, skip_folders=[out],
                                    is_output_folder=is_output_listing)
             t_discover = time.perf_counter() - t0
             with ray_session(self.config.cluster) as ray:

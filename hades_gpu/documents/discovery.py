@@ -196,10 +196,12 @@ def _folder_excluded(rel_dir: str, cfg: DocumentsConfig) -> bool:
     return matches_any(rel_dir, cfg.exclude) or matches_any(rel_dir + "/", cfg.exclude)
 
 
-def _sources_list(sources: Union[PathLike, Sequence[PathLike]]) -> list[str]:
-    if isinstance(sources, (str, os.PathLike)):
-        return [os.fspath(sources)]
-    return [os.fspath(s) for s in sources]
+def source_list(sources: Union[PathLike, bytes, Iterable[Union[PathLike, bytes]]]) -> list[str]:
+    """One source or several (str, bytes, `os.PathLike`; any iterable of them) as a list of str
+    paths: a single `bytes` path was iterated as its byte values, a single `Path` is one source."""
+    if isinstance(sources, (str, bytes, os.PathLike)):
+        return [os.fsdecode(sources)]
+    return [os.fsdecode(s) for s in sources]
 
 
 GITIGNORE = ".gitignore"
@@ -488,11 +490,11 @@ def discover(
     """
     walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders],
                      is_output_folder)
-    for src in _sources_list(sources):
+    for src in source_list(sources):
         walker.source(src)
     if walker.skips:
         log.debug("discovery skipped %d path(s)", len(walker.skips))
     return walker.refs, walker.skips
 
 
-__all__ = ["Skip", "discover", "classify", "glob_to_regex", "matches_any", "PROSE_EXTENSIONS", "CODE_EXTENSIONS"]
+__all__ = ["Skip", "discover", "source_list", "classify", "glob_to_regex", "matches_any", "PROSE_EXTENSIONS", "CODE_EXTENSIONS"]

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document_as
-from hades_gpu.documents.discovery import Skip, discover
+from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
@@ -134,8 +134,8 @@ class IngestPipeline:
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out = self._output_dir(output)
         with OutputLock(out, self.shard.label):
-            sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-            refs, skips = discover([str(p) for p in sources], self.config.documents, skip_folders=[out],
+            sources = source_list(paths)
+            refs, skips = discover(sources, self.config.documents, skip_folders=[out],
                                    is_output_folder=is_output_listing)
             return self._ingest(refs, skips, out)
 

@@ -244,3 +244,15 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> Non
         assert skips == [] and _rels(refs) == ["d/" * depth + "deep.md", "top.md"]
     finally:  # rm walks iteratively; shutil.rmtree (pytest's clean-up of tmp_path) recurses per level
         subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+def test_sources_may_be_str_bytes_paths_or_any_iterable_of_them(tmp_path: Path) -> None:
+    from hades_gpu.documents.discovery import source_list
+
+    root = tmp_path / "corpus"
+    _write(root, "a.md", "text")
+    _write(root, "b.md", "text")
+    assert source_list(os.fsencode(root)) == [str(root)]  # one bytes path, not its byte values
+    assert source_list(root) == source_list(str(root)) == [str(root)]
+    assert source_list(p for p in (root / "a.md", os.fsencode(root / "b.md"))) == [str(root / "a.md"), str(root / "b.md")]
+    assert _rels(discover(os.fsencode(root), DocumentsConfig())[0]) == ["a.md", "b.md"]

@@ -114,7 +114,8 @@ def test_output_inside_the_corpus_is_not_ingested_by_the_next_run(sample_corpus,
     assert not any(p.startswith(str(out)) for p in paths), paths
     assert_exactly_once(out)
     # another output over the same corpus: the first output is recognised by its manifest and skipped
-    elsewhere = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=tmp_path / "b")
+    elsewhere = TextParallelPipeline(config(), embedder=embedder).process_batch(  # one source given as bytes
+        os.fsencode(sample_corpus), output=tmp_path / "b")
     assert elsewhere.documents_ingested == first.documents_ingested
     assert [s["path"] for s in elsewhere.skipped if s["reason"] == "output_folder"] == [str(out)]
 
