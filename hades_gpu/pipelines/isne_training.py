@@ -47,7 +47,12 @@ class ISNETrainingPipeline:
 
         Raises:
             NotAnIngestOutputError: `corpus_path` is no ingest output and no `config.output` is set.
+            ValueError: `epochs` or `batch_size` is given and not an integer >= 1 (0 epochs wrote an
+                untrained model over the trained one; batch size 0 divided by zero mid-run).
         """
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
         path = corpus_path if corpus_path is not None else self.config.output
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "

@@ -54,3 +54,14 @@ def test_the_readmes_example_trains_isne_with_isne_disabled_for_the_ingest(sampl
     ids, vecs = read_isne_embeddings(out)
     assert sorted(ids) == sorted(read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist())
     assert vecs.shape == (len(ids), config.isne.dim) and (abs(vecs).sum(1) > 0).mean() > 0.9
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(epochs=2.5), dict(epochs=True)])
+def test_epochs_and_batch_size_below_one_are_refused_before_anything_runs(tmp_path, kw):
+    cfg = load_pipeline_config(overrides=[f"output={tmp_path / 'out'}"])
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.md").write_text("text")
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1 \(got {kw[name]!r}\)$"):
+        ISNETrainingPipeline(cfg).train(corpus_path=tmp_path / "corpus", **kw)
+    assert not (tmp_path / "out").exists()  # nothing ingested, no model written
