@@ -203,3 +203,15 @@ def test_file_names_with_control_characters_are_printed_escaped_on_one_line(tmp_
     refused = _ingest(f"corpus={odd}", f"output={tmp_path / 'a'}\x1b[31mred")
     _assert_one_line(refused, 2, "a\\x1b[31mred")
     assert "\x1b" not in refused.stderr
+
+
+def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp_path, corpus, ingested):
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir())
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "chunking.chunk_tokens=100")
+    _assert_one_line(proc, 1, f"{out} holds chunks made with chunking.chunk_tokens=254 (this run: 100)",
+                     "new output folder")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir()) == before
+    again = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "embedder.precision=fp32")
+    assert again.returncode == 0 and "2 unchanged" in again.stdout, again.stderr[-2000:]  # precision may change

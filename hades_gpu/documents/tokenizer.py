@@ -19,6 +19,7 @@ chunkers need every token, and the batcher pads to its own buckets.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import lru_cache
@@ -74,6 +75,28 @@ def use_model_dir(path: Union[str, os.PathLike, None]) -> Optional[Path]:
     folder = _checked(Path(path).expanduser().resolve(), "embedder.model_dir")
     os.environ[MODEL_DIR_ENV] = str(folder)
     return folder
+
+
+FINGERPRINTED_FILES = ("config.json", "tokenizer.json", "model.safetensors")
+
+
+def model_fingerprint() -> str:
+    """sha256 (16 hex digits) of the model folder's config, tokenizer and weights: which model an
+    output's chunks and vectors came from (`store.manifest.Manifest.check_settings`)."""
+    return _fingerprint_of(str(model_dir()))
+
+
+@lru_cache(maxsize=4)
+def _fingerprint_of(folder: str) -> str:
+    digest = hashlib.sha256()
+    for name in FINGERPRINTED_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=4)

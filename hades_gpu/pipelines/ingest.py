@@ -23,7 +23,7 @@ from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_confi
 from hades_gpu.documents.chunking import process_document_as
 from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.sharding import select_refs
-from hades_gpu.documents.tokenizer import special_ids, use_model_dir
+from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
@@ -34,6 +34,7 @@ from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
+from hades_gpu.store.manifest import Manifest
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
@@ -87,6 +88,16 @@ def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpe
     """metrics.json (metrics-<shard>.json for a by-hand shard) with the output's carried ingest totals."""
     path = shard_metrics_path(out, shard.label) if shard is not None and shard.sharded else metrics_path(out)
     return write_metrics(path, snapshot)
+
+
+def ingest_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """What shapes an output's chunks and vectors: chunking, the vector size and the model (its
+    files' fingerprint). A resumed run must match them (`Manifest.check_settings`); the runtime,
+    precision and embedder (local or Triton) may change between runs, the model may not."""
+    c = cfg.chunking
+    return {"chunking.chunk_tokens": c.chunk_tokens, "chunking.overlap_tokens": c.overlap_tokens,
+            "chunking.min_chunk_tokens": c.min_chunk_tokens, "chunking.window_chars": c.window_chars,
+            "embedder.dim": cfg.embedder.dim, "model": model_fingerprint()}
 
 
 class IngestPipeline:
@@ -171,6 +182,8 @@ class IngestPipeline:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
         metrics.documents_total = len(refs) + len(skips)
 
+        with Manifest.load(out, self.shard.label) as manifest:
+            manifest.check_settings(ingest_settings(cfg))
         writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile)
         writer_process = isinstance(writer, WriterProcess)
         metrics.extra["writer"] = "process" if writer_process else "thread"

@@ -66,6 +66,10 @@ class ManifestError(ValueError):
     """A manifest that cannot be read (damaged, or written by an unknown version)."""
 
 
+class SettingsChangedError(ManifestError):
+    """This run would chunk or embed differently from the run that made the output's chunks."""
+
+
 @dataclass
 class Replacement:
     """An older part that held earlier versions of documents a commit replaces: it is retired, and its
@@ -200,6 +204,33 @@ class Manifest:
         used = int(self._query("SELECT COALESCE(MAX(number), 0) FROM parts")[0][0]) + 1
         mark = self._query("SELECT value FROM meta WHERE key = 'next_part'")
         return max(used, int(mark[0][0]) if mark else 0)
+
+    def settings(self) -> dict[str, Any]:
+        """What the output's chunks were made with (`check_settings`); empty before its first run."""
+        row = self._query("SELECT value FROM meta WHERE key = 'settings'")
+        return json.loads(row[0][0]) if row else {}
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuse a run whose chunking or model differs from what made this output's chunks; record
+        `settings` otherwise (keys new to the record are added). Without it a run with another
+        `chunking.chunk_tokens` or model found every document unchanged and kept the old chunks, and
+        a changed document got chunks of the new kind beside the old ones (vectors of another
+        dimension broke the dataset's schema).
+
+        Raises:
+            SettingsChangedError: naming each differing setting, old and new.
+        """
+        recorded = self.settings()
+        changed = [f"{key}={recorded[key]!r} (this run: {value!r})" for key, value in sorted(settings.items())
+                   if key in recorded and recorded[key] != value]
+        if changed:
+            raise SettingsChangedError(
+                f"{self.output} holds chunks made with {'; '.join(changed)}: ingest into a new output folder "
+                f"(or delete this one); one dataset would mix chunks of both settings")
+        if any(key not in recorded for key in settings):
+            with self._transaction() as cur:
+                cur.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)",
+                            (json.dumps({**recorded, **settings}, sort_keys=True),))
 
     def part_files(self) -> dict[str, dict[str, FileRecord]]:
         """part -> {table: FileRecord} for every committed part that has its files recorded."""

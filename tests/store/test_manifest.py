@@ -97,6 +97,23 @@ def test_lookup_many_answers_as_lookup_does_over_several_queries(tmp_path):
     assert len(found) == len(range(0, n, 3)) and m.lookup_many([]) == {}
 
 
+def test_settings_are_recorded_once_and_a_run_with_others_is_refused(tmp_path):
+    from hades_gpu.store.manifest import SettingsChangedError
+
+    m = Manifest.load(tmp_path, "s0")
+    assert m.settings() == {}
+    m.check_settings({"chunking.chunk_tokens": 254, "model": "abc"})
+    m.check_settings({"chunking.chunk_tokens": 254, "model": "abc", "embedder.dim": 384})  # a new key: added
+    m.close()
+    m = Manifest.load(tmp_path, "s0")  # durable
+    assert m.settings() == {"chunking.chunk_tokens": 254, "model": "abc", "embedder.dim": 384}
+    with pytest.raises(SettingsChangedError, match=r"chunking.chunk_tokens=254 \(this run: 100\); model='abc' "
+                                                   r"\(this run: 'xyz'\): ingest into a new output folder"):
+        m.check_settings({"chunking.chunk_tokens": 100, "model": "xyz", "embedder.dim": 384})
+    assert m.settings()["chunking.chunk_tokens"] == 254  # the refused run recorded nothing
+    m.check_settings({"model": "abc"})  # a subset that agrees is fine
+
+
 def test_a_part_is_committed_once_and_a_failed_commit_changes_nothing(tmp_path):
     from hades_gpu.store.manifest import DocumentEntry
 
