@@ -205,11 +205,13 @@ def test_file_names_with_control_characters_are_printed_escaped_on_one_line(tmp_
     assert "\x1b" not in refused.stderr
 
 
-def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp_path, corpus, ingested):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp_path, corpus, ingested, writer):
     out = tmp_path / "out"
     shutil.copytree(ingested, out)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir())
-    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "chunking.chunk_tokens=100")
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "chunking.chunk_tokens=100",
+                   f"profile.writer={writer}")
     _assert_one_line(proc, 1, f"{out} holds chunks made with chunking.chunk_tokens=254 (this run: 100)",
                      "new output folder")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir()) == before

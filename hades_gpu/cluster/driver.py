@@ -34,11 +34,11 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.cluster.runtime import cluster_gpus, largest_cpus, node_slots, ray_session
 from hades_gpu.cluster.tasks import ingest_shard, run_graph_stage
 from hades_gpu.config import ClusterMode, PipelineConfig, ProgressMode, config_to_dict, to_pipeline_config
-from hades_gpu.documents.discovery import Skip, discover, source_list
+from hades_gpu.documents.discovery import Skip
 from hades_gpu.documents.sharding import shard_bytes, split_refs
-from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError
+from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError, discover_for_output
 from hades_gpu.records import DocumentRef, shard_label
-from hades_gpu.store.layout import is_output_listing, metrics_path
+from hades_gpu.store.layout import metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import committed_document_count
@@ -192,9 +192,7 @@ class ClusterIngest:
         out = Path(output)
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
-            sources = source_list(paths)
-            refs, skips = discover(sources, self.config.documents, skip_folders=[out],
-                                   is_output_folder=is_output_listing)
+            refs, skips = discover_for_output(paths, self.config.documents, out)
             t_discover = time.perf_counter() - t0
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()

@@ -279,6 +279,9 @@ class _Walker:
         self.seen_rel: dict[str, str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
 
+    def _unreadable(self, path: str, err: OSError) -> None:
+        self.skips.append(Skip(path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+
     def _skip_output(self, folder: str, detail: str = "the run's own output folder: its files are not documents") -> None:
         self.skips.append(Skip(folder, "output_folder", detail))
 
@@ -322,7 +325,7 @@ class _Walker:
             self.skips.append(Skip(abs_path, "missing", "no such file or folder"))
             return
         except OSError as err:  # e.g. NotADirectoryError, PermissionError on a parent, ELOOP
-            self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            self._unreadable(abs_path, err)
             return
         if stat.S_ISDIR(st.st_mode):
             if (st.st_dev, st.st_ino) in self.skip_folders:
@@ -391,7 +394,7 @@ class _Walker:
             is_link = entry.is_symlink()
             is_dir = entry.is_dir(follow_symlinks=cfg.follow_symlinks)
         except OSError as err:
-            self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            self._unreadable(entry.path, err)
             return None
         if ignores and _ignored(ignores, entry.path, is_dir):
             return None  # ignored by a .gitignore: never discovered (documents.respect_gitignore)
@@ -401,7 +404,7 @@ class _Walker:
             try:
                 st = entry.stat(follow_symlinks=True)
             except OSError as err:
-                self.skips.append(Skip(entry.path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+                self._unreadable(entry.path, err)
                 return None
             key = (st.st_dev, st.st_ino)
             if key in self.skip_folders:
@@ -426,7 +429,7 @@ class _Walker:
                                    "broken symbolic link" if is_link else "vanished while walking"))
             return None
         except OSError as err:
-            self.skips.append(Skip(abs_path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            self._unreadable(abs_path, err)
             return None
         doc_rel = f"{base}/{rel}" if base else rel
         self.add_file(abs_path, doc_rel, st)

@@ -52,7 +52,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -96,6 +96,8 @@ class WriterProcess:
         shard (str): shard name (part and manifest names).
         dim (int): embedding width.
         rows_per_part (int): chunks per part file.
+        settings (dict, optional): what shapes this run's chunks, checked against the output's
+            (`store.writer.open_output`).
 
     Raises:
         OutputLockedError: another run holds this output and shard.
@@ -103,7 +105,8 @@ class WriterProcess:
     A failure of the child, at its start or later, is raised by the next call as `WriterProcessError`.
     """
 
-    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int) -> None:
+    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int,
+                 settings: Optional[dict[str, Any]] = None) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
@@ -124,7 +127,7 @@ class WriterProcess:
         try:
             self.manifest = Manifest.load(self.output, shard)
             try:
-                self.damaged, self.removed_orphans = open_output(self.manifest)
+                self.damaged, self.removed_orphans = open_output(self.manifest, settings)
                 self._proc, self._conn = self._start(WriterSetup(
                     str(self.output), shard, dim, rows_per_part, logging.getLogger("hades_gpu").getEffectiveLevel()))
             except BaseException:
@@ -331,12 +334,13 @@ def use_process(mode: str, num_workers: int, cores: Optional[int] = None) -> boo
     return (usable_cores() if cores is None else cores) >= num_workers + 2
 
 
-def open_writer(output: Path, shard: str, dim: int, profile: "ProfileConfig") -> "DatasetWriter | WriterProcess":
+def open_writer(output: Path, shard: str, dim: int, profile: "ProfileConfig",
+                settings: Optional[dict[str, Any]] = None) -> "DatasetWriter | WriterProcess":
     """The run's sink under `profile.writer` (`use_process`): a `WriterProcess`, or the `DatasetWriter`
-    itself (a thread of this process then encodes)."""
+    itself (a thread of this process then encodes). `settings`: see `store.writer.open_output`."""
     if use_process(profile.writer, profile.num_workers):
-        return WriterProcess(Path(output), shard, dim, profile.writer_rows_per_part)
-    return DatasetWriter(Path(output), shard, dim, profile.writer_rows_per_part)
+        return WriterProcess(Path(output), shard, dim, profile.writer_rows_per_part, settings)
+    return DatasetWriter(Path(output), shard, dim, profile.writer_rows_per_part, settings=settings)
 
 
 # -- the child ---------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from hades_gpu.config import PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
+from hades_gpu.config import DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document_as
-from hades_gpu.documents.discovery import Skip, discover, source_list
+from hades_gpu.documents.discovery import Skip, discover
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
@@ -34,7 +34,6 @@ from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
-from hades_gpu.store.manifest import Manifest
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
@@ -88,6 +87,13 @@ def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpe
     """metrics.json (metrics-<shard>.json for a by-hand shard) with the output's carried ingest totals."""
     path = shard_metrics_path(out, shard.label) if shard is not None and shard.sharded else metrics_path(out)
     return write_metrics(path, snapshot)
+
+
+def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: DocumentsConfig,
+                        out: Path) -> tuple[list[DocumentRef], list[Skip]]:
+    """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
+    output inside the corpus is walked (their metrics and index files are not documents)."""
+    return discover(paths, documents, skip_folders=[out], is_output_folder=is_output_listing)
 
 
 def ingest_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -145,9 +151,7 @@ class IngestPipeline:
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out = self._output_dir(output)
         with OutputLock(out, self.shard.label):
-            sources = source_list(paths)
-            refs, skips = discover(sources, self.config.documents, skip_folders=[out],
-                                   is_output_folder=is_output_listing)
+            refs, skips = discover_for_output(paths, self.config.documents, out)
             return self._ingest(refs, skips, out)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:
@@ -182,9 +186,7 @@ class IngestPipeline:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
         metrics.documents_total = len(refs) + len(skips)
 
-        with Manifest.load(out, self.shard.label) as manifest:
-            manifest.check_settings(ingest_settings(cfg))
-        writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile)
+        writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile, ingest_settings(cfg))
         writer_process = isinstance(writer, WriterProcess)
         metrics.extra["writer"] = "process" if writer_process else "thread"
         resume = ResumePolicy(writer.manifest)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 LEGACY_JSON_VERSION = 1
+_ENTRY_COLUMNS = "doc_id, content_hash, n_chunks, part, size, mtime_ns"  # a DocumentEntry's fields, in order
 LOOKUP_BATCH = 500  # keys per IN (...) query: under SQLite's bound-parameter limit (999 before 3.32)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -253,8 +254,7 @@ class Manifest:
                 self._query("SELECT part, COUNT(*), SUM(n_chunks) FROM documents GROUP BY part")}
 
     def lookup(self, rel_path: str) -> Optional[DocumentEntry]:
-        row = self._query("SELECT doc_id, content_hash, n_chunks, part, size, mtime_ns FROM documents "
-                          "WHERE rel_path = ?", (rel_path,))
+        row = self._query(f"SELECT {_ENTRY_COLUMNS} FROM documents WHERE rel_path = ?", (rel_path,))
         return DocumentEntry(*row[0]) if row else None
 
     def lookup_many(self, rel_paths: Iterable[str]) -> dict[str, DocumentEntry]:
@@ -266,15 +266,14 @@ class Manifest:
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = tuple(keys[start:start + LOOKUP_BATCH])
             marks = ",".join("?" * len(batch))
-            for rel, *rest in self._query("SELECT rel_path, doc_id, content_hash, n_chunks, part, size, mtime_ns "
-                                          f"FROM documents WHERE rel_path IN ({marks})", batch):
+            for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents "
+                                          f"WHERE rel_path IN ({marks})", batch):
                 found[rel] = DocumentEntry(*rest)
         return found
 
     def documents(self) -> Iterator[tuple[str, DocumentEntry]]:
         """Every (rel_path, entry), in rel_path order (a scan: for reports and tests, not per document)."""
-        for rel, *rest in self._query("SELECT rel_path, doc_id, content_hash, n_chunks, part, size, mtime_ns "
-                                      "FROM documents ORDER BY rel_path"):
+        for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents ORDER BY rel_path"):
             yield rel, DocumentEntry(*rest)
 
     def is_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> bool:

@@ -32,7 +32,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -73,10 +73,14 @@ def chunk_write_options(dim: int) -> dict:
                 write_statistics=[name for name in columns if name != "embedding"])
 
 
-def open_output(manifest: Manifest) -> tuple[list[PartProblem], list[str]]:
-    """What a writer does before its first row, under the output lock: damaged committed parts are
-    dropped with their documents (`store.verify.repair_at_start`), then part files (and temporaries)
-    of this shard that the manifest does not name are deleted. Returns (problems, files removed)."""
+def open_output(manifest: Manifest, settings: Optional[dict[str, Any]] = None) -> tuple[list[PartProblem], list[str]]:
+    """What a writer does before its first row, under the output lock: a run whose `settings` (what
+    shapes the chunks) differ from the output's is refused before anything changes
+    (`Manifest.check_settings`); damaged committed parts are dropped with their documents
+    (`store.verify.repair_at_start`), then part files (and temporaries) of this shard that the
+    manifest does not name are deleted. Returns (problems, files removed)."""
+    if settings:
+        manifest.check_settings(settings)
     output, shard = manifest.output, manifest.shard
     chunks_dir, docs_dir = output / CHUNKS_DIR, output / DOCUMENTS_DIR
     chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -153,9 +157,12 @@ class DatasetWriter:
         opened (bool): the output was opened already (`open_output`, under the output lock, by the
             process that started this one: `orchestration.writer_process`); default: take the
             shard's output lock for the writer's life and open the output here.
+        settings (dict, optional): what shapes this run's chunks, checked against the output's
+            (`open_output`). Default: not checked.
     """
 
-    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, opened: bool = False) -> None:
+    def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, opened: bool = False,
+                 settings: Optional[dict[str, Any]] = None) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
@@ -167,11 +174,14 @@ class DatasetWriter:
             self.output_lock.acquire()  # OutputLockedError: another run's
         try:
             self.manifest = Manifest.load(self.output, shard)
-            if opened:
+            try:
                 self.damaged: list[PartProblem] = []
                 self.removed_orphans: list[str] = []
-            else:
-                self.damaged, self.removed_orphans = open_output(self.manifest)
+                if not opened:
+                    self.damaged, self.removed_orphans = open_output(self.manifest, settings)
+            except BaseException:
+                self.manifest.close()
+                raise
         except BaseException:
             self.output_lock.release()
             raise
