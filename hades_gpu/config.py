@@ -287,6 +287,10 @@ class IsneConfig:
     device: str = "auto"
     seed: int = 0
     retrain: bool = False  # re-train when documents are added instead of inferring inductively
+    # a stopped training goes on from its last saved epoch (isne/resume.py): the state is saved at epoch ends,
+    # at most this often (0: every epoch; null: never), and resumed when graph and settings match
+    checkpoint_interval_s: Optional[float] = 60.0
+    resume: bool = True
     infer_rounds: int = 2  # new chunks' vectors: rounds through new neighbours' estimates (0: trained neighbours only)
 
 
@@ -544,6 +548,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(i.min_delta >= 0, "isne.min_delta", ">= 0", i.min_delta)
     _check(i.time_budget_s is None or i.time_budget_s > 0, "isne.time_budget_s", "> 0 (or null)", i.time_budget_s)
     _check(i.time_budget_vs_embedding >= 0, "isne.time_budget_vs_embedding", ">= 0", i.time_budget_vs_embedding)
+    _check(i.checkpoint_interval_s is None or i.checkpoint_interval_s >= 0, "isne.checkpoint_interval_s",
+           ">= 0 (or null)", i.checkpoint_interval_s)
     _check(0 <= i.val_fraction < 0.5, "isne.val_fraction", "in [0, 0.5)", i.val_fraction)
 
     m = cfg.monitoring

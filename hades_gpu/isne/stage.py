@@ -38,12 +38,14 @@ from hades_gpu.graph.build import build_graph
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
+from hades_gpu.isne.resume import discard_training_state
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
 from hades_gpu.records import UNSHARDED, ShardSpec
 from hades_gpu.store.atomic import atomic_write_parquet
-from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, edges_path, isne_embeddings_path, isne_model_path,
-                                    metrics_path)
+from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path, isne_embeddings_path,
+                                    isne_model_path, isne_training_state_path, metrics_path)
+from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
 from hades_gpu.store.reader import read_isne_embeddings
 
@@ -120,11 +122,22 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     Returns:
         dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated, knn,
         mode (trained | inferred | disabled | empty), epochs_run, best_epoch, best_val_auc,
-        stopped_early, stopped_by_budget, time_budget_s, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes, paths and
-        seconds {graph, train, infer, write, total}.
+        stopped_early, stopped_by_budget, time_budget_s, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes,
+        resumed_from_epoch (0: trained from the start), paths and seconds {graph, train, infer, write, total}.
+
+    Raises:
+        OutputLockedError: another process runs this stage on the same output (`.lock-isne`): two
+            trainings at once would only race for the same files.
     """
-    t_all = time.perf_counter()
     output_dir = Path(output_dir)
+    with OutputLock(output_dir, ISNE_LOCK_NAME):
+        return _run_isne_stage(cfg, output_dir, train, epochs, batch_size)
+
+
+def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool], epochs: Optional[int],
+                    batch_size: Optional[int]) -> dict[str, Any]:
+    """`run_isne_stage` under the stage's lock."""
+    t_all = time.perf_counter()
     graph = build_graph(output_dir, cfg.graph)
     t_graph = time.perf_counter() - t_all
     data = graph.to_data(undirected=True)
@@ -158,8 +171,9 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         t = time.perf_counter()
         budget = training_budget_s(cfg.isne, output_dir, n)
         weights = _training_weights(cfg, data)
+        state_path = isne_training_state_path(output_dir)
         res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
-                         time_budget_s=budget, edge_weight=weights)
+                         time_budget_s=budget, edge_weight=weights, state_path=state_path)
         metrics["seconds"]["train"] = time.perf_counter() - t
         theta = res.model.theta.weight.detach()
         save_checkpoint(mpath, theta, chunk_ids.tolist(), {
@@ -168,6 +182,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
             "init_std": res.model.init_std, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
             "best_val_auc": res.best_val_auc,
         })
+        discard_training_state(state_path)  # after the model: a kill between the two only re-runs epochs
         t = time.perf_counter()
         full = CSRGraph.from_edge_index(data.edge_index, n, device=dev, edge_weight=weights)
         vecs = neighbor_mean(theta, full).cpu().numpy()  # exact mean over the full graph
@@ -177,7 +192,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
                        stopped_by_budget=res.stopped_by_budget, time_budget_s=budget,
                        pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
                        num_val_edges=res.num_val_edges, device=res.device,
-                       peak_device_bytes=res.peak_device_bytes,
+                       peak_device_bytes=res.peak_device_bytes, resumed_from_epoch=res.resumed_from_epoch,
                        history=res.history)
         t = time.perf_counter()
         write_isne_embeddings(epath, chunk_ids, vecs)

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ from hades_gpu.config import EarlyStopMetric, IsneConfig, IsneOptimizer
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.host_heap import keep_freed_memory
 from hades_gpu.isne.model import ISNE
+from hades_gpu.isne.resume import TrainingState, load_training_state, save_training_state, training_key
 from hades_gpu.isne.optim import RowSparseAdam, RowwiseAdagrad, rows_strictly_increasing  # noqa: F401 (re-exported)
 from hades_gpu.isne.sampling import CSRGraph, random_walks
 from hades_gpu.isne.validation import (EarlyStopper, fixed_validation_walks, link_auc,  # noqa: F401 (re-exported)
@@ -73,6 +75,7 @@ class TrainResult:
     num_val_edges: int = 0
     device: str = "cpu"
     peak_device_bytes: Optional[int] = None
+    resumed_from_epoch: int = 0  # epochs a saved training state had completed (0: trained from the start)
 
     @property
     def pairs_per_s(self) -> float:
@@ -183,6 +186,48 @@ def split_edges(edge_index: Tensor, num_nodes: int, val_fraction: float, seed: i
     return EdgeSplit(train, val, neg, train_w)
 
 
+class _StateSaver:
+    """Saves the training state at epoch ends, at most every `cfg.checkpoint_interval_s` (none when no
+    path is given or the interval is None) (`isne.resume`)."""
+
+    def __init__(self, path: Optional[str | Path], cfg: IsneConfig, key: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.interval = cfg.checkpoint_interval_s
+        self.key = key
+        self.last = time.perf_counter()
+
+    def load(self) -> Optional[TrainingState]:
+        return load_training_state(self.path, self.key) if self.path is not None else None
+
+    def maybe_save(self, epoch: int, model: ISNE, opt: torch.optim.Optimizer, gen: torch.Generator,
+                   stopper: EarlyStopper, result: TrainResult, best_theta: Optional[Tensor]) -> None:
+        if self.path is None or self.interval is None or time.perf_counter() - self.last < self.interval:
+            return
+        t = time.perf_counter()
+        save_training_state(self.path, TrainingState(
+            key=self.key, epoch=epoch, theta=model.theta.weight.detach().cpu(), optimizer=opt.state_dict(),
+            generator=gen.get_state(), train_seconds=result.train_seconds, pos_pairs=result.pos_pairs,
+            best_epoch=result.best_epoch, stopper={"best": stopper.best, "bad": stopper.bad},
+            best_theta=best_theta.cpu() if best_theta is not None else None, history=result.history))
+        self.last = time.perf_counter()
+        log.info("isne: training state saved after epoch %d (%.1f s): %s", epoch, self.last - t, self.path)
+
+
+def _restore(state: TrainingState, model: ISNE, opt: torch.optim.Optimizer, gen: torch.Generator,
+             stopper: EarlyStopper, result: TrainResult) -> Optional[Tensor]:
+    """Put a saved state back into the run's objects; returns early stopping's best θ (or None)."""
+    with torch.no_grad():
+        model.theta.weight.copy_(state.theta)
+    opt.load_state_dict(state.optimizer)
+    gen.set_state(state.generator)
+    stopper.best, stopper.bad = state.stopper["best"], int(state.stopper["bad"])
+    result.epochs_run, result.best_epoch = state.epoch, state.best_epoch
+    result.train_seconds, result.pos_pairs = float(state.train_seconds), int(state.pos_pairs)
+    result.history = list(state.history)
+    device = model.theta.weight.device
+    return state.best_theta.to(device) if state.best_theta is not None else None
+
+
 def train_isne(
     edge_index: Tensor,
     num_nodes: int,
@@ -196,6 +241,7 @@ def train_isne(
     split: Optional[EdgeSplit] = None,
     time_budget_s: Optional[float] = None,
     edge_weight: Optional[Tensor] = None,
+    state_path: Optional[str | Path] = None,
 ) -> TrainResult:
     """Train ISNE (or, with ``aggregate=False``, lookup-table Node2Vec) on an undirected graph.
 
@@ -212,6 +258,9 @@ def train_isne(
             (weighted walks and neighbour means) when `cfg.edge_weights`.
         time_budget_s (float, optional): stop at the first batch boundary after this many seconds
             of training (default: `cfg.time_budget_s`; the stage resolves `time_budget_vs_embedding`).
+        state_path (path, optional): where the training state is saved at epoch ends (at most every
+            `cfg.checkpoint_interval_s`) and, with `cfg.resume`, resumed from when it matches this
+            graph and these settings (`isne.resume`). Default: no state (a stopped run starts over).
 
     Returns:
         TrainResult: the model with the best θ, the training CSR and per-epoch history.
@@ -222,12 +271,13 @@ def train_isne(
     with keep_freed_memory(cfg.keep_freed_memory and dev.type == "cpu"):
         return _train_isne(edge_index, num_nodes, cfg, dev, aggregate=aggregate, epochs=epochs, batch_size=batch_size,
                            max_batches_per_epoch=max_batches_per_epoch, split=split, time_budget_s=time_budget_s,
-                           edge_weight=edge_weight)
+                           edge_weight=edge_weight, state_path=state_path)
 
 
 def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.device, *, aggregate: bool,
                 epochs: Optional[int], batch_size: Optional[int], max_batches_per_epoch: Optional[int],
-                split: Optional[EdgeSplit], time_budget_s: Optional[float], edge_weight: Optional[Tensor]) -> TrainResult:
+                split: Optional[EdgeSplit], time_budget_s: Optional[float], edge_weight: Optional[Tensor],
+                state_path: Optional[str | Path] = None) -> TrainResult:
     """`train_isne` on a resolved device."""
     t_all = time.perf_counter()
     time_budget_s = cfg.time_budget_s if time_budget_s is None else time_budget_s
@@ -265,8 +315,20 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
     if max_batches_per_epoch is not None:
         n_batches = min(n_batches, max_batches_per_epoch)
     length, k = cfg.walk_length, cfg.num_negatives
-    t_train = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    saver = _StateSaver(state_path, cfg, training_key(edge_index, num_nodes, weights, cfg, aggregate=aggregate,
+                                                      device_type=dev.type, batch_size=batch_size,
+                                                      max_batches_per_epoch=max_batches_per_epoch)
+                        if state_path is not None else "")
+    first_epoch = 1
+    resumed = saver.load() if cfg.resume else None
+    if resumed is not None:
+        best_theta = _restore(resumed, model, opt, gen, stopper, result)
+        first_epoch = resumed.epoch + 1
+        result.resumed_from_epoch = resumed.epoch
+        log.info("isne: resuming from the training state %s after epoch %d (%.1f s trained)", state_path,
+                 resumed.epoch, resumed.train_seconds)
+    t_train = time.perf_counter() - result.train_seconds  # a resumed run's seconds count against the budget
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dev)  # accumulated on the device: no per-step sync
@@ -322,6 +384,8 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
         if stopper.should_stop():
             result.stopped_early = epoch < epochs
             break
+        if epoch < epochs:
+            saver.maybe_save(epoch, model, opt, gen, stopper, result, best_theta)
 
     if best_theta is not None and result.best_epoch != result.epochs_run:
         with torch.no_grad():

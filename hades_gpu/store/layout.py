@@ -9,6 +9,7 @@ One place for names and schemas, so the writer, every reader, the graph and the 
 <output>/edges.parquet                           EDGES schema (the chunk graph)
 <output>/isne/model.safetensors                  θ, node ids and config (isne.checkpoint)
 <output>/isne/embeddings-<shard>.parquet         ISNE_EMBEDDINGS schema
+<output>/isne/training-state.pt                  an unfinished training's last epoch (isne.resume)
 <output>/index/knn.faiss                         approximate kNN index (graph.ann, FAISS format)
 <output>/index/knn-ids.parquet                   chunk_id of each FAISS id, in id order
 <output>/index/knn.json                          its metric, nprobe, recall, fingerprint, checksums
@@ -30,6 +31,8 @@ DOCUMENTS_DIR = "documents"
 EDGES_FILE = "edges.parquet"
 ISNE_DIR = "isne"
 ISNE_MODEL_FILE = "model.safetensors"
+ISNE_TRAINING_STATE_FILE = "training-state.pt"
+ISNE_LOCK_NAME = "isne"  # the graph + ISNE stage's output lock (store.lock: `.lock-isne`)
 METRICS_FILE = "metrics.json"
 INDEX_DIR = "index"
 KNN_INDEX_FILE = "knn.faiss"
@@ -97,6 +100,10 @@ def edges_path(output: Path) -> Path:
 
 def isne_model_path(output: Path) -> Path:
     return Path(output) / ISNE_DIR / ISNE_MODEL_FILE
+
+
+def isne_training_state_path(output: Path) -> Path:
+    return Path(output) / ISNE_DIR / ISNE_TRAINING_STATE_FILE
 
 
 def isne_embeddings_path(output: Path, shard: str) -> Path:

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from hades_gpu.store.layout import ISNE_LOCK_NAME
+
 log = logging.getLogger(__name__)
 
 try:
@@ -50,7 +52,8 @@ class OutputLockedError(RuntimeError):
         self.pid = holder.get("pid")
         self.host = holder.get("host")
         since = holder.get("started")
-        super().__init__(f"output {output} (shard {shard}) is in use by PID {self.pid} on host {self.host}"
+        what = "its graph and ISNE stage" if shard == ISNE_LOCK_NAME else f"shard {shard}"
+        super().__init__(f"output {output} ({what}) is in use by PID {self.pid} on host {self.host}"
                          + (f" since {since}" if since else "")
                          + "; wait for that run to finish or stop it, or write to another output")
 

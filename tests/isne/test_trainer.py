@@ -357,7 +357,8 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "knn", "seconds", "model_path",
                       "embeddings_path", "mode", "epochs_run", "best_epoch", "best_val_auc", "stopped_early",
                       "stopped_by_budget", "time_budget_s", "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
-                      "history"}
+                      "resumed_from_epoch", "history"}
+    assert m["resumed_from_epoch"] == 0 and not (tmp_path / "isne" / "training-state.pt").exists()
     data = load_graph(tmp_path)
     deg = torch.bincount(data.edge_index[0], minlength=data.num_nodes)
     rows = pq.read_table(tmp_path / "edges.parquet").to_pandas()
