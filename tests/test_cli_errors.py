@@ -74,6 +74,22 @@ def test_missing_corpus_is_one_line_exit_2(tmp_path):
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")
 
 
+def test_an_empty_corpus_says_so_in_one_line_exit_0(tmp_path):
+    """Nothing to ingest is no failure (an emptied folder re-run), but a silent 0 hid a wrong folder or
+    a documents.include that matched nothing."""
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / ".hidden" / "a.md").write_text("# hidden\n")
+    proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "no documents found" in ln]
+    assert len(said) == 1 and str(empty) in said[0] and "nothing to ingest" in said[0], proc.stderr[-3000:]
+    # a corpus with a document says nothing of the kind
+    (empty / "b.md").write_text("# visible\n\nSome text.\n")
+    proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}", "isne.enabled=false")
+    assert proc.returncode == 0 and "no documents found" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     for args, env in (((f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "--debug"), None),
                       ((f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}"), {"HADES_DEBUG": "1"})):

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 from hades_gpu.config import DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document_as
-from hades_gpu.documents.discovery import Skip, discover
+from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
@@ -30,7 +30,7 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
-from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec
+from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
@@ -151,7 +151,12 @@ class IngestPipeline:
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out = self._output_dir(output)
         with OutputLock(out, self.shard.label):
-            refs, skips = discover_for_output(paths, self.config.documents, out)
+            sources = source_list(paths)  # once: `paths` may be an iterator
+            refs, skips = discover_for_output(sources, self.config.documents, out)
+            if not refs and not skips:
+                log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
+                            "documents.exclude and the output folder itself are not documents): nothing to ingest",
+                            ", ".join(map(printable, sources)) or "(no paths given)")
             return self._ingest(refs, skips, out)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:

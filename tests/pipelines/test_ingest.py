@@ -118,6 +118,10 @@ def test_output_inside_the_corpus_is_not_ingested_by_the_next_run(sample_corpus,
         os.fsencode(sample_corpus), output=tmp_path / "b")
     assert elsewhere.documents_ingested == first.documents_ingested
     assert [s["path"] for s in elsewhere.skipped if s["reason"] == "output_folder"] == [str(out)]
+    # sources as a one-shot generator: discovered once (the empty-corpus check does not re-read them)
+    third = TextParallelPipeline(config(), embedder=embedder).process_batch(
+        (p for p in [sample_corpus]), output=tmp_path / "c")
+    assert third.documents_ingested == first.documents_ingested
 
 
 def test_embeddings_match_sentence_transformers(sample_corpus, tmp_path, embedder, sentence_transformer):
