@@ -35,9 +35,10 @@ from hades_gpu.cluster.runtime import cluster_gpus, largest_cpus, node_slots, ra
 from hades_gpu.cluster.tasks import ingest_shard, run_graph_stage
 from hades_gpu.config import ClusterMode, PipelineConfig, ProgressMode, config_to_dict, to_pipeline_config
 from hades_gpu.documents.discovery import Skip
+from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError, discover_for_output
-from hades_gpu.records import DocumentRef, shard_label
+from hades_gpu.records import shard_label
 from hades_gpu.store.layout import metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
@@ -68,7 +69,7 @@ class ShardRun:
 
     index: int
     label: str
-    refs: list[DocumentRef]
+    refs: DocumentList
     skips: list[Skip]
     fingerprint: str
     attempts: int = 0
@@ -161,7 +162,7 @@ class ClusterIngest:
         existing = load_shard_map(out)
         return existing.count if existing is not None else max(2, SHARDS_PER_SLOT * slots)
 
-    def _plan(self, out: Path, refs: list[DocumentRef], skips: list[Skip], count: int) -> list[ShardRun]:
+    def _plan(self, out: Path, refs: DocumentList, skips: list[Skip], count: int) -> list[ShardRun]:
         smap = ensure_shard_map(out, count, refs)
         groups = split_refs(refs, smap.cuts)
         sizes = shard_bytes(groups)
@@ -290,7 +291,7 @@ class ClusterIngest:
                         len(pending))
 
     # -- the summary and the final stage ---------------------------------------------------------
-    def _result(self, out: Path, runs: list[ShardRun], skips: list[Skip], refs: list[DocumentRef]) -> IngestResult:
+    def _result(self, out: Path, runs: list[ShardRun], skips: list[Skip], refs: DocumentList) -> IngestResult:
         result = IngestResult(output_dir=out, documents_total=len(refs) + len(skips))
         for run in runs:
             s = run.summary or {}

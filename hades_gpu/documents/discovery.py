@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import pathspec
 
 from hades_gpu.config import DocumentsConfig
+from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.records import CODE, PROSE, DocumentRef
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class _Walker:
         self.root = os.path.abspath(root) if root is not None else None
         self.skip_folders = _folder_ids(skip_folders)
         self.is_output_folder = is_output_folder
-        self.refs: list[DocumentRef] = []
+        self.refs = DocumentList()  # columns: ~60 bytes a document (document_list.py)
         self.skips: list[Skip] = []
         self.seen_paths: set[str] = set()
         self.seen_rel: dict[str, str] = {}
@@ -468,7 +469,7 @@ def discover(
     root: Optional[PathLike] = None,
     skip_folders: Sequence[PathLike] = (),
     is_output_folder: Optional[Callable[[list[str]], bool]] = None,
-) -> tuple[list[DocumentRef], list[Skip]]:
+) -> tuple[DocumentList, list[Skip]]:
     """Documents under `sources` (folders and/or files) and the paths skipped on the way.
 
     Args:

@@ -19,6 +19,7 @@ import bisect
 import hashlib
 from typing import Iterable, Optional, Sequence
 
+from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.records import UNSHARDED, DocumentRef, ShardSpec, shard_label
 
 def shard_key(rel_path: str) -> int:
@@ -67,17 +68,17 @@ def shard_of(rel_path: str, cuts: Sequence[int]) -> int:
     return bisect.bisect_right(cuts, shard_key(rel_path))
 
 
-def split_refs(refs: Sequence[DocumentRef], cuts: Sequence[int]) -> list[list[DocumentRef]]:
+def split_refs(refs: Sequence[DocumentRef], cuts: Sequence[int]) -> list[DocumentList]:
     """`refs` grouped per shard (len(cuts) + 1 lists), each keeping discovery's order."""
-    groups: list[list[DocumentRef]] = [[] for _ in range(len(cuts) + 1)]
+    groups = [DocumentList() for _ in range(len(cuts) + 1)]
     for ref in refs:
         groups[shard_of(ref.rel_path, cuts)].append(ref)
     return groups
 
 
-def select_refs(refs: Sequence[DocumentRef], cuts: Sequence[int], index: int) -> list[DocumentRef]:
+def select_refs(refs: Sequence[DocumentRef], cuts: Sequence[int], index: int) -> DocumentList:
     """The refs of shard `index` (discovery's order)."""
-    return [r for r in refs if shard_of(r.rel_path, cuts) == index]
+    return DocumentList(r for r in refs if shard_of(r.rel_path, cuts) == index)
 
 
 def cuts_for(refs: Sequence[DocumentRef], count: int) -> list[int]:

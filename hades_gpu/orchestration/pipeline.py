@@ -26,7 +26,6 @@ import logging
 import queue as queue_mod
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -42,6 +41,7 @@ from hades_gpu.orchestration.slab_rows import (WRITE_BLOCK_ROWS, WRITE_BLOCK_WAI
                                                rows_from_slab, rows_of)
 from hades_gpu.orchestration.workers import (SLABS_PER_WORKER, AbandonEvent, BatchEvent, DocumentEvent, PoolEvent,
                                              WorkerPool)
+from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,26 @@ class DocumentSource(Protocol):
     def events(self, stop: threading.Event, stage: "StreamingPipeline") -> Iterator[PoolEvent]: ...
 
 
+class LargestFirst:
+    """The documents still to hand out, largest first, as `(index, ref)` from `popleft()`: one int64
+    per document (a deque of `(index, DocumentRef)` tuples held ~90 bytes a document, besides the refs)."""
+
+    def __init__(self, refs: DocumentList) -> None:
+        self.refs = refs
+        self.order = np.argsort(-refs.sizes(), kind="stable")  # equal sizes keep discovery's order
+        self.next = 0
+
+    def popleft(self) -> tuple[int, DocumentRef]:
+        if self.next >= len(self.order):
+            raise IndexError("no documents left")
+        index = int(self.order[self.next])
+        self.next += 1
+        return index, self.refs[index]
+
+    def __len__(self) -> int:
+        return len(self.order) - self.next
+
+
 class WorkerPoolSource:
     """Discovered files read, chunked, tokenized and packed by the worker processes.
 
@@ -84,13 +104,13 @@ class WorkerPoolSource:
     def __init__(self, pool: WorkerPool, refs: Sequence[DocumentRef],
                  known_hash: Optional[Callable[[DocumentRef], Optional[str]]] = None) -> None:
         self.pool = pool
-        self.refs = list(refs)
+        self.refs = as_document_list(refs)
         self.known_hash = known_hash if known_hash is not None else (lambda ref: None)
 
     def events(self, stop: threading.Event, stage: "StreamingPipeline") -> Iterator[PoolEvent]:
         # largest files first: the last documents are then small, so no worker is left finishing a big
         # one while the others idle (2-worker feed ~2% faster); each keeps its index in `refs`
-        todo = deque(sorted(enumerate(self.refs), key=lambda item: -item[1].size))
+        todo = LargestFirst(self.refs)
         while not stop.is_set():
             if stage.budget_fn is not None:
                 self.pool.set_budget(stage.current_budget())

@@ -29,10 +29,10 @@ import selectors
 import subprocess
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 from hades_gpu.child_process import child_env, start_module
 from hades_gpu.gpu.slabs import SlabRing
@@ -41,6 +41,14 @@ from hades_gpu.orchestration.worker_main import WorkerSetup
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 
 log = logging.getLogger(__name__)
+
+
+class DocumentQueue(Protocol):
+    """Documents not yet handed to a worker: `(index, ref)` from the left (`pipeline.LargestFirst`)."""
+
+    def popleft(self) -> tuple[int, DocumentRef]: ...
+
+    def __len__(self) -> int: ...
 
 LIVENESS_CHECK_S = 0.05  # at most this often: waitpid on every worker (see WorkerPool.poll)
 # free slabs granted to a worker at a time: 2 left each worker waiting for the main process's round
@@ -178,7 +186,7 @@ class WorkerPool:
         """Documents handed out whose result or rows have not all arrived."""
         return sum(len(w.pending) + len(w.delivering) for w in self._workers)
 
-    def refill(self, todo: "deque[tuple[int, DocumentRef]]", known_hash: Callable[[DocumentRef], Optional[str]]) -> None:
+    def refill(self, todo: "DocumentQueue", known_hash: Callable[[DocumentRef], Optional[str]]) -> None:
         """Top up, from the left of `todo` (index, ref), every live worker whose unreported documents
         fell to half its `max_inflight_per_worker`, all of its share in one message. One message per
         document was a third of the router's messages (measured: 897 sends for 897 documents)."""

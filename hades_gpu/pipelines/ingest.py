@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.config import DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
 from hades_gpu.documents.chunking import process_document_as
 from hades_gpu.documents.discovery import Skip, discover, source_list
+from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
@@ -90,7 +92,7 @@ def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpe
 
 
 def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: DocumentsConfig,
-                        out: Path) -> tuple[list[DocumentRef], list[Skip]]:
+                        out: Path) -> tuple[DocumentList, list[Skip]]:
     """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
     output inside the corpus is walked (their metrics and index files are not documents)."""
     return discover(paths, documents, skip_folders=[out], is_output_folder=is_output_listing)
@@ -165,9 +167,9 @@ class IngestPipeline:
         the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
         out = Path(output)
         with OutputLock(out, self.shard.label):
-            return self._ingest(list(refs), list(skips), out)
+            return self._ingest(as_document_list(refs), list(skips), out)
 
-    def _select_shard(self, refs: list[DocumentRef], skips: list[Skip], out: Path) -> tuple[list[DocumentRef], list[Skip]]:
+    def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
         if not self.shard.sharded:
             check_unsharded(out, self.shard.label)
@@ -177,7 +179,7 @@ class IngestPipeline:
         # discovery's skips (paths not documents) are reported by shard 0 only, so a sum over shards counts each once
         return mine, (skips if self.shard.index == 0 else [])
 
-    def _ingest(self, refs: list[DocumentRef], skips: list[Skip], out: Path) -> IngestResult:
+    def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
         use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder
@@ -195,13 +197,15 @@ class IngestPipeline:
         writer_process = isinstance(writer, WriterProcess)
         metrics.extra["writer"] = "process" if writer_process else "thread"
         resume = ResumePolicy(writer.manifest)
-        todo: list[DocumentRef] = []
-        for ref in refs:
+        changed = array("q")  # indices of what the workers read (8 bytes a document)
+        for i, ref in enumerate(refs):
             if resume.by_stat(ref) is Resume.UNCHANGED:
                 metrics.documents_resumed += 1
                 metrics.documents_unchanged_stat += 1
             else:
-                todo.append(ref)
+                changed.append(i)
+        # a fresh output reads every document: the same columns, not a second copy (document_list.py)
+        todo = refs if len(changed) == len(refs) else refs.take(changed)
         if metrics.documents_resumed:
             log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, out)
 
