@@ -17,8 +17,13 @@ import torch
 from torch import Tensor
 
 from hades_gpu.store.atomic import atomic_write_with
+from hades_gpu.store.reader import DamagedOutputError
 
 CHECKPOINT_FORMAT = "hades-isne/1"
+
+
+class DamagedCheckpointError(DamagedOutputError, ValueError):
+    """The file is no ISNE checkpoint or cannot be read whole (one line naming it)."""
 
 
 @dataclass
@@ -63,12 +68,25 @@ def save_checkpoint(path: str | Path, theta: Tensor, node_ids: Sequence[str], co
 def load_checkpoint(path: str | Path) -> IsneCheckpoint:
     from safetensors import safe_open
 
+    """Read a checkpoint. Raises `DamagedCheckpointError` (one line) when the file is no ISNE
+    checkpoint or is damaged (truncated, bad header, tensors missing or not matching)."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an ISNE checkpoint (format {meta.get('format')!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r})")
-        theta = f.get_tensor("theta")
-        ids = _decode_ids(f.get_tensor("node_ids_bytes"), f.get_tensor("node_ids_offsets"))
-    return IsneCheckpoint(theta=theta, node_ids=ids, config=json.loads(meta.get("config", "{}")))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise DamagedCheckpointError(f"{path} is not an ISNE checkpoint (format {meta.get('format')!r}, "
+                                             f"expected {CHECKPOINT_FORMAT!r})")
+            theta = f.get_tensor("theta")
+            ids = _decode_ids(f.get_tensor("node_ids_bytes"), f.get_tensor("node_ids_offsets"))
+            config = json.loads(meta.get("config", "{}"))
+        if theta.dim() != 2 or theta.shape[0] != len(ids):
+            raise DamagedCheckpointError(f"{path}: θ has shape {tuple(theta.shape)} for {len(ids)} node ids")
+    except DamagedCheckpointError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors' errors have no common base: any is damage
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedCheckpointError(f"{path}: damaged ISNE model ({type(err).__name__}: {detail[:300]})") from err
+    return IsneCheckpoint(theta=theta, node_ids=ids, config=config)

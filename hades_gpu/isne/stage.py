@@ -36,7 +36,7 @@ import torch
 from hades_gpu.config import IsneConfig, PipelineConfig
 from hades_gpu.graph.build import build_graph
 from hades_gpu.gpu.device import select_device
-from hades_gpu.isne.checkpoint import load_checkpoint, save_checkpoint
+from hades_gpu.isne.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.resume import discard_training_state
 from hades_gpu.isne.sampling import CSRGraph
@@ -47,7 +47,7 @@ from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edge
                                     isne_model_path, isne_training_state_path, metrics_path)
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
-from hades_gpu.store.reader import read_isne_embeddings
+from hades_gpu.store.reader import DamagedOutputError, read_isne_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,13 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
     do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
     chunk_ids = graph.chunk_ids
     dev = select_device(cfg.isne.device)
+    ckpt = None
+    if n and not do_train:
+        try:
+            ckpt = load_checkpoint(mpath)
+        except DamagedCheckpointError as err:  # derived from the output's chunks: train it again
+            log.warning("isne: %s; training a new model", err)
+            do_train = True
 
     if n == 0:
         metrics["mode"] = "empty"
@@ -199,8 +206,11 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         metrics["seconds"]["write"] = time.perf_counter() - t
     else:
         t = time.perf_counter()
-        ckpt = load_checkpoint(mpath)
-        old_ids, old_vecs = read_isne_embeddings(output_dir)
+        try:
+            old_ids, old_vecs = read_isne_embeddings(output_dir)
+        except DamagedOutputError as err:  # derived: every chunk's vector is inferred from the model again
+            log.warning("isne: %s; inferring every chunk's vector from the model instead", err)
+            old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
         d = int(ckpt.theta.shape[1])
         if cfg.isne.dim != d:
             log.warning("isne.dim is %d but %s was trained with %d; using the model (set isne.retrain=true "

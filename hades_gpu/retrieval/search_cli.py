@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Optional
 
+import pyarrow as pa
+
 from hades_gpu.config import ConfigError, SearchExpand
 from hades_gpu.records import printable
 
@@ -58,6 +60,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     from hades_gpu.embedding.base import EmbedderError
     from hades_gpu.optional import MissingDependencyError
     from hades_gpu.retrieval.search import SearchError, Searcher
+    from hades_gpu.store.reader import DamagedOutputError
 
     overrides = list(args.overrides)
     if args.embedder:
@@ -74,9 +77,18 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, SearchError) as err:
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:  # a damaged output: committed parts missing
+    except DamagedOutputError as err:  # committed parts missing, ISNE vectors unreadable (one line each)
+        print(f"hades-search: error: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:  # no ingest output there
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
+    except pa.ArrowException as err:  # a damaged output: a part, edges.parquet, ... that is no Parquet
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"hades-search: error: damaged output file: {detail[:400]} (`hades-verify {printable(args.output)}` "
+              "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the graph "
+              "and ISNE files)", file=sys.stderr)
+        return 1
     except (EmbedderError, MissingDependencyError) as err:
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 1

@@ -25,7 +25,8 @@ __all__ = ["DamagedOutputError", "SourceChangedError", "chunk_source", "committe
 
 
 class DamagedOutputError(FileNotFoundError):
-    """The manifest names a part whose file is gone: the output was damaged after it was written."""
+    """The manifest names a part whose file is gone, or a file of the output cannot be read: the
+    output was damaged after it was written. Its message is one line naming the file."""
 
 
 def committed_part_files(output: str | os.PathLike, table: str) -> list[Path]:
@@ -103,9 +104,14 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
     ids: list[str] = []
     vecs: list[np.ndarray] = []
     for f in isne_embeddings_files(Path(output)):
-        t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
+        try:
+            t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
+            vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
+        except (pa.ArrowException, OSError, ValueError, KeyError) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({detail[:300]}); `hades-isne output={output}` "
+                                     "writes it again") from err
         ids.extend(t.column("chunk_id").to_pylist())
-        vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
     dims = {v.shape[1] for v in vecs if v.shape[0]}
     if len(dims) > 1:
         raise ValueError(f"isne embeddings of one output must share one dimension (got {sorted(dims)})")

@@ -514,3 +514,36 @@ def test_a_step_updates_only_the_sampled_neighbours_rows(fanout: int) -> None:
     assert 0 < changed <= 10 * fanout
     everyone = train_isne(ei, n, dataclasses.replace(cfg, fanout=n), epochs=1, max_batches_per_epoch=1)
     assert int((everyone.model.theta.weight.detach() != start).any(dim=1).sum()) == n
+
+
+def test_damaged_model_or_vectors_are_rebuilt_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The model and the ISNE vectors derive from the chunks: a damaged one is said in one warning
+    line and made again (model: trained anew; vectors: inferred from the model), never a traceback."""
+    import logging
+
+    from hades_gpu.isne.checkpoint import DamagedCheckpointError, load_checkpoint
+
+    ids = _write_output(tmp_path, {f"d{i}.md": 3 + i % 4 for i in range(10)})
+    run_isne_stage(_cfg(), tmp_path)
+    model, vectors = tmp_path / "isne" / "model.safetensors", tmp_path / "isne" / "embeddings-s0.parquet"
+    ids0, vecs0 = read_isne_embeddings(tmp_path)
+
+    vectors.write_bytes(b"PAR1 cut short")
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
+        m = run_isne_stage(_cfg(), tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.name == "hades_gpu.isne.stage"]
+    assert len(said) == 1 and "damaged ISNE vectors file" in said[0] and str(vectors) in said[0], said
+    assert m["mode"] == "inferred" and m["n_inferred"] == len(ids)
+    ids1, vecs1 = read_isne_embeddings(tmp_path)
+    assert ids1 == ids0 and np.allclose(vecs1, vecs0, atol=1e-5)  # the same neighbour means of the same θ
+
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(DamagedCheckpointError, match="damaged ISNE model"):
+        load_checkpoint(model)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
+        m = run_isne_stage(_cfg(), tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.name == "hades_gpu.isne.stage"]
+    assert len(said) == 1 and "damaged ISNE model" in said[0] and "training a new model" in said[0], said
+    assert m["mode"] == "trained" and sorted(load_checkpoint(model).node_ids) == sorted(ids)
+    assert sorted(read_isne_embeddings(tmp_path)[0]) == sorted(ids)

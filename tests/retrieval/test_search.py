@@ -187,6 +187,27 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("damaged, expand, needle", [
+    ("edges.parquet", "graph", "damaged output file"),
+    ("isne/embeddings-s0.parquet", "isne", "damaged ISNE vectors file"),
+    ("chunks/*", None, "damaged output file"),
+])
+def test_damaged_output_files_are_one_line_exit_1(search_output, embedder, tmp_path, capsys, monkeypatch,
+                                                   damaged, expand, needle):
+    """A file of the output that is no longer Parquet (a bad disk, a copy cut short): one line naming
+    it and what rewrites it, exit 1, instead of pyarrow's traceback."""
+    from hades_gpu.embedding import factory
+
+    copy = tmp_path / "out"
+    shutil.copytree(search_output[0], copy)
+    target = sorted(copy.glob(damaged))[0]
+    target.write_bytes(b"not parquet any more")
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    assert search_cli([str(copy), "calendar", "-k", "2", *(["--expand", expand] if expand else [])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and needle in err and target.name in err, err
+
+
 def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damaged(
         search_output, embedder, queries, tmp_path, caplog):
     """Above graph.knn_exact_max_nodes the first stage is the FAISS index the kNN edges were built
