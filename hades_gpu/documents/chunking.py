@@ -90,18 +90,20 @@ def chunk_text(
             structure = CodeStructure(text)
         children = structure.children
         units = structure.units()
+        starts = structure.line_starts  # the structure's own: computed once per document
         overlap, absorb_top, keep_indent = 0, False, True
     else:
         prose = ProseStructure(text)
         children = prose.children
         units = prose_units(text, ref.language)
         references = prose_references(text, ref.language)
+        starts = line_starts(text)
         overlap = min(chunking.overlap_tokens, max(0, budget // 2 - 1))
         absorb_top, keep_indent = True, False
     # the packer counts tokens at every top-level span and at the lines of the long ones: cut the
     # document at all of them up front (one batched encode instead of a re-encode per later cut)
     cuts = np.union1d(np.fromiter((s for s, _e, _sec in units), dtype=np.int64, count=len(units)),
-                      line_starts(text)).tolist()
+                      starts).tolist()
     try:
         tt = TokenizedText(text, tok, reencode) if hf_offsets else tokenize_document(text, tok, reencode, cuts)
         pieces = _pack(tt, children, units, budget, chunking,

@@ -38,8 +38,8 @@ from hades_gpu.config import EarlyStopMetric, IsneConfig, IsneOptimizer
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.host_heap import keep_freed_memory
 from hades_gpu.isne.model import ISNE
-from hades_gpu.isne.resume import TrainingState, load_training_state, save_training_state, training_key
 from hades_gpu.isne.optim import RowSparseAdam, RowwiseAdagrad, rows_strictly_increasing  # noqa: F401 (re-exported)
+from hades_gpu.isne.resume import TrainingState, load_training_state, save_training_state, training_key
 from hades_gpu.isne.sampling import CSRGraph, random_walks
 from hades_gpu.isne.validation import (EarlyStopper, fixed_validation_walks, link_auc,  # noqa: F401 (re-exported)
                                        validation_auc, validation_walk_loss)
