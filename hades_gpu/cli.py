@@ -298,7 +298,8 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
     else:
         result = TextParallelPipeline(cfg).process_batch([cfg.corpus], output=out)
     print(f"{out}: {result.documents_ingested} document(s) ingested, {result.chunks_written} chunk(s), "
-          f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped; "
+          f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped"
+          f"{f', {result.documents_removed} removed' if result.documents_removed else ''}; "
           f"{result.metrics.get('chunks_per_s', 0.0):.1f} chunks/s")
     for skip in result.skipped[:20]:
         print(printable(f"  skipped {skip['path']}: {skip['reason']}{': ' + skip['detail'] if skip['detail'] else ''}"))

@@ -160,6 +160,9 @@ class DocumentsConfig:
     include_hidden: bool = False  # walking a folder: take names starting with "." (files and folders)
     extra_prose_extensions: list[str] = field(default_factory=list)
     extra_code_extensions: list[str] = field(default_factory=list)
+    # before ingesting: remove from the output the documents this run's corpus no longer has (the output
+    # mirrors the corpus). Off by default: outputs also grow from several folders ingested in turn.
+    remove_missing: bool = False
 
 
 @dataclass

@@ -301,6 +301,7 @@ class ClusterIngest:
                 continue
             result.documents_ingested += int(s.get("documents_ingested", 0))
             result.documents_unchanged += int(s.get("documents_unchanged", 0))
+            result.documents_removed += int(s.get("documents_removed", 0))
             result.chunks_written += int(s.get("chunks_written", 0))
             result.skipped.extend(s.get("skipped", []))
         return result

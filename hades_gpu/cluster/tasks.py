@@ -26,7 +26,8 @@ def summarize(result: IngestResult, label: str, nothing_ingested: bool = False) 
     metrics = result.metrics or {}
     return {
         "shard": label, "documents_total": result.documents_total, "documents_ingested": result.documents_ingested,
-        "documents_unchanged": result.documents_unchanged, "chunks_written": result.chunks_written,
+        "documents_unchanged": result.documents_unchanged, "documents_removed": result.documents_removed,
+        "chunks_written": result.chunks_written,
         "skipped": list(result.skipped), "wall_s": float(metrics.get("wall_s", 0.0) or 0.0),
         "nothing_ingested": nothing_ingested, "host": socket.gethostname(), "pid": os.getpid(),
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "node": _node_id(),

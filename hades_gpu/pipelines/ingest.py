@@ -39,6 +39,7 @@ from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
+from hades_gpu.store.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class IngestResult:
     documents_total: int = 0  # discovered (skipped ones included)
     documents_ingested: int = 0  # chunked and embedded in this run
     documents_unchanged: int = 0  # already in the output, left alone (resume)
+    documents_removed: int = 0  # no longer in the corpus, removed from the output (documents.remove_missing)
     chunks_written: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # path, reason, detail
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -185,7 +187,10 @@ class IngestPipeline:
         use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder
 
         metrics = RunMetrics()
+        source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
         refs, skips = self._select_shard(refs, skips, out)
+        removed = self._remove_missing(refs, source_missing, out) if cfg.documents.remove_missing else 0
+        metrics.extra["documents_removed"] = removed
         if self.shard.sharded:
             clear_shard_done(out, self.shard.label)  # exists again only once this run has finished
         fingerprint = plan_fingerprint(refs) if self.shard.sharded else ""
@@ -288,7 +293,8 @@ class IngestPipeline:
         metrics.chunks_done = writer.rows_written
         result = IngestResult(output_dir=out, documents_total=metrics.documents_total,
                               documents_ingested=writer.documents_committed,
-                              documents_unchanged=metrics.documents_resumed, chunks_written=writer.rows_written,
+                              documents_unchanged=metrics.documents_resumed, documents_removed=removed,
+                              chunks_written=writer.rows_written,
                               skipped=list(metrics.skipped))
         snapshot = metrics.snapshot()
         snapshot["parts_written"] = writer.parts_written
@@ -309,6 +315,27 @@ class IngestPipeline:
         if result.documents_total and not result.documents_ingested and not result.documents_unchanged:
             raise NothingIngestedError(result)
         return result
+
+    def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path) -> int:
+        """`documents.remove_missing`: remove the output's documents (of this shard) that `refs` does
+        not hold, before anything is ingested. Nothing is removed when a named source is missing or
+        nothing was found (a typo must not empty an output): one warning line says so."""
+        if source_missing is not None or not refs:
+            why = f"the source {printable(source_missing)} is missing" if source_missing else "this run found no documents"
+            log.warning("documents.remove_missing: nothing removed from %s: %s", out, why)
+            return 0
+        cfg = self.config
+        writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part,
+                               settings=ingest_settings(cfg))
+        try:
+            gone = writer.manifest.absent_from(refs.rel_path(i) for i in range(len(refs)))
+            removed = writer.remove_documents(gone) if gone else 0
+        finally:
+            writer.close()
+        if removed:
+            log.info("removed %d document(s) no longer in the corpus from %s (documents.remove_missing), e.g. %s",
+                     removed, out, printable(gone[0]))
+        return removed
 
     def _governor(self) -> Any:
         """The NVML memory governor when a GPU is in use, else None."""

@@ -271,6 +271,21 @@ class Manifest:
                 found[rel] = DocumentEntry(*rest)
         return found
 
+    def absent_from(self, rel_paths: Iterable[str]) -> list[str]:
+        """The documents' rel_paths that are not among `rel_paths` (a run's discovered documents), in
+        rel_path order. The comparison runs in SQLite over a temporary table: a Python set of 10^7
+        paths would be a gigabyte of the main process."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS found (rel_path TEXT PRIMARY KEY) WITHOUT ROWID")
+            try:
+                cur.executemany("INSERT OR IGNORE INTO found VALUES (?)", ((r,) for r in rel_paths))
+                return [r for (r,) in cur.execute("SELECT rel_path FROM documents WHERE rel_path NOT IN "
+                                                  "(SELECT rel_path FROM found) ORDER BY rel_path")]
+            finally:
+                cur.execute("DROP TABLE temp.found")
+                self._conn.commit()
+
     def documents(self) -> Iterator[tuple[str, DocumentEntry]]:
         """Every (rel_path, entry), in rel_path order (a scan: for reports and tests, not per document)."""
         for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents ORDER BY rel_path"):
@@ -293,22 +308,49 @@ class Manifest:
         with self._transaction() as cur:
             cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(part), part))
             self._insert_files(cur, part, files)
-            for rep in replaced:
-                if rep.new_part is not None:
-                    numbers.append(_part_number(rep.new_part))
-                    cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(rep.new_part), rep.new_part))
-                    self._insert_files(cur, rep.new_part, rep.files)
-                    cur.execute("UPDATE documents SET part = ? WHERE part = ?", (rep.new_part, rep.old_part))
-                else:
-                    cur.execute("DELETE FROM documents WHERE part = ?", (rep.old_part,))
-                cur.execute("DELETE FROM parts WHERE name = ?", (rep.old_part,))
-                cur.execute("DELETE FROM part_files WHERE part = ?", (rep.old_part,))
+            numbers += self._apply_replacements(cur, replaced)
             cur.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
                             [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
                              for rel, d in documents])
             self._raise_mark(cur, max(numbers) + 1)
             if before_commit is not None:
                 before_commit()
+
+    def remove_documents(self, rel_paths: Iterable[str], replaced: Iterable[Replacement] = (),
+                         before_commit: Optional[Callable[[], None]] = None) -> int:
+        """One transaction: forget the documents at `rel_paths` and, for each `Replacement`, retire the
+        old part that held some of them and point its other documents at its rewrite (as
+        `commit_part`). Returns how many documents were forgotten."""
+        keys = list(dict.fromkeys(rel_paths))
+        with self._transaction() as cur:
+            numbers = self._apply_replacements(cur, replaced)
+            removed = 0
+            for start in range(0, len(keys), LOOKUP_BATCH):
+                batch = keys[start:start + LOOKUP_BATCH]
+                removed += cur.execute(f"DELETE FROM documents WHERE rel_path IN ({','.join('?' * len(batch))})",
+                                       batch).rowcount
+            if numbers:
+                self._raise_mark(cur, max(numbers) + 1)
+            if before_commit is not None:
+                before_commit()
+        return removed
+
+    @staticmethod
+    def _apply_replacements(cur: sqlite3.Cursor, replaced: Iterable[Replacement]) -> list[int]:
+        """Retire each replacement's old part, its other documents moved to the rewrite (or dropped
+        when there is none); returns the part numbers of the rewrites."""
+        numbers = []
+        for rep in replaced:
+            if rep.new_part is not None:
+                numbers.append(_part_number(rep.new_part))
+                cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(rep.new_part), rep.new_part))
+                Manifest._insert_files(cur, rep.new_part, rep.files)
+                cur.execute("UPDATE documents SET part = ? WHERE part = ?", (rep.new_part, rep.old_part))
+            else:
+                cur.execute("DELETE FROM documents WHERE part = ?", (rep.old_part,))
+            cur.execute("DELETE FROM parts WHERE name = ?", (rep.old_part,))
+            cur.execute("DELETE FROM part_files WHERE part = ?", (rep.old_part,))
+        return numbers
 
     @staticmethod
     def _insert_files(cur: sqlite3.Cursor, part: str, files: Optional[dict[str, FileRecord]]) -> None:

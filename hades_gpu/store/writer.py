@@ -298,6 +298,29 @@ class DatasetWriter:
         # a view when every row is taken (the usual case); `_chunk_table` copies once
         return table if taken.all() else table.filter(numeric(taken))
 
+    def remove_documents(self, rel_paths: list[str]) -> int:
+        """Remove committed documents and their chunks (`documents.remove_missing`): each part holding
+        some is written again without them under a new name and one manifest transaction swaps them
+        in, as a changed document's older part is (module docstring, steps 2-4). Call it before any
+        row is added (it numbers new parts). Returns how many documents were removed."""
+        with self._flush_lock:
+            if self._open is not None or self._blocks:
+                raise RuntimeError("remove_documents runs before the writer takes rows")
+            by_part: dict[str, set[str]] = {}
+            for entry in self.manifest.lookup_many(rel_paths).values():
+                by_part.setdefault(entry.part, set()).add(entry.doc_id)
+            if not by_part:
+                return 0
+            number = self.manifest.next_part_number()
+            replacements = [self._rewrite_without(part, doc_ids, part_name(self.shard, number + i))
+                            for i, (part, doc_ids) in enumerate(sorted(by_part.items()))]
+            kill_point("after_old_rewritten")
+            removed = self.manifest.remove_documents(rel_paths, replacements,
+                                                     before_commit=lambda: kill_point("before_manifest_commit"))
+            kill_point("after_manifest_commit")
+            self._delete_parts([r.old_part for r in replacements])
+            return removed
+
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
         """A committed document was read again (its size or mtime changed) and its content hash is the
         same: remember the new size and mtime, so the next run skips it without reading it. Saved at
@@ -399,7 +422,7 @@ class DatasetWriter:
         ], schema=DOCUMENT_SCHEMA)
 
     def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
-        """Write `part` again as `new_part` without the given documents (they were re-ingested); the
+        """Write `part` again as `new_part` without the given documents (re-ingested or removed); the
         old files are left as they are until the manifest has retired them."""
         try:
             tables = {table: pq.read_table(part_path(self.output, table, part)) for table in (CHUNKS_DIR, DOCUMENTS_DIR)}

@@ -1,0 +1,99 @@
+"""`documents.remove_missing`: documents the corpus no longer has leave the output (their parts written
+again without them, one manifest transaction), every other chunk exactly once; off by default; a
+missing source or an empty run removes nothing; a SIGKILL at any point of the removal leaves a
+consistent output that the next run finishes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corpus_helpers import REPO
+from store_faults import assert_same_chunks_exactly_once, chunk_rows, config, ingest, write_corpus
+
+from hades_gpu.store.manifest import Manifest
+from hades_gpu.store.reader import read_documents
+from hades_gpu.store.verify import verify_output
+from hades_gpu.store.writer import KILL_ENV
+
+GONE = ("doc02.md", "doc05.md")
+
+
+def _ingest_removing(sources: list[Path], out: Path):
+    from hades_gpu.benchmarks.feed_bench import ZeroCostEmbedder
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    cfg = config()
+    cfg.documents.remove_missing = True
+    return TextParallelPipeline(cfg, embedder=ZeroCostEmbedder(dim=cfg.embedder.dim)).ingest(sources, out)
+
+
+def _rel_paths(out: Path) -> set[str]:
+    return set(read_documents(out, ["rel_path"]).column("rel_path").to_pylist())
+
+
+@pytest.fixture()
+def outputs(tmp_path: Path) -> tuple[Path, Path, object]:
+    """An output of 8 documents (several a part) whose corpus then loses two, and the reference: an
+    output made from the smaller corpus."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    with Manifest.load(out, "s0") as m:
+        assert m.part_contents(m.lookup(GONE[0]).part)[0] >= 2  # shares its part: the others must survive
+    for name in GONE:
+        (corpus / name).unlink()
+    reference = tmp_path / "reference"
+    ingest(corpus, reference)
+    return corpus, out, chunk_rows(reference)
+
+
+def test_documents_no_longer_in_the_corpus_are_removed(outputs, caplog) -> None:
+    corpus, out, reference = outputs
+    kept = ingest(corpus, out)  # off by default: the output keeps them
+    assert kept.documents_removed == 0 and set(GONE) <= _rel_paths(out)
+    with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
+        result = _ingest_removing([corpus], out)
+    assert result.documents_removed == 2 and result.documents_unchanged == 6 and result.documents_ingested == 0
+    assert result.metrics["documents_removed"] == 2
+    assert_same_chunks_exactly_once(out, reference)
+    assert _rel_paths(out) == {f"doc{i:02d}.md" for i in range(8)} - set(GONE)
+    assert verify_output(out).ok
+    assert any("removed 2 document(s) no longer in the corpus" in r.getMessage() for r in caplog.records)
+    assert _ingest_removing([corpus], out).documents_removed == 0  # nothing more to remove
+
+
+@pytest.mark.parametrize("case", ["missing source", "empty corpus"])
+def test_nothing_is_removed_when_a_source_is_missing_or_nothing_was_found(outputs, tmp_path, caplog, case) -> None:
+    corpus, out, _ = outputs
+    sources = [corpus, tmp_path / "typo"] if case == "missing source" else [tmp_path / "empty"]
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.pipelines.ingest"):
+        result = _ingest_removing(sources, out)
+    assert result.documents_removed == 0 and set(GONE) <= _rel_paths(out)
+    said = [r.getMessage() for r in caplog.records if "documents.remove_missing: nothing removed" in r.getMessage()]
+    assert len(said) == 1 and ("typo" in said[0] if case == "missing source" else "found no documents" in said[0])
+
+
+@pytest.mark.parametrize("point", ["after_old_rewritten", "before_manifest_commit", "after_manifest_commit"])
+def test_a_kill_at_any_point_of_a_removal_loses_nothing(outputs, point) -> None:
+    corpus, out, reference = outputs
+    script = ("import sys; sys.path[:0] = [%r, %r]; from pathlib import Path; "
+              "from test_remove_missing import _ingest_removing; _ingest_removing([Path(sys.argv[1])], Path(sys.argv[2]))"
+              % (str(REPO / "tests" / "support"), str(REPO / "tests" / "store")))
+    proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(out)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, KILL_ENV: point}, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert verify_output(out).ok  # right after the kill: the manifest names exactly what is on disk
+    assert (set(GONE) <= _rel_paths(out)) == (point != "after_manifest_commit")
+    result = _ingest_removing([corpus], out)
+    assert result.documents_removed == (0 if point == "after_manifest_commit" else 2)
+    assert_same_chunks_exactly_once(out, reference)
+    assert verify_output(out).ok
