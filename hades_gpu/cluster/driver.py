@@ -130,6 +130,7 @@ class ClusterIngest:
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = to_pipeline_config(config)
+        self._source_missing = False  # a named source was not found (documents.remove_missing is then off)
         if self.config.cluster.mode == ClusterMode.NONE:
             self.config = dataclasses.replace(self.config, cluster=dataclasses.replace(self.config.cluster,
                                                                                         mode=ClusterMode.LOCAL.value))
@@ -181,7 +182,10 @@ class ClusterIngest:
 
     def _shard_config(self, run: ShardRun, count: int) -> PipelineConfig:
         cfg = self.config
-        return dataclasses.replace(cfg, shard=f"{run.index}/{count}",
+        # shards other than 0 get no discovery skips: a missing source is decided here, once, for all
+        documents = dataclasses.replace(cfg.documents, remove_missing=cfg.documents.remove_missing
+                                        and not self._source_missing)
+        return dataclasses.replace(cfg, shard=f"{run.index}/{count}", documents=documents,
                                    cluster=dataclasses.replace(cfg.cluster, mode=ClusterMode.NONE.value),
                                    monitoring=dataclasses.replace(cfg.monitoring, progress=ProgressMode.OFF.value,
                                                                   prometheus=False))
@@ -194,6 +198,9 @@ class ClusterIngest:
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
             refs, skips = discover_for_output(paths, self.config.documents, out)
+            self._source_missing = any(s.reason == "missing" for s in skips)
+            if self._source_missing and self.config.documents.remove_missing:
+                log.warning("documents.remove_missing: nothing removed from %s: a source is missing", out)
             t_discover = time.perf_counter() - t0
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()

@@ -65,3 +65,21 @@ def test_a_cluster_run_without_ray_installed_is_one_config_line_and_exit_2(tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cluster=ray|local needs Ray: pip install 'hades-gpu[cluster]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_source_turns_remove_missing_off_for_every_shard(tmp_path):
+    """Only shard 0 receives discovery's skips: the driver decides for all shards that a missing source
+    means nothing is removed (a typo must not empty the other shards' documents). No Ray needed."""
+    from hades_gpu.cluster.driver import ClusterIngest, ShardRun
+    from hades_gpu.documents.document_list import DocumentList
+    from hades_gpu.documents.discovery import discover
+
+    cfg = load_pipeline_config("balanced", ["cluster=local", "documents.remove_missing=true"])
+    driver = ClusterIngest(cfg)
+    _refs, skips = discover([str(SAMPLE_CORPUS), str(tmp_path / "typo")], cfg.documents)
+    assert "missing" in [s.reason for s in skips]
+    driver._source_missing = any(s.reason == "missing" for s in skips)
+    shard = driver._shard_config(ShardRun(1, "01-of-02", DocumentList(), [], ""), 2)
+    assert shard.shard == "1/2" and shard.documents.remove_missing is False
+    driver._source_missing = False
+    assert driver._shard_config(ShardRun(1, "01-of-02", DocumentList(), [], ""), 2).documents.remove_missing is True
