@@ -323,12 +323,12 @@ class Manifest:
         `commit_part`). Returns how many documents were forgotten."""
         keys = list(dict.fromkeys(rel_paths))
         with self._transaction() as cur:
-            numbers = self._apply_replacements(cur, replaced)
-            removed = 0
+            removed = 0  # first: a part left with nothing else is then retired without counting them twice
             for start in range(0, len(keys), LOOKUP_BATCH):
                 batch = keys[start:start + LOOKUP_BATCH]
                 removed += cur.execute(f"DELETE FROM documents WHERE rel_path IN ({','.join('?' * len(batch))})",
                                        batch).rowcount
+            numbers = self._apply_replacements(cur, replaced)
             if numbers:
                 self._raise_mark(cur, max(numbers) + 1)
             if before_commit is not None:

@@ -128,3 +128,21 @@ def test_a_part_is_committed_once_and_a_failed_commit_changes_nothing(tmp_path):
     m.close()
     reopened = Manifest.load(tmp_path, "s0")  # durable: another connection sees it
     assert reopened.parts() == ["part-s0-00001", "part-s0-00002"] and reopened.lookup("a.py").content_hash == "h3"
+
+
+def test_remove_documents_counts_each_once_and_moves_the_rest(tmp_path):
+    """A removed document alone in its part (the part retired whole) and one sharing a part (the part
+    rewritten): both counted once, the survivor points at the rewrite, the mark passes every number."""
+    from hades_gpu.store.manifest import DocumentEntry, Replacement
+
+    m = Manifest.load(tmp_path, "s0")
+    m.commit_part("part-s0-00001", [("alone.md", DocumentEntry("da", "h1", 1, "part-s0-00001", 1, 1))])
+    m.commit_part("part-s0-00002", [(f"{n}.md", DocumentEntry(f"d{n}", "h", 1, "part-s0-00002", 1, 1)) for n in "xy"])
+    assert m.absent_from(["x.md", "new.md"]) == ["alone.md", "y.md"]
+    removed = m.remove_documents(["alone.md", "y.md"], [Replacement("part-s0-00001"),
+                                                        Replacement("part-s0-00002", "part-s0-00003")])
+    assert removed == 2
+    assert m.lookup("alone.md") is None and m.lookup("y.md") is None and m.lookup("x.md").part == "part-s0-00003"
+    assert m.parts() == ["part-s0-00003"] and m.next_part_number() == 4
+    assert m.absent_from(["x.md"]) == []
+    m.close()
