@@ -322,7 +322,7 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
         raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): run "
                                      f"`hades-ingest corpus=<folder> output={dataset}` first")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
-    print(f"{dataset}: ISNE {result}")
+    print(result.summary())
 
 
 def isne_main() -> None:

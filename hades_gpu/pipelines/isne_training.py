@@ -25,6 +25,26 @@ class ISNETrainingResult:
     embeddings_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for people (`hades-isne` prints it): what the stage did and where the files are."""
+        m = self.metrics
+        mode = m.get("mode", "?")
+        parts = [f"{m.get('n_nodes', 0)} chunk(s)", f"{m.get('n_edges', 0)} edge(s)"]
+        if mode == "trained":
+            parts.append(f"{m.get('epochs_run', 0)} epoch(s), best {m.get('best_epoch', 0)}")
+            if m.get("resumed_from_epoch"):
+                parts.append(f"resumed after epoch {m['resumed_from_epoch']}")
+            if m.get("stopped_early"):
+                parts.append("stopped early")
+            if m.get("stopped_by_budget"):
+                parts.append(f"time budget of {m.get('time_budget_s', 0.0):.3g} s reached")
+            parts.append(f"{m.get('pairs_per_s', 0.0) / 1e6:.2f} M pairs/s")
+        elif mode == "inferred":
+            parts.append(f"{m.get('n_inferred', 0)} vector(s) inferred")
+        total = m.get("seconds", {}).get("total", 0.0)
+        return (f"{self.output_dir}: ISNE {mode}: {', '.join(parts)}; {total:.1f} s; model {self.model_path}, "
+                f"vectors {self.embeddings_path}")
+
 
 class ISNETrainingPipeline:
     """Train ISNE on an existing ingest output (the seed's API).

@@ -160,6 +160,9 @@ def test_hades_isne_killed_mid_training_resumes(tmp_path: Path) -> None:
     assert resumed.returncode == 0, text[-3000:]
     assert f"resuming from the training state {state} after epoch" in text, text[-3000:]
     assert not state.exists()  # the model is written: nothing left to resume
+    summary = [ln for ln in text.splitlines() if ln.startswith(f"{out}: ISNE trained: ")]
+    assert len(summary) == 1 and f"resumed after epoch " in summary[0] and "60 epoch(s)" in summary[0], text[-2000:]
+    assert "history" not in summary[0] and str(out / "isne" / "model.safetensors") in summary[0]
     whole = _hades_isne(ref, epochs)
     text_ref, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, text_ref[-3000:]
