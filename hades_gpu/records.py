@@ -61,6 +61,12 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: _ESCAPES.get(m.group(), m.group().encode("unicode_escape").decode("ascii")), text)
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none (one-line reports)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _fsencode(path: str) -> bytes:
     try:
         return os.fsencode(path)

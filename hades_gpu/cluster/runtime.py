@@ -17,6 +17,7 @@ import socket
 from typing import Any, Iterator
 
 from hades_gpu.config import ClusterConfig, ClusterMode, ConfigError
+from hades_gpu.records import error_line
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
     try:
         ray.init(**kwargs)  # in the caller's thread: Ray sets signal handlers and fails elsewhere
     except Exception as err:  # noqa: BLE001 - one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = error_line(err)
         raise ClusterConnectError(f"could not connect to {where}: {first}") from err
     try:
         yield ray

@@ -122,10 +122,24 @@ class DocumentList(Sequence[DocumentRef]):
         return np.array(self._size, dtype=np.int64)
 
     def take(self, indices: Iterable[int]) -> "DocumentList":
-        """The documents at `indices`, in that order."""
+        """The documents at `indices`, in that order: columns copied as they are (no `DocumentRef`
+        made per document; roots and kinds keep their numbers)."""
         out = DocumentList()
+        out._roots, out._root_ix = list(self._roots), dict(self._root_ix)
+        out._kinds, out._kind_ix = list(self._kinds), dict(self._kind_ix)
         for i in indices:
-            out.append(self._ref(int(i)))
+            i = int(i)
+            j = len(out._size)
+            out._rel += self._rel[self._rel_end[i - 1] if i else 0:self._rel_end[i]]
+            out._rel_end.append(len(out._rel))
+            out._root.append(self._root[i])
+            out._size.append(self._size[i])
+            out._mtime.append(self._mtime[i])
+            out._kind.append(self._kind[i])
+            if i in self._odd_paths:
+                out._odd_paths[j] = self._odd_paths[i]
+            if i in self._raw:
+                out._raw[j] = self._raw[i]
         return out
 
     def __add__(self, other: Iterable[DocumentRef]) -> "DocumentList":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hades_gpu.records import error_line
 from hades_gpu.store.atomic import atomic_write_with
 from hades_gpu.store.reader import DamagedOutputError
 
@@ -87,6 +88,5 @@ def load_checkpoint(path: str | Path) -> IsneCheckpoint:
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors' errors have no common base: any is damage
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DamagedCheckpointError(f"{path}: damaged ISNE model ({type(err).__name__}: {detail[:300]})") from err
+        raise DamagedCheckpointError(f"{path}: damaged ISNE model ({type(err).__name__}: {error_line(err)[:300]})") from err
     return IsneCheckpoint(theta=theta, node_ids=ids, config=config)

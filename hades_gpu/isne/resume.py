@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from hades_gpu.config import IsneConfig
+from hades_gpu.records import error_line
 from hades_gpu.store.atomic import atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def load_training_state(path: Path, key: str) -> Optional[TrainingState]:
         state = TrainingState(**payload)
     except Exception as err:  # noqa: BLE001 - any damage means: start afresh, said in one line
         log.warning("isne: ignoring the training state %s (%s: %s); training from the start",
-                    path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    path, type(err).__name__, error_line(err))
         return None
     if state.key != key:
         log.info("isne: the training state %s is for another graph or other settings; training from the start",

@@ -50,6 +50,7 @@ class DocumentQueue(Protocol):
 
     def __len__(self) -> int: ...
 
+
 LIVENESS_CHECK_S = 0.05  # at most this often: waitpid on every worker (see WorkerPool.poll)
 # free slabs granted to a worker at a time: 2 left each worker waiting for the main process's round
 # trip on most batches; 4 and 8 ran the 2-worker feed alike (~8% faster than 2)

@@ -15,7 +15,7 @@ from typing import Optional
 import pyarrow as pa
 
 from hades_gpu.config import ConfigError, SearchExpand
-from hades_gpu.records import printable
+from hades_gpu.records import error_line, printable
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -84,8 +84,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
     except pa.ArrowException as err:  # a damaged output: a part, edges.parquet, ... that is no Parquet
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"hades-search: error: damaged output file: {detail[:400]} (`hades-verify {printable(args.output)}` "
+        print(f"hades-search: error: damaged output file: {error_line(err)[:400]} (`hades-verify {printable(args.output)}` "
               "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the graph "
               "and ISNE files)", file=sys.stderr)
         return 1

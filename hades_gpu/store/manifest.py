@@ -63,6 +63,14 @@ def legacy_manifest_path(output: Path, shard: str) -> Path:
     return Path(output) / ("manifest.json" if shard == "s0" else f"manifest-{shard}.json")
 
 
+def _in_batches(keys: Iterable[str]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """The distinct `keys` in batches of `LOOKUP_BATCH`, each with its ``?,?,...`` placeholders."""
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), LOOKUP_BATCH):
+        batch = tuple(unique[start:start + LOOKUP_BATCH])
+        yield batch, ",".join("?" * len(batch))
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read (damaged, or written by an unknown version)."""
 
@@ -261,11 +269,8 @@ class Manifest:
         """The entries of those of `rel_paths` the manifest holds, in queries of `LOOKUP_BATCH` keys:
         a part's commit asks for all its documents, one query each was ~15% of the main process's
         CPU on a corpus of 1 KB files."""
-        keys = list(dict.fromkeys(rel_paths))
         found: dict[str, DocumentEntry] = {}
-        for start in range(0, len(keys), LOOKUP_BATCH):
-            batch = tuple(keys[start:start + LOOKUP_BATCH])
-            marks = ",".join("?" * len(batch))
+        for batch, marks in _in_batches(rel_paths):
             for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents "
                                           f"WHERE rel_path IN ({marks})", batch):
                 found[rel] = DocumentEntry(*rest)
@@ -321,13 +326,10 @@ class Manifest:
         """One transaction: forget the documents at `rel_paths` and, for each `Replacement`, retire the
         old part that held some of them and point its other documents at its rewrite (as
         `commit_part`). Returns how many documents were forgotten."""
-        keys = list(dict.fromkeys(rel_paths))
         with self._transaction() as cur:
             removed = 0  # first: a part left with nothing else is then retired without counting them twice
-            for start in range(0, len(keys), LOOKUP_BATCH):
-                batch = keys[start:start + LOOKUP_BATCH]
-                removed += cur.execute(f"DELETE FROM documents WHERE rel_path IN ({','.join('?' * len(batch))})",
-                                       batch).rowcount
+            for batch, marks in _in_batches(rel_paths):
+                removed += cur.execute(f"DELETE FROM documents WHERE rel_path IN ({marks})", batch).rowcount
             numbers = self._apply_replacements(cur, replaced)
             if numbers:
                 self._raise_mark(cur, max(numbers) + 1)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hades_gpu.documents.reading import content_hash
+from hades_gpu.records import error_line
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, isne_embeddings_files, part_path
 from hades_gpu.store.manifest import committed_parts, has_manifest
 
@@ -108,8 +109,7 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
             t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
             vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
         except (pa.ArrowException, OSError, ValueError, KeyError) as err:
-            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({detail[:300]}); `hades-isne output={output}` "
+            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err)[:300]}); `hades-isne output={output}` "
                                      "writes it again") from err
         ids.extend(t.column("chunk_id").to_pylist())
     dims = {v.shape[1] for v in vecs if v.shape[0]}

@@ -306,14 +306,9 @@ class DatasetWriter:
         with self._flush_lock:
             if self._open is not None or self._blocks:
                 raise RuntimeError("remove_documents runs before the writer takes rows")
-            by_part: dict[str, set[str]] = {}
-            for entry in self.manifest.lookup_many(rel_paths).values():
-                by_part.setdefault(entry.part, set()).add(entry.doc_id)
-            if not by_part:
+            replacements = self._rewrite_parts_without(rel_paths, self.manifest.next_part_number())
+            if not replacements:
                 return 0
-            number = self.manifest.next_part_number()
-            replacements = [self._rewrite_without(part, doc_ids, part_name(self.shard, number + i))
-                            for i, (part, doc_ids) in enumerate(sorted(by_part.items()))]
             kill_point("after_old_rewritten")
             removed = self.manifest.remove_documents(rel_paths, replacements,
                                                      before_commit=lambda: kill_point("before_manifest_commit"))
@@ -360,13 +355,7 @@ class DatasetWriter:
                  DOCUMENTS_DIR: atomic_write_parquet(self._doc_table(ready), part_path(self.output, DOCUMENTS_DIR, part))}
         kill_point("after_part_written")
 
-        replaced: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
-        for old in self.manifest.lookup_many(doc.ref.rel_path for doc in ready).values():
-            replaced.setdefault(old.part, set()).add(old.doc_id)
-        replacements = []
-        for old_part, doc_ids in sorted(replaced.items()):
-            number += 1
-            replacements.append(self._rewrite_without(old_part, doc_ids, part_name(self.shard, number)))
+        replacements = self._rewrite_parts_without([doc.ref.rel_path for doc in ready], number + 1)
         kill_point("after_old_rewritten")
 
         self.manifest.commit_part(part, [
@@ -420,6 +409,15 @@ class DatasetWriter:
             binaries([d.ref.path_bytes for d in ready]),
             strings([d.encoding for d in ready]),
         ], schema=DOCUMENT_SCHEMA)
+
+    def _rewrite_parts_without(self, rel_paths: list[str], first_number: int) -> list[Replacement]:
+        """Every committed part holding some of `rel_paths`' documents, written again without them
+        under new names numbered from `first_number` (a commit's changed documents; removed ones)."""
+        by_part: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
+        for entry in self.manifest.lookup_many(rel_paths).values():
+            by_part.setdefault(entry.part, set()).add(entry.doc_id)
+        return [self._rewrite_without(part, doc_ids, part_name(self.shard, first_number + i))
+                for i, (part, doc_ids) in enumerate(sorted(by_part.items()))]
 
     def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
         """Write `part` again as `new_part` without the given documents (re-ingested or removed); the
