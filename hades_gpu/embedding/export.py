@@ -37,7 +37,6 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,6 +44,7 @@ import numpy as np
 from filelock import FileLock
 
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir, special_ids
+from hades_gpu.file_digest import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +78,13 @@ def cache_root(cache_dir: str = "") -> Path:
     return root
 
 
-@lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime make the memo safe
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_key() -> str:
     """Hash of the packaged weights + config + exporter version: names the cache entry."""
     mdir = model_dir()
     h = hashlib.sha256()
     for name in (WEIGHTS_FILE, "config.json"):
         p = mdir / name
-        st = p.stat()
-        h.update(_file_sha256(str(p), st.st_size, st.st_mtime_ns).encode())
+        h.update(file_sha256(p).encode())  # remembered per stat: hashing the weights is ~0.08 s
     h.update(f"exporter={EXPORTER_VERSION};opset={ONNX_OPSET}".encode())
     return h.hexdigest()[:16]
 
