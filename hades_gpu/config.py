@@ -372,12 +372,25 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
+OR_DEFAULT_RESOLVER = "hades.or_default"
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    """`${hades.or_default:${output},outputs/...}`: the value, or `default` when it is null or empty.
+    (OmegaConf's own `oc.select` falls back only for a *missing* key: `output: null` gave Hydra a
+    None run dir, "Incompatible value 'None'", instead of the documented outputs/<date>_<time>.)"""
+    return default if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
 def register_configs() -> None:
-    """Register the schema so Hydra validates `conf/` against it."""
+    """Register the schema so Hydra validates `conf/` against it, and the resolver conf/ uses."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConfig)
+    if not OmegaConf.has_resolver(OR_DEFAULT_RESOLVER):
+        OmegaConf.register_new_resolver(OR_DEFAULT_RESOLVER, _or_default)
 
 
 def conf_dir() -> Path:

@@ -233,3 +233,47 @@ def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir()) == before
     again = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "embedder.precision=fp32")
     assert again.returncode == 0 and "2 unchanged" in again.stdout, again.stderr[-2000:]  # precision may change
+
+
+def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_too(tmp_path, ingested):
+    """hades-search printed a 35-line traceback, hades-verify called it a usage error (exit 2)."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    (out / "manifest-s0.sqlite").write_text("not a database, just a text file that is long enough " * 4)
+    _assert_one_line(_ingest(str(out), "circle area", module="search_main"), 1, "manifest", "unreadable",
+                     prog="hades-search")
+    verify = subprocess.run([sys.executable, "-m", "hades_gpu.store.verify", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    _assert_one_line(verify, 1, "manifest", "unreadable", prog="hades-verify")
+
+
+def test_without_an_output_the_run_goes_to_the_documented_default_folder(tmp_path, corpus):
+    """`output` unset (or empty) is Hydra's outputs/<date>_<time> in the working directory, as
+    conf/config.yaml says; `-m` sweeps go to multirun/<date>_<time>. Both failed with "Incompatible
+    value 'None' for field of type 'str'"."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    environ["PYTHONPATH"] = str(REPO)
+    for args, parent in ([[], "outputs"], [["output="], "outputs"], [["-m", "chunking.overlap_tokens=16,32"], "multirun"]):
+        cwd = tmp_path / uuid.uuid4().hex[:8]
+        cwd.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "hades_gpu.ingest", *args, f"corpus={corpus}", "isne.enabled=false",
+                               "monitoring.progress=off"], cwd=cwd, env=environ, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+        runs = list((cwd / parent).iterdir())
+        assert len(runs) == 1, (args, runs)
+        manifests = list(runs[0].rglob("manifest-*.sqlite"))
+        assert len(manifests) == (2 if "-m" in args else 1), (args, manifests)
+
+
+def test_an_output_that_is_the_corpus_folder_is_refused_before_anything_is_written(tmp_path):
+    """Its manifest at the corpus root made every later run of that corpus take it for an ingest
+    output and skip it whole; now one line, exit 2, and the corpus ingests elsewhere afterwards."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# Title\n\nSome prose to ingest.\n")
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={corpus}/", "isne.enabled=false"), 2,
+                     "is the corpus folder", str(corpus))
+    assert not list(corpus.glob("manifest-*")) and not list(corpus.glob(".lock-*")) and not (corpus / "chunks").exists()
+    proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", "isne.enabled=false")
+    assert proc.returncode == 0 and "1 document(s) ingested" in proc.stdout + proc.stderr, proc.stderr[-3000:]

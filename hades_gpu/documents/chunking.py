@@ -34,7 +34,7 @@ from hades_gpu.documents.prose_chunker import ProseStructure, prose_references, 
 from hades_gpu.documents.reading import SkipDocument, read_text
 from hades_gpu.documents.tokenized import SegmentMismatch, Tokenized, TokenizedText, tokenize_document
 from hades_gpu.documents.tokenizer import load_tokenizer
-from hades_gpu.records import CODE, Chunk, ChunkedDocument, DocumentRef, stable_id
+from hades_gpu.records import CODE, PROSE, Chunk, ChunkedDocument, DocumentRef, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -278,5 +278,22 @@ def process_document_as(ref: DocumentRef, documents_cfg: DocumentsConfig, chunki
     return process_document(ref, documents_cfg, chunking_cfg)
 
 
+# one short text per chunker: what a worker's first documents would otherwise build on the way
+WARM_UP_TEXTS = (
+    (PROSE, "markdown", "# Warm-up\n\nA paragraph of prose. It has two sentences.\n"),
+    (CODE, "python", "import os\n\n\ndef f(x: int) -> int:\n    \"\"\"Doc.\"\"\"\n    return x + 1\n"),
+)
+
+
+def warm_up(chunking_cfg: ChunkingConfig) -> None:
+    """Load the tokenizer and build what chunking needs on the first document (the fast tokenizer,
+    self-checked against HF; the chunkers' tables) by chunking two short texts. A worker started
+    while the main process still loads the model (`orchestration.workers.WorkerLaunch`) is then ready
+    for its first document."""
+    for modality, language, text in WARM_UP_TEXTS:
+        ref = DocumentRef(path="<warm-up>", rel_path="<warm-up>", size=len(text), modality=modality, language=language)
+        chunk_text(ref, text, "", chunking_cfg)
+
+
 __all__ = ["chunk_document", "chunk_text", "chunk_in_windows", "window_bounds", "process_document",
-           "process_document_as"]
+           "process_document_as", "warm_up"]

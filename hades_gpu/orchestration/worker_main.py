@@ -1,7 +1,7 @@
 """The worker process: read, chunk, tokenize and pack documents into the main process's slabs.
 
-Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slab-fd> <board-fd> <slot>`` by
-`workers.WorkerPool`, never through `multiprocessing`'s spawn: spawn re-runs the user's main module in
+Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slot>`` by `workers.WorkerPool`
+(or ahead of it by `workers.WorkerLaunch`), never through `multiprocessing`'s spawn: spawn re-runs the user's main module in
 every child (a plain script without a main guard then starts workers recursively and dies, and
 ``python - < script`` fails on ``'<stdin>'``). This module imports only the package, so workers start
 the same way from a script, standard input, ``python -c``, a notebook kernel, a Hydra job or a
@@ -10,7 +10,9 @@ joblib/loky worker.
 Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
 
 - parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
-  a `WorkerSetup`; afterwards ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
+  ``("warm_up", callable or None)`` (run at once: the worker may be started before the main process
+  has its slabs), then the slab ring's and the reading board's file descriptors (SCM_RIGHTS, one
+  `multiprocessing.reduction.sendfds`), then a `WorkerSetup`; afterwards ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
 - worker -> parent: one `DocumentResult` per task, in task order, then `SlabBatch` headers for the
   batches holding its chunks (a document's result always precedes its rows). Reports are sent
@@ -25,11 +27,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recvfds
 from typing import Any, Callable, Optional
 
 from hades_gpu.child_process import leave_interrupts_to_parent
@@ -189,22 +193,34 @@ def run_worker(conn: Connection, setup: WorkerSetup, mapping: SlabMapping, tune_
         return  # told to stop, or the parent is gone: nothing of ours is worth keeping
 
 
+def _warm_up(conn: Connection) -> None:
+    """Run the parent's warm-up callable (the tokenizer and the chunkers' tables), if it sent one."""
+    kind, warm_up = conn.recv()
+    if kind != "warm_up":
+        raise ValueError(f"expected the warm-up message, got {kind!r}")
+    if warm_up is not None:
+        try:
+            warm_up()
+        except Exception as err:  # noqa: BLE001 - the first document would meet it again and say so
+            log.debug("warm-up failed: %s: %s", type(err).__name__, err)
+
+
 def main(argv: list[str]) -> int:
     leave_interrupts_to_parent()  # the parent stops this worker ("stop", or its pipe's end)
     conn = Connection(int(argv[1]))
-    slab_fd = int(argv[2])
-    board, slot = ReadingBoard(int(argv[4]) + 1, fd=int(argv[3])), int(argv[4])
+    slot = int(argv[2])
     try:
         paths = conn.recv()
-    except EOFError:
-        return 0
-    for path in reversed(paths):  # the parent's import path, so its process function unpickles here
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    try:
+        for path in reversed(paths):  # the parent's import path, so its process function unpickles here
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        _warm_up(conn)
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            slab_fd, board_fd = recvfds(sock, 2)
         setup: WorkerSetup = conn.recv()
-    except EOFError:
-        return 0
+    except (EOFError, ConnectionResetError):
+        return 0  # the parent went away (or closed a launch it did not use) before the slabs came
+    board = ReadingBoard(slot + 1, fd=board_fd)
     logging.basicConfig(level=setup.log_level, format=f"hades-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     mapping = SlabMapping(slab_fd, setup.layout, setup.slab_count)
     run_worker(conn, setup, mapping, tune_gc=True, mark_reading=lambda key: board.mark(slot, key))

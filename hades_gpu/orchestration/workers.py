@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import socket
 import subprocess
 import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import sendfds
 from typing import Callable, Optional, Protocol, Union
 
 from hades_gpu.child_process import child_env, start_module
@@ -109,6 +111,83 @@ def _import_path() -> list[str]:
     return [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
 
 
+def _spawn(slot: int, warm_up: Optional[Callable[[], object]]) -> tuple[subprocess.Popen, Connection]:
+    """A worker process that imports its modules and runs `warm_up` while it waits for its slabs
+    (`WorkerPool._attach` sends them)."""
+    env = child_env()
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc, conn = start_module("hades_gpu.orchestration.worker_main", [str(slot)], env=env)
+    try:
+        conn.send(_import_path())
+        conn.send(("warm_up", warm_up))
+    except OSError:
+        pass  # it died at once: the pool finds it dead and starts another
+    return proc, conn
+
+
+def _stop_unattached(started: list[tuple[subprocess.Popen, Connection]], timeout: float = 5.0) -> None:
+    """Stop workers that have no slabs yet: their pipe closes, so they exit (killed after `timeout`)."""
+    for _proc, conn in started:
+        conn.close()
+    deadline = time.monotonic() + timeout
+    for proc, _conn in started:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class WorkerLaunch:
+    """Worker processes started before their pool exists, for a `WorkerPool` to adopt.
+
+    Why: a worker needs ~0.35 s (interpreter, imports, the tokenizer and its fast twin) before its
+    first document, and the main process spends that long or longer before it can make the pool
+    (the embedder loads the model, the slab ring is sized from it). Started first, the workers warm
+    up meanwhile. Used as a context manager: the processes a pool did not adopt are stopped on exit.
+
+    Args:
+        num_workers (int): processes to start.
+        warm_up (callable, optional): picklable, run once in each worker before its first document
+            (`documents.chunking.warm_up`); a failure there is logged and ignored.
+    """
+
+    def __init__(self, num_workers: int, warm_up: Optional[Callable[[], object]] = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
+        self.warm_up = warm_up
+        self._started: list[tuple[subprocess.Popen, Connection]] = []
+        try:
+            for slot in range(num_workers):
+                self._started.append(_spawn(slot, warm_up))
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self._started)
+
+    def pids(self) -> list[int]:
+        """The process ids of the workers not yet handed over."""
+        return [proc.pid for proc, _conn in self._started]
+
+    def take(self) -> list[tuple[subprocess.Popen, Connection]]:
+        """The processes, handed over once (the launch no longer stops them)."""
+        started, self._started = self._started, []
+        return started
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the processes not taken."""
+        started, self._started = self._started, []
+        _stop_unattached(started, timeout)
+
+    def __enter__(self) -> "WorkerLaunch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class WorkerPool:
     """`num_workers` processes running `process_fn(ref, *fn_args) -> ChunkedDocument` and packing
     its chunks into `ring`'s slabs.
@@ -122,13 +201,19 @@ class WorkerPool:
             length_bucket, max_seq_len, lookahead_batches, special_ids.
         max_inflight_per_worker (int): documents handed to one worker before it reports them.
         slabs_per_worker (int): free slabs granted to one worker at a time.
+        launched (WorkerLaunch, optional): processes started ahead (`num_workers` of them), adopted
+            instead of starting new ones; a restarted worker warms up with the launch's `warm_up`.
     """
 
     def __init__(self, num_workers: int, process_fn: Callable[..., ChunkedDocument], fn_args: tuple, ring: SlabRing,
-                 packing: dict, max_inflight_per_worker: int = 8, slabs_per_worker: int = SLABS_PER_WORKER) -> None:
+                 packing: dict, max_inflight_per_worker: int = 8, slabs_per_worker: int = SLABS_PER_WORKER,
+                 launched: Optional[WorkerLaunch] = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
+        if launched is not None and len(launched) != num_workers:
+            raise ValueError(f"the launch started {len(launched)} worker(s), the pool needs {num_workers}")
         self.ring = ring
+        self._warm_up = launched.warm_up if launched is not None else None
         self._per_worker = max(1, max_inflight_per_worker)
         # A worker holds back its document results until a quarter of its share is done (a batch
         # header goes at once): the refill at half its share then still comes before it runs dry.
@@ -148,31 +233,34 @@ class WorkerPool:
         self._selector = selectors.DefaultSelector()
         self._selector.register(ring.wake_socket(), selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
+        adopted = launched.take() if launched is not None else []
         try:
             for slot in range(num_workers):
-                self._workers.append(self._start_worker(slot))
+                self._workers.append(self._attach(slot, *(adopted[slot] if adopted else _spawn(slot, None))))
         except BaseException:
+            _stop_unattached(adopted[len(self._workers):])
             self.close()
             raise
 
     # -- processes ----------------------------------------------------------------------------------
-    def _start_worker(self, slot: int) -> _Worker:
-        env = child_env()
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    def _attach(self, slot: int, proc: subprocess.Popen, conn: Connection) -> _Worker:
+        """Make a started worker process this pool's `slot`: its slab ring and reading board (file
+        descriptors, passed over its socket), then its setup."""
         self._board.clear(slot)
-        proc, conn = start_module("hades_gpu.orchestration.worker_main",
-                                  [str(self.ring.fd), str(self._board.fd), str(slot)],
-                                  pass_fds=[self.ring.fd, self._board.fd], env=env)
         worker = _Worker(proc=proc, conn=conn)
         self._selector.register(conn.fileno(), selectors.EVENT_READ, worker)
         try:
-            conn.send(_import_path())
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sendfds(sock, [self.ring.fd, self._board.fd])
             conn.send(self._setup)
             if self._budget is not None:
                 conn.send(("budget", self._budget))
         except OSError:
             worker.dead = True  # it died at once: the next poll restarts it
         return worker
+
+    def _start_worker(self, slot: int) -> _Worker:
+        return self._attach(slot, *_spawn(slot, self._warm_up))
 
     @property
     def num_workers(self) -> int:
@@ -409,4 +497,4 @@ class WorkerPool:
         self.close()
 
 
-__all__ = ["WorkerPool", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]
+__all__ = ["WorkerPool", "WorkerLaunch", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]

@@ -12,6 +12,7 @@ all shards (`hades-isne`, or the cluster driver, `hades_gpu.cluster`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from hades_gpu.config import DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
-from hades_gpu.documents.chunking import process_document_as
+from hades_gpu.config import ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
+from hades_gpu.documents.chunking import process_document_as, warm_up
 from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
@@ -29,7 +30,7 @@ from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_mo
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
-from hades_gpu.orchestration.workers import WorkerPool
+from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
@@ -86,6 +87,9 @@ class NothingIngestedError(RuntimeError):
                          f"({summary}){example}")
         self.result = result
 
+    def __reduce__(self):  # re-raised in a parent process (joblib/loky, multiprocessing): rebuilt from the result
+        return (type(self), (self.result,))
+
 
 def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> dict[str, Any]:
     """metrics.json (metrics-<shard>.json for a by-hand shard) with the output's carried ingest totals."""
@@ -98,6 +102,17 @@ def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: D
     """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
     output inside the corpus is walked (their metrics and index files are not documents)."""
     return discover(paths, documents, skip_folders=[out], is_output_folder=is_output_listing)
+
+
+def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:
+    """Raise before anything is written when the output folder is one of the source folders: its
+    manifest would sit at the corpus root, every later discovery of that corpus would take the whole
+    corpus for an ingest output and skip it. (An output *inside* the corpus is fine: it is skipped.)"""
+    target = Path(os.path.abspath(out)).resolve()
+    for source in sources:
+        if Path(os.path.abspath(source)).resolve() == target:
+            raise ConfigError(f"the output folder {printable(str(out))} is the corpus folder {printable(source)} itself: "
+                             "write the output elsewhere (a folder inside the corpus is fine: discovery skips it)")
 
 
 def ingest_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -132,8 +147,11 @@ class IngestPipeline:
         output's lock (`store.lock`, per shard) is held for the whole job: a second run on the same
         output and shard raises `OutputLockedError` at once. A ``shard=i/n`` run ingests its shard
         only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
-        with OutputLock(self._output_dir(output), self.shard.label):
-            result = self.ingest(paths, output)
+        sources = source_list(paths)  # once: `paths` may be an iterator
+        out = self._output_dir(output)
+        refuse_output_in_sources(out, sources)  # before the lock file is written into it
+        with OutputLock(out, self.shard.label):
+            result = self.ingest(sources, output)
             if self.config.isne.enabled and self.shard.sharded:
                 log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
                          "after the last shard (cluster=ray does it by itself)", self.shard.index, self.shard.count,
@@ -145,17 +163,19 @@ class IngestPipeline:
         return result
 
     def _output_dir(self, output: Optional[PathLike]) -> Path:
-        out = Path(output if output is not None else (self.config.output or ""))
-        if not str(out):
-            raise ValueError("an output folder is required (config.output or process_batch(..., output=...))")
-        return out
+        chosen = output if output is not None else self.config.output
+        # Path("") is "." (the working directory): test the value given, not the Path made of it
+        if chosen is None or not str(chosen).strip():
+            raise ConfigError("an output folder is required (config.output or process_batch(..., output=...))")
+        return Path(chosen)
 
     def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out = self._output_dir(output)
+        sources = source_list(paths)  # once: `paths` may be an iterator
+        refuse_output_in_sources(out, sources)
         with OutputLock(out, self.shard.label):
-            sources = source_list(paths)  # once: `paths` may be an iterator
             refs, skips = discover_for_output(sources, self.config.documents, out)
             if not refs and not skips:
                 log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
@@ -236,8 +256,11 @@ class IngestPipeline:
         progress = ProgressReporter(metrics, cfg.monitoring.progress, cfg.monitoring.log_interval_s)
         embedder = self._embedder
         owns_embedder = embedder is None and bool(todo)
+        launch: Optional[WorkerLaunch] = None
         try:
             if todo:
+                # the workers start first: they warm up (~0.35 s) while the embedder loads the model
+                launch = WorkerLaunch(cfg.profile.num_workers, functools.partial(warm_up, cfg.chunking))
                 # One governor per GPU, built once and handed to the embedder (it waits for headroom
                 # inside embed() with cache relief) and to the stage (its batcher sizes batches from
                 # the governor's budget). A caller's own embedder brings its own.
@@ -261,7 +284,7 @@ class IngestPipeline:
                 try:
                     with WorkerPool(cfg.profile.num_workers, process_document_as,
                                     (cfg.documents, cfg.chunking, self.force_code), ring, packing,
-                                    cfg.profile.inflight_docs_per_worker) as pool:
+                                    cfg.profile.inflight_docs_per_worker, launched=launch) as pool:
                         metrics.memory.watch(pool.pids)
                         stream = StreamingPipeline(cfg.profile, WorkerPoolSource(pool, todo, resume.known_hash), embedder,
                                                    writer, metrics, triage, special_ids(), cfg.embedder.max_seq_len,
@@ -284,6 +307,8 @@ class IngestPipeline:
             writer.discard_open_part()  # its rows are uncommitted: the next run redoes those documents
             raise
         finally:
+            if launch is not None:
+                launch.close()  # those no pool adopted (the embedder failed to load)
             progress.stop()
             if endpoint is not None:
                 endpoint.stop()

@@ -60,6 +60,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     from hades_gpu.embedding.base import EmbedderError
     from hades_gpu.optional import MissingDependencyError
     from hades_gpu.retrieval.search import SearchError, Searcher
+    from hades_gpu.store.manifest import ManifestError
     from hades_gpu.store.reader import DamagedOutputError
 
     overrides = list(args.overrides)
@@ -77,8 +78,8 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, SearchError) as err:
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
-    except DamagedOutputError as err:  # committed parts missing, ISNE vectors unreadable (one line each)
-        print(f"hades-search: error: {err}", file=sys.stderr)
+    except (DamagedOutputError, ManifestError) as err:  # parts missing, ISNE vectors or the manifest unreadable
+        print(f"hades-search: error: {error_line(err)}", file=sys.stderr)
         return 1
     except FileNotFoundError as err:  # no ingest output there
         print(f"hades-search: error: {err}", file=sys.stderr)

@@ -57,6 +57,9 @@ class OutputLockedError(RuntimeError):
                          + (f" since {since}" if since else "")
                          + "; wait for that run to finish or stop it, or write to another output")
 
+    def __reduce__(self):  # re-raised in a parent process (joblib/loky, multiprocessing)
+        return (type(self), (self.output, self.shard, self.holder))
+
 
 def lock_path(output: Path, shard: str) -> Path:
     return Path(output) / f".lock-{shard}"

@@ -235,9 +235,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(err.code or 0)
     try:
         report = verify_output(args.output, full=not args.quick)
-    except (FileNotFoundError, ManifestError) as err:
+    except FileNotFoundError as err:  # not an ingest output: a usage error
         print(printable(f"hades-verify: error: {err}"), file=sys.stderr)
         return 2
+    except ManifestError as err:  # the manifest itself is damaged: damage, like a damaged part
+        print(printable(f"hades-verify: error: {err}"), file=sys.stderr)
+        return 1
     for line in report.lines():
         print(printable(line))
     for note in report.notes:

@@ -15,6 +15,7 @@ record of the exact ids it was given, so a misrouted row is caught without a rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -30,7 +31,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_helpers import SAMPLE_CORPUS, copy_files, crash_on_marker, environment_probe, stdlib_sources
+from corpus_helpers import (SAMPLE_CORPUS, copy_files, crash_on_marker, environment_probe, failing_warm_up, record_warm_up,
+                            stdlib_sources)
 from hades_gpu.config import ChunkingConfig, DocumentsConfig, ProfileConfig
 from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
@@ -39,7 +41,7 @@ from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabLayout, SlabRing
 from hades_gpu.orchestration.monitoring import RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.worker_main import WorkerSetup, run_worker
-from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, WorkerPool
+from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, WorkerLaunch, WorkerPool
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR
 from hades_gpu.store.writer import DatasetWriter
@@ -646,3 +648,73 @@ def test_stop_lets_the_workers_exit_without_waiting_and_restarts_none():
         assert pool.restarts == 0 and ring.free == free
         assert sorted(w.proc.pid for w in pool._workers) == sorted(pids)  # the same processes, exited
     assert all(w.proc.returncode == 0 for w in pool._workers)
+
+
+def _warmed_pids(folder: Path, count: int, limit_s: float = 60.0) -> set[int]:
+    """The process ids that ran `record_warm_up` into `folder`, once `count` have."""
+    deadline = time.monotonic() + limit_s
+    while len(list(folder.iterdir())) < count:
+        assert time.monotonic() < deadline, "the launched workers did not warm up"
+        time.sleep(0.02)
+    return {int(p.name) for p in folder.iterdir()}
+
+
+def _rows_by_document(drained: Drained) -> dict[str, list[tuple]]:
+    return {e.ref.rel_path: sorted((r["ordinal"], r["char_start"], r["char_end"], r["text"]) for r in drained.live_rows(e.key))
+            for e in drained.final().values()}
+
+
+def test_launched_workers_warm_up_before_their_pool_exists_and_the_pool_adopts_them(tmp_path):
+    """`WorkerLaunch` starts the processes and runs the warm-up in each before any pool (slabs,
+    setup) exists; the pool then uses those very processes, and every chunk arrives once, as
+    `process_document` makes it here. A worker the pool restarts (a CRASH file) warms up too."""
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    refs = corpus_refs(tmp_path, {"CRASH.txt": "this file kills its worker\n"}, n_stdlib=4)
+    launch = WorkerLaunch(2, functools.partial(record_warm_up, str(warm)))
+    assert _warmed_pids(warm, 2) == set(launch.pids())
+    pack = packing()
+    with WorkerPool(2, crash_on_marker, (DOCS_CFG, CHUNK_CFG), ring_for(pack), pack, max_inflight_per_worker=3,
+                    launched=launch) as pool:
+        assert sorted(pool.pids()) == sorted(launch_pids := _warmed_pids(warm, 2))
+        assert len(launch) == 0  # handed over: closing the launch no longer touches them
+        launch.close()
+        drained = drain(pool, refs)
+        assert all(pool.pids()) and pool.restarts == 2  # the CRASH file killed a worker twice
+        assert len(_warmed_pids(warm, 2 + pool.restarts)) == 2 + pool.restarts  # each new worker warmed up
+        assert launch_pids <= _warmed_pids(warm, 4)
+    got = _rows_by_document(drained)
+    for ref in refs:
+        if "CRASH" in ref.rel_path:
+            continue
+        doc = process_document(ref, DOCS_CFG, CHUNK_CFG)
+        expected = [(c.ordinal, c.char_start, c.char_end, c.text) for c in doc.chunks]
+        assert got.get(ref.rel_path, []) == expected, ref.rel_path
+
+
+def test_a_launch_no_pool_adopts_stops_its_workers_cleanly(tmp_path):
+    """The embedder failed to load, say: the launched workers exit on their own when the launch
+    closes (their pipe ends), not killed, and quickly."""
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    with WorkerLaunch(2, functools.partial(record_warm_up, str(warm))) as launch:
+        procs = [proc for proc, _conn in launch._started]
+        _warmed_pids(warm, 2)
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+    # and one closed before its workers got as far as the warm-up
+    with WorkerLaunch(1) as launch:
+        procs = [proc for proc, _conn in launch._started]
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+
+
+def test_a_failing_warm_up_leaves_the_worker_working(tmp_path):
+    refs = corpus_refs(tmp_path, n_stdlib=2)
+    pack = packing()
+    with WorkerPool(1, process_document, (DOCS_CFG, CHUNK_CFG), ring_for(pack), pack,
+                    launched=WorkerLaunch(1, failing_warm_up)) as pool:
+        drained = drain(pool, refs)
+        assert pool.restarts == 0
+    got = _rows_by_document(drained)
+    assert got and all(got[r.rel_path] == [(c.ordinal, c.char_start, c.char_end, c.text)
+                                           for c in process_document(r, DOCS_CFG, CHUNK_CFG).chunks]
+                       for r in refs if process_document(r, DOCS_CFG, CHUNK_CFG).chunks)

@@ -284,3 +284,88 @@ def test_stage_failure_stops_pipeline_then_rerun_completes(tmp_path, embedder):
     result = TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
     assert result.documents_ingested + result.documents_unchanged == 30
     assert_exactly_once(out)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a box without CUDA")
+def test_workers_start_before_the_embedder_loads_and_none_outlive_a_failed_load(sample_corpus, tmp_path):
+    """The workers are launched first (they warm up while the model loads); when the embedder then
+    fails to load (here: gpu.device=cuda:0 on a box without CUDA, a real DeviceError), the run
+    raises that one error and no worker process is left behind."""
+    import psutil
+
+    from hades_gpu.gpu.device import DeviceError
+    from hades_gpu.orchestration import workers
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    launched: list[int] = []
+    real_launch_init = workers.WorkerLaunch.__init__
+
+    def recording_init(self, *args, **kw):
+        real_launch_init(self, *args, **kw)
+        launched.extend(self.pids())
+
+    with pytest.MonkeyPatch.context() as mp:  # observes the launch; every process is real
+        mp.setattr(workers.WorkerLaunch, "__init__", recording_init)
+        with pytest.raises(DeviceError, match="cuda:0 requested"):
+            TextParallelPipeline(config("gpu.device=cuda:0")).process_batch([sample_corpus], output=tmp_path / "out")
+    assert len(launched) == 2  # balanced: 2 workers, started before the embedder was built
+    left = [p for p in me.children(recursive=True) if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in launched)
+
+
+def test_process_batch_without_an_output_is_refused_and_writes_nothing(sample_corpus, tmp_path, monkeypatch):
+    """`config.output` unset and no `output=`: it wrote the output into the working directory
+    (Path("") is "."); now `ConfigError`, nothing written there."""
+    from hades_gpu.config import ConfigError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = config()
+    cfg.output = None
+    for output in (None, "", "  "):
+        with pytest.raises(ConfigError, match="an output folder is required"):
+            TextParallelPipeline(cfg).process_batch([sample_corpus], output=output)
+    assert list(work.iterdir()) == []
+
+
+def test_an_output_that_is_the_corpus_folder_is_refused_and_the_corpus_stays_ingestable(sample_corpus, tmp_path):
+    from hades_gpu.config import ConfigError
+
+    before = sorted(p.relative_to(sample_corpus) for p in sample_corpus.rglob("*"))
+    for output in (sample_corpus, str(sample_corpus) + "/", sample_corpus / "sub" / ".."):
+        with pytest.raises(ConfigError, match="is the corpus folder"):
+            TextParallelPipeline(config()).process_batch([sample_corpus], output=output)
+    assert sorted(p.relative_to(sample_corpus) for p in sample_corpus.rglob("*")) == before
+    result = TextParallelPipeline(config()).process_batch([sample_corpus], output=tmp_path / "out")
+    assert result.documents_ingested > 0 and not any(s["reason"] == "output_folder" for s in result.skipped)
+
+
+def test_run_errors_cross_a_process_pool_as_themselves(tmp_path):
+    """In a process pool (multiprocessing spawn, as joblib/loky and `Pool.map` use), the job's
+    `NothingIngestedError` / `OutputLockedError` reach the caller as themselves: they failed to
+    unpickle, which broke the pool (BrokenProcessPool) or killed its result thread (a hang)."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from corpus_helpers import ingest_in_a_child
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+    from hades_gpu.store.lock import OutputLock, OutputLockedError
+
+    corpus = tmp_path / "binary-only"
+    corpus.mkdir()
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    locked = tmp_path / "locked"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(NothingIngestedError, match="nothing ingested") as caught:
+            pool.submit(ingest_in_a_child, str(corpus), str(tmp_path / "out")).result(timeout=300)
+        assert caught.value.result.skipped and caught.value.result.skipped[0]["reason"] == "binary"
+        with OutputLock(locked, "s0"):
+            with pytest.raises(OutputLockedError, match="is in use by PID") as held:
+                pool.submit(ingest_in_a_child, str(corpus), str(locked)).result(timeout=300)
+        assert held.value.pid == os.getpid() and held.value.shard == "s0"
+    err = pickle.loads(pickle.dumps(held.value))
+    assert (str(err), err.output, err.holder) == (str(held.value), held.value.output, held.value.holder)

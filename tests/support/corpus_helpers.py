@@ -46,3 +46,26 @@ def environment_probe(ref):
     from hades_gpu.records import ChunkedDocument
 
     return ChunkedDocument(ref=ref, content_hash=os.environ.get("OPENBLAS_NUM_THREADS", "unset"))
+
+
+def record_warm_up(folder: str) -> None:
+    """Worker warm-up that leaves a file named after its process id in `folder` (picklable: a
+    top-level function, bound with functools.partial)."""
+    import os
+
+    Path(folder, str(os.getpid())).write_text("warm", encoding="utf-8")
+
+
+def failing_warm_up() -> None:
+    """Worker warm-up that fails: the worker must go on regardless."""
+    raise RuntimeError("warm-up failed on purpose")
+
+
+def ingest_in_a_child(corpus: str, output: str) -> int:
+    """`process_batch` as a job of a process pool (joblib/loky, multiprocessing): its error must
+    reach the parent as itself (picklable), not as a broken pool."""
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    cfg = load_pipeline_config(overrides=["isne.enabled=false", "monitoring.progress=off"])
+    return TextParallelPipeline(cfg).process_batch([corpus], output=output).chunks_written
