@@ -277,3 +277,27 @@ def test_an_output_that_is_the_corpus_folder_is_refused_before_anything_is_writt
     assert not list(corpus.glob("manifest-*")) and not list(corpus.glob(".lock-*")) and not (corpus / "chunks").exists()
     proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", "isne.enabled=false")
     assert proc.returncode == 0 and "1 document(s) ingested" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+def test_hades_isne_while_an_ingest_writes_the_output_is_refused_in_one_line(tmp_path, ingested):
+    """A graph built while a run still commits chunks misses them (it saved an empty graph and
+    vectors, exit 0). Another process holding a shard's lock (a real flock, as a running
+    hades-ingest holds it) makes hades-isne refuse, naming the holder; once it is gone the stage runs."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hades_gpu.store.lock import OutputLock\n"
+                               "OutputLock(sys.argv[1], 's0').acquire()\nprint('held', flush=True)\ntime.sleep(120)\n",
+                               str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _assert_one_line(_ingest(f"output={out}", "isne.epochs=1", module="isne_main"), 1, "shard s0",
+                                f"PID {holder.pid}", prog="hades-isne")
+        assert "in use" in line
+        assert not (out / "edges.parquet").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = _ingest(f"output={out}", "isne.epochs=1", module="isne_main")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "edges.parquet").exists()

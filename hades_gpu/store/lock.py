@@ -238,6 +238,33 @@ class OutputLock:
         self.release()
 
 
+def held_elsewhere(output: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(shard, holder) of each lock of `output` that another live process holds now (those of this
+    process and the names in `skip` left out): who is writing the output at this moment. Each lock
+    file is tried with a non-blocking flock and let go at once."""
+    found = []
+    for path in sorted(Path(output).glob(".lock-*")):
+        name = path.name[len(".lock-"):]
+        if name in skip or ".takeover" in name or ".new-" in name:
+            continue
+        with _held_guard:
+            if os.path.realpath(path) in _held:
+                continue  # this process's own run (an ingest running its graph and ISNE stage)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile: nobody holds it
+        try:
+            if fcntl is None or _try_flock(fd):
+                continue  # free (the flock goes with the descriptor)
+        finally:
+            os.close(fd)
+        holder = read_holder(path)
+        if holder and holder_alive(holder):
+            found.append((name, holder))
+    return found
+
+
 def lock_output(output: str | os.PathLike, shard: str) -> OutputLock:
     """Take the output lock of (`output`, `shard`) now; release it with `.release()` or `with`."""
     return OutputLock(output, shard).acquire()
