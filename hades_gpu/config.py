@@ -163,6 +163,11 @@ class DocumentsConfig:
     # before ingesting: remove from the output the documents this run's corpus no longer has (the output
     # mirrors the corpus). Off by default: outputs also grow from several folders ingested in turn.
     remove_missing: bool = False
+    # a document's identity is its path relative to the corpus folder (or its file name, for a file
+    # given alone); with `root`, relative to this folder instead, for every source under it: one output
+    # filled from several folders in turn (each README.md kept), a single edited file or a list of
+    # files matching a whole-folder run's ids
+    root: Optional[str] = None
 
 
 @dataclass

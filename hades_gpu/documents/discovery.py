@@ -494,7 +494,12 @@ def discover(
     """
     walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders],
                      is_output_folder)
+    given: set[str] = set()
     for src in source_list(sources):
+        where = os.path.realpath(src)
+        if where in given:  # the same folder or file named twice: walked once (it read as a symlink loop)
+            continue
+        given.add(where)
         walker.source(src)
     if walker.skips:
         log.debug("discovery skipped %d path(s)", len(walker.skips))

@@ -101,7 +101,7 @@ def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: D
                         out: Path) -> tuple[DocumentList, list[Skip]]:
     """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
     output inside the corpus is walked (their metrics and index files are not documents)."""
-    return discover(paths, documents, skip_folders=[out], is_output_folder=is_output_listing)
+    return discover(paths, documents, root=documents.root or None, skip_folders=[out], is_output_folder=is_output_listing)
 
 
 def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hades_gpu.records import DocumentRef, DocumentResult, display_path
+from hades_gpu.records import DocumentRef, DocumentResult, display_path, printable
 from hades_gpu.store.arrow_columns import binaries, numeric, string_lists, strings, values_of
 from hades_gpu.store.atomic import FileRecord, StreamedFile, atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENT_SCHEMA, DOCUMENTS_DIR, chunk_schema, part_name, part_path
@@ -102,6 +102,20 @@ def open_output(manifest: Manifest, settings: Optional[dict[str, Any]] = None) -
         fsync_dir(docs_dir)
         log.info("resume: removed %d interrupted part file(s)", len(removed))
     return damaged, removed
+
+
+def _warn_replaced_from_elsewhere(ready: list["_Document"], old_paths: dict[str, str]) -> None:
+    """One warning line when a commit replaces documents whose committed copy was read from another
+    file (same path relative to its corpus folder, another folder): an output filled from several
+    folders in turn keeps one `README.md`, and that must not happen silently."""
+    moved = [(doc.ref.rel_path, old_paths[doc.ref.doc_id], display_path(doc.ref.path)) for doc in ready
+             if doc.ref.doc_id in old_paths and old_paths[doc.ref.doc_id] != display_path(doc.ref.path)]
+    if moved:
+        rel, was, now = moved[0]
+        log.warning("store: %d document(s) replaced by a file of another folder with the same relative path, e.g. %s: "
+                    "was %s, now %s (documents are identified by their path relative to the corpus folder given; set "
+                    "documents.root to a common parent folder to keep both)", len(moved), printable(rel),
+                    printable(was), printable(now))
 
 
 class _OpenPart:
@@ -355,8 +369,10 @@ class DatasetWriter:
                  DOCUMENTS_DIR: atomic_write_parquet(self._doc_table(ready), part_path(self.output, DOCUMENTS_DIR, part))}
         kill_point("after_part_written")
 
-        replacements = self._rewrite_parts_without([doc.ref.rel_path for doc in ready], number + 1)
+        old_paths: dict[str, str] = {}
+        replacements = self._rewrite_parts_without([doc.ref.rel_path for doc in ready], number + 1, old_paths)
         kill_point("after_old_rewritten")
+        _warn_replaced_from_elsewhere(ready, old_paths)
 
         self.manifest.commit_part(part, [
             (doc.ref.rel_path, DocumentEntry(doc_id=doc.ref.doc_id, content_hash=doc.content_hash,
@@ -410,16 +426,19 @@ class DatasetWriter:
             strings([d.encoding for d in ready]),
         ], schema=DOCUMENT_SCHEMA)
 
-    def _rewrite_parts_without(self, rel_paths: list[str], first_number: int) -> list[Replacement]:
+    def _rewrite_parts_without(self, rel_paths: list[str], first_number: int,
+                               old_paths: Optional[dict[str, str]] = None) -> list[Replacement]:
         """Every committed part holding some of `rel_paths`' documents, written again without them
-        under new names numbered from `first_number` (a commit's changed documents; removed ones)."""
+        under new names numbered from `first_number` (a commit's changed documents; removed ones).
+        `old_paths`, when given, receives doc id -> the source path the dropped copy was read from."""
         by_part: dict[str, set[str]] = {}  # old part -> doc ids to drop from it
         for entry in self.manifest.lookup_many(rel_paths).values():
             by_part.setdefault(entry.part, set()).add(entry.doc_id)
-        return [self._rewrite_without(part, doc_ids, part_name(self.shard, first_number + i))
+        return [self._rewrite_without(part, doc_ids, part_name(self.shard, first_number + i), old_paths)
                 for i, (part, doc_ids) in enumerate(sorted(by_part.items()))]
 
-    def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str) -> Replacement:
+    def _rewrite_without(self, part: str, doc_ids: set[str], new_part: str,
+                         old_paths: Optional[dict[str, str]] = None) -> Replacement:
         """Write `part` again as `new_part` without the given documents (re-ingested or removed); the
         old files are left as they are until the manifest has retired them."""
         try:
@@ -430,6 +449,10 @@ class DatasetWriter:
             return Replacement(part)
         kept = {table: t.filter(pa.array([d not in doc_ids for d in t.column("doc_id").to_pylist()], pa.bool_()))
                 for table, t in tables.items()}
+        if old_paths is not None:
+            docs = tables[DOCUMENTS_DIR]
+            old_paths.update((d, p) for d, p in zip(docs.column("doc_id").to_pylist(), docs.column("path").to_pylist())
+                             if d in doc_ids)
         if kept[DOCUMENTS_DIR].num_rows == 0:
             return Replacement(part)
         files: dict[str, FileRecord] = {

@@ -369,3 +369,49 @@ def test_run_errors_cross_a_process_pool_as_themselves(tmp_path):
         assert held.value.pid == os.getpid() and held.value.shard == "s0"
     err = pickle.loads(pickle.dumps(held.value))
     assert (str(err), err.output, err.holder) == (str(held.value), held.value.output, held.value.holder)
+
+
+def _two_projects(tmp_path: Path) -> tuple[Path, Path]:
+    for name in ("projA", "projB"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / "README.md").write_text(f"# {name}\n\nThe {name} project reads and writes files.\n")
+    return tmp_path / "src" / "projA", tmp_path / "src" / "projB"
+
+
+def test_one_output_from_two_folders_keeps_both_readmes_with_documents_root(tmp_path, caplog):
+    """Filling one output from several folders in turn: without `documents.root` the second
+    README.md replaces the first (their identity is the path relative to the folder given) and a
+    warning line says so; with `documents.root` set to their parent both are kept, and a single
+    edited file given alone replaces its own document instead of adding a second copy."""
+    import logging
+
+    a, b = _two_projects(tmp_path)
+    out = tmp_path / "plain"
+    TextParallelPipeline(config()).process_batch([a], output=out)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.store.writer"):
+        TextParallelPipeline(config()).process_batch([b], output=out)
+    assert read_documents(out, ["rel_path"]).column("rel_path").to_pylist() == ["README.md"]
+    warned = [r.getMessage() for r in caplog.records if "replaced by a file of another folder" in r.getMessage()]
+    assert len(warned) == 1 and str(a / "README.md") in warned[0] and str(b / "README.md") in warned[0], warned
+
+    out = tmp_path / "rooted"
+    rooted = config(f"documents.root={tmp_path / 'src'}")
+    TextParallelPipeline(rooted).process_batch([a], output=out)
+    TextParallelPipeline(rooted).process_batch([b], output=out)
+    assert sorted(read_documents(out, ["rel_path"]).column("rel_path").to_pylist()) == ["projA/README.md", "projB/README.md"]
+    (a / "README.md").write_text("# projA\n\nEdited: the project now also deletes files.\n")
+    result = TextParallelPipeline(rooted).process_batch([a / "README.md"], output=out)
+    assert result.documents_ingested == 1
+    table = assert_exactly_once(out)
+    docs = read_documents(out, ["rel_path", "doc_id"]).to_pandas()
+    assert sorted(docs.rel_path) == ["projA/README.md", "projB/README.md"]
+    texts = read_chunks(out, ["text"]).column("text").to_pylist()
+    assert any("deletes files" in t for t in texts) and len(table) == len(texts)
+
+
+def test_the_same_folder_named_twice_is_walked_once(sample_corpus, tmp_path):
+    once = TextParallelPipeline(config()).process_batch([sample_corpus], output=tmp_path / "once")
+    twice = TextParallelPipeline(config()).process_batch([sample_corpus, str(sample_corpus) + "/", sample_corpus],
+                                                         output=tmp_path / "twice")
+    assert (twice.documents_total, twice.chunks_written) == (once.documents_total, once.chunks_written)
+    assert sorted(s["reason"] for s in twice.skipped) == sorted(s["reason"] for s in once.skipped)
