@@ -18,7 +18,8 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
-from hades_gpu.config import ConfigError, PipelineConfig, conf_dir, register_configs, to_pipeline_config
+from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, register_configs,
+                              to_pipeline_config)
 from hades_gpu.records import printable
 
 log = logging.getLogger("hades_gpu")
@@ -71,15 +72,7 @@ def _config_message(err: BaseException) -> str:
     from hydra.errors import MissingConfigException
 
     if isinstance(err, MissingConfigException):
-        text = str(err)
-        head = text.splitlines()[0].strip() if text.strip() else "config not found"
-        head = re.sub(r"^In '[^']*': ", "", head)
-        options = re.search(r"Available options in '([^']*)':\n((?:\t.*\n?)*)", text)
-        if options:
-            names = ", ".join(o.strip() for o in options.group(2).splitlines()
-                              if o.strip() and not o.strip().endswith("_schema"))  # our structured schemas
-            return f"{head} (choose {options.group(1)}= one of: {names})"
-        return head
+        return missing_config_message(err)
     msg = _one_line(str(err))
     cause = err.__cause__
     if cause is not None and str(cause).strip():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -418,16 +419,34 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
     Returns a typed `PipelineConfig` (a plain dataclass). Raises `ConfigError` with one line naming
     the key when an override or value is invalid.
     """
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    if isinstance(overrides, str):  # one override given as a string: not its characters one by one
+        overrides = [overrides]
     all_overrides = [f"profile={profile}", *overrides]
     try:
         cfg = _compose_own_conf(all_overrides)
+    except MissingConfigException as err:
+        raise ConfigError(f"bad config override: {missing_config_message(err)}") from err
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"bad config override: {_first_line(err)}") from err
     return to_pipeline_config(cfg)
+
+
+def missing_config_message(err: BaseException) -> str:
+    """Hydra's "Could not find 'profile/nosuch'" with its list of options on one line: "... (choose
+    profile= one of: balanced, high_throughput, low_memory)" (the list is on the lines after the first)."""
+    text = str(err)
+    head = text.splitlines()[0].strip() if text.strip() else "config not found"
+    head = re.sub(r"^In '[^']*': ", "", head)
+    options = re.search(r"Available options in '([^']*)':\n((?:\t.*\n?)*)", text)
+    if options:
+        names = ", ".join(o.strip() for o in options.group(2).splitlines()
+                          if o.strip() and not o.strip().endswith("_schema"))  # our structured schemas
+        return f"{head} (choose {options.group(1)}= one of: {names})"
+    return head
 
 
 def _compose_own_conf(overrides: list[str]) -> DictConfig:

@@ -33,3 +33,16 @@ def test_group_values_are_overridable_and_validated():
         load_pipeline_config("balanced", ["monitoring.progress=sometimes"])
     with pytest.raises(ConfigError, match="graph"):
         load_pipeline_config("balanced", ["graph.no_such_key=1"])
+
+
+def test_the_python_api_names_the_choices_of_an_unknown_group_and_takes_one_override_as_a_string():
+    """`load_pipeline_config(profile="nosuch")` ended in "Available options in 'profile':" and no
+    list (the list is on Hydra's next lines); a single override passed as a string was parsed
+    character by character ("Error parsing override 'i' missing EQUAL")."""
+    from hades_gpu.config import ConfigError, load_pipeline_config
+
+    with pytest.raises(ConfigError, match=r"profile/nosuch' \(choose profile= one of: balanced, high_throughput, low_memory\)$"):
+        load_pipeline_config(profile="nosuch")
+    with pytest.raises(ConfigError, match=r"choose embedder= one of: local, triton"):
+        load_pipeline_config(overrides=["embedder=nosuch"])
+    assert load_pipeline_config(overrides="isne.enabled=false").isne.enabled is False
