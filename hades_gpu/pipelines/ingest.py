@@ -115,13 +115,15 @@ def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:
                              "write the output elsewhere (a folder inside the corpus is fine: discovery skips it)")
 
 
-def ingest_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """What shapes an output's chunks and vectors: chunking, the vector size and the model (its
-    files' fingerprint). A resumed run must match them (`Manifest.check_settings`); the runtime,
-    precision and embedder (local or Triton) may change between runs, the model may not."""
+def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, Any]:
+    """What shapes an output's chunks and vectors: chunking (and whether every file is chunked as
+    code: `CodeParallelPipeline`), the vector size and the model (its files' fingerprint). A resumed
+    run must match them (`Manifest.check_settings`); the runtime, precision and embedder (local or
+    Triton) may change between runs, the model may not."""
     c = cfg.chunking
     return {"chunking.chunk_tokens": c.chunk_tokens, "chunking.overlap_tokens": c.overlap_tokens,
             "chunking.min_chunk_tokens": c.min_chunk_tokens, "chunking.window_chars": c.window_chars,
+            "chunking.modality": "code" if force_code else "by_extension",
             "embedder.dim": cfg.embedder.dim, "model": model_fingerprint()}
 
 
@@ -218,7 +220,7 @@ class IngestPipeline:
             metrics.add_skip(skip.path, skip.reason, skip.detail)
         metrics.documents_total = len(refs) + len(skips)
 
-        writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile, ingest_settings(cfg))
+        writer = open_writer(out, self.shard.label, cfg.embedder.dim, cfg.profile, ingest_settings(cfg, self.force_code))
         writer_process = isinstance(writer, WriterProcess)
         metrics.extra["writer"] = "process" if writer_process else "thread"
         resume = ResumePolicy(writer.manifest)
@@ -351,7 +353,7 @@ class IngestPipeline:
             return 0
         cfg = self.config
         writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part,
-                               settings=ingest_settings(cfg))
+                               settings=ingest_settings(cfg, self.force_code))
         try:
             gone = writer.manifest.absent_from(refs.rel_path(i) for i in range(len(refs)))
             removed = writer.remove_documents(gone) if gone else 0

@@ -415,3 +415,26 @@ def test_the_same_folder_named_twice_is_walked_once(sample_corpus, tmp_path):
                                                          output=tmp_path / "twice")
     assert (twice.documents_total, twice.chunks_written) == (once.documents_total, once.chunks_written)
     assert sorted(s["reason"] for s in twice.skipped) == sorted(s["reason"] for s in once.skipped)
+
+
+def test_the_code_pipeline_on_a_text_pipelines_output_is_refused(sample_corpus, tmp_path):
+    """`CodeParallelPipeline` chunks every file as code: on an output the text pipeline made it found
+    every document unchanged and kept prose chunks, and an edited file then got code chunks beside
+    the others' prose ones. It is a setting of the output now, as `chunking.*` is (an output recorded
+    before the setting existed takes the first run's)."""
+    import json
+    import sqlite3
+
+    from hades_gpu.store.manifest import SettingsChangedError, manifest_path
+
+    out = tmp_path / "out"
+    TextParallelPipeline(config()).process_batch([sample_corpus], output=out)
+    with pytest.raises(SettingsChangedError, match=r"chunking.modality='by_extension' \(this run: 'code'\)"):
+        CodeParallelPipeline(config()).process_batch([sample_corpus], output=out)
+    # an output recorded without the key (made before it existed): the next run's value is recorded
+    with sqlite3.connect(manifest_path(out, "s0")) as db:
+        settings = json.loads(db.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()[0])
+        del settings["chunking.modality"]
+        db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (json.dumps(settings),))
+    TextParallelPipeline(config()).process_batch([sample_corpus], output=out)
+    assert Manifest.load(out, "s0").settings()["chunking.modality"] == "by_extension"
