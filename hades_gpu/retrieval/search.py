@@ -25,6 +25,7 @@ ingested, `store.reader.chunk_source`; None when the file is gone or changed) an
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path
 from hades_gpu.store.reader import (SourceChangedError, chunk_source, embeddings_to_numpy, is_ingest_output, read_chunks,
                                     read_isne_embeddings)
+
+log = logging.getLogger(__name__)
 
 CHUNK_COLUMNS = ("doc_id", "chunk_id", "path", "char_start", "char_end", "text", "embedding")
 
@@ -140,6 +143,7 @@ class Searcher:
         self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
         self._graph: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # CSR: indptr, nbr rows, weights
         self._isne: Optional[np.ndarray] = None  # (N, d) L2-normalised, 0 rows for chunks without one
+        self._has_isne: np.ndarray = np.zeros(0, dtype=bool)  # (N,) which rows of _isne are vectors
         self._sources: dict[str, Optional[str]] = {}
 
     # ------------------------------------------------------------------------------ public
@@ -221,12 +225,16 @@ class Searcher:
 
     def _isne_rerank(self, rows: np.ndarray, cos: np.ndarray, k: int):
         isne = self._load_isne()
-        seeds = rows[: self.cfg.isne_seeds]
-        centre = isne[seeds].mean(axis=0)
+        has = self._has_isne
+        seeds = [r for r in rows[: self.cfg.isne_seeds] if has[r]]
+        centre = isne[seeds].mean(axis=0) if seeds else np.zeros(isne.shape[1], dtype=isne.dtype)
         norm = float(np.linalg.norm(centre))
         structural = isne[rows] @ (centre / norm) if norm > 0 else np.zeros(len(rows))
         w = self.cfg.isne_weight
-        scored = [(int(r), (1 - w) * float(c) + w * float(s), float(c), "text") for r, c, s in zip(rows, cos, structural)]
+        # a chunk without an ISNE vector (ingested after the last ISNE stage) ranks by its text alone:
+        # a structural score of 0 pushed it below far weaker text matches
+        scored = [(int(r), (1 - w) * float(c) + w * float(s) if has[r] else float(c), float(c), "text")
+                  for r, c, s in zip(rows, cos, structural)]
         scored.sort(key=lambda t: (-t[1], t[0]))
         return scored[:k]
 
@@ -264,6 +272,12 @@ class Searcher:
                     out[row] = v
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             self._isne = out / np.where(norms > 0, norms, 1.0)
+            self._has_isne = norms[:, 0] > 0
+            missing = int((~self._has_isne).sum())
+            if missing:
+                log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage, or with "
+                            "isne.enabled=false): they rank by their text alone; `hades-isne output=%s` gives them one",
+                            missing, len(self.chunk_ids), self.output)
         return self._isne
 
     # ------------------------------------------------------------------------------ hits

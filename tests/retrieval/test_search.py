@@ -248,3 +248,35 @@ def test_a_hit_whose_path_holds_control_characters_is_one_header_line():
               char_start=0, char_end=4, line_start=1, line_end=1, snippet="text")
     text = format_hits(SearchResult(query="q", k=1, expand="none", embedder="e", candidates="exact", hits=[hit]))
     assert "  1. 0.5000  /data/new\\nline\\x1b[31m.md:1-1  [c1]" in text.splitlines() and "\x1b" not in text
+
+
+def test_chunks_without_an_isne_vector_rank_by_their_text_under_isne_expansion(search_output, embedder, tmp_path,
+                                                                                caplog):
+    """A document ingested with isne.enabled=false after the ISNE stage (the README's flow) has no
+    ISNE vector: its structural score was 0, which sank it below far weaker text matches. Now it
+    ranks by its text alone, and one warning line says how many chunks lack a vector."""
+    import logging
+    import shutil
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    out_src, corpus = search_output
+    out = tmp_path / "out"
+    shutil.copytree(out_src, out)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    text = "Tidal locking makes the moon keep one face towards the earth while it orbits."
+    (extra / "moon.md").write_text(text + "\n")
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([extra], output=out)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+        with Searcher(out, _cfg("search.isne_weight=0.5"), embedder=embedder) as s:
+            plain = s.search(text, 5).hits
+            expanded = s.search(text, 5, "isne").hits
+    assert plain[0].path.endswith("moon.md")
+    moon = [h for h in expanded if h.path.endswith("moon.md")]
+    assert moon and moon[0] == expanded[0] and moon[0].score == pytest.approx(moon[0].cosine)
+    assert any(h.score != pytest.approx(h.cosine) for h in expanded if not h.path.endswith("moon.md"))
+    warned = [r.getMessage() for r in caplog.records if "have no ISNE vector" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 of "), warned
