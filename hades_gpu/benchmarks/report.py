@@ -33,6 +33,13 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as err:
             print(f"hades-report: skipping unreadable {path}: {err}", file=sys.stderr)
             continue
+        if not isinstance(row, dict):  # valid JSON, but no job's result
+            print(f"hades-report: skipping {path}: not a JSON object (a {type(row).__name__})", file=sys.stderr)
+            continue
+        budget = row.get("max_batch_tokens")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+            print(f"hades-report: skipping {path}: max_batch_tokens is {budget!r}, not a number", file=sys.stderr)
+            continue
         row["folder"] = str(path.parent.relative_to(root)) or "."
         rows.append(row)
     return rows

@@ -136,3 +136,21 @@ def test_run_job_requires_an_existing_corpus(tmp_path):
     cfg = load_pipeline_config("low_memory", ["isne.enabled=false", f"corpus={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match="corpus must be an existing"):
         jobs.run_job(cfg, BenchConfig(), tmp_path / "job", job_info={})
+
+
+def test_report_skips_results_that_are_no_object_or_have_no_numeric_budget(tmp_path, capsys):
+    """A result.json that is valid JSON but no object, and a hand-edited non-numeric
+    max_batch_tokens, gave tracebacks (list indices; pandas comparing str and int)."""
+    import json
+
+    fake_result(tmp_path / "0_a", "balanced", 4096, 30.0)
+    fake_result(tmp_path / "1_b", "balanced", 16384, 20.0)
+    odd = tmp_path / "1_b" / "result.json"
+    odd.write_text(json.dumps({**json.loads(odd.read_text()), "max_batch_tokens": "16k"}))
+    (tmp_path / "2_c").mkdir()
+    (tmp_path / "2_c" / "result.json").write_text("[1, 2]")
+    assert report.report_cli([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "2_c/result.json: not a JSON object" in err and "1_b/result.json: max_batch_tokens is '16k'" in err
+    lines = [line for line in (tmp_path / "report.md").read_text().splitlines() if "| ingest |" in line]
+    assert len(lines) == 1 and "| 4096 |" in lines[0]
