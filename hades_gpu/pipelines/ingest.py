@@ -35,6 +35,7 @@ from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
+from hades_gpu.store.manifest import claimed_by_other_shards
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
@@ -197,11 +198,24 @@ class IngestPipeline:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
         if not self.shard.sharded:
             check_unsharded(out, self.shard.label)
-            return refs, skips
+            return self._without_other_shards_documents(refs, skips, out)
         smap = ensure_shard_map(out, self.shard.count, refs)
         mine = select_refs(refs, smap.cuts, self.shard.index)
         # discovery's skips (paths not documents) are reported by shard 0 only, so a sum over shards counts each once
         return mine, (skips if self.shard.index == 0 else [])
+
+    def _without_other_shards_documents(self, refs: DocumentList, skips: list[Skip],
+                                        out: Path) -> tuple[DocumentList, list[Skip]]:
+        """A by-hand shard name (`shard=<name>`) writes its own manifest: documents another name has
+        committed to this output are skipped as ``duplicate`` (each chunk once in the dataset)."""
+        claimed = claimed_by_other_shards(out, self.shard.label, (ref.rel_path for ref in refs)) if refs else {}
+        if not claimed:
+            return refs, skips
+        keep = [i for i, ref in enumerate(refs) if ref.rel_path not in claimed]
+        extra = [Skip(ref.path, "duplicate", f"already in this output under shard {claimed[ref.rel_path]!r} "
+                                             f"(run shard={claimed[ref.rel_path]} to update it)")
+                 for ref in refs if ref.rel_path in claimed]
+        return refs.take(keep), [*skips, *extra]
 
     def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
         cfg = self.config

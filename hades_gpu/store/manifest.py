@@ -441,6 +441,31 @@ def committed_document_count(output: Path, shard: str) -> int:
     return int(row[0]) if row else 0
 
 
+def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) -> dict[str, str]:
+    """rel_path -> the other shard (manifest) of `output` that has it committed, for those of
+    `rel_paths` another shard's manifest holds (read-only). Two by-hand shard names over the same
+    corpus wrote every chunk twice, one copy per manifest."""
+    output = Path(output)
+    others = [p for p in sorted(output.glob("manifest-*.sqlite")) if p != manifest_path(output, shard)]
+    claimed: dict[str, str] = {}
+    if not others:
+        return claimed
+    wanted = list(rel_paths)
+    for path in others:
+        other = path.name[len("manifest-"):-len(".sqlite")]
+        try:
+            conn = _connect(path, readonly=True)
+            try:
+                for batch, marks in _in_batches(wanted):
+                    for (rel,) in conn.execute(f"SELECT rel_path FROM documents WHERE rel_path IN ({marks})", batch):
+                        claimed.setdefault(rel, other)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+    return claimed
+
+
 def has_manifest(output: Path) -> bool:
     output = Path(output)
     return any(output.glob("manifest-*.sqlite")) or any(output.glob("manifest*.json"))

@@ -438,3 +438,24 @@ def test_the_code_pipeline_on_a_text_pipelines_output_is_refused(sample_corpus, 
         db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (json.dumps(settings),))
     TextParallelPipeline(config()).process_batch([sample_corpus], output=out)
     assert Manifest.load(out, "s0").settings()["chunking.modality"] == "by_extension"
+
+
+def test_two_by_hand_shard_names_over_one_corpus_write_each_chunk_once(sample_corpus, tmp_path):
+    """`shard=abc` then the default `s0` over the same corpus wrote every chunk twice (one manifest
+    each, both complete); the second name now skips what the first committed, as ``duplicate``
+    naming it, and ingests only what no other name has."""
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+
+    out = tmp_path / "out"
+    first = TextParallelPipeline(config("shard=abc")).process_batch([sample_corpus], output=out)
+    assert first.documents_ingested > 0
+    with pytest.raises(NothingIngestedError, match=rf"\({first.documents_ingested} duplicate") as caught:
+        TextParallelPipeline(config()).process_batch([sample_corpus], output=out)
+    assert all("already in this output under shard 'abc'" in s["detail"]
+               for s in caught.value.result.skipped if s["reason"] == "duplicate")
+    (sample_corpus / "new.md").write_text("# New\n\nA document only the second name has.\n")
+    second = TextParallelPipeline(config()).process_batch([sample_corpus], output=out)
+    assert second.documents_ingested == 1
+    assert sum(s["reason"] == "duplicate" for s in second.skipped) == first.documents_ingested
+    table = read_chunks(out, ["chunk_id", "path"]).to_pandas()
+    assert table.chunk_id.is_unique and len(table) == first.chunks_written + second.chunks_written
