@@ -32,6 +32,9 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["OPENBLAS_NUM_THREADS"] = "1"
+    # `python -m` puts the working directory before PYTHONPATH: a folder holding another `hades_gpu`
+    # (a checkout, a copy) was imported by every child instead (Python >= 3.11 honours this)
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 

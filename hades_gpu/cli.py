@@ -151,6 +151,7 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
                                ("hades_gpu.store.lock", "OutputLockedError"),  # another run holds the output
                                ("hades_gpu.store.manifest", "ManifestError"),
                                ("hades_gpu.orchestration.writer_process", "WriterProcessError"),  # re-run resumes
+                               ("hades_gpu.orchestration.workers", "WorkerStartError"),  # workers cannot start
                                ("hades_gpu.store.reader", "DamagedOutputError"),
                                ("hades_gpu.isne.stage", "NotAnIngestOutputError"),
                                ("hades_gpu.store.shard_map", "ShardMapError"),  # output sharded another way

@@ -39,7 +39,7 @@ from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError, discover_for_output
 from hades_gpu.records import shard_label
-from hades_gpu.store.layout import metrics_path
+from hades_gpu.store.layout import DRIVER_LOCK_NAME, metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import committed_document_count
@@ -47,7 +47,7 @@ from hades_gpu.store.shard_map import ensure_shard_map, load_shard_map, plan_fin
 
 log = logging.getLogger(__name__)
 
-DRIVER_LOCK = "driver"
+DRIVER_LOCK = DRIVER_LOCK_NAME
 SHARDS_PER_SLOT = 4  # cluster.shards=0: more shards than parallel tasks, so stragglers do not hold the run
 
 

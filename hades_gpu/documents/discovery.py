@@ -48,7 +48,7 @@ import pathspec
 
 from hades_gpu.config import DocumentsConfig
 from hades_gpu.documents.document_list import DocumentList
-from hades_gpu.records import CODE, PROSE, DocumentRef
+from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +299,12 @@ class _Walker:
         if abs_path in self.seen_paths:
             return  # the same file named twice (a folder and a file inside it): once is enough
         self.seen_paths.add(abs_path)
-        if rel_path in self.seen_rel:
+        # the identity is the escaped text form (`display_path`): a name with the byte 0xE9 and one
+        # spelled "caf\\xe9.txt" are the same document id, so the second is the duplicate
+        identity = display_path(rel_path)
+        if identity in self.seen_rel:
             self.skips.append(Skip(abs_path, "duplicate",
-                                   f"rel_path {rel_path!r} already taken by {self.seen_rel[rel_path]}"))
+                                   f"rel_path {identity!r} already taken by {printable(self.seen_rel[identity])}"))
             return
         if not stat.S_ISREG(st.st_mode):
             self.skips.append(Skip(abs_path, "unreadable", f"not a regular file ({_file_kind(st.st_mode)})"))
@@ -314,7 +317,7 @@ class _Walker:
             self.skips.append(Skip(abs_path, "too_large",
                                    f"{st.st_size} bytes > documents.max_file_bytes ({self.cfg.max_file_bytes})"))
             return
-        self.seen_rel[rel_path] = abs_path
+        self.seen_rel[identity] = abs_path
         self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),
                                      modality=kind[0], language=kind[1], mtime_ns=int(st.st_mtime_ns)))
 

@@ -43,8 +43,8 @@ from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
 from hades_gpu.records import UNSHARDED, ShardSpec
 from hades_gpu.store.atomic import atomic_write_parquet
-from hades_gpu.store.layout import (ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path, isne_embeddings_path,
-                                    isne_model_path, isne_training_state_path, metrics_path)
+from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path,
+                                    isne_embeddings_path, isne_model_path, isne_training_state_path, metrics_path)
 from hades_gpu.store.lock import OutputLock, OutputLockedError, held_elsewhere
 from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
 from hades_gpu.store.reader import DamagedOutputError, read_isne_embeddings
@@ -133,7 +133,8 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     output_dir = Path(output_dir)
     with OutputLock(output_dir, ISNE_LOCK_NAME):
         # an ingest writing the output now: its graph would be built from a part of the chunks (or none)
-        for shard, holder in held_elsewhere(output_dir, skip=(ISNE_LOCK_NAME,)):
+        # (a cluster driver's own lock is not a writer: it runs this stage in a task of its own)
+        for shard, holder in held_elsewhere(output_dir, skip=(ISNE_LOCK_NAME, DRIVER_LOCK_NAME)):
             raise OutputLockedError(output_dir, shard, holder)
         return _run_isne_stage(cfg, output_dir, train, epochs, batch_size)
 

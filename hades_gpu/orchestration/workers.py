@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import sendfds
 from typing import Callable, Optional, Protocol, Union
 
-from hades_gpu.child_process import child_env, start_module
+from hades_gpu.child_process import child_env, describe_exit, start_module
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.orchestration.reading_board import ReadingBoard
 from hades_gpu.orchestration.worker_main import WorkerSetup
@@ -53,10 +53,18 @@ class DocumentQueue(Protocol):
     def __len__(self) -> int: ...
 
 
+# workers in a row (at least; 2 per worker above that) that die before their first message end the
+# run with `WorkerStartError`: restarting them forever hung a run whose workers cannot import
+START_DEATHS_LIMIT = 4
+
 LIVENESS_CHECK_S = 0.05  # at most this often: waitpid on every worker (see WorkerPool.poll)
 # free slabs granted to a worker at a time: 2 left each worker waiting for the main process's round
 # trip on most batches; 4 and 8 ran the 2-worker feed alike (~8% faster than 2)
 SLABS_PER_WORKER = 4
+
+
+class WorkerStartError(RuntimeError):
+    """Worker processes keep dying before their first document: the run cannot go on."""
 
 
 @dataclass
@@ -104,6 +112,7 @@ class _Worker:
     delivering: dict[int, _Delivery] = field(default_factory=dict)  # result in, rows still arriving
     slabs: set[int] = field(default_factory=set)  # granted and not yet sent back
     dead: bool = False
+    reported: bool = False  # it sent a message: it got past its start-up
 
 
 def _import_path() -> list[str]:
@@ -226,6 +235,8 @@ class WorkerPool:
         self._budget: Optional[int] = None
         self.restarts = 0
         self.starved_grants = 0
+        self._start_deaths = 0  # workers in a row that died before their first message
+        self._start_death_limit = max(START_DEATHS_LIMIT, 2 * num_workers)
         self._closed = False
         self._stopped = False
         self._next_liveness_check = 0.0
@@ -360,6 +371,7 @@ class WorkerPool:
 
     def _receive_all(self, worker: _Worker, msg: object, events: list[PoolEvent]) -> None:
         """One message from a worker: a report, or a list of reports in the order they were made."""
+        worker.reported = True
         for report in (msg if isinstance(msg, list) else (msg,)):
             event = self._receive(worker, report)
             if event is not None:
@@ -393,6 +405,12 @@ class WorkerPool:
         started = self._board.reading(slot)  # read before the slot's next worker clears it
         self._selector.unregister(worker.conn.fileno())
         worker.conn.close()
+        # died before its first message and before it began a document: it could not start at all
+        self._start_deaths = self._start_deaths + 1 if not worker.reported and started is None else 0
+        if self._start_deaths >= self._start_death_limit:
+            raise WorkerStartError(
+                f"worker processes die before their first document ({self._start_deaths} in a row, the last "
+                f"{describe_exit(code)}): they cannot start in this environment (their error is printed above)")
         log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
                     len(worker.pending) + len(worker.delivering))
         for slab in sorted(worker.slabs):
@@ -497,4 +515,4 @@ class WorkerPool:
         self.close()
 
 
-__all__ = ["WorkerPool", "WorkerLaunch", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]
+__all__ = ["WorkerPool", "WorkerLaunch", "WorkerStartError", "START_DEATHS_LIMIT", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]

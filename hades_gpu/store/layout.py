@@ -33,6 +33,7 @@ ISNE_DIR = "isne"
 ISNE_MODEL_FILE = "model.safetensors"
 ISNE_TRAINING_STATE_FILE = "training-state.pt"
 ISNE_LOCK_NAME = "isne"  # the graph + ISNE stage's output lock (store.lock: `.lock-isne`)
+DRIVER_LOCK_NAME = "driver"  # a cluster run's driver (cluster.driver): held while its shards and stage run
 METRICS_FILE = "metrics.json"
 INDEX_DIR = "index"
 KNN_INDEX_FILE = "knn.faiss"

@@ -256,3 +256,22 @@ def test_sources_may_be_str_bytes_paths_or_any_iterable_of_them(tmp_path: Path) 
     assert source_list(root) == source_list(str(root)) == [str(root)]
     assert source_list(p for p in (root / "a.md", os.fsencode(root / "b.md"))) == [str(root / "a.md"), str(root / "b.md")]
     assert _rels(discover(os.fsencode(root), DocumentsConfig())[0]) == ["a.md", "b.md"]
+
+
+def test_a_raw_byte_name_and_its_escaped_spelling_are_one_identity(tmp_path):
+    """`caf\\xe9.txt` with the byte 0xE9 is stored as the text "caf\\\\xe9.txt"; a file whose name is
+    spelt that way literally has the same identity (rel_path, doc id). Both were taken: two documents
+    under one doc id damaged the output (hades-verify: rows mismatch) and each re-run swapped which
+    one survived. The second is a `duplicate` now, whichever order the walk meets them in."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    raw = os.path.join(os.fsencode(corpus), b"caf\xe9.txt")
+    with open(raw, "wb") as fh:
+        fh.write(b"latin1 name file.\n")
+    (corpus / "caf\\xe9.txt").write_text("literal backslash name file.\n")
+    for _ in range(2):
+        refs, skips = discover(corpus, DocumentsConfig())
+        assert len(refs) == 1 and refs[0].rel_path == "caf\\xe9.txt"
+        assert [s.reason for s in skips] == ["duplicate"] and "already taken by" in skips[0].detail
+    files = discover([raw.decode("utf-8", "surrogateescape"), str(corpus / "caf\\xe9.txt")], DocumentsConfig())
+    assert len(files[0]) == 1 and [s.reason for s in files[1]] == ["duplicate"]

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_helpers import (SAMPLE_CORPUS, copy_files, crash_on_marker, environment_probe, failing_warm_up, record_warm_up,
-                            stdlib_sources)
+from corpus_helpers import (SAMPLE_CORPUS, copy_files, crash_on_marker, environment_probe, exit_at_start, failing_warm_up,
+                            record_warm_up, stdlib_sources)
 from hades_gpu.config import ChunkingConfig, DocumentsConfig, ProfileConfig
 from hades_gpu.documents.chunking import process_document
 from hades_gpu.documents.discovery import discover
@@ -41,7 +41,8 @@ from hades_gpu.gpu.slabs import CHUNK_ID_BYTES, SlabLayout, SlabRing
 from hades_gpu.orchestration.monitoring import RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.worker_main import WorkerSetup, run_worker
-from hades_gpu.orchestration.workers import AbandonEvent, BatchEvent, DocumentEvent, WorkerLaunch, WorkerPool
+from hades_gpu.orchestration.workers import (START_DEATHS_LIMIT, AbandonEvent, BatchEvent, DocumentEvent, WorkerLaunch,
+                                             WorkerPool, WorkerStartError)
 from hades_gpu.records import ChunkedDocument, DocumentRef, DocumentResult, SlabBatch
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR
 from hades_gpu.store.writer import DatasetWriter
@@ -718,3 +719,19 @@ def test_a_failing_warm_up_leaves_the_worker_working(tmp_path):
     assert got and all(got[r.rel_path] == [(c.ordinal, c.char_start, c.char_end, c.text)
                                            for c in process_document(r, DOCS_CFG, CHUNK_CFG).chunks]
                        for r in refs if process_document(r, DOCS_CFG, CHUNK_CFG).chunks)
+
+
+def test_workers_that_die_before_their_first_message_end_the_run_instead_of_restarting_forever(tmp_path):
+    """A worker that cannot start (an import that fails in its environment, here: it exits during
+    its warm-up) was restarted forever (1,631 restarts a minute, the run never ended). After
+    `START_DEATHS_LIMIT` deaths in a row (2 per worker above that) the pool raises
+    `WorkerStartError`; deaths on a document (a CRASH file) do not count (see the test above)."""
+    refs = corpus_refs(tmp_path, n_stdlib=2)
+    pack = packing()
+    t0 = time.monotonic()
+    with WorkerPool(2, process_document, (DOCS_CFG, CHUNK_CFG), ring_for(pack), pack,
+                    launched=WorkerLaunch(2, exit_at_start)) as pool:
+        with pytest.raises(WorkerStartError, match=r"die before their first document \(4 in a row, the last exit code 3\)"):
+            drain(pool, refs)
+        assert pool.restarts == max(START_DEATHS_LIMIT, 4) - 1
+    assert time.monotonic() - t0 < 60

@@ -459,3 +459,17 @@ def test_two_by_hand_shard_names_over_one_corpus_write_each_chunk_once(sample_co
     assert sum(s["reason"] == "duplicate" for s in second.skipped) == first.documents_ingested
     table = read_chunks(out, ["chunk_id", "path"]).to_pandas()
     assert table.chunk_id.is_unique and len(table) == first.chunks_written + second.chunks_written
+
+
+def test_workers_that_cannot_start_end_the_run_with_one_error(sample_corpus, tmp_path, monkeypatch):
+    """Workers whose environment is broken (here a `numpy` on PYTHONPATH that fails to import, which
+    the main process, already running, does not see) die at start-up: the run ends with
+    `WorkerStartError` (one line, exit 1 from the CLI) instead of restarting them forever."""
+    from hades_gpu.orchestration.workers import WorkerStartError
+
+    broken = tmp_path / "broken" / "numpy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('numpy is broken in this environment')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))
+    with pytest.raises(WorkerStartError, match="die before their first document"):
+        TextParallelPipeline(config()).process_batch([sample_corpus], output=tmp_path / "out")

@@ -69,3 +69,10 @@ def ingest_in_a_child(corpus: str, output: str) -> int:
 
     cfg = load_pipeline_config(overrides=["isne.enabled=false", "monitoring.progress=off"])
     return TextParallelPipeline(cfg).process_batch([corpus], output=output).chunks_written
+
+
+def exit_at_start() -> None:
+    """Worker warm-up that ends its process at once, as a worker that cannot start would."""
+    import os
+
+    os._exit(3)
