@@ -165,6 +165,21 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
         return 1, f"damaged Parquet data: {_one_line(str(err))[:500]}"
     if isinstance(err, OSError) and err.errno in _RUN_ERRNOS:
         return 1, _os_message(err)
+    cause = _os_cause(err)
+    if isinstance(err, ValueError) and cause is not None:  # Hydra's "Unable to configure handler 'file'"
+        return 1, f"{_os_message(cause)} (Hydra's job log in the output folder)"
+    return None
+
+
+def _os_cause(err: BaseException) -> Optional[OSError]:
+    """The OSError a user can fix (read-only output, no permission) behind `err` (its cause chain):
+    `logging.config` wraps a job log that cannot be opened in a ValueError."""
+    seen = 0
+    cause = err.__cause__ or err.__context__
+    while cause is not None and seen < 5:
+        if isinstance(cause, OSError) and cause.errno in _RUN_ERRNOS:
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return None
 
 

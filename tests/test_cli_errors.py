@@ -301,3 +301,16 @@ def test_hades_isne_while_an_ingest_writes_the_output_is_refused_in_one_line(tmp
     proc = _ingest(f"output={out}", "isne.epochs=1", module="isne_main")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "edges.parquet").exists()
+
+
+def test_a_job_log_that_cannot_be_opened_is_one_line_exit_1(tmp_path, corpus, ingested):
+    """Hydra opens its job log in the output folder before the job runs; a read-only output (or a
+    log name taken by a folder, as here) was a 58-line traceback ending in "Unable to configure
+    handler 'file'"."""
+    logs = [p.name for p in ingested.glob("*.log")]
+    assert logs, list(ingested.iterdir())
+    out = tmp_path / "out"
+    for name in logs:
+        (out / name).mkdir(parents=True)
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false"), 1, "Is a directory",
+                     logs[0], "job log")

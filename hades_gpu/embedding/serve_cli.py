@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Optional
 
+from hades_gpu.child_process import describe_exit
 from hades_gpu.embedding.triton_server import (DEFAULT_MODELS, TRITONSERVER_ENV, TritonServer, TritonServerError,
                                                _tail, default_model_repository)
 
@@ -72,9 +73,10 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         if rc is None:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
             return 0
-        print(f"hades-serve: tritonserver exited on its own with code {rc} (log {server.log_file}): "
-              f"{_tail(server.log_file)}", file=sys.stderr)
-        return rc or 1
+        tail = _tail(server.log_file)
+        print(f"hades-serve: tritonserver exited on its own ({describe_exit(rc)}; log {server.log_file})"
+              + (f": {tail}" if tail else ""), file=sys.stderr)
+        return 1  # a signal's negative code went to sys.exit as 247 (SIGKILL)
     except KeyboardInterrupt:  # Ctrl-C during the start; afterwards SIGINT is polled like SIGTERM
         if server is not None:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)

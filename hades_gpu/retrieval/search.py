@@ -38,7 +38,7 @@ from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path
-from hades_gpu.store.reader import (SourceChangedError, chunk_source, embeddings_to_numpy, is_ingest_output, read_chunks,
+from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, chunk_source, embeddings_to_numpy, is_ingest_output, read_chunks,
                                     read_isne_embeddings)
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ class Searcher:
         if doc_id not in self._sources:
             try:
                 self._sources[doc_id] = chunk_source(self.output, doc_id)
+            except DamagedOutputError:
+                raise  # the output's own documents part is missing or unreadable: not "the source changed"
             except (OSError, KeyError, SourceChangedError):
                 self._sources[doc_id] = None  # the hit keeps its offsets; its lines are unknown
         return self._sources[doc_id]

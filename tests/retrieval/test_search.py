@@ -208,6 +208,21 @@ def test_damaged_output_files_are_one_line_exit_1(search_output, embedder, tmp_p
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and needle in err and target.name in err, err
 
 
+def test_a_missing_documents_part_is_one_line_exit_1(search_output, embedder, tmp_path, capsys, monkeypatch):
+    """A deleted documents part: every hit came back with its lines unknown ("path:?", which means
+    "the source file changed"), exit 0, nothing said about the damage."""
+    from hades_gpu.embedding import factory
+
+    copy = tmp_path / "out"
+    shutil.copytree(search_output[0], copy)
+    target = sorted(copy.glob("documents/part-*.parquet"))[0]
+    target.unlink()
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and target.name in err, err
+
+
 def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damaged(
         search_output, embedder, queries, tmp_path, caplog):
     """Above graph.knn_exact_max_nodes the first stage is the FAISS index the kNN edges were built

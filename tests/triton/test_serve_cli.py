@@ -52,6 +52,28 @@ def test_hades_serve_prints_address_and_stops_on_sigterm(tmp_path):
         embedder_for(f"127.0.0.1:{port}")
 
 
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_a_tritonserver_killed_under_hades_serve_is_one_line_exit_1(tmp_path):
+    """SIGKILL of the server (the OOM killer, say): hades-serve exited 247 (-9 handed to sys.exit)
+    with a line ending in an empty ": "; it is exit 1 now, saying how the server ended."""
+    port = free_port()
+    proc = subprocess.Popen([*_serve_command(), "--grpc-port", str(port), "--log-file", str(tmp_path / "serve.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == f"gRPC 127.0.0.1:{port}", proc.stderr.read() if proc.poll() else ""
+        details = proc.stdout.readline()
+        server_pid = int(details.split(" pid ")[1].split()[0])
+        os.kill(server_pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        lines = [ln for ln in proc.stderr.read().splitlines() if ln.startswith("hades-serve:")]
+        assert len(lines) == 1 and "exited on its own (killed by SIGKILL; log " in lines[0], lines
+        assert not lines[0].rstrip().endswith(":")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_unknown_model_is_refused_before_start(tmp_path):
     with pytest.raises(TritonServerError, match="has no config.pbtxt"):
         TritonServer(models=["no_such_model"])
