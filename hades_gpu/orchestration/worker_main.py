@@ -1,18 +1,19 @@
 """The worker process: read, chunk, tokenize and pack documents into the main process's slabs.
 
 Started as ``python -m hades_gpu.orchestration.worker_main <pipe-fd> <slot>`` by `workers.WorkerPool`
-(or ahead of it by `workers.WorkerLaunch`), never through `multiprocessing`'s spawn: spawn re-runs the user's main module in
-every child (a plain script without a main guard then starts workers recursively and dies, and
-``python - < script`` fails on ``'<stdin>'``). This module imports only the package, so workers start
-the same way from a script, standard input, ``python -c``, a notebook kernel, a Hydra job or a
-joblib/loky worker.
+(or ahead of it by `workers.WorkerLaunch`), never through `multiprocessing`'s spawn: spawn re-runs
+the user's main module in every child (a plain script without a main guard then starts workers
+recursively and dies, and ``python - < script`` fails on ``'<stdin>'``). This module imports only
+the package, so workers start the same way from a script, standard input, ``python -c``, a notebook
+kernel, a Hydra job or a joblib/loky worker.
 
 Protocol over the pipe (pickled tuples, all small: no chunk crosses it):
 
 - parent -> worker: ``sys.path`` first (so the configured process function can be unpickled), then
   ``("warm_up", callable or None)`` (run at once: the worker may be started before the main process
   has its slabs), then the slab ring's and the reading board's file descriptors (SCM_RIGHTS, one
-  `multiprocessing.reduction.sendfds`), then a `WorkerSetup`; afterwards ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
+  `multiprocessing.reduction.sendfds`), then a `WorkerSetup`; afterwards
+  ``("tasks", [(key, ref, known_hash), ...])``, ``("slabs", [i, ...])`` (grants),
   ``("budget", tokens)`` (the GPU governor's batch budget) and ``("stop",)``;
 - worker -> parent: one `DocumentResult` per task, in task order, then `SlabBatch` headers for the
   batches holding its chunks (a document's result always precedes its rows). Reports are sent

@@ -515,4 +515,5 @@ class WorkerPool:
         self.close()
 
 
-__all__ = ["WorkerPool", "WorkerLaunch", "WorkerStartError", "START_DEATHS_LIMIT", "DocumentEvent", "BatchEvent", "AbandonEvent", "PoolEvent"]
+__all__ = ["WorkerPool", "WorkerLaunch", "WorkerStartError", "START_DEATHS_LIMIT", "DocumentEvent", "BatchEvent",
+           "AbandonEvent", "PoolEvent"]

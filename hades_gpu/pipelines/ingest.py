@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from hades_gpu.config import ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config, to_pipeline_config
+from hades_gpu.config import (ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config,
+                              to_pipeline_config)
 from hades_gpu.documents.chunking import process_document_as, warm_up
 from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
@@ -102,7 +103,8 @@ def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: D
                         out: Path) -> tuple[DocumentList, list[Skip]]:
     """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
     output inside the corpus is walked (their metrics and index files are not documents)."""
-    return discover(paths, documents, root=documents.root or None, skip_folders=[out], is_output_folder=is_output_listing)
+    return discover(paths, documents, root=documents.root or None, skip_folders=[out],
+                    is_output_folder=is_output_listing)
 
 
 def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:
@@ -112,8 +114,8 @@ def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:
     target = Path(os.path.abspath(out)).resolve()
     for source in sources:
         if Path(os.path.abspath(source)).resolve() == target:
-            raise ConfigError(f"the output folder {printable(str(out))} is the corpus folder {printable(source)} itself: "
-                             "write the output elsewhere (a folder inside the corpus is fine: discovery skips it)")
+            raise ConfigError(f"the output folder {printable(str(out))} is the corpus folder {printable(source)} "
+                              "itself: write the output elsewhere (a folder inside the corpus is fine: discovery skips it)")
 
 
 def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, Any]:

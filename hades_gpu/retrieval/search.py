@@ -38,8 +38,8 @@ from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path
-from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, chunk_source, embeddings_to_numpy, is_ingest_output, read_chunks,
-                                    read_isne_embeddings)
+from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, chunk_source, embeddings_to_numpy,
+                                    is_ingest_output, read_chunks, read_isne_embeddings)
 
 log = logging.getLogger(__name__)
 
