@@ -168,7 +168,22 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     cause = _os_cause(err)
     if isinstance(err, ValueError) and cause is not None:  # Hydra's "Unable to configure handler 'file'"
         return 1, f"{_os_message(cause)} (Hydra's job log in the output folder)"
+    if isinstance(err, OSError) and _raised_in_hydra_run_job(err):  # e.g. output=/proc/x: ENOENT from its mkdir
+        return 1, f"cannot create the output folder: {_os_message(err)}"
     return None
+
+
+def _raised_in_hydra_run_job(err: BaseException) -> bool:
+    """Whether `err` comes from Hydra's own `run_job` (making the job's folder), not from our job:
+    there every OSError is about the output path the user gave."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    inner = frames[-6:]  # the mkdir inside run_job, not an error our task raised through it
+    return any(f.f_code.co_name == "run_job" and f.f_code.co_filename.endswith(os.path.join("hydra", "core", "utils.py"))
+               for f in inner) and not any("hades_gpu" in f.f_code.co_filename for f in inner)
 
 
 def _os_cause(err: BaseException) -> Optional[OSError]:

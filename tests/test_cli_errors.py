@@ -314,3 +314,11 @@ def test_a_job_log_that_cannot_be_opened_is_one_line_exit_1(tmp_path, corpus, in
         (out / name).mkdir(parents=True)
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false"), 1, "Is a directory",
                      logs[0], "job log")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder nobody can create in)")
+def test_an_output_folder_hydra_cannot_create_is_one_line_exit_1(corpus):
+    """Hydra makes the job folder (the output) before the job runs; a path where no folder can be
+    made (under /proc: ENOENT even for root) was Hydra's 41-line traceback."""
+    _assert_one_line(_ingest(f"corpus={corpus}", "output=/proc/hades-no-such-folder/out", "isne.enabled=false"), 1,
+                     "cannot create the output folder", "/proc/hades-no-such-folder")
