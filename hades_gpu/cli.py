@@ -331,6 +331,28 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
         print(f"  ... {len(result.skipped) - 20} more in {out / 'metrics.json'}")
 
 
+def _reader_may_leave(main: Callable[..., None]) -> Callable[..., None]:
+    """A console entry point whose output may go to a reader that stops early (`hades-search ... |
+    head -3`, `hades-ingest --help | head`): a closed pipe ends it quietly, exit 1, instead of a
+    BrokenPipeError traceback (Python's documented recipe: stdout pointed at /dev/null so the exit's
+    own flush does not fail again)."""
+
+    @functools.wraps(main)
+    def entry(*args: object, **kwargs: object) -> None:
+        try:
+            try:
+                main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
+
+    return entry
+
+
+@_reader_may_leave
 def ingest_main() -> None:
     """`hades-ingest`: the main job."""
     _run_hydra_app(_ingest_task, "hades-ingest")
@@ -349,11 +371,13 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
     print(result.summary())
 
 
+@_reader_may_leave
 def isne_main() -> None:
     """`hades-isne output=<ingest output>`: build the chunk graph and train ISNE on it."""
     _run_hydra_app(_isne_task, "hades-isne")
 
 
+@_reader_may_leave
 def serve_main(argv: Optional[list[str]] = None) -> None:
     """`hades-serve`: start a real tritonserver on `triton_models/` (argparse, not Hydra)."""
     from hades_gpu.embedding.serve_cli import serve_cli
@@ -361,6 +385,7 @@ def serve_main(argv: Optional[list[str]] = None) -> None:
     sys.exit(serve_cli(argv))
 
 
+@_reader_may_leave
 def search_main(argv: Optional[list[str]] = None) -> None:
     """`hades-search <output> "query" [-k 10] [--embedder local|triton] [--expand graph|isne] [--json]`."""
     from hades_gpu.retrieval.search_cli import search_cli
@@ -368,6 +393,7 @@ def search_main(argv: Optional[list[str]] = None) -> None:
     sys.exit(search_cli(argv))
 
 
+@_reader_may_leave
 def bench_main() -> None:
     """`hades-bench [-m] corpus=<dir> [bench=ingest|embed_only|triton|isne] [profile=...] ...`: one
     benchmark job per combination, each writing `result.json` into its Hydra output folder."""
@@ -376,6 +402,7 @@ def bench_main() -> None:
     run_bench_app("hades-bench", guard=guarded, run=run_hydra_main)
 
 
+@_reader_may_leave
 def report_main(argv: Optional[list[str]] = None) -> None:
     """`hades-report <multirun-dir>`: the sweep's results as `report.md` and PNG plots."""
     from hades_gpu.benchmarks.report import report_cli

@@ -322,3 +322,17 @@ def test_an_output_folder_hydra_cannot_create_is_one_line_exit_1(corpus):
     made (under /proc: ENOENT even for root) was Hydra's 41-line traceback."""
     _assert_one_line(_ingest(f"corpus={corpus}", "output=/proc/hades-no-such-folder/out", "isne.enabled=false"), 1,
                      "cannot create the output folder", "/proc/hades-no-such-folder")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-m", "--help"]])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(args):
+    """`hades-ingest --help | head -1`, `hades-search ... | head`: when the reader has gone, the
+    command printed a BrokenPipeError traceback; now it ends quietly (exit 1, nothing on stderr but
+    Python's own silence)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    environ["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
