@@ -121,9 +121,13 @@ class Searcher:
         self.max_seq_len = int(cfg.embedder.max_seq_len)
         if not is_ingest_output(self.output):
             raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
-        table = read_chunks(self.output, CHUNK_COLUMNS)
-        if table.num_rows == 0:
-            raise SearchError(f"{self.output} holds no chunks")
+        try:
+            table = read_chunks(self.output, CHUNK_COLUMNS)
+        except FileNotFoundError:  # a manifest, no committed part yet
+            table = None
+        if table is None or table.num_rows == 0:
+            raise SearchError(f"{self.output} holds no committed chunks yet (an ingest into it may still be running "
+                              "before its first commit, or every document it was given was skipped: see its metrics.json)")
         self.chunk_ids: list[str] = table.column("chunk_id").to_pylist()
         self.doc_ids: list[str] = table.column("doc_id").to_pylist()
         self.paths: list[str] = table.column("path").to_pylist()
@@ -154,13 +158,16 @@ class Searcher:
     def search_many(self, queries: Sequence[str], k: Optional[int] = None,
                     expand: Optional[str] = None) -> list[SearchResult]:
         """`search` for several queries, embedded in one call (each result's embed_ms is its share)."""
-        k = int(self.cfg.k if k is None else k)
+        if self.embedder is None:
+            raise SearchError("this Searcher is closed: make a new one (or use it in a `with` block)")
+        k = self.cfg.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k must be an integer >= 1 (got {k!r})")
+        k = int(k)
         expand = self.cfg.expand if expand is None else expand
-        if k < 1:
-            raise SearchError(f"k must be >= 1 (got {k})")
         if expand not in SearchExpand.values():
             raise SearchError(f"expand must be one of {'|'.join(SearchExpand.values())} (got {expand!r})")
-        queries = list(queries)
+        queries = [queries] if isinstance(queries, str) else list(queries)  # one string is one query
         blank = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
         if blank:  # the model embeds "" as well, and its nearest chunks look like an answer to nothing
             raise SearchError(f"query {blank[0]} is empty or not text (got {queries[blank[0]]!r})")

@@ -295,3 +295,32 @@ def test_chunks_without_an_isne_vector_rank_by_their_text_under_isne_expansion(s
     assert any(h.score != pytest.approx(h.cosine) for h in expanded if not h.path.endswith("moon.md"))
     warned = [r.getMessage() for r in caplog.records if "have no ISNE vector" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("1 of "), warned
+
+
+def test_the_python_api_checks_its_arguments_and_state_in_one_error(search_output, embedder, tmp_path):
+    """`search_many("text")` searched each character; `k` of 1.5, True or "3" passed and "abc", nan,
+    inf raised int()'s errors; a closed Searcher failed deep in the embedding code; an output with no
+    committed chunk yet (an ingest still before its first commit, or all skipped) raised
+    FileNotFoundError advising to run hades-ingest. Each is one `SearchError` now."""
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+
+    with Searcher(search_output[0], _cfg(), embedder=embedder) as s:
+        one = s.search_many("calendar month", 2)
+        assert len(one) == 1 and one[0].query == "calendar month" and len(one[0].hits) == 2
+        for k in (1.5, True, "3", "abc", float("nan"), float("inf"), 0, -2):
+            with pytest.raises(SearchError, match="k must be an integer >= 1"):
+                s.search("calendar", k)
+        assert len(s.search("calendar", np.int64(3)).hits) == 3
+    with pytest.raises(SearchError, match="Searcher is closed"):
+        s.search("calendar", 2)
+
+    corpus = tmp_path / "skipped-only"
+    corpus.mkdir()
+    (corpus / "blob.bin").write_bytes(bytes(range(256)))
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
+    with pytest.raises(NothingIngestedError):
+        TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=tmp_path / "out")
+    with pytest.raises(SearchError, match="no committed chunks yet"):
+        Searcher(tmp_path / "out", _cfg(), embedder=embedder)
