@@ -282,8 +282,9 @@ class Searcher:
             self._has_isne = norms[:, 0] > 0
             missing = int((~self._has_isne).sum())
             if missing:
-                log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage, or with "
-                            "isne.enabled=false): they rank by their text alone; `hades-isne output=%s` gives them one",
+                log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage or with "
+                            "isne.enabled=false, or without any edge in the chunk graph): they rank by their text "
+                            "alone; `hades-isne output=%s` gives one to each that has graph neighbours",
                             missing, len(self.chunk_ids), self.output)
         return self._isne
 
