@@ -189,13 +189,7 @@ def _raised_in_hydra_run_job(err: BaseException) -> bool:
 def _os_cause(err: BaseException) -> Optional[OSError]:
     """The OSError a user can fix (read-only output, no permission) behind `err` (its cause chain):
     `logging.config` wraps a job log that cannot be opened in a ValueError."""
-    seen = 0
-    cause = err.__cause__ or err.__context__
-    while cause is not None and seen < 5:
-        if isinstance(cause, OSError) and cause.errno in _RUN_ERRNOS:
-            return cause
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
-    return None
+    return next((e for e in _chain(err)[1:] if isinstance(e, OSError) and e.errno in _RUN_ERRNOS), None)
 
 
 def _check_hydra_args(argv: list[str]) -> None:

@@ -152,11 +152,9 @@ class IngestPipeline:
         output's lock (`store.lock`, per shard) is held for the whole job: a second run on the same
         output and shard raises `OutputLockedError` at once. A ``shard=i/n`` run ingests its shard
         only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
-        sources = source_list(paths)  # once: `paths` may be an iterator
-        out = self._output_dir(output)
-        refuse_output_in_sources(out, sources)  # before the lock file is written into it
+        out, sources = self._checked_output_and_sources(output, paths)
         with OutputLock(out, self.shard.label):
-            result = self.ingest(sources, output)
+            result = self._ingest_sources(sources, out)
             if self.config.isne.enabled and self.shard.sharded:
                 log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
                          "after the last shard (cluster=ray does it by itself)", self.shard.index, self.shard.count,
@@ -177,16 +175,27 @@ class IngestPipeline:
     def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
         under the output's lock (taken here unless `process_batch` holds it already)."""
-        out = self._output_dir(output)
-        sources = source_list(paths)  # once: `paths` may be an iterator
-        refuse_output_in_sources(out, sources)
+        out, sources = self._checked_output_and_sources(output, paths)
         with OutputLock(out, self.shard.label):
-            refs, skips = discover_for_output(sources, self.config.documents, out)
-            if not refs and not skips:
-                log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
-                            "documents.exclude and the output folder itself are not documents): nothing to ingest",
-                            ", ".join(map(printable, sources)) or "(no paths given)")
-            return self._ingest(refs, skips, out)
+            return self._ingest_sources(sources, out)
+
+    def _checked_output_and_sources(self, output: Optional[PathLike],
+                                    paths: Union[PathLike, Sequence[PathLike]]) -> tuple[Path, list[str]]:
+        """The output folder and the sources as a list (read once: `paths` may be an iterator),
+        checked before anything is written (`refuse_output_in_sources`)."""
+        out = self._output_dir(output)
+        sources = source_list(paths)
+        refuse_output_in_sources(out, sources)
+        return out, sources
+
+    def _ingest_sources(self, sources: list[str], out: Path) -> IngestResult:
+        """Discover `sources` and ingest them into `out` (under its lock)."""
+        refs, skips = discover_for_output(sources, self.config.documents, out)
+        if not refs and not skips:
+            log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
+                        "documents.exclude and the output folder itself are not documents): nothing to ingest",
+                        ", ".join(map(printable, sources)) or "(no paths given)")
+        return self._ingest(refs, skips, out)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:
         """The ingest stage over documents discovered elsewhere (the cluster driver discovers once and

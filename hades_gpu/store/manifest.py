@@ -406,17 +406,24 @@ def read_legacy_json(path: Path) -> dict[str, Any]:
     return raw
 
 
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a manifest (another shard's, or one a run is writing), closed after."""
+    conn = _connect(path, readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def committed_parts(output: Path) -> list[str]:
     """Names of the parts every shard's manifest of `output` has committed (read-only; sorted)."""
     output = Path(output)
     parts: list[str] = []
     for path in sorted(output.glob("manifest-*.sqlite")):
         try:
-            conn = _connect(path, readonly=True)
-            try:
+            with _read_only(path) as conn:
                 parts.extend(name for (name,) in conn.execute("SELECT name FROM parts"))
-            finally:
-                conn.close()
         except sqlite3.DatabaseError as err:
             raise ManifestError(f"manifest {path} is unreadable: {err}") from err
     for path in sorted(output.glob("manifest*.json")):
@@ -431,11 +438,8 @@ def committed_document_count(output: Path, shard: str) -> int:
     if not path.is_file():
         return 0
     try:
-        conn = _connect(path, readonly=True)
-        try:
+        with _read_only(path) as conn:
             row = conn.execute("SELECT COUNT(*) FROM documents").fetchone()
-        finally:
-            conn.close()
     except sqlite3.DatabaseError:
         return 0  # being created this moment: counted at the next poll
     return int(row[0]) if row else 0
@@ -454,13 +458,10 @@ def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) 
     for path in others:
         other = path.name[len("manifest-"):-len(".sqlite")]
         try:
-            conn = _connect(path, readonly=True)
-            try:
+            with _read_only(path) as conn:
                 for batch, marks in _in_batches(wanted):
                     for (rel,) in conn.execute(f"SELECT rel_path FROM documents WHERE rel_path IN ({marks})", batch):
                         claimed.setdefault(rel, other)
-            finally:
-                conn.close()
         except sqlite3.DatabaseError as err:
             raise ManifestError(f"manifest {path} is unreadable: {err}") from err
     return claimed
