@@ -115,9 +115,11 @@ class ISNE(nn.Module):
         # sync point: unique's output size is data-dependent (U distinct nodes)
         uniq, inv = torch.unique(nodes.clamp_min(0), return_inverse=True)  # -1 -> 0, masked below
         h = self.embed(uniq, csr, fanout, generator)  # (U, d)
-        # two lookups rather than slices of one: a slice's backward zero-fills the whole tensor
-        h_walk = F.embedding(inv[: w * length], h).view(w, length, -1)  # (W, L, d)
-        h_neg = F.embedding(inv[w * length:], h).view(-1, w, length, h.shape[1])  # (K, W, L, d)
+        # two lookups rather than slices of one: a slice's backward zero-fills the whole tensor.
+        # index_select, not F.embedding: its backward is one index_add_ into (U, d), where
+        # embedding's dense backward sorts the indices first (~17 vs ~11 ms a lookup at 1e6 nodes)
+        h_walk = h.index_select(0, inv[: w * length]).view(w, length, -1)  # (W, L, d)
+        h_neg = h.index_select(0, inv[w * length:]).view(-1, w, length, h.shape[1])  # (K, W, L, d)
         if amp:
             h_walk, h_neg = h_walk.to(torch.bfloat16), h_neg.to(torch.bfloat16)
         return skipgram_loss(h_walk, walks >= 0, h_neg, context_size)

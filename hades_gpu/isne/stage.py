@@ -121,7 +121,7 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
 
     Returns:
         dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated, knn,
-        mode (trained | inferred | disabled | empty), epochs_run, best_epoch, best_val_auc,
+        mode (trained | inferred | disabled | empty | no_edges), epochs_run, best_epoch, best_val_auc,
         stopped_early, stopped_by_budget, time_budget_s, pos_pairs, pairs_per_s, n_inferred, device, peak_device_bytes,
         resumed_from_epoch (0: trained from the start), paths and seconds {graph, train, infer, write, total}.
 
@@ -179,6 +179,13 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
     if n == 0:
         metrics["mode"] = "empty"
         write_isne_embeddings(epath, chunk_ids, np.zeros((0, cfg.isne.dim), np.float32))
+    elif do_train and metrics["n_edges"] == 0:
+        # nothing to learn: h() is a mean over neighbours, and no chunk has one. No model is saved, so a
+        # later run whose graph has edges trains one instead of inferring from untrained θ
+        metrics["mode"] = "no_edges"
+        log.warning("isne: the graph of %s has %d chunk(s) and no edges; no model trained, every ISNE vector "
+                    "is 0 (search ranks these chunks by text alone)", output_dir, n)
+        write_isne_embeddings(epath, chunk_ids, np.zeros((n, cfg.isne.dim), np.float32))
     elif do_train:
         t = time.perf_counter()
         budget = training_budget_s(cfg.isne, output_dir, n)

@@ -21,7 +21,7 @@ class ISNETrainingResult:
     """What `ISNETrainingPipeline.train` returns."""
 
     output_dir: Path
-    model_path: Path
+    model_path: Optional[Path]  # None: no model exists (no chunks, or a graph without edges)
     embeddings_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -41,8 +41,11 @@ class ISNETrainingResult:
             parts.append(f"{m.get('pairs_per_s', 0.0) / 1e6:.2f} M pairs/s")
         elif mode == "inferred":
             parts.append(f"{m.get('n_inferred', 0)} vector(s) inferred")
+        elif mode == "no_edges":
+            parts.append("nothing to learn: every vector is 0")
         total = m.get("seconds", {}).get("total", 0.0)
-        return (f"{self.output_dir}: ISNE {mode}: {', '.join(parts)}; {total:.1f} s; model {self.model_path}, "
+        model = self.model_path if self.model_path is not None else "none"
+        return (f"{self.output_dir}: ISNE {mode}: {', '.join(parts)}; {total:.1f} s; model {model}, "
                 f"vectors {self.embeddings_path}")
 
 
@@ -89,5 +92,6 @@ class ISNETrainingPipeline:
                 f"{path} is not an ingest output (no manifest in it); run "
                 f"`hades-ingest corpus=<folder> output={path}` first, or set output=<dir> to ingest it here")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
-        return ISNETrainingResult(output_dir=path, model_path=isne_model_path(path),
+        model_path = isne_model_path(path)
+        return ISNETrainingResult(output_dir=path, model_path=model_path if model_path.is_file() else None,
                                   embeddings_path=isne_embeddings_path(path, stage_shard_name(self.config.shard)), metrics=metrics)

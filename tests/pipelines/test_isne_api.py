@@ -65,3 +65,29 @@ def test_epochs_and_batch_size_below_one_are_refused_before_anything_runs(tmp_pa
     with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1 \(got {kw[name]!r}\)$"):
         ISNETrainingPipeline(cfg).train(corpus_path=tmp_path / "corpus", **kw)
     assert not (tmp_path / "out").exists()  # nothing ingested, no model written
+
+
+def test_a_graph_without_edges_trains_no_model_and_says_so(tmp_path, embedder, caplog):
+    """One chunk has no neighbour: ISNE has nothing to learn. It used to report "trained" and save
+    an untrained θ, from which every later run inferred new chunks' vectors."""
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.store.reader import read_isne_embeddings
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "only.md").write_text("A single short paragraph, one chunk.\n")
+    config = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off"])
+    TextParallelPipeline(config, embedder=embedder).process_batch([corpus], output=out)
+    with caplog.at_level("WARNING", logger="hades_gpu.isne.stage"):
+        result = ISNETrainingPipeline(config).train(corpus_path=out, epochs=2)
+    assert result.metrics["mode"] == "no_edges" and result.metrics["n_nodes"] == 1
+    assert result.model_path is None and not any((out / "isne").glob("*.pt"))
+    assert "no edges" in caplog.text and "nothing to learn" in result.summary()
+    ids, vecs = read_isne_embeddings(out)
+    assert len(ids) == 1 and vecs.shape == (1, config.isne.dim) and not vecs.any()
+
+    # a second document referencing nothing still leaves no edge; a chunk with a neighbour then trains
+    (corpus / "second.md").write_text("A single short paragraph, one chunk.\n\nAnother one.\n" * 40)
+    TextParallelPipeline(config, embedder=embedder).process_batch([corpus], output=out)
+    again = ISNETrainingPipeline(config).train(corpus_path=out, epochs=1)
+    assert again.metrics["mode"] == "trained" and again.model_path is not None and again.model_path.is_file()
