@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import numbers
 import os
 import re
+import threading
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -456,6 +460,17 @@ def _compose_own_conf(overrides: list[str]) -> DictConfig:
     `initialize_config_dir` refuses to start while it is set. So the caller's GlobalHydra and
     version base are set aside for the compose and put back after it, the same objects, so their
     later `compose()` and `HydraConfig.get()` (which compose never touches) work as before."""
+    with _compose_lock:
+        return _compose_in_isolation(overrides)
+
+
+# Hydra's GlobalHydra is one per process: two threads composing at once raised "GlobalHydra is already
+# initialized" in one of them
+_compose_lock = threading.Lock()
+
+
+def _compose_in_isolation(overrides: list[str]) -> DictConfig:
+    """`_compose_own_conf`'s body, under `_compose_lock`."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.version import VersionBase
@@ -511,8 +526,47 @@ def _choice(value: str, choices: type[Choice], key: str) -> None:
     _check(value in choices.values(), key, "one of " + "|".join(choices.values()), value)
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[tuple[type, ...], bool, str]]:
+    """Per scalar field of a config dataclass: (accepted types, None allowed, name for messages).
+    Fields of other kinds (lists, nested dataclasses) are left out."""
+    accepted = {int: ((numbers.Integral,), "an integer"), float: ((numbers.Real,), "a number"),
+                str: ((str, os.PathLike), "a string"), bool: ((bool,), "true or false")}
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        base = next((a for a in args if a is not type(None)), None) if optional else hint
+        if base in accepted:
+            types, label = accepted[base]
+            out[name] = (types, optional, label + (" (or null)" if optional else ""))
+    return out
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Values set in Python after loading (``config.isne.epochs = "3"``) reach `validate` unchecked by
+    the schema and failed as a TypeError deep in a comparison, or later mid-run; one `ConfigError`
+    naming the key instead. numpy integers and floats pass (they behave as Python's)."""
+    types = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{prefix}{f.name}.")
+            continue
+        if f.name not in types:
+            continue
+        accepted, optional, label = types[f.name]
+        if value is None and optional:
+            continue
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, accepted) or (is_bool and bool not in accepted):
+            raise ConfigError(f"{prefix}{f.name} must be {label} (got {value!r})")
+
+
 def validate(cfg: PipelineConfig) -> None:
-    """Check values a schema cannot: ranges, orderings and choices. One-line errors naming the key."""
+    """Check values a schema cannot: types of values set in Python, ranges, orderings and choices.
+    One-line errors naming the key."""
+    _check_types(cfg)
     p = cfg.profile
     _check(p.num_workers >= 1, "profile.num_workers", ">= 1", p.num_workers)
     _check(p.queue_max_bytes >= 1024, "profile.queue_max_bytes", ">= 1024", p.queue_max_bytes)

@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import pathspec
 
-from hades_gpu.config import DocumentsConfig
+from hades_gpu.config import ConfigError, DocumentsConfig
 from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable
 
@@ -199,10 +199,29 @@ def _folder_excluded(rel_dir: str, cfg: DocumentsConfig) -> bool:
 
 def source_list(sources: Union[PathLike, bytes, Iterable[Union[PathLike, bytes]]]) -> list[str]:
     """One source or several (str, bytes, `os.PathLike`; any iterable of them) as a list of str
-    paths: a single `bytes` path was iterated as its byte values, a single `Path` is one source."""
+    paths: a single `bytes` path was iterated as its byte values, a single `Path` is one source.
+
+    Raises:
+        TypeError: `sources` is neither a path nor an iterable of paths (None, a number).
+        ConfigError: an empty path: `Path("")` is the working directory, so a stray "" ingested
+            whatever folder the caller ran in; "." says that on purpose.
+    """
     if isinstance(sources, (str, bytes, os.PathLike)):
-        return [os.fsdecode(sources)]
-    return [os.fsdecode(s) for s in sources]
+        sources = [sources]
+    try:
+        items = list(sources)
+    except TypeError:
+        raise TypeError(f"paths must be a path or an iterable of paths (got {type(sources).__name__})") from None
+    paths = []
+    for s in items:
+        if not isinstance(s, (str, bytes, os.PathLike)):
+            raise TypeError(f"paths must be str, bytes or os.PathLike (got {type(s).__name__}: {s!r})")
+        path = os.fsdecode(s)
+        if path == "":  # (a name of spaces is a name: such files exist)
+            raise ConfigError(f"an empty path is not a source (got {path!r}; Path('') is the working "
+                              "directory: pass '.' to ingest it)")
+        paths.append(path)
+    return paths
 
 
 GITIGNORE = ".gitignore"

@@ -52,7 +52,6 @@ def _checked(path: Path, source: str) -> Path:
 
 def model_dir() -> Path:
     """Folder of all-MiniLM-L6-v2 (weights, tokenizer, configs): see the module docstring."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = os.environ.get(MODEL_DIR_ENV, "").strip()
     if env:
         return _checked(Path(env).expanduser().resolve(), MODEL_DIR_ENV)

@@ -70,13 +70,12 @@ def load_hf_model() -> nn.Module:
     Cast to fp32 whatever the stored dtype: transformers 5 loads a checkpoint in its own dtype, and a
     packed folder (scripts/gpu_bundle.py) may hold fp16 weights.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hades_gpu.documents.tokenizer import model_dir
     from hades_gpu.optional import require
 
     transformers = require("transformers", "transformers", "the CUDA embedder")
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModel.from_pretrained(str(model_dir()))
+    model = transformers.AutoModel.from_pretrained(str(model_dir()), local_files_only=True)
     return model.to(torch.float32).eval()
 
 

@@ -49,7 +49,6 @@ from hades_gpu.file_digest import file_sha256
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EXPORTER_VERSION = "1"  # bump when the exported graph changes: old cache entries are then ignored
 ONNX_OPSET = 17
@@ -135,7 +134,8 @@ def load_torch_model(attn_implementation: str = "sdpa"):
     """The packaged BertModel via ``transformers.AutoModel``, offline, eval mode, fp32."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir()), attn_implementation=attn_implementation)
+    model = AutoModel.from_pretrained(str(model_dir()), attn_implementation=attn_implementation,
+                                      local_files_only=True)
     return model.eval()
 
 

@@ -379,7 +379,10 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
                  _si(rec["pairs_per_s"]), dt, _duration(eta),
                  f" (budget {time_budget_s:.3g} s)" if time_budget_s is not None else "")
         if result.stopped_by_budget:
-            log.info("isne: time budget of %.3g s reached after %d epoch(s)", time_budget_s, epoch)
+            # a warning: a caller who asked for `epochs` gets fewer (the default budget is the ingest's time)
+            log.warning("isne: stopped after %d of %d epoch(s): the time budget of %.3g s is reached (isne.time_budget_s, "
+                        "else isne.time_budget_vs_embedding x the ingest's seconds; 0 / null: no budget)", epoch, epochs,
+                        time_budget_s)
             break
         if stopper.should_stop():
             result.stopped_early = epoch < epochs

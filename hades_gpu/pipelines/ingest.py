@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from hades_gpu.config import (ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config,
-                              to_pipeline_config)
+                              to_pipeline_config, validate)
 from hades_gpu.documents.chunking import process_document_as, warm_up
 from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
@@ -183,6 +183,7 @@ class IngestPipeline:
                                     paths: Union[PathLike, Sequence[PathLike]]) -> tuple[Path, list[str]]:
         """The output folder and the sources as a list (read once: `paths` may be an iterator),
         checked before anything is written (`refuse_output_in_sources`)."""
+        validate(self.config)  # again: a field may have been set since the pipeline was made
         out = self._output_dir(output)
         sources = source_list(paths)
         refuse_output_in_sources(out, sources)
@@ -343,7 +344,7 @@ class IngestPipeline:
             if owns_embedder and embedder is not None:
                 embedder.close()
         metrics.chunks_done = writer.rows_written
-        result = IngestResult(output_dir=out, documents_total=metrics.documents_total,
+        result = IngestResult(output_dir=out.absolute(), documents_total=metrics.documents_total,
                               documents_ingested=writer.documents_committed,
                               documents_unchanged=metrics.documents_resumed, documents_removed=removed,
                               chunks_written=writer.rows_written,

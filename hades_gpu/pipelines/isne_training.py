@@ -4,11 +4,12 @@ when asked). The stage itself is `hades_gpu.isne.stage`; this module only compos
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hades_gpu.config import PipelineConfig
+from hades_gpu.config import PipelineConfig, to_pipeline_config, validate
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
 from hades_gpu.store.layout import isne_embeddings_path, isne_model_path
 from hades_gpu.store.reader import is_ingest_output
@@ -49,6 +50,19 @@ class ISNETrainingResult:
                 f"vectors {self.embeddings_path}")
 
 
+def _count_argument(name: str, value: Any) -> Optional[int]:
+    """`epochs` / `batch_size` as an int >= 1 (numpy integers too), or None; else ValueError."""
+    if value is None:
+        return None
+    try:
+        count = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+    return count
+
+
 class ISNETrainingPipeline:
     """Train ISNE on an existing ingest output (the seed's API).
 
@@ -57,12 +71,16 @@ class ISNETrainingPipeline:
     """
 
     def __init__(self, config: Optional[PipelineConfig] = None) -> None:
-        self.config = config or PipelineConfig()
+        self.config = to_pipeline_config(config) if config is not None else PipelineConfig()
 
     def train(self, corpus_path: Optional[str | Path] = None, epochs: Optional[int] = None,
               batch_size: Optional[int] = None) -> ISNETrainingResult:
         """Build the graph of `corpus_path` and train ISNE from scratch, writing the model and every
         chunk's vector.
+
+        Training runs `epochs` epochs unless early stopping or the time budget ends it first (by
+        default ISNE takes at most as long as ingesting the chunks took: `isne.time_budget_vs_embedding`;
+        set it to 0 for no budget). A budget stop is one warning line and ``metrics["stopped_by_budget"]``.
 
         `corpus_path` is an ingest output folder (default `config.output`). If it is a raw corpus
         instead and `config.output` is set, it is ingested into `config.output` first (resuming
@@ -73,9 +91,10 @@ class ISNETrainingPipeline:
             ValueError: `epochs` or `batch_size` is given and not an integer >= 1 (0 epochs wrote an
                 untrained model over the trained one; batch size 0 divided by zero mid-run).
         """
-        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+        epochs, batch_size = _count_argument("epochs", epochs), _count_argument("batch_size", batch_size)
+        # the config again: a field set after the pipeline was made (config.isne.epochs = 0 trained
+        # nothing and saved that over the model)
+        validate(self.config)
         path = corpus_path if corpus_path is not None else self.config.output
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "

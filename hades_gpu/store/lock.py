@@ -16,8 +16,10 @@ takers cannot both win).
 (`filelock` is not used here: its Unix lock truncates the file on every attempt, which would erase
 the holder's PID before a refused run could read it.)
 
-A process that already holds a lock may take it again (it is counted): `pipelines` holds it for the
-whole run while `DatasetWriter` takes it for its own life.
+A thread that already holds a lock may take it again (it is counted): `pipelines` holds it for the
+whole run while `DatasetWriter` takes it for its own life. Another thread of the same process is
+refused like another process: the flock is the process's, so without this two threads ingesting into
+one output both got in and raced for the same part files.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class OutputLockedError(RuntimeError):
         self.host = holder.get("host")
         since = holder.get("started")
         what = "its graph and ISNE stage" if shard == ISNE_LOCK_NAME else f"shard {shard}"
+        thread = holder.get("thread")
         super().__init__(f"output {output} ({what}) is in use by PID {self.pid} on host {self.host}"
+                         + (f" (thread {thread!r} of this process)" if thread else "")
                          + (f" since {since}" if since else "")
                          + "; wait for that run to finish or stop it, or write to another output")
 
@@ -107,7 +111,7 @@ def holder_alive(holder: dict[str, Any]) -> bool:
     return pid_alive(int(holder.get("pid", 0)), holder.get("start_time"))
 
 
-_held: dict[str, list] = {}  # lock file realpath -> [fd, count]
+_held: dict[str, list] = {}  # lock file realpath -> [fd, count, owning thread's ident, its name]
 _held_guard = threading.Lock()
 
 
@@ -151,11 +155,15 @@ class OutputLock:
         with _held_guard:
             entry = _held.get(self._key)
             if entry is not None:
+                if entry[2] != threading.get_ident():
+                    raise OutputLockedError(self.output, self.shard, {
+                        **read_holder(self.path), "pid": os.getpid(), "host": socket.gethostname(),
+                        "thread": entry[3]})
                 entry[1] += 1
                 self._acquired = True
                 return self
             fd = self._lock_file()
-            _held[self._key] = [fd, 1]
+            _held[self._key] = [fd, 1, threading.get_ident(), threading.current_thread().name]
         self._acquired = True
         return self
 

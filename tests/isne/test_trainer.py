@@ -475,6 +475,9 @@ def test_time_budget_stops_at_a_batch_boundary_and_the_stage_derives_it(tmp_path
     assert 0 < r.history[0]["batches"] < 3000 // 8 and 0.95 * budget <= r.train_seconds < 30
     line = next(m for m in caplog.messages if m.startswith("isne epoch 1/50"))
     assert "pairs/s" in line and "ETA" in line and "budget 0 s" not in line and "val walk loss" in line
+    # a caller who asked for 50 epochs hears, at warning level, that the budget ended it after 1
+    stop = [r for r in caplog.records if "time budget" in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(stop) == 1 and "stopped after 1 of 50 epoch(s)" in stop[0].getMessage()
 
     assert training_budget_s(IsneConfig(time_budget_s=7.0), tmp_path, 100) == 7.0
     assert training_budget_s(IsneConfig(), tmp_path, 100) is None  # no metrics.json

@@ -4,7 +4,7 @@ embeddings and graph edges are compared with a recorded output (tests/golden/).
 Why: issue 11 reshapes where each concern lives without changing behaviour; this is the proof. The
 record was made by this test with `HADES_WRITE_GOLDEN=1` at the commit named in its `made_at`, with
 the default local embedder on this machine kind. Embeddings are compared by cosine (1.0 on the same
-CPU; >= 0.99999 allowed for another CPU's kernels), kNN edge weights within what that cosine drift
+CPU; >= 0.9999 allowed for another CPU's kernels), kNN edge weights within what that cosine drift
 allows (a bf16 kernel on another CPU moved one by 1e-3 in CI), everything else exactly.
 """
 
@@ -85,16 +85,26 @@ def test_the_sample_corpus_output_matches_the_record(tmp_path, embedder):
     assert got["rows"] == want["rows"]  # ids, documents, ordinals, offsets, token counts, texts
     ref = np.load(VECTORS)
     cos = (vectors * ref).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() >= 0.99999, f"embeddings moved: min cosine {cos.min():.7f}"
+    # 0.9999, not 0.99999: a CPU without AVX-512 (2026-12-07's box) runs other kernels and gave 0.99997;
+    # a real change (pooling, truncation, a wrong token) moves cosines by far more than 1e-4
+    assert cos.min() >= 0.9999, f"embeddings moved: min cosine {cos.min():.7f}"
     structural = [e for e in want["edges"] if e[2] != "knn"]
     assert [e for e in got["edges"] if e[2] != "knn"] == structural and structural
     knn_got = {(s, d): w for s, d, k, w in got["edges"] if k == "knn"}
     knn_want = {(s, d): w for s, d, k, w in want["edges"] if k == "knn"}
-    assert knn_got.keys() == knn_want.keys()
     # A kNN weight is scale * cosine: if each vector moved by at most angle t, a pair's cosine moves by
     # at most 2t (|cos a - cos b| <= |a - b|), so the tolerance follows the embeddings' own drift.
     drift = float(np.arccos(np.clip(cos.min(), -1.0, 1.0)))
     scale = load_pipeline_config("balanced").graph.knn_weight_scale
     allowed = 2.0 * drift * abs(scale) + 2e-5  # + the record's 1e-5 rounding on both sides
-    worst = max(abs(knn_got[p] - knn_want[p]) for p in knn_want)
+    common = knn_got.keys() & knn_want.keys()
+    worst = max(abs(knn_got[p] - knn_want[p]) for p in common)
     assert worst <= allowed, f"kNN weights moved by {worst:.6f} (> {allowed:.6f} from embedding drift {drift:.6f})"
+    # A neighbour may change only at a near-tie (another CPU's kernels: one flip of 400+ edges on an
+    # AVX2-only box): per source, the neighbour gained and the one lost weigh the same within `allowed`.
+    gained, lost = knn_got.keys() - knn_want.keys(), knn_want.keys() - knn_got.keys()
+    assert len(gained) == len(lost) <= max(2, len(knn_want) // 100), (sorted(gained), sorted(lost))
+    for src in {s for s, _ in gained | lost}:
+        got_w = sorted(knn_got[p] for p in gained if p[0] == src)
+        want_w = sorted(knn_want[p] for p in lost if p[0] == src)
+        assert len(got_w) == len(want_w) and all(abs(a - b) <= allowed for a, b in zip(got_w, want_w)), (src, got_w, want_w)

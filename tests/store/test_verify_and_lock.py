@@ -178,3 +178,64 @@ def test_a_lock_whose_holder_died_but_a_forked_child_keeps_the_descriptor_is_tak
             assert read_holder(lock.path)["pid"] == os.getpid()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_another_thread_of_the_same_process_is_refused_like_another_process(tmp_path):
+    """The flock belongs to the process, so a second thread used to get in (counted as a re-entry)
+    and race the first for the same part files. The owning thread may still re-enter."""
+    import threading
+
+    from hades_gpu.store.lock import OutputLock
+
+    out = tmp_path / "out"
+    with OutputLock(out, "s0"):
+        with OutputLock(out, "s0"):  # re-entry by the holding thread (pipeline, then its writer)
+            pass
+        caught: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                OutputLock(out, "s0").acquire()
+            except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+                caught.append(err)
+
+        t = threading.Thread(target=other, name="second-ingest")
+        t.start()
+        t.join()
+        assert len(caught) == 1 and isinstance(caught[0], OutputLockedError)
+        assert f"PID {os.getpid()}" in str(caught[0]) and "MainThread" in str(caught[0])
+    done = threading.Thread(target=lambda: OutputLock(out, "s0").acquire().release())
+    done.start()
+    done.join()  # released: any thread may take it now
+
+
+def test_two_threads_ingesting_into_one_output_one_is_refused_and_each_chunk_is_written_once(tmp_path, embedder):
+    import threading
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.store.reader import read_chunks
+
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    config = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off"])
+    barrier = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(TextParallelPipeline(config, embedder=embedder).process_batch([corpus], output=out))
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    refused = [o for o in outcomes if isinstance(o, OutputLockedError)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    ids = read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist()
+    assert ids and len(ids) == len(set(ids))
+    assert verify_output(out).ok

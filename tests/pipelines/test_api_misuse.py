@@ -1,0 +1,123 @@
+"""The Python API as users call it from threads, notebooks and their own code (probe round 10):
+values set on a config after loading, empty paths, threads composing configs, the environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from hades_gpu.config import ConfigError, load_pipeline_config
+from hades_gpu.pipelines import ISNETrainingPipeline, TextParallelPipeline
+
+from corpus_helpers import REPO
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("isne.epochs", "3", "isne.epochs must be an integer (got '3')"),
+    ("isne.epochs", True, "isne.epochs must be an integer (got True)"),
+    ("isne.lr", "fast", "isne.lr must be a number (or null) (got 'fast')"),
+    ("chunking.chunk_tokens", "100", "chunking.chunk_tokens must be an integer (got '100')"),
+    ("isne.epochs", 0, "isne.epochs must be >= 1 (got 0)"),
+])
+def test_a_value_set_after_loading_is_one_config_error_naming_the_key(tmp_path, key, value, message):
+    """Set in Python after `load_pipeline_config`, such values skipped the schema: a string failed as a
+    TypeError deep in a comparison, and isne.epochs = 0 trained nothing and saved that over the model."""
+    config = load_pipeline_config("low_memory", ["monitoring.progress=off"])
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, value)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.md").write_text("text")
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        TextParallelPipeline(config).process_batch([tmp_path / "corpus"], output=tmp_path / "out")
+    pipeline = ISNETrainingPipeline(load_pipeline_config("low_memory"))
+    setattr(getattr(pipeline.config, section), name, value)  # after the pipeline was made
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        pipeline.train(corpus_path=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_numpy_integers_are_integers(tmp_path):
+    config = load_pipeline_config("low_memory")
+    config.isne.epochs = np.int64(2)
+    from hades_gpu.config import validate
+
+    validate(config)
+    from hades_gpu.isne.stage import NotAnIngestOutputError
+
+    with pytest.raises(NotAnIngestOutputError):  # the arguments passed; the folder is no output
+        ISNETrainingPipeline(config).train(corpus_path=tmp_path, epochs=np.int64(1), batch_size=np.int32(8))
+
+
+@pytest.mark.parametrize("paths", ["", [""], ["ok.md", ""]])
+def test_an_empty_source_path_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, paths):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "private.txt").write_text("not for the dataset")
+    (tmp_path / "ok.md").write_text("text")
+    config = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off"])
+    with pytest.raises(ConfigError, match=r"^an empty path is not a source"):
+        TextParallelPipeline(config).process_batch(paths, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("paths", [None, 5, [3]])
+def test_paths_that_are_no_paths_are_one_type_error(tmp_path, paths):
+    config = load_pipeline_config("low_memory", ["isne.enabled=false"])
+    with pytest.raises(TypeError, match=r"^paths must be"):
+        TextParallelPipeline(config).process_batch(paths, output=tmp_path / "out")
+
+
+def test_threads_may_load_configs_at_once():
+    """Hydra's GlobalHydra is one per process: a second thread composing raised "GlobalHydra is
+    already initialized"."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def load() -> None:
+        barrier.wait()
+        try:
+            for _ in range(3):
+                load_pipeline_config("low_memory", ["isne.epochs=2"])
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_using_the_library_leaves_the_callers_environment_alone(tmp_path):
+    """HF_HUB_OFFLINE=1 set at import made a user's own `hf_hub_download` in the same process fail."""
+    script = (
+        "import os\n"
+        "from hades_gpu.config import load_pipeline_config\n"
+        "from hades_gpu.pipelines import TextParallelPipeline\n"
+        "from hades_gpu.embedding.export import load_torch_model\n"
+        "load_torch_model()\n"
+        "cfg = load_pipeline_config('low_memory', ['isne.enabled=false', 'monitoring.progress=off'])\n"
+        f"TextParallelPipeline(cfg).process_batch([{str(REPO / 'examples' / 'sample_corpus')!r}], "
+        f"output={str(tmp_path / 'out')!r})\n"
+        "print('HF_HUB_OFFLINE=' + repr(os.environ.get('HF_HUB_OFFLINE')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HF_HUB_OFFLINE=None" in proc.stdout
+
+
+def test_the_result_names_the_output_absolutely(tmp_path, monkeypatch, embedder):
+    """A relative output given before an os.chdir no longer pointed at the output afterwards."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.md").write_text("Some text to ingest.\n")
+    config = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off"])
+    result = TextParallelPipeline(config, embedder=embedder).process_batch(["corpus"], output="out")
+    assert result.output_dir == tmp_path / "out" and result.output_dir.is_absolute()
