@@ -11,7 +11,9 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -71,9 +73,14 @@ def _one_line(text: str) -> str:
 def _config_message(err: BaseException) -> str:
     from hydra.errors import MissingConfigException
 
+    from hydra.errors import OverrideParseException
+
     if isinstance(err, MissingConfigException):
         return missing_config_message(err)
     msg = _one_line(str(err))
+    if isinstance(err, OverrideParseException):
+        msg += (" (a value holding characters other than letters, digits and /-_.:+@ needs quotes inside the "
+                "shell's: key=\"'value'\")")
     cause = err.__cause__
     if cause is not None and str(cause).strip():
         cause_msg = _one_line(str(cause))
@@ -192,6 +199,47 @@ def _os_cause(err: BaseException) -> Optional[OSError]:
     return next((e for e in _chain(err)[1:] if isinstance(e, OSError) and e.errno in _RUN_ERRNOS), None)
 
 
+# keys whose values are paths: a value Hydra's override grammar cannot read unquoted (non-ASCII letters,
+# "=", brackets) is quoted for the user, since unquoted it has no other meaning
+PATH_KEYS = frozenset({"corpus", "output", "documents.root", "embedder.model_dir", "embedder.cache_dir"})
+
+
+def quote_path_overrides(argv: list[str]) -> list[str]:
+    """`corpus=café` (Hydra: "LexerNoViableAltException") becomes `corpus='café'`; a path value with
+    spaces at its start or end, which Hydra strips (`"corpus=/data/  "` ingested `/data`), is a
+    `UsageError` asking for quotes. Values with "," (a sweep), "${" (an interpolation), quotes or
+    backslashes are left to Hydra, as is every other key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in PATH_KEYS or value[:1] in ("'", '"'):
+            out.append(arg)
+            continue
+        if value != value.strip():
+            raise UsageError(f"{key}= starts or ends with spaces, which Hydra drops (another folder would be read): "
+                             f"quote the value: \"{key}='{value}'\"")
+        try:
+            parser.parse_overrides([arg])
+            out.append(arg)
+            continue
+        except HydraException:
+            pass
+        quoted = f"{key}='{value}'"
+        if not any(c in value for c in ",'\\") and "${" not in value:
+            try:
+                if parser.parse_overrides([quoted])[0].value() == value:
+                    out.append(quoted)
+                    continue
+            except HydraException:
+                pass
+        out.append(arg)  # Hydra says what is wrong (_config_message adds how to quote)
+    return out
+
+
 def _check_hydra_args(argv: list[str]) -> None:
     """Hydra's own flags parsed first, so that a bad one is a `UsageError` and not argparse's usage block."""
     from hydra._internal.utils import get_args_parser
@@ -235,8 +283,23 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
     return body
 
 
-def _exit_interrupted() -> None:
-    """Exit 130 after an interrupt, skipping the C++ static destructors of extension modules.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, systemd, Kubernetes), raised in the main thread so that the run cleans up
+    as after Ctrl-C and says so in one line; without it the process died silently with 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> None:
+    """SIGTERM raises `Terminated` in the main thread, unless someone else already handles it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _exit_interrupted(code: int = 130) -> None:
+    """Exit 130 (143 for SIGTERM) after an interrupt, skipping the C++ static destructors of extension modules.
 
     The run's own clean-up has happened (its `finally` blocks: workers stopped, the part being filled
     dropped, metrics written), and Python's exit functions still run here. What is skipped is the
@@ -245,13 +308,60 @@ def _exit_interrupted() -> None:
     interrupted runs here, with OpenVINO and torch loaded)."""
     import atexit
 
+    # the user asked to stop: another Ctrl-C now would only print a traceback from an exit function
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(code)
 
 
-def run_hydra_main(app: Callable[[], None], prog: str) -> None:
+def _report_interrupt(prog: str, err: KeyboardInterrupt, debug: bool = False) -> None:
+    """One line for Ctrl-C (exit 130) or SIGTERM (exit 143), then exit."""
+    if debug:
+        traceback.print_exception(err)
+    what = "terminated by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+    print(f"{prog}: error: {what} (committed parts are kept: re-run to resume)", file=sys.stderr)
+    _exit_interrupted(143 if isinstance(err, Terminated) else 130)
+
+
+def _literal_values(args: list[str], keys: tuple[str, ...]) -> dict[str, str]:
+    """The plain string values of `keys` among the overrides (no sweep, no interpolation): what can be
+    checked before Hydra starts the job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    found: dict[str, str] = {}
+    parser = OverridesParser.create()
+    for arg in args:
+        key = arg.partition("=")[0].lstrip("+~")
+        if key not in keys or arg.startswith("-"):
+            continue
+        try:
+            value = parser.parse_overrides([arg])[0].value()
+        except HydraException:
+            continue  # Hydra reports it
+        if isinstance(value, str) and "${" not in value:
+            found[key] = value
+    return found
+
+
+def check_ingest_paths(args: list[str]) -> None:
+    """`corpus=` that does not exist, or `output=` equal to the corpus, refused before Hydra runs the
+    job: Hydra makes the job's folder (`.hydra/`, `<job>.log`) in the output first, so the refusal left
+    those behind, in the corpus itself for output == corpus."""
+    from hades_gpu.pipelines.ingest import refuse_output_in_sources
+
+    values = _literal_values(args, ("corpus", "output"))
+    corpus, output = values.get("corpus"), values.get("output")
+    if corpus and not Path(corpus).exists():
+        raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
+    if corpus and output:
+        refuse_output_in_sources(Path(output), [corpus])
+
+
+def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callable[[list[str]], None]] = None) -> None:
     """Run a `@hydra.main` app as `prog`: every failure a user can cause is one line on stderr.
 
     `prog: error: <cause>` and exit 2 for the command line and the configuration (Hydra's compose
@@ -263,13 +373,14 @@ def run_hydra_main(app: Callable[[], None], prog: str) -> None:
     # Hydra re-raises instead of printing its own several-line report: we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        _catch_sigterm()
         _check_hydra_args(sys.argv)
+        sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+        if precheck is not None:
+            precheck(sys.argv[1:])
         app()
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: interrupted (committed parts are kept: re-run to resume)", file=sys.stderr)
-        _exit_interrupted()
+    except KeyboardInterrupt as err:
+        _report_interrupt(prog, err, debug)
     except (_Reported, Exception) as caught:  # noqa: BLE001 - the CLI boundary
         err = caught.err if isinstance(caught, _Reported) else caught
         found = classify_error(err)
@@ -283,11 +394,15 @@ def run_hydra_main(app: Callable[[], None], prog: str) -> None:
         sys.exit(code)
 
 
-def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> None:
+def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
+                   precheck: Optional[Callable[[list[str]], None]] = None) -> None:
     """Run `task` as a Hydra app over `conf/`; failures become one line on stderr (`run_hydra_main`)."""
-    import hydra
+    try:
+        import hydra
 
-    register_configs()
+        register_configs()
+    except KeyboardInterrupt as err:  # Ctrl-C while Hydra imports (the first ~0.5 s): no traceback
+        _report_interrupt(prog, err)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -296,7 +411,7 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str) -> N
         cfg = to_pipeline_config(dcfg)
         task(cfg, _job_output_dir(cfg))
 
-    run_hydra_main(app, prog)
+    run_hydra_main(app, prog, precheck)
 
 
 def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
@@ -311,18 +426,19 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
 
         result = ClusterIngest(cfg).run([cfg.corpus], out)
         c = result.metrics.get("cluster", {})
-        print(f"{out}: cluster ({c.get('mode')}): {c.get('shards')} shard(s), {c.get('shards_done_earlier', 0)} done "
-              f"earlier, {c.get('retries', 0)} retried; {result.metrics.get('wall_s', 0.0):.1f} s")
+        print(printable(f"{out}: cluster ({c.get('mode')}): {c.get('shards')} shard(s), "
+                        f"{c.get('shards_done_earlier', 0)} done earlier, {c.get('retries', 0)} retried; "
+                        f"{result.metrics.get('wall_s', 0.0):.1f} s"))
     else:
         result = TextParallelPipeline(cfg).process_batch([cfg.corpus], output=out)
-    print(f"{out}: {result.documents_ingested} document(s) ingested, {result.chunks_written} chunk(s), "
-          f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped"
-          f"{f', {result.documents_removed} removed' if result.documents_removed else ''}; "
-          f"{result.metrics.get('chunks_per_s', 0.0):.1f} chunks/s")
+    print(printable(f"{out}: {result.documents_ingested} document(s) ingested, {result.chunks_written} chunk(s), "
+                    f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped"
+                    f"{f', {result.documents_removed} removed' if result.documents_removed else ''}; "
+                    f"{result.metrics.get('chunks_per_s', 0.0):.1f} chunks/s"))
     for skip in result.skipped[:20]:
         print(printable(f"  skipped {skip['path']}: {skip['reason']}{': ' + skip['detail'] if skip['detail'] else ''}"))
     if len(result.skipped) > 20:
-        print(f"  ... {len(result.skipped) - 20} more in {out / 'metrics.json'}")
+        print(printable(f"  ... {len(result.skipped) - 20} more in {out / 'metrics.json'}"))
 
 
 def _reader_may_leave(main: Callable[..., None]) -> Callable[..., None]:
@@ -349,7 +465,7 @@ def _reader_may_leave(main: Callable[..., None]) -> Callable[..., None]:
 @_reader_may_leave
 def ingest_main() -> None:
     """`hades-ingest`: the main job."""
-    _run_hydra_app(_ingest_task, "hades-ingest")
+    _run_hydra_app(_ingest_task, "hades-ingest", check_ingest_paths)
 
 
 def _isne_task(cfg: PipelineConfig, out: Path) -> None:
@@ -362,7 +478,7 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
         raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): run "
                                      f"`hades-ingest corpus=<folder> output={dataset}` first")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
-    print(result.summary())
+    print(printable(result.summary()))
 
 
 @_reader_may_leave

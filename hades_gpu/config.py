@@ -131,6 +131,10 @@ class ProfileConfig:
     # It reports a quarter of them to a message; on 1 KB files 32 ran 2 workers ~15% faster than 8.
     inflight_docs_per_worker: int = 32
     writer_rows_per_part: int = 20000  # rows per Parquet part file
+    # a part is committed at least this often while documents are ready, full or not: an interrupted
+    # or killed run keeps all but about this much work (null: only full parts, whose 20k rows took minutes
+    # with the real model on a CPU, so Ctrl-C before the first one kept nothing)
+    writer_commit_interval_s: Optional[float] = 60.0
     # where Parquet parts are encoded and committed: "process" (orchestration.writer_process; the main
     # process then only routes, ~half its CPU at the feed ceiling), "thread" (of the main process: one
     # interpreter less, no rows crossing a socket) or "auto": a process when the usable cores are at
@@ -583,6 +587,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(p.inflight_docs_per_worker >= 1, "profile.inflight_docs_per_worker", ">= 1",
            p.inflight_docs_per_worker)
     _check(p.writer_rows_per_part >= 1, "profile.writer_rows_per_part", ">= 1", p.writer_rows_per_part)
+    _check(p.writer_commit_interval_s is None or p.writer_commit_interval_s > 0, "profile.writer_commit_interval_s",
+           "> 0 (or null)", p.writer_commit_interval_s)
     _choice(p.writer, WriterMode, "profile.writer")
 
     d = cfg.documents

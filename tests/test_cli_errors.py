@@ -72,6 +72,8 @@ def test_configuration_errors_are_one_line_exit_2(tmp_path, corpus, override, ne
 def test_missing_corpus_is_one_line_exit_2(tmp_path):
     proc = _ingest(f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}")
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")
+    # refused before Hydra runs the job: it left `.hydra/` and an empty job log in the output
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_corpus_says_so_in_one_line_exit_0(tmp_path):
@@ -215,10 +217,13 @@ def test_file_names_with_control_characters_are_printed_escaped_on_one_line(tmp_
     assert sorted(skipped) == sorted([f"  skipped {odd}/bin\\nary.txt: binary: NUL byte at offset 0",
                                       f"  skipped {odd}/esc\\x1b[31mred.txt: binary: NUL byte at offset 0"])
     assert "\x1b" not in proc.stdout + proc.stderr
-    # Hydra's override grammar refuses such a value: its message quotes it, escaped here
-    refused = _ingest(f"corpus={odd}", f"output={tmp_path / 'a'}\x1b[31mred")
-    _assert_one_line(refused, 2, "a\\x1b[31mred")
-    assert "\x1b" not in refused.stderr
+    # Hydra's override grammar cannot read such a value unquoted: it is quoted for the user (cli.
+    # quote_path_overrides), the folder made with its exact name, and printed escaped
+    quoted = _ingest(f"corpus={odd}", f"output={tmp_path / 'a'}\x1b[31mred", "isne.enabled=false",
+                     "monitoring.progress=off")
+    assert quoted.returncode == 0, quoted.stderr[-3000:]
+    assert (tmp_path / "a\x1b[31mred").is_dir() and "\x1b" not in quoted.stdout + quoted.stderr
+    assert "a\\x1b[31mred" in quoted.stdout
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])
@@ -275,6 +280,7 @@ def test_an_output_that_is_the_corpus_folder_is_refused_before_anything_is_writt
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={corpus}/", "isne.enabled=false"), 2,
                      "is the corpus folder", str(corpus))
     assert not list(corpus.glob("manifest-*")) and not list(corpus.glob(".lock-*")) and not (corpus / "chunks").exists()
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.md"]  # not even Hydra's .hydra/ and job log
     proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", "isne.enabled=false")
     assert proc.returncode == 0 and "1 document(s) ingested" in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
@@ -336,3 +342,50 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(args):
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_path_values_hydra_cannot_read_unquoted_are_quoted_for_the_user(tmp_path):
+    """`corpus=café` was "LexerNoViableAltException" (exit 2, nothing said about quotes), as was an "="
+    in a folder name; a path ending in spaces was silently read as its parent folder."""
+    corpus = tmp_path / "café=1"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# Café\n\nSome text about coffee.\n")
+    out = tmp_path / "out" / "é"
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "monitoring.progress=off",
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hades_gpu.store.reader import read_documents
+
+    assert read_documents(out, ["rel_path"]).column("rel_path").to_pylist() == ["a.md"]
+
+    spaces = tmp_path / "  "
+    spaces.mkdir()
+    _assert_one_line(_ingest(f"corpus={spaces}", f"output={tmp_path / 'o2'}"), 2,
+                     "corpus= starts or ends with spaces", f"\"corpus='{spaces}'\"")
+    assert not (tmp_path / "o2").exists()
+    # a sweep's comma stays Hydra's to read; its error now says how to quote
+    _assert_one_line(_ingest("corpus=café,[x", f"output={tmp_path / 'o3'}"), 2, "needs quotes", "key=\"'value'\"")
+
+
+def test_sigterm_during_the_run_is_one_line_exit_143(tmp_path):
+    """Covered end to end with a real run in tests/pipelines/test_ingest.py; here the unit: the
+    handler is only installed where nobody else handles SIGTERM."""
+    import signal
+
+    from hades_gpu import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cli._catch_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        with pytest.raises(cli.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # delivered at the next bytecode boundary
+                pass
+        mine = lambda *a: None  # noqa: E731 - someone else's handler
+        signal.signal(signal.SIGTERM, mine)
+        cli._catch_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -165,6 +165,7 @@ class RunMetrics:
         self.documents_unchanged_hash = 0  # read, content hash as in the manifest: not embedded
         self.documents_read = 0  # documents that came back from the worker processes
         self.chunks_done = 0
+        self.chunks_read = 0  # chunks of the documents read so far: what the embedder has to do
         self.real_tokens = 0
         self.padded_tokens = 0
         self.batches = 0
@@ -182,10 +183,11 @@ class RunMetrics:
         with self._lock:
             self.skipped.append({"path": path, "reason": reason, "detail": detail})
 
-    def document_done(self, n_chunks: int) -> None:
+    def document_done(self, n_chunks: int, chunks_read: int = 0) -> None:
         with self._lock:
             self.documents_done += 1
             self.chunks_done += n_chunks
+            self.chunks_read += chunks_read
 
     @property
     def wall_s(self) -> float:
@@ -272,10 +274,14 @@ class ProgressReporter:
                                   rate=f"{chunks} chunks, {rate:.1f} chunks/s")
         elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
             self._last_log = time.monotonic()
-            left = max(0, m.documents_total - done)
-            eta = f"{left * m.wall_s / done:.0f}s" if done else "?"
-            log.info("progress: %d/%d documents, %d chunks (%.1f chunks/s), ETA %s", done, m.documents_total,
-                     chunks, rate, eta)
+            # done = read: documents are read well ahead of the embedder (the whole corpus was "40/40,
+            # ETA 0s" with two thirds of its chunks still to embed); the work done is the share read
+            # times the share of the read chunks embedded
+            share = (min(1.0, done / m.documents_total) if m.documents_total else 1.0) * (
+                min(1.0, chunks / m.chunks_read) if m.chunks_read else (1.0 if done else 0.0))
+            eta = f"{m.wall_s * (1 - share) / share:.0f}s" if share > 0 else "?"
+            log.info("progress: %d/%d documents read, %d/%d chunks embedded (%.1f chunks/s), ETA %s", done,
+                     m.documents_total, chunks, m.chunks_read, rate, eta)
 
     def stop(self) -> None:
         if self._progress is not None:

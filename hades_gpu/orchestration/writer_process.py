@@ -86,6 +86,7 @@ class WriterSetup:
     dim: int
     rows_per_part: int
     log_level: int
+    commit_interval_s: Optional[float] = None
 
 
 class WriterProcess:
@@ -96,6 +97,7 @@ class WriterProcess:
         shard (str): shard name (part and manifest names).
         dim (int): embedding width.
         rows_per_part (int): chunks per part file.
+        commit_interval_s (float, optional): commit a part at least this often (`DatasetWriter`).
         settings (dict, optional): what shapes this run's chunks, checked against the output's
             (`store.writer.open_output`).
 
@@ -106,7 +108,7 @@ class WriterProcess:
     """
 
     def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int,
-                 settings: Optional[dict[str, Any]] = None) -> None:
+                 settings: Optional[dict[str, Any]] = None, commit_interval_s: Optional[float] = None) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
@@ -129,7 +131,8 @@ class WriterProcess:
             try:
                 self.damaged, self.removed_orphans = open_output(self.manifest, settings)
                 self._proc, self._conn = self._start(WriterSetup(
-                    str(self.output), shard, dim, rows_per_part, logging.getLogger("hades_gpu").getEffectiveLevel()))
+                    str(self.output), shard, dim, rows_per_part, logging.getLogger("hades_gpu").getEffectiveLevel(),
+                    commit_interval_s))
             except BaseException:
                 self.manifest.close()
                 raise
@@ -339,8 +342,10 @@ def open_writer(output: Path, shard: str, dim: int, profile: "ProfileConfig",
     """The run's sink under `profile.writer` (`use_process`): a `WriterProcess`, or the `DatasetWriter`
     itself (a thread of this process then encodes). `settings`: see `store.writer.open_output`."""
     if use_process(profile.writer, profile.num_workers):
-        return WriterProcess(Path(output), shard, dim, profile.writer_rows_per_part, settings)
-    return DatasetWriter(Path(output), shard, dim, profile.writer_rows_per_part, settings=settings)
+        return WriterProcess(Path(output), shard, dim, profile.writer_rows_per_part, settings,
+                             commit_interval_s=profile.writer_commit_interval_s)
+    return DatasetWriter(Path(output), shard, dim, profile.writer_rows_per_part, settings=settings,
+                         commit_interval_s=profile.writer_commit_interval_s)
 
 
 # -- the child ---------------------------------------------------------------------------------------
@@ -374,7 +379,8 @@ def serve(conn: Connection) -> int:
             os._exit(1)
 
     try:
-        writer = DatasetWriter(Path(setup.output), setup.shard, setup.dim, setup.rows_per_part, opened=True)
+        writer = DatasetWriter(Path(setup.output), setup.shard, setup.dim, setup.rows_per_part, opened=True,
+                               commit_interval_s=setup.commit_interval_s)
     except Exception as err:  # noqa: BLE001 - reported to the parent in one line
         fail(err)
     copied: "queue_mod.Queue[object]" = queue_mod.Queue(maxsize=COPIED_BATCHES)

@@ -36,7 +36,8 @@ from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
-from hades_gpu.store.manifest import claimed_by_other_shards
+from hades_gpu.store.manifest import ManifestError, claimed_by_other_shards, has_manifest, uncommitted_indices
+from hades_gpu.store.reader import committed_rel_paths_of_files
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
@@ -130,6 +131,11 @@ def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, 
             "embedder.dim": cfg.embedder.dim, "model": model_fingerprint()}
 
 
+# skip reasons that describe a file's present content, not a passing failure (unreadable, worker_crashed):
+# a committed document whose file now reads so has no chunks any more
+NO_LONGER_DOCUMENT = frozenset({"empty", "binary", "decode_error", "too_large"})
+
+
 class IngestPipeline:
     """Ingest files or folders into a dataset folder.
 
@@ -158,7 +164,7 @@ class IngestPipeline:
             if self.config.isne.enabled and self.shard.sharded:
                 log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
                          "after the last shard (cluster=ray does it by itself)", self.shard.index, self.shard.count,
-                         result.output_dir)
+                         printable(str(result.output_dir)))
             elif self.config.isne.enabled:
                 result.isne = self._run_isne(result.output_dir)
                 result.metrics["isne"] = result.isne
@@ -210,11 +216,46 @@ class IngestPipeline:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
         if not self.shard.sharded:
             check_unsharded(out, self.shard.label)
-            return self._without_other_shards_documents(refs, skips, out)
+            return self._without_other_shards_documents(self._keep_committed_identities(refs, out), skips, out)
         smap = ensure_shard_map(out, self.shard.count, refs)
         mine = select_refs(refs, smap.cuts, self.shard.index)
         # discovery's skips (paths not documents) are reported by shard 0 only, so a sum over shards counts each once
         return mine, (skips if self.shard.index == 0 else [])
+
+    def _keep_committed_identities(self, refs: DocumentList, out: Path) -> DocumentList:
+        """A file the output already holds under another relative path keeps that identity: its folder
+        was the corpus before and a subfolder of it is now (or the other way round), so this run names
+        it differently (`c6/sub/x.txt` was `sub/x.txt`, now `x.txt`) and wrote its chunks a second time.
+        Only documents whose own name is new are looked up, by absolute path; names that are not UTF-8
+        keep this run's identity. (Unsharded runs: a shard's identities are its shard map's.)"""
+        if not len(refs) or not has_manifest(out):
+            return refs
+        new = uncommitted_indices(out, (refs.rel_path(i) for i in range(len(refs))))
+        if not new:
+            return refs
+        candidates = {}
+        for i in new:
+            ref = refs[i]
+            if ref.rel_path_raw is None:
+                candidates[ref.path] = i
+        try:
+            known = committed_rel_paths_of_files(out, set(candidates))
+        except (ManifestError, OSError):  # damaged or half made (a full disk): opening it for the run says so
+            return refs
+        if not known:
+            return refs
+        kept = DocumentList()
+        example = ""
+        for i, ref in enumerate(refs):
+            rel = known.get(ref.path) if candidates.get(ref.path) == i else None
+            if rel is not None and rel != ref.rel_path:
+                example = example or f"{printable(ref.path)} stays {printable(rel)}, not {printable(ref.rel_path)}"
+                ref = DocumentRef(path=ref.path, rel_path=rel, size=ref.size, modality=ref.modality,
+                                  language=ref.language, mtime_ns=ref.mtime_ns)
+            kept.append(ref)
+        log.info("%d document(s) already in %s under another relative path keep it (e.g. %s)", len(known),
+                 printable(str(out)), example)
+        return kept
 
     def _without_other_shards_documents(self, refs: DocumentList, skips: list[Skip],
                                         out: Path) -> tuple[DocumentList, list[Skip]]:
@@ -260,19 +301,23 @@ class IngestPipeline:
         # a fresh output reads every document: the same columns, not a second copy (document_list.py)
         todo = refs if len(changed) == len(refs) else refs.take(changed)
         if metrics.documents_resumed:
-            log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, out)
+            log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, printable(str(out)))
+
+        no_longer_documents: list[tuple[str, str]] = []  # (rel_path, reason): see _remove_no_longer_documents
 
         def triage(ref: DocumentRef, result: DocumentResult) -> bool:
             metrics.documents_read += 1
             if result.skip_reason is not None:
                 metrics.add_skip(ref.path, result.skip_reason, result.skip_detail)
+                if result.skip_reason in NO_LONGER_DOCUMENT:
+                    no_longer_documents.append((ref.rel_path, result.skip_reason))
                 return False
             if result.unchanged:
                 metrics.documents_resumed += 1  # touched but identical: keep the committed rows
                 metrics.documents_unchanged_hash += 1
                 writer.note_unchanged(ref.rel_path, ref.size, ref.mtime_ns)
                 return False
-            metrics.document_done(0)
+            metrics.document_done(0, chunks_read=result.n_chunks)
             return True
 
         metrics.memory.start()
@@ -343,6 +388,9 @@ class IngestPipeline:
             metrics.finish()
             if owns_embedder and embedder is not None:
                 embedder.close()
+        if no_longer_documents:
+            removed += self._remove_no_longer_documents(no_longer_documents, out)
+            metrics.extra["documents_removed"] = removed
         metrics.chunks_done = writer.rows_written
         result = IngestResult(output_dir=out.absolute(), documents_total=metrics.documents_total,
                               documents_ingested=writer.documents_committed,
@@ -363,11 +411,30 @@ class IngestPipeline:
                 "wall_s": snapshot.get("wall_s"), "host": os.uname().nodename, "pid": os.getpid(),
                 "finished_unix": time.time()})
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
-                 result.documents_ingested, result.chunks_written, out, result.documents_unchanged,
+                 result.documents_ingested, result.chunks_written, printable(str(out)), result.documents_unchanged,
                  result.documents_skipped)
         if result.documents_total and not result.documents_ingested and not result.documents_unchanged:
             raise NothingIngestedError(result)
         return result
+
+    def _remove_no_longer_documents(self, skipped: list[tuple[str, str]], out: Path) -> int:
+        """Documents committed by an earlier run whose file now reads as no document (emptied, binary,
+        undecodable, too large) lose their earlier chunks, as a changed document's are replaced: the
+        output held the old text of a file that is now empty (search still found it). One warning line."""
+        cfg = self.config
+        writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part,
+                               settings=ingest_settings(cfg, self.force_code))
+        try:
+            known = writer.manifest.lookup_many(rel for rel, _ in skipped)
+            gone = [(rel, why) for rel, why in skipped if rel in known]
+            removed = writer.remove_documents([rel for rel, _ in gone]) if gone else 0
+        finally:
+            writer.close()
+        if removed:
+            rel, why = gone[0]
+            log.warning("removed %d document(s) from %s whose file is no longer a document, with the chunks of their "
+                        "earlier version (e.g. %s, now skipped as %s)", removed, printable(str(out)), printable(rel), why)
+        return removed
 
     def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path) -> int:
         """`documents.remove_missing`: remove the output's documents (of this shard) that `refs` does
@@ -375,7 +442,7 @@ class IngestPipeline:
         nothing was found (a typo must not empty an output): one warning line says so."""
         if source_missing is not None or not refs:
             why = f"the source {printable(source_missing)} is missing" if source_missing else "this run found no documents"
-            log.warning("documents.remove_missing: nothing removed from %s: %s", out, why)
+            log.warning("documents.remove_missing: nothing removed from %s: %s", printable(str(out)), why)
             return 0
         cfg = self.config
         writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part,
@@ -387,7 +454,7 @@ class IngestPipeline:
             writer.close()
         if removed:
             log.info("removed %d document(s) no longer in the corpus from %s (documents.remove_missing), e.g. %s",
-                     removed, out, printable(gone[0]))
+                     removed, printable(str(out)), printable(gone[0]))
         return removed
 
     def _governor(self) -> Any:

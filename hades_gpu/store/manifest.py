@@ -467,6 +467,37 @@ def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) 
     return claimed
 
 
+def uncommitted_indices(output: Path, rel_paths: Iterable[str]) -> list[int]:
+    """Positions in `rel_paths` of those no manifest of `output` has committed (read-only), in
+    batches: a resume of millions of documents holds no set of their names."""
+    manifests = sorted(Path(output).glob("manifest-*.sqlite"))
+    absent: list[int] = []
+    batch: list[str] = []
+    start = 0
+
+    def check() -> None:
+        found: set[str] = set()
+        for path in manifests:
+            try:
+                with _read_only(path) as conn:
+                    for keys, marks in _in_batches(batch):
+                        found.update(r for (r,) in conn.execute(
+                            f"SELECT rel_path FROM documents WHERE rel_path IN ({marks})", keys))
+            except sqlite3.DatabaseError:
+                continue  # nothing committed there to read (a new or damaged one: opening it for the run reports it)
+        absent.extend(start + i for i, rel in enumerate(batch) if rel not in found)
+
+    for rel in rel_paths:
+        batch.append(rel)
+        if len(batch) >= 50 * LOOKUP_BATCH:
+            check()
+            start += len(batch)
+            batch = []
+    if batch:
+        check()
+    return absent
+
+
 def has_manifest(output: Path) -> bool:
     output = Path(output)
     return any(output.glob("manifest-*.sqlite")) or any(output.glob("manifest*.json"))

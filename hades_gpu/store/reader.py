@@ -71,6 +71,21 @@ def read_documents(output: str | os.PathLike, columns: Optional[Sequence[str]] =
     return read_table(output, DOCUMENTS_DIR, columns)
 
 
+def committed_rel_paths_of_files(output: str | os.PathLike, paths: set[str]) -> dict[str, str]:
+    """Absolute path -> rel_path (identity) of the committed documents read from one of `paths`; one
+    documents part at a time, so memory follows a part, not the output."""
+    found: dict[str, str] = {}
+    if not paths:
+        return found
+    wanted = pa.array(sorted(paths), type=pa.string())
+    for f in committed_part_files(output, DOCUMENTS_DIR):
+        t = pq.read_table(f, columns=["path", "rel_path"])
+        hit = t.filter(pc.is_in(t.column("path"), value_set=wanted))
+        for path, rel in zip(hit.column("path").to_pylist(), hit.column("rel_path").to_pylist()):
+            found.setdefault(path, rel)
+    return found
+
+
 def is_ingest_output(path: str | os.PathLike) -> bool:
     return has_manifest(Path(path))
 

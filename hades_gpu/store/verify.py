@@ -226,15 +226,18 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hades-verify", description="Check a finished ingest output: every "
                                      "committed part file present and as written. Changes nothing.")
-    parser.add_argument("output", help="the output folder")
+    parser.add_argument("output", help="the output folder (output=<folder>, as the other commands take it, too)")
     parser.add_argument("--quick", action="store_true", help="size and stat only (hash only files whose stat "
                         "changed), as a run's start does")
     try:
         args = parser.parse_args(argv)
     except SystemExit as err:
         return int(err.code or 0)
+    # `output=o` as hades-ingest and hades-search take it: it was read as a folder named "output=o"
+    output = args.output[len("output="):] if args.output.startswith("output=") and not Path(args.output).exists() \
+        else args.output
     try:
-        report = verify_output(args.output, full=not args.quick)
+        report = verify_output(output, full=not args.quick)
     except FileNotFoundError as err:  # not an ingest output: a usage error
         print(printable(f"hades-verify: error: {err}"), file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,11 +177,13 @@ class DatasetWriter:
     """
 
     def __init__(self, output: Path, shard: str, dim: int, rows_per_part: int, opened: bool = False,
-                 settings: Optional[dict[str, Any]] = None) -> None:
+                 settings: Optional[dict[str, Any]] = None, commit_interval_s: Optional[float] = None) -> None:
         self.output = Path(output)
         self.shard = shard
         self.dim = dim
         self.rows_per_part = rows_per_part
+        self.commit_interval_s = commit_interval_s
+        self._last_commit = time.monotonic()
         self.chunks_dir = self.output / CHUNKS_DIR
         self.docs_dir = self.output / DOCUMENTS_DIR
         self.output_lock = OutputLock(self.output, shard)
@@ -264,12 +267,18 @@ class DatasetWriter:
                     self._ready_rows += doc.n_chunks
             if rows.num_rows:
                 self._blocks.append(rows)
-            should_write = self._ready_rows >= self.row_group_rows
-        if should_write:
+            due = self._commit_due()
+            should_write = self._ready_rows >= self.row_group_rows or (due and bool(self._ready))
+        if should_write or due:
             with self._flush_lock:
                 self._write_ready()
-                if self._open is not None and self._open.rows >= self.rows_per_part:
+                if self._open is not None and (self._open.rows >= self.rows_per_part or due):
                     self._commit(self._open)
+
+    def _commit_due(self) -> bool:
+        """`commit_interval_s` has passed since the last commit (or the start): what is ready is
+        committed now, however small the part, so an interrupted run keeps it."""
+        return self.commit_interval_s is not None and time.monotonic() - self._last_commit >= self.commit_interval_s
 
     def flush(self) -> None:
         """Commit every ready document: the open part with them (no-op when there is none)."""
@@ -386,6 +395,7 @@ class DatasetWriter:
         self.parts_written += 1
         self.rows_written += open_part.rows
         self.documents_committed += len(ready)
+        self._last_commit = time.monotonic()
         if self.on_commit is not None:
             self.on_commit(len(ready), open_part.rows)
 

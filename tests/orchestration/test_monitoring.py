@@ -99,7 +99,7 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
     caplog.set_level(logging.INFO, logger="hades_gpu.orchestration.monitoring")
     m = RunMetrics()
     m.documents_total = 10
-    m.document_done(3)
+    m.document_done(3, chunks_read=60)  # its 60 chunks read, 30 of them embedded below
     m.documents_resumed = 2
     m.stages["embed"].record(items=30)
     off = ProgressReporter(m, mode="off", interval_s=0.0)
@@ -115,20 +115,22 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
     p.update()
     p.update()  # right after a line: nothing
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and lines[0].startswith("progress: 3/10 documents, 30 chunks")  # 1 done + 2 unchanged
+    assert len(lines) == 1 and lines[0].startswith("progress: 3/10 documents read, 30/60 chunks embedded")  # 1 done + 2 unchanged
     m.finished = m.started + 8.0  # a known wall clock: 8 s
     caplog.clear()
     time.sleep(0.06)
     p.update()
-    # 30 chunks / 8 s; ETA = 7 documents left x 8 s / 3 done
-    assert [r.getMessage() for r in caplog.records] == ["progress: 3/10 documents, 30 chunks (3.8 chunks/s), ETA 19s"]
+    # 30 chunks / 8 s; done: 3/10 read x 30/60 embedded = 0.15 of the work; ETA = 8 s x 0.85 / 0.15
+    # (the documents-only ETA said 19 s with half the read chunks still to embed)
+    assert [r.getMessage() for r in caplog.records] == [
+        "progress: 3/10 documents read, 30/60 chunks embedded (3.8 chunks/s), ETA 45s"]
     fresh = RunMetrics()
     fresh.documents_total = 4
     fresh.finished = fresh.started  # nothing done, no time passed: no division by zero, ETA unknown
     caplog.clear()
     q = ProgressReporter(fresh, mode="auto", interval_s=0.0)
     q.update()
-    assert [r.getMessage() for r in caplog.records] == ["progress: 0/4 documents, 0 chunks (0.0 chunks/s), ETA ?"]
+    assert [r.getMessage() for r in caplog.records] == ["progress: 0/4 documents read, 0/0 chunks embedded (0.0 chunks/s), ETA ?"]
     over = RunMetrics()
     over.documents_total, over.documents_resumed = 2, 5  # more answered than discovered: ETA 0, not negative
     over.finished = over.started + 1.0

@@ -232,6 +232,108 @@ def test_ctrl_c_at_a_terminal_is_one_line_and_leaves_no_process(tmp_path, embedd
     assert_exactly_once(out)
 
 
+def test_sigterm_is_one_line_and_the_parts_committed_by_the_interval_are_kept(tmp_path, embedder):
+    """`timeout`, systemd and Kubernetes stop a run with SIGTERM to its main process: it died silently
+    (exit 143, no line). And with parts of 20k rows, a run stopped before its first full part kept
+    nothing: parts are now committed at least every `profile.writer_commit_interval_s`."""
+    import psutil
+
+    corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = [f"corpus={corpus}", f"output={out}", "profile=balanced", "profile.writer_rows_per_part=1000000",
+            "profile.writer_commit_interval_s=0.3", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
+            break  # a part far below writer_rows_per_part: the interval committed it
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be stopped: " + proc.stderr.read()
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr[-3000:])
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines == ["hades-ingest: error: terminated by SIGTERM (committed parts are kept: re-run to resume)"], \
+        stderr[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.pid for c in alive]
+
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_unchanged > 0 and result.documents_unchanged + result.documents_ingested == 60
+    assert_exactly_once(out)
+
+
+def test_a_file_that_is_no_longer_a_document_loses_its_earlier_chunks(tmp_path, embedder, caplog):
+    """Emptied, turned binary or whitespace only: the run said "skipped a.txt: empty" and kept the old
+    version's chunks, so search kept finding text the file no longer has."""
+    import logging
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {name: f"# {name}\n\n" + " ".join(f"{name} says word{i}." for i in range(300)) for name in "abcd"}
+    for name, text in texts.items():
+        (corpus / f"{name}.md").write_text(text)
+    out = tmp_path / "out"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    before = read_chunks(out, ["path"]).column("path").to_pylist()
+    assert {Path(p).name for p in before} == {"a.md", "b.md", "c.md", "d.md"}
+
+    (corpus / "a.md").write_bytes(b"")
+    (corpus / "b.md").write_bytes(bytes(range(256)) * 8)
+    (corpus / "c.md").write_text("  \n\n\t\n")
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.pipelines.ingest"):
+        result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_removed == 3 and result.documents_unchanged == 1
+    after = read_chunks(out, ["path"]).column("path").to_pylist()
+    assert {Path(p).name for p in after} == {"d.md"} and after.count(str(corpus / "d.md")) == before.count(
+        str(corpus / "d.md"))
+    assert sorted(read_documents(out).column("rel_path").to_pylist()) == ["d.md"]
+    lines = [r.getMessage() for r in caplog.records if "no longer a document" in r.getMessage()]
+    assert len(lines) == 1 and "removed 3 document(s)" in lines[0]
+    assert_exactly_once(out)
+
+    (corpus / "a.md").write_text(texts["a"])  # written again: back, once
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_ingested == 1 and result.documents_removed == 0
+    assert {Path(p).name for p in read_chunks(out, ["path"]).column("path").to_pylist()} == {"a.md", "d.md"}
+    assert_exactly_once(out)
+
+
+def test_a_subfolder_or_a_parent_given_later_keeps_each_files_identity(tmp_path, embedder):
+    """`corpus=c6` then `corpus=c6/sub` into one output named `c6/sub/x.txt` "sub/x.txt" and then
+    "x.txt": a second copy of its chunks. A file already in the output keeps its identity, found
+    by its absolute path, in both directions and for a file given alone."""
+    root = tmp_path / "c6"
+    (root / "sub").mkdir(parents=True)
+    (root / "top.md").write_text("# Top\n\n" + "The top level says hello. " * 40)
+    (root / "sub" / "x.md").write_text("# Sub\n\n" + "The subfolder says hello. " * 40)
+
+    def rels(out):
+        return sorted(read_documents(out, ["rel_path"]).column("rel_path").to_pylist())
+
+    out = tmp_path / "down"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([root], output=out)
+    again = TextParallelPipeline(config(), embedder=embedder).process_batch([root / "sub"], output=out)
+    assert again.documents_unchanged == 1 and again.documents_ingested == 0
+    alone = TextParallelPipeline(config(), embedder=embedder).process_batch([root / "sub" / "x.md"], output=out)
+    assert alone.documents_unchanged == 1 and alone.documents_ingested == 0
+    (root / "sub" / "x.md").write_text("# Sub\n\n" + "The subfolder now says goodbye. " * 40)
+    edited = TextParallelPipeline(config(), embedder=embedder).process_batch([root / "sub"], output=out)
+    assert edited.documents_ingested == 1 and rels(out) == ["sub/x.md", "top.md"]
+    texts = " ".join(read_chunks(out, ["text"]).column("text").to_pylist())
+    assert "goodbye" in texts and "subfolder says hello" not in texts  # replaced, not added
+    assert_exactly_once(out)
+
+    up = tmp_path / "up"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([root / "sub"], output=up)
+    parent = TextParallelPipeline(config(), embedder=embedder).process_batch([root], output=up)
+    assert parent.documents_unchanged == 1 and parent.documents_ingested == 1
+    assert rels(up) == ["top.md", "x.md"]
+    assert_exactly_once(up)
+
+
 def test_multirun_over_two_profiles(sample_corpus, tmp_path):
     out = tmp_path / "sweep"
     proc = _run_ingest(["-m", "profile=balanced,low_memory", f"corpus={sample_corpus}", f"output={out}", *FAST])

@@ -239,3 +239,10 @@ def test_two_threads_ingesting_into_one_output_one_is_refused_and_each_chunk_is_
     ids = read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist()
     assert ids and len(ids) == len(set(ids))
     assert verify_output(out).ok
+
+
+def test_hades_verify_takes_output_equals_folder_as_the_other_commands_do(clean, capsys):
+    """`hades-verify output=o` said "output=o is not an ingest output" (exit 2)."""
+    _, out, _ = clean
+    assert verify_main([f"output={out}"]) == 0
+    assert "hades-verify: ok" in capsys.readouterr().err
