@@ -242,6 +242,11 @@ class IngestPipeline:
             known = committed_rel_paths_of_files(out, set(candidates))
         except (ManifestError, OSError):  # damaged or half made (a full disk): opening it for the run says so
             return refs
+        # a name this run already gives another file (c6/sub/sub/x.md is "sub/x.md" in a run of c6/sub)
+        # stays that file's: two files under one identity would each replace the other
+        targets = set(known.values())
+        taken = {r for r in (refs.rel_path(i) for i in range(len(refs))) if r in targets}
+        known = {path: rel for path, rel in known.items() if rel not in taken}
         if not known:
             return refs
         kept = DocumentList()

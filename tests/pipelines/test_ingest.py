@@ -333,6 +333,13 @@ def test_a_subfolder_or_a_parent_given_later_keeps_each_files_identity(tmp_path,
     assert rels(up) == ["top.md", "x.md"]
     assert_exactly_once(up)
 
+    # a name the run gives another file stays that file's: sub/sub/x.md is "sub/x.md" in a run of sub
+    (root / "sub" / "sub").mkdir()
+    (root / "sub" / "sub" / "x.md").write_text("# Deeper\n\n" + "The deeper folder speaks. " * 40)
+    deeper = TextParallelPipeline(config(), embedder=embedder).process_batch([root / "sub"], output=out)
+    assert deeper.documents_ingested == 2 and rels(out) == ["sub/x.md", "top.md", "x.md"]
+    assert_exactly_once(out)
+
 
 def test_multirun_over_two_profiles(sample_corpus, tmp_path):
     out = tmp_path / "sweep"
