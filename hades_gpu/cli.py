@@ -71,9 +71,7 @@ def _one_line(text: str) -> str:
 
 
 def _config_message(err: BaseException) -> str:
-    from hydra.errors import MissingConfigException
-
-    from hydra.errors import OverrideParseException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(err, MissingConfigException):
         return missing_config_message(err)

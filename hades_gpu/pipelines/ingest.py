@@ -36,7 +36,8 @@ from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
-from hades_gpu.store.manifest import ManifestError, claimed_by_other_shards, has_manifest, uncommitted_indices
+from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
+                                      uncommitted_indices)
 from hades_gpu.store.reader import committed_rel_paths_of_files
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
@@ -229,6 +230,11 @@ class IngestPipeline:
         Only documents whose own name is new are looked up, by absolute path; names that are not UTF-8
         keep this run's identity. (Unsharded runs: a shard's identities are its shard map's.)"""
         if not len(refs) or not has_manifest(out):
+            return refs
+        try:
+            if not committed_parts(out):  # a first run into the output (or after a failed one): nothing to keep
+                return refs
+        except ManifestError:  # damaged: opening it for the run says so
             return refs
         new = uncommitted_indices(out, (refs.rel_path(i) for i in range(len(refs))))
         if not new:

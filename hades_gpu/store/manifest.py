@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -467,11 +468,12 @@ def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) 
     return claimed
 
 
-def uncommitted_indices(output: Path, rel_paths: Iterable[str]) -> list[int]:
+def uncommitted_indices(output: Path, rel_paths: Iterable[str]) -> "array[int]":
     """Positions in `rel_paths` of those no manifest of `output` has committed (read-only), in
-    batches: a resume of millions of documents holds no set of their names."""
+    batches: a resume of millions of documents holds no set of their names (and the positions are
+    8 bytes each, not Python ints)."""
     manifests = sorted(Path(output).glob("manifest-*.sqlite"))
-    absent: list[int] = []
+    absent = array("q")
     batch: list[str] = []
     start = 0
 
