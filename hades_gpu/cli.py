@@ -345,6 +345,15 @@ def _literal_values(args: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def _check_corpus(corpus: Optional[str]) -> None:
+    """`corpus=` given and existing (before Hydra runs the job and again inside it, where an
+    interpolated value is known)."""
+    if not corpus:
+        raise ConfigError("corpus=<dir-or-file> is required")
+    if not Path(corpus).exists():
+        raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
+
+
 def check_ingest_paths(args: list[str]) -> None:
     """`corpus=` that does not exist, or `output=` equal to the corpus, refused before Hydra runs the
     job: Hydra makes the job's folder (`.hydra/`, `<job>.log`) in the output first, so the refusal left
@@ -353,8 +362,8 @@ def check_ingest_paths(args: list[str]) -> None:
 
     values = _literal_values(args, ("corpus", "output"))
     corpus, output = values.get("corpus"), values.get("output")
-    if corpus and not Path(corpus).exists():
-        raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
+    if corpus:
+        _check_corpus(corpus)
     if corpus and output:
         refuse_output_in_sources(Path(output), [corpus])
 
@@ -415,10 +424,7 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
 def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
     from hades_gpu.pipelines.ingest import TextParallelPipeline
 
-    if not cfg.corpus:
-        raise ConfigError("corpus=<dir-or-file> is required")
-    if not Path(cfg.corpus).exists():
-        raise ConfigError(f"corpus must be an existing file or folder (got {cfg.corpus!r})")
+    _check_corpus(cfg.corpus)
     if cfg.cluster.mode != "none":
         from hades_gpu.cluster import ClusterIngest  # the [cluster] extra: imported only when asked for
 
