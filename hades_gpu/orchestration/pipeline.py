@@ -271,6 +271,7 @@ class StreamingPipeline:
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._error_lock = threading.Lock()
+        self._draining = False  # interrupted: rows already embedded still go to the sink (_interrupt)
         self._embedders_left = self.concurrency
         self._embedders_lock = threading.Lock()
 
@@ -289,8 +290,17 @@ class StreamingPipeline:
             if self._error is None:  # the first failure is the cause; later ones are its echoes
                 self._error = err
         self._stop.set()
-        for queue in (self.batch_queue, self.write_queue):
-            queue.abort(err)
+        self.batch_queue.abort(err)
+        if not self._draining:
+            self.write_queue.abort(err)
+
+    def _interrupt(self, err: KeyboardInterrupt) -> None:
+        """Ctrl-C (or SIGTERM as `cli.Terminated`): nothing more is embedded, but the rows already
+        embedded still reach the sink (the write queue is closed, not aborted, once the last embed
+        thread ends), so the caller can commit the documents they complete
+        (`pipelines.ingest._keep_finished_documents`)."""
+        self._draining = True
+        self._fail(err)
 
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -422,7 +432,7 @@ class StreamingPipeline:
                 if self.progress is not None:
                     self.progress.update()
         except KeyboardInterrupt as err:
-            self._fail(err)
+            self._interrupt(err)
             for t in threads:
                 t.join(timeout=10)
             raise

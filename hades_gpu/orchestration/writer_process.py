@@ -17,6 +17,7 @@ exactly-once) run in a child, which reads every batch from its shared-memory sla
           ◄── ("free", slab): back to the ring ────────   slab handed back at once; a writer thread:
                                                           rows_of(...) -> .add_rows (encode, commit)
  run end  ── ("flush",) / ("close",) / ("discard",) ──►  reply ("flushed") / ("closed", totals) / ...
+             ("close-interrupted",): Ctrl-C; a close whose not-yet-complete documents are expected
           ◄── ("error", line, traceback) before it exits on a failure
 ```
 
@@ -265,12 +266,13 @@ class WriterProcess:
         """Commit every ready document (returns once the child has)."""
         self._call(("flush",), "flushed")
 
-    def close(self) -> None:
-        """Commit what is ready, save the stat updates, and end the child; the totals are the child's."""
+    def close(self, interrupted: bool = False) -> None:
+        """Commit what is ready, save the stat updates, and end the child; the totals are the child's
+        (`DatasetWriter.close`)."""
         if self._finished:
             return
         try:
-            totals = self._call(("close",), "closed")[1]
+            totals = self._call(("close-interrupted" if interrupted else "close",), "closed")[1]
             self._finished = True
             self.parts_written, self.rows_written, self.documents_committed = totals
             self._wait_exit()
@@ -407,8 +409,8 @@ def serve(conn: Connection) -> int:
                 if item == "flush":
                     writer.flush()
                     send(("flushed",))
-                elif item == "close":
-                    writer.close()
+                elif item in ("close", "close-interrupted"):
+                    writer.close(interrupted=item == "close-interrupted")
                     send(("closed", (writer.parts_written, writer.rows_written, writer.documents_committed)))
                     return
                 elif item == "discard":
@@ -444,7 +446,7 @@ def serve(conn: Connection) -> int:
                 with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     _, fds, _, _ = socket.recv_fds(sock, 1, 1)
                 mapping = SlabMapping(fds[0], message[1], message[2])
-            elif op in ("flush", "close", "discard"):
+            elif op in ("flush", "close", "close-interrupted", "discard"):
                 copied.put(op)
                 if op != "flush":
                     thread.join()

@@ -137,6 +137,23 @@ def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, 
 NO_LONGER_DOCUMENT = frozenset({"empty", "binary", "decode_error", "too_large"})
 
 
+def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess]) -> None:
+    """An interrupted run commits the documents whose every chunk is embedded, as its end would: at
+    most one part's rows to encode (well under a second), so Ctrl-C keeps the finished work instead
+    of up to `writer_commit_interval_s` of it. Documents still missing chunks are redone next run.
+    If that commit fails too (a second Ctrl-C, a dead writer process), the open part is dropped."""
+    try:
+        writer.close(interrupted=True)
+    except BaseException as err:  # noqa: BLE001 - the interrupt is what the caller raises
+        writer.discard_open_part()
+        log.warning("interrupted: the finished documents could not be committed (%s); re-run to resume",
+                    f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__)
+        return
+    # INFO: the command line's own line says "committed parts are kept" (one line per fault)
+    log.info("interrupted: %d document(s) of this run are committed; re-run to resume the rest",
+             writer.documents_committed)
+
+
 class IngestPipeline:
     """Ingest files or folders into a dataset folder.
 
@@ -387,6 +404,9 @@ class IngestPipeline:
                 if hasattr(embedder, "metrics"):
                     metrics.extra["embedder_metrics"] = embedder.metrics()
             writer.close()
+        except KeyboardInterrupt:
+            _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (cli.Terminated): what is done stays done
+            raise
         except BaseException:
             writer.discard_open_part()  # its rows are uncommitted: the next run redoes those documents
             raise

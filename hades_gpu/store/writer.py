@@ -216,6 +216,7 @@ class DatasetWriter:
         self.documents_committed = 0
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
         self._stat_updates: dict[str, tuple[int, int]] = {}  # rel_path -> (size, mtime_ns), see note_unchanged
+        self._closed = False
 
     # -- stage calls ---------------------------------------------------------------------------------
     def begin_document(self, key: int, ref: DocumentRef, result: DocumentResult) -> None:
@@ -346,8 +347,12 @@ class DatasetWriter:
         with self._lock:
             self._stat_updates[rel_path] = (int(size), int(mtime_ns))
 
-    def close(self) -> None:
-        """Commit what is ready. Documents still missing chunks are left uncommitted (redone next run)."""
+    def close(self, interrupted: bool = False) -> None:
+        """Commit what is ready. Documents still missing chunks are left uncommitted (redone next run):
+        a warning at a run's end, expected (DEBUG) when the run was `interrupted`. A second
+        call does nothing (a run interrupted just after closing closes again)."""
+        if self._closed:
+            return
         self.flush()
         with self._flush_lock, self._lock:
             updates, self._stat_updates = self._stat_updates, {}
@@ -355,9 +360,11 @@ class DatasetWriter:
         with self._lock:
             incomplete = len(self._pending)
         if incomplete:
-            log.warning("%d document(s) were not fully embedded and were not committed", incomplete)
+            log.log(logging.DEBUG if interrupted else logging.WARNING,
+                    "%d document(s) were not fully embedded and were not committed", incomplete)
         self.manifest.close()
         self.output_lock.release()
+        self._closed = True
 
     @property
     def pending_documents(self) -> int:

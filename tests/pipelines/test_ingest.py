@@ -265,6 +265,48 @@ def test_sigterm_is_one_line_and_the_parts_committed_by_the_interval_are_kept(tm
     assert_exactly_once(out)
 
 
+class _InterruptAfter(RecordingEmbedder):
+    """The real embedder; after `calls` batches it sends this process SIGINT, as Ctrl-C does (the
+    signal is real; only its timing is chosen), then goes on embedding."""
+
+    def __init__(self, inner, calls: int) -> None:
+        super().__init__(inner)
+        self.after = calls
+
+    def embed(self, input_ids, attention_mask):
+        vectors = super().embed(input_ids, attention_mask)
+        if len(self.calls) == self.after:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the main thread takes the interrupt while the run is still going
+        return vectors
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, writer):
+    """Ctrl-C kept nothing that was not committed yet: with 20k-row parts and a 60 s commit interval,
+    minutes of embedded documents were dropped and embedded again by the next run. The documents
+    whose every chunk is embedded are now committed when the run is interrupted."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # one-chunk documents: many are finished after a few batches
+        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
+    out = tmp_path / "out"
+    cfg = config("profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600",
+                 f"profile.writer={writer}", "profile.max_batch_tokens=512")
+    interrupting = _InterruptAfter(embedder, calls=3)
+    with pytest.raises(KeyboardInterrupt):
+        TextParallelPipeline(cfg, embedder=interrupting).process_batch([corpus], output=out)
+    kept = len(read_documents(out, ["doc_id"]))
+    assert 0 < kept < 40, kept  # without the commit at the interrupt: 0
+    assert_exactly_once(out)
+
+    again = RecordingEmbedder(embedder)
+    result = TextParallelPipeline(cfg, embedder=again).process_batch([corpus], output=out)
+    assert result.documents_unchanged == kept and result.documents_ingested == 40 - kept
+    assert again.rows_embedded == 40 - kept  # the kept documents are not embedded again
+    assert_exactly_once(out)
+
+
 def test_a_file_that_is_no_longer_a_document_loses_its_earlier_chunks(tmp_path, embedder, caplog):
     """Emptied, turned binary or whitespace only: the run said "skipped a.txt: empty" and kept the old
     version's chunks, so search kept finding text the file no longer has."""
