@@ -289,11 +289,18 @@ class DatasetWriter:
                 self._commit(self._open)
 
     def discard_open_part(self) -> None:
-        """Drop the part being filled, uncommitted (a failed run: its documents are redone next run)."""
+        """A failed run: drop the part being filled, uncommitted (its documents are redone next run),
+        and end the writer (manifest closed, output lock released), as `WriterProcess` ends its child.
+        Why at once: the caller's traceback (a notebook keeps the last one) kept the writer, its lock
+        and its database open, and another thread of the process was refused the output."""
         with self._flush_lock:
             part, self._open = self._open, None
             if part is not None:
                 part.discard()
+        if not self._closed:
+            self._closed = True
+            self.manifest.close()
+            self.output_lock.release()
 
     def _write_ready(self) -> None:
         """Encode the ready documents' rows into the open part as one row group (under _flush_lock)."""

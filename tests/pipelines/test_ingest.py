@@ -437,6 +437,31 @@ def test_stage_failure_stops_pipeline_then_rerun_completes(tmp_path, embedder):
     assert_exactly_once(out)
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_failed_run_releases_the_output_while_its_traceback_is_kept(tmp_path, embedder, writer):
+    """A notebook keeps the last traceback (`sys.last_traceback`), and with it the failed run's
+    writer: the output stayed locked (and its manifest open), so another thread of the kernel was
+    refused it until the traceback went. A failed run now ends its writer before raising."""
+    import threading
+
+    corpus = copy_files(stdlib_sources(4), tmp_path / "corpus")
+    out = tmp_path / "out"
+    cfg = config(f"profile.writer={writer}")
+    try:
+        TextParallelPipeline(cfg, embedder=FailingEmbedder(embedder)).process_batch([corpus], output=out)
+    except RuntimeError as err:
+        kept = err  # the traceback, and every frame of the failed run, stay alive
+    assert "runtime crashed" in str(kept)
+    results: list = []
+    other = threading.Thread(target=lambda: results.append(
+        TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)))
+    other.start()
+    other.join(timeout=300)
+    assert results and results[0].documents_ingested == 4, "another thread was refused the output"
+    assert_exactly_once(out)
+    del kept
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a box without CUDA")
 def test_workers_start_before_the_embedder_loads_and_none_outlive_a_failed_load(sample_corpus, tmp_path):
     """The workers are launched first (they warm up while the model loads); when the embedder then
