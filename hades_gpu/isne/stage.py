@@ -12,7 +12,8 @@
      h(v) = mean of their trained neighbours' θ, and of their new neighbours' estimates for
      `isne.infer_rounds` rounds (`hades_gpu.isne.inference`), without retraining; vectors already written are
      kept unchanged (downstream indexes stay valid), rows of chunks no longer in the output are
-     dropped;
+     dropped; a new chunk with no trained chunk within `isne.infer_rounds` + 1 links gets 0 and is
+     counted (`n_uninformed`, one warning): `hades-isne` trains on the current graph;
 3. writes `<output>/isne/embeddings-<shard>.parquet` (`chunk_id`, `isne_embedding` list<float32>),
    one row per chunk of the output (ordered by chunk id), joinable on `chunk_id`. The stage works
    on the whole output, so this one file (named after the shard that ran the stage) covers every
@@ -244,9 +245,18 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                                                nodes=torch.as_tensor(missing), device=dev,
                                                rounds=cfg.isne.infer_rounds)
             vecs[missing] = new.numpy()
+        # A new chunk with no trained chunk within infer_rounds + 1 links (a new document that links to
+        # nothing already trained, and whose kNN neighbours are all new too) has nothing to average:
+        # its vector is 0. Counted and said, not reported as inferred (it was, silently).
+        zero = ~np.any(vecs[missing] != 0, axis=1)
+        uninformed = int((zero & (deg.numpy()[missing] > 0)).sum())  # isolated chunks are n_isolated
+        if uninformed:
+            log.warning("isne: %d of %d new chunk(s) have no trained chunk within %d link(s), so their ISNE vector "
+                        "is 0 (they rank by text alone); `hades-isne output=%s` trains on the current graph",
+                        uninformed, missing.size, cfg.isne.infer_rounds + 1, output_dir)
         metrics["seconds"]["infer"] = time.perf_counter() - t
-        metrics.update(mode="inferred", n_inferred=int(missing.size), device=str(dev),
-                       n_trained_nodes=len(ckpt.node_ids))
+        metrics.update(mode="inferred", n_inferred=int(missing.size) - uninformed, n_uninformed=uninformed,
+                       device=str(dev), n_trained_nodes=len(ckpt.node_ids))
         t = time.perf_counter()
         write_isne_embeddings(epath, chunk_ids, vecs)
         metrics["seconds"]["write"] = time.perf_counter() - t

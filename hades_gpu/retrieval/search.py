@@ -283,7 +283,8 @@ class Searcher:
             missing = int((~self._has_isne).sum())
             if missing:
                 log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage or with "
-                            "isne.enabled=false, or without any edge in the chunk graph): they rank by their text "
+                            "isne.enabled=false, without any edge in the chunk graph, or added with no trained chunk "
+                            "near them): they rank by their text "
                             "alone; `hades-isne output=%s` gives one to each that has graph neighbours",
                             missing, len(self.chunk_ids), self.output)
         return self._isne

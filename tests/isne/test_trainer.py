@@ -92,13 +92,14 @@ def test_training_on_cuda_with_amp() -> None:
 
 # ------------------------------------------------------------------------------- pipeline stage
 def _write_output(root: Path, docs: dict[str, int], dim: int = 32, seed: int = 0, part: int = 0,
-                  manifest_parts: list[str] | None = None) -> list[str]:
-    """One chunks/documents part pair (docs: rel_path -> n_chunks) and a manifest naming the parts."""
+                  manifest_parts: list[str] | None = None, topic: int = 123) -> list[str]:
+    """One chunks/documents part pair (docs: rel_path -> n_chunks) and a manifest naming the parts.
+    Chunks of the same `topic` are alike (kNN links them); other topics' are not."""
     rng = np.random.default_rng(seed)
     name = f"part-s0-{part:05d}"
     rows: dict[str, list] = {k: [] for k in ("doc_id", "chunk_id", "ordinal", "embedding")}
     drows: dict[str, list] = {k: [] for k in ("doc_id", "rel_path", "language", "references", "n_chunks")}
-    base = np.random.default_rng(123).normal(size=dim)  # all parts alike: kNN links new chunks to old
+    base = np.random.default_rng(topic).normal(size=dim) * 3  # all parts alike: kNN links new chunks to old
     for rel, n in docs.items():
         doc_id = stable_id(rel)
         for k in range(n):
@@ -161,6 +162,27 @@ def test_stage_trains_then_infers_new_chunks_without_retraining(tmp_path: Path) 
     m3 = run_isne_stage(PipelineConfig(graph=_cfg().graph, isne=IsneConfig(**{**_cfg().isne.__dict__,
                                                                             "retrain": True})), tmp_path)
     assert m3["mode"] == "trained" and m3["n_nodes"] == len(first) + len(added)
+
+
+def test_new_chunks_with_no_trained_chunk_near_them_are_counted_and_said(tmp_path: Path, caplog) -> None:
+    """A new document that links to nothing trained (its kNN neighbours are all new too) has nothing
+    to average: its vectors are 0. The stage reported them as inferred, silently."""
+    import logging
+
+    first = _write_output(tmp_path, {f"d{i}.md": 3 for i in range(6)})
+    cfg = _cfg()
+    cfg.graph.knn_threshold = 0.5  # different topics stay unlinked
+    assert run_isne_stage(cfg, tmp_path)["mode"] == "trained"
+    added = _write_output(tmp_path, {"far.md": 4}, seed=1, part=1, topic=7,
+                          manifest_parts=["part-s0-00000", "part-s0-00001"])
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
+        m = run_isne_stage(cfg, tmp_path)
+    assert m["mode"] == "inferred" and m["n_uninformed"] == len(added) and m["n_inferred"] == 0
+    assert m["n_isolated"] == 0  # linked to each other, not to anything trained
+    assert any("4 of 4 new chunk(s) have no trained chunk" in r.getMessage() for r in caplog.records)
+    ids, vecs = read_isne_embeddings(tmp_path)
+    got = dict(zip(ids, vecs))
+    assert all(not got[c].any() for c in added) and all(got[c].any() for c in first)
 
 
 def test_pipeline_api_and_clear_error(tmp_path: Path) -> None:
