@@ -174,7 +174,10 @@ class ClusterIngest:
             label = shard_label(i, smap.count)
             run = ShardRun(i, label, group, list(skips) if i == 0 else [], plan_fingerprint(group))
             record = read_shard_done(out, label)
-            if record is not None and record.get("fingerprint") == run.fingerprint:
+            # With remove_missing, a shard is skipped only if its last run removed them too: a plain
+            # re-run after files were deleted records the same plan, and the shard kept their chunks
+            if (record is not None and record.get("fingerprint") == run.fingerprint
+                    and (record.get("remove_missing") or not self.config.documents.remove_missing)):
                 run.done_earlier = True
                 run.summary = record
             runs.append(run)

@@ -436,7 +436,8 @@ class IngestPipeline:
         if self.shard.sharded:
             write_shard_done(out, self.shard.label, {
                 "shard": self.shard.label, "index": self.shard.index, "count": self.shard.count,
-                "fingerprint": fingerprint, "documents_total": result.documents_total,
+                "fingerprint": fingerprint, "remove_missing": bool(cfg.documents.remove_missing),
+                "documents_total": result.documents_total,
                 "documents_ingested": result.documents_ingested, "documents_unchanged": result.documents_unchanged,
                 "chunks_written": result.chunks_written, "skipped": result.skipped,
                 "wall_s": snapshot.get("wall_s"), "host": os.uname().nodename, "pid": os.getpid(),

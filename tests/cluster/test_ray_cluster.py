@@ -234,3 +234,29 @@ def test_a_shard_shape_no_node_fits_is_capped_or_refused_never_queued_forever(cl
     cfg = load_pipeline_config("balanced", [*base, "cluster.num_cpus_per_shard=4"])
     with pytest.raises(ClusterRunError, match=r"no node of the cluster offers 4 CPU\(s\) and 0 GPU\(s\)"):
         ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "refused")
+
+
+def test_remove_missing_runs_a_finished_shard_that_a_plain_rerun_left_holding_deleted_files(cluster, tmp_path):
+    """A plain re-run after files were deleted records each shard as finished with the new plan; a
+    later `remove_missing=true` run skipped those shards ("finished ... not run again") and the
+    deleted files' chunks stayed. A shard is now skipped under remove_missing only if its last run
+    removed missing files too."""
+    corpus = copy_files(stdlib_sources(6, max_bytes=6_000), tmp_path / "corpus")
+    out = tmp_path / "out"
+
+    def run(*extra: str):
+        cfg = load_pipeline_config("balanced", [*overrides(cluster.address, 2), *extra])
+        return ClusterIngest(cfg).run([corpus], out)
+
+    run()
+    gone = sorted(corpus.iterdir())[:2]
+    for path in gone:
+        path.unlink()
+    run()  # plain: the deleted files' chunks stay, as documented
+    assert {str(p) for p in gone} <= set(read_chunks(out, ["path"]).column("path").to_pylist())
+    result = run("documents.remove_missing=true")
+    assert result.documents_removed == 2
+    paths = set(read_chunks(out, ["path"]).column("path").to_pylist())
+    assert paths == {str(p) for p in corpus.iterdir()}
+    again = run("documents.remove_missing=true")  # now every shard is done with nothing missing: skipped
+    assert again.metrics["cluster"]["shards_done_earlier"] == 2
