@@ -286,7 +286,12 @@ class Terminated(KeyboardInterrupt):
     as after Ctrl-C and says so in one line; without it the process died silently with 143."""
 
 
+_terminated = threading.Event()  # SIGTERM arrived: code between the handler and us (Ray's ray.get/wait)
+# may turn `Terminated` into a plain KeyboardInterrupt, which then still reads as SIGTERM
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _terminated.set()
     raise Terminated()
 
 
@@ -319,9 +324,10 @@ def _report_interrupt(prog: str, err: KeyboardInterrupt, debug: bool = False) ->
     """One line for Ctrl-C (exit 130) or SIGTERM (exit 143), then exit."""
     if debug:
         traceback.print_exception(err)
-    what = "terminated by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+    sigterm = isinstance(err, Terminated) or _terminated.is_set()
+    what = "terminated by SIGTERM" if sigterm else "interrupted"
     print(f"{prog}: error: {what} (committed parts are kept: re-run to resume)", file=sys.stderr)
-    _exit_interrupted(143 if isinstance(err, Terminated) else 130)
+    _exit_interrupted(143 if sigterm else 130)
 
 
 def _literal_values(args: list[str], keys: tuple[str, ...]) -> dict[str, str]:

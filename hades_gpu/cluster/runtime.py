@@ -11,10 +11,12 @@ time, so a ``host:port`` address is first checked with a plain TCP connect under
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import signal
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from hades_gpu.config import ClusterConfig, ClusterMode, ConfigError
 from hades_gpu.records import error_line
@@ -43,6 +45,8 @@ def _init_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
                       _node_ip_address="127.0.0.1")
     else:
         kwargs["address"] = cfg.address or "auto"
+        if _is_loopback(cfg.address):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # the driver's node is where the head is
     return kwargs
 
 
@@ -50,10 +54,13 @@ def _init_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
 def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
     """`ray`, initialised for this run and shut down after it (unless the caller had already
     initialised it: then their session is used and left running)."""
-    ray = import_ray()
+    # before Ray is imported: its constants read the environment at import
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.mode == ClusterMode.LOCAL:
+    if cfg.mode == ClusterMode.LOCAL or _is_loopback(cfg.address):
+        # a head on loopback: without it the driver registers the host's other address and dials the
+        # head there, retrying without end (seen: 10 minutes of "Failed to connect to GCS at 192.0.2.2")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = import_ray()
     if ray.is_initialized():
         yield ray
         return
@@ -61,15 +68,32 @@ def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
     where = "a local Ray" if cfg.mode == ClusterMode.LOCAL else f"the Ray cluster at {kwargs['address']!r}"
     if cfg.mode != ClusterMode.LOCAL:
         _check_reachable(str(kwargs["address"]), cfg.connect_timeout_s)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)  # in the caller's thread: Ray sets signal handlers and fails elsewhere
     except Exception as err:  # noqa: BLE001 - one line for the user
         first = error_line(err)
         raise ClusterConnectError(f"could not connect to {where}: {first}") from err
+    finally:
+        # Ray's core worker installs a native SIGTERM handler that dumps a stack and exits 1; the
+        # caller's (the command line's one line and exit 143) is put back
+        if on_sigterm is not None and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _is_loopback(address: Optional[str]) -> bool:
+    """`127.x.x.x:port`, `localhost:port` or `[::1]:port` (a head on this box's loopback)."""
+    host = (address or "").rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:

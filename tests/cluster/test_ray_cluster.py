@@ -260,3 +260,86 @@ def test_remove_missing_runs_a_finished_shard_that_a_plain_rerun_left_holding_de
     assert paths == {str(p) for p in corpus.iterdir()}
     again = run("documents.remove_missing=true")  # now every shard is done with nothing missing: skipped
     assert again.metrics["cluster"]["shards_done_earlier"] == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _driver_env() -> dict[str, str]:
+    """The user's environment: none of the module's Ray settings (the driver must set its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in RAY_ENV and k != "RAY_TMPDIR"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def test_a_head_started_on_loopback_by_hand_is_reached_by_its_address(tmp_path):
+    """`ray start --head --node-ip-address=127.0.0.1` then `cluster.address=127.0.0.1:<port>`: the
+    driver registered the host's other address and dialled the head there for ever (10 minutes of
+    "Failed to connect to GCS at 192.0.2.2"). A loopback address now keeps the driver on loopback."""
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
+    # as the user's head: on loopback, token authentication off (its token would sit in --temp-dir)
+    head_env = {**_driver_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp,
+                "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                             "--num-cpus=2", f"--temp-dir={ray_tmp}"],
+                            env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        corpus = copy_files(stdlib_sources(3, max_bytes=6_000), tmp_path / "corpus")
+        out = tmp_path / "out"
+        driver = subprocess.run(
+            [str(Path(sys.executable).with_name("hades-ingest")), f"corpus={corpus}", f"output={out}",
+             *overrides(f"127.0.0.1:{port}", 2), "cluster.connect_timeout_s=60"],
+            env=_driver_env(), capture_output=True, text=True, timeout=240)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        assert len(by_chunk(out)) > 0
+    finally:
+        head.terminate()  # --block: the head stops what it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        head.stderr.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sigterm_to_a_cluster_local_driver_is_the_one_line_and_exit_143(tmp_path):
+    """Ray's core worker replaced the command line's SIGTERM handler with a native one: a stack
+    dump and exit 1 instead of `terminated by SIGTERM (...)` and 143."""
+    import psutil
+
+    corpus = copy_files(stdlib_sources(12), tmp_path / "corpus")
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rayl", dir="/tmp")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("hades-ingest")), f"corpus={corpus}", f"output={out}",
+         "monitoring.progress=off", "isne.enabled=false", "profile.num_workers=1", "cluster=local",
+         "cluster.shards=3", "cluster.num_cpus_per_shard=1"],
+        env={**_driver_env(), "RAY_TMPDIR": ray_tmp}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list(out.glob(".lock-s*of*")):  # a shard task holds its lock: Ray is up and running
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no shard started"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 143, (proc.returncode, stderr[-3000:])
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and "SIGTERM" in ln]
+        assert lines == ["hades-ingest: error: terminated by SIGTERM (committed parts are kept: re-run to resume)"], \
+            stderr[-3000:]
+        psutil.wait_procs(children, timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
