@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR
-from hades_gpu.store.reader import committed_part_files, embeddings_to_numpy, read_files
+from hades_gpu.store.reader import check_chunk_vectors, committed_part_files, embeddings_to_numpy, read_files
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def load_chunk_table(output_dir: str | os.PathLike, with_embeddings: bool = True
     emb = None
     if with_embeddings:
         emb = embeddings_to_numpy(table.column("embedding"))[order]
+        check_chunk_vectors(emb, output_dir, ids[keep])  # damaged bytes would make every kNN edge wrong
     return ChunkTable(
         chunk_ids=ids[keep],
         doc_ids=np.asarray(table.column("doc_id").to_pylist(), dtype=object)[order],

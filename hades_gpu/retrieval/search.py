@@ -38,8 +38,8 @@ from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path
-from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, chunk_source, embeddings_to_numpy,
-                                    is_ingest_output, read_chunks, read_isne_embeddings)
+from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, check_chunk_vectors, chunk_source,
+                                    embeddings_to_numpy, is_ingest_output, read_chunks, read_isne_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ class Searcher:
             raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
         try:
             table = read_chunks(self.output, CHUNK_COLUMNS)
+        except DamagedOutputError:  # a committed part is missing or unreadable: not "no chunks yet"
+            raise
         except FileNotFoundError:  # a manifest, no committed part yet
             table = None
         if table is None or table.num_rows == 0:
@@ -135,6 +137,7 @@ class Searcher:
         self.ends = table.column("char_end").to_numpy()
         self.texts: list[str] = table.column("text").to_pylist()
         self.vectors = embeddings_to_numpy(table.column("embedding"))
+        check_chunk_vectors(self.vectors, self.output, self.chunk_ids)
         self.row_of = {cid: i for i, cid in enumerate(self.chunk_ids)}
         self.candidates = candidates if candidates is not None else candidate_source(
             self.output, self.vectors, self.chunk_ids, cfg.graph.knn_exact_max_nodes)

@@ -115,6 +115,28 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array, dim: Optional[int] =
     return out
 
 
+def check_chunk_vectors(vectors: np.ndarray, output: str | os.PathLike, chunk_ids: Sequence[str]) -> None:
+    """Raise `DamagedOutputError` when chunk vectors were damaged on disk after they were written.
+
+    Every embedder writes unit vectors; a part whose bytes were overwritten reads as vectors of
+    norm 1e15 or NaN, which silently reorders every search and kNN edge. Parquet stores no checksum
+    that pyarrow checks by default, so the values are checked here: not finite, or a norm outside
+    0.1x-10x the median row's (any embedder's vectors are alike in length; a user's unnormalised
+    ones included). `hades-verify` compares whole files with their recorded checksums."""
+    if not len(vectors):
+        return
+    norms = np.linalg.norm(vectors, axis=1)
+    finite = np.isfinite(norms)
+    typical = float(np.median(norms[finite])) if finite.any() else 0.0
+    bad = ~finite | (norms > 10 * typical) | (norms < 0.1 * typical)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DamagedOutputError(
+            f"{int(bad.sum())} chunk vector(s) of {output} are damaged (not finite or far from every other's "
+            f"length), e.g. chunk {chunk_ids[first]}: `hades-verify {output}` names the part; an ingest into the "
+            f"same output replaces it")
+
+
 def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Every `isne/embeddings-*.parquet` of an output: (chunk ids, float32 (n, d)); later files win."""
     ids: list[str] = []

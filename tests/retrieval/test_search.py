@@ -223,6 +223,46 @@ def test_a_missing_documents_part_is_one_line_exit_1(search_output, embedder, tm
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and target.name in err, err
 
 
+def test_a_missing_chunks_part_is_named_not_taken_for_an_output_without_chunks(search_output, embedder, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A committed chunks part deleted: search said the output "holds no committed chunks yet (an
+    ingest may still be running ...)", exit 2, though other parts were there."""
+    from hades_gpu.embedding import factory
+
+    copy = tmp_path / "out"
+    shutil.copytree(search_output[0], copy)
+    target = sorted(copy.glob("chunks/part-*.parquet"))[0]
+    target.unlink()
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and target.name in err and "no committed chunks yet" not in err, err
+
+
+def test_vectors_overwritten_on_disk_are_one_line_not_a_silently_wrong_ranking(search_output, embedder, tmp_path,
+                                                                               capsys, monkeypatch):
+    """Bytes of a part overwritten in place (the probe's `dd ... conv=notrunc`): the file still
+    parses, one vector had norm 2.6e15, and search ranked with it, exit 0, nothing said. Vectors
+    that are not finite or far from every other's length are now a damaged output."""
+    import pyarrow.parquet as pq
+
+    from hades_gpu.embedding import factory
+
+    copy = tmp_path / "out"
+    shutil.copytree(search_output[0], copy)
+    target = sorted(copy.glob("chunks/part-*.parquet"))[0]
+    vector = np.asarray(pq.read_table(target, columns=["embedding"]).column("embedding")[3].as_py(), np.float32)
+    raw = bytearray(target.read_bytes())
+    at = raw.find(vector.tobytes())  # the embedding column is stored plain and uncompressed
+    assert at > 0
+    raw[at:at + 16] = b"XXXXXXXXXXXXXXXX"
+    target.write_bytes(bytes(raw))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 chunk vector(s)" in err and "damaged" in err and "hades-verify" in err, err
+
+
 def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damaged(
         search_output, embedder, queries, tmp_path, caplog):
     """Above graph.knn_exact_max_nodes the first stage is the FAISS index the kNN edges were built
