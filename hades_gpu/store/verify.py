@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 from hades_gpu.records import printable
 from hades_gpu.store.atomic import FileRecord, file_checksum
-from hades_gpu.store.layout import TABLES, part_path
+from hades_gpu.records import error_line
+from hades_gpu.store.layout import TABLES, edges_path, isne_embeddings_files, isne_model_path, part_path
 from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,15 @@ class VerifyReport:
     files_checked: int = 0
     bytes_hashed: int = 0
     problems: list[PartProblem] = field(default_factory=list)
+    derived_problems: list[str] = field(default_factory=list)  # the graph's and ISNE's files (hades-isne rebuilds them)
     notes: list[str] = field(default_factory=list)  # not damage: orphans, a run in progress
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.derived_problems
 
     def lines(self) -> list[str]:
-        return [p.line(self.output) for p in self.problems]
+        return [p.line(self.output) for p in self.problems] + self.derived_problems
 
 
 def _footer_rows(path: Path) -> int:
@@ -213,6 +215,8 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     if any(output.glob("manifest*.json")):
         report.notes.append("older JSON manifest(s) present: their parts are not verified (open the output "
                             "with hades-ingest once to convert them)")
+    report.derived_problems.extend(_check_derived(output, full))
+    report.notes.extend(_unfinished_shards(output))
     for table in TABLES:
         folder = output / table
         if folder.is_dir():
@@ -221,6 +225,50 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
                 report.notes.append(f"{len(orphans)} uncommitted file(s) in {table}/ (an interrupted run's; "
                                     f"never read, removed by the next run), e.g. {sorted(orphans)[0]}")
     return report
+
+
+def _check_derived(output: Path, full: bool) -> list[str]:
+    """One line per unreadable file derived from the chunks (`edges.parquet`, the ISNE vectors and
+    model): search refused them naming `hades-verify`, which said "ok". `full` reads them whole."""
+    problems = []
+    for path in [edges_path(output), *isne_embeddings_files(output)]:
+        if path.is_file():
+            try:
+                pq.read_table(path) if full else pq.read_metadata(path)
+            except Exception as err:  # noqa: BLE001 - any reader error is damage, named in one line
+                problems.append(f"{path}: unreadable ({error_line(err)}); `hades-isne output={output}` writes it again")
+    model = isne_model_path(output)
+    if model.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(model), framework="numpy") as f:
+                for key in (f.keys() if full else []):
+                    f.get_tensor(key)
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"{model}: unreadable ({error_line(err)}); `hades-isne output={output} isne.retrain=true` "
+                            f"trains it again")
+    return problems
+
+
+def _unfinished_shards(output: Path) -> list[str]:
+    """A sharded output whose shards have not all finished (a killed driver): its parts verify, but
+    files of the corpus are missing from it until the cluster command runs again."""
+    from hades_gpu.records import shard_label
+    from hades_gpu.store.shard_map import load_shard_map, read_shard_done
+
+    try:
+        smap = load_shard_map(output)
+    except Exception:  # noqa: BLE001 - a damaged map is the next run's error; verify checks parts
+        return []
+    if smap is None:
+        return []
+    unfinished = [label for label in (shard_label(i, smap.count) for i in range(smap.count))
+                  if read_shard_done(output, label) is None]
+    if not unfinished:
+        return []
+    return [f"{len(unfinished)} of {smap.count} shard(s) have not finished (no shards/<shard>.json), e.g. "
+            f"{unfinished[0]}: the output lacks their files until the cluster command (or shard=i/n) runs again"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -248,10 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(printable(line))
     for note in report.notes:
         print(printable(f"note: {note}"), file=sys.stderr)
-    status = "damaged" if report.problems else "ok"
+    status = "ok" if report.ok else "damaged"
     print(f"hades-verify: {status}: {report.parts_checked} part(s), {report.files_checked} file(s), "
-          f"{report.bytes_hashed / 1e6:.1f} MB hashed, {len(report.problems)} problem(s)", file=sys.stderr)
-    return 1 if report.problems else 0
+          f"{report.bytes_hashed / 1e6:.1f} MB hashed, {len(report.lines())} problem(s)", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -246,3 +246,40 @@ def test_hades_verify_takes_output_equals_folder_as_the_other_commands_do(clean,
     _, out, _ = clean
     assert verify_main([f"output={out}"]) == 0
     assert "hades-verify: ok" in capsys.readouterr().err
+
+
+def test_damaged_graph_and_isne_files_are_named_by_hades_verify(search_output, tmp_path, capsys):
+    """`edges.parquet` cut short and the ISNE vectors overwritten: verify said "ok", exit 0, while
+    search refused the output saying "`hades-verify` names every damaged file"."""
+    out = _copy(search_output[0], tmp_path / "out")
+    assert verify_main([str(out)]) == 0
+    capsys.readouterr()
+    edges = out / "edges.parquet"
+    edges.write_bytes(edges.read_bytes()[:500])
+    vectors = sorted((out / "isne").glob("embeddings-*.parquet"))[0]
+    vectors.write_bytes(b"garbage\n")
+    model = out / "isne" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    assert verify_main([str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 3 and all("unreadable" in ln and "hades-isne" in ln for ln in lines), captured.out
+    assert {Path(ln.split(":")[0]).name for ln in lines} == {"edges.parquet", vectors.name, "model.safetensors"}
+    assert "damaged: " in captured.err and "3 problem(s)" in captured.err
+
+
+def test_an_output_whose_shards_have_not_all_finished_is_noted(tmp_path, embedder, capsys):
+    """A killed cluster driver leaves some shards unrun: their parts verify, so verify said "ok"
+    with no word that the output lacks those shards' files."""
+    from corpus_helpers import copy_files, stdlib_sources
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    corpus = copy_files(stdlib_sources(4, max_bytes=6_000), tmp_path / "corpus")
+    out = tmp_path / "out"
+    cfg = load_pipeline_config("balanced", ["shard=0/2", "monitoring.progress=off", "isne.enabled=false"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    assert verify_main([str(out)]) == 0  # not damage: a note
+    err = capsys.readouterr().err
+    assert "note: 1 of 2 shard(s) have not finished" in err and "s1of2" in err, err
