@@ -485,8 +485,8 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
 
     dataset = Path(cfg.output or out)
     if not is_ingest_output(dataset):  # else the pipeline would ingest the folder (Hydra's .hydra/ files) into itself
-        raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): run "
-                                     f"`hades-ingest corpus=<folder> output={dataset}` first")
+        raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): give output= a folder "
+                                     f"hades-ingest wrote (`hades-ingest corpus=<documents> output=<folder>` first)")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(printable(result.summary()))
 

@@ -321,6 +321,12 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
                         if state_path is not None else "")
     first_epoch = 1
     resumed = saver.load() if cfg.resume else None
+    if resumed is not None and resumed.epoch >= epochs:
+        # a state from a longer training (120 epochs asked, stopped at 47) answered `epochs=5` with
+        # the 47-epoch model, silently: fewer epochs than it holds start from the beginning
+        log.warning("isne: the saved training state %s is after epoch %d, more than the %d asked for: training "
+                    "from the start", state_path, resumed.epoch, epochs)
+        resumed = None
     if resumed is not None:
         best_theta = _restore(resumed, model, opt, gen, stopper, result)
         first_epoch = resumed.epoch + 1
@@ -381,7 +387,8 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
         if result.stopped_by_budget:
             # a warning: a caller who asked for `epochs` gets fewer (the default budget is the ingest's time)
             log.warning("isne: stopped after %d of %d epoch(s): the time budget of %.3g s is reached (isne.time_budget_s, "
-                        "else isne.time_budget_vs_embedding x the ingest's seconds; 0 / null: no budget)", epoch, epochs,
+                        "else isne.time_budget_vs_embedding x the ingest's seconds; no budget: time_budget_s=null and "
+                        "time_budget_vs_embedding=0)", epoch, epochs,
                         time_budget_s)
             break
         if stopper.should_stop():

@@ -75,8 +75,10 @@ class ISNETrainingPipeline:
 
     def train(self, corpus_path: Optional[str | Path] = None, epochs: Optional[int] = None,
               batch_size: Optional[int] = None) -> ISNETrainingResult:
-        """Build the graph of `corpus_path` and train ISNE from scratch, writing the model and every
-        chunk's vector.
+        """Build the graph of `corpus_path` and train ISNE (a new model, not the output's last one),
+        writing the model and every chunk's vector. A training of the same graph and settings that
+        was stopped (Ctrl-C, a kill) goes on from its last saved epoch (`isne.resume`), unless it is
+        already past `epochs`: then it starts from the beginning.
 
         Training runs `epochs` epochs unless early stopping or the time budget ends it first (by
         default ISNE takes at most as long as ingesting the chunks took: `isne.time_budget_vs_embedding`;
@@ -99,6 +101,8 @@ class ISNETrainingPipeline:
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "
                                          "(or set output=...)")
+        if isinstance(path, str) and not path.strip():  # Path("") is the working directory
+            raise NotAnIngestOutputError("corpus_path is an empty path: pass the ingest output folder")
         path = Path(path)
         if not is_ingest_output(path) and self.config.output and path.exists():
             from hades_gpu.pipelines.ingest import TextParallelPipeline
@@ -107,9 +111,13 @@ class ISNETrainingPipeline:
             TextParallelPipeline(ingest_cfg).process_batch([path], output=self.config.output)
             path = Path(self.config.output)
         if not is_ingest_output(path):
+            if not path.exists():
+                raise NotAnIngestOutputError(f"{path} does not exist: pass an ingest output folder")
+            # a folder of documents: ingest it into another folder (an output inside its corpus is refused)
             raise NotAnIngestOutputError(
-                f"{path} is not an ingest output (no manifest in it); run "
-                f"`hades-ingest corpus=<folder> output={path}` first, or set output=<dir> to ingest it here")
+                f"{path} is not an ingest output (no manifest in it); ingest it first "
+                f"(`hades-ingest corpus={path} output=<another folder>`) and pass that output, or set "
+                f"output=<another folder> to have train() ingest it there")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
         model_path = isne_model_path(path)
         return ISNETrainingResult(output_dir=path, model_path=model_path if model_path.is_file() else None,

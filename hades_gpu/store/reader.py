@@ -36,7 +36,8 @@ def committed_part_files(output: str | os.PathLike, table: str) -> list[Path]:
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DamagedOutputError(f"{len(missing)} committed part file(s) are missing, e.g. {missing[0]}; "
-                                 f"the output was changed after it was written (re-ingest into a new folder)")
+                                 f"the output was changed after it was written (an ingest into the same output ingests their "
+                                 f"documents again)")
     return files
 
 

@@ -73,6 +73,20 @@ def test_early_stopping_state_survives_a_resume(graph: torch.Tensor, tmp_path: P
     assert torch.equal(rest.model.theta.weight, whole.model.theta.weight)
 
 
+def test_a_state_past_the_epochs_asked_for_is_not_used(graph: torch.Tensor, tmp_path: Path, caplog) -> None:
+    """120 epochs asked, stopped after 47, then `train(epochs=5)`: the result was the 47-epoch model
+    (`epochs_run` 47), nothing said. Fewer epochs than the state holds now train from the start."""
+    state = tmp_path / "training-state.pt"
+    train_isne(graph, 500, _isne_cfg(), epochs=5, state_path=state)  # stops after 5 of 6: state of epoch 4
+    assert torch.load(state, weights_only=True)["epoch"] == 4
+    fresh = train_isne(graph, 500, _isne_cfg(), epochs=3)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.trainer"):
+        short = train_isne(graph, 500, _isne_cfg(), epochs=3, state_path=state)
+    assert short.resumed_from_epoch == 0 and short.epochs_run == 3
+    assert torch.equal(short.model.theta.weight, fresh.model.theta.weight)
+    assert any("more than the 3 asked for" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("change", ["graph", "lr", "batch_size", "damaged"])
 def test_a_state_of_another_training_is_not_used(graph: torch.Tensor, tmp_path: Path, change: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:

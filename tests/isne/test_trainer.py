@@ -186,8 +186,13 @@ def test_new_chunks_with_no_trained_chunk_near_them_are_counted_and_said(tmp_pat
 
 
 def test_pipeline_api_and_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(NotAnIngestOutputError, match="run `hades-ingest"):
+    with pytest.raises(NotAnIngestOutputError, match="ingest it first") as info:
         ISNETrainingPipeline(_cfg()).train(corpus_path=tmp_path)
+    assert f"output={tmp_path}" not in str(info.value)  # an output inside its own corpus is refused
+    with pytest.raises(NotAnIngestOutputError, match="does not exist"):
+        ISNETrainingPipeline(_cfg()).train(corpus_path=tmp_path / "nowhere")
+    with pytest.raises(NotAnIngestOutputError, match="empty path"):
+        ISNETrainingPipeline(_cfg()).train(corpus_path="")
     _write_output(tmp_path, {"a.md": 5, "b.md": 5})
     res = ISNETrainingPipeline(_cfg()).train(corpus_path=tmp_path, epochs=2, batch_size=16)
     assert res.metrics["mode"] == "trained" and res.metrics["epochs_run"] <= 2
