@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -37,7 +38,8 @@ import pyarrow.parquet as pq
 from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
-from hades_gpu.store.layout import edges_path
+from hades_gpu.store.layout import edges_path, isne_embeddings_files
+from hades_gpu.store.lock import held_elsewhere
 from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, check_chunk_vectors, chunk_source,
                                     embeddings_to_numpy, is_ingest_output, read_chunks, read_isne_embeddings)
 
@@ -85,6 +87,21 @@ class SearchResult:
         return asdict(self)
 
 
+def output_state(output: str | os.PathLike) -> tuple:
+    """(name, size, mtime) of the files whose change means new committed chunks, graph or ISNE
+    vectors: the manifests (and their write-ahead logs), `edges.parquet`, the ISNE files."""
+    root = Path(output)
+    files = [*root.glob("manifest*"), edges_path(root), *isne_embeddings_files(root)]
+    state = []
+    for f in sorted(files):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        state.append((f.name, st.st_size, st.st_mtime_ns))
+    return tuple(state)
+
+
 def line_range(source: str, char_start: int, char_end: int) -> tuple[int, int]:
     """1-based first and last line of ``source[char_start:char_end]`` (a trailing newline ends the
     last line, it does not start another)."""
@@ -120,7 +137,28 @@ class Searcher:
         self.cfg: SearchConfig = cfg.search
         self.max_seq_len = int(cfg.embedder.max_seq_len)
         if not is_ingest_output(self.output):
+            if not os.path.exists(self.output):
+                raise SearchError(f"{self.output} does not exist")
             raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
+        self._given_candidates = candidates
+        self._graph_cfg = cfg.graph
+        self._load()
+        self._own_embedder = embedder is None
+        if embedder is None:
+            from hades_gpu.embedding.factory import build_embedder
+
+            embedder = build_embedder(cfg)
+        self.embedder = embedder
+        self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
+
+    def _load(self) -> None:
+        """Read the committed chunks and their vectors (the graph and ISNE vectors on first use)."""
+        self._state = self._warned_state = output_state(self.output)
+        writers = held_elsewhere(self.output)
+        if writers:  # results are of what is committed so far
+            shard, holder = writers[0]
+            log.warning("%s is being written now (shard %s, PID %s on %s): results cover the chunks committed so far",
+                        self.output, shard, holder.get("pid"), holder.get("host"))
         try:
             table = read_chunks(self.output, CHUNK_COLUMNS)
         except DamagedOutputError:  # a committed part is missing or unreadable: not "no chunks yet"
@@ -139,15 +177,8 @@ class Searcher:
         self.vectors = embeddings_to_numpy(table.column("embedding"))
         check_chunk_vectors(self.vectors, self.output, self.chunk_ids)
         self.row_of = {cid: i for i, cid in enumerate(self.chunk_ids)}
-        self.candidates = candidates if candidates is not None else candidate_source(
-            self.output, self.vectors, self.chunk_ids, cfg.graph.knn_exact_max_nodes)
-        self._own_embedder = embedder is None
-        if embedder is None:
-            from hades_gpu.embedding.factory import build_embedder
-
-            embedder = build_embedder(cfg)
-        self.embedder = embedder
-        self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
+        self.candidates = self._given_candidates if self._given_candidates is not None else candidate_source(
+            self.output, self.vectors, self.chunk_ids, self._graph_cfg.knn_exact_max_nodes)
         self._graph: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # CSR: indptr, nbr rows, weights
         self._isne: Optional[np.ndarray] = None  # (N, d) L2-normalised, 0 rows for chunks without one
         self._has_isne: np.ndarray = np.zeros(0, dtype=bool)  # (N,) which rows of _isne are vectors
@@ -163,6 +194,14 @@ class Searcher:
         """`search` for several queries, embedded in one call (each result's embed_ms is its share)."""
         if self.embedder is None:
             raise SearchError("this Searcher is closed: make a new one (or use it in a `with` block)")
+        state = output_state(self.output)
+        if state != self._state and state != self._warned_state:
+            # an ingest or hades-isne committed since: a kept Searcher answered from the old chunks
+            # (removed ones included), silently. Not reloaded under a running search (other threads
+            # may be ranking with this state): the caller decides when (`refresh`).
+            self._warned_state = state
+            log.warning("%s changed since this Searcher read it: results are of the earlier state; call refresh() "
+                        "(or open a new Searcher) to search the new one", self.output)
         k = self.cfg.k if k is None else k
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k must be an integer >= 1 (got {k!r})")
@@ -189,6 +228,11 @@ class Searcher:
                 hits=hits, embed_ms=embed_ms, rank_ms=(t2 - t1) * 1000, locate_ms=(t3 - t2) * 1000,
                 total_ms=embed_ms + (t3 - t1) * 1000))
         return results
+
+    def refresh(self) -> None:
+        """Read the output again (chunks, then the graph and ISNE vectors on first use): after an
+        ingest or `hades-isne` committed into it. Not while other threads search with this one."""
+        self._load()
 
     def close(self) -> None:
         if self._own_embedder and self.embedder is not None:
@@ -259,6 +303,14 @@ class Searcher:
             dst = np.array([self.row_of.get(c, -1) for c in t.column("dst_chunk_id").to_pylist()], dtype=np.int64)
             w = t.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
             ok = (src >= 0) & (dst >= 0) & (src != dst)  # edges to chunks no longer committed are skipped
+            dangling = int(((src < 0) | (dst < 0)).sum())
+            covered = np.zeros(len(self.chunk_ids), dtype=bool)
+            covered[src[src >= 0]] = True
+            covered[dst[dst >= 0]] = True
+            if dangling:  # the graph of an earlier state (an ingest with isne.enabled=false since)
+                log.warning("%s is older than the chunks: %d edge(s) lead to chunks no longer in the output and %d "
+                            "chunk(s) are in no edge; `hades-isne output=%s` builds it again", path.name, dangling,
+                            int((~covered).sum()), self.output)
             # both directions: a seed's predecessor is as much its neighbour as its successor
             a = np.concatenate([src[ok], dst[ok]])
             b = np.concatenate([dst[ok], src[ok]])

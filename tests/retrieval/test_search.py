@@ -174,6 +174,10 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
             s.search_many(["calendar", "  \n"], 3)
     assert search_cli([str(tmp_path / "nothing"), "q"]) == 2
     err = capsys.readouterr().err
+    assert "nothing does not exist" in err and err.count("\n") == 1
+    (tmp_path / "plain").mkdir()
+    assert search_cli([str(tmp_path / "plain"), "q"]) == 2
+    err = capsys.readouterr().err
     assert "is not an ingest output" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as info:
         search_cli([str(copy), "q", "--expand", "sideways"])
@@ -364,3 +368,62 @@ def test_the_python_api_checks_its_arguments_and_state_in_one_error(search_outpu
         TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=tmp_path / "out")
     with pytest.raises(SearchError, match="no committed chunks yet"):
         Searcher(tmp_path / "out", _cfg(), embedder=embedder)
+
+
+def test_a_kept_searcher_says_when_the_output_changed_and_refresh_reads_it_again(search_output, embedder, tmp_path,
+                                                                                 caplog):
+    """A Searcher kept across a re-ingest answered from the old chunks, removed ones included,
+    and said nothing. It now warns once per change; `refresh()` reads the output again."""
+    import logging
+
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    out, corpus = tmp_path / "out", tmp_path / "corpus"
+    shutil.copytree(search_output[0], out)
+    shutil.copytree(search_output[1], corpus)
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
+    with Searcher(out, _cfg(), embedder=embedder) as s:
+        before = set(s.chunk_ids)
+        victim = sorted(corpus.iterdir())[0]
+        victim.write_text("def zebra_crossing():\n    '''Count the stripes of a zebra crossing.'''\n    return 7\n")
+        TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+        with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+            s.search("zebra crossing stripes", 3)
+            s.search("zebra crossing stripes", 3)
+        changed = [r for r in caplog.records if "changed since this Searcher read it" in r.getMessage()]
+        assert len(changed) == 1  # once per change, not per query
+        s.refresh()
+        assert set(s.chunk_ids) != before
+        top = s.search("zebra crossing stripes", 1).hits[0]
+        assert top.path == str(victim) and "zebra" in top.snippet
+        # the ingest ran with isne.enabled=false: edges.parquet is the earlier graph's, and graph
+        # expansion said nothing about it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+            s.search("zebra crossing stripes", 3, "graph")
+        assert any("edges.parquet is older than the chunks" in r.getMessage() for r in caplog.records)
+
+
+def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_path, caplog):
+    """During an ingest, search answered from what was committed so far with no word of it."""
+    import logging
+    import subprocess
+    import sys
+
+    from corpus_helpers import REPO
+
+    out = tmp_path / "out"
+    shutil.copytree(search_output[0], out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hades_gpu.store.lock import lock_output\n"
+                               "lock = lock_output(sys.argv[1], 's0')\nprint('locked', flush=True)\ntime.sleep(120)",
+                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+            with Searcher(out, _cfg(), embedder=embedder) as s:
+                assert s.search("calendar", 2).hits
+        lines = [r.getMessage() for r in caplog.records if "is being written now" in r.getMessage()]
+        assert len(lines) == 1 and f"PID {holder.pid}" in lines[0]
+    finally:
+        holder.kill()
+        holder.wait(10)
