@@ -326,7 +326,8 @@ def _report_interrupt(prog: str, err: KeyboardInterrupt, debug: bool = False) ->
         traceback.print_exception(err)
     sigterm = isinstance(err, Terminated) or _terminated.is_set()
     what = "terminated by SIGTERM" if sigterm else "interrupted"
-    print(f"{prog}: error: {what} (committed parts are kept: re-run to resume)", file=sys.stderr)
+    kept = "the training state is kept" if prog == "hades-isne" else "committed parts are kept"
+    print(f"{prog}: error: {what} ({kept}: re-run to resume)", file=sys.stderr)
     _exit_interrupted(143 if sigterm else 130)
 
 

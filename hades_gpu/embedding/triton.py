@@ -191,6 +191,9 @@ class TritonEmbedder:
                 raise EmbedderError(f"{where}: no answer within embedder.timeout_s={self.cfg.timeout_s} s "
                                     f"for {what}") from err
             tried = f" after {attempt + 1} attempts" if attempt else ""
+            if status == "StatusCode.NOT_FOUND":  # it was ready at start: not a wrong name
+                raise EmbedderError(f"{where}: the model is no longer served (the server is stopping, or its model "
+                                    f"backend died){tried}: {_one_line(err)}") from err
             raise EmbedderError(f"{where}: inference failed{tried}: {_one_line(err)}") from err
         response_id = result.get_response().id
         if response_id != request_id:  # cannot happen with unary calls; a cheap guard against mix-ups

@@ -312,7 +312,7 @@ def build_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None
     """Build the chunk graph of an output and write `<output>/edges.parquet`."""
     graph = build_chunk_graph(output_dir, cfg)
     write_edges(graph, output_dir)
-    log.info("chunk graph: %d nodes, %d edges %s (%.1f s; kNN %s, recall@%s %s)", graph.num_nodes,
+    log.info("chunk graph: %d nodes, %d edge rows %s (%.1f s; kNN %s, recall@%s %s)", graph.num_nodes,
              graph.num_edges, graph.counts_by_type(), graph.seconds.get("total", 0.0),
              graph.knn.get("method", "off"), graph.knn.get("k", "-"), graph.knn.get("recall_at_k", "-"))
     return graph

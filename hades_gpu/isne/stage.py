@@ -261,7 +261,7 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         write_isne_embeddings(epath, chunk_ids, vecs)
         metrics["seconds"]["write"] = time.perf_counter() - t
     metrics["seconds"]["total"] = time.perf_counter() - t_all
-    log.info("isne stage (%s): %d nodes, %d edges, %.1f s", metrics["mode"], n, metrics["n_edges"],
+    log.info("isne stage (%s): %d nodes, %d undirected edges, %.1f s", metrics["mode"], n, metrics["n_edges"],
              metrics["seconds"]["total"])
     return metrics
 

@@ -147,7 +147,8 @@ def _model_theta(output: Path) -> torch.Tensor:
     return load_checkpoint(output / "isne" / "model.safetensors").theta
 
 
-def test_hades_isne_killed_mid_training_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_hades_isne_killed_mid_training_resumes(tmp_path: Path, sig: int) -> None:
     out, ref = tmp_path / "out", tmp_path / "ref"
     out.mkdir()
     _write_output(out, {f"d{i}.md": 3 + i % 5 for i in range(40)})
@@ -162,7 +163,12 @@ def test_hades_isne_killed_mid_training_resumes(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert victim.poll() is None, "training finished before it could be killed: " + victim.stdout.read()[-2000:]
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, sig)
+        if sig == signal.SIGTERM:  # one line saying what is kept (it said "committed parts", an ingest's words)
+            said, _ = victim.communicate(timeout=60)
+            assert victim.returncode == 143, said[-2000:]
+            assert said.strip().splitlines()[-1] == ("hades-isne: error: terminated by SIGTERM (the training state "
+                                                     "is kept: re-run to resume)"), said[-2000:]
     finally:
         victim.kill()
         victim.wait()

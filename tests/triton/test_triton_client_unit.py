@@ -123,3 +123,14 @@ def test_shape_mismatch_is_value_error(monkeypatch):
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         emb.embed(np.ones((2, 8), np.int64), np.ones((2, 7), np.int64))
     assert emb.embed(*batch(0)).shape == (0, 384)
+
+
+def test_a_model_gone_mid_run_is_not_read_as_a_wrong_name(monkeypatch):
+    """A server killed mid-ingest answered NOT_FOUND "unknown model ... has no available versions":
+    the line read like a wrong model name. (Fake client: the status of a server whose model
+    unloaded; the real server-killed path is tests/triton/test_ingest_triton.py.)"""
+    fake = FakeClient(failures=1, status="StatusCode.NOT_FOUND")
+    emb = make(monkeypatch, fake, retries=5)
+    with pytest.raises(EmbedderError, match="the model is no longer served"):
+        emb.embed(*batch(4))
+    assert fake.calls == 1
