@@ -367,8 +367,17 @@ def check_ingest_paths(args: list[str]) -> None:
     those behind, in the corpus itself for output == corpus."""
     from hades_gpu.pipelines.ingest import refuse_output_in_sources
 
-    values = _literal_values(args, ("corpus", "output"))
+    values = _literal_values(args, ("corpus", "output", "hydra.run.dir", "hydra.sweep.dir"))
     corpus, output = values.get("corpus"), values.get("output")
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        job_dir = values.get(key)
+        if job_dir is None:
+            continue
+        if output is not None and Path(job_dir).absolute() != Path(output).absolute():
+            # the job's folder is the output: output= was silently ignored and the data went to job_dir
+            raise ConfigError(f"output={output} and {key}={job_dir} both name the output folder: give one "
+                              f"(output= sets {key})")
+        output = job_dir
     if corpus:
         _check_corpus(corpus)
     if corpus and output:
@@ -423,7 +432,9 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
     @guarded
     def app(dcfg: DictConfig) -> None:
         cfg = to_pipeline_config(dcfg)
-        task(cfg, _job_output_dir(cfg))
+        out = _job_output_dir(cfg)
+        cfg.output = str(out)  # what metrics.json records: the job's folder (in -m, output/<job>)
+        task(cfg, out)
 
     run_hydra_main(app, prog, precheck)
 

@@ -7,6 +7,7 @@ configuration (Hydra's own compose errors included); 1: the run failed. `--debug
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -283,6 +284,25 @@ def test_an_output_that_is_the_corpus_folder_is_refused_before_anything_is_writt
     assert sorted(p.name for p in corpus.iterdir()) == ["a.md"]  # not even Hydra's .hydra/ and job log
     proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", "isne.enabled=false")
     assert proc.returncode == 0 and "1 document(s) ingested" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+def test_output_and_a_hydra_job_folder_that_disagree_are_refused_before_anything_is_written(tmp_path):
+    """`output=o hydra.run.dir=rd` wrote everything to rd, ignored o silently, and recorded o in
+    metrics.json; `hydra.run.dir=<corpus>` wrote `.hydra/` and a log into the corpus before the refusal."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# Title\n\nSome prose to ingest.\n")
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o'}", f"{key}={tmp_path / 'rd'}",
+                                 "isne.enabled=false"), 2, "both name the output folder", key)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "rd").exists()
+    _assert_one_line(_ingest(f"corpus={corpus}", f"hydra.run.dir={corpus}", "isne.enabled=false"), 2,
+                     "is the corpus folder")
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.md"]
+    proc = _ingest(f"corpus={corpus}", f"hydra.run.dir={tmp_path / 'rd'}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "rd" / "metrics.json").read_text())
+    assert metrics["config"]["output"] == str(tmp_path / "rd")  # the folder really written
 
 
 def test_hades_isne_while_an_ingest_writes_the_output_is_refused_in_one_line(tmp_path, ingested):

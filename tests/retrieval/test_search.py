@@ -212,35 +212,23 @@ def test_damaged_output_files_are_one_line_exit_1(search_output, embedder, tmp_p
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and needle in err and target.name in err, err
 
 
-def test_a_missing_documents_part_is_one_line_exit_1(search_output, embedder, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("table", ["documents", "chunks"])
+def test_a_missing_part_is_one_line_exit_1(search_output, embedder, tmp_path, capsys, monkeypatch, table):
     """A deleted documents part: every hit came back with its lines unknown ("path:?", which means
-    "the source file changed"), exit 0, nothing said about the damage."""
+    "the source file changed"), exit 0, nothing said about the damage. A deleted chunks part: search
+    said the output "holds no committed chunks yet (an ingest may still be running ...)", exit 2,
+    though other parts were there."""
     from hades_gpu.embedding import factory
 
     copy = tmp_path / "out"
     shutil.copytree(search_output[0], copy)
-    target = sorted(copy.glob("documents/part-*.parquet"))[0]
+    target = sorted(copy.glob(f"{table}/part-*.parquet"))[0]
     target.unlink()
     monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
     assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and target.name in err, err
-
-
-def test_a_missing_chunks_part_is_named_not_taken_for_an_output_without_chunks(search_output, embedder, tmp_path,
-                                                                                capsys, monkeypatch):
-    """A committed chunks part deleted: search said the output "holds no committed chunks yet (an
-    ingest may still be running ...)", exit 2, though other parts were there."""
-    from hades_gpu.embedding import factory
-
-    copy = tmp_path / "out"
-    shutil.copytree(search_output[0], copy)
-    target = sorted(copy.glob("chunks/part-*.parquet"))[0]
-    target.unlink()
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
-    assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and target.name in err and "no committed chunks yet" not in err, err
+    assert "no committed chunks yet" not in err
 
 
 def test_vectors_overwritten_on_disk_are_one_line_not_a_silently_wrong_ranking(search_output, embedder, tmp_path,
