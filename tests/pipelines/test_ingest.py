@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -272,10 +273,12 @@ class _InterruptAfter(RecordingEmbedder):
     def __init__(self, inner, calls: int) -> None:
         super().__init__(inner)
         self.after = calls
+        self._count = itertools.count(1)  # the call's number, taken atomically (embed threads run at once)
 
     def embed(self, input_ids, attention_mask):
+        number = next(self._count)
         vectors = super().embed(input_ids, attention_mask)
-        if len(self.calls) == self.after:
+        if number == self.after:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)  # the main thread takes the interrupt while the run is still going
         return vectors
