@@ -44,7 +44,7 @@ DEBUG_ENV = "HADES_DEBUG"  # HADES_DEBUG=1 (or the flag --debug): tracebacks for
 # Run-time failures a user can cause (a full disk, a path that is a file, a damaged output): one line,
 # exit 1. Anything else is a bug and keeps its traceback.
 _RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST,
-               errno.EROFS, errno.ENAMETOOLONG}  # not ENOENT/EMFILE: in our own code those are bugs
+               errno.EROFS, errno.ENAMETOOLONG, errno.EADDRINUSE}  # not ENOENT/EMFILE: in our own code those are bugs
 
 
 class UsageError(Exception):

@@ -431,15 +431,29 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    if profile is None:
+        profile = "balanced"
+    if overrides is None:
+        overrides = []
     if isinstance(overrides, str):  # one override given as a string: not its characters one by one
         overrides = [overrides]
+    if not isinstance(profile, str):
+        raise ConfigError(f"profile must be a profile name (a string), got {type(profile).__name__} {profile!r}")
+    overrides = list(overrides)
+    bad = [o for o in overrides if not isinstance(o, str) or "=" not in o.lstrip("~") and not o.startswith("~")]
+    if bad:
+        raise ConfigError(f"overrides must be strings of the form key=value (got {bad[0]!r})")
     all_overrides = [f"profile={profile}", *overrides]
     try:
         cfg = _compose_own_conf(all_overrides)
     except MissingConfigException as err:
         raise ConfigError(f"bad config override: {missing_config_message(err)}") from err
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad config override: {_first_line(err)}") from err
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: Hydra's for "=3"
+        reason = _first_line(err)
+        cause = err.__cause__ or err.__context__
+        if cause is not None and _first_line(cause) not in reason:  # "Error merging override k=abc": why
+            reason = f"{reason}: {_first_line(cause)}"
+        raise ConfigError(f"bad config override: {reason}") from err
     return to_pipeline_config(cfg)
 
 
@@ -567,6 +581,9 @@ def _check_types(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} must be {label} (got {value!r})")
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Check values a schema cannot: types of values set in Python, ranges, orderings and choices.
     One-line errors naming the key."""
@@ -594,10 +611,12 @@ def validate(cfg: PipelineConfig) -> None:
     d = cfg.documents
     _check(d.max_file_bytes >= 1, "documents.max_file_bytes", ">= 1", d.max_file_bytes)
     _choice(d.decode_errors, DecodeErrors, "documents.decode_errors")
-    try:
-        "".encode(d.encoding)
-    except LookupError:
-        raise ConfigError(f"documents.encoding must be a known codec (got {d.encoding!r})") from None
+    for key, codecs in (("documents.encoding", [d.encoding]), ("documents.fallback_encodings", d.fallback_encodings)):
+        for codec in codecs:  # an unknown one made every file a decode_error at run time
+            try:
+                "".encode(codec)
+            except (LookupError, TypeError):
+                raise ConfigError(f"{key} must name known codecs (got {codec!r})") from None
 
     c = cfg.chunking
     _check(8 <= c.chunk_tokens <= cfg.embedder.max_seq_len - 2, "chunking.chunk_tokens",
@@ -616,8 +635,17 @@ def validate(cfg: PipelineConfig) -> None:
     _check(e.timeout_s > 0, "embedder.timeout_s", "> 0", e.timeout_s)
     _check(e.retries >= 0, "embedder.retries", ">= 0", e.retries)
 
+    _check(e.threads >= 0, "embedder.threads", ">= 0 (0: all cores)", e.threads)
+    _check(e.streams >= 0, "embedder.streams", ">= 0 (0: the runtime's choice)", e.streams)
+    for key, value in (("embedder.device", e.device), ("gpu.device", cfg.gpu.device), ("graph.device", cfg.graph.device),
+                       ("isne.device", cfg.isne.device)):
+        _check(isinstance(value, str) and _DEVICE.match(value.strip().lower()) is not None, key,
+               "auto | cpu | cuda | cuda:N", value)
+
     g = cfg.gpu
     check_watermarks(g.mem_low, g.mem_high, "gpu.mem_low/mem_high")
+    _check(g.min_batch_tokens <= p.max_batch_tokens, "gpu.min_batch_tokens",
+           f"<= profile.max_batch_tokens ({p.max_batch_tokens})", g.min_batch_tokens)
     _check(g.poll_interval_s > 0, "gpu.poll_interval_s", "> 0", g.poll_interval_s)
     _check(g.oom_hold_s >= 0, "gpu.oom_hold_s", ">= 0", g.oom_hold_s)
     _check(g.min_batch_tokens >= 1, "gpu.min_batch_tokens", ">= 1", g.min_batch_tokens)
@@ -627,6 +655,11 @@ def validate(cfg: PipelineConfig) -> None:
     _check(-1 <= gr.knn_threshold <= 1, "graph.knn_threshold", "in [-1, 1]", gr.knn_threshold)
     _check(gr.knn_block_size >= 1, "graph.knn_block_size", ">= 1", gr.knn_block_size)
     _check(gr.same_document_fanout >= 0, "graph.same_document_fanout", ">= 0", gr.same_document_fanout)
+    for key in ("sequence_weight", "same_document_weight", "reference_weight", "knn_weight_scale"):
+        _check(getattr(gr, key) >= 0, f"graph.{key}", ">= 0", getattr(gr, key))
+    _check(0 < gr.knn_target_recall <= 1, "graph.knn_target_recall", "in (0, 1]", gr.knn_target_recall)
+    _check(gr.knn_threads >= 0, "graph.knn_threads", ">= 0 (0: every core)", gr.knn_threads)
+    _check(gr.knn_exact_max_nodes >= 0, "graph.knn_exact_max_nodes", ">= 0", gr.knn_exact_max_nodes)
 
     i = cfg.isne
     _check(i.dim >= 1, "isne.dim", ">= 1", i.dim)
@@ -654,6 +687,9 @@ def validate(cfg: PipelineConfig) -> None:
 
     m = cfg.monitoring
     _choice(m.progress, ProgressMode, "monitoring.progress")
+    _check(0 <= m.prometheus_port <= 65535, "monitoring.prometheus_port", "in [0, 65535] (0: a free port)",
+           m.prometheus_port)
+    _check(m.log_interval_s > 0, "monitoring.log_interval_s", "> 0", m.log_interval_s)
 
     s = cfg.search
     _check(s.k >= 1, "search.k", ">= 1", s.k)

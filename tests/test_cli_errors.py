@@ -409,3 +409,19 @@ def test_sigterm_during_the_run_is_one_line_exit_143(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_busy_prometheus_port_and_a_wrong_embedder_dim_are_one_line(tmp_path, corpus):
+    """A taken `monitoring.prometheus_port` was a 75-line traceback (a parallel sweep with one fixed
+    port lost every job but one); `embedder.dim=128` with the local model was a traceback too."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o1'}", "isne.enabled=false",
+                                 "monitoring.prometheus=true", f"monitoring.prometheus_port={port}"), 1,
+                         f"127.0.0.1:{port}", "prometheus_port=0")
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o2'}", "isne.enabled=false",
+                             "embedder.dim=128"), 2, "embedder.dim must be 384")

@@ -46,3 +46,35 @@ def test_the_python_api_names_the_choices_of_an_unknown_group_and_takes_one_over
     with pytest.raises(ConfigError, match=r"choose embedder= one of: local, triton"):
         load_pipeline_config(overrides=["embedder=nosuch"])
     assert load_pipeline_config(overrides="isne.enabled=false").isne.enabled is False
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("documents.fallback_encodings=[utf-16,nope-enc]", "documents.fallback_encodings"),
+    ("monitoring.prometheus_port=70000", "monitoring.prometheus_port"),
+    ("monitoring.log_interval_s=0", "monitoring.log_interval_s"),
+    ("graph.knn_target_recall=1.5", "graph.knn_target_recall"),
+    ("graph.sequence_weight=-1", "graph.sequence_weight"),
+    ("graph.knn_threads=-3", "graph.knn_threads"),
+    ("graph.knn_exact_max_nodes=-5", "graph.knn_exact_max_nodes"),
+    ("embedder.threads=-2", "embedder.threads"),
+    ("embedder.streams=-1", "embedder.streams"),
+    ("embedder.device=tpu", "embedder.device"),
+    ("gpu.device=bogus", "gpu.device"),
+    ("gpu.min_batch_tokens=100000", "gpu.min_batch_tokens"),
+])
+def test_values_that_failed_only_at_run_time_are_refused_at_load_naming_the_key(override, needle):
+    """Each loaded without a word and then failed in the run (every file a decode_error, a port
+    traceback) or was silently ignored (a recall target of 1.5, progress lines turned off)."""
+    with pytest.raises(ConfigError, match=needle):
+        load_pipeline_config("balanced", [override])
+
+
+def test_the_python_api_takes_none_for_defaults_and_refuses_other_types_in_one_error():
+    assert load_pipeline_config(None, None).profile.name == "balanced"
+    for profile, overrides, needle in ((3, [], "profile must be a profile name"),
+                                       ("balanced", [None], "overrides must be strings"),
+                                       ("balanced", [3], "overrides must be strings"),
+                                       ("balanced", ["=3"], "bad config override"),
+                                       ("balanced", ["profile.num_workers=abc"], "could not be converted")):
+        with pytest.raises(ConfigError, match=needle):
+            load_pipeline_config(profile, overrides)

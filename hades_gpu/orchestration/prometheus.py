@@ -28,6 +28,7 @@ joins every one of them and closes the socket, so nothing is left running after 
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from socketserver import ThreadingMixIn
@@ -257,7 +258,10 @@ class MetricsEndpoint:
         except OSError as err:
             self._nvml.close()
             self._nvml = None
-            raise OSError(f"cannot serve Prometheus metrics on {HOST}:{self.requested_port}: {err}") from err
+            hint = (" (another process has it; monitoring.prometheus_port=0 takes a free port, as parallel sweep "
+                    "jobs need)" if err.errno == errno.EADDRINUSE else "")
+            raise OSError(err.errno, f"cannot serve Prometheus metrics on {HOST}:{self.requested_port}: "
+                                     f"{err.strerror or err}{hint}") from err
         self._server = server
         self.port = int(server.server_address[1])
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
