@@ -237,6 +237,9 @@ class RunMetrics:
         return out
 
 
+_BAR_STEPS = 1000  # the bar's resolution: the share of the run's work, in thousandths
+
+
 class ProgressReporter:
     """A rich progress bar on a terminal; a log line every `interval_s` otherwise."""
 
@@ -254,37 +257,45 @@ class ProgressReporter:
     def start(self) -> None:
         if not (self.enabled and self.use_bar):
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+            TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             transient=False, **({"console": self.console} if self.console is not None else {}),
         )
         self._progress.start()
-        self._task = self._progress.add_task("ingest", total=self.metrics.documents_total, rate="")
+        self._task = self._progress.add_task("ingest", total=_BAR_STEPS, counts="", rate="")
 
-    def update(self) -> None:
+    def _share(self, done: int, chunks: int) -> float:
+        """The share of the run's work done: documents are read well ahead of the embedder (the whole
+        corpus was "40/40, ETA 0s" with two thirds of its chunks still to embed), so it is the share
+        read times the share of the read chunks embedded."""
+        m = self.metrics
+        return (min(1.0, done / m.documents_total) if m.documents_total else 1.0) * (
+            min(1.0, chunks / m.chunks_read) if m.chunks_read else (1.0 if done else 0.0))
+
+    def update(self, final: bool = False) -> None:
         m = self.metrics
         done = m.documents_done + len(m.skipped) + m.documents_resumed
         chunks = m.stages["embed"].items
         rate = chunks / m.wall_s if m.wall_s > 0 else 0.0
+        share = self._share(done, chunks)
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=m.documents_total,
-                                  rate=f"{chunks} chunks, {rate:.1f} chunks/s")
+            # the bar is the same share as the log line's ETA (it was documents read: full, "ETA
+            # 0:00:00" and its clock stopped while most chunks were still to embed); full only at the end
+            steps = _BAR_STEPS if final else min(_BAR_STEPS - 1, int(share * _BAR_STEPS))
+            self._progress.update(self._task, completed=steps,
+                                  counts=f"{done}/{m.documents_total} docs read, {chunks}/{m.chunks_read} chunks embedded",
+                                  rate=f"{rate:.1f} chunks/s")
         elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
             self._last_log = time.monotonic()
-            # done = read: documents are read well ahead of the embedder (the whole corpus was "40/40,
-            # ETA 0s" with two thirds of its chunks still to embed); the work done is the share read
-            # times the share of the read chunks embedded
-            share = (min(1.0, done / m.documents_total) if m.documents_total else 1.0) * (
-                min(1.0, chunks / m.chunks_read) if m.chunks_read else (1.0 if done else 0.0))
             eta = f"{m.wall_s * (1 - share) / share:.0f}s" if share > 0 else "?"
             log.info("progress: %d/%d documents read, %d/%d chunks embedded (%.1f chunks/s), ETA %s", done,
                      m.documents_total, chunks, m.chunks_read, rate, eta)
 
     def stop(self) -> None:
         if self._progress is not None:
-            self.update()
+            self.update(final=True)
             self._progress.stop()
             self._progress = None

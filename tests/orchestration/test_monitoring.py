@@ -141,6 +141,8 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
 
 
 def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
+    """The bar was documents read: full, "ETA 0:00:00" and its clock stopped from the first seconds
+    while nearly every chunk was still to embed. It is now the share of the work, as the log line's."""
     import io
 
     from rich.console import Console
@@ -148,7 +150,7 @@ def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
     m = RunMetrics()
     m.documents_total = 10
     for _ in range(4):
-        m.document_done(5)
+        m.document_done(5, chunks_read=10)
     m.documents_resumed = 1
     m.add_skip("/x.bin", "binary")
     m.stages["embed"].record(items=20)
@@ -156,14 +158,19 @@ def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
     out = io.StringIO()
     p = ProgressReporter(m, mode="on", console=Console(file=out, force_terminal=True, width=160, color_system=None))
     p.start()
+    m.documents_total, m.documents_done = 10, 10  # every document read, half the chunks embedded
+    m.chunks_read = 40
     p.update()
+    task = p._progress.tasks[0]
+    assert task.completed == 500 and not task.finished  # half the work: not a full bar
+    m.documents_done = 4
     p.stop()
     text = out.getvalue()
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")
     last = [line for line in plain.splitlines() if line.strip()][-1]
-    # the columns in order: name, bar, done/total, "docs", rate, elapsed, "ETA", remaining
-    assert re.fullmatch(r"\s*ingest ━+\s+6/10 docs 20 chunks, 2\.5 chunks/s \d:\d\d:\d\d ETA (-:--:--|\d:\d\d:\d\d)\s*",
-                        last), last  # 4 done + 1 unchanged + 1 skipped; 20 chunks / 8 s
+    # the columns in order: name, bar, documents read, chunks embedded, rate, elapsed, "ETA", remaining
+    assert re.fullmatch(r"\s*ingest ━+\s+6/10 docs read, 20/40 chunks embedded 2\.5 chunks/s \d:\d\d:\d\d ETA "
+                        r"(-:--:--|\d:\d\d:\d\d)\s*", last), last  # 4 done + 1 unchanged + 1 skipped; 20 chunks / 8 s
     assert "XX" not in text
     assert p._progress is None
     ProgressReporter(m, mode="off").start()  # off: no bar, nothing to stop
