@@ -411,10 +411,18 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
             if metrics.exists():
                 shutil.copy(metrics, job_dir / "metrics.json")
             shutil.rmtree(job_dir / DATASET_DIR, ignore_errors=True)
-    log.info("%s: %s %s/%d: %.1f chunks/s, %.0f tokens/s, padding %.3f, peak RSS %.0f MiB",
+    log.info("%s: %s %s/%d: %.1f chunks/s, %.0f tokens/s, padding %.3f, peak RSS %.0f MiB%s",
              job_dir, bench.job, cfg.profile.name, cfg.profile.max_batch_tokens, result["chunks_per_s"],
-             result["tokens_per_s"], result["padding_efficiency"], result["peak_rss_bytes"] / 2**20)
+             result["tokens_per_s"], result["padding_efficiency"], result["peak_rss_bytes"] / 2**20,
+             stand_in_note(result))
     return result
+
+
+def stand_in_note(result: dict) -> str:
+    """"; embedder: ZERO-COST STAND-IN ..." when no model ran (the feed job): the console says so, as
+    result.json and the report do."""
+    embedder = str(result.get("embedder") or "")
+    return f"; embedder: {embedder}" if "STAND-IN" in embedder else ""
 
 
 def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
@@ -437,7 +445,7 @@ def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
         print(f"{HydraConfig.get().runtime.output_dir}: {bench.job} {cfg.profile.name} "
               f"max_batch_tokens={cfg.profile.max_batch_tokens}: {result['chunks_per_s']:.1f} chunks/s, "
               f"{result['tokens_per_s']:.0f} tokens/s, padding {result['padding_efficiency']:.3f}, "
-              f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+              f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB{stand_in_note(result)}", flush=True)
 
     def plain(dcfg: DictConfig) -> None:
         try:

@@ -98,3 +98,24 @@ def test_the_small_files_corpus_is_real_files_under_the_cap(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["small_files_max_bytes"] == 1024 and data["runs"][0]["documents"] >= 50
     assert data["corpus"].endswith("corpus-small") and LABEL in capsys.readouterr().out
+
+
+def test_the_feed_jobs_console_line_names_the_stand_in(tmp_path):
+    """`hades-bench bench=feed` printed "feed balanced max_batch_tokens=4096: 131.5 chunks/s" with no
+    word that no model ran (result.json and the report said so; the console, where people read, not)."""
+    import os
+    import subprocess
+    import sys
+
+    from corpus_helpers import REPO
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, corpus)
+    args = ["bench=feed", f"corpus={corpus}", f"output={tmp_path / 'job'}", "profile.num_workers=1",
+            "isne.enabled=false", "monitoring.progress=off"]
+    code = f"import sys; from hades_gpu.cli import bench_main; sys.argv[1:] = {args!r}; bench_main()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if "chunks/s" in ln]
+    assert lines and all(LABEL in ln for ln in lines), proc.stdout[-2000:]
