@@ -34,7 +34,7 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
-from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, printable
+from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
                                       uncommitted_indices)
@@ -298,6 +298,22 @@ class IngestPipeline:
                  for ref in refs if ref.rel_path in claimed]
         return refs.take(keep), [*skips, *extra]
 
+    def _record_interrupted_run(self, metrics: RunMetrics, writer: Union[DatasetWriter, WriterProcess],
+                                out: Path) -> None:
+        """metrics.json for a run that was interrupted after committing chunks: the earlier file
+        described an output without them, and the ingest totals (ISNE's default time budget) never
+        counted this run's seconds and chunks. Nothing committed: the earlier file stays true."""
+        if not writer.rows_written:
+            return
+        try:
+            metrics.finish()
+            metrics.chunks_done = writer.rows_written
+            snapshot = metrics.snapshot()
+            snapshot.update(interrupted=True, parts_written=writer.parts_written, config=config_to_dict(self.config))
+            _write_metrics(out, snapshot, self.shard)
+        except Exception as err:  # noqa: BLE001 - the interrupt is what the caller sees
+            log.warning("interrupted: metrics.json could not be written (%s)", error_line(err))
+
     def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
@@ -406,6 +422,7 @@ class IngestPipeline:
             writer.close()
         except KeyboardInterrupt:
             _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (cli.Terminated): what is done stays done
+            self._record_interrupted_run(metrics, writer, out)
             raise
         except BaseException:
             writer.discard_open_part()  # its rows are uncommitted: the next run redoes those documents

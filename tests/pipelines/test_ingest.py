@@ -302,12 +302,17 @@ def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, write
     kept = len(read_documents(out, ["doc_id"]))
     assert 0 < kept < 40, kept  # without the commit at the interrupt: 0
     assert_exactly_once(out)
+    # metrics.json says what this run committed (there was none), and its totals count it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["ingest_totals"]["chunks"] == kept
 
     again = RecordingEmbedder(embedder)
     result = TextParallelPipeline(cfg, embedder=again).process_batch([corpus], output=out)
     assert result.documents_unchanged == kept and result.documents_ingested == 40 - kept
     assert again.rows_embedded == 40 - kept  # the kept documents are not embedded again
     assert_exactly_once(out)
+    totals = json.loads((out / "metrics.json").read_text())["ingest_totals"]
+    assert totals["runs"] == 2 and totals["chunks"] == 40
 
 
 def test_a_file_that_is_no_longer_a_document_loses_its_earlier_chunks(tmp_path, embedder, caplog):
