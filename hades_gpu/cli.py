@@ -266,7 +266,9 @@ class _Reported(BaseException):
 def guarded(task: Callable[..., None]) -> Callable[..., None]:
     """Wrap a Hydra job body: a failure `classify_error` knows leaves the job as `_Reported`.
 
-    In `-m` runs the first such failure ends the sweep (jobs already done keep their folders).
+    In `-m` runs such a failure is one line naming the job and the sweep goes on; the command then
+    exits with the worst job's code (`run_hydra_main`). Under `hydra/launcher=joblib` the jobs run in
+    other processes: their lines are printed, the exit code does not count them.
     """
 
     @functools.wraps(task)
@@ -274,11 +276,37 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
         try:
             task(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the CLI boundary
-            if classify_error(err) is None:
+            found = classify_error(err)
+            if found is None:
                 raise
-            raise _Reported(err) from err
+            job = _multirun_job()
+            if job is None:
+                raise _Reported(err) from err
+            # one job of a -m sweep: its line, then the next job (a bad value in one combination
+            # stopped the whole sweep, and the valid jobs after it never ran); the exit code says so
+            code, message = found
+            print(printable(f"{sys.argv[0]}: error: job {job}: {message} (the sweep goes on)"), file=sys.stderr,
+                  flush=True)
+            _sweep_failures.append(code)
 
     return body
+
+
+_sweep_failures: list[int] = []  # exit codes of the failed jobs of this process's -m sweep
+
+
+def _multirun_job() -> Optional[str]:
+    """`<num> (<overrides>)` of the running job of a `-m` sweep, or None outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return f"{hc.job.num} ({hc.job.override_dirname or 'no overrides'})"
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return None
 
 
 class Terminated(KeyboardInterrupt):
@@ -402,6 +430,10 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         if precheck is not None:
             precheck(sys.argv[1:])
         app()
+        if _sweep_failures:  # jobs of a -m sweep that failed (each said why in its line)
+            print(printable(f"{prog}: error: {len(_sweep_failures)} job(s) of the sweep failed"), file=sys.stderr,
+                  flush=True)
+            sys.exit(max(_sweep_failures))
     except KeyboardInterrupt as err:
         _report_interrupt(prog, err, debug)
     except (_Reported, Exception) as caught:  # noqa: BLE001 - the CLI boundary

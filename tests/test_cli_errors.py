@@ -425,3 +425,18 @@ def test_a_busy_prometheus_port_and_a_wrong_embedder_dim_are_one_line(tmp_path, 
                          f"127.0.0.1:{port}", "prometheus_port=0")
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o2'}", "isne.enabled=false",
                              "embedder.dim=128"), 2, "embedder.dim must be 384")
+
+
+def test_a_bad_value_in_one_sweep_job_is_one_line_and_the_other_jobs_run(tmp_path, corpus):
+    """`-m profile.num_workers=1,-1,2`: the second job's ConfigError ended the sweep, and the valid
+    third job never ran. Each failed job is now its line naming the job; the rest run; exit 2."""
+    proc = _ingest("-m", f"corpus={corpus}", f"output={tmp_path / 'sweep'}", "profile.num_workers=1,-1,2",
+                   "isne.enabled=false")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hades-ingest: error: ")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert "job 1 (" in lines[0] and "profile.num_workers=-1)" in lines[0], lines[0]
+    assert "profile.num_workers must be >= 1" in lines[0]
+    assert lines[1] == "hades-ingest: error: 1 job(s) of the sweep failed"
+    done = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/manifest-*.sqlite"))
+    assert [d[0] for d in done] == ["0", "2"] and all("profile.num_workers=" in d for d in done), done
