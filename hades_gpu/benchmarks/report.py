@@ -62,6 +62,7 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     for c in ("chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_bytes", "wall_s"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce")
     frame["peak_rss_mib"] = frame["peak_rss_bytes"] / 2**20
+    frame["config"] = [_config_of(r) for r in frame.itertuples(index=False)]
     frame["_pkey"] = frame["profile"].map(lambda p: _profile_key(str(p)))
     frame = frame.sort_values(["job", "_pkey", "max_batch_tokens", "folder"]).drop(columns="_pkey")
     frame = frame.reset_index(drop=True)
@@ -70,12 +71,29 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     frame["best"] = False
     ok = frame[(frame["status"] == "ok") & frame["chunks_per_s"].notna()]
     if not ok.empty:
-        means = ok.groupby(["job", "profile", "max_batch_tokens"])["chunks_per_s"].mean()
+        # a configuration is every swept key, not only profile and budget: a sweep over workers or
+        # chunk sizes was averaged into "one configuration, mean of N runs"
+        means = ok.groupby(["job", "config"])["chunks_per_s"].mean()
         for job, per_job in means.groupby(level="job"):
-            _, profile, budget = per_job.idxmax()
-            frame.loc[(frame["job"] == job) & (frame["profile"] == profile) & (frame["max_batch_tokens"] == budget)
-                      & (frame["status"] == "ok"), "best"] = True
+            _, config = per_job.idxmax()
+            frame.loc[(frame["job"] == job) & (frame["config"] == config) & (frame["status"] == "ok"), "best"] = True
     return frame
+
+
+_NOT_CONFIG = ("corpus=", "output=", "hydra.", "hydra/")
+
+
+def _config_of(row: Any) -> str:
+    """The job's configuration as its overrides (the corpus, output and Hydra's own left out), or
+    profile and budget when a result names no overrides."""
+    overrides = row.overrides
+    if isinstance(overrides, str):
+        overrides = [o for o in overrides.split(",") if o] if overrides else []
+    kept = [str(o) for o in (overrides or []) if not str(o).startswith(_NOT_CONFIG)]
+    for key, value in (("profile", row.profile), ("profile.max_batch_tokens", _fmt(row.max_batch_tokens, "d"))):
+        if not any(o.startswith(f"{key}=") for o in kept):  # what the job ran with, swept or not
+            kept.append(f"{key}={value}")
+    return " ".join(sorted(kept, key=lambda o: (not o.startswith("profile="), o)))  # the profile first
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -88,14 +106,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(frame: Any) -> str:
-    header = ("| | job | profile | max_batch_tokens | chunks | chunks/s | tokens/s | padding eff. | "
+    header = ("| | job | profile | max_batch_tokens | configuration | chunks | chunks/s | tokens/s | padding eff. | "
               "peak RSS (MiB) | wall (s) | backpressure waits | status | folder |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in frame.itertuples(index=False):
         status = row.status if row.status == "ok" else f"{row.status}: {str(row.error)[:80]}"
         lines.append("| " + " | ".join([
             BEST_MARK if row.best else "",
-            str(row.job), str(row.profile), _fmt(row.max_batch_tokens, "d"), _fmt(row.chunks, "d"),
+            str(row.job), str(row.profile), _fmt(row.max_batch_tokens, "d"), f"`{row.config}`", _fmt(row.chunks, "d"),
             _fmt(row.chunks_per_s, ".1f"), _fmt(row.tokens_per_s, ",.0f"), _fmt(row.padding_efficiency, ".3f"),
             _fmt(row.peak_rss_mib, ",.0f"), _fmt(row.wall_s, ".2f"), _fmt(row.backpressure_waits, "d"),
             status.replace("|", "/"), f"`{row.folder}`",
@@ -110,7 +128,7 @@ def _series_label(job: str, profile: str, jobs: int) -> str:
 def _best_means(ok: Any, columns: list[str]) -> Any:
     """One row per best configuration (per job kind): its key and the mean of `columns` over its runs."""
     best = ok[ok["best"]]
-    return best.groupby(["job", "profile", "max_batch_tokens"], as_index=False)[columns].mean()
+    return best.groupby(["job", "profile", "max_batch_tokens", "config"], as_index=False)[columns].mean()
 
 
 def _plot_throughput(frame: Any, path: Path) -> None:
@@ -224,8 +242,7 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
         if not best.empty:
             b = best[["chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_mib"]].mean()
             runs = f" (mean of {len(best)} runs)" if len(best) > 1 else ""
-            lines.append(f"**Best `{job}` configuration {BEST_MARK}: `profile={best['profile'].iloc[0]} "
-                         f"profile.max_batch_tokens={int(best['max_batch_tokens'].iloc[0])}`**{runs}: "
+            lines.append(f"**Best `{job}` configuration {BEST_MARK}: `{best['config'].iloc[0]}`**{runs}: "
                          f"{b['chunks_per_s']:.1f} chunks/s, {b['tokens_per_s']:,.0f} tokens/s, "
                          f"padding efficiency {b['padding_efficiency']:.3f}, peak RSS {b['peak_rss_mib']:,.0f} MiB.")
             lines.append("")

@@ -96,6 +96,22 @@ def test_report_marks_best_and_lists_failures(tmp_path):
     assert (tmp_path / report.PLOTS["throughput"]).is_file()
 
 
+def test_report_keeps_apart_configurations_that_differ_in_other_swept_keys(tmp_path):
+    """`-m profile.num_workers=1,2`: both jobs share profile and budget, and the report called them
+    one configuration, "mean of 2 runs", both starred."""
+    for folder, workers, rate in (("0_w1", 1, 10.0), ("1_w2", 2, 30.0)):
+        fake_result(tmp_path / folder, "balanced", 4096, rate)
+        path = tmp_path / folder / "result.json"
+        row = json.loads(path.read_text())
+        row["overrides"] = ["profile=balanced", f"profile.num_workers={workers}", f"corpus=/c", f"output={tmp_path}"]
+        path.write_text(json.dumps(row))
+    assert report.report_cli([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    best = [line for line in text.splitlines() if "| ingest |" in line and report.BEST_MARK in line]
+    assert len(best) == 1 and "profile.num_workers=2" in best[0] and "mean of" not in text
+    assert "`profile=balanced profile.max_batch_tokens=4096 profile.num_workers=2`" in text
+
+
 def test_report_on_empty_folder_fails_with_a_message(tmp_path, capsys):
     assert report.report_cli([str(tmp_path)]) == 2
     assert "no result.json" in capsys.readouterr().err
