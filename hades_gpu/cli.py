@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -423,10 +424,12 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
     sys.argv[0] = prog
     # Hydra re-raises instead of printing its own several-line report: we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    fresh: Optional[Path] = None  # an output= folder this command is about to create
     try:
         _catch_sigterm()
         _check_hydra_args(sys.argv)
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+        fresh = _fresh_output(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])
         app()
@@ -444,9 +447,31 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         code, message = found
         if debug:
             traceback.print_exception(err)
+        if code == 2 and fresh is not None:
+            _remove_hydra_leftovers(fresh)
         sys.stderr.flush()
         print(printable(f"{prog}: error: {message}"), file=sys.stderr, flush=True)
         sys.exit(code)
+
+
+def _fresh_output(args: list[str]) -> Optional[Path]:
+    """The literal `output=` folder when it does not exist yet (Hydra makes it for the job)."""
+    try:
+        output = _literal_values(args, ("output",)).get("output")
+    except Exception:  # noqa: BLE001 - Hydra reports bad syntax itself
+        return None
+    return Path(output) if output and not Path(output).exists() else None
+
+
+def _remove_hydra_leftovers(folder: Path) -> None:
+    """A configuration error inside the job left the folder Hydra made for it: `.hydra/` and an
+    empty job log, nothing of ours. Removed only when that is all it holds."""
+    try:
+        entries = list(folder.iterdir())
+        if all(e.name == ".hydra" or (e.suffix == ".log" and e.is_file() and e.stat().st_size == 0) for e in entries):
+            shutil.rmtree(folder)
+    except OSError:
+        pass
 
 
 def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,

@@ -440,3 +440,14 @@ def test_a_bad_value_in_one_sweep_job_is_one_line_and_the_other_jobs_run(tmp_pat
     assert lines[1] == "hades-ingest: error: 1 job(s) of the sweep failed"
     done = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/manifest-*.sqlite"))
     assert [d[0] for d in done] == ["0", "2"] and all("profile.num_workers=" in d for d in done), done
+
+
+def test_a_configuration_error_leaves_no_output_folder_behind(tmp_path, corpus):
+    """`output=o profile.num_workers=-1`: one line, exit 2, and yet `o/` was made, holding Hydra's
+    `.hydra/` and an empty `cli.log`. A folder that existed before is left as it was."""
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o'}", "profile.num_workers=-1"), 2,
+                     "profile.num_workers")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'kept'}", "profile.num_workers=-1"), 2)
+    assert (tmp_path / "kept").is_dir()
