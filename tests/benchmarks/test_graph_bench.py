@@ -83,3 +83,6 @@ def test_the_graph_job_reports_knn_and_isne_rows(tmp_path: Path) -> None:
     chunk = r["isne"]["chunk_graph"]
     assert chunk["nodes"] == r["chunks"] and set(chunk["runs"]) == {"weighted", "unweighted"}
     assert all(run["epochs"] == 1 for run in chunk["runs"].values())
+    # its one line is the stage it timed, not the untimed ingest's tokens and padding
+    line = jobs.headline(cfg, bench, r)
+    assert "kNN rows" in line and "tokens/s" not in line and "padding" not in line, line
