@@ -201,6 +201,40 @@ _CHAOS_SLACK = 0.05
 _COHERENCE_SLACK = 0.5
 
 
+# Single-byte code pages of Latin scripts: where the detector's pick among them loses to cp1252 when
+# cp1252 reads the bytes cleanly (`_clean_latin`). Cyrillic, Greek, Hebrew, Arabic, Thai and CJK picks
+# are left alone.
+_LATIN_CODE_PAGES = {codecs.lookup(c).name for c in (
+    "cp1250", "cp1254", "cp1257", "latin_1", "iso8859_2", "iso8859_3", "iso8859_4", "iso8859_9", "iso8859_10",
+    "iso8859_13", "iso8859_14", "iso8859_15", "iso8859_16", "mac_roman", "mac_latin2", "mac_iceland",
+    "mac_turkish", "cp437", "cp850", "cp852", "cp858")}
+# Non-letters that Western prose uses (typographic quotes and dashes, currency, symbols)
+_WESTERN_MARKS = set("€‚„…†‡‰‹›‘’“”•–—˜™«»°±·×÷§¶©®ªºµ¢£¥¤¦¨¬¯´¸\xa0\xad")
+# ...and those it uses only after a non-letter (¿Qué, ¡Hola, m²: also what Polish ż, ł, ą become
+# inside words when cp1250 text is read as cp1252)
+_AFTER_NON_LETTER = set("¿¡¹²³¼½¾")
+
+
+def _clean_latin(data: bytes, codec: str) -> str | None:
+    """`data` decoded by `codec` when every non-ASCII character is a letter or a mark prose uses
+    (see `_AFTER_NON_LETTER`), else None. Why: a text whose bytes all read as letters in cp1252 is
+    Western prose read right far more often than not (the detector's chaos score can rank a Baltic
+    page first for French)."""
+    try:
+        text = data.decode(codec, "strict")
+    except UnicodeDecodeError:
+        return None
+    for match in re.finditer(r"[^\x00-\x7f]", text):
+        ch = match.group()
+        if ch.isalpha() or ch in _WESTERN_MARKS:
+            continue
+        before = text[match.start() - 1] if match.start() else " "
+        if ch in _AFTER_NON_LETTER and not before.isalpha():
+            continue
+        return None
+    return text
+
+
 class Decoded(NamedTuple):
     """A document's text, the blake2b of its raw bytes, and the codec: ``raw.decode(encoding,
     "replace") == text`` (the name a BOM selects, e.g. ``utf-8-sig``/``utf-16``, strips the BOM)."""
@@ -216,8 +250,23 @@ def _detect(data: bytes) -> tuple[str, str] | None:
 
     matches = list(from_bytes(data, cp_exclusion=_NOT_DETECTED))
     if not matches:
+        # the detector found nothing (it gave up on a repeated cp1250 line): a Latin code page whose
+        # text is clean Western or Central European prose is taken before a decode_error
+        for codec in (_PREFERRED, "cp1250"):
+            text = _clean_latin(data, codec)
+            if text is not None:
+                return text, codec
         return None
     best = matches[0]
+    picked = codecs.lookup(best.encoding).name
+    if picked in _LATIN_CODE_PAGES:
+        # A Latin code page: the first that reads every byte as a letter or a mark prose uses, of
+        # cp1252 (the common case; the detector ranked cp1257 first for French: "crčme", "ą la
+        # faēon"), its own pick, and cp1250 (it read Polish as iso8859-3: "Wis³ı"); none: its pick.
+        for codec in dict.fromkeys((_PREFERRED, picked, "cp1250")):
+            text = _clean_latin(data, codec)
+            if text is not None:
+                return text, codec
     for m in matches:  # the same text from cp1252 (or close to as good): cp1252, the common case
         if (_PREFERRED in m.could_be_from_charset and m.chaos <= best.chaos + _CHAOS_SLACK
                 and m.coherence >= best.coherence - _COHERENCE_SLACK):

@@ -28,6 +28,14 @@ SMART = "\u201cSmart quotes\u201d, \u2018single\u2019 ones \u2013 and a caf\u00e
 LEGACY = [
     ("latin1.txt", "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade. " * 30 + "\n", "latin-1", "cp1252"),
     ("cp1252.txt", SMART * 30, "cp1252", "cp1252"),
+    # the detector ranked cp1257 first for this French line ("crčme", "ą la faēon"): stored mangled
+    ("french_line.txt", "Café crème brûlée à la façon française. Déjà vu, señor, naïve.\n", "latin-1", "cp1252"),
+    # ... iso8859-3 for this Polish one ("Wis³ı"), and nothing at all for a repeated pangram (skipped)
+    ("polish.txt", "Warszawa jest stolicą Polski. Kraków leży nad Wisłą, a Gdańsk nad morzem. Żółw idzie powoli.\n",
+     "cp1250", "cp1250"),
+    ("pangram.txt", "Zażółć gęślą jaźń. Łódź jest pięknym miastem w Polsce.\n" * 2, "cp1250", "cp1250"),
+    ("spanish.txt", "¿Qué tal? ¡Hola! Mañana vamos a la montaña, 10 m² de jardín. “Comillas” – guion…\n", "cp1252",
+     "cp1252"),
     ("utf16.txt", "Wide text \u00fc \u4e2d\u6587 and more words.\r\n" * 30, "utf-16", "utf-16"),
     ("utf16be.txt", "Big endian \u00e9t\u00e9 text.\n" * 30, "utf-16-be+bom", "utf-16"),
     ("utf8bom.md", "# T\u00eftle\r\n\r\nB\u00f6dy with a BOM, caf\u00e9.\r\n" * 30, "utf-8-sig", "utf-8-sig"),
@@ -190,4 +198,5 @@ def test_legacy_files_end_to_end_and_chunk_source(tmp_path: Path) -> None:
 
     strict = _ingest(corpus, tmp_path / "strict", "documents.decode_errors=strict")
     reasons = {Path(s["path"]).name: s["reason"] for s in strict.skipped}
-    assert reasons == {"cp1252.txt": "decode_error", "img.png.txt": "binary"}
+    assert reasons == {"cp1252.txt": "decode_error", "img.png.txt": "binary", "french_line.txt": "decode_error",
+                       "polish.txt": "decode_error", "pangram.txt": "decode_error", "spanish.txt": "decode_error"}
