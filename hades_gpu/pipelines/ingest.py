@@ -137,6 +137,13 @@ def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, 
 NO_LONGER_DOCUMENT = frozenset({"empty", "binary", "decode_error", "too_large"})
 
 
+def not_a_file_any_more(reason: str, detail: str) -> bool:
+    """A skip that says the path is no regular file now (a FIFO or socket: `unreadable: not a regular
+    file`; a symlink not followed): like NO_LONGER_DOCUMENT, its committed document is removed. Other
+    `unreadable` causes (permissions, I/O) pass and keep it."""
+    return reason == "symlink" or (reason == "unreadable" and detail.startswith("not a regular file"))
+
+
 def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess]) -> None:
     """An interrupted run commits the documents whose every chunk is embedded, as its end would: at
     most one part's rows to encode (well under a second), so Ctrl-C keeps the finished work instead
@@ -348,12 +355,20 @@ class IngestPipeline:
             log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, printable(str(out)))
 
         no_longer_documents: list[tuple[str, str]] = []  # (rel_path, reason): see _remove_no_longer_documents
+        if writer.manifest.parts():
+            # files that discovery now skips as no file at all (a FIFO, a socket, a symlink not followed):
+            # their committed documents go too (they kept their old chunks, and "re-ingest it" did nothing)
+            gone = {s.path: s.reason for s in skips if not_a_file_any_more(s.reason, s.detail)}
+            if gone:
+                for path, rel in committed_rel_paths_of_files(out, set(gone)).items():
+                    no_longer_documents.append((rel, gone[path]))
 
         def triage(ref: DocumentRef, result: DocumentResult) -> bool:
             metrics.documents_read += 1
             if result.skip_reason is not None:
                 metrics.add_skip(ref.path, result.skip_reason, result.skip_detail)
-                if result.skip_reason in NO_LONGER_DOCUMENT:
+                if result.skip_reason in NO_LONGER_DOCUMENT or not_a_file_any_more(result.skip_reason,
+                                                                                   result.skip_detail or ""):
                     no_longer_documents.append((ref.rel_path, result.skip_reason))
                 return False
             if result.unchanged:

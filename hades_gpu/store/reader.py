@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -230,7 +231,12 @@ def chunk_source(output: str | os.PathLike, path_or_doc_id: Union[str, bytes, os
         OSError: the file cannot be read.
     """
     row = _find_document(output, path_or_doc_id)
-    with open(source_path(row), "rb") as fh:
+    # O_NONBLOCK: a file replaced by a FIFO since the ingest blocked this read (and every search whose
+    # hits held it) for ever; it is checked to be a regular file before anything is read
+    fd = os.open(source_path(row), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceChangedError(f"{row['path']} is no longer a regular file; re-ingest it")
         data = fh.read()
     digest = content_hash(data)
     if row.get("content_hash") and digest != row["content_hash"]:

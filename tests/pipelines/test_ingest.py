@@ -266,6 +266,43 @@ def test_sigterm_is_one_line_and_the_parts_committed_by_the_interval_are_kept(tm
     assert_exactly_once(out)
 
 
+def test_a_file_replaced_by_a_fifo_or_a_symlink_loses_its_chunks_and_never_blocks_a_reader(tmp_path, embedder):
+    """A file replaced by a FIFO: `chunk_source` (and every search whose hits held it) blocked for
+    ever opening it. A file replaced by a FIFO or by a symlink (not followed) kept its old chunks,
+    and the error said "re-ingest it", which skipped it again and kept them."""
+    import threading
+
+    from hades_gpu.store.reader import SourceChangedError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in "abcd":
+        (corpus / f"{name}.md").write_text(f"# {name}\n\n" + " ".join(f"{name} word{i}." for i in range(200)))
+    out = tmp_path / "out"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    (corpus / "b.md").unlink()
+    os.mkfifo(corpus / "b.md")
+    (corpus / "c.md").unlink()
+    (corpus / "c.md").symlink_to(corpus / "d.md")
+    outcome: list = []
+
+    def read_source() -> None:
+        try:
+            chunk_source(out, "b.md")
+        except SourceChangedError as err:
+            outcome.append(err)
+
+    reader = threading.Thread(target=read_source, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and outcome and "no longer a regular file" in str(outcome[0])
+
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_removed == 2
+    assert sorted(read_documents(out, ["rel_path"]).column("rel_path").to_pylist()) == ["a.md", "d.md"]
+    assert_exactly_once(out)
+
+
 class _InterruptAfter(RecordingEmbedder):
     """The real embedder; after `calls` batches it sends this process SIGINT, as Ctrl-C does (the
     signal is real; only its timing is chosen), then goes on embedding."""
