@@ -102,12 +102,21 @@ def output_state(output: str | os.PathLike) -> tuple:
     return tuple(state)
 
 
+def _line_breaks(source: str, end: int) -> int:
+    """Line breaks in ``source[:end]``: ``\n``, ``\r\n`` and a lone ``\r``, as universal newlines
+    read them (a file of ``\r`` line ends was one line: every hit said ``:1-1``)."""
+    n = source.count("\n", 0, end) + source.count("\r", 0, end) - source.count("\r\n", 0, end)
+    if 0 < end < len(source) and source[end - 1] == "\r" and source[end] == "\n":
+        n -= 1  # the \r of a \r\n cut at `end`: the break is counted where its \n is
+    return n
+
+
 def line_range(source: str, char_start: int, char_end: int) -> tuple[int, int]:
     """1-based first and last line of ``source[char_start:char_end]`` (a trailing newline ends the
     last line, it does not start another)."""
-    first = source.count("\n", 0, char_start) + 1
+    first = _line_breaks(source, char_start) + 1
     last_char = max(char_start, char_end - 1)
-    return first, source.count("\n", 0, last_char) + 1
+    return first, _line_breaks(source, last_char) + 1
 
 
 def snippet_of(text: str, limit: int) -> str:

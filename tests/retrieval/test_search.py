@@ -77,6 +77,13 @@ def test_line_range():
     assert line_range(text, 2, 5) == (2, 2)  # "bb\n": the newline ends line 2
     assert line_range(text, 2, 8) == (2, 3)
     assert line_range(text, 5, 5) == (3, 3)
+    # the same lines ended by \r\n or by a lone \r (old Mac files: every hit said ":1-1")
+    crlf = "a\r\nbb\r\nccc\r\n"
+    assert [line_range(crlf, 0, 1), line_range(crlf, 3, 7), line_range(crlf, 3, 12), line_range(crlf, 7, 7)] == \
+        [(1, 1), (2, 2), (2, 3), (3, 3)]
+    cr = "a\rbb\rccc\r"
+    assert [line_range(cr, 0, 1), line_range(cr, 2, 5), line_range(cr, 2, 9), line_range(cr, 5, 5)] == \
+        [(1, 1), (2, 2), (2, 3), (3, 3)]
 
 
 def test_graph_expansion_moves_linked_chunks(search_output, embedder):
