@@ -298,6 +298,9 @@ class _Walker:
         self.seen_paths: set[str] = set()
         self.seen_rel: dict[str, str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
+        # followed symlinks reach a file under a second name: (device, inode) -> the first name. Kept
+        # only then (a dict entry per document would undo the main process's per-document savings)
+        self.seen_files: Optional[dict[tuple[int, int], str]] = {} if cfg.follow_symlinks else None
 
     def _unreadable(self, path: str, err: OSError) -> None:
         self.skips.append(Skip(path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
@@ -336,6 +339,11 @@ class _Walker:
             self.skips.append(Skip(abs_path, "too_large",
                                    f"{st.st_size} bytes > documents.max_file_bytes ({self.cfg.max_file_bytes})"))
             return
+        if self.seen_files is not None:
+            first = self.seen_files.setdefault((st.st_dev, st.st_ino), abs_path)
+            if first != abs_path:  # a symlink to a file already taken: its chunks would be stored twice
+                self.skips.append(Skip(abs_path, "duplicate", f"the same file as {printable(first)}"))
+                return
         self.seen_rel[identity] = abs_path
         self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),
                                      modality=kind[0], language=kind[1], mtime_ns=int(st.st_mtime_ns)))

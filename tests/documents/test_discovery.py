@@ -143,10 +143,18 @@ def test_symlinks(tmp_path: Path) -> None:
         "dangling.py": "symlink", "link.py": "symlink", "linkdir": "symlink", "loop": "symlink"}
 
     refs, skips = discover(root, DocumentsConfig(follow_symlinks=True))
-    assert _rels(refs) == ["a.py", "link.py", "linkdir/real.py"]
+    # linkdir/real.py is outside/real.py again, which link.py already took
+    assert _rels(refs) == ["a.py", "link.py"]
     reasons = {Path(s.path).name: (s.reason, s.detail) for s in skips}
+    assert reasons["real.py"] == ("duplicate", f"the same file as {root / 'link.py'}")
     assert reasons["dangling.py"][0] == "missing"
     assert reasons["loop"] == ("unreadable", "symlink loop: folder already visited")
+    # a followed link to a file the corpus holds under its own name: once, not twice (both were
+    # ingested: the same chunks stored and found twice)
+    (root / "again.py").symlink_to(root / "a.py")
+    refs, skips = discover(root, DocumentsConfig(follow_symlinks=True))
+    assert _rels(refs) == ["a.py", "link.py"]
+    assert {Path(s.path).name: s.reason for s in skips}["again.py"] == "duplicate"
 
 
 def test_special_files_and_unreadable_paths(tmp_path: Path) -> None:
