@@ -55,7 +55,10 @@ def printable(text: str) -> str:
     """`text` for one line of a terminal or a log: control characters written as ``\\n``, ``\\t``,
     ``\\r`` or ``\\xHH`` (``\\u2028``...). A file may be named ``"a\\nb.md"`` or carry an escape
     sequence; printed raw, a report line about it became two lines or recoloured the terminal.
-    Stored paths keep such names exactly (only what is printed is escaped)."""
+    Stored paths keep such names exactly (only what is printed is escaped). A name's bytes that are
+    not UTF-8 (surrogate escapes) are written ``\\xHH`` as `display_path` stores them (printed raw,
+    they were bytes no terminal or grep reads as text)."""
+    text = display_path(text)
     if not _UNPRINTABLE.search(text):
         return text
     return _UNPRINTABLE.sub(lambda m: _ESCAPES.get(m.group(), m.group().encode("unicode_escape").decode("ascii")), text)

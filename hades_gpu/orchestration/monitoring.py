@@ -19,6 +19,7 @@ import psutil
 
 from hades_gpu.config import ProgressMode
 from hades_gpu.orchestration.queue import MemoryAwareQueue
+from hades_gpu.records import display_path
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,10 @@ class RunMetrics:
             self.batches += 1
 
     def add_skip(self, path: str, reason: str, detail: str = "") -> None:
+        # as text (`display_path`: undecodable bytes of a name as \xHH): metrics.json held lone
+        # surrogates ("fifo\udcfe.txt"), which JSON tools turn into U+FFFD
         with self._lock:
-            self.skipped.append({"path": path, "reason": reason, "detail": detail})
+            self.skipped.append({"path": display_path(path), "reason": reason, "detail": display_path(detail)})
 
     def document_done(self, n_chunks: int, chunks_read: int = 0) -> None:
         with self._lock:

@@ -83,6 +83,20 @@ def test_printable_escapes_control_characters_only() -> None:
     assert printable("a\nb\rc\td") == "a\\nb\\rc\\td"
     assert printable("esc\x1b[31m\x7f\x85\u2028") == "esc\\x1b[31m\\x7f\\x85\\u2028"
     assert printable(display_path("caf\udce9")) == "caf\\xe9"  # undecodable bytes: display_path's escapes
+    # ...and without display_path first: skip lines printed the raw byte (no terminal or grep reads it)
+    assert printable("skipped /c/bin\udcff.txt: binary") == "skipped /c/bin\\xff.txt: binary"
+
+
+def test_skips_are_recorded_as_text_for_json_tools() -> None:
+    """metrics.json held lone surrogates ("fifo\\udcfe.txt"), which jq and others turn into U+FFFD."""
+    import json
+
+    from hades_gpu.orchestration.monitoring import RunMetrics
+
+    m = RunMetrics()
+    m.add_skip("/c/" + os.fsdecode(b"fifo\xfe.txt"), "unreadable", "not a regular file (fifo)")
+    assert m.skipped[0]["path"] == "/c/fifo\\xfe.txt"
+    json.dumps(m.skipped, ensure_ascii=False).encode("utf-8")  # a lone surrogate would raise here
 
 
 def test_display_path_escapes_only_undecodable_bytes() -> None:
