@@ -212,6 +212,7 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
+    sweep = any(a in ("-m", "--multirun") for a in argv)
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -221,16 +222,22 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
         if value != value.strip():
             raise UsageError(f"{key}= starts or ends with spaces, which Hydra drops (another folder would be read): "
                              f"quote the value: \"{key}='{value}'\"")
-        try:
-            parser.parse_overrides([arg])
-            out.append(arg)
-            continue
-        except HydraException:
-            pass
-        quoted = f"{key}='{value}'"
-        if not any(c in value for c in ",'\\") and "${" not in value:
+        # a "," is a sweep only under -m: otherwise Hydra refused `corpus=/data/a,b` as "ambiguous"
+        literal_comma = "," in value and not sweep
+        if not literal_comma:
             try:
-                if parser.parse_overrides([quoted])[0].value() == value:
+                parser.parse_overrides([arg])
+                out.append(arg)
+                continue
+            except HydraException:
+                pass
+        if "${" not in value and (not "," in value or literal_comma):
+            # quoted, with the quote and the backslashes before it escaped (a path may hold "'")
+            escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+            escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+            quoted = f"{key}='{escaped}'"
+            try:
+                if parser.parse_overrides([quoted])[0].value() == value:  # only when it reads back exactly
                     out.append(quoted)
                     continue
             except HydraException:

@@ -383,8 +383,16 @@ def test_path_values_hydra_cannot_read_unquoted_are_quoted_for_the_user(tmp_path
     _assert_one_line(_ingest(f"corpus={spaces}", f"output={tmp_path / 'o2'}"), 2,
                      "corpus= starts or ends with spaces", f"\"corpus='{spaces}'\"")
     assert not (tmp_path / "o2").exists()
-    # a sweep's comma stays Hydra's to read; its error now says how to quote
-    _assert_one_line(_ingest("corpus=café,[x", f"output={tmp_path / 'o3'}"), 2, "needs quotes", "key=\"'value'\"")
+    # a "," outside -m and a "'" are a path's too (Hydra said "ambiguous value" / a lexer error)
+    odd = tmp_path / "notes, it's"
+    odd.mkdir()
+    (odd / "b.md").write_text("# Notes\n\nSome text about tea.\n")
+    proc = _ingest(f"corpus={odd}", f"output={tmp_path / 'o4'}", "isne.enabled=false", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_documents(tmp_path / "o4", ["rel_path"]).column("rel_path").to_pylist() == ["b.md"]
+    # a sweep's comma stays Hydra's to read; its error says how to quote
+    _assert_one_line(_ingest("-m", "corpus=café,[x", f"output={tmp_path / 'o3'}"), 2, "needs quotes",
+                     "key=\"'value'\"")
 
 
 def test_sigterm_during_the_run_is_one_line_exit_143(tmp_path):
