@@ -644,8 +644,6 @@ def validate(cfg: PipelineConfig) -> None:
 
     g = cfg.gpu
     check_watermarks(g.mem_low, g.mem_high, "gpu.mem_low/mem_high")
-    _check(g.min_batch_tokens <= p.max_batch_tokens, "gpu.min_batch_tokens",
-           f"<= profile.max_batch_tokens ({p.max_batch_tokens})", g.min_batch_tokens)
     _check(g.poll_interval_s > 0, "gpu.poll_interval_s", "> 0", g.poll_interval_s)
     _check(g.oom_hold_s >= 0, "gpu.oom_hold_s", ">= 0", g.oom_hold_s)
     _check(g.min_batch_tokens >= 1, "gpu.min_batch_tokens", ">= 1", g.min_batch_tokens)

@@ -60,7 +60,6 @@ def test_the_python_api_names_the_choices_of_an_unknown_group_and_takes_one_over
     ("embedder.streams=-1", "embedder.streams"),
     ("embedder.device=tpu", "embedder.device"),
     ("gpu.device=bogus", "gpu.device"),
-    ("gpu.min_batch_tokens=100000", "gpu.min_batch_tokens"),
 ])
 def test_values_that_failed_only_at_run_time_are_refused_at_load_naming_the_key(override, needle):
     """Each loaded without a word and then failed in the run (every file a decode_error, a port
