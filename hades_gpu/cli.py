@@ -231,7 +231,7 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
                 continue
             except HydraException:
                 pass
-        if "${" not in value and (not "," in value or literal_comma):
+        if "${" not in value and ("," not in value or literal_comma):
             # quoted, with the quote and the backslashes before it escaped (a path may hold "'")
             escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
             escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
@@ -463,10 +463,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
 
 def _fresh_output(args: list[str]) -> Optional[Path]:
     """The literal `output=` folder when it does not exist yet (Hydra makes it for the job)."""
-    try:
-        output = _literal_values(args, ("output",)).get("output")
-    except Exception:  # noqa: BLE001 - Hydra reports bad syntax itself
-        return None
+    output = _literal_values(args, ("output",)).get("output")
     return Path(output) if output and not Path(output).exists() else None
 
 

@@ -440,7 +440,8 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
     if not isinstance(profile, str):
         raise ConfigError(f"profile must be a profile name (a string), got {type(profile).__name__} {profile!r}")
     overrides = list(overrides)
-    bad = [o for o in overrides if not isinstance(o, str) or "=" not in o.lstrip("~") and not o.startswith("~")]
+    # key=value, or ~key (a deletion)
+    bad = [o for o in overrides if not isinstance(o, str) or ("=" not in o and not o.startswith("~"))]
     if bad:
         raise ConfigError(f"overrides must be strings of the form key=value (got {bad[0]!r})")
     all_overrides = [f"profile={profile}", *overrides]

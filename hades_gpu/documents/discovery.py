@@ -49,6 +49,7 @@ import pathspec
 from hades_gpu.config import ConfigError, DocumentsConfig
 from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable
+from hades_gpu.regular_file import NOT_A_REGULAR_FILE, file_kind
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ class _Walker:
                                    f"rel_path {identity!r} already taken by {printable(self.seen_rel[identity])}"))
             return
         if not stat.S_ISREG(st.st_mode):
-            self.skips.append(Skip(abs_path, "unreadable", f"not a regular file ({_file_kind(st.st_mode)})"))
+            self.skips.append(Skip(abs_path, "unreadable", f"{NOT_A_REGULAR_FILE} ({file_kind(st.st_mode)})"))
             return
         kind = classify(os.path.basename(abs_path), self.cfg)
         if kind is None:
@@ -465,18 +466,6 @@ class _Walker:
         doc_rel = f"{base}/{rel}" if base else rel
         self.add_file(abs_path, doc_rel, st)
         return None
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "special file"
 
 
 def _folder_ids(folders: Sequence[PathLike]) -> set[tuple[int, int]]:

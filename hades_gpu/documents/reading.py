@@ -33,11 +33,11 @@ import codecs
 import hashlib
 import os
 import re
-import stat
 from typing import NamedTuple
 
 from hades_gpu.config import DecodeErrors, DocumentsConfig
 from hades_gpu.records import DocumentRef
+from hades_gpu.regular_file import NotRegularFileError, open_regular
 
 SNIFF_BYTES = 8192
 CONTENT_HASH_BYTES = 32  # blake2b digest size: 64 hex characters
@@ -113,17 +113,14 @@ def _is_wide(codec: str) -> bool:
 def read_bytes(path: str, max_bytes: int) -> bytes:
     """The file's bytes, refusing anything but a regular file of at most `max_bytes`."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; harmless for regular files.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd, st = open_regular(path)  # a FIFO does not wait for a writer
+    except NotRegularFileError as err:
+        raise SkipDocument("unreadable", str(err)) from err
     except (FileNotFoundError, NotADirectoryError) as err:
         raise SkipDocument("missing", f"{type(err).__name__}: {err.strerror}") from err
     except OSError as err:  # PermissionError, ELOOP, ...
         raise SkipDocument("unreadable", f"{type(err).__name__}: {err.strerror or err}") from err
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "directory" if stat.S_ISDIR(st.st_mode) else "fifo" if stat.S_ISFIFO(st.st_mode) else "special file"
-            raise SkipDocument("unreadable", f"not a regular file ({kind})")
         if st.st_size > max_bytes:
             raise SkipDocument("too_large", f"{st.st_size} bytes > documents.max_file_bytes ({max_bytes})")
         with open(fd, "rb", closefd=False) as fh:

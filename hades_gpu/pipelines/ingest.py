@@ -35,6 +35,7 @@ from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable
+from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
                                       uncommitted_indices)
@@ -141,7 +142,7 @@ def not_a_file_any_more(reason: str, detail: str) -> bool:
     """A skip that says the path is no regular file now (a FIFO or socket: `unreadable: not a regular
     file`; a symlink not followed): like NO_LONGER_DOCUMENT, its committed document is removed. Other
     `unreadable` causes (permissions, I/O) pass and keep it."""
-    return reason == "symlink" or (reason == "unreadable" and detail.startswith("not a regular file"))
+    return reason == "symlink" or (reason == "unreadable" and detail.startswith(NOT_A_REGULAR_FILE))
 
 
 def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess]) -> None:

@@ -313,10 +313,10 @@ class Searcher:
             w = t.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
             ok = (src >= 0) & (dst >= 0) & (src != dst)  # edges to chunks no longer committed are skipped
             dangling = int(((src < 0) | (dst < 0)).sum())
-            covered = np.zeros(len(self.chunk_ids), dtype=bool)
-            covered[src[src >= 0]] = True
-            covered[dst[dst >= 0]] = True
             if dangling:  # the graph of an earlier state (an ingest with isne.enabled=false since)
+                covered = np.zeros(len(self.chunk_ids), dtype=bool)
+                covered[src[src >= 0]] = True
+                covered[dst[dst >= 0]] = True
                 log.warning("%s is older than the chunks: %d edge(s) lead to chunks no longer in the output and %d "
                             "chunk(s) are in no edge; `hades-isne output=%s` builds it again", path.name, dangling,
                             int((~covered).sum()), self.output)

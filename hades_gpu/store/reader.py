@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import stat
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 
 from hades_gpu.documents.reading import content_hash
 from hades_gpu.records import error_line
+from hades_gpu.regular_file import NotRegularFileError, open_regular
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, isne_embeddings_files, part_path
 from hades_gpu.store.manifest import committed_parts, has_manifest
 
@@ -231,12 +231,13 @@ def chunk_source(output: str | os.PathLike, path_or_doc_id: Union[str, bytes, os
         OSError: the file cannot be read.
     """
     row = _find_document(output, path_or_doc_id)
-    # O_NONBLOCK: a file replaced by a FIFO since the ingest blocked this read (and every search whose
-    # hits held it) for ever; it is checked to be a regular file before anything is read
-    fd = os.open(source_path(row), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        # a file replaced by a FIFO since the ingest blocked a plain open (and every search whose hits
+        # held it) for ever
+        fd, _ = open_regular(source_path(row))
+    except NotRegularFileError as err:
+        raise SourceChangedError(f"{row['path']} is no longer a regular file ({err.kind}); re-ingest it") from err
     with open(fd, "rb", closefd=True) as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SourceChangedError(f"{row['path']} is no longer a regular file; re-ingest it")
         data = fh.read()
     digest = content_hash(data)
     if row.get("content_hash") and digest != row["content_hash"]:

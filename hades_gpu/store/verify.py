@@ -255,11 +255,11 @@ def _unfinished_shards(output: Path) -> list[str]:
     """A sharded output whose shards have not all finished (a killed driver): its parts verify, but
     files of the corpus are missing from it until the cluster command runs again."""
     from hades_gpu.records import shard_label
-    from hades_gpu.store.shard_map import load_shard_map, read_shard_done
+    from hades_gpu.store.shard_map import ShardMapError, load_shard_map, read_shard_done
 
     try:
         smap = load_shard_map(output)
-    except Exception:  # noqa: BLE001 - a damaged map is the next run's error; verify checks parts
+    except ShardMapError:  # a damaged map is the next run's error; verify checks parts
         return []
     if smap is None:
         return []
