@@ -85,6 +85,10 @@ def _config_message(err: BaseException) -> str:
         cause_msg = _one_line(str(cause))
         if cause_msg not in msg:
             msg = f"{msg}: {cause_msg}"
+    key = next((getattr(e, "full_key", None) for e in _chain(err) if getattr(e, "full_key", None)), None)
+    if key and key not in msg:  # OmegaConf's detail line, dropped by _one_line, named the key that failed
+        where = ", the run folder made from output=" if key in ("hydra.run.dir", "hydra.sweep.dir") else ""
+        msg = f"{msg} (in {key}{where})"
     return msg
 
 

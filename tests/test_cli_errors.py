@@ -64,6 +64,8 @@ def ingested(tmp_path_factory, corpus) -> Path:
     ("embedder=nope", ["embedder/nope", "local"]),
     ("profile=[", ["["]),
     ("--badflag", ["--badflag"]),
+    ("graph.knn_k=${oc.env:HADES_NO_SUCH_VAR}", ["HADES_NO_SUCH_VAR", "graph.knn_k"]),
+    ("output=${oc.env:HADES_NO_SUCH_VAR}/out", ["HADES_NO_SUCH_VAR", "output="]),
 ])
 def test_configuration_errors_are_one_line_exit_2(tmp_path, corpus, override, needles):
     proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", override)
