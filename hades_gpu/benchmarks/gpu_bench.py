@@ -355,6 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "metrics": embedder.metrics(), "idle_used_gib": gib(base_used), "peak_used_gib": gib(peak_used),
         "slabs_pinned": ring.pinned,  # staged_inputs in metrics.producer must then be 0: copies straight from slabs
     }
+    ring.close()  # page-locked: unregistered now, not at exit, before the next runs pin their own
 
     # 4) copy/compute overlap on the embed stage alone (with graphs, then eagerly)
     batches, plans = prefilled_batches(corpus, cfg, pin=cuda)
@@ -460,6 +461,7 @@ def governed_run(cfg: PipelineConfig, corpus: Corpus, device: torch.device, base
         "graphs_dropped": embedder.metrics()["graphs_dropped"], "oom_splits": embedder.metrics()["oom_splits"],
         "headroom_wait_timeouts": embedder.metrics()["headroom_wait_timeouts"],
     }
+    ring.close()
     embedder.close()
     return result
 

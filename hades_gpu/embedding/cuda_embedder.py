@@ -205,6 +205,7 @@ class CudaEmbedder:
         if int(cfg.embedder.max_seq_len) > self.max_positions:
             raise EmbedderError(f"embedder.max_seq_len must be <= the model's max_position_embeddings "
                                 f"{self.max_positions} (got {cfg.embedder.max_seq_len})")
+        self.max_seq_len = int(cfg.embedder.max_seq_len)  # embed_texts (queries) truncates like ingest
         self.max_len = self.padded_length(int(cfg.embedder.max_seq_len))
         self.encoder = MiniLMEncoder(hf).to(device=self.device, dtype=self.dtype).eval()
         del hf

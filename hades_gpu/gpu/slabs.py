@@ -147,6 +147,14 @@ class SlabMapping:
             pass
 
 
+def copies_to_cuda(embedder: object) -> bool:
+    """Whether the slabs should be page-locked for `embedder`: only one that copies them to a CUDA
+    device (``embedder.cuda`` true, as `CudaEmbedder` on a GPU). Asking torch instead pinned the
+    ring, and created a CUDA context, for every CPU or Triton embedder in a process that had
+    imported torch for something else."""
+    return bool(getattr(embedder, "cuda", False))
+
+
 def _register_pinned(mapping: SlabMapping) -> bool:
     """Page-lock the mapping for asynchronous copies (CUDA only); False when not possible.
 
@@ -262,4 +270,4 @@ class SlabRing:
         self._wake_w.close()
 
 
-__all__ = ["CHUNK_ID_BYTES", "SlabLayout", "SlabView", "SlabMapping", "SlabRing"]
+__all__ = ["CHUNK_ID_BYTES", "SlabLayout", "SlabView", "SlabMapping", "SlabRing", "copies_to_cuda"]

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from hades_gpu.config import ProfileConfig
-from hades_gpu.gpu.slabs import SlabLayout, SlabRing
+from hades_gpu.gpu.slabs import SlabLayout, SlabRing, copies_to_cuda
 from hades_gpu.orchestration.batcher import LengthSortedBatcher, effective_budget
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
@@ -254,7 +254,8 @@ class StreamingPipeline:
         self.concurrency = max(1, int(getattr(embedder, "concurrency", 1)))
         self._owns_ring = ring is None
         self.ring = ring if ring is not None else SlabRing(slab_count(profile, 0, self.concurrency),
-                                                           slab_layout(profile, max_seq_len))
+                                                           slab_layout(profile, max_seq_len),
+                                                           pin=copies_to_cuda(embedder))
         # the batch-budget policy: the governor's (it also applies without NVML readings: it holds
         # batches small after an OOM), unless one is given
         if budget_fn is None and governor is not None:

@@ -33,7 +33,7 @@ from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
-from hades_gpu.gpu.slabs import SlabRing
+from hades_gpu.gpu.slabs import SlabRing, copies_to_cuda
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
@@ -408,7 +408,8 @@ class IngestPipeline:
                 ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1),
                                            writer_process),
                                 slab_layout(cfg.profile, cfg.embedder.max_seq_len,
-                                            vector_dim=cfg.embedder.dim if writer_process else 0))
+                                            vector_dim=cfg.embedder.dim if writer_process else 0),
+                                pin=copies_to_cuda(embedder))
                 if writer_process:
                     writer.attach_ring(ring)  # it reads each batch from its slab
                 packing = dict(max_batch_tokens=cfg.profile.max_batch_tokens, max_batch_size=cfg.profile.max_batch_size,

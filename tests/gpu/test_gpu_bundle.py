@@ -125,3 +125,29 @@ def test_gpu_check_runs_on_a_cpu_box_without_the_packages_the_gpu_machine_lacks(
     assert report["model_dir"].startswith("/tmp/")  # the restored bundle, not the package
     assert {p.name for p in out.iterdir()} >= {"gpu_check.json", "collect.log", "pytest_gpu.log", "bench_gpu.log",
                                                "bench_gpu.json"}
+
+
+def test_gpu_check_leaves_the_bench_its_time_within_the_budget(tmp_path, monkeypatch):
+    """The steps' limits once summed past the 480 s budget, so a slow pytest left the bench too little
+    and the verdict failed on time, not on the code. The steps are recorded here, not run (no GPU)."""
+    import gpu_check  # scripts/gpu_check.py
+
+    asked: dict[str, tuple[list[str], float]] = {}
+
+    def record(self, name, cmd, timeout):
+        asked[name] = (cmd, timeout)
+        if name == "pytest_gpu":  # pytest used its whole limit
+            self.deadline -= timeout
+        return 1, ""
+
+    monkeypatch.setattr(gpu_check.Check, "run_logged", record)
+    check = gpu_check.Check(tmp_path, 480.0)
+    check.deadline -= 60  # env and collection
+    gpu_check.pytest_step(check, gpu=True)
+    assert check.left() >= gpu_check.BENCH_RESERVE_S, check.left()
+    gpu_check.bench_step(check, gpu=True, chunks=20000)
+    cmd, timeout = asked["bench_gpu"]
+    assert timeout >= gpu_check.BENCH_RESERVE_S and "--skip-st" not in cmd
+    short = gpu_check.Check(tmp_path, 120.0)  # a budget already mostly spent: the bench's short form
+    gpu_check.bench_step(short, gpu=True, chunks=20000)
+    assert {"--skip-st", "--ingest-mb"} <= set(asked["bench_gpu"][0])

@@ -694,3 +694,25 @@ def test_workers_that_cannot_start_end_the_run_with_one_error(sample_corpus, tmp
     monkeypatch.setenv("PYTHONPATH", str(broken.parent))
     with pytest.raises(WorkerStartError, match="die before their first document"):
         TextParallelPipeline(config()).process_batch([sample_corpus], output=tmp_path / "out")
+
+
+def test_slabs_are_page_locked_only_for_an_embedder_that_copies_them_to_cuda(sample_corpus, tmp_path, embedder,
+                                                                              monkeypatch):
+    """Pinning (cudaHostRegister) is asked for by a CUDA embedder only, not by torch being importable:
+    a CPU or Triton embedder in a process that imported torch pinned the ring and made a CUDA context.
+    Without a GPU the registration itself is recorded instead (the only way to see it here)."""
+    import hades_gpu.gpu.slabs as slabs
+
+    asked: list[int] = []
+
+    def record(mapping) -> bool:
+        asked.append(mapping.nbytes)
+        return False  # not pinned: the run goes on with plain shared memory
+
+    monkeypatch.setattr(slabs, "_register_pinned", record)
+    TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=tmp_path / "cpu")
+    assert asked == []
+    cuda_like = RecordingEmbedder(embedder)
+    cuda_like.cuda = True  # what CudaEmbedder on a GPU says
+    result = TextParallelPipeline(config(), embedder=cuda_like).process_batch([sample_corpus], output=tmp_path / "gpu")
+    assert len(asked) == 1 and asked[0] > 0 and result.chunks_written > 0
