@@ -397,7 +397,7 @@ def _check_corpus(corpus: Optional[str]) -> None:
     interpolated value is known)."""
     if not corpus:
         raise ConfigError("corpus=<dir-or-file> is required")
-    if not Path(corpus).exists():
+    if not Path(corpus).expanduser().exists():
         raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
 
 

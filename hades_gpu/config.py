@@ -393,7 +393,10 @@ def _or_default(value: Any, default: Any) -> Any:
     """`${hades.or_default:${output},outputs/...}`: the value, or `default` when it is null or empty.
     (OmegaConf's own `oc.select` falls back only for a *missing* key: `output: null` gave Hydra a
     None run dir, "Incompatible value 'None'", instead of the documented outputs/<date>_<time>.)"""
-    return default if value is None or (isinstance(value, str) and not value.strip()) else value
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    # output=~/x: the run folder where the pipeline writes (records.user_path), not a folder named "~"
+    return os.path.expanduser(value) if isinstance(value, str) else value
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,14 @@ def stable_id(*parts: str, length: int = 16) -> str:
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def user_path(path: "str | os.PathLike[str]") -> Path:
+    """A file or folder a user named, absolute and with ``~`` expanded, as shells, pandas and pyarrow
+    read it. Why: pyarrow expands ``~`` and Python does not, so an output ``~/out`` was half
+    ``./~/out`` (manifest, lock) and half ``$HOME/out`` (parts), and a relative path given to the
+    Python API broke once the caller changed directory."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def display_path(path: str) -> str:

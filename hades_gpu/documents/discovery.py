@@ -221,7 +221,7 @@ def source_list(sources: Union[PathLike, bytes, Iterable[Union[PathLike, bytes]]
         if path == "":  # (a name of spaces is a name: such files exist)
             raise ConfigError(f"an empty path is not a source (got {path!r}; Path('') is the working "
                               "directory: pass '.' to ingest it)")
-        paths.append(path)
+        paths.append(os.path.expanduser(path))  # "~/docs" as a shell reads it (records.user_path)
     return paths
 
 

@@ -34,7 +34,7 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing, copies_to_cuda
-from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable
+from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable, user_path
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
@@ -202,7 +202,7 @@ class IngestPipeline:
         # Path("") is "." (the working directory): test the value given, not the Path made of it
         if chosen is None or not str(chosen).strip():
             raise ConfigError("an output folder is required (config.output or process_batch(..., output=...))")
-        return Path(chosen)
+        return user_path(chosen)
 
     def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
@@ -234,7 +234,7 @@ class IngestPipeline:
         """The ingest stage over documents discovered elsewhere (the cluster driver discovers once and
         hands every shard task its refs), under the output's lock for this shard. With ``shard=i/n``
         the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
-        out = Path(output)
+        out = user_path(output)
         with OutputLock(out, self.shard.label):
             return self._ingest(as_document_list(refs), list(skips), out)
 

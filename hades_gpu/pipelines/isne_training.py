@@ -13,6 +13,7 @@ from hades_gpu.config import PipelineConfig, to_pipeline_config, validate
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
 from hades_gpu.store.layout import isne_embeddings_path, isne_model_path
 from hades_gpu.store.reader import is_ingest_output
+from hades_gpu.records import user_path
 
 __all__ = ["ISNETrainingPipeline", "ISNETrainingResult", "NotAnIngestOutputError"]
 
@@ -103,13 +104,13 @@ class ISNETrainingPipeline:
                                          "(or set output=...)")
         if isinstance(path, str) and not path.strip():  # Path("") is the working directory
             raise NotAnIngestOutputError("corpus_path is an empty path: pass the ingest output folder")
-        path = Path(path)
+        path = user_path(path)
         if not is_ingest_output(path) and self.config.output and path.exists():
             from hades_gpu.pipelines.ingest import TextParallelPipeline
 
             ingest_cfg = dataclasses.replace(self.config, isne=dataclasses.replace(self.config.isne, enabled=False))
             TextParallelPipeline(ingest_cfg).process_batch([path], output=self.config.output)
-            path = Path(self.config.output)
+            path = user_path(self.config.output)
         if not is_ingest_output(path):
             if not path.exists():
                 raise NotAnIngestOutputError(f"{path} does not exist: pass an ingest output folder")

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts
+from hades_gpu.records import user_path
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path, isne_embeddings_files
 from hades_gpu.store.lock import held_elsewhere
@@ -142,7 +143,7 @@ class Searcher:
             from hades_gpu.config import load_pipeline_config
 
             cfg = load_pipeline_config()
-        self.output = os.fspath(output)
+        self.output = str(user_path(output))
         self.cfg: SearchConfig = cfg.search
         self.max_seq_len = int(cfg.embedder.max_seq_len)
         if not is_ingest_output(self.output):

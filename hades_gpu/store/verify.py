@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
 
-from hades_gpu.records import printable
+from hades_gpu.records import printable, user_path
 from hades_gpu.store.atomic import FileRecord, file_checksum
 from hades_gpu.records import error_line
 from hades_gpu.store.layout import TABLES, edges_path, isne_embeddings_files, isne_model_path, part_path
@@ -192,7 +192,7 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     """Check a finished output without changing it: every committed part of every shard (`full`:
     hashed; else the quick check of a run's start). Raises ManifestError for an unreadable manifest
     and FileNotFoundError when `path` is not an ingest output."""
-    output = Path(path)
+    output = user_path(path)
     if not output.is_dir() or not has_manifest(output):
         raise FileNotFoundError(f"{output} is not an ingest output (no manifest-*.sqlite)")
     report = VerifyReport(output=output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -716,3 +717,37 @@ def test_slabs_are_page_locked_only_for_an_embedder_that_copies_them_to_cuda(sam
     cuda_like.cuda = True  # what CudaEmbedder on a GPU says
     result = TextParallelPipeline(config(), embedder=cuda_like).process_batch([sample_corpus], output=tmp_path / "gpu")
     assert len(asked) == 1 and asked[0] > 0 and result.chunks_written > 0
+
+
+def test_a_home_relative_or_relative_output_is_one_folder_wherever_the_caller_goes(sample_corpus, tmp_path,
+                                                                                   embedder, monkeypatch):
+    """``~/out``: pyarrow expanded "~" and Python did not, so manifest and lock went to ./~/out and
+    the parts to $HOME/out. The API, search, verify, ISNE and the CLI all read "~" as a shell does."""
+    from hades_gpu.pipelines import ISNETrainingPipeline
+    from hades_gpu.retrieval.search import Searcher
+    from hades_gpu.store.verify import verify_output
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    shutil.copytree(sample_corpus, home / "docs")
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch(["~/docs"], output="~/out")
+    assert result.output_dir == home / "out" and result.chunks_written > 0
+    assert not (cwd / "~").exists()
+    assert_exactly_once(home / "out")
+    assert verify_output("~/out").ok
+    with Searcher("~/out", config(), embedder=embedder) as searcher:
+        assert searcher.search("area of a circle", k=2).hits
+    rel = TextParallelPipeline(config(), embedder=embedder).process_batch(["../home/docs"], output="rel")
+    assert rel.output_dir == cwd / "rel"
+    trained = ISNETrainingPipeline(config("isne.enabled=true", "isne.resume=false")).train(corpus_path="rel", epochs=1)
+    monkeypatch.chdir(tmp_path)  # the caller moves on: the result's paths still name the files
+    assert trained.output_dir == cwd / "rel" and trained.embeddings_path.is_file()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "hades_gpu.ingest", "corpus=~/docs", "output=~/cli", *FAST],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_exactly_once(home / "cli")
+    assert (home / "cli" / ".hydra").is_dir() and not (cwd / "~").exists()
