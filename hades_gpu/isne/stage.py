@@ -43,7 +43,7 @@ from hades_gpu.isne.resume import discard_training_state
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
 from hades_gpu.records import UNSHARDED, ShardSpec
-from hades_gpu.store.atomic import atomic_write_parquet
+from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path,
                                     isne_embeddings_path, isne_model_path, isne_training_state_path, metrics_path)
 from hades_gpu.store.lock import OutputLock, OutputLockedError, held_elsewhere
@@ -186,6 +186,11 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         metrics["mode"] = "no_edges"
         log.warning("isne: the graph of %s has %d chunk(s) and no edges; no model trained, every ISNE vector "
                     "is 0 (search ranks these chunks by text alone)", output_dir, n)
+        if mpath.is_file():  # trained on an earlier graph: kept, later runs inferred new chunks from it
+            log.warning("isne: removing %s, trained on an earlier graph of this output", mpath)
+            mpath.unlink()
+            fsync_dir(mpath.parent)
+        discard_training_state(isne_training_state_path(output_dir))
         write_isne_embeddings(epath, chunk_ids, np.zeros((n, cfg.isne.dim), np.float32))
     elif do_train:
         t = time.perf_counter()
@@ -260,6 +265,8 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         t = time.perf_counter()
         write_isne_embeddings(epath, chunk_ids, vecs)
         metrics["seconds"]["write"] = time.perf_counter() - t
+    if not mpath.is_file():
+        metrics["model_path"] = None  # no model exists (no chunks, or no edges): none is named
     metrics["seconds"]["total"] = time.perf_counter() - t_all
     log.info("isne stage (%s): %d nodes, %d undirected edges, %.1f s", metrics["mode"], n, metrics["n_edges"],
              metrics["seconds"]["total"])

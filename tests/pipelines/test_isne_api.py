@@ -82,6 +82,7 @@ def test_a_graph_without_edges_trains_no_model_and_says_so(tmp_path, embedder, c
         result = ISNETrainingPipeline(config).train(corpus_path=out, epochs=2)
     assert result.metrics["mode"] == "no_edges" and result.metrics["n_nodes"] == 1
     assert result.model_path is None and not any((out / "isne").glob("*.pt"))
+    assert result.metrics["model_path"] is None  # it named a file that does not exist
     assert "no edges" in caplog.text and "nothing to learn" in result.summary()
     ids, vecs = read_isne_embeddings(out)
     assert len(ids) == 1 and vecs.shape == (1, config.isne.dim) and not vecs.any()
@@ -91,3 +92,11 @@ def test_a_graph_without_edges_trains_no_model_and_says_so(tmp_path, embedder, c
     TextParallelPipeline(config, embedder=embedder).process_batch([corpus], output=out)
     again = ISNETrainingPipeline(config).train(corpus_path=out, epochs=1)
     assert again.metrics["mode"] == "trained" and again.model_path is not None and again.model_path.is_file()
+
+    # the graph loses its edges again: the model of the earlier graph goes (later runs inferred from it)
+    (corpus / "second.md").write_text("Bananas are yellow.\n")
+    TextParallelPipeline(config, embedder=embedder).process_batch([corpus], output=out)
+    third = ISNETrainingPipeline(config).train(corpus_path=out, epochs=1)
+    assert third.metrics["mode"] == "no_edges", third.metrics
+    assert third.model_path is None and third.metrics["model_path"] is None
+    assert not again.model_path.exists()
