@@ -227,6 +227,12 @@ def test_file_names_with_control_characters_are_printed_escaped_on_one_line(tmp_
     assert quoted.returncode == 0, quoted.stderr[-3000:]
     assert (tmp_path / "a\x1b[31mred").is_dir() and "\x1b" not in quoted.stdout + quoted.stderr
     assert "a\\x1b[31mred" in quoted.stdout
+    # every document skipped: the error line names the first one escaped too (it was two lines)
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "em\npty.txt").write_bytes(b"")
+    nothing = _ingest(f"corpus={only}", f"output={tmp_path / 'none'}", "isne.enabled=false", "monitoring.progress=off")
+    _assert_one_line(nothing, 1, "nothing ingested", "em\\npty.txt: empty")
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])

@@ -87,7 +87,9 @@ class NothingIngestedError(RuntimeError):
             reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
         summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
         first = result.skipped[0] if result.skipped else None
-        example = f"; first: {first['path']}: {first['reason']}" + (f": {first['detail']}" if first and first["detail"] else "") if first else ""
+        # printable: a name with a newline (a path list read with readlines()) made the one line two
+        example = (f"; first: {printable(first['path'])}: {first['reason']}"
+                   + (f": {printable(first['detail'])}" if first["detail"] else "")) if first else ""
         super().__init__(f"nothing ingested: all {result.documents_total} document(s) failed or were skipped "
                          f"({summary}){example}")
         self.result = result
