@@ -109,8 +109,24 @@ def check_watermarks(low: float, high: float, key: str) -> None:
         raise ConfigError(f"{key} must be 0 < low < high <= 1 (got {names[0]}={low}, {names[-1]}={high})")
 
 
+class _KnownFields:
+    """Setting a field a config class does not have raises `ConfigError`: ``cfg.isne.enable = False``
+    (for ``enabled``) was stored beside the fields and ignored, and ISNE ran. Names starting with "_"
+    stay free for internal state."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = getattr(type(self), "__dataclass_fields__", {})
+        if fields and name not in fields and not name.startswith("_"):
+            import difflib
+
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise ConfigError(f"{type(self).__name__} has no field {name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else f"; its fields: {', '.join(fields)}"))
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ProfileConfig:
+class ProfileConfig(_KnownFields):
     """Hardware profile: how much parallelism and memory the pipeline may use."""
 
     name: str = "balanced"
@@ -143,7 +159,7 @@ class ProfileConfig:
 
 
 @dataclass
-class DocumentsConfig:
+class DocumentsConfig(_KnownFields):
     """What to read from the corpus and how to decode it."""
 
     include: list[str] = field(default_factory=lambda: ["**/*"])
@@ -180,7 +196,7 @@ class DocumentsConfig:
 
 
 @dataclass
-class ChunkingConfig:
+class ChunkingConfig(_KnownFields):
     """Token-window chunking with the embedding model's own tokenizer."""
 
     chunk_tokens: int = 254  # content tokens per chunk; [CLS] and [SEP] are added on top
@@ -192,7 +208,7 @@ class ChunkingConfig:
 
 
 @dataclass
-class EmbedderConfig:
+class EmbedderConfig(_KnownFields):
     """Which embedder serves the model: in-process (`local`) or a Triton server (`triton`)."""
 
     name: str = "local"  # EmbedderName: local | triton
@@ -219,7 +235,7 @@ class EmbedderConfig:
 
 
 @dataclass
-class GpuConfig:
+class GpuConfig(_KnownFields):
     """GPU producers and the NVML memory governor (no-ops without a GPU)."""
 
     device: str = "auto"  # auto | cpu | cuda:N
@@ -235,7 +251,7 @@ class GpuConfig:
 
 
 @dataclass
-class GraphConfig:
+class GraphConfig(_KnownFields):
     """Chunk-graph edges and their weights."""
 
     sequence: bool = True
@@ -271,7 +287,7 @@ class GraphConfig:
 
 
 @dataclass
-class IsneConfig:
+class IsneConfig(_KnownFields):
     """ISNE (Kiss & Szűcs 2024): shallow parameters averaged over neighbours, skip-gram loss."""
 
     enabled: bool = True
@@ -312,7 +328,7 @@ class IsneConfig:
 
 
 @dataclass
-class MonitoringConfig:
+class MonitoringConfig(_KnownFields):
     """Progress, metrics and the live Prometheus endpoint."""
 
     progress: str = "auto"  # ProgressMode: auto (on a terminal) | on | off
@@ -322,7 +338,7 @@ class MonitoringConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(_KnownFields):
     """`hades-search` / `hades_gpu.search`: how many hits, and how the graph or ISNE re-rank them."""
 
     k: int = 10  # hits returned
@@ -345,7 +361,7 @@ class ClusterMode(Choice):
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(_KnownFields):
     """`cluster=ray|local`: shards of one corpus as Ray tasks, then the graph and ISNE stage once."""
 
     mode: str = "none"  # ClusterMode
@@ -365,7 +381,7 @@ class ClusterConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(_KnownFields):
     """The whole job: where to read, where to write, and every stage's settings."""
 
     corpus: Optional[str] = None

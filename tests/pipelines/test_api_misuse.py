@@ -41,6 +41,22 @@ def test_a_value_set_after_loading_is_one_config_error_naming_the_key(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("section, name, hint", [
+    ("isne", "enable", "did you mean 'enabled'?"),
+    ("profile", "num_worker", "did you mean 'num_workers'?"),
+    (None, "outptu", "did you mean 'output'?"),
+    ("graph", "zzz", "its fields: "),
+])
+def test_a_misspelled_field_set_after_loading_is_one_config_error(section, name, hint):
+    """`config.isne.enable = False` was stored beside the fields and ignored: ISNE ran anyway."""
+    cfg = load_pipeline_config("low_memory")
+    target = getattr(cfg, section) if section else cfg
+    with pytest.raises(ConfigError, match=rf"has no field '{name}' \({hint}" if "mean" in hint else hint):
+        setattr(target, name, False)
+    assert not hasattr(target, name)
+    target._private = 1  # internal state stays settable
+
+
 def test_numpy_integers_are_integers(tmp_path):
     config = load_pipeline_config("low_memory")
     config.isne.epochs = np.int64(2)
