@@ -215,6 +215,7 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
                        best_val_auc=res.best_val_auc, stopped_early=res.stopped_early,
                        stopped_by_budget=res.stopped_by_budget, time_budget_s=budget,
+                       last_epoch_partial=res.last_epoch_partial,
                        pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
                        num_val_edges=res.num_val_edges, device=res.device,
                        peak_device_bytes=res.peak_device_bytes, resumed_from_epoch=res.resumed_from_epoch,

@@ -76,6 +76,7 @@ class TrainResult:
     device: str = "cpu"
     peak_device_bytes: Optional[int] = None
     resumed_from_epoch: int = 0  # epochs a saved training state had completed (0: trained from the start)
+    last_epoch_partial: bool = False  # the time budget ended the last epoch before its last batch
 
     @property
     def pairs_per_s(self) -> float:
@@ -364,7 +365,9 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
         result.train_seconds += dt
         result.pos_pairs += epoch_pairs
         rec: dict = {"epoch": epoch, "loss": epoch_loss, "seconds": dt, "pos_pairs": epoch_pairs,
-                     "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0, "batches": done}
+                     "pairs_per_s": epoch_pairs / dt if dt > 0 else 0.0, "batches": done,
+                     "of_batches": n_batches, "partial": done < n_batches}
+        result.last_epoch_partial = done < n_batches
         result.epochs_run = epoch
         model.eval()
         if has_val:
@@ -386,10 +389,12 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
                  f" (budget {time_budget_s:.3g} s)" if time_budget_s is not None else "")
         if result.stopped_by_budget:
             # a warning: a caller who asked for `epochs` gets fewer (the default budget is the ingest's time)
-            log.warning("isne: stopped after %d of %d epoch(s): the time budget of %.3g s is reached (isne.time_budget_s, "
+            # an epoch cut short is said to be one: "stopped after 3 of 3 epochs" hid 15 of 72 batches
+            where = (f"in epoch {epoch} of {epochs}, after {done} of {n_batches} batches" if done < n_batches
+                     else f"after {epoch} of {epochs} epoch(s)")
+            log.warning("isne: stopped %s: the time budget of %.3g s is reached (isne.time_budget_s, "
                         "else isne.time_budget_vs_embedding x the ingest's seconds; no budget: time_budget_s=null and "
-                        "time_budget_vs_embedding=0)", epoch, epochs,
-                        time_budget_s)
+                        "time_budget_vs_embedding=0)", where, time_budget_s)
             break
         if stopper.should_stop():
             result.stopped_early = epoch < epochs

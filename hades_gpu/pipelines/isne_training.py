@@ -33,7 +33,10 @@ class ISNETrainingResult:
         mode = m.get("mode", "?")
         parts = [f"{m.get('n_nodes', 0)} chunk(s)", f"{m.get('n_edges', 0)} edge(s)"]
         if mode == "trained":
-            parts.append(f"{m.get('epochs_run', 0)} epoch(s), best {m.get('best_epoch', 0)}")
+            last = (m.get("history") or [{}])[-1]
+            cut = (f" (epoch {last.get('epoch')} cut at {last.get('batches')} of {last.get('of_batches')} batches)"
+                   if m.get("last_epoch_partial") else "")
+            parts.append(f"{m.get('epochs_run', 0)} epoch(s){cut}, best {m.get('best_epoch', 0)}")
             if m.get("resumed_from_epoch"):
                 parts.append(f"resumed after epoch {m['resumed_from_epoch']}")
             if m.get("stopped_early"):

@@ -383,7 +383,7 @@ def test_the_stage_report_is_exact_and_the_checkpoint_records_its_training(tmp_p
     assert m["knn"]["method"] == "exact"  # 10 documents: far below graph.knn_exact_max_nodes
     assert set(m) == {"n_nodes", "n_edges", "n_edges_by_type", "n_isolated", "edges_path", "knn", "seconds", "model_path",
                       "embeddings_path", "mode", "epochs_run", "best_epoch", "best_val_auc", "stopped_early",
-                      "stopped_by_budget", "time_budget_s", "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
+                      "stopped_by_budget", "last_epoch_partial", "time_budget_s", "pos_pairs", "pairs_per_s", "n_inferred", "num_val_edges", "device", "peak_device_bytes",
                       "resumed_from_epoch", "history"}
     assert m["resumed_from_epoch"] == 0 and not (tmp_path / "isne" / "training-state.pt").exists()
     data = load_graph(tmp_path)
@@ -504,7 +504,10 @@ def test_time_budget_stops_at_a_batch_boundary_and_the_stage_derives_it(tmp_path
     assert "pairs/s" in line and "ETA" in line and "budget 0 s" not in line and "val walk loss" in line
     # a caller who asked for 50 epochs hears, at warning level, that the budget ended it after 1
     stop = [r for r in caplog.records if "time budget" in r.getMessage() and r.levelno == logging.WARNING]
-    assert len(stop) == 1 and "stopped after 1 of 50 epoch(s)" in stop[0].getMessage()
+    # ... inside the epoch, and says so: "stopped after 1 of 50 epoch(s)" hid a partial epoch
+    done, of = r.history[0]["batches"], r.history[0]["of_batches"]
+    assert done < of <= -(-3000 // 8) and r.history[0]["partial"] and r.last_epoch_partial
+    assert len(stop) == 1 and f"stopped in epoch 1 of 50, after {done} of {of} batches" in stop[0].getMessage()
 
     assert training_budget_s(IsneConfig(time_budget_s=7.0), tmp_path, 100) == 7.0
     assert training_budget_s(IsneConfig(), tmp_path, 100) is None  # no metrics.json

@@ -100,3 +100,15 @@ def test_a_graph_without_edges_trains_no_model_and_says_so(tmp_path, embedder, c
     assert third.metrics["mode"] == "no_edges", third.metrics
     assert third.model_path is None and third.metrics["model_path"] is None
     assert not again.model_path.exists()
+
+
+def test_the_summary_says_when_the_budget_cut_the_last_epoch(tmp_path):
+    from hades_gpu.pipelines.isne_training import ISNETrainingResult
+
+    metrics = {"mode": "trained", "epochs_run": 2, "best_epoch": 2, "stopped_by_budget": True, "time_budget_s": 1.0,
+               "last_epoch_partial": True, "history": [{"epoch": 1, "batches": 72, "of_batches": 72},
+                                                       {"epoch": 2, "batches": 15, "of_batches": 72}]}
+    line = ISNETrainingResult(tmp_path, None, tmp_path / "e.parquet", metrics).summary()
+    assert "2 epoch(s) (epoch 2 cut at 15 of 72 batches), best 2" in line and "time budget of 1 s reached" in line
+    whole = ISNETrainingResult(tmp_path, None, tmp_path / "e.parquet", {**metrics, "last_epoch_partial": False}).summary()
+    assert "2 epoch(s), best 2" in whole
