@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from omegaconf import DictConfig
 
 from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, register_configs,
-                              to_pipeline_config)
+                              to_pipeline_config, unknown_key_message)
 from hades_gpu.records import printable
 
 log = logging.getLogger("hades_gpu")
@@ -76,7 +76,7 @@ def _config_message(err: BaseException) -> str:
 
     if isinstance(err, MissingConfigException):
         return missing_config_message(err)
-    msg = _one_line(str(err))
+    msg = unknown_key_message(_one_line(str(err)))
     if isinstance(err, OverrideParseException):
         msg += (" (a value holding characters other than letters, digits and /-_.:+@ needs quotes inside the "
                 "shell's: key=\"'value'\")")

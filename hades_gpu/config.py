@@ -473,8 +473,33 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
         cause = err.__cause__ or err.__context__
         if cause is not None and _first_line(cause) not in reason:  # "Error merging override k=abc": why
             reason = f"{reason}: {_first_line(cause)}"
-        raise ConfigError(f"bad config override: {reason}") from err
+        raise ConfigError(f"bad config override: {unknown_key_message(reason)}") from err
     return to_pipeline_config(cfg)
+
+
+_APPEND_HINT = re.compile(r"Could not override '([^']+)'\. To append to your config use \+\S+")
+
+
+def unknown_key_message(text: str) -> str:
+    """Hydra's "Could not override 'isne.epoch'. To append to your config use +isne.epoch=3" as
+    "unknown key 'isne.epoch' (did you mean 'isne.epochs'?)": the "+" it advised was refused next
+    ("Key 'epoch' not in 'IsneConfig'"), since the schema has no such field."""
+    def hint(match: "re.Match[str]") -> str:
+        key = match.group(1)
+        *path, name = key.split(".")
+        section: Any = PipelineConfig()
+        for part in path:
+            section = getattr(section, part, None)
+        if not dataclasses.is_dataclass(section):
+            return f"unknown key '{key}'"
+        import difflib
+
+        names = [f.name for f in dataclasses.fields(section)]
+        close = difflib.get_close_matches(name, names, n=1)
+        prefix = ".".join(path) + "." if path else ""
+        return f"unknown key '{key}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else
+                                         f" ({prefix.rstrip('.') or 'the top level'} has: {', '.join(names)})")
+    return _APPEND_HINT.sub(hint, text)
 
 
 def missing_config_message(err: BaseException) -> str:

@@ -59,6 +59,7 @@ def ingested(tmp_path_factory, corpus) -> Path:
 
 @pytest.mark.parametrize("override, needles", [
     ("nosuchkey=1", ["nosuchkey"]),
+    ("isne.epoch=3", ["unknown key 'isne.epoch' (did you mean 'isne.epochs'?)"]),  # not Hydra's "+isne.epoch", refused too
     ("profile.num_workers=abc", ["profile.num_workers", "abc"]),
     ("profile=nope", ["profile/nope", "balanced"]),
     ("embedder=nope", ["embedder/nope", "local"]),

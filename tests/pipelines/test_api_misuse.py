@@ -57,6 +57,12 @@ def test_a_misspelled_field_set_after_loading_is_one_config_error(section, name,
     target._private = 1  # internal state stays settable
 
 
+def test_an_unknown_override_key_suggests_the_field_not_a_plus():
+    with pytest.raises(ConfigError, match=r"unknown key 'profile.num_worker' \(did you mean 'profile.num_workers'\?\)") as caught:
+        load_pipeline_config(overrides=["profile.num_worker=2"])
+    assert "+profile" not in str(caught.value)
+
+
 def test_numpy_integers_are_integers(tmp_path):
     config = load_pipeline_config("low_memory")
     config.isne.epochs = np.int64(2)
