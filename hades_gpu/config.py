@@ -558,9 +558,19 @@ def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from collections.abc import Mapping
+
+    from omegaconf import DictConfig
+
     if isinstance(cfg, PipelineConfig):
         validate(cfg)
         return cfg
+    if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):  # {"profile": {"num_workers": 1}}
+        cfg = OmegaConf.create(dict(cfg))
+    if not isinstance(cfg, DictConfig):  # OmegaConf said "Input cfg is not an OmegaConf config object (str)"
+        raise TypeError(f"a config must be a PipelineConfig (load_pipeline_config(profile=...)), a Hydra DictConfig "
+                        f"or a dict of its fields, not {type(cfg).__name__} {cfg!r:.60}"
+                        + (" (a profile name goes to load_pipeline_config(profile=...))" if isinstance(cfg, str) else ""))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), _strip_hydra(cfg))
         obj = OmegaConf.to_object(merged)

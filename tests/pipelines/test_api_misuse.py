@@ -63,6 +63,19 @@ def test_an_unknown_override_key_suggests_the_field_not_a_plus():
     assert "+profile" not in str(caught.value)
 
 
+@pytest.mark.parametrize("pipeline", [TextParallelPipeline, ISNETrainingPipeline])
+def test_a_config_that_is_no_config_is_one_type_error_and_a_dict_of_fields_is_one(pipeline):
+    with pytest.raises(TypeError, match=r"must be a PipelineConfig .*not str 'balanced' \(a profile name goes to "
+                                        r"load_pipeline_config\(profile=\.\.\.\)\)"):
+        pipeline("balanced")
+    with pytest.raises(TypeError, match=r"not int 3$"):
+        pipeline(3)
+    made = pipeline({"profile": {"num_workers": 1}, "isne": {"epochs": 2}})
+    assert (made.config.profile.num_workers, made.config.isne.epochs) == (1, 2)
+    with pytest.raises(ConfigError, match="num_workers"):
+        pipeline({"profile": {"num_workers": 0}})
+
+
 def test_numpy_integers_are_integers(tmp_path):
     config = load_pipeline_config("low_memory")
     config.isne.epochs = np.int64(2)
