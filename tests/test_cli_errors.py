@@ -150,6 +150,25 @@ def test_a_corrupt_part_file_is_named_in_one_line_and_its_documents_ingested_aga
     assert len(read_chunks(out)) == expected
 
 
+
+def test_a_damaged_documents_part_and_a_new_file_are_repaired_in_one_run(tmp_path, corpus, ingested):
+    """A file new to the output made the start look its absolute path up in the documents parts,
+    before the start check had repaired them: pyarrow's error, exit 1, on every later run."""
+    from hades_gpu.store.reader import read_chunks
+
+    out, grown = tmp_path / "out", tmp_path / "grown"
+    shutil.copytree(ingested, out)
+    shutil.copytree(corpus, grown)
+    (grown / "c.md").write_text("# New\n\nA document the output does not hold yet.\n")
+    part = sorted((out / "documents").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    proc = _ingest(f"corpus={grown}", f"output={out}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(part.stem in ln and "damaged" in ln for ln in (proc.stderr + proc.stdout).splitlines()), proc.stderr
+    paths = read_chunks(out, ["path"]).column("path").to_pylist()
+    assert len(paths) == len(read_chunks(ingested)) + 1 and str(grown / "c.md") in paths
+
+
 def _small_filesystem(where: Path) -> bool:
     where.mkdir()
     if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):

@@ -273,8 +273,8 @@ class IngestPipeline:
                 candidates[ref.path] = i
         try:
             known = committed_rel_paths_of_files(out, set(candidates))
-        except (ManifestError, OSError):  # damaged or half made (a full disk): opening it for the run says so
-            return refs
+        except (ManifestError, OSError, ValueError):  # damaged (pyarrow's ArrowInvalid is a ValueError) or half
+            return refs  # made (a full disk): opening the output for the run names the part and repairs it
         # a name this run already gives another file (c6/sub/sub/x.md is "sub/x.md" in a run of c6/sub)
         # stays that file's: two files under one identity would each replace the other
         targets = set(known.values())
