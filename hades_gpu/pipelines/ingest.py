@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, co
                                       uncommitted_indices)
 from hades_gpu.store.reader import committed_rel_paths_of_files
 from hades_gpu.store.metrics_file import write_metrics
-from hades_gpu.store.lock import OutputLock
+from hades_gpu.store.claims import claim_documents, release_claims
+from hades_gpu.store.lock import OutputLock, running_shards
 from hades_gpu.store.shard_map import (check_unsharded, clear_shard_done, ensure_shard_map, plan_fingerprint,
                                        write_shard_done)
 from hades_gpu.store.resume import Resume, ResumePolicy
@@ -230,7 +232,18 @@ class IngestPipeline:
             log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
                         "documents.exclude and the output folder itself are not documents): nothing to ingest",
                         ", ".join(map(printable, sources)) or "(no paths given)")
-        return self._ingest(refs, skips, out)
+        return self._ingest_releasing_claims(refs, skips, out)
+
+    def _ingest_releasing_claims(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
+        """`_ingest`, then this run's document claims (store/claims.py) dropped, however it ended."""
+        try:
+            return self._ingest(refs, skips, out)
+        finally:
+            if not self.shard.sharded:
+                try:
+                    release_claims(out, self.shard.label)
+                except sqlite3.Error as err:  # a stale claim is taken over by the next run: harmless
+                    log.warning("could not drop this run's document claims in %s: %s", printable(str(out)), err)
 
     def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:
         """The ingest stage over documents discovered elsewhere (the cluster driver discovers once and
@@ -238,7 +251,7 @@ class IngestPipeline:
         the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
         out = user_path(output)
         with OutputLock(out, self.shard.label):
-            return self._ingest(as_document_list(refs), list(skips), out)
+            return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
 
     def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
@@ -300,12 +313,20 @@ class IngestPipeline:
         """A by-hand shard name (`shard=<name>`) writes its own manifest: documents another name has
         committed to this output are skipped as ``duplicate`` (each chunk once in the dataset)."""
         claimed = claimed_by_other_shards(out, self.shard.label, (ref.rel_path for ref in refs)) if refs else {}
-        if not claimed:
+        # what no manifest holds yet is claimed for this run; another name's run in progress may have
+        # claimed it first (two runs at once both found nothing committed and wrote every chunk twice)
+        new = uncommitted_indices(out, (refs.rel_path(i) for i in range(len(refs)))) if len(refs) else []
+        others_running = running_shards(out) - {self.shard.label}
+        in_progress = claim_documents(out, self.shard.label, (refs.rel_path(i) for i in new), others_running)
+        if not claimed and not in_progress:
             return refs, skips
-        keep = [i for i, ref in enumerate(refs) if ref.rel_path not in claimed]
+        keep = [i for i, ref in enumerate(refs) if ref.rel_path not in claimed and ref.rel_path not in in_progress]
         extra = [Skip(ref.path, "duplicate", f"already in this output under shard {claimed[ref.rel_path]!r} "
                                              f"(run shard={claimed[ref.rel_path]} to update it)")
                  for ref in refs if ref.rel_path in claimed]
+        extra += [Skip(ref.path, "duplicate", f"being ingested now into this output by the run of shard "
+                                              f"{in_progress[ref.rel_path]!r}")
+                  for ref in refs if ref.rel_path in in_progress]
         return refs.take(keep), [*skips, *extra]
 
     def _record_interrupted_run(self, metrics: RunMetrics, writer: Union[DatasetWriter, WriterProcess],

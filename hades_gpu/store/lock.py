@@ -273,6 +273,18 @@ def held_elsewhere(output: str | os.PathLike, skip: tuple[str, ...] = ()) -> lis
     return found
 
 
+def running_shards(output: str | os.PathLike) -> set[str]:
+    """Names of the shards of `output` whose run is in progress now: their lock held by another live
+    process, or by this one (a run in another thread, or this thread's own)."""
+    names = {name for name, _ in held_elsewhere(output)}
+    with _held_guard:
+        mine = set(_held)
+    for path in Path(output).glob(".lock-*"):
+        if os.path.realpath(path) in mine:
+            names.add(path.name[len(".lock-"):])
+    return names
+
+
 def lock_output(output: str | os.PathLike, shard: str) -> OutputLock:
     """Take the output lock of (`output`, `shard`) now; release it with `.release()` or `with`."""
     return OutputLock(output, shard).acquire()

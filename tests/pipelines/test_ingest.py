@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -681,6 +682,48 @@ def test_two_by_hand_shard_names_over_one_corpus_write_each_chunk_once(sample_co
     assert sum(s["reason"] == "duplicate" for s in second.skipped) == first.documents_ingested
     table = read_chunks(out, ["chunk_id", "path"]).to_pandas()
     assert table.chunk_id.is_unique and len(table) == first.chunks_written + second.chunks_written
+
+
+def test_a_document_another_names_run_in_progress_claimed_is_skipped_and_a_dead_claim_taken_over(sample_corpus,
+                                                                                                 tmp_path):
+    """Two by-hand names at once each found nothing committed by the other and wrote every chunk
+    twice. A run claims what it is about to ingest (store/claims.py); another name's live run (its
+    lock held) keeps its claims, a claim whose run has ended is taken over."""
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+    from hades_gpu.store.claims import claim_documents, claims_path
+    from hades_gpu.store.lock import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rel_paths = sorted(str(p.relative_to(sample_corpus)) for p in sample_corpus.rglob("*") if p.is_file())
+    assert claim_documents(out, "other", rel_paths, running=set()) == {}
+    with OutputLock(out, "other"):  # the other name's run is in progress
+        with pytest.raises(NothingIngestedError, match="duplicate") as caught:
+            TextParallelPipeline(config("shard=mine")).process_batch([sample_corpus], output=out)
+    details = [s["detail"] for s in caught.value.result.skipped if s["reason"] == "duplicate"]
+    assert details and all("being ingested now into this output by the run of shard 'other'" in d for d in details)
+    # the other run has ended without committing them: its claims are stale, this run takes them
+    result = TextParallelPipeline(config("shard=mine")).process_batch([sample_corpus], output=out)
+    assert result.documents_ingested == len(details)
+    assert_exactly_once(out)
+    with sqlite3.connect(claims_path(out)) as conn:  # a finished run leaves no claims of its own
+        assert conn.execute("SELECT count(*) FROM claims WHERE shard = 'mine'").fetchone() == (0,)
+
+
+def test_two_by_hand_names_at_once_over_one_corpus_write_each_chunk_once(tmp_path):
+    """Real processes started together: each document is ingested by one of them."""
+    corpus = copy_files(stdlib_sources(24), tmp_path / "corpus")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = [subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={out}",
+                              f"shard={name}", "profile.num_workers=1", *FAST], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("x", "y")]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode in (0, 1), stderr[-2000:]  # 1: every document was the other's
+    table = assert_exactly_once(out)
+    assert len(set(read_chunks(out, ["path"]).column("path").to_pylist())) == 24
+    assert len(table) == len(read_chunks(out, ["chunk_id"]))
 
 
 def test_workers_that_cannot_start_end_the_run_with_one_error(sample_corpus, tmp_path, monkeypatch):

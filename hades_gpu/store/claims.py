@@ -1,0 +1,73 @@
+"""Claims of the documents a run is about to ingest, so two unsharded runs at once never both write one.
+
+A by-hand shard name (``shard=<name>``, and the default ``s0``) writes its own manifest, and a run
+skips the documents another name has *committed* (`manifest.claimed_by_other_shards`). Two such runs
+started together saw nothing committed by the other and both ingested everything: every chunk twice,
+and search returned each hit twice. Each run now records the documents it is about to ingest (those
+no manifest holds yet) in ``claims.sqlite``, in one IMMEDIATE transaction that first reads the other
+names' claims: a claim by a shard whose run is alive now (its output lock held) wins, and the
+document is skipped here; a claim left by a run that has ended is taken over. A run drops its own
+claims when it ends (its manifest then says what it holds).
+
+Why SQLite: one transaction across processes is the whole protocol, as for the manifests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Iterable
+
+CLAIMS_FILE = "claims.sqlite"
+_BATCH = 500  # keys per IN (...) lookup: under SQLite's default variable limit
+
+
+def claims_path(output: Path) -> Path:
+    return Path(output) / CLAIMS_FILE
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=120.0, isolation_level=None)  # transactions opened by hand
+    conn.execute("CREATE TABLE IF NOT EXISTS claims (rel_path TEXT PRIMARY KEY, shard TEXT NOT NULL) WITHOUT ROWID")
+    return conn
+
+
+def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running: set[str]) -> dict[str, str]:
+    """Claim `rel_paths` for `shard`. Returns rel_path -> the shard in `running` (a run in progress,
+    not this one) that claimed it first: those are not claimed, and this run must skip them."""
+    keys = list(dict.fromkeys(rel_paths))
+    if not keys:
+        return {}
+    taken: dict[str, str] = {}
+    conn = _connect(claims_path(output))
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # one writer at a time: read the others' claims, then add ours
+        try:
+            for start in range(0, len(keys), _BATCH):
+                batch = keys[start:start + _BATCH]
+                marks = ",".join("?" * len(batch))
+                for rel, other in conn.execute(f"SELECT rel_path, shard FROM claims WHERE rel_path IN ({marks}) "
+                                               "AND shard != ?", (*batch, shard)):
+                    if other in running:
+                        taken[rel] = other
+                conn.executemany("INSERT OR REPLACE INTO claims (rel_path, shard) VALUES (?, ?)",
+                                 ((rel, shard) for rel in batch if rel not in taken))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return taken
+
+
+def release_claims(output: Path, shard: str) -> None:
+    """Drop `shard`'s claims (its run has ended: what it committed, its manifest holds)."""
+    path = claims_path(output)
+    if not path.is_file():
+        return
+    conn = _connect(path)
+    try:
+        conn.execute("DELETE FROM claims WHERE shard = ?", (shard,))
+    finally:
+        conn.close()
