@@ -102,6 +102,23 @@ class SearchExpand(Choice):
     ISNE = "isne"
 
 
+_GRPC_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+
+
+def check_grpc_url(url: object, key: str) -> None:
+    """A gRPC target as the Triton client takes it: host:port (port 1-65535) or unix:<path>. gRPC
+    itself read "http://h:p" as a bad domain name (reported as an unreachable server), no port as
+    443, and port 99999 as 34463."""
+    text = url.strip() if isinstance(url, str) else ""
+    if text.startswith("unix:") and len(text) > len("unix:"):
+        return
+    match = _GRPC_HOST_PORT.match(text)
+    if match is None or not 1 <= int(match.group("port")) <= 65535:
+        hint = ("; drop the scheme: gRPC takes host:port" if "://" in text else
+                "; port must be 1-65535" if match is not None else "")
+        raise ConfigError(f"{key} must be host:port for gRPC (e.g. 127.0.0.1:8001) or unix:<path> (got {url!r}{hint})")
+
+
 def check_watermarks(low: float, high: float, key: str) -> None:
     """The one check of a low/high watermark pair (queues, the GPU governor): 0 < low < high <= 1."""
     if not 0 < low < high <= 1:
@@ -689,6 +706,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(e.max_inflight >= 1, "embedder.max_inflight", ">= 1", e.max_inflight)
     _check(e.timeout_s > 0, "embedder.timeout_s", "> 0", e.timeout_s)
     _check(e.retries >= 0, "embedder.retries", ">= 0", e.retries)
+    _check(e.retry_backoff_s >= 0, "embedder.retry_backoff_s", ">= 0", e.retry_backoff_s)
+    check_grpc_url(e.url, "embedder.url")
 
     _check(e.threads >= 0, "embedder.threads", ">= 0 (0: all cores)", e.threads)
     _check(e.streams >= 0, "embedder.streams", ">= 0 (0: the runtime's choice)", e.streams)

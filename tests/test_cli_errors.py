@@ -59,6 +59,8 @@ def ingested(tmp_path_factory, corpus) -> Path:
 
 @pytest.mark.parametrize("override, needles", [
     ("nosuchkey=1", ["nosuchkey"]),
+    ("embedder.url=http://127.0.0.1:8001", ["embedder.url must be host:port", "drop the scheme"]),
+    ("embedder.retry_backoff_s=-1", ["embedder.retry_backoff_s", ">= 0"]),
     ("isne.epoch=3", ["unknown key 'isne.epoch' (did you mean 'isne.epochs'?)"]),  # not Hydra's "+isne.epoch", refused too
     ("profile.num_workers=abc", ["profile.num_workers", "abc"]),
     ("profile=nope", ["profile/nope", "balanced"]),

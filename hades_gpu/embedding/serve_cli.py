@@ -14,8 +14,8 @@ import threading
 from typing import Optional
 
 from hades_gpu.child_process import describe_exit
-from hades_gpu.embedding.triton_server import (DEFAULT_MODELS, TRITONSERVER_ENV, TritonServer, TritonServerError,
-                                               _tail, default_model_repository)
+from hades_gpu.embedding.triton_server import (DEFAULT_MODELS, TRITONSERVER_ENV, StartCancelled, TritonServer,
+                                               TritonServerError, _tail, default_model_repository)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -23,6 +23,18 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (a free one) to 65535. The kernel took 70000 as 4464 while the
+    address printed said 70000."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port must be 0-65535 (0: a free one), got {port}")
+    return port
 
 
 def serve_cli(argv: Optional[list[str]] = None) -> int:
@@ -38,9 +50,9 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
                         help="model repository folder (default: %(default)s)")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated models to load (default: %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=0, help="0 = a free port (default)")
-    parser.add_argument("--http-port", type=int, default=0, help="0 = a free port (default)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="0 = a free port (default)")
+    parser.add_argument("--grpc-port", type=_port, default=0, help="0 = a free port (default)")
+    parser.add_argument("--http-port", type=_port, default=0, help="0 = a free port (default)")
+    parser.add_argument("--metrics-port", type=_port, default=0, help="0 = a free port (default)")
     parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, printed)")
     parser.add_argument("--tritonserver", default=None,
                         help=f"tritonserver binary (default: ${TRITONSERVER_ENV}, PATH, then the pytriton wheel)")
@@ -65,7 +77,7 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         server = TritonServer(args.model_repository, models, args.grpc_port, args.http_port, args.metrics_port,
                               log_file=args.log_file, executable=args.tritonserver,
                               ready_timeout_s=args.ready_timeout, log_verbose=args.log_verbose)
-        server.start()
+        server.start(cancel=stop_requested)
         print(f"gRPC {server.grpc_url}", flush=True)
         print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
               f"pid {server.pid}  log {server.log_file}", flush=True)
@@ -80,6 +92,9 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C during the start; afterwards SIGINT is polled like SIGTERM
         if server is not None:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
+        return 0
+    except StartCancelled:  # SIGTERM while the models loaded: no address is printed for a server going away
+        print("hades-serve: stopped before the server was ready", file=sys.stderr, flush=True)
         return 0
     except TritonServerError as err:
         print(f"hades-serve: error: {err}", file=sys.stderr)

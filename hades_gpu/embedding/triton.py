@@ -13,8 +13,9 @@ server with ``hades-serve``). It implements `hades_gpu.embedding.base.Embedder`:
   is slow, the embed stage is slow, the pipeline's bounded queues fill and its producers wait;
 * a batch larger than the model's ``max_batch_size`` is sent as several requests;
 * each request has a deadline (``timeout_s``); UNAVAILABLE (server gone or restarting, or its bounded
-  queue full) is retried ``retries`` times with exponential backoff from ``retry_backoff_s``; any
-  other error, or the last retry, raises `EmbedderError`;
+  queue full) and NOT_FOUND (a model that was ready at start and is unloading: a server stopping
+  or restarting gracefully) are retried ``retries`` times with exponential backoff from
+  ``retry_backoff_s``; any other error, or the last retry, raises `EmbedderError`;
 * ``embed_texts`` sends raw strings to ``embedder.text_model`` (the ``minilm_text`` ensemble: the
   server's tokenizer model, then ``model``), with the same bound, deadline and retries; that model
   is checked on the first call, so a server without it still serves ``embed``.
@@ -30,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hades_gpu.config import EmbedderConfig
+from hades_gpu.config import EmbedderConfig, check_grpc_url
 from hades_gpu.embedding.base import EmbedderError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
 TEXT_INPUT = "text"  # the raw-text model's BYTES input (triton_models/minilm_text)
-_RETRYABLE = ("StatusCode.UNAVAILABLE",)
+# NOT_FOUND too: the model was ready at start (checked), so mid-run it is being unloaded by a server
+# that stops or restarts gracefully; a restart ridden through instead of a failed run
+_RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND")
 _MAX_BACKOFF_S = 30.0
 _CHECK_TIMEOUT_S = 10.0  # deadline of each start-up check
 
@@ -67,6 +70,9 @@ class TritonEmbedder:
                                            "embedder=triton").InferenceServerException
         if cfg.max_inflight < 1:
             raise ValueError(f"embedder.max_inflight must be >= 1 (got {cfg.max_inflight})")
+        if not cfg.retry_backoff_s >= 0:  # time.sleep(-1) raised at the first retry, mid-run
+            raise ValueError(f"embedder.retry_backoff_s must be >= 0 (got {cfg.retry_backoff_s})")
+        check_grpc_url(cfg.url, "embedder.url")
         self._grpc = grpcclient
         self._exc = InferenceServerException
         self.cfg = cfg

@@ -127,6 +127,10 @@ class TritonServerError(RuntimeError):
     """The server could not be found, started, or kept running; the message says why in one line."""
 
 
+class StartCancelled(Exception):
+    """`start(cancel=...)`'s event was set before the server was ready (it has been stopped)."""
+
+
 def default_model_repository() -> Path:
     """The repository's `triton_models/` folder (beside the `hades_gpu` package)."""
     return Path(__file__).resolve().parents[2] / "triton_models"
@@ -303,6 +307,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.shm_prefix = ""
         self._proc: Optional[subprocess.Popen] = None
+        self._cancel: Optional[threading.Event] = None
         self._workdir: Optional[Path] = None
         self._log_handle = None
         self._log_offset = 0
@@ -383,7 +388,11 @@ class TritonServer:
         shutil.copy2(install.stub, target / "triton_python_backend_stub")
         return target.parent
 
-    def start(self) -> "TritonServer":
+    def start(self, cancel: Optional[threading.Event] = None) -> "TritonServer":
+        """Start tritonserver and wait until it and its models are ready. `cancel` set meanwhile (a
+        SIGTERM to hades-serve) stops it and raises `StartCancelled`: a model whose load takes
+        minutes kept a stopped hades-serve waiting, then printed the address of a dying server."""
+        self._cancel = cancel
         if self._proc is not None:
             raise TritonServerError(f"server already started (pid {self._proc.pid})")
         install = find_server(self.executable)
@@ -467,6 +476,8 @@ class TritonServer:
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while True:
+                if self._cancel is not None and self._cancel.is_set():
+                    raise StartCancelled("stopped before the server was ready")
                 rc = self._proc.poll()
                 if rc is not None:
                     raise TritonServerError(

@@ -91,3 +91,49 @@ def test_failed_model_load_reports_log_tail(tmp_path):
     with pytest.raises(TritonServerError) as info:
         TritonServer(repo, ["broken"], ready_timeout_s=60).start()
     assert "broken on purpose" in str(info.value) and time.monotonic() - t0 < 60
+
+
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_sigterm_while_the_models_load_stops_at_once_and_prints_no_address(tmp_path):
+    """The stop request was only looked at once the server was ready: a model loading for minutes
+    kept hades-serve running, then it printed the address of a server it was about to stop."""
+    from pathlib import Path
+
+    from hades_gpu.embedding.triton_server import default_model_repository
+
+    repo = tmp_path / "repo"
+    (repo / "slow" / "1").mkdir(parents=True)
+    config = (Path(default_model_repository()) / "minilm_python" / "config.pbtxt").read_text()
+    (repo / "slow" / "config.pbtxt").write_text(config.replace('name: "minilm_python"', 'name: "slow"'))
+    (repo / "slow" / "1" / "model.py").write_text(
+        "import time\n\n\nclass TritonPythonModel:\n    def initialize(self, args):\n        time.sleep(300)\n\n"
+        "    def execute(self, requests):\n        return []\n")
+    log_file = tmp_path / "serve.log"
+    proc = subprocess.Popen([*_serve_command(), "--grpc-port", str(free_port()), "--model-repository", str(repo),
+                             "--models", "slow", "--log-file", str(log_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "slow" not in (log_file.read_text(errors="replace") if log_file.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no load"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the model's initialize() is sleeping now
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30 and proc.returncode == 0, (proc.returncode, err)
+        assert "gRPC" not in out, out
+        assert "stopped before the server was ready" in err, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("port", ["70000", "-5", "abc"])
+def test_a_port_out_of_range_is_refused_in_one_line(port):
+    """--grpc-port 70000 served on 4464 (the kernel keeps 16 bits) while the address printed said 70000."""
+    proc = subprocess.run([*_serve_command(), "--grpc-port", port], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--grpc-port" in lines[0], proc.stderr
+    assert proc.stdout == ""
