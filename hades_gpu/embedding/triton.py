@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hades_gpu.config import EmbedderConfig, check_grpc_url
+from hades_gpu.config import ConfigError, EmbedderConfig, check_grpc_url
 from hades_gpu.embedding.base import EmbedderError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,13 @@ class TritonEmbedder:
             raise EmbedderError(f"{where}: output {OUTPUT_NAME!r} must be {self.cfg.dim} wide (embedder.dim) "
                                 f"(got dims {outputs[OUTPUT_NAME]})")
         self.dim = int(self.cfg.dim)
+        served = config.parameters.get("max_seq_len") if hasattr(config, "parameters") else None
+        served_len = served.string_value.strip() if served is not None else ""
+        if served_len.isdigit() and int(self.cfg.max_seq_len) > int(served_len):
+            # else every batch longer than the server's limit failed mid-run (INVALID_ARGUMENT)
+            raise ConfigError(f"embedder.max_seq_len={self.cfg.max_seq_len} is more than {where} takes "
+                              f"(max_seq_len {served_len} in its config.pbtxt parameters): lower it, or serve "
+                              f"the model with a larger max_seq_len")
         self.max_batch_size = int(config.max_batch_size)  # 0: the model takes no batch dimension
         if self.max_batch_size == 0:
             raise EmbedderError(f"{where}: model must batch (max_batch_size > 0) (got 0)")

@@ -233,6 +233,14 @@ class Manifest:
         recorded = self.settings()
         changed = [f"{key}={recorded[key]!r} (this run: {value!r})" for key, value in sorted(settings.items())
                    if key in recorded and recorded[key] != value]
+        if changed and not self.parts():
+            # nothing committed under the old settings (a first run that failed before its first
+            # commit): they describe no chunk, so they were refused for an output that held none
+            log.info("%s: no chunks committed yet; this run's settings replace those of an earlier run (%s)",
+                     self.output, "; ".join(changed))
+            with self._transaction() as cur:
+                cur.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (json.dumps(settings, sort_keys=True),))
+            return
         if changed:
             raise SettingsChangedError(
                 f"{self.output} holds chunks made with {'; '.join(changed)}: ingest into a new output folder "

@@ -107,6 +107,13 @@ def test_settings_are_recorded_once_and_a_run_with_others_is_refused(tmp_path):
     m.close()
     m = Manifest.load(tmp_path, "s0")  # durable
     assert m.settings() == {"chunking.chunk_tokens": 254, "model": "abc", "embedder.dim": 384}
+    # no chunk committed yet (a first run failed before its first commit): other settings replace them
+    m.check_settings({"chunking.chunk_tokens": 500, "model": "abc", "embedder.dim": 384})
+    assert m.settings()["chunking.chunk_tokens"] == 500
+    m.check_settings({"chunking.chunk_tokens": 254, "model": "abc", "embedder.dim": 384})
+    from hades_gpu.store.manifest import DocumentEntry
+
+    m.commit_part("part-s0-00001", [("a.py", DocumentEntry("da", "h1", 2, "part-s0-00001", 10, 20))])
     with pytest.raises(SettingsChangedError, match=r"chunking.chunk_tokens=254 \(this run: 100\); model='abc' "
                                                    r"\(this run: 'xyz'\): ingest into a new output folder"):
         m.check_settings({"chunking.chunk_tokens": 100, "model": "xyz", "embedder.dim": 384})

@@ -150,3 +150,13 @@ def test_missing_model_is_one_line_error(triton_server):
     msg = str(info.value)
     assert "\n" not in msg and triton_server.grpc_url in msg and "no_such_model" in msg
     assert "no such model" in msg and MODEL in msg  # says what the repository does have
+
+
+def test_a_max_seq_len_beyond_the_served_models_is_refused_at_start(triton_server):
+    """The served model's max_seq_len (its config.pbtxt parameters, read at start) was not compared:
+    a run with embedder.max_seq_len=512 failed mid-run on the first long batch."""
+    from hades_gpu.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"embedder.max_seq_len=512 is more than .*max_seq_len 256 in its config"):
+        embedder_for(triton_server.grpc_url, MODEL, max_seq_len=512)
+    embedder_for(triton_server.grpc_url, MODEL, max_seq_len=128).close()  # shorter rows are fine
