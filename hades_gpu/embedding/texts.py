@@ -91,3 +91,18 @@ def embed_texts_locally(embedder, texts: Sequence[str], max_seq_len: int) -> np.
 
 
 __all__ = ["embed_texts", "embed_texts_locally", "encode_texts", "model_rows", "text_token_ids"]
+
+
+# A fixed text whose vector stands for the model in an output's manifest (`model_probe`).
+MODEL_PROBE_TEXT = ("def mean(values):\n    \"\"\"The arithmetic mean of a non-empty list of numbers.\"\"\"\n"
+                    "    return sum(values) / len(values)\n\nRetrieval engineers embed documents and code "
+                    "into vectors, then search them by cosine similarity.")
+
+
+def model_probe(embedder, max_seq_len: int) -> np.ndarray:
+    """float32 (dim,): `embedder`'s vector for `MODEL_PROBE_TEXT`, from rows tokenized here (the
+    ingest path, whatever the embedder). Two embedders of the same model give cosine ~1 (bf16 vs fp32
+    included); another model does not, so the manifest can tell a server that runs a different model
+    than the one an output was embedded with (`store.manifest.Manifest.check_model_probe`)."""
+    return embed_texts_locally(embedder, [MODEL_PROBE_TEXT], max_seq_len)[0]
+

@@ -62,6 +62,8 @@ class TritonEmbedder:
         embed: input_ids int64 (B, L), attention_mask int64 (B, L) -> float32 (B, dim)
     """
 
+    serves_remotely = True  # the ingest checks what the server's model answers (Manifest.check_model_probe)
+
     def __init__(self, cfg: EmbedderConfig):
         from hades_gpu.optional import require
 

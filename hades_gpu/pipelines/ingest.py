@@ -30,6 +30,7 @@ from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
+from hades_gpu.embedding.texts import model_probe
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
@@ -428,6 +429,12 @@ class IngestPipeline:
                 else:
                     governor = getattr(embedder, "governor", None)
                 metrics.extra["embedder"] = getattr(embedder, "description", type(embedder).__name__)
+                if owns_embedder or getattr(embedder, "serves_remotely", False):
+                    # what the model answers, against what made the output's vectors (a server may run
+                    # another model than the local folder the settings fingerprint); a caller's own
+                    # embedder object is trusted
+                    writer.manifest.check_model_probe(model_probe(embedder, cfg.embedder.max_seq_len),
+                                                      metrics.extra["embedder"])
                 ring = SlabRing(slab_count(cfg.profile, cfg.profile.num_workers, getattr(embedder, "concurrency", 1),
                                            writer_process),
                                 slab_layout(cfg.profile, cfg.embedder.max_seq_len,

@@ -32,7 +32,9 @@ import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
 
 from hades_gpu.store.atomic import FileRecord, fsync_dir
 
@@ -74,6 +76,11 @@ def _in_batches(keys: Iterable[str]) -> Iterator[tuple[tuple[str, ...], str]]:
 
 class ManifestError(ValueError):
     """A manifest that cannot be read (damaged, or written by an unknown version)."""
+
+
+# Same model, other runtime or precision (bf16, CUDA, Triton's python backend): cosine > 0.999 here;
+# another model of the same width answers far lower
+MODEL_PROBE_MIN_COSINE = 0.98
 
 
 class SettingsChangedError(ManifestError):
@@ -249,6 +256,28 @@ class Manifest:
             with self._transaction() as cur:
                 cur.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)",
                             (json.dumps({**recorded, **settings}, sort_keys=True),))
+
+    def check_model_probe(self, vector: Sequence[float], embedder: str) -> None:
+        """Refuse a run whose embedder answers a fixed probe text (`embedding.texts.model_probe`)
+        unlike the one that embedded this output's chunks (cosine < `MODEL_PROBE_MIN_COSINE`); record
+        the answer when none is recorded or nothing is committed yet. The settings fingerprint the
+        local model folder only: a Triton server running another model of the same width mixed its
+        vectors into the output silently."""
+        new = np.asarray(vector, dtype=np.float64).ravel()
+        row = self._query("SELECT value FROM meta WHERE key = 'model_probe'")
+        if row and self.parts():
+            old = np.asarray(json.loads(row[0][0])["vector"], dtype=np.float64)
+            cosine = float(old @ new / (np.linalg.norm(old) * np.linalg.norm(new) or 1.0)) if old.shape == new.shape else -1.0
+            if cosine < MODEL_PROBE_MIN_COSINE:
+                made_by = json.loads(row[0][0]).get("embedder", "?")
+                raise SettingsChangedError(
+                    f"{self.output} holds vectors of another model: this embedder ({embedder}) answers a probe text "
+                    f"with cosine {cosine:.3f} to the vector of the one that embedded it ({made_by}): serve the same "
+                    f"model, or ingest into a new output folder; one dataset would mix vectors of both")
+            return
+        with self._transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('model_probe', ?)",
+                        (json.dumps({"vector": [round(float(x), 6) for x in new], "embedder": embedder}),))
 
     def part_files(self) -> dict[str, dict[str, FileRecord]]:
         """part -> {table: FileRecord} for every committed part that has its files recorded."""

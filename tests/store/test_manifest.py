@@ -153,3 +153,23 @@ def test_remove_documents_counts_each_once_and_moves_the_rest(tmp_path):
     assert m.parts() == ["part-s0-00003"] and m.next_part_number() == 4
     assert m.absent_from(["x.md"]) == []
     m.close()
+
+
+def test_the_model_probe_is_recorded_and_another_models_answer_refused_once_chunks_exist(tmp_path):
+    import numpy as np
+
+    from hades_gpu.store.manifest import DocumentEntry, SettingsChangedError
+
+    rng = np.random.default_rng(0)
+    minilm, other = rng.normal(size=384), rng.normal(size=384)
+    m = Manifest.load(tmp_path, "s0")
+    m.check_model_probe(other, "first try")  # nothing committed: recorded, and replaced by the next run
+    m.check_model_probe(minilm, "local")
+    m.commit_part("part-s0-00001", [("a.py", DocumentEntry("da", "h1", 2, "part-s0-00001", 10, 20))])
+    m.check_model_probe(minilm + rng.normal(scale=1e-3, size=384), "triton")  # same model, other precision
+    with pytest.raises(SettingsChangedError, match=r"holds vectors of another model: this embedder \(server\) answers "
+                                                   r"a probe text with cosine -?0\.\d+ .*\(local\)"):
+        m.check_model_probe(other, "server")
+    m.close()
+    with pytest.raises(SettingsChangedError):  # durable
+        Manifest.load(tmp_path, "s0").check_model_probe(other, "server")

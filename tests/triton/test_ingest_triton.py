@@ -126,3 +126,46 @@ def test_server_killed_mid_run_then_rerun_completes(triton_server, corpus, local
     assert set(ids) == set(ref_ids), f"lost {len(set(ref_ids) - set(ids))}, extra {len(set(ids) - set(ref_ids))}"
     cosine = np.array([float(np.dot(vecs[c], ref_vecs[c])) for c in ref_ids])
     assert cosine.min() >= 0.999
+
+
+def test_a_server_running_another_model_is_refused_before_it_mixes_vectors_in(corpus, tmp_path, triton_server):
+    """The settings fingerprint the client's model folder, not what the server runs: a server
+    running another 384-wide model added its vectors beside MiniLM's, exit 0. The run now checks
+    what the model answers to a probe text against what made the output (a real second server
+    whose python model answers a constant vector: a different model of the same shape)."""
+    from hades_gpu.embedding.triton_server import default_model_repository
+
+    repo = tmp_path / "repo"
+    (repo / "constant" / "1").mkdir(parents=True)
+    config = (Path(default_model_repository()) / MODEL / "config.pbtxt").read_text()
+    (repo / "constant" / "config.pbtxt").write_text(config.replace(f'name: "{MODEL}"', 'name: "constant"'))
+    (repo / "constant" / "1" / "model.py").write_text(
+        "import numpy as np\nimport triton_python_backend_utils as pb_utils\n\n\nclass TritonPythonModel:\n"
+        "    def execute(self, requests):\n        out = []\n        for request in requests:\n"
+        "            rows = pb_utils.get_input_tensor_by_name(request, 'input_ids').as_numpy().shape[0]\n"
+        "            v = np.full((rows, 384), 384 ** -0.5, dtype=np.float32)\n"
+        "            out.append(pb_utils.InferenceResponse([pb_utils.Tensor('embedding', v)]))\n"
+        "        return out\n")
+    docs = tmp_path / "docs"
+    shutil.copytree(corpus, docs)
+    out = tmp_path / "out"
+    first = ingest(docs, out)  # the local embedder
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = chunk_rows(out)[0]
+    with (docs / sorted(p.name for p in docs.iterdir())[0]).open("a") as f:
+        f.write("\n# one more line\n")
+    # the same model served: accepted (cosine ~1 to the local one)
+    same = ingest(docs, out, "embedder=triton", f"embedder.url={triton_server.grpc_url}", f"embedder.model={MODEL}")
+    assert same.returncode == 0, same.stderr[-2000:]
+    with (docs / sorted(p.name for p in docs.iterdir())[1]).open("a") as f:
+        f.write("\n# one more line\n")
+    other = TritonServer(repo, ["constant"], log_file=tmp_path / "constant.log").start()
+    try:
+        committed = chunk_rows(out)[0]
+        proc = ingest(docs, out, "embedder=triton", f"embedder.url={other.grpc_url}", "embedder.model=constant")
+    finally:
+        other.stop()
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hades-ingest: error:")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert "holds vectors of another model" in lines[0] and "constant" in lines[0], lines[0]
+    assert chunk_rows(out)[0] == committed and len(committed) >= len(before)  # nothing written
