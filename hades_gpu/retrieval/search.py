@@ -36,11 +36,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
-from hades_gpu.embedding.texts import embed_texts
+from hades_gpu.embedding.texts import embed_texts, model_probe
 from hades_gpu.records import user_path
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path, isne_embeddings_files
 from hades_gpu.store.lock import held_elsewhere
+from hades_gpu.store.manifest import MODEL_PROBE_MIN_COSINE, probe_cosine, recorded_model_probes
 from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, check_chunk_vectors, chunk_source,
                                     embeddings_to_numpy, is_ingest_output, read_chunks, read_isne_embeddings)
 
@@ -160,6 +161,25 @@ class Searcher:
             embedder = build_embedder(cfg)
         self.embedder = embedder
         self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
+        try:
+            self._check_model()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_model(self) -> None:
+        """Queries must be embedded by the model that embedded the chunks: a server running another
+        model answered every query with nonsense ranks, silently (`Manifest.check_model_probe`)."""
+        recorded = recorded_model_probes(Path(self.output))
+        if not recorded:
+            return
+        answer = model_probe(self.embedder, self.max_seq_len)
+        for shard, vector, made_by in recorded:
+            cosine = probe_cosine(vector, answer)
+            if cosine < MODEL_PROBE_MIN_COSINE:
+                raise SearchError(f"{self.output} was embedded by another model than this embedder's "
+                                  f"({self.embedder_name}; {made_by} made shard {shard}: cosine {cosine:.3f} on a "
+                                  f"probe text): search it with the model that ingested it")
 
     def _load(self) -> None:
         """Read the committed chunks and their vectors (the graph and ISNE vectors on first use)."""

@@ -266,8 +266,7 @@ class Manifest:
         new = np.asarray(vector, dtype=np.float64).ravel()
         row = self._query("SELECT value FROM meta WHERE key = 'model_probe'")
         if row and self.parts():
-            old = np.asarray(json.loads(row[0][0])["vector"], dtype=np.float64)
-            cosine = float(old @ new / (np.linalg.norm(old) * np.linalg.norm(new) or 1.0)) if old.shape == new.shape else -1.0
+            cosine = probe_cosine(np.asarray(json.loads(row[0][0])["vector"], dtype=np.float64), new)
             if cosine < MODEL_PROBE_MIN_COSINE:
                 made_by = json.loads(row[0][0]).get("embedder", "?")
                 raise SettingsChangedError(
@@ -481,6 +480,31 @@ def committed_document_count(output: Path, shard: str) -> int:
     except sqlite3.DatabaseError:
         return 0  # being created this moment: counted at the next poll
     return int(row[0]) if row else 0
+
+
+def recorded_model_probes(output: Path) -> list[tuple[str, np.ndarray, str]]:
+    """(shard, probe vector, embedder description) of each manifest of `output` that recorded what its
+    model answers (`Manifest.check_model_probe`); read-only, unreadable manifests left out."""
+    found = []
+    for path in sorted(Path(output).glob("manifest-*.sqlite")):
+        try:
+            with _read_only(path) as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'model_probe'").fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row:
+            record = json.loads(row[0])
+            found.append((path.name[len("manifest-"):-len(".sqlite")], np.asarray(record["vector"], dtype=np.float64),
+                          str(record.get("embedder", "?"))))
+    return found
+
+
+def probe_cosine(recorded: np.ndarray, answer: Sequence[float]) -> float:
+    """Cosine of two probe vectors; -1 when their widths differ."""
+    new = np.asarray(answer, dtype=np.float64).ravel()
+    if recorded.shape != new.shape:
+        return -1.0
+    return float(recorded @ new / (np.linalg.norm(recorded) * np.linalg.norm(new) or 1.0))
 
 
 def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) -> dict[str, str]:

@@ -163,6 +163,14 @@ def test_a_server_running_another_model_is_refused_before_it_mixes_vectors_in(co
     try:
         committed = chunk_rows(out)[0]
         proc = ingest(docs, out, "embedder=triton", f"embedder.url={other.grpc_url}", "embedder.model=constant")
+        # queries too: that server's answers would rank the chunks at random, silently
+        from hades_gpu.config import load_pipeline_config
+        from hades_gpu.retrieval.search import Searcher, SearchError
+
+        cfg = load_pipeline_config(overrides=["embedder=triton", f"embedder.url={other.grpc_url}",
+                                              "embedder.model=constant"])
+        with pytest.raises(SearchError, match=r"was embedded by another model than this embedder's \(triton constant"):
+            Searcher(out, cfg)
     finally:
         other.stop()
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hades-ingest: error:")]
