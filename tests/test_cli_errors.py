@@ -271,7 +271,7 @@ def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp
     assert again.returncode == 0 and "2 unchanged" in again.stdout, again.stderr[-2000:]  # precision may change
 
 
-def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_too(tmp_path, ingested):
+def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_too(tmp_path, corpus, ingested):
     """hades-search printed a 35-line traceback, hades-verify called it a usage error (exit 2)."""
     out = tmp_path / "out"
     shutil.copytree(ingested, out)
@@ -281,6 +281,14 @@ def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_
     verify = subprocess.run([sys.executable, "-m", "hades_gpu.store.verify", str(out)], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     _assert_one_line(verify, 1, "manifest", "unreadable", prog="hades-verify")
+    # a folder where the manifest was: SQLite said "disk I/O error" / "unable to open database file"
+    (out / "manifest-s0.sqlite").unlink()
+    (out / "manifest-s0.sqlite").mkdir()
+    needles = ("manifest-s0.sqlite is a folder, not a SQLite file", "remove it")
+    _assert_one_line(_ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false"), 1, *needles)
+    verify = subprocess.run([sys.executable, "-m", "hades_gpu.store.verify", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    _assert_one_line(verify, 1, *needles, prog="hades-verify")
 
 
 def test_without_an_output_the_run_goes_to_the_documented_default_folder(tmp_path, corpus):

@@ -117,6 +117,9 @@ def _part_number(name: str) -> int:
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if Path(path).is_dir():  # SQLite said "disk I/O error" or "unable to open database file"
+        raise ManifestError(f"manifest {path} is a folder, not a SQLite file: remove it (the next run then ingests "
+                            f"every document again) or point output= at another folder")
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
     conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA synchronous=FULL")
@@ -490,7 +493,7 @@ def recorded_model_probes(output: Path) -> list[tuple[str, np.ndarray, str]]:
         try:
             with _read_only(path) as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'model_probe'").fetchone()
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, ManifestError):
             continue
         if row:
             record = json.loads(row[0])
