@@ -291,6 +291,17 @@ def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_
     _assert_one_line(verify, 1, *needles, prog="hades-verify")
 
 
+def test_a_folder_in_place_of_metrics_json_is_named_in_one_line(tmp_path, corpus, ingested):
+    """The rename over it said "Is a directory" about a hidden temporary file, on every run."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    (out / "metrics.json").unlink()
+    (out / "metrics.json").mkdir()
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false")
+    line = _assert_one_line(proc, 1, f"{out / 'metrics.json'}: a folder stands where this file belongs", "remove it")
+    assert ".tmp" not in line
+
+
 def test_without_an_output_the_run_goes_to_the_documented_default_folder(tmp_path, corpus):
     """`output` unset (or empty) is Hydra's outputs/<date>_<time> in the working directory, as
     conf/config.yaml says; `-m` sweeps go to multirun/<date>_<time>. Both failed with "Incompatible

@@ -8,6 +8,7 @@ Every writer of the output (parts, edges, ISNE vectors and checkpoint, metrics) 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
@@ -67,6 +68,18 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _replace(tmp: Path, path: Path) -> None:
+    """`os.replace`, with a folder in the file's place named (the rename said "Is a directory" about
+    the hidden temporary, and every later run failed the same way)."""
+    try:
+        os.replace(tmp, path)
+    except (IsADirectoryError, OSError) as err:
+        if not path.is_dir():
+            raise
+        raise IsADirectoryError(errno.EISDIR, f"a folder stands where this file belongs: remove it (it is made "
+                                              f"again; the committed chunks are kept)", str(path)) from err
+
+
 class StreamedFile:
     """A file written piece by piece at a temporary path (`tmp`), then committed exactly as
     `atomic_path` commits (checksum, fsync, rename, fsync of the folder) or discarded. Until then
@@ -83,7 +96,7 @@ class StreamedFile:
             checksum = file_checksum(self.tmp)  # still in the page cache
             with open(self.tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(self.tmp, self.path)
+            _replace(self.tmp, self.path)
         except BaseException:
             self.discard()
             raise
@@ -109,7 +122,7 @@ def atomic_path(path: str | os.PathLike, record: Optional[list] = None) -> Itera
         checksum = file_checksum(tmp) if record is not None else ""  # still in the page cache
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
