@@ -302,6 +302,25 @@ def test_a_folder_in_place_of_metrics_json_is_named_in_one_line(tmp_path, corpus
     assert ".tmp" not in line
 
 
+def test_an_output_that_cannot_be_written_is_named_in_one_line_at_the_start(tmp_path, corpus, ingested):
+    """SQLite's "unable to open database file" (no path) or pyarrow's text about a hidden temporary
+    came mid-run. An immutable folder (chattr +i) stops root too; skipped where chattr cannot set it."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    grown = tmp_path / "grown"
+    shutil.copytree(corpus, grown)
+    (grown / "c.md").write_text("# More\n\nSomething new to write.\n")
+    for folder in (out / "chunks", out):
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+        try:
+            proc = _ingest(f"corpus={grown}", f"output={out}", "isne.enabled=false")
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        _assert_one_line(proc, 1, f"{folder}: cannot write in this output folder", "make it writable")
+    assert _ingest(f"corpus={grown}", f"output={out}", "isne.enabled=false").returncode == 0  # writable again
+
+
 def test_without_an_output_the_run_goes_to_the_documented_default_folder(tmp_path, corpus):
     """`output` unset (or empty) is Hydra's outputs/<date>_<time> in the working directory, as
     conf/config.yaml says; `-m` sweeps go to multirun/<date>_<time>. Both failed with "Incompatible

@@ -38,7 +38,8 @@ from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing, copies_to_cuda
 from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable, user_path
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
-from hades_gpu.store.layout import is_output_listing, metrics_path, shard_metrics_path
+from hades_gpu.store.atomic import check_writable
+from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
                                       uncommitted_indices)
 from hades_gpu.store.reader import committed_rel_paths_of_files
@@ -349,6 +350,7 @@ class IngestPipeline:
     def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
+        check_writable([out, out / CHUNKS_DIR, out / DOCUMENTS_DIR])
         use_model_dir(cfg.embedder.model_dir)  # before workers spawn: they tokenize with the same folder
 
         metrics = RunMetrics()

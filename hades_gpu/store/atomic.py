@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -66,6 +67,23 @@ def file_checksum(path: str | os.PathLike) -> str:
 def temporary_path(path: Path) -> Path:
     """`.<name>.tmp-<pid>` beside `path`: hidden, never a name a reader lists, one per process."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def check_writable(folders: list[Path]) -> None:
+    """Create and remove a file in each existing folder of `folders`: a read-only output (mode,
+    immutable flag, read-only mount) is one OSError naming the folder at the start, not SQLite's
+    "unable to open database file" or pyarrow's text about a hidden temporary in the middle of a run.
+    (`os.access` says yes to root, whom an immutable flag still stops.)"""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        try:
+            fd, name = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write in this output folder ({err.strerror}): make it writable, "
+                                     f"or ingest into another", str(folder)) from err
+        os.close(fd)
+        os.unlink(name)
 
 
 def _replace(tmp: Path, path: Path) -> None:
