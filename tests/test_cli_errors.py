@@ -153,6 +153,16 @@ def test_a_corrupt_part_file_is_named_in_one_line_and_its_documents_ingested_aga
 
 
 
+def test_a_truncated_chunk_part_is_named_by_search_with_what_rewrites_it(tmp_path, ingested):
+    """pyarrow's "Error creating dataset ... magic bytes not found" named no file and no remedy."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    part = sorted((out / "chunks").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    _assert_one_line(_ingest(str(out), "circle area", module="search_main"), 1, f"damaged output file: committed part {part} (",
+                     "an ingest into the same output", prog="hades-search")
+
+
 def test_a_damaged_documents_part_and_a_new_file_are_repaired_in_one_run(tmp_path, corpus, ingested):
     """A file new to the output made the start look its absolute path up in the documents parts,
     before the start check had repaired them: pyarrow's error, exit 1, on every later run."""

@@ -58,9 +58,23 @@ def read_table(output: str | os.PathLike, table: str, columns: Optional[Sequence
 
 
 def read_files(files: Sequence[Path], columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """Part files already listed (`committed_part_files`), concatenated (only `columns` when given)."""
-    return pa.concat_tables([pq.read_table(f, columns=list(columns) if columns else None) for f in files],
-                            promote_options="default")
+    """Part files already listed (`committed_part_files`), concatenated (only `columns` when given).
+
+    Raises:
+        DamagedOutputError: a committed part that is no readable Parquet, named (pyarrow's "Error
+            creating dataset ... magic bytes not found" named no file and no remedy).
+    """
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=list(columns) if columns else None))
+        except (pa.ArrowException, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise DamagedOutputError(f"damaged output file: committed part {f} ({error_line(err)[:200]}): `hades-verify "
+                                     f"{Path(f).parent.parent}` names every such file; an ingest into the same "
+                                     f"output with the same corpus writes their documents again") from err
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def read_chunks(output: str | os.PathLike, columns: Optional[Sequence[str]] = None) -> pa.Table:
