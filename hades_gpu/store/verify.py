@@ -203,20 +203,26 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
             problems, _ = verify_manifest(m, full, report, m.contents_by_part() if full else None)
             report.problems.extend(problems)
             named.update(m.parts())
-            lock = output / f".lock-{shard}"
-            from hades_gpu.store.lock import holder_alive, read_holder
-
-            holder = read_holder(lock) if lock.exists() else {}
-            if holder and holder_alive(holder):
-                report.notes.append(f"shard {shard} is locked by PID {holder.get('pid')} on {holder.get('host')}: "
-                                    "a run may be writing it now")
         finally:
             m.close()
+    from hades_gpu.store.lock import held_elsewhere
+
+    # the lock held now (its flock), not a record that names a live PID: a record left by another
+    # host's run was reported as a run writing it, though no one held it
+    for shard, holder in held_elsewhere(output):
+        report.notes.append(f"shard {shard} is locked by PID {holder.get('pid')} on {holder.get('host')}: "
+                            "a run may be writing it now")
     if any(output.glob("manifest*.json")):
         report.notes.append("older JSON manifest(s) present: their parts are not verified (open the output "
                             "with hades-ingest once to convert them)")
     report.derived_problems.extend(_check_derived(output, full))
     report.notes.extend(_unfinished_shards(output))
+    if named and not edges_path(output).is_file():  # not damage: an ingest with isne.enabled=false, or a stopped stage
+        report.notes.append(f"no chunk graph or ISNE vectors yet (no {edges_path(output).name}): `hades-isne "
+                            f"output={output}` builds them")
+    elif named and not isne_embeddings_files(output):
+        report.notes.append(f"no ISNE vectors yet (no isne/embeddings-*.parquet): `hades-isne output={output}` "
+                            f"trains or infers them")
     for table in TABLES:
         folder = output / table
         if folder.is_dir():

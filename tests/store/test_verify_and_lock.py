@@ -283,3 +283,23 @@ def test_an_output_whose_shards_have_not_all_finished_is_noted(tmp_path, embedde
     assert verify_main([str(out)]) == 0  # not damage: a note
     err = capsys.readouterr().err
     assert "note: 1 of 2 shard(s) have not finished" in err and "s1of2" in err, err
+
+
+def test_verify_notes_a_missing_graph_and_only_a_lock_that_someone_holds(clean, tmp_path):
+    """"ok" said nothing of an output whose graph and ISNE stage never ran; a lock record left by
+    another host's run (no flock held) was reported as a run writing the output."""
+    import json
+
+    _, clean_out, _ = clean
+    out = _copy(clean_out, tmp_path / "out")
+    report = verify_output(out)
+    assert report.ok and any("no chunk graph or ISNE vectors yet" in n and f"hades-isne output={out}" in n
+                             for n in report.notes), report.notes
+    (out / ".lock-s0").write_text(json.dumps({"pid": 1, "host": "otherhost", "start_time": 0}))
+    assert not any("locked" in n for n in verify_output(out).notes)
+    holder = _holder(out)
+    try:
+        assert any("shard s0 is locked by PID" in n for n in verify_output(out).notes)
+    finally:
+        holder.kill()
+        holder.wait()
