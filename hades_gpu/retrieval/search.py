@@ -153,6 +153,8 @@ class Searcher:
             raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
         self._given_candidates = candidates
         self._graph_cfg = cfg.graph
+        # what the "output changed" warning tells to do (hades-search, one query, says "run it again")
+        self.refresh_advice = "call refresh() (or open a new Searcher) to search the new one"
         self._load()
         self._own_embedder = embedder is None
         if embedder is None:
@@ -230,8 +232,8 @@ class Searcher:
             # (removed ones included), silently. Not reloaded under a running search (other threads
             # may be ranking with this state): the caller decides when (`refresh`).
             self._warned_state = state
-            log.warning("%s changed since this Searcher read it: results are of the earlier state; call refresh() "
-                        "(or open a new Searcher) to search the new one", self.output)
+            log.warning("%s changed since this Searcher read it: results are of the earlier state; %s",
+                        self.output, self.refresh_advice)
         k = self.cfg.k if k is None else k
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k must be an integer >= 1 (got {k!r})")

@@ -74,6 +74,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_pipeline_config(overrides=overrides)
         with Searcher(args.output, cfg) as searcher:
+            searcher.refresh_advice = "run the search again to search the new one"
             result = searcher.search(args.query, args.k, args.expand)
     except (ConfigError, SearchError) as err:
         print(f"hades-search: error: {err}", file=sys.stderr)

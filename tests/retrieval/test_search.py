@@ -387,6 +387,7 @@ def test_a_kept_searcher_says_when_the_output_changed_and_refresh_reads_it_again
             s.search("zebra crossing stripes", 3)
         changed = [r for r in caplog.records if "changed since this Searcher read it" in r.getMessage()]
         assert len(changed) == 1  # once per change, not per query
+        assert "call refresh()" in changed[0].getMessage()
         s.refresh()
         assert set(s.chunk_ids) != before
         top = s.search("zebra crossing stripes", 1).hits[0]
@@ -397,6 +398,24 @@ def test_a_kept_searcher_says_when_the_output_changed_and_refresh_reads_it_again
         with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
             s.search("zebra crossing stripes", 3, "graph")
         assert any("edges.parquet is older than the chunks" in r.getMessage() for r in caplog.records)
+
+
+def test_hades_search_advises_a_command_lines_remedy_when_the_output_changes_under_it(search_output, monkeypatch,
+                                                                                     caplog, capsys):
+    """One query from the command line was told to "call refresh()". The change between reading the
+    output and the query (an ingest committing then) is made to happen by the state function, since
+    a real commit cannot be timed into that window."""
+    import itertools
+    import logging
+
+    from hades_gpu.retrieval import search, search_cli
+
+    states = itertools.count()
+    monkeypatch.setattr(search, "output_state", lambda output: (next(states),))
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+        assert search_cli.search_cli([str(search_output[0]), "area of a circle", "-k", "2"]) == 0
+    changed = [r.getMessage() for r in caplog.records if "changed since this Searcher read it" in r.getMessage()]
+    assert len(changed) == 1 and "run the search again" in changed[0] and "refresh()" not in changed[0]
 
 
 def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_path, caplog):
