@@ -572,12 +572,10 @@ def _compose_in_isolation(overrides: list[str]) -> DictConfig:
 
 def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
     """Turn a composed DictConfig into a validated `PipelineConfig` dataclass."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from collections.abc import Mapping
 
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(cfg, PipelineConfig):
         validate(cfg)

@@ -90,9 +90,6 @@ def embed_texts_locally(embedder, texts: Sequence[str], max_seq_len: int) -> np.
     return out
 
 
-__all__ = ["embed_texts", "embed_texts_locally", "encode_texts", "model_rows", "text_token_ids"]
-
-
 # A fixed text whose vector stands for the model in an output's manifest (`model_probe`).
 MODEL_PROBE_TEXT = ("def mean(values):\n    \"\"\"The arithmetic mean of a non-empty list of numbers.\"\"\"\n"
                     "    return sum(values) / len(values)\n\nRetrieval engineers embed documents and code "
@@ -106,3 +103,6 @@ def model_probe(embedder, max_seq_len: int) -> np.ndarray:
     than the one an output was embedded with (`store.manifest.Manifest.check_model_probe`)."""
     return embed_texts_locally(embedder, [MODEL_PROBE_TEXT], max_seq_len)[0]
 
+
+__all__ = ["MODEL_PROBE_TEXT", "embed_texts", "embed_texts_locally", "encode_texts", "model_probe", "model_rows",
+           "text_token_ids"]

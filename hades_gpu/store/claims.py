@@ -14,6 +14,7 @@ Why SQLite: one transaction across processes is the whole protocol, as for the m
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Iterable
@@ -35,16 +36,16 @@ def _connect(path: Path) -> sqlite3.Connection:
 def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running: set[str]) -> dict[str, str]:
     """Claim `rel_paths` for `shard`. Returns rel_path -> the shard in `running` (a run in progress,
     not this one) that claimed it first: those are not claimed, and this run must skip them."""
-    keys = list(dict.fromkeys(rel_paths))
-    if not keys:
+    keys = iter(rel_paths)  # in batches: a run of millions of documents holds no list of their names here
+    batch = list(itertools.islice(keys, _BATCH))
+    if not batch:
         return {}
     taken: dict[str, str] = {}
     conn = _connect(claims_path(output))
     try:
         conn.execute("BEGIN IMMEDIATE")  # one writer at a time: read the others' claims, then add ours
         try:
-            for start in range(0, len(keys), _BATCH):
-                batch = keys[start:start + _BATCH]
+            while batch:
                 marks = ",".join("?" * len(batch))
                 for rel, other in conn.execute(f"SELECT rel_path, shard FROM claims WHERE rel_path IN ({marks}) "
                                                "AND shard != ?", (*batch, shard)):
@@ -52,6 +53,7 @@ def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running:
                         taken[rel] = other
                 conn.executemany("INSERT OR REPLACE INTO claims (rel_path, shard) VALUES (?, ?)",
                                  ((rel, shard) for rel in batch if rel not in taken))
+                batch = list(itertools.islice(keys, _BATCH))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -67,7 +67,8 @@ def test_a_kill_at_any_point_of_replacing_a_changed_document_loses_nothing(tmp_p
         result = ingest(corpus, out, writer=writer)
         assert_same_chunks_exactly_once(out, reference)
         assert result.documents_ingested == (1 if point == "after_manifest_commit" else 0), point
-        assert verify_output(out).ok and not verify_output(out).notes, point
+        report = verify_output(out)  # ingest without the graph stage: its note only (no orphans, no lock)
+        assert report.ok and [n for n in report.notes if "no chunk graph" not in n] == [], (point, report.notes)
         docs = {p: pq.read_table(out / "documents" / f"{p}.parquet").num_rows for p in Manifest.load(out, "s0").parts()}
         assert sum(docs.values()) == 8, (point, docs)
 
