@@ -252,7 +252,10 @@ def export_openvino_int8(cache_dir: str = "", force: bool = False,
     try:
         import nncf
     except ImportError as err:
-        raise ImportError("precision=int8 needs the 'nncf' package: pip install 'hades-gpu[int8]'") from err
+        # MissingDependencyError (an ImportError): one line and exit 2 from the CLI, not a traceback
+        from hades_gpu.optional import MissingDependencyError
+
+        raise MissingDependencyError("precision=int8 needs the 'nncf' package: pip install 'hades-gpu[int8]'") from err
     import openvino as ov
 
     calibration_samples = int(calibration_samples or INT8_CALIBRATION_SAMPLES)

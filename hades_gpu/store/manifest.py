@@ -79,9 +79,9 @@ class ManifestError(ValueError):
 
 
 # Same model, other runtime or precision: openvino/onnxruntime/torch x fp32/bf16 agree to 0.99999 on
-# the probe (measured), int8 to >= 0.987 on every chunk (README "Precision"); another model of the
-# same width answers far lower (a constant-vector model: 0.05)
-MODEL_PROBE_MIN_COSINE = 0.98
+# the probe (measured), int8 to >= 0.981 on every chunk (export.export_openvino_int8); another model
+# of the same width answers far lower (a constant-vector model: 0.05)
+MODEL_PROBE_MIN_COSINE = 0.95
 
 
 class SettingsChangedError(ManifestError):

