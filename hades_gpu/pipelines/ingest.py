@@ -480,9 +480,9 @@ class IngestPipeline:
             if launch is not None:
                 launch.close()  # those no pool adopted (the embedder failed to load)
             progress.stop()
+            metrics.finish()  # before the endpoint goes: its last scrapes read hades_run_finished 1
             if endpoint is not None:
                 endpoint.stop()
-            metrics.finish()
             if owns_embedder and embedder is not None:
                 embedder.close()
         if no_longer_documents:

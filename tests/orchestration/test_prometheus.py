@@ -168,8 +168,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_scrape_during_a_real_ingest(tmp_path: Path, embedder):
+def test_scrape_during_a_real_ingest(tmp_path: Path, embedder, monkeypatch):
     from hades_gpu.pipelines.ingest import TextParallelPipeline
+
+    final: dict = {}  # the page a scraper gets just before the endpoint goes (hades_run_finished read 0 there)
+    stop = MetricsEndpoint.stop
+
+    def stop_after_a_last_scrape(self) -> None:
+        if self._server is not None:
+            final.update(samples(scrape(self.url, timeout=2)))
+        stop(self)
+
+    monkeypatch.setattr(MetricsEndpoint, "stop", stop_after_a_last_scrape)
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -219,6 +229,7 @@ def test_scrape_during_a_real_ingest(tmp_path: Path, embedder):
     assert embedded == sorted(embedded), "a counter went backwards"
     assert max(embedded) > 0, "no scrape landed while chunks were being embedded"
 
+    assert final[("hades_run_finished", ())] == 1
     with pytest.raises(urllib.error.URLError):  # stopped with the run
         scrape(url, timeout=1)
     assert not any(t.name == "hades-prometheus" for t in threading.enumerate())
