@@ -151,6 +151,9 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
         return 1, f"{full + ': ' if full else ''}no space left on device (committed parts are kept: free space and re-run to resume)"
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         return 2, _config_message(err)
+    yaml_error = _loaded(("yaml", "YAMLError"))
+    if yaml_error and isinstance(err, yaml_error):  # a config file of the user's that is no YAML (it names the file)
+        return 2, f"a config file is not valid YAML: {_one_line(str(err))}"
     # Our error classes, looked up only where their module is loaded (an error of a module never
     # imported cannot have been raised; importing them here would cost torch's import on every typo).
     if isinstance(err, _loaded(("hades_gpu.config", "ConfigError"), ("hades_gpu.gpu.device", "DeviceError"),
@@ -216,7 +219,8 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    sweep = any(a in ("-m", "--multirun") for a in argv)
+    # a sweep: -m, or hydra.mode=MULTIRUN (its commas are sweeps too, not parts of a path)
+    sweep = any(a in ("-m", "--multirun") or a.replace(" ", "").lstrip("+") == "hydra.mode=MULTIRUN" for a in argv)
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -260,7 +264,12 @@ def _check_hydra_args(argv: list[str]) -> None:
         raise UsageError(f"{message} (see --help; Hydra overrides are key=value)")
 
     parser.error = _error  # type: ignore[method-assign]
-    parser.parse_args(argv[1:])
+    args = parser.parse_args(argv[1:])
+    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
+                                   ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:  # Hydra raised a ValueError for it, after argument parsing: a traceback
+        _error(f"{' and '.join(modes)} cannot be given together: one of --run, --multirun, --cfg, --info, "
+               f"--shell-completion")
 
 
 class _Reported(BaseException):

@@ -75,6 +75,24 @@ def test_configuration_errors_are_one_line_exit_2(tmp_path, corpus, override, ne
     _assert_one_line(proc, 2, *needles)
 
 
+def test_hydra_flag_clashes_yaml_errors_and_multirun_mode_commas(tmp_path, corpus):
+    """Each was a traceback (a user's YAML file with a syntax error; -m with --cfg), or a sweep read
+    as one path (hydra.mode=MULTIRUN corpus=a,b)."""
+    conf = tmp_path / "myconf" / "profile"
+    conf.mkdir(parents=True)
+    (conf / "badyaml.yaml").write_text("name: badyaml\nnum_workers: [1\n")
+    _assert_one_line(_ingest("--config-dir", str(tmp_path / "myconf"), "profile=badyaml", f"corpus={corpus}",
+                             f"output={tmp_path / 'x'}"), 2, "a config file is not valid YAML", "badyaml.yaml")
+    _assert_one_line(_ingest("-m", "profile=balanced,low_memory", f"corpus={corpus}", f"output={tmp_path / 'cf'}",
+                             "--cfg", "job"), 2, "--multirun and --cfg cannot be given together")
+    second = tmp_path / "c2"
+    second.mkdir()
+    (second / "b.md").write_text("Another corpus.\n")
+    proc = _ingest("hydra.mode=MULTIRUN", f"corpus={corpus},{second}", f"output={tmp_path / 'hm'}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len([p for p in (tmp_path / "hm").iterdir() if p.is_dir()]) == 2
+
+
 def test_missing_corpus_is_one_line_exit_2(tmp_path):
     proc = _ingest(f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}")
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")
