@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
-from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, register_configs,
-                              to_pipeline_config, unknown_key_message)
+from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, name_profile,
+                              register_configs, to_pipeline_config, unknown_key_message)
 from hades_gpu.records import printable
 
 log = logging.getLogger("hades_gpu")
@@ -505,7 +505,9 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     @guarded
     def app(dcfg: DictConfig) -> None:
-        cfg = to_pipeline_config(dcfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg = name_profile(to_pipeline_config(dcfg), HydraConfig.get().runtime.choices.get("profile"))
         out = _job_output_dir(cfg)
         cfg.output = str(out)  # what metrics.json records: the job's folder (in -m, output/<job>)
         task(cfg, out)

@@ -491,7 +491,17 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
         if cause is not None and _first_line(cause) not in reason:  # "Error merging override k=abc": why
             reason = f"{reason}: {_first_line(cause)}"
         raise ConfigError(f"bad config override: {unknown_key_message(reason)}") from err
-    return to_pipeline_config(cfg)
+    chosen = [o.split("=", 1)[1] for o in all_overrides if o.startswith("profile=")][-1]
+    return name_profile(to_pipeline_config(cfg), chosen)
+
+
+def name_profile(cfg: PipelineConfig, chosen: Optional[str]) -> PipelineConfig:
+    """`profile.name` from the profile chosen when its file sets none: a user's profile yaml without
+    ``name:`` kept the schema's default "balanced", so metrics, bench results and reports called
+    it balanced (a name the file does set is kept)."""
+    if chosen and cfg.profile.name == ProfileConfig().name and chosen != cfg.profile.name:
+        cfg.profile.name = chosen
+    return cfg
 
 
 _APPEND_HINT = re.compile(r"Could not override '([^']+)'\. To append to your config use \+\S+")

@@ -91,6 +91,13 @@ def test_hydra_flag_clashes_yaml_errors_and_multirun_mode_commas(tmp_path, corpu
     proc = _ingest("hydra.mode=MULTIRUN", f"corpus={corpus},{second}", f"output={tmp_path / 'hm'}", "isne.enabled=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len([p for p in (tmp_path / "hm").iterdir() if p.is_dir()]) == 2
+    # a user's profile file without `name:` is recorded under the name chosen, not the schema's "balanced"
+    (conf / "noname.yaml").write_text("num_workers: 1\nmax_batch_tokens: 1024\n")
+    named = _ingest("--config-dir", str(tmp_path / "myconf"), "profile=noname", f"corpus={corpus}",
+                    f"output={tmp_path / 'nn'}", "isne.enabled=false")
+    assert named.returncode == 0, named.stderr[-2000:]
+    recorded = json.loads((tmp_path / "nn" / "metrics.json").read_text())["config"]["profile"]
+    assert (recorded["name"], recorded["max_batch_tokens"]) == ("noname", 1024)
 
 
 def test_missing_corpus_is_one_line_exit_2(tmp_path):

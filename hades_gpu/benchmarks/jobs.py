@@ -47,7 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hades_gpu.benchmarks.config import JOBS, BenchConfig, register_bench_configs
 from hades_gpu.benchmarks.rows import metrics_row
-from hades_gpu.config import ConfigError, PipelineConfig, conf_dir, config_to_dict, register_configs, to_pipeline_config
+from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, config_to_dict, name_profile, register_configs,
+                              to_pipeline_config)
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,13 @@ def split_bench_config(dcfg: DictConfig) -> tuple[PipelineConfig, BenchConfig]:
     assert isinstance(bench_obj, BenchConfig)
     if bench_obj.job not in JOBS:
         raise ConfigError(f"bench.job must be one of {'|'.join(JOBS)} (got {bench_obj.job!r})")
-    return to_pipeline_config(OmegaConf.create(container)), bench_obj
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        chosen = HydraConfig.get().runtime.choices.get("profile")
+    except ValueError:  # not under Hydra (tests compose the config themselves)
+        chosen = None
+    return name_profile(to_pipeline_config(OmegaConf.create(container)), chosen), bench_obj
 
 
 def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
