@@ -45,7 +45,8 @@ from hades_gpu.isne.trainer import train_isne
 from hades_gpu.records import UNSHARDED, ShardSpec
 from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
 from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path,
-                                    isne_embeddings_path, isne_model_path, isne_training_state_path, metrics_path)
+                                    isne_embeddings_files, isne_embeddings_path, isne_model_path, isne_training_state_path,
+                                    metrics_path)
 from hades_gpu.store.lock import OutputLock, OutputLockedError, held_elsewhere
 from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
 from hades_gpu.store.reader import DamagedOutputError, read_isne_embeddings
@@ -100,13 +101,21 @@ def _training_weights(cfg: PipelineConfig, data: Any) -> Optional[torch.Tensor]:
 
 
 def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -> None:
-    """`isne/embeddings-<shard>.parquet`: one row per chunk, ordered like `chunk_ids`."""
+    """`isne/embeddings-<shard>.parquet`: one row per chunk, ordered like `chunk_ids`; the files other
+    stage names wrote before go, since this one covers every chunk of the output (a by-hand shard's
+    ingest wrote embeddings-zz, a later `hades-isne` embeddings-s0, and readers, where the later file
+    name wins, took the old model's vectors from embeddings-zz)."""
     n, d = vecs.shape
     values = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), type=pa.float32())
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32), type=pa.int32())
     table = pa.table({"chunk_id": pa.array(chunk_ids.tolist(), type=pa.string()),
                       "isne_embedding": pa.ListArray.from_arrays(offsets, values)}, schema=ISNE_EMBEDDINGS_SCHEMA)
     atomic_write_parquet(table, path)
+    stale = [f for f in isne_embeddings_files(path.parent.parent) if f.name != path.name]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        fsync_dir(path.parent)
 
 
 def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[bool] = None,

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from hades_gpu.config import PipelineConfig, to_pipeline_config, validate
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
-from hades_gpu.store.layout import isne_embeddings_path, isne_model_path
+from hades_gpu.store.layout import isne_embeddings_path, isne_model_path, metrics_path
+from hades_gpu.store.metrics_file import INGEST_TOTALS, ingest_totals, read_metrics, write_metrics
 from hades_gpu.store.reader import is_ingest_output
 from hades_gpu.records import user_path
 
@@ -52,6 +53,20 @@ class ISNETrainingResult:
         model = self.model_path if self.model_path is not None else "none"
         return (f"{self.output_dir}: ISNE {mode}: {', '.join(parts)}; {total:.1f} s; model {model}, "
                 f"vectors {self.embeddings_path}")
+
+
+def _record_in_metrics_file(output: Path, stage: dict[str, Any]) -> None:
+    """The stage's figures as metrics.json's ``isne`` (graph, kNN recall, training), as an ingest
+    records its own: `hades-isne` left the file describing an earlier graph and model. Only where the
+    file exists: an output of by-hand shards has none (its ISNE budget sums the shards' own files)."""
+    path = metrics_path(output)
+    current = read_metrics(path) if path.is_file() else None
+    if current is None:
+        return
+    if not isinstance(current.get(INGEST_TOTALS), dict):  # written before totals existed: its own run, once
+        current[INGEST_TOTALS] = ingest_totals(current, 0.0, 0)
+    current["isne"] = stage
+    write_metrics(path, current)
 
 
 def _count_argument(name: str, value: Any) -> Optional[int]:
@@ -123,6 +138,7 @@ class ISNETrainingPipeline:
                 f"(`hades-ingest corpus={path} output=<another folder>`) and pass that output, or set "
                 f"output=<another folder> to have train() ingest it there")
         metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
+        _record_in_metrics_file(path, metrics)
         model_path = isne_model_path(path)
         return ISNETrainingResult(output_dir=path, model_path=model_path if model_path.is_file() else None,
                                   embeddings_path=isne_embeddings_path(path, stage_shard_name(self.config.shard)), metrics=metrics)

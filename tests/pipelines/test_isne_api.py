@@ -112,3 +112,37 @@ def test_the_summary_says_when_the_budget_cut_the_last_epoch(tmp_path):
     assert "2 epoch(s) (epoch 2 cut at 15 of 72 batches), best 2" in line and "time budget of 1 s reached" in line
     whole = ISNETrainingResult(tmp_path, None, tmp_path / "e.parquet", {**metrics, "last_epoch_partial": False}).summary()
     assert "2 epoch(s), best 2" in whole
+
+
+def test_hades_isne_after_a_by_hand_shard_leaves_one_isne_file_and_records_its_run(tmp_path, embedder):
+    """A `shard=zz` ingest wrote isne/embeddings-zz.parquet; a later `hades-isne` (stage name s0)
+    wrote embeddings-s0 beside it, and readers, where the later file name wins, used the old model's
+    vectors. metrics.json kept describing the ingest's graph and model."""
+    import json
+
+    import numpy as np
+
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.store.reader import read_chunks, read_isne_embeddings
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.md").write_text("\n\n".join(f"Paragraph {j} of document {i} about topic {j % 3}. " * 12
+                                                     for j in range(6)))
+    fast = ["monitoring.progress=off", "isne.early_stop=off", "isne.time_budget_vs_embedding=0"]
+    TextParallelPipeline(load_pipeline_config("balanced", ["shard=zz", "isne.epochs=1", *fast]),
+                         embedder=embedder).process_batch([corpus], output=out)
+    assert [p.name for p in (out / "isne").glob("embeddings-*.parquet")] == ["embeddings-zz.parquet"]
+    (out / "metrics.json").write_text(json.dumps({"wall_s": 1.0, "chunks": 5, "isne": {"epochs_run": 99}}))
+    result = ISNETrainingPipeline(load_pipeline_config("balanced", ["isne.epochs=2", *fast])).train(corpus_path=out)
+    assert [p.name for p in (out / "isne").glob("embeddings-*.parquet")] == ["embeddings-s0.parquet"]
+    ids, vecs = read_isne_embeddings(out)
+    assert sorted(ids) == sorted(read_chunks(out, ["chunk_id"]).column("chunk_id").to_pylist())  # one row each
+    fresh = dict(zip(*read_isne_embeddings(out)))
+    written = pq.read_table(result.embeddings_path)
+    for cid, v in zip(written.column("chunk_id").to_pylist(), written.column("isne_embedding").to_pylist()):
+        np.testing.assert_allclose(fresh[cid], v)
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["isne"]["epochs_run"] == result.metrics["epochs_run"] == 2
+    assert recorded["ingest_totals"] == {"runs": 1, "wall_s": 1.0, "chunks": 5}  # the ingest's, counted once
