@@ -735,8 +735,17 @@ def validate(cfg: PipelineConfig) -> None:
     _check(-1 <= gr.knn_threshold <= 1, "graph.knn_threshold", "in [-1, 1]", gr.knn_threshold)
     _check(gr.knn_block_size >= 1, "graph.knn_block_size", ">= 1", gr.knn_block_size)
     _check(gr.same_document_fanout >= 0, "graph.same_document_fanout", ">= 0", gr.same_document_fanout)
-    for key in ("sequence_weight", "same_document_weight", "reference_weight", "knn_weight_scale"):
-        _check(getattr(gr, key) >= 0, f"graph.{key}", ">= 0", getattr(gr, key))
+    # > 0 for an edge type that is on when ISNE uses the weights: a 0 was refused only after the graph
+    # was built (a traceback), or silently replaced where another type covered the same pair
+    for key, on in (("sequence_weight", gr.sequence), ("same_document_weight", gr.same_document),
+                    ("reference_weight", gr.references), ("knn_weight_scale", gr.knn)):
+        if on and cfg.isne.edge_weights:
+            _check(getattr(gr, key) > 0, f"graph.{key}", "> 0 while isne.edge_weights is on (turn the edge type "
+                   "off instead, or isne.edge_weights=false)", getattr(gr, key))
+        else:
+            _check(getattr(gr, key) >= 0, f"graph.{key}", ">= 0", getattr(gr, key))
+    _check(gr.knn_recall_sample >= 1, "graph.knn_recall_sample", ">= 1 (rows whose kNN recall is measured; 0 "
+           "reported a recall of 1.0 it never measured)", gr.knn_recall_sample)
     _check(0 < gr.knn_target_recall <= 1, "graph.knn_target_recall", "in (0, 1]", gr.knn_target_recall)
     _check(gr.knn_threads >= 0, "graph.knn_threads", ">= 0 (0: every core)", gr.knn_threads)
     _check(gr.knn_exact_max_nodes >= 0, "graph.knn_exact_max_nodes", ">= 0", gr.knn_exact_max_nodes)
@@ -758,6 +767,9 @@ def validate(cfg: PipelineConfig) -> None:
     _check(i.negative_pool >= 0, "isne.negative_pool", ">= 0", i.negative_pool)
     _check(i.val_walks >= 1, "isne.val_walks", ">= 1", i.val_walks)
     _check(i.patience >= 1, "isne.patience", ">= 1", i.patience)
+    # link AUC needs held-out edges: with none, early stopping was silently off
+    _check(i.early_stop != EarlyStopMetric.LINK_AUC or i.val_fraction > 0, "isne.early_stop",
+           "walk_loss or off while isne.val_fraction is 0 (link_auc is measured on held-out edges)", i.early_stop)
     _check(i.min_delta >= 0, "isne.min_delta", ">= 0", i.min_delta)
     _check(i.time_budget_s is None or i.time_budget_s > 0, "isne.time_budget_s", "> 0 (or null)", i.time_budget_s)
     _check(i.time_budget_vs_embedding >= 0, "isne.time_budget_vs_embedding", ">= 0", i.time_budget_vs_embedding)

@@ -270,7 +270,8 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                         "is 0 (they rank by text alone); `hades-isne output=%s` trains on the current graph",
                         uninformed, missing.size, cfg.isne.infer_rounds + 1, output_dir)
         metrics["seconds"]["infer"] = time.perf_counter() - t
-        metrics.update(mode="inferred", n_inferred=int(missing.size) - uninformed, n_uninformed=uninformed,
+        # inferred: the new chunks that got a vector (an isolated new chunk's 0 is no inference either)
+        metrics.update(mode="inferred", n_inferred=int((~zero).sum()), n_uninformed=uninformed,
                        device=str(dev), n_trained_nodes=len(ckpt.node_ids))
         t = time.perf_counter()
         write_isne_embeddings(epath, chunk_ids, vecs)

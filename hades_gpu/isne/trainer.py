@@ -103,6 +103,13 @@ def _duration(seconds: float) -> str:
 DEFAULT_LR: dict[str, float] = {"rowwise_adagrad": 0.1, "sparse_adam": 0.01, "adam": 0.01}
 
 
+def _warn_budget(where: str, budget_s: Optional[float]) -> None:
+    """A warning: a caller who asked for `epochs` gets fewer (the default budget is the ingest's time)."""
+    log.warning("isne: stopped %s: the time budget of %.3g s is reached (isne.time_budget_s, else "
+                "isne.time_budget_vs_embedding x the ingest's seconds; no budget: time_budget_s=null and "
+                "time_budget_vs_embedding=0)", where, budget_s)
+
+
 def make_optimizer(params: list[Tensor], cfg: IsneConfig) -> torch.optim.Optimizer:
     """`isne.optimizer` over θ: row-wise Adagrad, lazy (row-sparse) Adam, or dense Adam. The model's
     gradients have sorted, unique rows and are cleared every step, so the row optimizers trust them."""
@@ -356,7 +363,9 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
             loss_sum += loss.detach()
             pairs += n_pos
             done += 1
-        if done == 0:
+        if done == 0:  # the budget ran out at an epoch boundary: said as when it cuts an epoch
+            if result.stopped_by_budget:
+                _warn_budget(f"after {epoch - 1} of {epochs} epoch(s)", time_budget_s)
             break
         # sync point: the CPU waits here for the epoch's last step
         epoch_loss = float(loss_sum.item()) / done
@@ -392,9 +401,7 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
             # an epoch cut short is said to be one: "stopped after 3 of 3 epochs" hid 15 of 72 batches
             where = (f"in epoch {epoch} of {epochs}, after {done} of {n_batches} batches" if done < n_batches
                      else f"after {epoch} of {epochs} epoch(s)")
-            log.warning("isne: stopped %s: the time budget of %.3g s is reached (isne.time_budget_s, "
-                        "else isne.time_budget_vs_embedding x the ingest's seconds; no budget: time_budget_s=null and "
-                        "time_budget_vs_embedding=0)", where, time_budget_s)
+            _warn_budget(where, time_budget_s)
             break
         if stopper.should_stop():
             result.stopped_early = epoch < epochs

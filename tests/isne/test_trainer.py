@@ -175,11 +175,14 @@ def test_new_chunks_with_no_trained_chunk_near_them_are_counted_and_said(tmp_pat
     assert run_isne_stage(cfg, tmp_path)["mode"] == "trained"
     added = _write_output(tmp_path, {"far.md": 4}, seed=1, part=1, topic=7,
                           manifest_parts=["part-s0-00000", "part-s0-00001"])
+    # and a one-chunk document like nothing else: isolated, its 0 is no inference (it was counted as one)
+    _write_output(tmp_path, {"lone.md": 1}, seed=2, part=2, topic=99,
+                  manifest_parts=["part-s0-00000", "part-s0-00001", "part-s0-00002"])
     with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
         m = run_isne_stage(cfg, tmp_path)
     assert m["mode"] == "inferred" and m["n_uninformed"] == len(added) and m["n_inferred"] == 0
-    assert m["n_isolated"] == 0  # linked to each other, not to anything trained
-    assert any("4 of 4 new chunk(s) have no trained chunk" in r.getMessage() for r in caplog.records)
+    assert m["n_isolated"] == 1  # far.md's chunks are linked to each other, not to anything trained
+    assert any("4 of 5 new chunk(s) have no trained chunk" in r.getMessage() for r in caplog.records)
     ids, vecs = read_isne_embeddings(tmp_path)
     got = dict(zip(ids, vecs))
     assert all(not got[c].any() for c in added) and all(got[c].any() for c in first)
@@ -580,3 +583,19 @@ def test_damaged_model_or_vectors_are_rebuilt_with_one_line(tmp_path: Path, capl
     assert len(said) == 1 and "damaged ISNE model" in said[0] and "training a new model" in said[0], said
     assert m["mode"] == "trained" and sorted(load_checkpoint(model).node_ids) == sorted(ids)
     assert sorted(read_isne_embeddings(tmp_path)[0]) == sorted(ids)
+
+
+def test_a_budget_that_runs_out_at_an_epoch_boundary_is_said_too(caplog) -> None:
+    """On a small corpus an epoch is one batch: the budget always ran out between epochs, where the
+    loop left without the warning a caller who asked for more epochs is owed."""
+    import logging
+
+    ei, _ = sbm_graph(200, 2, 0.05, 0.005, seed=1)
+    cfg = IsneConfig(dim=8, epochs=50, batch_size=512, walk_length=6, walks_per_node=1, device="cpu",
+                     time_budget_s=1e-9, early_stop="off", val_fraction=0.0)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.trainer"):
+        r = train_isne(ei, 200, cfg)
+    assert r.stopped_by_budget and r.epochs_run == 0
+    said = [m for m in caplog.messages if "time budget" in m]
+    assert len(said) == 1 and "stopped after 0 of 50 epoch(s)" in said[0], caplog.messages
+

@@ -76,6 +76,21 @@ def test_a_config_that_is_no_config_is_one_type_error_and_a_dict_of_fields_is_on
         pipeline({"profile": {"num_workers": 0}})
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["graph.sequence_weight=0"], r"graph.sequence_weight must be > 0 while isne.edge_weights is on"),
+    (["graph.knn_weight_scale=0"], r"graph.knn_weight_scale must be > 0"),
+    (["isne.early_stop=link_auc", "isne.val_fraction=0"], r"isne.early_stop must be walk_loss or off while"),
+    (["graph.knn_recall_sample=0"], r"graph.knn_recall_sample must be >= 1"),
+])
+def test_settings_that_failed_after_the_graph_or_said_nothing_are_refused_at_once(overrides, needle):
+    """A 0 weight was a traceback after the graph was built; link_auc without held-out edges turned
+    early stopping off silently; a recall sample of 0 reported a recall of 1.0 never measured."""
+    with pytest.raises(ConfigError, match=needle):
+        load_pipeline_config(overrides=overrides)
+    load_pipeline_config(overrides=[*overrides, "isne.edge_weights=false", "isne.early_stop=off",
+                                    "graph.knn_recall_sample=10"])  # each has its way out
+
+
 def test_numpy_integers_are_integers(tmp_path):
     config = load_pipeline_config("low_memory")
     config.isne.epochs = np.int64(2)
