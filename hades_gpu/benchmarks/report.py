@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,7 +43,37 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
             continue
         row["folder"] = str(path.parent.relative_to(root)) or "."
         rows.append(row)
+    rows += _jobs_without_a_result(root, {path.parent for path in root.rglob(RESULT_FILE)})
     return rows
+
+
+def _jobs_without_a_result(root: Path, with_result: set[Path]) -> list[dict[str, Any]]:
+    """A row for each Hydra job folder (`.hydra/overrides.yaml`) that wrote no result: a job that
+    failed before it could (a bad value, a missing extra) was left out, and the report said
+    "1 job(s), 1 finished" of a sweep of 2."""
+    import yaml
+
+    rows = []
+    for marker in sorted(root.rglob(".hydra/overrides.yaml")):
+        folder = marker.parent.parent
+        if folder in with_result or folder == root:
+            continue
+        try:
+            overrides = yaml.safe_load(marker.read_text()) or []
+        except (OSError, yaml.YAMLError):
+            overrides = []
+        overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+        profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "?")
+        job = next((o.split("=", 1)[1] for o in overrides if o.startswith("bench=")), "?")
+        rows.append({"folder": str(folder.relative_to(root)), "job": job, "status": "failed", "profile": profile,
+                     "error": "no result.json: the job failed before writing one (see its log)",
+                     "overrides": overrides})
+    return rows
+
+
+def _natural(text: str) -> tuple:
+    """`10_x` after `2_x`: job folders sorted by their numbers, not as text."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text)))
 
 
 def _profile_key(name: str) -> tuple[int, str]:
@@ -63,8 +94,13 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
         frame[c] = pd.to_numeric(frame[c], errors="coerce")
     frame["peak_rss_mib"] = frame["peak_rss_bytes"] / 2**20
     frame["config"] = [_config_of(r) for r in frame.itertuples(index=False)]
+    corpora = [r.get("corpus") for r in rows]
+    if len({c for c in corpora if c}) > 1:  # jobs over several corpora are not one configuration
+        frame["config"] = [f"{config} corpus={Path(str(c)).name}" if c else config
+                           for config, c in zip(frame["config"], corpora)]
     frame["_pkey"] = frame["profile"].map(lambda p: _profile_key(str(p)))
-    frame = frame.sort_values(["job", "_pkey", "max_batch_tokens", "folder"]).drop(columns="_pkey")
+    frame["_fkey"] = frame["folder"].map(_natural)
+    frame = frame.sort_values(["job", "_pkey", "max_batch_tokens", "_fkey"]).drop(columns=["_pkey", "_fkey"])
     frame = frame.reset_index(drop=True)
     # best = the configuration (job kind, profile, budget) with the highest mean chunks/s over its
     # finished runs; every row of it is marked (a sweep repeated into one folder has several)
@@ -100,6 +136,8 @@ def _fmt(value: Any, spec: str) -> str:
     try:
         if value is None or value != value:  # None or NaN
             return "–"
+        if spec.endswith("d") and isinstance(value, float) and value.is_integer():
+            value = int(value)  # a column with a failed job's NaN is float: 17.0 read as "17.0"
         return format(value, spec)
     except (TypeError, ValueError):
         return str(value)
@@ -233,7 +271,8 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
     lines = [f"# Benchmark report: `{root.name}`", ""]
     first = rows[0]
     host = first.get("host", {})
-    lines.append(f"{len(frame)} job(s), {len(ok)} finished; corpus `{first.get('corpus', '?')}`; host: "
+    corpora = sorted({str(r["corpus"]) for r in rows if r.get("corpus")}) or ["?"]
+    lines.append(f"{len(frame)} job(s), {len(ok)} finished; corpus {', '.join(f'`{c}`' for c in corpora)}; host: "
                  f"{host.get('cpus', '?')} CPU(s), {host.get('gpus_visible', 0)} GPU(s) visible; "
                  f"embedder: {first.get('embedder', first.get('embedder_name', '?'))}.")
     lines.append("")

@@ -112,6 +112,30 @@ def test_report_keeps_apart_configurations_that_differ_in_other_swept_keys(tmp_p
     assert "`profile=balanced profile.max_batch_tokens=4096 profile.num_workers=2`" in text
 
 
+def test_report_shows_jobs_without_a_result_keeps_corpora_apart_and_sorts_and_formats_numbers(tmp_path):
+    """A job that failed before writing result.json was left out ("1 job(s), 1 finished" of 2); jobs
+    over two corpora were averaged as one configuration; folder 10_ came before 2_; a column with a
+    failed job's gap printed 100 as "100.0"."""
+    for i, (corpus, rate) in enumerate((("/data/small", 10.0), ("/data/big", 40.0))):
+        fake_result(tmp_path / f"{i}_profile=balanced", "balanced", 4096, rate)
+        path = tmp_path / f"{i}_profile=balanced" / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "corpus": corpus}))
+    fake_result(tmp_path / "10_late", "balanced", 4096, 20.0)
+    (tmp_path / "2_broken" / ".hydra").mkdir(parents=True)
+    (tmp_path / "2_broken" / ".hydra" / "overrides.yaml").write_text("- bench=feed\n- profile.num_workers=-1\n")
+    assert report.report_cli([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "4 job(s), 3 finished" in text and "`/data/big`, `/data/small`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line and "job |" not in line]
+    folders = [line.rsplit("`", 2)[-2] for line in rows]
+    ingest = [f for f in folders if f != "2_broken"]
+    assert ingest == sorted(ingest, key=lambda f: int(f.split("_")[0]))  # 0, 1, 10: numbers, not text
+    failed = next(line for line in rows if "2_broken" in line)
+    assert "failed: no result.json" in failed and "| feed |" in failed
+    assert "mean of" not in text  # the two corpora are two configurations
+    assert all("| 100 |" in line for line in rows if "2_broken" not in line)  # chunks as an integer
+
+
 def test_report_on_empty_folder_fails_with_a_message(tmp_path, capsys):
     assert report.report_cli([str(tmp_path)]) == 2
     assert "no result.json" in capsys.readouterr().err
