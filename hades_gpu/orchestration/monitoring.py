@@ -251,8 +251,10 @@ class ProgressReporter:
         self.metrics = metrics
         self.console = console  # a rich Console for the bar (default: rich's, on stderr)
         self.interval_s = interval_s
-        self.use_bar = mode == ProgressMode.ON or (mode == ProgressMode.AUTO and sys.stderr.isatty())
+        # a bar where one can be drawn (a terminal, or a console given); elsewhere log lines, for `on`
+        # too: rich draws no live bar into a file or a CI log, so `on` showed nothing until the end
         self.enabled = mode != ProgressMode.OFF
+        self.use_bar = self.enabled and (console is not None or sys.stderr.isatty())
         self._last_log = time.monotonic()
         self._progress: Any = None
         self._task: Any = None

@@ -137,7 +137,12 @@ def test_progress_logs_on_schedule_and_is_silent_when_off(caplog):
     caplog.clear()
     ProgressReporter(over, mode="auto", interval_s=0.0).update()
     assert caplog.records[-1].getMessage().endswith("ETA 0s")
-    assert ProgressReporter(m, mode="on").use_bar is True
+    # `on` where no bar can be drawn (pytest's stderr): log lines, as `auto` (rich drew nothing live)
+    on = ProgressReporter(m, mode="on", interval_s=0.0)
+    assert on.use_bar is False and on.enabled is True
+    caplog.clear()
+    on.update()
+    assert caplog.records and caplog.records[-1].getMessage().startswith("progress: ")
 
 
 def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
