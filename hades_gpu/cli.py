@@ -375,8 +375,12 @@ def _report_interrupt(prog: str, err: KeyboardInterrupt, debug: bool = False) ->
         traceback.print_exception(err)
     sigterm = isinstance(err, Terminated) or _terminated.is_set()
     what = "terminated by SIGTERM" if sigterm else "interrupted"
-    kept = "the training state is kept" if prog == "hades-isne" else "committed parts are kept"
-    print(f"{prog}: error: {what} ({kept}: re-run to resume)", file=sys.stderr)
+    if prog == "hades-bench":  # a bench job measures a whole run: nothing of it resumes
+        advice = "the jobs that finished keep their result.json; a re-run runs every job again"
+    else:
+        kept = "the training state is kept" if prog == "hades-isne" else "committed parts are kept"
+        advice = f"{kept}: re-run to resume"
+    print(f"{prog}: error: {what} ({advice})", file=sys.stderr)
     _exit_interrupted(143 if sigterm else 130)
 
 

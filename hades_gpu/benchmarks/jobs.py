@@ -406,6 +406,9 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
         if not result.get("chunks"):
             result.update(status="error", error=f"no chunk was embedded ({result.get('documents_skipped', 0)} "
                                                 f"document(s) skipped; see metrics.json): nothing was measured")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: not a failure of the configuration measured
+        result.update(status="interrupted", error="interrupted before the job finished (nothing was measured)")
+        raise
     except BaseException as err:
         result.update(status="error", error=f"{type(err).__name__}: {err}")
         raise

@@ -178,6 +178,29 @@ def test_run_job_requires_an_existing_corpus(tmp_path):
         jobs.run_job(cfg, BenchConfig(), tmp_path / "job", job_info={})
 
 
+def test_an_interrupted_bench_job_is_marked_so_and_the_line_says_what_a_re_run_does(tmp_path, monkeypatch):
+    """Ctrl-C during a bench job wrote "error: KeyboardInterrupt" and said "committed parts are kept:
+    re-run to resume", though a re-run runs every job again. (The interrupt is raised by the job
+    function here: a signal cannot be timed into the job.)"""
+    corpus = tiny_corpus(tmp_path / "corpus")
+    cfg = load_pipeline_config("low_memory", ["isne.enabled=false", f"corpus={corpus}"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(jobs.JOB_FUNCS, "ingest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run_job(cfg, BenchConfig(), tmp_path / "job", job_info={})
+    result = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert result["status"] == "interrupted" and "KeyboardInterrupt" not in str(result["error"])
+    proc = subprocess.run([sys.executable, "-c", "from hades_gpu.cli import _report_interrupt; "
+                           "_report_interrupt('hades-bench', KeyboardInterrupt())"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == ("hades-bench: error: interrupted (the jobs that finished keep their result.json; "
+                                   "a re-run runs every job again)")
+
+
 def test_report_skips_results_that_are_no_object_or_have_no_numeric_budget(tmp_path, capsys):
     """A result.json that is valid JSON but no object, and a hand-edited non-numeric
     max_batch_tokens, gave tracebacks (list indices; pandas comparing str and int)."""
