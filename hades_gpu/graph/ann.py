@@ -466,13 +466,19 @@ class AnnIndex:
         return loaded
 
 
-def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None) -> AnnIndex:
-    """The saved kNN index of an output, for querying (`IndexUnusable` if absent or damaged).
+def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None,
+               check_current: bool = True) -> AnnIndex:
+    """The saved kNN index of an output, for querying: `IndexUnusable` if absent, damaged, or (with
+    `check_current`) stale, i.e. of other chunks than the output's committed ones. An index left from
+    before documents were removed returned their chunk ids, silently (the graph stage had since
+    taken the exact path and left it as it was). `check_current=False` skips reading the chunks."""
+    expect = None
+    if check_current:
+        from hades_gpu.graph.build import load_chunk_table  # lazy: build imports this module
 
-    Staleness against the output's current chunks is the caller's check (`AnnIndex.fingerprint` vs
-    `fingerprint(chunk_ids, embeddings)`); `open_or_build` does it.
-    """
-    return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()))
+        chunks = load_chunk_table(Path(output_dir), with_embeddings=True)
+        expect = fingerprint(np.asarray(chunks.chunk_ids, dtype=object), chunks.embedding)
+    return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()), expect_fingerprint=expect)
 
 
 def tuned_for(info: AnnInfo, k: int, cfg: GraphConfig) -> bool:

@@ -112,7 +112,7 @@ def candidate_source(output: str | os.PathLike, vectors: np.ndarray, chunk_ids: 
     first[1:] = ids[order][1:] != ids[order][:-1]
     order = order[first]
     try:
-        index = load_index(output)
+        index = load_index(output, check_current=False)  # checked here against the vectors already read
         if index.fingerprint != fingerprint(ids[order], vectors[order]):
             raise IndexUnusable("it is of other chunks or vectors (stale)")
     except IndexUnusable as err:

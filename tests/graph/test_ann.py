@@ -94,7 +94,7 @@ def test_saved_index_round_trip_gives_identical_answers(tmp_path: Path) -> None:
     cfg = ann_cfg()
     built = open_or_build(ids, x, K, cfg, tmp_path)
     assert knn_index_path(tmp_path).is_file() and knn_index_meta_path(tmp_path).is_file()
-    loaded = load_index(tmp_path, cfg)
+    loaded = load_index(tmp_path, cfg, check_current=False)
     assert loaded.info.reused and loaded.nprobe == built.nprobe
     assert loaded.fingerprint == fingerprint(ids, x)
     queries = clustered(50, seed=7)
@@ -120,7 +120,7 @@ def test_stale_fingerprint_triggers_a_rebuild(tmp_path: Path, caplog: pytest.Log
         idx = open_or_build(ids, x2, K, cfg, tmp_path)
     assert not idx.info.reused
     assert any("stale" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
-    assert load_index(tmp_path, cfg).fingerprint == fingerprint(ids, x2)  # the rebuilt one was saved
+    assert load_index(tmp_path, cfg, check_current=False).fingerprint == fingerprint(ids, x2)  # the rebuilt one was saved
     found, _ = idx.search(x2[[10]], 2)
     assert set(found[0].tolist()) == {10, 11}  # answers come from the new vectors
 
@@ -141,7 +141,7 @@ def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.Lo
         data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(IndexUnusable) as err:
-        load_index(tmp_path, cfg)
+        load_index(tmp_path, cfg, check_current=False)
     # the one line names the damaged file and says so (a checksum mismatch, or what could not be read)
     assert path.name in str(err.value) and "damaged" in str(err.value), str(err.value)
     with caplog.at_level(logging.WARNING, logger="hades_gpu.graph.ann"):
@@ -151,7 +151,7 @@ def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.Lo
     assert not idx.info.reused
     got = idx.search(x[:20], 5)
     np.testing.assert_array_equal(got[0], expect[0])
-    assert load_index(tmp_path, cfg).info.reused  # the rebuilt index was saved and now loads
+    assert load_index(tmp_path, cfg, check_current=False).info.reused  # the rebuilt index was saved and now loads
 
 
 def test_recall_cap_is_one_clear_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -441,3 +441,21 @@ def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_load_index_refuses_an_index_of_other_chunks_than_the_outputs(search_output, tmp_path):
+    """An index left from before documents were removed answered with their chunk ids, silently."""
+    from hades_gpu.config import GraphConfig
+    from hades_gpu.graph.ann import IndexUnusable, load_index, open_or_build
+
+    out = tmp_path / "out"
+    shutil.copytree(search_output[0], out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 384)).astype(np.float32)
+    ids = np.asarray([f"gone{i:04d}" for i in range(400)], dtype=object)
+    cfg = GraphConfig(knn_exact_max_nodes=10, knn_nlist=8, knn_train_per_list=40, knn_recall_sample=50)
+    open_or_build(ids, x, 5, cfg, out)
+    with pytest.raises(IndexUnusable, match="stale"):
+        load_index(out, cfg)
+    assert set(load_index(out, cfg, check_current=False).chunk_ids) == set(ids)  # the caller's own check
+
