@@ -223,6 +223,8 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     elif named and not isne_embeddings_files(output):
         report.notes.append(f"no ISNE vectors yet (no isne/embeddings-*.parquet): `hades-isne output={output}` "
                             f"trains or infers them")
+    if named and full and not report.problems and not report.derived_problems:
+        report.notes.extend(_derived_behind_the_chunks(output))
     for table in TABLES:
         folder = output / table
         if folder.is_dir():
@@ -255,6 +257,36 @@ def _check_derived(output: Path, full: bool) -> list[str]:
             problems.append(f"{model}: unreadable ({error_line(err)}); `hades-isne output={output} isne.retrain=true` "
                             f"trains it again")
     return problems
+
+
+def _derived_behind_the_chunks(output: Path) -> list[str]:
+    """Notes (not damage: search skips what is gone and ranks what is new by text) for a graph or ISNE
+    vectors of an earlier state of the chunks: "ok" said nothing of 234 edges to removed chunks."""
+    chunk_ids = _committed_chunk_ids(output)
+    notes = []
+    edges = edges_path(output)
+    if edges.is_file():
+        t = pq.read_table(edges, columns=["src_chunk_id", "dst_chunk_id"])
+        ends = t.column("src_chunk_id").to_pylist() + t.column("dst_chunk_id").to_pylist()
+        gone = sum(1 for c in ends if c not in chunk_ids)
+        if gone:
+            notes.append(f"{edges.name} is older than the chunks: {gone} edge end(s) are chunks no longer in the "
+                         f"output; `hades-isne output={output}` builds the graph again")
+    files = isne_embeddings_files(output)
+    if files:
+        ids = {c for f in files for c in pq.read_table(f, columns=["chunk_id"]).column("chunk_id").to_pylist()}
+        removed, missing = len(ids - chunk_ids), len(chunk_ids - ids)
+        if removed or missing:
+            notes.append(f"ISNE vectors: {missing} chunk(s) have none (ingested since the last ISNE stage) and "
+                         f"{removed} row(s) are of chunks no longer in the output; `hades-isne output={output}` "
+                         f"infers or trains them again")
+    return notes
+
+
+def _committed_chunk_ids(output: Path) -> set[str]:
+    from hades_gpu.store.reader import read_chunks
+
+    return set(read_chunks(output, ["chunk_id"]).column("chunk_id").to_pylist())
 
 
 def _unfinished_shards(output: Path) -> list[str]:

@@ -303,3 +303,23 @@ def test_verify_notes_a_missing_graph_and_only_a_lock_that_someone_holds(clean, 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_verify_notes_a_graph_and_isne_vectors_of_an_earlier_state_of_the_chunks(search_output, tmp_path):
+    """"ok" and nothing else for edges to removed chunks and ISNE rows of chunks no longer there."""
+    import pyarrow as pa
+
+    out = _copy(search_output[0], tmp_path / "out")
+    assert not [n for n in verify_output(out).notes if "older than the chunks" in n or "ISNE vectors:" in n]
+    edges = pq.read_table(out / "edges.parquet")
+    gone = pa.array(["gone-chunk"] * edges.num_rows, type=edges.schema.field("dst_chunk_id").type)
+    pq.write_table(edges.set_column(edges.schema.get_field_index("dst_chunk_id"), "dst_chunk_id", gone),
+                   out / "edges.parquet")
+    isne = next((out / "isne").glob("embeddings-*.parquet"))
+    table = pq.read_table(isne)
+    pq.write_table(table.slice(1), isne)  # one chunk loses its row
+    report = verify_output(out)
+    assert report.ok, report.lines()
+    assert any(f"edges.parquet is older than the chunks: {edges.num_rows} edge end(s)" in n for n in report.notes)
+    assert any("ISNE vectors: 1 chunk(s) have none" in n and "0 row(s)" in n for n in report.notes), report.notes
+
