@@ -51,8 +51,8 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("-k", type=int, default=None, help="hits to return (default: search.k, 10)")
     parser.add_argument("--embedder", choices=("local", "triton"), default=None,
                         help="embed the query in-process or on a Triton server (minilm_text; embedder.url=...)")
-    parser.add_argument("--expand", choices=tuple(e for e in SearchExpand.values() if e != "none"), default=None,
-                        help="re-rank through the chunk graph or the ISNE vectors (default: search.expand)")
+    parser.add_argument("--expand", choices=tuple(SearchExpand.values()), default=None,
+                        help="re-rank through the chunk graph or the ISNE vectors, or none (default: search.expand)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 

@@ -126,7 +126,9 @@ def test_exact_candidates_across_blocks(monkeypatch):
 def test_cli_json_and_python_api(search_output, capsys):
     """The command (its own local embedder) and `hades_gpu.search` give the same hits."""
     out = str(search_output[0])
-    assert search_cli([out, "Return true if the year is a leap year", "-k", "3", "--json", "search.snippet_chars=40"]) == 0
+    # --expand none: the setting's own value (search.expand=none) was refused by the command line
+    assert search_cli([out, "Return true if the year is a leap year", "-k", "3", "--json", "--expand", "none",
+                       "search.snippet_chars=40", "search.expand=graph"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["k"] == 3 and len(printed["hits"]) == 3 and printed["expand"] == "none"
     top = printed["hits"][0]
