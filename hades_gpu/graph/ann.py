@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.config import GraphConfig
+from hades_gpu.graph.io import load_chunk_table
 from hades_gpu.store.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_with, file_checksum
 from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
 
@@ -474,8 +475,6 @@ def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None,
     taken the exact path and left it as it was). `check_current=False` skips reading the chunks."""
     expect = None
     if check_current:
-        from hades_gpu.graph.build import load_chunk_table  # lazy: build imports this module
-
         chunks = load_chunk_table(Path(output_dir), with_embeddings=True)
         expect = fingerprint(np.asarray(chunks.chunk_ids, dtype=object), chunks.embedding)
     return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()), expect_fingerprint=expect)
