@@ -432,6 +432,16 @@ def _or_default(value: Any, default: Any) -> Any:
     return os.path.expanduser(value) if isinstance(value, str) else value
 
 
+FOLDER_NAME_RESOLVER = "hades.folder_name"
+
+
+def folder_name(text: Any) -> str:
+    """`${hades.folder_name:${hydra.job.override_dirname}}`: one folder name of a sweep job's overrides.
+    A value holding "/" (`documents.include=[**/*.md]`) made nested job folders, and Hydra's escapes
+    (`127.0.0.1\\:9`) put backslashes in the name."""
+    return str(text).replace("\\", "").replace("/", "_")
+
+
 def register_configs() -> None:
     """Register the schema so Hydra validates `conf/` against it, and the resolver conf/ uses."""
     from hydra.core.config_store import ConfigStore
@@ -441,6 +451,8 @@ def register_configs() -> None:
     cs.store(name="pipeline_schema", node=PipelineConfig)
     if not OmegaConf.has_resolver(OR_DEFAULT_RESOLVER):
         OmegaConf.register_new_resolver(OR_DEFAULT_RESOLVER, _or_default)
+    if not OmegaConf.has_resolver(FOLDER_NAME_RESOLVER):
+        OmegaConf.register_new_resolver(FOLDER_NAME_RESOLVER, folder_name)
 
 
 def conf_dir() -> Path:

@@ -91,6 +91,13 @@ def test_hydra_flag_clashes_yaml_errors_and_multirun_mode_commas(tmp_path, corpu
     proc = _ingest("hydra.mode=MULTIRUN", f"corpus={corpus},{second}", f"output={tmp_path / 'hm'}", "isne.enabled=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len([p for p in (tmp_path / "hm").iterdir() if p.is_dir()]) == 2
+    # a swept value with "/" made nested job folders (the job's output two levels down)
+    nested = _ingest("-m", "documents.include=[**/*.md],[**/*.py]", f"corpus={corpus}", f"output={tmp_path / 'gl'}",
+                     "isne.enabled=false")
+    assert nested.returncode == 0, nested.stderr[-2000:]
+    jobs = sorted(p.name for p in (tmp_path / "gl").iterdir() if p.is_dir())
+    assert jobs == ["0_documents.include=[**_*.md],isne.enabled=False", "1_documents.include=[**_*.py],isne.enabled=False"]
+    assert all((tmp_path / "gl" / job / "metrics.json").is_file() for job in jobs)
     # a user's profile file without `name:` is recorded under the name chosen, not the schema's "balanced"
     (conf / "noname.yaml").write_text("num_workers: 1\nmax_batch_tokens: 1024\n")
     named = _ingest("--config-dir", str(tmp_path / "myconf"), "profile=noname", f"corpus={corpus}",
