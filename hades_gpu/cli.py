@@ -520,8 +520,14 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
 
 
 def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from hades_gpu.pipelines.ingest import TextParallelPipeline
 
+    if cfg.corpus and not os.path.isabs(os.path.expanduser(cfg.corpus)):
+        # relative to where the command ran: with hydra.job.chdir=true the job runs in its own folder,
+        # and a corpus=docs that exists was refused as missing
+        cfg.corpus = os.path.join(HydraConfig.get().runtime.cwd, cfg.corpus)
     _check_corpus(cfg.corpus)
     if cfg.cluster.mode != "none":
         from hades_gpu.cluster import ClusterIngest  # the [cluster] extra: imported only when asked for

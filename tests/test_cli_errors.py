@@ -107,6 +107,13 @@ def test_hydra_flag_clashes_yaml_errors_and_multirun_mode_commas(tmp_path, corpu
     assert (recorded["name"], recorded["max_batch_tokens"]) == ("noname", 1024)
 
 
+def test_a_relative_corpus_is_read_from_where_the_command_ran_even_with_hydra_job_chdir(tmp_path, corpus):
+    rel = os.path.relpath(corpus, REPO)  # _ingest runs in REPO
+    proc = _ingest(f"corpus={rel}", f"output={tmp_path / 'out'}", "hydra.job.chdir=true", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["documents"]["done"] >= 1
+
+
 def test_missing_corpus_is_one_line_exit_2(tmp_path):
     proc = _ingest(f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}")
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")
