@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, name_profile,
                               register_configs, to_pipeline_config, unknown_key_message)
-from hades_gpu.records import printable
+from hades_gpu.records import printable, user_path
 
 log = logging.getLogger("hades_gpu")
 
@@ -410,7 +410,7 @@ def _check_corpus(corpus: Optional[str]) -> None:
     interpolated value is known)."""
     if not corpus:
         raise ConfigError("corpus=<dir-or-file> is required")
-    if not Path(corpus).expanduser().exists():
+    if not user_path(corpus).exists():
         raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
 
 
@@ -426,7 +426,7 @@ def check_ingest_paths(args: list[str]) -> None:
         job_dir = values.get(key)
         if job_dir is None:
             continue
-        if output is not None and Path(job_dir).absolute() != Path(output).absolute():
+        if output is not None and user_path(job_dir) != user_path(output):
             # the job's folder is the output: output= was silently ignored and the data went to job_dir
             raise ConfigError(f"output={output} and {key}={job_dir} both name the output folder: give one "
                               f"(output= sets {key})")
@@ -434,7 +434,7 @@ def check_ingest_paths(args: list[str]) -> None:
     if corpus:
         _check_corpus(corpus)
     if corpus and output:
-        refuse_output_in_sources(Path(output), [corpus])
+        refuse_output_in_sources(user_path(output), [os.path.expanduser(corpus)])
 
 
 def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callable[[list[str]], None]] = None) -> None:
@@ -481,7 +481,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
 def _fresh_output(args: list[str]) -> Optional[Path]:
     """The literal `output=` folder when it does not exist yet (Hydra makes it for the job)."""
     output = _literal_values(args, ("output",)).get("output")
-    return Path(output) if output and not Path(output).exists() else None
+    return user_path(output) if output and not user_path(output).exists() else None
 
 
 def _remove_hydra_leftovers(folder: Path) -> None:

@@ -28,7 +28,8 @@ BEST_MARK = "★"
 def collect_results(root: Path) -> list[dict[str, Any]]:
     """Every `result.json` under `root` (any depth), with `folder` = its job folder relative to `root`."""
     rows = []
-    for path in sorted(root.rglob(RESULT_FILE)):
+    results = sorted(root.rglob(RESULT_FILE))
+    for path in results:
         try:
             row = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -43,7 +44,7 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
             continue
         row["folder"] = str(path.parent.relative_to(root)) or "."
         rows.append(row)
-    rows += _jobs_without_a_result(root, {path.parent for path in root.rglob(RESULT_FILE)})
+    rows += _jobs_without_a_result(root, {path.parent for path in results})
     return rows
 
 

@@ -130,7 +130,7 @@ class TritonEmbedder:
             raise EmbedderError(f"{where}: output {OUTPUT_NAME!r} must be {self.cfg.dim} wide (embedder.dim) "
                                 f"(got dims {outputs[OUTPUT_NAME]})")
         self.dim = int(self.cfg.dim)
-        served = config.parameters.get("max_seq_len") if hasattr(config, "parameters") else None
+        served = config.parameters.get("max_seq_len")  # model.py's own limit (triton_models/*/config.pbtxt)
         served_len = served.string_value.strip() if served is not None else ""
         if served_len.isdigit() and int(self.cfg.max_seq_len) > int(served_len):
             # else every batch longer than the server's limit failed mid-run (INVALID_ARGUMENT)

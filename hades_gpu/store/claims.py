@@ -19,8 +19,9 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable
 
+from hades_gpu.store.manifest import LOOKUP_BATCH
+
 CLAIMS_FILE = "claims.sqlite"
-_BATCH = 500  # keys per IN (...) lookup: under SQLite's default variable limit
 
 
 def claims_path(output: Path) -> Path:
@@ -37,7 +38,7 @@ def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running:
     """Claim `rel_paths` for `shard`. Returns rel_path -> the shard in `running` (a run in progress,
     not this one) that claimed it first: those are not claimed, and this run must skip them."""
     keys = iter(rel_paths)  # in batches: a run of millions of documents holds no list of their names here
-    batch = list(itertools.islice(keys, _BATCH))
+    batch = list(itertools.islice(keys, LOOKUP_BATCH))
     if not batch:
         return {}
     taken: dict[str, str] = {}
@@ -53,7 +54,7 @@ def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running:
                         taken[rel] = other
                 conn.executemany("INSERT OR REPLACE INTO claims (rel_path, shard) VALUES (?, ?)",
                                  ((rel, shard) for rel in batch if rel not in taken))
-                batch = list(itertools.islice(keys, _BATCH))
+                batch = list(itertools.islice(keys, LOOKUP_BATCH))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
