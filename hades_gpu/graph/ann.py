@@ -269,10 +269,17 @@ class AnnIndex:
             (ids, sims): int64 (q, k) FAISS ids = positions into `chunk_ids` (-1 = none) and float32
             (q, k) cosine similarities (-inf where ids is -1), best first.
         """
-        q, valid = normalise(np.atleast_2d(queries))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1 (got {k!r})")
+        queries = np.atleast_2d(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ValueError(f"queries must be (q, {self.index.d}) vectors, the index's dimension "
+                             f"(got shape {tuple(queries.shape)})")
+        k = int(min(k, max(self.index.ntotal, 1)))  # no (q, k) tail of None ids past the indexed rows
+        q, valid = normalise(queries)
         ids = np.full((q.shape[0], k), -1, np.int64)
         sims = np.full((q.shape[0], k), -np.inf, np.float32)
-        if k < 1 or self.index.ntotal == 0:
+        if self.index.ntotal == 0:
             return ids, sims
         for r0 in range(0, q.shape[0], _SEARCH_ROWS):
             r1 = min(r0 + _SEARCH_ROWS, q.shape[0])
@@ -473,6 +480,8 @@ def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None,
     `check_current`) stale, i.e. of other chunks than the output's committed ones. An index left from
     before documents were removed returned their chunk ids, silently (the graph stage had since
     taken the exact path and left it as it was). `check_current=False` skips reading the chunks."""
+    if not knn_index_meta_path(Path(output_dir)).is_file():  # before reading every chunk; and a folder
+        raise IndexUnusable(f"no kNN index at {knn_index_meta_path(Path(output_dir)).parent}")  # that is no output
     expect = None
     if check_current:
         chunks = load_chunk_table(Path(output_dir), with_embeddings=True)

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
-from hades_gpu.embedding.texts import embed_texts, model_probe
-from hades_gpu.records import user_path
+from hades_gpu.embedding.texts import embed_texts, model_probe, text_token_ids
+from hades_gpu.records import printable, user_path
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
 from hades_gpu.store.layout import edges_path, isne_embeddings_files
 from hades_gpu.store.lock import held_elsewhere
@@ -140,10 +140,11 @@ class Searcher:
 
     def __init__(self, output: str | os.PathLike, cfg: Optional[PipelineConfig] = None, embedder: Any = None,
                  candidates: Optional[CandidateSource] = None):
-        if cfg is None:
-            from hades_gpu.config import load_pipeline_config
+        from hades_gpu.config import load_pipeline_config, to_pipeline_config
 
-            cfg = load_pipeline_config()
+        # as the pipelines take it: a PipelineConfig (checked again: a field set after loading was used
+        # unchecked), a Hydra DictConfig or a dict of its fields; else one TypeError naming the forms
+        cfg = load_pipeline_config() if cfg is None else to_pipeline_config(cfg)
         self.output = str(user_path(output))
         self.cfg: SearchConfig = cfg.search
         self.max_seq_len = int(cfg.embedder.max_seq_len)
@@ -242,9 +243,7 @@ class Searcher:
         if expand not in SearchExpand.values():
             raise SearchError(f"expand must be one of {'|'.join(SearchExpand.values())} (got {expand!r})")
         queries = [queries] if isinstance(queries, str) else list(queries)  # one string is one query
-        blank = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
-        if blank:  # the model embeds "" as well, and its nearest chunks look like an answer to nothing
-            raise SearchError(f"query {blank[0]} is empty or not text (got {queries[blank[0]]!r})")
+        self._check_queries(queries)
         t0 = time.perf_counter()
         qv = embed_texts(self.embedder, queries, self.max_seq_len)
         embed_ms = (time.perf_counter() - t0) * 1000 / max(1, len(queries))
@@ -260,6 +259,28 @@ class Searcher:
                 hits=hits, embed_ms=embed_ms, rank_ms=(t2 - t1) * 1000, locate_ms=(t3 - t2) * 1000,
                 total_ms=embed_ms + (t3 - t1) * 1000))
         return results
+
+    def _check_queries(self, queries: list) -> None:
+        """Refuse what the model would embed as nothing, and say when it reads only a query's start."""
+        for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                hint = ": pass several queries to search_many" if isinstance(q, (list, tuple)) else ""
+                raise SearchError(f"query {i} is not text (got {type(q).__name__} {printable(repr(q))[:80]}){hint}")
+            if not q.strip():  # the model embeds "" as well, and its nearest chunks look like an answer to nothing
+                raise SearchError(f"query {i} is empty (got {q!r})")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 on a command line
+                raise SearchError(f"query {i} is not valid Unicode text ({err.reason} at character {err.start}: "
+                                  "on a command line, bytes that are not UTF-8)") from None
+        limit = self.max_seq_len - 2
+        for i, (q, ids) in enumerate(zip(queries, text_token_ids(queries))):
+            if ids.size == 0:  # only characters the tokenizer drops (zero-width, BOM, controls)
+                raise SearchError(f"query {i} holds no token the model reads (got {printable(q)[:80]!r}): "
+                                  "only characters the tokenizer drops")
+            if ids.size > limit:
+                log.warning("query %d is %d tokens long: the model reads its first %d (embedder.max_seq_len=%d), "
+                            "the rest is ignored", i, ids.size, limit, self.max_seq_len)
 
     def refresh(self) -> None:
         """Read the output again (chunks, then the graph and ISNE vectors on first use): after an
@@ -317,10 +338,14 @@ class Searcher:
         norm = float(np.linalg.norm(centre))
         structural = isne[rows] @ (centre / norm) if norm > 0 else np.zeros(len(rows))
         w = self.cfg.isne_weight
-        # a chunk without an ISNE vector (ingested after the last ISNE stage) ranks by its text alone:
-        # a structural score of 0 pushed it below far weaker text matches
-        scored = [(int(r), (1 - w) * float(c) + w * float(s) if has[r] else float(c), float(c), "text")
-                  for r, c, s in zip(rows, cos, structural)]
+        # A chunk without an ISNE vector (ingested after the last ISNE stage) gets a neutral structural
+        # term, the median of the candidates that have one: with 0 it sank below far weaker text
+        # matches, and with its cosine alone (no structural term) it still did, because the
+        # structural cosines near the seeds run far above text cosines.
+        with_vector = np.fromiter((has[r] for r in rows), dtype=bool, count=len(rows))
+        neutral = float(np.median(structural[with_vector])) if with_vector.any() else 0.0
+        scored = [(int(r), (1 - w) * float(c) + w * (float(s) if h else neutral), float(c), "text")
+                  for r, c, s, h in zip(rows, cos, structural, with_vector)]
         scored.sort(key=lambda t: (-t[1], t[0]))
         return scored[:k]
 
@@ -371,8 +396,8 @@ class Searcher:
             if missing:
                 log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage or with "
                             "isne.enabled=false, without any edge in the chunk graph, or added with no trained chunk "
-                            "near them): they rank by their text "
-                            "alone; `hades-isne output=%s` gives one to each that has graph neighbours",
+                            "near them): their structural term is the candidates' median, so their text "
+                            "decides; `hades-isne output=%s` gives one to each that has graph neighbours",
                             missing, len(self.chunk_ids), self.output)
         return self._isne
 
@@ -396,7 +421,7 @@ class Searcher:
                    snippet=snippet_of(self.texts[row], self.cfg.snippet_chars), via=via)
 
 
-def search(output: str | os.PathLike, query: str, k: Optional[int] = None, *, expand: Optional[str] = None,
+def search(output: str | os.PathLike, query: str, k: Optional[int] = None, expand: Optional[str] = None, *,
            embedder: str = "", cfg: Optional[PipelineConfig] = None) -> SearchResult:
     """One query against an output: `Searcher(output).search(query, k)`, embedder built and closed here.
 
@@ -406,11 +431,11 @@ def search(output: str | os.PathLike, query: str, k: Optional[int] = None, *, ex
     """
     import dataclasses
 
-    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.config import load_pipeline_config, to_pipeline_config
 
-    cfg = cfg or load_pipeline_config()
+    cfg = load_pipeline_config() if cfg is None else to_pipeline_config(cfg)
     if embedder:
-        cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, name=embedder))
+        cfg = to_pipeline_config(dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, name=embedder)))
     with Searcher(output, cfg) as searcher:
         return searcher.search(query, k, expand)
 

@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
 import pyarrow as pa
 
 from hades_gpu.config import ConfigError, SearchExpand
-from hades_gpu.records import error_line, printable
+from hades_gpu.records import error_line, printable, user_path
 
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors as one line (`hades-search: error: ...`, exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("the following arguments are required"):  # argparse also named the optional overrides
+            message = ("give an ingest output folder and a query (a query that starts with '-' goes after '--': "
+                       f"{self.prog} OUT -k 5 -- \"-x flag\"; '-' reads the query from standard input)")
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def format_hits(result) -> str:
     """The human form: one header line per hit (rank, score, path:lines) and its snippet."""
-    out = [f"{len(result.hits)} hits for {result.query!r} ({result.candidates}, expand={result.expand}, "
+    query = result.query if len(result.query) <= 200 else result.query[:199] + "…"  # a long query once, not in full
+    out = [f"{len(result.hits)} hits for {query!r} ({result.candidates}, expand={result.expand}, "
            f"embedder {result.embedder})"]
     for h in result.hits:
         lines = f"{h.line_start}-{h.line_end}" if h.line_start is not None else "?"
@@ -35,7 +40,7 @@ def format_hits(result) -> str:
         via = "  via graph" if h.via == "graph" else ""
         out.append(f"{h.rank:>3}. {h.score:.4f}{extra}{via}  {printable(h.path)}:{lines}  [{h.chunk_id}]")
         if h.snippet:
-            out.append(f"     {h.snippet}")
+            out.append(f"     {printable(h.snippet)}")  # a chunk's escape sequences recoloured the terminal
     out.append(f"latency: {result.total_ms:.1f} ms per query (embed {result.embed_ms:.1f} ms, "
                f"rank {result.rank_ms:.1f} ms, lines+snippets {result.locate_ms:.1f} ms)")
     return "\n".join(out)
@@ -46,7 +51,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     answer (not an output, no graph for --expand graph); 1 with one line when the embedder fails."""
     parser = _OneLineParser(prog="hades-search", description="Top-k chunks of an ingest output for a query.")
     parser.add_argument("output", help="an ingest output folder")
-    parser.add_argument("query", help="the question, as text")
+    parser.add_argument("query", help="the question, as text ('-': read it from standard input)")
     parser.add_argument("overrides", nargs="*", help="conf/ overrides, key=value (e.g. search.graph_weight=0.5)")
     parser.add_argument("-k", type=int, default=None, help="hits to return (default: search.k, 10)")
     parser.add_argument("--embedder", choices=("local", "triton"), default=None,
@@ -54,7 +59,10 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--expand", choices=tuple(SearchExpand.values()), default=None,
                         help="re-rank through the chunk graph or the ISNE vectors, or none (default: search.expand)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--debug", action="store_true",
+                        help="a traceback with the one-line errors too (as HADES_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    debug = args.debug or os.environ.get("HADES_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
     from hades_gpu.config import load_pipeline_config
     from hades_gpu.embedding.base import EmbedderError
@@ -68,29 +76,43 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
         overrides.insert(0, f"embedder={args.embedder}")
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        parser.error(f"overrides must be key=value (got {bad[0]!r})")
-    if not args.query.strip():
+        parser.error(f"overrides must be key=value (got {bad[0]!r})"
+                     + (": options go before '--'" if bad[0].startswith("-") else ""))
+    query = args.query
+    if query == "-":  # a long query, or one from another program
+        query = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\n")  # not UTF-8: one line below
+    if not query.strip():
         parser.error("the query is empty")
     try:
         cfg = load_pipeline_config(overrides=overrides)
         with Searcher(args.output, cfg) as searcher:
             searcher.refresh_advice = "run the search again to search the new one"
-            result = searcher.search(args.query, args.k, args.expand)
+            result = searcher.search(query, args.k, args.expand)
     except (ConfigError, SearchError) as err:
+        if debug:
+            raise
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
     except (DamagedOutputError, ManifestError) as err:  # parts missing, ISNE vectors or the manifest unreadable
+        if debug:
+            raise
         print(f"hades-search: error: {error_line(err)}", file=sys.stderr)
         return 1
     except FileNotFoundError as err:  # no ingest output there
+        if debug:
+            raise
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 2
     except pa.ArrowException as err:  # a damaged output: a part, edges.parquet, ... that is no Parquet
-        print(f"hades-search: error: damaged output file: {error_line(err)[:400]} (`hades-verify {printable(args.output)}` "
+        if debug:
+            raise
+        print(f"hades-search: error: damaged output file: {error_line(err)[:400]} (`hades-verify {printable(str(user_path(args.output)))}` "
               "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the graph "
               "and ISNE files)", file=sys.stderr)
         return 1
     except (EmbedderError, MissingDependencyError) as err:
+        if debug:
+            raise
         print(f"hades-search: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else format_hits(result))

@@ -332,7 +332,7 @@ def test_chunks_without_an_isne_vector_rank_by_their_text_under_isne_expansion(s
             expanded = s.search(text, 5, "isne").hits
     assert plain[0].path.endswith("moon.md")
     moon = [h for h in expanded if h.path.endswith("moon.md")]
-    assert moon and moon[0] == expanded[0] and moon[0].score == pytest.approx(moon[0].cosine)
+    assert moon and moon[0] == expanded[0] and moon[0].score != pytest.approx(moon[0].cosine)  # median term
     assert any(h.score != pytest.approx(h.cosine) for h in expanded if not h.path.endswith("moon.md"))
     warned = [r.getMessage() for r in caplog.records if "have no ISNE vector" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("1 of "), warned
