@@ -298,10 +298,16 @@ class _Walker:
         self.skips: list[Skip] = []
         self.seen_paths: set[str] = set()
         self.seen_rel: dict[str, str] = {}
-        self.seen_dirs: set[tuple[int, int]] = set()
-        # followed symlinks reach a file under a second name: (device, inode) -> the first name. Kept
-        # only then (a dict entry per document would undo the main process's per-document savings)
-        self.seen_files: Optional[dict[tuple[int, int], str]] = {} if cfg.follow_symlinks else None
+        self.seen_dirs: dict[tuple[int, int], str] = {}  # (device, inode) -> the name it was walked under
+        # A file under a second name (a followed symlink, a hard link) would be stored twice:
+        # (device, inode) -> the first name. Kept for every file only when symlinks are followed; else
+        # only for files with more than one hard link (a dict entry per document would undo the main
+        # process's per-document savings, and st_nlink names the few that can repeat).
+        self.seen_files: dict[tuple[int, int], str] = {}
+        # Followed symlinks are walked after everything reached without one (`walk_deferred`): a
+        # link sorted before its target ("linkdir" < "sub") took the files' names, and the real
+        # folder was then skipped as already visited.
+        self.deferred: list[tuple[str, str, str, _Ignores, bool]] = []
 
     def _unreadable(self, path: str, err: OSError) -> None:
         self.skips.append(Skip(path, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
@@ -340,9 +346,9 @@ class _Walker:
             self.skips.append(Skip(abs_path, "too_large",
                                    f"{st.st_size} bytes > documents.max_file_bytes ({self.cfg.max_file_bytes})"))
             return
-        if self.seen_files is not None:
+        if self.cfg.follow_symlinks or st.st_nlink > 1:
             first = self.seen_files.setdefault((st.st_dev, st.st_ino), abs_path)
-            if first != abs_path:  # a symlink to a file already taken: its chunks would be stored twice
+            if first != abs_path:  # a link to a file already taken: its chunks would be stored twice
                 self.skips.append(Skip(abs_path, "duplicate", f"the same file as {printable(first)}"))
                 return
         self.seen_rel[identity] = abs_path
@@ -363,7 +369,7 @@ class _Walker:
             if (st.st_dev, st.st_ino) in self.skip_folders:
                 self._skip_output(abs_path)
                 return
-            self.seen_dirs.add((st.st_dev, st.st_ino))
+            self.seen_dirs.setdefault((st.st_dev, st.st_ino), abs_path)
             base = self.rel_for(abs_path, "")
             ignores = _ancestor_ignores(abs_path) if self.cfg.respect_gitignore else ()
             if ignores and _ignored(ignores, abs_path, True):
@@ -433,39 +439,64 @@ class _Walker:
         if is_dir:
             if _folder_excluded(rel, cfg):
                 return None
-            try:
-                st = entry.stat(follow_symlinks=True)
-            except OSError as err:
-                self._unreadable(entry.path, err)
+            if is_link:  # followed, after the folders reached without a link
+                self.deferred.append((entry.path, rel, base, ignores, True))
                 return None
-            key = (st.st_dev, st.st_ino)
-            if key in self.skip_folders:
-                self._skip_output(entry.path)
-                return None
-            if key in self.seen_dirs:
-                self.skips.append(Skip(entry.path, "unreadable", "symlink loop: folder already visited"))
-                return None
-            self.seen_dirs.add(key)
-            return rel
+            return rel if self._enter(entry.path) else None
         if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
             return None
-        abs_path = entry.path
         if is_link and not cfg.follow_symlinks:
-            self.skips.append(Skip(abs_path, "symlink",
+            self.skips.append(Skip(entry.path, "symlink",
                                    "symbolic link not followed (documents.follow_symlinks=false)"))
             return None
+        if is_link:
+            self.deferred.append((entry.path, rel, base, ignores, False))
+            return None
+        self._take(entry.path, rel, base, is_link)
+        return None
+
+    def _enter(self, path: str) -> bool:
+        """Whether to walk the folder at `path` (not an output, not walked before under another name)."""
         try:
-            st = entry.stat(follow_symlinks=cfg.follow_symlinks)
+            st = os.stat(path)
+        except OSError as err:
+            self._unreadable(path, err)
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.skip_folders:
+            self._skip_output(path)
+            return False
+        first = self.seen_dirs.get(key)
+        if first is not None:
+            inside = os.path.commonpath([os.path.abspath(first), os.path.abspath(path)]) == os.path.abspath(first)
+            self.skips.append(Skip(path, "duplicate", (f"a symlink loop: {printable(first)}, already walked"
+                                                       if inside else f"the same folder as {printable(first)}, "
+                                                       "already walked")))
+            return False
+        self.seen_dirs[key] = path
+        return True
+
+    def _take(self, abs_path: str, rel: str, base: str, is_link: bool) -> None:
+        try:
+            st = os.stat(abs_path) if is_link else os.lstat(abs_path)
         except FileNotFoundError:
             self.skips.append(Skip(abs_path, "missing",
                                    "broken symbolic link" if is_link else "vanished while walking"))
-            return None
+            return
         except OSError as err:
             self._unreadable(abs_path, err)
-            return None
-        doc_rel = f"{base}/{rel}" if base else rel
-        self.add_file(abs_path, doc_rel, st)
-        return None
+            return
+        self.add_file(abs_path, f"{base}/{rel}" if base else rel, st)
+
+    def walk_deferred(self) -> None:
+        """The followed symlinks, in the order met (links inside them after them): a name reached
+        without a link has already taken its file or folder, so a link to it is the duplicate."""
+        while self.deferred:
+            path, rel, base, ignores, is_dir = self.deferred.pop(0)
+            if not is_dir:
+                self._take(path, rel, base, True)
+            elif self._enter(path):
+                self.walk(path, rel, base, ignores)
 
 
 def _folder_ids(folders: Sequence[PathLike]) -> set[tuple[int, int]]:
@@ -479,6 +510,19 @@ def _folder_ids(folders: Sequence[PathLike]) -> set[tuple[int, int]]:
         if stat.S_ISDIR(st.st_mode):
             ids.add((st.st_dev, st.st_ino))
     return ids
+
+
+def _outer_first(sources: list[str]) -> list[str]:
+    """`sources` with each one inside another given folder moved after it (else in the order given): a
+    document's name must not depend on the order of the list. ["ov/sub", "ov"] named ov/sub/a.md
+    "a.md" and skipped ov's walk into sub as a symlink loop; ["ov", "ov/sub"] named it "sub/a.md"."""
+    real = [os.path.realpath(s) for s in sources]
+
+    def depth(i: int) -> int:
+        return sum(1 for j, other in enumerate(real)
+                   if j != i and other != real[i] and real[i].startswith(other.rstrip(os.sep) + os.sep))
+
+    return [sources[i] for i in sorted(range(len(sources)), key=depth)]
 
 
 def discover(
@@ -514,12 +558,13 @@ def discover(
     walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders],
                      is_output_folder)
     given: set[str] = set()
-    for src in source_list(sources):
+    for src in _outer_first(source_list(sources)):
         where = os.path.realpath(src)
         if where in given:  # the same folder or file named twice: walked once (it read as a symlink loop)
             continue
         given.add(where)
         walker.source(src)
+    walker.walk_deferred()
     if walker.skips:
         log.debug("discovery skipped %d path(s)", len(walker.skips))
     return walker.refs, walker.skips

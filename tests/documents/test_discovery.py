@@ -148,13 +148,56 @@ def test_symlinks(tmp_path: Path) -> None:
     reasons = {Path(s.path).name: (s.reason, s.detail) for s in skips}
     assert reasons["real.py"] == ("duplicate", f"the same file as {root / 'link.py'}")
     assert reasons["dangling.py"][0] == "missing"
-    assert reasons["loop"] == ("unreadable", "symlink loop: folder already visited")
+    assert reasons["loop"] == ("duplicate", f"a symlink loop: {root}, already walked")
     # a followed link to a file the corpus holds under its own name: once, not twice (both were
     # ingested: the same chunks stored and found twice)
     (root / "again.py").symlink_to(root / "a.py")
     refs, skips = discover(root, DocumentsConfig(follow_symlinks=True))
     assert _rels(refs) == ["a.py", "link.py"]
     assert {Path(s.path).name: s.reason for s in skips}["again.py"] == "duplicate"
+
+
+def test_a_followed_link_never_takes_the_name_of_what_the_corpus_holds_under_its_own(tmp_path: Path) -> None:
+    """"linkdir" -> "sub" sorts before "sub": the link was walked first, its name stored, and the real
+    folder skipped as "unreadable: symlink loop"; an output ingested before with follow_symlinks=false
+    then held the file under both names. Links are walked after the rest now."""
+    root = tmp_path / "c"
+    _write(root, "sub/deeper/real.md", "# real\n")
+    (root / "linkdir").symlink_to(root / "sub", target_is_directory=True)
+    (root / "alias.md").symlink_to(root / "sub" / "deeper" / "real.md")
+    refs, skips = discover(root, DocumentsConfig(follow_symlinks=True))
+    assert _rels(refs) == ["sub/deeper/real.md"]
+    reasons = {Path(s.path).name: (s.reason, s.detail) for s in skips}
+    assert reasons == {"alias.md": ("duplicate", f"the same file as {root / 'sub' / 'deeper' / 'real.md'}"),
+                       "linkdir": ("duplicate", f"the same folder as {root / 'sub'}, already walked")}
+    # a link to a folder outside the corpus is still walked, under the link's name
+    _write(tmp_path, "outside/o.md", "# outside\n")
+    (root / "elsewhere").symlink_to(tmp_path / "outside", target_is_directory=True)
+    refs, _ = discover(root, DocumentsConfig(follow_symlinks=True))
+    assert _rels(refs) == ["sub/deeper/real.md", "elsewhere/o.md"]
+
+
+def test_hard_links_are_one_document_whatever_the_symlink_setting(tmp_path: Path) -> None:
+    """Two names of one inode were both ingested (the same chunks twice) unless symlinks were followed."""
+    root = tmp_path / "c"
+    orig = _write(root, "orig.md", "# text\n")
+    os.link(orig, root / "hardlink.md")
+    for follow in (False, True):
+        refs, skips = discover(root, DocumentsConfig(follow_symlinks=follow))
+        assert _rels(refs) == ["hardlink.md"]
+        assert [(Path(s.path).name, s.reason, s.detail) for s in skips] == [
+            ("orig.md", "duplicate", f"the same file as {root / 'hardlink.md'}")]
+
+
+def test_a_folder_and_its_subfolder_name_documents_the_same_in_any_order(tmp_path: Path) -> None:
+    """["ov/sub", "ov"] named ov/sub/inner.md "inner.md" and skipped ov's walk into sub as an
+    unreadable symlink loop; ["ov", "ov/sub"] named it "sub/inner.md"."""
+    ov = tmp_path / "ov"
+    _write(ov, "top.md", "# top\n")
+    _write(ov, "sub/inner.md", "# inner\n")
+    for order in ([ov / "sub", ov], [ov, ov / "sub"], [ov / "sub" / "inner.md", ov]):
+        refs, skips = discover(order, DocumentsConfig())
+        assert sorted(_rels(refs)) == ["sub/inner.md", "top.md"] and skips == [], order
 
 
 def test_special_files_and_unreadable_paths(tmp_path: Path) -> None:
