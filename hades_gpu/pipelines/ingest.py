@@ -223,6 +223,12 @@ class IngestPipeline:
         checked before anything is written (`refuse_output_in_sources`)."""
         validate(self.config)  # again: a field may have been set since the pipeline was made
         out = self._output_dir(output)
+        try:
+            os.fspath(out).encode("utf-8")
+        except UnicodeEncodeError:  # pyarrow takes text paths only: it failed after the whole run's work
+            raise ConfigError(f"output folder {printable(str(out))} is not valid UTF-8 (a byte that is not UTF-8 in "
+                              "its path): pyarrow, which writes the Parquet files, cannot open it; choose another "
+                              "output folder (documents may have such names, the output may not)") from None
         sources = source_list(paths)
         refuse_output_in_sources(out, sources)
         return out, sources

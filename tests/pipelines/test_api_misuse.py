@@ -171,3 +171,15 @@ def test_the_result_names_the_output_absolutely(tmp_path, monkeypatch, embedder)
     config = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off"])
     result = TextParallelPipeline(config, embedder=embedder).process_batch(["corpus"], output="out")
     assert result.output_dir == tmp_path / "out" and result.output_dir.is_absolute()
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    """pyarrow takes text paths only: the whole run was done, then a UnicodeEncodeError traceback, and
+    a lock, a manifest and claims were left in a half-made output."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.md").write_text("hello\n")
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/o\xffut")
+    cfg = load_pipeline_config("low_memory", ["monitoring.progress=off", "isne.enabled=false"])
+    with pytest.raises(ConfigError, match=r"output folder .*o\\xffut is not valid UTF-8"):
+        TextParallelPipeline(cfg).process_batch([tmp_path / "c"], output=out)
+    assert sorted(os.listdir(tmp_path)) == ["c"]
