@@ -26,6 +26,8 @@ def require(module: str, package: str, purpose: str, extra: Optional[str] = None
         extra (str, optional): the hades-gpu extra that installs it.
     """
     try:
+        if module.split(".")[0] == "openvino":
+            import_openvino()  # first without its telemetry
         return importlib.import_module(module)
     except ImportError as err:
         how = f"pip install '{package}'" + (f" (or pip install 'hades-gpu[{extra}]')" if extra else "")
@@ -41,3 +43,33 @@ def available(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+_NO_MODULE = object()
+
+
+def import_openvino() -> ModuleType:
+    """`import openvino`, without OpenVINO's usage telemetry.
+
+    Why: `import openvino` imports its model converter, which starts `openvino_telemetry`: with no
+    consent file in the user's home it counts usage in ``~/intel/stats`` and sends events to Google
+    Analytics from a forked process (a SIGTERM to the run then printed that process's traceback). An
+    ingest job must not reach the network on its own. The converter falls back to its own no-op stub
+    when `openvino_telemetry` cannot be imported, so the package is hidden for that first import only
+    (afterwards it imports as usual for code of the caller's own). Once `openvino` is imported, it is
+    returned as it is.
+    """
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    saved = sys.modules.get("openvino_telemetry", _NO_MODULE)
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment] - "import openvino_telemetry" raises ImportError
+    try:
+        import openvino
+    finally:
+        if saved is _NO_MODULE:
+            sys.modules.pop("openvino_telemetry", None)
+        else:
+            sys.modules["openvino_telemetry"] = saved  # type: ignore[assignment]
+    return openvino

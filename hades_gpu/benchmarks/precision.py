@@ -29,11 +29,11 @@ from typing import Optional
 
 import numpy as np
 
-
 from hades_gpu.benchmarks.stage import documents_from_texts, embed_documents
 from hades_gpu.config import EmbedderConfig, PipelineConfig
 from hades_gpu.embedding import export
 from hades_gpu.embedding.local import LocalEmbedder
+from hades_gpu.optional import import_openvino
 
 
 def topk_overlap(ref: np.ndarray, got: np.ndarray, k: int = 10) -> float:
@@ -93,6 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for prec in precisions:
         if prec == "int8":
             try:
+                import_openvino()  # before nncf imports it (optional.py)
                 import nncf  # noqa: F401
             except ImportError:
                 print("int8: skipped (nncf not installed; pip install 'hades-gpu[int8]')", file=sys.stderr)
@@ -139,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "runtime": args.runtime, "cpu": platform.processor() or platform.machine(),
                   "cores": len(os.sched_getaffinity(0)), "rows": rows}
         try:
-            import openvino as ov
+            ov = import_openvino()  # without its usage telemetry (optional.py)
 
             report["openvino_cpu_capabilities"] = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         except ImportError:

@@ -45,6 +45,7 @@ from filelock import FileLock
 
 from hades_gpu.documents.tokenizer import load_tokenizer, model_dir, special_ids
 from hades_gpu.file_digest import file_sha256
+from hades_gpu.optional import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def export_onnx(cache_dir: str = "", force: bool = False) -> Path:
 
 
 def _ov_version() -> str:
-    import openvino as ov
+    ov = import_openvino()  # without its usage telemetry (optional.py)
 
     return ov.get_version().split("-")[0]
 
@@ -221,7 +222,7 @@ def export_openvino(cache_dir: str = "", force: bool = False) -> Path:
 
     Weights stay fp32 in the IR (``compress_to_fp16=False``); the runtime picks bf16/f32 at compile time.
     """
-    import openvino as ov
+    ov = import_openvino()  # without its usage telemetry (optional.py)
 
     onnx_path = export_onnx(cache_dir)
     final = model_cache_dir(cache_dir) / f"openvino-{_ov_version()}"
@@ -249,6 +250,7 @@ def export_openvino_int8(cache_dir: str = "", force: bool = False,
     Raises:
         ImportError: `nncf` is not installed (extra ``hades-gpu[int8]``).
     """
+    ov = import_openvino()  # before nncf imports it: without its usage telemetry (optional.py)
     try:
         import nncf
     except ImportError as err:
@@ -256,7 +258,6 @@ def export_openvino_int8(cache_dir: str = "", force: bool = False,
         from hades_gpu.optional import MissingDependencyError
 
         raise MissingDependencyError("precision=int8 needs the 'nncf' package: pip install 'hades-gpu[int8]'") from err
-    import openvino as ov
 
     calibration_samples = int(calibration_samples or INT8_CALIBRATION_SAMPLES)
     fp32_xml = export_openvino(cache_dir)

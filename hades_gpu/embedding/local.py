@@ -27,6 +27,7 @@ import numpy as np
 from hades_gpu.config import ConfigError, EmbedderConfig
 from hades_gpu.embedding import export
 from hades_gpu.embedding.base import EmbedderError
+from hades_gpu.optional import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class _Runtime(Protocol):
 
 def openvino_cpu_has_bf16(core=None) -> bool:
     """True when OpenVINO's CPU plugin reports native bf16 (AVX512_BF16 / AMX)."""
-    import openvino as ov
+    ov = import_openvino()  # without its usage telemetry (optional.py)
 
     core = core or ov.Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
