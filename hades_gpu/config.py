@@ -612,7 +612,13 @@ def to_pipeline_config(cfg: DictConfig | PipelineConfig) -> PipelineConfig:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), _strip_hydra(cfg))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad config: {_first_line(err)}") from err
+        from omegaconf.errors import InterpolationKeyError
+
+        hint = ""
+        if isinstance(err, InterpolationKeyError):  # a folder named "d${x}" read as a reference to setting x
+            hint = (" ('${...}' in a value refers to another setting: a path that holds '${' cannot be given as "
+                    "key=value; rename it, or pass it from Python: process_batch([...], output=...))")
+        raise ConfigError(f"bad config: {_first_line(err)}{hint}") from err
     assert isinstance(obj, PipelineConfig)
     validate(obj)
     return obj

@@ -193,6 +193,8 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     hashed; else the quick check of a run's start). Raises ManifestError for an unreadable manifest
     and FileNotFoundError when `path` is not an ingest output."""
     output = user_path(path)
+    if not output.exists():
+        raise FileNotFoundError(f"{output} does not exist")
     if not output.is_dir() or not has_manifest(output):
         raise FileNotFoundError(f"{output} is not an ingest output (no manifest-*.sqlite)")
     report = VerifyReport(output=output)

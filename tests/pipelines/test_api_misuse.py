@@ -183,3 +183,9 @@ def test_an_output_path_that_is_not_utf8_is_refused_before_anything_is_written(t
     with pytest.raises(ConfigError, match=r"output folder .*o\\xffut is not valid UTF-8"):
         TextParallelPipeline(cfg).process_batch([tmp_path / "c"], output=out)
     assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_a_path_holding_an_interpolation_says_why_it_cannot_be_an_override():
+    """`corpus=d${x}` said only "Interpolation key 'x' not found" (no way to quote it helps)."""
+    with pytest.raises(ConfigError, match=r"Interpolation key 'x' not found.*a path that holds '\$\{' cannot be given"):
+        load_pipeline_config(overrides=["corpus=/data/d${x}"])

@@ -100,6 +100,8 @@ def test_hades_verify_on_a_clean_output_and_bad_arguments(clean, tmp_path, capsy
     assert verify_main([str(out), "--quick"]) == 0
     assert snapshot(out) == before
     assert verify_main([str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err  # not "is not an ingest output"
+    assert verify_main([str(tmp_path)]) == 2
     assert "not an ingest output" in capsys.readouterr().err
     assert verify_main(["--no-such-flag"]) == 2
     # quick (a run's start) trusts an unchanged stat; full finds bytes changed beneath it
