@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -157,6 +158,17 @@ class ClusterIngest:
             cpus = room
         return cpus, gpus
 
+    def _check_stage_shape(self, ray: Any, gpus: float) -> None:
+        """The graph and ISNE task's shape must fit a node: Ray queues a task no node fits for ever
+        (cluster.stage_num_cpus=16 on 2-CPU nodes waited, task_timeout_s x attempts)."""
+        k = self.config.cluster
+        stage_gpus = 1.0 if gpus > 0 else 0.0
+        room = largest_cpus(ray, stage_gpus)
+        if room < k.stage_num_cpus:
+            raise ClusterRunError(f"no node of the cluster offers {k.stage_num_cpus:g} CPU(s) and {stage_gpus:g} GPU(s) "
+                                  f"for the graph and ISNE stage (largest: {room:g} CPU(s)); lower "
+                                  f"cluster.stage_num_cpus")
+
     def _shard_count(self, out: Path, slots: int) -> int:
         if self.config.cluster.shards:
             return int(self.config.cluster.shards)
@@ -208,6 +220,8 @@ class ClusterIngest:
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()
                 cpus, gpus = self._shard_shape(ray)
+                if self.config.isne.enabled:
+                    self._check_stage_shape(ray, gpus)  # before the shards, not after them
                 slots = node_slots(ray, cpus, gpus)
                 count = self._shard_count(out, slots)
                 runs = self._plan(out, refs, skips, count)
@@ -353,7 +367,7 @@ class ClusterIngest:
                                                       max_retries=0)
         errors: list[str] = []
         for attempt in range(1, k.max_retries + 2):
-            ref = remote.remote(cfg, str(out))
+            ref = remote.remote(cfg, str(out), (socket.gethostname(), os.getpid()))  # this driver's lock: no refusal
             try:
                 ready, _ = ray.wait([ref], timeout=k.task_timeout_s)
                 if not ready:

@@ -36,6 +36,33 @@ def import_ray() -> Any:
     return ray
 
 
+def _effective_address(cfg: ClusterConfig) -> str:
+    """The head `ray.init` will dial: `cluster.address`, or for ``auto`` (Ray's default) the
+    ``RAY_ADDRESS`` environment variable when set. A loopback head named only there was dialled at the
+    host's other address without end (the loopback settings below looked at "auto")."""
+    address = cfg.address or "auto"
+    if address == "auto":
+        return os.environ.get("RAY_ADDRESS", "").strip() or "auto"
+    return address
+
+
+def _use_token_auth_like_ray_start() -> None:
+    """Token authentication when the user's Ray has a token and RAY_AUTH_MODE is unset, as `ray start`
+    decides: a head it started then refuses a driver without the token, and the driver said only
+    "Failed to connect" after 20 lines of InvalidAuthToken. (A private Ray helper: without it,
+    nothing changes.)"""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:
+        return
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception as err:  # noqa: BLE001 - a Ray of another version: connect as before
+        log.debug("cluster: token authentication not checked (%s)", err)
+
+
 def _init_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.runtime_env:
@@ -45,7 +72,7 @@ def _init_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
                       _node_ip_address="127.0.0.1")
     else:
         kwargs["address"] = cfg.address or "auto"
-        if _is_loopback(cfg.address):
+        if _is_loopback(_effective_address(cfg)):
             kwargs["_node_ip_address"] = "127.0.0.1"  # the driver's node is where the head is
     return kwargs
 
@@ -56,7 +83,7 @@ def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
     initialised it: then their session is used and left running)."""
     # before Ray is imported: its constants read the environment at import
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.mode == ClusterMode.LOCAL or _is_loopback(cfg.address):
+    if cfg.mode == ClusterMode.LOCAL or _is_loopback(_effective_address(cfg)):
         # a head on loopback: without it the driver registers the host's other address and dials the
         # head there, retrying without end (seen: 10 minutes of "Failed to connect to GCS at 192.0.2.2")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -67,7 +94,8 @@ def ray_session(cfg: ClusterConfig) -> Iterator[Any]:
     kwargs = _init_kwargs(cfg)
     where = "a local Ray" if cfg.mode == ClusterMode.LOCAL else f"the Ray cluster at {kwargs['address']!r}"
     if cfg.mode != ClusterMode.LOCAL:
-        _check_reachable(str(kwargs["address"]), cfg.connect_timeout_s)
+        _check_reachable(_effective_address(cfg), cfg.connect_timeout_s)
+        _use_token_auth_like_ray_start()
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)  # in the caller's thread: Ray sets signal handlers and fails elsewhere

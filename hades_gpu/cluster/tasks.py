@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from hades_gpu.config import PipelineConfig
 from hades_gpu.documents.discovery import Skip
@@ -63,11 +63,12 @@ def ingest_shard(cfg: PipelineConfig, refs: Sequence[DocumentRef], skips: Sequen
             time.sleep(1.0)
 
 
-def run_graph_stage(cfg: PipelineConfig, output: str) -> dict[str, Any]:
-    """The graph and ISNE stage over every shard's committed chunks (`isne.stage`)."""
+def run_graph_stage(cfg: PipelineConfig, output: str, driver: Optional[tuple[str, int]] = None) -> dict[str, Any]:
+    """The graph and ISNE stage over every shard's committed chunks (`isne.stage`), for the cluster
+    driver `driver` (host, pid), whose output lock it does not wait for."""
     from hades_gpu.isne.stage import run_isne_stage
 
-    metrics = run_isne_stage(cfg, Path(output))
+    metrics = run_isne_stage(cfg, Path(output), driver=driver)
     metrics["host"] = socket.gethostname()
     metrics["gpu"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return metrics

@@ -42,8 +42,9 @@ from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.resume import discard_training_state
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
-from hades_gpu.records import UNSHARDED, ShardSpec
+from hades_gpu.records import UNSHARDED, ShardSpec, printable
 from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
+from hades_gpu.store.shard_map import unfinished_shards
 from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path,
                                     isne_embeddings_files, isne_embeddings_path, isne_model_path, isne_training_state_path,
                                     metrics_path)
@@ -119,7 +120,8 @@ def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -
 
 
 def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[bool] = None,
-                   epochs: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
+                   epochs: Optional[int] = None, batch_size: Optional[int] = None,
+                   driver: Optional[tuple[str, int]] = None) -> dict[str, Any]:
     """Build the chunk graph, then train ISNE or infer new chunks' vectors (module docstring).
 
     Args:
@@ -128,6 +130,8 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
         train (bool, optional): force training (True) or inference (False); default: train when no
             model exists or `isne.retrain`.
         epochs, batch_size (int, optional): override `isne.epochs` / `isne.batch_size`.
+        driver ((host, pid), optional): the cluster driver this stage runs for: its lock does not
+            refuse the stage (any other driver's does: it is still adding chunks).
 
     Returns:
         dict: n_nodes, n_edges (undirected), n_edges_by_type (rows of edges.parquet), n_isolated, knn,
@@ -142,10 +146,19 @@ def run_isne_stage(cfg: PipelineConfig, output_dir: Path, *, train: Optional[boo
     """
     output_dir = Path(output_dir)
     with OutputLock(output_dir, ISNE_LOCK_NAME):
-        # an ingest writing the output now: its graph would be built from a part of the chunks (or none)
-        # (a cluster driver's own lock is not a writer: it runs this stage in a task of its own)
-        for shard, holder in held_elsewhere(output_dir, skip=(ISNE_LOCK_NAME, DRIVER_LOCK_NAME)):
+        # an ingest writing the output now: its graph would be built from a part of the chunks (or none).
+        # A cluster driver counts as one (between its discovery and its last shard no shard lock may be
+        # held, and hades-isne trained on half the corpus, exit 0), except the driver this stage runs for.
+        for shard, holder in held_elsewhere(output_dir, skip=(ISNE_LOCK_NAME,)):
+            if shard == DRIVER_LOCK_NAME and driver is not None and \
+                    (holder.get("host"), holder.get("pid")) == (driver[0], driver[1]):
+                continue
             raise OutputLockedError(output_dir, shard, holder)
+        unfinished, count = unfinished_shards(output_dir)
+        if unfinished:  # a failed Slurm job of the README's recipe went unnoticed
+            log.warning("%d of %d shard(s) of %s have not finished (e.g. %s): the graph and ISNE cover only the "
+                        "committed chunks; run the missing shards, then this stage again", len(unfinished), count,
+                        printable(str(output_dir)), unfinished[0])
         return _run_isne_stage(cfg, output_dir, train, epochs, batch_size)
 
 

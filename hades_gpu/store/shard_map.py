@@ -163,5 +163,18 @@ def read_shard_done(output: Path, label: str) -> Optional[dict[str, Any]]:
     return raw if isinstance(raw, dict) else None
 
 
+def unfinished_shards(output: Path) -> tuple[list[str], int]:
+    """The labels of a sharded output's shards without a completion record, and the shard count
+    (([], 0) for an output that is not sharded or whose map is damaged: that is the next run's error)."""
+    try:
+        smap = load_shard_map(Path(output))
+    except ShardMapError:
+        return [], 0
+    if smap is None:
+        return [], 0
+    labels = (shard_label(i, smap.count) for i in range(smap.count))
+    return [label for label in labels if read_shard_done(Path(output), label) is None], smap.count
+
+
 __all__ = ["ShardMap", "ShardMapError", "load_shard_map", "ensure_shard_map", "check_unsharded", "plan_fingerprint",
-           "clear_shard_done", "write_shard_done", "read_shard_done", "map_path", "done_path"]
+           "clear_shard_done", "write_shard_done", "read_shard_done", "unfinished_shards", "map_path", "done_path"]

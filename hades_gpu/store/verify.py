@@ -294,20 +294,12 @@ def _committed_chunk_ids(output: Path) -> set[str]:
 def _unfinished_shards(output: Path) -> list[str]:
     """A sharded output whose shards have not all finished (a killed driver): its parts verify, but
     files of the corpus are missing from it until the cluster command runs again."""
-    from hades_gpu.records import shard_label
-    from hades_gpu.store.shard_map import ShardMapError, load_shard_map, read_shard_done
+    from hades_gpu.store.shard_map import unfinished_shards
 
-    try:
-        smap = load_shard_map(output)
-    except ShardMapError:  # a damaged map is the next run's error; verify checks parts
-        return []
-    if smap is None:
-        return []
-    unfinished = [label for label in (shard_label(i, smap.count) for i in range(smap.count))
-                  if read_shard_done(output, label) is None]
+    unfinished, count = unfinished_shards(output)
     if not unfinished:
         return []
-    return [f"{len(unfinished)} of {smap.count} shard(s) have not finished (no shards/<shard>.json), e.g. "
+    return [f"{len(unfinished)} of {count} shard(s) have not finished (no shards/<shard>.json), e.g. "
             f"{unfinished[0]}: the output lacks their files until the cluster command (or shard=i/n) runs again"]
 
 

@@ -234,6 +234,11 @@ def test_a_shard_shape_no_node_fits_is_capped_or_refused_never_queued_forever(cl
     cfg = load_pipeline_config("balanced", [*base, "cluster.num_cpus_per_shard=4"])
     with pytest.raises(ClusterRunError, match=r"no node of the cluster offers 4 CPU\(s\) and 0 GPU\(s\)"):
         ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "refused")
+    # the graph and ISNE task's shape too, before any shard runs (it waited task_timeout_s x attempts)
+    cfg = load_pipeline_config("balanced", [*overrides(cluster.address, 2, isne=True), "cluster.stage_num_cpus=4"])
+    with pytest.raises(ClusterRunError, match=r"offers 4 CPU\(s\) and 0 GPU\(s\) for the graph and ISNE stage"):
+        ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "stage")
+    assert not list((tmp_path / "stage").glob("chunks/*.parquet"))
 
 
 def test_remove_missing_runs_a_finished_shard_that_a_plain_rerun_left_holding_deleted_files(cluster, tmp_path):
@@ -277,15 +282,29 @@ def _driver_env() -> dict[str, str]:
     return env
 
 
-def test_a_head_started_on_loopback_by_hand_is_reached_by_its_address(tmp_path):
+@pytest.mark.parametrize("auth", ["disabled", "token"])
+def test_a_head_started_on_loopback_by_hand_is_reached_by_its_address(tmp_path, auth):
     """`ray start --head --node-ip-address=127.0.0.1` then `cluster.address=127.0.0.1:<port>`: the
     driver registered the host's other address and dialled the head there for ever (10 minutes of
-    "Failed to connect to GCS at 192.0.2.2"). A loopback address now keeps the driver on loopback."""
+    "Failed to connect to GCS at 192.0.2.2"). A loopback address now keeps the driver on loopback.
+
+    With a Ray token on the box and RAY_AUTH_MODE unset, `ray start` turns token authentication on,
+    and the driver (auth off) failed after 20 lines of InvalidAuthToken; and a head named only by
+    RAY_ADDRESS (cluster.address=auto) was dialled at the host's other address past every timeout."""
     port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
-    # as the user's head: on loopback, token authentication off (its token would sit in --temp-dir)
-    head_env = {**_driver_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp,
-                "RAY_AUTH_MODE": "disabled"}
+    user_env = _driver_env()
+    if auth == "token":  # the user's token, where Ray looks for one (not their ~/.ray: the test's own)
+        import secrets
+
+        token = tmp_path / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        user_env = {k: v for k, v in user_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        user_env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    # as the user's head, on loopback; "disabled": token authentication off (its token would sit in --temp-dir)
+    head_env = {**user_env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp}
+    if auth == "disabled":
+        head_env["RAY_AUTH_MODE"] = "disabled"
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
                              "--num-cpus=2", f"--temp-dir={ray_tmp}"],
@@ -293,10 +312,13 @@ def test_a_head_started_on_loopback_by_hand_is_reached_by_its_address(tmp_path):
     try:
         corpus = copy_files(stdlib_sources(3, max_bytes=6_000), tmp_path / "corpus")
         out = tmp_path / "out"
+        address, driver_env = f"127.0.0.1:{port}", user_env
+        if auth == "token":  # named by RAY_ADDRESS only
+            address, driver_env = "auto", {**user_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         driver = subprocess.run(
             [str(Path(sys.executable).with_name("hades-ingest")), f"corpus={corpus}", f"output={out}",
-             *overrides(f"127.0.0.1:{port}", 2), "cluster.connect_timeout_s=60"],
-            env=_driver_env(), capture_output=True, text=True, timeout=240)
+             *overrides(address, 2), "cluster.connect_timeout_s=60"],
+            env=driver_env, capture_output=True, text=True, timeout=240)
         assert driver.returncode == 0, driver.stderr[-3000:]
         assert len(by_chunk(out)) > 0
     finally:

@@ -205,3 +205,27 @@ def test_two_stages_on_one_output_at_once_are_refused(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     assert run_isne_stage(_cfg(), tmp_path)["mode"] == "trained"
+
+
+def test_a_cluster_drivers_lock_refuses_every_stage_but_its_own(tmp_path: Path) -> None:
+    """Between a cluster driver's discovery and its last shard no shard lock may be held: hades-isne
+    trained on half the corpus, exit 0, and the driver then added chunks without ISNE vectors. Only
+    the stage the driver runs itself (it names its host and PID) passes its lock."""
+    import socket
+
+    _write_output(tmp_path, {f"d{i}.md": 3 for i in range(4)})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from hades_gpu.store.lock import OutputLock\n"
+        f"lock = OutputLock({str(tmp_path)!r}, 'driver').acquire(); print('held', flush=True); time.sleep(60)")],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError, match=r"\(shard driver\) is in use by PID"):
+            run_isne_stage(_cfg(), tmp_path)
+        with pytest.raises(OutputLockedError):  # another driver's identity does not pass
+            run_isne_stage(_cfg(), tmp_path, driver=(socket.gethostname(), os.getpid()))
+        assert not (tmp_path / "edges.parquet").exists()
+        assert run_isne_stage(_cfg(), tmp_path, driver=(socket.gethostname(), holder.pid))["mode"] == "trained"
+    finally:
+        holder.kill()
+        holder.wait()

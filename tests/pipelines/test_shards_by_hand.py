@@ -78,3 +78,17 @@ def test_three_shard_runs_write_the_single_box_chunks_once_each(tmp_path, corpus
     ISNETrainingPipeline(cfg_for(isne=True)).train(corpus_path=sharded, epochs=2)
     ids, vecs = read_isne_embeddings(sharded)
     assert sorted(ids) == sorted(single) and vecs.shape[0] == len(single)  # one file, every chunk once
+
+
+def test_the_graph_stage_over_a_sharded_output_with_a_shard_missing_says_so(tmp_path, embedder, caplog):
+    """The README's scheduler recipe (one job per shard, then hades-isne): a failed job went unnoticed,
+    the graph covered half the corpus, exit 0, not a word."""
+    from hades_gpu.isne.stage import run_isne_stage
+
+    corpus = copy_files(stdlib_sources(6, max_bytes=6_000), tmp_path / "corpus")
+    out = tmp_path / "out"
+    TextParallelPipeline(cfg_for("0/2"), embedder=embedder).process_batch([corpus], output=out)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
+        run_isne_stage(cfg_for(isne=True), out)
+    warned = [r.getMessage() for r in caplog.records if "have not finished" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 of 2 shard(s)") and "s1of2" in warned[0], caplog.text
