@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -97,6 +98,12 @@ def start_module(module: str, args: Sequence[str], pass_fds: Sequence[int] = (),
     finally:
         child_sock.close()
     return proc, Connection(parent_sock.detach())
+
+
+# Set by the command line's SIGTERM handler: the run is stopping. A `kill -TERM -<group>` reaches the
+# workers as well, and a pool thread that saw one die logged "died ...; restarting" under the one
+# line of the interrupt (`orchestration.workers` says nothing then).
+stopping = threading.Event()
 
 
 def leave_interrupts_to_parent() -> None:

@@ -340,7 +340,10 @@ _terminated = threading.Event()  # SIGTERM arrived: code between the handler and
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    from hades_gpu import child_process
+
     _terminated.set()
+    child_process.stopping.set()
     raise Terminated()
 
 

@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import sendfds
 from typing import Callable, Optional, Protocol, Union
 
+from hades_gpu import child_process
 from hades_gpu.child_process import child_env, describe_exit, start_module
 from hades_gpu.gpu.slabs import SlabRing
 from hades_gpu.orchestration.reading_board import ReadingBoard
@@ -411,8 +412,10 @@ class WorkerPool:
             raise WorkerStartError(
                 f"worker processes die before their first document ({self._start_deaths} in a row, the last "
                 f"{describe_exit(code)}): they cannot start in this environment (their error is printed above)")
-        log.warning("worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
-                    len(worker.pending) + len(worker.delivering))
+        # (a SIGTERM to the whole process group while the run is stopping: not news under its one line)
+        log.log(logging.DEBUG if child_process.stopping.is_set() else logging.WARNING,
+                "worker pid %s died (exit code %s) holding %d document(s); restarting", worker.proc.pid, code,
+                len(worker.pending) + len(worker.delivering))
         for slab in sorted(worker.slabs):
             self.ring.release(slab)  # granted, never filled and sent: nobody else holds it
         worker.slabs.clear()
