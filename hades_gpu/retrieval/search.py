@@ -39,7 +39,7 @@ from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts, model_probe, text_token_ids
 from hades_gpu.records import printable, user_path
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
-from hades_gpu.store.layout import edges_path, isne_embeddings_files
+from hades_gpu.store.layout import DRIVER_LOCK_NAME, ISNE_LOCK_NAME, edges_path, isne_embeddings_files
 from hades_gpu.store.lock import held_elsewhere
 from hades_gpu.store.manifest import MODEL_PROBE_MIN_COSINE, probe_cosine, recorded_model_probes
 from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, check_chunk_vectors, chunk_source,
@@ -123,8 +123,10 @@ def line_range(source: str, char_start: int, char_end: int) -> tuple[int, int]:
 
 def snippet_of(text: str, limit: int) -> str:
     """The chunk's text on one line (whitespace runs collapsed), cut to `limit` characters."""
+    if limit <= 0:  # search.snippet_chars=0: no snippet (it printed "…")
+        return ""
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: max(0, limit - 1)] + "…"
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class Searcher:
@@ -190,8 +192,10 @@ class Searcher:
         writers = held_elsewhere(self.output)
         if writers:  # results are of what is committed so far
             shard, holder = writers[0]
-            log.warning("%s is being written now (shard %s, PID %s on %s): results cover the chunks committed so far",
-                        self.output, shard, holder.get("pid"), holder.get("host"))
+            what = {ISNE_LOCK_NAME: "its graph and ISNE stage", DRIVER_LOCK_NAME: "a cluster driver"}.get(
+                shard, f"shard {shard}")
+            log.warning("%s is being written now (%s, PID %s on %s): results cover the chunks committed so far",
+                        self.output, what, holder.get("pid"), holder.get("host"))
         try:
             table = read_chunks(self.output, CHUNK_COLUMNS)
         except DamagedOutputError:  # a committed part is missing or unreadable: not "no chunks yet"

@@ -247,6 +247,7 @@ def _check_derived(output: Path, full: bool) -> list[str]:
                 pq.read_table(path) if full else pq.read_metadata(path)
             except Exception as err:  # noqa: BLE001 - any reader error is damage, named in one line
                 problems.append(f"{path}: unreadable ({error_line(err)}); `hades-isne output={output}` writes it again")
+    problems.extend(_check_knn_index(output))
     model = isne_model_path(output)
     if model.is_file():
         from safetensors import safe_open
@@ -258,6 +259,32 @@ def _check_derived(output: Path, full: bool) -> list[str]:
         except Exception as err:  # noqa: BLE001
             problems.append(f"{model}: unreadable ({error_line(err)}); `hades-isne output={output} isne.retrain=true` "
                             f"trains it again")
+    return problems
+
+
+def _check_knn_index(output: Path) -> list[str]:
+    """The saved kNN index against the checksums its knn.json records (search fell back to exact
+    search over a damaged index with a warning, and verify said "ok"). Checked whole: a few files."""
+    import json
+
+    from hades_gpu.store.atomic import file_checksum
+    from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
+
+    meta_path = knn_index_meta_path(output)
+    if not meta_path.is_file():
+        return []
+    remedy = f"`hades-isne output={output}` builds it again (search falls back to exact search meanwhile)"
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = {knn_index_path(output): meta["index_checksum"], knn_index_ids_path(output): meta["ids_checksum"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{meta_path}: unreadable ({type(err).__name__}: {err}); {remedy}"]
+    problems = []
+    for path, checksum in expected.items():
+        if not path.is_file():
+            problems.append(f"{path}: missing; {remedy}")
+        elif file_checksum(path) != checksum:
+            problems.append(f"{path}: damaged (its checksum does not match {meta_path.name}); {remedy}")
     return problems
 
 

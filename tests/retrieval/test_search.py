@@ -420,8 +420,10 @@ def test_hades_search_advises_a_command_lines_remedy_when_the_output_changes_und
     assert len(changed) == 1 and "run the search again" in changed[0] and "refresh()" not in changed[0]
 
 
-def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_path, caplog):
-    """During an ingest, search answered from what was committed so far with no word of it."""
+@pytest.mark.parametrize("lock, what", [("s0", "shard s0"), ("isne", "its graph and ISNE stage")])
+def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_path, caplog, lock, what):
+    """During an ingest, search answered from what was committed so far with no word of it (and
+    named the graph stage's lock "shard isne")."""
     import logging
     import subprocess
     import sys
@@ -431,15 +433,15 @@ def test_searching_an_output_being_written_says_so(search_output, embedder, tmp_
     out = tmp_path / "out"
     shutil.copytree(search_output[0], out)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hades_gpu.store.lock import lock_output\n"
-                               "lock = lock_output(sys.argv[1], 's0')\nprint('locked', flush=True)\ntime.sleep(120)",
-                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                               "lock = lock_output(sys.argv[1], sys.argv[2])\nprint('locked', flush=True)\ntime.sleep(120)",
+                               str(out), lock], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
             with Searcher(out, _cfg(), embedder=embedder) as s:
                 assert s.search("calendar", 2).hits
         lines = [r.getMessage() for r in caplog.records if "is being written now" in r.getMessage()]
-        assert len(lines) == 1 and f"PID {holder.pid}" in lines[0]
+        assert len(lines) == 1 and f"({what}, PID {holder.pid}" in lines[0], lines
     finally:
         holder.kill()
         holder.wait(10)

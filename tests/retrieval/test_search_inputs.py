@@ -192,3 +192,33 @@ def test_chunks_without_an_isne_vector_are_not_sunk_by_the_others_structure(sear
     assert hits[0].chunk_id == plain[0].chunk_id
     w = searcher.cfg.isne_weight
     assert hits[0].score == pytest.approx((1 - w) * hits[0].cosine + w * 1.0)
+
+
+def test_no_snippet_when_snippet_chars_is_0():
+    from hades_gpu.retrieval.search import snippet_of
+
+    assert snippet_of("some text here", 0) == "" and snippet_of("some text here", 5) == "some…"
+
+
+def test_hades_verify_names_a_damaged_knn_index(search_output, tmp_path, capsys):
+    """Search fell back to exact search over a garbage index/knn.faiss with a warning; hades-verify
+    said "ok ... 0 problem(s)"."""
+    import shutil
+
+    from hades_gpu.config import GraphConfig
+    from hades_gpu.graph.ann import open_or_build
+    from hades_gpu.store.verify import main as verify_main
+
+    out = tmp_path / "out"
+    shutil.copytree(search_output[0], out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    ids = np.asarray([f"c{i:04d}" for i in range(300)], dtype=object)
+    open_or_build(ids, x, 5, GraphConfig(knn_exact_max_nodes=10, knn_nlist=4, knn_train_per_list=40,
+                                         knn_recall_sample=50), out)
+    assert verify_main([str(out), "--quick"]) == 0
+    capsys.readouterr()
+    (out / "index" / "knn.faiss").write_bytes(b"garbage")
+    assert verify_main([str(out), "--quick"]) == 1
+    printed = capsys.readouterr().out
+    assert "knn.faiss: damaged (its checksum does not match knn.json)" in printed, printed
