@@ -361,9 +361,11 @@ class SearchConfig(_KnownFields):
     k: int = 10  # hits returned
     expand: str = "none"  # SearchExpand: none | graph | isne
     candidates: int = 50  # first-stage hits by text cosine that `expand` re-ranks (at least k are)
-    # graph: score = cosine + graph_weight * sum over edges to the top-k seeds of (edge weight x seed cosine) / k;
-    # neighbours of the seeds join the candidates
+    # graph: score = cosine + graph_weight * sum over edges to the top graph_seeds hits of (edge weight x seed
+    # cosine) / graph_seeds; neighbours of the seeds join the candidates. A fixed seed count, not k: with k the
+    # order of the top hits and their scores changed with -k
     graph_weight: float = 0.2
+    graph_seeds: int = 10
     # isne: score = (1 - isne_weight) * cosine + isne_weight * cosine(ISNE vector, mean ISNE vector of the
     # top isne_seeds hits by text)
     isne_weight: float = 0.3
@@ -808,6 +810,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(s.graph_weight >= 0, "search.graph_weight", ">= 0", s.graph_weight)
     _check(0 <= s.isne_weight <= 1, "search.isne_weight", "in [0, 1]", s.isne_weight)
     _check(s.isne_seeds >= 1, "search.isne_seeds", ">= 1", s.isne_seeds)
+    _check(s.graph_seeds >= 1, "search.graph_seeds", ">= 1", s.graph_seeds)
     _check(s.snippet_chars >= 0, "search.snippet_chars", ">= 0", s.snippet_chars)
     _validate_cluster(cfg)
 

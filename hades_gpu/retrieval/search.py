@@ -10,9 +10,10 @@ Ranking:
   * first stage: the `search.candidates` (at least k) chunks nearest the query by cosine, from a
     `CandidateSource` (exact scan today; an approximate index plugs in there for large outputs);
   * ``expand=none``: those, best first;
-  * ``expand=graph``: the neighbours of the top-k seeds in the chunk graph (`edges.parquet`, either
+  * ``expand=graph``: the neighbours of the seeds in the chunk graph (`edges.parquet`, either
     direction) join the candidates, and each candidate scores
-    ``cosine + graph_weight * sum(edge weight * seed cosine over its edges to the seeds) / k`` — a
+    ``cosine + graph_weight * sum(edge weight * seed cosine over its edges to the seeds) / graph_seeds``, the
+    seeds being the top `graph_seeds` text hits (a fixed number: with k, -k changed the order) — a
     chunk linked to several strong hits (the next chunk of the same function, a module it imports)
     moves up, and one the text alone missed can enter;
   * ``expand=isne``: each candidate scores ``(1 - isne_weight) * cosine + isne_weight *
@@ -305,7 +306,8 @@ class Searcher:
     # ------------------------------------------------------------------------------ ranking
     def _rank(self, qvec: np.ndarray, k: int, expand: str) -> list[tuple[int, float, float, str]]:
         """(row, score, cosine, via) best first, at most k."""
-        n = max(k, self.cfg.candidates) if expand != SearchExpand.NONE else k
+        n = max(k, self.cfg.candidates, self.cfg.graph_seeds if expand == SearchExpand.GRAPH else 0) \
+            if expand != SearchExpand.NONE else k
         rows, cos = self.candidates.nearest(qvec[None, :], n)
         rows, cos = rows[0], cos[0].astype(np.float64)
         if expand == SearchExpand.GRAPH:
@@ -316,7 +318,8 @@ class Searcher:
 
     def _graph_rerank(self, qvec: np.ndarray, rows: np.ndarray, cos: np.ndarray, k: int):
         indptr, nbrs, weights = self._load_graph()
-        seeds, seed_cos = rows[:k], cos[:k]
+        n_seeds = self.cfg.graph_seeds  # fixed, not k: -k changed the top hits' order and scores
+        seeds, seed_cos = rows[:n_seeds], cos[:n_seeds]
         support: dict[int, float] = {}
         for s, sc in zip(seeds, seed_cos):
             lo, hi = indptr[s], indptr[s + 1]
@@ -329,7 +332,7 @@ class Searcher:
             extra = self.vectors[joined] @ (qvec / max(float(np.linalg.norm(qvec)), 1e-12))
             norms = np.linalg.norm(self.vectors[joined], axis=1)
             cosine.update({nb: float(c / n) if n > 0 else 0.0 for nb, c, n in zip(joined, extra, norms)})
-        scored = [(r, cosine[r] + self.cfg.graph_weight * support.get(r, 0.0) / k, cosine[r],
+        scored = [(r, cosine[r] + self.cfg.graph_weight * support.get(r, 0.0) / n_seeds, cosine[r],
                    "text" if r in pool else "graph") for r in [*pool, *joined]]
         scored.sort(key=lambda t: (-t[1], t[0]))
         return scored[:k]

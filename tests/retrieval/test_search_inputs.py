@@ -222,3 +222,13 @@ def test_hades_verify_names_a_damaged_knn_index(search_output, tmp_path, capsys)
     assert verify_main([str(out), "--quick"]) == 1
     printed = capsys.readouterr().out
     assert "knn.faiss: damaged (its checksum does not match knn.json)" in printed, printed
+
+
+def test_k_changes_how_many_graph_expanded_hits_print_not_their_order(searcher):
+    """The seeds were the top k and the bonus was divided by k: -k 3 and -k 10 ordered the top hits
+    differently (11 of 15 queries) and one chunk scored 1.034 at k=1, 0.605 at k=50."""
+    for query in ("hash maps", "split a string using shell-like syntax", "calendar month names",
+                  "Return true if the year is a leap year"):
+        few = searcher.search(query, 3, "graph").hits
+        many = searcher.search(query, 12, "graph").hits
+        assert [(h.chunk_id, h.score) for h in few] == [(h.chunk_id, h.score) for h in many[:3]], query
