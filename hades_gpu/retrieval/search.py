@@ -290,6 +290,11 @@ class Searcher:
     def refresh(self) -> None:
         """Read the output again (chunks, then the graph and ISNE vectors on first use): after an
         ingest or `hades-isne` committed into it. Not while other threads search with this one."""
+        if self.embedder is None:
+            raise SearchError("this Searcher is closed: make a new one (or use it in a `with` block)")
+        if not is_ingest_output(self.output):  # deleted since: it said "holds no committed chunks yet"
+            raise SearchError(f"{self.output} does not exist any more" if not os.path.exists(self.output) else
+                              f"{self.output} is no ingest output any more (no manifest in it)")
         self._load()
 
     def close(self) -> None:

@@ -232,3 +232,18 @@ def test_k_changes_how_many_graph_expanded_hits_print_not_their_order(searcher):
         few = searcher.search(query, 3, "graph").hits
         many = searcher.search(query, 12, "graph").hits
         assert [(h.chunk_id, h.score) for h in few] == [(h.chunk_id, h.score) for h in many[:3]], query
+
+
+def test_refresh_says_when_the_output_is_gone_or_the_searcher_closed(search_output, embedder, tmp_path):
+    """refresh() after the folder was deleted said it "holds no committed chunks yet (an ingest into it
+    may still be running...)"; refresh() on a closed Searcher succeeded silently."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(search_output[0], out)
+    with Searcher(out, _cfg(), embedder=embedder) as s:
+        shutil.rmtree(out)
+        with pytest.raises(SearchError, match="does not exist any more"):
+            s.refresh()
+    with pytest.raises(SearchError, match="Searcher is closed"):
+        s.refresh()
