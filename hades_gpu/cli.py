@@ -157,7 +157,9 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     # Our error classes, looked up only where their module is loaded (an error of a module never
     # imported cannot have been raised; importing them here would cost torch's import on every typo).
     if isinstance(err, _loaded(("hades_gpu.config", "ConfigError"), ("hades_gpu.gpu.device", "DeviceError"),
-                               ("hades_gpu.optional", "MissingDependencyError"))):
+                               ("hades_gpu.optional", "MissingDependencyError"),
+                               # no output there: a usage error, as hades-search and hades-verify say (exit 2)
+                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"))):
         return 2, _one_line(str(err))
     if isinstance(err, _loaded(("hades_gpu.embedding.base", "EmbedderError"),  # server gone: re-run resumes
                                ("hades_gpu.pipelines.ingest", "NothingIngestedError"),
@@ -166,7 +168,6 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
                                ("hades_gpu.orchestration.writer_process", "WriterProcessError"),  # re-run resumes
                                ("hades_gpu.orchestration.workers", "WorkerStartError"),  # workers cannot start
                                ("hades_gpu.store.reader", "DamagedOutputError"),
-                               ("hades_gpu.isne.stage", "NotAnIngestOutputError"),
                                ("hades_gpu.store.shard_map", "ShardMapError"),  # output sharded another way
                                ("hades_gpu.cluster.driver", "ClusterRunError"),  # a shard failed every retry
                                ("hades_gpu.cluster.runtime", "ClusterConnectError"))):

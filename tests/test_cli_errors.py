@@ -253,9 +253,9 @@ def test_disk_full_is_one_line_exit_1_and_a_rerun_with_space_completes(tmp_path,
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_1(tmp_path):
+def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_2(tmp_path):
     proc = _ingest(f"output={tmp_path}", module="isne_main")
-    _assert_one_line(proc, 1, "is not an ingest output", prog="hades-isne")
+    _assert_one_line(proc, 2, "is not an ingest output", prog="hades-isne")  # a usage error, as search and verify
     assert not (tmp_path / "chunks").exists()  # nothing ingested into it (not even Hydra's own files)
 
 
