@@ -52,9 +52,12 @@ WRITER_PROCESS_SLABS = 2  # slabs in transit to a writer process, besides the wo
 
 def slab_layout(profile: ProfileConfig, max_seq_len: int, vector_dim: int = 0) -> SlabLayout:
     """A slab per batch of the profile; `vector_dim` > 0 adds room for its vectors (a writer process
-    reads them there)."""
+    reads them there). A batch holds at most `max_batch_size` rows of at most `max_seq_len` tokens, so
+    its text area is sized for the smaller of that and `max_batch_tokens` (max_batch_tokens=10^8 made
+    13 slabs of 1.2 GB for batches of 16k tokens, and 10^13 an mmap traceback)."""
+    batch_tokens = min(int(profile.max_batch_tokens), int(profile.max_batch_size) * int(max_seq_len))
     return SlabLayout(max_rows=profile.max_batch_size, max_len=max_seq_len,
-                      text_bytes=TEXT_BYTES_PER_TOKEN * profile.max_batch_tokens, vector_dim=vector_dim)
+                      text_bytes=TEXT_BYTES_PER_TOKEN * batch_tokens, vector_dim=vector_dim)
 
 
 def slab_count(profile: ProfileConfig, num_workers: int, concurrency: int, writer_process: bool = False) -> int:

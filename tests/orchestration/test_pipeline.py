@@ -575,3 +575,11 @@ def test_the_packer_goes_on_without_a_slab_until_its_backlog_is_full():
     assert packer.backlog == 0 and packer.buffered_rows == 0
     assert sum(b.rows for b in emitted) == 40 and sum(n for b in emitted for _, n in b.doc_counts) == 40
     ring.close()
+
+
+def test_the_slab_text_area_is_sized_for_the_largest_batch_that_can_exist():
+    """profile.max_batch_tokens=10^8 reserved 13 slabs of 1.2 GB for batches that never exceed
+    max_batch_size x max_seq_len tokens; 10^13 failed in mmap with a traceback."""
+    huge = slab_layout(profile(max_batch_tokens=10**13, max_batch_size=64), 256)
+    assert huge.text_bytes == 12 * 64 * 256
+    assert slab_layout(profile(max_batch_tokens=1024, max_batch_size=64), 256).text_bytes == 12 * 1024
