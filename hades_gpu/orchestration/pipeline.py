@@ -270,7 +270,10 @@ class StreamingPipeline:
                      backoff_initial_s=profile.backoff_initial_s, backoff_max_s=profile.backoff_max_s)
             queues = (MemoryAwareQueue("batches", **q), MemoryAwareQueue("embedded", **q))
         self.batch_queue, self.write_queue = queues
-        self.metrics.queues = [self.batch_queue, self.write_queue]
+        # a sink that takes whole slabs (a writer process) never sees the write queue: its all-zero stats
+        # read as an idle queue in metrics.json, so it is left out there
+        self.metrics.queues = [self.batch_queue] if callable(getattr(sink, "take_slab", None)) else \
+            [self.batch_queue, self.write_queue]
         self.metrics.ring = self.ring
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None

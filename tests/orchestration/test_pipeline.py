@@ -583,3 +583,16 @@ def test_the_slab_text_area_is_sized_for_the_largest_batch_that_can_exist():
     huge = slab_layout(profile(max_batch_tokens=10**13, max_batch_size=64), 256)
     assert huge.text_bytes == 12 * 64 * 256
     assert slab_layout(profile(max_batch_tokens=1024, max_batch_size=64), 256).text_bytes == 12 * 1024
+
+
+def test_metrics_leave_out_the_write_queue_a_slab_taking_sink_never_uses():
+    """With profile.writer=process metrics.json showed queues.embedded all zeros, an idle queue."""
+
+    class SlabSink(RecordingSink):
+        def take_slab(self, view, batch, vectors):  # pragma: no cover - never run here
+            raise AssertionError
+
+    for sink, names in ((RecordingSink(), ["batches", "embedded"]), (SlabSink(), ["batches"])):
+        metrics = RunMetrics()
+        StreamingPipeline(profile(), ChunkedDocuments([]), RowModel(), sink, metrics, keep_all, (CLS, SEP, PAD), 256)
+        assert [q.name for q in metrics.queues] == names
