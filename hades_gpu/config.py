@@ -348,7 +348,9 @@ class IsneConfig(_KnownFields):
 class MonitoringConfig(_KnownFields):
     """Progress, metrics and the live Prometheus endpoint."""
 
-    progress: str = "auto"  # ProgressMode: auto (on a terminal) | on | off
+    # ProgressMode: auto and on draw a bar on a terminal and log a progress line every log_interval_s
+    # elsewhere (a file, a pipe, a CI log: no live bar can be drawn there); off: neither
+    progress: str = "auto"
     prometheus: bool = False
     prometheus_port: int = 0  # 0 = a free port, printed at start
     log_interval_s: float = 10.0

@@ -264,8 +264,9 @@ class ProgressReporter:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        # fits 80 columns (a 40-wide bar and long labels cut the elapsed time and the ETA off there)
         self._progress = Progress(
-            TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.fields[counts]}"),
+            TextColumn("[bold]ingest"), BarColumn(bar_width=10), TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             transient=False, **({"console": self.console} if self.console is not None else {}),
         )
@@ -291,8 +292,10 @@ class ProgressReporter:
             # 0:00:00" and its clock stopped while most chunks were still to embed); full only at the end
             steps = _BAR_STEPS if final else min(_BAR_STEPS - 1, int(share * _BAR_STEPS))
             self._progress.update(self._task, completed=steps,
-                                  counts=f"{done}/{m.documents_total} docs read, {chunks}/{m.chunks_read} chunks embedded",
-                                  rate=f"{rate:.1f} chunks/s")
+                                  counts=f"{done}/{m.documents_total} docs, {chunks}/{m.chunks_read} chunks",
+                                  rate=f"{rate:.1f}/s")
+            if final:
+                self._progress.refresh()  # the last frame drawn is the finished one
         elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
             self._last_log = time.monotonic()
             eta = f"{m.wall_s * (1 - share) / share:.0f}s" if share > 0 else "?"

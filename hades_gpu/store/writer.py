@@ -211,7 +211,7 @@ class DatasetWriter:
         self.row_group_rows = max(1, rows_per_part // ROW_GROUPS_PER_PART)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self.parts_written = 0
+        self.parts_written = 0  # part files written: new ones and older ones rewritten without replaced documents
         self.rows_written = 0
         self.documents_committed = 0
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
@@ -345,6 +345,7 @@ class DatasetWriter:
                                                      before_commit=lambda: kill_point("before_manifest_commit"))
             kill_point("after_manifest_commit")
             self._delete_parts([r.old_part for r in replacements])
+            self.parts_written += sum(1 for r in replacements if r.new_part is not None)  # rewritten: written too
             return removed
 
     def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
@@ -406,7 +407,7 @@ class DatasetWriter:
         kill_point("after_manifest_commit")
         if replacements:
             self._delete_parts([r.old_part for r in replacements])
-        self.parts_written += 1
+        self.parts_written += 1 + sum(1 for r in replacements if r.new_part is not None)  # and parts rewritten
         self.rows_written += open_part.rows
         self.documents_committed += len(ready)
         self._last_commit = time.monotonic()

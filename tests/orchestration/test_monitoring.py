@@ -161,7 +161,8 @@ def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
     m.stages["embed"].record(items=20)
     m.finished = m.started + 8.0
     out = io.StringIO()
-    p = ProgressReporter(m, mode="on", console=Console(file=out, force_terminal=True, width=160, color_system=None))
+    # 80 columns: a 40-wide bar and long labels cut the elapsed time and the ETA off there
+    p = ProgressReporter(m, mode="on", console=Console(file=out, force_terminal=True, width=80, color_system=None))
     p.start()
     m.documents_total, m.documents_done = 10, 10  # every document read, half the chunks embedded
     m.chunks_read = 40
@@ -174,8 +175,9 @@ def test_progress_bar_on_a_terminal_shows_documents_rate_and_eta():
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")
     last = [line for line in plain.splitlines() if line.strip()][-1]
     # the columns in order: name, bar, documents read, chunks embedded, rate, elapsed, "ETA", remaining
-    assert re.fullmatch(r"\s*ingest ━+\s+6/10 docs read, 20/40 chunks embedded 2\.5 chunks/s \d:\d\d:\d\d ETA "
+    assert re.fullmatch(r"\s*ingest ━+\s+6/10 docs, 20/40 chunks 2\.5/s \d:\d\d:\d\d ETA "
                         r"(-:--:--|\d:\d\d:\d\d)\s*", last), last  # 4 done + 1 unchanged + 1 skipped; 20 chunks / 8 s
+    assert "…" not in plain  # nothing cut off at 80 columns
     assert "XX" not in text
     assert p._progress is None
     ProgressReporter(m, mode="off").start()  # off: no bar, nothing to stop

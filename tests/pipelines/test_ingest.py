@@ -800,3 +800,28 @@ def test_a_home_relative_or_relative_output_is_one_folder_wherever_the_caller_go
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_exactly_once(home / "cli")
     assert (home / "cli" / ".hydra").is_dir() and not (cwd / "~").exists()
+
+
+def test_chunk_source_reads_the_documents_table_once_per_commit(tmp_path, embedder, monkeypatch):
+    """The README checks every chunk with chunk_source: each call read and scanned the whole documents
+    table (0.13 s a call at 20k documents; a 20k-document check had not finished in 10 minutes). It
+    is read once per committed state now, and a later commit is seen."""
+    import hades_gpu.store.reader as reader
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"d{i}.md").write_text(f"Document {i} talks about topic {i} at some length.\n" * 3)
+    out = tmp_path / "out"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    reads = []
+    real = reader.read_documents
+    monkeypatch.setattr(reader, "read_documents", lambda *a, **k: reads.append(1) or real(*a, **k))
+    rows = read_chunks(out, ["doc_id", "path", "char_start", "char_end", "text"]).to_pylist()
+    for row in rows * 3:
+        assert chunk_source(out, row["doc_id"])[row["char_start"]:row["char_end"]] == row["text"]
+        assert chunk_source(out, row["path"])[row["char_start"]:row["char_end"]] == row["text"]
+    assert len(reads) == 1
+    (corpus / "new.md").write_text("A new document about something else entirely.\n")
+    TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert chunk_source(out, "new.md") == "A new document about something else entirely.\n" and len(reads) == 2

@@ -76,11 +76,12 @@ def test_changed_document_replaces_old_rows(tmp_path):
         w.begin_document(d)
     embed_all(w, [old, other])
     w.close()
-    w = ChunkFeed(DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
+    w = ChunkFeed(second := DatasetWriter(tmp_path, "s0", DIM, rows_per_part=100))
     new = make_doc("a.txt", 2, "v2")
     w.begin_document(new)
     embed_all(w, [new])
     w.close()
+    assert second.parts_written == 2  # the new part and the old one rewritten (metrics.json said 1)
     table = read_chunks(tmp_path).to_pandas()
     assert sorted(table.text) == ["v1-0", "v1-1", "v2-0", "v2-1"]  # b's two rows + a's new two
     parts = sorted((tmp_path / "chunks").glob("*.parquet"))
