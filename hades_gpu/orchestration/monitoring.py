@@ -59,6 +59,9 @@ class StageMeter:
                 "items_per_s": self.items / wall,
                 "bytes_per_s": self.bytes / wall,
                 "tokens_per_s": self.tokens / wall,
+                # the stage's own speed while it worked (the *_per_s above are over the run's wall time,
+                # so every stage of a streaming run reads about the same): per thread, busy_s summed
+                "items_per_busy_s": self.items / self.busy_s if self.busy_s > 0 else 0.0,
             }
 
 

@@ -27,7 +27,9 @@ def test_stage_meter_counts_and_rates():
     d = m.to_dict(wall_s=2.0)
     assert d == {"items": 5, "bytes": 500, "tokens": 50, "busy_s": 0.5, "items_per_s": 2.5, "bytes_per_s": 250.0,
                  "tokens_per_s": 25.0}
+    assert d["items_per_busy_s"] == pytest.approx(110 / 0.6)  # its own speed while it worked, not the run's
     assert StageMeter("x").to_dict(0.0)["items_per_s"] == 0.0  # no division by zero
+    assert StageMeter("x").to_dict(1.0)["items_per_busy_s"] == 0.0
 
 
 def test_run_metrics_snapshot_is_exact():
