@@ -9,7 +9,10 @@ Python (`a.b.c`, rel_path ends in `.py`/`.pyi` or language is `python`):
   2. the documents whose module path is `a/b/c` (`a/b/c.py`, `a/b/c.pyi` or `a/b/c/__init__.py`),
      exactly or as a path suffix (`src/a/b/c.py`). A suffix match is kept when the unmatched prefix
      (`src`) is an ancestor of the importing file's directory, or, failing that, when the name has
-     at least two components (a bare `import json` must not link to some `vendor/json.py`);
+     at least two components, or names a package (`import click` finds `src/click/__init__.py`;
+     a bare `import util` must not link to some `vendor/util.py`). A name whose first component is
+     a standard-library module (`json`, `types`) never matches a suffix: Python 3 imports the
+     standard library's;
   3. if nothing matched, the same with the last component dropped once (`from a.b import c`, where
      `c` is a function rather than a module).
   Several equally good candidates are all kept.
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import posixpath
 import re
+import sys
 from collections import defaultdict
 from typing import Iterable, Sequence
 from urllib.parse import unquote
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*:")
+_STDLIB_MODULES = frozenset(sys.stdlib_module_names)
 _PY_SUFFIXES = (".py", ".pyi")
 _LINK_EXTENSIONS = (".md", ".rst", ".txt", ".markdown")
 _FOLDER_INDEX = ("README.md", "index.md", "index.rst", "README.rst", "readme.md")
@@ -110,6 +115,11 @@ class ReferenceResolver:
         exact = [i for i, parts in entries if len(parts) == len(key)]
         if exact:
             return sorted(set(exact))
+        if key[0] in _STDLIB_MODULES:
+            # `import json`, `from types import X`: Python 3 imports the standard library's module, not a
+            # same-named file beside the importer (click's `from types import TracebackType` linked
+            # every chunk of _compat.py to click/types.py)
+            return []
         ancestors, others = [], []
         for i, parts in entries:
             prefix = "/".join(parts[: len(parts) - len(key)])
@@ -122,7 +132,9 @@ class ReferenceResolver:
             return sorted({i for p, i in ancestors if p == longest})
         if len(key) >= 2:
             return sorted(set(others))
-        return []
+        # a bare name: a package of that name (`import click` from tests/ in a src/ layout finds
+        # src/click/__init__.py); a plain module elsewhere (some vendor/util.py) is not it
+        return sorted({i for i in others if self.rel_paths[i].endswith("/__init__.py")})
 
     # ---------------------------------------------------------------- links
     def resolve_link(self, target: str, linker: str) -> list[int]:

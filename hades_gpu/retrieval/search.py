@@ -350,14 +350,20 @@ class Searcher:
         norm = float(np.linalg.norm(centre))
         structural = isne[rows] @ (centre / norm) if norm > 0 else np.zeros(len(rows))
         w = self.cfg.isne_weight
-        # A chunk without an ISNE vector (ingested after the last ISNE stage) gets a neutral structural
-        # term, the median of the candidates that have one: with 0 it sank below far weaker text
-        # matches, and with its cosine alone (no structural term) it still did, because the
-        # structural cosines near the seeds run far above text cosines.
+        # A chunk without an ISNE vector (ingested after the last ISNE stage, or without an
+        # edge) gets a neutral structural term, the median of the candidates that have one: with 0 it
+        # sank below far weaker text matches, and with its cosine alone (no structural term) it still
+        # did, because the structural cosines near the seeds run far above text cosines.
+        # One of the top isne_seeds text hits without a vector is a seed the centre stands for: it gets
+        # the top structural term (an isolated best match, ring.h at cosine 0.61, fell to 4th behind
+        # cosine 0.20 chunks near the other seeds).
         with_vector = np.fromiter((has[r] for r in rows), dtype=bool, count=len(rows))
         neutral = float(np.median(structural[with_vector])) if with_vector.any() else 0.0
-        scored = [(int(r), (1 - w) * float(c) + w * (float(s) if h else neutral), float(c), "text")
-                  for r, c, s, h in zip(rows, cos, structural, with_vector)]
+        top = float(structural[with_vector].max()) if with_vector.any() else 0.0
+        n_seeds = self.cfg.isne_seeds
+        scored = [(int(r), (1 - w) * float(c) + w * (float(s) if h else (top if i < n_seeds else neutral)),
+                   float(c), "text")
+                  for i, (r, c, s, h) in enumerate(zip(rows, cos, structural, with_vector))]
         scored.sort(key=lambda t: (-t[1], t[0]))
         return scored[:k]
 
@@ -380,14 +386,22 @@ class Searcher:
                 log.warning("%s is older than the chunks: %d edge(s) lead to chunks no longer in the output and %d "
                             "chunk(s) are in no edge; `hades-isne output=%s` builds it again", path.name, dangling,
                             int((~covered).sum()), self.output)
-            # both directions: a seed's predecessor is as much its neighbour as its successor
+            # both directions: a seed's predecessor is as much its neighbour as its successor; one edge
+            # per pair, its largest weight, as ISNE's graph has it (a pair joined by sequence,
+            # same_document and a kNN edge each way counted four times, up to 3.46)
+            n = len(self.chunk_ids)
             a = np.concatenate([src[ok], dst[ok]])
             b = np.concatenate([dst[ok], src[ok]])
             ww = np.concatenate([w[ok], w[ok]])
-            order = np.argsort(a, kind="stable")
-            indptr = np.zeros(len(self.chunk_ids) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(a, minlength=len(self.chunk_ids)), out=indptr[1:])
-            self._graph = (indptr, b[order], ww[order])
+            order = np.argsort(a * n + b, kind="stable")
+            a, b, ww = a[order], b[order], ww[order]
+            first = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]) if a.size else a
+            if a.size:
+                ww = np.maximum.reduceat(ww, first)
+                a, b = a[first], b[first]
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(np.bincount(a, minlength=n), out=indptr[1:])
+            self._graph = (indptr, b, ww)
         return self._graph
 
     def _load_isne(self) -> np.ndarray:
@@ -408,8 +422,9 @@ class Searcher:
             if missing:
                 log.warning("%d of %d chunk(s) have no ISNE vector (ingested after the last ISNE stage or with "
                             "isne.enabled=false, without any edge in the chunk graph, or added with no trained chunk "
-                            "near them): their structural term is the candidates' median, so their text "
-                            "decides; `hades-isne output=%s` gives one to each that has graph neighbours",
+                            "near them): a top text hit among them counts as a seed, any other gets the candidates' "
+                            "median structural term, so their text decides; `hades-isne output=%s` gives one to "
+                            "each that has graph neighbours",
                             missing, len(self.chunk_ids), self.output)
         return self._isne
 

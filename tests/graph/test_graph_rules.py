@@ -24,7 +24,7 @@ from tests.graph.test_build import CORPUS, write_output
 # ------------------------------------------------------------------------------ reference resolution
 PATHS = ["src/pkg/a.py", "src/pkg/sub/__init__.py", "vendor/json.py", "tests/test_a.py", "docs/x/index.md",
          "notes.rst", "stubs/typed.pyi", "docs/guide.md", "docs/space name.md", "README.md", "docs/y/README.md",
-         "top.py", "__init__.py", "docs/sub/deep.md"]
+         "top.py", "__init__.py", "docs/sub/deep.md", "vendor/helpers.py", "src/pkg/__init__.py"]
 IDX = {p: i for i, p in enumerate(PATHS)}
 
 LINK_CASES = [  # (target, linking document, expected rel_path or None)
@@ -72,9 +72,17 @@ MODULE_CASES = [  # (name, importing document, expected rel_paths)
     ("pkg.a", "src/pkg/sub/__init__.py", ["src/pkg/a.py"]),
     ("pkg.sub", "tests/test_a.py", ["src/pkg/sub/__init__.py"]),
     ("json", "src/pkg/a.py", []),  # bare name whose prefix is not an ancestor
-    ("json", "vendor/json.py", ["vendor/json.py"]),  # ... but it is for a file beside it (self kept here)
-    ("json", "vendor/deeper/x.py", ["vendor/json.py"]),
-    ("json", "vendorx/x.py", []),  # "vendor" is not a folder prefix of "vendorx"
+    # a standard-library name: Python 3 imports the standard library's (`from types import X` in a
+    # package holding types.py linked every chunk to it)
+    ("json", "vendor/json.py", []),
+    ("json", "vendor/deeper/x.py", []),
+    ("json.decoder", "vendor/deeper/x.py", []),
+    ("helpers", "vendor/json.py", ["vendor/helpers.py"]),  # a name of the project's own: beside it
+    ("helpers", "vendor/deeper/x.py", ["vendor/helpers.py"]),
+    ("helpers", "vendorx/x.py", []),  # "vendor" is not a folder prefix of "vendorx"
+    ("pkg", "tests/test_a.py", ["src/pkg/__init__.py"]),  # a src/ layout's package by its bare name
+    ("pkg.thing", "tests/test_a.py", ["src/pkg/__init__.py"]),  # from pkg import thing
+    ("helpers", "tests/test_a.py", []),  # a plain module elsewhere is not it
     ("pkg.a.func", "tests/test_a.py", ["src/pkg/a.py"]),
     ("typed", "stubs/x.py", ["stubs/typed.pyi"]),
     ("top", "anywhere/x.py", ["top.py"]),  # exact module path wins

@@ -247,3 +247,39 @@ def test_refresh_says_when_the_output_is_gone_or_the_searcher_closed(search_outp
             s.refresh()
     with pytest.raises(SearchError, match="Searcher is closed"):
         s.refresh()
+
+
+def test_an_isolated_best_match_stays_on_top_under_isne_expansion(search_output, embedder):
+    """The best text match without an ISNE vector (an isolated chunk) was dropped from the seeds and got
+    the candidates' median structural term; chunks near the other seeds with far weaker text beat it
+    (ring.h at cosine 0.61 fell to 4th behind cosine 0.20). A top text hit is a seed the centre
+    stands for: it gets the top structural term."""
+    query = "Return true if the year is a leap year"
+    with Searcher(search_output[0], _cfg("search.isne_weight=0.5", "search.candidates=30"), embedder=embedder) as s:
+        plain = s.search(query, 30).hits
+        rows = [s.row_of[h.chunk_id] for h in plain]
+        isne = s._load_isne()
+        fake = np.zeros_like(isne)
+        fake[:, 1] = 1.0  # structurally far from the seeds ...
+        for r in (rows[1], rows[2], rows[-1]):  # ... but the other seeds and the weakest text match
+            fake[r] = 0.0
+            fake[r, 0] = 1.0
+        has = np.ones(len(fake), dtype=bool)
+        fake[rows[0]], has[rows[0]] = 0.0, False  # the best match: no vector
+        s._isne, s._has_isne = fake, has
+        hits = s.search(query, 5, "isne").hits
+    assert hits[0].chunk_id == plain[0].chunk_id
+    assert hits[0].score == pytest.approx(0.5 * plain[0].cosine + 0.5)
+
+
+def test_graph_expansion_counts_each_linked_pair_once(searcher):
+    """A pair joined by sequence, same_document and kNN edges (each way) was summed up to four times;
+    ISNE's graph keeps one edge per pair with its largest weight, and so does the re-rank now."""
+    import pyarrow.parquet as pq
+
+    indptr, nbrs, weights = searcher._load_graph()
+    for row in range(len(indptr) - 1):
+        mine = nbrs[indptr[row]:indptr[row + 1]]
+        assert len(set(mine.tolist())) == len(mine), row
+    edges = pq.read_table(searcher.output + "/edges.parquet").to_pandas()
+    assert weights.max() <= edges.weight.max() + 1e-9
