@@ -303,6 +303,8 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
                 raise
             job = _multirun_job()
             if job is None:
+                if found[0] == 2:
+                    _drop_hydra_files_of_a_refused_run()
                 raise _Reported(err) from err
             # one job of a -m sweep: its line, then the next job (a bad value in one combination
             # stopped the whole sweep, and the valid jobs after it never ran); the exit code says so
@@ -315,6 +317,40 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
 
 
 _sweep_failures: list[int] = []  # exit codes of the failed jobs of this process's -m sweep
+
+_HYDRA_RUN_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def _drop_hydra_files_of_a_refused_run() -> None:
+    """A refused command (exit 2: nothing ran) left Hydra's `.hydra/` and an empty `cli.log` in the
+    folder output= named, which is often the user's own documents folder given by mistake
+    (`hades-isne output=~/docs`). They are removed there when the folder is no ingest output; an
+    output keeps its files. (A folder made for the command goes whole: `_remove_hydra_leftovers`.)"""
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        subdir, log_name = hc.output_subdir, f"{hc.job.name}.log"
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return
+    from hades_gpu.store.manifest import has_manifest
+
+    try:
+        if not run_dir.is_dir() or has_manifest(run_dir):
+            return
+        hydra_dir = run_dir / subdir if subdir else None
+        if hydra_dir is not None and hydra_dir.is_dir() and set(os.listdir(hydra_dir)) <= _HYDRA_RUN_FILES:
+            shutil.rmtree(hydra_dir, ignore_errors=True)
+        log_file = run_dir / log_name
+        if log_file.is_file() and log_file.stat().st_size == 0:
+            log_file.unlink()
+        # a folder Hydra made for this command is removed whole by `_remove_hydra_leftovers`; one that
+        # existed before stays, without what Hydra added
+    except OSError:  # a clean-up only: the refusal's own line matters
+        pass
 
 
 def _multirun_job() -> Optional[str]:

@@ -256,7 +256,9 @@ def test_disk_full_is_one_line_exit_1_and_a_rerun_with_space_completes(tmp_path,
 def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_2(tmp_path):
     proc = _ingest(f"output={tmp_path}", module="isne_main")
     _assert_one_line(proc, 2, "is not an ingest output", prog="hades-isne")  # a usage error, as search and verify
-    assert not (tmp_path / "chunks").exists()  # nothing ingested into it (not even Hydra's own files)
+    assert not (tmp_path / "chunks").exists()  # nothing ingested into it
+    # nor Hydra's run files left in what is often the user's own documents folder
+    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "cli.log").exists(), sorted(os.listdir(tmp_path))
 
 
 def test_sweep_failure_is_one_line_too(tmp_path):
@@ -575,4 +577,4 @@ def test_a_configuration_error_leaves_no_output_folder_behind(tmp_path, corpus):
     assert not (tmp_path / "o").exists()
     (tmp_path / "kept").mkdir()
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'kept'}", "profile.num_workers=-1"), 2)
-    assert (tmp_path / "kept").is_dir()
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())  # as it was: empty
