@@ -354,6 +354,16 @@ def test_markdown_references() -> None:
                     "refs/target.md", "file:///abs/path.md"]
 
 
+def test_markdown_references_skip_html_comments_and_take_html_links() -> None:
+    """`<!-- [old](../pkg/json.py) -->` linked that file; `<a href="../include/ring.h">` did not."""
+    text = ("Intro <!-- [old](../pkg/json.py) and\n[gone](gone.md) -->.\n"
+            "See <a class=\"x\" href=\"../include/ring.h\">the ring</a> and <A HREF='docs/b.md#top'>b</A>,\n"
+            "not <a href=\"https://example.com\">a site</a>; then [kept](kept.md).\n"
+            "Unclosed <!-- [lost](tail.md)\n")
+    _, refs = chunk_text(_ref("README.md", PROSE, "markdown"), text, "h", CC)
+    assert refs == ["../include/ring.h", "docs/b.md", "kept.md"]
+
+
 def test_rst_references() -> None:
     text = (
         "Title\n=====\n\n"
