@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import hades_gpu
+from search_helpers import Borrowed, search_cfg
 from hades_gpu.config import load_pipeline_config
 from hades_gpu.retrieval import candidates as candidates_module
 from hades_gpu.retrieval.candidates import ExactCandidates
@@ -21,14 +22,7 @@ from hades_gpu.retrieval.search import SearchError, Searcher, line_range
 from hades_gpu.retrieval.search_cli import search_cli
 
 
-def _cfg(*overrides):
-    return load_pipeline_config("balanced", list(overrides))
-
-
-@pytest.fixture(scope="module")
-def searcher(search_output, embedder):
-    with Searcher(search_output[0], _cfg(), embedder=embedder) as s:
-        yield s
+_cfg = search_cfg  # the searcher fixture: tests/retrieval/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +140,7 @@ def test_cli_text_output(search_output, capsys, embedder, monkeypatch):
 
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '\nhades-search = "hades_gpu.cli:search_main"\n' in pyproject
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     with pytest.raises(SystemExit) as info:
         search_main([str(search_output[0]), "split a string using shell-like syntax", "-k", "2", "--expand", "graph"])
     assert info.value.code == 0
@@ -155,18 +149,6 @@ def test_cli_text_output(search_output, capsys, embedder, monkeypatch):
     hit_lines = [ln for ln in text.splitlines() if ln.lstrip().startswith(("1.", "2."))]
     assert len(hit_lines) == 2 and all(".py:" in ln for ln in hit_lines)
 
-
-class _Borrowed:
-    """The session's real embedder, lent to one command run: its close() must not close it."""
-
-    def __init__(self, inner):
-        self.inner, self.dim, self.description = inner, inner.dim, inner.description
-
-    def embed_texts(self, texts):
-        return self.inner.embed_texts(texts)
-
-    def close(self):
-        pass
 
 
 def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
@@ -215,7 +197,7 @@ def test_damaged_output_files_are_one_line_exit_1(search_output, embedder, tmp_p
     shutil.copytree(search_output[0], copy)
     target = sorted(copy.glob(damaged))[0]
     target.write_bytes(b"not parquet any more")
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     assert search_cli([str(copy), "calendar", "-k", "2", *(["--expand", expand] if expand else [])]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and needle in err and target.name in err, err
@@ -233,7 +215,7 @@ def test_a_missing_part_is_one_line_exit_1(search_output, embedder, tmp_path, ca
     shutil.copytree(search_output[0], copy)
     target = sorted(copy.glob(f"{table}/part-*.parquet"))[0]
     target.unlink()
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("hades-search: error: ") and target.name in err, err
@@ -258,7 +240,7 @@ def test_vectors_overwritten_on_disk_are_one_line_not_a_silently_wrong_ranking(s
     assert at > 0
     raw[at:at + 16] = b"XXXXXXXXXXXXXXXX"
     target.write_bytes(bytes(raw))
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     assert search_cli([str(copy), "calendar", "-k", "3"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 chunk vector(s)" in err and "damaged" in err and "hades-verify" in err, err

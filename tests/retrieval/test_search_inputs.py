@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 
 import hades_gpu
+from search_helpers import Borrowed, search_cfg
 from hades_gpu.config import ConfigError, load_pipeline_config
 from hades_gpu.retrieval.search import SearchError, Searcher
 from hades_gpu.retrieval.search_cli import format_hits, search_cli
 
 
-def _cfg(*overrides):
-    return load_pipeline_config("balanced", list(overrides))
-
-
-@pytest.fixture(scope="module")
-def searcher(search_output, embedder):
-    with Searcher(search_output[0], _cfg(), embedder=embedder) as s:
-        yield s
+_cfg = search_cfg  # the searcher fixture: tests/retrieval/conftest.py
 
 
 def test_queries_the_model_cannot_read_are_one_search_error(searcher, caplog):
@@ -68,25 +62,10 @@ def test_the_search_api_takes_the_config_forms_the_pipelines_take_and_checks_the
 def test_search_positional_expand(search_output, embedder, monkeypatch):
     import hades_gpu.embedding.factory as factory
 
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     result = hades_gpu.search(search_output[0], "split a string using shell-like syntax", 2, "graph")
     assert result.expand == "graph" and len(result.hits) == 2
 
-
-class _Borrowed:
-    """The session's real embedder, lent to one call: its close() must not close it."""
-
-    def __init__(self, inner):
-        self.inner, self.dim, self.description = inner, inner.dim, inner.description
-
-    def embed_texts(self, texts):
-        return self.inner.embed_texts(texts)
-
-    def embed(self, ids, mask):
-        return self.inner.embed(ids, mask)
-
-    def close(self):
-        pass
 
 
 def test_the_command_line_shapes_a_user_types(search_output, embedder, monkeypatch, capsys):
@@ -96,7 +75,7 @@ def test_the_command_line_shapes_a_user_types(search_output, embedder, monkeypat
     said only "overrides must be key=value"."""
     import hades_gpu.embedding.factory as factory
 
-    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: _Borrowed(embedder))
+    monkeypatch.setattr(factory, "build_embedder", lambda cfg, governor=None: Borrowed(embedder))
     out = str(search_output[0])
     for argv in ([out], []):
         with pytest.raises(SystemExit) as info:
