@@ -240,9 +240,16 @@ def _from_names(base: str, names: list[str]) -> Iterator[str]:
             yield f"{base}.{name}"
 
 
+_TRIPLE_QUOTED = re.compile(r"(\"\"\"|''')(?:\\.|(?!\1).)*?\1", re.S)
+
+
 def python_references_fallback(text: str, rel_path: str) -> list[str]:
-    """The same from source lines, for Python whose logical lines cannot be found."""
+    """The same from source lines, for Python whose logical lines cannot be found. Closed
+    triple-quoted strings are left out first: an `import` line inside a docstring is no import (a
+    file with a syntax error linked the module its docstring's example imported)."""
     package = _package_parts(rel_path)
+    if '"""' in text or "'''" in text:
+        text = _TRIPLE_QUOTED.sub("", text)
     found: list[tuple[int, list[str]]] = []
     for m in _PY_IMPORT.finditer(text):
         found.append((m.start(), [part.split()[0] for part in m.group(1).split(",") if part.strip()]))

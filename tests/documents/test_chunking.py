@@ -339,6 +339,16 @@ def test_python_references() -> None:
     assert refs == ["pkg.core.run"]
 
 
+def test_python_references_of_a_file_with_a_syntax_error_skip_its_docstrings() -> None:
+    """The fallback for Python whose logical lines cannot be found read `from mypkg import logging`
+    out of a docstring's example and linked that module."""
+    quotes = "'" * 3
+    text = ('"""Example:\n\n    from mypkg import logging\n"""\nimport real.one\n'
+            f"def broken(:\n    pass\ns = {quotes}import fake{quotes}\nfrom x import y\n")
+    _, refs = chunk_text(_ref("pkg/mod.py", CODE, "python"), text, "h", CC)
+    assert refs == ["real.one", "x.y"]
+
+
 def test_markdown_references() -> None:
     text = (
         "See [the guide](docs/guide.md#install) and [api](../api/index.md \"API\").\n"
