@@ -303,8 +303,6 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
                 raise
             job = _multirun_job()
             if job is None:
-                if found[0] == 2:
-                    _drop_hydra_files_of_a_refused_run()
                 raise _Reported(err) from err
             # one job of a -m sweep: its line, then the next job (a bad value in one combination
             # stopped the whole sweep, and the valid jobs after it never ran); the exit code says so
@@ -317,41 +315,6 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
 
 
 _sweep_failures: list[int] = []  # exit codes of the failed jobs of this process's -m sweep
-
-_HYDRA_RUN_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
-
-
-def _drop_hydra_files_of_a_refused_run() -> None:
-    """A refused command (exit 2: nothing ran) left Hydra's `.hydra/` and an empty `cli.log` in the
-    folder output= named, which is often the user's own documents folder given by mistake
-    (`hades-isne output=~/docs`). They are removed there when the folder is no ingest output; an
-    output keeps its files. (A folder made for the command goes whole: `_remove_hydra_leftovers`.)"""
-    import shutil
-
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
-        subdir, log_name = hc.output_subdir, f"{hc.job.name}.log"
-    except Exception:  # noqa: BLE001 - not under Hydra
-        return
-    from hades_gpu.store.manifest import has_manifest
-
-    try:
-        if not run_dir.is_dir() or has_manifest(run_dir):
-            return
-        hydra_dir = run_dir / subdir if subdir else None
-        if hydra_dir is not None and hydra_dir.is_dir() and set(os.listdir(hydra_dir)) <= _HYDRA_RUN_FILES:
-            shutil.rmtree(hydra_dir, ignore_errors=True)
-        log_file = run_dir / log_name
-        if log_file.is_file() and log_file.stat().st_size == 0:
-            log_file.unlink()
-        # a folder Hydra made for this command is removed whole by `_remove_hydra_leftovers`; one that
-        # existed before stays, without what Hydra added
-    except OSError:  # a clean-up only: the refusal's own line matters
-        pass
-
 
 def _multirun_job() -> Optional[str]:
     """`<num> (<overrides>)` of the running job of a `-m` sweep, or None outside one."""
@@ -488,12 +451,12 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
     sys.argv[0] = prog
     # Hydra re-raises instead of printing its own several-line report: we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    fresh: Optional[Path] = None  # an output= folder this command is about to create
+    before: Optional[tuple[Path, Optional[set[str]]]] = None  # the output= folder and what it held, if it existed
     try:
         _catch_sigterm()
         _check_hydra_args(sys.argv)
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])
-        fresh = _fresh_output(sys.argv[1:])
+        before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])
         app()
@@ -511,26 +474,48 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         code, message = found
         if debug:
             traceback.print_exception(err)
-        if code == 2 and fresh is not None:
-            _remove_hydra_leftovers(fresh)
+        if code == 2 and before is not None:
+            _remove_hydra_leftovers(*before)
         sys.stderr.flush()
         print(printable(f"{prog}: error: {message}"), file=sys.stderr, flush=True)
         sys.exit(code)
 
 
-def _fresh_output(args: list[str]) -> Optional[Path]:
-    """The literal `output=` folder when it does not exist yet (Hydra makes it for the job)."""
+def _output_before(args: list[str]) -> Optional[tuple[Path, Optional[set[str]]]]:
+    """The literal `output=` folder and the names in it before Hydra makes its run files there (None:
+    it does not exist yet, Hydra makes it for the job); None when no folder is named or it is no folder."""
     output = _literal_values(args, ("output",)).get("output")
-    return user_path(output) if output and not user_path(output).exists() else None
+    if not output:
+        return None
+    folder = user_path(output)
+    if not folder.exists():
+        return folder, None
+    try:
+        return (folder, set(os.listdir(folder))) if folder.is_dir() else None
+    except OSError:
+        return None
 
 
-def _remove_hydra_leftovers(folder: Path) -> None:
-    """A configuration error inside the job left the folder Hydra made for it: `.hydra/` and an
-    empty job log, nothing of ours. Removed only when that is all it holds."""
+def _is_hydra_leftover(entry: Path) -> bool:
+    return entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0)
+
+
+def _remove_hydra_leftovers(folder: Path, names_before: Optional[set[str]]) -> None:
+    """A refused command (exit 2: nothing ran) left Hydra's `.hydra/` and an empty job log in the
+    output= folder. One Hydra made for the command is removed whole when that is all it holds; in one
+    that existed and is no ingest output (often the user's own documents, `hades-isne output=~/docs`)
+    what the command added is removed, so it is left as it was; an output keeps its files."""
+    from hades_gpu.store.manifest import has_manifest
+
     try:
         entries = list(folder.iterdir())
-        if all(e.name == ".hydra" or (e.suffix == ".log" and e.is_file() and e.stat().st_size == 0) for e in entries):
-            shutil.rmtree(folder)
+        if names_before is None:
+            if all(_is_hydra_leftover(e) for e in entries):
+                shutil.rmtree(folder)
+        elif not has_manifest(folder):
+            for e in entries:
+                if e.name not in names_before and _is_hydra_leftover(e):
+                    shutil.rmtree(e) if e.is_dir() else e.unlink()
     except OSError:
         pass
 

@@ -88,32 +88,20 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
         with Searcher(args.output, cfg) as searcher:
             searcher.refresh_advice = "run the search again to search the new one"
             result = searcher.search(query, args.k, args.expand)
-    except (ConfigError, SearchError) as err:
+    except (ConfigError, SearchError, DamagedOutputError, ManifestError, FileNotFoundError, pa.ArrowException,
+            EmbedderError, MissingDependencyError) as err:
         if debug:
             raise
-        print(f"hades-search: error: {err}", file=sys.stderr)
-        return 2
-    except (DamagedOutputError, ManifestError) as err:  # parts missing, ISNE vectors or the manifest unreadable
-        if debug:
-            raise
-        print(f"hades-search: error: {error_line(err)}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as err:  # no ingest output there
-        if debug:
-            raise
-        print(f"hades-search: error: {err}", file=sys.stderr)
-        return 2
-    except pa.ArrowException as err:  # a damaged output: a part, edges.parquet, ... that is no Parquet
-        if debug:
-            raise
-        print(f"hades-search: error: damaged output file: {error_line(err)[:400]} (`hades-verify {printable(str(user_path(args.output)))}` "
-              "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the graph "
-              "and ISNE files)", file=sys.stderr)
-        return 1
-    except (EmbedderError, MissingDependencyError) as err:
-        if debug:
-            raise
-        print(f"hades-search: error: {err}", file=sys.stderr)
-        return 1
+        if isinstance(err, pa.ArrowException):  # a damaged output: a part, edges.parquet, ... that is no Parquet
+            line = (f"damaged output file: {error_line(err)[:400]} (`hades-verify {printable(str(user_path(args.output)))}` "
+                    "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the "
+                    "graph and ISNE files)")
+        else:  # parts missing, ISNE vectors or the manifest unreadable: error_line names the file
+            line = error_line(err) if isinstance(err, (DamagedOutputError, ManifestError)) else str(err)
+        print(f"hades-search: error: {line}", file=sys.stderr)
+        # 1: damage (DamagedOutputError is a FileNotFoundError: tested first) or the embedder failed;
+        # 2: the arguments, the config or no output there
+        failed = (DamagedOutputError, ManifestError, pa.ArrowException, EmbedderError, MissingDependencyError)
+        return 1 if isinstance(err, failed) else 2
     print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else format_hits(result))
     return 0
