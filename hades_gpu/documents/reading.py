@@ -12,9 +12,11 @@ raises `SkipDocument(reason, detail)`:
 - ``empty``: 0 bytes, or only whitespace once decoded;
 - ``binary``: a known magic number, NUL bytes in the first 8 KiB, or mostly control bytes there;
 - ``decode_error``: not valid in ``documents.encoding``, per ``decode_errors``:
-  ``detect`` (default) tries ``encoding`` (UTF-8), then asks charset-normalizer for the legacy
-  encoding (cp1252 when it decodes the bytes as well as the detector's own pick; wide and EBCDIC code
-  pages are never proposed) and skips only when nothing fits; ``strict`` names the byte and its
+  ``detect`` (default) tries ``encoding`` (UTF-8); UTF-8 text with a few stray bytes (more
+  well-formed multibyte characters than invalid sequences) is read as UTF-8 with those bytes as
+  U+FFFD, with a warning; otherwise it asks charset-normalizer for the legacy encoding (cp1252 when
+  it decodes the bytes as well as the detector's own pick; wide and EBCDIC code pages are never
+  proposed) and skips only when nothing fits; ``strict`` names the byte and its
   offset; ``replace`` never fails, undecodable bytes become U+FFFD; ``fallback`` tries
   ``fallback_encodings`` in order, then skips.
 
@@ -31,13 +33,16 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import logging
 import os
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from hades_gpu.config import DecodeErrors, DocumentsConfig
 from hades_gpu.records import DocumentRef
 from hades_gpu.regular_file import NotRegularFileError, open_regular
+
+log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 8192
 CONTENT_HASH_BYTES = 32  # blake2b digest size: 64 hex characters
@@ -241,6 +246,31 @@ class Decoded(NamedTuple):
     encoding: str
 
 
+_REPLACEMENT_UTF8 = "\ufffd".encode("utf-8")
+
+
+def _mostly_utf8(data: bytes) -> tuple[str, int, int] | None:
+    """(text, invalid sequences, offset of the first) of UTF-8 text with a few stray bytes, else None.
+
+    Why: a UTF-8 file with one Latin-1 byte pasted in fails strict UTF-8, and every legacy code
+    page then "decodes" it, turning each of its UTF-8 characters into two or three (é -> Ã©):
+    the whole file mangled to save one byte. Taken when the file holds more well-formed multibyte
+    characters than invalid sequences; a legacy file has next to none (its accented letters are
+    lone high bytes), so it still goes to detection."""
+    text = data.decode("utf-8", "replace")
+    invalid = text.count("\ufffd") - data.count(_REPLACEMENT_UTF8)
+    non_ascii = len(text) - len(text.encode("ascii", "ignore"))
+    well_formed = non_ascii - invalid
+    if invalid <= 0 or well_formed <= invalid:
+        return None
+    try:
+        data.decode("utf-8", "strict")
+        first = -1
+    except UnicodeDecodeError as err:
+        first = err.start
+    return text, invalid, first
+
+
 def _detect(data: bytes) -> tuple[str, str] | None:
     """(text, codec) that charset-normalizer finds for `data` (no BOM, not UTF-8, not binary), or None."""
     from charset_normalizer import from_bytes  # imported on first use: most corpora never need it
@@ -281,9 +311,10 @@ def _detect(data: bytes) -> tuple[str, str] | None:
             return None
 
 
-def decode_text(data: bytes, cfg: DocumentsConfig) -> tuple[str, str]:
+def decode_text(data: bytes, cfg: DocumentsConfig, source: Optional[str] = None) -> tuple[str, str]:
     """Decode raw bytes per `cfg` (see the module docstring): ``(text, encoding)``, where
-    ``data.decode(encoding, "replace") == text``; raises `SkipDocument`."""
+    ``data.decode(encoding, "replace") == text``; raises `SkipDocument`. `source` names the file in
+    the warning about replaced bytes."""
     if not data:
         raise SkipDocument("empty", "0 bytes")
     head = data[:SNIFF_BYTES]
@@ -325,6 +356,13 @@ def decode_text(data: bytes, cfg: DocumentsConfig) -> tuple[str, str]:
             first_err = first_err or err
     assert first_err is not None
     if mode == DecodeErrors.DETECT and bom is None and not has_nul:
+        if primary == "utf-8":
+            mostly = _mostly_utf8(data)
+            if mostly is not None:
+                text, invalid, first = mostly
+                log.warning("%s: %d byte sequence(s) not valid UTF-8 (the first at offset %d) read as U+FFFD; "
+                            "the rest of the file is UTF-8", source or "a document", invalid, first)
+                return text, "utf-8"
         found = _detect(data)
         if found is not None:
             return found
@@ -345,7 +383,7 @@ def read_text(ref: DocumentRef, cfg: DocumentsConfig) -> Decoded:
     exactly what the codec produced (a BOM removed, line endings untouched), and chunk offsets
     (``char_start``/``char_end``) index it."""
     data = read_bytes(ref.path, cfg.max_file_bytes)
-    text, encoding = decode_text(data, cfg)
+    text, encoding = decode_text(data, cfg, ref.rel_path)
     if _NON_SPACE.search(text) is None:
         raise SkipDocument("empty", f"whitespace only ({len(data)} bytes)")
     return Decoded(text, content_hash(data), encoding)

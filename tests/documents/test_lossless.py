@@ -155,6 +155,36 @@ def test_read_text_decodes_and_records_the_encoding(tmp_path: Path, name, text, 
     assert p.read_bytes().decode(got.encoding, "replace") == text  # what chunk_source relies on
 
 
+def test_utf8_with_a_few_stray_bytes_stays_utf8(tmp_path: Path, caplog) -> None:
+    """A UTF-8 file with one Latin-1 byte pasted in is read as UTF-8 with that byte as U+FFFD and a
+    warning naming the file and offset; read as cp1252 every UTF-8 character would have been mangled
+    (é -> Ã©). A legacy file with an accidental well-formed pair stays with detection."""
+    body = "Über naïve café — ☃ and “quotes”. " * 20
+    p = tmp_path / "mixed.txt"
+    data = body.encode() + b"Caf\xe9 pasted from Latin-1.\n" + body.encode()
+    p.write_bytes(data)
+    with caplog.at_level("WARNING", logger="hades_gpu.documents.reading"):
+        got = read_text(_ref(p), DocumentsConfig())
+    assert got.encoding == "utf-8"
+    assert got.text == body + "Caf\ufffd pasted from Latin-1.\n" + body
+    assert data.decode(got.encoding, "replace") == got.text  # what chunk_source relies on
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mixed.txt: 1 byte sequence(s) not valid UTF-8 (the first at offset {len(body.encode()) + 3}) read as "
+        "U+FFFD; the rest of the file is UTF-8"]
+    # a genuine U+FFFD in the file is a well-formed character, not a replaced byte
+    p.write_bytes("caf\ufffd ok \u00e9".encode() + b" \xff")
+    assert read_text(_ref(p), DocumentsConfig()).text == "caf\ufffd ok \u00e9 \ufffd"
+    # a Latin-1 file whose bytes happen to hold one well-formed UTF-8 pair ("Ã©") is still Latin
+    legacy = ("Café crème brûlée, naïve façade. " * 10 + "Ã© ").encode("cp1252")
+    p.write_bytes(legacy)
+    got = read_text(_ref(p), DocumentsConfig())
+    assert got.encoding == "cp1252" and got.text == legacy.decode("cp1252")
+    # strict mode is unchanged: the stray byte skips the file
+    p.write_bytes(data)
+    with pytest.raises(SkipDocument, match="not valid utf-8"):
+        read_text(_ref(p), DocumentsConfig(decode_errors="strict"))
+
+
 def test_strict_still_skips_legacy_files(tmp_path: Path) -> None:
     for name, text, how, _ in LEGACY[:2]:
         p = tmp_path / name
