@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from hades_gpu.config import (ConfigError, PipelineConfig, conf_dir, missing_config_message, name_profile,
                               register_configs, to_pipeline_config, unknown_key_message)
+from hades_gpu.exit_guard import Terminated, raise_terminated, sigterm_arrived
 from hades_gpu.records import printable, user_path
 
 log = logging.getLogger("hades_gpu")
@@ -330,27 +331,10 @@ def _multirun_job() -> Optional[str]:
         return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, systemd, Kubernetes), raised in the main thread so that the run cleans up
-    as after Ctrl-C and says so in one line; without it the process died silently with 143."""
-
-
-_terminated = threading.Event()  # SIGTERM arrived: code between the handler and us (Ray's ray.get/wait)
-# may turn `Terminated` into a plain KeyboardInterrupt, which then still reads as SIGTERM
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    from hades_gpu import child_process
-
-    _terminated.set()
-    child_process.stopping.set()
-    raise Terminated()
-
-
 def _catch_sigterm() -> None:
     """SIGTERM raises `Terminated` in the main thread, unless someone else already handles it."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _exit_interrupted(code: int = 130) -> None:
@@ -376,7 +360,7 @@ def _report_interrupt(prog: str, err: KeyboardInterrupt, debug: bool = False) ->
     """One line for Ctrl-C (exit 130) or SIGTERM (exit 143), then exit."""
     if debug:
         traceback.print_exception(err)
-    sigterm = isinstance(err, Terminated) or _terminated.is_set()
+    sigterm = isinstance(err, Terminated) or sigterm_arrived()
     what = "terminated by SIGTERM" if sigterm else "interrupted"
     if prog == "hades-bench":  # a bench job measures a whole run: nothing of it resumes
         advice = "the jobs that finished keep their result.json; a re-run runs every job again"

@@ -525,7 +525,7 @@ def test_sigterm_during_the_run_is_one_line_exit_143(tmp_path):
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cli._catch_sigterm()
-        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is cli.raise_terminated
         with pytest.raises(cli.Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(100):  # delivered at the next bytecode boundary

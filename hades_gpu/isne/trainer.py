@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hades_gpu import exit_guard
 from hades_gpu.config import EarlyStopMetric, IsneConfig, IsneOptimizer
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.host_heap import keep_freed_memory
@@ -350,6 +351,8 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
         perm = starts[torch.randperm(starts.numel(), generator=gen, device=dev)]
         done = 0
         for b in range(n_batches):
+            if exit_guard.exiting():  # the interpreter exits under this training: stop as on Ctrl-C
+                raise KeyboardInterrupt("the interpreter is exiting")
             if time_budget_s is not None and time.perf_counter() - t_train >= time_budget_s:
                 result.stopped_by_budget = True  # stop at a batch boundary; the epoch so far counts
                 break

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from hades_gpu.config import ProfileConfig
 from hades_gpu.gpu.slabs import SlabLayout, SlabRing, copies_to_cuda
+from hades_gpu import exit_guard
 from hades_gpu.orchestration.batcher import LengthSortedBatcher, effective_budget
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.queue import MemoryAwareQueue, PipelineAborted, QueueClosed
@@ -302,7 +303,7 @@ class StreamingPipeline:
             self.write_queue.abort(err)
 
     def _interrupt(self, err: KeyboardInterrupt) -> None:
-        """Ctrl-C (or SIGTERM as `cli.Terminated`): nothing more is embedded, but the rows already
+        """Ctrl-C (or SIGTERM as `exit_guard.Terminated`): nothing more is embedded, but the rows already
         embedded still reach the sink (the write queue is closed, not aborted, once the last embed
         thread ends), so the caller can commit the documents they complete
         (`pipelines.ingest._keep_finished_documents`)."""
@@ -438,6 +439,8 @@ class StreamingPipeline:
                     t.join(timeout=0.1)
                 if self.progress is not None:
                     self.progress.update()
+                if exit_guard.exiting():  # the interpreter exits under this run (a daemon thread's, ...)
+                    raise KeyboardInterrupt("the interpreter is exiting")
         except KeyboardInterrupt as err:
             self._interrupt(err)
             for t in threads:

@@ -31,6 +31,7 @@ from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.embedding.texts import model_probe
+from hades_gpu.exit_guard import active_run, sigterm_as_interrupt
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
@@ -206,7 +207,8 @@ class IngestPipeline:
         output and shard raises `OutputLockedError` at once. A ``shard=i/n`` run ingests its shard
         only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
         out, sources = self._checked_output_and_sources(output, paths)
-        with OutputLock(out, self.shard.label):
+        # SIGTERM and interpreter exit stop the job as Ctrl-C does, after its clean-up (`exit_guard`)
+        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
             result = self._ingest_sources(sources, out)
             if self.config.isne.enabled and self.shard.sharded:
                 log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
@@ -229,7 +231,7 @@ class IngestPipeline:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out, sources = self._checked_output_and_sources(output, paths)
-        with OutputLock(out, self.shard.label):
+        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
             return self._ingest_sources(sources, out)
 
     def _checked_output_and_sources(self, output: Optional[PathLike],
@@ -245,6 +247,8 @@ class IngestPipeline:
                               "its path): pyarrow, which writes the Parquet files, cannot open it; choose another "
                               "output folder (documents may have such names, the output may not)") from None
         sources = source_list(paths)
+        if not sources:  # an empty glob or list: a mistake, not an empty corpus (that is a folder without documents)
+            raise ConfigError("no paths given: pass the files and/or folders to ingest (got an empty list)")
         refuse_output_in_sources(out, sources)
         return out, sources
 
@@ -254,13 +258,14 @@ class IngestPipeline:
         if not refs and not skips:
             log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
                         "documents.exclude and the output folder itself are not documents): nothing to ingest",
-                        ", ".join(map(printable, sources)) or "(no paths given)")
-        return self._ingest_releasing_claims(refs, skips, out)
+                        ", ".join(map(printable, sources)))
+        return self._ingest_releasing_claims(refs, skips, out, sources)
 
-    def _ingest_releasing_claims(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
+    def _ingest_releasing_claims(self, refs: DocumentList, skips: list[Skip], out: Path,
+                                 sources: Optional[list[str]] = None) -> IngestResult:
         """`_ingest`, then this run's document claims (store/claims.py) dropped, however it ended."""
         try:
-            return self._ingest(refs, skips, out)
+            return self._ingest(refs, skips, out, sources)
         finally:
             if not self.shard.sharded:
                 try:
@@ -273,7 +278,7 @@ class IngestPipeline:
         hands every shard task its refs), under the output's lock for this shard. With ``shard=i/n``
         the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
         out = user_path(output)
-        with OutputLock(out, self.shard.label):
+        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
             return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
 
     def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:
@@ -368,7 +373,8 @@ class IngestPipeline:
         except Exception as err:  # noqa: BLE001 - the interrupt is what the caller sees
             log.warning("interrupted: metrics.json could not be written (%s)", error_line(err))
 
-    def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path) -> IngestResult:
+    def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path,
+                sources: Optional[list[str]] = None) -> IngestResult:
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
         check_writable([out, out / CHUNKS_DIR, out / DOCUMENTS_DIR])
@@ -492,7 +498,7 @@ class IngestPipeline:
                     metrics.extra["embedder_metrics"] = embedder.metrics()
             writer.close()
         except KeyboardInterrupt:
-            _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (cli.Terminated): what is done stays done
+            _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (exit_guard.Terminated): what is done stays done
             self._record_interrupted_run(metrics, writer, out)
             raise
         except BaseException:
@@ -519,6 +525,10 @@ class IngestPipeline:
         snapshot = metrics.snapshot()
         snapshot["parts_written"] = writer.parts_written
         snapshot["config"] = config_to_dict(cfg)
+        # what this run read and wrote, also when they came as process_batch's arguments (not in the config)
+        if sources is not None:
+            snapshot["config"]["corpus"] = sources[0] if len(sources) == 1 else sources
+        snapshot["config"]["output"] = str(out)
         snapshot = _write_metrics(out, snapshot, self.shard)
         result.metrics = snapshot
         if self.shard.sharded:

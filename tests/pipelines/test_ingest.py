@@ -84,10 +84,13 @@ def test_sample_corpus_with_bad_inputs(sample_corpus, tmp_path, embedder):
     assert {"read_chunk", "batch", "embed", "write"} <= set(metrics["stages"])
 
     assert metrics["ingest_totals"] == {"runs": 1, "wall_s": metrics["wall_s"], "chunks": len(table)}
+    # what was read and written, also when given as process_batch's arguments (both were null)
+    assert (metrics["config"]["corpus"], metrics["config"]["output"]) == ([str(sample_corpus), str(missing)], str(out))
 
     # a second run over the same output writes nothing twice
     again = TextParallelPipeline(config(), embedder=embedder).process_batch([sample_corpus], output=out)
     assert again.documents_ingested == 0 and again.documents_unchanged == len(good)
+    assert json.loads((out / "metrics.json").read_text())["config"]["corpus"] == str(sample_corpus)
     assert len(read_chunks(out)) == len(table)
     # its metrics.json is its own (0 chunks), but the embedding timing ISNE's budget uses is carried
     noop = json.loads((out / "metrics.json").read_text())
@@ -308,6 +311,140 @@ def test_a_file_replaced_by_a_fifo_or_a_symlink_loses_its_chunks_and_never_block
     result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
     assert result.documents_removed == 2
     assert sorted(read_documents(out, ["rel_path"]).column("rel_path").to_pylist()) == ["a.md", "d.md"]
+    assert_exactly_once(out)
+
+
+def test_an_empty_list_of_paths_is_refused_before_anything_is_written(tmp_path, embedder):
+    """An empty glob or list returned quietly ("no documents found in (no paths given)") and left an
+    empty output behind, so a script whose glob matched nothing exited 0."""
+    from hades_gpu.config import ConfigError
+
+    pipeline = TextParallelPipeline(config(), embedder=embedder)
+    for empty in ([], (p for p in []), ()):
+        with pytest.raises(ConfigError, match="no paths given"):
+            pipeline.process_batch(empty, output=tmp_path / "out")
+        with pytest.raises(ConfigError, match="no paths given"):
+            pipeline.ingest(empty, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+_THREAD_RUN = """
+import sys, threading
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.pipelines import TextParallelPipeline
+
+corpus, out = sys.argv[1], sys.argv[2]
+cfg = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off",
+                                        "profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=0.3"])
+
+def go():
+    TextParallelPipeline(cfg).process_batch([corpus], output=out)
+
+thread = threading.Thread(target=go, daemon=sys.argv[3] == "daemon")
+thread.start()
+print("started", flush=True)
+if sys.argv[3] == "daemon":
+    sys.stdin.readline()  # the main thread ends (normally) when the test says so: the daemon's run is cut off
+else:
+    while thread.is_alive():
+        thread.join(0.2)  # Ctrl-C here: CPython 3.11 then marks the thread stopped and does not wait for it
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c-during-join", "daemon"])
+def test_a_run_in_a_thread_is_stopped_cleanly_when_the_interpreter_exits(tmp_path, embedder, how):
+    """process_batch in a thread while the interpreter exits under it (Ctrl-C in the main thread's
+    `join(timeout)`, or a daemon thread when the main thread ends): the process aborted with
+    `terminate called without an active exception` (exit 134), the run's threads cut off and its
+    workers left as zombies. Now the run stops as on Ctrl-C, commits what is finished, and the
+    process exits as Python's own would; a re-run completes with every chunk once."""
+    corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
+    out = tmp_path / "out"
+    script = tmp_path / "thread_run.py"
+    script.write_text(_THREAD_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), how], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before the interpreter could exit under it: " + proc.stderr.read()
+    if how == "daemon":
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    else:
+        proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=180)
+    assert "terminate called" not in stderr and "Fatal Python error" not in stderr, stderr[-3000:]
+    assert proc.returncode == (0 if how == "daemon" else -signal.SIGINT), (proc.returncode, stderr[-3000:])
+    assert "the interpreter is exiting while 1 run(s) are still going: stopping them as on Ctrl-C" in stderr
+    kept = len(read_documents(out, ["doc_id"]))
+    assert 0 < kept < 60
+    assert_exactly_once(out)
+
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_unchanged == kept and result.documents_ingested == 60 - kept
+    assert_exactly_once(out)
+
+
+_SIGTERM_SCRIPT = """
+import os, sys
+from pathlib import Path
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.embedding.factory import build_embedder
+from hades_gpu.pipelines import TextParallelPipeline
+
+corpus, out, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+cfg = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off", "profile.max_batch_tokens=512",
+                                        "profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600"])
+inner = build_embedder(cfg)
+
+class Marking:  # the real embedder; after 3 batches it tells the test (a file) that the run is mid-way
+    def __init__(self):
+        self.calls = 0
+    def __getattr__(self, name):
+        return getattr(inner, name)
+    def embed(self, ids, mask):
+        self.calls += 1
+        if self.calls == 3:
+            marker.touch()
+        return inner.embed(ids, mask)
+
+try:
+    TextParallelPipeline(cfg, embedder=Marking()).process_batch([corpus], output=out)
+finally:
+    print("the caller's finally ran", flush=True)  # not under SIGTERM's default action: the process ends
+"""
+
+
+def test_sigterm_in_library_use_commits_the_finished_documents_then_ends_the_process(tmp_path, embedder):
+    """A script calling process_batch, stopped by SIGTERM (`timeout`, Kubernetes): the process died
+    at once with whatever the commit interval had committed (here none), and no line. Now the run
+    commits its finished documents, says so in one line and the process ends by SIGTERM as before."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # one-chunk documents: many are finished after a few batches
+        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
+    out, marker = tmp_path / "out", tmp_path / "mid-run"
+    script = tmp_path / "sigterm_run.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), str(marker)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "ingest finished before it could be stopped: " + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, stderr[-3000:])
+    assert "terminated by SIGTERM: the finished documents are committed; re-run to resume" in stderr
+    assert "Traceback" not in stderr and stdout == "", (stdout, stderr[-3000:])
+    kept = len(read_documents(out, ["doc_id"]))
+    assert 0 < kept < 40, kept  # the default action: 0 (nothing committed by the interval yet)
+    assert_exactly_once(out)
+    result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_unchanged == kept and result.documents_ingested == 40 - kept
     assert_exactly_once(out)
 
 

@@ -1,0 +1,123 @@
+"""How a run ends when the process is told to: at interpreter exit, and on SIGTERM.
+
+Interpreter exit (`active_run`, `exiting`): a run still going is stopped as Ctrl-C stops it, and
+waited for. SIGTERM (`raise_terminated`, `sigterm_as_interrupt`): raised in the main thread as
+`Terminated`, a KeyboardInterrupt, so the run cleans up as after Ctrl-C.
+
+A run (ingest or ISNE training) started in a thread outlives its main thread in two ordinary
+ways: the thread is a daemon, or Ctrl-C interrupted the main thread's `Thread.join(timeout)`,
+after which CPython 3.11 marks the joined thread stopped (bpo-45274's clean-up releases the running
+thread's lock) and finalizes the interpreter without waiting for it. The run's threads were then
+cut off wherever they stood and the model runtime's native threads aborted the process (`terminate
+called without an active exception`, exit 134), with the documents already embedded uncommitted.
+
+`atexit` functions run before that teardown, while the other threads still run: if a run is active
+then, this asks it to stop as on Ctrl-C (`exiting()`, polled by the pipeline's run loop and between
+ISNE steps; finished documents are committed, workers stopped, the model closed) and waits up to
+`WAIT_S` for it. A main thread that simply ends while a non-daemon thread ingests is unaffected:
+Python joins that thread before any `atexit` function runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 120.0  # at most this long for the runs to commit and close at exit
+
+_exiting = threading.Event()
+_active = 0
+_changed = threading.Condition()
+_registered = False
+
+
+def exiting() -> bool:
+    """True once the interpreter exits with a run still going: the run should stop as on Ctrl-C."""
+    return _exiting.is_set()
+
+
+@contextlib.contextmanager
+def active_run() -> Iterator[None]:
+    """Counts the block as a run that interpreter exit must stop and wait for."""
+    global _active, _registered
+    with _changed:
+        if not _registered:
+            atexit.register(_stop_active_runs)
+            _registered = True
+        _active += 1
+    try:
+        yield
+    finally:
+        with _changed:
+            _active -= 1
+            _changed.notify_all()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, systemd, Kubernetes), raised in the main thread so that the run cleans up
+    as after Ctrl-C; without it the process died at once, its embedded documents uncommitted."""
+
+
+_terminated = threading.Event()  # SIGTERM arrived: code between the handler and the run's caller (Ray's
+# ray.get/wait) may turn `Terminated` into a plain KeyboardInterrupt, which then still reads as SIGTERM
+
+
+def sigterm_arrived() -> bool:
+    return _terminated.is_set()
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler: `Terminated` in the main thread; worker pools stop restarting workers."""
+    from hades_gpu import child_process
+
+    _terminated.set()
+    child_process.stopping.set()
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For library use: within the block, SIGTERM stops the run as Ctrl-C does (finished documents
+    committed, workers stopped), then the process ends by SIGTERM as it would have at once (exit
+    143), with one log line. Only in the main thread and where SIGTERM has its default action: the
+    command line, Ray, or the caller's own handler keep theirs."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _terminated.is_set():
+            raise  # Ctrl-C: the caller's to handle
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        log.warning("terminated by SIGTERM: the finished documents are committed; re-run to resume")
+        for handler in logging.getLogger().handlers + logging.getLogger("hades_gpu").handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action, now that the run has cleaned up
+        raise
+    finally:
+        if signal.getsignal(signal.SIGTERM) is raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_active_runs() -> None:
+    with _changed:
+        if _active == 0:
+            return
+        _exiting.set()
+        log.warning("the interpreter is exiting while %d run(s) are still going: stopping them as on Ctrl-C "
+                    "(finished documents are committed; re-run to resume)", _active)
+        if not _changed.wait_for(lambda: _active == 0, timeout=WAIT_S):
+            log.warning("%d run(s) did not stop within %.0f s of interpreter exit", _active, WAIT_S)
+
+
+__all__ = ["Terminated", "WAIT_S", "active_run", "exiting", "raise_terminated", "sigterm_arrived",
+           "sigterm_as_interrupt"]
