@@ -45,8 +45,10 @@ DEBUG_ENV = "HADES_DEBUG"  # HADES_DEBUG=1 (or the flag --debug): tracebacks for
 
 # Run-time failures a user can cause (a full disk, a path that is a file, a damaged output): one line,
 # exit 1. Anything else is a bug and keeps its traceback.
-_RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST,
-               errno.EROFS, errno.ENAMETOOLONG, errno.EADDRINUSE}  # not ENOENT/EMFILE: in our own code those are bugs
+_RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+               errno.EEXIST, errno.EROFS, errno.ENAMETOOLONG, errno.EADDRINUSE, errno.ELOOP}
+# (not ENOENT/EMFILE: in our own code those are bugs; EFBIG: a file-size limit, `ulimit -f`; ELOOP: a
+# symbolic link where a file of the output must be)
 
 
 class UsageError(Exception):
@@ -166,6 +168,7 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
                                ("hades_gpu.pipelines.ingest", "NothingIngestedError"),
                                ("hades_gpu.store.lock", "OutputLockedError"),  # another run holds the output
                                ("hades_gpu.store.manifest", "ManifestError"),
+                               ("hades_gpu.store.claims", "ClaimsDamagedError"),
                                ("hades_gpu.orchestration.writer_process", "WriterProcessError"),  # re-run resumes
                                ("hades_gpu.orchestration.workers", "WorkerStartError"),  # workers cannot start
                                ("hades_gpu.store.reader", "DamagedOutputError"),

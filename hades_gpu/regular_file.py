@@ -36,11 +36,16 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+def open_regular(path: str | os.PathLike, follow_symlinks: bool = True) -> tuple[int, os.stat_result]:
     """(file descriptor, its stat) of `path` opened for reading, non-blocking (a FIFO does not wait
     for a writer). Raises `NotRegularFileError` (the descriptor closed) when it is no regular file;
-    the OS's own errors (missing, permissions) pass through."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    the OS's own errors (missing, permissions) pass through. ``follow_symlinks=False``: a path whose
+    last component is a symbolic link raises OSError(ELOOP) instead of opening the link's target
+    (`O_NOFOLLOW`: a file replaced by a link after discovery is not read through it)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -7,6 +7,7 @@ configuration (Hydra's own compose errors included); 1: the run failed. `--debug
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -578,3 +579,14 @@ def test_a_configuration_error_leaves_no_output_folder_behind(tmp_path, corpus):
     (tmp_path / "kept").mkdir()
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'kept'}", "profile.num_workers=-1"), 2)
     assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())  # as it was: empty
+
+
+@pytest.mark.parametrize(("code", "text"), [(errno.EFBIG, "File too large"),
+                                            (errno.ELOOP, "Too many levels of symbolic links")])
+def test_a_file_size_limit_and_a_link_loop_are_one_line(code, text):
+    """`ulimit -f` hit mid-run (EFBIG from the slab memfd or a Parquet write) printed Hydra's
+    traceback; so did a symbolic link loop in a path the user gave."""
+    from hades_gpu.cli import classify_error
+
+    assert classify_error(OSError(code, text, "/out/chunks/part-s0-00001.parquet")) == (
+        1, f"/out/chunks/part-s0-00001.parquet: {text}")

@@ -32,6 +32,7 @@ NUL bytes: such data would "decode" into unrelated CJK characters rather than fa
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import logging
 import os
@@ -115,10 +116,35 @@ def _is_wide(codec: str) -> bool:
     return codec.startswith(("utf-16", "utf-32"))
 
 
-def read_bytes(path: str, max_bytes: int) -> bytes:
-    """The file's bytes, refusing anything but a regular file of at most `max_bytes`."""
+def _open_unless_new_link(path: str, follow_symlinks: bool, discovered: Optional[tuple[int, int]]) -> tuple[int, os.stat_result]:
+    """`open_regular`, except that with ``follow_symlinks=False`` a path that is a symbolic link is
+    opened only when it leads to the file discovery saw (``discovered``: its size and mtime_ns; a
+    source named explicitly is followed even as a link). Why: a file replaced by a link after
+    discovery was read through it, so a link to /etc/passwd put that file's text in the output."""
+    if follow_symlinks:
+        return open_regular(path)
     try:
-        fd, st = open_regular(path)  # a FIFO does not wait for a writer
+        return open_regular(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno != errno.ELOOP or not os.path.islink(path):
+            raise
+    try:
+        target = os.stat(path)
+    except OSError:
+        target = None
+    if discovered is None or target is None or (target.st_size, target.st_mtime_ns) != discovered:
+        raise SkipDocument("symlink", "symbolic link not followed (documents.follow_symlinks=false): "
+                           "the file became one after discovery")
+    return open_regular(path)
+
+
+def read_bytes(path: str, max_bytes: int, follow_symlinks: bool = True,
+               discovered: Optional[tuple[int, int]] = None) -> bytes:
+    """The file's bytes, refusing anything but a regular file of at most `max_bytes` (and, with
+    ``follow_symlinks=False``, a file that became a symbolic link since discovery, which saw it
+    with size and mtime_ns ``discovered``)."""
+    try:
+        fd, st = _open_unless_new_link(path, follow_symlinks, discovered)  # a FIFO does not wait for a writer
     except NotRegularFileError as err:
         raise SkipDocument("unreadable", str(err)) from err
     except (FileNotFoundError, NotADirectoryError) as err:
@@ -382,7 +408,8 @@ def read_text(ref: DocumentRef, cfg: DocumentsConfig) -> Decoded:
     cannot be used. `content_hash` is the blake2b hex of the raw bytes (BOM included); `text` is
     exactly what the codec produced (a BOM removed, line endings untouched), and chunk offsets
     (``char_start``/``char_end``) index it."""
-    data = read_bytes(ref.path, cfg.max_file_bytes)
+    data = read_bytes(ref.path, cfg.max_file_bytes, follow_symlinks=cfg.follow_symlinks,
+                      discovered=(ref.size, ref.mtime_ns))
     text, encoding = decode_text(data, cfg, ref.rel_path)
     if _NON_SPACE.search(text) is None:
         raise SkipDocument("empty", f"whitespace only ({len(data)} bytes)")

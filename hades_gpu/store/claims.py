@@ -15,11 +15,14 @@ Why SQLite: one transaction across processes is the whole protocol, as for the m
 from __future__ import annotations
 
 import itertools
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Iterable
 
 from hades_gpu.store.manifest import LOOKUP_BATCH
+
+log = logging.getLogger(__name__)
 
 CLAIMS_FILE = "claims.sqlite"
 
@@ -30,19 +33,59 @@ def claims_path(output: Path) -> Path:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=120.0, isolation_level=None)  # transactions opened by hand
-    conn.execute("CREATE TABLE IF NOT EXISTS claims (rel_path TEXT PRIMARY KEY, shard TEXT NOT NULL) WITHOUT ROWID")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS claims (rel_path TEXT PRIMARY KEY, shard TEXT NOT NULL) WITHOUT ROWID")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class ClaimsDamagedError(RuntimeError):
+    """claims.sqlite is no SQLite database any more while another run of the output is going."""
+
+
+def damaged(err: sqlite3.Error) -> bool:
+    """Whether `err` says the database file is damaged (not merely locked or unwritable)."""
+    name = getattr(err, "sqlite_errorname", "")
+    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or (
+        not name and ("not a database" in str(err) or "malformed" in str(err)))
+
+
+def _open_undamaged(output: Path, running: set[str]) -> sqlite3.Connection:
+    """The claims database, made anew when damaged and no other run of the output is going."""
+    path = claims_path(output)
+    try:
+        conn = _connect(path)
+    except sqlite3.DatabaseError as err:
+        if not damaged(err):
+            raise
+        if running:
+            raise ClaimsDamagedError(
+                f"{path} is damaged ({err}); it holds only the document claims of runs in progress: delete it once "
+                f"no run is writing to {output} (shards running now: {', '.join(sorted(running))}), then re-run"
+            ) from None
+        log.warning("%s is damaged (%s); no other run of this output is going, so it is made anew", path, err)
+        for leftover in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal")):
+            leftover.unlink(missing_ok=True)
+        conn = _connect(path)
     return conn
 
 
 def claim_documents(output: Path, shard: str, rel_paths: Iterable[str], running: set[str]) -> dict[str, str]:
     """Claim `rel_paths` for `shard`. Returns rel_path -> the shard in `running` (a run in progress,
-    not this one) that claimed it first: those are not claimed, and this run must skip them."""
+    not this one) that claimed it first: those are not claimed, and this run must skip them.
+
+    A damaged claims.sqlite (it holds only the claims of runs in progress) is made anew when no
+    other run of the output is going, with a warning; while one is, `ClaimsDamagedError` says what
+    to do. It failed every later run with new documents as "manifest database error", the manifest
+    intact."""
     keys = iter(rel_paths)  # in batches: a run of millions of documents holds no list of their names here
     batch = list(itertools.islice(keys, LOOKUP_BATCH))
     if not batch:
         return {}
     taken: dict[str, str] = {}
-    conn = _connect(claims_path(output))
+    conn = _open_undamaged(output, running)
     try:
         conn.execute("BEGIN IMMEDIATE")  # one writer at a time: read the others' claims, then add ours
         try:

@@ -28,12 +28,14 @@ import errno
 import json
 import logging
 import os
+import stat
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from hades_gpu.regular_file import open_regular
 from hades_gpu.store.layout import ISNE_LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,12 @@ def pid_alive(pid: int, start_time: Optional[float] = None) -> bool:
 
 
 def read_holder(path: Path) -> dict[str, Any]:
-    """The holder's record in a lock file ({} when empty or unreadable)."""
+    """The holder's record in a lock file ({} when empty or unreadable, or no regular file: a FIFO
+    there blocked the read, a link was read through)."""
     try:
-        raw = Path(path).read_text()
+        fd, _ = open_regular(path, follow_symlinks=False)
+        with open(fd, "rb") as fh:
+            raw = fh.read(1 << 16).decode("utf-8")
         return json.loads(raw) if raw.strip() else {}
     except (OSError, ValueError):
         return {}
@@ -129,6 +134,26 @@ def _try_flock(fd: int) -> bool:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
         raise
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """`os.open` of a lock file, which must be a regular file: never through a symbolic link, since
+    the lock is truncated and rewritten (a link planted at `.lock-s0` emptied the file it pointed
+    to, outside the output). A link, folder or other non-file there is an OSError naming the path
+    and what to do (one line at the command line)."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EISDIR):
+            what = "a symbolic link" if err.errno == errno.ELOOP else "a folder"
+            raise OSError(err.errno, f"is {what}, not a lock file: remove it (hades-gpu makes lock files "
+                          "itself)", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EEXIST, "is not a regular file, so not a lock file: remove it (hades-gpu makes "
+                      "lock files itself)", str(path))
+    return fd
 
 
 def _write_record(fd: int) -> None:
@@ -172,7 +197,7 @@ class OutputLock:
             raise RuntimeError("the output lock needs fcntl (a POSIX system)")
         for _ in range(20):
             previous = read_holder(self.path)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
             if _try_flock(fd):
                 if self._still_at_path(fd):
                     if previous and not holder_alive(previous):
@@ -205,13 +230,13 @@ class OutputLock:
 
     def _take_over(self, dead: dict[str, Any]) -> Optional[int]:
         """Replace a lock file whose flock outlived its (dead) writer; None when someone else did."""
-        guard = os.open(self.path.with_name(self.path.name + ".takeover"), os.O_RDWR | os.O_CREAT, 0o644)
+        guard = _open_lock_file(self.path.with_name(self.path.name + ".takeover"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             if read_holder(self.path) != dead:
                 return None  # another taker was first: start over
             tmp = self.path.with_name(f"{self.path.name}.new-{os.getpid()}")
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = _open_lock_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_record(fd)
             os.replace(tmp, self.path)

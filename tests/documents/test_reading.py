@@ -164,3 +164,32 @@ def test_files_at_and_around_the_size_limit(tmp_path, size):
     if size:
         with pytest.raises(SkipDocument):
             read_bytes(str(p), size - 1)
+
+
+def test_a_file_replaced_by_a_symlink_after_discovery_is_not_read_through_it(tmp_path: Path) -> None:
+    """With follow_symlinks=false (default), a file swapped for a link between discovery and the read
+    was read through the link: a link to /etc/passwd put its lines in the output. It is now skipped
+    as `symlink`; a source named explicitly as a link is still read (discovery followed it), and
+    with follow_symlinks=true links are read as before."""
+    from hades_gpu.documents.discovery import discover
+    from hades_gpu.documents.reading import read_text
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the file discovery saw\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("text that must not reach the output\n")
+    refs, _ = discover(corpus, DocumentsConfig())
+    (corpus / "a.txt").unlink()
+    (corpus / "a.txt").symlink_to(secret)
+    err = _skip(Path(refs[0].path))  # _skip builds a fresh ref: no discovery stat to match either
+    assert err.reason == "symlink"
+    with pytest.raises(SkipDocument) as info:
+        read_text(refs[0], DocumentsConfig())
+    assert info.value.reason == "symlink" and "became one after discovery" in info.value.detail
+    assert read_text(refs[0], DocumentsConfig(follow_symlinks=True)).text == secret.read_text()
+
+    link = tmp_path / "named.txt"
+    link.symlink_to(secret)
+    named, skips = discover([link], DocumentsConfig())
+    assert not skips and read_text(named[0], DocumentsConfig()).text == secret.read_text()

@@ -853,6 +853,40 @@ def test_a_document_another_names_run_in_progress_claimed_is_skipped_and_a_dead_
         assert conn.execute("SELECT count(*) FROM claims WHERE shard = 'mine'").fetchone() == (0,)
 
 
+def test_a_damaged_claims_file_is_made_anew_or_named_while_another_run_goes(tmp_path, embedder, caplog):
+    """claims.sqlite overwritten with garbage failed every later run that had a new document, as
+    "manifest database error" (the manifest was intact). It only holds the claims of runs in
+    progress: with no other run going it is made anew (one warning); while another name's run goes
+    (its lock held) the error names the file and says when to delete it."""
+    import logging
+
+    from hades_gpu.cli import classify_error
+    from hades_gpu.store.claims import ClaimsDamagedError, claim_documents, claims_path
+    from hades_gpu.store.lock import OutputLock
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# A\n\nfirst document.\n")
+    out = tmp_path / "out"
+    TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    claims_path(out).write_bytes(os.urandom(8192))
+    with pytest.raises(ClaimsDamagedError, match="claims.sqlite is damaged .*delete it once no run is writing") as info:
+        claim_documents(out, "s0", ["b.md"], running={"other"})
+    assert classify_error(info.value)[0] == 1 and "shards running now: other" in str(info.value)
+
+    (corpus / "b.md").write_text("# B\n\na new document.\n")
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.store.claims"):
+        result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
+    assert result.documents_ingested == 1 and result.documents_unchanged == 1
+    assert any("claims.sqlite is damaged" in r.getMessage() and "made anew" in r.getMessage() for r in caplog.records)
+    assert_exactly_once(out)
+    with OutputLock(out, "other"):  # another name's run is going: its claims must not be dropped
+        claims_path(out).write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
+        (corpus / "c.md").write_text("# C\n\nanother new document.\n")
+        with pytest.raises(ClaimsDamagedError):
+            TextParallelPipeline(config("shard=mine"), embedder=embedder).process_batch([corpus], output=out)
+
+
 def test_two_by_hand_names_at_once_over_one_corpus_write_each_chunk_once(tmp_path):
     """Real processes started together: each document is ingested by one of them."""
     corpus = copy_files(stdlib_sources(24), tmp_path / "corpus")

@@ -325,3 +325,34 @@ def test_verify_notes_a_graph_and_isne_vectors_of_an_earlier_state_of_the_chunks
     assert any(f"edges.parquet is older than the chunks: {edges.num_rows} edge end(s)" in n for n in report.notes)
     assert any("ISNE vectors: 1 chunk(s) have none" in n and "0 row(s)" in n for n in report.notes), report.notes
 
+
+
+def test_a_link_folder_or_fifo_at_the_lock_path_is_refused_and_nothing_is_written_through_it(tmp_path):
+    """A symbolic link planted at `.lock-s0` was followed and the file it points to emptied (the lock
+    is truncated and rewritten); a FIFO there blocked reading the holder. Each is refused in one
+    OSError naming the path and what to do, and nothing is written outside the output."""
+    from hades_gpu.cli import classify_error
+    from hades_gpu.store.lock import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    (out / ".lock-s0").symlink_to(victim)
+    with pytest.raises(OSError, match="is a symbolic link, not a lock file: remove it") as info:
+        OutputLock(out, "s0").acquire()
+    assert victim.read_text() == "precious data\n"
+    code, line = classify_error(info.value)
+    assert code == 1 and line.startswith(str(out / ".lock-s0")) and "\n" not in line
+
+    (out / ".lock-s0").unlink()
+    (out / ".lock-s0").mkdir()
+    with pytest.raises(OSError, match="is a folder, not a lock file: remove it"):
+        OutputLock(out, "s0").acquire()
+    (out / ".lock-s0").rmdir()
+    os.mkfifo(out / ".lock-s0")
+    with pytest.raises(OSError, match="is not a regular file, so not a lock file: remove it"):
+        OutputLock(out, "s0").acquire()  # returns at once: neither the record read nor the open blocks
+    (out / ".lock-s0").unlink()
+    with OutputLock(out, "s0"):  # a plain lock file again: taken as usual
+        assert read_holder(out / ".lock-s0")["pid"] == os.getpid()
