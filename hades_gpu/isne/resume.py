@@ -91,7 +91,14 @@ def save_training_state(path: Path, state: TrainingState) -> None:
     """Write `state` atomically (a kill while saving leaves the previous state, never a torn one)."""
     payload = dataclasses.asdict(state)
     payload["format"] = TRAINING_STATE_FORMAT
-    atomic_write_with(Path(path), lambda tmp: torch.save(payload, str(tmp)))
+    atomic_write_with(Path(path), lambda tmp: _save_to_file(payload, tmp))
+
+
+def _save_to_file(payload: dict, tmp: Path) -> None:
+    # through a Python file object: a write that fails is then an OSError (the context of torch's
+    # RuntimeError, "unexpected pos"), which `atomic_write_with` raises as the one line it is
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_training_state(path: Path, key: str) -> Optional[TrainingState]:

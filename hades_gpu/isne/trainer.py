@@ -213,11 +213,17 @@ class _StateSaver:
         if self.path is None or self.interval is None or time.perf_counter() - self.last < self.interval:
             return
         t = time.perf_counter()
-        save_training_state(self.path, TrainingState(
-            key=self.key, epoch=epoch, theta=model.theta.weight.detach().cpu(), optimizer=opt.state_dict(),
-            generator=gen.get_state(), train_seconds=result.train_seconds, pos_pairs=result.pos_pairs,
-            best_epoch=result.best_epoch, stopper={"best": stopper.best, "bad": stopper.bad},
-            best_theta=best_theta.cpu() if best_theta is not None else None, history=result.history))
+        try:
+            save_training_state(self.path, TrainingState(
+                key=self.key, epoch=epoch, theta=model.theta.weight.detach().cpu(), optimizer=opt.state_dict(),
+                generator=gen.get_state(), train_seconds=result.train_seconds, pos_pairs=result.pos_pairs,
+                best_epoch=result.best_epoch, stopper={"best": stopper.best, "bad": stopper.bad},
+                best_theta=best_theta.cpu() if best_theta is not None else None, history=result.history))
+        except OSError as err:  # only a checkpoint: a full disk here must not end the training itself
+            self.last = time.perf_counter()
+            log.warning("isne: could not save the training state after epoch %d (%s); training goes on, and a stop "
+                        "now resumes from the previous saved state, if any", epoch, err)
+            return
         self.last = time.perf_counter()
         log.info("isne: training state saved after epoch %d (%.1f s): %s", epoch, self.last - t, self.path)
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,41 @@ def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, compression: 
                       ctime_ns=rec.ctime_ns)
 
 
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_behind(err: BaseException, path: str | os.PathLike) -> Optional[OSError]:
+    """The OS error a library's own save function failed on, as an OSError naming `path`, or None.
+
+    Why: safetensors raises `SafetensorError` ("I/O error: No space left on device (os error 28)")
+    and torch.save a RuntimeError ("enforce fail ... unexpected pos") with the file object's OSError
+    as its context: a full disk or a file-size limit read as a bug (a traceback), not as the one line
+    the command line gives an OSError."""
+    seen: set[int] = set()
+    link: Optional[BaseException] = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno is not None:
+            return OSError(link.errno, link.strerror or os.strerror(link.errno), os.fspath(path))
+        link = link.__cause__ or link.__context__
+    found = _OS_ERROR_IN_TEXT.search(str(err))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), os.fspath(path))
+    return None
+
+
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Replace `path` with whatever `write(tmp)` writes (a library's own save function)."""
+    """Replace `path` with whatever `write(tmp)` writes (a library's own save function). Its failures
+    on the OS's side (a full disk, a size limit, no permission) are raised as that OSError, naming
+    `path` (`os_error_behind`)."""
     with atomic_path(path) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a library's own error type: an OSError behind it, or as it is
+            behind = os_error_behind(err, path)
+            if behind is None:
+                raise
+            raise behind from err

@@ -229,3 +229,53 @@ def test_a_cluster_drivers_lock_refuses_every_stage_but_its_own(tmp_path: Path) 
     finally:
         holder.kill()
         holder.wait()
+
+
+_SIZE_LIMITED = """
+import resource, sys, torch
+from pathlib import Path
+from hades_gpu.config import IsneConfig
+from hades_gpu.isne.checkpoint import save_checkpoint
+from hades_gpu.isne.evaluation import sbm_graph
+from hades_gpu.isne.resume import TrainingState, save_training_state
+from hades_gpu.isne.trainer import train_isne
+
+folder = Path(sys.argv[1])
+(folder / "model.safetensors").write_bytes(b"old model")
+(folder / "state.pt").write_bytes(b"old state")
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # `ulimit -f`; Python ignores SIGXFSZ
+theta = torch.zeros(4000, 64)
+for what, save in [("checkpoint", lambda: save_checkpoint(folder / "model.safetensors", theta, [str(i) for i in range(4000)], {})),
+                   ("state", lambda: save_training_state(folder / "state.pt", TrainingState(
+                       key="k", epoch=1, theta=theta, optimizer={}, generator=torch.Generator().get_state(),
+                       train_seconds=0.0, pos_pairs=0, best_epoch=1, stopper={}, best_theta=None, history=[])))]:
+    try:
+        save()
+        print(what, "saved")
+    except OSError as err:
+        print(what, "OSError", err.errno, err.filename)
+ei, _ = sbm_graph(4000, 4, 0.005, 0.0005, seed=0)
+cfg = IsneConfig(dim=64, epochs=2, batch_size=512, val_fraction=0.0, early_stop="off", checkpoint_interval_s=0.0)
+res = train_isne(ei, 4000, cfg, state_path=folder / "train-state.pt")
+print("trained", res.epochs_run)
+print(sorted(p.name for p in folder.iterdir()), (folder / "model.safetensors").read_bytes(), (folder / "state.pt").read_bytes())
+"""
+
+
+def test_a_full_disk_or_size_limit_while_saving_is_an_os_error_and_a_failed_state_save_does_not_end_training(
+        tmp_path: Path) -> None:
+    """safetensors (SafetensorError "... (os error 27)") and torch.save (RuntimeError "unexpected pos")
+    failed on a full disk or `ulimit -f` with tracebacks, and a training-state save that failed
+    ended the whole training. Now each is the OSError behind it, naming the file, the old file is
+    left as it was, and a failed state save is a warning while training goes on (a real limit,
+    RLIMIT_FSIZE, in a child process)."""
+    script = tmp_path / "limited.py"
+    script.write_text(_SIZE_LIMITED)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"checkpoint OSError 27 {tmp_path / 'model.safetensors'}"
+    assert lines[1] == f"state OSError 27 {tmp_path / 'state.pt'}"
+    assert lines[2] == "trained 2"
+    assert "could not save the training state after epoch 1" in out.stderr and "training goes on" in out.stderr
+    assert lines[3] == f"{sorted(['limited.py', 'model.safetensors', 'state.pt'])} b'old model' b'old state'"
