@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,12 +46,12 @@ from hades_gpu.isne.trainer import train_isne
 from hades_gpu.records import UNSHARDED, ShardSpec, printable
 from hades_gpu.store.atomic import atomic_write_parquet, fsync_dir
 from hades_gpu.store.shard_map import unfinished_shards
-from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, edges_path,
-                                    isne_embeddings_files, isne_embeddings_path, isne_model_path, isne_training_state_path,
-                                    metrics_path)
+from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_EMBEDDINGS_SCHEMA, ISNE_LOCK_NAME, ISNE_MODEL_ID_KEY,
+                                    edges_path, isne_embeddings_files, isne_embeddings_path, isne_model_path,
+                                    isne_training_state_path, metrics_path)
 from hades_gpu.store.lock import OutputLock, OutputLockedError, held_elsewhere
 from hades_gpu.store.metrics_file import ingest_seconds_per_chunk
-from hades_gpu.store.reader import DamagedOutputError, read_isne_embeddings
+from hades_gpu.store.reader import DamagedOutputError, isne_vectors_model_ids, read_isne_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,20 @@ def _training_weights(cfg: PipelineConfig, data: Any) -> Optional[torch.Tensor]:
     return w
 
 
-def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray) -> None:
-    """`isne/embeddings-<shard>.parquet`: one row per chunk, ordered like `chunk_ids`; the files other
-    stage names wrote before go, since this one covers every chunk of the output (a by-hand shard's
-    ingest wrote embeddings-zz, a later `hades-isne` embeddings-s0, and readers, where the later file
-    name wins, took the old model's vectors from embeddings-zz)."""
+def write_isne_embeddings(path: Path, chunk_ids: np.ndarray, vecs: np.ndarray, model_id: Optional[str] = None) -> None:
+    """`isne/embeddings-<shard>.parquet`: one row per chunk, ordered like `chunk_ids`, tagged with the
+    `model_id` of the model that made them; the files other stage names wrote before go, since this
+    one covers every chunk of the output (a by-hand shard's ingest wrote embeddings-zz, a later
+    `hades-isne` embeddings-s0, and readers, where the later file name wins, took the old model's
+    vectors from embeddings-zz)."""
     n, d = vecs.shape
     values = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), type=pa.float32())
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32), type=pa.int32())
+    schema = ISNE_EMBEDDINGS_SCHEMA
+    if model_id is not None:
+        schema = schema.with_metadata({**(schema.metadata or {}), ISNE_MODEL_ID_KEY: model_id.encode()})
     table = pa.table({"chunk_id": pa.array(chunk_ids.tolist(), type=pa.string()),
-                      "isne_embedding": pa.ListArray.from_arrays(offsets, values)}, schema=ISNE_EMBEDDINGS_SCHEMA)
+                      "isne_embedding": pa.ListArray.from_arrays(offsets, values)}, schema=schema)
     atomic_write_parquet(table, path)
     stale = [f for f in isne_embeddings_files(path.parent.parent) if f.name != path.name]
     for f in stale:
@@ -223,7 +228,11 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                          time_budget_s=budget, edge_weight=weights, state_path=state_path)
         metrics["seconds"]["train"] = time.perf_counter() - t
         theta = res.model.theta.weight.detach()
+        # ties the vectors to this model: a stage that failed between writing the one and the other
+        # left a new model beside the old vectors, and later runs mixed vectors of two models
+        model_id = uuid.uuid4().hex
         save_checkpoint(mpath, theta, chunk_ids.tolist(), {
+            "model_id": model_id,
             "isne": dataclasses.asdict(cfg.isne), "graph": dataclasses.asdict(cfg.graph),
             "num_nodes": n, "dim": int(theta.shape[1]), "aggregate": True,
             "init_std": res.model.init_std, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
@@ -243,15 +252,22 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                        peak_device_bytes=res.peak_device_bytes, resumed_from_epoch=res.resumed_from_epoch,
                        history=res.history)
         t = time.perf_counter()
-        write_isne_embeddings(epath, chunk_ids, vecs)
+        write_isne_embeddings(epath, chunk_ids, vecs, model_id)
         metrics["seconds"]["write"] = time.perf_counter() - t
     else:
         t = time.perf_counter()
+        model_id = ckpt.config.get("model_id")
         try:
             old_ids, old_vecs = read_isne_embeddings(output_dir)
+            made_by = isne_vectors_model_ids(output_dir)
         except DamagedOutputError as err:  # derived: every chunk's vector is inferred from the model again
             log.warning("isne: %s; inferring every chunk's vector from the model instead", err)
             old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
+        else:
+            if model_id is not None and old_ids and made_by != {model_id}:
+                log.warning("isne: the ISNE vectors in %s were not made by the model %s (a stage stopped between "
+                            "writing the two); inferring every chunk's vector from the model", epath.parent, mpath)
+                old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
         d = int(ckpt.theta.shape[1])
         if cfg.isne.dim != d:
             log.warning("isne.dim is %d but %s was trained with %d; using the model (set isne.retrain=true "
@@ -287,7 +303,7 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         metrics.update(mode="inferred", n_inferred=int((~zero).sum()), n_uninformed=uninformed,
                        device=str(dev), n_trained_nodes=len(ckpt.node_ids))
         t = time.perf_counter()
-        write_isne_embeddings(epath, chunk_ids, vecs)
+        write_isne_embeddings(epath, chunk_ids, vecs, model_id)
         metrics["seconds"]["write"] = time.perf_counter() - t
     if not mpath.is_file():
         metrics["model_path"] = None  # no model exists (no chunks, or no edges): none is named

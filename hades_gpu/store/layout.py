@@ -85,6 +85,8 @@ EDGES_SCHEMA = pa.schema([
 ])
 
 ISNE_EMBEDDINGS_SCHEMA = pa.schema([("chunk_id", pa.string()), ("isne_embedding", pa.list_(pa.float32()))])
+# schema metadata key of the ISNE vectors file: the `model_id` of the checkpoint that made them
+ISNE_MODEL_ID_KEY = b"hades_isne_model_id"
 
 
 def part_name(shard: str, number: int) -> str:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from hades_gpu.documents.reading import content_hash
 from hades_gpu.records import error_line
 from hades_gpu.regular_file import NotRegularFileError, open_regular
-from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, isne_embeddings_files, part_path
+from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, ISNE_MODEL_ID_KEY, isne_embeddings_files, part_path
 from hades_gpu.store.manifest import committed_parts, has_manifest
 
 __all__ = ["DamagedOutputError", "SourceChangedError", "chunk_source", "committed_part_files", "committed_parts",
@@ -170,6 +170,21 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
     if len(dims) > 1:
         raise ValueError(f"isne embeddings of one output must share one dimension (got {sorted(dims)})")
     return ids, (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+
+def isne_vectors_model_ids(output: str | os.PathLike) -> set[Optional[str]]:
+    """The `model_id` of the ISNE model each `isne/embeddings-*.parquet` was made by (None: a file
+    written before the id existed, or vectors of no model: an empty graph or one without edges)."""
+    found: set[Optional[str]] = set()
+    for f in isne_embeddings_files(Path(output)):
+        try:
+            meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowException, OSError) as err:
+            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err)[:300]}); `hades-isne "
+                                     f"output={output}` writes it again") from err
+        raw = meta.get(ISNE_MODEL_ID_KEY)
+        found.add(raw.decode("utf-8", "replace") if raw else None)
+    return found
 
 
 class SourceChangedError(ValueError):

@@ -309,7 +309,28 @@ def _derived_behind_the_chunks(output: Path) -> list[str]:
             notes.append(f"ISNE vectors: {missing} chunk(s) have none (ingested since the last ISNE stage) and "
                          f"{removed} row(s) are of chunks no longer in the output; `hades-isne output={output}` "
                          f"infers or trains them again")
+        from hades_gpu.store.reader import isne_vectors_model_ids
+
+        model_id = _model_id(isne_model_path(output))
+        if model_id is not None and isne_vectors_model_ids(output) != {model_id}:
+            notes.append(f"ISNE vectors were not made by {isne_model_path(output)} (a stage stopped between writing "
+                         f"the two); the next ingest or `hades-isne output={output}` infers them from the model again")
     return notes
+
+
+def _model_id(model: Path) -> Optional[str]:
+    """The `model_id` an ISNE checkpoint records (None: none, unreadable, or older than the id)."""
+    import json
+
+    from safetensors import safe_open
+
+    if not model.is_file():
+        return None
+    try:
+        with safe_open(str(model), framework="numpy") as f:
+            return json.loads((f.metadata() or {}).get("config", "{}")).get("model_id")
+    except Exception:  # noqa: BLE001 - a damaged model is reported by _check_derived
+        return None
 
 
 def _committed_chunk_ids(output: Path) -> set[str]:

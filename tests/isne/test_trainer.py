@@ -164,6 +164,40 @@ def test_stage_trains_then_infers_new_chunks_without_retraining(tmp_path: Path) 
     assert m3["mode"] == "trained" and m3["n_nodes"] == len(first) + len(added)
 
 
+def test_vectors_of_another_model_beside_the_model_are_inferred_again(tmp_path: Path, caplog) -> None:
+    """A stage that failed between writing the model and the vectors (a full disk, a size limit) left
+    a new model beside the old model's vectors; later stages kept those and inferred only new chunks
+    from the new θ, mixing two models' vectors without a word. The vectors now carry the model's id:
+    vectors of another model are inferred again from the model there, and said."""
+    import logging
+    import shutil
+
+    from hades_gpu.isne.checkpoint import load_checkpoint
+    from hades_gpu.store.reader import isne_vectors_model_ids
+
+    ids = _write_output(tmp_path, {f"d{i}.md": 3 + i % 4 for i in range(12)})
+    run_isne_stage(_cfg(), tmp_path)
+    old_vectors = tmp_path / "old-vectors.parquet"
+    shutil.copy(tmp_path / "isne" / "embeddings-s0.parquet", old_vectors)
+    (model_id,) = isne_vectors_model_ids(tmp_path)
+    assert model_id and load_checkpoint(tmp_path / "isne" / "model.safetensors").config["model_id"] == model_id
+
+    retrain = PipelineConfig(graph=_cfg().graph, isne=IsneConfig(**{**_cfg().isne.__dict__, "retrain": True,
+                                                                    "seed": 7}))
+    run_isne_stage(retrain, tmp_path)  # a new model ...
+    (new_id,) = isne_vectors_model_ids(tmp_path)
+    assert new_id != model_id
+    _, right = read_isne_embeddings(tmp_path)
+    shutil.copy(old_vectors, tmp_path / "isne" / "embeddings-s0.parquet")  # ... beside the old model's vectors
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.stage"):
+        m = run_isne_stage(_cfg(), tmp_path)
+    assert m["mode"] == "inferred" and m["n_inferred"] == len(ids)
+    assert any("were not made by the model" in r.getMessage() for r in caplog.records)
+    got_ids, got = read_isne_embeddings(tmp_path)
+    assert isne_vectors_model_ids(tmp_path) == {new_id}
+    np.testing.assert_allclose(got, right, rtol=1e-4, atol=1e-5)  # the new model's own vectors again
+
+
 def test_new_chunks_with_no_trained_chunk_near_them_are_counted_and_said(tmp_path: Path, caplog) -> None:
     """A new document that links to nothing trained (its kNN neighbours are all new too) has nothing
     to average: its vectors are 0. The stage reported them as inferred, silently."""

@@ -324,6 +324,12 @@ def test_verify_notes_a_graph_and_isne_vectors_of_an_earlier_state_of_the_chunks
     assert report.ok, report.lines()
     assert any(f"edges.parquet is older than the chunks: {edges.num_rows} edge end(s)" in n for n in report.notes)
     assert any("ISNE vectors: 1 chunk(s) have none" in n and "0 row(s)" in n for n in report.notes), report.notes
+    assert not [n for n in report.notes if "were not made by" in n]  # the vectors are the model's own
+    # vectors another model made (a stage stopped between writing the model and the vectors)
+    from hades_gpu.store.layout import ISNE_MODEL_ID_KEY
+
+    pq.write_table(table.replace_schema_metadata({ISNE_MODEL_ID_KEY: b"another-model"}), isne)
+    assert any("ISNE vectors were not made by" in n for n in verify_output(out).notes)
 
 
 
