@@ -328,11 +328,11 @@ def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_
     out = tmp_path / "out"
     shutil.copytree(ingested, out)
     (out / "manifest-s0.sqlite").write_text("not a database, just a text file that is long enough " * 4)
-    _assert_one_line(_ingest(str(out), "circle area", module="search_main"), 1, "manifest", "unreadable",
-                     prog="hades-search")
+    _assert_one_line(_ingest(str(out), "circle area", module="search_main"), 1, "manifest", "is damaged",
+                     "move it aside", prog="hades-search")
     verify = subprocess.run([sys.executable, "-m", "hades_gpu.store.verify", str(out)], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    _assert_one_line(verify, 1, "manifest", "unreadable", prog="hades-verify")
+    _assert_one_line(verify, 1, "manifest", "is damaged", "move it aside", prog="hades-verify")
     # a folder where the manifest was: SQLite said "disk I/O error" / "unable to open database file"
     (out / "manifest-s0.sqlite").unlink()
     (out / "manifest-s0.sqlite").mkdir()

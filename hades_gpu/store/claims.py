@@ -20,7 +20,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable
 
-from hades_gpu.store.manifest import LOOKUP_BATCH
+from hades_gpu.store.manifest import LOOKUP_BATCH, damaged
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 class ClaimsDamagedError(RuntimeError):
     """claims.sqlite is no SQLite database any more while another run of the output is going."""
-
-
-def damaged(err: sqlite3.Error) -> bool:
-    """Whether `err` says the database file is damaged (not merely locked or unwritable)."""
-    name = getattr(err, "sqlite_errorname", "")
-    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or (
-        not name and ("not a database" in str(err) or "malformed" in str(err)))
 
 
 def _open_undamaged(output: Path, running: set[str]) -> sqlite3.Connection:

@@ -154,7 +154,7 @@ class Manifest:
             conn.executescript(_SCHEMA)
             version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         except sqlite3.DatabaseError as err:
-            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+            raise unreadable_manifest(path, err) from err
         if version is None:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?), ('shard', ?)", (str(MANIFEST_VERSION), shard))
         elif int(version[0]) != MANIFEST_VERSION:
@@ -437,11 +437,26 @@ class Manifest:
                             [(size, mtime, rel) for rel, (size, mtime) in updates.items()])
 
 
+def damaged(err: BaseException) -> bool:
+    """Whether a SQLite error says the database file is damaged (not merely locked or unwritable)."""
+    name = getattr(err, "sqlite_errorname", "")
+    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or (
+        not name and ("not a database" in str(err) or "malformed" in str(err)))
+
+
+def unreadable_manifest(path: Path, err: BaseException) -> "ManifestError":
+    """The one-line error for a manifest that cannot be read; for a damaged one, what to do."""
+    if isinstance(err, sqlite3.DatabaseError) and damaged(err):
+        return ManifestError(f"manifest {path} is damaged ({err}): move it aside and re-run the ingest of this "
+                             "shard over its corpus; its documents are ingested again and its old parts replaced")
+    return ManifestError(f"manifest {path} is unreadable: {err}")
+
+
 def read_legacy_json(path: Path) -> dict[str, Any]:
     try:
         raw: dict[str, Any] = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+        raise unreadable_manifest(path, err) from err
     if raw.get("version") != LEGACY_JSON_VERSION:
         raise ManifestError(f"manifest {path} has version {raw.get('version')!r}, expected {LEGACY_JSON_VERSION}")
     return raw
@@ -466,7 +481,7 @@ def committed_parts(output: Path) -> list[str]:
             with _read_only(path) as conn:
                 parts.extend(name for (name,) in conn.execute("SELECT name FROM parts"))
         except sqlite3.DatabaseError as err:
-            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+            raise unreadable_manifest(path, err) from err
     for path in sorted(output.glob("manifest*.json")):
         parts.extend(str(p) for p in read_legacy_json(path).get("parts", []))
     return sorted(set(parts))
@@ -529,7 +544,7 @@ def claimed_by_other_shards(output: Path, shard: str, rel_paths: Iterable[str]) 
                     for (rel,) in conn.execute(f"SELECT rel_path FROM documents WHERE rel_path IN ({marks})", batch):
                         claimed.setdefault(rel, other)
         except sqlite3.DatabaseError as err:
-            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+            raise unreadable_manifest(path, err) from err
     return claimed
 
 

@@ -37,7 +37,7 @@ from hades_gpu.records import printable, user_path
 from hades_gpu.store.atomic import FileRecord, file_checksum
 from hades_gpu.records import error_line
 from hades_gpu.store.layout import TABLES, edges_path, isne_embeddings_files, isne_model_path, part_path
-from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest
+from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest, unreadable_manifest
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class _ReadOnlyManifest(Manifest):
             conn.execute("SELECT COUNT(*) FROM parts").fetchone()
             has_files = conn.execute("SELECT name FROM sqlite_master WHERE name = 'part_files'").fetchone()
         except sqlite3.DatabaseError as err:
-            raise ManifestError(f"manifest {path} is unreadable: {err}") from err
+            raise unreadable_manifest(path, err) from err
         m = cls(output, shard, conn)
         m._has_files = has_files is not None
         return m
