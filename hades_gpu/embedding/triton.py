@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ TEXT_INPUT = "text"  # the raw-text model's BYTES input (triton_models/minilm_te
 # NOT_FOUND too: the model was ready at start (checked), so mid-run it is being unloaded by a server
 # that stops or restarts gracefully; a restart ridden through instead of a failed run
 _RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND")
+# one row sent alone to the same model answers the same up to float noise; another model does not
+SAME_MODEL_MIN_COSINE = 0.99
 _MAX_BACKOFF_S = 30.0
 _CHECK_TIMEOUT_S = 10.0  # deadline of each start-up check
 
@@ -85,6 +87,13 @@ class TritonEmbedder:
         self._ids = itertools.count()
         self._closed = False
         self._text_lock = threading.Lock()
+        # the same model after an outage (`_check_same_model`): a row and the answer it first got
+        self._reference: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._outages = 0  # retryable failures seen (server gone or restarting)
+        self._checked_outages = 0  # ... up to which the server was checked to answer as before
+        self._model_changed: Optional[EmbedderError] = None
+        self._state_lock = threading.Lock()
+        self._check_lock = threading.Lock()
         self._text_batch = 0  # the text model's max_batch_size once checked (first embed_texts call)
         self._where = f"Triton at {self.url} model {self.model!r}"
         try:
@@ -176,10 +185,51 @@ class TritonEmbedder:
         a.set_data_from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         b = grpc.InferInput(INPUT_NAMES[1], list(mask.shape), "INT64")
         b.set_data_from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
-        return self._request(self.model, [a, b], ids.shape[0], f"a batch of shape {list(ids.shape)}")
+        out = self._request(self.model, [a, b], ids.shape[0], f"a batch of shape {list(ids.shape)}")
+        if self._reference is None:
+            with self._state_lock:
+                if self._reference is None:
+                    self._reference = (np.array(ids[:1], dtype=np.int64), np.array(mask[:1], dtype=np.int64),
+                                       np.array(out[0], dtype=np.float32))
+        return out
 
-    def _request(self, model: str, inputs: list, rows: int, what: str) -> np.ndarray:
-        """One inference on `model`, bounded in flight and retried on UNAVAILABLE; (rows, dim) float32."""
+    def _check_same_model(self) -> None:
+        """After an outage, the server must answer the first row it was sent as it did then, before
+        any answer of the restarted server is used. Why: a server restarted with another model of
+        the same name and width (a new version deployed mid-run) was ridden through by the retries,
+        and its vectors were written beside the first model's, exit 0 (the ingest's model probe
+        runs once, at the start). A restart that no request of this client saw (between two
+        requests) is not noticed here."""
+        with self._check_lock:
+            if self._model_changed is not None:
+                raise self._model_changed
+            with self._state_lock:
+                outages, reference = self._outages, self._reference
+            if outages <= self._checked_outages or reference is None:
+                return
+            ids, mask, before = reference
+            grpc = self._grpc
+            a = grpc.InferInput(INPUT_NAMES[0], list(ids.shape), "INT64")
+            a.set_data_from_numpy(ids)
+            b = grpc.InferInput(INPUT_NAMES[1], list(mask.shape), "INT64")
+            b.set_data_from_numpy(mask)
+            now = self._request(self.model, [a, b], 1, "the row first embedded (checking the model after an outage)",
+                                check=False)[0]
+            cosine = float(np.dot(now, before) / max(float(np.linalg.norm(now) * np.linalg.norm(before)), 1e-12))
+            if cosine < SAME_MODEL_MIN_COSINE:
+                self._model_changed = EmbedderError(
+                    f"{self._where}: since the server came back it answers with another model (cosine {cosine:.3f} "
+                    f"to its first answer for the same row): nothing it embedded since is kept; serve the run's "
+                    f"model again (or start a new output for the new one) and re-run to resume")
+                raise self._model_changed
+            self._checked_outages = outages
+
+    def _request(self, model: str, inputs: list, rows: int, what: str, check: bool = True) -> np.ndarray:
+        """One inference on `model`, bounded in flight and retried on UNAVAILABLE; (rows, dim) float32.
+        After an outage the server's model is checked first (`_check_same_model`; `check=False`: this
+        is that check's own request)."""
+        if check and self._model_changed is not None:
+            raise self._model_changed
         outputs = [self._grpc.InferRequestedOutput(OUTPUT_NAME)]
         where = f"Triton at {self.url} model {model!r}"
         attempt = 0
@@ -195,6 +245,9 @@ class TritonEmbedder:
             if err is None:
                 break
             status = err.status() or ""
+            if status in _RETRYABLE:
+                with self._state_lock:
+                    self._outages += 1
             if status in _RETRYABLE and attempt < self.cfg.retries and not self._closed:
                 delay = min(self.cfg.retry_backoff_s * (2 ** attempt), _MAX_BACKOFF_S)
                 attempt += 1
@@ -217,6 +270,8 @@ class TritonEmbedder:
         if out is None or out.shape != (rows, self.dim):
             got = None if out is None else out.shape
             raise EmbedderError(f"{where}: expected output of shape {(rows, self.dim)} (got {got})")
+        if check and model == self.model and self._outages > self._checked_outages:
+            self._check_same_model()
         return out.astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------------------------- raw text

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from hades_gpu.config import ProfileConfig
+from hades_gpu.embedding.base import EmbedderError
 from hades_gpu.gpu.slabs import SlabLayout, SlabRing, copies_to_cuda
 from hades_gpu import exit_guard
 from hades_gpu.orchestration.batcher import LengthSortedBatcher, effective_budget
@@ -297,6 +298,11 @@ class StreamingPipeline:
         with self._error_lock:
             if self._error is None:  # the first failure is the cause; later ones are its echoes
                 self._error = err
+        if isinstance(err, EmbedderError):
+            # the embedder (a Triton server gone past its retries) failed: the rows it embedded before
+            # are good, so they still reach the sink, as after Ctrl-C, and the caller commits the
+            # documents they complete (they were dropped with up to writer_commit_interval_s of work)
+            self._draining = True
         self._stop.set()
         self.batch_queue.abort(err)
         if not self._draining:

@@ -29,7 +29,7 @@ from hades_gpu.documents.discovery import Skip, discover, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
-from hades_gpu.embedding.base import Embedder
+from hades_gpu.embedding.base import Embedder, EmbedderError
 from hades_gpu.embedding.texts import model_probe
 from hades_gpu.exit_guard import active_run, sigterm_as_interrupt
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
@@ -167,7 +167,7 @@ def _worker_count(configured: int, documents: int) -> int:
     return workers
 
 
-def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess]) -> None:
+def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess], why: str = "interrupted") -> None:
     """An interrupted run commits the documents whose every chunk is embedded, as its end would: at
     most one part's rows to encode (well under a second), so Ctrl-C keeps the finished work instead
     of up to `writer_commit_interval_s` of it. Documents still missing chunks are redone next run.
@@ -176,11 +176,11 @@ def _keep_finished_documents(writer: Union[DatasetWriter, WriterProcess]) -> Non
         writer.close(interrupted=True)
     except BaseException as err:  # noqa: BLE001 - the interrupt is what the caller raises
         writer.discard_open_part()
-        log.warning("interrupted: the finished documents could not be committed (%s); re-run to resume",
+        log.warning("%s: the finished documents could not be committed (%s); re-run to resume", why,
                     f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__)
         return
     # INFO: the command line's own line says "committed parts are kept" (one line per fault)
-    log.info("interrupted: %d document(s) of this run are committed; re-run to resume the rest",
+    log.info("%s: %d document(s) of this run are committed; re-run to resume the rest", why,
              writer.documents_committed)
 
 
@@ -500,6 +500,11 @@ class IngestPipeline:
         except KeyboardInterrupt:
             _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (exit_guard.Terminated): what is done stays done
             self._record_interrupted_run(metrics, writer, out)
+            raise
+        except EmbedderError:
+            # the rows embedded before it failed are good (a server that came back with another model is
+            # refused before any of its answers is used): keep what they complete, as Ctrl-C does
+            _keep_finished_documents(writer, "the embedder failed")
             raise
         except BaseException:
             writer.discard_open_part()  # its rows are uncommitted: the next run redoes those documents

@@ -497,6 +497,54 @@ def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, write
     assert totals["runs"] == 2 and totals["chunks"] == 40
 
 
+class _FailAfter(RecordingEmbedder):
+    """The real embedder until call `calls`, which raises the EmbedderError a Triton embedder raises
+    when its server is gone past every retry. A stand-in for that fault at a chosen moment: the real
+    server kill is in tests/triton/test_ingest_triton.py, where its moment cannot be chosen."""
+
+    def __init__(self, inner, calls: int) -> None:
+        super().__init__(inner)
+        self.after = calls
+        self._count = itertools.count(1)
+
+    def embed(self, input_ids, attention_mask):
+        from hades_gpu.embedding.base import EmbedderError
+
+        if next(self._count) >= self.after:
+            raise EmbedderError("Triton at 127.0.0.1:1 model 'minilm_python': inference failed after 6 attempts")
+        return super().embed(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_an_embedder_that_fails_mid_run_keeps_the_documents_already_embedded(tmp_path, embedder, writer, caplog):
+    """A Triton server gone past its retries dropped every row not yet committed (up to
+    writer_commit_interval_s of embedding), where Ctrl-C commits the finished documents. The rows
+    embedded before the failure are good, so the documents they complete are now committed too."""
+    import logging
+
+    from hades_gpu.embedding.base import EmbedderError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # one-chunk documents: many are finished after a few batches
+        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
+    out = tmp_path / "out"
+    cfg = config("profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600",
+                 f"profile.writer={writer}", "profile.max_batch_tokens=512")
+    with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
+        with pytest.raises(EmbedderError, match="inference failed"):
+            TextParallelPipeline(cfg, embedder=_FailAfter(embedder, calls=4)).process_batch([corpus], output=out)
+    kept = len(read_documents(out, ["doc_id"]))
+    assert 0 < kept < 40, kept  # without the commit at the failure: 0
+    assert any(r.getMessage().startswith(f"the embedder failed: {kept} document(s) of this run are committed")
+               for r in caplog.records)
+    assert_exactly_once(out)
+    again = RecordingEmbedder(embedder)
+    result = TextParallelPipeline(cfg, embedder=again).process_batch([corpus], output=out)
+    assert result.documents_unchanged == kept and again.rows_embedded == 40 - kept
+    assert_exactly_once(out)
+
+
 def test_a_file_that_is_no_longer_a_document_loses_its_earlier_chunks(tmp_path, embedder, caplog):
     """Emptied, turned binary or whitespace only: the run said "skipped a.txt: empty" and kept the old
     version's chunks, so search kept finding text the file no longer has."""

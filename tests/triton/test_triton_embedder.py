@@ -160,3 +160,68 @@ def test_a_max_seq_len_beyond_the_served_models_is_refused_at_start(triton_serve
     with pytest.raises(ConfigError, match=r"embedder.max_seq_len=512 is more than .*max_seq_len 256 in its config"):
         embedder_for(triton_server.grpc_url, MODEL, max_seq_len=512)
     embedder_for(triton_server.grpc_url, MODEL, max_seq_len=128).close()  # shorter rows are fine
+
+
+_CONSTANT_MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().shape[0]
+            v = np.full((rows, 384), SIGN * 384 ** -0.5, dtype=np.float32)
+            v[:, ::2] *= SIGN
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("embedding", v)]))
+        return out
+"""
+
+
+def _constant_repository(root, sign: int):
+    """A model repository serving, as minilm_python, a model that answers one constant 384-wide unit
+    vector (`sign` picks which of two): a different model of the same name, inputs and width."""
+    from pathlib import Path
+
+    from hades_gpu.embedding.triton_server import default_model_repository
+
+    (root / MODEL / "1").mkdir(parents=True)
+    (root / MODEL / "config.pbtxt").write_text((Path(default_model_repository()) / MODEL / "config.pbtxt").read_text())
+    (root / MODEL / "1" / "model.py").write_text(_CONSTANT_MODEL.replace("SIGN", str(sign)))
+    return root
+
+
+def test_a_server_restarted_with_another_model_of_the_same_name_is_refused_not_mixed_in(tmp_path):
+    """The retries rode through a server restarted with another model under the same name and
+    width (a new version deployed mid-run), and its vectors were written beside the first model's,
+    exit 0. After an outage the client now checks that the server answers its first row as before,
+    before it uses any answer: the same model passes, another one fails every call in one line.
+    (Real servers on one fixed port: two constant models that answer differently.)"""
+    from hades_gpu.embedding.triton_server import TritonServer
+
+    port = free_port()
+    ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+    mask = np.ones_like(ids)
+
+    def serve(sign: int, name: str) -> TritonServer:
+        repo = _constant_repository(tmp_path / name, sign)
+        return TritonServer(repo, [MODEL], grpc_port=port, log_file=tmp_path / f"{name}.log").start()
+
+    server = serve(1, "first")
+    emb = embedder_for(f"127.0.0.1:{port}", MODEL, retries=40, retry_backoff_s=0.25)
+    try:
+        first = emb.embed(ids, mask)
+        for sign, name in ((1, "same-again"), (-1, "another")):
+            server.stop()
+            pending = ThreadPoolExecutor(1).submit(emb.embed, ids, mask)  # retried while no server answers
+            server = serve(sign, name)
+            if sign == 1:
+                np.testing.assert_allclose(pending.result(timeout=120), first)  # the same model: ridden through
+            else:
+                with pytest.raises(EmbedderError, match="since the server came back it answers with another model"):
+                    pending.result(timeout=120)
+                with pytest.raises(EmbedderError, match="another model"):  # and every later call
+                    emb.embed(ids, mask)
+    finally:
+        emb.close()
+        server.stop()
