@@ -77,6 +77,8 @@ class TritonEmbedder:
         if not cfg.retry_backoff_s >= 0:  # time.sleep(-1) raised at the first retry, mid-run
             raise ValueError(f"embedder.retry_backoff_s must be >= 0 (got {cfg.retry_backoff_s})")
         check_grpc_url(cfg.url, "embedder.url")
+        if not str(cfg.model or "").strip():
+            raise ConfigError("embedder.model is empty: name the model the Triton server serves (e.g. minilm_python)")
         self._grpc = grpcclient
         self._exc = InferenceServerException
         self.cfg = cfg
@@ -135,9 +137,9 @@ class TritonEmbedder:
         if OUTPUT_NAME not in outputs:
             raise EmbedderError(f"{where}: model must have output {OUTPUT_NAME!r} (got {sorted(outputs)})")
         width = outputs[OUTPUT_NAME][-1] if outputs[OUTPUT_NAME] else -1
-        if width != self.cfg.dim:
-            raise EmbedderError(f"{where}: output {OUTPUT_NAME!r} must be {self.cfg.dim} wide (embedder.dim) "
-                                f"(got dims {outputs[OUTPUT_NAME]})")
+        if width != self.cfg.dim:  # the settings do not fit the served model: a usage error (exit 2), as max_seq_len
+            raise ConfigError(f"{where}: output {OUTPUT_NAME!r} must be {self.cfg.dim} wide (embedder.dim) "
+                              f"(got dims {outputs[OUTPUT_NAME]}): set embedder.dim to the model's width")
         self.dim = int(self.cfg.dim)
         served = config.parameters.get("max_seq_len")  # model.py's own limit (triton_models/*/config.pbtxt)
         served_len = served.string_value.strip() if served is not None else ""

@@ -33,6 +33,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -245,6 +246,23 @@ def _tail(path: Optional[Path], lines: int = 3) -> str:
     picked = [line for line in (errors or text) if line.strip() and not _harmless(line)][-lines:]
     # Triton logs a traceback inside one line as literal "\n": keep the first line of each.
     return " | ".join(line.split("\\n")[0].strip()[:400] for line in picked)
+
+
+_PORT_IN_USE = re.compile(r"Socket '([^']*)' already in use")
+_SERVICE = re.compile(r"failed to start (\w+) service")
+
+
+def _start_failure(path: Optional[Path]) -> str:
+    """Why tritonserver exited before it was ready, in words: a port already in use is named as such
+    (it was ~650 characters of gRPC core's own report); otherwise the log's error lines (`_tail`)."""
+    tail = _tail(path)
+    port = _PORT_IN_USE.search(tail)
+    if port:
+        service = _SERVICE.search(tail)
+        kind = {"GRPC": "gRPC", "HTTP": "HTTP", "Metrics": "metrics"}.get(service.group(1), service.group(1)) \
+            if service else "a"
+        return f"the {kind} port {port.group(1)} is already in use (another server?): choose another port"
+    return tail
 
 
 def _harmless(line: str) -> bool:
@@ -480,8 +498,8 @@ class TritonServer:
                     raise StartCancelled("stopped before the server was ready")
                 rc = self._proc.poll()
                 if rc is not None:
-                    raise TritonServerError(
-                        f"tritonserver exited with code {rc} before it was ready (log {self.log_file}): {_tail(self.log_file)}")
+                    raise TritonServerError(f"tritonserver exited with code {rc} before it was ready (log "
+                                            f"{self.log_file}): {_start_failure(self.log_file)}")
                 try:
                     if self._started_grpc() and client.is_server_ready(client_timeout=2.0) and all(
                         client.is_model_ready(m, client_timeout=2.0) for m in self.models
@@ -490,8 +508,10 @@ class TritonServer:
                 except InferenceServerException:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
+                    tail = _tail(self.log_file)
                     raise TritonServerError(
-                        f"tritonserver not ready after {self.ready_timeout_s:.0f} s (log {self.log_file}): {_tail(self.log_file)}")
+                        f"tritonserver not ready within {self.ready_timeout_s:g} s (the ready timeout ran out; "
+                        f"log {self.log_file})" + (f": {tail}" if tail else "; it logged no error yet"))
                 time.sleep(0.2)
         finally:
             client.close()

@@ -137,3 +137,29 @@ def test_a_port_out_of_range_is_refused_in_one_line(port):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "--grpc-port" in lines[0], proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_a_port_in_use_and_a_ready_timeout_are_said_in_words(tmp_path):
+    """A taken gRPC port printed ~650 characters of gRPC core's own report; a ready timeout of 0.5 s
+    read "not ready after 0 s ...: " with nothing after the colon."""
+    import socket
+
+    from hades_gpu.embedding.triton_server import TritonServer, TritonServerError, default_model_repository
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(TritonServerError) as info:
+            TritonServer(default_model_repository(), ["minilm_python"], grpc_port=port,
+                         log_file=tmp_path / "taken.log").start()
+    finally:
+        taken.close()
+    message = str(info.value)
+    assert f"the gRPC port 127.0.0.1:{port} is already in use (another server?): choose another port" in message
+    assert len(message) < 300, message
+    with pytest.raises(TritonServerError, match=r"not ready within 0.5 s \(the ready timeout ran out; log "):
+        TritonServer(default_model_repository(), ["minilm_python"], ready_timeout_s=0.5,
+                     log_file=tmp_path / "slow.log").start()

@@ -160,6 +160,11 @@ def test_a_max_seq_len_beyond_the_served_models_is_refused_at_start(triton_serve
     with pytest.raises(ConfigError, match=r"embedder.max_seq_len=512 is more than .*max_seq_len 256 in its config"):
         embedder_for(triton_server.grpc_url, MODEL, max_seq_len=512)
     embedder_for(triton_server.grpc_url, MODEL, max_seq_len=128).close()  # shorter rows are fine
+    # the other settings that do not fit the served model are usage errors too (exit 2; they were 1)
+    with pytest.raises(ConfigError, match=r"must be 256 wide \(embedder.dim\) \(got dims \[384\]\): set embedder.dim"):
+        embedder_for(triton_server.grpc_url, MODEL, dim=256)
+    with pytest.raises(ConfigError, match="embedder.model is empty"):
+        embedder_for(triton_server.grpc_url, " ")
 
 
 _CONSTANT_MODEL = """import numpy as np
