@@ -6,6 +6,7 @@ The launcher is `embedding.triton_server.TritonServer`; this module is only its 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import subprocess
@@ -100,7 +101,10 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         print(f"hades-serve: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # --log-file in a folder that cannot be written, a full disk
-        print(f"hades-serve: error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        hint = " (a folder was expected; is the path an existing file?)" if err.errno in (
+            errno.EEXIST, errno.ENOTDIR) and err.filename else ""
+        print(f"hades-serve: error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}{hint}",
+              file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short

@@ -163,3 +163,14 @@ def test_a_port_in_use_and_a_ready_timeout_are_said_in_words(tmp_path):
     with pytest.raises(TritonServerError, match=r"not ready within 0.5 s \(the ready timeout ran out; log "):
         TritonServer(default_model_repository(), ["minilm_python"], ready_timeout_s=0.5,
                      log_file=tmp_path / "slow.log").start()
+
+
+def test_a_log_file_under_a_regular_file_says_a_folder_was_expected(tmp_path, capsys):
+    """`--log-file afile/x.log` said "afile: File exists", true but not the cause; hades-ingest says
+    what it means. Refused before any server starts."""
+    from hades_gpu.embedding.serve_cli import serve_cli
+
+    (tmp_path / "afile").write_text("")
+    assert serve_cli(["--log-file", str(tmp_path / "afile" / "x.log")]) == 1
+    assert capsys.readouterr().err.strip() == (f"hades-serve: error: {tmp_path / 'afile'}: File exists (a folder was "
+                                               "expected; is the path an existing file?)")
