@@ -117,7 +117,11 @@ class TritonEmbedder:
         try:
             live = self._client.is_server_live(client_timeout=_CHECK_TIMEOUT_S)
         except self._exc as err:
-            raise EmbedderError(f"{where}: server unreachable ({_one_line(err)}); start one with hades-serve") from err
+            # an HTTP endpoint closes a gRPC connection at once ("Socket closed"): the port given is likely
+            # the server's HTTP port (8000), not its gRPC one (8001)
+            hint = (" (is this the server's HTTP port? embedder.url takes the gRPC port, 8001 by default)"
+                    if "Socket closed" in str(err) else "; start one with hades-serve")
+            raise EmbedderError(f"{where}: server unreachable ({_one_line(err)}){hint}") from err
         if not live:
             raise EmbedderError(f"{where}: server is not live")
         try:

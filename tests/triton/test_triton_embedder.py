@@ -144,6 +144,14 @@ def test_unreachable_server_is_one_line_error():
     assert "\n" not in msg and url in msg and MODEL in msg and "unreachable" in msg
 
 
+def test_the_http_port_given_for_the_grpc_one_is_named(triton_server):
+    """embedder.url pointing at the server's HTTP port said "server unreachable (... Socket closed)"
+    with no hint that it was the wrong one of the server's two ports."""
+    port = triton_server.http_url.rsplit(":", 1)[1]
+    with pytest.raises(EmbedderError, match=r"is this the server's HTTP port\? embedder.url takes the gRPC port"):
+        embedder_for(f"127.0.0.1:{port}", MODEL)
+
+
 def test_missing_model_is_one_line_error(triton_server):
     with pytest.raises(EmbedderError) as info:
         embedder_for(triton_server.grpc_url, "no_such_model")
