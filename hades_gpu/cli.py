@@ -591,12 +591,13 @@ def ingest_main() -> None:
 def _isne_task(cfg: PipelineConfig, out: Path) -> None:
     from hades_gpu.isne.stage import NotAnIngestOutputError
     from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+    from hades_gpu.store.layout import no_manifest_detail
     from hades_gpu.store.reader import is_ingest_output
 
     dataset = Path(cfg.output or out)
     if not is_ingest_output(dataset):  # else the pipeline would ingest the folder (Hydra's .hydra/ files) into itself
-        raise NotAnIngestOutputError(f"{dataset} is not an ingest output (no manifest in it): give output= a folder "
-                                     f"hades-ingest wrote (`hades-ingest corpus=<documents> output=<folder>` first)")
+        raise NotAnIngestOutputError(f"{dataset} is not an ingest output {no_manifest_detail(dataset)}: give output= a "
+                                     f"folder hades-ingest wrote (`hades-ingest corpus=<documents> output=<folder>` first)")
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(printable(result.summary()))
 

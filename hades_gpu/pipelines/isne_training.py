@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hades_gpu.config import PipelineConfig, to_pipeline_config, validate
 from hades_gpu.exit_guard import active_run, sigterm_as_interrupt
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
-from hades_gpu.store.layout import isne_embeddings_path, isne_model_path, metrics_path
+from hades_gpu.store.layout import isne_embeddings_path, isne_model_path, metrics_path, no_manifest_detail
 from hades_gpu.store.metrics_file import INGEST_TOTALS, ingest_totals, read_metrics, write_metrics
 from hades_gpu.store.reader import is_ingest_output
 from hades_gpu.records import user_path
@@ -135,7 +135,7 @@ class ISNETrainingPipeline:
                 raise NotAnIngestOutputError(f"{path} does not exist: pass an ingest output folder")
             # a folder of documents: ingest it into another folder (an output inside its corpus is refused)
             raise NotAnIngestOutputError(
-                f"{path} is not an ingest output (no manifest in it); ingest it first "
+                f"{path} is not an ingest output {no_manifest_detail(path)}; ingest it first "
                 f"(`hades-ingest corpus={path} output=<another folder>`) and pass that output, or set "
                 f"output=<another folder> to have train() ingest it there")
         with sigterm_as_interrupt(), active_run():  # SIGTERM, interpreter exit: stopped as by Ctrl-C (`exit_guard`)

@@ -40,7 +40,8 @@ from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
 from hades_gpu.embedding.texts import embed_texts, model_probe, text_token_ids
 from hades_gpu.records import printable, user_path
 from hades_gpu.retrieval.candidates import CandidateSource, candidate_source
-from hades_gpu.store.layout import DRIVER_LOCK_NAME, ISNE_LOCK_NAME, edges_path, isne_embeddings_files
+from hades_gpu.store.layout import (DRIVER_LOCK_NAME, ISNE_LOCK_NAME, edges_path, isne_embeddings_files,
+                                    no_manifest_detail)
 from hades_gpu.store.lock import held_elsewhere
 from hades_gpu.store.manifest import MODEL_PROBE_MIN_COSINE, probe_cosine, recorded_model_probes
 from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, check_chunk_vectors, chunk_source,
@@ -154,7 +155,8 @@ class Searcher:
         if not is_ingest_output(self.output):
             if not os.path.exists(self.output):
                 raise SearchError(f"{self.output} does not exist")
-            raise SearchError(f"{self.output} is not an ingest output (no manifest in it): run hades-ingest first")
+            raise SearchError(f"{self.output} is not an ingest output {no_manifest_detail(self.output)}: run hades-ingest "
+                              "first")
         self._given_candidates = candidates
         self._graph_cfg = cfg.graph
         # what the "output changed" warning tells to do (hades-search, one query, says "run it again")

@@ -21,6 +21,7 @@ One place for names and schemas, so the writer, every reader, the graph and the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Collection
 
@@ -87,6 +88,15 @@ EDGES_SCHEMA = pa.schema([
 ISNE_EMBEDDINGS_SCHEMA = pa.schema([("chunk_id", pa.string()), ("isne_embedding", pa.list_(pa.float32()))])
 # schema metadata key of the ISNE vectors file: the `model_id` of the checkpoint that made them
 ISNE_MODEL_ID_KEY = b"hades_isne_model_id"
+
+
+def no_manifest_detail(folder: str | os.PathLike) -> str:
+    """Why `folder` is no ingest output, in parentheses: no manifest, and, when chunk parts are there
+    anyway, that the manifest is what is missing (it read as if the folder had never been an output)."""
+    if any((Path(folder) / CHUNKS_DIR).glob("part-*.parquet")):
+        return ("(its chunks/ parts are there but no manifest-*.sqlite: the manifest was deleted or moved; put it "
+                "back, or re-run hades-ingest over the corpus into this folder, which ingests the documents again)")
+    return "(no manifest in it)"
 
 
 def part_name(shard: str, number: int) -> str:

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from hades_gpu.records import printable, user_path
 from hades_gpu.store.atomic import FileRecord, file_checksum
 from hades_gpu.records import error_line
-from hades_gpu.store.layout import TABLES, edges_path, isne_embeddings_files, isne_model_path, part_path
+from hades_gpu.store.layout import (TABLES, edges_path, isne_embeddings_files, isne_model_path, no_manifest_detail,
+                                    part_path)
 from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest, unreadable_manifest
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     if not output.exists():
         raise FileNotFoundError(f"{output} does not exist")
     if not output.is_dir() or not has_manifest(output):
-        raise FileNotFoundError(f"{output} is not an ingest output (no manifest-*.sqlite)")
+        raise FileNotFoundError(f"{output} is not an ingest output {no_manifest_detail(output)}")
     report = VerifyReport(output=output)
     named: set[str] = set()
     for shard in _shards(output):

@@ -102,7 +102,21 @@ def test_hades_verify_on_a_clean_output_and_bad_arguments(clean, tmp_path, capsy
     assert verify_main([str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err  # not "is not an ingest output"
     assert verify_main([str(tmp_path)]) == 2
-    assert "not an ingest output" in capsys.readouterr().err
+    assert "not an ingest output (no manifest in it)" in capsys.readouterr().err
+    # parts without their manifest: said to be that (it read as a folder that was never an output)
+    orphan = _copy(clean_out, tmp_path / "orphan")
+    for manifest in orphan.glob("manifest-*.sqlite"):
+        manifest.unlink()
+    assert verify_main([str(orphan)]) == 2
+    assert "its chunks/ parts are there but no manifest-*.sqlite: the manifest was deleted or moved" \
+        in capsys.readouterr().err
+    from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+    from hades_gpu.retrieval.search import Searcher, SearchError
+
+    with pytest.raises(SearchError, match="the manifest was deleted or moved"):
+        Searcher(orphan)
+    with pytest.raises(Exception, match="the manifest was deleted or moved"):
+        ISNETrainingPipeline().train(corpus_path=orphan)
     assert verify_main(["--no-such-flag"]) == 2
     # quick (a run's start) trusts an unchanged stat; full finds bytes changed beneath it
     (out / "chunks" / "part-s0-00001.parquet").unlink()
