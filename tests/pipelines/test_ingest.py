@@ -448,6 +448,18 @@ def test_sigterm_in_library_use_commits_the_finished_documents_then_ends_the_pro
     assert_exactly_once(out)
 
 
+def _notes_committed_only_at_the_end(tmp_path: Path, writer: str):
+    """(corpus, output, config): 40 one-chunk documents (many finish after a few batches) and parts
+    committed only at the run's end, so whatever a stopped run keeps, its stop committed."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
+    cfg = config("profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600",
+                 f"profile.writer={writer}", "profile.max_batch_tokens=512")
+    return corpus, tmp_path / "out", cfg
+
+
 class _InterruptAfter(RecordingEmbedder):
     """The real embedder; after `calls` batches it sends this process SIGINT, as Ctrl-C does (the
     signal is real; only its timing is chosen), then goes on embedding."""
@@ -471,13 +483,7 @@ def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, write
     """Ctrl-C kept nothing that was not committed yet: with 20k-row parts and a 60 s commit interval,
     minutes of embedded documents were dropped and embedded again by the next run. The documents
     whose every chunk is embedded are now committed when the run is interrupted."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(40):  # one-chunk documents: many are finished after a few batches
-        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
-    out = tmp_path / "out"
-    cfg = config("profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600",
-                 f"profile.writer={writer}", "profile.max_batch_tokens=512")
+    corpus, out, cfg = _notes_committed_only_at_the_end(tmp_path, writer)
     interrupting = _InterruptAfter(embedder, calls=3)
     with pytest.raises(KeyboardInterrupt):
         TextParallelPipeline(cfg, embedder=interrupting).process_batch([corpus], output=out)
@@ -524,13 +530,7 @@ def test_an_embedder_that_fails_mid_run_keeps_the_documents_already_embedded(tmp
 
     from hades_gpu.embedding.base import EmbedderError
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(40):  # one-chunk documents: many are finished after a few batches
-        (corpus / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + " ".join(f"n{i} w{j}." for j in range(40)))
-    out = tmp_path / "out"
-    cfg = config("profile.writer_rows_per_part=1000000", "profile.writer_commit_interval_s=3600",
-                 f"profile.writer={writer}", "profile.max_batch_tokens=512")
+    corpus, out, cfg = _notes_committed_only_at_the_end(tmp_path, writer)
     with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
         with pytest.raises(EmbedderError, match="inference failed"):
             TextParallelPipeline(cfg, embedder=_FailAfter(embedder, calls=4)).process_batch([corpus], output=out)
