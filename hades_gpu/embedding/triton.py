@@ -109,6 +109,8 @@ class TritonEmbedder:
             raise
         self.description = f"triton {self.model} @ {self.url} (max batch {self.max_batch_size or 'any'}, " \
                            f"{self.concurrency} in flight)"
+        # raw texts (queries) go through the text model, which tokenizes on the server, then this one
+        self.query_description = f"triton {cfg.text_model} -> {self.model} @ {self.url}"
         log.info("triton embedder: %s", self.description)
 
     # ---------------------------------------------------------------------------------- start-up

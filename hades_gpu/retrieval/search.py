@@ -169,6 +169,8 @@ class Searcher:
             embedder = build_embedder(cfg)
         self.embedder = embedder
         self.embedder_name = getattr(embedder, "description", type(embedder).__name__)
+        # what embeds the queries (a Triton server's text model first): the header named minilm_python only
+        self.query_embedder_name = getattr(embedder, "query_description", None) or self.embedder_name
         try:
             self._check_model()
         except BaseException:
@@ -262,7 +264,7 @@ class Searcher:
             hits = [self._hit(r, row, score, cos, via) for r, (row, score, cos, via) in enumerate(ranked, 1)]
             t3 = time.perf_counter()
             results.append(SearchResult(
-                query=query, k=k, expand=expand, embedder=self.embedder_name, candidates=self.candidates.description,
+                query=query, k=k, expand=expand, embedder=self.query_embedder_name, candidates=self.candidates.description,
                 hits=hits, embed_ms=embed_ms, rank_ms=(t2 - t1) * 1000, locate_ms=(t3 - t2) * 1000,
                 total_ms=embed_ms + (t3 - t1) * 1000))
         return results

@@ -171,4 +171,5 @@ def test_search_with_the_triton_embedder_matches_local(triton_server, search_out
             assert [h.chunk_id for h in served.hits] == [h.chunk_id for h in here.hits], q
             np.testing.assert_allclose([h.score for h in served.hits], [h.score for h in here.hits], atol=2e-3)
     assert search_cli([out, queries[0], "-k", "2", "--embedder", "triton", f"embedder.url={triton_server.grpc_url}"]) == 0
-    assert "embedder triton minilm_python" in capsys.readouterr().out
+    # the header names the model the query went through first (it said minilm_python only)
+    assert "embedder triton minilm_text -> minilm_python @ " in capsys.readouterr().out
