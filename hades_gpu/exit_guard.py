@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -108,11 +109,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _exit_at_once(signum: int, frame: object) -> None:
+    """Ctrl-C again while the exit waits for the runs: stop waiting. Returning would let the
+    interpreter tear down under the still running run (the abort this module is for), so the
+    process ends here; parts are committed atomically, so what was committed stays and a re-run
+    redoes the rest."""
+    try:
+        sys.stderr.write("interrupted again: exiting without waiting for the run(s) to commit (committed parts are "
+                         "kept; re-run to resume)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def _stop_active_runs() -> None:
     with _changed:
         if _active == 0:
             return
         _exiting.set()
+        if threading.current_thread() is threading.main_thread():
+            # before anything else: a second Ctrl-C even while the warning below is written (it raised
+            # KeyboardInterrupt there, and the interpreter went on to abort under the run)
+            signal.signal(signal.SIGINT, _exit_at_once)
         log.warning("the interpreter is exiting while %d run(s) are still going: stopping them as on Ctrl-C "
                     "(finished documents are committed; re-run to resume)", _active)
         if not _changed.wait_for(lambda: _active == 0, timeout=WAIT_S):

@@ -357,8 +357,18 @@ class IngestPipeline:
                   for ref in refs if ref.rel_path in in_progress]
         return refs.take(keep), [*skips, *extra]
 
+    def _run_config(self, out: Path, sources: Optional[list[str]]) -> dict[str, Any]:
+        """The run's configuration for metrics.json, with what it read and wrote as absolute paths, also
+        when they came as process_batch's arguments (not in the config: both were null)."""
+        config = config_to_dict(self.config)
+        if sources is not None:
+            absolute = [os.path.abspath(s) for s in sources]
+            config["corpus"] = absolute[0] if len(absolute) == 1 else absolute
+        config["output"] = os.path.abspath(out)
+        return config
+
     def _record_interrupted_run(self, metrics: RunMetrics, writer: Union[DatasetWriter, WriterProcess],
-                                out: Path) -> None:
+                                out: Path, sources: Optional[list[str]] = None) -> None:
         """metrics.json for a run that was interrupted after committing chunks: the earlier file
         described an output without them, and the ingest totals (ISNE's default time budget) never
         counted this run's seconds and chunks. Nothing committed: the earlier file stays true."""
@@ -368,7 +378,7 @@ class IngestPipeline:
             metrics.finish()
             metrics.chunks_done = writer.rows_written
             snapshot = metrics.snapshot()
-            snapshot.update(interrupted=True, parts_written=writer.parts_written, config=config_to_dict(self.config))
+            snapshot.update(interrupted=True, parts_written=writer.parts_written, config=self._run_config(out, sources))
             _write_metrics(out, snapshot, self.shard)
         except Exception as err:  # noqa: BLE001 - the interrupt is what the caller sees
             log.warning("interrupted: metrics.json could not be written (%s)", error_line(err))
@@ -499,7 +509,7 @@ class IngestPipeline:
             writer.close()
         except KeyboardInterrupt:
             _keep_finished_documents(writer)  # Ctrl-C or SIGTERM (exit_guard.Terminated): what is done stays done
-            self._record_interrupted_run(metrics, writer, out)
+            self._record_interrupted_run(metrics, writer, out, sources)
             raise
         except EmbedderError:
             # the rows embedded before it failed are good (a server that came back with another model is
@@ -529,11 +539,7 @@ class IngestPipeline:
                               skipped=list(metrics.skipped))
         snapshot = metrics.snapshot()
         snapshot["parts_written"] = writer.parts_written
-        snapshot["config"] = config_to_dict(cfg)
-        # what this run read and wrote, also when they came as process_batch's arguments (not in the config)
-        if sources is not None:
-            snapshot["config"]["corpus"] = sources[0] if len(sources) == 1 else sources
-        snapshot["config"]["output"] = str(out)
+        snapshot["config"] = self._run_config(out, sources)
         snapshot = _write_metrics(out, snapshot, self.shard)
         result.metrics = snapshot
         if self.shard.sharded:

@@ -48,6 +48,9 @@ class ClaimsDamagedError(RuntimeError):
 def _open_undamaged(output: Path, running: set[str]) -> sqlite3.Connection:
     """The claims database, made anew when damaged and no other run of the output is going."""
     path = claims_path(output)
+    if path.exists() and not path.is_file():
+        raise ClaimsDamagedError(f"{path} is not a file: remove it (it holds only the document claims of runs in "
+                                 "progress, made anew by the next run)")
     try:
         conn = _connect(path)
     except sqlite3.DatabaseError as err:
@@ -105,7 +108,15 @@ def release_claims(output: Path, shard: str) -> None:
     path = claims_path(output)
     if not path.is_file():
         return
-    conn = _connect(path)
+    try:
+        conn = _connect(path)
+    except sqlite3.DatabaseError as err:
+        if not damaged(err):
+            raise
+        # this run's claims cannot be in it; the next run that claims makes it anew (or names it while
+        # another run goes). Each run with nothing new warned about it, again and again.
+        log.debug("%s is damaged (%s): no claims of this run to drop", path, err)
+        return
     try:
         conn.execute("DELETE FROM claims WHERE shard = ?", (shard,))
     finally:

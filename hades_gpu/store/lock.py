@@ -149,10 +149,15 @@ def _open_lock_file(path: Path, flags: int) -> int:
             raise OSError(err.errno, f"is {what}, not a lock file: remove it (hades-gpu makes lock files "
                           "itself)", str(path)) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise OSError(errno.EEXIST, "is not a regular file, so not a lock file: remove it (hades-gpu makes "
                       "lock files itself)", str(path))
+    if st.st_nlink > 1:  # a hard link to a file elsewhere: rewriting the lock would empty that file
+        os.close(fd)
+        raise OSError(errno.EEXIST, f"has {st.st_nlink - 1} other hard link(s), so it is no lock file of this "
+                      "output: remove it (hades-gpu makes lock files itself)", str(path))
     return fd
 
 

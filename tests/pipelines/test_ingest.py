@@ -351,18 +351,20 @@ else:
 """
 
 
-@pytest.mark.parametrize("how", ["ctrl-c-during-join", "daemon"])
+@pytest.mark.parametrize("how", ["ctrl-c-during-join", "ctrl-c-twice", "daemon"])
 def test_a_run_in_a_thread_is_stopped_cleanly_when_the_interpreter_exits(tmp_path, embedder, how):
     """process_batch in a thread while the interpreter exits under it (Ctrl-C in the main thread's
     `join(timeout)`, or a daemon thread when the main thread ends): the process aborted with
     `terminate called without an active exception` (exit 134), the run's threads cut off and its
     workers left as zombies. Now the run stops as on Ctrl-C, commits what is finished, and the
-    process exits as Python's own would; a re-run completes with every chunk once."""
+    process exits as Python's own would; a re-run completes with every chunk once. Ctrl-C again
+    while it waits ends the process at once (exit 130; it aborted, exit 134, as before)."""
     corpus = copy_files(stdlib_sources(60), tmp_path / "corpus")
     out = tmp_path / "out"
     script = tmp_path / "thread_run.py"
     script.write_text(_THREAD_RUN)
-    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), how], cwd=tmp_path,
+    mode = "daemon" if how == "daemon" else "join"
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), mode], cwd=tmp_path,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -375,10 +377,19 @@ def test_a_run_in_a_thread_is_stopped_cleanly_when_the_interpreter_exits(tmp_pat
         proc.stdin.flush()
     else:
         proc.send_signal(signal.SIGINT)
+    seen = ""
+    if how == "ctrl-c-twice":  # again, once the exit wait has begun
+        while "the interpreter is exiting" not in seen and proc.poll() is None:
+            seen += proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=180)
+    stderr = seen + stderr
     assert "terminate called" not in stderr and "Fatal Python error" not in stderr, stderr[-3000:]
-    assert proc.returncode == (0 if how == "daemon" else -signal.SIGINT), (proc.returncode, stderr[-3000:])
+    expected_rc = {"daemon": 0, "ctrl-c-during-join": -signal.SIGINT, "ctrl-c-twice": 130}[how]
+    assert proc.returncode == expected_rc, (proc.returncode, stderr[-3000:])
     assert "the interpreter is exiting while 1 run(s) are still going: stopping them as on Ctrl-C" in stderr
+    if how == "ctrl-c-twice":
+        assert "interrupted again: exiting without waiting for the run(s) to commit" in stderr
     kept = len(read_documents(out, ["doc_id"]))
     assert 0 < kept < 60
     assert_exactly_once(out)
@@ -479,20 +490,23 @@ class _InterruptAfter(RecordingEmbedder):
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])
-def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, writer):
+def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, writer, monkeypatch):
     """Ctrl-C kept nothing that was not committed yet: with 20k-row parts and a 60 s commit interval,
     minutes of embedded documents were dropped and embedded again by the next run. The documents
     whose every chunk is embedded are now committed when the run is interrupted."""
     corpus, out, cfg = _notes_committed_only_at_the_end(tmp_path, writer)
     interrupting = _InterruptAfter(embedder, calls=3)
-    with pytest.raises(KeyboardInterrupt):
-        TextParallelPipeline(cfg, embedder=interrupting).process_batch([corpus], output=out)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):  # relative paths, as a script in its folder gives them
+        TextParallelPipeline(cfg, embedder=interrupting).process_batch(["corpus"], output="out")
     kept = len(read_documents(out, ["doc_id"]))
     assert 0 < kept < 40, kept  # without the commit at the interrupt: 0
     assert_exactly_once(out)
     # metrics.json says what this run committed (there was none), and its totals count it
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and metrics["ingest_totals"]["chunks"] == kept
+    # what it read and wrote, absolute (an interrupted run's record had null for both)
+    assert (metrics["config"]["corpus"], metrics["config"]["output"]) == (str(corpus), str(out))
 
     again = RecordingEmbedder(embedder)
     result = TextParallelPipeline(cfg, embedder=again).process_batch([corpus], output=out)
@@ -922,6 +936,12 @@ def test_a_damaged_claims_file_is_made_anew_or_named_while_another_run_goes(tmp_
         claim_documents(out, "s0", ["b.md"], running={"other"})
     assert classify_error(info.value)[0] == 1 and "shards running now: other" in str(info.value)
 
+    # a run with nothing new claims nothing: no warning about a file it does not need (one each run)
+    with caplog.at_level(logging.WARNING):
+        assert TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out).documents_unchanged == 1
+    assert not [r for r in caplog.records if "claims" in r.getMessage()]
+    caplog.clear()
+
     (corpus / "b.md").write_text("# B\n\na new document.\n")
     with caplog.at_level(logging.WARNING, logger="hades_gpu.store.claims"):
         result = TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
@@ -933,6 +953,10 @@ def test_a_damaged_claims_file_is_made_anew_or_named_while_another_run_goes(tmp_
         (corpus / "c.md").write_text("# C\n\nanother new document.\n")
         with pytest.raises(ClaimsDamagedError):
             TextParallelPipeline(config("shard=mine"), embedder=embedder).process_batch([corpus], output=out)
+    claims_path(out).unlink()
+    claims_path(out).mkdir()  # a folder there: named, not "manifest database error"
+    with pytest.raises(ClaimsDamagedError, match="claims.sqlite is not a file: remove it"):
+        TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
 
 
 def test_two_by_hand_names_at_once_over_one_corpus_write_each_chunk_once(tmp_path):

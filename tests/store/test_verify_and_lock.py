@@ -374,5 +374,10 @@ def test_a_link_folder_or_fifo_at_the_lock_path_is_refused_and_nothing_is_writte
     with pytest.raises(OSError, match="is not a regular file, so not a lock file: remove it"):
         OutputLock(out, "s0").acquire()  # returns at once: neither the record read nor the open blocks
     (out / ".lock-s0").unlink()
+    os.link(victim, out / ".lock-s0")  # a hard link: writing the lock would empty the other name's file
+    with pytest.raises(OSError, match="has 1 other hard link"):
+        OutputLock(out, "s0").acquire()
+    assert victim.read_text() == "precious data\n"
+    (out / ".lock-s0").unlink()
     with OutputLock(out, "s0"):  # a plain lock file again: taken as usual
         assert read_holder(out / ".lock-s0")["pid"] == os.getpid()
