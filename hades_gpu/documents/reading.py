@@ -403,33 +403,11 @@ def decode_bytes(data: bytes, cfg: DocumentsConfig) -> str:
     return decode_text(data, cfg)[0]
 
 
-def _folder_now_a_link(ref: DocumentRef) -> str | None:
-    """The first folder between the corpus root and the file that is a symbolic link now, or None.
-    Why: `O_NOFOLLOW` guards the file's own name only; a corpus folder swapped for a link after
-    discovery was read through it, its files' text (from outside the corpus) ingested under the old
-    names. Checked from the relative path, when the document's path ends with it."""
-    rel = ref.rel_path
-    if os.sep != "/" or not ref.path.endswith("/" + rel) or "/" not in rel:
-        return None
-    root = ref.path[: len(ref.path) - len(rel)]
-    folders = rel.split("/")[:-1]
-    for depth in range(1, len(folders) + 1):
-        folder = root + "/".join(folders[:depth])
-        if os.path.islink(folder):
-            return "/".join(folders[:depth])
-    return None
-
-
 def read_text(ref: DocumentRef, cfg: DocumentsConfig) -> Decoded:
     """`Decoded` text, content hash and encoding of a document, or `SkipDocument` with the reason it
     cannot be used. `content_hash` is the blake2b hex of the raw bytes (BOM included); `text` is
     exactly what the codec produced (a BOM removed, line endings untouched), and chunk offsets
     (``char_start``/``char_end``) index it."""
-    if not cfg.follow_symlinks:
-        link = _folder_now_a_link(ref)
-        if link is not None:
-            raise SkipDocument("symlink", f"symbolic link not followed (documents.follow_symlinks=false): the folder "
-                               f"{link!r} on its path became one after discovery")
     data = read_bytes(ref.path, cfg.max_file_bytes, follow_symlinks=cfg.follow_symlinks,
                       discovered=(ref.size, ref.mtime_ns))
     text, encoding = decode_text(data, cfg, ref.rel_path)
