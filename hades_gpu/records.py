@@ -73,10 +73,15 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: _ESCAPES.get(m.group(), m.group().encode("unicode_escape").decode("ascii")), text)
 
 
-def error_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type's name when it has none (one-line reports)."""
+def error_line(err: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of an error's message, or its type's name when it has none (one-line reports);
+    with `limit`, at most that many characters, a cut marked with "…" (a bare slice stopped mid-path,
+    as if the path ended there)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    if limit is not None and len(line) > limit:
+        line = line[: max(limit - 1, 0)] + "…"
+    return line
 
 
 def _fsencode(path: str) -> bytes:

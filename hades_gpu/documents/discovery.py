@@ -333,8 +333,12 @@ class _Walker:
         # spelled "caf\\xe9.txt" are the same document id, so the second is the duplicate
         identity = display_path(rel_path)
         if identity in self.seen_rel:
+            taken = self.seen_rel[identity]
+            # two names that print alike (a byte 0xE9 and the text "\xe9"): said, or the line named one file twice
+            alike = (" (another name, which reads the same once bytes that are not UTF-8 are written as \\xNN)"
+                     if printable(taken) == printable(abs_path) and taken != abs_path else "")
             self.skips.append(Skip(abs_path, "duplicate",
-                                   f"rel_path {identity!r} already taken by {printable(self.seen_rel[identity])}"))
+                                   f"rel_path {identity!r} already taken by {printable(taken)}{alike}"))
             return
         if not stat.S_ISREG(st.st_mode):
             self.skips.append(Skip(abs_path, "unreadable", f"{NOT_A_REGULAR_FILE} ({file_kind(st.st_mode)})"))

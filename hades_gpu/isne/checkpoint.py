@@ -88,5 +88,5 @@ def load_checkpoint(path: str | Path) -> IsneCheckpoint:
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors' errors have no common base: any is damage
-        raise DamagedCheckpointError(f"{path}: damaged ISNE model ({type(err).__name__}: {error_line(err)[:300]})") from err
+        raise DamagedCheckpointError(f"{path}: damaged ISNE model ({type(err).__name__}: {error_line(err, 300)})") from err
     return IsneCheckpoint(theta=theta, node_ids=ids, config=config)

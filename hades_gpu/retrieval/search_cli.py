@@ -93,7 +93,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
         if debug:
             raise
         if isinstance(err, pa.ArrowException):  # a damaged output: a part, edges.parquet, ... that is no Parquet
-            line = (f"damaged output file: {error_line(err)[:400]} (`hades-verify {printable(str(user_path(args.output)))}` "
+            line = (f"damaged output file: {error_line(err, 400)} (`hades-verify {printable(str(user_path(args.output)))}` "
                     "names every damaged file; `hades-ingest` re-ingests damaged parts, `hades-isne` rewrites the "
                     "graph and ISNE files)")
         else:  # parts missing, ISNE vectors or the manifest unreadable: error_line names the file

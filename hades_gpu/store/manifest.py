@@ -449,6 +449,12 @@ def unreadable_manifest(path: Path, err: BaseException) -> "ManifestError":
     if isinstance(err, sqlite3.DatabaseError) and damaged(err):
         return ManifestError(f"manifest {path} is damaged ({err}): move it aside and re-run the ingest of this "
                              "shard over its corpus; its documents are ingested again and its old parts replaced")
+    journal = Path(f"{path}-journal")
+    if "readonly" in str(err) and journal.is_file() and journal.stat().st_size:
+        # a journal left by a write that was cut off: a read-only open (verify, search) may not roll it back
+        return ManifestError(f"manifest {path} has a journal left by an interrupted write ({journal.name}), which a "
+                             f"read-only open cannot roll back ({err}): run hades-ingest on this output once (a "
+                             "writable open rolls it back), then try again")
     return ManifestError(f"manifest {path} is unreadable: {err}")
 
 

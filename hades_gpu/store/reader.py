@@ -72,7 +72,7 @@ def read_files(files: Sequence[Path], columns: Optional[Sequence[str]] = None) -
         except (pa.ArrowException, OSError) as err:
             if isinstance(err, FileNotFoundError):
                 raise
-            raise DamagedOutputError(f"damaged output file: committed part {f} ({error_line(err)[:200]}): `hades-verify "
+            raise DamagedOutputError(f"damaged output file: committed part {f} ({error_line(err, 200)}): `hades-verify "
                                      f"{Path(f).parent.parent}` names every such file; an ingest into the same "
                                      f"output with the same corpus writes their documents again") from err
     return pa.concat_tables(tables, promote_options="default")
@@ -163,7 +163,7 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
             t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
             vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
         except (pa.ArrowException, OSError, ValueError, KeyError) as err:
-            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err)[:300]}); `hades-isne output={output}` "
+            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err, 300)}); `hades-isne output={output}` "
                                      "writes it again") from err
         ids.extend(t.column("chunk_id").to_pylist())
     dims = {v.shape[1] for v in vecs if v.shape[0]}
@@ -180,7 +180,7 @@ def isne_vectors_model_ids(output: str | os.PathLike) -> set[Optional[str]]:
         try:
             meta = pq.read_schema(f).metadata or {}
         except (pa.ArrowException, OSError) as err:
-            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err)[:300]}); `hades-isne "
+            raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err, 300)}); `hades-isne "
                                      f"output={output}` writes it again") from err
         raw = meta.get(ISNE_MODEL_ID_KEY)
         found.add(raw.decode("utf-8", "replace") if raw else None)

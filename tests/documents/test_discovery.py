@@ -324,5 +324,8 @@ def test_a_raw_byte_name_and_its_escaped_spelling_are_one_identity(tmp_path):
         refs, skips = discover(corpus, DocumentsConfig())
         assert len(refs) == 1 and refs[0].rel_path == "caf\\xe9.txt"
         assert [s.reason for s in skips] == ["duplicate"] and "already taken by" in skips[0].detail
+        # the two names print alike: said so (the line read as one file named twice)
+        assert "another name, which reads the same once bytes that are not UTF-8 are written as \\xNN" \
+            in skips[0].detail
     files = discover([raw.decode("utf-8", "surrogateescape"), str(corpus / "caf\\xe9.txt")], DocumentsConfig())
     assert len(files[0]) == 1 and [s.reason for s in files[1]] == ["duplicate"]

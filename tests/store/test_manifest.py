@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import numpy as np
@@ -175,3 +176,16 @@ def test_the_model_probe_is_recorded_and_another_models_answer_refused_once_chun
     m.close()
     with pytest.raises(SettingsChangedError):  # durable
         Manifest.load(tmp_path, "s0").check_model_probe(other, "server")
+
+
+def test_a_journal_left_by_an_interrupted_write_is_named_by_read_only_opens(tmp_path):
+    """A journal beside the manifest (a write cut off) made hades-verify and hades-search say
+    "manifest ... is unreadable: attempt to write a readonly database", with no next step."""
+    from hades_gpu.store.verify import verify_output
+
+    Manifest.load(tmp_path, "s0").close()
+    journal = tmp_path / "manifest-s0.sqlite-journal"
+    journal.write_bytes(bytes.fromhex("d9d505f920a163d7") + os.urandom(4088))  # a journal header, then garbage
+    with pytest.raises(ValueError, match=r"has a journal left by an interrupted write \(manifest-s0.sqlite-journal\)"
+                                         r".*run hades-ingest on this output once"):
+        verify_output(tmp_path)

@@ -381,3 +381,14 @@ def test_a_link_folder_or_fifo_at_the_lock_path_is_refused_and_nothing_is_writte
     (out / ".lock-s0").unlink()
     with OutputLock(out, "s0"):  # a plain lock file again: taken as usual
         assert read_holder(out / ".lock-s0")["pid"] == os.getpid()
+
+
+def test_a_long_inner_error_is_cut_visibly_not_mid_path_as_if_it_ended_there(tmp_path):
+    """A damaged part's reader error was sliced at 200-300 characters, mid-path and unmarked
+    ("... input source '/tmp/probe_store/d_tr): hades-verify ..."): the cut is marked now."""
+    from hades_gpu.records import error_line
+
+    long = OSError(f"Could not open Parquet input source '{tmp_path / ('x' * 400)}': Parquet magic bytes not found")
+    line = error_line(long, 120)
+    assert len(line) == 120 and line.endswith("…")
+    assert error_line(ValueError("short\nsecond line"), 120) == "short" and error_line(ValueError()) == "ValueError"
