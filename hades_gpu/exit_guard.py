@@ -109,6 +109,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def stoppable_run() -> Iterator[None]:
+    """A library run (ingest or ISNE training): SIGTERM and interpreter exit stop it as Ctrl-C does,
+    after its clean-up (`sigterm_as_interrupt`, `active_run`)."""
+    with sigterm_as_interrupt(), active_run():
+        yield
+
+
 def _exit_at_once(signum: int, frame: object) -> None:
     """Ctrl-C again while the exit waits for the runs: stop waiting. Returning would let the
     interpreter tear down under the still running run (the abort this module is for), so the
@@ -138,4 +146,4 @@ def _stop_active_runs() -> None:
 
 
 __all__ = ["Terminated", "WAIT_S", "active_run", "exiting", "raise_terminated", "sigterm_arrived",
-           "sigterm_as_interrupt"]
+           "sigterm_as_interrupt", "stoppable_run"]

@@ -31,7 +31,7 @@ from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder, EmbedderError
 from hades_gpu.embedding.texts import model_probe
-from hades_gpu.exit_guard import active_run, sigterm_as_interrupt
+from hades_gpu.exit_guard import stoppable_run
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
@@ -208,7 +208,7 @@ class IngestPipeline:
         only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
         out, sources = self._checked_output_and_sources(output, paths)
         # SIGTERM and interpreter exit stop the job as Ctrl-C does, after its clean-up (`exit_guard`)
-        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
+        with stoppable_run(), OutputLock(out, self.shard.label):
             result = self._ingest_sources(sources, out)
             if self.config.isne.enabled and self.shard.sharded:
                 log.info("shard %d/%d: the graph and ISNE stage runs once over all shards: `hades-isne output=%s` "
@@ -231,7 +231,7 @@ class IngestPipeline:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),
         under the output's lock (taken here unless `process_batch` holds it already)."""
         out, sources = self._checked_output_and_sources(output, paths)
-        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
+        with stoppable_run(), OutputLock(out, self.shard.label):
             return self._ingest_sources(sources, out)
 
     def _checked_output_and_sources(self, output: Optional[PathLike],
@@ -278,7 +278,7 @@ class IngestPipeline:
         hands every shard task its refs), under the output's lock for this shard. With ``shard=i/n``
         the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
         out = user_path(output)
-        with sigterm_as_interrupt(), active_run(), OutputLock(out, self.shard.label):
+        with stoppable_run(), OutputLock(out, self.shard.label):
             return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
 
     def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:

@@ -31,6 +31,15 @@ def config(*overrides, profile="balanced"):
     return load_pipeline_config(profile, [*FAST, *overrides])
 
 
+def _wait_for_committed_parts(proc: subprocess.Popen, out: Path, parts: int = 1, timeout_s: float = 240) -> None:
+    """Until the run in `proc` has committed `parts` parts to `out` (mid-run), it ends, or `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest-s0.sqlite").exists() and len(committed_parts(out)) >= parts:
+            return
+        time.sleep(0.05)
+
+
 def assert_exactly_once(output: Path) -> "object":
     """Every committed document has ordinals 0..n-1 exactly once; chunk ids are unique."""
     table = read_chunks(output, ["doc_id", "chunk_id", "ordinal"]).to_pandas()
@@ -170,11 +179,7 @@ def test_resume_after_sigkill(tmp_path, embedder, writer):
     args = [f"corpus={corpus}", f"output={out}", "profile=low_memory", "profile.writer_rows_per_part=40",
             f"profile.writer={writer}", *FAST]
     proc = _run_ingest(args)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "manifest-s0.sqlite").exists() and len(committed_parts(out)) >= 2:
-            break
-        time.sleep(0.05)
+    _wait_for_committed_parts(proc, out, parts=2)
     assert proc.poll() is None, "ingest finished before it could be killed: " + proc.stdout.read()
     writers = [p for p in psutil.Process(proc.pid).children()
                if "hades_gpu.orchestration.writer_process" in " ".join(p.cmdline())]
@@ -215,11 +220,7 @@ def test_ctrl_c_at_a_terminal_is_one_line_and_leaves_no_process(tmp_path, embedd
             "profile.writer=process", *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # a terminal's group
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
-            break
-        time.sleep(0.05)
+    _wait_for_committed_parts(proc, out)
     assert proc.poll() is None, "ingest finished before it could be interrupted: " + proc.stderr.read()
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any("writer_process" in " ".join(c.cmdline()) for c in children)
@@ -253,11 +254,7 @@ def test_sigterm_is_one_line_and_the_parts_committed_by_the_interval_are_kept(tm
             "profile.writer_commit_interval_s=0.3", *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=whole_group)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
-            break  # a part far below writer_rows_per_part: the interval committed it
-        time.sleep(0.05)
+    _wait_for_committed_parts(proc, out)  # a part far below writer_rows_per_part: the interval committed it
     assert proc.poll() is None, "ingest finished before it could be stopped: " + proc.stderr.read()
     children = psutil.Process(proc.pid).children(recursive=True)
     if whole_group:
@@ -366,11 +363,7 @@ def test_a_run_in_a_thread_is_stopped_cleanly_when_the_interpreter_exits(tmp_pat
     mode = "daemon" if how == "daemon" else "join"
     proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), mode], cwd=tmp_path,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "manifest-s0.sqlite").exists() and committed_parts(out):
-            break
-        time.sleep(0.05)
+    _wait_for_committed_parts(proc, out)
     assert proc.poll() is None, "ingest finished before the interpreter could exit under it: " + proc.stderr.read()
     if how == "daemon":
         proc.stdin.write("\n")
