@@ -47,6 +47,7 @@ SELF_CHECK: tuple[str, ...] = (
     "[CLS] special [SEP] tokens [PAD] in [MASK] text [UNK] and [cls] lowercase x[SEP]y",
     "combining e\u0301 a\u0308 n\u0303 \u0301alone Ω ohm Å angstrom",
     "\ufffd replacement char and \u00ad soft hyphen",
+    "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ. theΣ quick ΣΑΣ",
     "",
     "   ",
     "a",
@@ -59,6 +60,12 @@ SELF_CHECK: tuple[str, ...] = (
 # affected), so texts holding any are encoded by HF instead.
 CHINESE_CHARS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
                            "\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f]")
+
+# Texts HF encodes instead of kitoken: the Chinese characters above (speed) and the capital sigma Σ
+# (correctness): kitoken lowercases a word-final Σ to the final form ς, as Rust's `str::to_lowercase`
+# does, where HF's normalizer lowercases character by character to σ ("ΟΔΥΣΣΕΥΣ" ends in "##ς"
+# against HF's "##σ"), so ids, token counts and vectors would differ from HF's for the same text.
+HF_ONLY_CHARS = re.compile(CHINESE_CHARS.pattern[:-1] + "\u03a3]")
 
 # ASCII control characters BERT's `clean_text` deletes (tab, line feed and carriage return it turns
 # into spaces, which its pre-tokenizer splits on anyway)
@@ -86,7 +93,7 @@ class KitokenTokenizer:
         # the definition it gets must have neither, never a strip of trailing zeros afterwards.
         spec["padding"] = None
         spec["truncation"] = None
-        self._hf = hf  # texts holding Chinese characters (CHINESE_CHARS)
+        self._hf = hf  # texts holding HF_ONLY_CHARS
         self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
         self._specials = special_literals(spec)
         self._plain: Optional[object] = None
@@ -109,7 +116,7 @@ class KitokenTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.plain(text):
             return self._plain.encode(text.lower() if self._lower else text, False)  # type: ignore[attr-defined]
-        if CHINESE_CHARS.search(text) is not None:
+        if HF_ONLY_CHARS.search(text) is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
         return self._kt.encode(text, self.specials_in(text))
 
@@ -117,7 +124,7 @@ class KitokenTokenizer:
         texts = list(texts)
         if texts and all(self.plain(t) for t in texts):
             return self._plain.encode_all([t.lower() for t in texts] if self._lower else texts, False)  # type: ignore[attr-defined]
-        if any(CHINESE_CHARS.search(t) is not None for t in texts):
+        if any(HF_ONLY_CHARS.search(t) is not None for t in texts):
             return [self.encode(t) for t in texts]
         return self._kt.encode_all(texts, any(self.specials_in(t) for t in texts))
 
@@ -186,4 +193,4 @@ def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
     return fast
 
 
-__all__ = ["CHINESE_CHARS", "KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]
+__all__ = ["CHINESE_CHARS", "HF_ONLY_CHARS", "KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]

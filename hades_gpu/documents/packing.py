@@ -47,7 +47,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hades_gpu.documents.tokenized import SegmentedText, Tokenized, TokenizedText, tokenizer_info
+from hades_gpu.documents.tokenized import BERT_SPACE, SegmentedText, Tokenized, TokenizedText, tokenizer_info
 
 Span = tuple[int, int, bool]  # (char_start, char_end, starts a section)
 Window = tuple[int, int]  # (char_start, char_end)
@@ -348,12 +348,22 @@ def finalize(
     return out
 
 
+def _between_tokens(tt: Tokenized, pos: int, i: int) -> bool:
+    """Whether character `pos` lies outside every token: at token `i`'s start (the first token at or
+    after it), or separated from it by BERT whitespace only (which no token contains). A window edge
+    at a character BERT deletes ("\\x0c", a line break to Python) inside a word lies inside that
+    word's token (one "[UNK]" for a word over 100 characters): its ids are not a slice then."""
+    p = tt.start_of(i)
+    return p == pos or all(ch in BERT_SPACE for ch in tt.text[pos:p])
+
+
 def _ids_for(tt: Tokenized, wins: Sequence[Window]) -> list[np.ndarray]:
     result: list[Optional[np.ndarray]] = [None] * len(wins)
     todo: list[int] = []
     for k, (s, e) in enumerate(wins):
         a, b = tt.index(s), tt.index(e)
-        if tt.slice_exact and tt.word_start(a) and tt.word_start(b):
+        if tt.slice_exact and tt.word_start(a) and tt.word_start(b) and _between_tokens(tt, s, a) \
+                and _between_tokens(tt, e, b):
             result[k] = tt.ids[a:b]
         else:
             todo.append(k)

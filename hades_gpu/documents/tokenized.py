@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from hades_gpu.documents.fast_tokenizer import CHINESE_CHARS, DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, HF_ONLY_CHARS, KitokenTokenizer, fast_tokenizer_for
 from hades_gpu.documents.native_wordpiece import native_wordpiece_for
 from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
@@ -40,8 +40,8 @@ _MARKER_CHARS = "^~`|\\@$"
 _MARKER = " [MASK] "
 # characters BERT treats as separators (\t \n \r and Unicode White_Space that is not a control
 # character: those, like \v \f \x85, are deleted by clean_text and join their neighbours instead)
-_BERT_SPACE = frozenset("\t\n\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-                        "\u2028\u2029\u202f\u205f\u3000")
+BERT_SPACE = frozenset("\t\n\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                       "\u2028\u2029\u202f\u205f\u3000")
 
 
 def tokenizer_info(tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
@@ -244,7 +244,7 @@ class SegmentedText:
         self.fast = fast
         n_chars = len(text)
         bounds = [0]
-        space = _BERT_SPACE
+        space = BERT_SPACE
         for c in cuts:  # = `_valid_cut` inline: this loop sees every top-level span of the document
             if bounds[-1] < c < n_chars and (text[c - 1] in space or text[c] in space):
                 bounds.append(c)
@@ -307,7 +307,7 @@ class SegmentedText:
 
     def _valid_cut(self, pos: int) -> bool:
         t = self.text
-        return pos <= 0 or pos >= len(t) or t[pos - 1] in _BERT_SPACE or t[pos] in _BERT_SPACE
+        return pos <= 0 or pos >= len(t) or t[pos - 1] in BERT_SPACE or t[pos] in BERT_SPACE
 
     def _seg(self, k: int) -> tuple[int, int, int, int]:
         """(char start, char end, first token, end token) of segment k."""
@@ -469,8 +469,8 @@ def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
                       cuts: Sequence[int] = ()) -> Tokenized:
     """For a BERT WordPiece tokenizer (and not `reencode`): `TokenizedText` from the C scan where it
     takes the document (`native_wordpiece`); else `SegmentedText` from kitoken ids when kitoken passed
-    its self-check, the text holds no Chinese character (`CHINESE_CHARS`: kitoken is quadratic in
-    them) and, where the C scan runs, declined documents have made kitoken's build worth it
+    its self-check, the text holds no Chinese character (kitoken is quadratic in them) nor a capital
+    sigma (kitoken lowercases a final one otherwise than HF: `HF_ONLY_CHARS`) and, where the C scan runs, declined documents have made kitoken's build worth it
     (`KITOKEN_AFTER_DECLINED_CHARS`); otherwise `TokenizedText` from HF."""
     global _declined_chars
     if not reencode and tokenizer_info(tokenizer)[1]:
@@ -480,7 +480,7 @@ def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
             if encoded is not None:
                 return TokenizedText(text, tokenizer, encoded=encoded, encode_ids=native.encode_ids)
             _declined_chars += len(text)
-        if (CHINESE_CHARS.search(text) is None
+        if (HF_ONLY_CHARS.search(text) is None
                 and (native is None or _declined_chars > KITOKEN_AFTER_DECLINED_CHARS)):
             fast = fast_tokenizer_for(tokenizer)
             if fast is not None:
@@ -488,4 +488,4 @@ def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
     return TokenizedText(text, tokenizer, reencode=reencode)
 
 
-__all__ = ["SegmentMismatch", "SegmentedText", "Tokenized", "TokenizedText", "tokenize_document", "tokenizer_info"]
+__all__ = ["BERT_SPACE", "SegmentMismatch", "SegmentedText", "Tokenized", "TokenizedText", "tokenize_document", "tokenizer_info"]

@@ -475,3 +475,16 @@ def test_prose_windows_overlap_code_windows_do_not_and_indentation_is_kept_only_
     assert all(b.char_start >= a.char_end for a, b in zip(cchunks, cchunks[1:]))  # code never overlaps
     assert any(c.text.startswith("    def ") for c in cchunks)  # a method chunk keeps its indentation
     assert not any(c.text[:1].isspace() for c in prose + flat)
+
+
+@pytest.mark.parametrize("hf_offsets", [False, True])
+def test_window_edge_inside_a_token_takes_the_pieces_own_ids(hf_offsets: bool) -> None:
+    """A form feed is a line break to Python but a deleted character to BERT: inside a word of over
+    100 characters (one [UNK]) a window edge there lay inside that token, and the chunk stored a
+    slice of the document's ids that its own text does not encode to (found by a fuzzing user)."""
+    text = ("=1[SEP]the##\x1b[0mx\x0c\u0301\U0001F1FA\U0001F1F8012345678901234567890123456789the" + "a" * 115
+            + "the\u2060\x00Σ. ===İthe1\ufe0f\u20e3\x0c---")
+    cc = ChunkingConfig(chunk_tokens=16, overlap_tokens=32, min_chunk_tokens=8)
+    chunks, _ = chunk_text(_ref("f.md", PROSE, "markdown"), text, "h", cc, load_tokenizer(), hf_offsets=hf_offsets)
+    assert len(chunks) >= 2
+    check_chunks(text, chunks, cc)

@@ -41,6 +41,8 @@ def _assert_same(ref: DocumentRef, text: str, cc: ChunkingConfig) -> None:
     assert [(c.char_start, c.char_end) for c in fast] == [(c.char_start, c.char_end) for c in slow], ref.rel_path
     assert [c.token_ids.tolist() for c in fast] == [c.token_ids.tolist() for c in slow], ref.rel_path
     assert [c.text for c in fast] == [c.text for c in slow]
+    for c in fast:  # and each chunk's ids are its own text's (packing.py's promise), on both paths
+        assert c.token_ids.tolist() == tok.encode(c.text, add_special_tokens=False).ids, (ref.rel_path, c.char_start)
 
 
 def _real_files(limit: int) -> list[Path]:
@@ -118,6 +120,11 @@ ADVERSARIAL = {
     # every segment-marker character in the text: the join falls back to "[MASK]"
     "marker_chars": "a ^ b ~ c ` d | e \\ f @ g $ h [MASK] i^j~k`l|m\\n@o$p\n" * 300,
     "some_marker_chars": "x ^ y ~ z^w\n\n" * 500,
+    # kitoken lowercases a word-final capital sigma to ς, HF to σ: such texts are HF's
+    "greek_final_sigma": "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ ΣΤΗΝ ΑΘΗΝΑ. theΣ quick Σ\n" * 200,
+    # a line break to Python that BERT deletes, inside a word of over 100 characters (one [UNK]):
+    # a window edge there lies inside a token
+    "deleted_break_in_long_word": ("=1 [0mx\x0c\u0301" + "0123456789" * 4 + "a" * 115 + "\x0c---. " + "word " * 20) * 40,
 }
 
 
