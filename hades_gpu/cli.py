@@ -588,16 +588,36 @@ def ingest_main() -> None:
     _run_hydra_app(_ingest_task, "hades-ingest", check_ingest_paths)
 
 
-def _isne_task(cfg: PipelineConfig, out: Path) -> None:
+def _refuse_unless_ingest_output(dataset: Path) -> None:
     from hades_gpu.isne.stage import NotAnIngestOutputError
-    from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
     from hades_gpu.store.layout import no_manifest_detail
     from hades_gpu.store.reader import is_ingest_output
 
-    dataset = Path(cfg.output or out)
     if not is_ingest_output(dataset):  # else the pipeline would ingest the folder (Hydra's .hydra/ files) into itself
         raise NotAnIngestOutputError(f"{dataset} is not an ingest output {no_manifest_detail(dataset)}: give output= a "
                                      f"folder hades-ingest wrote (`hades-ingest corpus=<documents> output=<folder>` first)")
+
+
+def check_isne_paths(args: list[str]) -> None:
+    """`hades-isne` needs output= naming an ingest output, checked before Hydra runs the job: without
+    output= Hydra made a fresh `outputs/<date>_<time>/` folder (never an ingest output) and left it
+    behind with the refusal; a regular file there failed Hydra's mkdir with exit 1 and "File exists"."""
+    if any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd", "-m", "--multirun")) for a in args):
+        return  # a config of the user's own may set output=, and a sweep's jobs name their folders
+    values = _literal_values(args, ("output", "hydra.run.dir"))
+    dataset = values.get("output", values.get("hydra.run.dir"))
+    if dataset is None:
+        if any(a.partition("=")[0].lstrip("+~") in ("output", "hydra.run.dir") for a in args):
+            return  # interpolated: the job checks it
+        raise ConfigError("output=<ingest output> is required: the folder hades-ingest wrote")
+    _refuse_unless_ingest_output(user_path(dataset))
+
+
+def _isne_task(cfg: PipelineConfig, out: Path) -> None:
+    from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+
+    dataset = Path(cfg.output or out)
+    _refuse_unless_ingest_output(dataset)
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(printable(result.summary()))
 
@@ -605,7 +625,7 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
 @_reader_may_leave
 def isne_main() -> None:
     """`hades-isne output=<ingest output>`: build the chunk graph and train ISNE on it."""
-    _run_hydra_app(_isne_task, "hades-isne")
+    _run_hydra_app(_isne_task, "hades-isne", check_isne_paths)
 
 
 @_reader_may_leave

@@ -262,6 +262,24 @@ def test_isne_on_a_folder_that_is_no_ingest_output_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / ".hydra").exists() and not (tmp_path / "cli.log").exists(), sorted(os.listdir(tmp_path))
 
 
+def test_isne_without_an_ingest_output_leaves_nothing_behind(tmp_path):
+    """No output=: Hydra made `outputs/<date>_<time>/` in the working folder, then the refusal left it
+    there; a regular file as output= was exit 1 "File exists" where a folder is exit 2."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HADES_DEBUG", "HYDRA_FULL_ERROR")}
+    environ["PYTHONPATH"] = str(REPO)
+    (tmp_path / "afile").write_text("hi")
+
+    def isne(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from hades_gpu.cli import isne_main; isne_main()", *args],
+                              cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120)
+
+    _assert_one_line(isne(), 2, "output=<ingest output> is required", prog="hades-isne")
+    _assert_one_line(isne(f"output={tmp_path / 'afile'}"), 2, "is not an ingest output (a file, not a folder)",
+                     prog="hades-isne")
+    _assert_one_line(isne("output=nowhere"), 2, "is not an ingest output (it does not exist)", prog="hades-isne")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def test_sweep_failure_is_one_line_too(tmp_path):
     proc = _ingest("-m", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "profile=balanced,low_memory")
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")

@@ -489,6 +489,28 @@ def load_index(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None,
     return AnnIndex.load(output_dir, threads=faiss_threads(cfg or GraphConfig()), expect_fingerprint=expect)
 
 
+def discard_if_stale(output_dir: str | os.PathLike, chunk_ids: np.ndarray, embeddings: np.ndarray) -> bool:
+    """Remove an output's saved kNN index when it is of other chunks or vectors than these (or
+    unreadable): the graph stage took the exact path after chunks were added or removed, and the
+    index it left behind went on being reported clean while search refused it. True if removed."""
+    out = Path(output_dir)
+    mpath = knn_index_meta_path(out)
+    if not mpath.is_file():
+        return False
+    try:
+        current = json.loads(mpath.read_text()).get("fingerprint") == fingerprint(
+            np.asarray(chunk_ids, dtype=object), embeddings)
+    except (OSError, ValueError, AttributeError):
+        current = False
+    if current:
+        return False
+    for path in (mpath, knn_index_path(out), knn_index_ids_path(out)):  # knn.json first: it vouches for the rest
+        path.unlink(missing_ok=True)
+    log.info("kNN index: removed %s, of an earlier state of the chunks (the kNN edges of %d chunks are exact; "
+             "a later build on the approximate path makes it again)", mpath.parent, len(chunk_ids))
+    return True
+
+
 def tuned_for(info: AnnInfo, k: int, cfg: GraphConfig) -> bool:
     """Whether a saved index's measured settings serve `k` and `cfg` (else it is re-tuned, not rebuilt):
     the same k and threshold, and both recalls at the target (an older index without the edge recall

@@ -39,7 +39,7 @@ from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.graph.references import ReferenceResolver
 from hades_gpu.store.atomic import atomic_write_parquet
-from hades_gpu.store.layout import EDGES_SCHEMA, edges_path
+from hades_gpu.store.layout import EDGES_SCHEMA, edges_path, knn_index_meta_path
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,10 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
     if n <= cfg.knn_exact_max_nodes:
         dev = select_device(cfg.device)
         s, d, sim = knn_blocked(embeddings, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
+        if output_dir is not None and knn_index_meta_path(output_dir).is_file():
+            from hades_gpu.graph.ann import discard_if_stale  # lazy: the module's FAISS imports are too
+
+            discard_if_stale(output_dir, chunk_ids, embeddings)
         return s, d, sim, {"method": "exact", "device": str(dev), "seconds": time.perf_counter() - t,
                            "recall_at_k": 1.0, "edge_recall": 1.0, "k": min(cfg.knn_k, n - 1)}
     from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path

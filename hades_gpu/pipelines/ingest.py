@@ -41,8 +41,8 @@ from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.atomic import check_writable
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, is_output_listing, metrics_path, shard_metrics_path
-from hades_gpu.store.manifest import (ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
-                                      uncommitted_indices)
+from hades_gpu.store.manifest import (Manifest, ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
+                                      manifest_path, uncommitted_indices)
 from hades_gpu.store.reader import committed_rel_paths_of_files
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.claims import claim_documents, release_claims
@@ -246,6 +246,9 @@ class IngestPipeline:
             raise ConfigError(f"output folder {printable(str(out))} is not valid UTF-8 (a byte that is not UTF-8 in "
                               "its path): pyarrow, which writes the Parquet files, cannot open it; choose another "
                               "output folder (documents may have such names, the output may not)") from None
+        if os.path.lexists(out) and not out.is_dir():  # FileExistsError from a mkdir, as a traceback
+            raise ConfigError(f"output {printable(str(out))} is {'a file' if out.is_file() else 'no folder'}: give a "
+                              "folder (made when missing) for the output")
         sources = source_list(paths)
         if not sources:  # an empty glob or list: a mistake, not an empty corpus (that is a folder without documents)
             raise ConfigError("no paths given: pass the files and/or folders to ingest (got an empty list)")
@@ -393,7 +396,11 @@ class IngestPipeline:
         metrics = RunMetrics()
         source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
         refs, skips = self._select_shard(refs, skips, out)
-        removed = self._remove_missing(refs, source_missing, out) if cfg.documents.remove_missing else 0
+        if cfg.documents.remove_missing:
+            removed = self._remove_missing(refs, source_missing, out)
+        else:
+            removed = 0
+            self._note_missing(refs, out)
         metrics.extra["documents_removed"] = removed
         if self.shard.sharded:
             clear_shard_done(out, self.shard.label)  # exists again only once this run has finished
@@ -576,6 +583,22 @@ class IngestPipeline:
             log.warning("removed %d document(s) from %s whose file is no longer a document, with the chunks of their "
                         "earlier version (e.g. %s, now skipped as %s)", removed, printable(str(out)), printable(rel), why)
         return removed
+
+    def _note_missing(self, refs: DocumentList, out: Path) -> None:
+        """One line for the output's documents (of this shard) this run did not find, kept because
+        `documents.remove_missing` is off: a deleted file went on being found by search, its chunks
+        unmarked, and nothing said so."""
+        if not refs or not manifest_path(out, self.shard.label).is_file():
+            return
+        try:
+            with Manifest.load(out, self.shard.label) as manifest:
+                gone = manifest.absent_from(refs.rel_path(i) for i in range(len(refs)))
+        except (ManifestError, OSError):  # the run itself reports a damaged manifest
+            return
+        if gone:
+            log.info("%d document(s) in %s were not found by this run, e.g. %s: they stay, with their chunks "
+                     "(documents.remove_missing=true removes them, when the run is given the whole corpus)",
+                     len(gone), printable(str(out)), printable(gone[0]))
 
     def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path) -> int:
         """`documents.remove_missing`: remove the output's documents (of this shard) that `refs` does

@@ -75,22 +75,38 @@ class AnnCandidates:
     """The output's saved approximate kNN index (`hades_gpu.graph.ann`, built with the kNN edges):
     FAISS ids are mapped to this table's rows through the chunk ids."""
 
-    def __init__(self, index, chunk_ids: list[str]):
+    def __init__(self, index, chunk_ids: list[str], vectors: np.ndarray):
         self.index = index
         row_of = {cid: i for i, cid in enumerate(chunk_ids)}
         self.rows = np.array([row_of.get(c, -1) for c in index.chunk_ids.tolist()], dtype=np.int64)
+        self.vectors = vectors  # for the queries the index answers short (`nearest`)
+        self._exact: Optional[ExactCandidates] = None
         info = index.info
         self.description = (f"approximate (FAISS, nprobe {index.nprobe}, measured recall@{info.k} "
                             f"{info.recall_at_k:.3f}) over {len(chunk_ids)} chunks")
 
     def nearest(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, sims = self.index.search(_normalised(np.atleast_2d(queries)), int(n))
+        """min(n, chunks) rows for every query. The index's inverted lists probed for a query may
+        hold fewer than n vectors (a large n, a small index): such queries are answered exactly,
+        with one log line, never with fewer rows than asked (nor every query cut to the shortest)."""
+        q = np.atleast_2d(queries)
+        want = min(int(n), self.vectors.shape[0])
+        ids, sims = self.index.search(_normalised(q), int(n))
         rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
         keep = rows >= 0
-        m = int(keep.sum(1).min()) if rows.size else 0  # a row per query for every query
-        out_rows = np.stack([r[k][:m] for r, k in zip(rows, keep)]) if rows.size else rows
-        out_sims = np.stack([s[k][:m] for s, k in zip(sims, keep)]) if rows.size else sims
-        return out_rows, out_sims.astype(np.float32)
+        short = keep.sum(1) < want
+        out_rows = np.full((q.shape[0], want), -1, np.int64)
+        out_sims = np.full((q.shape[0], want), -np.inf, np.float32)
+        for i in np.flatnonzero(~short).tolist():
+            out_rows[i], out_sims[i] = rows[i][keep[i]][:want], sims[i][keep[i]][:want]
+        if short.any():
+            if self._exact is None:
+                self._exact = ExactCandidates(self.vectors)
+            log.info("search: the approximate index found fewer than %d hits for %d of %d queries (the lists "
+                     "it probes hold too few chunks); those are answered exactly", want, int(short.sum()),
+                     q.shape[0])
+            out_rows[short], out_sims[short] = self._exact.nearest(q[short], want)
+        return out_rows, out_sims
 
 
 def candidate_source(output: str | os.PathLike, vectors: np.ndarray, chunk_ids: Optional[list[str]] = None,
@@ -118,7 +134,7 @@ def candidate_source(output: str | os.PathLike, vectors: np.ndarray, chunk_ids: 
     except IndexUnusable as err:
         log.warning("search: the kNN index of %s is unusable (%s); searching exactly", output, err)
         return ExactCandidates(vectors)
-    return AnnCandidates(index, list(chunk_ids))
+    return AnnCandidates(index, list(chunk_ids), vectors)
 
 
 __all__ = ["AnnCandidates", "CandidateSource", "ExactCandidates", "candidate_source"]

@@ -50,7 +50,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     """Exit 0 with the hits; 2 with one line on bad arguments, a bad config or an output that cannot
     answer (not an output, no graph for --expand graph); 1 with one line when the embedder fails."""
     parser = _OneLineParser(prog="hades-search", description="Top-k chunks of an ingest output for a query.")
-    parser.add_argument("output", help="an ingest output folder")
+    parser.add_argument("output", help="an ingest output folder (or output=<folder>)")
     parser.add_argument("query", help="the question, as text ('-': read it from standard input)")
     parser.add_argument("overrides", nargs="*", help="conf/ overrides, key=value (e.g. search.graph_weight=0.5)")
     parser.add_argument("-k", type=int, default=None, help="hits to return (default: search.k, 10)")
@@ -70,6 +70,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     from hades_gpu.retrieval.search import SearchError, Searcher
     from hades_gpu.store.manifest import ManifestError
     from hades_gpu.store.reader import DamagedOutputError
+    from hades_gpu.store.layout import output_argument
 
     overrides = list(args.overrides)
     if args.embedder:
@@ -85,6 +86,7 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
         parser.error("the query is empty")
     try:
         cfg = load_pipeline_config(overrides=overrides)
+        args.output = output_argument(args.output)  # `output=o`, as hades-isne and hades-verify take it
         with Searcher(args.output, cfg) as searcher:
             searcher.refresh_advice = "run the search again to search the new one"
             result = searcher.search(query, args.k, args.expand)

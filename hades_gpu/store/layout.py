@@ -93,10 +93,21 @@ ISNE_MODEL_ID_KEY = b"hades_isne_model_id"
 def no_manifest_detail(folder: str | os.PathLike) -> str:
     """Why `folder` is no ingest output, in parentheses: no manifest, and, when chunk parts are there
     anyway, that the manifest is what is missing (it read as if the folder had never been an output)."""
-    if any((Path(folder) / CHUNKS_DIR).glob("part-*.parquet")):
+    path = Path(folder)
+    if not os.path.lexists(path):
+        return "(it does not exist)"
+    if not path.is_dir():
+        return "(a file, not a folder)"
+    if any((path / CHUNKS_DIR).glob("part-*.parquet")):
         return ("(its chunks/ parts are there but no manifest-*.sqlite: the manifest was deleted or moved; put it "
                 "back, or re-run hades-ingest over the corpus into this folder, which ingests the documents again)")
     return "(no manifest in it)"
+
+
+def output_argument(arg: str) -> str:
+    """An output folder given on a command line as `output=<folder>`, as hades-ingest and hades-isne
+    take it, or as the folder itself (a path that exists under the literal name wins)."""
+    return arg[len("output="):] if arg.startswith("output=") and not os.path.lexists(arg) else arg
 
 
 def part_name(shard: str, number: int) -> str:

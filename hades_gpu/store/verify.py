@@ -37,7 +37,7 @@ from hades_gpu.records import printable, user_path
 from hades_gpu.store.atomic import FileRecord, file_checksum
 from hades_gpu.records import error_line
 from hades_gpu.store.layout import (TABLES, edges_path, isne_embeddings_files, isne_model_path, no_manifest_detail,
-                                    part_path)
+                                    output_argument, part_path)
 from hades_gpu.store.manifest import Manifest, ManifestError, _connect, has_manifest, unreadable_manifest
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,18 @@ def _derived_behind_the_chunks(output: Path) -> list[str]:
         if gone:
             notes.append(f"{edges.name} is older than the chunks: {gone} edge end(s) are chunks no longer in the "
                          f"output; `hades-isne output={output}` builds the graph again")
+    from hades_gpu.store.layout import knn_index_ids_path
+
+    index_ids = knn_index_ids_path(output)
+    if index_ids.is_file():
+        try:
+            indexed = set(pq.read_table(index_ids, columns=["chunk_id"]).column("chunk_id").to_pylist())
+        except Exception:  # noqa: BLE001 - a damaged file is reported by _check_knn_index
+            indexed = chunk_ids
+        if indexed != chunk_ids:
+            notes.append(f"the kNN index ({index_ids.parent}) is of an earlier state of the chunks ({len(indexed)} "
+                         f"indexed, {len(chunk_ids)} in the output): search answers exactly meanwhile; the next "
+                         f"graph build on the approximate path (`hades-isne output={output}`) builds it again")
     files = isne_embeddings_files(output)
     if files:
         ids = {c for f in files for c in pq.read_table(f, columns=["chunk_id"]).column("chunk_id").to_pylist()}
@@ -362,9 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as err:
         return int(err.code or 0)
-    # `output=o` as hades-ingest and hades-search take it: it was read as a folder named "output=o"
-    output = args.output[len("output="):] if args.output.startswith("output=") and not Path(args.output).exists() \
-        else args.output
+    output = output_argument(args.output)  # `output=o` was read as a folder named "output=o"
     try:
         report = verify_output(output, full=not args.quick)
     except FileNotFoundError as err:  # not an ingest output: a usage error

@@ -357,3 +357,40 @@ def test_ann_edges_on_fewer_rows_than_k() -> None:
     assert sorted(zip(src.tolist(), dst.tolist())) == [(i, j) for i in range(6) for j in range(6) if i != j]
     assert bool((np.diff(src) >= 0).all()) and sim.dtype == np.float32
 
+
+
+def test_an_index_of_an_earlier_state_of_the_chunks_is_noted_by_verify_and_removed_by_an_exact_build(
+        tmp_path: Path, embedder) -> None:
+    """Chunks removed after an ANN build, then the graph built exactly: the index left behind was
+    reported clean by hades-verify while search refused it as stale (a user's find). verify notes it;
+    the exact build removes it (and keeps an index that is still current)."""
+    import shutil
+
+    from corpus_helpers import SAMPLE_CORPUS
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.graph import build_graph
+    from hades_gpu.pipelines.ingest import TextParallelPipeline
+    from hades_gpu.store.verify import verify_output
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    shutil.copytree(SAMPLE_CORPUS, corpus)
+    cfg = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off",
+                                            "documents.remove_missing=true"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    cfg.graph.knn_exact_max_nodes = 1
+    build_graph(out, cfg.graph)
+    assert knn_index_meta_path(out).is_file()
+    cfg.graph.knn_exact_max_nodes = 10 ** 6
+    build_graph(out, cfg.graph)  # the same chunks, built exactly: the index is still theirs, kept
+    assert knn_index_meta_path(out).is_file()
+    assert not [n for n in verify_output(out).notes if "kNN index" in n]
+    victim = sorted(p for p in corpus.rglob("*") if p.is_file())[0]
+    victim.unlink()
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    notes = [n for n in verify_output(out).notes if "kNN index" in n]
+    assert len(notes) == 1 and "earlier state of the chunks" in notes[0], verify_output(out).notes
+    build_graph(out, cfg.graph)
+    assert not knn_index_meta_path(out).exists() and not knn_index_path(out).exists()
+    assert not knn_index_ids_path(out).exists()
+    assert not [n for n in verify_output(out).notes if "kNN index" in n]

@@ -325,6 +325,20 @@ def test_an_empty_list_of_paths_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_is_a_file_is_a_config_error(tmp_path, embedder):
+    """A file or /dev/null as the output was a bare FileExistsError traceback from a mkdir (the CLI
+    already said it in one line)."""
+    from hades_gpu.config import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "doc.md").write_text("# A\n\ntext\n")
+    pipeline = TextParallelPipeline(config(), embedder=embedder)
+    for output, what in ((tmp_path / "afile", "is a file"), ("/dev/null", "is no folder")):
+        with pytest.raises(ConfigError, match=what):
+            pipeline.process_batch([tmp_path / "doc.md"], output=output)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 _THREAD_RUN = """
 import sys, threading
 from hades_gpu.config import load_pipeline_config

@@ -166,6 +166,9 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
     assert search_cli([str(tmp_path / "nothing"), "q"]) == 2
     err = capsys.readouterr().err
     assert "nothing does not exist" in err and err.count("\n") == 1
+    # `output=<folder>` as hades-isne and hades-verify take it (it read as a folder named "output=...")
+    assert search_cli([f"output={copy}", "calendar", "-k", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
     (tmp_path / "plain").mkdir()
     assert search_cli([str(tmp_path / "plain"), "q"]) == 2
     err = capsys.readouterr().err
@@ -271,6 +274,17 @@ def test_large_outputs_search_the_saved_knn_index_and_fall_back_when_it_is_damag
         want, _ = exact.nearest(q, 1)
         assert (rows[:, 0] == want[:, 0]).mean() >= 0.9  # each chunk finds itself (or an identical twin)
         assert hit_rate(s, queries, 10, one_by_one=False).rate >= 0.9
+        # more than the probed lists hold: every query still gets k rows (those answered exactly),
+        # not fewer, and not every query cut to the shortest answer (a user asked -k 450 of 521)
+        n = s.vectors.shape[0]
+        s.candidates.index.nprobe = 1
+        big = n - 3
+        rows, sims = s.candidates.nearest(q, big)
+        assert rows.shape == (20, big) and (rows >= 0).all()
+        assert all(len(set(r.tolist())) == big for r in rows)
+        np.testing.assert_array_equal(sims, exact.nearest(q, big)[1])
+        rows, _ = s.candidates.nearest(q, 10 * n)  # more than there are: all of them
+        assert rows.shape == (20, n) and all(len(set(r.tolist())) == n for r in rows)
     (out / "index" / "knn.faiss").write_bytes(b"damaged")
     with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.candidates"):
         with Searcher(out, cfg, embedder=embedder) as s:

@@ -57,8 +57,13 @@ def outputs(tmp_path: Path) -> tuple[Path, Path, object]:
 
 def test_documents_no_longer_in_the_corpus_are_removed(outputs, caplog) -> None:
     corpus, out, reference = outputs
-    kept = ingest(corpus, out)  # off by default: the output keeps them
+    with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
+        kept = ingest(corpus, out)  # off by default: the output keeps them, and says so in one line
     assert kept.documents_removed == 0 and set(GONE) <= _rel_paths(out)
+    said = [r.getMessage() for r in caplog.records if "not found by this run" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 document(s)") and GONE[0] in said[0], said
+    assert "documents.remove_missing=true" in said[0]
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
         result = _ingest_removing([corpus], out)
     assert result.documents_removed == 2 and result.documents_unchanged == 6 and result.documents_ingested == 0
