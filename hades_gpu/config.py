@@ -286,6 +286,11 @@ class GraphConfig(_KnownFields):
     # above this many chunks the kNN edges come from an approximate FAISS index (graph/ann.py)
     knn_exact_max_nodes: int = 20000
     knn_target_recall: float = 0.95  # recall@knn_k measured on a sample; nprobe doubled until met
+    # NN-descent local join rounds after the approximate all-rows search (0: none); the search then
+    # starts where the edges' predicted recall reaches knn_join_start_recall, and the joined lists'
+    # measured recall decides whether it runs again higher
+    knn_join_rounds: int = 2
+    knn_join_start_recall: float = 0.85
     knn_recall_sample: int = 1000  # rows checked against exact search
     # FAISS index_factory string ({nlist}, {pq_m} = dim/4 filled in): IVF lists found through an HNSW
     # over the centroids, 4-bit fast-scan PQ codes scanned, the best knn_refine_factor*k re-ranked exactly
@@ -769,6 +774,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(gr.knn_recall_sample >= 1, "graph.knn_recall_sample", ">= 1 (rows whose kNN recall is measured; 0 "
            "reported a recall of 1.0 it never measured)", gr.knn_recall_sample)
     _check(0 < gr.knn_target_recall <= 1, "graph.knn_target_recall", "in (0, 1]", gr.knn_target_recall)
+    _check(gr.knn_join_rounds >= 0, "graph.knn_join_rounds", ">= 0 (0: no local join)", gr.knn_join_rounds)
+    _check(0 < gr.knn_join_start_recall <= 1, "graph.knn_join_start_recall", "in (0, 1]", gr.knn_join_start_recall)
     _check(gr.knn_threads >= 0, "graph.knn_threads", ">= 0 (0: every core)", gr.knn_threads)
     _check(gr.knn_exact_max_nodes >= 0, "graph.knn_exact_max_nodes", ">= 0", gr.knn_exact_max_nodes)
 

@@ -79,7 +79,7 @@ def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict
     ids = np.array([str(i) for i in range(len(x))], dtype=object)
     t = time.perf_counter()
     idx = open_or_build(ids, x, k, cfg, None)
-    src, _, _ = knn_ann(idx, x, k, cfg.knn_threshold)
+    src, _, _ = knn_ann(idx, x, k, cfg.knn_threshold, cfg)
     total = time.perf_counter() - t
     info = idx.info
     return {"data": data, "method": "ann", "n": int(len(x)), "dim": int(x.shape[1]), "k": int(k),
@@ -87,6 +87,7 @@ def ann_row(x: np.ndarray, k: int, data: str, cfg: Optional[Any] = None) -> dict
             "recall_at_k": info.recall_at_k, "recall_sample": info.recall_sample, "target_met": info.target_met,
             "threshold": info.threshold, "edge_recall": info.edge_recall, "edge_nprobe": info.edge_nprobe,
             "edge_refine_factor": info.edge_refine_factor, "edge_target_met": info.edge_target_met,
+            "lists_recall_at_k": info.lists_recall_at_k, "join_rounds": info.join_rounds,
             "threads": info.threads, "seconds": dict(info.seconds), "total_s": total, "edges": int(len(src)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -183,14 +184,15 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("data", "N", "method", "index", "nprobe", "recall@k (sample)", "edges' recall (threshold)",
-            "edge nprobe", "train s", "search s", "total s", "exact / ann")
+            "edge nprobe", "join rounds", "all-rows lists' recall@k", "train s", "search s", "join s", "total s",
+            "exact / ann")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ann_s = {(r["data"], r["n"]): r["total_s"] for r in rows if r["method"] == "ann"}
     for r in rows:
         sec = r.get("seconds", {})
         if r.get("total_s") is None:  # a run stopped before it ended (its row says why)
             out.append(f"| {r['data'][:40]} | {r['n']:,} | {r['method']} | {r.get('index_type', '-')} | "
-                       f"{r.get('nprobe', '-')} | {r.get('recall_at_k', '-')} | - | - | - | - | stopped | |")
+                       f"{r.get('nprobe', '-')} | {r.get('recall_at_k', '-')} | - | - | - | - | - | - | - | stopped | |")
             continue
         total = f"{r['total_s']:.1f}" + (" (extrapolated)" if r.get("extrapolated") else "")
         ratio = (f"{r['total_s'] / ann_s[(r['data'], r['n'])]:.1f}x" if r["method"] == "exact"
@@ -198,9 +200,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         recall = f"{r['recall_at_k']:.3f} ({r['recall_sample']})" if r["method"] == "ann" else "1 (exact)"
         edges = (f"{r['edge_recall']:.3f} (>= {r['threshold']:g})" if "edge_recall" in r
                  else "1 (exact)" if r["method"] == "exact" else "-")
+        lists = r.get("lists_recall_at_k")
+        lists = "-" if lists is None or lists != lists else f"{lists:.3f}"  # absent, or NaN (no join measured)
         out.append(f"| {r['data'][:40]} | {r['n']:,} | {r['method']} | {r.get('index_type', 'blocked matmul')} | "
                    f"{r.get('nprobe', '-')} | {recall} | {edges} | {r.get('edge_nprobe', '-')} | "
-                   f"{sec.get('train', 0):.1f} | {sec.get('search', 0):.1f} | {total} | {ratio} |")
+                   f"{r.get('join_rounds', '-')} | {lists} | {sec.get('train', 0):.1f} | {sec.get('search', 0):.1f} | "
+                   f"{sec.get('join', 0):.1f} | {total} | {ratio} |")
     return "\n".join(out)
 
 

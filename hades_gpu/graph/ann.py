@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 
 from hades_gpu.config import GraphConfig
 from hades_gpu.graph.io import load_chunk_table
+from hades_gpu.graph.neighbor_lists import entries_of, join_round, lists_of, lists_recall, top_k_per_row
 from hades_gpu.store.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_with, file_checksum
 from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
 
@@ -156,6 +157,8 @@ class AnnInfo:
     edge_nprobe: int = 0  # the setting the all-rows kNN search (the edges) runs at
     edge_refine_factor: int = 0
     edge_target_met: bool = False
+    lists_recall_at_k: float = float("nan")  # plain recall@k of the all-rows lists (after the joins)
+    join_rounds: int = 0  # local join rounds the all-rows lists had
     threads: int = 0
     reused: bool = False  # loaded from <output>/index instead of built
     seconds: dict[str, float] = field(default_factory=dict)  # train, add, tune, load, save, search
@@ -176,6 +179,10 @@ class AnnIndex:
         self.params = params
         # int64 (M,): FAISS id -> row of the embeddings the index was built from (for `knn_ann`)
         self.rows: Optional[np.ndarray] = None
+        self._reference: Optional[tuple[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]]] = None
+        self._checksums: Optional[tuple[str, str]] = None  # of the saved index and ids files
+        # `normalise(embeddings)` as `open_or_build` made it: `knn_ann` joins with it (not a second copy)
+        self.normalised: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     @property
     def ivf(self) -> Any:
@@ -307,6 +314,9 @@ class AnnIndex:
         rows = np.flatnonzero(valid)
         k = min(k, len(rows) - 1)
         target = float(cfg.knn_target_recall)
+        # with the local join after it, the all-rows search starts lower: `knn_ann` measures the
+        # joined lists and searches again higher if they fall short
+        edge_start = min(target, float(cfg.knn_join_start_recall)) if cfg.knn_join_rounds > 0 else target
         info = self.info
         info.k, info.target_recall, info.threshold = int(k), target, float(cfg.knn_threshold)
         self.nprobe, self.refine_factor = cfg.knn_nprobe, cfg.knn_refine_factor
@@ -315,7 +325,7 @@ class AnnIndex:
             info.target_met = info.edge_target_met = True
             info.edge_nprobe, info.edge_refine_factor = self.nprobe, self.refine_factor
             return 1.0
-        sample, top_sims, top_ids = recall_reference(x, valid, k, cfg)
+        sample, top_sims, top_ids = self.reference(x, valid, k, cfg)
         cap = int(min(max(cfg.knn_max_nprobe, 1), self.nlist))
         max_refine = max(int(cfg.knn_max_refine_factor), self.refine_factor) if hasattr(self.index, "k_factor") else 1
         edge_setting: Optional[tuple[int, int, float]] = None
@@ -326,7 +336,7 @@ class AnnIndex:
                                                        with_edges=edge_setting is None)
             log.debug("kNN index: recall@%d %.4f, edges %.4f at nprobe %d, refine %d", k, recall, edge_recall,
                       self.nprobe, self.refine_factor)
-            if edge_setting is None and edge_recall >= target:
+            if edge_setting is None and edge_recall >= edge_start:
                 edge_setting = (self.nprobe, self.refine_factor, edge_recall)
             if recall >= target:
                 break
@@ -343,21 +353,21 @@ class AnnIndex:
         if edge_setting is None:  # the caps: the edges get the best setting there is
             edge_setting = (self.nprobe, self.refine_factor, edge_recall)
         info.edge_nprobe, info.edge_refine_factor, info.edge_recall = edge_setting
-        info.edge_target_met = bool(info.edge_recall >= target)
+        info.edge_target_met = bool(info.edge_recall >= edge_start)
         info.recall_at_k, info.recall_sample = float(recall), int(len(sample))
         info.target_met = bool(recall >= target)
-        if not info.edge_target_met:
+        if not info.edge_target_met and cfg.knn_join_rounds == 0:  # with the join, knn_ann measures and says
             log.warning("kNN index: the kNN edges' recall %.3f (top-%d at or above graph.knn_threshold %.2f) is "
                         "below graph.knn_target_recall %.3f at the caps graph.knn_max_nprobe=%d (nlist %d) and "
                         "graph.knn_max_refine_factor=%d; the kNN edges are built with it", info.edge_recall, k,
                         cfg.knn_threshold, target, cap, self.nlist, max_refine)
-        elif not info.target_met:
+        elif not info.target_met and info.edge_target_met:
             log.info("kNN index: recall@%d %.3f for queries is below graph.knn_target_recall %.3f at the caps "
                      "(the kNN edges met it: %.3f)", k, recall, target, info.edge_recall)
         info.seconds["tune"] = time.perf_counter() - t
-        log.info("kNN index: kNN edges' recall %.3f at nprobe %d (refine %d); recall@%d %.3f at nprobe %d "
-                 "(refine %d), on %d sampled rows (%.1f s)", info.edge_recall, info.edge_nprobe,
-                 info.edge_refine_factor, k, recall, self.nprobe, self.refine_factor, len(sample),
+        log.info("kNN index: kNN edges' recall %.3f at nprobe %d (refine %d%s); recall@%d %.3f at nprobe %d "
+                 "(refine %d), on %d sampled rows (%.1f s)", info.edge_recall, info.edge_nprobe, info.edge_refine_factor,
+                 ", before the local join" if cfg.knn_join_rounds > 0 else "", k, recall, self.nprobe, self.refine_factor, len(sample),
                  info.seconds["tune"])
         return float(recall)
 
@@ -407,15 +417,22 @@ class AnnIndex:
         return recall, (float(found.sum() / total) if total else 1.0)
 
     @contextmanager
-    def edge_setting(self) -> Iterator["AnnIndex"]:
-        """The index at the setting tuned for the kNN edges (nprobe, re-ranking), restored afterwards."""
+    def setting(self, nprobe: int, refine_factor: int) -> Iterator["AnnIndex"]:
+        """The index at another setting (nprobe, re-ranking), its own restored afterwards."""
         saved = (self.nprobe, self.refine_factor)
-        if self.info.edge_nprobe > 0:
-            self.nprobe, self.refine_factor = self.info.edge_nprobe, max(self.info.edge_refine_factor, 1)
+        self.nprobe, self.refine_factor = nprobe, refine_factor
         try:
             yield self
         finally:
             self.nprobe, self.refine_factor = saved
+
+    def reference(self, x: np.ndarray, valid: np.ndarray, k: int,
+                  cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`recall_reference` of these rows, kept from `tune` (a (sample, N) product: ~15 s at 10^6)."""
+        key = (int(k), int(cfg.knn_recall_sample), int(cfg.knn_seed), x.shape)
+        if self._reference is None or self._reference[0] != key:
+            self._reference = (key, recall_reference(x, valid, k, cfg))
+        return self._reference[1]
 
     # ------------------------------------------------------------------------------------ save / load
     def save(self, output_dir: str | os.PathLike) -> Path:
@@ -427,11 +444,19 @@ class AnnIndex:
         atomic_write_with(ipath, lambda tmp: faiss.write_index(self.index, str(tmp)))
         rec = atomic_write_parquet(pa.table({"chunk_id": pa.array(self.chunk_ids.tolist(), pa.string())}), idpath)
         self.info.seconds["save"] = time.perf_counter() - t
-        meta = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params,
-                "index_checksum": file_checksum(ipath), "ids_checksum": rec.checksum, **asdict(self.info)}
-        meta.pop("reused", None)
-        atomic_write_bytes(mpath, json.dumps(meta, indent=2).encode())
+        self._checksums = (file_checksum(ipath), rec.checksum)
+        self.save_meta(out)
         return ipath
+
+    def save_meta(self, output_dir: str | os.PathLike) -> None:
+        """Write knn.json again with the current `info` (what `knn_ann` measured), the index and ids
+        files as saved (their checksums from `save` or `load`; nothing when neither ran here)."""
+        if self._checksums is None:
+            return
+        meta = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params,
+                "index_checksum": self._checksums[0], "ids_checksum": self._checksums[1], **asdict(self.info)}
+        meta.pop("reused", None)
+        atomic_write_bytes(knn_index_meta_path(Path(output_dir)), json.dumps(meta, indent=2).encode())
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike, threads: int = 1, expect_fingerprint: Optional[str] = None,
@@ -469,6 +494,7 @@ class AnnIndex:
         info.reused, info.threads = True, int(threads)
         info.seconds = {"load": time.perf_counter() - t}
         loaded = cls(index, chunk_ids, info, fp, meta.get("params", {}))
+        loaded._checksums = (meta.get("index_checksum"), meta.get("ids_checksum"))
         loaded.nprobe = int(info.nprobe or 1)
         loaded.refine_factor = int(info.refine_factor or 1)
         return loaded
@@ -533,6 +559,7 @@ def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: Gr
             idx = AnnIndex.load(output_dir, threads=faiss_threads(cfg), expect_fingerprint=fp,
                                 expect_params=_params(cfg, int(valid.sum())))
             idx.rows = np.flatnonzero(valid)  # same chunk ids and vectors (fingerprint): same rows
+            idx.normalised = (x, valid)
             if tuned_for(idx.info, min(k, int(valid.sum()) - 1), cfg):
                 idx.info.seconds["fingerprint"] = fp_s
                 return idx
@@ -546,6 +573,7 @@ def open_or_build(chunk_ids: np.ndarray, embeddings: np.ndarray, k: int, cfg: Gr
         except IndexUnusable as err:
             log.warning("kNN index: %s; rebuilding it", err)
     idx = AnnIndex.build(chunk_ids, embeddings, cfg, fp=fp, normalised=(x, valid))
+    idx.normalised = (x, valid)
     idx.tune(embeddings, k, cfg, normalised=(x, valid))
     if output_dir is not None:
         idx.save(output_dir)
@@ -587,12 +615,21 @@ def exact_top_k(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> t
     return np.take_along_axis(best, order, axis=1), np.take_along_axis(best_ids, order, axis=1)
 
 
-def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float,
+            cfg: Optional[GraphConfig] = None,
+            normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """kNN edges of every row from `index` (built over the same rows): the `knn_blocked` contract.
 
     Searched at the setting `tune` found for the kNN edges when `threshold` is the one it measured
     them at; else (another threshold) at the index's own, tuned for plain recall@k. Each row's
     answers are then merged with the rows whose search found it (`merge_reverse`).
+
+    With `cfg` and `graph.knn_join_rounds` > 0, the lists are then improved by NN-descent's local
+    join (`neighbor_lists.join_round`) and their recall measured on the tuning sample against exact
+    search (not predicted): rounds stop once the edges meet `graph.knn_target_recall` or a round
+    changes next to nothing; if the edges still fall short, the all-rows search runs again at twice
+    the nprobe (to `graph.knn_max_nprobe`, then more re-ranking). The measured figures replace the
+    tuning's prediction in `index.info` (edge_recall, edge_nprobe, lists_recall_at_k, join_rounds).
 
     Returns:
         (src, dst, sim): int64, int64, float32 (M,), self excluded, sim >= threshold, zero rows
@@ -604,16 +641,98 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float) -
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if k < 1:
         return empty
-    setting = index.edge_setting() if float(threshold) == index.info.threshold else nullcontext(index)
-    with setting:
-        parts = [_edges_of_rows(index, embeddings, r0, min(r0 + _SEARCH_ROWS, n), k, threshold)
-                 for r0 in range(0, n, _SEARCH_ROWS)]
-    src, dst, sim = (np.concatenate([part[i] for part in parts]) for i in range(3))
-    index.info.seconds["search"] = time.perf_counter() - t
-    t = time.perf_counter()
-    merged = merge_reverse(src, dst, sim, k, n)
-    index.info.seconds["reverse_merge"] = time.perf_counter() - t
-    return merged
+    rounds = int(cfg.knn_join_rounds) if cfg is not None else 0
+    info = index.info
+    tuned_threshold = float(threshold) == info.threshold
+    if tuned_threshold and info.edge_nprobe > 0:
+        nprobe, refine = info.edge_nprobe, max(info.edge_refine_factor, 1)
+    else:
+        nprobe, refine = index.nprobe, index.refine_factor
+    if rounds == 0:
+        with index.setting(nprobe, refine):
+            rows, sims = _searched_lists(index, embeddings, k)
+        info.seconds["search"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rows, sims = _reverse_joined(rows, sims, k)
+        info.seconds["reverse_merge"] = time.perf_counter() - t
+        return _edges_of_lists(rows, sims, threshold)
+    if normalised is None:
+        mine = index.normalised
+        normalised = mine if mine is not None and mine[0].shape == embeddings.shape else normalise(embeddings)
+    x, valid = normalised
+    sample, top_sims, _ = index.reference(x, valid, k, cfg)
+    target = float(cfg.knn_target_recall)
+    cap = int(min(max(cfg.knn_max_nprobe, 1), index.nlist))
+    max_refine = max(int(cfg.knn_max_refine_factor), refine) if hasattr(index.index, "k_factor") else 1
+    seconds = {"search": 0.0, "reverse_merge": 0.0, "join": 0.0}
+    while True:
+        t = time.perf_counter()
+        with index.setting(nprobe, refine):
+            rows, sims = _searched_lists(index, embeddings, k)
+        seconds["search"] += time.perf_counter() - t
+        t = time.perf_counter()
+        rows, sims = _reverse_joined(rows, sims, k)
+        seconds["reverse_merge"] += time.perf_counter() - t
+        plain, edges = lists_recall(sims[sample], top_sims, threshold)
+        done = 0
+        t = time.perf_counter()
+        while done < rounds and edges < target:
+            rows, sims, offers = join_round(x, rows, sims)
+            done += 1
+            before = edges
+            plain, edges = lists_recall(sims[sample], top_sims, threshold)
+            log.info("kNN lists: local join round %d: %d offers; recall@%d %.3f, the edges' %.3f (at nprobe %d)",
+                     done, offers, k, plain, edges, nprobe)
+            if offers == 0 or edges - before < 0.002:  # a fixed point, or as good as one
+                break
+        seconds["join"] += time.perf_counter() - t
+        if edges >= target or not (nprobe < cap or refine < max_refine):
+            break
+        if nprobe < cap:
+            nprobe = min(nprobe * 2, cap)
+        else:
+            refine *= 2
+        log.info("kNN edges: recall %.3f after the local join is below graph.knn_target_recall %.3f; searching every "
+                 "row again at nprobe %d (re-ranking %d)", edges, target, nprobe, refine)
+    info.edge_nprobe, info.edge_refine_factor = int(nprobe), int(refine)
+    info.edge_recall, info.edge_target_met = float(edges), bool(edges >= target)
+    info.lists_recall_at_k, info.join_rounds = float(plain), int(done)
+    info.seconds.update(seconds)
+    if not info.edge_target_met:
+        log.warning("kNN index: the kNN edges' recall %.3f (top-%d at or above graph.knn_threshold %.2f, after %d "
+                    "local join round(s)) is below graph.knn_target_recall %.3f at the caps graph.knn_max_nprobe=%d "
+                    "and graph.knn_max_refine_factor=%d; the kNN edges are built with it", edges, k, threshold, done,
+                    target, cap, max_refine)
+    return _edges_of_lists(rows, sims, threshold)
+
+
+def _searched_lists(index: AnnIndex, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's first k answers other than itself at the index's current setting, as dense lists."""
+    n = embeddings.shape[0]
+    rows = np.full((n, k), -1, np.int64)
+    sims = np.full((n, k), -np.inf, np.float32)
+    for r0 in range(0, n, _SEARCH_ROWS):
+        r1 = min(r0 + _SEARCH_ROWS, n)
+        ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
+        ids, keep = _other_answers(index.rows, ids, np.arange(r0, r1, dtype=np.int64), k)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept answers first, in rank order
+        kept = np.take_along_axis(keep, order, axis=1)
+        rows[r0:r1] = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
+        sims[r0:r1] = np.where(kept, np.take_along_axis(sim, order, axis=1), -np.inf)
+    return rows, sims
+
+
+def _reverse_joined(rows: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_reverse` of dense lists."""
+    n = rows.shape[0]
+    return lists_of(*merge_reverse(*entries_of(rows, sims), k, n), n, k)
+
+
+def _edges_of_lists(rows: np.ndarray, sims: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lists' entries at or above `threshold`, in `knn_ann`'s order."""
+    src, dst, sim = entries_of(rows, sims)
+    keep = sim >= threshold
+    return src[keep], dst[keep], sim[keep].astype(np.float32)
 
 
 def merge_reverse(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int,
@@ -626,46 +745,12 @@ def merge_reverse(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int,
     ways. This is NN-descent's reverse-neighbour join (Dong, Charikar & Li 2011), one pass, done with
     array sorts (no per-row Python). Measured on synthetic 10^5 x 384 at 0.5: the edges' recall at
     nprobe 16 / 32 / 64 of 1,265 lists rises from 0.849 / 0.928 / 0.971 to 0.943 / 0.984 / 0.996.
+    A pair found both ways keeps the larger similarity (the same with an exact re-ranking stage;
+    PQ-only distances can differ by direction).
     """
     if len(src) == 0:  # no neighbour at or above the threshold anywhere
         return src.astype(np.int64), dst.astype(np.int64), sim.astype(np.float32)
-    s = np.concatenate([src, dst])
-    d = np.concatenate([dst, src])
-    w = np.concatenate([sim, sim])
-    # one entry per (row, neighbour): a pair found both ways keeps the larger similarity (the same with
-    # an exact re-ranking stage; PQ-only distances can differ by direction)
-    pair = s * np.int64(n) + d
-    order = np.argsort(pair)
-    pair, s, d, w = pair[order], s[order], d[order], w[order]
-    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
-    w = np.maximum.reduceat(w, starts)
-    s, d = s[starts], d[starts]
-    # rows ascending, similarity descending: one int64 key, sorted stably so that the (row, dst) order
-    # above breaks ties (one key sort instead of a three-key lexsort: 2.5x faster at 3e7 entries)
-    order = np.argsort((s << 32) | _descending_bits(w), kind="stable")
-    s, d, w = s[order], d[order], w[order]
-    position = np.arange(len(s))
-    group_start = np.maximum.accumulate(np.where(np.r_[True, s[1:] != s[:-1]], position, 0))
-    keep = position - group_start < k
-    return s[keep], d[keep], w[keep]
-
-
-def _descending_bits(w: np.ndarray) -> np.ndarray:
-    """float32 values as int64 in [0, 2^32) whose ascending order is the values' descending order
-    (IEEE-754 bits made monotone: negatives' bits flipped, positives' sign bit set; then reversed)."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.int64)
-    ascending = np.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    return 0xFFFFFFFF - ascending
-
-
-def _edges_of_rows(index: AnnIndex, embeddings: np.ndarray, r0: int, r1: int, k: int,
-                   threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The kNN edges (src, dst, sim) of rows r0:r1, self excluded, at most k per row."""
-    ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
-    rows = np.arange(r0, r1, dtype=np.int64)
-    ids, keep = _other_answers(index.rows, ids, rows, k)
-    keep &= sim >= threshold
-    return np.broadcast_to(rows[:, None], ids.shape)[keep], ids[keep], sim[keep].astype(np.float32)
+    return top_k_per_row(np.concatenate([src, dst]), np.concatenate([dst, src]), np.concatenate([sim, sim]), k, n)
 
 
 def _other_answers(index_rows: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -289,20 +289,23 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
     from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path
 
     index = open_or_build(chunk_ids, embeddings, cfg.knn_k, cfg, output_dir if cfg.knn_save_index else None)
-    s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold)
+    s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold, cfg)
     info = index.info
-    log.info("kNN edges from %s (%s, %d threads): the edges' recall %.3f at nprobe %d (top-%d at or above "
-             "%.2f), recall@%d %.3f at nprobe %d, on %d sampled rows, %.1f s", info.index_type,
-             "reused" if info.reused else "built", info.threads, info.edge_recall, info.edge_nprobe, info.k,
-             info.threshold, info.k, info.recall_at_k, info.nprobe, info.recall_sample, time.perf_counter() - t)
+    if cfg.knn_save_index and output_dir is not None and cfg.knn_join_rounds > 0:
+        index.save_meta(output_dir)  # the measured setting and recall of the edges, for the next build
+    log.info("kNN edges from %s (%s, %d threads): the edges' recall %.3f at nprobe %d and %d local join round(s) "
+             "(top-%d at or above %.2f); queries' recall@%d %.3f at nprobe %d, on %d sampled rows, %.1f s",
+             info.index_type, "reused" if info.reused else "built", info.threads, info.edge_recall, info.edge_nprobe,
+             info.join_rounds, info.k, info.threshold, info.k, info.recall_at_k, info.nprobe, info.recall_sample,
+             time.perf_counter() - t)
     return s, d, sim, {"method": "ann", "index_type": info.index_type, "reused": info.reused,
                        "seconds": time.perf_counter() - t, "index_seconds": dict(info.seconds),
                        "recall_at_k": info.recall_at_k, "k": info.k, "recall_sample": info.recall_sample,
                        "target_recall": info.target_recall, "target_met": info.target_met,
                        "edge_recall": info.edge_recall, "edge_threshold": info.threshold,
                        "edge_target_met": info.edge_target_met, "edge_nprobe": info.edge_nprobe,
-                       "edge_refine_factor": info.edge_refine_factor,
-                       "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
+                       "edge_refine_factor": info.edge_refine_factor, "lists_recall_at_k": info.lists_recall_at_k,
+                       "join_rounds": info.join_rounds, "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
                        "threads": info.threads}
 
 

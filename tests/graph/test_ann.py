@@ -17,30 +17,7 @@ from hades_gpu.graph.ann import (AnnIndex, IndexUnusable, fingerprint, knn_ann, 
 from hades_gpu.graph.build import knn_edges
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.store.layout import knn_index_ids_path, knn_index_meta_path, knn_index_path
-
-DIM = 384
-K = 10
-
-
-def clustered(n: int = 3000, clusters: int = 60, spread: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Unit-sphere Gaussian mixture: `clusters` centres, noise of norm ~`spread` around each."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, DIM))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, DIM)) / np.sqrt(DIM)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def ids_for(n: int) -> np.ndarray:
-    return np.array([f"chunk-{i:06d}" for i in range(n)], dtype=object)
-
-
-def ann_cfg(**kw) -> GraphConfig:
-    """ANN forced; IVF-Flat (quick to train) unless the test names `knn_index`."""
-    kw.setdefault("knn_index", "IVF{nlist},Flat")
-    kw.setdefault("knn_nprobe", 1)
-    return GraphConfig(knn_k=K, knn_exact_max_nodes=0, **kw)
-
+from knn_helpers import K, ann_cfg, clustered, ids_for
 
 @pytest.mark.parametrize("spec", ["IVF{nlist}_HNSW32,PQ{pq_m}x4fs,RFlat", "IVF{nlist},Flat"])
 def test_ann_edges_meet_the_target_recall_and_the_knn_blocked_contract(tmp_path: Path, spec: str) -> None:
@@ -154,14 +131,20 @@ def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.Lo
     assert load_index(tmp_path, cfg, check_current=False).info.reused  # the rebuilt index was saved and now loads
 
 
-def test_recall_cap_is_one_clear_line(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("join_rounds", [0, 2])
+def test_recall_cap_is_one_clear_line(caplog: pytest.LogCaptureFixture, join_rounds: int) -> None:
+    """Without the local join the tuning says it; with it, the all-rows search, which measures the
+    joined lists (the tuning only predicts where the search starts)."""
     x = clustered(3000, clusters=3000, spread=3.0, seed=4)  # nearly uniform: hard for 1 of many lists
-    cfg = ann_cfg(knn_max_nprobe=1, knn_target_recall=0.99, knn_threshold=-1.0)  # every top-k is an edge
+    cfg = ann_cfg(knn_max_nprobe=1, knn_target_recall=0.99, knn_threshold=-1.0,  # every top-k is an edge
+                  knn_join_rounds=join_rounds)
     with caplog.at_level(logging.WARNING, logger="hades_gpu.graph.ann"):
         idx = open_or_build(ids_for(len(x)), x, K, cfg, None)
+        knn_ann(idx, x, K, -1.0, cfg)
     assert idx.nprobe == 1 and not idx.info.target_met and idx.info.recall_at_k < 0.99
+    assert not idx.info.edge_target_met and idx.info.join_rounds == min(join_rounds, idx.info.join_rounds)
     lines = [r.getMessage() for r in caplog.records if "knn_target_recall" in r.getMessage()]
-    assert len(lines) == 1 and "knn_max_nprobe=1" in lines[0]
+    assert len(lines) == 1 and "knn_max_nprobe=1" in lines[0], lines
 
 
 def test_edges_are_searched_at_the_setting_tuned_for_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -242,7 +225,7 @@ def test_the_hnsw_quantizer_search_width_follows_nprobe_down_as_well_as_up() -> 
     assert quantizer.hnsw.efSearch == 128
     idx.nprobe = 4
     assert quantizer.hnsw.efSearch == 16  # FAISS's default, the floor
-    with idx.edge_setting():
+    with idx.setting(idx.info.edge_nprobe, idx.info.edge_refine_factor):
         assert quantizer.hnsw.efSearch == max(16, 2 * idx.info.edge_nprobe)
     assert idx.nprobe == 4 and quantizer.hnsw.efSearch == 16
 
