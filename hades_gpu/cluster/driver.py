@@ -132,6 +132,7 @@ class ClusterIngest:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = to_pipeline_config(config)
         self._source_missing = False  # a named source was not found (documents.remove_missing is then off)
+        self._corpus_found = False  # discovery found documents (a shard's share may be none)
         if self.config.cluster.mode == ClusterMode.NONE:
             self.config = dataclasses.replace(self.config, cluster=dataclasses.replace(self.config.cluster,
                                                                                         mode=ClusterMode.LOCAL.value))
@@ -214,6 +215,7 @@ class ClusterIngest:
         with OutputLock(out, DRIVER_LOCK):
             refs, skips = discover_for_output(paths, self.config.documents, out)
             self._source_missing = any(s.reason == "missing" for s in skips)
+            self._corpus_found = len(refs) > 0
             if self._source_missing and self.config.documents.remove_missing:
                 log.warning("documents.remove_missing: nothing removed from %s: a source is missing", out)
             t_discover = time.perf_counter() - t0
@@ -269,7 +271,8 @@ class ClusterIngest:
                     run = queue.popleft()
                     run.attempts += 1
                     run.submitted_at = time.monotonic()
-                    ref = remote.remote(self._shard_config(run, count), run.refs, run.skips, str(out))
+                    ref = remote.remote(self._shard_config(run, count), run.refs, run.skips, str(out),
+                                        self._corpus_found)
                     pending[ref] = run
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=k.poll_s)
                 for ref in ready:

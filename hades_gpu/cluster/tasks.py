@@ -45,15 +45,17 @@ def _node_id() -> str:
         return ""
 
 
-def ingest_shard(cfg: PipelineConfig, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: str) -> dict[str, Any]:
+def ingest_shard(cfg: PipelineConfig, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: str,
+                 corpus_found: bool = False) -> dict[str, Any]:
     """Ingest one shard (``cfg.shard = "i/n"``) of documents the driver discovered; resumes from the
     shard's manifest like any run. A previous attempt of the same shard that is still dying holds
-    the shard's lock: wait up to `cluster.lock_wait_s` for it rather than fail at once."""
+    the shard's lock: wait up to `cluster.lock_wait_s` for it rather than fail at once.
+    `corpus_found`: the driver's discovery found documents (this shard's share may be none)."""
     pipeline = IngestPipeline(cfg)
     deadline = time.monotonic() + cfg.cluster.lock_wait_s
     while True:
         try:
-            result = pipeline.ingest_planned(refs, skips, Path(output))
+            result = pipeline.ingest_planned(refs, skips, Path(output), corpus_found)
             return summarize(result, pipeline.shard.label)
         except NothingIngestedError as err:  # a shard of only bad files: an outcome, not a failure
             return summarize(err.result, pipeline.shard.label, nothing_ingested=True)

@@ -199,6 +199,7 @@ class IngestPipeline:
         self.config = to_pipeline_config(config) if config is not None else load_pipeline_config()
         self._embedder = embedder
         self.shard = ShardSpec.parse(self.config.shard)
+        self._corpus_found = False  # `ingest_planned`: the cluster's discovery found documents
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The job: ingest `paths` (files and/or folders) into `output` (default: `config.output`),
@@ -276,13 +277,20 @@ class IngestPipeline:
                 except sqlite3.Error as err:  # a stale claim is taken over by the next run: harmless
                     log.warning("could not drop this run's document claims in %s: %s", printable(str(out)), err)
 
-    def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike) -> IngestResult:
+    def ingest_planned(self, refs: Sequence[DocumentRef], skips: Sequence[Skip], output: PathLike,
+                       corpus_found: bool = False) -> IngestResult:
         """The ingest stage over documents discovered elsewhere (the cluster driver discovers once and
         hands every shard task its refs), under the output's lock for this shard. With ``shard=i/n``
-        the refs are the whole corpus's or the shard's own: only the shard's are ingested."""
+        the refs are the whole corpus's or the shard's own: only the shard's are ingested.
+        `corpus_found`: the discovery found documents, though maybe none of this shard's (then
+        `documents.remove_missing` still removes the shard's deleted ones)."""
         out = user_path(output)
-        with stoppable_run(), OutputLock(out, self.shard.label):
-            return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
+        self._corpus_found = corpus_found
+        try:
+            with stoppable_run(), OutputLock(out, self.shard.label):
+                return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
+        finally:
+            self._corpus_found = False  # this call's: a later run of the pipeline decides from its own discovery
 
     def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
@@ -395,9 +403,10 @@ class IngestPipeline:
 
         metrics = RunMetrics()
         source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
+        corpus_found = len(refs) > 0 or self._corpus_found  # before the shard's share, which may be empty
         refs, skips = self._select_shard(refs, skips, out)
         if cfg.documents.remove_missing:
-            removed = self._remove_missing(refs, source_missing, out)
+            removed = self._remove_missing(refs, source_missing, out, corpus_found)
         else:
             removed = 0
             self._note_missing(refs, out)
@@ -600,11 +609,14 @@ class IngestPipeline:
                      "(documents.remove_missing=true removes them, when the run is given the whole corpus)",
                      len(gone), printable(str(out)), printable(gone[0]))
 
-    def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path) -> int:
+    def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path,
+                        corpus_found: bool) -> int:
         """`documents.remove_missing`: remove the output's documents (of this shard) that `refs` does
         not hold, before anything is ingested. Nothing is removed when a named source is missing or
-        nothing was found (a typo must not empty an output): one warning line says so."""
-        if source_missing is not None or not refs:
+        the corpus held no document (a typo must not empty an output): one warning line says so. A
+        shard whose share of a non-empty corpus is empty removes all of its documents: its files were
+        all deleted (it kept them, searchable, however often it ran)."""
+        if source_missing is not None or not corpus_found:
             why = f"the source {printable(source_missing)} is missing" if source_missing else "this run found no documents"
             log.warning("documents.remove_missing: nothing removed from %s: %s", printable(str(out)), why)
             return 0

@@ -102,3 +102,40 @@ def test_a_kill_at_any_point_of_a_removal_loses_nothing(outputs, point) -> None:
     assert result.documents_removed == (0 if point == "after_manifest_commit" else 2)
     assert_same_chunks_exactly_once(out, reference)
     assert verify_output(out).ok
+
+
+def test_a_shard_whose_share_of_the_corpus_is_now_empty_removes_its_deleted_documents(tmp_path) -> None:
+    """By-hand shards and the cluster's shard tasks: every file of shard 1 deleted, the corpus not
+    empty. The shard said "this run found no documents" and kept them, searchable, on every re-run."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from hades_gpu.benchmarks.feed_bench import ZeroCostEmbedder
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.records import ShardSpec
+
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def run(out: Path, shard: str, remove: bool, planned: bool = False):
+        cfg = config()
+        cfg = dataclasses.replace(cfg, shard=shard, documents=dataclasses.replace(cfg.documents, remove_missing=remove))
+        pipeline = TextParallelPipeline(cfg, embedder=ZeroCostEmbedder(dim=cfg.embedder.dim))
+        if planned:  # as a cluster shard task: the driver's refs for this shard (none), the corpus had some
+            return pipeline.ingest_planned([], [], out, corpus_found=True)
+        return pipeline.ingest([corpus], out)
+
+    for out, planned in ((tmp_path / "by_hand", False), (tmp_path / "cluster", True)):
+        for shard in ("0/2", "1/2"):
+            run(out, shard, False)
+        label = ShardSpec.parse("1/2").label
+        shard_docs = {r for p in (out / "documents").glob(f"part-{label}-*.parquet")
+                      for r in pq.read_table(p, columns=["rel_path"]).column("rel_path").to_pylist()}
+        assert shard_docs and len(shard_docs) < 8
+        for name in shard_docs:
+            (corpus / name).unlink(missing_ok=True)
+        run(out, "0/2", True)
+        assert run(out, "1/2", True, planned).documents_removed == len(shard_docs)
+        assert not shard_docs & _rel_paths(out) and len(_rel_paths(out)) == 8 - len(shard_docs)
+        assert verify_output(out).ok
+        write_corpus(corpus)  # the next case starts from the whole corpus again
