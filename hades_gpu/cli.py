@@ -184,6 +184,9 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
     if isinstance(err, OSError) and err.errno in _RUN_ERRNOS:
         return 1, _os_message(err)
     cause = _os_cause(err)
+    if isinstance(err, ValueError) and str(err).startswith("Config group override must be"):  # profile=null
+        return 2, (f"{_one_line(str(err))}: a config group takes one of its option names (profile=balanced), "
+                   f"not null")
     if isinstance(err, ValueError) and cause is not None:  # Hydra's "Unable to configure handler 'file'"
         return 1, f"{_os_message(cause)} (Hydra's job log in the output folder)"
     if isinstance(err, OSError) and _raised_in_hydra_run_job(err):  # e.g. output=/proc/x: ENOENT from its mkdir
@@ -395,6 +398,27 @@ def _literal_values(args: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def _refuse_swept_output(args: list[str]) -> None:
+    """`-m ... output=/data/run a,v2`: a comma in the output path made Hydra sweep the output folder,
+    jobs landing in two folders (one relative to the working folder) and the sweep's own files in a
+    third. The output is the sweep's folder, one path: refused, with how to write the comma."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        key = arg.partition("=")[0].lstrip("+~")
+        if key not in ("output", "hydra.sweep.dir", "hydra.run.dir") or arg.startswith("-"):
+            continue
+        try:
+            swept = parser.parse_overrides([arg])[0].is_sweep_override()
+        except HydraException:
+            continue  # Hydra reports it
+        if swept:
+            raise ConfigError(f"{key}= names one folder, the sweep's: {arg!r} would sweep it (a comma is a sweep "
+                              f"under -m); escape the comma (\\,) or quote the path ({key}='\"a,b\"')")
+
+
 def _check_corpus(corpus: Optional[str]) -> None:
     """`corpus=` given and existing (before Hydra runs the job and again inside it, where an
     interpolated value is known)."""
@@ -443,6 +467,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         _catch_sigterm()
         _check_hydra_args(sys.argv)
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+        _refuse_swept_output(sys.argv[1:])
         before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])

@@ -66,6 +66,7 @@ def ingested(tmp_path_factory, corpus) -> Path:
     ("profile.num_workers=abc", ["profile.num_workers", "abc"]),
     ("profile=nope", ["profile/nope", "balanced"]),
     ("embedder=nope", ["embedder/nope", "local"]),
+    ("profile=null", ["config group", "not null"]),  # a 44-line traceback
     ("profile=[", ["["]),
     ("--badflag", ["--badflag"]),
     ("graph.knn_k=${oc.env:HADES_NO_SUCH_VAR}", ["HADES_NO_SUCH_VAR", "graph.knn_k"]),
@@ -278,6 +279,13 @@ def test_isne_without_an_ingest_output_leaves_nothing_behind(tmp_path):
                      prog="hades-isne")
     _assert_one_line(isne("output=nowhere"), 2, "is not an ingest output (it does not exist)", prog="hades-isne")
     assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_a_comma_in_the_output_under_multirun_is_refused_not_swept(tmp_path, corpus):
+    """The output folder was swept: jobs in two folders, one relative to the working folder."""
+    proc = _ingest("-m", f"corpus={corpus}", "profile=balanced,low_memory", f"output={tmp_path / 'run a'},v2")
+    _assert_one_line(proc, 2, "output= names one folder", "escape the comma")
+    assert not (tmp_path / "run a").exists() and not (REPO / "v2").exists()
 
 
 def test_sweep_failure_is_one_line_too(tmp_path):

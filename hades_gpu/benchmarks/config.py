@@ -23,7 +23,6 @@ class BenchConfig:
 
     job: str = "ingest"  # ingest | embed_only | triton | isne | feed | graph
     warmup_batches: int = 1  # model batches run before the timed region (loads kernels, caches)
-    max_documents: int = 0  # use at most this many documents of the corpus (0 = all)
     keep_dataset: bool = False  # keep the dataset the job wrote (job_dir/dataset); else delete it
     # triton: the server to use; null = start one (hades_gpu.embedding.triton_server) for the job
     triton_url: Optional[str] = None

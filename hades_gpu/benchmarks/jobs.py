@@ -343,6 +343,22 @@ def _hydra_job_info() -> dict[str, Any]:
             "launcher": str(hc.launcher.get("_target_", "")), "mode": str(hc.mode)}
 
 
+def check_bench_config(bench: BenchConfig) -> None:
+    """The `bench.*` values' ranges, as `config.validate` checks the pipeline's: a -1 was accepted,
+    and `bench.knn_sizes=[0]` failed deep inside FAISS with a traceback."""
+    checks = [("warmup_batches", bench.warmup_batches >= 0, ">= 0"),
+              ("triton_ready_timeout_s", bench.triton_ready_timeout_s > 0, "> 0"),
+              ("knn_bench_k", bench.knn_bench_k >= 1, ">= 1"),
+              ("knn_sizes", all(n > bench.knn_bench_k for n in bench.knn_sizes), "each > bench.knn_bench_k"),
+              ("knn_exact_sizes", all(n > bench.knn_bench_k for n in bench.knn_exact_sizes), "each > bench.knn_bench_k"),
+              ("isne_sizes", all(n >= 100 for n in bench.isne_sizes), "each >= 100 (planted-partition nodes)"),
+              ("isne_max_batches", bench.isne_max_batches >= 1, ">= 1"),
+              ("isne_real_epochs", bench.isne_real_epochs >= 1, ">= 1")]
+    for key, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"bench.{key} must be {want} (got {getattr(bench, key)!r})")
+
+
 def split_bench_config(dcfg: DictConfig) -> tuple[PipelineConfig, BenchConfig]:
     """The pipeline part (validated as the main job validates it) and the `bench` part."""
     container = OmegaConf.to_container(dcfg, resolve=True)
@@ -356,6 +372,7 @@ def split_bench_config(dcfg: DictConfig) -> tuple[PipelineConfig, BenchConfig]:
     assert isinstance(bench_obj, BenchConfig)
     if bench_obj.job not in JOBS:
         raise ConfigError(f"bench.job must be one of {'|'.join(JOBS)} (got {bench_obj.job!r})")
+    check_bench_config(bench_obj)
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -415,6 +432,7 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
     finally:
         result["job_wall_s"] = time.perf_counter() - t0  # setup + warm-up + timed region
         result["config"] = config_to_dict(cfg)
+        result["bench"] = dataclasses.asdict(bench)  # the job's own settings, defaults included
         (job_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
         if not bench.keep_dataset and (job_dir / DATASET_DIR).exists():
             metrics = job_dir / DATASET_DIR / "metrics.json"
@@ -447,6 +465,23 @@ def stand_in_note(result: dict) -> str:
     return f"; embedder: {embedder}" if "STAND-IN" in embedder else ""
 
 
+def write_failed_result(job_dir: Path, dcfg: DictConfig, err: BaseException) -> None:
+    """`result.json` of a job refused before it ran (a bad value): status error, the reason and the
+    job's overrides, so `hades-report` shows the cause and the swept values."""
+    info = _hydra_job_info()
+    bench = dcfg.get("bench") or {}
+    profile = dcfg.get("profile") or {}
+    result = {"job": bench.get("job", "?"), "status": "error", "error": f"{type(err).__name__}: {err}",
+              "profile": profile.get("name", "?"), "max_batch_tokens": profile.get("max_batch_tokens"),
+              "overrides": info.get("overrides", []), "job_num": info.get("job_num", 0)}
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+    except OSError:  # the refusal itself is what the user sees
+        pass
+    log.error("%s", result["error"])
+
+
 def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
                   run: Optional[Callable] = None) -> None:
     """`hades-bench`: the Hydra app over `conf/bench_config.yaml` (the main config + `bench`).
@@ -462,8 +497,16 @@ def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     def body(dcfg: DictConfig) -> None:
-        cfg, bench = split_bench_config(dcfg)
-        result = run_job(cfg, bench, Path(HydraConfig.get().runtime.output_dir))
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            cfg, bench = split_bench_config(dcfg)
+        except ConfigError as err:  # the job's log stayed empty and the report said "see its log"
+            write_failed_result(job_dir, dcfg, err)
+            raise
+        if cfg.corpus and not os.path.isabs(os.path.expanduser(str(cfg.corpus))):
+            # relative to where the command ran: with hydra.job.chdir=true the job runs in its own folder
+            cfg.corpus = os.path.join(HydraConfig.get().runtime.cwd, str(cfg.corpus))
+        result = run_job(cfg, bench, job_dir)
         print(f"{HydraConfig.get().runtime.output_dir}: {headline(cfg, bench, result)}", flush=True)
 
     def plain(dcfg: DictConfig) -> None:

@@ -23,6 +23,8 @@ from hades_gpu.optional import require
 PLOTS = {"throughput": "throughput.png", "memory": "peak_memory.png", "padding": "padding.png"}
 PROFILE_ORDER = ("high_throughput", "balanced", "low_memory")
 BEST_MARK = "★"
+STAND_IN = "(ZERO-COST STAND-IN model)"
+STAGE_JOBS = ("isne", "graph")  # time their own stage over an untimed ingest: not on the throughput plots
 
 
 def collect_results(root: Path) -> list[dict[str, Any]]:
@@ -44,6 +46,8 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
             continue
         row["folder"] = str(path.parent.relative_to(root)) or "."
         rows.append(row)
+    if not results:  # a hades-ingest sweep has job folders too: every job read as "failed"
+        return rows
     rows += _jobs_without_a_result(root, {path.parent for path in results})
     return rows
 
@@ -86,13 +90,19 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     pd = require("pandas", "pandas>=2", "hades-report", extra="report")
 
     cols = ["folder", "job", "status", "profile", "max_batch_tokens", "chunks", "chunks_per_s", "tokens_per_s",
-            "padding_efficiency", "peak_rss_bytes", "wall_s", "backpressure_waits", "error", "overrides"]
+            "padding_efficiency", "peak_rss_bytes", "wall_s", "backpressure_waits", "pairs_per_s", "error", "overrides"]
     frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
     if frame.empty:
         frame["best"] = []
         return frame
-    for c in ("chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_bytes", "wall_s"):
+    # a zero-cost stand-in's figures are labelled on every row and plot, not only in the header
+    frame["job"] = [f"{job} {STAND_IN}" if "STAND-IN" in str(r.get("embedder") or "") else job
+                    for job, r in zip(frame["job"], rows)]
+    for c in ("chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_bytes", "wall_s", "pairs_per_s"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    # the graph and ISNE jobs time their own stage: no tokens/s, and the padding is the untimed ingest's
+    stage = frame["job"].isin(STAGE_JOBS)
+    frame.loc[stage, ["tokens_per_s", "padding_efficiency"]] = float("nan")
     frame["peak_rss_mib"] = frame["peak_rss_bytes"] / 2**20
     frame["config"] = [_config_of(r) for r in frame.itertuples(index=False)]
     corpora = [r.get("corpus") for r in rows]
@@ -105,6 +115,7 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     frame = frame.reset_index(drop=True)
     # best = the configuration (job kind, profile, budget) with the highest mean chunks/s over its
     # finished runs; every row of it is marked (a sweep repeated into one folder has several)
+    frame["series"] = frame["config"].map(_series_of)
     frame["best"] = False
     ok = frame[(frame["status"] == "ok") & frame["chunks_per_s"].notna()]
     if not ok.empty:
@@ -133,6 +144,12 @@ def _config_of(row: Any) -> str:
     return " ".join(sorted(kept, key=lambda o: (not o.startswith("profile="), o)))  # the profile first
 
 
+def _series_of(config: str) -> str:
+    """A configuration without its batch budget: one line of the throughput plot (the budget is its
+    x axis). Jobs of other workers, chunk sizes, ... were averaged into one line per profile."""
+    return " ".join(o for o in str(config).split() if not o.startswith("profile.max_batch_tokens="))
+
+
 def _fmt(value: Any, spec: str) -> str:
     try:
         if value is None or value != value:  # None or NaN
@@ -146,7 +163,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(frame: Any) -> str:
     header = ("| | job | profile | max_batch_tokens | configuration | chunks | chunks/s | tokens/s | padding eff. | "
-              "peak RSS (MiB) | wall (s) | backpressure waits | status | folder |")
+              "ISNE pairs/s | peak RSS (MiB) | wall (s) | backpressure waits | status | folder |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in frame.itertuples(index=False):
         status = row.status if row.status == "ok" else f"{row.status}: {str(row.error)[:80]}"
@@ -154,14 +171,20 @@ def markdown_table(frame: Any) -> str:
             BEST_MARK if row.best else "",
             str(row.job), str(row.profile), _fmt(row.max_batch_tokens, "d"), f"`{row.config}`", _fmt(row.chunks, "d"),
             _fmt(row.chunks_per_s, ".1f"), _fmt(row.tokens_per_s, ",.0f"), _fmt(row.padding_efficiency, ".3f"),
-            _fmt(row.peak_rss_mib, ",.0f"), _fmt(row.wall_s, ".2f"), _fmt(row.backpressure_waits, "d"),
+            _fmt(row.pairs_per_s, ",.0f"), _fmt(row.peak_rss_mib, ",.0f"), _fmt(row.wall_s, ".2f"), _fmt(row.backpressure_waits, "d"),
             status.replace("|", "/"), f"`{row.folder}`",
         ]) + " |")
     return "\n".join(lines)
 
 
-def _series_label(job: str, profile: str, jobs: int) -> str:
-    return f"{profile}" if jobs == 1 else f"{job} / {profile}"
+def _series_label(job: str, config: str, jobs: int) -> str:
+    config = config.replace("profile=", "", 1)
+    return f"{config}" if jobs == 1 and STAND_IN not in job else f"{job} / {config}"
+
+
+def _throughput_jobs(frame: Any) -> Any:
+    """The finished jobs whose figure is chunks/s of the pipeline (not the graph or ISNE stage)."""
+    return frame[(frame["status"] == "ok") & ~frame["job"].isin(STAGE_JOBS)]
 
 
 def _best_means(ok: Any, columns: list[str]) -> Any:
@@ -173,14 +196,14 @@ def _best_means(ok: Any, columns: list[str]) -> Any:
 def _plot_throughput(frame: Any, path: Path) -> None:
     plt = require("matplotlib.pyplot", "matplotlib>=3.7", "hades-report's plots", extra="report")
 
-    ok = frame[frame["status"] == "ok"]
+    ok = _throughput_jobs(frame)
     jobs = ok["job"].nunique()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    repeated = bool(ok.groupby(["job", "profile", "max_batch_tokens"]).size().max() > 1)
-    series = sorted(ok.groupby(["job", "profile"]), key=lambda kv: (kv[0][0], _profile_key(kv[0][1])))
-    for (job, profile), group in series:
+    repeated = bool(ok.groupby(["job", "config"]).size().max() > 1)
+    series = sorted(ok.groupby(["job", "series"]), key=lambda kv: (kv[0][0], kv[0][1]))
+    for (job, config), group in series:
         mean = group.groupby("max_batch_tokens")[["chunks_per_s", "tokens_per_s"]].mean().sort_index()
-        label = _series_label(job, profile, jobs)
+        label = _series_label(job, config, jobs)
         for ax, col in zip(axes, ("chunks_per_s", "tokens_per_s")):
             (line,) = ax.plot(mean.index, mean[col], marker="o", label=label)
             if repeated:  # single runs as faint dots, so the spread between repeats stays visible
@@ -197,10 +220,10 @@ def _plot_throughput(frame: Any, path: Path) -> None:
         ax.set_xticklabels([str(int(t)) for t in ticks])
         ax.set_xlabel("profile.max_batch_tokens (padded tokens per batch)")
         ax.set_ylabel(title)
-        ax.set_ylim(0, float(ok[col].max()) * 1.15)
+        ax.set_ylim(0, max(float(ok[col].max()), 1e-9) * 1.15)  # all zero: not one identical pair of limits
         ax.grid(True, alpha=0.3)
         ax.set_title(f"Throughput: {title}")
-    axes[0].legend(title="profile", fontsize=9, loc="lower left")
+    axes[0].legend(title="configuration", fontsize=8, loc="lower left")
     if repeated:
         fig.suptitle("lines: mean over repeated runs; dots: single runs", fontsize=9, color="dimgray")
     fig.savefig(path, dpi=110)
@@ -212,38 +235,38 @@ def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt
     import numpy as np
 
     plt = require("matplotlib.pyplot", "matplotlib>=3.7", "hades-report's plots", extra="report")
-    ok = frame[frame["status"] == "ok"]
+    ok = _throughput_jobs(frame)
     jobs = ok["job"].nunique()
-    groups = sorted({(j, p) for j, p in zip(ok["job"], ok["profile"])}, key=lambda jp: (jp[0], _profile_key(jp[1])))
+    groups = sorted({(j, p) for j, p in zip(ok["job"], ok["series"])})
     budgets = sorted(ok["max_batch_tokens"].dropna().unique())
     fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(groups) + 2), 4.2), constrained_layout=True)
     width = 0.8 / max(1, len(budgets))
     x = np.arange(len(groups))
     for i, budget in enumerate(budgets):
         values = []
-        for job, profile in groups:
-            sel = ok[(ok["job"] == job) & (ok["profile"] == profile) & (ok["max_batch_tokens"] == budget)][column]
+        for job, series in groups:
+            sel = ok[(ok["job"] == job) & (ok["series"] == series) & (ok["max_batch_tokens"] == budget)][column]
             values.append(sel.mean() if not sel.empty else np.nan)
         bars = ax.bar(x + (i - (len(budgets) - 1) / 2) * width, values, width, label=f"{int(budget)} tokens")
         ax.bar_label(bars, labels=[_fmt(v, fmt) for v in values], fontsize=8, padding=2)
     best = _best_means(ok, [column])
     for row in best.itertuples(index=False):
-        if (row.job, row.profile) in groups and row.max_batch_tokens in budgets:
+        if (row.job, _series_of(row.config)) in groups and row.max_batch_tokens in budgets:
             offset = (budgets.index(row.max_batch_tokens) - (len(budgets) - 1) / 2) * width
-            gx = groups.index((row.job, row.profile)) + offset
+            gx = groups.index((row.job, _series_of(row.config))) + offset
             value = getattr(row, column)
             ax.annotate(BEST_MARK + " best", (gx, value), xytext=(0, 14), textcoords="offset points", ha="center",
                         fontsize=9, color="darkgoldenrod", fontweight="bold")
     ax.set_xticks(x)
-    ax.set_xticklabels([_series_label(j, p, jobs) for j, p in groups])
+    ax.set_xticklabels([_series_label(j, c, jobs) for j, c in groups], fontsize=8)
     ax.set_ylabel(ylabel)
     if ylim is not None:
         ax.set_ylim(*ylim)
     else:
         ax.set_ylim(0, np.nanmax(ok[column].to_numpy(dtype=float)) * 1.3 if len(ok) else 1)
-    runs = int(ok.groupby(["job", "profile", "max_batch_tokens"]).size().max())
+    runs = int(ok.groupby(["job", "config"]).size().max())
     ax.set_title(title if runs == 1 else f"{title} (bars: mean over repeated runs)")
-    ax.set_xlabel("profile")
+    ax.set_xlabel("configuration")
     ax.legend(title="max_batch_tokens", fontsize=9, loc="upper center", ncol=max(1, len(budgets)))
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(path, dpi=110)
@@ -255,13 +278,14 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
     require("matplotlib", "matplotlib>=3.7", "hades-report", extra="report").use("Agg")
     rows = collect_results(root)
     if not rows:
-        raise FileNotFoundError(f"no {RESULT_FILE} under {root} (expected a hades-bench multirun folder)")
+        raise FileNotFoundError(f"no {RESULT_FILE} under {root}: not a hades-bench folder (hades-ingest sweeps "
+                                f"write none; give the output= of a hades-bench run)")
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
     frame = to_frame(rows)
     ok = frame[frame["status"] == "ok"]
     plots: list[str] = []
-    if not ok.empty:
+    if not _throughput_jobs(frame).empty:
         _plot_throughput(frame, out / PLOTS["throughput"])
         _plot_bars(frame, "peak_rss_mib", "peak RSS (MiB, main process + workers)", "Peak memory",
                    out / PLOTS["memory"], ",.0f")
@@ -279,6 +303,8 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
     lines.append("")
     for job, group in ok.groupby("job"):
         best = group[group["best"]]
+        if job in STAGE_JOBS:
+            continue  # their own section below
         if not best.empty:
             b = best[["chunks_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_mib"]].mean()
             runs = f" (mean of {len(best)} runs)" if len(best) > 1 else ""
@@ -287,12 +313,37 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
                          f"padding efficiency {b['padding_efficiency']:.3f}, peak RSS {b['peak_rss_mib']:,.0f} MiB.")
             lines.append("")
     lines += ["Throughput counts chunks embedded and written (tokens: real, not padding) over the timed "
-              "region; peak RSS is the main process plus its worker processes.", "",
+              "region; peak RSS is the main process plus its worker processes. The graph and ISNE jobs time "
+              "their own stage over an untimed ingest: chunks/s there is chunks over that stage's time.", "",
               markdown_table(frame), ""]
+    lines += _stage_sections(rows)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def _stage_sections(rows: list[dict[str, Any]]) -> list[str]:
+    """The graph jobs' kNN rows (each labelled with its data: SYNTHETIC or the corpus's own vectors,
+    extrapolated rows marked) and the ISNE figures of the graph and ISNE jobs."""
+    from hades_gpu.benchmarks.knn_bench import table as knn_table
+
+    lines: list[str] = []
+    for row in rows:
+        if row.get("status") != "ok" or row.get("job") not in STAGE_JOBS:
+            continue
+        knn = (row.get("knn") or {}).get("rows") or []
+        if knn:
+            lines += [f"### kNN rows of `{row['folder']}`", "", knn_table(knn), ""]
+        isne = row.get("isne") or {}
+        planted = isne.get("planted_partition") if isinstance(isne, dict) else None
+        if planted:
+            lines += [f"ISNE on SYNTHETIC planted-partition graphs (`{row['folder']}`, result.json "
+                      f"`isne.planted_partition`): {json.dumps(planted.get('rows', planted), default=str)[:1500]}", ""]
+        if row.get("pairs_per_s"):
+            lines += [f"ISNE stage of `{row['folder']}`: {row['pairs_per_s']:,.0f} positive pairs/s over "
+                      f"{row.get('chunks', 0)} chunks, {row.get('wall_s', 0.0):.1f} s.", ""]
+    return lines
 
 
 def report_cli(argv: Optional[Sequence[str]] = None) -> int:
@@ -305,6 +356,8 @@ def report_cli(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.multirun_dir.is_dir():
         parser.error(f"multirun_dir must be a folder (got {str(args.multirun_dir)!r})")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder (got the file {str(args.out)!r})")
     try:
         path = write_report(args.multirun_dir, args.out)
     except FileNotFoundError as err:

@@ -217,3 +217,111 @@ def test_report_skips_results_that_are_no_object_or_have_no_numeric_budget(tmp_p
     assert "2_c/result.json: not a JSON object" in err and "1_b/result.json: max_batch_tokens is '16k'" in err
     lines = [line for line in (tmp_path / "report.md").read_text().splitlines() if "| ingest |" in line]
     assert len(lines) == 1 and "| 4096 |" in lines[0]
+
+
+def test_the_throughput_plot_draws_one_line_per_configuration_not_per_profile(tmp_path, monkeypatch):
+    """`-m bench=feed profile.num_workers=1,2`: the plot drew one "balanced" dot at the mean of the
+    two, captioned "mean over repeated runs"."""
+    from matplotlib.figure import Figure
+
+    for folder, workers, rate in (("0_w1", 1, 188.3), ("1_w2", 2, 123.0)):
+        fake_result(tmp_path / folder, "balanced", 4096, rate)
+        path = tmp_path / folder / "result.json"
+        row = json.loads(path.read_text())
+        row["overrides"] = ["profile=balanced", f"profile.num_workers={workers}"]
+        path.write_text(json.dumps(row))
+    drawn: list[tuple[str, list[str], list[float]]] = []
+    save = Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                drawn.append((ax.get_title(), line.get_label(), list(line.get_ydata())))
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    assert report.report_cli([str(tmp_path)]) == 0
+    chunks = [(label, ys) for title, label, ys in drawn if title == "Throughput: chunks / s"]
+    assert sorted(label for label, _ in chunks) == ["balanced profile.num_workers=1", "balanced profile.num_workers=2"]
+    assert sorted(ys[0] for _, ys in chunks) == [123.0, 188.3]  # each its own value, no mean of the two
+
+
+def test_stage_jobs_show_their_own_figures_and_labels_and_stand_ins_are_labelled_on_every_row(tmp_path):
+    """bench=isne and bench=graph rows read "0 tokens/s, padding 0.880" (the untimed ingest's) and
+    drew at 0 on the tokens/s plot; the graph job's SYNTHETIC kNN rows were left out; a feed job's
+    zero-cost stand-in was named in the header only."""
+    fake_result(tmp_path / "0_ingest", "balanced", 4096, 50.0)
+    for folder, job, extra in (
+            ("1_isne", "isne", {"pairs_per_s": 3.67e6, "tokens_per_s": 0.0}),
+            ("2_graph", "graph", {"tokens_per_s": 0.0, "knn": {"rows": [{
+                "data": "SYNTHETIC (3-level Gaussian mixture)", "method": "ann", "n": 2000, "dim": 384, "k": 15,
+                "index_type": "IVF178,Flat", "nprobe": 8, "recall_at_k": 0.97, "recall_sample": 1000,
+                "threshold": 0.5, "edge_recall": 0.99, "edge_nprobe": 4, "seconds": {"train": 0.1, "search": 0.2},
+                "total_s": 0.5}]}}),
+            ("3_feed", "feed", {"embedder": "ZERO-COST STAND-IN (no model: the feed's ceiling)"})):
+        fake_result(tmp_path / folder, "balanced", 4096, 20.0)
+        path = tmp_path / folder / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "job": job, **extra}))
+    assert report.report_cli([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    isne = next(line for line in text.splitlines() if "| isne |" in line)
+    assert "| 20.0 | – | – | 3,670,000 |" in isne  # chunks/s, no tokens/s nor the ingest's padding, pairs/s
+    assert "SYNTHETIC" in text and "### kNN rows of `2_graph`" in text
+    feed = [line for line in text.splitlines() if line.startswith("| ") and "3_feed" in line]
+    assert len(feed) == 1 and report.STAND_IN in feed[0]
+    assert f"feed {report.STAND_IN}" in text.split("|")[0] or any(
+        line.startswith("**Best `feed " + report.STAND_IN) for line in text.splitlines())
+
+
+def test_report_refuses_a_folder_without_bench_results_and_an_out_that_is_a_file(tmp_path, capsys):
+    """A hades-ingest sweep (job folders, no result.json) was reported as N failed jobs, exit 0;
+    --out naming a file was a FileExistsError traceback."""
+    (tmp_path / "sweep" / "0_profile=balanced" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep" / "0_profile=balanced" / ".hydra" / "overrides.yaml").write_text("- profile=balanced\n")
+    assert report.report_cli([str(tmp_path / "sweep")]) == 2
+    assert "not a hades-bench folder" in capsys.readouterr().err
+    fake_result(tmp_path / "bench" / "0_a", "balanced", 4096, 10.0)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as info:
+        report.report_cli([str(tmp_path / "bench"), "--out", str(tmp_path / "afile")])
+    assert info.value.code == 2 and "--out must be a folder" in capsys.readouterr().err
+
+
+def test_bench_settings_are_checked_and_recorded(tmp_path):
+    """bench.max_documents did nothing (removed); negative or empty sizes were accepted or failed
+    deep in FAISS; result.json recorded no bench settings."""
+    for bad in (dict(warmup_batches=-1), dict(knn_sizes=[0]), dict(isne_max_batches=0), dict(knn_bench_k=0)):
+        with pytest.raises(ConfigError, match="bench." + next(iter(bad))):
+            jobs.check_bench_config(BenchConfig(**bad))
+    assert not hasattr(BenchConfig(), "max_documents")
+    jobs.check_bench_config(BenchConfig())
+
+
+@pytest.mark.slow
+def test_a_bench_job_refused_for_a_bad_value_leaves_the_reason_in_its_result(tmp_path):
+    """The job's log stayed empty and the report said "see its log": the reason was only on stderr."""
+    corpus = tiny_corpus(tmp_path / "corpus")
+    proc = _run_cli("bench_main", ["-m", "profile.max_batch_tokens=100,4096", "bench.isne_max_batches=0",
+                                   f"corpus={corpus}", f"output={tmp_path / 'out'}"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    results = sorted((tmp_path / "out").rglob("result.json"))
+    assert len(results) == 2
+    for path in results:
+        row = json.loads(path.read_text())
+        assert row["status"] == "error" and ("max_batch_tokens" in row["error"] or "isne_max_batches" in row["error"])
+    assert report.report_cli([str(tmp_path / "out")]) == 0
+    assert "must be" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_relative_corpus_with_hydra_job_chdir_is_read_from_where_the_command_ran(tmp_path):
+    """hades-bench looked for corpus=corpus inside the job's own folder (hades-ingest did not)."""
+    tiny_corpus(tmp_path / "corpus")
+    code = "import sys; from hades_gpu.cli import bench_main; sys.argv[1:] = sys.argv[1:]; bench_main()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code, "bench=feed", "corpus=corpus", "output=out",
+                           "hydra.job.chdir=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert row["status"] == "ok" and row["corpus"] == str((tmp_path / "corpus").resolve())
+    assert row["bench"]["job"] == "feed"  # the job's own settings recorded
