@@ -17,7 +17,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig
 
@@ -218,6 +218,20 @@ def _os_cause(err: BaseException) -> Optional[OSError]:
 PATH_KEYS = frozenset({"corpus", "output", "documents.root", "embedder.model_dir", "embedder.cache_dir"})
 
 
+def _hydra_unescapes_to_a_path(parser: Any, arg: str, value: str) -> bool:
+    """Whether Hydra's reading of a path value with backslash escapes names an existing path where
+    the value taken literally does not (then the escapes were meant for Hydra, as under -m)."""
+    from hydra.errors import HydraException
+
+    try:
+        parsed = parser.parse_overrides([arg])[0]
+    except HydraException:
+        return False
+    unescaped = parsed.value()
+    return (not parsed.is_sweep_override() and isinstance(unescaped, str) and unescaped != value
+            and not os.path.lexists(os.path.expanduser(value)) and os.path.lexists(os.path.expanduser(unescaped)))
+
+
 def quote_path_overrides(argv: list[str]) -> list[str]:
     """`corpus=café` (Hydra: "LexerNoViableAltException") becomes `corpus='café'`; a path value with
     spaces at its start or end, which Hydra strips (`"corpus=/data/  "` ingested `/data`), is a
@@ -238,6 +252,9 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
         if value != value.strip():
             raise UsageError(f"{key}= starts or ends with spaces, which Hydra drops (another folder would be read): "
                              f"quote the value: \"{key}='{value}'\"")
+        if "\\" in value and _hydra_unescapes_to_a_path(parser, arg, value):
+            out.append(arg)  # `corpus=/data/my\ docs\,v2`, escaped as Hydra reads it (it does under -m)
+            continue
         # a "," is a sweep only under -m: otherwise Hydra refused `corpus=/data/a,b` as "ambiguous"
         literal_comma = "," in value and not sweep
         if not literal_comma:
@@ -398,18 +415,23 @@ def _literal_values(args: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def _refuse_swept_output(args: list[str]) -> None:
+def _refuse_misplaced_output(args: list[str]) -> None:
     """`-m ... output=/data/run a,v2`: a comma in the output path made Hydra sweep the output folder,
     jobs landing in two folders (one relative to the working folder) and the sweep's own files in a
-    third. The output is the sweep's folder, one path: refused, with how to write the comma."""
+    third. The output is the sweep's folder, one path: refused, with how to write the comma. And
+    `hydra.run.dir=` under -m, which Hydra ignores silently."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
+    multirun = any(a in ("-m", "--multirun") for a in args)
     for arg in args:
         key = arg.partition("=")[0].lstrip("+~")
         if key not in ("output", "hydra.sweep.dir", "hydra.run.dir") or arg.startswith("-"):
             continue
+        if multirun and key == "hydra.run.dir":  # Hydra ignores it under -m: the jobs went to ./multirun/<time>/
+            raise ConfigError("hydra.run.dir names one run's folder and is not used under -m: give the sweep's "
+                              "folder as output= (or hydra.sweep.dir=)")
         try:
             swept = parser.parse_overrides([arg])[0].is_sweep_override()
         except HydraException:
@@ -467,7 +489,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         _catch_sigterm()
         _check_hydra_args(sys.argv)
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])
-        _refuse_swept_output(sys.argv[1:])
+        _refuse_misplaced_output(sys.argv[1:])
         before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])

@@ -109,6 +109,18 @@ def test_hydra_flag_clashes_yaml_errors_and_multirun_mode_commas(tmp_path, corpu
     assert (recorded["name"], recorded["max_batch_tokens"]) == ("noname", 1024)
 
 
+def test_a_corpus_path_escaped_for_hydra_is_read_as_hydra_reads_it(tmp_path):
+    """`corpus=/data/my\\ docs\\,v2` (Hydra's own escapes) was taken with its backslashes without -m,
+    while under -m Hydra unescaped it: the same command line read two folders."""
+    folder = tmp_path / "my docs,v2"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nsome text to ingest\n")
+    escaped = str(folder).replace(" ", "\\ ").replace(",", "\\,")
+    proc = _ingest(f"corpus={escaped}", f"output={tmp_path / 'out'}", "isne.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["corpus"] == str(folder)
+
+
 def test_a_relative_corpus_is_read_from_where_the_command_ran_even_with_hydra_job_chdir(tmp_path, corpus):
     rel = os.path.relpath(corpus, REPO)  # _ingest runs in REPO
     proc = _ingest(f"corpus={rel}", f"output={tmp_path / 'out'}", "hydra.job.chdir=true", "isne.enabled=false")
@@ -286,6 +298,8 @@ def test_a_comma_in_the_output_under_multirun_is_refused_not_swept(tmp_path, cor
     proc = _ingest("-m", f"corpus={corpus}", "profile=balanced,low_memory", f"output={tmp_path / 'run a'},v2")
     _assert_one_line(proc, 2, "output= names one folder", "escape the comma")
     assert not (tmp_path / "run a").exists() and not (REPO / "v2").exists()
+    proc = _ingest("-m", f"corpus={corpus}", "profile=balanced,low_memory", f"hydra.run.dir={tmp_path / 'r'}")
+    _assert_one_line(proc, 2, "hydra.run.dir names one run's folder and is not used under -m")
 
 
 def test_sweep_failure_is_one_line_too(tmp_path):
