@@ -286,6 +286,11 @@ def _check_hydra_args(argv: list[str]) -> None:
     parser = get_args_parser()
 
     def _error(message: str) -> None:
+        flags = [a for a in argv[1:] if a.startswith("-")]
+        late = next((f for f in flags if f in ("-m", "--multirun") and
+                     any("=" in a and not a.startswith("-") for a in argv[1:argv.index(f)])), None)
+        if late is not None:  # `key=value -m key=a,b`: argparse said "unrecognized arguments"
+            raise UsageError(f"{late} goes before the overrides (hades-ingest -m key=a,b ...), not after them")
         raise UsageError(f"{message} (see --help; Hydra overrides are key=value)")
 
     parser.error = _error  # type: ignore[method-assign]

@@ -302,6 +302,13 @@ def test_a_comma_in_the_output_under_multirun_is_refused_not_swept(tmp_path, cor
     _assert_one_line(proc, 2, "hydra.run.dir names one run's folder and is not used under -m")
 
 
+def test_multirun_after_the_overrides_says_where_it_goes(tmp_path, corpus):
+    """It said "unrecognized arguments ... (Hydra overrides are key=value)": they were key=value."""
+    proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'out'}", "-m", "profile=balanced,low_memory")
+    _assert_one_line(proc, 2, "-m goes before the overrides")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sweep_failure_is_one_line_too(tmp_path):
     proc = _ingest("-m", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}", "profile=balanced,low_memory")
     _assert_one_line(proc, 2, "corpus must be an existing file or folder")
