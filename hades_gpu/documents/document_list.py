@@ -85,6 +85,10 @@ class DocumentList(Sequence[DocumentRef]):
     def __len__(self) -> int:
         return len(self._size)
 
+    def roots(self) -> list[str]:
+        """The folders the documents' paths are `root + rel_path` under (in order of first use)."""
+        return list(self._roots)
+
     def rel_path(self, i: int) -> str:
         start = self._rel_end[i - 1] if i else 0
         return self._rel[start:self._rel_end[i]].decode(*_TEXT)

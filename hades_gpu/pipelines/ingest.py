@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import sqlite3
 import time
 from array import array
@@ -404,12 +405,9 @@ class IngestPipeline:
         metrics = RunMetrics()
         source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
         corpus_found = len(refs) > 0 or self._corpus_found  # before the shard's share, which may be empty
+        where = _WhereDocumentsWere(refs, skips)  # before shard 0 takes the skips
         refs, skips = self._select_shard(refs, skips, out)
-        if cfg.documents.remove_missing:
-            removed = self._remove_missing(refs, source_missing, out, corpus_found)
-        else:
-            removed = 0
-            self._note_missing(refs, out)
+        removed = self._reconcile_missing(refs, source_missing, out, corpus_found, where)
         metrics.extra["documents_removed"] = removed
         if self.shard.sharded:
             clear_shard_done(out, self.shard.label)  # exists again only once this run has finished
@@ -593,45 +591,63 @@ class IngestPipeline:
                         "earlier version (e.g. %s, now skipped as %s)", removed, printable(str(out)), printable(rel), why)
         return removed
 
-    def _note_missing(self, refs: DocumentList, out: Path) -> None:
-        """One line for the output's documents (of this shard) this run did not find, kept because
-        `documents.remove_missing` is off: a deleted file went on being found by search, its chunks
-        unmarked, and nothing said so."""
-        if not refs or not manifest_path(out, self.shard.label).is_file():
-            return
+    def _reconcile_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path, corpus_found: bool,
+                           where: "_WhereDocumentsWere") -> int:
+        """The output's documents (of this shard) this run did not find, before anything is ingested:
+
+        - a path that is a folder now is no longer a document: removed, as an emptied file is;
+        - a path this run could not read or list (permissions: a skip says `unreadable`) is kept
+          whatever `documents.remove_missing` says (it deleted a document whose file was there);
+        - the rest are gone: removed with `documents.remove_missing`, else named in one line (a deleted
+          file went on being found by search and nothing said so).
+        Nothing is removed when a named source is missing or the corpus held no document (a typo must
+        not empty an output): one warning line says so."""
+        remove = self.config.documents.remove_missing
+        if not refs and not corpus_found:
+            if remove:
+                why = f"the source {printable(source_missing)} is missing" if source_missing else "this run found no documents"
+                log.warning("documents.remove_missing: nothing removed from %s: %s", printable(str(out)), why)
+            return 0
+        if not manifest_path(out, self.shard.label).is_file():
+            return 0
         try:
             with Manifest.load(out, self.shard.label) as manifest:
                 gone = manifest.absent_from(refs.rel_path(i) for i in range(len(refs)))
         except (ManifestError, OSError):  # the run itself reports a damaged manifest
-            return
-        if gone:
+            return 0
+        if not gone:
+            return 0
+        folders, unreadable, absent = where.classify(gone)
+        if unreadable:
+            log.warning("%d document(s) of %s were not read by this run, their file or folder unreadable (e.g. %s): "
+                        "kept with their chunks%s", len(unreadable), printable(str(out)), printable(unreadable[0]),
+                        " (documents.remove_missing removes only files that are gone)" if remove else "")
+        if remove and source_missing is not None:
+            log.warning("documents.remove_missing: nothing removed from %s: the source %s is missing",
+                        printable(str(out)), printable(source_missing))
+            absent = []
+        doomed = folders + (absent if remove else [])
+        removed = self._remove_documents(out, doomed) if doomed else 0
+        if folders:
+            log.warning("removed %d document(s) from %s whose path is a folder now, with their chunks (e.g. %s)",
+                        len(folders), printable(str(out)), printable(folders[0]))
+        if absent and remove:
+            log.info("removed %d document(s) no longer in the corpus from %s (documents.remove_missing), e.g. %s",
+                     len(absent), printable(str(out)), printable(absent[0]))
+        elif absent:
             log.info("%d document(s) in %s were not found by this run, e.g. %s: they stay, with their chunks "
                      "(documents.remove_missing=true removes them, when the run is given the whole corpus)",
-                     len(gone), printable(str(out)), printable(gone[0]))
+                     len(absent), printable(str(out)), printable(absent[0]))
+        return removed if remove else 0
 
-    def _remove_missing(self, refs: DocumentList, source_missing: Optional[str], out: Path,
-                        corpus_found: bool) -> int:
-        """`documents.remove_missing`: remove the output's documents (of this shard) that `refs` does
-        not hold, before anything is ingested. Nothing is removed when a named source is missing or
-        the corpus held no document (a typo must not empty an output): one warning line says so. A
-        shard whose share of a non-empty corpus is empty removes all of its documents: its files were
-        all deleted (it kept them, searchable, however often it ran)."""
-        if source_missing is not None or not corpus_found:
-            why = f"the source {printable(source_missing)} is missing" if source_missing else "this run found no documents"
-            log.warning("documents.remove_missing: nothing removed from %s: %s", printable(str(out)), why)
-            return 0
+    def _remove_documents(self, out: Path, rel_paths: list[str]) -> int:
         cfg = self.config
         writer = DatasetWriter(out, self.shard.label, cfg.embedder.dim, cfg.profile.writer_rows_per_part,
                                settings=ingest_settings(cfg, self.force_code))
         try:
-            gone = writer.manifest.absent_from(refs.rel_path(i) for i in range(len(refs)))
-            removed = writer.remove_documents(gone) if gone else 0
+            return writer.remove_documents(rel_paths)
         finally:
             writer.close()
-        if removed:
-            log.info("removed %d document(s) no longer in the corpus from %s (documents.remove_missing), e.g. %s",
-                     removed, printable(str(out)), printable(gone[0]))
-        return removed
 
     def _governor(self) -> Any:
         """The NVML memory governor when a GPU is in use, else None."""
@@ -655,6 +671,56 @@ class IngestPipeline:
             log.warning("isne.enabled is true but the ISNE stage is unavailable; skipped")
             return None
         return run_isne_stage(self.config, out)
+
+
+class _WhereDocumentsWere:
+    """Where this run's discovery looked (the corpus roots) and what it could not read, to tell a
+    document it did not find that is gone from one whose file is still there but unreadable, or
+    whose path is a folder now."""
+
+    def __init__(self, refs: DocumentList, skips: list[Skip]) -> None:
+        self.roots = refs.roots() if isinstance(refs, DocumentList) else sorted(
+            {r.path[: len(r.path) - len(r.rel_path)] for r in refs if r.path.endswith(r.rel_path)})
+        # permissions and I/O: the file may be there (a FIFO or an unfollowed symlink is no file any more)
+        self.unreadable = {os.path.normpath(s.path) for s in skips
+                           if s.reason == "unreadable" and not not_a_file_any_more(s.reason, s.detail)}
+
+    def classify(self, rel_paths: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """(now folders, unreadable, absent) of documents not found, each in the given order. A path
+        that is some other non-file now (FIFO, socket, symlink) is in none: the run removes those as
+        no longer documents (`_remove_no_longer_documents`)."""
+        folders, unreadable, absent = [], [], []
+        for rel in rel_paths:
+            state = "absent"
+            for root in self.roots:
+                path = os.path.normpath(root + rel)
+                try:
+                    st = os.lstat(path)
+                except PermissionError:  # a folder above it that cannot be searched: it may well be there
+                    state = "unreadable"
+                    break
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    state = "folder"
+                    break
+                if not stat.S_ISREG(st.st_mode):
+                    state = "elsewhere"
+                    break
+                if self._under_unreadable(path):
+                    state = "unreadable"
+                    break
+            {"folder": folders, "unreadable": unreadable, "absent": absent, "elsewhere": []}[state].append(rel)
+        return folders, unreadable, absent
+
+    def _under_unreadable(self, path: str) -> bool:
+        while True:
+            if path in self.unreadable:
+                return True
+            parent = os.path.dirname(path)
+            if parent == path:
+                return False
+            path = parent
 
 
 class TextParallelPipeline(IngestPipeline):

@@ -139,3 +139,56 @@ def test_a_shard_whose_share_of_the_corpus_is_now_empty_removes_its_deleted_docu
         assert not shard_docs & _rel_paths(out) and len(_rel_paths(out)) == 8 - len(shard_docs)
         assert verify_output(out).ok
         write_corpus(corpus)  # the next case starts from the whole corpus again
+
+
+_REMOVING_SCRIPT = ("import sys; sys.path[:0] = [%r, %r]; from pathlib import Path; "
+                    "from test_remove_missing import _ingest_removing; _ingest_removing([Path(sys.argv[1])], Path(sys.argv[2]))"
+                    % (str(REPO / "tests" / "support"), str(REPO / "tests" / "store")))
+
+
+def test_documents_whose_folder_cannot_be_searched_are_kept_not_removed(outputs, caplog) -> None:
+    """A folder made readable but not searchable (chmod 644): its files were skipped as unreadable and
+    remove_missing deleted their documents, files still there. Run without root's permission override
+    (setpriv drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH), so the permission error is real."""
+    import shutil
+
+    corpus, out, _ = outputs
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs setpriv and root to drop the permission override (else chmod alone does)")
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "kept.md").write_text("# Kept\n\n" + "words " * 200)
+    assert _ingest_removing([corpus], out).documents_ingested == 1
+    (corpus / "sub").chmod(0o644)  # listable, not searchable: its files cannot be stat'ed or opened
+    try:
+        caps = "-dac_override,-dac_read_search"
+        proc = subprocess.run([setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c",
+                               _REMOVING_SCRIPT, str(corpus), str(out)], cwd=REPO, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        (corpus / "sub").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sub/kept.md" in _rel_paths(out), proc.stderr[-2000:]  # kept, not removed
+    assert "not read by this run" in proc.stderr and "kept with their chunks" in proc.stderr
+    assert not set(GONE) & _rel_paths(out)  # the files really gone were removed as before
+
+
+def test_a_document_whose_path_is_a_folder_now_is_removed(tmp_path, caplog) -> None:
+    """`becomedir.md` replaced by a folder of that name: its old chunks stayed and search returned the
+    folder as a hit; the "not found" line counted it, and files handled as no longer documents."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    (corpus / "doc03.md").unlink()
+    (corpus / "doc03.md").mkdir()
+    (corpus / "doc03.md" / "inner.md").write_text("# Inner\n\n" + "text " * 100)
+    (corpus / "doc05.md").unlink()
+    with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
+        result = ingest(corpus, out)  # remove_missing off
+    assert "doc03.md" not in _rel_paths(out) and "doc03.md/inner.md" in _rel_paths(out)
+    assert "doc05.md" in _rel_paths(out)  # only gone: kept, as remove_missing is off
+    said = [r.getMessage() for r in caplog.records]
+    assert any("whose path is a folder now" in m and "doc03.md" in m for m in said), said
+    found = [m for m in said if "not found by this run" in m]
+    assert len(found) == 1 and found[0].startswith("1 document(s)") and "doc05.md" in found[0]
+    assert result.documents_ingested == 1 and verify_output(out).ok
