@@ -657,6 +657,10 @@ def check_isne_paths(args: list[str]) -> None:
     if any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd", "-m", "--multirun")) for a in args):
         return  # a config of the user's own may set output=, and a sweep's jobs name their folders
     values = _literal_values(args, ("output", "hydra.run.dir"))
+    if "output" in values and "hydra.run.dir" in values and user_path(values["output"]) != user_path(values["hydra.run.dir"]):
+        # Hydra's job folder is the one trained: output= was ignored, silently
+        raise ConfigError(f"output={values['output']} and hydra.run.dir={values['hydra.run.dir']} both name the output "
+                          f"folder: give one (output= sets hydra.run.dir)")
     dataset = values.get("output", values.get("hydra.run.dir"))
     if dataset is None:
         if any(a.partition("=")[0].lstrip("+~") in ("output", "hydra.run.dir") for a in args):

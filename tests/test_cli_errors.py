@@ -290,6 +290,9 @@ def test_isne_without_an_ingest_output_leaves_nothing_behind(tmp_path):
     _assert_one_line(isne(f"output={tmp_path / 'afile'}"), 2, "is not an ingest output (a file, not a folder)",
                      prog="hades-isne")
     _assert_one_line(isne("output=nowhere"), 2, "is not an ingest output (it does not exist)", prog="hades-isne")
+    # output= and another hydra.run.dir: the job folder was trained, output= ignored silently
+    _assert_one_line(isne(f"output={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'b'}"), 2,
+                     "both name the output folder", prog="hades-isne")
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 

@@ -161,8 +161,9 @@ class AnnInfo:
     edge_nprobe: int = 0  # the setting the all-rows kNN search (the edges) runs at
     edge_refine_factor: int = 0
     edge_target_met: bool = False
-    lists_recall_at_k: float = float("nan")  # plain recall@k of the all-rows lists (after the joins)
+    lists_recall_at_k: Optional[float] = None  # plain recall@k of the all-rows lists after the joins (None: no join)
     join_rounds: int = 0  # local join rounds the all-rows lists had
+    join_config: int = -1  # graph.knn_join_rounds the edges' setting was chosen for (-1: older index)
     threads: int = 0
     reused: bool = False  # loaded from <output>/index instead of built
     seconds: dict[str, float] = field(default_factory=dict)  # train, add, tune, load, save, search
@@ -322,6 +323,7 @@ class AnnIndex:
         # joined lists and searches again higher if they fall short
         edge_start = min(target, float(cfg.knn_join_start_recall)) if cfg.knn_join_rounds > 0 else target
         info = self.info
+        info.join_config = int(cfg.knn_join_rounds)  # a setting chosen for the join is too low without it
         info.k, info.target_recall, info.threshold = int(k), target, float(cfg.knn_threshold)
         self.nprobe, self.refine_factor = cfg.knn_nprobe, cfg.knn_refine_factor
         if k < 1:
@@ -473,6 +475,8 @@ class AnnIndex:
             raise IndexUnusable(f"no kNN index at {mpath.parent}")
         try:
             meta = json.loads(mpath.read_text())
+            if not isinstance(meta, dict):
+                raise TypeError(f"a JSON {type(meta).__name__}, not an object")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise IndexUnusable(f"{mpath} is format {meta.get('format_version')!r}, not {FORMAT_VERSION}")
             fp = meta["fingerprint"]
@@ -495,6 +499,13 @@ class AnnIndex:
         chunk_ids = np.asarray(pq.read_table(idpath).column("chunk_id").to_pylist(), dtype=object)
         known = {f.name for f in AnnInfo.__dataclass_fields__.values()}
         info = AnnInfo(**{k: v for k, v in meta.items() if k in known})
+        numbers = {"k": int, "nlist": int, "nprobe": int, "refine_factor": int, "edge_nprobe": int,
+                   "edge_refine_factor": int, "join_config": int, "recall_at_k": (int, float),
+                   "edge_recall": (int, float), "threshold": (int, float), "target_recall": (int, float)}
+        wrong = [key for key, kind in numbers.items()
+                 if isinstance(getattr(info, key), bool) or not isinstance(getattr(info, key), kind)]
+        if wrong:  # a hand-edited or damaged knn.json: null or text where a number goes
+            raise IndexUnusable(f"{mpath} is damaged ({wrong[0]} is {getattr(info, wrong[0])!r}, not a number)")
         info.reused, info.threads = True, int(threads)
         info.seconds = {"load": time.perf_counter() - t}
         loaded = cls(index, chunk_ids, info, fp, meta.get("params", {}))
@@ -545,7 +556,7 @@ def tuned_for(info: AnnInfo, k: int, cfg: GraphConfig) -> bool:
     """Whether a saved index's measured settings serve `k` and `cfg` (else it is re-tuned, not rebuilt):
     the same k and threshold, and both recalls at the target (an older index without the edge recall
     reads NaN there)."""
-    return (info.k == k and info.threshold == float(cfg.knn_threshold)
+    return (info.k == k and info.threshold == float(cfg.knn_threshold) and info.join_config == cfg.knn_join_rounds
             and info.recall_at_k >= cfg.knn_target_recall and info.edge_recall >= cfg.knn_target_recall)
 
 
@@ -659,6 +670,7 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float,
         t = time.perf_counter()
         rows, sims = _reverse_joined(rows, sims, k)
         info.seconds["reverse_merge"] = time.perf_counter() - t
+        info.lists_recall_at_k, info.join_rounds = None, 0  # not measured: no join (a reused index's were)
         return _edges_of_lists(rows, sims, threshold)
     if normalised is None:
         mine = index.normalised

@@ -251,6 +251,10 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         s, d, sim, knn_info = knn_edges(chunks.chunk_ids, chunks.embedding, cfg, output_dir)
         add("knn", s, d, cfg.knn_weight_scale * sim)
         seconds["knn"] = time.perf_counter() - t
+    elif output_dir is not None and knn_index_meta_path(output_dir).is_file():
+        from hades_gpu.graph.ann import discard_if_stale  # graph.knn=false: an index of older chunks goes too
+
+        discard_if_stale(output_dir, chunks.chunk_ids, chunks.embedding)
 
     if parts:
         src = np.concatenate([p[0] for p in parts])
@@ -288,6 +292,10 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
                            "recall_at_k": 1.0, "edge_recall": 1.0, "k": min(cfg.knn_k, n - 1)}
     from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path
 
+    if output_dir is not None and not cfg.knn_save_index and knn_index_meta_path(output_dir).is_file():
+        from hades_gpu.graph.ann import discard_if_stale  # not saved now: an index of older chunks must not stay
+
+        discard_if_stale(output_dir, chunk_ids, embeddings)
     index = open_or_build(chunk_ids, embeddings, cfg.knn_k, cfg, output_dir if cfg.knn_save_index else None)
     s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold, cfg)
     info = index.info
@@ -304,7 +312,8 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
                        "target_recall": info.target_recall, "target_met": info.target_met,
                        "edge_recall": info.edge_recall, "edge_threshold": info.threshold,
                        "edge_target_met": info.edge_target_met, "edge_nprobe": info.edge_nprobe,
-                       "edge_refine_factor": info.edge_refine_factor, "lists_recall_at_k": info.lists_recall_at_k,
+                       "edge_refine_factor": info.edge_refine_factor,
+                       "lists_recall_at_k": info.lists_recall_at_k,  # None without the local join (not NaN: JSON)
                        "join_rounds": info.join_rounds, "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
                        "threads": info.threads}
 

@@ -102,18 +102,25 @@ def test_stale_fingerprint_triggers_a_rebuild(tmp_path: Path, caplog: pytest.Log
     assert set(found[0].tolist()) == {10, 11}  # answers come from the new vectors
 
 
-@pytest.mark.parametrize("damage", ["flip_index", "truncate_index", "ids", "meta"])
+@pytest.mark.parametrize("damage", ["flip_index", "truncate_index", "ids", "meta", "meta_list", "meta_null"])
 def test_damaged_index_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    """A flipped byte, a cut file, and a knn.json that is valid JSON of the wrong shape or with null
+    where a number goes (each crashed hades-isne with a traceback: a user's hand edit)."""
     x = clustered(2000, seed=3)
     ids = ids_for(len(x))
     cfg = ann_cfg()
     ref = open_or_build(ids, x, K, cfg, tmp_path)
     expect = ref.search(x[:20], 5)
     path = {"flip_index": knn_index_path, "truncate_index": knn_index_path, "ids": knn_index_ids_path,
-            "meta": knn_index_meta_path}[damage](tmp_path)
+            "meta": knn_index_meta_path, "meta_list": knn_index_meta_path,
+            "meta_null": knn_index_meta_path}[damage](tmp_path)
     data = bytearray(path.read_bytes())
     if damage == "truncate_index":
         data = data[: len(data) // 2]
+    elif damage == "meta_list":
+        data = bytearray(b"[]")
+    elif damage == "meta_null":
+        data = bytearray(json.dumps({**json.loads(bytes(data)), "edge_nprobe": None}).encode())
     else:
         data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -323,13 +330,17 @@ def test_a_saved_index_serves_only_the_k_threshold_and_target_it_was_measured_at
     from hades_gpu.graph.ann import AnnInfo, tuned_for
 
     cfg = ann_cfg(knn_threshold=0.5, knn_target_recall=0.95)
-    info = AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=0.97)
+    info = AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=0.97, join_config=cfg.knn_join_rounds)
     assert tuned_for(info, K, cfg)
+    # a setting chosen with the local join after it is too low without (a user's reuse went to 0.918)
+    assert not tuned_for(info, K, ann_cfg(knn_threshold=0.5, knn_target_recall=0.95, knn_join_rounds=0))
+    assert not tuned_for(AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=0.97), K, cfg)  # older index
     assert not tuned_for(info, K + 5, cfg)  # measured at another k
     assert not tuned_for(info, K, ann_cfg(knn_threshold=0.6, knn_target_recall=0.95))
     assert not tuned_for(info, K, ann_cfg(knn_threshold=0.5, knn_target_recall=0.965))  # plain recall short
     assert not tuned_for(info, K, ann_cfg(knn_threshold=0.5, knn_target_recall=0.975))  # both short
-    assert not tuned_for(AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=float("nan")), K, cfg)
+    assert not tuned_for(AnnInfo(k=K, threshold=0.5, recall_at_k=0.96, edge_recall=float("nan"),
+                                 join_config=cfg.knn_join_rounds), K, cfg)
 
 
 def test_ann_edges_on_fewer_rows_than_k() -> None:

@@ -136,3 +136,23 @@ def test_the_measured_setting_is_saved_so_the_next_build_reuses_the_index(tmp_pa
         _, _, _, again = knn_edges(ids_for(len(x)), x, cfg, tmp_path)
     assert again["reused"] and not any("re-tuning" in r.getMessage() for r in caplog.records)
     assert again["edge_nprobe"] == info["edge_nprobe"] and again["edge_recall"] >= cfg.knn_target_recall
+
+
+def test_knn_json_and_metrics_hold_no_nan_without_the_join(tmp_path: Path) -> None:
+    """`"lists_recall_at_k": NaN` (not JSON) was written when the join was off; and a later build with
+    the join off re-tunes an index whose edges' setting was chosen for the join (it reused it, 0.918)."""
+    import json
+
+    from hades_gpu.store.layout import knn_index_meta_path
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    x = clustered(3000, clusters=300, spread=1.0, seed=8)
+    _, _, _, joined = knn_edges(ids_for(len(x)), x, ann_cfg(knn_threshold=0.5), tmp_path)
+    plain_cfg = ann_cfg(knn_threshold=0.5, knn_join_rounds=0)
+    _, _, _, plain = knn_edges(ids_for(len(x)), x, plain_cfg, tmp_path)
+    meta = strict(knn_index_meta_path(tmp_path).read_text())
+    assert meta["join_config"] == 0 and plain["lists_recall_at_k"] is None
+    json.dumps(plain, allow_nan=False)
+    assert plain["edge_nprobe"] >= joined["edge_nprobe"]  # re-tuned for no join: not the join's lower start
