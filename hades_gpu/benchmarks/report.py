@@ -166,7 +166,8 @@ def markdown_table(frame: Any) -> str:
               "ISNE pairs/s | peak RSS (MiB) | wall (s) | backpressure waits | status | folder |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in frame.itertuples(index=False):
-        status = row.status if row.status == "ok" else f"{row.status}: {str(row.error)[:80]}"
+        error = str(row.error)
+        status = row.status if row.status == "ok" else f"{row.status}: {error if len(error) <= 300 else error[:299] + '…'}"
         lines.append("| " + " | ".join([
             BEST_MARK if row.best else "",
             str(row.job), str(row.profile), _fmt(row.max_batch_tokens, "d"), f"`{row.config}`", _fmt(row.chunks, "d"),
@@ -297,9 +298,12 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
     first = rows[0]
     host = first.get("host", {})
     corpora = sorted({str(r["corpus"]) for r in rows if r.get("corpus")}) or ["?"]
+    # every job's, not the first's: a feed job's stand-in named the model of the isne jobs beside it
+    embedders = sorted({str(r.get("embedder") or r.get("embedder_name")) for r in rows
+                        if r.get("embedder") or r.get("embedder_name")})
     lines.append(f"{len(frame)} job(s), {len(ok)} finished; corpus {', '.join(f'`{c}`' for c in corpora)}; host: "
                  f"{host.get('cpus', '?')} CPU(s), {host.get('gpus_visible', 0)} GPU(s) visible; "
-                 f"embedder: {first.get('embedder', first.get('embedder_name', '?'))}.")
+                 f"embedder: {', '.join(embedders) or '?'}.")
     lines.append("")
     for job, group in ok.groupby("job"):
         best = group[group["best"]]

@@ -89,14 +89,17 @@ class NothingIngestedError(RuntimeError):
 
     def __init__(self, result: "IngestResult") -> None:
         reasons: dict[str, int] = {}
-        for skip in result.skipped:
+        # the run's own output inside the corpus is no document: it is not one of those that failed
+        documents = [s for s in result.skipped if s["reason"] != "output_folder"] or list(result.skipped)
+        for skip in documents:
             reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
         summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        first = result.skipped[0] if result.skipped else None
+        first = documents[0] if documents else None
         # printable: a name with a newline (a path list read with readlines()) made the one line two
         example = (f"; first: {printable(first['path'])}: {first['reason']}"
                    + (f": {printable(first['detail'])}" if first["detail"] else "")) if first else ""
-        super().__init__(f"nothing ingested: all {result.documents_total} document(s) failed or were skipped "
+        super().__init__(f"nothing ingested: all {len(documents) or result.documents_total} document(s) failed or "
+                         f"were skipped "
                          f"({summary}){example}")
         self.result = result
 

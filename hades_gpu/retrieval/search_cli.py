@@ -61,6 +61,14 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--debug", action="store_true",
                         help="a traceback with the one-line errors too (as HADES_DEBUG=1)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = [i for i, a in enumerate(argv) if a.startswith("output=")]
+    if len(given) > 1:
+        parser.error("output= given more than once")
+    if given and given[0] != 0:  # `hades-search "query" output=o`: the output, wherever it stands
+        argv.insert(0, argv.pop(given[0]))
+    if given and argv[0] == "output=":
+        parser.error("output= is empty: give the ingest output folder")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     debug = args.debug or os.environ.get("HADES_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 

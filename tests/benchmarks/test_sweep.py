@@ -310,7 +310,18 @@ def test_a_bench_job_refused_for_a_bad_value_leaves_the_reason_in_its_result(tmp
         row = json.loads(path.read_text())
         assert row["status"] == "error" and ("max_batch_tokens" in row["error"] or "isne_max_batches" in row["error"])
     assert report.report_cli([str(tmp_path / "out")]) == 0
-    assert "must be" in (tmp_path / "out" / "report.md").read_text()
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "must be >= 1 (got 0)" in text  # the whole reason, not cut at 80 characters
+
+
+def test_the_report_header_names_every_jobs_embedder(tmp_path):
+    fake_result(tmp_path / "0_a", "balanced", 4096, 10.0)
+    fake_result(tmp_path / "1_b", "balanced", 4096, 20.0)
+    path = tmp_path / "1_b" / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "job": "feed", "embedder": "ZERO-COST STAND-IN"}))
+    assert report.report_cli([str(tmp_path)]) == 0
+    header = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert "embedder: ZERO-COST STAND-IN, fake." in header, header
 
 
 @pytest.mark.slow

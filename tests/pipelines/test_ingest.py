@@ -1075,3 +1075,18 @@ def test_chunk_source_reads_the_documents_table_once_per_commit(tmp_path, embedd
     (corpus / "new.md").write_text("A new document about something else entirely.\n")
     TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=out)
     assert chunk_source(out, "new.md") == "A new document about something else entirely.\n" and len(reads) == 2
+
+
+def test_nothing_ingested_names_a_document_not_the_runs_own_output_folder(tmp_path, embedder):
+    """Output inside the corpus, the only document empty: the line said "all 2 document(s) ... (1
+    output_folder, 1 empty); first: .../out: output_folder" (a user's find)."""
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "empty.md").write_text("")
+    with pytest.raises(NothingIngestedError) as caught:
+        TextParallelPipeline(config(), embedder=embedder).process_batch([corpus], output=corpus / "out")
+    line = str(caught.value)
+    assert "all 1 document(s)" in line and "(1 empty)" in line and "empty.md: empty" in line, line
+    assert "output_folder" not in line

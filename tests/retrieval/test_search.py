@@ -169,6 +169,13 @@ def test_missing_inputs_are_one_line(search_output, embedder, tmp_path, capsys):
     # `output=<folder>` as hades-isne and hades-verify take it (it read as a folder named "output=...")
     assert search_cli([f"output={copy}", "calendar", "-k", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
+    assert search_cli(["calendar", f"output={copy}", "-k", "2", "--json"]) == 0  # anywhere, as Hydra's key=value
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
+    for args, said in (([f"output={copy}", "calendar", f"output={copy}"], "more than once"),
+                       (["output=", "calendar"], "output= is empty")):
+        with pytest.raises(SystemExit) as info:
+            search_cli(args)
+        assert info.value.code == 2 and said in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
     assert search_cli([str(tmp_path / "plain"), "q"]) == 2
     err = capsys.readouterr().err
