@@ -472,6 +472,8 @@ class _Walker:
             self._skip_output(path)
             return False
         first = self.seen_dirs.get(key)
+        if first is not None and os.path.abspath(first) == os.path.abspath(path):
+            return False  # the same folder by the same path: a source inside another given one, no loop
         if first is not None:
             inside = os.path.commonpath([os.path.abspath(first), os.path.abspath(path)]) == os.path.abspath(first)
             self.skips.append(Skip(path, "duplicate", (f"a symlink loop: {printable(first)}, already walked"
