@@ -778,6 +778,16 @@ def validate(cfg: PipelineConfig) -> None:
     _check(0 < gr.knn_join_start_recall <= 1, "graph.knn_join_start_recall", "in (0, 1]", gr.knn_join_start_recall)
     _check(gr.knn_threads >= 0, "graph.knn_threads", ">= 0 (0: every core)", gr.knn_threads)
     _check(gr.knn_exact_max_nodes >= 0, "graph.knn_exact_max_nodes", ">= 0", gr.knn_exact_max_nodes)
+    # the FAISS settings: 0 or less ran (FAISS took nprobe 0 as 1, nlist -1 as 4 sqrt(N)) without a word
+    _check(gr.knn_nlist >= 0, "graph.knn_nlist", ">= 0 (0: 4 sqrt(N))", gr.knn_nlist)
+    _check(gr.knn_nprobe >= 1, "graph.knn_nprobe", ">= 1", gr.knn_nprobe)
+    _check(gr.knn_max_nprobe >= gr.knn_nprobe, "graph.knn_max_nprobe", f">= graph.knn_nprobe ({gr.knn_nprobe})",
+           gr.knn_max_nprobe)
+    _check(gr.knn_refine_factor >= 1, "graph.knn_refine_factor", ">= 1", gr.knn_refine_factor)
+    _check(gr.knn_max_refine_factor >= gr.knn_refine_factor, "graph.knn_max_refine_factor",
+           f">= graph.knn_refine_factor ({gr.knn_refine_factor})", gr.knn_max_refine_factor)
+    _check(gr.knn_train_per_list >= 1, "graph.knn_train_per_list", ">= 1", gr.knn_train_per_list)
+    _check(gr.knn_train_iterations >= 1, "graph.knn_train_iterations", ">= 1", gr.knn_train_iterations)
 
     i = cfg.isne
     _check(i.dim >= 1, "isne.dim", ">= 1", i.dim)

@@ -91,6 +91,20 @@ def test_settings_that_failed_after_the_graph_or_said_nothing_are_refused_at_onc
                                     "graph.knn_recall_sample=10"])  # each has its way out
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("graph.knn_nprobe=0", r"graph.knn_nprobe must be >= 1"),
+    ("graph.knn_nlist=-1", r"graph.knn_nlist must be >= 0"),
+    ("graph.knn_train_per_list=0", r"graph.knn_train_per_list must be >= 1"),
+    ("graph.knn_max_nprobe=0", r"graph.knn_max_nprobe must be >= graph.knn_nprobe \(8\)"),
+    ("graph.knn_refine_factor=0", r"graph.knn_refine_factor must be >= 1"),
+    ("graph.knn_train_iterations=0", r"graph.knn_train_iterations must be >= 1"),
+])
+def test_faiss_settings_out_of_range_are_refused(override, needle):
+    """They ran without a word (FAISS took nprobe 0 as 1; a user's probe)."""
+    with pytest.raises(ConfigError, match=needle):
+        load_pipeline_config(overrides=[override])
+
+
 def test_numpy_integers_are_integers(tmp_path):
     config = load_pipeline_config("low_memory")
     config.isne.epochs = np.int64(2)
