@@ -104,7 +104,8 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
     stage = frame["job"].isin(STAGE_JOBS)
     frame.loc[stage, ["tokens_per_s", "padding_efficiency"]] = float("nan")
     frame["peak_rss_mib"] = frame["peak_rss_bytes"] / 2**20
-    frame["config"] = [_config_of(r) for r in frame.itertuples(index=False)]
+    swept = _swept_keys([_kept_overrides(r.overrides) for r in frame.itertuples(index=False)])
+    frame["config"] = [_config_of(r, swept) for r in frame.itertuples(index=False)]
     corpora = [r.get("corpus") for r in rows]
     if len({c for c in corpora if c}) > 1:  # jobs over several corpora are not one configuration
         frame["config"] = [f"{config} corpus={Path(str(c)).name}" if c else config
@@ -131,13 +132,31 @@ def to_frame(rows: list[dict[str, Any]]) -> Any:
 _NOT_CONFIG = ("corpus=", "output=", "hydra.", "hydra/")
 
 
-def _config_of(row: Any) -> str:
-    """The job's configuration as its overrides (the corpus, output and Hydra's own left out), or
-    profile and budget when a result names no overrides."""
-    overrides = row.overrides
+def _kept_overrides(overrides: Any) -> list[str]:
+    """A job's overrides without the corpus, output and Hydra's own."""
     if isinstance(overrides, str):
         overrides = [o for o in overrides.split(",") if o] if overrides else []
-    kept = [str(o) for o in (overrides or []) if not str(o).startswith(_NOT_CONFIG)]
+    return [str(o) for o in (overrides or []) if not str(o).startswith(_NOT_CONFIG)]
+
+
+def _swept_keys(per_job: list[list[str]]) -> set[str]:
+    """The override keys whose value differs between the jobs (or that some jobs lack): what the sweep
+    varied. A key every job sets alike (`bench=feed`, `bench.knn_sizes=[2000]`) is no configuration."""
+    values: dict[str, set[str]] = {}
+    count: dict[str, int] = {}
+    for overrides in per_job:
+        for o in overrides:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+        for key in {o.partition("=")[0] for o in overrides}:
+            count[key] = count.get(key, 0) + 1
+    return {k for k, v in values.items() if len(v) > 1 or count[k] < len(per_job)}
+
+
+def _config_of(row: Any, swept: Optional[set[str]] = None) -> str:
+    """The job's configuration: its swept overrides (`_swept_keys`; all of them when not given), and
+    the profile and budget it ran with."""
+    kept = [o for o in _kept_overrides(row.overrides) if swept is None or o.partition("=")[0] in swept]
     for key, value in (("profile", row.profile), ("profile.max_batch_tokens", _fmt(row.max_batch_tokens, "d"))):
         if not any(o.startswith(f"{key}=") for o in kept):  # what the job ran with, swept or not
             kept.append(f"{key}={value}")

@@ -228,7 +228,8 @@ def test_the_throughput_plot_draws_one_line_per_configuration_not_per_profile(tm
         fake_result(tmp_path / folder, "balanced", 4096, rate)
         path = tmp_path / folder / "result.json"
         row = json.loads(path.read_text())
-        row["overrides"] = ["profile=balanced", f"profile.num_workers={workers}"]
+        # bench=feed is on every job's command line: not part of a configuration (it was in every label)
+        row["overrides"] = ["bench=feed", "profile=balanced", f"profile.num_workers={workers}"]
         path.write_text(json.dumps(row))
     drawn: list[tuple[str, list[str], list[float]]] = []
     save = Figure.savefig
