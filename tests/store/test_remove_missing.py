@@ -35,6 +35,12 @@ def _ingest_removing(sources: list[Path], out: Path):
     return TextParallelPipeline(cfg, embedder=ZeroCostEmbedder(dim=cfg.embedder.dim)).ingest(sources, out)
 
 
+# `_ingest_removing` in a fresh interpreter (killed, or run without root's permission override)
+_REMOVING_SCRIPT = ("import sys; sys.path[:0] = [%r, %r]; from pathlib import Path; "
+                    "from test_remove_missing import _ingest_removing; _ingest_removing([Path(sys.argv[1])], Path(sys.argv[2]))"
+                    % (str(REPO / "tests" / "support"), str(REPO / "tests" / "store")))
+
+
 def _rel_paths(out: Path) -> set[str]:
     return set(read_documents(out, ["rel_path"]).column("rel_path").to_pylist())
 
@@ -90,10 +96,7 @@ def test_nothing_is_removed_when_a_source_is_missing_or_nothing_was_found(output
 @pytest.mark.parametrize("point", ["after_old_rewritten", "before_manifest_commit", "after_manifest_commit"])
 def test_a_kill_at_any_point_of_a_removal_loses_nothing(outputs, point) -> None:
     corpus, out, reference = outputs
-    script = ("import sys; sys.path[:0] = [%r, %r]; from pathlib import Path; "
-              "from test_remove_missing import _ingest_removing; _ingest_removing([Path(sys.argv[1])], Path(sys.argv[2]))"
-              % (str(REPO / "tests" / "support"), str(REPO / "tests" / "store")))
-    proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(out)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _REMOVING_SCRIPT, str(corpus), str(out)], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, KILL_ENV: point}, timeout=180)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     assert verify_output(out).ok  # right after the kill: the manifest names exactly what is on disk
@@ -139,11 +142,6 @@ def test_a_shard_whose_share_of_the_corpus_is_now_empty_removes_its_deleted_docu
         assert not shard_docs & _rel_paths(out) and len(_rel_paths(out)) == 8 - len(shard_docs)
         assert verify_output(out).ok
         write_corpus(corpus)  # the next case starts from the whole corpus again
-
-
-_REMOVING_SCRIPT = ("import sys; sys.path[:0] = [%r, %r]; from pathlib import Path; "
-                    "from test_remove_missing import _ingest_removing; _ingest_removing([Path(sys.argv[1])], Path(sys.argv[2]))"
-                    % (str(REPO / "tests" / "support"), str(REPO / "tests" / "store")))
 
 
 def test_documents_whose_folder_cannot_be_searched_are_kept_not_removed(outputs, caplog) -> None:
