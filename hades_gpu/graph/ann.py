@@ -379,8 +379,10 @@ class AnnIndex:
 
     def first_k(self, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The first k answers other than itself of each of `rows` of the indexed vectors `x`
-        (normalised): rows int64 (S, k), -1 where none, and their similarities (-inf there)."""
-        ids, sims = self.search(x[rows], k + 1)
+        (`search` normalises them): rows int64 (S, k), -1 where none, and their similarities (-inf
+        there). `rows` ascending; a run of consecutive rows is searched as a view, not a copy."""
+        whole_run = len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+        ids, sims = self.search(x[int(rows[0]):int(rows[-1]) + 1] if whole_run else x[rows], k + 1)
         ids, keep = _other_answers(self.rows, ids, rows, k)
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept answers first, in rank order
         kept = np.take_along_axis(keep, order, axis=1)
@@ -631,8 +633,7 @@ def exact_top_k(x: np.ndarray, valid: np.ndarray, rows: np.ndarray, k: int) -> t
 
 
 def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float,
-            cfg: Optional[GraphConfig] = None,
-            normalised: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            cfg: Optional[GraphConfig] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """kNN edges of every row from `index` (built over the same rows): the `knn_blocked` contract.
 
     Searched at the setting `tune` found for the kNN edges when `threshold` is the one it measured
@@ -672,10 +673,8 @@ def knn_ann(index: AnnIndex, embeddings: np.ndarray, k: int, threshold: float,
         info.seconds["reverse_merge"] = time.perf_counter() - t
         info.lists_recall_at_k, info.join_rounds = None, 0  # not measured: no join (a reused index's were)
         return _edges_of_lists(rows, sims, threshold)
-    if normalised is None:
-        mine = index.normalised
-        normalised = mine if mine is not None and mine[0].shape == embeddings.shape else normalise(embeddings)
-    x, valid = normalised
+    mine = index.normalised  # `open_or_build`'s, when it built or opened this index for these rows
+    x, valid = mine if mine is not None and mine[0].shape == embeddings.shape else normalise(embeddings)
     sample, top_sims, _ = index.reference(x, valid, k, cfg)
     target = float(cfg.knn_target_recall)
     cap = int(min(max(cfg.knn_max_nprobe, 1), index.nlist))
@@ -729,12 +728,7 @@ def _searched_lists(index: AnnIndex, embeddings: np.ndarray, k: int) -> tuple[np
     sims = np.full((n, k), -np.inf, np.float32)
     for r0 in range(0, n, _SEARCH_ROWS):
         r1 = min(r0 + _SEARCH_ROWS, n)
-        ids, sim = index.search(embeddings[r0:r1], k + 1)  # one extra: the row itself
-        ids, keep = _other_answers(index.rows, ids, np.arange(r0, r1, dtype=np.int64), k)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept answers first, in rank order
-        kept = np.take_along_axis(keep, order, axis=1)
-        rows[r0:r1] = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
-        sims[r0:r1] = np.where(kept, np.take_along_axis(sim, order, axis=1), -np.inf)
+        rows[r0:r1], sims[r0:r1] = index.first_k(embeddings, np.arange(r0, r1, dtype=np.int64), k)
     return rows, sims
 
 

@@ -251,10 +251,8 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         s, d, sim, knn_info = knn_edges(chunks.chunk_ids, chunks.embedding, cfg, output_dir)
         add("knn", s, d, cfg.knn_weight_scale * sim)
         seconds["knn"] = time.perf_counter() - t
-    elif output_dir is not None and knn_index_meta_path(output_dir).is_file():
-        from hades_gpu.graph.ann import discard_if_stale  # graph.knn=false: an index of older chunks goes too
-
-        discard_if_stale(output_dir, chunks.chunk_ids, chunks.embedding)
+    else:  # graph.knn=false: an index of older chunks goes too
+        _discard_stale_index(output_dir, chunks.chunk_ids, chunks.embedding)
 
     if parts:
         src = np.concatenate([p[0] for p in parts])
@@ -284,18 +282,13 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
     if n <= cfg.knn_exact_max_nodes:
         dev = select_device(cfg.device)
         s, d, sim = knn_blocked(embeddings, cfg.knn_k, cfg.knn_threshold, cfg.knn_block_size, dev)
-        if output_dir is not None and knn_index_meta_path(output_dir).is_file():
-            from hades_gpu.graph.ann import discard_if_stale  # lazy: the module's FAISS imports are too
-
-            discard_if_stale(output_dir, chunk_ids, embeddings)
+        _discard_stale_index(output_dir, chunk_ids, embeddings)
         return s, d, sim, {"method": "exact", "device": str(dev), "seconds": time.perf_counter() - t,
                            "recall_at_k": 1.0, "edge_recall": 1.0, "k": min(cfg.knn_k, n - 1)}
     from hades_gpu.graph.ann import knn_ann, open_or_build  # lazy: FAISS only on the ANN path
 
-    if output_dir is not None and not cfg.knn_save_index and knn_index_meta_path(output_dir).is_file():
-        from hades_gpu.graph.ann import discard_if_stale  # not saved now: an index of older chunks must not stay
-
-        discard_if_stale(output_dir, chunk_ids, embeddings)
+    if not cfg.knn_save_index:  # not saved now: an index of older chunks must not stay
+        _discard_stale_index(output_dir, chunk_ids, embeddings)
     index = open_or_build(chunk_ids, embeddings, cfg.knn_k, cfg, output_dir if cfg.knn_save_index else None)
     s, d, sim = knn_ann(index, embeddings, cfg.knn_k, cfg.knn_threshold, cfg)
     info = index.info
@@ -316,6 +309,14 @@ def knn_edges(chunk_ids: np.ndarray, embeddings: np.ndarray, cfg: GraphConfig,
                        "lists_recall_at_k": info.lists_recall_at_k,  # None without the local join (not NaN: JSON)
                        "join_rounds": info.join_rounds, "nlist": info.nlist, "nprobe": info.nprobe, "refine_factor": info.refine_factor,
                        "threads": info.threads}
+
+
+def _discard_stale_index(output_dir: Optional[Path], chunk_ids: np.ndarray, embeddings: np.ndarray) -> None:
+    """`ann.discard_if_stale` where the output has a saved index (the graph builds that keep none)."""
+    if output_dir is not None and knn_index_meta_path(output_dir).is_file():
+        from hades_gpu.graph.ann import discard_if_stale  # lazy: FAISS's module only where an index was saved
+
+        discard_if_stale(output_dir, chunk_ids, embeddings)
 
 
 def write_edges(graph: ChunkGraph, output_dir: str | os.PathLike) -> Path:

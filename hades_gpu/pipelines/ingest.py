@@ -203,7 +203,6 @@ class IngestPipeline:
         self.config = to_pipeline_config(config) if config is not None else load_pipeline_config()
         self._embedder = embedder
         self.shard = ShardSpec.parse(self.config.shard)
-        self._corpus_found = False  # `ingest_planned`: the cluster's discovery found documents
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The job: ingest `paths` (files and/or folders) into `output` (default: `config.output`),
@@ -270,10 +269,10 @@ class IngestPipeline:
         return self._ingest_releasing_claims(refs, skips, out, sources)
 
     def _ingest_releasing_claims(self, refs: DocumentList, skips: list[Skip], out: Path,
-                                 sources: Optional[list[str]] = None) -> IngestResult:
+                                 sources: Optional[list[str]] = None, corpus_found: bool = False) -> IngestResult:
         """`_ingest`, then this run's document claims (store/claims.py) dropped, however it ended."""
         try:
-            return self._ingest(refs, skips, out, sources)
+            return self._ingest(refs, skips, out, sources, corpus_found)
         finally:
             if not self.shard.sharded:
                 try:
@@ -289,12 +288,8 @@ class IngestPipeline:
         `corpus_found`: the discovery found documents, though maybe none of this shard's (then
         `documents.remove_missing` still removes the shard's deleted ones)."""
         out = user_path(output)
-        self._corpus_found = corpus_found
-        try:
-            with stoppable_run(), OutputLock(out, self.shard.label):
-                return self._ingest_releasing_claims(as_document_list(refs), list(skips), out)
-        finally:
-            self._corpus_found = False  # this call's: a later run of the pipeline decides from its own discovery
+        with stoppable_run(), OutputLock(out, self.shard.label):
+            return self._ingest_releasing_claims(as_document_list(refs), list(skips), out, corpus_found=corpus_found)
 
     def _select_shard(self, refs: DocumentList, skips: list[Skip], out: Path) -> tuple[DocumentList, list[Skip]]:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
@@ -399,7 +394,8 @@ class IngestPipeline:
             log.warning("interrupted: metrics.json could not be written (%s)", error_line(err))
 
     def _ingest(self, refs: DocumentList, skips: list[Skip], out: Path,
-                sources: Optional[list[str]] = None) -> IngestResult:
+                sources: Optional[list[str]] = None, corpus_found: bool = False) -> IngestResult:
+        """`corpus_found`: the cluster driver's discovery found documents (this shard's `refs` may be none)."""
         cfg = self.config
         out.mkdir(parents=True, exist_ok=True)
         check_writable([out, out / CHUNKS_DIR, out / DOCUMENTS_DIR])
@@ -407,7 +403,7 @@ class IngestPipeline:
 
         metrics = RunMetrics()
         source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
-        corpus_found = len(refs) > 0 or self._corpus_found  # before the shard's share, which may be empty
+        corpus_found = corpus_found or len(refs) > 0  # before the shard's share, which may be empty
         where = _WhereDocumentsWere(refs, skips)  # before shard 0 takes the skips
         refs, skips = self._select_shard(refs, skips, out)
         removed = self._reconcile_missing(refs, source_missing, out, corpus_found, where)
@@ -682,8 +678,7 @@ class _WhereDocumentsWere:
     whose path is a folder now."""
 
     def __init__(self, refs: DocumentList, skips: list[Skip]) -> None:
-        self.roots = refs.roots() if isinstance(refs, DocumentList) else sorted(
-            {r.path[: len(r.path) - len(r.rel_path)] for r in refs if r.path.endswith(r.rel_path)})
+        self.roots = refs.roots()
         # permissions and I/O: the file may be there (a FIFO or an unfollowed symlink is no file any more)
         self.unreadable = {os.path.normpath(s.path) for s in skips
                            if s.reason == "unreadable" and not not_a_file_any_more(s.reason, s.detail)}
