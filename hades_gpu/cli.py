@@ -318,8 +318,8 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
     """Wrap a Hydra job body: a failure `classify_error` knows leaves the job as `_Reported`.
 
     In `-m` runs such a failure is one line naming the job and the sweep goes on; the command then
-    exits with the worst job's code (`run_hydra_main`). Under `hydra/launcher=joblib` the jobs run in
-    other processes: their lines are printed, the exit code does not count them.
+    exits with the worst job's code (`run_hydra_main`), also under `hydra/launcher=joblib`, whose jobs
+    run in other processes (`_record_sweep_failure`).
     """
 
     @functools.wraps(task)
@@ -338,12 +338,57 @@ def guarded(task: Callable[..., None]) -> Callable[..., None]:
             code, message = found
             print(printable(f"{sys.argv[0]}: error: job {job}: {message} (the sweep goes on)"), file=sys.stderr,
                   flush=True)
-            _sweep_failures.append(code)
+            _record_sweep_failure(code)
 
     return body
 
 
 _sweep_failures: list[int] = []  # exit codes of the failed jobs of this process's -m sweep
+# a folder the sweeping process made: jobs that run in other processes (hydra/launcher=joblib) leave
+# their exit codes there as files, since a job's return value never reaches `run_hydra_main`
+_SWEEP_FAILURES_ENV = "HADES_SWEEP_FAILURES"
+
+
+def _record_sweep_failure(code: int) -> None:
+    """Count a failed job of this `-m` sweep, in this process or, from a launcher's worker, in the
+    folder its sweeping process named."""
+    folder = os.environ.get(_SWEEP_FAILURES_ENV, "")
+    owner, _, path = folder.partition(":")
+    if not path or owner == str(os.getpid()):
+        _sweep_failures.append(code)
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", dir=path, prefix="job-", suffix=".code", delete=False) as out:
+        out.write(str(int(code)))
+
+
+def _begin_sweep_failures(sweep: bool) -> Optional[str]:
+    """Before a `-m` sweep: the folder its jobs in other processes report failures to (None otherwise;
+    a variable inherited from an outer sweep is dropped)."""
+    os.environ.pop(_SWEEP_FAILURES_ENV, None)
+    if not sweep:
+        return None
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="hades-sweep-")
+    os.environ[_SWEEP_FAILURES_ENV] = f"{os.getpid()}:{folder}"
+    return folder
+
+
+def _end_sweep_failures(folder: Optional[str]) -> list[int]:
+    """The exit codes of the sweep's failed jobs: this process's and those its workers left in `folder`."""
+    codes = list(_sweep_failures)
+    if folder is None:
+        return codes
+    os.environ.pop(_SWEEP_FAILURES_ENV, None)
+    for entry in sorted(Path(folder).glob("job-*.code")):
+        try:
+            codes.append(int(entry.read_text() or 1))
+        except (OSError, ValueError):
+            codes.append(1)  # a job failed; its code was not written whole
+    shutil.rmtree(folder, ignore_errors=True)
+    return codes
 
 def _multirun_job() -> Optional[str]:
     """`<num> (<overrides>)` of the running job of a `-m` sweep, or None outside one."""
@@ -490,6 +535,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
     # Hydra re-raises instead of printing its own several-line report: we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     before: Optional[tuple[Path, Optional[set[str]]]] = None  # the output= folder and what it held, if it existed
+    failures_folder: Optional[str] = None
     try:
         _catch_sigterm()
         _check_hydra_args(sys.argv)
@@ -498,12 +544,15 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])
+        failures_folder = _begin_sweep_failures(any(a in ("-m", "--multirun") for a in sys.argv[1:]))
         app()
-        if _sweep_failures:  # jobs of a -m sweep that failed (each said why in its line)
-            print(printable(f"{prog}: error: {len(_sweep_failures)} job(s) of the sweep failed"), file=sys.stderr,
-                  flush=True)
-            sys.exit(max(_sweep_failures))
+        failed = _end_sweep_failures(failures_folder)
+        failures_folder = None
+        if failed:  # jobs of a -m sweep that failed (each said why in its line)
+            print(printable(f"{prog}: error: {len(failed)} job(s) of the sweep failed"), file=sys.stderr, flush=True)
+            sys.exit(max(failed))
     except KeyboardInterrupt as err:
+        _end_sweep_failures(failures_folder)  # _report_interrupt leaves with os._exit: no finally runs
         _report_interrupt(prog, err, debug)
     except (_Reported, Exception) as caught:  # noqa: BLE001 - the CLI boundary
         err = caught.err if isinstance(caught, _Reported) else caught
@@ -518,6 +567,9 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         sys.stderr.flush()
         print(printable(f"{prog}: error: {message}"), file=sys.stderr, flush=True)
         sys.exit(code)
+    finally:
+        if failures_folder is not None:
+            shutil.rmtree(failures_folder, ignore_errors=True)
 
 
 def _output_before(args: list[str]) -> Optional[tuple[Path, Optional[set[str]]]]:

@@ -620,6 +620,20 @@ def test_a_bad_value_in_one_sweep_job_is_one_line_and_the_other_jobs_run(tmp_pat
     assert [d[0] for d in done] == ["0", "2"] and all("profile.num_workers=" in d for d in done), done
 
 
+def test_failed_jobs_of_a_joblib_sweep_count_in_the_exit_code(tmp_path, corpus):
+    """Under `hydra/launcher=joblib_2` the jobs run in loky worker processes: every job failed, each
+    printed its line, and the sweep exited 0 (a CI sweep passed with nothing ingested). The workers
+    now leave their codes for the sweeping process: exit 2 and the summary line."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
+    proc = _ingest("-m", "hydra/launcher=joblib_2", f"corpus={corpus}", f"output={tmp_path / 'sweep'}",
+                   "profile.num_workers=-1,-2", "isne.enabled=false")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hades-ingest: error: ")]
+    assert sorted(ln.partition(" (")[0] for ln in lines[:2]) == ["hades-ingest: error: job 0",
+                                                                 "hades-ingest: error: job 1"], lines
+    assert lines[2:] == ["hades-ingest: error: 2 job(s) of the sweep failed"], proc.stderr[-3000:]
+
+
 def test_a_configuration_error_leaves_no_output_folder_behind(tmp_path, corpus):
     """`output=o profile.num_workers=-1`: one line, exit 2, and yet `o/` was made, holding Hydra's
     `.hydra/` and an empty `cli.log`. A folder that existed before is left as it was."""
