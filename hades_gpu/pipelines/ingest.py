@@ -44,7 +44,7 @@ from hades_gpu.store.atomic import check_writable
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, is_output_listing, metrics_path, shard_metrics_path
 from hades_gpu.store.manifest import (Manifest, ManifestError, claimed_by_other_shards, committed_parts, has_manifest,
                                       manifest_path, uncommitted_indices)
-from hades_gpu.store.reader import committed_rel_paths_of_files
+from hades_gpu.store.reader import DamagedOutputError, committed_paths_of_documents, committed_rel_paths_of_files
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.claims import claim_documents, release_claims
 from hades_gpu.store.lock import OutputLock, running_shards
@@ -404,7 +404,7 @@ class IngestPipeline:
         metrics = RunMetrics()
         source_missing = next((s.path for s in skips if s.reason == "missing"), None)  # before shard 0 takes the skips
         corpus_found = corpus_found or len(refs) > 0  # before the shard's share, which may be empty
-        where = _WhereDocumentsWere(refs, skips)  # before shard 0 takes the skips
+        where = _WhereDocumentsWere(refs, skips, sources)  # before shard 0 takes the skips
         refs, skips = self._select_shard(refs, skips, out)
         removed = self._reconcile_missing(refs, source_missing, out, corpus_found, where)
         metrics.extra["documents_removed"] = removed
@@ -597,6 +597,9 @@ class IngestPipeline:
         - a path that is a folder now is no longer a document: removed, as an emptied file is;
         - a path this run could not read or list (permissions: a skip says `unreadable`) is kept
           whatever `documents.remove_missing` says (it deleted a document whose file was there);
+        - a document read from a file that is still there, outside this run's corpus (an output filled
+          from `c`, then `corpus=c/sub` or one file of it), is kept too: it is not gone from the
+          corpus, this run was given less of it (`remove_missing` removed every other document);
         - the rest are gone: removed with `documents.remove_missing`, else named in one line (a deleted
           file went on being found by search and nothing said so).
         Nothing is removed when a named source is missing or the corpus held no document (a typo must
@@ -625,6 +628,13 @@ class IngestPipeline:
             log.warning("documents.remove_missing: nothing removed from %s: the source %s is missing",
                         printable(str(out)), printable(source_missing))
             absent = []
+        if remove and absent:
+            absent, elsewhere = where.outside_this_corpus(out, absent)
+            if elsewhere:
+                log.warning("%d document(s) of %s were read from files outside this run's corpus that are still there "
+                            "(e.g. %s): kept with their chunks (documents.remove_missing removes the documents of "
+                            "the given corpus whose files are gone)", len(elsewhere), printable(str(out)),
+                            printable(elsewhere[0]))
         doomed = folders + (absent if remove else [])
         removed = self._remove_documents(out, doomed) if doomed else 0
         if folders:
@@ -637,7 +647,7 @@ class IngestPipeline:
             log.info("%d document(s) in %s were not found by this run, e.g. %s: they stay, with their chunks "
                      "(documents.remove_missing=true removes them, when the run is given the whole corpus)",
                      len(absent), printable(str(out)), printable(absent[0]))
-        return removed if remove else 0
+        return removed
 
     def _remove_documents(self, out: Path, rel_paths: list[str]) -> int:
         cfg = self.config
@@ -677,8 +687,12 @@ class _WhereDocumentsWere:
     document it did not find that is gone from one whose file is still there but unreadable, or
     whose path is a folder now."""
 
-    def __init__(self, refs: DocumentList, skips: list[Skip]) -> None:
+    def __init__(self, refs: DocumentList, skips: list[Skip], sources: Optional[list[str]] = None) -> None:
         self.roots = refs.roots()
+        # what this run was asked to read: a folder covers what is under it, a file itself (a cluster
+        # shard task gets no sources: the roots its documents were found under stand for them)
+        given = sources if sources is not None else self.roots
+        self.scope = [os.path.abspath(s) for s in given]
         # permissions and I/O: the file may be there (a FIFO or an unfollowed symlink is no file any more)
         self.unreadable = {os.path.normpath(s.path) for s in skips
                            if s.reason == "unreadable" and not not_a_file_any_more(s.reason, s.detail)}
@@ -711,6 +725,26 @@ class _WhereDocumentsWere:
             {"folder": folders, "unreadable": unreadable, "absent": absent, "elsewhere": []}[state].append(rel)
         return folders, unreadable, absent
 
+    def outside_this_corpus(self, out: Path, rel_paths: list[str]) -> tuple[list[str], list[str]]:
+        """(gone, elsewhere) of documents this run did not find: `elsewhere` were read from a regular
+        file that is still there and lies outside every source of this run."""
+        try:
+            recorded = committed_paths_of_documents(out, set(rel_paths))
+        except (DamagedOutputError, OSError, ValueError):  # the run itself reports a damaged part
+            return rel_paths, []
+        gone, elsewhere = [], []
+        for rel in rel_paths:
+            path = recorded.get(rel)
+            kept = path is not None and not self._in_scope(os.path.abspath(path)) and _is_regular_file(path)
+            (elsewhere if kept else gone).append(rel)
+        return gone, elsewhere
+
+    def _in_scope(self, path: str) -> bool:
+        for source in self.scope:
+            if path == source or path.startswith(source.rstrip(os.sep) + os.sep):
+                return True
+        return False
+
     def _under_unreadable(self, path: str) -> bool:
         while True:
             if path in self.unreadable:
@@ -719,6 +753,13 @@ class _WhereDocumentsWere:
             if parent == path:
                 return False
             path = parent
+
+
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class TextParallelPipeline(IngestPipeline):

@@ -88,6 +88,21 @@ def read_documents(output: str | os.PathLike, columns: Optional[Sequence[str]] =
     return read_table(output, DOCUMENTS_DIR, columns)
 
 
+def committed_paths_of_documents(output: str | os.PathLike, rel_paths: set[str]) -> dict[str, str]:
+    """rel_path (identity) -> the absolute path it was read from, of the committed documents among
+    `rel_paths`; one documents part at a time."""
+    found: dict[str, str] = {}
+    if not rel_paths:
+        return found
+    wanted = pa.array(sorted(rel_paths), type=pa.string())
+    for f in committed_part_files(output, DOCUMENTS_DIR):
+        t = pq.read_table(f, columns=["path", "rel_path"])
+        hit = t.filter(pc.is_in(t.column("rel_path"), value_set=wanted))
+        for path, rel in zip(hit.column("path").to_pylist(), hit.column("rel_path").to_pylist()):
+            found[rel] = path  # parts are in commit order: the latest read wins
+    return found
+
+
 def committed_rel_paths_of_files(output: str | os.PathLike, paths: set[str]) -> dict[str, str]:
     """Absolute path -> rel_path (identity) of the committed documents read from one of `paths`; one
     documents part at a time, so memory follows a part, not the output."""

@@ -190,3 +190,43 @@ def test_a_document_whose_path_is_a_folder_now_is_removed(tmp_path, caplog) -> N
     found = [m for m in said if "not found by this run" in m]
     assert len(found) == 1 and found[0].startswith("1 document(s)") and "doc05.md" in found[0]
     assert result.documents_ingested == 1 and verify_output(out).ok
+
+
+def test_a_document_whose_path_is_a_folder_now_is_counted_as_removed_without_remove_missing(tmp_path) -> None:
+    """The warning said "removed 1 document(s) ... whose path is a folder now" while the summary and
+    `documents_removed` said 0 (the count was dropped when `remove_missing` was off)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    (corpus / "doc03.md").unlink()
+    (corpus / "doc03.md").mkdir()
+    (corpus / "doc03.md" / "inner.md").write_text("# Inner\n\n" + "text " * 100)
+    result = ingest(corpus, out)
+    assert result.documents_removed == 1 and result.metrics["documents_removed"] == 1
+
+
+@pytest.mark.parametrize("given", ["subfolder", "one file"])
+def test_remove_missing_keeps_documents_whose_files_are_there_outside_the_given_corpus(tmp_path, caplog, given) -> None:
+    """An output of `c`, then `corpus=c/sub` (or one file of it) with `remove_missing`: every document
+    outside `c/sub` was removed as "no longer in the corpus" while its file was there. They are kept
+    now, with one line; a document whose file is really gone still goes."""
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "sub").mkdir()
+    for i in range(3):  # names of their own: a name the output holds already is that document's identity
+        shutil.copy(corpus / f"doc0{i}.md", corpus / "sub" / f"part{i}.md")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    before = _rel_paths(out)
+    assert len(before) == 11 and "sub/part1.md" in before
+    (corpus / "doc05.md").unlink()  # really gone
+    (corpus / "sub" / "part1.md").write_text("# Edited\n\n" + "changed " * 80)
+    source = corpus / "sub" if given == "subfolder" else corpus / "sub" / "part1.md"
+    with caplog.at_level(logging.INFO, logger="hades_gpu.pipelines.ingest"):
+        result = _ingest_removing([source], out)
+    assert result.documents_ingested == 1
+    assert _rel_paths(out) == before - {"doc05.md"}, _rel_paths(out) ^ before
+    assert result.documents_removed == 1
+    said = [r.getMessage() for r in caplog.records if "outside this run's corpus" in r.getMessage()]
+    kept = 7 if given == "subfolder" else 7 + 2  # the other files of sub/ are outside one file given alone
+    assert len(said) == 1 and said[0].startswith(f"{kept} document(s)"), said
+    assert verify_output(out).ok
