@@ -373,6 +373,20 @@ def test_a_resume_with_other_chunking_is_one_line_exit_1_and_changes_nothing(tmp
     assert again.returncode == 0 and "2 unchanged" in again.stdout, again.stderr[-2000:]  # precision may change
 
 
+def test_a_resume_with_other_extra_extensions_is_one_line_exit_1(tmp_path, corpus, ingested):
+    """`documents.extra_code_extensions=[txt]` on an output of prose .txt documents exited 0: the
+    unchanged ones stayed prose, a new or edited one became code: both kinds in one output."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir())
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "documents.extra_code_extensions=[TXT]")
+    _assert_one_line(proc, 1, f"{out} holds chunks made with documents.extra_code_extensions=[] (this run: ['.txt'])",
+                     "new output folder")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "chunks").iterdir()) == before
+    proc = _ingest(f"corpus={corpus}", f"output={out}", "isne.enabled=false", "documents.extra_prose_extensions=[py]")
+    _assert_one_line(proc, 1, "documents.extra_prose_extensions=[] (this run: ['.py'])")
+
+
 def test_a_manifest_that_is_not_sqlite_is_one_line_exit_1_for_search_and_verify_too(tmp_path, corpus, ingested):
     """hades-search printed a 35-line traceback, hades-verify called it a usage error (exit 2)."""
     out = tmp_path / "out"

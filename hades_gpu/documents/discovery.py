@@ -128,8 +128,8 @@ def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
     if name in CODE_FILENAMES:
         return CODE, CODE_FILENAMES[name]
     ext = os.path.splitext(name)[1].lower()
-    extra_code = {_dotted(e) for e in cfg.extra_code_extensions}
-    extra_prose = {_dotted(e) for e in cfg.extra_prose_extensions}
+    extra_code = set(dotted_extensions(cfg.extra_code_extensions))
+    extra_prose = set(dotted_extensions(cfg.extra_prose_extensions))
     if ext in extra_code:
         return CODE, CODE_EXTENSIONS.get(ext, ext.lstrip(".") or "unknown")
     if ext in extra_prose:
@@ -143,9 +143,9 @@ def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
     return PROSE, "text"
 
 
-def _dotted(ext: str) -> str:
-    ext = ext.strip().lower()
-    return ext if ext.startswith(".") else "." + ext
+def dotted_extensions(extensions: Sequence[str]) -> list[str]:
+    """`documents.extra_*_extensions` as classify compares them: lower case, one leading dot, sorted, once."""
+    return sorted({e.strip().lower() if e.strip().startswith(".") else "." + e.strip().lower() for e in extensions})
 
 
 @lru_cache(maxsize=256)

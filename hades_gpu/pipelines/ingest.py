@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.config import (ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config,
                               to_pipeline_config, validate)
 from hades_gpu.documents.chunking import process_document_as, warm_up
-from hades_gpu.documents.discovery import Skip, discover, source_list
+from hades_gpu.documents.discovery import Skip, discover, dotted_extensions, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
@@ -134,13 +134,16 @@ def refuse_output_in_sources(out: Path, sources: Sequence[str]) -> None:
 
 def ingest_settings(cfg: PipelineConfig, force_code: bool = False) -> dict[str, Any]:
     """What shapes an output's chunks and vectors: chunking (and whether every file is chunked as
-    code: `CodeParallelPipeline`), the vector size and the model (its files' fingerprint). A resumed
-    run must match them (`Manifest.check_settings`); the runtime, precision and embedder (local or
-    Triton) may change between runs, the model may not."""
+    code: `CodeParallelPipeline`, or which extensions are prose or code: `documents.extra_*_extensions`),
+    the vector size and the model (its files' fingerprint). A resumed run must match them
+    (`Manifest.check_settings`); the runtime, precision and embedder (local or Triton) may change
+    between runs, the model may not."""
     c = cfg.chunking
     return {"chunking.chunk_tokens": c.chunk_tokens, "chunking.overlap_tokens": c.overlap_tokens,
             "chunking.min_chunk_tokens": c.min_chunk_tokens, "chunking.window_chars": c.window_chars,
             "chunking.modality": "code" if force_code else "by_extension",
+            "documents.extra_code_extensions": dotted_extensions(cfg.documents.extra_code_extensions),
+            "documents.extra_prose_extensions": dotted_extensions(cfg.documents.extra_prose_extensions),
             "embedder.dim": cfg.embedder.dim, "model": model_fingerprint()}
 
 
