@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import threading
 from typing import Optional, Sequence
 
 from tokenizers import Tokenizer
@@ -165,7 +166,15 @@ _CACHE: dict[tuple[int, int], tuple[Tokenizer, Optional[KitokenTokenizer]]] = {}
 
 
 def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
-    """kitoken for `hf` when it passes `self_check`, else None (HF it is); cached per process."""
+    """kitoken for `hf` when it passes `self_check`, else None (HF it is); cached per process.
+
+    None outside the main thread: kitoken 0.11 ties state to the thread that uses it, and once that
+    thread has ended, the next `encode` from another thread segfaults (seen: `process_batch` from a
+    second ThreadPoolExecutor or web-server thread, ~1 run in 2). The main thread never ends before
+    the process; a worker process tokenizes in its main thread, so the hot path keeps kitoken.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
     key = (id(hf), os.getpid())  # a forked child builds its own (kitoken may hold threads)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is hf:

@@ -329,3 +329,35 @@ def test_plain_ascii_skips_the_normalizer_with_the_same_ids(tmp_path) -> None:
     # another normalizer: no plain path
     no_bert = _modified_tokenizer(tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
     assert not KitokenTokenizer(no_bert).plain("hello")
+
+
+_THREADS_SCRIPT = """
+import threading
+from hades_gpu.embedding.texts import text_token_ids
+from hades_gpu.documents.tokenized import tokenize_document
+from hades_gpu.documents.tokenizer import load_tokenizer
+texts = ["thread text about herons", "Another one, with \\u00dcn\\u00efcode and a long wordpiece tokenisation"]
+got = []
+def job():
+    got.append([r.tolist() for r in text_token_ids(texts)])
+    got.append(list(tokenize_document(texts[1], load_tokenizer()).ids))
+for _ in range(6):  # each thread ends before the next one starts
+    t = threading.Thread(target=job); t.start(); t.join()
+main = [[r.tolist() for r in text_token_ids(texts)], list(tokenize_document(texts[1], load_tokenizer()).ids)]
+assert got == main * 6, (got[:2], main)
+print("ok")
+"""
+
+
+def test_tokenizing_from_threads_that_end_one_after_another_does_not_crash():
+    """`process_batch` from a second worker thread (a ThreadPoolExecutor, a web server) segfaulted:
+    kitoken ties state to the thread that used it, and once that thread ended, the next thread's
+    `encode` crashed (4 runs of 4 here). Threads now tokenize with HF (same ids); kitoken stays on
+    the main thread and in the workers."""
+    import subprocess
+
+    from corpus_helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
