@@ -166,6 +166,7 @@ def classify_error(err: BaseException) -> Optional[tuple[int, str]]:
         return 2, _one_line(str(err))
     if isinstance(err, _loaded(("hades_gpu.embedding.base", "EmbedderError"),  # server gone: re-run resumes
                                ("hades_gpu.pipelines.ingest", "NothingIngestedError"),
+                               ("hades_gpu.pipelines.isne_training", "NothingTrainedError"),
                                ("hades_gpu.store.lock", "OutputLockedError"),  # another run holds the output
                                ("hades_gpu.store.manifest", "ManifestError"),
                                ("hades_gpu.store.claims", "ClaimsDamagedError"),
@@ -728,6 +729,13 @@ def _isne_task(cfg: PipelineConfig, out: Path) -> None:
     _refuse_unless_ingest_output(dataset)
     result = ISNETrainingPipeline(cfg).train(corpus_path=dataset)
     print(printable(result.summary()))
+    if result.metrics.get("mode") == "untrained":
+        from hades_gpu.pipelines.isne_training import NothingTrainedError
+
+        raise NothingTrainedError(
+            f"nothing trained: the time budget of {result.metrics.get('time_budget_s') or 0.0:.3g} s ended training "
+            f"before its first batch ({'the earlier model and its vectors are kept' if result.metrics.get('kept_model') else 'no model'}); "
+            f"raise isne.time_budget_s, or set isne.time_budget_vs_embedding=0 for no budget")
 
 
 @_reader_may_leave

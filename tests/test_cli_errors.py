@@ -513,6 +513,17 @@ def test_hades_isne_while_an_ingest_writes_the_output_is_refused_in_one_line(tmp
     assert (out / "edges.parquet").exists()
 
 
+def test_hades_isne_that_trains_no_batch_exits_1_and_keeps_the_model(tmp_path, ingested):
+    """A time budget shorter than one batch saved the untrained start over the model, exit 0."""
+    out = tmp_path / "out"
+    shutil.copytree(ingested, out)
+    assert _ingest(f"output={out}", "isne.epochs=1", module="isne_main").returncode == 0
+    model = (out / "isne" / "model.safetensors").read_bytes()
+    proc = _ingest(f"output={out}", "isne.time_budget_s=1e-9", module="isne_main")
+    _assert_one_line(proc, 1, "nothing trained", "the earlier model and its vectors are kept", prog="hades-isne")
+    assert "ISNE untrained" in proc.stdout and (out / "isne" / "model.safetensors").read_bytes() == model
+
+
 def test_a_job_log_that_cannot_be_opened_is_one_line_exit_1(tmp_path, corpus, ingested):
     """Hydra opens its job log in the output folder before the job runs; a read-only output (or a
     log name taken by a folder, as here) was a 58-line traceback ending in "Unable to configure

@@ -227,89 +227,133 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
                          time_budget_s=budget, edge_weight=weights, state_path=state_path)
         metrics["seconds"]["train"] = time.perf_counter() - t
-        theta = res.model.theta.weight.detach()
-        # ties the vectors to this model: a stage that failed between writing the one and the other
-        # left a new model beside the old vectors, and later runs mixed vectors of two models
-        model_id = uuid.uuid4().hex
-        save_checkpoint(mpath, theta, chunk_ids.tolist(), {
-            "model_id": model_id,
-            "isne": dataclasses.asdict(cfg.isne), "graph": dataclasses.asdict(cfg.graph),
-            "num_nodes": n, "dim": int(theta.shape[1]), "aggregate": True,
-            "init_std": res.model.init_std, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-            "best_val_auc": res.best_val_auc,
-        })
-        discard_training_state(state_path)  # after the model: a kill between the two only re-runs epochs
-        t = time.perf_counter()
-        full = CSRGraph.from_edge_index(data.edge_index, n, device=dev, edge_weight=weights)
-        vecs = neighbor_mean(theta, full).cpu().numpy()  # exact mean over the full graph
-        metrics["seconds"]["infer"] = time.perf_counter() - t
-        metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
-                       best_val_auc=res.best_val_auc, stopped_early=res.stopped_early,
-                       stopped_by_budget=res.stopped_by_budget, time_budget_s=budget,
-                       last_epoch_partial=res.last_epoch_partial,
-                       pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
-                       num_val_edges=res.num_val_edges, device=res.device,
-                       peak_device_bytes=res.peak_device_bytes, resumed_from_epoch=res.resumed_from_epoch,
-                       history=res.history)
-        t = time.perf_counter()
-        write_isne_embeddings(epath, chunk_ids, vecs, model_id)
-        metrics["seconds"]["write"] = time.perf_counter() - t
-    else:
-        t = time.perf_counter()
-        model_id = ckpt.config.get("model_id")
-        try:
-            old_ids, old_vecs = read_isne_embeddings(output_dir)
-            made_by = isne_vectors_model_ids(output_dir)
-        except DamagedOutputError as err:  # derived: every chunk's vector is inferred from the model again
-            log.warning("isne: %s; inferring every chunk's vector from the model instead", err)
-            old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
+        if res.pos_pairs == 0:  # the budget ended training before its first batch: θ is its random start
+            _keep_the_earlier_model(cfg, output_dir, mpath, epath, chunk_ids, data, deg, dev, metrics, budget)
         else:
-            if model_id is not None and old_ids and made_by != {model_id}:
-                log.warning("isne: the ISNE vectors in %s were not made by the model %s (a stage stopped between "
-                            "writing the two); inferring every chunk's vector from the model", epath.parent, mpath)
-                old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
-        d = int(ckpt.theta.shape[1])
-        if cfg.isne.dim != d:
-            log.warning("isne.dim is %d but %s was trained with %d; using the model (set isne.retrain=true "
-                        "to train a new one)", cfg.isne.dim, mpath, d)
-        pos = {c: i for i, c in enumerate(chunk_ids.tolist())}
-        vecs = np.zeros((n, d), np.float32)
-        have = np.zeros(n, dtype=bool)
-        if old_vecs.shape[0] and old_vecs.shape[1] == d:
-            for j, c in enumerate(old_ids):
-                i = pos.get(c)
-                if i is not None:
-                    vecs[i] = old_vecs[j]
-                    have[i] = True
-        missing = np.flatnonzero(~have)
-        if missing.size:
-            trained_weighted = bool(ckpt.config.get("isne", {}).get("edge_weights", False))  # as it was trained
-            new, known = infer_from_checkpoint(ckpt, chunk_ids.tolist(), data.edge_index,
-                                               edge_weight=data.edge_attr if trained_weighted else None,
-                                               nodes=torch.as_tensor(missing), device=dev,
-                                               rounds=cfg.isne.infer_rounds)
-            vecs[missing] = new.numpy()
-        # A new chunk with no trained chunk within infer_rounds + 1 links (a new document that links to
-        # nothing already trained, and whose kNN neighbours are all new too) has nothing to average:
-        # its vector is 0. Counted and said, not reported as inferred (it was, silently).
-        zero = ~np.any(vecs[missing] != 0, axis=1)
-        uninformed = int((zero & (deg.numpy()[missing] > 0)).sum())  # isolated chunks are n_isolated
-        if uninformed:
-            log.warning("isne: %d of %d new chunk(s) have no trained chunk within %d link(s), so their ISNE vector "
-                        "is 0 (they rank by text alone); `hades-isne output=%s` trains on the current graph",
-                        uninformed, missing.size, cfg.isne.infer_rounds + 1, output_dir)
-        metrics["seconds"]["infer"] = time.perf_counter() - t
-        # inferred: the new chunks that got a vector (an isolated new chunk's 0 is no inference either)
-        metrics.update(mode="inferred", n_inferred=int((~zero).sum()), n_uninformed=uninformed,
-                       device=str(dev), n_trained_nodes=len(ckpt.node_ids))
-        t = time.perf_counter()
-        write_isne_embeddings(epath, chunk_ids, vecs, model_id)
-        metrics["seconds"]["write"] = time.perf_counter() - t
+            _save_trained(cfg, output_dir, res, mpath, epath, state_path, chunk_ids, data, weights, dev, metrics,
+                          budget)
+    else:
+        _infer_vectors(cfg, output_dir, ckpt, mpath, epath, chunk_ids, data, deg, dev, metrics)
     if not mpath.is_file():
         metrics["model_path"] = None  # no model exists (no chunks, or no edges): none is named
     metrics["seconds"]["total"] = time.perf_counter() - t_all
     log.info("isne stage (%s): %d nodes, %d undirected edges, %.1f s", metrics["mode"], n, metrics["n_edges"],
              metrics["seconds"]["total"])
     return metrics
+
+
+def _keep_the_earlier_model(cfg: PipelineConfig, output_dir: Path, mpath: Path, epath: Path, chunk_ids: Any,
+                            data: Any, deg: torch.Tensor, dev: torch.device, metrics: dict[str, Any],
+                            budget: Optional[float]) -> None:
+    """No batch trained: nothing is saved over the model (a budget shorter than one batch wrote the
+    random start over the trained model, exit 0). The earlier model, if it loads, gives the vectors
+    as for a run that does not train; else every vector is 0, as for a graph without edges."""
+    ckpt = None
+    if mpath.is_file():
+        try:
+            ckpt = load_checkpoint(mpath)
+        except DamagedCheckpointError as err:
+            log.warning("isne: %s", err)
+    log.warning("isne: the time budget of %.3g s ended training before its first batch: no model is saved; %s "
+                "(raise isne.time_budget_s, or time_budget_vs_embedding=0 for none)", budget or 0.0,
+                "the earlier model is kept and gives the vectors" if ckpt is not None else
+                "every ISNE vector is 0 until a training runs")
+    if ckpt is not None:
+        _infer_vectors(cfg, output_dir, ckpt, mpath, epath, chunk_ids, data, deg, dev, metrics)
+    else:
+        write_isne_embeddings(epath, chunk_ids, np.zeros((len(chunk_ids), cfg.isne.dim), np.float32))
+    metrics.update(mode="untrained", kept_model=ckpt is not None, stopped_by_budget=True, time_budget_s=budget,
+                   epochs_run=0, pos_pairs=0)
+
+
+def _save_trained(cfg: PipelineConfig, output_dir: Path, res: Any, mpath: Path, epath: Path, state_path: Path,
+                  chunk_ids: Any, data: Any, weights: Optional[torch.Tensor], dev: torch.device,
+                  metrics: dict[str, Any], budget: Optional[float]) -> None:
+    """The trained model, then every chunk's vector (the exact neighbour mean over the full graph)."""
+    n = len(chunk_ids)
+    theta = res.model.theta.weight.detach()
+    # ties the vectors to this model: a stage that failed between writing the one and the other
+    # left a new model beside the old vectors, and later runs mixed vectors of two models
+    model_id = uuid.uuid4().hex
+    save_checkpoint(mpath, theta, chunk_ids.tolist(), {
+        "model_id": model_id,
+        "isne": dataclasses.asdict(cfg.isne), "graph": dataclasses.asdict(cfg.graph),
+        "num_nodes": n, "dim": int(theta.shape[1]), "aggregate": True,
+        "init_std": res.model.init_std, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+        "best_val_auc": res.best_val_auc,
+    })
+    discard_training_state(state_path)  # after the model: a kill between the two only re-runs epochs
+    t = time.perf_counter()
+    full = CSRGraph.from_edge_index(data.edge_index, n, device=dev, edge_weight=weights)
+    vecs = neighbor_mean(theta, full).cpu().numpy()  # exact mean over the full graph
+    metrics["seconds"]["infer"] = time.perf_counter() - t
+    metrics.update(mode="trained", epochs_run=res.epochs_run, best_epoch=res.best_epoch,
+                   best_val_auc=res.best_val_auc, stopped_early=res.stopped_early,
+                   stopped_by_budget=res.stopped_by_budget, time_budget_s=budget,
+                   last_epoch_partial=res.last_epoch_partial,
+                   pos_pairs=res.pos_pairs, pairs_per_s=res.pairs_per_s, n_inferred=n,
+                   num_val_edges=res.num_val_edges, device=res.device,
+                   peak_device_bytes=res.peak_device_bytes, resumed_from_epoch=res.resumed_from_epoch,
+                   history=res.history)
+    t = time.perf_counter()
+    write_isne_embeddings(epath, chunk_ids, vecs, model_id)
+    metrics["seconds"]["write"] = time.perf_counter() - t
+
+
+def _infer_vectors(cfg: PipelineConfig, output_dir: Path, ckpt: Any, mpath: Path, epath: Path, chunk_ids: Any,
+                   data: Any, deg: torch.Tensor, dev: torch.device, metrics: dict[str, Any]) -> None:
+    """Every chunk's vector from the saved model `ckpt`: the output's own where it has one made by
+    that model, inferred from the neighbours' θ for the rest; written to `epath`, said in `metrics`."""
+    n = len(chunk_ids)
+    t = time.perf_counter()
+    model_id = ckpt.config.get("model_id")
+    try:
+        old_ids, old_vecs = read_isne_embeddings(output_dir)
+        made_by = isne_vectors_model_ids(output_dir)
+    except DamagedOutputError as err:  # derived: every chunk's vector is inferred from the model again
+        log.warning("isne: %s; inferring every chunk's vector from the model instead", err)
+        old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
+    else:
+        if model_id is not None and old_ids and made_by != {model_id}:
+            log.warning("isne: the ISNE vectors in %s were not made by the model %s (a stage stopped between "
+                        "writing the two); inferring every chunk's vector from the model", epath.parent, mpath)
+            old_ids, old_vecs = [], np.zeros((0, 0), np.float32)
+    d = int(ckpt.theta.shape[1])
+    if cfg.isne.dim != d:
+        log.warning("isne.dim is %d but %s was trained with %d; using the model (set isne.retrain=true "
+                    "to train a new one)", cfg.isne.dim, mpath, d)
+    pos = {c: i for i, c in enumerate(chunk_ids.tolist())}
+    vecs = np.zeros((n, d), np.float32)
+    have = np.zeros(n, dtype=bool)
+    if old_vecs.shape[0] and old_vecs.shape[1] == d:
+        for j, c in enumerate(old_ids):
+            i = pos.get(c)
+            if i is not None:
+                vecs[i] = old_vecs[j]
+                have[i] = True
+    missing = np.flatnonzero(~have)
+    if missing.size:
+        trained_weighted = bool(ckpt.config.get("isne", {}).get("edge_weights", False))  # as it was trained
+        new, known = infer_from_checkpoint(ckpt, chunk_ids.tolist(), data.edge_index,
+                                           edge_weight=data.edge_attr if trained_weighted else None,
+                                           nodes=torch.as_tensor(missing), device=dev,
+                                           rounds=cfg.isne.infer_rounds)
+        vecs[missing] = new.numpy()
+    # A new chunk with no trained chunk within infer_rounds + 1 links (a new document that links to
+    # nothing already trained, and whose kNN neighbours are all new too) has nothing to average:
+    # its vector is 0. Counted and said, not reported as inferred (it was, silently).
+    zero = ~np.any(vecs[missing] != 0, axis=1)
+    uninformed = int((zero & (deg.numpy()[missing] > 0)).sum())  # isolated chunks are n_isolated
+    if uninformed:
+        log.warning("isne: %d of %d new chunk(s) have no trained chunk within %d link(s), so their ISNE vector "
+                    "is 0 (they rank by text alone); `hades-isne output=%s` trains on the current graph",
+                    uninformed, missing.size, cfg.isne.infer_rounds + 1, output_dir)
+    metrics["seconds"]["infer"] = time.perf_counter() - t
+    # inferred: the new chunks that got a vector (an isolated new chunk's 0 is no inference either)
+    metrics.update(mode="inferred", n_inferred=int((~zero).sum()), n_uninformed=uninformed,
+                   device=str(dev), n_trained_nodes=len(ckpt.node_ids))
+    t = time.perf_counter()
+    write_isne_embeddings(epath, chunk_ids, vecs, model_id)
+    metrics["seconds"]["write"] = time.perf_counter() - t
 
 

@@ -17,7 +17,12 @@ from hades_gpu.store.metrics_file import INGEST_TOTALS, ingest_totals, read_metr
 from hades_gpu.store.reader import is_ingest_output
 from hades_gpu.records import user_path
 
-__all__ = ["ISNETrainingPipeline", "ISNETrainingResult", "NotAnIngestOutputError"]
+__all__ = ["ISNETrainingPipeline", "ISNETrainingResult", "NotAnIngestOutputError", "NothingTrainedError"]
+
+
+class NothingTrainedError(RuntimeError):
+    """`hades-isne` was asked to train and no batch ran (a time budget shorter than one batch): the
+    output keeps its earlier model, if any; exit 1 rather than a success line."""
 
 
 @dataclass
@@ -50,6 +55,9 @@ class ISNETrainingResult:
             parts.append(f"{m.get('n_inferred', 0)} vector(s) inferred")
         elif mode == "no_edges":
             parts.append("nothing to learn: every vector is 0")
+        elif mode == "untrained":
+            parts.append(f"the time budget of {m.get('time_budget_s') or 0.0:.3g} s ended training before its first "
+                         f"batch: " + ("the earlier model is kept" if m.get("kept_model") else "every vector is 0"))
         total = m.get("seconds", {}).get("total", 0.0)
         model = self.model_path if self.model_path is not None else "none"
         return (f"{self.output_dir}: ISNE {mode}: {', '.join(parts)}; {total:.1f} s; model {model}, "

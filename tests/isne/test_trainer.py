@@ -633,3 +633,33 @@ def test_a_budget_that_runs_out_at_an_epoch_boundary_is_said_too(caplog) -> None
     said = [m for m in caplog.messages if "time budget" in m]
     assert len(said) == 1 and "stopped after 0 of 50 epoch(s)" in said[0], caplog.messages
 
+
+
+def test_a_budget_shorter_than_one_batch_keeps_the_earlier_model_and_saves_no_untrained_one(tmp_path: Path) -> None:
+    """`hades-isne isne.time_budget_s=1e-6` trained no batch, then saved θ's random start over the
+    trained model (and inferred every vector from it), reporting `mode: trained`, exit 0."""
+    ids = _write_output(tmp_path, {f"d{i}.md": 3 + i % 4 for i in range(12)})
+    first = run_isne_stage(_cfg(), tmp_path, train=True)
+    assert first["mode"] == "trained"
+    model = tmp_path / "isne" / "model.safetensors"
+    model_bytes = model.read_bytes()
+    vec_ids, vecs = read_isne_embeddings(tmp_path)
+    cfg = _cfg()
+    cfg.isne.time_budget_s = 1e-9
+    m = run_isne_stage(cfg, tmp_path, train=True)
+    assert (m["mode"], m["kept_model"], m["pos_pairs"], m["epochs_run"]) == ("untrained", True, 0, 0)
+    assert model.read_bytes() == model_bytes
+    again_ids, again = read_isne_embeddings(tmp_path)
+    assert again_ids == vec_ids and np.array_equal(again, vecs)
+    result = ISNETrainingPipeline(cfg).train(corpus_path=tmp_path)
+    assert "ended training before its first batch: the earlier model is kept" in result.summary()
+    assert model.read_bytes() == model_bytes
+    # no earlier model: none is written, every vector is 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _write_output(fresh, {f"d{i}.md": 3 + i % 4 for i in range(12)})
+    m = run_isne_stage(cfg, fresh, train=True)
+    assert (m["mode"], m["kept_model"], m["model_path"]) == ("untrained", False, None)
+    assert not (fresh / "isne" / "model.safetensors").exists()
+    got_ids, got = read_isne_embeddings(fresh)
+    assert sorted(got_ids) == sorted(ids) and not got.any()
