@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import errno
 import os
 import sqlite3
 import sys
@@ -73,6 +74,9 @@ class VerifyReport:
         return [p.line(self.output) for p in self.problems] + self.derived_problems
 
 
+UNREADABLE = "unreadable"  # a part file this process may not read: no evidence of damage
+
+
 def _footer_rows(path: Path) -> int:
     return int(pq.ParquetFile(path).metadata.num_rows)
 
@@ -83,8 +87,10 @@ def check_file(path: Path, record: Optional[FileRecord], expected_rows: int, ful
         st = path.stat()
     except FileNotFoundError:
         return "missing", None
-    except OSError as err:
-        return f"unreadable: {err.strerror}", None
+    except PermissionError as err:
+        return f"{UNREADABLE}: {err.strerror}", None
+    except OSError as err:  # a link loop where the part should be, an I/O error
+        return f"cannot be examined: {err.strerror}", None
     if record is not None:
         if st.st_size != record.size:
             return f"size {st.st_size} bytes, recorded {record.size} (truncated or rewritten)", None
@@ -94,11 +100,13 @@ def check_file(path: Path, record: Optional[FileRecord], expected_rows: int, ful
             return None, None  # as written: trusted without reading it (module docstring)
     try:
         rows = _footer_rows(path)
+        checksum = file_checksum(path) if rows == expected_rows else ""
+    except PermissionError as err:  # not damage: the bytes may be fine (see `repair_at_start`)
+        return f"{UNREADABLE}: {err.strerror}", None
     except Exception as err:  # noqa: BLE001 - any damage pyarrow reports
         return f"not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0][:120]})", None
     if rows != expected_rows:
         return f"{rows} rows, the manifest says {expected_rows}", None
-    checksum = file_checksum(path)
     if record is not None and checksum != record.checksum:
         return "checksum mismatch (content changed since it was written)", None
     return None, FileRecord(size=st.st_size, checksum=checksum, rows=rows, mtime_ns=st.st_mtime_ns,
@@ -150,13 +158,21 @@ def repair_at_start(manifest: Manifest) -> list[PartProblem]:
     its documents from the manifest (ingested again by this run), record hashed files. Returns the
     problems found."""
     problems, refresh = verify_manifest(manifest, full=False)
+    denied = next((p for p in problems if p.problem.startswith(UNREADABLE + ":")), None)
+    if denied is not None:
+        # a part that cannot be read is not damaged: dropping it deleted good chunks, and documents
+        # this run's corpus does not hold were never ingested again (a silent loss)
+        raise PermissionError(errno.EACCES, f"committed part file cannot be read ({denied.problem}): give this user "
+                              f"read permission and re-run; nothing was changed (a damaged part is ingested again, "
+                              f"one that cannot be read is not damaged)",
+                              str(part_path(manifest.output, denied.table, denied.part)))
     by_part: dict[str, list[PartProblem]] = {}
     for p in problems:
         by_part.setdefault(p.part, []).append(p)
     for part, found in by_part.items():
         what = "; ".join(f"{p.table}/{part}.parquet {p.problem}" for p in found)
-        log.warning("verify: committed part %s of shard %s is damaged (%s): its %d document(s) will be "
-                    "ingested again", part, manifest.shard, what, found[0].documents)
+        log.warning("verify: committed part %s of shard %s is damaged (%s): its %d document(s) leave the output; "
+                    "this run ingests again those its corpus holds", part, manifest.shard, what, found[0].documents)
     manifest.drop_parts(by_part)
     for part, files in refresh.items():
         manifest.record_files(part, files)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus_helpers import REPO
-from store_faults import assert_same_chunks_exactly_once, chunk_rows, ingest, snapshot, write_corpus
+from store_faults import assert_same_chunks_exactly_once, chunk_rows, ingest, ingest_subprocess, snapshot, write_corpus
 
 from hades_gpu.store.lock import OutputLockedError, lock_output, read_holder
 from hades_gpu.store.manifest import Manifest
@@ -392,3 +392,44 @@ def test_a_long_inner_error_is_cut_visibly_not_mid_path_as_if_it_ended_there(tmp
     line = error_line(long, 120)
     assert len(line) == 120 and line.endswith("…")
     assert error_line(ValueError("short\nsecond line"), 120) == "short" and error_line(ValueError()) == "ValueError"
+
+
+def _without_permission_override() -> tuple[str, ...]:
+    """A command prefix under which permission bits hold for this process (root overrides them)."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a file's permissions cannot be made to hold")
+    caps = "-dac_override,-dac_read_search"
+    return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
+
+
+def test_a_part_file_that_cannot_be_read_is_not_damage_the_run_refuses_and_changes_nothing(tmp_path: Path) -> None:
+    """`chmod 000` on a good part: the run's start called it damaged, deleted it and dropped its
+    documents, which a run over another folder never ingested again (27 chunks gone, exit 0, verify
+    ok after). Now the run refuses in one line naming the file and changes nothing."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    before = chunk_rows(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zebra.md").write_text("# Zebra\n\n" + "stripes " * 150)
+    with Manifest.load(out, "s0") as m:
+        part = m.parts()[1]
+    target = out / "chunks" / f"{part}.parquet"
+    listing = sorted(p.name for p in (out / "chunks").iterdir())
+    target.chmod(0)
+    try:
+        proc = ingest_subprocess(other, out, prefix=_without_permission_override())
+        report = verify_output(out) if os.geteuid() != 0 else None
+    finally:
+        target.chmod(0o644)
+    assert proc.returncode != 0 and "PermissionError" in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == listing
+    with Manifest.load(out, "s0") as m:
+        assert part in m.parts()
+    assert chunk_rows(out) == before and verify_output(out).ok
+    if report is not None:
+        assert not report.ok and any("unreadable" in ln for ln in report.lines())

@@ -49,9 +49,10 @@ ingest(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
 
 
 def ingest_subprocess(corpus: Path, out: Path, rows_per_part: int = 24, env: dict | None = None,
-                      timeout: float = 120) -> subprocess.CompletedProcess:
+                      timeout: float = 120, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`ingest` in a fresh interpreter; `prefix` runs it under another command (setpriv, say)."""
     script = INGEST_SCRIPT.format(support=str(Path(__file__).resolve().parent))
-    return subprocess.run([sys.executable, "-c", script, str(corpus), str(out), str(rows_per_part)], cwd=REPO,
+    return subprocess.run([*prefix, sys.executable, "-c", script, str(corpus), str(out), str(rows_per_part)], cwd=REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
