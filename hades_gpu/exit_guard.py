@@ -32,6 +32,8 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 WAIT_S = 120.0  # at most this long for the runs to commit and close at exit
+INGEST_KEPT = "the finished documents are committed"
+ISNE_KEPT = "the training state of the last saved epoch is kept"  # an ISNE training's SIGTERM line said "documents"
 
 _exiting = threading.Event()
 _active = 0
@@ -84,11 +86,11 @@ def raise_terminated(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt(kept: str = INGEST_KEPT) -> Iterator[None]:
     """For library use: within the block, SIGTERM stops the run as Ctrl-C does (finished documents
     committed, workers stopped), then the process ends by SIGTERM as it would have at once (exit
-    143), with one log line. Only in the main thread and where SIGTERM has its default action: the
-    command line, Ray, or the caller's own handler keep theirs."""
+    143), with one log line saying what is `kept`. Only in the main thread and where SIGTERM has its
+    default action: the command line, Ray, or the caller's own handler keep theirs."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
@@ -99,7 +101,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         if not _terminated.is_set():
             raise  # Ctrl-C: the caller's to handle
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        log.warning("terminated by SIGTERM: the finished documents are committed; re-run to resume")
+        log.warning("terminated by SIGTERM: %s; re-run to resume", kept)
         for handler in logging.getLogger().handlers + logging.getLogger("hades_gpu").handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGTERM)  # the default action, now that the run has cleaned up
@@ -110,10 +112,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stoppable_run() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C inside the block takes effect at its end (main thread only; elsewhere no signal arrives).
+
+    For the imports and loads of native libraries: a KeyboardInterrupt raised in the middle of
+    `import torch` leaves torch half-initialised in the process, and every later call failed
+    ("partially initialized module 'torch'", "function 'conv1d' already has a docstring", or a
+    segfault): one early Ctrl-C in a notebook broke the kernel for good."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
+
+
+@contextlib.contextmanager
+def stoppable_run(kept: str = INGEST_KEPT) -> Iterator[None]:
     """A library run (ingest or ISNE training): SIGTERM and interpreter exit stop it as Ctrl-C does,
-    after its clean-up (`sigterm_as_interrupt`, `active_run`)."""
-    with sigterm_as_interrupt(), active_run():
+    after its clean-up (`sigterm_as_interrupt`, `active_run`); `kept`: what a re-run resumes from."""
+    with sigterm_as_interrupt(kept), active_run():
         yield
 
 
@@ -145,5 +168,5 @@ def _stop_active_runs() -> None:
             log.warning("%d run(s) did not stop within %.0f s of interpreter exit", _active, WAIT_S)
 
 
-__all__ = ["Terminated", "WAIT_S", "active_run", "exiting", "raise_terminated", "sigterm_arrived",
+__all__ = ["INGEST_KEPT", "ISNE_KEPT", "Terminated", "WAIT_S", "active_run", "exiting", "interrupts_held", "raise_terminated", "sigterm_arrived",
            "sigterm_as_interrupt", "stoppable_run"]

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from hades_gpu.config import EmbedderName, PipelineConfig
 from hades_gpu.embedding.base import Embedder
+from hades_gpu.exit_guard import interrupts_held
 from hades_gpu.gpu.device import select_device
 
 
@@ -32,16 +33,19 @@ def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embed
     ecfg = cfg.embedder
     use_model_dir(ecfg.model_dir)
     if ecfg.name == EmbedderName.TRITON:
-        from hades_gpu.embedding.triton import TritonEmbedder
+        with interrupts_held():  # a native import cut by Ctrl-C stays broken in the process
+            from hades_gpu.embedding.triton import TritonEmbedder
 
-        return TritonEmbedder(ecfg)
+        return TritonEmbedder(ecfg)  # its connection waits: Ctrl-C acts at once
     if ecfg.name != "local":
         raise ValueError(f"embedder.name must be one of local|triton (got {ecfg.name!r})")
     device = str(select_device(device_spec(cfg)))
-    if device.startswith("cuda"):
-        from hades_gpu.embedding.cuda_embedder import CudaEmbedder
+    # the runtime's import and the model's load (seconds): Ctrl-C meanwhile acts when they are done
+    with interrupts_held():
+        if device.startswith("cuda"):
+            from hades_gpu.embedding.cuda_embedder import CudaEmbedder
 
-        return CudaEmbedder(dataclasses.replace(cfg, embedder=dataclasses.replace(ecfg, device=device)), governor)
-    from hades_gpu.embedding.local import LocalEmbedder
+            return CudaEmbedder(dataclasses.replace(cfg, embedder=dataclasses.replace(ecfg, device=device)), governor)
+        from hades_gpu.embedding.local import LocalEmbedder
 
-    return LocalEmbedder(dataclasses.replace(ecfg, device="cpu"))
+        return LocalEmbedder(dataclasses.replace(ecfg, device="cpu"))

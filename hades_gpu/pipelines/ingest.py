@@ -32,7 +32,7 @@ from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
 from hades_gpu.embedding.base import Embedder, EmbedderError
 from hades_gpu.embedding.texts import model_probe
-from hades_gpu.exit_guard import stoppable_run
+from hades_gpu.exit_guard import interrupts_held, stoppable_run
 from hades_gpu.orchestration.monitoring import ProgressReporter, RunMetrics
 from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource, slab_count, slab_layout
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
@@ -478,9 +478,10 @@ class IngestPipeline:
                 # inside embed() with cache relief) and to the stage (its batcher sizes batches from
                 # the governor's budget). A caller's own embedder brings its own.
                 if embedder is None:
-                    from hades_gpu.embedding.factory import build_embedder
+                    with interrupts_held():  # torch's import, cut by Ctrl-C, broke every later call
+                        from hades_gpu.embedding.factory import build_embedder
 
-                    governor = self._governor()
+                        governor = self._governor()
                     embedder = build_embedder(cfg, governor=governor)
                 else:
                     governor = getattr(embedder, "governor", None)

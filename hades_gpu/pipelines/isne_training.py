@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hades_gpu.config import PipelineConfig, to_pipeline_config, validate
-from hades_gpu.exit_guard import stoppable_run
+from hades_gpu.exit_guard import ISNE_KEPT, stoppable_run
 from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_shard_name
 from hades_gpu.store.layout import isne_embeddings_path, isne_model_path, metrics_path, no_manifest_detail
 from hades_gpu.store.metrics_file import INGEST_TOTALS, ingest_totals, read_metrics, write_metrics
@@ -146,7 +146,7 @@ class ISNETrainingPipeline:
                 f"{path} is not an ingest output {no_manifest_detail(path)}; ingest it first "
                 f"(`hades-ingest corpus={path} output=<another folder>`) and pass that output, or set "
                 f"output=<another folder> to have train() ingest it there")
-        with stoppable_run():  # SIGTERM, interpreter exit: stopped as by Ctrl-C (`exit_guard`)
+        with stoppable_run(ISNE_KEPT):  # SIGTERM, interpreter exit: stopped as by Ctrl-C (`exit_guard`)
             metrics = run_isne_stage(self.config, path, train=True, epochs=epochs, batch_size=batch_size)
             _record_in_metrics_file(path, metrics)
         model_path = isne_model_path(path)

@@ -279,3 +279,40 @@ def test_a_full_disk_or_size_limit_while_saving_is_an_os_error_and_a_failed_stat
     assert lines[2] == "trained 2"
     assert "could not save the training state after epoch 1" in out.stderr and "training goes on" in out.stderr
     assert lines[3] == f"{sorted(['limited.py', 'model.safetensors', 'state.pt'])} b'old model' b'old state'"
+
+
+_API_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.pipelines.isne_training import ISNETrainingPipeline
+cfg = load_pipeline_config(overrides=["isne.dim=8", "isne.batch_size=32", "isne.walk_length=6", "isne.walks_per_node=2",
+                                      "isne.device=cpu", "isne.patience=1000", "isne.checkpoint_interval_s=0",
+                                      "graph.knn_k=3", "graph.knn_threshold=0.0", "graph.same_document_fanout=2"])
+ISNETrainingPipeline(cfg).train(corpus_path=sys.argv[1], epochs=60)
+"""
+
+
+def test_the_api_stopped_by_sigterm_says_the_training_state_is_kept(tmp_path: Path) -> None:
+    """`ISNETrainingPipeline.train` in a plain script, SIGTERM mid-training: the line said "the
+    finished documents are committed", an ingest's words."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_output(out, {f"d{i}.md": 3 + i % 5 for i in range(40)})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen([sys.executable, "-c", _API_SCRIPT, str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    state = out / "isne" / "training-state.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and victim.poll() is None and not state.is_file():
+            time.sleep(0.05)
+        assert victim.poll() is None, "training finished before it could be stopped: " + victim.stdout.read()[-2000:]
+        os.kill(victim.pid, signal.SIGTERM)
+        said, _ = victim.communicate(timeout=60)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert victim.returncode == -signal.SIGTERM, said[-2000:]
+    assert "terminated by SIGTERM: the training state of the last saved epoch is kept; re-run to resume" in said
+    assert "documents" not in said, said[-2000:]

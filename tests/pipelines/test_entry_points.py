@@ -306,3 +306,38 @@ def test_the_workers_process_function_imports_only_the_documents_layer(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
     assert line == "RESULT hades_gpu.documents.chunking []", line
+
+
+_CUT_IMPORT_SCRIPT = """
+import importlib.abc, os, signal, sys
+class CtrlCInTorchsImport(importlib.abc.MetaPathFinder):
+    fired = False
+    def find_spec(self, name, path, target=None):
+        if name == "torch.nn" and not CtrlCInTorchsImport.fired:  # half-way through torch's own __init__
+            CtrlCInTorchsImport.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlCInTorchsImport())
+from hades_gpu.config import load_pipeline_config
+from hades_gpu.pipelines import TextParallelPipeline
+p = TextParallelPipeline(load_pipeline_config(overrides=["isne.enabled=false"]))
+try:
+    p.process_batch([sys.argv[1]], output=sys.argv[2])
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", CtrlCInTorchsImport.fired)
+result = p.process_batch([sys.argv[1]], output=sys.argv[2])
+print("again", result.documents_ingested + result.documents_unchanged)
+"""
+
+
+def test_ctrl_c_during_the_first_runs_imports_leaves_the_next_call_working(corpus, tmp_path):
+    """Ctrl-C in the first ~2 s of the first `process_batch` landed in torch's lazy import: torch
+    stayed half-initialised and every later call in the process (a notebook's next cell) failed or
+    segfaulted. The Ctrl-C now takes effect once the import is done: the call is interrupted, the
+    next one works. The signal is sent from an import hook, so it lands inside torch's import."""
+    proc = subprocess.run([sys.executable, "-c", _CUT_IMPORT_SCRIPT, str(corpus), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "interrupted True" and lines[-1] == f"again {len(GOOD)}", (proc.stdout, proc.stderr[-2000:])
