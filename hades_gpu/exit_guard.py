@@ -119,11 +119,12 @@ def interrupts_held() -> Iterator[None]:
     `import torch` leaves torch half-initialised in the process, and every later call failed
     ("partially initialized module 'torch'", "function 'conv1d' already has a docstring", or a
     segfault): one early Ctrl-C in a notebook broke the kernel for good."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:  # not the main thread, or a handler set outside Python (Triton's stub): not ours to swap
         yield
         return
     held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:

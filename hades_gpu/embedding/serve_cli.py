@@ -38,6 +38,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds for argparse (--ready-timeout -5 started a server, then gave up at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def serve_cli(argv: Optional[list[str]] = None) -> int:
     """`hades-serve`: run a Triton server on the model repository until SIGTERM or Ctrl-C.
 
@@ -57,9 +68,15 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, printed)")
     parser.add_argument("--tritonserver", default=None,
                         help=f"tritonserver binary (default: ${TRITONSERVER_ENV}, PATH, then the pytriton wheel)")
-    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument("--ready-timeout", type=_seconds, default=180.0, help="seconds to wait for readiness")
     parser.add_argument("--log-verbose", type=int, default=0)
     args = parser.parse_args(argv)
+    named = [(flag, port) for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port),
+                                             ("--metrics-port", args.metrics_port)) if port]
+    for i, (flag, port) in enumerate(named):
+        other = next((f for f, p in named[i + 1:] if p == port), None)
+        if other is not None:  # tritonserver's own refusal began with pieces of its usage text
+            parser.error(f"{flag} and {other} are both {port}: each service needs its own port")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
@@ -83,6 +100,9 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
               f"pid {server.pid}  log {server.log_file}", flush=True)
         rc = _wait_for_exit_or_stop(server, stop_requested)
+        if isinstance(rc, str):  # a model's backend process died: the server would answer ready, serving nothing
+            print(f"hades-serve: error: {rc}; stopping tritonserver (restart hades-serve)", file=sys.stderr, flush=True)
+            return 1
         if rc is None:
             print("hades-serve: stopping tritonserver", file=sys.stderr, flush=True)
             return 0
@@ -113,19 +133,32 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         signal.signal(signal.SIGTERM, old_term)
 
 
-def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event, poll_s: float = 0.2) -> Optional[int]:
-    """The server's exit code when it exits on its own; None once SIGTERM or Ctrl-C asked us to stop.
+def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event,
+                           poll_s: float = 0.2) -> Optional[int | str]:
+    """The server's exit code when it exits on its own; why, when a model's Python-backend process
+    died (Triton does not start it again, and goes on answering ready: every request then fails
+    with "Stub process ... is not healthy"); None once SIGTERM or Ctrl-C asked us to stop.
 
     Ctrl-C is handled here like SIGTERM (a flag, polled) for the same reason: no asynchronous
     KeyboardInterrupt that may never wake a blocked main thread.
     """
+    import psutil
+
     old_int = signal.signal(signal.SIGINT, lambda _signum, _frame: stop_requested.set())
+    backends = server.backend_processes()  # the stubs of the models loaded at start
     try:
         while not stop_requested.is_set():
             try:
                 return server.wait(poll_s)
             except subprocess.TimeoutExpired:
-                continue
+                pass
+            for pid, model in backends.items():
+                try:
+                    gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    gone = True
+                if gone and server.poll() is None and not stop_requested.is_set():
+                    return f"the Python backend process of model {model} (pid {pid}) died: the server cannot serve it"
         return None
     finally:
         signal.signal(signal.SIGINT, old_int)

@@ -270,6 +270,9 @@ class TritonEmbedder:
             if status == "StatusCode.NOT_FOUND":  # it was ready at start: not a wrong name
                 raise EmbedderError(f"{where}: the model is no longer served (the server is stopping, or its model "
                                     f"backend died){tried}: {_one_line(err)}") from err
+            if "is not healthy" in str(err):  # the Python backend's stub died: Triton never starts it again
+                raise EmbedderError(f"{where}: the model's backend process on the server died (restart the server; "
+                                    f"a re-run resumes){tried}: {_one_line(err)}") from err
             raise EmbedderError(f"{where}: inference failed{tried}: {_one_line(err)}") from err
         response_id = result.get_response().id
         if response_id != request_id:  # cannot happen with unary calls; a cheap guard against mix-ups

@@ -349,6 +349,26 @@ class TritonServer:
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc else None
 
+    def backend_processes(self) -> dict[int, str]:
+        """pid -> model of the server's Python-backend stub processes (one per model instance)."""
+        import psutil
+
+        if self._proc is None:
+            return {}
+        found: dict[int, str] = {}
+        try:
+            children = psutil.Process(self._proc.pid).children()
+        except psutil.Error:
+            return found
+        for child in children:
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                found[child.pid] = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+        return found
+
     def poll(self) -> Optional[int]:
         """The server's exit code, or None while it runs."""
         return self._proc.poll() if self._proc else None
@@ -474,16 +494,40 @@ class TritonServer:
             raise
         log.info("tritonserver pid %d ready: gRPC %s, models %s", self._proc.pid, self.grpc_url, ",".join(self.models))
 
-    def _started_grpc(self) -> bool:
-        """True once *this* server's log says its gRPC endpoint is up (not another process on the port)."""
+    def _log_text(self) -> str:
+        """What this launch wrote to the log so far ("" when it cannot be read)."""
         assert self.log_file is not None
         try:
             with open(self.log_file, "rb") as f:
                 f.seek(self._log_offset)
-                text = f.read().decode(errors="replace")
+                return f.read().decode(errors="replace")
         except OSError:
+            return ""
+
+    def _settled(self, wait_s: float = 0.5) -> bool:
+        """Still running `wait_s` after it said ready, with no service failed: a taken metrics port is
+        logged as started and fails ~5 ms later."""
+        assert self._proc is not None
+        try:
+            self._proc.wait(wait_s)
             return False
-        return f"Started GRPCInferenceService at 127.0.0.1:{self.grpc_port}" in text
+        except subprocess.TimeoutExpired:
+            return "failed to start" not in self._log_text()
+
+    def _started_services(self) -> bool:
+        """True once *this* server's log says each of its endpoints is up (not another process on the
+        port): gRPC, and HTTP and metrics unless the extra flags turn them off. The gRPC one alone
+        let hades-serve print its ready lines while the HTTP or metrics port was taken, and the
+        server exited a moment later (a script waiting for the lines ingested against a dying server)."""
+        text = self._log_text()
+        if "failed to start" in text:  # it logs "Started Metrics Service", then fails to bind its socket
+            return False
+        wanted = [f"Started GRPCInferenceService at 127.0.0.1:{self.grpc_port}"]
+        if "--allow-http=false" not in self.extra_args:
+            wanted.append(f"Started HTTPService at 127.0.0.1:{self.http_port}")
+        if "--allow-metrics=false" not in self.extra_args:
+            wanted.append(f"Started Metrics Service at 127.0.0.1:{self.metrics_port}")
+        return all(line in text for line in wanted)
 
     def _wait_ready(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -501,9 +545,9 @@ class TritonServer:
                     raise TritonServerError(f"tritonserver exited with code {rc} before it was ready (log "
                                             f"{self.log_file}): {_start_failure(self.log_file)}")
                 try:
-                    if self._started_grpc() and client.is_server_ready(client_timeout=2.0) and all(
+                    if self._started_services() and client.is_server_ready(client_timeout=2.0) and all(
                         client.is_model_ready(m, client_timeout=2.0) for m in self.models
-                    ):
+                    ) and self._settled():
                         return
                 except InferenceServerException:
                     pass  # not listening yet

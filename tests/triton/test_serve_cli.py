@@ -74,6 +74,34 @@ def test_a_tritonserver_killed_under_hades_serve_is_one_line_exit_1(tmp_path):
             proc.wait()
 
 
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+def test_a_dead_python_backend_process_stops_hades_serve_with_one_line(tmp_path):
+    """SIGKILL of a model's backend stub (the OOM killer): Triton never starts it again and goes on
+    answering ready, every request failing "Stub process ... is not healthy", while hades-serve said
+    nothing. It now stops the server: one line naming the model, exit 1."""
+    import psutil
+
+    port = free_port()
+    proc = subprocess.Popen([*_serve_command(), "--grpc-port", str(port), "--log-file", str(tmp_path / "serve.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == f"gRPC 127.0.0.1:{port}", proc.stderr.read() if proc.poll() else ""
+        server_pid = int(proc.stdout.readline().split(" pid ")[1].split()[0])
+        stubs = [c for c in psutil.Process(server_pid).children() if "triton_python_backend_stub" in c.name()
+                 or any("minilm_python" in a for a in c.cmdline()[1:2])]
+        assert stubs, [c.cmdline() for c in psutil.Process(server_pid).children()]
+        os.kill(stubs[0].pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        lines = [ln for ln in proc.stderr.read().splitlines() if ln.startswith("hades-serve:")]
+        assert len(lines) == 1 and "the Python backend process of model minilm_python" in lines[0], lines
+        assert "restart hades-serve" in lines[0]
+        assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_unknown_model_is_refused_before_start(tmp_path):
     with pytest.raises(TritonServerError, match="has no config.pbtxt"):
         TritonServer(models=["no_such_model"])
@@ -174,3 +202,39 @@ def test_a_log_file_under_a_regular_file_says_a_folder_was_expected(tmp_path, ca
     assert serve_cli(["--log-file", str(tmp_path / "afile" / "x.log")]) == 1
     assert capsys.readouterr().err.strip() == (f"hades-serve: error: {tmp_path / 'afile'}: File exists (a folder was "
                                                "expected; is the path an existing file?)")
+
+
+@pytest.mark.parametrize("args, needle", [(["--ready-timeout", "-5"], "--ready-timeout: must be > 0 seconds"),
+                                          (["--ready-timeout", "0"], "--ready-timeout: must be > 0 seconds"),
+                                          (["--grpc-port", "18151", "--http-port", "18151"],
+                                           "--grpc-port and --http-port are both 18151")])
+def test_a_bad_ready_timeout_and_one_port_for_two_services_are_refused_in_one_line(args, needle):
+    """`--ready-timeout -5` started a server and gave up at once; one port for gRPC and HTTP printed
+    pieces of tritonserver's usage text."""
+    proc = subprocess.run([*_serve_command(), *args], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.skipif(bool(UNAVAILABLE), reason=f"tritonserver cannot run here: {UNAVAILABLE}")
+@pytest.mark.parametrize("service", ["http", "metrics"])
+def test_a_taken_http_or_metrics_port_prints_no_ready_lines(tmp_path, service):
+    """Only the gRPC endpoint was awaited: with the HTTP or metrics port taken, hades-serve printed its
+    ready lines, then exited 1 when tritonserver gave up a moment later. Now: no ready line, exit 2,
+    the port named."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        proc = subprocess.run([*_serve_command(), f"--{service}-port", str(port), "--log-file",
+                               str(tmp_path / "s.log")], capture_output=True, text=True, timeout=240)
+    finally:
+        taken.close()
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout == "", proc.stdout
+    kind = {"http": "HTTP", "metrics": "metrics"}[service]
+    assert f"the {kind} port 127.0.0.1:{port} is already in use" in proc.stderr, proc.stderr[-2000:]

@@ -238,3 +238,30 @@ def test_a_server_restarted_with_another_model_of_the_same_name_is_refused_not_m
     finally:
         emb.close()
         server.stop()
+
+
+def test_a_dead_backend_process_is_one_line_saying_to_restart_the_server(tmp_path):
+    """A model's Python-backend stub killed (the OOM killer): every request failed "inference
+    failed: [StatusCode.INTERNAL] Stub process ... is not healthy", with nothing saying that only a
+    restart of the server mends it."""
+    from hades_gpu.embedding.triton_server import TritonServer
+
+    port = free_port()
+    repo = _constant_repository(tmp_path / "repo", 1)
+    server = TritonServer(repo, [MODEL], grpc_port=port, log_file=tmp_path / "s.log").start()
+    emb = embedder_for(f"127.0.0.1:{port}", MODEL, retries=1, retry_backoff_s=0.1)
+    ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+    try:
+        emb.embed(ids, np.ones_like(ids))
+        stubs = server.backend_processes()
+        assert list(stubs.values()) == [MODEL], stubs
+        import os
+        import signal
+
+        os.kill(next(iter(stubs)), signal.SIGKILL)
+        with pytest.raises(EmbedderError, match=r"the model's backend process on the server died \(restart the server"):
+            for _ in range(50):  # the server notices on the next request
+                emb.embed(ids, np.ones_like(ids))
+    finally:
+        emb.close()
+        server.stop()
