@@ -7,6 +7,7 @@ files the command line reads, so library use and CLI use never drift apart.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import functools
@@ -668,15 +669,36 @@ def _field_types(cls: type) -> dict[str, tuple[tuple[type, ...], bool, str]]:
     return out
 
 
+def _check_string_list(key: str, value: Any) -> None:
+    """A list-of-strings field set in Python: a plain string was read one character at a time
+    (`include = "*.txt"` took every file: `'*'` matches all), None and numbers failed mid-run."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+        hint = f" (a list: [{value!r}])" if isinstance(value, str) else ""
+        raise ConfigError(f"{key} must be a list of strings{hint} (got {value!r})")
+    bad = next((v for v in value if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{key} must be a list of strings (got {bad!r} in it)")
+
+
 def _check_types(obj: Any, prefix: str = "") -> None:
     """Values set in Python after loading (``config.isne.epochs = "3"``) reach `validate` unchecked by
     the schema and failed as a TypeError deep in a comparison, or later mid-run; one `ConfigError`
     naming the key instead. numpy integers and floats pass (they behave as Python's)."""
     types = _field_types(type(obj))
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            # `config.profile = "low_memory"` failed later as an AttributeError deep in validate
+            raise ConfigError(f"{prefix}{f.name} is a config section and must stay a {hint.__name__} (got {value!r}): "
+                              f"set its fields (config.{prefix}{f.name}.<key> = ...), or load another with "
+                              f"load_pipeline_config(...)")
         if dataclasses.is_dataclass(value):
             _check_types(value, f"{prefix}{f.name}.")
+            continue
+        if typing.get_origin(hint) is list:
+            _check_string_list(f"{prefix}{f.name}", value)
             continue
         if f.name not in types:
             continue

@@ -241,6 +241,16 @@ def _resolve_runtime(cfg: EmbedderConfig) -> str:
 MODEL_MAX_POSITIONS = 512  # max_position_embeddings of all-MiniLM-L6-v2 (its config.json)
 
 
+def check_model_settings(cfg: EmbedderConfig) -> None:
+    """`embedder.dim` and `max_seq_len` against the MiniLM model the local embedders run: a ConfigError,
+    one line naming the key (it was a traceback). Checked by the ingest before it writes anything."""
+    if cfg.dim != export.DIM:
+        raise ConfigError(f"embedder.dim must be {export.DIM} for all-MiniLM-L6-v2 (got {cfg.dim})")
+    if cfg.max_seq_len > MODEL_MAX_POSITIONS:  # the model's position table: longer rows failed in the runtime
+        raise ConfigError(f"embedder.max_seq_len must be <= {MODEL_MAX_POSITIONS} for all-MiniLM-L6-v2 "
+                          f"(got {cfg.max_seq_len})")
+
+
 class LocalEmbedder:
     """The in-process CPU embedder (implements `hades_gpu.embedding.base.Embedder`).
 
@@ -258,11 +268,7 @@ class LocalEmbedder:
         if cfg.device not in ("auto", "cpu"):
             raise ValueError(f"LocalEmbedder runs on the CPU: embedder.device must be auto or cpu "
                              f"(got {cfg.device!r}); build_embedder() picks CudaEmbedder for CUDA")
-        if cfg.dim != export.DIM:  # ConfigError: one line naming the key, exit 2 (it was a traceback)
-            raise ConfigError(f"embedder.dim must be {export.DIM} for all-MiniLM-L6-v2 (got {cfg.dim})")
-        if cfg.max_seq_len > MODEL_MAX_POSITIONS:  # the model's position table: longer rows failed in the runtime
-            raise ConfigError(f"embedder.max_seq_len must be <= {MODEL_MAX_POSITIONS} for all-MiniLM-L6-v2 "
-                              f"(got {cfg.max_seq_len})")
+        check_model_settings(cfg)
         self.cfg = cfg
         self.runtime_name = _resolve_runtime(cfg)
         if self.runtime_name == "openvino":

@@ -260,6 +260,12 @@ class IngestPipeline:
         if not sources:  # an empty glob or list: a mistake, not an empty corpus (that is a folder without documents)
             raise ConfigError("no paths given: pass the files and/or folders to ingest (got an empty list)")
         refuse_output_in_sources(out, sources)
+        # what the run would refuse only after making the output (its lock, manifest and folders stayed)
+        use_model_dir(self.config.embedder.model_dir)
+        if self._embedder is None and self.config.embedder.name == "local":
+            from hades_gpu.embedding.local import check_model_settings
+
+            check_model_settings(self.config.embedder)
         return out, sources
 
     def _ingest_sources(self, sources: list[str], out: Path) -> IngestResult:

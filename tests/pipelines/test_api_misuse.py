@@ -4,6 +4,7 @@ values set on a config after loading, empty paths, threads composing configs, th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -23,6 +24,10 @@ from corpus_helpers import REPO
     ("isne.lr", "fast", "isne.lr must be a number (or null) (got 'fast')"),
     ("chunking.chunk_tokens", "100", "chunking.chunk_tokens must be an integer (got '100')"),
     ("isne.epochs", 0, "isne.epochs must be >= 1 (got 0)"),
+    # a string in a list field was read one character at a time: include "*.txt" took every file
+    ("documents.include", "*.txt", "documents.include must be a list of strings (a list: ['*.txt']) (got '*.txt')"),
+    ("documents.exclude", None, "documents.exclude must be a list of strings (got None)"),
+    ("documents.fallback_encodings", ["utf-16", 8], "documents.fallback_encodings must be a list of strings (got 8 in it)"),
 ])
 def test_a_value_set_after_loading_is_one_config_error_naming_the_key(tmp_path, key, value, message):
     """Set in Python after `load_pipeline_config`, such values skipped the schema: a string failed as a
@@ -32,12 +37,21 @@ def test_a_value_set_after_loading_is_one_config_error_naming_the_key(tmp_path, 
     setattr(getattr(config, section), name, value)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.md").write_text("text")
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         TextParallelPipeline(config).process_batch([tmp_path / "corpus"], output=tmp_path / "out")
     pipeline = ISNETrainingPipeline(load_pipeline_config("low_memory"))
     setattr(getattr(pipeline.config, section), name, value)  # after the pipeline was made
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         pipeline.train(corpus_path=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_section_replaced_by_a_value_is_one_config_error(tmp_path):
+    """`config.profile = "low_memory"` was an AttributeError from deep in validate."""
+    config = load_pipeline_config("low_memory")
+    config.profile = "low_memory"
+    with pytest.raises(ConfigError, match=r"^profile is a config section and must stay a ProfileConfig "):
+        TextParallelPipeline(config).process_batch([tmp_path], output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -220,3 +234,17 @@ def test_no_more_workers_than_documents_and_a_warning_past_the_cores(caplog):
     assert [r.getMessage() for r in caplog.records if "usable core(s)" in r.getMessage()] == [
         f"profile.num_workers={cores + 2} on {cores} usable core(s): the workers share the cores (more memory, no "
         "more speed) and the embedder needs one too; a profile with fewer workers fits this box"]
+
+
+@pytest.mark.parametrize("key, value, needle", [("dim", 512, "embedder.dim must be 384"),
+                                                ("model_dir", "/nonexistent/model", "embedder.model_dir must name")])
+def test_an_embedder_setting_the_run_refuses_leaves_no_output_behind(tmp_path, key, value, needle):
+    """`embedder.dim = 512` or a missing `embedder.model_dir` was one clear error, raised after the
+    output was made: its lock, manifest, claims and empty folders stayed behind."""
+    config = load_pipeline_config("low_memory")
+    setattr(config.embedder, key, value)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.md").write_text("text")
+    with pytest.raises(Exception, match=re.escape(needle)):
+        TextParallelPipeline(config).process_batch([tmp_path / "corpus"], output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
