@@ -573,16 +573,31 @@ def discover(
     """
     walker = _Walker(cfg, os.fspath(root) if root is not None else None, [os.fspath(f) for f in skip_folders],
                      is_output_folder)
-    given: set[str] = set()
-    for src, where in _outer_first(source_list(sources)):
-        if where in given:  # the same folder or file named twice: walked once (it read as a symlink loop)
-            continue
-        given.add(where)
-        walker.source(src)
+    ordered = _outer_first(source_list(sources))
+    # The same folder or file named twice is walked once (it read as a symlink loop), under its own
+    # name where one of the names is it rather than a link to it: [link, file] stored the file under
+    # the link's name, [file, link] under its own, so the order of the list made a second document.
+    chosen: dict[str, int] = {}
+    for i, (src, where) in enumerate(ordered):
+        j = chosen.get(where)
+        if j is None or (os.path.abspath(src) == where and os.path.abspath(ordered[j][0]) != where):
+            chosen[where] = i
+    for i, (src, where) in enumerate(ordered):
+        j = chosen[where]
+        if i == j:
+            walker.source(src)
+        elif os.path.abspath(src) != os.path.abspath(ordered[j][0]):  # another name for it: said, not silent
+            walker.skips.append(Skip(os.path.abspath(src), "duplicate",
+                                     f"the same file or folder as {printable(os.path.abspath(ordered[j][0]))}"))
     walker.walk_deferred()
-    if walker.skips:
-        log.debug("discovery skipped %d path(s)", len(walker.skips))
-    return walker.refs, walker.skips
+    # a folder and a folder inside it both given: the inner one's skips were met twice (and counted twice)
+    unique: dict[tuple[str, str], Skip] = {}
+    for skip in walker.skips:
+        unique.setdefault((skip.path, skip.reason), skip)
+    skips = list(unique.values())
+    if skips:
+        log.debug("discovery skipped %d path(s)", len(skips))
+    return walker.refs, skips
 
 
 __all__ = ["Skip", "discover", "source_list", "classify", "glob_to_regex", "matches_any", "PROSE_EXTENSIONS", "CODE_EXTENSIONS"]

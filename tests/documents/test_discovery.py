@@ -330,3 +330,28 @@ def test_a_raw_byte_name_and_its_escaped_spelling_are_one_identity(tmp_path):
             in skips[0].detail
     files = discover([raw.decode("utf-8", "surrogateescape"), str(corpus / "caf\\xe9.txt")], DocumentsConfig())
     assert len(files[0]) == 1 and [s.reason for s in files[1]] == ["duplicate"]
+
+
+@pytest.mark.parametrize("order", ["link first", "file first"])
+def test_a_file_given_by_its_name_and_by_a_link_is_one_document_under_its_own_name(tmp_path: Path, order) -> None:
+    """[link, file] stored the file under the link's name and dropped its own silently; [file, link]
+    under its own: two runs in either order made two documents of one file."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "keyword.py").write_text("import keyword\n")
+    (tmp_path / "sub" / "kwlink.py").symlink_to("../keyword.py")
+    given = [tmp_path / "sub" / "kwlink.py", tmp_path / "keyword.py"]
+    refs, skips = discover(given if order == "link first" else given[::-1], DocumentsConfig())
+    assert [r.rel_path for r in refs] == ["keyword.py"]
+    assert [(s.path, s.reason) for s in skips] == [(str(tmp_path / "sub" / "kwlink.py"), "duplicate")]
+    again, none = discover([tmp_path / "keyword.py", f"{tmp_path}/./keyword.py"], DocumentsConfig())
+    assert [r.rel_path for r in again] == ["keyword.py"] and none == []  # one path named twice: no skip
+
+
+def test_a_folder_and_a_folder_inside_it_count_each_skip_once(tmp_path: Path) -> None:
+    """["c", "c/sub"]: a symlink in sub was skipped, and counted, twice."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.md").write_text("a")
+    (tmp_path / "sub" / "link.md").symlink_to("../a.md")
+    refs, skips = discover([tmp_path, tmp_path / "sub"], DocumentsConfig())
+    assert [r.rel_path for r in refs] == ["a.md"]
+    assert [(s.path, s.reason) for s in skips] == [(str(tmp_path / "sub" / "link.md"), "symlink")]
