@@ -101,6 +101,15 @@ def _save_to_file(payload: dict, tmp: Path) -> None:
         torch.save(payload, fh)
 
 
+def _damage(err: Exception) -> str:
+    """Why torch could not read a state file, short: its own message for garbage was 500 characters
+    advising `weights_only=False` (unsafe, and no help for a damaged file); a truncated file read as
+    a bare "[Errno 22] Invalid argument"."""
+    text = error_line(err)
+    detail = "" if "weights_only" in text else f": {text[:80]}"
+    return f"damaged: torch cannot read it ({type(err).__name__}{detail})"
+
+
 def load_training_state(path: Path, key: str) -> Optional[TrainingState]:
     """The saved state for `key`, or None: no file, another graph or other settings, or a damaged
     file (each but the first said in one log line; the file is replaced at the next save)."""
@@ -109,12 +118,15 @@ def load_training_state(path: Path, key: str) -> Optional[TrainingState]:
         return None
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - random bytes raise any of a dozen types: damage, start afresh
+        log.warning("isne: ignoring the training state %s (%s); training from the start", path, _damage(err))
+        return None
+    try:
         if not isinstance(payload, dict) or payload.pop("format", None) != TRAINING_STATE_FORMAT:
             raise ValueError("not an ISNE training state")
         state = TrainingState(**payload)
-    except Exception as err:  # noqa: BLE001 - any damage means: start afresh, said in one line
-        log.warning("isne: ignoring the training state %s (%s: %s); training from the start",
-                    path, type(err).__name__, error_line(err))
+    except (TypeError, ValueError) as err:
+        log.warning("isne: ignoring the training state %s (%s); training from the start", path, error_line(err))
         return None
     if state.key != key:
         log.info("isne: the training state %s is for another graph or other settings; training from the start",

@@ -336,9 +336,10 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
                         if state_path is not None else "")
     first_epoch = 1
     resumed = saver.load() if cfg.resume else None
-    if resumed is not None and resumed.epoch >= epochs:
+    if resumed is not None and resumed.epoch > epochs:
         # a state from a longer training (120 epochs asked, stopped at 47) answered `epochs=5` with
-        # the 47-epoch model, silently: fewer epochs than it holds start from the beginning
+        # the 47-epoch model, silently: fewer epochs than it holds start from the beginning (as many
+        # as it holds finish from it: the model an uninterrupted run of `epochs` ends with)
         log.warning("isne: the saved training state %s is after epoch %d, more than the %d asked for: training "
                     "from the start", state_path, resumed.epoch, epochs)
         resumed = None

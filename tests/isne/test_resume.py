@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from hades_gpu.config import IsneConfig
@@ -85,6 +86,22 @@ def test_a_state_past_the_epochs_asked_for_is_not_used(graph: torch.Tensor, tmp_
     assert short.resumed_from_epoch == 0 and short.epochs_run == 3
     assert torch.equal(short.model.theta.weight, fresh.model.theta.weight)
     assert any("more than the 3 asked for" in r.getMessage() for r in caplog.records)
+
+
+def test_a_state_at_exactly_the_epochs_asked_for_finishes_from_it(graph: torch.Tensor, tmp_path: Path,
+                                                                   caplog) -> None:
+    """Stopped after epoch 3 of 6, then run with `epochs=3`: the state was called "more than the 3
+    asked for" and all 3 epochs trained again. It holds exactly the model a 3-epoch run ends with."""
+    state = tmp_path / "training-state.pt"
+    train_isne(graph, 500, _isne_cfg(), epochs=4, state_path=state)  # stops after 4: state of epoch 3
+    assert torch.load(state, weights_only=True)["epoch"] == 3
+    fresh = train_isne(graph, 500, _isne_cfg(), epochs=3)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.trainer"):
+        done = train_isne(graph, 500, _isne_cfg(), epochs=3, state_path=state)
+    assert (done.resumed_from_epoch, done.epochs_run, done.best_epoch) == (3, 3, fresh.best_epoch)
+    assert torch.equal(done.model.theta.weight, fresh.model.theta.weight)
+    assert [h["loss"] for h in done.history] == [h["loss"] for h in fresh.history]
+    assert not any("more than" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("change", ["graph", "lr", "batch_size", "damaged"])
@@ -316,3 +333,19 @@ def test_the_api_stopped_by_sigterm_says_the_training_state_is_kept(tmp_path: Pa
     assert victim.returncode == -signal.SIGTERM, said[-2000:]
     assert "terminated by SIGTERM: the training state of the last saved epoch is kept; re-run to resume" in said
     assert "documents" not in said, said[-2000:]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_state_file_is_one_short_line_without_torchs_advice(graph: torch.Tensor, tmp_path: Path, caplog,
+                                                                    damage: str) -> None:
+    """Garbage bytes gave a 510-character line repeating torch's advice to load with
+    `weights_only=False` (unsafe, and no help); a truncated file only "[Errno 22] Invalid argument"."""
+    state = tmp_path / "training-state.pt"
+    train_isne(graph, 500, _isne_cfg(), epochs=3, state_path=state)
+    state.write_bytes(np.random.default_rng(0).bytes(5000) if damage == "garbage" else state.read_bytes()[: state.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.isne.resume"):
+        again = train_isne(graph, 500, _isne_cfg(), epochs=3, state_path=state)
+    assert again.resumed_from_epoch == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "hades_gpu.isne.resume"]
+    assert len(said) == 1 and "damaged: torch cannot read it" in said[0], said
+    assert "weights_only" not in said[0] and len(said[0]) < 300, said[0]
