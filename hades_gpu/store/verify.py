@@ -247,10 +247,20 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
     for table in TABLES:
         folder = output / table
         if folder.is_dir():
-            orphans = [p.name for p in folder.glob("part-*.parquet") if p.stem not in named]
+            entries = sorted(folder.iterdir())
+            orphans = [p.name for p in entries if p.name.startswith("part-") and p.suffix == ".parquet"
+                       and p.stem not in named and not (p.is_dir() and not p.is_symlink())]
             if orphans:
                 report.notes.append(f"{len(orphans)} uncommitted file(s) in {table}/ (an interrupted run's; "
-                                    f"never read, removed by the next run), e.g. {sorted(orphans)[0]}")
+                                    f"never read, removed by the next run), e.g. {orphans[0]}")
+            # anything else is no file of this tool's: the README's `pd.read_parquet("<output>/chunks")`
+            # failed on a text file there, and read a copied part's rows twice, while verify said ok
+            strays = [p.name for p in entries if p.name not in {f"{n}.parquet" for n in named}
+                      and p.name not in orphans and not p.name.startswith(".part-")]
+            if strays:
+                report.notes.append(f"{len(strays)} file(s) or folder(s) in {table}/ that are no part of this output, "
+                                    f"e.g. {strays[0]}: never removed; readers of the whole folder (pandas, "
+                                    f"pyarrow.dataset) read them too: move them out")
     return report
 
 

@@ -95,7 +95,11 @@ def open_output(manifest: Manifest, settings: Optional[dict[str, Any]] = None) -
             name = path.name
             is_tmp = name.startswith(f".{prefix}")
             is_orphan = name.startswith(prefix) and path.stem not in committed
-            if is_tmp or is_orphan:
+            if (is_tmp or is_orphan) and path.is_dir() and not path.is_symlink():
+                # not a file this tool writes: left alone (unlinking it failed every later run, "Is a directory")
+                log.warning("%s is a folder named like a part file: not the output's, left alone (remove it: readers "
+                            "of the whole folder, such as pandas, fail on it)", path)
+            elif is_tmp or is_orphan:
                 path.unlink()
                 removed.append(str(path))
     if removed:

@@ -83,7 +83,7 @@ def test_deleted_truncated_and_altered_parts_are_named_once_and_their_documents_
     for part in (deleted, truncated, flipped, flipped_mtime):
         named = _warnings(caplog, part)
         assert len(named) == 1, named
-        assert "ingested again" in named[0]
+        assert "this run ingests again those its corpus holds" in named[0]
     assert result.documents_ingested >= 4 and result.documents_unchanged == 8 - result.documents_ingested
     assert_same_chunks_exactly_once(out, reference)
     assert verify_main([str(out)]) == 0
@@ -433,3 +433,32 @@ def test_a_part_file_that_cannot_be_read_is_not_damage_the_run_refuses_and_chang
     assert chunk_rows(out) == before and verify_output(out).ok
     if report is not None:
         assert not report.ok and any("unreadable" in ln for ln in report.lines())
+
+
+def test_strays_in_the_part_folders_are_noted_and_a_folder_named_like_a_part_does_not_block_a_run(
+        tmp_path: Path, caplog) -> None:
+    """A folder `chunks/part-s0-00099.parquet`: verify promised the next run would remove it, and every
+    run then failed "Is a directory". A text file or a copied part in chunks/: verify said ok, while
+    the README's `pd.read_parquet("<output>/chunks")` failed or read the copy's rows twice."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    first = sorted((out / "chunks").glob("part-*.parquet"))[0]
+    (out / "chunks" / "part-s0-00099.parquet").mkdir()
+    shutil.copy(first, out / "chunks" / "copy.parquet")
+    (out / "documents" / "notes.txt").write_text("hello")
+    report = verify_output(out)
+    assert report.ok
+    strays = [n for n in report.notes if "no part of this output" in n]
+    assert len(strays) == 2 and any("chunks/" in n and "e.g. copy.parquet" in n for n in strays), report.notes
+    assert any("documents/" in n and "notes.txt" in n for n in strays), report.notes
+    assert not any("uncommitted" in n for n in report.notes), report.notes  # the folder is no run's leftover
+    (corpus / "doc01.md").write_text("# Changed\n\n" + "new words " * 50)
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.store.writer"):
+        ingest(corpus, out)  # it failed "Is a directory" before anything else
+    assert any("is a folder named like a part file" in r.getMessage() for r in caplog.records)
+    assert (out / "chunks" / "part-s0-00099.parquet").is_dir() and (out / "chunks" / "copy.parquet").is_file()
+    assert verify_output(out).ok
+    reference = tmp_path / "reference"
+    ingest(corpus, reference)
+    assert chunk_rows(out) == chunk_rows(reference)  # each chunk once (the helper's no-stray check would fail)
