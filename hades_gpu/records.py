@@ -137,6 +137,13 @@ class ShardSpec:
         return cls(0, 1, text)
 
 
+def stat_tag(st: "os.stat_result") -> int:
+    """The file's inode and ctime folded into one int64 (as git's index keeps both): a rename, a
+    swap or a rewrite changes it, whatever the size and mtime say. A chmod changes it too: that
+    costs the next run a re-read (the content hash then finds the document unchanged)."""
+    return (int(st.st_ino) * 1_000_003 + int(st.st_ctime_ns)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 @dataclass(frozen=True)
 class DocumentRef:
     """A file found by discovery, before it is read."""
@@ -149,6 +156,10 @@ class DocumentRef:
     mtime_ns: int = 0  # st_mtime_ns at discovery: with size, the resume check that needs no read
     # the exact bytes of the relative path when `rel_path` had to be escaped (`display_path`), else None
     rel_path_raw: Optional[bytes] = None
+    # `stat_tag(st)` at discovery (inode and ctime): with size and mtime, the resume check. Size and
+    # mtime alone missed a file swapped or renamed over by another of the same size and mtime (`tar x`,
+    # `cp -p`, `rsync -t`, `mv` keep mtimes): its old chunks stayed, "re-ingest it" changed nothing.
+    stat_tag: int = 0  # 0: not known (a ref made by hand): size and mtime decide alone
 
     def __post_init__(self) -> None:
         # A name that is not valid UTF-8 (surrogate escapes from os.fsdecode) becomes its escaped text

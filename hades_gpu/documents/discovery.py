@@ -49,7 +49,7 @@ import pathspec
 
 from hades_gpu.config import ConfigError, DocumentsConfig
 from hades_gpu.documents.document_list import DocumentList
-from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable
+from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable, stat_tag
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE, file_kind
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,8 @@ class _Walker:
                 return
         self.seen_rel[identity] = abs_path
         self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),
-                                     modality=kind[0], language=kind[1], mtime_ns=int(st.st_mtime_ns)))
+                                     modality=kind[0], language=kind[1], mtime_ns=int(st.st_mtime_ns),
+                                     stat_tag=stat_tag(st)))
 
     def source(self, src: str) -> None:
         abs_path = os.path.abspath(src)

@@ -39,6 +39,7 @@ class DocumentList(Sequence[DocumentRef]):
         self._root = array("i")  # index into _roots; -1: the path is not root + rel_path (_odd_paths)
         self._size = array("q")
         self._mtime = array("q")
+        self._tag = array("q")  # DocumentRef.stat_tag
         self._kind = array("H")  # index into _kinds: (modality, language)
         self._roots: list[str] = []
         self._root_ix: dict[str, int] = {}
@@ -72,6 +73,7 @@ class DocumentList(Sequence[DocumentRef]):
         self._rel_end.append(len(self._rel))
         self._size.append(int(ref.size))
         self._mtime.append(int(ref.mtime_ns))
+        self._tag.append(int(ref.stat_tag))
         if ref.rel_path_raw is not None:
             self._raw[i] = ref.rel_path_raw
 
@@ -99,7 +101,7 @@ class DocumentList(Sequence[DocumentRef]):
         path = self._odd_paths[i] if root < 0 else self._roots[root] + rel
         modality, language = self._kinds[self._kind[i]]
         return DocumentRef(path=path, rel_path=rel, size=self._size[i], modality=modality, language=language,
-                           mtime_ns=self._mtime[i], rel_path_raw=self._raw.get(i))
+                           mtime_ns=self._mtime[i], rel_path_raw=self._raw.get(i), stat_tag=self._tag[i])
 
     @overload
     def __getitem__(self, i: int) -> DocumentRef: ...
@@ -139,6 +141,7 @@ class DocumentList(Sequence[DocumentRef]):
             out._root.append(self._root[i])
             out._size.append(self._size[i])
             out._mtime.append(self._mtime[i])
+            out._tag.append(self._tag[i])
             out._kind.append(self._kind[i])
             if i in self._odd_paths:
                 out._odd_paths[j] = self._odd_paths[i]
@@ -169,7 +172,7 @@ class DocumentList(Sequence[DocumentRef]):
     def nbytes(self) -> int:
         """Bytes held by the columns (not counting the rare odd paths and raw names)."""
         return (len(self._rel) + sum(a.itemsize * len(a) for a in (self._rel_end, self._root, self._size,
-                                                                    self._mtime, self._kind)))
+                                                                    self._mtime, self._tag, self._kind)))
 
 
 def as_document_list(refs: Iterable[DocumentRef]) -> DocumentList:

@@ -238,8 +238,8 @@ class WriterProcess:
     def abandon(self, key: int) -> None:
         self._note(("abandon", key))
 
-    def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
-        self._note(("unchanged", rel_path, int(size), int(mtime_ns)))
+    def note_unchanged(self, rel_path: str, size: int, mtime_ns: int, stat_tag: Optional[int] = None) -> None:
+        self._note(("unchanged", rel_path, int(size), int(mtime_ns), stat_tag))
 
     def attach_ring(self, ring: SlabRing) -> None:
         """Map the run's slabs in the child (their descriptor goes over the socket): the child reads
@@ -466,7 +466,7 @@ def apply_note(writer: DatasetWriter, note: tuple) -> None:
     elif op == "abandon":
         writer.abandon(note[1])
     elif op == "unchanged":
-        writer.note_unchanged(note[1], note[2], note[3])
+        writer.note_unchanged(note[1], note[2], note[3], note[4])
     else:
         raise ValueError(f"unknown writer note {op!r}")
 

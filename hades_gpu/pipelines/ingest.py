@@ -12,6 +12,7 @@ all shards (`hades-isne`, or the cluster driver, `hades_gpu.cluster`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -348,8 +349,7 @@ class IngestPipeline:
             rel = known.get(ref.path) if candidates.get(ref.path) == i else None
             if rel is not None and rel != ref.rel_path:
                 example = example or f"{printable(ref.path)} stays {printable(rel)}, not {printable(ref.rel_path)}"
-                ref = DocumentRef(path=ref.path, rel_path=rel, size=ref.size, modality=ref.modality,
-                                  language=ref.language, mtime_ns=ref.mtime_ns)
+                ref = dataclasses.replace(ref, rel_path=rel, rel_path_raw=None)
             kept.append(ref)
         log.info("%d document(s) already in %s under another relative path keep it (e.g. %s)", len(known),
                  printable(str(out)), example)
@@ -460,7 +460,7 @@ class IngestPipeline:
             if result.unchanged:
                 metrics.documents_resumed += 1  # touched but identical: keep the committed rows
                 metrics.documents_unchanged_hash += 1
-                writer.note_unchanged(ref.rel_path, ref.size, ref.mtime_ns)
+                writer.note_unchanged(ref.rel_path, ref.size, ref.mtime_ns, ref.stat_tag)
                 return False
             metrics.document_done(0, chunks_read=result.n_chunks)
             return True

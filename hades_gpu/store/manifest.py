@@ -42,14 +42,16 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 LEGACY_JSON_VERSION = 1
-_ENTRY_COLUMNS = "doc_id, content_hash, n_chunks, part, size, mtime_ns"  # a DocumentEntry's fields, in order
+_ENTRY_COLUMNS = "doc_id, content_hash, n_chunks, part, size, mtime_ns, stat_tag"  # a DocumentEntry's fields, in order
+_INSERT_DOCUMENT = ("INTO documents (rel_path, doc_id, content_hash, n_chunks, part, size, mtime_ns, stat_tag) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 LOOKUP_BATCH = 500  # keys per IN (...) query: under SQLite's bound-parameter limit (999 before 3.32)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS parts (number INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS documents (
     rel_path TEXT PRIMARY KEY, doc_id TEXT NOT NULL, content_hash TEXT NOT NULL, n_chunks INTEGER NOT NULL,
-    part TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+    part TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, stat_tag INTEGER);
 CREATE TABLE IF NOT EXISTS part_files (
     part TEXT NOT NULL, tbl TEXT NOT NULL, rows INTEGER NOT NULL, size INTEGER NOT NULL, checksum TEXT NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, PRIMARY KEY (part, tbl));
@@ -107,10 +109,12 @@ class DocumentEntry:
     part: str
     size: int = 0
     mtime_ns: int = 0
+    stat_tag: Optional[int] = None  # None: recorded before tags were (the next run reads it once)
 
-    def same_stat(self, size: int, mtime_ns: int) -> bool:
-        """The file's size and mtime are as recorded (no re-read needed)."""
-        return self.size == size and self.mtime_ns == mtime_ns
+    def same_stat(self, size: int, mtime_ns: int, stat_tag: Optional[int] = None) -> bool:
+        """The file's size and mtime (and, when given, inode and ctime: `records.stat_tag`) are as
+        recorded: no re-read needed."""
+        return self.size == size and self.mtime_ns == mtime_ns and (stat_tag is None or self.stat_tag == stat_tag)
 
 
 def _part_number(name: str) -> int:
@@ -139,6 +143,9 @@ class Manifest:
         self.path = manifest_path(output, shard)
         self._conn = conn
         self._lock = threading.Lock()
+        # a manifest opened read-only from before stat tags has no such column: its entries read None
+        tagged = "stat_tag" in {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+        self._entry_columns = _ENTRY_COLUMNS if tagged else _ENTRY_COLUMNS.replace("stat_tag", "NULL")
 
     # -- open ----------------------------------------------------------------------------------
     @classmethod
@@ -152,6 +159,9 @@ class Manifest:
         try:
             conn = _connect(path)
             conn.executescript(_SCHEMA)
+            if "stat_tag" not in {row[1] for row in conn.execute("PRAGMA table_info(documents)")}:
+                conn.execute("ALTER TABLE documents ADD COLUMN stat_tag INTEGER")  # a manifest from before tags
+                conn.commit()
             version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         except sqlite3.DatabaseError as err:
             raise unreadable_manifest(path, err) from err
@@ -173,8 +183,8 @@ class Manifest:
         rels = list(raw.get("documents", {}))
         with self._transaction() as cur:
             cur.executemany("INSERT INTO parts VALUES (?, ?)", [(_part_number(p), p) for p in raw.get("parts", [])])
-            cur.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
+            cur.executemany("INSERT " + _INSERT_DOCUMENT,
+                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns, d.stat_tag)
                              for rel, d in zip(rels, docs)])
         legacy.unlink()
         fsync_dir(legacy.parent)
@@ -303,7 +313,7 @@ class Manifest:
                 self._query("SELECT part, COUNT(*), SUM(n_chunks) FROM documents GROUP BY part")}
 
     def lookup(self, rel_path: str) -> Optional[DocumentEntry]:
-        row = self._query(f"SELECT {_ENTRY_COLUMNS} FROM documents WHERE rel_path = ?", (rel_path,))
+        row = self._query(f"SELECT {self._entry_columns} FROM documents WHERE rel_path = ?", (rel_path,))
         return DocumentEntry(*row[0]) if row else None
 
     def lookup_many(self, rel_paths: Iterable[str]) -> dict[str, DocumentEntry]:
@@ -312,7 +322,7 @@ class Manifest:
         CPU on a corpus of 1 KB files."""
         found: dict[str, DocumentEntry] = {}
         for batch, marks in _in_batches(rel_paths):
-            for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents "
+            for rel, *rest in self._query(f"SELECT rel_path, {self._entry_columns} FROM documents "
                                           f"WHERE rel_path IN ({marks})", batch):
                 found[rel] = DocumentEntry(*rest)
         return found
@@ -334,13 +344,13 @@ class Manifest:
 
     def documents(self) -> Iterator[tuple[str, DocumentEntry]]:
         """Every (rel_path, entry), in rel_path order (a scan: for reports and tests, not per document)."""
-        for rel, *rest in self._query(f"SELECT rel_path, {_ENTRY_COLUMNS} FROM documents ORDER BY rel_path"):
+        for rel, *rest in self._query(f"SELECT rel_path, {self._entry_columns} FROM documents ORDER BY rel_path"):
             yield rel, DocumentEntry(*rest)
 
-    def is_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> bool:
-        """True when the document is done and its size and mtime are as recorded (no re-read needed)."""
+    def is_unchanged(self, rel_path: str, size: int, mtime_ns: int, stat_tag: Optional[int] = None) -> bool:
+        """True when the document is done and its stat is as recorded (no re-read needed)."""
         entry = self.lookup(rel_path)
-        return entry is not None and entry.same_stat(size, mtime_ns)
+        return entry is not None and entry.same_stat(size, mtime_ns, stat_tag)
 
     # -- write -----------------------------------------------------------------------------------
     def commit_part(self, part: str, documents: Iterable[tuple[str, DocumentEntry]],
@@ -355,8 +365,8 @@ class Manifest:
             cur.execute("INSERT INTO parts VALUES (?, ?)", (_part_number(part), part))
             self._insert_files(cur, part, files)
             numbers += self._apply_replacements(cur, replaced)
-            cur.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns)
+            cur.executemany("INSERT OR REPLACE " + _INSERT_DOCUMENT,
+                            [(rel, d.doc_id, d.content_hash, d.n_chunks, d.part, d.size, d.mtime_ns, d.stat_tag)
                              for rel, d in documents])
             self._raise_mark(cur, max(numbers) + 1)
             if before_commit is not None:
@@ -428,13 +438,13 @@ class Manifest:
         with self._transaction() as cur:
             self._insert_files(cur, part, files)
 
-    def update_stats(self, updates: dict[str, tuple[int, int]]) -> None:
-        """New (size, mtime_ns) of documents read again and found identical (see DatasetWriter)."""
+    def update_stats(self, updates: dict[str, tuple[int, int, Optional[int]]]) -> None:
+        """New (size, mtime_ns, stat_tag) of documents read again and found identical (see DatasetWriter)."""
         if not updates:
             return
         with self._transaction() as cur:
-            cur.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE rel_path = ?",
-                            [(size, mtime, rel) for rel, (size, mtime) in updates.items()])
+            cur.executemany("UPDATE documents SET size = ?, mtime_ns = ?, stat_tag = ? WHERE rel_path = ?",
+                            [(size, mtime, tag, rel) for rel, (size, mtime, tag) in updates.items()])
 
 
 def damaged(err: BaseException) -> bool:

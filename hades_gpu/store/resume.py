@@ -45,7 +45,7 @@ class ResumePolicy:
         entry = self.manifest.lookup(ref.rel_path)
         if entry is None:
             return Resume.READ
-        if entry.same_stat(ref.size, ref.mtime_ns):
+        if entry.same_stat(ref.size, ref.mtime_ns, ref.stat_tag or None):  # 0: a ref made without a stat
             return Resume.UNCHANGED
         self._found[ref.rel_path] = entry.content_hash
         return Resume.READ

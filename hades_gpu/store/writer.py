@@ -219,7 +219,7 @@ class DatasetWriter:
         self.rows_written = 0
         self.documents_committed = 0
         self.on_commit: Optional[Callable[[int, int], None]] = None  # (documents, rows) per commit
-        self._stat_updates: dict[str, tuple[int, int]] = {}  # rel_path -> (size, mtime_ns), see note_unchanged
+        self._stat_updates: dict[str, tuple[int, int, Optional[int]]] = {}  # rel_path -> stat, see note_unchanged
         self._closed = False
 
     # -- stage calls ---------------------------------------------------------------------------------
@@ -352,12 +352,12 @@ class DatasetWriter:
             self.parts_written += sum(1 for r in replacements if r.new_part is not None)  # rewritten: written too
             return removed
 
-    def note_unchanged(self, rel_path: str, size: int, mtime_ns: int) -> None:
-        """A committed document was read again (its size or mtime changed) and its content hash is the
-        same: remember the new size and mtime, so the next run skips it without reading it. Saved at
-        close; lost on a crash, which only costs that next run a re-read."""
+    def note_unchanged(self, rel_path: str, size: int, mtime_ns: int, stat_tag: Optional[int] = None) -> None:
+        """A committed document was read again (its stat changed) and its content hash is the same:
+        remember the new size, mtime and stat tag, so the next run skips it without reading it. Saved
+        at close; lost on a crash, which only costs that next run a re-read."""
         with self._lock:
-            self._stat_updates[rel_path] = (int(size), int(mtime_ns))
+            self._stat_updates[rel_path] = (int(size), int(mtime_ns), None if stat_tag is None else int(stat_tag))
 
     def close(self, interrupted: bool = False) -> None:
         """Commit what is ready. Documents still missing chunks are left uncommitted (redone next run):
@@ -405,7 +405,7 @@ class DatasetWriter:
         self.manifest.commit_part(part, [
             (doc.ref.rel_path, DocumentEntry(doc_id=doc.ref.doc_id, content_hash=doc.content_hash,
                                              n_chunks=doc.n_chunks, part=part, size=doc.ref.size,
-                                             mtime_ns=doc.ref.mtime_ns))
+                                             mtime_ns=doc.ref.mtime_ns, stat_tag=doc.ref.stat_tag))
             for doc in ready], files=files, replaced=replacements,
             before_commit=lambda: kill_point("before_manifest_commit"))
         kill_point("after_manifest_commit")

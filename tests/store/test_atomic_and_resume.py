@@ -76,3 +76,56 @@ def test_resume_asks_the_manifest_once_per_document_and_never_when_the_output_wa
     assert asked == ["a.md"]  # the task's hash came with the stat check
     assert policy.known_hash(touched) == "h-a" and asked == ["a.md", "a.md"]  # asked again after that
     assert policy.known_hash(_doc("b.md", 1, 1, "x").ref) is None
+
+
+def _texts_by_path(out) -> dict:
+    from hades_gpu.store.reader import read_chunks
+
+    t = read_chunks(out, ["path", "text"])
+    return {os.path.basename(p): x for p, x in zip(t.column("path").to_pylist(), t.column("text").to_pylist())}
+
+
+def test_two_files_swapped_with_the_same_size_and_mtime_are_read_again(tmp_path):
+    """`mv a t; mv b a; mv t b` of two files of one size and mtime (as `tar x`, `cp -p`, `rsync -t`
+    leave them): the run found both unchanged by size and mtime and kept each one's old chunks for
+    good ("re-ingest it" changed nothing). Inode and ctime are part of the resume check now."""
+    from store_faults import ingest
+
+    corpus, out = tmp_path / "c", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Alpha file talks about the wolverine.\n")
+    (corpus / "b.txt").write_text("Bravo file talks about the albatross.\n")
+    for name in ("a.txt", "b.txt"):
+        os.utime(corpus / name, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    ingest(corpus, out)
+    os.rename(corpus / "a.txt", corpus / "t")
+    os.rename(corpus / "b.txt", corpus / "a.txt")
+    os.rename(corpus / "t", corpus / "b.txt")
+    second = ingest(corpus, out)
+    assert second.documents_ingested == 2, second.metrics["documents"]
+    assert _texts_by_path(out) == {"a.txt": "Bravo file talks about the albatross.",
+                                   "b.txt": "Alpha file talks about the wolverine."}
+    third = ingest(corpus, out)
+    assert third.metrics["documents"]["unchanged_not_read"] == 2  # not read again once recorded
+
+
+def test_a_manifest_from_before_stat_tags_is_read_once_then_trusted(tmp_path):
+    """An output whose manifest has no stat_tag column: opened read-only (verify) it reads as before;
+    the next run adds the column and reads each document once (found unchanged by its hash, not
+    embedded), the run after trusts the stat."""
+    import sqlite3
+
+    from store_faults import ingest, write_corpus
+
+    from hades_gpu.store.verify import verify_output
+
+    corpus = write_corpus(tmp_path / "c", n_docs=4)
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    with sqlite3.connect(out / "manifest-s0.sqlite") as db:
+        db.execute("ALTER TABLE documents DROP COLUMN stat_tag")
+    assert verify_output(out).ok
+    again = ingest(corpus, out)
+    assert again.documents_ingested == 0 and again.metrics["documents"]["unchanged_same_hash"] == 4
+    last = ingest(corpus, out)
+    assert last.metrics["documents"]["unchanged_not_read"] == 4
