@@ -122,7 +122,8 @@ class TritonEmbedder:
             # an HTTP endpoint closes a gRPC connection at once ("Socket closed"): the port given is likely
             # the server's HTTP port (8000), not its gRPC one (8001)
             hint = (" (is this the server's HTTP port? embedder.url takes the gRPC port, 8001 by default)"
-                    if "Socket closed" in str(err) else "; start one with hades-serve")
+                    if "Socket closed" in str(err) else
+                    "; start one with hades-serve (a server still loading its models listens only once they are loaded)")
             raise EmbedderError(f"{where}: server unreachable ({_one_line(err)}){hint}") from err
         if not live:
             raise EmbedderError(f"{where}: server is not live")

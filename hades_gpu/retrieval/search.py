@@ -131,6 +131,13 @@ def snippet_of(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _unknown_token_id() -> Optional[int]:
+    """The tokenizer's [UNK] id (None if it has none)."""
+    from hades_gpu.documents.tokenizer import load_tokenizer
+
+    return load_tokenizer().token_to_id("[UNK]")
+
+
 class Searcher:
     """An output opened for queries. Thread-safe for `search` once built (read-only state; the
     embedder's `embed_texts` is thread-safe); the graph/ISNE tables load on first use.
@@ -208,8 +215,10 @@ class Searcher:
         except FileNotFoundError:  # a manifest, no committed part yet
             table = None
         if table is None or table.num_rows == 0:
-            raise SearchError(f"{self.output} holds no committed chunks yet (an ingest into it may still be running "
-                              "before its first commit, or every document it was given was skipped: see its metrics.json)")
+            skipped = " (see its metrics.json)" if (Path(self.output) / "metrics.json").is_file() else ""
+            raise SearchError(f"{self.output} holds no committed chunks yet: an ingest into it may still be running "
+                              f"before its first commit, was stopped before it (re-run it to resume), or skipped every "
+                              f"document it was given{skipped}")
         self.chunk_ids: list[str] = table.column("chunk_id").to_pylist()
         self.doc_ids: list[str] = table.column("doc_id").to_pylist()
         self.paths: list[str] = table.column("path").to_pylist()
@@ -225,6 +234,7 @@ class Searcher:
         self._isne: Optional[np.ndarray] = None  # (N, d) L2-normalised, 0 rows for chunks without one
         self._has_isne: np.ndarray = np.zeros(0, dtype=bool)  # (N,) which rows of _isne are vectors
         self._sources: dict[str, Optional[str]] = {}
+        self._source_problems: dict[str, str] = {}  # doc_id -> why its file could not be read as ingested
 
     # ------------------------------------------------------------------------------ public
     def search(self, query: str, k: Optional[int] = None, expand: Optional[str] = None) -> SearchResult:
@@ -262,6 +272,12 @@ class Searcher:
             ranked = self._rank(vec, k, expand)
             t2 = time.perf_counter()
             hits = [self._hit(r, row, score, cos, via) for r, (row, score, cos, via) in enumerate(ranked, 1)]
+            stale = [h.path for h in hits if self._source_problems.get(h.doc_id)]
+            if stale:  # the hit printed "path:?" and said nothing of why
+                log.warning("%d hit(s) come from files changed or gone since they were ingested (e.g. %s: %s): their "
+                            "lines are not shown and their text is the ingested one; re-run hades-ingest to update "
+                            "the output", len(stale), printable(stale[0]),
+                            self._source_problems[next(h.doc_id for h in hits if self._source_problems.get(h.doc_id))])
             t3 = time.perf_counter()
             results.append(SearchResult(
                 query=query, k=k, expand=expand, embedder=self.query_embedder_name, candidates=self.candidates.description,
@@ -290,6 +306,11 @@ class Searcher:
             if ids.size > limit:
                 log.warning("query %d is %d tokens long: the model reads its first %d (embedder.max_seq_len=%d), "
                             "the rest is ignored", i, ids.size, limit, self.max_seq_len)
+            unknown = _unknown_token_id()
+            if unknown is not None and bool((ids == unknown).all()):
+                # "🥐", "🐧" and "[UNK]" were one and the same query, answered as if it meant something
+                log.warning("query %d is only characters the model does not know (%s): it reads it as [UNK], the "
+                            "same for every such query, so the hits are not about it", i, printable(q)[:40])
 
     def refresh(self) -> None:
         """Read the output again (chunks, then the graph and ISNE vectors on first use): after an
@@ -347,29 +368,47 @@ class Searcher:
         return scored[:k]
 
     def _isne_rerank(self, rows: np.ndarray, cos: np.ndarray, k: int):
+        """The fixed pool of the first `search.candidates` text hits re-ranked, then (only for a larger
+        k) the text hits past it, scored alike and ranked among themselves: a pool that grew with k let
+        weak text matches with a high structural term into the top hits (-k 5 and -k 200 differed)."""
+        pool = max(self.cfg.candidates, self.cfg.isne_seeds)
         isne = self._load_isne()
         has = self._has_isne
         seeds = [r for r in rows[: self.cfg.isne_seeds] if has[r]]
         centre = isne[seeds].mean(axis=0) if seeds else np.zeros(isne.shape[1], dtype=isne.dtype)
         norm = float(np.linalg.norm(centre))
-        structural = isne[rows] @ (centre / norm) if norm > 0 else np.zeros(len(rows))
-        w = self.cfg.isne_weight
+        unit = centre / norm if norm > 0 else None
         # A chunk without an ISNE vector (ingested after the last ISNE stage, or without an
-        # edge) gets a neutral structural term, the median of the candidates that have one: with 0 it
+        # edge) gets a neutral structural term, the median of the pool's chunks that have one: with 0 it
         # sank below far weaker text matches, and with its cosine alone (no structural term) it still
         # did, because the structural cosines near the seeds run far above text cosines.
         # One of the top isne_seeds text hits without a vector is a seed the centre stands for: it gets
         # the top structural term (an isolated best match, ring.h at cosine 0.61, fell to 4th behind
         # cosine 0.20 chunks near the other seeds).
+        first = self._isne_scored(rows[:pool], cos[:pool], isne, unit, has, None)
+        neutral, top = first[1], first[2]
+        ranked = first[0]
+        if k > pool and len(rows) > pool:
+            ranked = ranked + self._isne_scored(rows[pool:], cos[pool:], isne, unit, has, (neutral, top))[0]
+        return ranked[:k]
+
+    def _isne_scored(self, rows: np.ndarray, cos: np.ndarray, isne: np.ndarray, unit: Optional[np.ndarray],
+                     has: np.ndarray, terms: Optional[tuple[float, float]]):
+        """(scored rows best first, neutral term, top term); `terms` given: the pool's (rows past it)."""
+        structural = isne[rows] @ unit if unit is not None else np.zeros(len(rows))
         with_vector = np.fromiter((has[r] for r in rows), dtype=bool, count=len(rows))
-        neutral = float(np.median(structural[with_vector])) if with_vector.any() else 0.0
-        top = float(structural[with_vector].max()) if with_vector.any() else 0.0
-        n_seeds = self.cfg.isne_seeds
+        if terms is None:
+            neutral = float(np.median(structural[with_vector])) if with_vector.any() else 0.0
+            top = float(structural[with_vector].max()) if with_vector.any() else 0.0
+            n_seeds = self.cfg.isne_seeds
+        else:
+            (neutral, top), n_seeds = terms, 0  # past the pool: no seed among them
+        w = self.cfg.isne_weight
         scored = [(int(r), (1 - w) * float(c) + w * (float(s) if h else (top if i < n_seeds else neutral)),
                    float(c), "text")
                   for i, (r, c, s, h) in enumerate(zip(rows, cos, structural, with_vector))]
         scored.sort(key=lambda t: (-t[1], t[0]))
-        return scored[:k]
+        return scored, neutral, top
 
     def _load_graph(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._graph is None:
@@ -439,8 +478,10 @@ class Searcher:
                 self._sources[doc_id] = chunk_source(self.output, doc_id)
             except DamagedOutputError:
                 raise  # the output's own documents part is missing or unreadable: not "the source changed"
-            except (OSError, KeyError, SourceChangedError):
+            except (OSError, KeyError, SourceChangedError) as err:
                 self._sources[doc_id] = None  # the hit keeps its offsets; its lines are unknown
+                self._source_problems[doc_id] = ("changed" if isinstance(err, SourceChangedError) else
+                                                 "gone" if isinstance(err, FileNotFoundError) else "unreadable")
         return self._sources[doc_id]
 
     def _hit(self, rank: int, row: int, score: float, cosine: float, via: str) -> Hit:

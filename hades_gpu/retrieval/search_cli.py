@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
@@ -84,6 +85,9 @@ def search_cli(argv: Optional[list[str]] = None) -> int:
     if args.embedder:
         overrides.insert(0, f"embedder={args.embedder}")
     bad = [o for o in overrides if "=" not in o]
+    if given and bad and args.query and Path(args.query).is_dir():
+        # `hades-search out1 "q" output=out2`: out1 became the query, and the query an "override"
+        parser.error(f"the output is given twice ({args.query} and {args.output}): give one")
     if bad:
         parser.error(f"overrides must be key=value (got {bad[0]!r})"
                      + (": options go before '--'" if bad[0].startswith("-") else ""))

@@ -102,6 +102,20 @@ def test_isne_expansion_blends_structure(search_output, embedder):
     assert all(abs(h.score - h.cosine) > 1e-6 for h in hits)  # every score has its ISNE part
 
 
+@pytest.mark.parametrize("expand", ["isne", "graph"])
+def test_k_changes_how_many_hits_print_not_the_top_hits(search_output, embedder, expand):
+    """--expand isne re-ranked max(k, search.candidates) text hits: past 50 the pool grew with k, and
+    weak text matches with a high structural term entered the top hits (-k 5 and -k 200 differed)."""
+    with Searcher(search_output[0], _cfg("search.isne_weight=0.9", "search.candidates=5", "search.isne_seeds=2"),
+                  embedder=embedder) as s:
+        for query in ("Return a month's calendar string (multi-line)", "Encode a bytes-like object using Base64"):
+            few = s.search(query, 5, expand).hits
+            many = s.search(query, 60, expand).hits
+            assert [(h.chunk_id, round(h.score, 6)) for h in many[:5]] == [(h.chunk_id, round(h.score, 6))
+                                                                          for h in few], query
+            assert len(many) == 60
+
+
 def test_exact_candidates_across_blocks(monkeypatch):
     """Top-n over several row blocks equals a full argsort (ties broken by row)."""
     rng = np.random.default_rng(0)
@@ -366,8 +380,12 @@ def test_the_python_api_checks_its_arguments_and_state_in_one_error(search_outpu
     cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
     with pytest.raises(NothingIngestedError):
         TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=tmp_path / "out")
-    with pytest.raises(SearchError, match="no committed chunks yet"):
+    with pytest.raises(SearchError, match=r"no committed chunks yet.*\(see its metrics.json\)"):
         Searcher(tmp_path / "out", _cfg(), embedder=embedder)
+    (tmp_path / "out" / "metrics.json").unlink()  # as an ingest stopped before its first commit leaves it
+    with pytest.raises(SearchError, match=r"was stopped before it \(re-run it to resume\)") as info:
+        Searcher(tmp_path / "out", _cfg(), embedder=embedder)
+    assert "metrics.json" not in str(info.value)  # it pointed at a file that run never writes
 
 
 def test_a_kept_searcher_says_when_the_output_changed_and_refresh_reads_it_again(search_output, embedder, tmp_path,
@@ -466,3 +484,31 @@ def test_load_index_refuses_an_index_of_other_chunks_than_the_outputs(search_out
         load_index(out, cfg)
     assert set(load_index(out, cfg, check_current=False).chunk_ids) == set(ids)  # the caller's own check
 
+
+
+def test_hits_from_files_changed_or_gone_since_the_ingest_are_said_in_one_line(embedder, tmp_path, caplog):
+    """A hit whose file was edited or deleted after the ingest printed `path:?`, with nothing saying
+    why or that a re-ingest updates it."""
+    import logging
+
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "penguins.md").write_text("# Penguins\n\nPenguins huddle together in the Antarctic winter.\n")
+    (corpus / "baking.md").write_text("# Baking\n\nSourdough bread needs a lively starter and patience.\n")
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=tmp_path / "out")
+    with Searcher(tmp_path / "out", _cfg(), embedder=embedder) as s:
+        with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+            assert s.search("penguins huddle in winter", 1).hits[0].line_start is not None
+        assert not [r for r in caplog.records if "changed or gone" in r.getMessage()]
+    (corpus / "penguins.md").unlink()
+    with open(corpus / "baking.md", "a") as fh:
+        fh.write("\n")
+    with Searcher(tmp_path / "out", _cfg(), embedder=embedder) as s:
+        with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+            hits = s.search("penguins huddle in winter", 2).hits
+    assert [h.line_start for h in hits] == [None, None]
+    said = [r.getMessage() for r in caplog.records if "changed or gone" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 hit(s)") and "re-run hades-ingest" in said[0], said

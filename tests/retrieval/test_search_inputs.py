@@ -40,6 +40,12 @@ def test_queries_the_model_cannot_read_are_one_search_error(searcher, caplog):
         assert len(searcher.search("calendar month", 2).hits) == 2
     warned = [r.getMessage() for r in caplog.records if "tokens long" in r.getMessage()]
     assert len(warned) == 1 and "reads its first 254" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+        for unknown in ("\U0001F950\U0001F950", "\U0001F427"):  # both read as [UNK]: one and the same query
+            assert searcher.search(unknown, 2).hits
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 2 and all("reads it as [UNK]" in w for w in warned), warned
 
 
 def test_the_search_api_takes_the_config_forms_the_pipelines_take_and_checks_them(search_output, embedder):
@@ -86,6 +92,9 @@ def test_the_command_line_shapes_a_user_types(search_output, embedder, monkeypat
     with pytest.raises(SystemExit):
         search_cli([out, "--", "-foo", "-k", "2"])
     assert "options go before '--'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the output twice: it said "overrides must be key=value (got 'penguins')"
+        search_cli([out, "penguins", f"output={out}", "-k", "1"])
+    assert f"the output is given twice ({out} and output={out})" in capsys.readouterr().err
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Return true if the year is a leap year\n")))
     assert search_cli([out, "-", "-k", "1", "--json"]) == 0

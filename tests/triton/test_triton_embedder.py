@@ -142,6 +142,7 @@ def test_unreachable_server_is_one_line_error():
         embedder_for(url, MODEL)
     msg = str(info.value)
     assert "\n" not in msg and url in msg and MODEL in msg and "unreachable" in msg
+    assert "start one with hades-serve (a server still loading its models listens only once" in msg  # not "none is there"
 
 
 def test_the_http_port_given_for_the_grpc_one_is_named(triton_server):
