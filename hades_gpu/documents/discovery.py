@@ -542,6 +542,17 @@ def _outer_first(sources: list[str]) -> list[tuple[str, str]]:
     return [(sources[i], real[i]) for i in sorted(range(len(sources)), key=depth)]
 
 
+def _under_its_outer_source(src: str, real: str, walked: list[tuple[str, str]]) -> str:
+    """`src` as a path under an outer source folder already walked when it lies there only through a
+    link (["L1/sub", "real"] with L1 -> real): walked under its link's path, its files were new paths
+    and new names, a second document each. Under the outer folder's path they are the same files."""
+    given = os.path.abspath(src)
+    for outer_real, outer_given in walked:
+        if real.startswith(outer_real.rstrip(os.sep) + os.sep) and not given.startswith(outer_given.rstrip(os.sep) + os.sep):
+            return outer_given.rstrip(os.sep) + real[len(outer_real.rstrip(os.sep)):]
+    return src
+
+
 def discover(
     sources: Union[PathLike, Sequence[PathLike]],
     cfg: DocumentsConfig,
@@ -583,10 +594,14 @@ def discover(
         j = chosen.get(where)
         if j is None or (os.path.abspath(src) == where and os.path.abspath(ordered[j][0]) != where):
             chosen[where] = i
+    walked: list[tuple[str, str]] = []  # (real path, path as given) of the folders walked so far
     for i, (src, where) in enumerate(ordered):
         j = chosen[where]
         if i == j:
+            src = _under_its_outer_source(src, where, walked)
             walker.source(src)
+            if os.path.isdir(where):
+                walked.append((where, os.path.abspath(src)))
         elif os.path.abspath(src) != os.path.abspath(ordered[j][0]):  # another name for it: said, not silent
             walker.skips.append(Skip(os.path.abspath(src), "duplicate",
                                      f"the same file or folder as {printable(os.path.abspath(ordered[j][0]))}"))

@@ -327,11 +327,18 @@ class IngestPipeline:
         new = uncommitted_indices(out, (refs.rel_path(i) for i in range(len(refs))))
         if not new:
             return refs
-        candidates = {}
+        # a corpus given through a symbolic link (`L/a` with L -> r, after `corpus=r`): its files are
+        # looked up by their real path too, or they were stored a second time under the link's names
+        real_roots = {root: os.path.join(os.path.realpath(root), "") for root in refs.roots()}
+        candidates: dict[str, int] = {}
         for i in new:
             ref = refs[i]
             if ref.rel_path_raw is None:
                 candidates[ref.path] = i
+                root = ref.path[: len(ref.path) - len(ref.rel_path)]
+                real = real_roots.get(root)
+                if real is not None and real != root:
+                    candidates.setdefault(real + ref.rel_path, i)
         try:
             known = committed_rel_paths_of_files(out, set(candidates))
         except (ManifestError, OSError, ValueError):  # damaged (pyarrow's ArrowInvalid is a ValueError) or half
@@ -347,6 +354,10 @@ class IngestPipeline:
         example = ""
         for i, ref in enumerate(refs):
             rel = known.get(ref.path) if candidates.get(ref.path) == i else None
+            if rel is None and ref.rel_path_raw is None:
+                real = real_roots.get(ref.path[: len(ref.path) - len(ref.rel_path)])
+                alias = real + ref.rel_path if real is not None else None
+                rel = known.get(alias) if alias is not None and candidates.get(alias) == i else None
             if rel is not None and rel != ref.rel_path:
                 example = example or f"{printable(ref.path)} stays {printable(rel)}, not {printable(ref.rel_path)}"
                 ref = dataclasses.replace(ref, rel_path=rel, rel_path_raw=None)
@@ -642,9 +653,9 @@ class IngestPipeline:
             absent, elsewhere = where.outside_this_corpus(out, absent)
             if elsewhere:
                 log.warning("%d document(s) of %s were read from files outside this run's corpus that are still there "
-                            "(e.g. %s): kept with their chunks (documents.remove_missing removes the documents of "
-                            "the given corpus whose files are gone)", len(elsewhere), printable(str(out)),
-                            printable(elsewhere[0]))
+                            "(e.g. %s): kept with their chunks (documents.remove_missing removes the documents whose "
+                            "files are gone, and those under the given corpus that it no longer includes)",
+                            len(elsewhere), printable(str(out)), printable(elsewhere[0]))
         doomed = folders + (absent if remove else [])
         removed = self._remove_documents(out, doomed) if doomed else 0
         if folders:
@@ -745,7 +756,7 @@ class _WhereDocumentsWere:
         gone, elsewhere = [], []
         for rel in rel_paths:
             path = recorded.get(rel)
-            kept = path is not None and not self._in_scope(os.path.abspath(path)) and _is_regular_file(path)
+            kept = path is not None and not self._in_scope(os.path.abspath(path)) and _still_there(path)
             (elsewhere if kept else gone).append(rel)
         return gone, elsewhere
 
@@ -765,11 +776,15 @@ class _WhereDocumentsWere:
             path = parent
 
 
-def _is_regular_file(path: str) -> bool:
+def _still_there(path: str) -> bool:
+    """A regular file is at `path`, or it cannot be told (permissions, an unmounted share: kept, as an
+    unreadable document is; `remove_missing` deleted another folder's documents whose files were there)."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError:
+        return True
 
 
 class TextParallelPipeline(IngestPipeline):

@@ -255,8 +255,9 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
                                     f"never read, removed by the next run), e.g. {orphans[0]}")
             # anything else is no file of this tool's: the README's `pd.read_parquet("<output>/chunks")`
             # failed on a text file there, and read a copied part's rows twice, while verify said ok
+            # names pyarrow's dataset discovery skips itself (".DS_Store", "_SUCCESS") are no trouble
             strays = [p.name for p in entries if p.name not in {f"{n}.parquet" for n in named}
-                      and p.name not in orphans and not p.name.startswith(".part-")]
+                      and p.name not in orphans and not p.name.startswith((".", "_"))]
             if strays:
                 report.notes.append(f"{len(strays)} file(s) or folder(s) in {table}/ that are no part of this output, "
                                     f"e.g. {strays[0]}: never removed; readers of the whole folder (pandas, "
@@ -413,7 +414,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(printable(line))
     for note in report.notes:
         print(printable(f"note: {note}"), file=sys.stderr)
-    status = "ok" if report.ok else "damaged"
+    denied = [p for p in report.problems if p.problem.startswith(UNREADABLE + ":")]
+    # a part this user may not read is no evidence of damage (the ingest refuses it as such, too)
+    status = "ok" if report.ok else ("unreadable" if denied and len(denied) == len(report.lines()) else "damaged")
     print(f"hades-verify: {status}: {report.parts_checked} part(s), {report.files_checked} file(s), "
           f"{report.bytes_hashed / 1e6:.1f} MB hashed, {len(report.lines())} problem(s)", file=sys.stderr)
     return 0 if report.ok else 1

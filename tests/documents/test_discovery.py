@@ -355,3 +355,17 @@ def test_a_folder_and_a_folder_inside_it_count_each_skip_once(tmp_path: Path) ->
     refs, skips = discover([tmp_path, tmp_path / "sub"], DocumentsConfig())
     assert [r.rel_path for r in refs] == ["a.md"]
     assert [(s.path, s.reason) for s in skips] == [(str(tmp_path / "sub" / "link.md"), "symlink")]
+
+
+@pytest.mark.parametrize("given", [["L1/sub", "real"], ["real/sub", "L1"], ["L1/sub/y.md", "real"]])
+def test_a_source_inside_another_only_through_a_link_is_not_a_second_copy(tmp_path: Path, given) -> None:
+    """["L1/sub", "real"] with L1 -> real: the inner source was walked under the link's path, so
+    real/sub/y.md was stored twice, as "sub/y.md" and "y.md" (and its skips counted twice)."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "x.md").write_text("x")
+    (tmp_path / "real" / "sub" / "y.md").write_text("y")
+    (tmp_path / "real" / "sub" / "sl.md").symlink_to("../x.md")
+    (tmp_path / "L1").symlink_to("real")
+    refs, skips = discover([tmp_path / g for g in given], DocumentsConfig())
+    assert sorted(r.rel_path for r in refs) == ["sub/y.md", "x.md"]
+    assert [s.reason for s in skips] == ["symlink"]

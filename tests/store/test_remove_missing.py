@@ -230,3 +230,48 @@ def test_remove_missing_keeps_documents_whose_files_are_there_outside_the_given_
     kept = 7 if given == "subfolder" else 7 + 2  # the other files of sub/ are outside one file given alone
     assert len(said) == 1 and said[0].startswith(f"{kept} document(s)"), said
     assert verify_output(out).ok
+
+
+def test_remove_missing_keeps_documents_outside_the_corpus_whose_folder_cannot_be_read(tmp_path) -> None:
+    """`corpus=r/a` with remove_missing while r/b could not be searched (chmod 000): the files of r/b,
+    still there, were taken for gone and their documents removed. Run without root's override."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs setpriv and root to drop the permission override")
+    corpus = tmp_path / "r"
+    write_corpus(corpus / "a", n_docs=3)
+    (corpus / "b").mkdir()
+    for i in range(3):
+        (corpus / "b" / f"b{i}.md").write_text(f"# B {i}\n\n" + "beta words " * 60)
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    before = _rel_paths(out)
+    (corpus / "b").chmod(0)
+    try:
+        caps = "-dac_override,-dac_read_search"
+        proc = subprocess.run([setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c",
+                               _REMOVING_SCRIPT, str(corpus / "a"), str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=180)
+    finally:
+        (corpus / "b").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _rel_paths(out) == before, before ^ _rel_paths(out)
+
+
+def test_a_corpus_given_through_a_link_keeps_the_identities_the_output_holds(tmp_path) -> None:
+    """`corpus=r`, then `corpus=L/a` with L -> r: the files of r/a were stored a second time under the
+    link's names ("x.md" beside "a/x.md"), and remove_missing called the first copies outside the corpus."""
+    corpus = tmp_path / "r"
+    write_corpus(corpus / "a", n_docs=3)
+    write_corpus(corpus / "b", n_docs=2)
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    before = _rel_paths(out)
+    (tmp_path / "L").symlink_to(corpus)
+    (corpus / "a" / "doc01.md").write_text("# Edited\n\n" + "changed words " * 40)
+    result = _ingest_removing([tmp_path / "L" / "a"], out)
+    assert _rel_paths(out) == before, before ^ _rel_paths(out)
+    assert result.documents_ingested == 1 and result.documents_removed == 0
+    assert verify_output(out).ok

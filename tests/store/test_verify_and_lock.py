@@ -424,9 +424,12 @@ def test_a_part_file_that_cannot_be_read_is_not_damage_the_run_refuses_and_chang
     try:
         proc = ingest_subprocess(other, out, prefix=_without_permission_override())
         report = verify_output(out) if os.geteuid() != 0 else None
+        verify = subprocess.run([*_without_permission_override(), sys.executable, "-m", "hades_gpu.store.verify",
+                                 str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     finally:
         target.chmod(0o644)
     assert proc.returncode != 0 and "PermissionError" in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-2000:]
+    assert verify.returncode == 1 and "hades-verify: unreadable:" in verify.stderr, verify.stderr[-2000:]
     assert sorted(p.name for p in (out / "chunks").iterdir()) == listing
     with Manifest.load(out, "s0") as m:
         assert part in m.parts()
@@ -447,6 +450,8 @@ def test_strays_in_the_part_folders_are_noted_and_a_folder_named_like_a_part_doe
     (out / "chunks" / "part-s0-00099.parquet").mkdir()
     shutil.copy(first, out / "chunks" / "copy.parquet")
     (out / "documents" / "notes.txt").write_text("hello")
+    (out / "chunks" / ".DS_Store").write_text("")  # names pyarrow's dataset reading skips: no trouble
+    (out / "chunks" / "_SUCCESS").write_text("")
     report = verify_output(out)
     assert report.ok
     strays = [n for n in report.notes if "no part of this output" in n]
