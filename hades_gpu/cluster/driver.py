@@ -238,7 +238,8 @@ class ClusterIngest:
                 result.metrics.update(self._timings(t0, t_discover, t_connected, t_plan, t_shards, runs, count,
                                                     cpus, gpus, slots))
                 self._write_metrics(out, result.metrics)
-                if self.config.isne.enabled:
+                nothing = bool(result.documents_total) and not result.documents_ingested and not result.documents_unchanged
+                if self.config.isne.enabled and not nothing:  # a run of only bad files wrote a graph of nothing
                     result.isne = self._run_graph_stage(ray, out, gpus)
                     result.metrics["isne"] = result.isne
                     result.metrics["seconds_graph_stage"] = time.perf_counter() - t_shards

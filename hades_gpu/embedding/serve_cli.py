@@ -96,10 +96,11 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
                               log_file=args.log_file, executable=args.tritonserver,
                               ready_timeout_s=args.ready_timeout, log_verbose=args.log_verbose)
         server.start(cancel=stop_requested)
+        backends = server.backend_processes()  # before the ready lines: a stub killed by someone reading them is seen
         print(f"gRPC {server.grpc_url}", flush=True)
         print(f"HTTP {server.http_url}  metrics {server.metrics_url}  models {','.join(models)}  "
               f"pid {server.pid}  log {server.log_file}", flush=True)
-        rc = _wait_for_exit_or_stop(server, stop_requested)
+        rc = _wait_for_exit_or_stop(server, stop_requested, backends)
         if isinstance(rc, str):  # a model's backend process died: the server would answer ready, serving nothing
             print(f"hades-serve: error: {rc}; stopping tritonserver (restart hades-serve)", file=sys.stderr, flush=True)
             return 1
@@ -133,7 +134,7 @@ def serve_cli(argv: Optional[list[str]] = None) -> int:
         signal.signal(signal.SIGTERM, old_term)
 
 
-def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event,
+def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event, backends: dict[int, str],
                            poll_s: float = 0.2) -> Optional[int | str]:
     """The server's exit code when it exits on its own; why, when a model's Python-backend process
     died (Triton does not start it again, and goes on answering ready: every request then fails
@@ -145,7 +146,6 @@ def _wait_for_exit_or_stop(server: TritonServer, stop_requested: threading.Event
     import psutil
 
     old_int = signal.signal(signal.SIGINT, lambda _signum, _frame: stop_requested.set())
-    backends = server.backend_processes()  # the stubs of the models loaded at start
     try:
         while not stop_requested.is_set():
             try:

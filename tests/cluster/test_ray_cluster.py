@@ -241,6 +241,21 @@ def test_a_shard_shape_no_node_fits_is_capped_or_refused_never_queued_forever(cl
     assert not list((tmp_path / "stage").glob("chunks/*.parquet"))
 
 
+def test_a_cluster_run_of_only_bad_files_builds_no_graph(cluster, tmp_path):
+    """A corpus of only binary files: the run said "nothing ingested" (exit 1, as on one box), but the
+    graph and ISNE stage had run first and written edges and ISNE vectors of nothing."""
+    from hades_gpu.pipelines.ingest import NothingIngestedError
+
+    corpus = tmp_path / "bin"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"b{i}.dat").write_bytes(bytes(range(256)) * 8)
+    cfg = load_pipeline_config("balanced", overrides(cluster.address, 2, isne=True))
+    with pytest.raises(NothingIngestedError):
+        ClusterIngest(cfg).run([corpus], tmp_path / "out")
+    assert not (tmp_path / "out" / "edges.parquet").exists() and not (tmp_path / "out" / "isne").exists()
+
+
 def test_remove_missing_runs_a_finished_shard_that_a_plain_rerun_left_holding_deleted_files(cluster, tmp_path):
     """A plain re-run after files were deleted records each shard as finished with the new plan; a
     later `remove_missing=true` run skipped those shards ("finished ... not run again") and the
