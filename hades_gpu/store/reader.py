@@ -9,7 +9,7 @@ import codecs
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -88,33 +88,29 @@ def read_documents(output: str | os.PathLike, columns: Optional[Sequence[str]] =
     return read_table(output, DOCUMENTS_DIR, columns)
 
 
-def committed_paths_of_documents(output: str | os.PathLike, rel_paths: set[str]) -> dict[str, str]:
-    """rel_path (identity) -> the absolute path it was read from, of the committed documents among
-    `rel_paths`; one documents part at a time."""
-    found: dict[str, str] = {}
-    if not rel_paths:
-        return found
-    wanted = pa.array(sorted(rel_paths), type=pa.string())
+def _committed_path_pairs(output: str | os.PathLike, column: str, wanted: set[str]) -> Iterator[tuple[str, str]]:
+    """(path, rel_path) of the committed documents whose `column` is in `wanted`, in commit order; one
+    documents part at a time, so memory follows a part, not the output."""
+    if not wanted:
+        return
+    values = pa.array(sorted(wanted), type=pa.string())
     for f in committed_part_files(output, DOCUMENTS_DIR):
         t = pq.read_table(f, columns=["path", "rel_path"])
-        hit = t.filter(pc.is_in(t.column("rel_path"), value_set=wanted))
-        for path, rel in zip(hit.column("path").to_pylist(), hit.column("rel_path").to_pylist()):
-            found[rel] = path  # parts are in commit order: the latest read wins
-    return found
+        hit = t.filter(pc.is_in(t.column(column), value_set=values))
+        yield from zip(hit.column("path").to_pylist(), hit.column("rel_path").to_pylist())
+
+
+def committed_paths_of_documents(output: str | os.PathLike, rel_paths: set[str]) -> dict[str, str]:
+    """rel_path (identity) -> the absolute path it was read from, of the committed documents among
+    `rel_paths` (parts are in commit order: the latest read wins)."""
+    return {rel: path for path, rel in _committed_path_pairs(output, "rel_path", rel_paths)}
 
 
 def committed_rel_paths_of_files(output: str | os.PathLike, paths: set[str]) -> dict[str, str]:
-    """Absolute path -> rel_path (identity) of the committed documents read from one of `paths`; one
-    documents part at a time, so memory follows a part, not the output."""
+    """Absolute path -> rel_path (identity) of the committed documents read from one of `paths`."""
     found: dict[str, str] = {}
-    if not paths:
-        return found
-    wanted = pa.array(sorted(paths), type=pa.string())
-    for f in committed_part_files(output, DOCUMENTS_DIR):
-        t = pq.read_table(f, columns=["path", "rel_path"])
-        hit = t.filter(pc.is_in(t.column("path"), value_set=wanted))
-        for path, rel in zip(hit.column("path").to_pylist(), hit.column("rel_path").to_pylist()):
-            found.setdefault(path, rel)
+    for path, rel in _committed_path_pairs(output, "path", paths):
+        found.setdefault(path, rel)
     return found
 
 
