@@ -119,6 +119,9 @@ class Skip:
     detail: str = ""
 
 
+SAME_FILE_AS = "the same file as "  # a duplicate skip's detail for a second name of one file (hard or followed link)
+
+
 def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
     """(modality, language) of a file name, or None for a known binary extension.
 
@@ -354,7 +357,7 @@ class _Walker:
         if self.cfg.follow_symlinks or st.st_nlink > 1:
             first = self.seen_files.setdefault((st.st_dev, st.st_ino), abs_path)
             if first != abs_path:  # a link to a file already taken: its chunks would be stored twice
-                self.skips.append(Skip(abs_path, "duplicate", f"the same file as {printable(first)}"))
+                self.skips.append(Skip(abs_path, "duplicate", f"{SAME_FILE_AS}{printable(first)}"))
                 return
         self.seen_rel[identity] = abs_path
         self.refs.append(DocumentRef(path=abs_path, rel_path=rel_path, size=int(st.st_size),

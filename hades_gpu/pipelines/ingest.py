@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from hades_gpu.config import (ConfigError, DocumentsConfig, PipelineConfig, config_to_dict, load_pipeline_config,
                               to_pipeline_config, validate)
 from hades_gpu.documents.chunking import process_document_as, warm_up
-from hades_gpu.documents.discovery import Skip, discover, dotted_extensions, source_list
+from hades_gpu.documents.discovery import SAME_FILE_AS, Skip, discover, dotted_extensions, source_list
 from hades_gpu.documents.document_list import DocumentList, as_document_list
 from hades_gpu.documents.sharding import select_refs
 from hades_gpu.documents.tokenizer import model_fingerprint, special_ids, use_model_dir
@@ -305,11 +305,49 @@ class IngestPipeline:
         """This run's documents: all of them, or shard i of n's under the output's shard map."""
         if not self.shard.sharded:
             check_unsharded(out, self.shard.label)
+            refs, skips = self._keep_committed_link_names(refs, skips, out)
             return self._without_other_shards_documents(self._keep_committed_identities(refs, out), skips, out)
         smap = ensure_shard_map(out, self.shard.count, refs)
         mine = select_refs(refs, smap.cuts, self.shard.index)
         # discovery's skips (paths not documents) are reported by shard 0 only, so a sum over shards counts each once
         return mine, (skips if self.shard.index == 0 else [])
+
+    def _keep_committed_link_names(self, refs: DocumentList, skips: list[Skip],
+                                   out: Path) -> tuple[DocumentList, list[Skip]]:
+        """A file with several names (hard links; followed symlinks) is taken under the first name the
+        walk meets, the others `duplicate` skips. When the output holds it under one of the others and
+        not under the first, that name is kept: a new hard link sorted before the old name (`hl.md`
+        beside `note2.md`) stored the file a second time, and `remove_missing` took the old name for
+        gone. (Unsharded runs, as `_keep_committed_identities`.)"""
+        links = {s.path: s for s in skips if s.reason == "duplicate" and s.detail.startswith(SAME_FILE_AS)}
+        if not links or not len(refs) or not has_manifest(out):
+            return refs, skips
+        try:
+            committed = committed_rel_paths_of_files(out, set(links)) if committed_parts(out) else {}
+        except (ManifestError, OSError, ValueError):  # damaged: opening the output for the run says so
+            return refs, skips
+        if not committed:
+            return refs, skips
+        by_shown = {printable(refs[i].path): i for i in range(len(refs))}
+        new = set(uncommitted_indices(out, (refs.rel_path(i) for i in range(len(refs)))))
+        swaps: dict[int, Skip] = {}
+        for path, rel in committed.items():
+            i = by_shown.get(links[path].detail[len(SAME_FILE_AS):])
+            if i is not None and i in new and i not in swaps:  # the first name is new, the link's is the output's
+                swaps[i] = links[path]
+        if not swaps:
+            return refs, skips
+        kept = DocumentList()
+        replaced: dict[str, Skip] = {}
+        for i, ref in enumerate(refs):
+            link = swaps.get(i)
+            if link is not None:
+                replaced[link.path] = Skip(ref.path, "duplicate", f"{SAME_FILE_AS}{printable(link.path)}")
+                ref = dataclasses.replace(ref, path=link.path, rel_path=committed[link.path], rel_path_raw=None)
+            kept.append(ref)
+        log.info("%d file(s) with several names keep the name %s holds them under (e.g. %s)", len(swaps),
+                 printable(str(out)), printable(next(iter(replaced))))
+        return kept, [replaced.get(s.path, s) for s in skips]
 
     def _keep_committed_identities(self, refs: DocumentList, out: Path) -> DocumentList:
         """A file the output already holds under another relative path keeps that identity: its folder

@@ -264,3 +264,18 @@ def test_a_corpus_given_through_a_link_keeps_the_identities_the_output_holds(tmp
     assert _rel_paths(out) == before, before ^ _rel_paths(out)
     assert result.documents_ingested == 1 and result.documents_removed == 0
     assert verify_output(out).ok
+
+
+def test_a_new_hard_link_does_not_take_the_file_from_the_name_the_output_holds(tmp_path) -> None:
+    """`ln c/doc02.md c/a-link.md`: the walk meets "a-link.md" first, so the file was stored a second
+    time under it, "doc02.md" became a duplicate skip, and remove_missing removed "doc02.md" as gone."""
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    out = tmp_path / "out"
+    ingest(corpus, out)
+    before = _rel_paths(out)
+    os.link(corpus / "doc02.md", corpus / "a-link.md")
+    result = _ingest_removing([corpus], out)
+    assert _rel_paths(out) == before, before ^ _rel_paths(out)
+    assert result.documents_removed == 0 and result.documents_ingested == 0
+    assert [(os.path.basename(s["path"]), s["reason"]) for s in result.skipped] == [("a-link.md", "duplicate")]
+    assert verify_output(out).ok
