@@ -44,7 +44,8 @@ from hades_gpu.store.layout import DRIVER_LOCK_NAME, metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
 from hades_gpu.store.manifest import committed_document_count
-from hades_gpu.store.shard_map import ensure_shard_map, load_shard_map, plan_fingerprint, read_shard_done
+from hades_gpu.store.shard_map import (check_shard_count, ensure_shard_map, load_shard_map, plan_fingerprint,
+                                       read_shard_done)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class ClusterIngest:
             if self._source_missing and self.config.documents.remove_missing:
                 log.warning("documents.remove_missing: nothing removed from %s: a source is missing", out)
             t_discover = time.perf_counter() - t0
+            if self.config.cluster.shards:  # refused before Ray starts, not ~6 s later
+                check_shard_count(out, int(self.config.cluster.shards))
             with ray_session(self.config.cluster) as ray:
                 t_connected = time.perf_counter()
                 cpus, gpus = self._shard_shape(ray)

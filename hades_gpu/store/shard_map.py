@@ -107,10 +107,22 @@ def ensure_shard_map(output: Path, count: int, refs: Sequence[DocumentRef]) -> S
         smap = ShardMap(count, tuple(cuts_for(refs, count)))
         _create_map(output, smap, sum(r.size for r in refs), len(refs))
         smap = load_shard_map(output) or smap  # another process may have been first: use its map
+    _check_count(output, smap, count)
+    return smap
+
+
+def check_shard_count(output: Path, count: int) -> None:
+    """Raise `ShardMapError` when the output is split into another number of shards than `count`
+    (nothing when it has no map yet): a cluster driver checks before it starts Ray (~6 s)."""
+    smap = load_shard_map(Path(output))
+    if smap is not None:
+        _check_count(output, smap, count)
+
+
+def _check_count(output: Path, smap: ShardMap, count: int) -> None:
     if smap.count != count:
         raise ShardMapError(f"output {output} is split into {smap.count} shards, not {count}: use "
                             f"cluster.shards={smap.count} / shard=i/{smap.count}, or a new output")
-    return smap
 
 
 def _create_map(output: Path, smap: ShardMap, total_bytes: int, files: int) -> None:

@@ -83,3 +83,23 @@ def test_a_missing_source_turns_remove_missing_off_for_every_shard(tmp_path):
     assert shard.shard == "1/2" and shard.documents.remove_missing is False
     driver._source_missing = False
     assert driver._shard_config(ShardRun(1, "01-of-02", DocumentList(), [], ""), 2).documents.remove_missing is True
+
+
+def test_another_shard_count_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """`cluster.shards=2` on an output split into 4: refused only after a Ray instance had started
+    (~6 s here, and the shape warnings printed). Now before any Ray call."""
+    import hades_gpu.cluster.driver as driver_module
+    from hades_gpu.cluster.driver import ClusterIngest
+    from hades_gpu.documents.discovery import discover
+    from hades_gpu.store.shard_map import ShardMapError, ensure_shard_map
+
+    cfg = load_pipeline_config("balanced", ["cluster=local", "cluster.shards=2"])
+    refs, _ = discover([str(SAMPLE_CORPUS)], cfg.documents)
+    ensure_shard_map(tmp_path / "out", 4, refs)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the shard count was checked")
+
+    monkeypatch.setattr(driver_module, "ray_session", no_ray)
+    with pytest.raises(ShardMapError, match="split into 4 shards, not 2"):
+        ClusterIngest(cfg).run([SAMPLE_CORPUS], tmp_path / "out")
