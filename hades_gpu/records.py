@@ -137,6 +137,11 @@ class ShardSpec:
         return cls(0, 1, text)
 
 
+def path_within(path: str, folder: str) -> bool:
+    """Whether absolute `path` lies strictly inside absolute `folder` (as text, no links resolved)."""
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def stat_tag(st: "os.stat_result") -> int:
     """The file's inode and ctime folded into one int64 (as git's index keeps both): a rename, a
     swap or a rewrite changes it, whatever the size and mtime say. A chmod changes it too: that

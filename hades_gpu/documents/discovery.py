@@ -49,7 +49,7 @@ import pathspec
 
 from hades_gpu.config import ConfigError, DocumentsConfig
 from hades_gpu.documents.document_list import DocumentList
-from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, printable, stat_tag
+from hades_gpu.records import CODE, PROSE, DocumentRef, display_path, path_within, printable, stat_tag
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE, file_kind
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
 
 def dotted_extensions(extensions: Sequence[str]) -> list[str]:
     """`documents.extra_*_extensions` as classify compares them: lower case, one leading dot, sorted, once."""
-    return sorted({e.strip().lower() if e.strip().startswith(".") else "." + e.strip().lower() for e in extensions})
+    cleaned = (e.strip().lower() for e in extensions)
+    return sorted({e if e.startswith(".") else "." + e for e in cleaned})
 
 
 @lru_cache(maxsize=256)
@@ -551,7 +552,7 @@ def _under_its_outer_source(src: str, real: str, walked: list[tuple[str, str]]) 
     and new names, a second document each. Under the outer folder's path they are the same files."""
     given = os.path.abspath(src)
     for outer_real, outer_given in walked:
-        if real.startswith(outer_real.rstrip(os.sep) + os.sep) and not given.startswith(outer_given.rstrip(os.sep) + os.sep):
+        if path_within(real, outer_real) and not path_within(given, outer_given):
             return outer_given.rstrip(os.sep) + real[len(outer_real.rstrip(os.sep)):]
     return src
 

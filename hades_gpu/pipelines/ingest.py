@@ -39,7 +39,7 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing, copies_to_cuda
-from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, printable, user_path
+from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, path_within, printable, user_path
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.atomic import check_writable
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, is_output_listing, metrics_path, shard_metrics_path
@@ -369,6 +369,7 @@ class IngestPipeline:
         # looked up by their real path too, or they were stored a second time under the link's names
         real_roots = {root: os.path.join(os.path.realpath(root), "") for root in refs.roots()}
         candidates: dict[str, int] = {}
+        aliases: dict[int, str] = {}  # document index -> its path under its root's real path
         for i in new:
             ref = refs[i]
             if ref.rel_path_raw is None:
@@ -376,7 +377,8 @@ class IngestPipeline:
                 root = ref.path[: len(ref.path) - len(ref.rel_path)]
                 real = real_roots.get(root)
                 if real is not None and real != root:
-                    candidates.setdefault(real + ref.rel_path, i)
+                    aliases[i] = real + ref.rel_path
+                    candidates.setdefault(aliases[i], i)
         try:
             known = committed_rel_paths_of_files(out, set(candidates))
         except (ManifestError, OSError, ValueError):  # damaged (pyarrow's ArrowInvalid is a ValueError) or half
@@ -392,10 +394,9 @@ class IngestPipeline:
         example = ""
         for i, ref in enumerate(refs):
             rel = known.get(ref.path) if candidates.get(ref.path) == i else None
-            if rel is None and ref.rel_path_raw is None:
-                real = real_roots.get(ref.path[: len(ref.path) - len(ref.rel_path)])
-                alias = real + ref.rel_path if real is not None else None
-                rel = known.get(alias) if alias is not None and candidates.get(alias) == i else None
+            alias = aliases.get(i)
+            if rel is None and alias is not None and candidates.get(alias) == i:
+                rel = known.get(alias)
             if rel is not None and rel != ref.rel_path:
                 example = example or f"{printable(ref.path)} stays {printable(rel)}, not {printable(ref.rel_path)}"
                 ref = dataclasses.replace(ref, rel_path=rel, rel_path_raw=None)
@@ -799,10 +800,7 @@ class _WhereDocumentsWere:
         return gone, elsewhere
 
     def _in_scope(self, path: str) -> bool:
-        for source in self.scope:
-            if path == source or path.startswith(source.rstrip(os.sep) + os.sep):
-                return True
-        return False
+        return any(path == source or path_within(path, source) for source in self.scope)
 
     def _under_unreadable(self, path: str) -> bool:
         while True:

@@ -272,12 +272,11 @@ class Searcher:
             ranked = self._rank(vec, k, expand)
             t2 = time.perf_counter()
             hits = [self._hit(r, row, score, cos, via) for r, (row, score, cos, via) in enumerate(ranked, 1)]
-            stale = [h.path for h in hits if self._source_problems.get(h.doc_id)]
+            stale = [h for h in hits if h.doc_id in self._source_problems]
             if stale:  # the hit printed "path:?" and said nothing of why
                 log.warning("%d hit(s) come from files changed or gone since they were ingested (e.g. %s: %s): their "
                             "lines are not shown and their text is the ingested one; re-run hades-ingest to update "
-                            "the output", len(stale), printable(stale[0]),
-                            self._source_problems[next(h.doc_id for h in hits if self._source_problems.get(h.doc_id))])
+                            "the output", len(stale), printable(stale[0].path), self._source_problems[stale[0].doc_id])
             t3 = time.perf_counter()
             results.append(SearchResult(
                 query=query, k=k, expand=expand, embedder=self.query_embedder_name, candidates=self.candidates.description,
@@ -299,6 +298,7 @@ class Searcher:
                 raise SearchError(f"query {i} is not valid Unicode text ({err.reason} at character {err.start}: "
                                   "on a command line, bytes that are not UTF-8)") from None
         limit = self.max_seq_len - 2
+        unknown = _unknown_token_id()
         for i, (q, ids) in enumerate(zip(queries, text_token_ids(queries))):
             if ids.size == 0:  # only characters the tokenizer drops (zero-width, BOM, controls)
                 raise SearchError(f"query {i} holds no token the model reads (got {printable(q)[:80]!r}): "
@@ -306,7 +306,6 @@ class Searcher:
             if ids.size > limit:
                 log.warning("query %d is %d tokens long: the model reads its first %d (embedder.max_seq_len=%d), "
                             "the rest is ignored", i, ids.size, limit, self.max_seq_len)
-            unknown = _unknown_token_id()
             if unknown is not None and bool((ids == unknown).all()):
                 # "🥐", "🐧" and "[UNK]" were one and the same query, answered as if it meant something
                 log.warning("query %d is only characters the model does not know (%s): it reads it as [UNK], the "
@@ -385,9 +384,7 @@ class Searcher:
         # One of the top isne_seeds text hits without a vector is a seed the centre stands for: it gets
         # the top structural term (an isolated best match, ring.h at cosine 0.61, fell to 4th behind
         # cosine 0.20 chunks near the other seeds).
-        first = self._isne_scored(rows[:pool], cos[:pool], isne, unit, has, None)
-        neutral, top = first[1], first[2]
-        ranked = first[0]
+        ranked, neutral, top = self._isne_scored(rows[:pool], cos[:pool], isne, unit, has, None)
         if k > pool and len(rows) > pool:
             ranked = ranked + self._isne_scored(rows[pool:], cos[pool:], isne, unit, has, (neutral, top))[0]
         return ranked[:k]

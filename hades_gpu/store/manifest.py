@@ -117,6 +117,11 @@ class DocumentEntry:
         return self.size == size and self.mtime_ns == mtime_ns and (stat_tag is None or self.stat_tag == stat_tag)
 
 
+def _has_stat_tags(conn: sqlite3.Connection) -> bool:
+    """Whether the documents table has the stat_tag column (manifests from before it have not)."""
+    return "stat_tag" in {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+
+
 def _part_number(name: str) -> int:
     return int(name.rsplit("-", 1)[-1])
 
@@ -144,7 +149,7 @@ class Manifest:
         self._conn = conn
         self._lock = threading.Lock()
         # a manifest opened read-only from before stat tags has no such column: its entries read None
-        tagged = "stat_tag" in {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+        tagged = _has_stat_tags(conn)
         self._entry_columns = _ENTRY_COLUMNS if tagged else _ENTRY_COLUMNS.replace("stat_tag", "NULL")
 
     # -- open ----------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ class Manifest:
         try:
             conn = _connect(path)
             conn.executescript(_SCHEMA)
-            if "stat_tag" not in {row[1] for row in conn.execute("PRAGMA table_info(documents)")}:
+            if not _has_stat_tags(conn):
                 conn.execute("ALTER TABLE documents ADD COLUMN stat_tag INTEGER")  # a manifest from before tags
                 conn.commit()
             version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()

@@ -55,6 +55,11 @@ class PartProblem:
     def line(self, output: Path) -> str:
         return f"{part_path(output, self.table, self.part)}: {self.problem} (shard {self.shard}, part {self.part})"
 
+    @property
+    def unreadable(self) -> bool:
+        """This process may not read the file: no evidence of damage (`repair_at_start`)."""
+        return self.problem.startswith(UNREADABLE + ":")
+
 
 @dataclass
 class VerifyReport:
@@ -158,7 +163,7 @@ def repair_at_start(manifest: Manifest) -> list[PartProblem]:
     its documents from the manifest (ingested again by this run), record hashed files. Returns the
     problems found."""
     problems, refresh = verify_manifest(manifest, full=False)
-    denied = next((p for p in problems if p.problem.startswith(UNREADABLE + ":")), None)
+    denied = next((p for p in problems if p.unreadable), None)
     if denied is not None:
         # a part that cannot be read is not damaged: dropping it deleted good chunks, and documents
         # this run's corpus does not hold were never ingested again (a silent loss)
@@ -256,8 +261,8 @@ def verify_output(path: str | os.PathLike, full: bool = True) -> VerifyReport:
             # anything else is no file of this tool's: the README's `pd.read_parquet("<output>/chunks")`
             # failed on a text file there, and read a copied part's rows twice, while verify said ok
             # names pyarrow's dataset discovery skips itself (".DS_Store", "_SUCCESS") are no trouble
-            strays = [p.name for p in entries if p.name not in {f"{n}.parquet" for n in named}
-                      and p.name not in orphans and not p.name.startswith((".", "_"))]
+            ours = {f"{n}.parquet" for n in named}.union(orphans)
+            strays = [p.name for p in entries if p.name not in ours and not p.name.startswith((".", "_"))]
             if strays:
                 report.notes.append(f"{len(strays)} file(s) or folder(s) in {table}/ that are no part of this output, "
                                     f"e.g. {strays[0]}: never removed; readers of the whole folder (pandas, "
@@ -414,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(printable(line))
     for note in report.notes:
         print(printable(f"note: {note}"), file=sys.stderr)
-    denied = [p for p in report.problems if p.problem.startswith(UNREADABLE + ":")]
+    denied = [p for p in report.problems if p.unreadable]
     # a part this user may not read is no evidence of damage (the ingest refuses it as such, too)
     status = "ok" if report.ok else ("unreadable" if denied and len(denied) == len(report.lines()) else "damaged")
     print(f"hades-verify: {status}: {report.parts_checked} part(s), {report.files_checked} file(s), "
