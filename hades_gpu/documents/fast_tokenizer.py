@@ -13,6 +13,7 @@ build their own.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 
 from tokenizers import Tokenizer
 
+from hades_gpu.documents.kitoken_differences import DIFFERING_RANGES
 from hades_gpu.documents.tokenizer import tokenizer_spec
 
 log = logging.getLogger(__name__)
@@ -59,14 +61,46 @@ SELF_CHECK: tuple[str, ...] = (
 # 0.11's encode time grows with the square of their number in a text (16 k of them: 0.5 s, HF 19 ms;
 # 64 k: 3.2 s, HF 84 ms; measured 2026-12-06; kana, Hangul, Thai, emoji and Cyrillic are not
 # affected), so texts holding any are encoded by HF instead.
-CHINESE_CHARS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
-                           "\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f]")
+CHINESE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2CEAF), (0x2F800, 0x2FA1F))
 
-# Texts HF encodes instead of kitoken: the Chinese characters above (speed) and the capital sigma Σ
+
+def _char_class(ranges: Sequence[tuple[int, int]]) -> str:
+    """Inclusive code point ranges -> the inside of a regex character class."""
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+
+
+# Texts HF encodes instead of kitoken: the Chinese characters above (speed); the capital sigma Σ
 # (correctness): kitoken lowercases a word-final Σ to the final form ς, as Rust's `str::to_lowercase`
 # does, where HF's normalizer lowercases character by character to σ ("ΟΔΥΣΣΕΥΣ" ends in "##ς"
-# against HF's "##σ"), so ids, token counts and vectors would differ from HF's for the same text.
-HF_ONLY_CHARS = re.compile(CHINESE_CHARS.pattern[:-1] + "\u03a3]")
+# against HF's "##σ"), so ids, token counts and vectors would differ from HF's for the same text; and
+# every code point on which the two disagree (`kitoken_differences`: their Unicode tables are of
+# different versions, so characters added since, noncharacters and unassigned code points are an
+# [UNK] word for HF and dropped or split off by kitoken; "قال\u061d" was 4 tokens against HF's 1).
+HF_ONLY_RANGES: tuple[tuple[int, int], ...] = tuple(sorted(CHINESE_RANGES + ((0x03A3, 0x03A3),) + DIFFERING_RANGES))
+# Two lookups, because `re` tests a class holding characters above U+FFFF range by range (~0.8 s
+# per MB of Arabic against ~7 ms for a class of BMP characters only, which it tests with a bitmap):
+# the BMP ranges are one pattern, and the few distinct characters above U+FFFF a text holds (emoji,
+# mostly) are looked up by bisection.
+HF_ONLY_BMP_CHARS = re.compile(f"[{_char_class([(a, min(b, 0xFFFF)) for a, b in HF_ONLY_RANGES if a <= 0xFFFF])}]")
+_ASTRAL_RANGES = [(max(a, 0x10000), b) for a, b in HF_ONLY_RANGES if b > 0xFFFF]
+_ASTRAL_STARTS = [a for a, _ in _ASTRAL_RANGES]
+_ASTRAL_CHAR = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _astral_hf_only(code_point: int) -> bool:
+    i = bisect.bisect_right(_ASTRAL_STARTS, code_point) - 1
+    return i >= 0 and code_point <= _ASTRAL_RANGES[i][1]
+
+
+def needs_hf(text: str) -> bool:
+    """Whether `text` holds a character kitoken must leave to HF (`HF_ONLY_RANGES`)."""
+    if HF_ONLY_BMP_CHARS.search(text) is not None:
+        return True
+    if text.isascii() or _ASTRAL_CHAR.search(text) is None:
+        return False
+    return any(_astral_hf_only(ord(c)) for c in set(_ASTRAL_CHAR.findall(text)))
+
 
 # ASCII control characters BERT's `clean_text` deletes (tab, line feed and carriage return it turns
 # into spaces, which its pre-tokenizer splits on anyway)
@@ -94,7 +128,7 @@ class KitokenTokenizer:
         # the definition it gets must have neither, never a strip of trailing zeros afterwards.
         spec["padding"] = None
         spec["truncation"] = None
-        self._hf = hf  # texts holding HF_ONLY_CHARS
+        self._hf = hf  # texts that `needs_hf`
         self._kt = kitoken.Kitoken.from_tokenizers(json.dumps(spec).encode("utf-8"))
         self._specials = special_literals(spec)
         self._plain: Optional[object] = None
@@ -117,7 +151,7 @@ class KitokenTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.plain(text):
             return self._plain.encode(text.lower() if self._lower else text, False)  # type: ignore[attr-defined]
-        if HF_ONLY_CHARS.search(text) is not None:
+        if needs_hf(text):
             return self._hf.encode(text, add_special_tokens=False).ids
         return self._kt.encode(text, self.specials_in(text))
 
@@ -125,7 +159,7 @@ class KitokenTokenizer:
         texts = list(texts)
         if texts and all(self.plain(t) for t in texts):
             return self._plain.encode_all([t.lower() for t in texts] if self._lower else texts, False)  # type: ignore[attr-defined]
-        if any(HF_ONLY_CHARS.search(t) is not None for t in texts):
+        if any(needs_hf(t) for t in texts):
             return [self.encode(t) for t in texts]
         return self._kt.encode_all(texts, any(self.specials_in(t) for t in texts))
 
@@ -145,6 +179,21 @@ def special_literals(spec: dict, ignore_case: bool = True) -> Optional["re.Patte
     if not contents:
         return re.compile(r"(?!)")  # matches nothing
     return re.compile("|".join(map(re.escape, contents)), re.IGNORECASE if ignore_case else 0)
+
+
+def differing_code_points(hf: Tokenizer, batch: int = 20_000) -> set[int]:
+    """Every code point from U+0080 up (surrogates excluded) whose ids between two letters ("x?y")
+    differ between kitoken (unrouted) and HF: what `kitoken_differences` must cover (~10 s)."""
+    fast = KitokenTokenizer(hf)
+    code_points = [c for c in range(0x80, 0x110000) if not 0xD800 <= c <= 0xDFFF]
+    differing: set[int] = set()
+    for i in range(0, len(code_points), batch):
+        part = code_points[i:i + batch]
+        texts = [f"x{chr(c)}y" for c in part]
+        want = hf.encode_batch(texts, add_special_tokens=False)
+        got = fast._kt.encode_all(texts, False)
+        differing.update(c for c, w, g in zip(part, want, got) if list(g) != w.ids)
+    return differing
 
 
 def self_check(fast: KitokenTokenizer, hf: Tokenizer, samples: Sequence[str] = SELF_CHECK) -> Optional[str]:
@@ -202,4 +251,4 @@ def fast_tokenizer_for(hf: Tokenizer) -> Optional[KitokenTokenizer]:
     return fast
 
 
-__all__ = ["CHINESE_CHARS", "HF_ONLY_CHARS", "KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "fast_tokenizer_for", "self_check"]
+__all__ = ["CHINESE_RANGES", "HF_ONLY_RANGES", "KitokenTokenizer", "SELF_CHECK", "special_literals", "TOKENIZER_ENV", "differing_code_points", "fast_tokenizer_for", "needs_hf", "self_check"]

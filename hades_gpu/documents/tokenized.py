@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, HF_ONLY_CHARS, KitokenTokenizer, fast_tokenizer_for
+from hades_gpu.documents.fast_tokenizer import DELETED_CONTROLS, KitokenTokenizer, fast_tokenizer_for, needs_hf
 from hades_gpu.documents.native_wordpiece import native_wordpiece_for
 from hades_gpu.documents.tokenizer import derived_from, tokenizer_spec
 
@@ -470,7 +470,7 @@ def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
     """For a BERT WordPiece tokenizer (and not `reencode`): `TokenizedText` from the C scan where it
     takes the document (`native_wordpiece`); else `SegmentedText` from kitoken ids when kitoken passed
     its self-check, the text holds no Chinese character (kitoken is quadratic in them) nor a capital
-    sigma (kitoken lowercases a final one otherwise than HF: `HF_ONLY_CHARS`) and, where the C scan runs, declined documents have made kitoken's build worth it
+    sigma (kitoken lowercases a final one otherwise than HF) nor a code point kitoken reads otherwise than HF (`needs_hf`) and, where the C scan runs, declined documents have made kitoken's build worth it
     (`KITOKEN_AFTER_DECLINED_CHARS`); otherwise `TokenizedText` from HF."""
     global _declined_chars
     if not reencode and tokenizer_info(tokenizer)[1]:
@@ -480,7 +480,7 @@ def tokenize_document(text: str, tokenizer: Tokenizer, reencode: bool = False,
             if encoded is not None:
                 return TokenizedText(text, tokenizer, encoded=encoded, encode_ids=native.encode_ids)
             _declined_chars += len(text)
-        if (HF_ONLY_CHARS.search(text) is None
+        if (not needs_hf(text)
                 and (native is None or _declined_chars > KITOKEN_AFTER_DECLINED_CHARS)):
             fast = fast_tokenizer_for(tokenizer)
             if fast is not None:
