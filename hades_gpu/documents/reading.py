@@ -243,6 +243,30 @@ _WESTERN_MARKS = set("€‚„…†‡‰‹›‘’“”•–—˜™«»�
 _AFTER_NON_LETTER = set("¿¡¹²³¼½¾")
 
 
+# Multi-byte East Asian codecs: each character is a lead byte >= 0x81 and a trail byte, high or not.
+_MULTIBYTE_CODECS = {codecs.lookup(c).name for c in (
+    "big5", "big5hkscs", "gb2312", "gbk", "gb18030", "hz", "shift_jis", "cp932", "shift_jis_2004", "shift_jisx0213",
+    "euc_jp", "euc_jis_2004", "euc_jisx0213", "euc_kr", "cp949", "johab", "cp950")}
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+_ACCENTED_LETTER_BYTES = frozenset(range(0xC0, 0x100)) - {0xD7, 0xF7}  # À..ÿ in cp1252, × and ÷ left out
+
+
+def _lone_accented_letters(data: bytes) -> bool:
+    """Every byte >= 0x80 is alone between ASCII bytes and reads as an accented letter (À..ÿ) in
+    cp1252. A multi-byte East Asian text of more than a few characters has two high bytes side by
+    side (EUC: every character; Big5, GBK, Shift-JIS: a trail byte >= 0x80, or a lead byte right
+    after another character), and Shift-JIS kana have lead bytes 0x81-0x9F (ƒ, ‚ in cp1252); a
+    Western text has one lone byte per accented letter, which such a codec reads with the next ASCII
+    letter as one character (b'b\xf6se' as Big5 'b飉e')."""
+    last = -2
+    for m in _HIGH_BYTE.finditer(data):
+        i = m.start()
+        if i == last + 1 or data[i] not in _ACCENTED_LETTER_BYTES:
+            return False
+        last = i
+    return last >= 0
+
+
 def _clean_latin(data: bytes, codec: str) -> str | None:
     """`data` decoded by `codec` when every non-ASCII character is a letter or a mark prose uses
     (see `_AFTER_NON_LETTER`), else None. Why: a text whose bytes all read as letters in cp1252 is
@@ -312,6 +336,10 @@ def _detect(data: bytes) -> tuple[str, str] | None:
         return None
     best = matches[0]
     picked = codecs.lookup(best.encoding).name
+    if picked in _MULTIBYTE_CODECS and _lone_accented_letters(data):
+        text = _clean_latin(data, _PREFERRED)
+        if text is not None:
+            return text, _PREFERRED
     if picked in _LATIN_CODE_PAGES:
         # A Latin code page: the first that reads every byte as a letter or a mark prose uses, of
         # cp1252 (the common case; the detector ranked cp1257 first for French: "crčme", "ą la

@@ -155,6 +155,23 @@ def test_read_text_decodes_and_records_the_encoding(tmp_path: Path, name, text, 
     assert p.read_bytes().decode(got.encoding, "replace") == text  # what chunk_source relies on
 
 
+@pytest.mark.parametrize(("raw", "text", "recorded"), [
+    # one accented letter in a short line: the detector read b"\xf6s" as one Big5 character ("b飉e")
+    (b'print("b\xf6se")\n', 'print("böse")\n', "cp1252"),
+    (b"x = 'r\xe9sum\xe9'\n", "x = 'résumé'\n", "cp1252"),
+    # ... while short East Asian texts stay theirs (kana with ASCII trail bytes, high pairs)
+    ("ソフト".encode("shift_jis"), "ソフト", "cp932"),
+    ("東京都の天気は晴れです。".encode("shift_jis"), "東京都の天気は晴れです。", "cp932"),
+    ("中文沒有空格。".encode("big5"), "中文沒有空格。", "big5"),
+    ("한국어 텍스트".encode("euc_kr"), "한국어 텍스트", "cp949"),
+], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean"])
+def test_short_files_lone_accents_are_latin_and_east_asian_text_is_not(tmp_path: Path, raw, text, recorded) -> None:
+    p = tmp_path / "short.py"
+    p.write_bytes(raw)
+    got = read_text(_ref(p), DocumentsConfig())
+    assert (got.text, got.encoding) == (text, recorded)
+
+
 def test_utf8_with_a_few_stray_bytes_stays_utf8(tmp_path: Path, caplog) -> None:
     """A UTF-8 file with one Latin-1 byte pasted in is read as UTF-8 with that byte as U+FFFD and a
     warning naming the file and offset; read as cp1252 every UTF-8 character would have been mangled
