@@ -492,6 +492,31 @@ def _refuse_misplaced_output(args: list[str]) -> None:
                               f"under -m); escape the comma (\\,) or quote the path ({key}='\"a,b\"')")
 
 
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def name_swept_corpus(args: list[str]) -> list[str]:
+    """`-m corpus=a,b`: the job folders name the corpus (`conf/config.yaml` leaves it out of them, a
+    path being long): otherwise job 0 of `corpus=a,b` and of a later `corpus=b,a` was one folder,
+    which then held both corpora, silently. Left alone when the user sets the exclude keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not any(a in ("-m", "--multirun") for a in args) or any(a.lstrip("+~").startswith(EXCLUDE_KEYS) for a in args):
+        return args
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or arg.partition("=")[0].lstrip("+~") != "corpus":
+            continue
+        try:
+            swept = parser.parse_overrides([arg])[0].is_sweep_override()
+        except HydraException:
+            return args  # Hydra reports it
+        if swept:
+            return [*args, f"{EXCLUDE_KEYS}=[output]"]
+    return args
+
+
 def _check_corpus(corpus: Optional[str]) -> None:
     """`corpus=` given and existing (before Hydra runs the job and again inside it, where an
     interpolated value is known)."""
@@ -542,6 +567,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         _check_hydra_args(sys.argv)
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])
         _refuse_misplaced_output(sys.argv[1:])
+        sys.argv[1:] = name_swept_corpus(sys.argv[1:])
         before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])
@@ -623,7 +649,13 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
         _report_interrupt(prog, err)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    try:
+        config_path = str(conf_dir())
+    except ConfigError as err:  # HADES_GPU_CONF_DIR naming no config: one line, as any configuration error
+        print(printable(f"{prog}: error: {err}"), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    @hydra.main(config_path=config_path, config_name="config", version_base="1.3")
     @guarded
     def app(dcfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -634,6 +666,18 @@ def _run_hydra_app(task: Callable[[PipelineConfig, Path], None], prog: str,
         task(cfg, out)
 
     run_hydra_main(app, prog, precheck)
+
+
+def _sweep_folder() -> list[Path]:
+    """[the folder of the running `-m` sweep], or []: it is not a document of a corpus that holds it
+    (Hydra's multirun.yaml there was ingested by every job whose output lay inside the corpus)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or not hc.sweep.dir:
+        return []
+    return [Path(hc.runtime.cwd) / os.path.expanduser(str(hc.sweep.dir))]
 
 
 def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
@@ -649,13 +693,13 @@ def _ingest_task(cfg: PipelineConfig, out: Path) -> None:
     if cfg.cluster.mode != "none":
         from hades_gpu.cluster import ClusterIngest  # the [cluster] extra: imported only when asked for
 
-        result = ClusterIngest(cfg).run([cfg.corpus], out)
+        result = ClusterIngest(cfg, skip_folders=_sweep_folder()).run([cfg.corpus], out)
         c = result.metrics.get("cluster", {})
         print(printable(f"{out}: cluster ({c.get('mode')}): {c.get('shards')} shard(s), "
                         f"{c.get('shards_done_earlier', 0)} done earlier, {c.get('retries', 0)} retried; "
                         f"{result.metrics.get('wall_s', 0.0):.1f} s"))
     else:
-        result = TextParallelPipeline(cfg).process_batch([cfg.corpus], output=out)
+        result = TextParallelPipeline(cfg, skip_folders=_sweep_folder()).process_batch([cfg.corpus], output=out)
     print(printable(f"{out}: {result.documents_ingested} document(s) ingested, {result.chunks_written} chunk(s), "
                     f"{result.documents_unchanged} unchanged, {result.documents_skipped} skipped"
                     f"{f', {result.documents_removed} removed' if result.documents_removed else ''}; "
@@ -707,8 +751,13 @@ def check_isne_paths(args: list[str]) -> None:
     """`hades-isne` needs output= naming an ingest output, checked before Hydra runs the job: without
     output= Hydra made a fresh `outputs/<date>_<time>/` folder (never an ingest output) and left it
     behind with the refusal; a regular file there failed Hydra's mkdir with exit 1 and "File exists"."""
-    if any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd", "-m", "--multirun")) for a in args):
-        return  # a config of the user's own may set output=, and a sweep's jobs name their folders
+    if any(a in ("-m", "--multirun") or a.replace(" ", "").lstrip("+") == "hydra.mode=MULTIRUN" for a in args):
+        # each job trained a folder of its own (output/<job>, no ingest output) and left it in the dataset
+        raise ConfigError("hades-isne trains the one output given, and -m would make a folder per job inside it: run "
+                          "hades-isne once per setting, or compare settings with `hades-bench -m bench=isne "
+                          "corpus=<documents> isne.<key>=a,b`")
+    if any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd")) for a in args):
+        return  # a config of the user's own may set output=
     values = _literal_values(args, ("output", "hydra.run.dir"))
     if "output" in values and "hydra.run.dir" in values and user_path(values["output"]) != user_path(values["hydra.run.dir"]):
         # Hydra's job folder is the one trained: output= was ignored, silently
@@ -760,13 +809,40 @@ def search_main(argv: Optional[list[str]] = None) -> None:
     sys.exit(search_cli(argv))
 
 
+def check_bench_paths(args: list[str]) -> None:
+    """`hades-bench`'s output= checked before Hydra writes its run files there (`jobs.check_job_folder`;
+    under -m, the sweep's folder: an ingest output, or inside the corpus)."""
+    from hades_gpu.benchmarks.jobs import check_job_folder
+
+    values = _literal_values(args, ("corpus", "output"))
+    if "output" not in values or "corpus" not in values:
+        return  # the job checks its own folder
+    output, corpus = user_path(values["output"]), str(user_path(values["corpus"]))
+    if not any(a in ("-m", "--multirun") for a in args):
+        check_job_folder(output, corpus)
+        return
+    from hades_gpu.records import path_within
+    from hades_gpu.store.reader import is_ingest_output
+
+    if is_ingest_output(output):
+        raise ConfigError(f"{output} is an ingest output: give hades-bench's sweep a folder of its own")
+    here, corpus_real = os.path.realpath(output), os.path.realpath(corpus)
+    if here == corpus_real or path_within(here, corpus_real):
+        raise ConfigError(f"output {output} is inside the corpus {corpus}: every job would ingest the bench's own "
+                          f"files; give an output outside the corpus")
+
+
 @_reader_may_leave
 def bench_main() -> None:
     """`hades-bench [-m] corpus=<dir> [bench=ingest|embed_only|triton|isne] [profile=...] ...`: one
     benchmark job per combination, each writing `result.json` into its Hydra output folder."""
     from hades_gpu.benchmarks.jobs import run_bench_app
 
-    run_bench_app("hades-bench", guard=guarded, run=run_hydra_main)
+    try:
+        run_bench_app("hades-bench", guard=guarded, run=functools.partial(run_hydra_main, precheck=check_bench_paths))
+    except ConfigError as err:  # raised before the app runs: HADES_GPU_CONF_DIR naming no config
+        print(printable(f"hades-bench: error: {err}"), file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 @_reader_may_leave

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import functools
 import numbers
+import hashlib
 import os
 import re
 import threading
@@ -448,8 +449,19 @@ FOLDER_NAME_RESOLVER = "hades.folder_name"
 def folder_name(text: Any) -> str:
     """`${hades.folder_name:${hydra.job.override_dirname}}`: one folder name of a sweep job's overrides.
     A value holding "/" (`documents.include=[**/*.md]`) made nested job folders, and Hydra's escapes
-    (`127.0.0.1\\:9`) put backslashes in the name."""
-    return str(text).replace("\\", "").replace("/", "_")
+    (`127.0.0.1\\:9`) put backslashes in the name. A name longer than `FOLDER_NAME_BYTES` (a dozen
+    overrides: "File name too long", and no job ran) keeps its start and ends in a hash of the whole."""
+    name = str(text).replace("\\", "").replace("/", "_")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= FOLDER_NAME_BYTES:
+        return name
+    digest = hashlib.blake2b(raw, digest_size=6).hexdigest()
+    head = raw[:FOLDER_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{head}-{digest}"
+
+
+# Linux allows 255 bytes a name; the job's number and "_" come before it
+FOLDER_NAME_BYTES = 200
 
 
 def register_configs() -> None:

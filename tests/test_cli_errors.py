@@ -679,3 +679,70 @@ def test_a_file_size_limit_and_a_link_loop_are_one_line(code, text):
 
     assert classify_error(OSError(code, text, "/out/chunks/part-s0-00001.parquet")) == (
         1, f"/out/chunks/part-s0-00001.parquet: {text}")
+
+
+def test_a_sweep_over_corpora_names_each_in_its_job_folder_and_never_ingests_its_own_files(tmp_path):
+    """`-m corpus=a,b output=a/sweep`: Hydra's multirun.yaml in the sweep's folder (inside corpus a)
+    was ingested as a document, and the job folders left the corpus out of their names, so a later
+    `corpus=b,a` sweep resumed job 0 of the other corpus and held both."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "one.md").write_text("# One\n\nThe first corpus holds this note about circles.\n")
+    (b / "two.md").write_text("# Two\n\nThe second corpus holds this note about squares.\n")
+    sweep = a / "sweep"
+    proc = _ingest("-m", f"corpus={a},{b}", f"output={sweep}", "isne.enabled=false", "monitoring.progress=off",
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "multirun.yaml").is_file()
+    from hades_gpu.store.reader import read_documents
+
+    jobs = sorted(p for p in sweep.iterdir() if (p / "chunks").is_dir())
+    assert len(jobs) == 2, list(sweep.iterdir())
+    held = {job.name: sorted(Path(p).name for p in read_documents(job).column("path").to_pylist()) for job in jobs}
+    assert sorted(held.values()) == [["one.md"], ["two.md"]], held  # not multirun.yaml
+    for job, names in held.items():
+        assert ("_a," in job or job.endswith("_a")) == (names == ["one.md"]), job  # the corpus is in the name
+
+
+def test_hades_isne_refuses_a_sweep_before_making_folders(tmp_path, ingested):
+    """`hades-isne -m isne.epochs=1,2 output=<ingest output>`: every job said the output was no ingest
+    output (each trained `output/<job>`) and left those folders inside the dataset."""
+    before = sorted(p.name for p in ingested.iterdir())
+    _assert_one_line(_ingest("-m", "isne.epochs=1,2", f"output={ingested}", module="isne_main"), 2,
+                     "-m", "hades-bench", prog="hades-isne")
+    assert sorted(p.name for p in ingested.iterdir()) == before
+
+
+def test_a_config_folder_that_holds_no_config_is_one_line(tmp_path, corpus):
+    """HADES_GPU_CONF_DIR naming a folder without config.yaml: a 14-line traceback, exit 1."""
+    for module, prog in (("hades_gpu.ingest", "hades-ingest"), ("bench_main", "hades-bench")):
+        proc = _ingest(f"corpus={corpus}", f"output={tmp_path / 'o'}", module=module,
+                       env={"HADES_GPU_CONF_DIR": str(tmp_path / "nowhere")})
+        _assert_one_line(proc, 2, "no Hydra config found", prog=prog)
+
+
+def test_a_sweep_with_many_overrides_gets_folder_names_the_filesystem_takes(tmp_path, corpus):
+    """A dozen overrides made a job folder name over 255 bytes: "File name too long" and no job ran.
+    The name is now cut and ends in a hash of the whole (two jobs, two folders)."""
+    from hades_gpu.config import FOLDER_NAME_BYTES, folder_name
+
+    long_keys = [f"profile.queue_max_bytes={2**24}", "profile.queue_max_items=128", "profile.high_watermark=0.8",
+                 "profile.low_watermark=0.5", "profile.max_batch_size=16", "profile.lookahead_batches=16",
+                 "profile.inflight_docs_per_worker=16", "profile.writer_rows_per_part=5000", "embedder.precision=fp32",
+                 "chunking.overlap_tokens=32", "isne.enabled=false", "monitoring.progress=off"]
+    proc = _ingest("-m", f"corpus={corpus}", f"output={tmp_path / 'sweep'}", "profile.num_workers=-1,-2", *long_keys)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hades-ingest: error: ")]
+    assert len(lines) == 3 and all("profile.num_workers must be >= 1" in ln for ln in lines[:2]), proc.stderr[-3000:]
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(folders) == 2 and all(len(f.encode()) <= 255 for f in folders), folders
+    assert folder_name("x" * 300) != folder_name("x" * 299 + "y") and len(folder_name("é" * 300).encode()) <= FOLDER_NAME_BYTES
+
+
+def test_a_bench_configuration_error_is_said_once_and_leaves_no_folder(tmp_path, corpus):
+    """`hades-bench bench.job=foo`: the reason was printed twice (a log line, then the error line) and
+    the output folder was made, holding a result.json of the refused run."""
+    proc = _ingest("bench.warmup_batches=-1", f"corpus={corpus}", f"output={tmp_path / 'o'}", module="bench_main")
+    _assert_one_line(proc, 2, "bench.warmup_batches", prog="hades-bench")
+    assert not (tmp_path / "o").exists()

@@ -250,7 +250,7 @@ def job_feed(cfg: Any, bench: Any, job_dir: Path) -> dict[str, Any]:
     """`hades-bench bench=feed`: `measure` at `profile.num_workers` workers (sweep it with `-m`);
     the dataset goes to `job_dir/dataset` (kept with `bench.keep_dataset=true`)."""
     job_dir = Path(job_dir)
-    work = job_dir / "feed-work"
+    work = job_dir / "feed-work"  # jobs.FEED_WORK_DIR (checked by jobs.check_job_folder)
     corpus = Path(str(cfg.corpus))
     n = int(cfg.profile.num_workers)
     import copy

@@ -153,6 +153,37 @@ class _Sampler:
         self.sampler.stop()
 
 
+FEED_WORK_DIR = "feed-work"  # benchmarks.feed_bench's scratch folder in the job folder
+
+
+def check_job_folder(job_dir: Path, corpus: str) -> None:
+    """Refuse a job folder whose contents the job would replace or ingest, before anything is
+    written. A job writes result.json and metrics.json into its folder and replaces its `dataset/`
+    (and `feed-work/`) each run: `output=` naming an ingest output lost that output's metrics.json, a
+    `dataset/` of the user's was deleted (the corpus itself when it was that folder), and a job
+    folder inside the corpus had earlier jobs' files ingested as documents."""
+    from hades_gpu.records import path_within
+    from hades_gpu.store.reader import is_ingest_output
+
+    if is_ingest_output(job_dir):
+        raise ConfigError(f"{job_dir} is an ingest output: hades-bench writes its own result.json, metrics.json and "
+                          f"{DATASET_DIR}/ into output= and would replace that output's; give it a folder of its own")
+    here, corpus_real = os.path.realpath(job_dir), os.path.realpath(corpus)
+    if here == corpus_real or path_within(here, corpus_real):
+        raise ConfigError(f"output {job_dir} is inside the corpus {corpus}: every job would ingest the bench's own files "
+                          f"(result.json, metrics.json, earlier jobs' folders); give an output outside the corpus")
+    made_by_bench = (job_dir / RESULT_FILE).is_file()
+    for name in (DATASET_DIR, FEED_WORK_DIR):
+        folder = job_dir / name
+        inside = os.path.realpath(folder)
+        if corpus_real == inside or path_within(corpus_real, inside):
+            raise ConfigError(f"the corpus {corpus} is {folder} or inside it, which hades-bench replaces each run: give "
+                              f"the bench another output=")
+        if os.path.lexists(folder) and not made_by_bench:
+            raise ConfigError(f"{folder} exists and hades-bench did not make it (no {RESULT_FILE} beside it): a job "
+                              f"replaces <output>/{name} each run; move it, or give hades-bench another output=")
+
+
 def _fresh_dir(path: Path) -> Path:
     """An empty folder: a benchmark never resumes into an earlier run's output."""
     if path.exists():
@@ -394,6 +425,7 @@ def run_job(cfg: PipelineConfig, bench: BenchConfig, job_dir: Path,
     if not Path(cfg.corpus).exists():
         raise ConfigError(f"corpus must be an existing file or folder (got {cfg.corpus!r})")
     info = dict(job_info if job_info is not None else _hydra_job_info())
+    check_job_folder(job_dir, str(cfg.corpus))
     job_dir.mkdir(parents=True, exist_ok=True)
     pinned = None
     if "joblib" in info.get("launcher", "").lower():
@@ -474,12 +506,13 @@ def write_failed_result(job_dir: Path, dcfg: DictConfig, err: BaseException) -> 
     result = {"job": bench.get("job", "?"), "status": "error", "error": f"{type(err).__name__}: {err}",
               "profile": profile.get("name", "?"), "max_batch_tokens": profile.get("max_batch_tokens"),
               "overrides": info.get("overrides", []), "job_num": info.get("job_num", 0)}
+    if "MULTIRUN" not in str(info.get("mode", "")):
+        return  # one job: its one error line is the answer (the file made a folder of a refused run)
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
     except OSError:  # the refusal itself is what the user sees
         pass
-    log.error("%s", result["error"])
 
 
 def run_bench_app(prog: str = "hades-bench", guard: Optional[Callable] = None,

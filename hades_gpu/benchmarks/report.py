@@ -52,6 +52,18 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_bench_job(folder: Path) -> bool:
+    """A Hydra job folder of `hades-bench` (its config has the `bench` group), not an ingest output
+    or another app's run: `hades-report` on a parent folder counted every ingest output as a failed job."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("bench"), dict)
+
+
 def _jobs_without_a_result(root: Path, with_result: set[Path]) -> list[dict[str, Any]]:
     """A row for each Hydra job folder (`.hydra/overrides.yaml`) that wrote no result: a job that
     failed before it could (a bad value, a missing extra) was left out, and the report said
@@ -61,7 +73,7 @@ def _jobs_without_a_result(root: Path, with_result: set[Path]) -> list[dict[str,
     rows = []
     for marker in sorted(root.rglob(".hydra/overrides.yaml")):
         folder = marker.parent.parent
-        if folder in with_result or folder == root:
+        if folder in with_result or folder == root or not _is_bench_job(folder):
             continue
         try:
             overrides = yaml.safe_load(marker.read_text()) or []
@@ -313,7 +325,7 @@ def write_report(root: Path, out: Optional[Path] = None) -> Path:
                    out / PLOTS["padding"], ".3f", ylim=(0, 1.3))
         plots = list(PLOTS.values())
 
-    lines = [f"# Benchmark report: `{root.name}`", ""]
+    lines = [f"# Benchmark report: `{root.resolve().name or root.resolve()}`", ""]
     first = rows[0]
     host = first.get("host", {})
     corpora = sorted({str(r["corpus"]) for r in rows if r.get("corpus")}) or ["?"]

@@ -39,7 +39,7 @@ from hades_gpu.documents.discovery import Skip
 from hades_gpu.documents.document_list import DocumentList
 from hades_gpu.documents.sharding import shard_bytes, split_refs
 from hades_gpu.pipelines.ingest import IngestResult, NothingIngestedError, discover_for_output
-from hades_gpu.records import shard_label
+from hades_gpu.records import shard_label, user_path
 from hades_gpu.store.layout import DRIVER_LOCK_NAME, metrics_path
 from hades_gpu.store.metrics_file import write_metrics
 from hades_gpu.store.lock import OutputLock
@@ -130,8 +130,9 @@ class ClusterIngest:
         config (PipelineConfig): the job; `cluster.*` says where and how (``cluster.mode`` ray|local).
     """
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, *, skip_folders: Sequence[Union[str, os.PathLike]] = ()) -> None:
         self.config = to_pipeline_config(config)
+        self.skip_folders = tuple(user_path(f) for f in skip_folders)
         self._source_missing = False  # a named source was not found (documents.remove_missing is then off)
         self._corpus_found = False  # discovery found documents (a shard's share may be none)
         if self.config.cluster.mode == ClusterMode.NONE:
@@ -214,7 +215,7 @@ class ClusterIngest:
         out = Path(output)
         t0 = time.perf_counter()
         with OutputLock(out, DRIVER_LOCK):
-            refs, skips = discover_for_output(paths, self.config.documents, out)
+            refs, skips = discover_for_output(paths, self.config.documents, out, self.skip_folders)
             self._source_missing = any(s.reason == "missing" for s in skips)
             self._corpus_found = len(refs) > 0
             if self._source_missing and self.config.documents.remove_missing:

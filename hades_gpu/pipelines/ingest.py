@@ -115,10 +115,11 @@ def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpe
 
 
 def discover_for_output(paths: Union[PathLike, Sequence[PathLike]], documents: DocumentsConfig,
-                        out: Path) -> tuple[DocumentList, list[Skip]]:
-    """The documents of `paths` for an ingest into `out`: neither that output nor any other ingest
-    output inside the corpus is walked (their metrics and index files are not documents)."""
-    return discover(paths, documents, root=documents.root or None, skip_folders=[out],
+                        out: Path, skip_folders: Sequence[PathLike] = ()) -> tuple[DocumentList, list[Skip]]:
+    """The documents of `paths` for an ingest into `out`: neither that output, nor `skip_folders`
+    (a `-m` sweep's own folder: Hydra's multirun.yaml), nor any other ingest output inside the corpus
+    is walked (their metrics and index files are not documents)."""
+    return discover(paths, documents, root=documents.root or None, skip_folders=[out, *map(Path, skip_folders)],
                     is_output_folder=is_output_listing)
 
 
@@ -199,13 +200,17 @@ class IngestPipeline:
         config (PipelineConfig, optional): the job's configuration (default: the `balanced` profile).
         embedder (Embedder, optional): a ready embedder to use instead of building one from config
             (tests and benchmarks share one this way).
+        skip_folders (paths, optional): folders inside the corpus that are not documents, besides
+            the output and other ingest outputs (the CLI passes a `-m` sweep's folder). (default: none)
     """
 
     force_code = False
 
-    def __init__(self, config: Optional[PipelineConfig] = None, embedder: Optional[Embedder] = None) -> None:
+    def __init__(self, config: Optional[PipelineConfig] = None, embedder: Optional[Embedder] = None, *,
+                 skip_folders: Sequence[PathLike] = ()) -> None:
         self.config = to_pipeline_config(config) if config is not None else load_pipeline_config()
         self._embedder = embedder
+        self.skip_folders = tuple(user_path(f) for f in skip_folders)
         self.shard = ShardSpec.parse(self.config.shard)
 
     def process_batch(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
@@ -271,7 +276,7 @@ class IngestPipeline:
 
     def _ingest_sources(self, sources: list[str], out: Path) -> IngestResult:
         """Discover `sources` and ingest them into `out` (under its lock)."""
-        refs, skips = discover_for_output(sources, self.config.documents, out)
+        refs, skips = discover_for_output(sources, self.config.documents, out, self.skip_folders)
         if not refs and not skips:
             log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
                         "documents.exclude and the output folder itself are not documents): nothing to ingest",

@@ -123,6 +123,12 @@ def test_report_shows_jobs_without_a_result_keeps_corpora_apart_and_sorts_and_fo
     fake_result(tmp_path / "10_late", "balanced", 4096, 20.0)
     (tmp_path / "2_broken" / ".hydra").mkdir(parents=True)
     (tmp_path / "2_broken" / ".hydra" / "overrides.yaml").write_text("- bench=feed\n- profile.num_workers=-1\n")
+    (tmp_path / "2_broken" / ".hydra" / "config.yaml").write_text("corpus: /c\nbench:\n  job: feed\n")
+    # an ingest output (and another app's Hydra run) beside the jobs is no failed bench job
+    for other, config in (("ingested", "corpus: /c\nprofile:\n  name: balanced\n"), ("app", "x: 1\n")):
+        (tmp_path / other / ".hydra").mkdir(parents=True)
+        (tmp_path / other / ".hydra" / "overrides.yaml").write_text("- corpus=/c\n")
+        (tmp_path / other / ".hydra" / "config.yaml").write_text(config)
     assert report.report_cli([str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     assert "4 job(s), 3 finished" in text and "`/data/big`, `/data/small`" in text
@@ -337,3 +343,30 @@ def test_a_relative_corpus_with_hydra_job_chdir_is_read_from_where_the_command_r
     row = json.loads((tmp_path / "out" / "result.json").read_text())
     assert row["status"] == "ok" and row["corpus"] == str((tmp_path / "corpus").resolve())
     assert row["bench"]["job"] == "feed"  # the job's own settings recorded
+
+
+def test_a_bench_never_deletes_or_overwrites_what_it_did_not_make(tmp_path):
+    """`hades-bench output=proj` deleted `proj/dataset` whatever it held (the corpus itself for
+    `corpus=proj/dataset`), overwrote an ingest output's metrics.json, and a job folder inside the
+    corpus ingested the bench's own files. Each is refused in one line before anything is written."""
+    corpus = tiny_corpus(tmp_path / "corpus")
+    proj = tmp_path / "proj"
+    (proj / "dataset").mkdir(parents=True)
+    (proj / "dataset" / "labels.csv").write_text("precious\n")
+    proc = _run_cli("bench_main", ["bench=feed", f"corpus={corpus}", f"output={proj}"], timeout=120)
+    assert proc.returncode == 2 and "hades-bench did not make it" in proc.stderr, proc.stderr[-2000:]
+    assert (proj / "dataset" / "labels.csv").read_text() == "precious\n"
+
+    with pytest.raises(ConfigError, match="is .* or inside it"):
+        jobs.check_job_folder(proj, str(proj / "dataset"))  # the corpus is the folder a job replaces
+    (tmp_path / "out" / "chunks").mkdir(parents=True)
+    (tmp_path / "out" / "manifest-main.sqlite").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is an ingest output"):
+        jobs.check_job_folder(tmp_path / "out", str(corpus))
+    with pytest.raises(ConfigError, match="inside the corpus"):
+        jobs.check_job_folder(corpus / "bench", str(corpus))
+    # a folder an earlier bench run made (result.json beside its dataset/) is the bench's to replace
+    earlier = tmp_path / "earlier"
+    (earlier / "dataset").mkdir(parents=True)
+    (earlier / "result.json").write_text("{}")
+    jobs.check_job_folder(earlier, str(corpus))
