@@ -277,17 +277,21 @@ class OutputLock:
 
 
 def held_elsewhere(output: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
-    """(shard, holder) of each lock of `output` that another live process holds now (those of this
-    process and the names in `skip` left out): who is writing the output at this moment. Each lock
-    file is tried with a non-blocking flock and let go at once."""
+    """(shard, holder) of each lock of `output` that another live process, or another thread of this
+    one, holds now (this thread's own and the names in `skip` left out): who is writing the output at
+    this moment. Each lock file is tried with a non-blocking flock and let go at once."""
     found = []
     for path in sorted(Path(output).glob(".lock-*")):
         name = path.name[len(".lock-"):]
         if name in skip or ".takeover" in name or ".new-" in name:
             continue
         with _held_guard:
-            if os.path.realpath(path) in _held:
-                continue  # this process's own run (an ingest running its graph and ISNE stage)
+            entry = _held.get(os.path.realpath(path))
+        if entry is not None:
+            if entry[2] != threading.get_ident():  # an ingest in another thread (ISNE trained on part of it)
+                found.append((name, {**read_holder(path), "pid": os.getpid(), "host": socket.gethostname(),
+                                     "thread": entry[3]}))
+            continue  # this thread's own run (an ingest running its graph and ISNE stage)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:

@@ -257,6 +257,41 @@ def test_two_threads_ingesting_into_one_output_one_is_refused_and_each_chunk_is_
     assert verify_output(out).ok
 
 
+def test_isne_training_is_refused_while_another_thread_ingests_into_the_output(tmp_path, embedder):
+    """`train()` while a thread of the same process was still ingesting: it trained on the chunks
+    committed so far (69 of 1351) and said nothing; the lock check left out every lock of this process,
+    not only the calling thread's own."""
+    import threading
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import ISNETrainingPipeline, TextParallelPipeline
+    from hades_gpu.store.lock import OutputLock, held_elsewhere
+
+    out = tmp_path / "out"
+    config = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off"])
+    TextParallelPipeline(config, embedder=embedder).process_batch([write_corpus(tmp_path / "corpus")], output=out)
+    taken, done = threading.Event(), threading.Event()
+
+    def ingesting() -> None:  # the lock an ingest holds while it runs
+        with OutputLock(out, "s0"):
+            taken.set()
+            done.wait(60)
+
+    t = threading.Thread(target=ingesting, name="ingest-thread")
+    t.start()
+    try:
+        assert taken.wait(30)
+        assert [(shard, holder.get("thread")) for shard, holder in held_elsewhere(out)] == [("s0", "ingest-thread")]
+        with pytest.raises(OutputLockedError, match="ingest-thread"):
+            ISNETrainingPipeline(config).train(corpus_path=out, epochs=1)
+        with OutputLock(out, "s1"):  # this thread's own lock is no other run's
+            assert [shard for shard, _ in held_elsewhere(out)] == ["s0"]
+    finally:
+        done.set()
+        t.join()
+    assert held_elsewhere(out) == []
+
+
 def test_hades_verify_takes_output_equals_folder_as_the_other_commands_do(clean, capsys):
     """`hades-verify output=o` said "output=o is not an ingest output" (exit 2)."""
     _, out, _ = clean
