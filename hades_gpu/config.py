@@ -491,16 +491,19 @@ def _first_line(err: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(err).__name__
 
 
-def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Compose `conf/config.yaml` with a profile and overrides, exactly as the CLI does.
+def load_pipeline_config(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Compose `conf/config.yaml` with a profile (default ``balanced``) and overrides, exactly as the
+    CLI does.
 
     Returns a typed `PipelineConfig` (a plain dataclass). Raises `ConfigError` with one line naming
-    the key when an override or value is invalid.
+    the key when an override or value is invalid, or when `profile` and a ``profile=`` override name
+    two profiles (the override won, silently).
     """
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    given = profile
     if profile is None:
         profile = "balanced"
     if overrides is None:
@@ -514,6 +517,9 @@ def load_pipeline_config(profile: str = "balanced", overrides: Sequence[str] = (
     bad = [o for o in overrides if not isinstance(o, str) or ("=" not in o and not o.startswith("~"))]
     if bad:
         raise ConfigError(f"overrides must be strings of the form key=value (got {bad[0]!r})")
+    named = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip().lstrip("+") == "profile"]
+    if given is not None and any(n != given for n in named):
+        raise ConfigError(f"profile={given!r} and the override 'profile={named[-1]}' name two profiles: give one")
     all_overrides = [f"profile={profile}", *overrides]
     try:
         cfg = _compose_own_conf(all_overrides)

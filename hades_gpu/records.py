@@ -38,6 +38,18 @@ def user_path(path: "str | os.PathLike[str]") -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def path_argument(value: object, name: str) -> Path:
+    """`user_path` of an API argument that must name a file or folder: bytes are decoded as the
+    filesystem does (`process_batch` took bytes sources and `train` failed on a bytes path), and
+    anything else that is no path is a TypeError naming the argument (not pathlib's bare "expected
+    str, bytes or os.PathLike object, not int")."""
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str, bytes or os.PathLike), got {type(value).__name__}: {value!r}")
+    return user_path(value)
+
+
 def display_path(path: str) -> str:
     """`path` as valid text: itself when it is valid Unicode, else each byte of the name that is not
     UTF-8 (a surrogate escape, as ``os.fsdecode`` gives it) written as ``\\xHH``.

@@ -39,7 +39,8 @@ from hades_gpu.orchestration.pipeline import StreamingPipeline, WorkerPoolSource
 from hades_gpu.orchestration.workers import WorkerLaunch, WorkerPool
 from hades_gpu.orchestration.writer_process import WriterProcess, open_writer
 from hades_gpu.gpu.slabs import SlabRing, copies_to_cuda
-from hades_gpu.records import DocumentRef, DocumentResult, ShardSpec, error_line, path_within, printable, user_path
+from hades_gpu.records import (DocumentRef, DocumentResult, ShardSpec, error_line, path_argument, path_within, printable,
+                               user_path)
 from hades_gpu.regular_file import NOT_A_REGULAR_FILE
 from hades_gpu.store.atomic import check_writable
 from hades_gpu.store.layout import CHUNKS_DIR, DOCUMENTS_DIR, is_output_listing, metrics_path, shard_metrics_path
@@ -236,9 +237,9 @@ class IngestPipeline:
     def _output_dir(self, output: Optional[PathLike]) -> Path:
         chosen = output if output is not None else self.config.output
         # Path("") is "." (the working directory): test the value given, not the Path made of it
-        if chosen is None or not str(chosen).strip():
+        if chosen is None or (isinstance(chosen, (str, bytes)) and not chosen.strip()):
             raise ConfigError("an output folder is required (config.output or process_batch(..., output=...))")
-        return user_path(chosen)
+        return path_argument(chosen, "output" if output is not None else "config.output")
 
     def ingest(self, paths: Union[PathLike, Sequence[PathLike]], output: Optional[PathLike] = None) -> IngestResult:
         """The ingest stage alone: discover, read/chunk/tokenize, embed, write (and metrics.json),

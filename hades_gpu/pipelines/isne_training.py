@@ -15,7 +15,7 @@ from hades_gpu.isne.stage import NotAnIngestOutputError, run_isne_stage, stage_s
 from hades_gpu.store.layout import isne_embeddings_path, isne_model_path, metrics_path, no_manifest_detail
 from hades_gpu.store.metrics_file import INGEST_TOTALS, ingest_totals, read_metrics, write_metrics
 from hades_gpu.store.reader import is_ingest_output
-from hades_gpu.records import user_path
+from hades_gpu.records import path_argument, user_path
 
 __all__ = ["ISNETrainingPipeline", "ISNETrainingResult", "NotAnIngestOutputError", "NothingTrainedError"]
 
@@ -129,9 +129,9 @@ class ISNETrainingPipeline:
         if path is None:
             raise NotAnIngestOutputError("no ingest output given: pass corpus_path=<output folder> "
                                          "(or set output=...)")
-        if isinstance(path, str) and not path.strip():  # Path("") is the working directory
+        if isinstance(path, (str, bytes)) and not path.strip():  # Path("") is the working directory
             raise NotAnIngestOutputError("corpus_path is an empty path: pass the ingest output folder")
-        path = user_path(path)
+        path = path_argument(path, "corpus_path" if corpus_path is not None else "config.output")
         if not is_ingest_output(path) and self.config.output and path.exists():
             from hades_gpu.pipelines.ingest import TextParallelPipeline
 

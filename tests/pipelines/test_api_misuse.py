@@ -248,3 +248,40 @@ def test_an_embedder_setting_the_run_refuses_leaves_no_output_behind(tmp_path, k
     with pytest.raises(Exception, match=re.escape(needle)):
         TextParallelPipeline(config).process_batch([tmp_path / "corpus"], output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("call", ["train", "output"])
+@pytest.mark.parametrize("value", [3, 2.5, ["a"]])
+def test_an_output_or_corpus_path_that_is_no_path_is_one_type_error_naming_the_argument(tmp_path, call, value):
+    """`train(corpus_path=5)` and `process_batch(..., output=3)` raised pathlib's bare "expected str,
+    bytes or os.PathLike object, not int"."""
+    config = load_pipeline_config("low_memory", ["monitoring.progress=off"])
+    (tmp_path / "a.md").write_text("text")
+    name = "corpus_path" if call == "train" else "output"
+    with pytest.raises(TypeError, match=f"^{name} must be a path .*got {type(value).__name__}"):
+        if call == "train":
+            ISNETrainingPipeline(config).train(corpus_path=value)
+        else:
+            TextParallelPipeline(config).process_batch([tmp_path / "a.md"], output=value)
+
+
+def test_a_bytes_output_path_is_taken_as_bytes_sources_are(tmp_path, embedder):
+    """Sources given as bytes were ingested, while `train(corpus_path=b"out")` failed in pathlib."""
+    config = load_pipeline_config("low_memory", ["monitoring.progress=off", "isne.enabled=false"])
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.md").write_text("# A\n\nA note about circles and their areas, for the graph.\n")
+    out = os.fsencode(tmp_path / "out")
+    result = TextParallelPipeline(config, embedder=embedder).process_batch([os.fsencode(tmp_path / "corpus")], output=out)
+    assert result.chunks_written >= 1 and (tmp_path / "out" / "chunks").is_dir()
+    trained = ISNETrainingPipeline(config).train(corpus_path=out, epochs=1)
+    assert trained.output_dir == tmp_path / "out"
+
+
+def test_a_profile_argument_and_a_profile_override_that_differ_are_refused():
+    """`load_pipeline_config(profile="balanced", overrides=["profile=low_memory"])` gave low_memory,
+    silently; the same profile twice, or the override alone, is fine."""
+    with pytest.raises(ConfigError, match="name two profiles"):
+        load_pipeline_config(profile="balanced", overrides=["profile=low_memory"])
+    assert load_pipeline_config(overrides=["profile=low_memory"]).profile.name == "low_memory"
+    assert load_pipeline_config("low_memory", ["profile=low_memory"]).profile.name == "low_memory"
+    assert load_pipeline_config().profile.name == "balanced"
