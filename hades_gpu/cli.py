@@ -534,6 +534,8 @@ def check_ingest_paths(args: list[str]) -> None:
 
     values = _literal_values(args, ("corpus", "output", "hydra.run.dir", "hydra.sweep.dir"))
     corpus, output = values.get("corpus"), values.get("output")
+    if output is not None and not output.strip():  # the run went to ./outputs/<time>/, a folder never named
+        raise ConfigError("output= is empty: name the output folder (or leave output= out for outputs/<date>_<time>/)")
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         job_dir = values.get(key)
         if job_dir is None:
@@ -764,6 +766,8 @@ def check_isne_paths(args: list[str]) -> None:
         raise ConfigError(f"output={values['output']} and hydra.run.dir={values['hydra.run.dir']} both name the output "
                           f"folder: give one (output= sets hydra.run.dir)")
     dataset = values.get("output", values.get("hydra.run.dir"))
+    if dataset is not None and not dataset.strip():  # Hydra made outputs/<time>/ here, inside an output run from
+        raise ConfigError("output= is empty: give the ingest output folder (output=<folder hades-ingest wrote>)")
     if dataset is None:
         if any(a.partition("=")[0].lstrip("+~") in ("output", "hydra.run.dir") for a in args):
             return  # interpolated: the job checks it

@@ -746,3 +746,18 @@ def test_a_bench_configuration_error_is_said_once_and_leaves_no_folder(tmp_path,
     proc = _ingest("bench.warmup_batches=-1", f"corpus={corpus}", f"output={tmp_path / 'o'}", module="bench_main")
     _assert_one_line(proc, 2, "bench.warmup_batches", prog="hades-bench")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_output_is_refused_before_anything_is_written(tmp_path, corpus, ingested):
+    """`hades-isne output=` run inside an ingest output left `outputs/<time>/` there and named that
+    folder; `hades-ingest output=` ingested into `./outputs/<time>/`, a folder the user never named."""
+    before = sorted(p.name for p in ingested.iterdir())
+    proc = subprocess.run([sys.executable, "-c", "from hades_gpu.cli import isne_main; isne_main()", "output=",
+                           "isne.epochs=1"], cwd=ingested, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, 2, "output= is empty", prog="hades-isne")
+    assert sorted(p.name for p in ingested.iterdir()) == before
+    proc = subprocess.run([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", "output="], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, 2, "output= is empty")
+    assert list(tmp_path.iterdir()) == []
