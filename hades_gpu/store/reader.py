@@ -165,6 +165,24 @@ def check_chunk_vectors(vectors: np.ndarray, output: str | os.PathLike, chunk_id
             f"same output replaces it")
 
 
+# ISNE vectors are neighbour means of θ: lengths vary (0 for an isolated chunk), so only a length this
+# far above the median non-zero one is damage (bytes overwritten read as 1e15 or NaN)
+ISNE_ABSURD_NORM_RATIO = 1e3
+
+
+def damaged_isne_rows(vectors: np.ndarray) -> np.ndarray:
+    """bool (n,): ISNE vectors damaged on disk: not finite, or `ISNE_ABSURD_NORM_RATIO` times the
+    median non-zero length (search called such a chunk's vector "missing"; verify said ok)."""
+    if not len(vectors):
+        return np.zeros(0, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    finite = np.isfinite(norms)
+    nonzero = norms[finite & (norms > 0)]
+    typical = float(np.median(nonzero)) if nonzero.size else 0.0
+    return ~finite | ((norms > ISNE_ABSURD_NORM_RATIO * typical) if typical > 0 else np.zeros(len(norms), dtype=bool))
+
+
 def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Every `isne/embeddings-*.parquet` of an output: (chunk ids, float32 (n, d)); later files win."""
     ids: list[str] = []
@@ -177,6 +195,11 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
             raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err, 300)}); `hades-isne output={output}` "
                                      "writes it again") from err
         ids.extend(t.column("chunk_id").to_pylist())
+        bad = damaged_isne_rows(vecs[-1])
+        if bad.any():
+            first = t.column("chunk_id")[int(np.flatnonzero(bad)[0])].as_py()
+            raise DamagedOutputError(f"{f}: {int(bad.sum())} damaged ISNE vector(s) (not finite, or of an absurd "
+                                     f"length), e.g. chunk {first}; `hades-isne output={output}` writes them again")
     dims = {v.shape[1] for v in vecs if v.shape[0]}
     if len(dims) > 1:
         raise ValueError(f"isne embeddings of one output must share one dimension (got {sorted(dims)})")

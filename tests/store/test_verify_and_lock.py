@@ -319,6 +319,40 @@ def test_damaged_graph_and_isne_files_are_named_by_hades_verify(search_output, t
     assert "damaged: " in captured.err and "3 problem(s)" in captured.err
 
 
+def test_isne_vectors_that_are_not_finite_are_damage_named_by_verify_and_search_and_inferred_again(
+        search_output, tmp_path, capsys, embedder):
+    """One ISNE vector overwritten with NaN (schema and metadata kept): verify said "ok", search said
+    the chunk "has no ISNE vector (ingested after the last ISNE stage ...)", and an ingest kept it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hades_gpu.config import load_pipeline_config
+    from hades_gpu.pipelines import TextParallelPipeline
+    from hades_gpu.retrieval.search import search
+    from hades_gpu.store.reader import DamagedOutputError, read_isne_embeddings
+
+    out, corpus = search_output
+    out = _copy(out, tmp_path / "out")
+    path = sorted((out / "isne").glob("embeddings-*.parquet"))[0]
+    table = pq.read_table(path)
+    column = table.column("isne_embedding")
+    rows = column.to_pylist()
+    rows[3] = [float("nan")] * len(rows[3])
+    damaged = table.set_column(table.schema.get_field_index("isne_embedding"), table.schema.field("isne_embedding"),
+                               pa.array(rows, type=column.type))
+    pq.write_table(damaged.replace_schema_metadata(table.schema.metadata), path)
+    assert verify_main([str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "1 damaged ISNE vector(s)" in captured.out and "hades-isne" in captured.out, captured.out
+    with pytest.raises(DamagedOutputError, match="damaged ISNE vector"):
+        search(out, "parse the arguments", k=3, expand="isne")
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.epochs=3"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)  # nothing changed but the vector
+    _, vectors = read_isne_embeddings(out)
+    assert np.isfinite(vectors).all() and verify_main([str(out)]) == 0
+
+
 def test_an_output_whose_shards_have_not_all_finished_is_noted(tmp_path, embedder, capsys):
     """A killed cluster driver leaves some shards unrun: their parts verify, so verify said "ok"
     with no word that the output lacks those shards' files."""
