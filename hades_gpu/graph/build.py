@@ -183,7 +183,8 @@ def reference_edges(chunks: ChunkTable, output_dir: Path) -> tuple[np.ndarray, n
     stats = {"references": 0, "resolved": 0, "doc_pairs": 0}
     if not docs.doc_ids or len(chunks) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
-    resolver = ReferenceResolver(docs.rel_paths)
+    resolver = ReferenceResolver(docs.rel_paths, package_roots={name for name, rel in zip(docs.root_names, docs.rel_paths)
+                                                                if name and rel == "__init__.py"})
     pairs: set[tuple[int, int]] = set()
     for i, refs in enumerate(docs.references):
         for ref in refs:

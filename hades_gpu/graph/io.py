@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -90,6 +91,16 @@ class DocumentTable:
     rel_paths: list[str]
     languages: list[str]
     references: list[list[str]]
+    root_names: list[str] = field(default_factory=list)  # the name of the folder each rel_path is relative to
+
+
+def corpus_root_name(path: str, rel_path: str) -> str:
+    """The name of the corpus folder a document lies in (`/x/h11` for `/x/h11/_util.py`, `_util.py`),
+    or "" when the path does not end in its rel_path (a single-file corpus, an escaped name)."""
+    path, rel_path = path.replace("\\", "/"), rel_path.replace("\\", "/")
+    if not rel_path or not path.endswith("/" + rel_path):
+        return ""
+    return posixpath.basename(path[: -len(rel_path) - 1])
 
 
 def load_document_table(output_dir: str | os.PathLike) -> DocumentTable:
@@ -97,16 +108,19 @@ def load_document_table(output_dir: str | os.PathLike) -> DocumentTable:
     if not files:
         return DocumentTable([], [], [], [])
     first = pq.read_schema(files[0])
-    cols = [c for c in ("doc_id", "rel_path", "language", "references") if c in first.names]
+    cols = [c for c in ("doc_id", "rel_path", "path", "language", "references") if c in first.names]
     t = read_files(files, cols)
     n = t.num_rows
     langs = t.column("language").to_pylist() if "language" in cols else [""] * n
     refs = t.column("references").to_pylist() if "references" in cols else [[]] * n
+    rel_paths = t.column("rel_path").to_pylist()
+    paths = t.column("path").to_pylist() if "path" in cols else [""] * n
     return DocumentTable(
         doc_ids=t.column("doc_id").to_pylist(),
-        rel_paths=t.column("rel_path").to_pylist(),
+        rel_paths=rel_paths,
         languages=[x or "" for x in langs],
         references=[list(r or []) for r in refs],
+        root_names=[corpus_root_name(p or "", r or "") for p, r in zip(paths, rel_paths)],
     )
 
 

@@ -14,7 +14,10 @@ Python (`a.b.c`, rel_path ends in `.py`/`.pyi` or language is `python`):
      a standard-library module (`json`, `types`) never matches a suffix: Python 3 imports the
      standard library's;
   3. if nothing matched, the same with the last component dropped once (`from a.b import c`, where
-     `c` is a function rather than a module).
+     `c` is a function rather than a module);
+  4. if nothing matched and the corpus folder is itself the package the name starts with (corpus
+     `src/h11`, holding `__init__.py`; `import h11._util` from inside it), the rest of the name
+     against the corpus root, exactly (as a relative import would).
   Several equally good candidates are all kept.
 
 Links (Markdown/RST): URLs (`scheme:`), `//host` and in-page anchors are ignored; the fragment and
@@ -60,8 +63,10 @@ class ReferenceResolver:
         rel_paths (Sequence[str]): corpus-relative POSIX paths, one per document (index = position).
     """
 
-    def __init__(self, rel_paths: Sequence[str]) -> None:
+    def __init__(self, rel_paths: Sequence[str], package_roots: Iterable[str] = ()) -> None:
         self.rel_paths = [p.replace("\\", "/") for p in rel_paths]
+        # names of corpus folders that are packages themselves (rule 4)
+        self.package_roots = frozenset(package_roots)
         self.by_path: dict[str, int] = {p: i for i, p in enumerate(self.rel_paths)}
         # module path suffix (tuple of components) -> [(doc index, full module parts)]
         self.by_module_suffix: dict[tuple[str, ...], list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
@@ -98,6 +103,12 @@ class ReferenceResolver:
             hits = self._module_candidates(tuple(parts), importer_dir)
             if hits:
                 return hits
+        if comps and comps[0] in self.package_roots:  # rule 4: `h11.x` inside the corpus folder h11/
+            rest = comps[1:]
+            for parts in (rest, rest[:-1]) if rest else ([],):
+                hits = self._exact_module(parts)
+                if hits:
+                    return hits
         return []
 
     def _exact_module(self, parts: Iterable[str]) -> list[int]:

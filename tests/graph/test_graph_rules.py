@@ -275,3 +275,23 @@ def test_symmetrize_breaks_ties_by_weight_then_type_and_sorts() -> None:
     assert list(zip(s2.tolist(), d2.tolist())) == [(1, 4), (3, 5), (4, 1), (5, 3)]
     one = symmetrize(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([0.5]), 2)
     assert [x.tolist() for x in one] == [[0, 1], [1, 0], [2, 2], [0.5, 0.5]]
+
+
+def test_absolute_self_imports_resolve_when_the_corpus_folder_is_the_package(tmp_path: Path) -> None:
+    """corpus=.../h11 (the package folder itself): `import h11._connection` in its __init__.py found
+    nothing (rel_path `_connection.py`), while the same files under corpus=... linked; relative imports
+    already resolved. The corpus folder's name, when it holds __init__.py, now stands for its root."""
+    r = ReferenceResolver(["__init__.py", "_connection.py", "sub/__init__.py", "sub/x.py"], package_roots={"h11"})
+    assert r.resolve_module("h11._connection.Connection", "__init__.py") == [1]
+    assert r.resolve_module("h11.sub.x", "_connection.py") == [3]
+    assert r.resolve_module("h11.Request", "sub/x.py") == [0]  # `from h11 import Request`: the package itself
+    assert r.resolve_module("other._connection", "__init__.py") == []
+    assert ReferenceResolver(["__init__.py", "_connection.py"]).resolve_module("h11._connection", "__init__.py") == []
+    # from an output: documents under /corpus/, a package (its __init__.py at the root)
+    docs = [{"rel_path": "__init__.py", "language": "python", "modality": "code", "n_chunks": 1,
+             "references": ["corpus.core.run", "corpus.util"]},
+            {"rel_path": "core.py", "language": "python", "modality": "code", "n_chunks": 2, "references": ["corpus.util"]},
+            {"rel_path": "util.py", "language": "python", "modality": "code", "n_chunks": 1, "references": []}]
+    write_output(tmp_path, docs, shard_split=1)
+    _, _, stats = reference_edges(load_chunk_table(tmp_path, with_embeddings=False), tmp_path)
+    assert stats == {"references": 3, "resolved": 3, "doc_pairs": 3}
