@@ -49,6 +49,10 @@ from hades_gpu.store.reader import (DamagedOutputError, SourceChangedError, chec
 
 log = logging.getLogger(__name__)
 
+# `via` of an `--expand isne` hit past the re-ranked pool (k above search.candidates): ranked below every
+# pool hit; its score compares with other such hits only
+PAST_POOL = "text_past_pool"
+
 CHUNK_COLUMNS = ("doc_id", "chunk_id", "path", "char_start", "char_end", "text", "embedding")
 
 
@@ -386,7 +390,10 @@ class Searcher:
         # cosine 0.20 chunks near the other seeds).
         ranked, neutral, top = self._isne_scored(rows[:pool], cos[:pool], isne, unit, has, None)
         if k > pool and len(rows) > pool:
-            ranked = ranked + self._isne_scored(rows[pool:], cos[pool:], isne, unit, has, (neutral, top))[0]
+            # ranked below the pool whatever their blend: `via` says so (a score above the pool's, unmarked,
+            # read as a ranking error to anyone who merged or re-sorted hits by score)
+            past = self._isne_scored(rows[pool:], cos[pool:], isne, unit, has, (neutral, top))[0]
+            ranked = ranked + [(r, score, c, PAST_POOL) for r, score, c, _ in past]
         return ranked[:k]
 
     def _isne_scored(self, rows: np.ndarray, cos: np.ndarray, isne: np.ndarray, unit: Optional[np.ndarray],

@@ -114,6 +114,8 @@ def test_k_changes_how_many_hits_print_not_the_top_hits(search_output, embedder,
             assert [(h.chunk_id, round(h.score, 6)) for h in many[:5]] == [(h.chunk_id, round(h.score, 6))
                                                                           for h in few], query
             assert len(many) == 60
+            if expand == "isne":  # hits past the pool are marked so (a higher score below the pool looked wrong)
+                assert {h.via for h in many[:5]} == {"text"} and {h.via for h in many[5:]} == {"text_past_pool"}
 
 
 def test_exact_candidates_across_blocks(monkeypatch):
