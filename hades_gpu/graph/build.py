@@ -250,7 +250,8 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
     if cfg.knn and len(chunks) > 1:
         t = time.perf_counter()
         s, d, sim, knn_info = knn_edges(chunks.chunk_ids, chunks.embedding, cfg, output_dir)
-        add("knn", s, d, cfg.knn_weight_scale * sim)
+        # a cosine is at most 1: identical chunks came out at 1.0000002 (float32 rounding)
+        add("knn", s, d, cfg.knn_weight_scale * np.minimum(sim, 1.0))
         seconds["knn"] = time.perf_counter() - t
     else:  # graph.knn=false: an index of older chunks goes too
         _discard_stale_index(output_dir, chunks.chunk_ids, chunks.embedding)
@@ -332,8 +333,14 @@ def build_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] = None
     write_edges(graph, output_dir)
     log.info("chunk graph: %d nodes, %d edge rows %s (%.1f s; kNN %s, recall@%s %s)", graph.num_nodes,
              graph.num_edges, graph.counts_by_type(), graph.seconds.get("total", 0.0),
-             graph.knn.get("method", "off"), graph.knn.get("k", "-"), graph.knn.get("recall_at_k", "-"))
+             graph.knn.get("method", _no_knn_reason(cfg or GraphConfig(), graph.num_nodes)), graph.knn.get("k", "-"),
+             graph.knn.get("recall_at_k", "-"))
     return graph
+
+
+def _no_knn_reason(cfg: GraphConfig, nodes: int) -> str:
+    """Why no kNN edges were searched: the log said "kNN off" for a one-chunk output with kNN on."""
+    return "off" if not cfg.knn else f"none ({nodes} chunk(s): no neighbour to search)"
 
 
 def load_graph(output_dir: str | os.PathLike, undirected: bool = True):

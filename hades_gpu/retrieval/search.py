@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hades_gpu.config import PipelineConfig, SearchConfig, SearchExpand
@@ -433,6 +434,8 @@ class Searcher:
                 log.warning("%s is older than the chunks: %d edge(s) lead to chunks no longer in the output and %d "
                             "chunk(s) are in no edge; `hades-isne output=%s` builds it again", path.name, dangling,
                             int((~covered).sum()), self.output)
+            else:
+                self._warn_chunks_newer_than_the_graph(path)
             # both directions: a seed's predecessor is as much its neighbour as its successor; one edge
             # per pair, its largest weight, as ISNE's graph has it (a pair joined by sequence,
             # same_document and a kNN edge each way counted four times, up to 3.46)
@@ -450,6 +453,23 @@ class Searcher:
             np.cumsum(np.bincount(a, minlength=n), out=indptr[1:])
             self._graph = (indptr, b, ww)
         return self._graph
+
+    def _warn_chunks_newer_than_the_graph(self, path: Path) -> None:
+        """Chunks committed after the last graph and ISNE stage (an ingest with isne.enabled=false) are
+        in no edge: said as edges to removed chunks are. The ISNE vectors files hold every chunk the
+        stage saw (0 for one without edges), so a committed chunk they lack came later."""
+        files = isne_embeddings_files(self.output)
+        if not files:
+            return
+        try:
+            seen = {c for f in files for c in pq.read_table(f, columns=["chunk_id"]).column("chunk_id").to_pylist()}
+        except (pa.ArrowException, OSError, KeyError):
+            return  # a damaged vectors file is named by --expand isne and hades-verify
+        newer = sum(1 for c in self.chunk_ids if c not in seen)
+        if newer:
+            log.warning("%s is older than the chunks: %d chunk(s) were committed after it was built (an ingest with "
+                        "isne.enabled=false) and are in no edge; `hades-isne output=%s` builds it again", path.name,
+                        newer, self.output)
 
     def _load_isne(self) -> np.ndarray:
         if self._isne is None:

@@ -228,6 +228,25 @@ def test_knn_edge_weights_follow_their_formula(tmp_path: Path) -> None:
     assert len(t) > 10 and (t.weight < 0.7).all()
 
 
+def test_identical_chunks_weigh_at_most_the_scale_and_a_one_chunk_log_says_why_no_knn(tmp_path: Path, caplog) -> None:
+    """Identical chunks' kNN edges weighed 1.0000002 (a float32 cosine above 1), and a one-chunk
+    output's graph log said "kNN off" with kNN on."""
+    import logging
+
+    rng = np.random.default_rng(2)  # a unit vector whose float32 cosine with itself is 1.0000001
+    same = rng.normal(size=DIM).astype(np.float32)
+    same /= np.linalg.norm(same)
+    docs = [{**d, "n_chunks": 1, "emb": same[None, :].copy()} for d in CORPUS[:5]]
+    write_output(tmp_path / "same", docs)
+    build_graph(tmp_path / "same", GraphConfig(knn_k=4, sequence=False, same_document=False, references=False))
+    weights = _edges(tmp_path / "same").column("weight").to_numpy()
+    assert len(weights) == 20 and (weights <= 1.0).all() and (weights > 0.999).all(), weights.max()
+    write_output(tmp_path / "one", [{**CORPUS[0], "n_chunks": 1}])
+    with caplog.at_level(logging.INFO, logger="hades_gpu.graph.build"):
+        build_graph(tmp_path / "one", GraphConfig())
+    assert "kNN none (1 chunk(s)" in caplog.text and "kNN off" not in caplog.text
+
+
 def test_each_edge_type_carries_its_configured_weight(tmp_path: Path) -> None:
     """Distinct weights per type, none the default: a swapped or ignored weight setting shows."""
     write_output(tmp_path, CORPUS)

@@ -425,6 +425,25 @@ def test_a_kept_searcher_says_when_the_output_changed_and_refresh_reads_it_again
         assert any("edges.parquet is older than the chunks" in r.getMessage() for r in caplog.records)
 
 
+def test_graph_expansion_says_when_chunks_were_added_after_the_graph(search_output, embedder, tmp_path, caplog):
+    """A document added with isne.enabled=false is in no edge: `--expand graph` said nothing (the
+    warning came only for edges to removed chunks, while `--expand isne` warned)."""
+    import logging
+
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    out, corpus = tmp_path / "out", tmp_path / "corpus"
+    shutil.copytree(search_output[0], out)
+    shutil.copytree(search_output[1], corpus)
+    (corpus / "zebra.py").write_text('def zebra_crossing():\n    """Count the stripes of a zebra crossing."""\n    return 7\n')
+    cfg = load_pipeline_config("balanced", ["monitoring.progress=off", "isne.enabled=false"])
+    TextParallelPipeline(cfg, embedder=embedder).process_batch([corpus], output=out)
+    with Searcher(out, _cfg(), embedder=embedder) as s, caplog.at_level(logging.WARNING, logger="hades_gpu.retrieval.search"):
+        s.search("zebra crossing stripes", 3, "graph")
+    said = [r.getMessage() for r in caplog.records if "committed after it was built" in r.getMessage()]
+    assert len(said) == 1 and "1 chunk(s)" in said[0], [r.getMessage() for r in caplog.records]
+
+
 def test_hades_search_advises_a_command_lines_remedy_when_the_output_changes_under_it(search_output, monkeypatch,
                                                                                      caplog, capsys):
     """One query from the command line was told to "call refresh()". The change between reading the
