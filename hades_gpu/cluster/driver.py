@@ -102,10 +102,13 @@ class _Progress:
         self._task: Any = None
         self._last = 0.0
         if self.enabled and (mode == ProgressMode.ON or sys.stderr.isatty()):
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # on stderr (rich's default is stdout: `... > log` drew the bar into the log)
             self.bar = Progress(TextColumn("[bold]ingest (cluster)"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("docs  {task.fields[shards]}"), TimeElapsedColumn())
+                                TextColumn("docs  {task.fields[shards]}"), TimeElapsedColumn(),
+                                console=Console(stderr=True))
             self.bar.start()
             self._task = self.bar.add_task("ingest", total=total, shards="")
 

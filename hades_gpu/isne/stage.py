@@ -40,6 +40,7 @@ from hades_gpu.graph.build import build_graph
 from hades_gpu.gpu.device import select_device
 from hades_gpu.isne.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
+from hades_gpu.isne.progress import TrainingProgress
 from hades_gpu.isne.resume import discard_training_state
 from hades_gpu.isne.sampling import CSRGraph
 from hades_gpu.isne.trainer import train_isne
@@ -224,8 +225,13 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         budget = training_budget_s(cfg.isne, output_dir, n)
         weights = _training_weights(cfg, data)
         state_path = isne_training_state_path(output_dir)
-        res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
-                         time_budget_s=budget, edge_weight=weights, state_path=state_path)
+        progress = TrainingProgress(cfg.monitoring.progress)
+        try:
+            res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
+                             time_budget_s=budget, edge_weight=weights, state_path=state_path,
+                             on_batch=progress.update if progress.enabled else None)
+        finally:
+            progress.stop()
         metrics["seconds"]["train"] = time.perf_counter() - t
         if res.pos_pairs == 0:  # the budget ended training before its first batch: θ is its random start
             _keep_the_earlier_model(cfg, output_dir, mpath, epath, chunk_ids, data, deg, dev, metrics, budget)

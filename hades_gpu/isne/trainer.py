@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -257,6 +257,7 @@ def train_isne(
     time_budget_s: Optional[float] = None,
     edge_weight: Optional[Tensor] = None,
     state_path: Optional[str | Path] = None,
+    on_batch: Optional[Callable[[int, int, int, int], None]] = None,
 ) -> TrainResult:
     """Train ISNE (or, with ``aggregate=False``, lookup-table Node2Vec) on an undirected graph.
 
@@ -276,6 +277,8 @@ def train_isne(
         state_path (path, optional): where the training state is saved at epoch ends (at most every
             `cfg.checkpoint_interval_s`) and, with `cfg.resume`, resumed from when it matches this
             graph and these settings (`isne.resume`). Default: no state (a stopped run starts over).
+        on_batch (callable, optional): ``on_batch(epoch, batches done in it, batches per epoch,
+            epochs)`` after each batch (a progress bar; no device value is read, so no sync).
 
     Returns:
         TrainResult: the model with the best θ, the training CSR and per-epoch history.
@@ -286,13 +289,14 @@ def train_isne(
     with keep_freed_memory(cfg.keep_freed_memory and dev.type == "cpu"):
         return _train_isne(edge_index, num_nodes, cfg, dev, aggregate=aggregate, epochs=epochs, batch_size=batch_size,
                            max_batches_per_epoch=max_batches_per_epoch, split=split, time_budget_s=time_budget_s,
-                           edge_weight=edge_weight, state_path=state_path)
+                           edge_weight=edge_weight, state_path=state_path, on_batch=on_batch)
 
 
 def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.device, *, aggregate: bool,
                 epochs: Optional[int], batch_size: Optional[int], max_batches_per_epoch: Optional[int],
                 split: Optional[EdgeSplit], time_budget_s: Optional[float], edge_weight: Optional[Tensor],
-                state_path: Optional[str | Path] = None) -> TrainResult:
+                state_path: Optional[str | Path] = None,
+                on_batch: Optional[Callable[[int, int, int, int], None]] = None) -> TrainResult:
     """`train_isne` on a resolved device."""
     t_all = time.perf_counter()
     time_budget_s = cfg.time_budget_s if time_budget_s is None else time_budget_s
@@ -373,6 +377,8 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
             loss_sum += loss.detach()
             pairs += n_pos
             done += 1
+            if on_batch is not None:
+                on_batch(epoch, done, n_batches, epochs)
         if done == 0:  # the budget ran out at an epoch boundary: said as when it cuts an epoch
             if result.stopped_by_budget:
                 _warn_budget(f"after {epoch - 1} of {epochs} epoch(s)", time_budget_s)

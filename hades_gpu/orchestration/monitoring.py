@@ -265,13 +265,16 @@ class ProgressReporter:
     def start(self) -> None:
         if not (self.enabled and self.use_bar):
             return
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         # fits 80 columns (a 40-wide bar and long labels cut the elapsed time and the ETA off there)
         self._progress = Progress(
             TextColumn("[bold]ingest"), BarColumn(bar_width=10), TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            transient=False, **({"console": self.console} if self.console is not None else {}),
+            # on stderr, where the tty test looked: rich's own default is stdout, so `hades-ingest ... > log`
+            # on a terminal drew the bar's frames into the log file
+            transient=False, console=self.console if self.console is not None else Console(stderr=True),
         )
         self._progress.start()
         self._task = self._progress.add_task("ingest", total=_BAR_STEPS, counts="", rate="")

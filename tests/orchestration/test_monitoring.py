@@ -290,3 +290,43 @@ def test_descendant_pids_finds_grandchildren_like_psutil():
             except ProcessLookupError:
                 pass
         child.wait(10)
+
+
+def test_on_a_terminal_the_ingest_and_isne_bars_go_to_stderr_not_into_redirected_stdout(tmp_path):
+    """`hades-ingest ... > log` on a terminal drew the ingest bar into the log file (rich draws on
+    stdout unless told otherwise; the terminal test looked at stderr), and ISNE training showed no
+    progress at all without a logging configuration (`train(epochs=50)` sat silent). Real command, its
+    stderr a pseudo-terminal, its stdout a file."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"n{i}.md").write_text(f"# Note {i}\n\n" + "Circles, squares and their areas in a note. " * 30)
+    master, slave = pty.openpty()
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={tmp_path / 'out'}",
+                                 "isne.epochs=2", "isne.batch_size=8", "isne.early_stop=off",
+                                 "isne.time_budget_vs_embedding=0"], stdout=stdout, stderr=slave,
+                                env={**os.environ, "COLUMNS": "120"})
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=300) == 0, seen[-3000:]
+    os.close(master)
+    terminal = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    assert re.search(r"ingest .*━.*4/4 docs", terminal), terminal[-2000:]
+    assert re.search(r"isne .*epoch 2/2, batch \d+/\d+", terminal), terminal[-2000:]
+    logged = (tmp_path / "stdout.txt").read_text()
+    assert "━" not in logged and "docs," not in logged and "batch" not in logged, logged  # no bar frame
+    assert "document(s) ingested" in logged
