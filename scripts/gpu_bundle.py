@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+ROOT_DIR = Path(__file__).resolve().parent.parent
 WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.json"
 STAMP = ".hades-restored-from"
@@ -118,7 +119,10 @@ def pack_wheels(dest: Path) -> list[str]:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     wanted = [f"{p}=={_installed_version(p)}" for p in WHEEL_PACKAGES]
     built = [f"{p}=={_installed_version(p)}" for p in SDIST_PACKAGES]
-    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *wanted], check=True)
+    # for the GPU machine's platform and Python (KINDS.md: x86_64, CPython 3.12), not this one's: packed
+    # on another box, kitoken's compiled wheel was that box's
+    target = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.12", "--implementation", "cp"]
+    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", *target, "-d", str(dest), *wanted], check=True)
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dest), *built], check=True)
     wheels = sorted(p.name for p in dest.glob("*.whl"))
     if len(wheels) != len(wanted) + len(built):
@@ -212,8 +216,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.cmd == "pack":
             manifest = pack(Path(args.dest), Path(args.model_from) if args.model_from else None,
                             wheels=not args.no_wheels)
-            print(f"{args.dest}: {len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.1f} MiB "
-                  f"(carry it: device run carry=['{args.dest}'])")
+            dest = Path(args.dest).resolve()
+            inside = dest.is_relative_to(ROOT_DIR)
+            hint = (f"carry it: device run carry=['{dest.relative_to(ROOT_DIR)}']"
+                    + ("" if dest == ROOT_DIR / ".gpu_bundle" else f", and HADES_GPU_BUNDLE={dest.relative_to(ROOT_DIR)} "
+                       "in the command") if inside else
+                    "outside the repository: the device tool carries only paths inside it; pack into .gpu_bundle")
+            print(f"{args.dest}: {len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.1f} MiB ({hint})")
         elif args.cmd == "restore":
             print(restore(Path(args.src), Path(args.dest)))
         else:

@@ -8,12 +8,12 @@ from typing import Any, Optional
 from hades_gpu.config import EmbedderName, PipelineConfig
 from hades_gpu.embedding.base import Embedder
 from hades_gpu.exit_guard import interrupts_held
-from hades_gpu.gpu.device import select_device
+from hades_gpu.gpu.device import following, select_device
 
 
 def device_spec(cfg: PipelineConfig) -> str:
     """The device the local embedder runs on: ``embedder.device``, or ``gpu.device`` when that is auto."""
-    return cfg.embedder.device if cfg.embedder.device.strip().lower() != "auto" else cfg.gpu.device
+    return following(cfg.embedder.device, cfg.gpu.device)
 
 
 def build_embedder(cfg: PipelineConfig, governor: Optional[Any] = None) -> Embedder:

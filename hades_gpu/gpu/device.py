@@ -31,6 +31,13 @@ def _no_cuda_detail() -> str:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable driver/device"
 
 
+def following(spec: str, job_device: str) -> str:
+    """A stage's device setting (`isne.device`, `graph.device`) with ``auto`` meaning the job's
+    ``gpu.device``, as the embedder's does: with ``gpu.device=cuda:1`` (or ``cpu``) the kNN and ISNE
+    ran on cuda:0 while the embedder ran on cuda:1."""
+    return job_device if isinstance(spec, str) and spec.strip().lower() == "auto" else spec
+
+
 def select_device(spec: str = "auto") -> torch.device:
     """Turn a config spec into a device.
 

@@ -37,7 +37,7 @@ import torch
 
 from hades_gpu.config import IsneConfig, PipelineConfig
 from hades_gpu.graph.build import build_graph
-from hades_gpu.gpu.device import select_device
+from hades_gpu.gpu.device import following, select_device
 from hades_gpu.isne.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.progress import TrainingProgress
@@ -172,7 +172,7 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                     batch_size: Optional[int]) -> dict[str, Any]:
     """`run_isne_stage` under the stage's lock."""
     t_all = time.perf_counter()
-    graph = build_graph(output_dir, cfg.graph)
+    graph = build_graph(output_dir, dataclasses.replace(cfg.graph, device=following(cfg.graph.device, cfg.gpu.device)))
     t_graph = time.perf_counter() - t_all
     data = graph.to_data(undirected=True)
     n = graph.num_nodes
@@ -196,7 +196,7 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
     metrics.update(model_path=str(mpath), embeddings_path=str(epath))
     do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
     chunk_ids = graph.chunk_ids
-    dev = select_device(cfg.isne.device)
+    dev = select_device(following(cfg.isne.device, cfg.gpu.device))
     ckpt = None
     if n and not do_train:
         try:

@@ -102,10 +102,36 @@ def _blocker(tmp_path: Path) -> Path:
     return site
 
 
+def _wheel(folder: Path, name: str, broken: bool = False) -> Path:
+    """A minimal wheel of one module `name` (or a file that only looks like one)."""
+    import zipfile
+
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    if broken:
+        path.write_bytes(b"not a zip")
+        return path
+    info = f"{name}-0.1.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 1\n", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-box behaviour of gpu_check.sh")
 def test_gpu_check_runs_on_a_cpu_box_without_the_packages_the_gpu_machine_lacks(bundle, tmp_path):
+    """Also: the bundle's wheels install one by one (a wheel the machine cannot take failed the whole
+    install, hydra and omegaconf with it), the steps get what the set-up left of the 285 s, and the
+    verdict file is written after every step."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, HADES_GPU_BUNDLE=str(bundle),
+    with_wheels = tmp_path / "bundle"
+    (with_wheels / "wheels").mkdir(parents=True)
+    (with_wheels / "model").symlink_to(bundle / "model")
+    _wheel(with_wheels / "wheels", "hades_probe_wheel")
+    _wheel(with_wheels / "wheels", "a_broken_wheel", broken=True)
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, HADES_GPU_BUNDLE=str(with_wheels),
                PYTHONPATH=os.pathsep.join(filter(None, [str(_blocker(tmp_path)), os.environ.get("PYTHONPATH")])),
                HADES_GPU_SITE=str(tmp_path / "site"))
     env.pop("HADES_GPU_MODEL_DIR", None)
@@ -123,6 +149,9 @@ def test_gpu_check_runs_on_a_cpu_box_without_the_packages_the_gpu_machine_lacks(
     assert steps["probes"]["status"] == "skip"
     assert steps["bench"]["status"] == "pass" and "CPU smoke" in steps["bench"]["detail"]
     assert report["model_dir"].startswith("/tmp/")  # the restored bundle, not the package
+    assert "installing a_broken_wheel-0.1-py3-none-any.whl failed" in proc.stderr, proc.stderr
+    assert (tmp_path / "site" / "hades_probe_wheel" / "__init__.py").is_file()  # installed despite the broken one
+    assert 60 <= report["budget_s"] <= 285
     assert {p.name for p in out.iterdir()} >= {"gpu_check.json", "collect.log", "pytest_gpu.log", "bench_gpu.log",
                                                "bench_gpu.json"}
 
@@ -134,8 +163,10 @@ def test_gpu_check_leaves_the_bench_its_time_within_the_budget(tmp_path, monkeyp
 
     asked: dict[str, tuple[list[str], float]] = {}
 
-    def record(self, name, cmd, timeout):
+    def record(self, name, cmd, timeout, env_extra=None):
         asked[name] = (cmd, timeout)
+        if name == "bench_gpu":  # tokenizers' threads on for the bench (gpu_check.sh turns them off)
+            assert env_extra == {"TOKENIZERS_PARALLELISM": "true"}
         if name == "pytest_gpu":  # pytest used its whole limit
             self.deadline -= timeout
         return 1, ""
@@ -151,3 +182,15 @@ def test_gpu_check_leaves_the_bench_its_time_within_the_budget(tmp_path, monkeyp
     short = gpu_check.Check(tmp_path, 120.0)  # a budget already mostly spent: the bench's short form
     gpu_check.bench_step(short, gpu=True, chunks=20000)
     assert {"--skip-st", "--ingest-mb"} <= set(asked["bench_gpu"][0])
+
+
+def test_the_verdict_file_is_written_after_every_step(tmp_path):
+    """gpu_check.json was written once, at the end: a run the device tool stopped part-way (its set-up
+    ran long) brought back logs and no verdicts."""
+    import gpu_check  # scripts/gpu_check.py
+
+    check = gpu_check.Check(tmp_path, 100.0)
+    check.step("env", lambda: {"status": "pass", "detail": "fine"})
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["verdict"] == "incomplete" and report["steps"]["env"]["status"] == "pass"
+    assert report["budget_s"] == 100.0

@@ -146,3 +146,23 @@ def test_hades_isne_after_a_by_hand_shard_leaves_one_isne_file_and_records_its_r
     recorded = json.loads((out / "metrics.json").read_text())
     assert recorded["isne"]["epochs_run"] == result.metrics["epochs_run"] == 2
     assert recorded["ingest_totals"] == {"runs": 1, "wall_s": 1.0, "chunks": 5}  # the ingest's, counted once
+
+
+def test_isne_and_knn_on_auto_follow_gpu_device(sample_corpus, tmp_path, embedder):
+    """`isne.device=auto` and `graph.device=auto` meant CUDA device 0 whatever `gpu.device` said (the
+    config calls it "gpu.device's choice"): with gpu.device=cuda:1 the embedder ran on cuda:1 and the
+    kNN and ISNE on cuda:0, and with gpu.device=cpu they still took the GPU. Here (no GPU) a device
+    that is not visible must be named, not replaced by the CPU silently."""
+    from hades_gpu.gpu.device import DeviceError, following
+    from hades_gpu.pipelines import TextParallelPipeline
+
+    assert following("auto", "cuda:1") == "cuda:1" and following(" AUTO ", "cpu") == "cpu"
+    assert following("cpu", "cuda:1") == "cpu" and following("cuda:2", "cpu") == "cuda:2"
+    out = tmp_path / "out"
+    config = load_pipeline_config("balanced", ["isne.enabled=false", "monitoring.progress=off"])
+    TextParallelPipeline(config, embedder=embedder).process_batch([sample_corpus], output=out)
+    on_gpu = load_pipeline_config("balanced", ["monitoring.progress=off", "gpu.device=cuda:1"])
+    with pytest.raises(DeviceError, match="cuda:1"):
+        ISNETrainingPipeline(on_gpu).train(corpus_path=out, epochs=1)
+    on_cpu = load_pipeline_config("balanced", ["monitoring.progress=off", "gpu.device=cpu"])
+    assert ISNETrainingPipeline(on_cpu).train(corpus_path=out, epochs=1).metrics["device"] == "cpu"
