@@ -165,10 +165,10 @@ def window_bounds(text: str, limit: int, preferred: Optional[Sequence[int]] = No
             bounds.append((start, int(cuts[k])))
             start = int(cuts[k])
             continue
-        cut = text.rfind("\n\n", lo, hi)
-        if cut >= 0:
-            cut += 2
-        else:
+        # a blank line in any line-end convention (CRLF and CR-only files had none: "\n\n" only)
+        cut = max((p + len(sep) if p >= 0 else -1) for sep in ("\n\n", "\r\n\r\n", "\r\r")
+                  for p in (text.rfind(sep, lo, hi),))
+        if cut < 0:
             cut = -1
             pos = text.rfind("\n", lo, hi - 1)
             while pos >= lo:  # a line break followed by a non-indented line

@@ -27,7 +27,10 @@ import numpy as np
 from hades_gpu.documents.packing import Span, line_starts
 from hades_gpu.documents.python_lines import WORDS, LogicalLines
 
-_BLANK_RUN = re.compile(r"(?:\r\n|\r|\n)(?:[^\S\r\n]*(?:\r\n|\r|\n))+")
+# a lone \r only where no \n follows: `\r|\n` let the regex split one CRLF into two line ends, so every
+# line of a CRLF file was a "blank run" and a block of its own (functions cut mid-body)
+_LINE_END = r"(?:\r\n|\r(?!\n)|\n)"
+_BLANK_RUN = re.compile(rf"{_LINE_END}(?:[^\S\r\n]*{_LINE_END})+")
 # words that continue a compound statement: never a statement of their own
 _CLAUSES = ("elif", "else", "except", "finally")
 

@@ -237,9 +237,12 @@ def _load_ignore(path: str) -> Optional[pathspec.GitIgnoreSpec]:
     """The patterns of one ignore file, or None when it is absent, unreadable or empty."""
     try:
         with open(path, "rb") as fh:
-            lines = fh.read().decode("utf-8", "surrogateescape").splitlines()
+            raw = fh.read()
     except OSError:
         return None
+    # a BOM (Windows editors write one) made the first pattern "\ufeffbuild/", which matches nothing;
+    # git skips it
+    lines = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape").splitlines()
     spec = pathspec.GitIgnoreSpec.from_lines(lines)
     return spec if len(spec.patterns) else None
 

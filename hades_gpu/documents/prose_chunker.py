@@ -21,7 +21,8 @@ import numpy as np
 
 from hades_gpu.documents.packing import Span, line_starts
 
-_PARA_BREAK = re.compile(r"(?:\r\n|\r|\n)[^\S\r\n]*(?:\r\n|\r|\n)\s*")
+# a lone \r only where no \n follows (else one CRLF read as two line ends: every line a paragraph)
+_PARA_BREAK = re.compile(r"(?:\r\n|\r(?!\n)|\n)[^\S\r\n]*(?:\r\n|\r(?!\n)|\n)\s*")
 _SENTENCE = re.compile(  # the end of a sentence and the whitespace after it: cut at its end
     r"""(?:[.!?]["'\u201d\u2019)\]]*\s+"""
     r"""|[\u3002\uff01\uff1f]["'\u201d\u2019\u300d\u300f\uff09]*\s*)(?=\S)"""

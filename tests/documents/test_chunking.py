@@ -488,3 +488,24 @@ def test_window_edge_inside_a_token_takes_the_pieces_own_ids(hf_offsets: bool) -
     chunks, _ = chunk_text(_ref("f.md", PROSE, "markdown"), text, "h", cc, load_tokenizer(), hf_offsets=hf_offsets)
     assert len(chunks) >= 2
     check_chunks(text, chunks, cc)
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+@pytest.mark.parametrize("rel, modality, language", [("main.go", CODE, "go"), ("notes.md", PROSE, "markdown")])
+def test_a_file_with_windows_or_old_mac_line_ends_is_chunked_as_its_lf_twin(newline, rel, modality, language):
+    """Every CRLF line end read as a blank line (the regex split \\r\\n into \\r and \\n), so each line
+    of a CRLF Go or Markdown file was a block or paragraph of its own: chunks cut functions and
+    paragraphs that fit whole (`func f22() int {` ended one chunk, its body began the next)."""
+    if modality == CODE:
+        text = 'package main\n\nimport "fmt"\n\n' + "\n".join(
+            f'func f{i}() int {{\n\tfmt.Println("hello {i}")\n\treturn {i}\n}}\n' for i in range(80))
+    else:
+        text = "\n\n".join(f"Paragraph {i} opens here on alpha and beta.\nIts second line goes on about kappa.\n"
+                           f"Then zeta ends it for good." for i in range(60)) + "\n"
+    cc = ChunkingConfig()
+    tok = load_tokenizer()
+    lf, _ = chunk_text(_ref(rel, modality, language), text, "h", cc, tok)
+    other, _ = chunk_text(_ref(rel, modality, language), text.replace("\n", newline), "h", cc, tok)
+    assert [c.text.replace(newline, "\n") for c in other] == [c.text for c in lf]
+    if modality == CODE:
+        assert all(c.text.lstrip().startswith(("func f", "package", "import")) for c in other)

@@ -100,3 +100,14 @@ def test_explicit_sources_are_taken_even_if_hidden_or_ignored(tmp_path: Path) ->
     assert _rels(root / "sub") == ["a.txt"]  # not ignored itself: the top .gitignore applies inside it
     refs, _ = discover([log], DocumentsConfig(), root=root)
     assert [r.rel_path for r in refs] == ["x.log"]
+
+
+def test_a_gitignore_that_starts_with_a_bom_keeps_its_first_rule(tmp_path: Path) -> None:
+    """Windows editors save .gitignore with a UTF-8 BOM: its first pattern read as "\\ufeffbuild/" and
+    matched nothing, so build/ was ingested while git ignores it."""
+    (tmp_path / ".git" / "info").mkdir(parents=True)
+    (tmp_path / ".gitignore").write_bytes(b"\xef\xbb\xbfbuild/\n*.log\n")
+    (tmp_path / ".git" / "info" / "exclude").write_bytes(b"\xef\xbb\xbfsecret.txt\n")
+    for rel in ("build/out.js", "src/m.c", "run.log", "secret.txt"):
+        _write(tmp_path, rel)
+    assert _rels(tmp_path) == ["src/m.c"]

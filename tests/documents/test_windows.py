@@ -148,3 +148,16 @@ def test_a_long_python_file_is_cut_at_statements_and_chunked_by_them():
     chunks, refs = chunk_in_windows(ref("pkg/big.py", CODE, "python"), broken, "h", SMALL)
     check_rules(broken, chunks, SMALL.chunk_tokens)
     assert "late_module" in refs and "os" in refs
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_long_texts_are_cut_at_blank_lines_whatever_their_line_ends(newline):
+    """window_bounds looked for "\\n\\n" only: a CRLF or CR-only file over the window size never got a
+    blank-line cut (it fell back to any line break)."""
+    from hades_gpu.documents.chunking import window_bounds
+
+    text = ("some words here" + newline) * 10 + newline
+    text = text * 1000
+    bounds = window_bounds(text, 5000)
+    assert len(bounds) > 5
+    assert all(text[:end].endswith(newline * 2) for _, end in bounds[:-1]), [repr(text[end - 6:end]) for _, end in bounds[:3]]
