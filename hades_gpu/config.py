@@ -191,6 +191,9 @@ class DocumentsConfig(_KnownFields):
             "**/*.pyc",
         ]
     )
+    # globs excluded besides `exclude`: setting `exclude` replaces its defaults (node_modules/ and
+    # __pycache__/ were ingested once a user set it to add one folder); this adds to them
+    extra_exclude: list[str] = field(default_factory=list)
     max_file_bytes: int = 16 * 1024 * 1024  # larger files are skipped with reason "too_large"
     encoding: str = "utf-8"
     # detect: not `encoding` -> the legacy encoding charset-normalizer finds (recorded per document);
@@ -212,6 +215,10 @@ class DocumentsConfig(_KnownFields):
     # filled from several folders in turn (each README.md kept), a single edited file or a list of
     # files matching a whole-folder run's ids
     root: Optional[str] = None
+
+    def excluded(self) -> list[str]:
+        """Every exclude glob: `exclude` and `extra_exclude`."""
+        return [*self.exclude, *self.extra_exclude]
 
 
 @dataclass

@@ -135,20 +135,25 @@ def test_missing_corpus_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_empty_corpus_says_so_in_one_line_exit_0(tmp_path):
-    """Nothing to ingest is no failure (an emptied folder re-run), but a silent 0 hid a wrong folder or
-    a documents.include that matched nothing."""
+def test_a_corpus_of_no_documents_is_one_line_exit_1_and_an_emptied_one_exit_0(tmp_path):
+    """A fresh output of no documents (a documents.include glob that matched nothing, a wrong folder)
+    exited 0, and `hades-ingest ... && hades-isne ...` went on: now the NothingIngestedError line,
+    exit 1. An emptied corpus re-run over an output that holds documents is no failure: one warning
+    line, exit 0."""
     empty = tmp_path / "empty"
     (empty / ".hidden").mkdir(parents=True)
     (empty / ".hidden" / "a.md").write_text("# hidden\n")
+    proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}")
+    _assert_one_line(proc, 1, "nothing ingested: no documents found in", str(empty), "case-sensitive")
+    assert not (tmp_path / "out" / "edges.parquet").exists()  # no graph of nothing
+    (empty / "b.md").write_text("# visible\n\nSome text.\n")
+    proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}", "isne.enabled=false")
+    assert proc.returncode == 0 and "no documents found" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    (empty / "b.md").unlink()
     proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}", "isne.enabled=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "no documents found" in ln]
     assert len(said) == 1 and str(empty) in said[0] and "nothing to ingest" in said[0], proc.stderr[-3000:]
-    # a corpus with a document says nothing of the kind
-    (empty / "b.md").write_text("# visible\n\nSome text.\n")
-    proc = _ingest(f"corpus={empty}", f"output={tmp_path / 'out'}", "isne.enabled=false")
-    assert proc.returncode == 0 and "no documents found" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
 def test_debug_shows_the_traceback(tmp_path):

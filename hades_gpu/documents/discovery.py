@@ -200,7 +200,8 @@ def matches_any(rel_path: str, patterns: Iterable[str]) -> bool:
 
 
 def _folder_excluded(rel_dir: str, cfg: DocumentsConfig) -> bool:
-    return matches_any(rel_dir, cfg.exclude) or matches_any(rel_dir + "/", cfg.exclude)
+    excluded = cfg.excluded()
+    return matches_any(rel_dir, excluded) or matches_any(rel_dir + "/", excluded)
 
 
 def source_list(sources: Union[PathLike, bytes, Iterable[Union[PathLike, bytes]]]) -> list[str]:
@@ -456,7 +457,7 @@ class _Walker:
                 self.deferred.append((entry.path, rel, base, ignores, True))
                 return None
             return rel if self._enter(entry.path) else None
-        if not matches_any(rel, cfg.include) or matches_any(rel, cfg.exclude):
+        if not matches_any(rel, cfg.include) or matches_any(rel, cfg.excluded()):
             return None
         if is_link and not cfg.follow_symlinks:
             self.skips.append(Skip(entry.path, "symlink",

@@ -89,7 +89,14 @@ class NothingIngestedError(RuntimeError):
     there. Raised so that a script, a notebook cell or the CLI exits non-zero; the run's
     `IngestResult` (with every skip named, and metrics.json on disk) is in `.result`."""
 
-    def __init__(self, result: "IngestResult") -> None:
+    def __init__(self, result: "IngestResult", none_found: Optional[str] = None) -> None:
+        self.result = result
+        self.none_found = none_found
+        if none_found is not None:
+            super().__init__(f"nothing ingested: no documents found in {none_found} (hidden files, .gitignore'd files, "
+                             f"files outside documents.include (case-sensitive globs) or in documents.exclude, and "
+                             f"ingest outputs are not documents)")
+            return
         reasons: dict[str, int] = {}
         # the run's own output inside the corpus is no document: it is not one of those that failed
         documents = [s for s in result.skipped if s["reason"] != "output_folder"] or list(result.skipped)
@@ -106,7 +113,7 @@ class NothingIngestedError(RuntimeError):
         self.result = result
 
     def __reduce__(self):  # re-raised in a parent process (joblib/loky, multiprocessing): rebuilt from the result
-        return (type(self), (self.result,))
+        return (type(self), (self.result, self.none_found))
 
 
 def _write_metrics(out: Path, snapshot: dict[str, Any], shard: Optional[ShardSpec] = None) -> dict[str, Any]:
@@ -278,11 +285,20 @@ class IngestPipeline:
     def _ingest_sources(self, sources: list[str], out: Path) -> IngestResult:
         """Discover `sources` and ingest them into `out` (under its lock)."""
         refs, skips = discover_for_output(sources, self.config.documents, out, self.skip_folders)
+        result = self._ingest_releasing_claims(refs, skips, out, sources)
         if not refs and not skips:
-            log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include or in "
-                        "documents.exclude and the output folder itself are not documents): nothing to ingest",
-                        ", ".join(map(printable, sources)))
-        return self._ingest_releasing_claims(refs, skips, out, sources)
+            where = ", ".join(map(printable, sources))
+            if self.shard.sharded or result.documents_removed or committed_parts(out):
+                # an emptied corpus re-run over an output that holds documents: no failure, said once
+                # (a shard's share may be empty too)
+                log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include "
+                            "or in documents.exclude and the output folder itself are not documents): nothing to "
+                            "ingest", where)
+            else:
+                # an empty output made of nothing: a glob that matched nothing (`include=[**/*.py]` over
+                # MAIN.PY) exited 0, and `hades-ingest ... && hades-isne ...` went on
+                raise NothingIngestedError(result, none_found=where)
+        return result
 
     def _ingest_releasing_claims(self, refs: DocumentList, skips: list[Skip], out: Path,
                                  sources: Optional[list[str]] = None, corpus_found: bool = False) -> IngestResult:

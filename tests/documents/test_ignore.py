@@ -111,3 +111,13 @@ def test_a_gitignore_that_starts_with_a_bom_keeps_its_first_rule(tmp_path: Path)
     for rel in ("build/out.js", "src/m.c", "run.log", "secret.txt"):
         _write(tmp_path, rel)
     assert _rels(tmp_path) == ["src/m.c"]
+
+
+def test_extra_exclude_adds_to_the_default_excludes_which_exclude_replaces(tmp_path: Path) -> None:
+    """A user who set documents.exclude=[**/vendor/**] to skip one folder had node_modules/ and
+    __pycache__/ ingested (the list replaces the defaults, silently): extra_exclude adds to them."""
+    for rel in ("node_modules/lodash/index.js", "vendor/lib.c", "src/m.c", "__pycache__/x.txt"):
+        _write(tmp_path, rel)
+    assert _rels(tmp_path, DocumentsConfig(extra_exclude=["**/vendor/**"])) == ["src/m.c"]
+    assert _rels(tmp_path, DocumentsConfig(exclude=["**/vendor/**"])) == ["__pycache__/x.txt", "node_modules/lodash/index.js",
+                                                                         "src/m.c"]
