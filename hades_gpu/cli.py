@@ -233,6 +233,16 @@ def _hydra_unescapes_to_a_path(parser: Any, arg: str, value: str) -> bool:
             and not os.path.lexists(os.path.expanduser(value)) and os.path.lexists(os.path.expanduser(unescaped)))
 
 
+def is_sweep(args: list[str]) -> bool:
+    """`-m`/`--multirun`, or `hydra.mode=MULTIRUN` in any of the forms Hydra takes (`+`/`++`, spaces,
+    quotes): each check that asked only for `-m` let `hydra.mode='MULTIRUN'` through."""
+    def multirun_mode(arg: str) -> bool:
+        key, eq, value = arg.replace(" ", "").lstrip("+").partition("=")
+        return bool(eq) and key == "hydra.mode" and value.strip("'\"") == "MULTIRUN"
+
+    return any(a in ("-m", "--multirun") or multirun_mode(a) for a in args)
+
+
 def quote_path_overrides(argv: list[str]) -> list[str]:
     """`corpus=café` (Hydra: "LexerNoViableAltException") becomes `corpus='café'`; a path value with
     spaces at its start or end, which Hydra strips (`"corpus=/data/  "` ingested `/data`), is a
@@ -243,7 +253,7 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
 
     parser = OverridesParser.create()
     # a sweep: -m, or hydra.mode=MULTIRUN (its commas are sweeps too, not parts of a path)
-    sweep = any(a in ("-m", "--multirun") or a.replace(" ", "").lstrip("+") == "hydra.mode=MULTIRUN" for a in argv)
+    sweep = is_sweep(argv)
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -475,7 +485,7 @@ def _refuse_misplaced_output(args: list[str]) -> None:
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    multirun = any(a in ("-m", "--multirun") for a in args)
+    multirun = is_sweep(args)
     for arg in args:
         key = arg.partition("=")[0].lstrip("+~")
         if key not in ("output", "hydra.sweep.dir", "hydra.run.dir") or arg.startswith("-"):
@@ -502,7 +512,7 @@ def name_swept_corpus(args: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if not any(a in ("-m", "--multirun") for a in args) or any(a.lstrip("+~").startswith(EXCLUDE_KEYS) for a in args):
+    if not is_sweep(args) or any(a.lstrip("+~").startswith(EXCLUDE_KEYS) for a in args):
         return args
     parser = OverridesParser.create()
     for arg in args:
@@ -526,6 +536,15 @@ def _check_corpus(corpus: Optional[str]) -> None:
         raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
 
 
+def _refuse_empty_folders(values: dict[str, str]) -> None:
+    """`output=` (the run went to ./outputs/<time>/, a folder never named) and `hydra.run.dir=` /
+    `hydra.sweep.dir=` (the output's files went into the working folder itself) given empty."""
+    for key in ("output", "hydra.run.dir", "hydra.sweep.dir"):
+        if key in values and not values[key].strip():
+            raise ConfigError(f"{key}= is empty: name the output folder (or leave {key}= out for "
+                              f"{'multirun' if key == 'hydra.sweep.dir' else 'outputs'}/<date>_<time>/)")
+
+
 def check_ingest_paths(args: list[str]) -> None:
     """`corpus=` that does not exist, or `output=` equal to the corpus, refused before Hydra runs the
     job: Hydra makes the job's folder (`.hydra/`, `<job>.log`) in the output first, so the refusal left
@@ -534,8 +553,7 @@ def check_ingest_paths(args: list[str]) -> None:
 
     values = _literal_values(args, ("corpus", "output", "hydra.run.dir", "hydra.sweep.dir"))
     corpus, output = values.get("corpus"), values.get("output")
-    if output is not None and not output.strip():  # the run went to ./outputs/<time>/, a folder never named
-        raise ConfigError("output= is empty: name the output folder (or leave output= out for outputs/<date>_<time>/)")
+    _refuse_empty_folders(values)
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         job_dir = values.get(key)
         if job_dir is None:
@@ -573,7 +591,7 @@ def run_hydra_main(app: Callable[[], None], prog: str, precheck: Optional[Callab
         before = _output_before(sys.argv[1:])
         if precheck is not None:
             precheck(sys.argv[1:])
-        failures_folder = _begin_sweep_failures(any(a in ("-m", "--multirun") for a in sys.argv[1:]))
+        failures_folder = _begin_sweep_failures(is_sweep(sys.argv[1:]))
         app()
         failed = _end_sweep_failures(failures_folder)
         failures_folder = None
@@ -753,7 +771,7 @@ def check_isne_paths(args: list[str]) -> None:
     """`hades-isne` needs output= naming an ingest output, checked before Hydra runs the job: without
     output= Hydra made a fresh `outputs/<date>_<time>/` folder (never an ingest output) and left it
     behind with the refusal; a regular file there failed Hydra's mkdir with exit 1 and "File exists"."""
-    if any(a in ("-m", "--multirun") or a.replace(" ", "").lstrip("+") == "hydra.mode=MULTIRUN" for a in args):
+    if is_sweep(args):
         # each job trained a folder of its own (output/<job>, no ingest output) and left it in the dataset
         raise ConfigError("hades-isne trains the one output given, and -m would make a folder per job inside it: run "
                           "hades-isne once per setting, or compare settings with `hades-bench -m bench=isne "
@@ -766,8 +784,9 @@ def check_isne_paths(args: list[str]) -> None:
         raise ConfigError(f"output={values['output']} and hydra.run.dir={values['hydra.run.dir']} both name the output "
                           f"folder: give one (output= sets hydra.run.dir)")
     dataset = values.get("output", values.get("hydra.run.dir"))
-    if dataset is not None and not dataset.strip():  # Hydra made outputs/<time>/ here, inside an output run from
-        raise ConfigError("output= is empty: give the ingest output folder (output=<folder hades-ingest wrote>)")
+    for key in ("output", "hydra.run.dir"):  # Hydra made outputs/<time>/ here, inside an output run from
+        if key in values and not values[key].strip():
+            raise ConfigError(f"{key}= is empty: give the ingest output folder ({key}=<folder hades-ingest wrote>)")
     if dataset is None:
         if any(a.partition("=")[0].lstrip("+~") in ("output", "hydra.run.dir") for a in args):
             return  # interpolated: the job checks it
@@ -818,11 +837,14 @@ def check_bench_paths(args: list[str]) -> None:
     under -m, the sweep's folder: an ingest output, or inside the corpus)."""
     from hades_gpu.benchmarks.jobs import check_job_folder
 
-    values = _literal_values(args, ("corpus", "output"))
-    if "output" not in values or "corpus" not in values:
+    values = _literal_values(args, ("corpus", "output", "hydra.run.dir", "hydra.sweep.dir"))
+    _refuse_empty_folders(values)
+    sweep = is_sweep(args)
+    folder = values.get("output", values.get("hydra.sweep.dir" if sweep else "hydra.run.dir"))
+    if folder is None or "corpus" not in values:
         return  # the job checks its own folder
-    output, corpus = user_path(values["output"]), str(user_path(values["corpus"]))
-    if not any(a in ("-m", "--multirun") for a in args):
+    output, corpus = user_path(folder), str(user_path(values["corpus"]))
+    if not sweep:
         check_job_folder(output, corpus)
         return
     from hades_gpu.records import path_within

@@ -766,3 +766,35 @@ def test_an_empty_output_is_refused_before_anything_is_written(tmp_path, corpus,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     _assert_one_line(proc, 2, "output= is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hydra_mode_multirun_in_any_form_is_a_sweep_for_every_check(tmp_path, ingested):
+    """`hydra.mode=MULTIRUN` (and `hydra.mode='MULTIRUN'`) got around the checks that asked for -m:
+    a swept corpus went unnamed in the job folders (corpus=b,a resumed the other corpus's job) and
+    hades-isne swept, leaving job folders inside the output."""
+    from hades_gpu.cli import EXCLUDE_KEYS, is_sweep, name_swept_corpus
+
+    for form in ("-m", "--multirun", "hydra.mode=MULTIRUN", "hydra.mode='MULTIRUN'", "++hydra.mode=MULTIRUN",
+                 'hydra.mode="MULTIRUN"'):
+        assert is_sweep([form, "corpus=a,b"]), form
+        assert name_swept_corpus([form, "corpus=a,b"])[-1] == f"{EXCLUDE_KEYS}=[output]", form
+    assert not is_sweep(["hydra.mode=RUN", "corpus=a"]) and name_swept_corpus(["corpus=a"]) == ["corpus=a"]
+    before = sorted(p.name for p in ingested.iterdir())
+    _assert_one_line(_ingest(f"output={ingested}", "isne.epochs=2,3", "hydra.mode='MULTIRUN'", module="isne_main"), 2,
+                     "-m", prog="hades-isne")
+    assert sorted(p.name for p in ingested.iterdir()) == before
+
+
+def test_an_empty_hydra_run_dir_is_refused_and_a_bench_run_dir_is_checked_before_hydra_writes(tmp_path, corpus,
+                                                                                               ingested):
+    """`hydra.run.dir=` put the output's files into the working folder itself (exit 0); `hades-bench
+    hydra.run.dir=<ingest output>` was refused only after Hydra had rewritten the output's .hydra/."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", "hydra.run.dir="], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, 2, "hydra.run.dir= is empty")
+    assert list(tmp_path.iterdir()) == []
+    overrides = (ingested / ".hydra" / "overrides.yaml").read_text()
+    _assert_one_line(_ingest(f"corpus={corpus}", f"hydra.run.dir={ingested}", module="bench_main"), 2,
+                     "is an ingest output", prog="hades-bench")
+    assert (ingested / ".hydra" / "overrides.yaml").read_text() == overrides
