@@ -252,8 +252,8 @@ _ACCENTED_LETTER_BYTES = frozenset(range(0xC0, 0x100)) - {0xD7, 0xF7}  # À..ÿ 
 
 
 def _lone_accented_letters(data: bytes) -> bool:
-    """Every byte >= 0x80 is alone between ASCII bytes and reads as an accented letter (À..ÿ) in
-    cp1252. A multi-byte East Asian text of more than a few characters has two high bytes side by
+    """Every byte >= 0x80 is alone between ASCII bytes, right after an ASCII letter, and reads as an
+    accented letter (À..ÿ) in cp1252. A multi-byte East Asian text of more than a few characters has two high bytes side by
     side (EUC: every character; Big5, GBK, Shift-JIS: a trail byte >= 0x80, or a lead byte right
     after another character), and Shift-JIS kana have lead bytes 0x81-0x9F (ƒ, ‚ in cp1252); a
     Western text has one lone byte per accented letter, which such a codec reads with the next ASCII
@@ -261,7 +261,10 @@ def _lone_accented_letters(data: bytes) -> bool:
     last = -2
     for m in _HIGH_BYTE.finditer(data):
         i = m.start()
-        if i == last + 1 or data[i] not in _ACCENTED_LETTER_BYTES:
+        # inside or at the end of a word ("böse", "café"): a Big5 character with an ASCII trail byte
+        # also reads as one accented letter ("權" as "Åv"), but after a quote or a space, as Chinese
+        # text stands, not after a Latin letter
+        if i == last + 1 or data[i] not in _ACCENTED_LETTER_BYTES or i == 0 or not chr(data[i - 1]).isalpha():
             return False
         last = i
     return last >= 0

@@ -164,7 +164,11 @@ def test_read_text_decodes_and_records_the_encoding(tmp_path: Path, name, text, 
     ("東京都の天気は晴れです。".encode("shift_jis"), "東京都の天気は晴れです。", "cp932"),
     ("中文沒有空格。".encode("big5"), "中文沒有空格。", "big5"),
     ("한국어 텍스트".encode("euc_kr"), "한국어 텍스트", "cp949"),
-], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean"])
+    # one Big5 character whose trail byte is ASCII reads as one accented letter too ("權" as "Åv"):
+    # after a quote or a space, it stays Chinese
+    ('name = "權"\n'.encode("big5"), 'name = "權"\n', "big5"),
+    ("# 觀 護 權\n".encode("big5"), "# 觀 護 權\n", "big5"),
+], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean", "big5-one-char", "big5-words"])
 def test_short_files_lone_accents_are_latin_and_east_asian_text_is_not(tmp_path: Path, raw, text, recorded) -> None:
     p = tmp_path / "short.py"
     p.write_bytes(raw)
