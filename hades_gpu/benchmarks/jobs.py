@@ -156,6 +156,19 @@ class _Sampler:
 FEED_WORK_DIR = "feed-work"  # benchmarks.feed_bench's scratch folder in the job folder
 
 
+def is_bench_result(row: Any) -> bool:
+    """A job's result as `run_job` and `write_failed_result` write it: the job's name and its status
+    (a user's own `result.json`, `{"acc": 1}`, is none: the report made a row of it)."""
+    return isinstance(row, dict) and isinstance(row.get("job"), str) and isinstance(row.get("status"), str)
+
+
+def _holds_a_bench_result(path: Path) -> bool:
+    try:
+        return is_bench_result(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def check_job_folder(job_dir: Path, corpus: str) -> None:
     """Refuse a job folder whose contents the job would replace or ingest, before anything is
     written. A job writes result.json and metrics.json into its folder and replaces its `dataset/`
@@ -172,7 +185,7 @@ def check_job_folder(job_dir: Path, corpus: str) -> None:
     if here == corpus_real or path_within(here, corpus_real):
         raise ConfigError(f"output {job_dir} is inside the corpus {corpus}: every job would ingest the bench's own files "
                           f"(result.json, metrics.json, earlier jobs' folders); give an output outside the corpus")
-    made_by_bench = (job_dir / RESULT_FILE).is_file()
+    made_by_bench = _holds_a_bench_result(job_dir / RESULT_FILE)
     for name in (DATASET_DIR, FEED_WORK_DIR):
         folder = job_dir / name
         inside = os.path.realpath(folder)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hades_gpu.benchmarks.jobs import RESULT_FILE
+from hades_gpu.benchmarks.jobs import RESULT_FILE, is_bench_result
 from hades_gpu.optional import require
 
 PLOTS = {"throughput": "throughput.png", "memory": "peak_memory.png", "padding": "padding.png"}
@@ -39,6 +39,9 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
             continue
         if not isinstance(row, dict):  # valid JSON, but no job's result
             print(f"hades-report: skipping {path}: not a JSON object (a {type(row).__name__})", file=sys.stderr)
+            continue
+        if not is_bench_result(row):
+            print(f"hades-report: skipping {path}: not a hades-bench result (no job and status)", file=sys.stderr)
             continue
         budget = row.get("max_batch_tokens")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):

@@ -345,6 +345,13 @@ def test_a_relative_corpus_with_hydra_job_chdir_is_read_from_where_the_command_r
     assert row["bench"]["job"] == "feed"  # the job's own settings recorded
 
 
+def _only_a_users_result(tmp_path):
+    folder = tmp_path / "users"
+    folder.mkdir()
+    (folder / "result.json").write_text('{"acc": 1}')
+    return folder
+
+
 def test_a_bench_never_deletes_or_overwrites_what_it_did_not_make(tmp_path):
     """`hades-bench output=proj` deleted `proj/dataset` whatever it held (the corpus itself for
     `corpus=proj/dataset`), overwrote an ingest output's metrics.json, and a job folder inside the
@@ -368,5 +375,9 @@ def test_a_bench_never_deletes_or_overwrites_what_it_did_not_make(tmp_path):
     # a folder an earlier bench run made (result.json beside its dataset/) is the bench's to replace
     earlier = tmp_path / "earlier"
     (earlier / "dataset").mkdir(parents=True)
-    (earlier / "result.json").write_text("{}")
+    (earlier / "result.json").write_text('{"acc": 1}')  # a user's own result.json: not the bench's
+    with pytest.raises(ConfigError, match="hades-bench did not make it"):
+        jobs.check_job_folder(earlier, str(corpus))
+    (earlier / "result.json").write_text('{"job": "ingest", "status": "ok"}')
     jobs.check_job_folder(earlier, str(corpus))
+    assert report.collect_results(tmp_path / "earlier") and not report.collect_results(_only_a_users_result(tmp_path))
