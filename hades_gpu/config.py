@@ -524,9 +524,11 @@ def load_pipeline_config(profile: Optional[str] = None, overrides: Sequence[str]
     bad = [o for o in overrides if not isinstance(o, str) or ("=" not in o and not o.startswith("~"))]
     if bad:
         raise ConfigError(f"overrides must be strings of the form key=value (got {bad[0]!r})")
-    named = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip().lstrip("+") == "profile"]
-    if given is not None and any(n != given for n in named):
-        raise ConfigError(f"profile={given!r} and the override 'profile={named[-1]}' name two profiles: give one")
+    named = [o.split("=", 1)[1].strip().strip("'\"") for o in overrides
+             if o.split("=", 1)[0].strip().lstrip("+") == "profile"]
+    other = next((n for n in named if n != given), None)
+    if given is not None and other is not None:
+        raise ConfigError(f"profile={given!r} and the override 'profile={other}' name two profiles: give one")
     all_overrides = [f"profile={profile}", *overrides]
     try:
         cfg = _compose_own_conf(all_overrides)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ import torch
 
 from hades_gpu.config import GraphConfig
 from hades_gpu.gpu.device import select_device
-from hades_gpu.graph.io import ChunkTable, index_of, load_chunk_ids, load_chunk_table, load_document_table
+from hades_gpu.graph.io import (ChunkTable, DocumentTable, index_of, load_chunk_ids, load_chunk_table,
+                                load_document_table)
 from hades_gpu.graph.knn import knn_blocked
 from hades_gpu.graph.references import ReferenceResolver
 from hades_gpu.store.atomic import atomic_write_parquet
@@ -178,13 +180,23 @@ def same_document_edges(chunks: ChunkTable, fanout: int) -> tuple[np.ndarray, np
     return order[src_sorted], order[dst_sorted]
 
 
+def package_root_names(docs: DocumentTable) -> set[str]:
+    """The names a corpus folder that is itself a package (an `__init__.py` at its top) is imported by:
+    its own, and its real folder's when it was given through a link (`corpus=linkpkg` to `mypkg/`:
+    the code says `import mypkg.util`)."""
+    names: set[str] = set()
+    for root, rel in zip(docs.corpus_roots, docs.rel_paths):
+        if root and rel == "__init__.py":
+            names.update(n for n in (posixpath.basename(root), posixpath.basename(os.path.realpath(root))) if n)
+    return names
+
+
 def reference_edges(chunks: ChunkTable, output_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     docs = load_document_table(output_dir)
     stats = {"references": 0, "resolved": 0, "doc_pairs": 0}
     if not docs.doc_ids or len(chunks) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
-    resolver = ReferenceResolver(docs.rel_paths, package_roots={name for name, rel in zip(docs.root_names, docs.rel_paths)
-                                                                if name and rel == "__init__.py"})
+    resolver = ReferenceResolver(docs.rel_paths, package_roots=package_root_names(docs))
     pairs: set[tuple[int, int]] = set()
     for i, refs in enumerate(docs.references):
         for ref in refs:

@@ -91,16 +91,16 @@ class DocumentTable:
     rel_paths: list[str]
     languages: list[str]
     references: list[list[str]]
-    root_names: list[str] = field(default_factory=list)  # the name of the folder each rel_path is relative to
+    corpus_roots: list[str] = field(default_factory=list)  # the folder each rel_path is relative to ("": unknown)
 
 
-def corpus_root_name(path: str, rel_path: str) -> str:
-    """The name of the corpus folder a document lies in (`/x/h11` for `/x/h11/_util.py`, `_util.py`),
-    or "" when the path does not end in its rel_path (a single-file corpus, an escaped name)."""
+def corpus_root(path: str, rel_path: str) -> str:
+    """The corpus folder a document lies in (`/x/h11` for `/x/h11/_util.py`, `_util.py`), or "" when
+    the path does not end in its rel_path (a single-file corpus, an escaped name)."""
     path, rel_path = path.replace("\\", "/"), rel_path.replace("\\", "/")
     if not rel_path or not path.endswith("/" + rel_path):
         return ""
-    return posixpath.basename(path[: -len(rel_path) - 1])
+    return path[: -len(rel_path) - 1]
 
 
 def load_document_table(output_dir: str | os.PathLike) -> DocumentTable:
@@ -120,7 +120,7 @@ def load_document_table(output_dir: str | os.PathLike) -> DocumentTable:
         rel_paths=rel_paths,
         languages=[x or "" for x in langs],
         references=[list(r or []) for r in refs],
-        root_names=[corpus_root_name(p or "", r or "") for p, r in zip(paths, rel_paths)],
+        corpus_roots=[corpus_root(p or "", r or "") for p, r in zip(paths, rel_paths)],
     )
 
 

@@ -244,7 +244,7 @@ class IngestPipeline:
     def _output_dir(self, output: Optional[PathLike]) -> Path:
         chosen = output if output is not None else self.config.output
         # Path("") is "." (the working directory): test the value given, not the Path made of it
-        if chosen is None or (isinstance(chosen, (str, bytes)) and not chosen.strip()):
+        if chosen is None or (isinstance(chosen, (str, bytes, os.PathLike)) and not os.fspath(chosen).strip()):
             raise ConfigError("an output folder is required (config.output or process_batch(..., output=...))")
         return path_argument(chosen, "output" if output is not None else "config.output")
 

@@ -38,7 +38,8 @@ def format_hits(result) -> str:
     for h in result.hits:
         lines = f"{h.line_start}-{h.line_end}" if h.line_start is not None else "?"
         extra = f"  cosine {h.cosine:.4f}" if h.score != h.cosine else ""
-        via = "  via graph" if h.via == "graph" else ""
+        # a hit past the --expand isne pool is ranked below it whatever its score: said, as --json does
+        via = {"graph": "  via graph", "text_past_pool": "  past the re-ranked pool"}.get(h.via, "")
         out.append(f"{h.rank:>3}. {h.score:.4f}{extra}{via}  {printable(h.path)}:{lines}  [{h.chunk_id}]")
         if h.snippet:
             out.append(f"     {printable(h.snippet)}")  # a chunk's escape sequences recoloured the terminal

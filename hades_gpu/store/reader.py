@@ -166,8 +166,10 @@ def check_chunk_vectors(vectors: np.ndarray, output: str | os.PathLike, chunk_id
 
 
 # ISNE vectors are neighbour means of θ: lengths vary (0 for an isolated chunk), so only a length this
-# far above the median non-zero one is damage (bytes overwritten read as 1e15 or NaN)
+# far above the median non-zero one is damage (bytes overwritten read as 1e15 or NaN), or above a
+# length no training reaches (θ starts at 0.1 per value; a file of two vectors has no median to speak of)
 ISNE_ABSURD_NORM_RATIO = 1e3
+ISNE_ABSURD_NORM = 1e6
 
 
 def damaged_isne_rows(vectors: np.ndarray) -> np.ndarray:
@@ -180,7 +182,8 @@ def damaged_isne_rows(vectors: np.ndarray) -> np.ndarray:
     finite = np.isfinite(norms)
     nonzero = norms[finite & (norms > 0)]
     typical = float(np.median(nonzero)) if nonzero.size else 0.0
-    return ~finite | ((norms > ISNE_ABSURD_NORM_RATIO * typical) if typical > 0 else np.zeros(len(norms), dtype=bool))
+    relative = (norms > ISNE_ABSURD_NORM_RATIO * typical) if typical > 0 else np.zeros(len(norms), dtype=bool)
+    return ~finite | relative | (norms > ISNE_ABSURD_NORM)
 
 
 def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -196,6 +199,7 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
                                      "writes it again") from err
         ids.extend(t.column("chunk_id").to_pylist())
         bad = damaged_isne_rows(vecs[-1])
+        bad |= ~t.column("isne_embedding").is_valid().to_numpy(zero_copy_only=False)  # a null row: never written so
         if bad.any():
             first = t.column("chunk_id")[int(np.flatnonzero(bad)[0])].as_py()
             raise DamagedOutputError(f"{f}: {int(bad.sum())} damaged ISNE vector(s) (not finite, or of an absurd "

@@ -282,7 +282,7 @@ def _check_derived(output: Path, full: bool) -> list[str]:
             try:
                 if path in isne_files:  # values read too: bytes overwritten read as NaN (a few MB per 10^5 chunks)
                     vectors = pq.read_table(path, columns=["isne_embedding"]).column("isne_embedding")
-                    bad = int(damaged_isne_rows(embeddings_to_numpy(vectors)).sum())
+                    bad = int(damaged_isne_rows(embeddings_to_numpy(vectors)).sum()) + vectors.null_count
                     if bad:
                         problems.append(f"{path}: {bad} damaged ISNE vector(s) (not finite, or of an absurd length); "
                                         f"`hades-isne output={output}` writes them again")

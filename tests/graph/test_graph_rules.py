@@ -295,3 +295,19 @@ def test_absolute_self_imports_resolve_when_the_corpus_folder_is_the_package(tmp
     write_output(tmp_path, docs, shard_split=1)
     _, _, stats = reference_edges(load_chunk_table(tmp_path, with_embeddings=False), tmp_path)
     assert stats == {"references": 3, "resolved": 3, "doc_pairs": 3}
+
+
+def test_a_package_corpus_given_through_a_link_is_imported_by_its_real_name(tmp_path: Path) -> None:
+    """corpus=linkpkg (a link to mypkg/): the code says `import mypkg.util`, and the root name was the
+    link's: 0 of its self-imports resolved."""
+    import os
+
+    from hades_gpu.graph.build import package_root_names
+    from hades_gpu.graph.io import DocumentTable
+
+    (tmp_path / "mypkg").mkdir()
+    os.symlink(tmp_path / "mypkg", tmp_path / "linkpkg")
+    docs = DocumentTable(["a", "b"], ["__init__.py", "util.py"], ["python"] * 2, [[], []],
+                         corpus_roots=[str(tmp_path / "linkpkg")] * 2)
+    assert package_root_names(docs) == {"linkpkg", "mypkg"}
+    assert package_root_names(DocumentTable(["b"], ["util.py"], ["python"], [[]], corpus_roots=[str(tmp_path)])) == set()

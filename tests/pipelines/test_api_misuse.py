@@ -287,3 +287,20 @@ def test_a_profile_argument_and_a_profile_override_that_differ_are_refused():
     assert load_pipeline_config(overrides=["profile=low_memory"]).profile.name == "low_memory"
     assert load_pipeline_config("low_memory", ["profile=low_memory"]).profile.name == "low_memory"
     assert load_pipeline_config().profile.name == "balanced"
+    assert load_pipeline_config("low_memory", ["profile='low_memory'"]).profile.name == "low_memory"  # quoted: the same
+    with pytest.raises(ConfigError, match="'profile=balanced'"):  # the override that differs is named
+        load_pipeline_config("low_memory", ["profile=balanced", "profile=low_memory"])
+
+
+def test_a_blank_output_path_object_is_refused_as_a_blank_string_is(tmp_path, monkeypatch):
+    """`output="   "` was refused, `output=Path("   ")` made a folder named three spaces in the
+    working directory."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.md").write_text("text")
+    config = load_pipeline_config("low_memory", ["monitoring.progress=off", "isne.enabled=false"])
+    for blank in ("   ", Path("   "), b"  "):
+        with pytest.raises(ConfigError, match="an output folder is required"):
+            TextParallelPipeline(config).process_batch([tmp_path / "a.md"], output=blank)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md"]

@@ -116,6 +116,10 @@ def test_k_changes_how_many_hits_print_not_the_top_hits(search_output, embedder,
             assert len(many) == 60
             if expand == "isne":  # hits past the pool are marked so (a higher score below the pool looked wrong)
                 assert {h.via for h in many[:5]} == {"text"} and {h.via for h in many[5:]} == {"text_past_pool"}
+                from hades_gpu.retrieval.search_cli import format_hits
+
+                lines = [ln for ln in format_hits(s.search(query, 60, expand)).splitlines() if ln[:4].strip().rstrip(".").isdigit()]
+                assert sum("past the re-ranked pool" in ln for ln in lines) == 55, lines[:7]  # the text output says it too
 
 
 def test_exact_candidates_across_blocks(monkeypatch):

@@ -536,3 +536,32 @@ def test_strays_in_the_part_folders_are_noted_and_a_folder_named_like_a_part_doe
     reference = tmp_path / "reference"
     ingest(corpus, reference)
     assert chunk_rows(out) == chunk_rows(reference)  # each chunk once (the helper's no-stray check would fail)
+
+
+def test_isne_damage_is_found_in_a_file_of_two_vectors_and_in_null_rows(tmp_path):
+    """The length test compared with the file's median: in a two-chunk output a row of 1e20 was its own
+    median's half and passed, and a null row read as an isolated chunk's 0."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hades_gpu.isne.stage import write_isne_embeddings
+    from hades_gpu.store.reader import DamagedOutputError, damaged_isne_rows, read_isne_embeddings
+
+    ok = np.full((2, 4), 0.3, np.float32)
+    assert not damaged_isne_rows(ok).any() and not damaged_isne_rows(np.zeros((2, 4), np.float32)).any()
+    huge = ok.copy()
+    huge[1] = 1e20
+    assert damaged_isne_rows(huge).tolist() == [False, True]
+    out = tmp_path / "out"
+    (out / "isne").mkdir(parents=True)
+    path = out / "isne" / "embeddings-s0.parquet"
+    write_isne_embeddings(path, np.array(["a", "b"], dtype=object), ok)
+    assert read_isne_embeddings(out)[0] == ["a", "b"]
+    table = pq.read_table(path)
+    column = table.column("isne_embedding")
+    nulled = pa.array([column[0].as_py(), None], type=column.type)
+    pq.write_table(table.set_column(1, table.schema.field("isne_embedding"), nulled)
+                   .replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(DamagedOutputError, match="1 damaged ISNE vector"):
+        read_isne_embeddings(out)
