@@ -238,9 +238,13 @@ def is_sweep(args: list[str]) -> bool:
     quotes): each check that asked only for `-m` let `hydra.mode='MULTIRUN'` through."""
     def multirun_mode(arg: str) -> bool:
         key, eq, value = arg.replace(" ", "").lstrip("+").partition("=")
-        return bool(eq) and key == "hydra.mode" and value.strip("'\"") == "MULTIRUN"
+        # OmegaConf takes the enum's name, its value (2) and its qualified name
+        return bool(eq) and key == "hydra.mode" and value.strip("'\"") in ("MULTIRUN", "2", "RunMode.MULTIRUN")
 
-    return any(a in ("-m", "--multirun") or multirun_mode(a) for a in args)
+    def multirun_flag(arg: str) -> bool:  # argparse takes any unambiguous prefix: --mu, --multi
+        return arg == "-m" or (len(arg) >= 3 and "--multirun".startswith(arg))
+
+    return any(multirun_flag(a) or multirun_mode(a) for a in args)
 
 
 def quote_path_overrides(argv: list[str]) -> list[str]:
@@ -537,9 +541,9 @@ def _check_corpus(corpus: Optional[str]) -> None:
 
 
 def _refuse_empty_folders(values: dict[str, str]) -> None:
-    """`output=` (the run went to ./outputs/<time>/, a folder never named) and `hydra.run.dir=` /
-    `hydra.sweep.dir=` (the output's files went into the working folder itself) given empty."""
-    for key in ("output", "hydra.run.dir", "hydra.sweep.dir"):
+    """`hydra.run.dir=` / `hydra.sweep.dir=` given empty: the output's files went into the working
+    folder itself. (An empty `output=` is Hydra's outputs/<date>_<time>/, as conf/config.yaml says.)"""
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
         if key in values and not values[key].strip():
             raise ConfigError(f"{key}= is empty: name the output folder (or leave {key}= out for "
                               f"{'multirun' if key == 'hydra.sweep.dir' else 'outputs'}/<date>_<time>/)")

@@ -810,7 +810,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(gr.knn_k >= 1, "graph.knn_k", ">= 1", gr.knn_k)
     _check(-1 <= gr.knn_threshold <= 1, "graph.knn_threshold", "in [-1, 1]", gr.knn_threshold)
     if gr.knn and cfg.isne.edge_weights:  # a kNN edge weighs its cosine: at or below 0 ISNE refused it after the graph was written
-        _check(gr.knn_threshold > 0, "graph.knn_threshold", "> 0 while isne.edge_weights is on (a kNN edge weighs "
+        _check(gr.knn_threshold >= 0, "graph.knn_threshold", ">= 0 while isne.edge_weights is on (a kNN edge weighs "
                "its cosine x graph.knn_weight_scale; or isne.edge_weights=false)", gr.knn_threshold)
     _check(gr.knn_block_size >= 1, "graph.knn_block_size", ">= 1", gr.knn_block_size)
     _check(gr.same_document_fanout >= 0, "graph.same_document_fanout", ">= 0", gr.same_document_fanout)

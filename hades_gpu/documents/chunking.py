@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,17 @@ from hades_gpu.documents.tokenizer import load_tokenizer
 from hades_gpu.records import CODE, PROSE, Chunk, ChunkedDocument, DocumentRef, stable_id
 
 log = logging.getLogger(__name__)
+
+
+_LONE_CR = re.compile(r"\r(?!\n)")
+
+
+def line_shape(text: str) -> str:
+    """`text` with every lone CR (old Mac line ends) as LF, the same length: what the structure finders
+    read (statements, blocks, paragraphs, headings, imports and links look for line starts after
+    "\n"), while chunk offsets and texts stay the document's own. A CR-only Python file lost its
+    imports and its if/else structure; the tokens are the same (both are whitespace to the model)."""
+    return _LONE_CR.sub("\n", text) if "\r" in text else text
 
 
 def _is_python(ref: DocumentRef) -> bool:
@@ -78,26 +90,27 @@ def chunk_text(
     if budget < 1:
         raise ValueError(f"chunking.chunk_tokens must be >= 1 (got {budget})")
     references: list[str] = []
+    shape = line_shape(text)
     if ref.modality == CODE:
         structure: CodeStructure
-        python = _python_structure(ref, text) if _is_python(ref) else None
+        python = _python_structure(ref, shape) if _is_python(ref) else None
         if python is not None:
             structure, references = python, python.references(ref.rel_path)
         elif _is_python(ref):
-            structure = CodeStructure(text)
-            references = python_references_fallback(text, ref.rel_path)
+            structure = CodeStructure(shape)
+            references = python_references_fallback(shape, ref.rel_path)
         else:
-            structure = CodeStructure(text)
+            structure = CodeStructure(shape)
         children = structure.children
         units = structure.units()
         starts = structure.line_starts  # the structure's own: computed once per document
         overlap, absorb_top, keep_indent = 0, False, True
     else:
-        prose = ProseStructure(text)
+        prose = ProseStructure(shape)
         children = prose.children
-        units = prose_units(text, ref.language)
-        references = prose_references(text, ref.language)
-        starts = line_starts(text)
+        units = prose_units(shape, ref.language)
+        references = prose_references(shape, ref.language)
+        starts = line_starts(shape)
         overlap = min(chunking.overlap_tokens, max(0, budget // 2 - 1))
         absorb_top, keep_indent = True, False
     # the packer counts tokens at every top-level span and at the lines of the long ones: cut the
@@ -208,7 +221,8 @@ def chunk_in_windows(
     a few bytes per character while they are found) put the window cuts at top-level statements,
     so each window is chunked by its statements, and give the file's imports; Python whose lines
     cannot be found is chunked line-wise, its imports found by the line-based fallback."""
-    structure = _python_structure(ref, text) if _is_python(ref) else None
+    shape = line_shape(text)
+    structure = _python_structure(ref, shape) if _is_python(ref) else None
     chunks: list[Chunk] = []
     references: list[str] = []
     doc_id = ref.doc_id
@@ -216,7 +230,7 @@ def chunk_in_windows(
         path=ref.path, rel_path=ref.rel_path + ".window", size=ref.size, modality=ref.modality, language="unknown",
         mtime_ns=ref.mtime_ns)
     preferred = [s for s, _e, _sec in structure.units()] if structure is not None else None
-    for s, e in window_bounds(text, chunking.window_chars, preferred):
+    for s, e in window_bounds(shape, chunking.window_chars, preferred):
         piece, refs = chunk_text(window_ref, text[s:e], content_hash, chunking, tokenizer, hf_offsets=hf_offsets)
         for c in piece:
             k = len(chunks)
@@ -227,7 +241,7 @@ def chunk_in_windows(
     if structure is not None:
         references = structure.references(ref.rel_path)
     elif _is_python(ref):
-        references = python_references_fallback(text, ref.rel_path)
+        references = python_references_fallback(shape, ref.rel_path)
     return chunks, list(dict.fromkeys(references))
 
 

@@ -249,22 +249,29 @@ _MULTIBYTE_CODECS = {codecs.lookup(c).name for c in (
     "euc_jp", "euc_jis_2004", "euc_jisx0213", "euc_kr", "cp949", "johab", "cp950")}
 _HIGH_BYTE = re.compile(rb"[\x80-\xff]")
 _ACCENTED_LETTER_BYTES = frozenset(range(0xC0, 0x100)) - {0xD7, 0xF7}  # À..ÿ in cp1252, × and ÷ left out
+_BIG5 = {codecs.lookup(c).name for c in ("big5", "big5hkscs", "cp950")}
+# Big5's frequent characters (level 1) have lead bytes 0xA4-0xC6, half of them with an ASCII trail byte:
+# a lead byte 0xC0-0xC6 (À..Æ in cp1252) alone before an ASCII byte is as likely "權" as "Å"
+_BIG5_FREQUENT_LEADS = frozenset(range(0xC0, 0xC7))
 
 
-def _lone_accented_letters(data: bytes) -> bool:
-    """Every byte >= 0x80 is alone between ASCII bytes, right after an ASCII letter, and reads as an
-    accented letter (À..ÿ) in cp1252. A multi-byte East Asian text of more than a few characters has two high bytes side by
-    side (EUC: every character; Big5, GBK, Shift-JIS: a trail byte >= 0x80, or a lead byte right
-    after another character), and Shift-JIS kana have lead bytes 0x81-0x9F (ƒ, ‚ in cp1252); a
-    Western text has one lone byte per accented letter, which such a codec reads with the next ASCII
-    letter as one character (b'b\xf6se' as Big5 'b飉e')."""
+def _lone_accented_letters(data: bytes, picked: str) -> bool:
+    """Every byte >= 0x80 is alone between ASCII bytes and reads as an accented letter (À..ÿ) in cp1252,
+    and none of them is more likely a frequent character of the multi-byte codec `picked`: a Western
+    text has one lone byte per accented letter, which such a codec reads with the next ASCII letter as
+    one character (b'b\xf6se' as Big5 'b飉e', 'Über' as Big5, 'Bär' as Johab). With a character
+    pair, only Big5's frequent characters have a lone lead byte among them ('權' = C5 76 = 'Åv'):
+    those stay Big5 unless the letter sits right after a Latin one (inside a word, as in 'BÅv' it
+    cannot in Chinese text). GBK, Shift-JIS and Johab characters with an ASCII trail byte are rare
+    ones, and EUC's have two high bytes."""
     last = -2
     for m in _HIGH_BYTE.finditer(data):
         i = m.start()
-        # inside or at the end of a word ("böse", "café"): a Big5 character with an ASCII trail byte
-        # also reads as one accented letter ("權" as "Åv"), but after a quote or a space, as Chinese
-        # text stands, not after a Latin letter
-        if i == last + 1 or data[i] not in _ACCENTED_LETTER_BYTES or i == 0 or not chr(data[i - 1]).isalpha():
+        byte = data[i]
+        if i == last + 1 or byte not in _ACCENTED_LETTER_BYTES:
+            return False
+        after_letter = i > 0 and chr(data[i - 1]).isalpha()
+        if picked in _BIG5 and byte in _BIG5_FREQUENT_LEADS and not after_letter:
             return False
         last = i
     return last >= 0
@@ -339,7 +346,7 @@ def _detect(data: bytes) -> tuple[str, str] | None:
         return None
     best = matches[0]
     picked = codecs.lookup(best.encoding).name
-    if picked in _MULTIBYTE_CODECS and _lone_accented_letters(data):
+    if picked in _MULTIBYTE_CODECS and _lone_accented_letters(data, picked):
         text = _clean_latin(data, _PREFERRED)
         if text is not None:
             return text, _PREFERRED

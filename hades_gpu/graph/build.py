@@ -263,7 +263,8 @@ def build_chunk_graph(output_dir: str | os.PathLike, cfg: Optional[GraphConfig] 
         t = time.perf_counter()
         s, d, sim, knn_info = knn_edges(chunks.chunk_ids, chunks.embedding, cfg, output_dir)
         # a cosine is at most 1: identical chunks came out at 1.0000002 (float32 rounding)
-        add("knn", s, d, cfg.knn_weight_scale * np.minimum(sim, 1.0))
+        joined = sim > 0  # a cosine of 0 (graph.knn_threshold=0) joins nothing: no edge of weight 0
+        add("knn", s[joined], d[joined], cfg.knn_weight_scale * np.minimum(sim[joined], 1.0))
         seconds["knn"] = time.perf_counter() - t
     else:  # graph.knn=false: an index of older chunks goes too
         _discard_stale_index(output_dir, chunks.chunk_ids, chunks.embedding)

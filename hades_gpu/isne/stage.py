@@ -61,6 +61,14 @@ class NotAnIngestOutputError(FileNotFoundError):
     """The folder given to ISNE training is not a hades-ingest output (no manifest.json)."""
 
 
+def stage_devices(cfg: PipelineConfig) -> tuple[torch.device, torch.device]:
+    """(kNN device, ISNE device): `graph.device` and `isne.device`, ``auto`` meaning `gpu.device`.
+    Raises `DeviceError` for one that is not visible: the ingest checks this before its first
+    document (a cuda:3 on a box without it was found after the whole corpus was embedded)."""
+    return (select_device(following(cfg.graph.device, cfg.gpu.device)),
+            select_device(following(cfg.isne.device, cfg.gpu.device)))
+
+
 def stage_shard_name(shard: str) -> str:
     """The name the stage's files carry: the run's shard name, except that every ``shard=i/n`` run
     (and the cluster driver) writes the unsharded name, so an output holds one ISNE embeddings file."""

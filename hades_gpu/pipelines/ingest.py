@@ -228,6 +228,10 @@ class IngestPipeline:
         output and shard raises `OutputLockedError` at once. A ``shard=i/n`` run ingests its shard
         only and leaves the graph and ISNE stage to one run over all shards (one log line says so)."""
         out, sources = self._checked_output_and_sources(output, paths)
+        if self.config.isne.enabled and not self.shard.sharded:
+            from hades_gpu.isne.stage import stage_devices
+
+            stage_devices(self.config)  # a device the graph and ISNE stage cannot have: said before any embedding
         # SIGTERM and interpreter exit stop the job as Ctrl-C does, after its clean-up (`exit_guard`)
         with stoppable_run(), OutputLock(out, self.shard.label):
             result = self._ingest_sources(sources, out)
@@ -286,11 +290,10 @@ class IngestPipeline:
         """Discover `sources` and ingest them into `out` (under its lock)."""
         refs, skips = discover_for_output(sources, self.config.documents, out, self.skip_folders)
         result = self._ingest_releasing_claims(refs, skips, out, sources)
-        if not refs and not skips:
+        if not refs and all(skip.reason == "output_folder" for skip in skips):  # the corpus has no document at all
             where = ", ".join(map(printable, sources))
-            if self.shard.sharded or result.documents_removed or committed_parts(out):
+            if result.documents_removed or committed_parts(out):
                 # an emptied corpus re-run over an output that holds documents: no failure, said once
-                # (a shard's share may be empty too)
                 log.warning("no documents found in %s (hidden files, .gitignore'd files, files outside documents.include "
                             "or in documents.exclude and the output folder itself are not documents): nothing to "
                             "ingest", where)
@@ -649,7 +652,10 @@ class IngestPipeline:
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, printable(str(out)), result.documents_unchanged,
                  result.documents_skipped)
-        if result.documents_total and not result.documents_ingested and not result.documents_unchanged:
+        documents = [skip for skip in result.skipped if skip["reason"] != "output_folder"]
+        if documents and not result.documents_ingested and not result.documents_unchanged:
+            # (an output folder inside the corpus is no document: a run that found only it is one that
+            # found nothing, said by `_ingest_sources`; it was "all 1 document(s) failed (1 output_folder)")
             raise NothingIngestedError(result)
         return result
 

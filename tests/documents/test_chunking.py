@@ -509,3 +509,21 @@ def test_a_file_with_windows_or_old_mac_line_ends_is_chunked_as_its_lf_twin(newl
     assert [c.text.replace(newline, "\n") for c in other] == [c.text for c in lf]
     if modality == CODE:
         assert all(c.text.lstrip().startswith(("func f", "package", "import")) for c in other)
+
+
+def test_a_cr_only_python_or_markdown_file_keeps_its_statements_imports_and_links():
+    """Old Mac line ends (CR only): the statement and link finders look for line starts after "\n", so
+    a CR-only Python file lost its imports (no reference edge) and its if/else structure (a chunk began
+    with `else:`), and a Markdown reference link was not found."""
+    import sysconfig
+    from pathlib import Path
+
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "fnmatch.py").read_text()
+    cc, tok = ChunkingConfig(), load_tokenizer()
+    lf, lf_refs = chunk_text(_ref("fnmatch.py", CODE, "python"), source, "h", cc, tok)
+    cr, cr_refs = chunk_text(_ref("fnmatch.py", CODE, "python"), source.replace("\n", "\r"), "h", cc, tok)
+    assert cr_refs == lf_refs and "re" in cr_refs
+    assert [c.text.replace("\r", "\n") for c in cr] == [c.text for c in lf]
+    md = "Intro text here.\n\nSee [the guide][g].\n\n[g]: b.md\n"
+    _, md_refs = chunk_text(_ref("a.md", PROSE, "markdown"), md.replace("\n", "\r"), "h", cc, tok)
+    assert md_refs == ["b.md"]

@@ -168,7 +168,13 @@ def test_read_text_decodes_and_records_the_encoding(tmp_path: Path, name, text, 
     # after a quote or a space, it stays Chinese
     ('name = "權"\n'.encode("big5"), 'name = "權"\n', "big5"),
     ("# 觀 護 權\n".encode("big5"), "# 觀 護 權\n", "big5"),
-], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean", "big5-one-char", "big5-words"])
+    # accented letters that start a word: read as Big5 or Johab by the rule that wanted a letter before
+    ("Über alles.\n".encode("cp1252"), "Über alles.\n", "cp1252"),
+    ("Ça marche.\n".encode("cp1252"), "Ça marche.\n", "cp1252"),
+    ("Der Bär sagt: Übung.\n".encode("cp1252"), "Der Bär sagt: Übung.\n", "cp1252"),
+    ("Öl ist teuer.\n".encode("cp1252"), "Öl ist teuer.\n", "cp1252"),
+], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean", "big5-one-char", "big5-words",
+        "uber", "ca", "bar-ubung", "ol"])
 def test_short_files_lone_accents_are_latin_and_east_asian_text_is_not(tmp_path: Path, raw, text, recorded) -> None:
     p = tmp_path / "short.py"
     p.write_bytes(raw)

@@ -96,7 +96,7 @@ def test_a_config_that_is_no_config_is_one_type_error_and_a_dict_of_fields_is_on
     (["isne.early_stop=link_auc", "isne.val_fraction=0"], r"isne.early_stop must be walk_loss or off while"),
     (["graph.knn_recall_sample=0"], r"graph.knn_recall_sample must be >= 1"),
     # kNN edges of negative cosine weighed < 0: a 55-line traceback once the graph was written
-    (["graph.knn_threshold=-0.5"], r"graph.knn_threshold must be > 0 while isne.edge_weights is on"),
+    (["graph.knn_threshold=-0.5"], r"graph.knn_threshold must be >= 0 while isne.edge_weights is on"),
 ])
 def test_settings_that_failed_after_the_graph_or_said_nothing_are_refused_at_once(overrides, needle):
     """A 0 weight was a traceback after the graph was built; link_auc without held-out edges turned
