@@ -168,6 +168,8 @@ class RunMetrics:
         self.documents_unchanged_stat = 0  # size + mtime as in the manifest: not read at all
         self.documents_unchanged_hash = 0  # read, content hash as in the manifest: not embedded
         self.documents_read = 0  # documents that came back from the worker processes
+        self.bytes_to_read = 0  # file bytes of the documents the workers read this run (the progress share)
+        self.bytes_read = 0
         self.chunks_done = 0
         self.chunks_read = 0  # chunks of the documents read so far: what the embedder has to do
         self.real_tokens = 0
@@ -282,10 +284,15 @@ class ProgressReporter:
     def _share(self, done: int, chunks: int) -> float:
         """The share of the run's work done: documents are read well ahead of the embedder (the whole
         corpus was "40/40, ETA 0s" with two thirds of its chunks still to embed), so it is the share
-        read times the share of the read chunks embedded."""
+        read times the share of the read chunks embedded. The share read is by bytes: the largest
+        files are read first, so by count it stayed small while most of the corpus was read (the ETA
+        was 3-14x too long for most of a run)."""
         m = self.metrics
-        return (min(1.0, done / m.documents_total) if m.documents_total else 1.0) * (
-            min(1.0, chunks / m.chunks_read) if m.chunks_read else (1.0 if done else 0.0))
+        if m.bytes_to_read:
+            read = min(1.0, m.bytes_read / m.bytes_to_read)
+        else:
+            read = min(1.0, done / m.documents_total) if m.documents_total else 1.0
+        return read * (min(1.0, chunks / m.chunks_read) if m.chunks_read else (1.0 if done else 0.0))
 
     def update(self, final: bool = False) -> None:
         m = self.metrics
@@ -308,8 +315,9 @@ class ProgressReporter:
             log.info("progress: %d/%d documents read, %d/%d chunks embedded (%.1f chunks/s), ETA %s", done,
                      m.documents_total, chunks, m.chunks_read, rate, eta)
 
-    def stop(self) -> None:
+    def stop(self, finished: bool = True) -> None:
+        """`finished=False` (interrupted, failed): the last frame keeps the share done, not a full bar."""
         if self._progress is not None:
-            self.update(final=True)
+            self.update(final=finished)
             self._progress.stop()
             self._progress = None

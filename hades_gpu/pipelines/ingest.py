@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import stat
 import sqlite3
 import time
@@ -471,6 +472,8 @@ class IngestPipeline:
         try:
             metrics.finish()
             metrics.chunks_done = writer.rows_written
+            # the committed documents, not those read (112 read, 29 committed was recorded as 112 done)
+            metrics.documents_done = writer.documents_committed
             snapshot = metrics.snapshot()
             snapshot.update(interrupted=True, parts_written=writer.parts_written, config=self._run_config(out, sources))
             _write_metrics(out, snapshot, self.shard)
@@ -512,6 +515,7 @@ class IngestPipeline:
                 changed.append(i)
         # a fresh output reads every document: the same columns, not a second copy (document_list.py)
         todo = refs if len(changed) == len(refs) else refs.take(changed)
+        metrics.bytes_to_read = int(todo.sizes().sum()) if len(todo) else 0
         if metrics.documents_resumed:
             log.info("resume: %d document(s) already in %s are unchanged", metrics.documents_resumed, printable(str(out)))
 
@@ -526,6 +530,7 @@ class IngestPipeline:
 
         def triage(ref: DocumentRef, result: DocumentResult) -> bool:
             metrics.documents_read += 1
+            metrics.bytes_read += int(ref.size or 0)
             if result.skip_reason is not None:
                 metrics.add_skip(ref.path, result.skip_reason, result.skip_detail)
                 if result.skip_reason in NO_LONGER_DOCUMENT or not_a_file_any_more(result.skip_reason,
@@ -620,7 +625,7 @@ class IngestPipeline:
         finally:
             if launch is not None:
                 launch.close()  # those no pool adopted (the embedder failed to load)
-            progress.stop()
+            progress.stop(finished=sys.exc_info()[0] is None)  # an interrupted run's bar is not drawn full
             metrics.finish()  # before the endpoint goes: its last scrapes read hades_run_finished 1
             if endpoint is not None:
                 endpoint.stop()

@@ -330,3 +330,29 @@ def test_on_a_terminal_the_ingest_and_isne_bars_go_to_stderr_not_into_redirected
     logged = (tmp_path / "stdout.txt").read_text()
     assert "━" not in logged and "docs," not in logged and "batch" not in logged, logged  # no bar frame
     assert "document(s) ingested" in logged
+
+
+def test_the_share_done_counts_bytes_read_and_an_interrupted_bar_is_not_drawn_full():
+    """The largest files are read first, so by count the share read stayed small while most of the
+    bytes were read: the ETA was 3-14x too long for most of a run. And an interrupted run's last frame
+    was a full bar with "ETA 0:00:00"."""
+    import io
+
+    from rich.console import Console
+
+    m = RunMetrics()
+    m.documents_total, m.documents_done = 10, 2  # the two largest files: 80% of the bytes
+    m.bytes_to_read, m.bytes_read = 100, 80
+    m.chunks_read = 40
+    m.stages["embed"].record(items=40)
+    p = ProgressReporter(m, mode="on", console=Console(file=io.StringIO(), force_terminal=True, width=80))
+    assert p._share(2, 40) == pytest.approx(0.8)
+    p.start()
+    m.stages["embed"].record(items=0)
+    p.stop(finished=False)
+    assert p._progress is None
+    fresh = ProgressReporter(m, mode="on", console=Console(file=io.StringIO(), force_terminal=True, width=80))
+    fresh.start()
+    task = fresh._progress.tasks[0]
+    fresh.stop(finished=False)
+    assert task.completed == 800 and not task.finished  # the share done, not the full 1000

@@ -512,6 +512,7 @@ def test_ctrl_c_commits_the_documents_already_embedded(tmp_path, embedder, write
     # metrics.json says what this run committed (there was none), and its totals count it
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and metrics["ingest_totals"]["chunks"] == kept
+    assert metrics["documents"]["done"] == kept  # the committed ones, not the ones read (112 read, 29 committed)
     # what it read and wrote, absolute (an interrupted run's record had null for both)
     assert (metrics["config"]["corpus"], metrics["config"]["output"]) == (str(corpus), str(out))
 
