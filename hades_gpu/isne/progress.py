@@ -9,6 +9,7 @@ never shows: `ISNETrainingPipeline.train(epochs=50)` sat silent for minutes. On 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Optional
 
 from hades_gpu.config import ProgressMode
@@ -22,12 +23,15 @@ class TrainingProgress:
         console (rich Console, optional): where to draw (tests); default stderr.
     """
 
-    def __init__(self, mode: str = "auto", console: Any = None) -> None:
+    def __init__(self, mode: str = "auto", console: Any = None, budget_s: Optional[float] = None) -> None:
+        self.budget_s = budget_s  # a time budget ends training before its epochs: the bar's total says so
+        self._started = time.monotonic()
         # a bar where one can be drawn, as the ingest's: elsewhere the per-epoch log lines say as much
         self.enabled = mode != ProgressMode.OFF and (console is not None or sys.stderr.isatty())
         self.console = console
         self._bar: Any = None
         self._task: Optional[int] = None
+        self._where = ""
 
     def update(self, epoch: int, done: int, n_batches: int, epochs: int) -> None:
         if not self.enabled:
@@ -43,11 +47,26 @@ class TrainingProgress:
             # a resumed training starts part-way: the bar counts from there
             self._task = self._bar.add_task("isne", total=max(epochs * n_batches, 1),
                                             completed=(epoch - 1) * n_batches, where="")
-        self._bar.update(self._task, completed=(epoch - 1) * n_batches + done,
-                         where=f"epoch {epoch}/{epochs}, batch {done}/{n_batches}")
+        completed = (epoch - 1) * n_batches + done
+        total = max(epochs * n_batches, 1)
+        elapsed = time.monotonic() - self._started
+        if self.budget_s is not None and elapsed > 0 and completed:
+            # at this rate the budget ends training after this many batches: the ETA said 7 minutes
+            # while a 6 s budget stopped it
+            total = min(total, max(completed, int(completed * self.budget_s / elapsed)))
+        self._bar.update(self._task, total=total, completed=completed,
+                         where=f"epoch {epoch}/{epochs}, batch {done}/{n_batches}"
+                               + (f", budget {self.budget_s:.3g} s" if self.budget_s is not None else ""))
+        self._where = f"epoch {epoch}/{epochs}, batch {done}/{n_batches}"
 
-    def stop(self) -> None:
+    def stop(self, outcome: Optional[str] = None) -> None:
+        """`outcome` ("stopped early", "time budget reached", "done"): the last frame says how training
+        ended and is drawn complete (it stayed at "ETA 7:07" after a budget stop)."""
         if self._bar is not None:
+            if outcome is not None and self._task is not None:
+                task = self._bar.tasks[0]
+                self._bar.update(self._task, total=max(task.completed, 1), completed=max(task.completed, 1),
+                                 where=f"{self._where}: {outcome}")
             self._bar.refresh()
             self._bar.stop()
             self._bar = None

@@ -233,13 +233,15 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
         budget = training_budget_s(cfg.isne, output_dir, n)
         weights = _training_weights(cfg, data)
         state_path = isne_training_state_path(output_dir)
-        progress = TrainingProgress(cfg.monitoring.progress)
+        progress = TrainingProgress(cfg.monitoring.progress, budget_s=budget)
+        res = None
         try:
             res = train_isne(data.edge_index, n, cfg.isne, epochs=epochs, batch_size=batch_size, device=dev,
                              time_budget_s=budget, edge_weight=weights, state_path=state_path,
                              on_batch=progress.update if progress.enabled else None)
         finally:
-            progress.stop()
+            progress.stop(None if res is None else "time budget reached" if res.stopped_by_budget
+                          else "stopped early" if res.stopped_early else "done")
         metrics["seconds"]["train"] = time.perf_counter() - t
         if res.pos_pairs == 0:  # the budget ended training before its first batch: θ is its random start
             _keep_the_earlier_model(cfg, output_dir, mpath, epath, chunk_ids, data, deg, dev, metrics, budget)

@@ -421,6 +421,9 @@ def _train_isne(edge_index: Tensor, num_nodes: int, cfg: IsneConfig, dev: torch.
             break
         if stopper.should_stop():
             result.stopped_early = epoch < epochs
+            if result.stopped_early:  # said, as a budget stop is (it was only in metrics.json)
+                log.info("isne: stopped early after epoch %d of %d: no gain above isne.min_delta in isne.patience=%d "
+                         "epoch(s); the best epoch's θ (%d) is kept", epoch, epochs, cfg.patience, result.best_epoch)
             break
         if epoch < epochs:
             saver.maybe_save(epoch, model, opt, gen, stopper, result, best_theta)

@@ -65,13 +65,19 @@ def test_training_learns_and_is_reproducible() -> None:
     torch.testing.assert_close(a.model.theta.weight, b.model.theta.weight)  # same seed, same θ
 
 
-def test_early_stopping_restores_best_theta() -> None:
+def test_early_stopping_restores_best_theta(caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hades_gpu.isne.trainer")
     ei, _ = sbm_graph(300, 3, 0.05, 0.005, seed=3)
     cfg = IsneConfig(dim=8, epochs=50, batch_size=64, walk_length=6, walks_per_node=1, device="cpu",
                      patience=1, min_delta=1.0)  # no epoch can halve the loss or gain 1.0 AUC: stop after epoch 2
     for metric in ("walk_loss", "link_auc"):
         res = train_isne(ei, 300, dataclasses.replace(cfg, early_stop=metric))
         assert res.epochs_run == 2 and res.stopped_early and res.best_epoch == 1, metric
+        # said, as a budget stop is (it was only in metrics.json)
+        assert "stopped early after epoch 2 of 50" in caplog.text and "(1) is kept" in caplog.text, metric
+        caplog.clear()
         assert res.best_val_auc == res.history[0]["val_auc"]
         # θ is epoch 1's: its exact h() gives epoch 1's validation figures again
         walks = fixed_validation_walks(res.csr, (res.csr.degree() > 0).nonzero().squeeze(1), cfg)
@@ -663,3 +669,23 @@ def test_a_budget_shorter_than_one_batch_keeps_the_earlier_model_and_saves_no_un
     assert not (fresh / "isne" / "model.safetensors").exists()
     got_ids, got = read_isne_embeddings(fresh)
     assert sorted(got_ids) == sorted(ids) and not got.any()
+
+
+def test_the_training_bar_counts_the_time_budget_and_ends_saying_how_training_ended():
+    """The bar said "epoch 1/50 ... ETA 0:07:07" while a 6 s budget stopped training, and its last frame
+    stayed so; an early stop left it part-way with nothing said."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from hades_gpu.isne.progress import TrainingProgress
+
+    out = io.StringIO()
+    bar = TrainingProgress("on", console=Console(file=out, force_terminal=True, width=120), budget_s=5.0)
+    bar._started = time.monotonic() - 10.0  # 10 batches in 10 s with a 5 s budget: no more batches to come
+    bar.update(1, 10, 20, 50)
+    task = bar._bar.tasks[0]
+    assert task.total == 10 and task.completed == 10  # not 1000 batches and minutes of ETA
+    bar.stop("time budget reached")
+    assert "epoch 1/50, batch 10/20: time budget reached" in out.getvalue()
