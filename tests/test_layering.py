@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hades_gpu"
-LAYERS = {"records": 0, "config": 0, "optional": 0, "child_process": 0, "file_digest": 0, "regular_file": 0, "exit_guard": 0, "gpu": 1, "documents": 1, "store": 2, "graph": 2, "isne": 2,
+LAYERS = {"records": 0, "config": 0, "optional": 0, "child_process": 0, "file_digest": 0, "regular_file": 0, "exit_guard": 0, "console_logs": 0, "gpu": 1, "documents": 1, "store": 2, "graph": 2, "isne": 2,
           "embedding": 2, "orchestration": 2, "pipelines": 3, "retrieval": 3, "benchmarks": 4, "cluster": 4, "cli": 4, "ingest": 4}
 
 

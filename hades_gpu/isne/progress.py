@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 from hades_gpu.config import ProgressMode
+from hades_gpu.console_logs import LogsAbove
 
 
 class TrainingProgress:
@@ -32,6 +33,7 @@ class TrainingProgress:
         self._bar: Any = None
         self._task: Optional[int] = None
         self._where = ""
+        self._logs = LogsAbove()
 
     def update(self, epoch: int, done: int, n_batches: int, epochs: int) -> None:
         if not self.enabled:
@@ -44,6 +46,7 @@ class TrainingProgress:
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
                                  console=self.console if self.console is not None else Console(stderr=True))
             self._bar.start()
+            self._logs.start(self._bar.console)  # the epoch log lines above the bar, not glued to its frame
             # a resumed training starts part-way: the bar counts from there
             self._task = self._bar.add_task("isne", total=max(epochs * n_batches, 1),
                                             completed=(epoch - 1) * n_batches, where="")
@@ -70,3 +73,4 @@ class TrainingProgress:
             self._bar.refresh()
             self._bar.stop()
             self._bar = None
+        self._logs.stop()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import psutil
 
 from hades_gpu.config import ProgressMode
+from hades_gpu.console_logs import LogsAbove
 from hades_gpu.orchestration.queue import MemoryAwareQueue
 from hades_gpu.records import display_path
 
@@ -263,6 +264,7 @@ class ProgressReporter:
         self._last_log = time.monotonic()
         self._progress: Any = None
         self._task: Any = None
+        self._logs = LogsAbove()
 
     def start(self) -> None:
         if not (self.enabled and self.use_bar):
@@ -279,6 +281,7 @@ class ProgressReporter:
             transient=False, console=self.console if self.console is not None else Console(stderr=True),
         )
         self._progress.start()
+        self._logs.start(self._progress.console)  # log lines above the bar, not glued to its last frame
         self._task = self._progress.add_task("ingest", total=_BAR_STEPS, counts="", rate="")
 
     def _share(self, done: int, chunks: int) -> float:
@@ -321,3 +324,4 @@ class ProgressReporter:
             self.update(final=finished)
             self._progress.stop()
             self._progress = None
+        self._logs.stop()

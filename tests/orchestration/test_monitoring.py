@@ -356,3 +356,39 @@ def test_the_share_done_counts_bytes_read_and_an_interrupted_bar_is_not_drawn_fu
     task = fresh._progress.tasks[0]
     fresh.stop(finished=False)
     assert task.completed == 800 and not task.finished  # the share done, not the full 1000
+
+
+def test_log_lines_on_the_bars_terminal_print_above_the_bar_not_glued_to_its_frame(tmp_path):
+    """With stdout and stderr on one terminal, each ISNE epoch line (Hydra logs to stdout) was written
+    straight after the bar's last frame: `isne ━━━╸ epoch 2/3 ... ETA 0:00:01[2026-...] - isne epoch 2/3`."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"n{i}.md").write_text(f"# Note {i}\n\n" + "Circles, squares and their areas in a note. " * 30)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={tmp_path / 'out'}",
+                             "isne.epochs=3", "isne.batch_size=8", "isne.early_stop=off",
+                             "isne.time_budget_vs_embedding=0"], stdout=slave, stderr=slave,
+                            env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=300) == 0, seen[-3000:]
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    lines = re.split(r"[\r\n]+", text)
+    epochs = [ln for ln in lines if "isne epoch" in ln and "][hades_gpu" in ln]
+    assert len(epochs) == 3, text[-3000:]
+    assert not [ln for ln in lines if "][hades_gpu" in ln and "━" in ln], text[-3000:]

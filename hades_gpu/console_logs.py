@@ -1,0 +1,61 @@
+"""Log lines printed above a live progress bar on the same terminal.
+
+A bar is redrawn in place on stderr; a logging handler writing to that terminal (Hydra's, on stdout,
+or a script's `basicConfig`, on stderr) wrote its lines straight after the bar's last frame, so each
+ISNE epoch line was glued to a stale bar. While a bar is live, such handlers write through rich's
+file proxy, which prints each finished line above the bar. Handlers writing to a file or a pipe are
+left alone (a redirected log must not move to the terminal). Its own module: both bars (the ingest's
+in `orchestration`, ISNE's in `isne`) use it, and neither layer may import the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+
+def _terminal_handlers() -> list[logging.StreamHandler]:
+    found = []
+    for logger in (logging.getLogger(), logging.getLogger("hades_gpu")):
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                try:
+                    if stream is not None and stream.isatty():
+                        found.append(handler)
+                except (AttributeError, ValueError):  # a closed stream, or one without isatty
+                    continue
+    return found
+
+
+@contextlib.contextmanager
+def logs_above(console: Any) -> Iterator[None]:
+    """While inside, terminal log handlers print through `console` (a live rich display's)."""
+    from rich.file_proxy import FileProxy
+
+    swapped = [(h, h.setStream(FileProxy(console, h.stream))) for h in _terminal_handlers()]
+    try:
+        yield
+    finally:
+        for handler, original in swapped:
+            proxy = handler.setStream(original)
+            if proxy is not None:
+                proxy.flush()  # a line without its newline yet
+
+
+class LogsAbove:
+    """`logs_above` for a bar started and stopped by calls rather than a `with` block."""
+
+    def __init__(self) -> None:
+        self._context: Any = None
+
+    def start(self, console: Any) -> None:
+        if self._context is None:
+            self._context = logs_above(console)
+            self._context.__enter__()
+
+    def stop(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
