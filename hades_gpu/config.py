@@ -367,6 +367,10 @@ class MonitoringConfig(_KnownFields):
     progress: str = "auto"
     prometheus: bool = False
     prometheus_port: int = 0  # 0 = a free port, printed at start
+    # seconds the endpoint goes on serving a finished ingest's final values (hades_run_finished 1)
+    # before the run moves on: it closed at once, so a scraper never saw the end; set it to the
+    # scrape interval (Prometheus' default is 15 s) to be sure of one final scrape
+    prometheus_linger_s: float = 0.0
     log_interval_s: float = 10.0
 
 
@@ -872,6 +876,7 @@ def validate(cfg: PipelineConfig) -> None:
     _choice(m.progress, ProgressMode, "monitoring.progress")
     _check(0 <= m.prometheus_port <= 65535, "monitoring.prometheus_port", "in [0, 65535] (0: a free port)",
            m.prometheus_port)
+    _check(m.prometheus_linger_s >= 0, "monitoring.prometheus_linger_s", ">= 0", m.prometheus_linger_s)
     _check(m.log_interval_s > 0, "monitoring.log_interval_s", "> 0", m.log_interval_s)
 
     s = cfg.search

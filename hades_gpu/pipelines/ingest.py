@@ -628,6 +628,10 @@ class IngestPipeline:
             progress.stop(finished=sys.exc_info()[0] is None)  # an interrupted run's bar is not drawn full
             metrics.finish()  # before the endpoint goes: its last scrapes read hades_run_finished 1
             if endpoint is not None:
+                if cfg.monitoring.prometheus_linger_s > 0 and sys.exc_info()[0] is None:
+                    log.info("Prometheus: serving the finished run's values for %.3g s more "
+                             "(monitoring.prometheus_linger_s)", cfg.monitoring.prometheus_linger_s)
+                    time.sleep(cfg.monitoring.prometheus_linger_s)
                 endpoint.stop()
             if owns_embedder and embedder is not None:
                 embedder.close()

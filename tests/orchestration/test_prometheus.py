@@ -325,3 +325,36 @@ def test_collector_chunk_rate_is_zero_before_any_time_passed():
     registry.register(RunMetricsCollector(m))
     got = samples(generate_latest(registry).decode())
     assert got[("hades_chunks_per_second", ())] == 0.0 and got[("hades_chunks_embedded_total", ())] == 5
+
+
+def test_a_scraper_sees_the_finished_run_while_the_endpoint_lingers(tmp_path: Path, embedder):
+    """The endpoint closed the moment the run finished: no scraper ever read hades_run_finished 1 or
+    the final counters (747 scrapes every 10 ms, none). With monitoring.prometheus_linger_s it serves
+    them that long."""
+    from hades_gpu.pipelines.ingest import TextParallelPipeline
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.md").write_text(f"# Document {i}\n\n" + "A sentence about a topic. " * 40)
+    port = _free_port()
+    cfg = load_pipeline_config("low_memory", ["isne.enabled=false", "monitoring.progress=off",
+                                              "monitoring.prometheus=true", f"monitoring.prometheus_port={port}",
+                                              "monitoring.prometheus_linger_s=1.5"])
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("result", TextParallelPipeline(
+        cfg, embedder=embedder).process_batch([corpus], output=tmp_path / "out")))
+    runner.start()
+    finished = []
+    while runner.is_alive():
+        try:
+            page = samples(scrape(f"http://127.0.0.1:{port}/metrics", timeout=2))
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.05)
+            continue
+        if page.get(("hades_run_finished", ())) == 1:
+            finished.append(page)
+        time.sleep(0.1)
+    runner.join()
+    assert finished, "no scrape saw the finished run"
+    assert finished[-1][("hades_chunks_embedded_total", ())] == outcome["result"].chunks_written
