@@ -90,6 +90,8 @@ def test_the_writer_process_writes_what_the_writer_thread_writes(corpus, tmp_pat
     process = ingest(corpus, tmp_path / "process", "process")
     assert thread.metrics["writer"] == "thread" and process.metrics["writer"] == "process"
     assert process.metrics["parts_written"] > 3  # parts were committed while rows still arrived
+    # docs/metrics.md lists rows_written beside parts_written: it was never in metrics.json
+    assert process.metrics["rows_written"] == process.chunks_written == thread.metrics["rows_written"]
     assert (process.documents_ingested, process.chunks_written) == (thread.documents_ingested, thread.chunks_written)
 
     def rows(out: Path):
