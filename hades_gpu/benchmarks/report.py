@@ -218,8 +218,16 @@ def _series_label(job: str, config: str, jobs: int) -> str:
 
 
 def _throughput_jobs(frame: Any) -> Any:
-    """The finished jobs whose figure is chunks/s of the pipeline (not the graph or ISNE stage)."""
-    return frame[(frame["status"] == "ok") & ~frame["job"].isin(STAGE_JOBS)]
+    """The finished jobs whose figure is chunks/s of the pipeline (not the graph or ISNE stage), with
+    the figures a plot needs (a result without them made matplotlib fail on NaN axis limits)."""
+    import pandas as pd
+
+    ok = frame[(frame["status"] == "ok") & ~frame["job"].isin(STAGE_JOBS)]
+    figures = [c for c in ("chunks_per_s", "tokens_per_s", "max_batch_tokens") if c in ok.columns]
+    if len(figures) < 3:
+        return ok.iloc[0:0]
+    numbers = ok[figures].apply(pd.to_numeric, errors="coerce")
+    return ok[numbers.notna().all(axis=1) & (numbers["max_batch_tokens"] > 0)]
 
 
 def _best_means(ok: Any, columns: list[str]) -> Any:

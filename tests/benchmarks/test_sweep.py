@@ -381,3 +381,14 @@ def test_a_bench_never_deletes_or_overwrites_what_it_did_not_make(tmp_path):
     (earlier / "result.json").write_text('{"job": "ingest", "status": "ok"}')
     jobs.check_job_folder(earlier, str(corpus))
     assert report.collect_results(tmp_path / "earlier") and not report.collect_results(_only_a_users_result(tmp_path))
+
+
+def test_a_bench_result_without_figures_is_listed_not_plotted(tmp_path):
+    """`{"job": "ingest", "status": "ok"}` and nothing else: matplotlib failed on NaN axis limits, a
+    traceback and exit 1."""
+    (tmp_path / "1_b").mkdir()
+    (tmp_path / "1_b" / "result.json").write_text('{"job": "ingest", "status": "ok"}')
+    assert report.report_cli([str(tmp_path)]) == 0
+    assert "1_b" in (tmp_path / "report.md").read_text()
+    fake_result(tmp_path / "0_a", "balanced", 4096, 10.0)  # and beside a job with its figures
+    assert report.report_cli([str(tmp_path)]) == 0
