@@ -96,6 +96,40 @@ CODE_FILENAMES: dict[str, str] = {
     "Rakefile": "ruby", "Gemfile": "ruby", "BUILD": "starlark", "WORKSPACE": "starlark",
 }
 
+# the interpreter of a `#!` line -> the language of a script without an extension (bin/deploy, scripts/tool)
+SHEBANG_LANGUAGES: dict[str, str] = {
+    "python": "python", "sh": "shell", "bash": "shell", "zsh": "shell", "dash": "shell", "ksh": "shell",
+    "fish": "shell", "node": "javascript", "nodejs": "javascript", "deno": "typescript", "bun": "javascript",
+    "perl": "perl", "ruby": "ruby", "php": "php", "lua": "lua", "rscript": "r", "julia": "julia", "tclsh": "tcl",
+    "pwsh": "powershell", "groovy": "groovy", "make": "make",
+}
+_SHEBANG_BYTES = 256
+
+
+def shebang_language(path: str) -> Optional[str]:
+    """The language of a file whose first line is `#!<interpreter>` (`/usr/bin/env python3`, `/bin/bash`,
+    `/usr/bin/env -S node --flag`), or None. Read only for files without an extension: such scripts
+    were prose "text" (no statement cuts, no import edges, prose overlap). An interpreter not in
+    `SHEBANG_LANGUAGES` is still code, under its own name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SHEBANG_BYTES)
+    except OSError:
+        return None  # reading says why, with its reason
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").split()
+    if not words:
+        return None
+    names = [os.path.basename(w) for w in words]
+    if names[0] == "env":  # the interpreter is the first word after env's own options
+        names = [n for n in names[1:] if not n.startswith("-") and "=" not in n]
+        if not names:
+            return None
+    interpreter = re.sub(r"[\d.]+$", "", names[0].lower()) or names[0].lower()  # python3.11 -> python
+    return SHEBANG_LANGUAGES.get(interpreter, interpreter)
+
+
 # Extensions that are binary formats for certain: skipped here (reason "binary") without reading.
 BINARY_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .gif .bmp .ico .tif .tiff .webp .psd .pdf .zip .gz .tgz .bz2 .xz .zst .7z .rar "
@@ -131,6 +165,10 @@ def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
     if name in CODE_FILENAMES:
         return CODE, CODE_FILENAMES[name]
     ext = os.path.splitext(name)[1].lower()
+    stem = name.split(".", 1)[0]
+    if stem in CODE_FILENAMES and ext not in CODE_EXTENSIONS and ext not in PROSE_EXTENSIONS \
+            and ext not in BINARY_EXTENSIONS:  # Dockerfile.dev, Makefile.am, Containerfile.prod
+        return CODE, CODE_FILENAMES[stem]
     extra_code = set(dotted_extensions(cfg.extra_code_extensions))
     extra_prose = set(dotted_extensions(cfg.extra_prose_extensions))
     if ext in extra_code:
@@ -351,7 +389,12 @@ class _Walker:
         if not stat.S_ISREG(st.st_mode):
             self.skips.append(Skip(abs_path, "unreadable", f"{NOT_A_REGULAR_FILE} ({file_kind(st.st_mode)})"))
             return
-        kind = classify(os.path.basename(abs_path), self.cfg)
+        name = os.path.basename(abs_path)
+        kind = classify(name, self.cfg)
+        if kind == (PROSE, "text") and not os.path.splitext(name)[1]:
+            language = shebang_language(abs_path)  # a script without an extension: code, by its #! line
+            if language is not None:
+                kind = (CODE, language)
         if kind is None:
             self.skips.append(Skip(abs_path, "binary", f"binary file extension {os.path.splitext(abs_path)[1]!r}"))
             return

@@ -369,3 +369,25 @@ def test_a_source_inside_another_only_through_a_link_is_not_a_second_copy(tmp_pa
     refs, skips = discover([tmp_path / g for g in given], DocumentsConfig())
     assert sorted(r.rel_path for r in refs) == ["sub/y.md", "x.md"]
     assert [s.reason for s in skips] == ["symlink"]
+
+
+def test_scripts_without_an_extension_are_code_by_their_shebang_and_dockerfile_variants_are_code(tmp_path):
+    """bin/deploy (#!/bin/bash) and scripts/tool (#!/usr/bin/env python3) were prose "text": no
+    statement cuts, no import edges, prose overlap; so were Dockerfile.dev and Makefile.am."""
+    from hades_gpu.documents.discovery import shebang_language
+
+    files = {"scripts/tool": "#!/usr/bin/env python3\nimport os\nprint(os.getcwd())\n",
+             "bin/deploy": "#!/bin/bash\nset -e\necho deploy\n",
+             "bin/serve": "#!/usr/bin/env -S node --no-warnings\nconsole.log(1)\n",
+             "bin/odd": "#!/opt/tools/frob\nfrob it\n",
+             "README": "Plain words, no shebang.\n",
+             "Dockerfile.dev": "FROM python:3.12\n", "Makefile.am": "all:\n\techo hi\n", "notes.txt": "#!not a script\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    refs, _ = discover(tmp_path, DocumentsConfig())
+    got = {r.rel_path: (r.modality, r.language) for r in refs}
+    assert got == {"scripts/tool": (CODE, "python"), "bin/deploy": (CODE, "shell"), "bin/serve": (CODE, "javascript"),
+                   "bin/odd": (CODE, "frob"), "README": (PROSE, "text"), "Dockerfile.dev": (CODE, "dockerfile"),
+                   "Makefile.am": (CODE, "make"), "notes.txt": (PROSE, "text")}
+    assert shebang_language(str(tmp_path / "missing")) is None
