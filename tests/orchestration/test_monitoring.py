@@ -292,11 +292,9 @@ def test_descendant_pids_finds_grandchildren_like_psutil():
         child.wait(10)
 
 
-def test_on_a_terminal_the_ingest_and_isne_bars_go_to_stderr_not_into_redirected_stdout(tmp_path):
-    """`hades-ingest ... > log` on a terminal drew the ingest bar into the log file (rich draws on
-    stdout unless told otherwise; the terminal test looked at stderr), and ISNE training showed no
-    progress at all without a logging configuration (`train(epochs=50)` sat silent). Real command, its
-    stderr a pseudo-terminal, its stdout a file."""
+def _ingest_on_a_terminal(tmp_path, epochs: int, stdout) -> str:
+    """A real `hades-ingest` of four notes with ISNE, its stderr (and `stdout`, given None) a
+    pseudo-terminal: what the terminal showed, escape sequences removed."""
     import os
     import pty
     import subprocess
@@ -307,24 +305,32 @@ def test_on_a_terminal_the_ingest_and_isne_bars_go_to_stderr_not_into_redirected
     for i in range(4):
         (corpus / f"n{i}.md").write_text(f"# Note {i}\n\n" + "Circles, squares and their areas in a note. " * 30)
     master, slave = pty.openpty()
-    with open(tmp_path / "stdout.txt", "w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={tmp_path / 'out'}",
-                                 "isne.epochs=2", "isne.batch_size=8", "isne.early_stop=off",
-                                 "isne.time_budget_vs_embedding=0"], stdout=stdout, stderr=slave,
-                                env={**os.environ, "COLUMNS": "120"})
-        os.close(slave)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        assert proc.wait(timeout=300) == 0, seen[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={tmp_path / 'out'}",
+                             f"isne.epochs={epochs}", "isne.batch_size=8", "isne.early_stop=off",
+                             "isne.time_budget_vs_embedding=0"], stdout=slave if stdout is None else stdout,
+                            stderr=slave, env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=300) == 0, seen[-3000:]
     os.close(master)
-    terminal = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+
+
+def test_on_a_terminal_the_ingest_and_isne_bars_go_to_stderr_not_into_redirected_stdout(tmp_path):
+    """`hades-ingest ... > log` on a terminal drew the ingest bar into the log file (rich draws on
+    stdout unless told otherwise; the terminal test looked at stderr), and ISNE training showed no
+    progress at all without a logging configuration (`train(epochs=50)` sat silent). Real command, its
+    stderr a pseudo-terminal, its stdout a file."""
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        terminal = _ingest_on_a_terminal(tmp_path, 2, stdout)
     assert re.search(r"ingest .*━.*4/4 docs", terminal), terminal[-2000:]
     assert re.search(r"isne .*epoch 2/2, batch \d+/\d+", terminal), terminal[-2000:]
     logged = (tmp_path / "stdout.txt").read_text()
@@ -361,33 +367,7 @@ def test_the_share_done_counts_bytes_read_and_an_interrupted_bar_is_not_drawn_fu
 def test_log_lines_on_the_bars_terminal_print_above_the_bar_not_glued_to_its_frame(tmp_path):
     """With stdout and stderr on one terminal, each ISNE epoch line (Hydra logs to stdout) was written
     straight after the bar's last frame: `isne ━━━╸ epoch 2/3 ... ETA 0:00:01[2026-...] - isne epoch 2/3`."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"n{i}.md").write_text(f"# Note {i}\n\n" + "Circles, squares and their areas in a note. " * 30)
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "hades_gpu.ingest", f"corpus={corpus}", f"output={tmp_path / 'out'}",
-                             "isne.epochs=3", "isne.batch_size=8", "isne.early_stop=off",
-                             "isne.time_budget_vs_embedding=0"], stdout=slave, stderr=slave,
-                            env={**os.environ, "COLUMNS": "120"})
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    assert proc.wait(timeout=300) == 0, seen[-3000:]
-    os.close(master)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    text = _ingest_on_a_terminal(tmp_path, 3, None)
     lines = re.split(r"[\r\n]+", text)
     epochs = [ln for ln in lines if "isne epoch" in ln and "][hades_gpu" in ln]
     assert len(epochs) == 3, text[-3000:]
