@@ -85,8 +85,10 @@ def score_output(cfg: PipelineConfig, out: Path, corpus: Path, epochs: int = 10,
     from hades_gpu.isne.sampling import CSRGraph
     from hades_gpu.isne.trainer import train_isne
 
+    from hades_gpu.isne.stage import stage_devices
+
     t = time.perf_counter()
-    graph = build_graph(out, cfg.graph)
+    graph = build_graph(out, dataclasses.replace(cfg.graph, device=str(stage_devices(cfg)[0])))  # as the stage does
     graph_s = time.perf_counter() - t
     data = graph.to_data(undirected=True)
     n = graph.num_nodes

@@ -180,7 +180,8 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
                     batch_size: Optional[int]) -> dict[str, Any]:
     """`run_isne_stage` under the stage's lock."""
     t_all = time.perf_counter()
-    graph = build_graph(output_dir, dataclasses.replace(cfg.graph, device=following(cfg.graph.device, cfg.gpu.device)))
+    knn_device, dev = stage_devices(cfg)
+    graph = build_graph(output_dir, dataclasses.replace(cfg.graph, device=str(knn_device)))
     t_graph = time.perf_counter() - t_all
     data = graph.to_data(undirected=True)
     n = graph.num_nodes
@@ -204,7 +205,6 @@ def _run_isne_stage(cfg: PipelineConfig, output_dir: Path, train: Optional[bool]
     metrics.update(model_path=str(mpath), embeddings_path=str(epath))
     do_train = train if train is not None else (cfg.isne.retrain or not mpath.is_file())
     chunk_ids = graph.chunk_ids
-    dev = select_device(following(cfg.isne.device, cfg.gpu.device))
     ckpt = None
     if n and not do_train:
         try:

@@ -111,7 +111,6 @@ class NothingIngestedError(RuntimeError):
         super().__init__(f"nothing ingested: all {len(documents) or result.documents_total} document(s) failed or "
                          f"were skipped "
                          f"({summary}){example}")
-        self.result = result
 
     def __reduce__(self):  # re-raised in a parent process (joblib/loky, multiprocessing): rebuilt from the result
         return (type(self), (self.result, self.none_found))
