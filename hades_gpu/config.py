@@ -876,7 +876,8 @@ def validate(cfg: PipelineConfig) -> None:
     _choice(m.progress, ProgressMode, "monitoring.progress")
     _check(0 <= m.prometheus_port <= 65535, "monitoring.prometheus_port", "in [0, 65535] (0: a free port)",
            m.prometheus_port)
-    _check(m.prometheus_linger_s >= 0, "monitoring.prometheus_linger_s", ">= 0", m.prometheus_linger_s)
+    _check(0 <= m.prometheus_linger_s <= 3600, "monitoring.prometheus_linger_s", "in [0, 3600] seconds",
+           m.prometheus_linger_s)
     _check(m.log_interval_s > 0, "monitoring.log_interval_s", "> 0", m.log_interval_s)
 
     s = cfg.search

@@ -627,16 +627,17 @@ class IngestPipeline:
                 launch.close()  # those no pool adopted (the embedder failed to load)
             progress.stop(finished=sys.exc_info()[0] is None)  # an interrupted run's bar is not drawn full
             metrics.finish()  # before the endpoint goes: its last scrapes read hades_run_finished 1
-            if endpoint is not None:
-                if cfg.monitoring.prometheus_linger_s > 0 and sys.exc_info()[0] is None:
-                    log.info("Prometheus: serving the finished run's values for %.3g s more "
-                             "(monitoring.prometheus_linger_s)", cfg.monitoring.prometheus_linger_s)
-                    time.sleep(cfg.monitoring.prometheus_linger_s)
-                endpoint.stop()
+            if endpoint is not None and not (cfg.monitoring.prometheus_linger_s > 0 and sys.exc_info()[0] is None):
+                endpoint.stop()  # a finished run's lingers below, once its metrics.json is written
             if owns_embedder and embedder is not None:
                 embedder.close()
         if no_longer_documents:
-            removed += self._remove_no_longer_documents(no_longer_documents, out)
+            try:
+                removed += self._remove_no_longer_documents(no_longer_documents, out)
+            except BaseException:
+                if endpoint is not None:
+                    endpoint.stop()  # it was left serving for the linger below
+                raise
             metrics.extra["documents_removed"] = removed
         metrics.chunks_done = writer.rows_written
         result = IngestResult(output_dir=out.absolute(), documents_total=metrics.documents_total,
@@ -662,12 +663,25 @@ class IngestPipeline:
         log.info("ingested %d document(s), %d chunk(s) into %s (%d unchanged, %d skipped)",
                  result.documents_ingested, result.chunks_written, printable(str(out)), result.documents_unchanged,
                  result.documents_skipped)
+        if endpoint is not None and cfg.monitoring.prometheus_linger_s > 0:
+            self._linger(endpoint)
         documents = [skip for skip in result.skipped if skip["reason"] != "output_folder"]
         if documents and not result.documents_ingested and not result.documents_unchanged:
             # (an output folder inside the corpus is no document: a run that found only it is one that
             # found nothing, said by `_ingest_sources`; it was "all 1 document(s) failed (1 output_folder)")
             raise NothingIngestedError(result)
         return result
+
+    def _linger(self, endpoint: Any) -> None:
+        """Serve the finished run's final values `monitoring.prometheus_linger_s` more seconds (a scraper
+        never read hades_run_finished 1), after its metrics.json is written: a Ctrl-C there ends the
+        wait only (it left the endpoint serving and no metrics.json behind)."""
+        linger = self.config.monitoring.prometheus_linger_s
+        log.info("Prometheus: serving the finished run's values for %.3g s more (monitoring.prometheus_linger_s)", linger)
+        try:
+            time.sleep(linger)
+        finally:
+            endpoint.stop()
 
     def _remove_no_longer_documents(self, skipped: list[tuple[str, str]], out: Path) -> int:
         """Documents committed by an earlier run whose file now reads as no document (emptied, binary,

@@ -358,3 +358,34 @@ def test_a_scraper_sees_the_finished_run_while_the_endpoint_lingers(tmp_path: Pa
     runner.join()
     assert finished, "no scrape saw the finished run"
     assert finished[-1][("hades_chunks_embedded_total", ())] == outcome["result"].chunks_written
+
+
+def test_ctrl_c_while_the_endpoint_lingers_stops_it_and_keeps_the_finished_runs_metrics(tmp_path: Path):
+    """A Ctrl-C in the linger left the endpoint serving (its port held) and no metrics.json, though
+    every document was committed; an infinite linger passed validation and crashed the run."""
+    import signal
+    import subprocess
+    import sys
+
+    from hades_gpu.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prometheus_linger_s"):
+        load_pipeline_config("low_memory", ["monitoring.prometheus_linger_s=inf"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# A\n\n" + "A sentence about a topic. " * 40)
+    port = _free_port()
+    code = (f"import logging\nlogging.basicConfig(level=logging.INFO)\nfrom hades_gpu.config import load_pipeline_config\nfrom hades_gpu.pipelines import TextParallelPipeline\n"
+            f"cfg = load_pipeline_config('low_memory', ['isne.enabled=false', 'monitoring.progress=off', "
+            f"'monitoring.prometheus=true', 'monitoring.prometheus_port={port}', 'monitoring.prometheus_linger_s=60'])\n"
+            f"TextParallelPipeline(cfg).process_batch([{str(corpus)!r}], output={str(tmp_path / 'out')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "serving the finished run's values" in line:
+            break
+    assert samples(scrape(f"http://127.0.0.1:{port}/metrics", timeout=5))[("hades_run_finished", ())] == 1
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert (tmp_path / "out" / "metrics.json").is_file()
+    with pytest.raises(urllib.error.URLError):
+        scrape(f"http://127.0.0.1:{port}/metrics", timeout=1)
