@@ -96,12 +96,15 @@ CODE_FILENAMES: dict[str, str] = {
     "Rakefile": "ruby", "Gemfile": "ruby", "BUILD": "starlark", "WORKSPACE": "starlark",
 }
 
+# names whose variants with a suffix are the same kind of code (a Gemfile.lock is no Ruby)
+_VARIANT_STEMS = frozenset({"Makefile", "GNUmakefile", "makefile", "Dockerfile", "Containerfile", "Jenkinsfile"})
+
 # the interpreter of a `#!` line -> the language of a script without an extension (bin/deploy, scripts/tool)
 SHEBANG_LANGUAGES: dict[str, str] = {
     "python": "python", "sh": "shell", "bash": "shell", "zsh": "shell", "dash": "shell", "ksh": "shell",
     "fish": "shell", "node": "javascript", "nodejs": "javascript", "deno": "typescript", "bun": "javascript",
     "perl": "perl", "ruby": "ruby", "php": "php", "lua": "lua", "rscript": "r", "julia": "julia", "tclsh": "tcl",
-    "pwsh": "powershell", "groovy": "groovy", "make": "make",
+    "pwsh": "powershell", "groovy": "groovy", "make": "make", "pypy": "python", "ipython": "python",
 }
 _SHEBANG_BYTES = 256
 
@@ -118,15 +121,29 @@ def shebang_language(path: str) -> Optional[str]:
         return None  # reading says why, with its reason
     if not head.startswith(b"#!"):
         return None
-    words = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").split()
-    if not words:
+    line = head[2:].split(b"\n", 1)[0]
+    if len(line) >= _SHEBANG_BYTES - 2 or not line.strip().startswith(b"/"):  # `#! note`: no interpreter path
         return None
-    names = [os.path.basename(w) for w in words]
-    if names[0] == "env":  # the interpreter is the first word after env's own options
-        names = [n for n in names[1:] if not n.startswith("-") and "=" not in n]
-        if not names:
+    words = line.decode("utf-8", "replace").split()
+    if os.path.basename(words[0]) == "env":  # the interpreter: the first word after env's options and VAR=value
+        rest, words = words[1:], []
+        while rest:
+            word = rest.pop(0)
+            if word in ("-u", "--unset", "-C", "--chdir", "-P"):
+                rest = rest[1:]  # an option with its value
+            elif word.startswith("--split-string="):
+                rest = word.partition("=")[2].split() + rest
+            elif not word.startswith("-") and "=" not in word:
+                words = [word, *rest]
+                break
+        if not words:
             return None
-    interpreter = re.sub(r"[\d.]+$", "", names[0].lower()) or names[0].lower()  # python3.11 -> python
+    interpreter = os.path.basename(words[0]).lower()
+    if interpreter == "uv" and "--script" in words:  # `uv run --script`: PEP 723 inline-metadata Python
+        return "python"
+    interpreter = re.sub(r"[\d.]+$", "", interpreter) or interpreter  # python3.11 -> python
+    if not re.fullmatch(r"[a-z][\w+-]*", interpreter):
+        return None
     return SHEBANG_LANGUAGES.get(interpreter, interpreter)
 
 
@@ -166,8 +183,8 @@ def classify(name: str, cfg: DocumentsConfig) -> tuple[str, str] | None:
         return CODE, CODE_FILENAMES[name]
     ext = os.path.splitext(name)[1].lower()
     stem = name.split(".", 1)[0]
-    if stem in CODE_FILENAMES and ext not in CODE_EXTENSIONS and ext not in PROSE_EXTENSIONS \
-            and ext not in BINARY_EXTENSIONS:  # Dockerfile.dev, Makefile.am, Containerfile.prod
+    if stem in _VARIANT_STEMS and ext not in CODE_EXTENSIONS and ext not in PROSE_EXTENSIONS \
+            and ext not in BINARY_EXTENSIONS:  # Dockerfile.dev, Makefile.am, Containerfile.prod (not Gemfile.lock)
         return CODE, CODE_FILENAMES[stem]
     extra_code = set(dotted_extensions(cfg.extra_code_extensions))
     extra_prose = set(dotted_extensions(cfg.extra_prose_extensions))

@@ -381,7 +381,8 @@ def test_scripts_without_an_extension_are_code_by_their_shebang_and_dockerfile_v
              "bin/serve": "#!/usr/bin/env -S node --no-warnings\nconsole.log(1)\n",
              "bin/odd": "#!/opt/tools/frob\nfrob it\n",
              "README": "Plain words, no shebang.\n",
-             "Dockerfile.dev": "FROM python:3.12\n", "Makefile.am": "all:\n\techo hi\n", "notes.txt": "#!not a script\n"}
+             "Dockerfile.dev": "FROM python:3.12\n", "Makefile.am": "all:\n\techo hi\n", "notes.txt": "#!not a script\n",
+             "Gemfile.lock": "GEM\n  specs:\n"}
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
@@ -389,5 +390,13 @@ def test_scripts_without_an_extension_are_code_by_their_shebang_and_dockerfile_v
     got = {r.rel_path: (r.modality, r.language) for r in refs}
     assert got == {"scripts/tool": (CODE, "python"), "bin/deploy": (CODE, "shell"), "bin/serve": (CODE, "javascript"),
                    "bin/odd": (CODE, "frob"), "README": (PROSE, "text"), "Dockerfile.dev": (CODE, "dockerfile"),
-                   "Makefile.am": (CODE, "make"), "notes.txt": (PROSE, "text")}
+                   "Makefile.am": (CODE, "make"), "notes.txt": (PROSE, "text"), "Gemfile.lock": (PROSE, "text")}
     assert shebang_language(str(tmp_path / "missing")) is None
+    # env's options, their values and VAR=value assignments are no interpreter (PYTHONPATH=/opt/app/lib read as "lib")
+    for line, want in (("#!/usr/bin/env -S PYTHONPATH=/opt/app/lib python3", "python"),
+                       ("#!/usr/bin/env -S uv run --script", "python"), ("#!/usr/bin/env -u FOO python3", "python"),
+                       ("#!/usr/bin/env --chdir /tmp python3", "python"), ("#!/usr/bin/env -i PATH=/x bash", "shell"),
+                       ("#!/usr/bin/env --split-string=python3 -u", "python"), ("#!/usr/bin/pypy3", "python"),
+                       ("#!/", None), ("#! important: read this", None), ("#!" + "x" * 300, None)):
+        (tmp_path / "s").write_text(line + "\nbody\n")
+        assert shebang_language(str(tmp_path / "s")) == want, line
