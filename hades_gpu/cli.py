@@ -239,7 +239,8 @@ def is_sweep(args: list[str]) -> bool:
     def multirun_mode(arg: str) -> bool:
         key, eq, value = arg.replace(" ", "").lstrip("+").partition("=")
         # OmegaConf takes the enum's name, its value (2) and its qualified name
-        return bool(eq) and key == "hydra.mode" and value.strip("'\"") in ("MULTIRUN", "2", "RunMode.MULTIRUN")
+        value = value.strip("'\"").lstrip("+").upper()  # hydra.mode=+2 is the int 2
+        return bool(eq) and key == "hydra.mode" and value in ("MULTIRUN", "2", "RUNMODE.MULTIRUN")
 
     def multirun_flag(arg: str) -> bool:  # argparse takes any unambiguous prefix: --mu, --multi
         return arg == "-m" or (len(arg) >= 3 and "--multirun".startswith(arg))

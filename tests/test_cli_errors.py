@@ -772,7 +772,8 @@ def test_hydra_mode_multirun_in_any_form_is_a_sweep_for_every_check(tmp_path, in
     from hades_gpu.cli import EXCLUDE_KEYS, is_sweep, name_swept_corpus
 
     for form in ("-m", "--multirun", "hydra.mode=MULTIRUN", "hydra.mode='MULTIRUN'", "++hydra.mode=MULTIRUN",
-                 'hydra.mode="MULTIRUN"', "hydra.mode=2", "hydra.mode=RunMode.MULTIRUN", "--multi", "--mu"):
+                 'hydra.mode="MULTIRUN"', "hydra.mode=2", "hydra.mode=+2", "hydra.mode=RunMode.MULTIRUN", "--multi",
+                 "--mu"):
         assert is_sweep([form, "corpus=a,b"]), form
         assert name_swept_corpus([form, "corpus=a,b"])[-1] == f"{EXCLUDE_KEYS}=[output]", form
     assert not is_sweep(["hydra.mode=RUN", "corpus=a"]) and name_swept_corpus(["corpus=a"]) == ["corpus=a"]
@@ -817,5 +818,5 @@ def test_a_graph_or_isne_device_that_is_not_there_is_refused_before_anything_is_
     """`gpu.device=cpu graph.device=cuda:3` on a box without it: the whole corpus was embedded and
     committed, then the graph stage failed (hours on a large corpus)."""
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o'}", "gpu.device=cpu", "graph.device=cuda:3"),
-                     2, "cuda:3")
+                     2, "graph.device=cuda:3")  # the setting named, not only the device
     assert not list((tmp_path / "o").glob("chunks/part-*.parquet"))

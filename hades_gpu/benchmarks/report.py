@@ -306,7 +306,9 @@ def _plot_bars(frame: Any, column: str, ylabel: str, title: str, path: Path, fmt
     if ylim is not None:
         ax.set_ylim(*ylim)
     else:
-        ax.set_ylim(0, np.nanmax(ok[column].to_numpy(dtype=float)) * 1.3 if len(ok) else 1)
+        values = ok[column].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]  # a result without the figure (or an Infinity) is no limit: NaN crashed
+        ax.set_ylim(0, float(values.max()) * 1.3 if values.size and values.max() > 0 else 1)
     runs = int(ok.groupby(["job", "config"]).size().max())
     ax.set_title(title if runs == 1 else f"{title} (bars: mean over repeated runs)")
     ax.set_xlabel("configuration")

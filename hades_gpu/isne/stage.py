@@ -37,7 +37,7 @@ import torch
 
 from hades_gpu.config import IsneConfig, PipelineConfig
 from hades_gpu.graph.build import build_graph
-from hades_gpu.gpu.device import following, select_device
+from hades_gpu.gpu.device import DeviceError, following, select_device
 from hades_gpu.isne.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from hades_gpu.isne.inference import infer_from_checkpoint, neighbor_mean
 from hades_gpu.isne.progress import TrainingProgress
@@ -65,8 +65,15 @@ def stage_devices(cfg: PipelineConfig) -> tuple[torch.device, torch.device]:
     """(kNN device, ISNE device): `graph.device` and `isne.device`, ``auto`` meaning `gpu.device`.
     Raises `DeviceError` for one that is not visible: the ingest checks this before its first
     document (a cuda:3 on a box without it was found after the whole corpus was embedded)."""
-    return (select_device(following(cfg.graph.device, cfg.gpu.device)),
-            select_device(following(cfg.isne.device, cfg.gpu.device)))
+    found = []
+    for key, spec in (("graph.device", cfg.graph.device), ("isne.device", cfg.isne.device)):
+        chosen = following(spec, cfg.gpu.device)
+        try:
+            found.append(select_device(chosen))
+        except DeviceError as err:  # named: "cuda:3 requested" did not say which of four settings asked
+            where = f"{key}={spec}" + (f" (auto: gpu.device={cfg.gpu.device})" if chosen != spec else "")
+            raise DeviceError(f"{where}: {err}") from None
+    return found[0], found[1]
 
 
 def stage_shard_name(shard: str) -> str:

@@ -392,3 +392,7 @@ def test_a_bench_result_without_figures_is_listed_not_plotted(tmp_path):
     assert "1_b" in (tmp_path / "report.md").read_text()
     fake_result(tmp_path / "0_a", "balanced", 4096, 10.0)  # and beside a job with its figures
     assert report.report_cli([str(tmp_path)]) == 0
+    (tmp_path / "2_c").mkdir()  # throughput figures but no peak memory: the memory plot's NaN limit
+    (tmp_path / "2_c" / "result.json").write_text('{"job": "ingest", "status": "ok", "profile": "balanced", '
+                                                  '"chunks_per_s": 10, "tokens_per_s": 100, "max_batch_tokens": 8192}')
+    assert report.report_cli([str(tmp_path)]) == 0
