@@ -242,39 +242,57 @@ _WESTERN_MARKS = set("€‚„…†‡‰‹›‘’“”•–—˜™«»�
 # inside words when cp1250 text is read as cp1252)
 _AFTER_NON_LETTER = set("¿¡¹²³¼½¾")
 
-
-# Multi-byte East Asian codecs: each character is a lead byte >= 0x81 and a trail byte, high or not.
-_MULTIBYTE_CODECS = {codecs.lookup(c).name for c in (
-    "big5", "big5hkscs", "gb2312", "gbk", "gb18030", "hz", "shift_jis", "cp932", "shift_jis_2004", "shift_jisx0213",
-    "euc_jp", "euc_jis_2004", "euc_jisx0213", "euc_kr", "cp949", "johab", "cp950")}
-_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]+")
 _ACCENTED_LETTER_BYTES = frozenset(range(0xC0, 0x100)) - {0xD7, 0xF7}  # À..ÿ in cp1252, × and ÷ left out
+_OPENING_MARKS = frozenset({0xA1, 0xBF})  # ¡ ¿: Spanish opens a sentence with them
 _BIG5 = {codecs.lookup(c).name for c in ("big5", "big5hkscs", "cp950")}
-# Big5's frequent characters (level 1) have lead bytes 0xA4-0xC6, half of them with an ASCII trail byte:
-# a lead byte 0xC0-0xC6 (À..Æ in cp1252) alone before an ASCII byte is as likely "權" as "Å"
-_BIG5_FREQUENT_LEADS = frozenset(range(0xC0, 0xC7))
+_GBK = {codecs.lookup(c).name for c in ("gb2312", "gbk", "gb18030", "hz")}
+_EUC_KR = {codecs.lookup(c).name for c in ("euc_kr", "cp949")}
+# lead bytes of each codec's frequent characters that are also accented letters in cp1252: Big5's level-1
+# hanzi (0xA4-0xC6; with an ASCII trail byte, '權' = C5 76 reads 'Åv'), GB2312's level-1 hanzi and
+# KS X 1001's hangul (two high bytes each)
+_FREQUENT_LEADS = {**{c: frozenset(range(0xC0, 0xC7)) for c in _BIG5}, **{c: frozenset(range(0xC0, 0xD8)) for c in _GBK},
+                   **{c: frozenset(range(0xC0, 0xC9)) for c in _EUC_KR}}
+
+
+def _is_letter_byte(byte: int) -> bool:
+    return chr(byte).isalpha() if byte < 0x80 else byte in _ACCENTED_LETTER_BYTES
 
 
 def _lone_accented_letters(data: bytes, picked: str) -> bool:
-    """Every byte >= 0x80 is alone between ASCII bytes and reads as an accented letter (À..ÿ) in cp1252,
-    and none of them is more likely a frequent character of the multi-byte codec `picked`: a Western
-    text has one lone byte per accented letter, which such a codec reads with the next ASCII letter as
-    one character (b'b\xf6se' as Big5 'b飉e', 'Über' as Big5, 'Bär' as Johab). With a character
-    pair, only Big5's frequent characters have a lone lead byte among them ('權' = C5 76 = 'Åv'):
-    those stay Big5 unless the letter sits right after a Latin one (inside a word, as in 'BÅv' it
-    cannot in Chinese text). GBK, Shift-JIS and Johab characters with an ASCII trail byte are rare
-    ones, and EUC's have two high bytes."""
-    last = -2
+    """Every run of bytes >= 0x80 is one or two accented letters (À..ÿ in cp1252; ¡ ¿ before a word)
+    between ASCII bytes, and none is more likely one of `picked`'s frequent characters. A Western
+    text has a byte or two per accented letter run, which a multi-byte codec reads with the next byte as
+    one character (b'b\xf6se' as Big5 'b飉e', 'Über' as Big5, 'Bär' as Johab, 'Ação' as Big5), and a
+    short Spanish line with ¡ or ¿ went to Johab or cp1006. A frequent character of `picked` (Big5's
+    '權' = C5 76, 'Åv' in cp1252) stays the codec's unless it sits inside a Latin word: a letter right
+    before it, or, after its trail byte, a letter going on ('Året' = C5 'r' 'e'). Longer runs are
+    East Asian text."""
+    leads = _FREQUENT_LEADS.get(picked, frozenset())
+    runs = 0
     for m in _HIGH_BYTE.finditer(data):
-        i = m.start()
-        byte = data[i]
-        if i == last + 1 or byte not in _ACCENTED_LETTER_BYTES:
+        i, j = m.start(), m.end()
+        run = data[i:j]
+        if len(run) > 2:
             return False
-        after_letter = i > 0 and chr(data[i - 1]).isalpha()
-        if picked in _BIG5 and byte in _BIG5_FREQUENT_LEADS and not after_letter:
+        after = data[j] if j < len(data) else None
+        if len(run) == 1 and run[0] in _OPENING_MARKS:
+            if after is None or not _is_letter_byte(after):
+                return False
+            runs += 1
+            continue
+        if any(b not in _ACCENTED_LETTER_BYTES for b in run):
             return False
-        last = i
-    return last >= 0
+        if run[0] in leads:
+            before_letter = i > 0 and _is_letter_byte(data[i - 1])
+            # the byte after the character the codec would make (lead + trail) goes on as a letter
+            beyond = data[i + 2] if i + 2 < len(data) else None
+            word_goes_on = (beyond is not None and _is_letter_byte(beyond)) if len(run) == 1 else \
+                (after is not None and _is_letter_byte(after))  # 'Ääni': two letters, then more
+            if not (before_letter or word_goes_on):
+                return False
+        runs += 1
+    return runs > 0
 
 
 def _clean_latin(data: bytes, codec: str) -> str | None:
@@ -346,7 +364,8 @@ def _detect(data: bytes) -> tuple[str, str] | None:
         return None
     best = matches[0]
     picked = codecs.lookup(best.encoding).name
-    if picked in _MULTIBYTE_CODECS and _lone_accented_letters(data, picked):
+    # a short Western line read by a multi-byte codec, or by a non-Latin code page (cp1006 took '¡Hola!')
+    if picked not in _LATIN_CODE_PAGES and _lone_accented_letters(data, picked):
         text = _clean_latin(data, _PREFERRED)
         if text is not None:
             return text, _PREFERRED

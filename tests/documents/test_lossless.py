@@ -173,8 +173,15 @@ def test_read_text_decodes_and_records_the_encoding(tmp_path: Path, name, text, 
     ("Ça marche.\n".encode("cp1252"), "Ça marche.\n", "cp1252"),
     ("Der Bär sagt: Übung.\n".encode("cp1252"), "Der Bär sagt: Übung.\n", "cp1252"),
     ("Öl ist teuer.\n".encode("cp1252"), "Öl ist teuer.\n", "cp1252"),
+    # a word that starts with one of Big5's frequent lead bytes and goes on, two letters side by side,
+    # Spanish opening marks (Big5, Johab and cp1006 took these)
+    ("Äußere Form\n".encode("cp1252"), "Äußere Form\n", "cp1252"),
+    ("Året är slut.\n".encode("cp1252"), "Året är slut.\n", "cp1252"),
+    ("Ação\n".encode("cp1252"), "Ação\n", "cp1252"),
+    ("¿Por qué?\n".encode("cp1252"), "¿Por qué?\n", "cp1252"),
+    ("¡Hola!\n".encode("cp1252"), "¡Hola!\n", "cp1252"),
 ], ids=["latin1-in-code", "latin1-twice", "katakana", "japanese", "big5", "korean", "big5-one-char", "big5-words",
-        "uber", "ca", "bar-ubung", "ol"])
+        "uber", "ca", "bar-ubung", "ol", "aussere", "aret", "acao", "por-que", "hola"])
 def test_short_files_lone_accents_are_latin_and_east_asian_text_is_not(tmp_path: Path, raw, text, recorded) -> None:
     p = tmp_path / "short.py"
     p.write_bytes(raw)
