@@ -371,4 +371,5 @@ def test_log_lines_on_the_bars_terminal_print_above_the_bar_not_glued_to_its_fra
     lines = re.split(r"[\r\n]+", text)
     epochs = [ln for ln in lines if "isne epoch" in ln and "][hades_gpu" in ln]
     assert len(epochs) == 3, text[-3000:]
+    assert all("pairs/s" in ln and "ETA" in ln for ln in epochs), epochs  # whole lines: not wrapped at 120 columns
     assert not [ln for ln in lines if "][hades_gpu" in ln and "━" in ln], text[-3000:]
