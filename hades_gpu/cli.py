@@ -781,6 +781,9 @@ def check_isne_paths(args: list[str]) -> None:
         raise ConfigError("hades-isne trains the one output given, and -m would make a folder per job inside it: run "
                           "hades-isne once per setting, or compare settings with `hades-bench -m bench=isne "
                           "corpus=<documents> isne.<key>=a,b`")
+    if any(a in ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+           or a.startswith(("--info=", "--cfg=")) for a in args):
+        return  # Hydra answers these without running the job (--help exited 2 with "output= is required")
     if any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd")) for a in args):
         return  # a config of the user's own may set output=
     values = _literal_values(args, ("output", "hydra.run.dir"))

@@ -820,3 +820,9 @@ def test_a_graph_or_isne_device_that_is_not_there_is_refused_before_anything_is_
     _assert_one_line(_ingest(f"corpus={corpus}", f"output={tmp_path / 'o'}", "gpu.device=cpu", "graph.device=cuda:3"),
                      2, "graph.device=cuda:3")  # the setting named, not only the device
     assert not list((tmp_path / "o").glob("chunks/part-*.parquet"))
+
+
+def test_hades_isne_help_prints_the_help(tmp_path):
+    """`hades-isne --help` exited 2 with "output=<ingest output> is required"."""
+    proc = _ingest("--help", module="isne_main")
+    assert proc.returncode == 0 and "isne" in proc.stdout, proc.stderr[-2000:]
