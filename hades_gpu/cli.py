@@ -541,13 +541,16 @@ def _check_corpus(corpus: Optional[str]) -> None:
         raise ConfigError(f"corpus must be an existing file or folder (got {corpus!r})")
 
 
-def _refuse_empty_folders(values: dict[str, str]) -> None:
+def _refuse_empty_folders(values: dict[str, str], keys: tuple[str, ...] = ("hydra.run.dir", "hydra.sweep.dir"),
+                          remedy: str = "") -> None:
     """`hydra.run.dir=` / `hydra.sweep.dir=` given empty: the output's files went into the working
-    folder itself. (An empty `output=` is Hydra's outputs/<date>_<time>/, as conf/config.yaml says.)"""
-    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+    folder itself. (An empty `output=` is Hydra's outputs/<date>_<time>/, as conf/config.yaml says,
+    except for `hades-isne`, which passes its keys and what to give instead.)"""
+    for key in keys:
         if key in values and not values[key].strip():
-            raise ConfigError(f"{key}= is empty: name the output folder (or leave {key}= out for "
-                              f"{'multirun' if key == 'hydra.sweep.dir' else 'outputs'}/<date>_<time>/)")
+            raise ConfigError(f"{key}= is empty: " + (remedy.format(key=key) or
+                              f"name the output folder (or leave {key}= out for "
+                              f"{'multirun' if key == 'hydra.sweep.dir' else 'outputs'}/<date>_<time>/)"))
 
 
 def check_ingest_paths(args: list[str]) -> None:
@@ -792,9 +795,8 @@ def check_isne_paths(args: list[str]) -> None:
         raise ConfigError(f"output={values['output']} and hydra.run.dir={values['hydra.run.dir']} both name the output "
                           f"folder: give one (output= sets hydra.run.dir)")
     dataset = values.get("output", values.get("hydra.run.dir"))
-    for key in ("output", "hydra.run.dir"):  # Hydra made outputs/<time>/ here, inside an output run from
-        if key in values and not values[key].strip():
-            raise ConfigError(f"{key}= is empty: give the ingest output folder ({key}=<folder hades-ingest wrote>)")
+    # Hydra made outputs/<time>/ here, inside an output run from
+    _refuse_empty_folders(values, ("output", "hydra.run.dir"), "give the ingest output folder ({key}=<folder hades-ingest wrote>)")
     if dataset is None:
         if any(a.partition("=")[0].lstrip("+~") in ("output", "hydra.run.dir") for a in args):
             return  # interpolated: the job checks it
@@ -843,7 +845,7 @@ def search_main(argv: Optional[list[str]] = None) -> None:
 def check_bench_paths(args: list[str]) -> None:
     """`hades-bench`'s output= checked before Hydra writes its run files there (`jobs.check_job_folder`;
     under -m, the sweep's folder: an ingest output, or inside the corpus)."""
-    from hades_gpu.benchmarks.jobs import check_job_folder
+    from hades_gpu.benchmarks.jobs import check_bench_folder, check_job_folder
 
     values = _literal_values(args, ("corpus", "output", "hydra.run.dir", "hydra.sweep.dir"))
     _refuse_empty_folders(values)
@@ -852,18 +854,7 @@ def check_bench_paths(args: list[str]) -> None:
     if folder is None or "corpus" not in values:
         return  # the job checks its own folder
     output, corpus = user_path(folder), str(user_path(values["corpus"]))
-    if not sweep:
-        check_job_folder(output, corpus)
-        return
-    from hades_gpu.records import path_within
-    from hades_gpu.store.reader import is_ingest_output
-
-    if is_ingest_output(output):
-        raise ConfigError(f"{output} is an ingest output: give hades-bench's sweep a folder of its own")
-    here, corpus_real = os.path.realpath(output), os.path.realpath(corpus)
-    if here == corpus_real or path_within(here, corpus_real):
-        raise ConfigError(f"output {output} is inside the corpus {corpus}: every job would ingest the bench's own "
-                          f"files; give an output outside the corpus")
+    (check_bench_folder if sweep else check_job_folder)(output, corpus)  # a sweep's jobs check their own folders
 
 
 @_reader_may_leave

@@ -11,10 +11,9 @@ import the other.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 
 def _terminal_handlers() -> list[logging.StreamHandler]:
@@ -62,31 +61,20 @@ class _LinesAboveTheBar(io.TextIOBase):
         return self.stream.fileno()
 
 
-@contextlib.contextmanager
-def logs_above(console: Any) -> Iterator[None]:
-    """While inside, terminal log handlers print through `console` (a live rich display's)."""
-    swapped = [(h, h.setStream(_LinesAboveTheBar(console, h.stream))) for h in _terminal_handlers()]
-    try:
-        yield
-    finally:
+class LogsAbove:
+    """While started, terminal log handlers print through a live rich display's console; `stop()`
+    gives them their own streams back (and prints a line still without its newline)."""
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[logging.StreamHandler, Any]] = []
+
+    def start(self, console: Any) -> None:
+        if not self._swapped:
+            self._swapped = [(h, h.setStream(_LinesAboveTheBar(console, h.stream))) for h in _terminal_handlers()]
+
+    def stop(self) -> None:
+        swapped, self._swapped = self._swapped, []
         for handler, original in swapped:
             proxy = handler.setStream(original)
             if proxy is not None:
-                proxy.flush()  # a line without its newline yet
-
-
-class LogsAbove:
-    """`logs_above` for a bar started and stopped by calls rather than a `with` block."""
-
-    def __init__(self) -> None:
-        self._context: Any = None
-
-    def start(self, console: Any) -> None:
-        if self._context is None:
-            self._context = logs_above(console)
-            self._context.__enter__()
-
-    def stop(self) -> None:
-        if self._context is not None:
-            context, self._context = self._context, None
-            context.__exit__(None, None, None)
+                proxy.flush()

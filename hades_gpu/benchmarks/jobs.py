@@ -169,22 +169,30 @@ def _holds_a_bench_result(path: Path) -> bool:
         return False
 
 
-def check_job_folder(job_dir: Path, corpus: str) -> None:
-    """Refuse a job folder whose contents the job would replace or ingest, before anything is
-    written. A job writes result.json and metrics.json into its folder and replaces its `dataset/`
-    (and `feed-work/`) each run: `output=` naming an ingest output lost that output's metrics.json, a
-    `dataset/` of the user's was deleted (the corpus itself when it was that folder), and a job
-    folder inside the corpus had earlier jobs' files ingested as documents."""
+def check_bench_folder(folder: Path, corpus: str) -> None:
+    """Refuse a bench output (one job's folder, or a sweep's) that is an ingest output (its
+    metrics.json and .hydra/ were replaced) or lies inside the corpus (every job ingested the bench's
+    own files: result.json, metrics.json, earlier jobs' folders)."""
     from hades_gpu.records import path_within
     from hades_gpu.store.reader import is_ingest_output
 
-    if is_ingest_output(job_dir):
-        raise ConfigError(f"{job_dir} is an ingest output: hades-bench writes its own result.json, metrics.json and "
+    if is_ingest_output(folder):
+        raise ConfigError(f"{folder} is an ingest output: hades-bench writes its own result.json, metrics.json and "
                           f"{DATASET_DIR}/ into output= and would replace that output's; give it a folder of its own")
-    here, corpus_real = os.path.realpath(job_dir), os.path.realpath(corpus)
+    here, corpus_real = os.path.realpath(folder), os.path.realpath(corpus)
     if here == corpus_real or path_within(here, corpus_real):
-        raise ConfigError(f"output {job_dir} is inside the corpus {corpus}: every job would ingest the bench's own files "
+        raise ConfigError(f"output {folder} is inside the corpus {corpus}: every job would ingest the bench's own files "
                           f"(result.json, metrics.json, earlier jobs' folders); give an output outside the corpus")
+
+
+def check_job_folder(job_dir: Path, corpus: str) -> None:
+    """Refuse a job folder whose contents the job would replace or ingest, before anything is
+    written (`check_bench_folder`). A job also replaces its `dataset/` (and `feed-work/`) each run: a
+    `dataset/` of the user's was deleted, the corpus itself when it was that folder."""
+    from hades_gpu.records import path_within
+
+    check_bench_folder(job_dir, corpus)
+    corpus_real = os.path.realpath(corpus)
     made_by_bench = _holds_a_bench_result(job_dir / RESULT_FILE)
     for name in (DATASET_DIR, FEED_WORK_DIR):
         folder = job_dir / name

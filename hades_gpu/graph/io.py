@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -57,10 +57,9 @@ class TrainingProgress:
             # at this rate the budget ends training after this many batches: the ETA said 7 minutes
             # while a 6 s budget stopped it
             total = min(total, max(completed, int(completed * self.budget_s / elapsed)))
-        self._bar.update(self._task, total=total, completed=completed,
-                         where=f"epoch {epoch}/{epochs}, batch {done}/{n_batches}"
-                               + (f", budget {self.budget_s:.3g} s" if self.budget_s is not None else ""))
         self._where = f"epoch {epoch}/{epochs}, batch {done}/{n_batches}"
+        self._bar.update(self._task, total=total, completed=completed,
+                         where=self._where + (f", budget {self.budget_s:.3g} s" if self.budget_s is not None else ""))
 
     def stop(self, outcome: Optional[str] = None) -> None:
         """`outcome` ("stopped early", "time budget reached", "done"): the last frame says how training

@@ -173,8 +173,9 @@ ISNE_ABSURD_NORM = 1e6
 
 
 def damaged_isne_rows(vectors: np.ndarray) -> np.ndarray:
-    """bool (n,): ISNE vectors damaged on disk: not finite, or `ISNE_ABSURD_NORM_RATIO` times the
-    median non-zero length (search called such a chunk's vector "missing"; verify said ok)."""
+    """bool (n,): ISNE vectors damaged on disk: not finite, `ISNE_ABSURD_NORM_RATIO` times the median
+    non-zero length, or above `ISNE_ABSURD_NORM` (search called such a chunk's vector "missing";
+    verify said ok)."""
     if not len(vectors):
         return np.zeros(0, dtype=bool)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -186,6 +187,13 @@ def damaged_isne_rows(vectors: np.ndarray) -> np.ndarray:
     return ~finite | relative | (norms > ISNE_ABSURD_NORM)
 
 
+def isne_vectors_with_damage(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """An ISNE vectors column as float32 (n, d) and its damaged rows (`damaged_isne_rows`, and null
+    rows: the stage never writes one), for the readers and `hades-verify` alike."""
+    vectors = embeddings_to_numpy(column)
+    return vectors, damaged_isne_rows(vectors) | ~column.is_valid().to_numpy(zero_copy_only=False)
+
+
 def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Every `isne/embeddings-*.parquet` of an output: (chunk ids, float32 (n, d)); later files win."""
     ids: list[str] = []
@@ -193,13 +201,12 @@ def read_isne_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarr
     for f in isne_embeddings_files(Path(output)):
         try:
             t = pq.read_table(f, columns=["chunk_id", "isne_embedding"])
-            vecs.append(embeddings_to_numpy(t.column("isne_embedding")))
+            vectors, bad = isne_vectors_with_damage(t.column("isne_embedding"))
         except (pa.ArrowException, OSError, ValueError, KeyError) as err:
             raise DamagedOutputError(f"{f}: damaged ISNE vectors file ({error_line(err, 300)}); `hades-isne output={output}` "
                                      "writes it again") from err
+        vecs.append(vectors)
         ids.extend(t.column("chunk_id").to_pylist())
-        bad = damaged_isne_rows(vecs[-1])
-        bad |= ~t.column("isne_embedding").is_valid().to_numpy(zero_copy_only=False)  # a null row: never written so
         if bad.any():
             first = t.column("chunk_id")[int(np.flatnonzero(bad)[0])].as_py()
             raise DamagedOutputError(f"{f}: {int(bad.sum())} damaged ISNE vector(s) (not finite, or of an absurd "

@@ -274,20 +274,18 @@ def _check_derived(output: Path, full: bool) -> list[str]:
     """One line per unreadable file derived from the chunks (`edges.parquet`, the ISNE vectors and
     model): search refused them naming `hades-verify`, which said "ok". `full` reads them whole."""
     problems = []
-    from hades_gpu.store.reader import damaged_isne_rows, embeddings_to_numpy
+    from hades_gpu.store.reader import isne_vectors_with_damage
 
     isne_files = set(isne_embeddings_files(output))
     for path in [edges_path(output), *sorted(isne_files)]:
         if path.is_file():
             try:
                 if path in isne_files:  # values read too: bytes overwritten read as NaN (a few MB per 10^5 chunks)
-                    vectors = pq.read_table(path, columns=["isne_embedding"]).column("isne_embedding")
-                    bad = int(damaged_isne_rows(embeddings_to_numpy(vectors)).sum()) + vectors.null_count
+                    table = pq.read_table(path) if full else pq.read_table(path, columns=["isne_embedding"])
+                    bad = int(isne_vectors_with_damage(table.column("isne_embedding"))[1].sum())
                     if bad:
                         problems.append(f"{path}: {bad} damaged ISNE vector(s) (not finite, or of an absurd length); "
                                         f"`hades-isne output={output}` writes them again")
-                    if full:
-                        pq.read_table(path)
                 else:
                     pq.read_table(path) if full else pq.read_metadata(path)
             except Exception as err:  # noqa: BLE001 - any reader error is damage, named in one line
